@@ -1,0 +1,56 @@
+"""Test set-up shared by every test.
+
+* Without CUDA, the Triton kernels run in the interpreter on CPU tensors:
+  TRITON_INTERPRET=1 is set before triton is imported.
+* vit-pytorch and timm import torchvision, whose PyPI wheel is a CUDA build
+  with compiled ops that a CPU torch cannot load; defining the two op schemas
+  its Python code registers fakes for lets `import torchvision` succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+
+_tv_lib = None
+try:
+    torch.ops.torchvision.nms  # noqa: B018
+except (AttributeError, RuntimeError):
+    _tv_lib = torch.library.Library("torchvision", "FRAGMENT")  # kept alive for the session
+    _tv_lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _tv_lib.define(
+        "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
+    )
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+# Fresh random inputs on every run, reproducible from the seed in the header:
+# VITKERNELS_TEST_SEED=<seed> pytest ... repeats a failing run exactly.
+SEED = int(os.environ.get("VITKERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config):
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    return f"vitkernels: VITKERNELS_TEST_SEED={SEED}, TRITON_INTERPRET={interp}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
+    yield

@@ -1,0 +1,2 @@
+"""Non-kernel backends: `reference` (the literal math, the test oracle) and
+`torch_ops` (the best stock PyTorch composite)."""
