@@ -1,0 +1,169 @@
+"""The reference backend: each op's contract written as literal PyTorch math.
+
+This file is the specification (see DESIGN.md). It runs on any device and dtype,
+is differentiable through autograd, and is the oracle every other backend is
+tested against (usually on float64 copies of the inputs). It is never the fast
+path: relpos materialises the (Nq x Nk) bias and logits, patch_embed
+materialises the unfolded patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Norm = tuple[torch.Tensor | None, torch.Tensor | None, float]
+
+
+# ----------------------------------------------------------------------------
+# relpos_attention
+
+
+def relpos_query_grid(fmap_size: tuple[int, int], q_stride: int) -> tuple[int, int]:
+    """(rows, cols) of the query grid: the key grid subsampled by q_stride."""
+    R, C = fmap_size
+    return -(-R // q_stride), -(-C // q_stride)
+
+
+def relpos_bias_index(
+    fmap_size: tuple[int, int], q_stride: int = 1, device: torch.device | None = None
+) -> torch.Tensor:
+    """(Nq, Nk) int64: table column |dr| * C + |dc| for query i and key j."""
+    R, C = fmap_size
+    Rq, Cq = relpos_query_grid(fmap_size, q_stride)
+    qi = torch.arange(Rq * Cq, device=device)
+    kj = torch.arange(R * C, device=device)
+    q_r, q_c = (qi // Cq) * q_stride, (qi % Cq) * q_stride
+    k_r, k_c = kj // C, kj % C
+    dr = (q_r[:, None] - k_r[None, :]).abs()
+    dc = (q_c[:, None] - k_c[None, :]).abs()
+    return dr * C + dc
+
+
+def relpos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_table: torch.Tensor,
+    *,
+    fmap_size: tuple[int, int],
+    q_stride: int = 1,
+    scale: float,
+    bias_scale: float = 1.0,
+    table_layout: str = "hn",
+) -> torch.Tensor:
+    """softmax(scale * q k^T + bias_scale * table[h, |dr|*C + |dc|]) @ v.
+
+    q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv); table (H, R*C) for
+    layout "hn" or (R*C, H) for "nh". Returns (B, H, Nq, Dv).
+    """
+    table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C)
+    idx = relpos_bias_index(fmap_size, q_stride, device=q.device)  # (Nq, Nk)
+    bias = table[:, idx]  # (H, Nq, Nk)
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) * scale + bias_scale * bias.to(q.dtype)
+    attn = logits.softmax(dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", attn, v)
+
+
+# ----------------------------------------------------------------------------
+# performer_attention
+
+
+def performer_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, *, eps: float = 1e-8
+) -> torch.Tensor:
+    """T2T-ViT's Performer single attention, as the official Token_performer writes it.
+
+    phi(x) = exp(x @ w.T - |x|^2 / 2) / sqrt(M)
+    y = phi(q) @ (phi(k)^T v) / (phi(q) @ sum_t phi(k) + eps)
+    q, k, v (B, T, E), w (M, E); math in float32 (float64 stays float64).
+    """
+    out_dtype = q.dtype
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, w = q.to(ct), k.to(ct), v.to(ct), w.to(ct)
+    m = w.shape[0]
+
+    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, T, E) -> (B, T, M)
+        xd = (x * x).sum(dim=-1, keepdim=True) / 2
+        return torch.exp(torch.einsum("bti,mi->btm", x, w) - xd) / math.sqrt(m)
+
+    qp, kp = phi(q), phi(k)
+    d = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(-1)  # (B, T, 1)
+    kptv = torch.einsum("bin,bim->bnm", v, kp)  # (B, E, M)
+    y = torch.einsum("bti,bni->btn", qp, kptv) / (d + eps)
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# patch_embed
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def unfold_patches(
+    images: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    patch_order: str,
+) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, K) patches; K ordered (c, p, q) or (p, q, c)."""
+    B, C = images.shape[:2]
+    kh, kw = kernel_size
+    cols = F.unfold(images, kernel_size, stride=stride, padding=padding)  # (B, C*kh*kw, L)
+    patches = cols.transpose(1, 2)  # (B, L, (c p q))
+    if patch_order == "pqc":
+        L = patches.shape[1]
+        patches = patches.reshape(B, L, C, kh, kw).permute(0, 1, 3, 4, 2).reshape(B, L, -1)
+    return patches
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    patch_order: str = "cpq",
+    in_norm: Norm | None = None,
+    out_norm: Norm | None = None,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """tokens = out_norm(in_norm(unfold(images)) @ weight.T + bias); prefix tokens; + pos.
+
+    weight (D, K) with K = C*kh*kw in patch_order, or a Conv2d weight (D, C, kh, kw)
+    (patch_order "cpq"). cls_token (D,), (P, D) or (1, P, D): P prefix tokens
+    prepended. pos_embed ((1,) N+P, D) is added to every token, or ((1,) N, D) to
+    the patch tokens only. Returns (B, P+N, D).
+    """
+    ks = _pair(kernel_size)
+    st = _pair(stride if stride is not None else kernel_size)
+    pad = _pair(padding)
+    patches = unfold_patches(images, ks, st, pad, patch_order)  # (B, N, K)
+    if in_norm is not None:
+        nw, nb, eps = in_norm
+        patches = F.layer_norm(patches, (patches.shape[-1],), nw, nb, eps)
+    w2 = weight.reshape(weight.shape[0], -1)  # (D, K)
+    tokens = patches @ w2.t()
+    if bias is not None:
+        tokens = tokens + bias
+    if out_norm is not None:
+        nw, nb, eps = out_norm
+        tokens = F.layer_norm(tokens, (tokens.shape[-1],), nw, nb, eps)
+    B, N, D = tokens.shape
+    if cls_token is not None:
+        prefix = cls_token.reshape(-1, D).to(tokens.dtype)  # (P, D)
+        if pos_embed is not None and pos_embed.reshape(-1, D).shape[0] == N:
+            tokens = tokens + pos_embed.reshape(N, D)
+            pos_embed = None
+        tokens = torch.cat([prefix.expand(B, -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed.reshape(-1, D)
+    return tokens
