@@ -113,7 +113,9 @@ class Attention(nn.Module):
         self.to_q = nn.Sequential(
             nn.Conv2d(dim, inner_key, 1, stride=q_stride, bias=False), nn.BatchNorm2d(inner_key)
         )
-        self.to_k = nn.Sequential(nn.Conv2d(dim, inner_key, 1, bias=False), nn.BatchNorm2d(inner_key))
+        self.to_k = nn.Sequential(
+            nn.Conv2d(dim, inner_key, 1, bias=False), nn.BatchNorm2d(inner_key)
+        )
         self.to_v = nn.Sequential(
             nn.Conv2d(dim, inner_value, 1, bias=False), nn.BatchNorm2d(inner_value)
         )
@@ -276,7 +278,9 @@ class LeViT(nn.Module):
 
         fmap_size = image_size // 16
         layers: list[nn.Module] = []
-        for i, (stage_dim, stage_depth, h) in enumerate(zip(dims, depths, stage_heads)):
+        for i, (stage_dim, stage_depth, h) in enumerate(
+            zip(dims, depths, stage_heads, strict=True)
+        ):
             layers.append(
                 Transformer(
                     stage_dim, fmap_size, stage_depth, h, dim_key, dim_value, mlp_mult, dropout
