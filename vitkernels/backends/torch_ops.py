@@ -7,5 +7,4 @@ section below is owned by that op's module in vitkernels/ops/.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F  # noqa: F401

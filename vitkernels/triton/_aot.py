@@ -50,14 +50,21 @@ _RE_REGS = re.compile(r"Used (\d+) registers")
 _RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _ptxas() -> str:
+def _ptxas_candidates() -> list[str]:
+    """ptxas binaries to try, newest PTX support first (triton bundles two)."""
     import triton
 
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    for cand in (os.environ.get("TRITON_PTXAS_PATH"), bundled, shutil.which("ptxas")):
-        if cand and os.path.exists(cand):
-            return cand
-    raise RuntimeError("no ptxas found: install triton (it bundles one) or the CUDA toolkit")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cands = [
+        os.environ.get("TRITON_PTXAS_PATH"),
+        os.path.join(bindir, "ptxas-blackwell"),
+        os.path.join(bindir, "ptxas"),
+        shutil.which("ptxas"),
+    ]
+    found = [c for c in cands if c and os.path.exists(c)]
+    if not found:
+        raise RuntimeError("no ptxas found: install triton (it bundles one) or the CUDA toolkit")
+    return found
 
 
 def compile_report(spec: AotSpec, arch: int = 90) -> PtxasReport:
@@ -65,7 +72,14 @@ def compile_report(spec: AotSpec, arch: int = 90) -> PtxasReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+    kernel = spec.kernel
+    if not hasattr(kernel, "src"):
+        # Under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction: compile
+        # the Python function it wraps instead.
+        from triton.runtime.jit import JITFunction
+
+        kernel = JITFunction(kernel.fn)
+    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
@@ -76,14 +90,19 @@ def compile_report(spec: AotSpec, arch: int = 90) -> PtxasReport:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        proc = subprocess.run(
-            [_ptxas(), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True,
-            text=True,
-        )
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {spec.name} on {gpu}:\n{log}")
+        logs = []
+        for ptxas in _ptxas_candidates():  # the first whose PTX ISA is new enough
+            proc = subprocess.run(
+                [ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                capture_output=True,
+                text=True,
+            )
+            log = proc.stdout + proc.stderr
+            if proc.returncode == 0:
+                break
+            logs.append(f"{ptxas}:\n{log}")
+        else:
+            raise RuntimeError(f"ptxas failed for {spec.name} on {gpu}:\n" + "\n".join(logs))
     regs = _RE_REGS.search(log)
     spill = _RE_SPILL.search(log)
     if regs is None or spill is None:

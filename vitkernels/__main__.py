@@ -1,0 +1,92 @@
+"""Command line: ``python -m vitkernels info | compare | build``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+
+def _versions() -> list[tuple[str, str]]:
+    import torch
+
+    rows = [
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", torch.version.cuda or "none (CPU build)"),
+    ]
+    try:
+        import triton
+
+        rows.append(("triton", triton.__version__))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        rows.append(("triton", f"not importable ({type(exc).__name__})"))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rows.append(
+                (f"GPU {i}", f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+            )
+    else:
+        rows.append(("GPU", "none visible to torch"))
+    from vitkernels import cuda
+
+    reason = cuda.unavailable_reason()
+    rows.append(("CUDA extension", "built and loaded" if reason is None else f"no: {reason}"))
+    return rows
+
+
+def _backend_rows() -> list[tuple[str, str]]:
+    """For each op, the backend that would run a typical input here, and why others refuse."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for op in ("relpos", "performer", "patch_embed"):
+        try:
+            mod = importlib.import_module(f"vitkernels.ops.{op}")
+        except ImportError as exc:
+            rows.append((op, f"not available ({exc})"))
+            continue
+        explain = getattr(mod, "explain_typical", None)
+        if explain is None:
+            rows.append((op, "(no typical input defined)"))
+            continue
+        desc, verdicts = explain(device=device, dtype=dtype)
+        chosen = next((name for name, reasons in verdicts if not reasons), None)
+        rows.append((f"{op}", f"{desc}: runs on {chosen or 'NOTHING'}"))
+        for name, reasons in verdicts:
+            if reasons:
+                rows.append(("", f"  {name}: " + "; ".join(reasons)))
+    return rows
+
+
+def info_main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="python -m vitkernels info").parse_args(argv)
+    rows = _versions() + [("", "")] + _backend_rows()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}" if key or value else "")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
+        "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
+        "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
+    }
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: python -m vitkernels {info,compare,build} [options]\n")
+        for name, (_, _, help_) in commands.items():
+            print(f"  {name:<8} {help_}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module, func, _ = commands[argv[0]]
+    return getattr(importlib.import_module(module), func)(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
