@@ -7,4 +7,5 @@ section below is owned by that op's module in vitkernels/ops/.
 
 from __future__ import annotations
 
+import torch  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
