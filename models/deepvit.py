@@ -21,7 +21,7 @@ from .vit import (
     FeedForward,
     check_divisible,
     check_images,
-    check_int,
+    check_ints,
     check_pool,
     check_prob,
     check_square_size,
@@ -147,10 +147,16 @@ class DeepViT(nn.Module):
         image_size = check_square_size(name, "image_size", image_size)
         patch_size = check_square_size(name, "patch_size", patch_size)
         check_divisible(name, pair(image_size), pair(patch_size))
-        for arg, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth),
-                           ("heads", heads), ("mlp_dim", mlp_dim), ("channels", channels),
-                           ("dim_head", dim_head)):
-            check_int(name, arg, value)
+        check_ints(
+            name,
+            num_classes=num_classes,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            channels=channels,
+            dim_head=dim_head,
+        )
         check_pool(name, pool)
         check_prob(name, "dropout", dropout)
         check_prob(name, "emb_dropout", emb_dropout)
@@ -178,7 +184,9 @@ class DeepViT(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         check_images(
-            type(self).__name__, img, channels=self.channels,
+            type(self).__name__,
+            img,
+            channels=self.channels,
             patch_size=(self.patch_size, self.patch_size),
             max_patches=self.pos_embedding.shape[1] - 1,
         )
@@ -198,7 +206,13 @@ CONFIGS: dict[str, Callable[..., nn.Module]] = {
         "396, 12 heads of width 33, MLP ratio 3 (1188). Deviations forced by vit-pytorch's "
         "layout: re-attention in all 16 blocks (the paper: the last 5 only), a linear patch "
         "embedding (the paper: a small conv stem) and no re-attention scale adjustment.",
-        image_size=224, patch_size=16, num_classes=1000, dim=396, depth=16, heads=12,
-        dim_head=33, mlp_dim=1188,
+        image_size=224,
+        patch_size=16,
+        num_classes=1000,
+        dim=396,
+        depth=16,
+        heads=12,
+        dim_head=33,
+        mlp_dim=1188,
     ),
 }

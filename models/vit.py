@@ -38,6 +38,12 @@ def check_int(model: str, name: str, value: Any, *, minimum: int = 1) -> None:
         raise ValueError(f"{model}: {name}={value!r}; expected an int >= {minimum}")
 
 
+def check_ints(model: str, **values: Any) -> None:
+    """``check_int`` for every keyword: ``check_ints("ViT", dim=dim, depth=depth)``."""
+    for name, value in values.items():
+        check_int(model, name, value)
+
+
 def check_size(model: str, name: str, value: Any) -> tuple[int, int]:
     """An image or patch size: a positive int or a pair of positive ints."""
     size = pair(value)
@@ -86,6 +92,12 @@ def check_prob(model: str, name: str, value: Any) -> None:
         raise ValueError(f"{model}: {name}={value!r}; expected a probability in [0, 1]")
 
 
+def check_probs(model: str, **values: Any) -> None:
+    """``check_prob`` for every keyword."""
+    for name, value in values.items():
+        check_prob(model, name, value)
+
+
 def check_images(
     model: str,
     img: torch.Tensor,
@@ -93,13 +105,16 @@ def check_images(
     channels: int,
     patch_size: tuple[int, int],
     max_patches: int,
+    stride: tuple[int, int] | None = None,
     square: bool = False,
 ) -> None:
     """Check a batch of images before it is cut into patches.
 
     Accepts what the model computes sensibly: ``channels`` channels, sides that
-    are multiples of the patch sides, and no more patches than the positional
-    embedding covers (vit-pytorch uses the first entries for smaller images).
+    are multiples of the patch sides (for non-overlapping patches, ``stride``
+    None) or at least a patch (overlapping patches), and no more patches than
+    the positional embedding covers (vit-pytorch uses the first entries for
+    smaller images).
     """
     if img.ndim != 4:
         raise ValueError(
@@ -115,12 +130,21 @@ def check_images(
         )
     if square and h != w:
         raise ValueError(f"{model}: image size {h}x{w}; expected a square image")
-    if h % patch_size[0] or w % patch_size[1]:
-        raise ValueError(
-            f"{model}: image size {h}x{w} is not divisible by patch_size={_fmt(patch_size)}; "
-            f"expected each side to be a multiple of the patch side (resize or pad the images)"
-        )
-    n = (h // patch_size[0]) * (w // patch_size[1])
+    if stride is None:
+        if h % patch_size[0] or w % patch_size[1]:
+            raise ValueError(
+                f"{model}: image size {h}x{w} is not divisible by patch_size={_fmt(patch_size)}; "
+                f"expected each side to be a multiple of the patch side (resize or pad the images)"
+            )
+        grid = (h // patch_size[0], w // patch_size[1])
+    else:
+        if h < patch_size[0] or w < patch_size[1]:
+            raise ValueError(
+                f"{model}: image size {h}x{w} is smaller than patch_size={_fmt(patch_size)}; "
+                f"expected at least one patch"
+            )
+        grid = ((h - patch_size[0]) // stride[0] + 1, (w - patch_size[1]) // stride[1] + 1)
+    n = grid[0] * grid[1]
     if n > max_patches:
         raise ValueError(
             f"{model}: image size {h}x{w} gives {n} patches but the positional embedding "
@@ -297,9 +321,15 @@ class ViT(nn.Module):
         image_height, image_width = check_size(name, "image_size", image_size)
         self.patch_size = patch_height, patch_width = check_size(name, "patch_size", patch_size)
         check_divisible(name, (image_height, image_width), self.patch_size)
-        for arg, value in (("dim", dim), ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim),
-                           ("channels", channels), ("dim_head", dim_head)):
-            check_int(name, arg, value)
+        check_ints(
+            name,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            channels=channels,
+            dim_head=dim_head,
+        )
         check_int(name, "num_classes", num_classes, minimum=0)
         check_pool(name, pool)
         check_prob(name, "dropout", dropout)
@@ -332,7 +362,10 @@ class ViT(nn.Module):
         """(b, c, H, W) images -> (b, cls + n, dim) tokens with positions added."""
         num_cls = self.cls_token.shape[0]
         check_images(
-            type(self).__name__, img, channels=self.channels, patch_size=self.patch_size,
+            type(self).__name__,
+            img,
+            channels=self.channels,
+            patch_size=self.patch_size,
             max_patches=self.pos_embedding.shape[0] - num_cls,
         )
         x = self.to_patch_embedding(img)  # b n d
