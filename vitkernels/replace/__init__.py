@@ -195,8 +195,11 @@ def optimize(
                     f"({type(module).__name__}); wrap it in a container to optimize it in place"
                 )
             parent._modules[name] = result
+            # a fused module may run another backend than the one asked for (plain
+            # attention runs SDPA whatever is forced): report what it runs
+            runs = getattr(result, "backend", None) or backend or "auto"
             report.replaced.append(
-                Replacement(path, type(module).__name__, rule.name, rule.op, backend or "auto")
+                Replacement(path, type(module).__name__, rule.name, rule.op, runs)
             )
             return
         for child_name, child in _children(module):
