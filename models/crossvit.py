@@ -389,13 +389,17 @@ class CrossViT(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        embedders = (self.sm_image_embedder, self.lg_image_embedder)
-        for patch, embedder in zip(self.patch_sizes, embedders, strict=True):
+        branches = (
+            ("sm_patch_size", self.patch_sizes[0], self.sm_image_embedder),
+            ("lg_patch_size", self.patch_sizes[1], self.lg_image_embedder),
+        )
+        for patch_name, patch, embedder in branches:
             check_images(
                 name,
                 img,
                 channels=self.channels,
                 patch_size=pair(patch),
+                patch_name=patch_name,
                 max_patches=embedder.pos_embedding.shape[1] - 1,
             )
         sm_tokens, lg_tokens = self.multi_scale_encoder(

@@ -107,6 +107,7 @@ def check_images(
     max_patches: int,
     stride: tuple[int, int] | None = None,
     square: bool = False,
+    patch_name: str = "patch_size",
 ) -> None:
     """Check a batch of images before it is cut into patches.
 
@@ -133,14 +134,15 @@ def check_images(
     if stride is None:
         if h % patch_size[0] or w % patch_size[1]:
             raise ValueError(
-                f"{model}: image size {h}x{w} is not divisible by patch_size={_fmt(patch_size)}; "
+                f"{model}: image size {h}x{w} is not divisible by "
+                f"{patch_name}={_fmt(patch_size)}; "
                 f"expected each side to be a multiple of the patch side (resize or pad the images)"
             )
         grid = (h // patch_size[0], w // patch_size[1])
     else:
         if h < patch_size[0] or w < patch_size[1]:
             raise ValueError(
-                f"{model}: image size {h}x{w} is smaller than patch_size={_fmt(patch_size)}; "
+                f"{model}: image size {h}x{w} is smaller than {patch_name}={_fmt(patch_size)}; "
                 f"expected at least one patch"
             )
         grid = ((h - patch_size[0]) // stride[0] + 1, (w - patch_size[1]) // stride[1] + 1)
