@@ -1,0 +1,389 @@
+"""``python -m vitkernels compare MODEL``: optimize a copy of a model, check that
+its outputs agree with the original's, and time both.
+
+MODEL is a name from ``vitkernels.models.list_models()``, ``timm:NAME`` (built
+with ``timm.create_model(NAME, pretrained=False)``) or ``vit-pytorch:CLASS``
+(``LeViT``, ``CvT``, ... or ``module.Class`` for any vit_pytorch module) with
+its constructor arguments in ``--config '{"image_size": 224, ...}'``; for the
+other two sources ``--config`` overrides constructor arguments.
+
+Agreement: float32/float64 outputs must match within a relative tolerance; in
+float16/bfloat16 the optimized model's error against a float32 run of the
+eager model must also be no worse than twice the eager model's own error.
+Timing alternates eager and optimized calls (so a busy machine slows both
+alike) and reports images/s from the median call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import inspect
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+__all__ = ["Agreement", "build_model", "check_agreement", "compare_main", "time_models"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# max |optimized - eager| / max(1, max |eager|) accepted outright, per dtype
+RELATIVE_TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+# vit-pytorch classes by the module that defines them (vit_pytorch/__init__ exports few)
+VIT_PYTORCH_MODULES = {
+    "ViT": "vit",
+    "SimpleViT": "simple_vit",
+    "DeepViT": "deepvit",
+    "CaiT": "cait",
+    "T2TViT": "t2t",
+    "CrossViT": "cross_vit",
+    "PiT": "pit",
+    "LeViT": "levit",
+    "CvT": "cvt",
+    "DistillableViT": "distill",
+}
+
+
+def ensure_torchvision_importable() -> None:
+    """Let ``import timm`` / ``import vit_pytorch`` work beside a mismatched torchvision.
+
+    torchvision's PyPI wheel is a CUDA build; with a CPU torch its compiled ops
+    do not load and its Python code fails registering fakes for two of them.
+    Defining those two schemas (what the compiled library would) lets the pure
+    Python parts, all that timm and vit-pytorch use, import. A matching
+    torchvision already has them and is left alone.
+    """
+    try:
+        torch.ops.torchvision.nms  # noqa: B018
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define(
+        "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
+    )
+    _KEEP.append(lib)  # the schemas live as long as the Library object
+
+
+_KEEP: list[object] = []
+
+
+def _import(name: str, extra: str) -> Any:
+    ensure_torchvision_importable()
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise SystemExit(
+            f"compare: {extra} models need the {name} package ({exc}); "
+            "install the [compare] extra (see pyproject.toml)"
+        ) from exc
+
+
+def _default_image_size(name: str) -> int:
+    return 240 if "crossvit" in name.lower() else 224
+
+
+def _vit_pytorch_class(spec: str) -> type[nn.Module]:
+    if "." in spec:
+        module, cls = spec.rsplit(".", 1)
+    elif spec in VIT_PYTORCH_MODULES:
+        module, cls = VIT_PYTORCH_MODULES[spec], spec
+    else:
+        raise ValueError(
+            f"compare: vit-pytorch class {spec!r} is not one of {', '.join(VIT_PYTORCH_MODULES)}; "
+            "name another as vit-pytorch:module.Class (e.g. vit-pytorch:simple_vit.SimpleViT)"
+        )
+    _import("vit_pytorch", "vit-pytorch")
+    mod = importlib.import_module(f"vit_pytorch.{module}")
+    if not hasattr(mod, cls):
+        raise ValueError(f"compare: vit_pytorch.{module} has no class {cls!r}")
+    return getattr(mod, cls)
+
+
+def build_model(
+    spec: str, config: dict[str, Any] | None = None, image_size: int | None = None
+) -> tuple[nn.Module, int]:
+    """The eager model named by ``spec`` and the image size it takes.
+
+    Args:
+        spec: a registry name, ``timm:NAME`` or ``vit-pytorch:CLASS``.
+        config: constructor keyword arguments (required for vit-pytorch).
+        image_size: the input side; None takes the model's own (224, 240 for CrossViT).
+    """
+    config = dict(config or {})
+    if spec.startswith("timm:"):
+        timm = _import("timm", "timm:")
+        if image_size is not None:
+            config.setdefault("img_size", image_size)
+        model = timm.create_model(spec[len("timm:") :], pretrained=False, **config)
+        side = image_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        return model, side
+    if spec.startswith("vit-pytorch:"):
+        cls = _vit_pytorch_class(spec[len("vit-pytorch:") :])
+        params = inspect.signature(cls).parameters
+        if image_size is not None and "image_size" in params:
+            config.setdefault("image_size", image_size)
+        required = [
+            n
+            for n, p in params.items()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and n not in config
+        ]
+        if required:
+            raise ValueError(
+                f"compare: {spec} needs --config with {', '.join(required)} "
+                f"(as JSON, e.g. --config '{{\"{required[0]}\": ...}}')"
+            )
+        side = image_size or int(config.get("image_size", _default_image_size(cls.__name__)))
+        return cls(**config), side
+    from vitkernels import models
+
+    if spec not in models.list_models():
+        raise ValueError(
+            f"compare: unknown model {spec!r}; expected a name from vitkernels.models "
+            f"({', '.join(models.list_models())}), timm:NAME or vit-pytorch:CLASS"
+        )
+    if image_size is not None and "image_size" not in config:
+        try:
+            return models.create(spec, image_size=image_size, **config), image_size
+        except TypeError as exc:  # a family without an image_size argument (CvT)
+            if "image_size" not in str(exc):
+                raise
+    return models.create(spec, **config), image_size or _default_image_size(spec)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
+        raise ValueError(
+            "compare: the optimized model returns outputs of other shapes "
+            f"({[tuple(t.shape) for t in tb]}) than the eager one ({[tuple(t.shape) for t in ta]})"
+        )
+    return max(
+        (
+            (x.double() - y.double()).abs().nan_to_num(float("inf")).max().item()
+            for x, y in zip(ta, tb, strict=True)
+        ),
+        default=0.0,
+    )
+
+
+class Agreement:
+    """How far the optimized model's outputs are from the eager model's."""
+
+    def __init__(
+        self,
+        max_error: float,
+        tolerance: float,
+        eager_error_fp32: float | None = None,
+        optimized_error_fp32: float | None = None,
+    ) -> None:
+        self.max_error = max_error
+        self.tolerance = tolerance
+        self.eager_error_fp32 = eager_error_fp32
+        self.optimized_error_fp32 = optimized_error_fp32
+
+    @property
+    def ok(self) -> bool:
+        if self.max_error <= self.tolerance:
+            return True
+        if self.eager_error_fp32 is None or self.optimized_error_fp32 is None:
+            return False
+        return self.optimized_error_fp32 <= 2 * self.eager_error_fp32 + self.tolerance
+
+    def describe(self) -> str:
+        verdict = "agree" if self.ok else "DISAGREE"
+        text = f"{self.max_error:.3g} (tolerance {self.tolerance:.3g}): {verdict}"
+        if self.eager_error_fp32 is not None:
+            text += (
+                f"; error vs float32: eager {self.eager_error_fp32:.3g}, "
+                f"optimized {self.optimized_error_fp32:.3g}"
+            )
+        return text
+
+
+@torch.inference_mode()
+def check_agreement(eager: nn.Module, optimized: nn.Module, x: torch.Tensor) -> Agreement:
+    """Run both models on ``x`` and measure the difference (see the module docstring)."""
+    y_eager, y_opt = eager(x), optimized(x)
+    scale = max((t.double().abs().max().item() for t in _tensors(y_eager)), default=1.0)
+    tol = RELATIVE_TOLERANCE[x.dtype] * max(1.0, scale)
+    err = _max_abs_diff(y_eager, y_opt)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return Agreement(err, tol)
+    y32 = copy.deepcopy(eager).float()(x.float())
+    return Agreement(err, tol, _max_abs_diff(y32, y_eager), _max_abs_diff(y32, y_opt))
+
+
+class Progress:
+    """One self-overwriting line on a stream: ``label [#####.....] 5/10``."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, width: int = 30):
+        self.label, self.total, self.width = label, total, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = 0
+        self._draw()
+
+    def _draw(self) -> None:
+        filled = self.width * self.done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if self.done >= self.total else ""
+        self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}{end}")
+        self.stream.flush()
+
+    def step(self) -> None:
+        self.done += 1
+        self._draw()
+
+
+def time_models(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    stream: TextIO | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved, with a progress line."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    bar = Progress(f"timing {' vs '.join(fns)}", warmup + iters, stream)
+    for i in range(warmup + iters):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+        bar.step()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vitkernels compare",
+        description="Optimize a copy of MODEL, check its outputs against the original, time both.",
+    )
+    p.add_argument("model", help="registry name, timm:NAME or vit-pytorch:CLASS")
+    p.add_argument("--config", default=None, help="constructor arguments as a JSON object")
+    p.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the model's)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "reference", "torch", "triton", "cuda"],
+        default="auto",
+        help="force the fused modules onto one backend (default: automatic)",
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--ops", default=None, help="comma-separated subset of the ops to replace")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model (default 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
+    return p
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ValueError(f"compare: {name} must be at least {minimum}, got {value}")
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m vitkernels compare``; returns the exit status
+    (0: outputs agree, 1: they do not, 2: bad arguments)."""
+    import vitkernels
+    from vitkernels.replace import DEFAULT_OPS
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _positive("--batch", args.batch)
+        _positive("--iters", args.iters)
+        _positive("--warmup", args.warmup, 0)
+        config = json.loads(args.config) if args.config else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"compare: --config must be a JSON object, got {args.config!r}")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"compare: --device {args.device} asked for, but CUDA is not available"
+            )
+        dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+        ops = tuple(o.strip() for o in args.ops.split(",")) if args.ops else DEFAULT_OPS
+        backend = None if args.backend == "auto" else args.backend
+        torch.manual_seed(args.seed)
+        eager, side = build_model(args.model, config, args.image_size)
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    eager = eager.to(device=device, dtype=dtype).eval()
+    optimized = copy.deepcopy(eager)
+    report = vitkernels.optimize(optimized, backend=backend, ops=ops)
+    x = torch.randn(args.batch, 3, side, side, device=device, dtype=dtype)
+
+    print(
+        f"vitkernels compare: {args.model}  batch {args.batch}  image {side}x{side}  "
+        f"{str(dtype).removeprefix('torch.')}  {device}  backend {args.backend}"
+    )
+    print(report)
+    agreement = check_agreement(eager, optimized, x)
+    with torch.inference_mode():
+        median = time_models(
+            {"eager": lambda: eager(x), "optimized": lambda: optimized(x)},
+            device=device,
+            warmup=args.warmup,
+            iters=args.iters,
+        )
+    per_op = ", ".join(f"{op} {report.count(op)}" for op in DEFAULT_OPS if report.count(op))
+    eager_ips, opt_ips = args.batch / median["eager"], args.batch / median["optimized"]
+    rows = [
+        ("replaced modules", f"{report.count()}" + (f" ({per_op})" if per_op else "")),
+        ("left modules", str(len(report.left))),
+        ("max |optimized - eager|", agreement.describe()),
+        ("eager", f"{eager_ips:,.1f} images/s"),
+        ("optimized", f"{opt_ips:,.1f} images/s"),
+        ("speed-up", f"{opt_ips / eager_ips:.2f}x"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    return 0 if agreement.ok else 1
