@@ -48,7 +48,9 @@ def _missing(module: nn.Module, layout: dict[str, type | tuple[type, ...]]) -> l
         value = getattr(module, name, None)
         if not isinstance(value, kind):
             got = "missing" if value is None else type(value).__name__
-            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            want = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
             out.append(f"{name} ({got}, expected {want})")
     return out
 
@@ -59,10 +61,7 @@ def _builder(
     def build(module: nn.Module, backend: str | None) -> nn.Module | str:
         missing = _missing(module, layout)
         if missing:
-            return (
-                "not the attention layout the fused module expects: "
-                + ", ".join(missing)
-            )
+            return "not the attention layout the fused module expects: " + ", ".join(missing)
         return fused(module, backend)
 
     return build
