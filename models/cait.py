@@ -33,7 +33,7 @@ from .vit import (
     pair,
 )
 
-__all__ = ["CONFIGS", "CaiT", "LayerScale", "TalkingHeadsAttention"]
+__all__ = ["CONFIGS", "Attention", "CaiT", "LayerScale"]
 
 
 class LayerScale(nn.Module):
@@ -56,7 +56,7 @@ class LayerScale(nn.Module):
         return self.fn(x, **kwargs) * self.scale
 
 
-class TalkingHeadsAttention(nn.Module):
+class Attention(nn.Module):
     """Pre-norm attention with talking heads; keys/values optionally extended by a context.
 
     Args:
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    LayerScale(dim, TalkingHeadsAttention(dim, heads, dim_head, dropout), ind + 1),
+                    LayerScale(dim, Attention(dim, heads, dim_head, dropout), ind + 1),
                     LayerScale(dim, FeedForward(dim, mlp_dim, dropout), ind + 1),
                 ]
             )

@@ -29,10 +29,10 @@ from .vit import (
     pair,
 )
 
-__all__ = ["CONFIGS", "DeepViT", "ReAttention"]
+__all__ = ["CONFIGS", "Attention", "DeepViT"]
 
 
-class ReAttention(nn.Module):
+class Attention(nn.Module):
     """Pre-norm multi-head self-attention followed by re-attention across heads.
 
     Args:
@@ -75,7 +75,7 @@ class ReAttention(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``depth`` residual (ReAttention, FeedForward) pairs; no final norm.
+    """``depth`` residual (Attention, FeedForward) pairs; no final norm.
 
     Args:
         dim: token width.
@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    ReAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                    Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
                     FeedForward(dim, mlp_dim, dropout=dropout),
                 ]
             )
