@@ -1,0 +1,1048 @@
+"""Triton kernels for ``patch_embed``: convolution as a GEMM whose A operand is
+gathered from the image inside the loads (no unfolded tensor in memory).
+
+    tokens[b, l, :] = out_norm(in_norm(patch(b, l)) @ weight.T + bias) (+ pos)
+    out = cat(cls (+ pos[:P]), tokens)                       # (B, P + L, D)
+
+The input layer norm is folded into the GEMM: with g, beta its affine and
+W' = W * g (per call, D x K),
+
+    in_norm(x) @ W.T = rstd * (x @ W'.T - mu * rowsum(W')) + beta @ W.T
+
+so the kernel multiplies the raw patch and gathers mu, rstd (sum and sum of
+squares in float32) from the same loaded tiles. The output layer norm, bias,
+position embedding and class token run in the epilogue; with an output norm one
+program owns BLOCK_M whole rows and makes two passes over D (statistics, then
+normalise what it wrote: the same rounding eager's Linear -> LayerNorm has).
+
+The kernel reads patches in the order that is contiguous in memory ("cpq" for
+NCHW images, "pqc" for channels_last) and the launcher permutes the weight and
+the input norm's affine (D x K, small) when the caller's patch_order differs.
+
+Launcher contract (positional arguments; the CUDA extension's ops
+``vitkernels_C.patch_embed_fwd`` / ``patch_embed_bwd`` mirror it exactly):
+
+    patch_embed_fwd(images, weight, bias, in_weight, in_bias, out_weight, out_bias,
+                    pos_embed, cls_token, kernel_size, stride, padding, patch_order,
+                    in_eps, out_eps, has_in_norm, has_out_norm) -> out
+
+      images      (B, C, H, W) float16 / bfloat16 / float32, any strides
+      weight      (D, K), K = C * kh * kw in patch_order, images' dtype, any strides
+      bias        (D,) or None
+      in_weight, in_bias    (K,) or None (in patch_order)
+      out_weight, out_bias  (D,) or None
+      pos_embed   (T, D) or None, T = L (patch tokens only) or P + L (every token)
+      cls_token   (P, D) or None (P prefix tokens)
+      kernel_size, stride, padding: list[int] of 2 (rows, cols)
+      patch_order "cpq" | "pqc"; in_eps, out_eps: float
+      has_in_norm, has_out_norm: bool (a norm may have no affine)
+      -> out (B, P + L, D), images' dtype, contiguous;
+         L = Ho * Wo, Ho = (H + 2 ph - kh) // sh + 1, Wo likewise.
+      Every tensor is on one device with the images' dtype.
+
+    patch_embed_bwd(grad_out, images, weight, bias, in_weight, in_bias, out_weight,
+                    out_bias, pos_embed, cls_token, kernel_size, stride, padding,
+                    patch_order, in_eps, out_eps, has_in_norm, has_out_norm, grad_mask)
+        -> (d_weight, d_bias, d_in_weight, d_in_bias, d_out_weight, d_out_bias,
+            d_pos_embed, d_cls_token)
+
+      grad_out    (B, P + L, D), any strides
+      grad_mask   list[bool] of 8, the results in that order
+      each result has its input's shape and dtype, or is an empty (0,) tensor where
+      the input is None or its grad_mask entry is False. No image gradient.
+
+Backward: the patch rows' pre-norm tokens are recomputed with the forward kernel
+(only with an output norm), the output norm's backward runs row-wise
+(``_out_norm_bwd_kernel``), dW = dy.T @ in_norm(patches) is a split-M GEMM that
+gathers the patches again (``_dw_kernel``), and the input norm's affine grads
+come from dxn = dy @ W with the normalised patch in the epilogue
+(``_dxn_kernel``); the small sums over the batch (pos, cls, bias, partials) are
+torch reductions.
+
+Block sizes come from ``fwd_config`` / ``bwd_config``: a small deterministic
+heuristic of the shape (a GPU tuning pass may change them); tests monkeypatch
+them to force several tiles through the interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.ops._dispatch import triton_interpret
+from vitkernels.triton._aot import AotSpec
+
+__all__ = ["AOT_SPECS", "bwd_config", "fwd_config", "patch_embed_bwd", "patch_embed_fwd"]
+
+
+# ----------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _patch_rows(pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr):
+    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    b = offs_m // L
+    l = offs_m % L
+    ih0 = (l // Wout) * SH - PH
+    iw0 = (l % Wout) * SW - PW
+    row_base = b.to(tl.int64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
+    return offs_m, row_ok, b, l, ih0, iw0, row_base
+
+
+@triton.jit
+def _patch_tile(
+    x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_K) tile of unfold(images): zero outside the image (padding)."""
+    if PQC:  # k = (p * KW + q) * C + c
+        c = offs_k % C
+        pq = offs_k // C
+    else:  # k = c * KH * KW + p * KW + q
+        c = offs_k // KHW
+        pq = offs_k % KHW
+    p = pq // KW
+    q = pq % KW
+    col = c * sxc + p * sxh + q * sxw
+    if VEC > 1:  # runs of VEC contiguous elements starting at multiples of VEC (launcher checks)
+        col = tl.max_contiguous(tl.multiple_of(col, VEC), VEC)
+        row_base = tl.multiple_of(row_base, VEC)
+    ptrs = (x_ptr + row_base)[:, None] + col[None, :]
+    mask = row_ok[:, None]
+    if not EVEN_K:
+        mask = mask & (offs_k < K)[None, :]
+    if MASK_HW:
+        ih = ih0[:, None] + p[None, :]
+        iw = iw0[:, None] + q[None, :]
+        mask = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if VEC > 1:
+            mask = tl.max_constancy(mask, [1, VEC])
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _gemm_rows(
+    x_ptr, w_ptr, row_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
+    sxc, sxh, sxw, swn, swk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    IN_NORM: tl.constexpr, PREC: tl.constexpr,
+):
+    """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM also the
+    rows' sum and sum of squares over K (float32)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = _patch_tile(
+            x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+            PQC, MASK_HW, EVEN_K, VEC,
+        )
+        w_ptrs = w_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn  # (BLOCK_K, BLOCK_N) = W.T
+        if EVEN_K:
+            b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            b = tl.load(w_ptrs, mask=(offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+        if IN_NORM:
+            af = a.to(tl.float32)
+            s1 += tl.sum(af, axis=1)
+            s2 += tl.sum(af * af, axis=1)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc, s1, s2
+
+
+@triton.jit
+def _in_norm_stats(s1, s2, K, in_eps):
+    mu = s1 / K
+    var = tl.maximum(s2 / K - mu * mu, 0.0)
+    return mu, 1.0 / tl.sqrt(var + in_eps)
+
+
+@triton.jit
+def _chan_update(mean, m2, y, n_ok, n0):
+    """Merge one column tile's (mean, M2) into the running ones (Chan et al.)."""
+    nb = tl.sum(n_ok.to(tl.float32), axis=0)  # columns in this tile
+    na = n0 * 1.0  # columns merged before it
+    t_mean = tl.sum(tl.where(n_ok[None, :], y, 0.0), axis=1) / nb
+    dev = tl.where(n_ok[None, :], y - t_mean[:, None], 0.0)
+    t_m2 = tl.sum(dev * dev, axis=1)
+    delta = t_mean - mean
+    tot = na + nb
+    return mean + delta * (nb / tot), m2 + t_m2 + delta * delta * (na * nb / tot)
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    x_ptr, w_ptr, colsum_ptr, shift_ptr, ow_ptr, ob_ptr, pos_ptr, cls_ptr, out_ptr, stats_ptr,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, swn, swk, spt, spd, scp, scd, sob, sot, sod,
+    in_eps, out_eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, OUT_NORM: tl.constexpr,
+    HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
+    HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(D, BLOCK_N),) with the column tile fastest
+    (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM.
+    """
+    pid = tl.program_id(0)
+    if OUT_NORM:
+        pid_m = pid
+        n_start = 0
+        n_end = D
+    else:
+        num_n = tl.cdiv(D, BLOCK_N)
+        pid_m = pid // num_n
+        n_start = (pid % num_n) * BLOCK_N
+        n_end = n_start + BLOCK_N
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+    )
+    x_base = row_base
+    out_rows = out_ptr + b.to(tl.int64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
+    if POS_ALL:
+        pos_rows = pos_ptr + (P + l) * spt
+    else:
+        pos_rows = pos_ptr + l * spt
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mu = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        acc, s1, s2 = _gemm_rows(
+            x_ptr, w_ptr, x_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
+            sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_K, VEC,
+            IN_NORM, PREC,
+        )
+        y = acc
+        if IN_NORM:
+            mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
+            colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
+            y = rstd[:, None] * (y - mu[:, None] * colsum[None, :])
+        if HAS_SHIFT:
+            y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & n_ok[None, :]
+        if OUT_NORM:
+            mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+        elif HAS_POS:
+            pos = tl.load(pos_rows[:, None] + offs_n[None, :] * spd, mask=mask, other=0.0)
+            y += pos.to(tl.float32)
+        tl.store(out_rows[:, None] + offs_n[None, :] * sod, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT_NORM:
+        # second pass over the row block: normalise what this program wrote
+        tl.debug_barrier()
+        rstd_o = 1.0 / tl.sqrt(m2 / D + out_eps)
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            mask = row_ok[:, None] & n_ok[None, :]
+            ptrs = out_rows[:, None] + offs_n[None, :] * sod
+            y = (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd_o[:, None]
+            if HAS_OW:
+                y *= tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_OB:
+                y += tl.load(ob_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_POS:
+                y += tl.load(pos_rows[:, None] + offs_n[None, :] * spd, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_CLS:
+        # the program holding an image's first patch writes its prefix tokens too
+        first = row_ok & (l == 0)
+        out_img = out_ptr + b.to(tl.int64) * sob
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            mask = first[:, None] & n_ok[None, :]
+            for p in range(0, P):
+                tok = tl.load(cls_ptr + p * scp + offs_n * scd, mask=n_ok, other=0.0).to(tl.float32)
+                if POS_ALL:
+                    tok += tl.load(pos_ptr + p * spt + offs_n * spd, mask=n_ok, other=0.0).to(tl.float32)
+                val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + tok[None, :]
+                tl.store(
+                    out_img[:, None] + p * sot + offs_n[None, :] * sod,
+                    val.to(out_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+    if WRITE_STATS:
+        tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
+        tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
+
+
+@triton.jit
+def _patch_stats_kernel(
+    x_ptr, stats_ptr, M, L, Wout, K, C, H, W, KW, KHW, SH, SW, PH, PW,
+    sxb, sxc, sxh, sxw, in_eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+):
+    """stats[m] = (mu, rstd) of patch m over K, as the forward kernel computes them."""
+    pid_m = tl.program_id(0)
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+    )
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = _patch_tile(
+            x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+            PQC, MASK_HW, EVEN_K, VEC,
+        ).to(tl.float32)
+        s1 += tl.sum(a, axis=1)
+        s2 += tl.sum(a * a, axis=1)
+    mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
+    tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
+    tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
+
+
+@triton.jit
+def _out_norm_bwd_kernel(
+    g_ptr, y_ptr, ow_ptr, dy_ptr, dow_part, dob_part, dbias_part,
+    M, L, D, P, sgb, sgt, sgd, out_eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_OW: tl.constexpr,
+):
+    """Backward of the output layer norm for BLOCK_M patch rows.
+
+    y (M, D) float32: recomputed pre-norm tokens; g: grad_out's patch rows.
+    dy (M, D) (MMA dtype) = d loss / d y; per-program column partial sums for
+    the norm's weight (g * xhat), its bias (g) and the linear bias (dy).
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    b = offs_m // L
+    l = offs_m % L
+    g_rows = g_ptr + b.to(tl.int64) * sgb + (P + l) * sgt
+    y_rows = y_ptr + offs_m.to(tl.int64) * D
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        y = tl.load(y_rows[:, None] + offs_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+    rstd = 1.0 / tl.sqrt(m2 / D + out_eps)
+    a1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        mask = row_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_rows[:, None] + offs_n[None, :], mask=mask, other=0.0)
+        xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(g_rows[:, None] + offs_n[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dow_part + pid_m * D + offs_n, tl.sum(g * xhat, axis=0), mask=n_ok)
+        tl.store(dob_part + pid_m * D + offs_n, tl.sum(g, axis=0), mask=n_ok)
+        if HAS_OW:
+            g = g * tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        a1 += tl.sum(g, axis=1)
+        a2 += tl.sum(g * xhat, axis=1)
+    a1 = a1 / D
+    a2 = a2 / D
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        mask = row_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_rows[:, None] + offs_n[None, :], mask=mask, other=0.0)
+        xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(g_rows[:, None] + offs_n[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OW:
+            g = g * tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        dy = tl.where(mask, rstd[:, None] * (g - a1[:, None] - xhat * a2[:, None]), 0.0)
+        tl.store(dbias_part + pid_m * D + offs_n, tl.sum(dy, axis=0), mask=n_ok)
+        tl.store(
+            dy_ptr + offs_m.to(tl.int64)[:, None] * D + offs_n[None, :],
+            dy.to(dy_ptr.dtype.element_ty),
+            mask=mask,
+        )
+
+
+@triton.jit
+def _norm_patch_tile(
+    x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+    K, C, H, W, KW, KHW, sxc, sxh, sxw,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr,
+):
+    """in_norm(patches) tile in float32 (raw patches without IN_NORM); zero where
+    k >= K or the row is past M. Also returns xhat (the normalised patch)."""
+    x = _patch_tile(
+        x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+        PQC, MASK_HW, EVEN_K, VEC,
+    ).to(tl.float32)
+    if IN_NORM:
+        mu = tl.load(stats_ptr + offs_m * 2, mask=row_ok, other=0.0)
+        rstd = tl.load(stats_ptr + offs_m * 2 + 1, mask=row_ok, other=0.0)
+        k_ok = offs_k < K
+        valid = row_ok[:, None] & k_ok[None, :]
+        xhat = tl.where(valid, (x - mu[:, None]) * rstd[:, None], 0.0)
+        xn = xhat
+        if HAS_GIN:
+            xn = xn * tl.load(gin_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIN:
+            xn = tl.where(valid, xn + tl.load(bin_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :], 0.0)
+    else:
+        xhat = x
+        xn = x
+    return xn, xhat
+
+
+@triton.jit
+def _dw_kernel(
+    x_ptr, dy_ptr, stats_ptr, gin_ptr, bin_ptr, ws_ptr,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr,
+):
+    """ws[s, n, k] = sum over split s's rows m of dy[m, n] * in_norm(patch m)[k].
+
+    Grid: (cdiv(D, BLOCK_N) * cdiv(K, BLOCK_K), SPLIT). dy rows at
+    dy_ptr + b * sdb + (P + l) * sdt (grad_out's patch rows or a (M, D) buffer).
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    offs_n = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < D
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    mb0 = pid_s * blocks_per_split
+    for mb in range(mb0, mb0 + blocks_per_split):
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+        )
+        dy_rows = dy_ptr + b.to(tl.int64) * sdb + (P + l) * sdt
+        dyt = tl.load(
+            dy_rows[None, :] + offs_n[:, None] * sdd,
+            mask=n_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_M) = dy.T
+        xn, xhat = _norm_patch_tile(
+            x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+            K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_K, VEC,
+            IN_NORM, HAS_GIN, HAS_BIN,
+        )
+        acc = tl.dot(dyt, xn.to(dyt.dtype), acc, input_precision=PREC)
+    ws = ws_ptr + pid_s.to(tl.int64) * D * K
+    tl.store(
+        ws + offs_n[:, None] * K + offs_k[None, :],
+        acc,
+        mask=n_ok[:, None] & (offs_k < K)[None, :],
+    )
+
+
+@triton.jit
+def _dxn_kernel(
+    x_ptr, dy_ptr, w_ptr, stats_ptr, dg_part, db_part,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dxn = dy @ W for a (BLOCK_M, BLOCK_K) tile; column partial sums over the
+    tile's rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias).
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),), the K tile fastest.
+    """
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_k
+    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+    )
+    dy_rows = dy_ptr + b.to(tl.int64) * sdb + (P + l) * sdt
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        dy = tl.load(dy_rows[:, None] + offs_n[None, :] * sdd, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk,
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(dy, w, acc, input_precision=PREC)
+    xn, xhat = _norm_patch_tile(
+        x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+        K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_K, VEC,
+        True, False, False,
+    )
+    tl.store(dg_part + pid_m * K + offs_k, tl.sum(acc * xhat, axis=0), mask=k_ok)
+    tl.store(db_part + pid_m * K + offs_k, tl.sum(acc, axis=0), mask=k_ok)
+
+
+# ----------------------------------------------------------------------------
+# geometry, layout and configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    B: int
+    C: int
+    H: int
+    W: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    Ho: int
+    Wo: int
+
+    @property
+    def L(self) -> int:
+        return self.Ho * self.Wo
+
+    @property
+    def K(self) -> int:
+        return self.C * self.kh * self.kw
+
+    @property
+    def mask_hw(self) -> bool:
+        """Whether some patch reaches outside the image (padding, or a cut edge)."""
+        inside_h = self.ph == 0 and (self.Ho - 1) * self.sh + self.kh <= self.H
+        inside_w = self.pw == 0 and (self.Wo - 1) * self.sw + self.kw <= self.W
+        return not (inside_h and inside_w)
+
+
+def _geometry(images: torch.Tensor, kernel_size, stride, padding) -> _Geometry:
+    B, C, H, W = images.shape
+    kh, kw = (int(v) for v in kernel_size)
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    return _Geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+
+
+def _kernel_order(images: torch.Tensor, patch_order: str) -> str:
+    """The patch order whose k runs along memory: pqc for channels-innermost images."""
+    if images.shape[1] == 1:
+        return patch_order
+    return "pqc" if images.stride(1) < images.stride(3) else "cpq"
+
+
+def _reorder(t: torch.Tensor | None, g: _Geometry, src: str, dst: str) -> torch.Tensor | None:
+    """(..., K) in order src -> order dst (a copy only when they differ)."""
+    if t is None or src == dst:
+        return t
+    lead = t.shape[:-1]
+    if src == "pqc":  # (p, q, c) -> (c, p, q)
+        return t.reshape(*lead, g.kh, g.kw, g.C).movedim(-1, -3).reshape(*lead, g.K)
+    return t.reshape(*lead, g.C, g.kh, g.kw).movedim(-3, -1).reshape(*lead, g.K)
+
+
+def _vec(images: torch.Tensor, g: _Geometry, order: str) -> int:
+    """Largest v in (8, 4, 2) such that every run of v consecutive k of a patch row
+    is contiguous in memory, starts at a multiple of v elements and is entirely
+    inside or outside the image; 1 otherwise. Only a hint for the GPU's loads."""
+    sxb, sxc, sxh, sxw = images.stride()
+    max_v = 16 // images.element_size()
+    for v in (8, 4, 2):
+        if v > max_v:
+            continue
+        if order == "cpq":
+            ok = (
+                sxw == 1
+                and g.kw % v == 0
+                and sxh % v == 0
+                and sxc % v == 0
+                and sxb % v == 0
+                and g.sw % v == 0
+                and g.pw % v == 0
+                and (not g.mask_hw or g.W % v == 0)
+            )
+        else:
+            run = g.kw * g.C if sxw == g.C else g.C
+            ok = (
+                sxc == 1
+                and run % v == 0
+                and sxh % v == 0
+                and sxw % v == 0
+                and sxb % v == 0
+                and (not g.mask_hw or g.C % v == 0)
+            )
+        if ok:
+            return v
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def fwd_config(M: int, D: int, K: int, dtype: torch.dtype, out_norm: bool, interpret: bool) -> FwdConfig:
+    """Block sizes of the forward kernel (and of the backward's recompute)."""
+    if interpret:
+        return FwdConfig(32, _pow2_clamp(D, 16, 64), 32, 4, 1)
+    wide = dtype == torch.float32
+    block_k = 32 if wide or K < 256 else 64
+    if out_norm:  # one program per BLOCK_M whole rows
+        return FwdConfig(64, _pow2_clamp(D, 32, 128), block_k, 8, 2 if wide else 3)
+    return FwdConfig(128, _pow2_clamp(D, 32, 128), block_k, 8, 2 if wide else 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    block_m: int  # rows per step of the dW reduction, rows per program elsewhere
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split: int  # programs along M for dW
+
+
+def bwd_config(M: int, D: int, K: int, dtype: torch.dtype, interpret: bool, sms: int) -> BwdConfig:
+    """Block sizes of the backward kernels and the dW split along M."""
+    if interpret:
+        block_m, block_n, block_k, warps, stages = 32, _pow2_clamp(D, 16, 32), 32, 4, 1
+    else:
+        wide = dtype == torch.float32
+        block_m, block_n, block_k = 64, _pow2_clamp(D, 32, 128), 32 if wide or K < 256 else 64
+        warps, stages = 8, 2 if wide else 3
+    tiles = triton.cdiv(D, block_n) * triton.cdiv(K, block_k)
+    m_blocks = triton.cdiv(M, block_m)
+    split = max(1, min(m_blocks, triton.cdiv(4 * sms, tiles)))
+    return BwdConfig(block_m, block_n, block_k, warps, stages, split)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+# ----------------------------------------------------------------------------
+# launch plans (shared by the launchers and AOT_SPECS)
+
+
+@dataclasses.dataclass
+class _Launch:
+    name: str
+    kernel: object
+    grid: tuple[int, ...]
+    args: list
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def aot_spec(self) -> AotSpec:
+        names = self.kernel.arg_names
+        sig: dict[str, str] = {}
+        for name, value in zip(names, self.args):
+            if isinstance(value, torch.Tensor):
+                sig[name] = "*" + _TRITON_TYPES[value.dtype]
+            elif isinstance(value, bool) or isinstance(value, int):
+                sig[name] = "i32" if -(2**31) <= int(value) < 2**31 else "i64"
+            else:
+                sig[name] = "fp32"
+        for name in self.constexprs:
+            sig[name] = "constexpr"
+        return AotSpec(self.name, self.kernel, sig, dict(self.constexprs), self.num_warps, self.num_stages)
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _x_args(images: torch.Tensor, g: _Geometry) -> tuple[list, list]:
+    """(ints before the strides, image strides) shared by every kernel."""
+    return [g.C, g.H, g.W, g.kw, g.kh * g.kw, g.sh, g.sw, g.ph, g.pw], list(images.stride())
+
+
+def _patch_constexprs(images: torch.Tensor, g: _Geometry, order: str, block_k: int) -> dict:
+    return {
+        "PQC": order == "pqc",
+        "MASK_HW": g.mask_hw,
+        "EVEN_K": g.K % block_k == 0,
+        "VEC": _vec(images, g, order),
+    }
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """Weights in the kernel's patch order, with the input norm folded in."""
+
+    g: _Geometry
+    order: str
+    w: torch.Tensor  # (D, K) kernel order (W * in_weight with an input norm)
+    colsum: torch.Tensor | None  # (D,) float32 rowsum(W') with an input norm
+    shift: torch.Tensor | None  # (D,) bias, or float32 in_bias @ W.T + bias
+
+
+def _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm) -> _Prepared:
+    g = _geometry(images, kernel_size, stride, padding)
+    order = _kernel_order(images, patch_order)
+    w = _reorder(weight, g, patch_order, order)
+    if not has_in_norm:
+        return _Prepared(g, order, w, None, bias)
+    gin = _reorder(in_weight, g, patch_order, order)
+    bin_ = _reorder(in_bias, g, patch_order, order)
+    wg = w if gin is None else (w * gin).to(w.dtype)
+    colsum = wg.float().sum(dim=1)
+    shift = None
+    if bin_ is not None:
+        shift = w.float() @ bin_.float()
+    if bias is not None:
+        shift = bias.float() if shift is None else shift + bias.float()
+    return _Prepared(g, order, wg, colsum, shift)
+
+
+def _plan_fwd(
+    images, prep: _Prepared, out_weight, out_bias, pos_embed, cls_token, out, stats,
+    in_eps, out_eps, has_in_norm, has_out_norm, interpret,
+) -> _Launch:
+    g, w = prep.g, prep.w
+    D, K, M = w.shape[0], g.K, g.B * g.L
+    P = 0 if cls_token is None else cls_token.shape[0]
+    cfg = fwd_config(M, D, K, images.dtype, has_out_norm, interpret)
+    dummy = out
+    f32_dummy = stats if stats is not None else (prep.colsum if prep.colsum is not None else out)
+    pos = pos_embed if pos_embed is not None else dummy
+    cls = cls_token if cls_token is not None else dummy
+    ints, xs = _x_args(images, g)
+    args = [
+        images, w,
+        prep.colsum if prep.colsum is not None else f32_dummy,
+        prep.shift if prep.shift is not None else f32_dummy,
+        out_weight if out_weight is not None else dummy,
+        out_bias if out_bias is not None else dummy,
+        pos, cls, out,
+        stats if stats is not None else f32_dummy,
+        M, g.L, g.Wo, D, K, *ints, P,
+        *xs, w.stride(0), w.stride(1), pos.stride(0), pos.stride(-1), cls.stride(0), cls.stride(-1),
+        out.stride(0), out.stride(1), out.stride(2),
+        float(in_eps), float(out_eps),
+    ]
+    # the ints above are in the kernel's order: C, H, W, KW, KHW, SH, SW, PH, PW, P
+    constexprs = {
+        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+        **_patch_constexprs(images, g, prep.order, cfg.block_k),
+        "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
+        "OUT_NORM": bool(has_out_norm),
+        "HAS_OW": has_out_norm and out_weight is not None,
+        "HAS_OB": has_out_norm and out_bias is not None,
+        "HAS_POS": pos_embed is not None,
+        "POS_ALL": pos_embed is not None and pos_embed.shape[0] == P + g.L,
+        "HAS_CLS": P > 0,
+        "WRITE_STATS": stats is not None,
+        "PREC": _prec(images.dtype),
+    }
+    m_blocks = triton.cdiv(M, cfg.block_m)
+    grid = (m_blocks,) if has_out_norm else (m_blocks * triton.cdiv(D, cfg.block_n),)
+    tag = "+".join(
+        t for t, on in (("in", has_in_norm), ("out", has_out_norm), ("pos", pos_embed is not None), ("cls", P > 0)) if on
+    )
+    name = f"patch_embed_fwd[{_SHORT[images.dtype]},{prep.order},k{g.kh}s{g.sh}p{g.ph},D{D},{tag or 'plain'}]"
+    return _Launch(name, _patch_embed_fwd_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+
+
+# ----------------------------------------------------------------------------
+# launchers
+
+
+def _check_launch(images: torch.Tensor) -> None:
+    if images.device.type != "cuda" and not triton_interpret():
+        raise RuntimeError(
+            f"the triton patch_embed kernels need CUDA tensors (got {images.device}); "
+            "set TRITON_INTERPRET=1 to run them on CPU"
+        )
+
+
+def patch_embed_fwd(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_weight: torch.Tensor | None,
+    in_bias: torch.Tensor | None,
+    out_weight: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    patch_order: str,
+    in_eps: float,
+    out_eps: float,
+    has_in_norm: bool,
+    has_out_norm: bool,
+) -> torch.Tensor:
+    """Forward launcher (see the module docstring for the contract)."""
+    _check_launch(images)
+    prep = _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm)
+    g = prep.g
+    P = 0 if cls_token is None else cls_token.shape[0]
+    out = torch.empty((g.B, P + g.L, weight.shape[0]), device=images.device, dtype=images.dtype)
+    if g.B == 0:
+        return out
+    _plan_fwd(
+        images, prep, out_weight, out_bias, pos_embed, cls_token, out, None,
+        in_eps, out_eps, has_in_norm, has_out_norm, triton_interpret(),
+    ).run()
+    return out
+
+
+def _empty(ref: torch.Tensor) -> torch.Tensor:
+    return ref.new_empty((0,))
+
+
+def patch_embed_bwd(
+    grad_out: torch.Tensor,
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_weight: torch.Tensor | None,
+    in_bias: torch.Tensor | None,
+    out_weight: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    patch_order: str,
+    in_eps: float,
+    out_eps: float,
+    has_in_norm: bool,
+    has_out_norm: bool,
+    grad_mask: Sequence[bool],
+) -> tuple[torch.Tensor, ...]:
+    """Backward launcher (see the module docstring for the contract)."""
+    _check_launch(images)
+    (want_w, want_b, want_gin, want_bin, want_gout, want_bout, want_pos, want_cls) = (
+        bool(v) for v in grad_mask
+    )
+    want_b = want_b and bias is not None
+    want_gin = want_gin and has_in_norm and in_weight is not None
+    want_bin = want_bin and has_in_norm and in_bias is not None
+    want_gout = want_gout and has_out_norm and out_weight is not None
+    want_bout = want_bout and has_out_norm and out_bias is not None
+    want_pos = want_pos and pos_embed is not None
+    want_cls = want_cls and cls_token is not None
+
+    interpret = triton_interpret()
+    g = _geometry(images, kernel_size, stride, padding)
+    order = _kernel_order(images, patch_order)
+    D, K, M = weight.shape[0], g.K, g.B * g.L
+    P = 0 if cls_token is None else cls_token.shape[0]
+    dev, dtype = images.device, images.dtype
+    res = [_empty(images) for _ in range(8)]
+
+    # position embedding and prefix tokens: sums over the batch
+    if want_pos:
+        rows = grad_out if pos_embed.shape[0] == P + g.L else grad_out[:, P:]
+        res[6] = rows.sum(dim=0, dtype=torch.float32).to(pos_embed.dtype)
+    if want_cls:
+        res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
+    need_dy = want_w or want_b or want_gin or want_bin or want_gout or want_bout
+    if not need_dy or M == 0:
+        if M == 0:
+            for i, (want, t) in enumerate(
+                ((want_w, weight), (want_b, bias), (want_gin, in_weight), (want_bin, in_bias),
+                 (want_gout, out_weight), (want_bout, out_bias))
+            ):
+                if want:
+                    res[i] = torch.zeros_like(t)
+        return tuple(res)
+
+    cfg = bwd_config(M, D, K, dtype, interpret, _sms(dev))
+    ints, xs = _x_args(images, g)
+    pc = _patch_constexprs(images, g, order, cfg.block_k)
+    w_k = _reorder(weight, g, patch_order, order)
+    gin = _reorder(in_weight, g, patch_order, order) if has_in_norm else None
+    bin_ = _reorder(in_bias, g, patch_order, order) if has_in_norm else None
+    stats = torch.empty((M, 2), device=dev, dtype=torch.float32) if has_in_norm else None
+    m_blocks = triton.cdiv(M, cfg.block_m)
+
+    # dy = d loss / d (patches @ W.T + bias), as rows b * sdb + (P + l) * sdt
+    if has_out_norm:
+        prep = _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm)
+        y = torch.empty((g.B, g.L, D), device=dev, dtype=torch.float32)
+        _plan_fwd(
+            images, prep, None, None, None, None, y, stats,
+            in_eps, out_eps, has_in_norm, False, interpret,
+        ).run()
+        dy = torch.empty((M, D), device=dev, dtype=dtype)
+        parts = torch.empty((3, m_blocks, D), device=dev, dtype=torch.float32)
+        _out_norm_bwd_kernel[(m_blocks,)](
+            grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
+            M, g.L, D, P, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), float(out_eps),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_OW=out_weight is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        sums = parts.sum(dim=1)
+        if want_gout:
+            res[4] = sums[0].to(out_weight.dtype)
+        if want_bout:
+            res[5] = sums[1].to(out_bias.dtype)
+        if want_b:
+            res[1] = sums[2].to(bias.dtype)
+        dy_ptr, sdb, sdt, sdd, dyP = dy, g.L * D, D, 1, 0
+    else:
+        if has_in_norm:
+            _patch_stats_kernel[(m_blocks,)](
+                images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps),
+                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        if want_b:
+            res[1] = grad_out[:, P:].sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype)
+        dy_ptr, dyP = grad_out, P
+        sdb, sdt, sdd = grad_out.stride()
+
+    stats_arg = stats if stats is not None else images
+    if want_w:
+        blocks_per_split = triton.cdiv(m_blocks, cfg.split)
+        split = triton.cdiv(m_blocks, blocks_per_split)
+        ws = torch.empty((split, D, K), device=dev, dtype=torch.float32)
+        grid = (triton.cdiv(D, cfg.block_n) * triton.cdiv(K, cfg.block_k), split)
+        _dw_kernel[grid](
+            images, dy_ptr, stats_arg,
+            gin if gin is not None else images, bin_ if bin_ is not None else images, ws,
+            M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, blocks_per_split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc,
+            IN_NORM=bool(has_in_norm), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
+            PREC=_prec(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        res[0] = _reorder(ws.sum(dim=0), g, order, patch_order).to(weight.dtype)
+    if want_gin or want_bin:
+        dparts = torch.empty((2, m_blocks, K), device=dev, dtype=torch.float32)
+        _dxn_kernel[(m_blocks * triton.cdiv(K, cfg.block_k),)](
+            images, dy_ptr, w_k, stats, dparts[0], dparts[1],
+            M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc,
+            PREC=_prec(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        dsum = _reorder(dparts.sum(dim=1), g, order, patch_order)
+        if want_gin:
+            res[2] = dsum[0].to(in_weight.dtype)
+        if want_bin:
+            res[3] = dsum[1].to(in_bias.dtype)
+    return tuple(res)
+
+
+# ----------------------------------------------------------------------------
+# ahead-of-time specialisations for the WORKLOADS.md shapes
+
+
+def _aot_specs() -> list[AotSpec]:
+    """Plans the launchers make for P1-P3 (batch 256, 224x224) in fp16 and bf16,
+    built on meta tensors with the GPU configuration."""
+    specs: dict[str, AotSpec] = {}
+    meta = torch.device("meta")
+    B, D = 256, 768
+    for dtype in (torch.float16, torch.bfloat16):
+        img = torch.empty((B, 3, 224, 224), device=meta, dtype=dtype)
+        vec = lambda n: torch.empty((n,), device=meta, dtype=dtype)  # noqa: E731
+        cases = [  # (name, weight (D, K), kernel/stride/pad, order, in_norm, out_norm, pos rows, P)
+            ("P1", (D, 768), (16, 16, 0), "cpq", False, False, 197, 1),
+            ("P2", (D, 768), (16, 16, 0), "pqc", True, True, 197, 1),
+            ("P3", (192, 147), (7, 4, 2), "cpq", True, False, 0, 0),
+        ]
+        for _, wshape, (k, s, p), order, in_n, out_n, pos_rows, P in cases:
+            w = torch.empty(wshape, device=meta, dtype=dtype)
+            d = wshape[0]
+            prep = _prepare(img, w, vec(d), vec(wshape[1]) if in_n else None, vec(wshape[1]) if in_n else None,
+                            (k, k), (s, s), (p, p), order, in_n)
+            g = prep.g
+            out = torch.empty((B, P + g.L, d), device=meta, dtype=dtype)
+            pos = torch.empty((pos_rows, d), device=meta, dtype=dtype) if pos_rows else None
+            cls = torch.empty((P, d), device=meta, dtype=dtype) if P else None
+            launches = [
+                _plan_fwd(img, prep, vec(d) if out_n else None, vec(d) if out_n else None, pos, cls, out, None,
+                          1e-5, 1e-5, in_n, out_n, False)
+            ]
+            if out_n:  # the backward's recompute
+                y = torch.empty((B, g.L, d), device=meta, dtype=torch.float32)
+                st = torch.empty((B * g.L, 2), device=meta, dtype=torch.float32)
+                launches.append(_plan_fwd(img, prep, None, None, None, None, y, st, 1e-5, 1e-5, in_n, False, False))
+            for launch in launches:
+                specs.setdefault(launch.name, launch.aot_spec())
+        specs.update(_bwd_specs(dtype))
+    return list(specs.values())
+
+
+def _bwd_specs(dtype: torch.dtype) -> dict[str, AotSpec]:
+    """The backward kernels' constexpr combinations for P1-P3 (sm_90 configuration)."""
+    out: dict[str, AotSpec] = {}
+    t = _TRITON_TYPES[dtype]
+    for wl, (C, H, k, s, p, D, order, in_n, out_n) in {
+        "P1": (3, 224, 16, 16, 0, 768, "cpq", False, False),
+        "P2": (3, 224, 16, 16, 0, 768, "cpq", True, True),
+        "P3": (3, 224, 7, 4, 2, 192, "cpq", True, False),
+    }.items():
+        img = torch.empty((256, C, H, H), device="meta", dtype=dtype)
+        g = _geometry(img, (k, k), (s, s), (p, p))
+        M, K = g.B * g.L, g.K
+        cfg = bwd_config(M, D, K, dtype, False, 132)
+        pc = _patch_constexprs(img, g, order, cfg.block_k)
+        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+
+        def spec(name, kernel, ptrs, consts):
+            sig = {a: ("*" + ptrs[a] if a in ptrs else "constexpr" if a in consts else
+                       "fp32" if a.endswith("eps") else "i32") for a in kernel.arg_names}
+            return AotSpec(f"{name}[{_SHORT[dtype]},{wl}]", kernel, sig, consts, cfg.num_warps, cfg.num_stages)
+
+        if out_n:
+            out[f"onb{wl}"] = spec(
+                "patch_embed_out_norm_bwd", _out_norm_bwd_kernel,
+                {"g_ptr": t, "y_ptr": "fp32", "ow_ptr": t, "dy_ptr": t, "dow_part": "fp32",
+                 "dob_part": "fp32", "dbias_part": "fp32"},
+                {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HAS_OW": True},
+            )
+        elif in_n:
+            out[f"st{wl}"] = spec(
+                "patch_embed_stats", _patch_stats_kernel, {"x_ptr": t, "stats_ptr": "fp32"},
+                {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, **pc},
+            )
+        out[f"dw{wl}"] = spec(
+            "patch_embed_dw", _dw_kernel,
+            {"x_ptr": t, "dy_ptr": t, "stats_ptr": "fp32" if in_n else t, "gin_ptr": t, "bin_ptr": t,
+             "ws_ptr": "fp32"},
+            {**tiles, **pc, "IN_NORM": in_n, "HAS_GIN": in_n, "HAS_BIN": in_n, "PREC": _prec(dtype)},
+        )
+        if in_n:
+            out[f"dxn{wl}"] = spec(
+                "patch_embed_dxn", _dxn_kernel,
+                {"x_ptr": t, "dy_ptr": t, "w_ptr": t, "stats_ptr": "fp32", "dg_part": "fp32",
+                 "db_part": "fp32"},
+                {**tiles, **pc, "PREC": _prec(dtype)},
+            )
+    return {s.name: s for s in out.values()}
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()
