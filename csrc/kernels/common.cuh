@@ -1,0 +1,321 @@
+// Shared device helpers for the vitkernels CUDA kernels.
+//
+// Pure CUDA (no torch headers): nvcc compiles every kernel header on its own.
+// The same sources also compile as plain C++ with -DVK_EMULATE, where
+// csrc/emu/emu.h supplies the CUDA built-ins (threads as fibers, warp
+// collectives, mma.sync computed from its documented fragment layout); the
+// emulated build is how CI runs these kernels on a machine without a GPU.
+//
+// Tensor-core operations used here (sm_80 and newer):
+//   mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
+//   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32
+// Fragment layout, with g = lane / 4 and t = lane % 4 (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16 / m16n8k8"):
+//   16-bit A (16x16): a[0] = A[g][2t..2t+1],   a[1] = A[g+8][2t..2t+1],
+//                     a[2] = A[g][2t+8..+9],   a[3] = A[g+8][2t+8..+9]
+//   16-bit B (16x8):  b[0] = B[2t..2t+1][g],   b[1] = B[2t+8..+9][g]
+//   tf32 A (16x8):    a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
+//   tf32 B (8x8):     b[0] = B[t][g], b[1] = B[t+4][g]
+//   C/D (16x8 f32):   c[0] = C[g][2t], c[1] = C[g][2t+1], c[2] = C[g+8][2t], c[3] = C[g+8][2t+1]
+// Two 16-bit values in one register: the lower column (or row) in the low half.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(VK_EMULATE)
+#include "../emu/emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace vk {
+
+#if defined(VK_EMULATE)
+using half_t = vk_emu::half_t;
+using bf16_t = vk_emu::bf16_t;
+#define VK_DYN_SMEM(name) unsigned char* name = ::vk_emu::dyn_smem()
+#else
+using half_t = __half;
+using bf16_t = __nv_bfloat16;
+#define VK_DYN_SMEM(name)                                    \
+  extern __shared__ __align__(16) unsigned char vk_smem_[]; \
+  unsigned char* name = vk_smem_
+#endif
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Element kinds of the small tensors read through load_as_float (tables,
+// feature matrices, norm weights): the launcher passes the kind at run time.
+enum ElemKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ----------------------------------------------------------------------------
+// 16-bit element types
+
+template <class T>
+struct Num;
+
+#if defined(VK_EMULATE)
+template <>
+struct Num<half_t> {
+  static constexpr bool kIsBf16 = false;
+  static inline float to_float(half_t x) { return vk_emu::half_to_float(x.bits); }
+  static inline half_t from_float(float x) { return half_t{vk_emu::float_to_half_bits(x)}; }
+  static inline uint16_t bits(half_t x) { return x.bits; }
+  static inline uint32_t pack(float lo, float hi) {
+    return uint32_t(vk_emu::float_to_half_bits(lo)) | (uint32_t(vk_emu::float_to_half_bits(hi)) << 16);
+  }
+};
+template <>
+struct Num<bf16_t> {
+  static constexpr bool kIsBf16 = true;
+  static inline float to_float(bf16_t x) { return vk_emu::bf16_to_float(x.bits); }
+  static inline bf16_t from_float(float x) { return bf16_t{vk_emu::float_to_bf16_bits(x)}; }
+  static inline uint16_t bits(bf16_t x) { return x.bits; }
+  static inline uint32_t pack(float lo, float hi) {
+    return uint32_t(vk_emu::float_to_bf16_bits(lo)) | (uint32_t(vk_emu::float_to_bf16_bits(hi)) << 16);
+  }
+};
+#else
+template <>
+struct Num<half_t> {
+  static constexpr bool kIsBf16 = false;
+  static __device__ __forceinline__ float to_float(half_t x) { return __half2float(x); }
+  static __device__ __forceinline__ half_t from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint16_t bits(half_t x) { return __half_as_ushort(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct Num<bf16_t> {
+  static constexpr bool kIsBf16 = true;
+  static __device__ __forceinline__ float to_float(bf16_t x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ bf16_t from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint16_t bits(bf16_t x) { return __bfloat16_as_ushort(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+#endif
+
+// Two 16-bit elements that are not adjacent in memory, packed for an mma operand.
+template <class T>
+__device__ __forceinline__ uint32_t pack_elems(T lo, T hi) {
+  return uint32_t(Num<T>::bits(lo)) | (uint32_t(Num<T>::bits(hi)) << 16);
+}
+
+// Two adjacent 16-bit elements (p 4-byte aligned) as one register.
+template <class T>
+__device__ __forceinline__ uint32_t ld_pair(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ float load_as_float(const void* p, int kind, int64_t i) {
+  if (kind == kFloat32) return static_cast<const float*>(p)[i];
+  if (kind == kFloat16) return Num<half_t>::to_float(static_cast<const half_t*>(p)[i]);
+  return Num<bf16_t>::to_float(static_cast<const bf16_t*>(p)[i]);
+}
+
+// ----------------------------------------------------------------------------
+// bit casts and tf32
+
+__device__ __forceinline__ uint32_t f32_bits(float x) {
+#if defined(VK_EMULATE)
+  return vk_emu::f32_bits(x);
+#else
+  return __float_as_uint(x);
+#endif
+}
+
+__device__ __forceinline__ float bits_f32(uint32_t u) {
+#if defined(VK_EMULATE)
+  return vk_emu::bits_f32(u);
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+// fp32 -> tf32 (round to nearest, ties away), kept in a 32-bit register.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if defined(VK_EMULATE)
+  return vk_emu::float_to_tf32_bits(x);
+#else
+  uint32_t u;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
+  return u;
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// warp collectives
+
+__device__ __forceinline__ float shfl_xor(float v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+
+__device__ __forceinline__ float shfl_idx(float v, int src) {
+  return __shfl_sync(0xffffffffu, v, src);
+}
+
+// max / sum over the 4 lanes of a quad (lanes 4g..4g+3 hold one row of C)
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, shfl_xor(v, 1));
+  return fmaxf(v, shfl_xor(v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += shfl_xor(v, 1);
+  return v + shfl_xor(v, 2);
+}
+
+// d += a * b, 16x8x16, fp32 accumulation, T = half_t or bf16_t
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(VK_EMULATE)
+  vk_emu::mma_16816(d, a, b, Num<T>::kIsBf16);
+#else
+  if constexpr (Num<T>::kIsBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// d += a * b, 16x8x8, tf32 inputs (from to_tf32), fp32 accumulation
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(VK_EMULATE)
+  vk_emu::mma_1688_tf32(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// fragment loads from shared memory (ld = leading dimension in elements)
+
+// 16-bit A fragment of the row-major tile s: rows r0..r0+15, columns k0..k0+15.
+template <class T>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T* s, int ld, int r0, int k0, int lane) {
+  const T* p = s + (r0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
+  a[0] = ld_pair(p);
+  a[1] = ld_pair(p + 8 * ld);
+  a[2] = ld_pair(p + 8);
+  a[3] = ld_pair(p + 8 * ld + 8);
+}
+
+// 16-bit B fragment (k0..k0+15 x n0..n0+7) when s holds B transposed: s[n][k].
+template <class T>
+__device__ __forceinline__ void frag_b_nk(uint32_t (&b)[2], const T* s, int ld, int n0, int k0, int lane) {
+  const T* p = s + (n0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
+  b[0] = ld_pair(p);
+  b[1] = ld_pair(p + 8);
+}
+
+// 16-bit B fragment (k0..k0+15 x n0..n0+7) when s holds B as is: s[k][n].
+template <class T>
+__device__ __forceinline__ void frag_b_kn(uint32_t (&b)[2], const T* s, int ld, int k0, int n0, int lane) {
+  const T* p = s + (k0 + 2 * (lane & 3)) * ld + n0 + (lane >> 2);
+  b[0] = pack_elems(p[0], p[ld]);
+  b[1] = pack_elems(p[8 * ld], p[9 * ld]);
+}
+
+// The accumulators of two adjacent 16x8 C tiles (columns 16j..16j+15) as the
+// 16-bit A fragment of the next product (rows x k = those 16 columns).
+template <class T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = Num<T>::pack(c0[0], c0[1]);
+  a[1] = Num<T>::pack(c0[2], c0[3]);
+  a[2] = Num<T>::pack(c1[0], c1[1]);
+  a[3] = Num<T>::pack(c1[2], c1[3]);
+}
+
+// tf32 A fragment (rows r0..r0+15, k0..k0+7) of the fp32 row-major tile s[r][k].
+__device__ __forceinline__ void frag_a_tf32(uint32_t (&a)[4], const float* s, int ld, int r0, int k0, int lane) {
+  const float* p = s + (r0 + (lane >> 2)) * ld + k0 + (lane & 3);
+  a[0] = to_tf32(p[0]);
+  a[1] = to_tf32(p[8 * ld]);
+  a[2] = to_tf32(p[4]);
+  a[3] = to_tf32(p[8 * ld + 4]);
+}
+
+// tf32 A fragment (rows r0..r0+15, k0..k0+7) of the transposed fp32 tile s[k][r].
+__device__ __forceinline__ void frag_a_tf32_t(uint32_t (&a)[4], const float* s, int ld, int r0, int k0, int lane) {
+  const float* p = s + (k0 + (lane & 3)) * ld + r0 + (lane >> 2);
+  a[0] = to_tf32(p[0]);
+  a[1] = to_tf32(p[8]);
+  a[2] = to_tf32(p[4 * ld]);
+  a[3] = to_tf32(p[4 * ld + 8]);
+}
+
+// tf32 B fragment (k0..k0+7 x n0..n0+7) of the fp32 tile s[k][n].
+__device__ __forceinline__ void frag_b_tf32_kn(uint32_t (&b)[2], const float* s, int ld, int k0, int n0, int lane) {
+  const float* p = s + (k0 + (lane & 3)) * ld + n0 + (lane >> 2);
+  b[0] = to_tf32(p[0]);
+  b[1] = to_tf32(p[4 * ld]);
+}
+
+// tf32 B fragment (k0..k0+7 x n0..n0+7) of the fp32 tile s[n][k] (B transposed).
+__device__ __forceinline__ void frag_b_tf32_nk(uint32_t (&b)[2], const float* s, int ld, int n0, int k0, int lane) {
+  const float* p = s + (n0 + (lane >> 2)) * ld + k0 + (lane & 3);
+  b[0] = to_tf32(p[0]);
+  b[1] = to_tf32(p[4]);
+}
+
+// ----------------------------------------------------------------------------
+// host-side helpers shared by the launchers
+
+// kernel<<<grid, block, smem, stream>>>(args...)
+template <class... KArgs, class... Args>
+inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   const Args&... args) {
+#if defined(VK_EMULATE)
+  (void)stream;
+  ::vk_emu::launch(grid, block, smem, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, smem, stream>>>(args...);
+#endif
+}
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Dynamic shared memory above the 48 KiB default needs an opt-in per kernel.
+template <class K>
+inline cudaError_t allow_smem(K kernel, size_t bytes) {
+#if defined(VK_EMULATE)
+  (void)kernel;
+  (void)bytes;
+  return cudaSuccess;
+#else
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+#endif
+}
+
+inline cudaError_t last_error() {
+#if defined(VK_EMULATE)
+  return cudaSuccess;
+#else
+  return cudaGetLastError();
+#endif
+}
+
+}  // namespace vk

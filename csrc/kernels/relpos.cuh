@@ -1,0 +1,619 @@
+// relpos_attention: LeViT attention with a relative-position bias gathered from
+// a small per-head table inside the kernel (the spec: relpos_attention in
+// vitkernels/backends/reference.py).
+//
+//   logits[b,h,i,j] = scale * <q_i, k_j> + bias_scale * table[h, |dr|*C + |dc|]
+//   out = softmax(logits) @ v,   lse[b,h,i] = logsumexp_j logits[b,h,i,j]
+//
+// Keys sit on the R x C grid (key j at (j / C, j % C)); queries on that grid
+// subsampled by qs (query i at (qs*(i / Cq), qs*(i % Cq))). No (Nq x Nk) tensor
+// is ever built: a block holds 64 queries (4 warps x 16 rows), walks the keys
+// 64 at a time with an online softmax, and reads the bias from the head's table
+// row kept in shared memory. Matrix products on mma.sync m16n8k16 (fp16 or
+// bf16 inputs, fp32 accumulation).
+//
+// Backward (FlashAttention-2 style, two kernels plus a row reduction):
+//   delta[i] = <dout_i, out_i>
+//   dq kernel (per 64 queries, over keys):  p = exp(logits - lse),
+//     ds = p * (dout v^T - delta), dq = scale * ds k, dtable[h, idx] += bias_scale * ds
+//   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q
+// dtable accumulates in fp32 (shared-memory atomics per block, then one global
+// atomicAdd per table entry and block).
+#pragma once
+
+#include "common.cuh"
+
+namespace vk {
+
+struct RelposParams {
+  // inputs: q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv); strides in elements
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_s[4], k_s[4], v_s[4];
+  // table: element (h, n) at table[h * t_sh + n * t_sn], n < R*C; t_kind: ElemKind
+  const void* table;
+  int64_t t_sh, t_sn;
+  int t_kind;
+  int B, H, Nq, Nk, Dk, Dv;
+  int R, C, Cq, qs;  // key grid R x C, query grid columns Cq, query stride qs
+  float scale, bias_scale;
+  // forward outputs: out (B, H, Nq, Dv) strided; lse (B, H, Nq) fp32 contiguous
+  void* out;
+  int64_t o_s[4];
+  float* lse;
+  // backward: dout (B, H, Nq, Dv); delta (B, H, Nq) fp32 workspace;
+  // dq, dk, dv like q, k, v; dtable (H, R*C) fp32 contiguous, zeroed by the launcher
+  const void* dout;
+  int64_t do_s[4];
+  float* delta;
+  void* dq;
+  int64_t dq_s[4];
+  void* dk;
+  int64_t dk_s[4];
+  void* dv;
+  int64_t dv_s[4];
+  float* dtable;
+};
+
+// The largest R*C whose table (and, backward, its gradient) fits in shared memory.
+constexpr int kRelposMaxTable = 8192;
+constexpr int kRelposMaxHeadDim = 128;
+
+namespace relpos_detail {
+
+constexpr int kThreads = 128;
+constexpr int kRows = 64;  // queries (forward, dq) or keys (dkv) per block
+
+// rows [r0, r0 + ROWS) x columns [0, D) of a strided (n, d) matrix into s[ROWS][ld],
+// zero outside n < nrows, d < ncols
+template <class T, int ROWS, int D>
+__device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
+                                          int ncols, int tid) {
+  const T zero = Num<T>::from_float(0.f);
+  for (int idx = tid; idx < ROWS * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    T val = zero;
+    if (r0 + r < nrows && d < ncols) val = g[(int64_t)(r0 + r) * sn + (int64_t)d * sd];
+    s[r * ld + d] = val;
+  }
+}
+
+// the head's table row, times mult, as float
+__device__ __forceinline__ void load_table(float* s, const RelposParams& p, int h, float mult, int tid) {
+  const int n = p.R * p.C;
+  for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + i * p.t_sn);
+}
+
+// grid position packed as (row << 16 | col), -1 outside the grid
+__device__ __forceinline__ int key_pos(int j, int nk, int C) { return j < nk ? ((j / C) << 16) | (j % C) : -1; }
+
+__device__ __forceinline__ int query_pos(int i, int nq, int Cq, int qs) {
+  return i < nq ? (((i / Cq) * qs) << 16) | ((i % Cq) * qs) : -1;
+}
+
+// table column of the (query, key) pair at packed positions a, b (both valid)
+__device__ __forceinline__ int bias_index(int a, int b, int C) {
+  const int dr = (a >> 16) - (b >> 16), dc = (a & 0xffff) - (b & 0xffff);
+  return (dr < 0 ? -dr : dr) * C + (dc < 0 ? -dc : dc);
+}
+
+template <int DK, int DV>
+constexpr size_t fwd_smem(int table_n) {
+  return size_t(kRows) * (2 * (DK + 8) + (DV + 8)) * 2 + kRows * 4 + size_t(table_n) * 4;
+}
+
+// keys per inner tile of the dq kernel, queries per inner tile of the dkv kernel
+template <int DK, int DV>
+constexpr int bwd_tile() {
+  return DK + DV > 160 ? 32 : 64;
+}
+
+template <int DK, int DV>
+constexpr size_t bwd_smem(int table_n) {
+  return size_t(kRows + bwd_tile<DK, DV>()) * ((DK + 8) + (DV + 8)) * 2 + bwd_tile<DK, DV>() * 12 +
+         size_t(table_n) * 8;
+}
+
+}  // namespace relpos_detail
+
+// ----------------------------------------------------------------------------
+// forward: grid (ceil(Nq / 64), H, B), 128 threads
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
+  using namespace relpos_detail;
+  constexpr int BN = 64, LDK = DK + 8, LDV = DV + 8;
+  VK_DYN_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kRows * LDK;
+  T* sV = sK + BN * LDK;
+  int* sKpos = reinterpret_cast<int*>(sV + BN * LDV);
+  float* sTab = reinterpret_cast<float*>(sKpos + BN);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
+  const T* Q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
+  const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
+
+  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  load_rows<T, kRows, DK>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+  __syncthreads();
+
+  uint32_t qa[DK / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) frag_a<T>(qa[kk], sQ, LDK, warp * 16, kk * 16, lane);
+
+  int qpos[2];  // rows g and g + 8 of this warp; a row past Nq takes query 0's position
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int pos = query_pos(q0 + warp * 16 + g + 8 * r, p.Nq, p.Cq, p.qs);
+    qpos[r] = pos < 0 ? 0 : pos;
+  }
+
+  const float sl2 = p.scale * kLog2e;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[DV / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < DV / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+
+  for (int k0 = 0; k0 < p.Nk; k0 += BN) {
+    __syncthreads();  // everyone is done with the previous tile
+    load_rows<T, BN, DK>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows<T, BN, DV>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
+    __syncthreads();
+
+    // s = q k^T for this warp's 16 queries x 64 keys
+    float s[BN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk)
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        uint32_t bf[2];
+        frag_b_nk<T>(bf, sK, LDK, nt * 8, kk * 16, lane);
+        mma_16816<T>(s[nt], qa[kk], bf);
+      }
+
+    // logits in log2 units with the bias; masked keys -> -inf; running row max
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int kp = sKpos[nt * 8 + 2 * t + e];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float x = -INFINITY;
+          if (kp >= 0) x = s[nt][2 * r + e] * sl2 + sTab[bias_index(qpos[r], kp, p.C)];
+          s[nt][2 * r + e] = x;
+          mx[r] = fmaxf(mx[r], x);
+        }
+      }
+    float alpha[2], rowsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
+      m[r] = mx[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[nt][c] = exp2f(s[nt][c] - m[c >> 1]);
+        rowsum[c >> 1] += s[nt][c];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rowsum[r];
+#pragma unroll
+    for (int dt = 0; dt < DV / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+
+    // o += p v
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < DV / 8; ++dt) {
+        uint32_t bf[2];
+        frag_b_kn<T>(bf, sV, LDV, kk * 16, dt * 8, lane);
+        mma_16816<T>(o[dt], pa, bf);
+      }
+    }
+  }
+
+  T* O = static_cast<T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float lsum = quad_sum(l[r]);
+    const int i = q0 + warp * 16 + g + 8 * r;
+    if (i >= p.Nq) continue;
+    const float inv = 1.f / lsum;
+#pragma unroll
+    for (int dt = 0; dt < DV / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = dt * 8 + 2 * t + e;
+        if (d < p.Dv) O[i * p.o_s[2] + d * p.o_s[3]] = Num<T>::from_float(o[dt][2 * r + e] * inv);
+      }
+    if (t == 0) p.lse[((int64_t)b * p.H + h) * p.Nq + i] = (m[r] + log2f(lsum)) * kLn2;
+  }
+}
+
+// ----------------------------------------------------------------------------
+// backward 1: delta = rowsum(dout * out); one warp per row, 4 rows per block
+
+template <class T>
+__global__ void __launch_bounds__(128) relpos_bwd_delta_kernel(const RelposParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (row >= (int64_t)p.B * p.H * p.Nq) return;  // whole warps leave together
+  const int i = int(row % p.Nq);
+  const int h = int((row / p.Nq) % p.H);
+  const int b = int(row / ((int64_t)p.Nq * p.H));
+  const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1] + i * p.do_s[2];
+  const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1] + i * p.o_s[2];
+  float acc = 0.f;
+  for (int d = lane; d < p.Dv; d += 32) acc += Num<T>::to_float(dO[d * p.do_s[3]]) * Num<T>::to_float(O[d * p.o_s[3]]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
+  if (lane == 0) p.delta[row] = acc;
+}
+
+// ----------------------------------------------------------------------------
+// backward 2: dq and dtable; grid (ceil(Nq / 64), H, B), 128 threads
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p) {
+  using namespace relpos_detail;
+  constexpr int BN = bwd_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
+  VK_DYN_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sDO = sQ + kRows * LDK;
+  T* sK = sDO + kRows * LDV;
+  T* sV = sK + BN * LDK;
+  int* sKpos = reinterpret_cast<int*>(sV + BN * LDV);
+  float* sTab = reinterpret_cast<float*>(sKpos + 3 * BN);
+  float* sdTab = sTab + p.R * p.C;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
+  const int64_t bh = (int64_t)b * p.H + h;
+  const T* Q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
+  const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
+  const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+  const int table_n = p.R * p.C;
+
+  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  for (int i = tid; i < table_n; i += kThreads) sdTab[i] = 0.f;
+  load_rows<T, kRows, DK>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+  load_rows<T, kRows, DV>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+
+  int qpos[2];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = q0 + warp * 16 + g + 8 * r;
+    qpos[r] = query_pos(i, p.Nq, p.Cq, p.qs);
+    lse2[r] = qpos[r] >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
+    delta[r] = qpos[r] >= 0 ? p.delta[bh * p.Nq + i] : 0.f;
+  }
+
+  const float sl2 = p.scale * kLog2e;
+  float dq[DK / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < DK / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+
+  for (int k0 = 0; k0 < p.Nk; k0 += BN) {
+    __syncthreads();
+    load_rows<T, BN, DK>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows<T, BN, DV>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
+    __syncthreads();
+
+    float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[nt][c] = dp[nt][c] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk) {
+      uint32_t qa[4];
+      frag_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        uint32_t bf[2];
+        frag_b_nk<T>(bf, sK, LDK, nt * 8, kk * 16, lane);
+        mma_16816<T>(s[nt], qa, bf);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < DV / 16; ++kk) {  // dp = dout v^T
+      uint32_t da[4];
+      frag_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        uint32_t bf[2];
+        frag_b_nk<T>(bf, sV, LDV, nt * 8, kk * 16, lane);
+        mma_16816<T>(dp[nt], da, bf);
+      }
+    }
+
+    // p = exp(logits - lse); ds = p (dp - delta) into s; dtable += bias_scale ds
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int kp = sKpos[nt * 8 + 2 * t + e];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float ds = 0.f;
+          if (kp >= 0 && qpos[r] >= 0) {
+            const int idx = bias_index(qpos[r], kp, p.C);
+            const float pr = exp2f(s[nt][2 * r + e] * sl2 + sTab[idx] - lse2[r]);
+            ds = pr * (dp[nt][2 * r + e] - delta[r]);
+            atomicAdd(&sdTab[idx], ds);
+          }
+          s[nt][2 * r + e] = ds;
+        }
+      }
+
+    // dq += ds k
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t dsa[4];
+      c_to_a<T>(dsa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < DK / 8; ++dt) {
+        uint32_t bf[2];
+        frag_b_kn<T>(bf, sK, LDK, kk * 16, dt * 8, lane);
+        mma_16816<T>(dq[dt], dsa, bf);
+      }
+    }
+  }
+
+  T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = q0 + warp * 16 + g + 8 * r;
+    if (i >= p.Nq) continue;
+#pragma unroll
+    for (int dt = 0; dt < DK / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = dt * 8 + 2 * t + e;
+        if (d < p.Dk) dQ[i * p.dq_s[2] + d * p.dq_s[3]] = Num<T>::from_float(dq[dt][2 * r + e] * p.scale);
+      }
+  }
+
+  __syncthreads();
+  for (int i = tid; i < table_n; i += kThreads) {
+    const float v = sdTab[i];
+    if (v != 0.f) atomicAdd(&p.dtable[h * table_n + i], v * p.bias_scale);
+  }
+}
+
+// ----------------------------------------------------------------------------
+// backward 3: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
+  using namespace relpos_detail;
+  constexpr int BQ = bwd_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
+  VK_DYN_SMEM(smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kRows * LDK;
+  T* sQ = sV + kRows * LDV;
+  T* sDO = sQ + BQ * LDK;
+  int* sQpos = reinterpret_cast<int*>(sDO + BQ * LDV);
+  float* sLse = reinterpret_cast<float*>(sQpos + BQ);
+  float* sDelta = sLse + BQ;
+  float* sTab = sDelta + BQ;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kRows;
+  const int64_t bh = (int64_t)b * p.H + h;
+  const T* Q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
+  const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
+  const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+
+  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  load_rows<T, kRows, DK>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+  load_rows<T, kRows, DV>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+
+  int kpos[2];  // this thread's key rows g, g + 8
+#pragma unroll
+  for (int r = 0; r < 2; ++r) kpos[r] = key_pos(k0 + warp * 16 + g + 8 * r, p.Nk, p.C);
+
+  const float sl2 = p.scale * kLog2e;
+  float dk[DK / 8][4], dv[DV / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < DK / 8; ++dt) dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
+#pragma unroll
+  for (int dt = 0; dt < DV / 8; ++dt) dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
+
+  for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
+    __syncthreads();
+    load_rows<T, BQ, DK>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows<T, BQ, DV>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    if (tid < BQ) {
+      const int i = q0 + tid, pos = query_pos(i, p.Nq, p.Cq, p.qs);
+      sQpos[tid] = pos;
+      sLse[tid] = pos >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
+      sDelta[tid] = pos >= 0 ? p.delta[bh * p.Nq + i] : 0.f;
+    }
+    __syncthreads();
+
+    // s^T = k q^T and dp^T = v dout^T for this warp's 16 keys x BQ queries
+    float st[BQ / 8][4], dpt[BQ / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) st[nt][c] = dpt[nt][c] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk) {
+      uint32_t ka[4];
+      frag_a<T>(ka, sK, LDK, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; ++nt) {
+        uint32_t bf[2];
+        frag_b_nk<T>(bf, sQ, LDK, nt * 8, kk * 16, lane);
+        mma_16816<T>(st[nt], ka, bf);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < DV / 16; ++kk) {
+      uint32_t va[4];
+      frag_a<T>(va, sV, LDV, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; ++nt) {
+        uint32_t bf[2];
+        frag_b_nk<T>(bf, sDO, LDV, nt * 8, kk * 16, lane);
+        mma_16816<T>(dpt[nt], va, bf);
+      }
+    }
+
+    // p^T = exp(logits^T - lse) (0 outside the grids)
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = nt * 8 + 2 * t + e, qp = sQpos[col];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float pr = 0.f;
+          if (qp >= 0 && kpos[r] >= 0)
+            pr = exp2f(st[nt][2 * r + e] * sl2 + sTab[bias_index(qp, kpos[r], p.C)] - sLse[col]);
+          st[nt][2 * r + e] = pr;
+          dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - sDelta[col]);  // ds^T
+        }
+      }
+
+    // dv += p^T dout, dk += ds^T q
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t pa[4], dsa[4];
+      c_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
+      c_to_a<T>(dsa, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < DV / 8; ++dt) {
+        uint32_t bf[2];
+        frag_b_kn<T>(bf, sDO, LDV, kk * 16, dt * 8, lane);
+        mma_16816<T>(dv[dt], pa, bf);
+      }
+#pragma unroll
+      for (int dt = 0; dt < DK / 8; ++dt) {
+        uint32_t bf[2];
+        frag_b_kn<T>(bf, sQ, LDK, kk * 16, dt * 8, lane);
+        mma_16816<T>(dk[dt], dsa, bf);
+      }
+    }
+  }
+
+  T* dK = static_cast<T*>(p.dk) + b * p.dk_s[0] + h * p.dk_s[1];
+  T* dV = static_cast<T*>(p.dv) + b * p.dv_s[0] + h * p.dv_s[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = k0 + warp * 16 + g + 8 * r;
+    if (j >= p.Nk) continue;
+#pragma unroll
+    for (int dt = 0; dt < DK / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = dt * 8 + 2 * t + e;
+        if (d < p.Dk) dK[j * p.dk_s[2] + d * p.dk_s[3]] = Num<T>::from_float(dk[dt][2 * r + e] * p.scale);
+      }
+#pragma unroll
+    for (int dt = 0; dt < DV / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = dt * 8 + 2 * t + e;
+        if (d < p.Dv) dV[j * p.dv_s[2] + d * p.dv_s[3]] = Num<T>::from_float(dv[dt][2 * r + e]);
+      }
+  }
+}
+
+// ----------------------------------------------------------------------------
+// launchers
+
+// Padded head dims (Dk, Dv) -> the compiled specialisation: each dim rounds up to
+// 16, 32, 64 or 128, then to the first listed pair that covers both.
+#define VK_RELPOS_DIMS(X) \
+  X(16, 16) X(16, 32) X(16, 64) X(32, 32) X(32, 64) X(32, 128) X(64, 64) X(64, 128) X(128, 128)
+
+inline bool relpos_pick_dims(int dk, int dv, int* DK, int* DV) {
+#define VK_PICK(a, b)             \
+  if (dk <= a && dv <= b) {       \
+    *DK = a;                      \
+    *DV = b;                      \
+    return true;                  \
+  }
+  VK_RELPOS_DIMS(VK_PICK)
+#undef VK_PICK
+  return false;
+}
+
+template <class T, int DK, int DV>
+cudaError_t relpos_fwd_launch(const RelposParams& p, cudaStream_t stream) {
+  const size_t smem = relpos_detail::fwd_smem<DK, DV>(p.R * p.C);
+  cudaError_t err = allow_smem(relpos_fwd_kernel<T, DK, DV>, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.Nq, relpos_detail::kRows), p.H, p.B);
+  launch(relpos_fwd_kernel<T, DK, DV>, grid, dim3(relpos_detail::kThreads), smem, stream, p);
+  return last_error();
+}
+
+template <class T, int DK, int DV>
+cudaError_t relpos_bwd_launch(const RelposParams& p, cudaStream_t stream) {
+  using namespace relpos_detail;
+  const int64_t rows = (int64_t)p.B * p.H * p.Nq;
+  launch(relpos_bwd_delta_kernel<T>, dim3(unsigned((rows + 3) / 4)), dim3(kThreads), 0, stream, p);
+  cudaError_t err = last_error();
+  if (err != cudaSuccess) return err;
+  const size_t smem = bwd_smem<DK, DV>(p.R * p.C);
+  if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem)) != cudaSuccess) return err;
+  if ((err = allow_smem(relpos_bwd_dkv_kernel<T, DK, DV>, smem)) != cudaSuccess) return err;
+  launch(relpos_bwd_dq_kernel<T, DK, DV>, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem, stream,
+            p);
+  if ((err = last_error()) != cudaSuccess) return err;
+  launch(relpos_bwd_dkv_kernel<T, DK, DV>, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem,
+            stream, p);
+  return last_error();
+}
+
+// Forward: writes p.out and p.lse.
+template <class T>
+cudaError_t relpos_fwd(const RelposParams& p, cudaStream_t stream) {
+  int DK = 0, DV = 0;
+  if (!relpos_pick_dims(p.Dk, p.Dv, &DK, &DV)) return cudaErrorInvalidValue;
+#define VK_CASE(a, b) \
+  if (DK == a && DV == b) return relpos_fwd_launch<T, a, b>(p, stream);
+  VK_RELPOS_DIMS(VK_CASE)
+#undef VK_CASE
+  return cudaErrorInvalidValue;
+}
+
+// Backward: p.delta (B*H*Nq floats) is a workspace; p.dtable must be zero on entry.
+template <class T>
+cudaError_t relpos_bwd(const RelposParams& p, cudaStream_t stream) {
+  int DK = 0, DV = 0;
+  if (!relpos_pick_dims(p.Dk, p.Dv, &DK, &DV)) return cudaErrorInvalidValue;
+#define VK_CASE(a, b) \
+  if (DK == a && DV == b) return relpos_bwd_launch<T, a, b>(p, stream);
+  VK_RELPOS_DIMS(VK_CASE)
+#undef VK_CASE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace vk
