@@ -31,7 +31,14 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-__all__ = ["Agreement", "build_model", "check_agreement", "compare_main", "time_models"]
+__all__ = [
+    "Agreement",
+    "build_model",
+    "check_agreement",
+    "compare_main",
+    "output_tensors",
+    "time_models",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -166,28 +173,31 @@ def build_model(
             f"compare: unknown model {spec!r}; expected a name from vitkernels.models "
             f"({', '.join(models.list_models())}), timm:NAME or vit-pytorch:CLASS"
         )
-    if image_size is not None and "image_size" not in config:
-        try:
-            return models.create(spec, image_size=image_size, **config), image_size
-        except TypeError as exc:  # a family without an image_size argument (CvT)
-            if "image_size" not in str(exc):
-                raise
-    return models.create(spec, **config), image_size or _default_image_size(spec)
+    if image_size is not None and not {"image_size", "img_size"} & set(config):
+        # vit-pytorch-layout families take image_size, official layouts img_size, CvT neither
+        for key in ("image_size", "img_size"):
+            try:
+                return models.create(spec, **{key: image_size}, **config), image_size
+            except TypeError as exc:
+                if key not in str(exc):
+                    raise
+    side = config.get("image_size", config.get("img_size", image_size))
+    return models.create(spec, **config), side or _default_image_size(spec)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def output_tensors(out: Any) -> list[torch.Tensor]:
     """Every tensor in a model's output (a tensor, or tuples/lists/dicts of them)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
+        return [t for o in out for t in output_tensors(o)]
     return []
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = output_tensors(a), output_tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
         raise ValueError(
             "compare: the optimized model returns outputs of other shapes "
@@ -240,7 +250,7 @@ class Agreement:
 def check_agreement(eager: nn.Module, optimized: nn.Module, x: torch.Tensor) -> Agreement:
     """Run both models on ``x`` and measure the difference (see the module docstring)."""
     y_eager, y_opt = eager(x), optimized(x)
-    scale = max((t.double().abs().max().item() for t in _tensors(y_eager)), default=1.0)
+    scale = max((t.double().abs().max().item() for t in output_tensors(y_eager)), default=1.0)
     tol = RELATIVE_TOLERANCE[x.dtype] * max(1.0, scale)
     err = _max_abs_diff(y_eager, y_opt)
     if x.dtype not in (torch.float16, torch.bfloat16):

@@ -27,6 +27,7 @@ from vitkernels.replace import FusedModule
 
 __all__ = [
     "FusedAttention",
+    "QkvProjAttention",
     "TimmCrossAttention",
     "TimmFusedAttnToggle",
     "VitPytorchAttention",
@@ -129,6 +130,19 @@ class VitPytorchConvAttention(FusedAttention):
         out = self._attend(q, k, v, self.scale, self.dropout.p)  # (B, h, X*Y, d)
         out = out.transpose(-1, -2).reshape(B, -1, X, Y)  # 'b h (x y) d -> b (h d) x y'
         return self.to_out(out)
+
+
+class QkvProjAttention(FusedAttention):
+    """The official T2T-ViT Attention (timm's layout before its fused_attn switch):
+    qkv, num_heads, scale, attn_drop, proj, proj_drop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        # 'b n (three h d) -> three b h n d'
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = self._attend(q, k, v, self.scale, self.attn_drop.p)
+        out = out.transpose(1, 2).reshape(B, N, -1)  # 'b h n d -> b n (h d)'
+        return self.proj_drop(self.proj(out))
 
 
 class TimmCrossAttention(FusedAttention):

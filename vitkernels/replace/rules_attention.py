@@ -6,9 +6,11 @@ its parent), then checked for the attributes the fused forward reads; a module
 that does not have them is reported as left with what is missing.
 
 Replaced (fused_attention.py):
-  vit-pytorch vit/pit Attention, this repo's vit/pit/t2t/distill Attention
+  vit-pytorch vit.Attention and this repo's (also inside pit, t2t, distill)
+  vit-pytorch pit.Attention (a copy of vit's)
   vit-pytorch cross_vit.Attention and this repo's crossvit.Attention
   vit-pytorch cvt.Attention and this repo's cvt.Attention
+  the official T2T-ViT Attention in this repo's t2t.py (qkv, proj)
   timm crossvit.CrossAttention (writes softmax(q k^T) v out by hand)
   timm Attention and cait.ClassAttn, only when built with fused_attn off
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from vitkernels.replace import Rule, register_rule
 from vitkernels.replace.fused_attention import (
+    QkvProjAttention,
     TimmCrossAttention,
     TimmFusedAttnToggle,
     VitPytorchAttention,
@@ -83,9 +86,6 @@ _rule(
         "vit_pytorch.vit.Attention",
         "vit_pytorch.pit.Attention",
         f"{_ZOO}.vit.Attention",
-        f"{_ZOO}.pit.Attention",
-        f"{_ZOO}.t2t.Attention",
-        f"{_ZOO}.distill.Attention",
     ],
     _builder(
         VitPytorchAttention,
@@ -133,6 +133,22 @@ _rule(
             "attend": nn.Softmax,
             "dropout": nn.Dropout,
             "to_out": nn.Module,
+        },
+    ),
+)
+
+_rule(
+    "official T2T-ViT Attention (qkv, proj)",
+    [f"{_ZOO}.t2t.Attention"],
+    _builder(
+        QkvProjAttention,
+        {
+            "num_heads": int,
+            "scale": _NUM,
+            "qkv": nn.Linear,
+            "attn_drop": nn.Dropout,
+            "proj": nn.Module,
+            "proj_drop": nn.Module,
         },
     ),
 )
