@@ -1,0 +1,122 @@
+"""vitkernels.compare: the `python -m vitkernels compare` command, on CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import compare
+
+TINY_VIT = {
+    "image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 32, "depth": 2, "heads": 2,
+    "dim_head": 16, "mlp_dim": 64,
+}  # fmt: skip
+FAST = ["--batch", "2", "--warmup", "1", "--iters", "2"]
+
+
+def _table(out: str) -> dict[str, str]:
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^  (\S.*?)\s{2,}(\S.*)$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "argv, n_attention",
+    [
+        (["vit-pytorch:ViT", "--config", json.dumps(TINY_VIT)], 2),
+        (["vit-pytorch:cvt.CvT", "--image-size", "32", "--config",
+          '{"num_classes": 10, "s1_emb_dim": 16, "s2_emb_dim": 32, "s2_depth": 1, '
+          '"s3_emb_dim": 32, "s3_depth": 1}'], 3),
+        (["vit_b16", "--image-size", "32", "--config", '{"depth": 1, "dim": 64, "heads": 2}'],
+         1),
+        (["timm:crossvit_tiny_240", "--image-size", "48", "--config",
+          '{"img_scale": [1.0, 1.0], "depth": [[1, 1, 0]], "embed_dim": [32, 48], '
+          '"num_heads": [2, 2]}'], 2),
+    ],
+)  # fmt: skip
+def test_compare_prints_the_table_and_agrees(argv, n_attention, capsys):
+    assert compare.compare_main([*argv, *FAST]) == 0
+    captured = capsys.readouterr()
+    rows = _table(captured.out)
+    total, per_op = re.fullmatch(r"(\d+) \((.*)\)", rows["replaced modules"]).groups()
+    counts = dict(item.rsplit(" ", 1) for item in per_op.split(", "))
+    assert counts["attention"] == str(n_attention)
+    assert int(total) == sum(map(int, counts.values()))
+    assert rows["max |optimized - eager|"].endswith(": agree")
+    eager = float(rows["eager"].split()[0].replace(",", ""))
+    opt = float(rows["optimized"].split()[0].replace(",", ""))
+    assert eager > 0 and opt > 0
+    assert float(rows["speed-up"].removesuffix("x")) == pytest.approx(opt / eager, rel=0.02)
+    assert "vitkernels.optimize:" in captured.out and "float32  cpu" in captured.out
+    assert "timing eager vs optimized" in captured.err and f"{1 + 2}/{1 + 2}" in captured.err
+
+
+def test_compare_reports_disagreement(monkeypatch, capsys):
+    real = vitkernels.optimize
+
+    def broken(model, **kwargs):
+        report = real(model, **kwargs)
+        with torch.no_grad():
+            model.mlp_head.bias.add_(1.0)  # an optimized model that computes something else
+        return report
+
+    monkeypatch.setattr(vitkernels, "optimize", broken)
+    assert compare.compare_main(["vit-pytorch:ViT", "--config", json.dumps(TINY_VIT), *FAST]) == 1
+    assert _table(capsys.readouterr().out)["max |optimized - eager|"].endswith("DISAGREE")
+
+
+def test_low_precision_agreement_is_judged_against_float32():
+    torch.manual_seed(0)
+    model, side = compare.build_model("vit-pytorch:ViT", TINY_VIT)
+    model = model.eval().to(torch.bfloat16)
+    fused = model.__class__(**TINY_VIT).eval().to(torch.bfloat16)
+    fused.load_state_dict(model.state_dict())
+    vitkernels.optimize(fused, backend="torch")
+    x = torch.randn(2, 3, side, side, dtype=torch.bfloat16)
+    agreement = compare.check_agreement(model, fused, x)
+    assert agreement.ok, agreement.describe()
+    assert agreement.eager_error_fp32 is not None and agreement.optimized_error_fp32 is not None
+    assert "error vs float32" in agreement.describe()
+    bad = compare.Agreement(1.0, 0.1, eager_error_fp32=0.1, optimized_error_fp32=0.5)
+    assert not bad.ok and "DISAGREE" in bad.describe()
+    assert compare.Agreement(1.0, 0.1, eager_error_fp32=0.3, optimized_error_fp32=0.5).ok
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no_such_model"], "unknown model 'no_such_model'"),
+        (["vit-pytorch:ViT"], "vit-pytorch:ViT needs --config with image_size, patch_size"),
+        (["vit-pytorch:Nope"], "vit-pytorch class 'Nope' is not one of"),
+        (["vit-pytorch:ViT", "--config", "[1, 2]"], "--config must be a JSON object"),
+        (["vit-pytorch:ViT", "--config", "{bad json"], "Expecting property name"),
+        (["vit_b16", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (["vit_b16", "--iters", "-3"], "--iters must be at least 1, got -3"),
+    ],
+)
+def test_bad_arguments_exit_2_and_say_why(argv, message, capsys):
+    assert compare.compare_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_progress_line():
+    stream = io.StringIO()
+    bar = compare.Progress("timing x", 4, stream, width=8)
+    for _ in range(4):
+        bar.step()
+    text = stream.getvalue()
+    assert text.startswith("\rtiming x [........] 0/4")
+    assert "\rtiming x [####....] 2/4" in text and text.endswith("\rtiming x [########] 4/4\n")
+
+
+def test_output_tensors_flattens_nested_outputs():
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    assert [t.numel() for t in compare.output_tensors((a, [b, {"k": c}], "text"))] == [1, 2, 3]
