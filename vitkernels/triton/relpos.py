@@ -1,0 +1,657 @@
+"""Triton kernels for relpos_attention: LeViT attention with a relative-position bias.
+
+Launcher contract (the CUDA extension's ops ``relpos_attention_fwd`` and
+``relpos_attention_bwd`` take the same positional arguments and return the same
+tensors):
+
+``relpos_attention_fwd(q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale)``
+    q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv): one dtype (float16,
+    bfloat16 or float32), any strides (e.g. views of a 1x1 conv output).
+    table (H, R*C): float16, bfloat16 or float32, any strides (the "nh" layout
+    arrives as the transposed view of its (R*C, H) weight).
+    fmap_rows R, fmap_cols C, q_stride s (ints): Nk = R*C, Nq = ceil(R/s)*ceil(C/s).
+    scale, bias_scale (floats): logits = scale * q.k + bias_scale * table[h, |dr|*C + |dc|].
+    Returns out (B, H, Nq, Dv) contiguous in q.dtype and lse (B, H, Nq)
+    contiguous float32, the natural-log logsumexp of each row of logits.
+
+``relpos_attention_bwd(grad_out, q, k, v, table, out, lse, fmap_rows, fmap_cols, q_stride,
+scale, bias_scale)``
+    grad_out and out (B, H, Nq, Dv) any strides; the other arguments as for fwd,
+    lse as fwd returned it.
+    Returns dq (B, H, Nq, Dk), dk (B, H, Nk, Dk), dv (B, H, Nk, Dv) contiguous in
+    q.dtype and dtable (H, R*C) contiguous in table.dtype.
+
+Kernels (FlashAttention-2 style; the bias is gathered per tile from the table at
+the query's grid position (s*(i // Cq), s*(i % Cq)) and the key's (j // C, j % C),
+so no (Nq x Nk) bias, logits or probability tensor is ever in memory):
+
+* ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
+  over key blocks (any Nk), saves the logsumexp.
+* ``_bwd_delta_kernel``: delta = rowsum(dO * O).
+* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks.
+* ``_bwd_dq_kernel``: dQ and the table gradient. Its blocks are aligned to grid
+  rows (a query block is QR query-grid rows of CQP column slots, a key block KR
+  key-grid rows of CP slots), so a tile of dS is a 4-d array (qr, qc, kr, kc)
+  whose table column is |dr|*C + |dc| with dr depending on (qr, kr) only and dc
+  on (qc, kc) only. The tile is reduced into table space with two small one-hot
+  matrix products (over (qc, kc) -> |dc|, then (qr, kr) -> |dr|) and summed in
+  registers over all key blocks and a group of batch entries. Each program
+  writes its (R*C) partial sums to its own row of a float32 buffer
+  (programs, H, R*C), reduced afterwards by one torch sum: no atomics, so the
+  table gradient is deterministic (run to run, for a fixed launch config).
+
+Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
+``_dkdv_cfg``, ``_dq_cfg``) for a GPU tuning pass to revise; no autotuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.triton._aot import AotSpec
+
+__all__ = ["AOT_SPECS", "relpos_attention_bwd", "relpos_attention_fwd"]
+
+_LOG2E = 1.4426950408889634
+# float32 inputs: dot products at (near) float32 accuracy on tensor cores. The
+# one-hot reductions of the table gradient use it too.
+_F32_DOT = "tf32x3"
+
+
+# ----------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _load_table_row(t_ptr, stride_tn, n, TP: tl.constexpr):
+    """One head's bias table (n entries, padded to TP) in registers, float32."""
+    offs = tl.arange(0, TP)
+    return tl.load(t_ptr + offs * stride_tn, mask=offs < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gather_bias(table, a_row, a_col, b_row, b_col, C, TP: tl.constexpr):
+    """table[|a_row - b_row| * C + |a_col - b_col|] for every (a, b) pair: (len(a), len(b)).
+
+    A gather from the registers holding the table (no global-memory pointer per
+    element). Out-of-grid pairs (padding) read some entry; callers mask them.
+    """
+    idx = tl.abs(a_row[:, None] - b_row[None, :]) * C + tl.abs(a_col[:, None] - b_col[None, :])
+    idx = tl.minimum(idx, TP - 1)
+    flat = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
+    return tl.reshape(flat, [idx.shape[0], idx.shape[1]])
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, T, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_th, stride_tn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, NQ, NK, C, CQ, S, NUM_QB,
+    qk_scale, bias_scale,  # both already multiplied by log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_QB
+    pid_bh = pid // NUM_QB
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < NQ
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q_row = (offs_m // CQ) * S  # query position on the key grid
+    q_col = (offs_m % CQ) * S
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    table = _load_table_row(T + h * stride_th, stride_tn, NK, TP)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+            mask=n_ok[None, :] & (offs_dk[:, None] < DK),
+            other=0.0,
+        )  # (BLOCK_DK, BLOCK_N)
+        s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
+        k_row = offs_n // C
+        k_col = offs_n % C
+        bias = _gather_bias(table, q_row, q_col, k_row, k_col, C, TP)
+        s = tl.where(n_ok[None, :], s + bias * bias_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32x3")
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, NQ, NUM_QB,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_QB
+    pid_bh = pid // NUM_QB
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < NQ) & (offs_dv[None, :] < DV)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
+        mask=mask,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, T, DO, LSE, DELTA, DK_, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_th, stride_tn,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, NQ, NK, C, CQ, S, NUM_KB,
+    qk_scale, bias_scale, sm_scale,  # qk_scale and bias_scale multiplied by log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_KB
+    pid_bh = pid // NUM_KB
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < NK
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+        mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_DK)
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_DV)
+    k_row = offs_n // C
+    k_col = offs_n % C
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    g_base = DO + b * stride_gb + h * stride_gh
+    table = _load_table_row(T + h * stride_th, stride_tn, NK, TP)
+    row_base = pid_bh.to(tl.int64) * NQ
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < NQ
+        qt = tl.load(
+            q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
+            mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+            other=0.0,
+        )  # (BLOCK_DK, BLOCK_M)
+        st = tl.dot(k, qt, input_precision="tf32x3") * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        q_row = (offs_m // CQ) * S
+        q_col = (offs_m % CQ) * S
+        bias = _gather_bias(table, k_row, k_col, q_row, q_col, C, TP)  # symmetric in i, j
+        ok = n_ok[:, None] & m_ok[None, :]
+        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        pt = tl.where(ok, tl.exp2(st + bias * bias_scale - lse[None, :]), 0.0)
+        do = tl.load(
+            g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_DV)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision="tf32x3")
+        dpt = tl.dot(v, tl.trans(do), input_precision="tf32x3")  # (BLOCK_N, BLOCK_M)
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision="tf32x3")
+
+    dk = dk * sm_scale
+    out_row = pid_bh.to(tl.int64) * NK + offs_n
+    tl.store(
+        DK_ + out_row[:, None] * DK + offs_dk[None, :],
+        dk.to(DK_.dtype.element_ty),
+        mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+    )
+    tl.store(
+        DV_ + out_row[:, None] * DV + offs_dv[None, :],
+        dv.to(DV_.dtype.element_ty),
+        mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, T, DO, LSE, DELTA, DQ_, DT_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_th, stride_tn,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
+    qk_scale, bias_scale, sm_scale, table_scale,  # qk_scale, bias_scale times log2(e)
+    QR: tl.constexpr, CQP: tl.constexpr, KR: tl.constexpr, CP: tl.constexpr,
+    TRP: tl.constexpr, TCP: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_q = pid % NUM_QB
+    rest = pid // NUM_QB
+    h = rest % H
+    g = rest // H
+
+    # query block: query-grid rows [pid_q*QR, pid_q*QR + QR), CQP column slots each
+    offs_m = tl.arange(0, QR * CQP)
+    qg_row = pid_q * QR + offs_m // CQP
+    qg_col = offs_m % CQP
+    m_ok = (qg_row < RQ) & (qg_col < CQ)
+    q_tok = qg_row * CQ + qg_col
+    q_row = qg_row * S  # position on the key grid
+    q_col = qg_col * S
+    # key block kb: key-grid rows [kb*KR, kb*KR + KR), CP column slots each
+    offs_n = tl.arange(0, KR * CP)
+    k_rl = offs_n // CP
+    k_col = offs_n % CP
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    # one-hot of (query column slot, key column slot) -> |dc|: (CQP*CP, TCP)
+    pc = tl.arange(0, CQP * CP)
+    pc_d = tl.abs((pc // CP) * S - pc % CP)
+    onehot_c = (pc_d[:, None] == tl.arange(0, TCP)[None, :]).to(tl.float32)
+    # (query row, key row) pairs of a tile, in the order of the permuted tile rows
+    pr = tl.arange(0, QR * KR)
+    pr_q = (pid_q * QR + pr // KR) * S
+    pr_k = pr % KR
+    trs = tl.arange(0, TRP)
+    table_part = tl.zeros([TRP, TCP], dtype=tl.float32)
+    table = _load_table_row(T + h * stride_th, stride_tn, R * C, TP)
+
+    b_start = g * BATCH_GROUP
+    b_end = tl.minimum(b_start + BATCH_GROUP, B)
+    for b in range(b_start, b_end):
+        b64 = tl.cast(b, tl.int64)
+        bh = b64 * H + h
+        q = tl.load(
+            Q + b64 * stride_qb + h * stride_qh + q_tok[:, None] * stride_qn + offs_dk[None, :] * stride_qd,
+            mask=m_ok[:, None] & (offs_dk[None, :] < DK),
+            other=0.0,
+        )  # (BM, BLOCK_DK)
+        do = tl.load(
+            DO + b64 * stride_gb + h * stride_gh + q_tok[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )  # (BM, BLOCK_DV)
+        lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * NQ + q_tok, mask=m_ok, other=0.0)
+        k_base = K + b64 * stride_kb + h * stride_kh
+        v_base = V + b64 * stride_vb + h * stride_vh
+        dq = tl.zeros([QR * CQP, BLOCK_DK], dtype=tl.float32)
+        for kb in range(0, tl.cdiv(R, KR)):
+            kg_row = kb * KR + k_rl
+            n_ok = (kg_row < R) & (k_col < C)
+            k_tok = kg_row * C + k_col
+            kt = tl.load(
+                k_base + k_tok[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+                mask=n_ok[None, :] & (offs_dk[:, None] < DK),
+                other=0.0,
+            )  # (BLOCK_DK, BN)
+            s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
+            bias = _gather_bias(table, q_row, q_col, kg_row, k_col, C, TP)
+            ok = m_ok[:, None] & n_ok[None, :]
+            p = tl.where(ok, tl.exp2(s + bias * bias_scale - lse[:, None]), 0.0)
+            vt = tl.load(
+                v_base + k_tok[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                mask=n_ok[None, :] & (offs_dv[:, None] < DV),
+                other=0.0,
+            )  # (BLOCK_DV, BN)
+            dp = tl.dot(do, vt, input_precision="tf32x3")
+            ds = p * (dp - delta[:, None])  # (BM, BN) = (QR*CQP, KR*CP), natural units
+            k = tl.load(  # again, row-major: cheaper in registers than tl.trans(kt)
+                k_base + k_tok[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+                other=0.0,
+            )  # (BN, BLOCK_DK)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="tf32x3")
+            # table space: (qr, qc, kr, kc) -> rows (qr, kr), columns (qc, kc) -> |dc| -> |dr|
+            x = tl.reshape(ds, (QR, CQP, KR, CP))
+            x = tl.reshape(tl.permute(x, (0, 2, 1, 3)), (QR * KR, CQP * CP))
+            w = tl.dot(x, onehot_c, input_precision="ieee")  # (QR*KR, TCP)
+            pr_d = tl.abs(pr_q - (kb * KR + pr_k))
+            onehot_rt = (trs[:, None] == pr_d[None, :]).to(tl.float32)  # (TRP, QR*KR)
+            table_part = tl.dot(onehot_rt, w, table_part, input_precision="ieee")
+        tl.store(
+            DQ_ + (bh * NQ + q_tok)[:, None] * DK + offs_dk[None, :],
+            (dq * sm_scale).to(DQ_.dtype.element_ty),
+            mask=m_ok[:, None] & (offs_dk[None, :] < DK),
+        )
+
+    tcs = tl.arange(0, TCP)
+    part_row = (g * NUM_QB + pid_q).to(tl.int64) * H + h
+    tl.store(
+        DT_ + part_row * (R * C) + trs[:, None] * C + tcs[None, :],
+        table_part * table_scale,
+        mask=(trs[:, None] < R) & (tcs[None, :] < C),
+    )
+
+
+# ----------------------------------------------------------------------------
+# configs: small deterministic heuristics of the shape
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _head_blocks(dk: int, dv: int) -> tuple[int, int]:
+    return max(16, _pow2(dk)), max(16, _pow2(dv))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One kernel launch: the constexprs and launch options the heuristics chose."""
+
+    kernel: object
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
+    bdk, bdv = _head_blocks(dk, dv)
+    block_m = min(64, max(16, _pow2(nq)))
+    block_n = min(64, max(16, _pow2(nk)))
+    warps = 8 if block_m * bdv > 64 * 64 else 4
+    return _Launch(
+        _fwd_kernel,
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
+        warps,
+        2,
+    )
+
+
+def _delta_cfg(nq: int, dv: int) -> _Launch:
+    _, bdv = _head_blocks(16, dv)
+    block_m = max(16, 4096 // bdv)  # at most 16 elements of each tile per thread
+    return _Launch(_bwd_delta_kernel, dict(DV=dv, BLOCK_M=block_m, BLOCK_DV=bdv), 8, 1)
+
+
+def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
+    bdk, bdv = _head_blocks(dk, dv)
+    block_n = min(64, max(16, _pow2(nk)))
+    block_m = min(32, max(16, _pow2(nq)))
+    warps = 8 if block_m * block_n >= 2048 or bdk + bdv > 128 else 4
+    return _Launch(
+        _bwd_dkdv_kernel,
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
+        warps,
+        2,
+    )
+
+
+def _dq_blocks(rows: int, cols: int, q_stride: int) -> dict[str, int]:
+    """Grid-row-aligned blocks for the dQ/table kernel (see the module docstring).
+
+    Every tl.dot needs each dimension >= 16: QR*CQP, KR*CP, CQP*CP, QR*KR, TRP, TCP.
+    """
+    rq, cq = -(-rows // q_stride), -(-cols // q_stride)
+    cp, cqp = _pow2(cols), _pow2(cq)
+    while cp * cqp < 16:
+        if cqp <= cp:
+            cqp *= 2
+        else:
+            cp *= 2
+    qr = max(_pow2(-(-16 // cqp)), min(max(1, 64 // cqp), _pow2(rq)))
+    kr = max(_pow2(-(-16 // cp)), min(max(1, (32 if cp <= 8 else 64) // cp), _pow2(rows)))
+    while qr * kr < 16:
+        if kr * cp <= qr * cqp:
+            kr *= 2
+        else:
+            qr *= 2
+    return dict(
+        QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=max(16, _pow2(rows)), TCP=max(16, _pow2(cols))
+    )
+
+
+def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
+    bdk, bdv = _head_blocks(dk, dv)
+    blocks = _dq_blocks(rows, cols, q_stride)
+    constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
+    return _Launch(_bwd_dq_kernel, constexprs, 8, 1)
+
+
+def _batch_group(batch: int, programs_per_batch: int) -> int:
+    """Batch entries per dQ program: enough programs to fill a GPU, few table partials."""
+    group = 1
+    while group < 16 and group * 2 <= batch and programs_per_batch * -(-batch // (group * 2)) >= 1024:
+        group *= 2
+    return group
+
+
+# ----------------------------------------------------------------------------
+# launchers
+
+
+def _query_grid(fmap_rows: int, fmap_cols: int, q_stride: int) -> tuple[int, int]:
+    return -(-fmap_rows // q_stride), -(-fmap_cols // q_stride)
+
+
+def relpos_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    fmap_rows: int,
+    fmap_cols: int,
+    q_stride: int,
+    scale: float,
+    bias_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    out = torch.empty((B, H, NQ, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    cfg = _fwd_cfg(NQ, NK, DK, DV)
+    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    _fwd_kernel[(num_qb * B * H,)](
+        q, k, v, table, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(),
+        H, NQ, NK, fmap_cols, cq, q_stride, num_qb,
+        scale * _LOG2E, bias_scale * _LOG2E,
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def relpos_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    fmap_rows: int,
+    fmap_cols: int,
+    q_stride: int,
+    scale: float,
+    bias_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv in q.dtype, dtable (H, R*C) in table.dtype). See the module docstring."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    dev = q.device
+    dq = torch.empty((B, H, NQ, DK), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, H, NK, DK), dtype=q.dtype, device=dev)
+    dv = torch.empty((B, H, NK, DV), dtype=q.dtype, device=dev)
+    if B * H == 0 or NQ == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(table.shape, dtype=table.dtype, device=dev)
+    rq, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    qk_scale, bs = scale * _LOG2E, bias_scale * _LOG2E
+
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
+    cfg = _delta_cfg(NQ, DV)
+    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    _bwd_delta_kernel[(num_qb * B * H,)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, NQ, num_qb,
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    cfg = _dkdv_cfg(NQ, NK, DK, DV)
+    num_kb = triton.cdiv(NK, cfg.constexprs["BLOCK_N"])
+    _bwd_dkdv_kernel[(num_kb * B * H,)](
+        q, k, v, table, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
+        H, NQ, NK, fmap_cols, cq, q_stride, num_kb,
+        qk_scale, bs, scale,
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
+    num_qb = triton.cdiv(rq, cfg.constexprs["QR"])
+    group = _batch_group(B, num_qb * H)
+    num_g = triton.cdiv(B, group)
+    partial = torch.empty((num_g * num_qb, H, fmap_rows * fmap_cols), dtype=torch.float32, device=dev)
+    _bwd_dq_kernel[(num_qb * H * num_g,)](
+        q, k, v, table, grad_out, lse, delta, dq, partial,
+        *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
+        B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
+        qk_scale, bs, scale, bias_scale,
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    dtable = partial.sum(dim=0).to(table.dtype)  # (H, R*C), a fixed-order reduction
+    return dq, dk, dv, dtable
+
+
+# ----------------------------------------------------------------------------
+# ahead-of-time specialisations: what the launchers launch for WORKLOADS.md A1-A5
+# (contiguous (B, H, N, D) inputs and an "hn" table of the inputs' dtype; unit
+# strides are specialised to constexpr 1 as Triton's JIT does)
+
+_WORKLOADS = {
+    # id: (heads, fmap side, q_stride, Dk, Dv)
+    "A1": (4, 14, 1, 32, 64),
+    "A2": (6, 7, 1, 32, 64),
+    "A3": (8, 4, 1, 32, 64),
+    "A4": (8, 14, 2, 32, 64),
+    "A5": (4, 14, 1, 16, 32),
+}
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(kernel, pointers: dict[str, str], unit: set[str]) -> tuple[dict, dict]:
+    sig, const = {}, {}
+    fn = getattr(kernel, "fn", kernel)  # the Python function (JIT or interpreter wrapper)
+    for name, param in inspect.signature(fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in unit:
+            sig[name] = "constexpr"
+            const[name] = 1
+        elif name in ("qk_scale", "bias_scale", "sm_scale", "table_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, const
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs: dict[tuple, AotSpec] = {}
+    unit_strides = {f"stride_{t}{d}" for t in "qkvog" for d in "d"} | {"stride_tn"}
+    for wid, (_heads, side, stride, dk, dv) in _WORKLOADS.items():
+        nk = side * side
+        nq = (-(-side // stride)) ** 2
+        for dtype in (torch.float16, torch.bfloat16):
+            ty = f"*{_TY[dtype]}"
+            unit = set(unit_strides)
+            if stride == 1:
+                unit.add("S")
+            launches = [
+                ("fwd", _fwd_cfg(nq, nk, dk, dv), dict(Q=ty, K=ty, V=ty, T=ty, O=ty, LSE="*fp32")),
+                ("delta", _delta_cfg(nq, dv), dict(O=ty, DO=ty, DELTA="*fp32")),
+                (
+                    "dkdv",
+                    _dkdv_cfg(nq, nk, dk, dv),
+                    dict(Q=ty, K=ty, V=ty, T=ty, DO=ty, LSE="*fp32", DELTA="*fp32", DK_=ty, DV_=ty),
+                ),
+                (
+                    "dq",
+                    _dq_cfg(side, side, stride, dk, dv),
+                    dict(Q=ty, K=ty, V=ty, T=ty, DO=ty, LSE="*fp32", DELTA="*fp32", DQ_=ty, DT_="*fp32"),
+                ),
+            ]
+            for kname, launch, ptrs in launches:
+                sig, ones = _signature(launch.kernel, ptrs, unit & set(launch.kernel.arg_names))
+                const = {**ones, **launch.constexprs}
+                key = (kname, tuple(sorted(sig.items())), tuple(sorted(const.items())),
+                       launch.num_warps, launch.num_stages)  # fmt: skip
+                if key in specs:
+                    continue
+                blocks = ",".join(f"{k}{v}" for k, v in launch.constexprs.items())
+                specs[key] = AotSpec(
+                    name=f"relpos_{kname}[{_TY[dtype]},{wid},{blocks},S{stride}]",
+                    kernel=launch.kernel,
+                    signature=sig,
+                    constexprs=const,
+                    num_warps=launch.num_warps,
+                    num_stages=launch.num_stages,
+                )
+    return list(specs.values())
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()
