@@ -67,7 +67,7 @@ them to force several tiles through the interpreter.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -84,7 +84,41 @@ __all__ = ["AOT_SPECS", "bwd_config", "fwd_config", "patch_embed_bwd", "patch_em
 
 
 @triton.jit
-def _patch_rows(pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr):
+def _idx(i, IDX64: tl.constexpr):
+    """An index in the integer width the launcher asked for (int64 for huge tensors)."""
+    if IDX64:
+        return i.to(tl.int64)
+    return i
+
+
+@triton.jit
+def _hint(base, offs, V0: tl.constexpr, V1: tl.constexpr):
+    """base + offs: a 2-D pointer tile whose runs of V0 (dim 0) or V1 (dim 1)
+    elements are contiguous and start at an address aligned to the run (the
+    launcher checked this); lets the compiler vectorise the accesses without
+    runtime alignment facts. (The hints attach to the add made here: a pointer
+    that arrives as an argument would lose them.)"""
+    ptrs = base + offs
+    if V0 > 1 or V1 > 1:
+        esz: tl.constexpr = ptrs.dtype.element_ty.primitive_bitwidth // 8
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [V0 * esz, V1 * esz]), [V0, V1])
+    return ptrs
+
+
+@triton.jit
+def _mask2(ok0, ok1, V0: tl.constexpr, V1: tl.constexpr):
+    """ok0[:, None] & ok1[None, :], uniform over aligned runs of V0 rows / V1
+    columns (the launcher checked the bound is a multiple of the run)."""
+    mask = ok0[:, None] & ok1[None, :]
+    if V0 > 1 or V1 > 1:
+        mask = tl.max_constancy(mask, [V0, V1])
+    return mask
+
+
+@triton.jit
+def _patch_rows(
+    pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
+):
     """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
@@ -92,14 +126,15 @@ def _patch_rows(pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.co
     l = offs_m % L
     ih0 = (l // Wout) * SH - PH
     iw0 = (l % Wout) * SW - PW
-    row_base = b.to(tl.int64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
+    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
     return offs_m, row_ok, b, l, ih0, iw0, row_base
 
 
 @triton.jit
 def _patch_tile(
     x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_K) tile of unfold(images): zero outside the image (padding)."""
     if PQC:  # k = (p * KW + q) * C + c
@@ -111,20 +146,20 @@ def _patch_tile(
     p = pq // KW
     q = pq % KW
     col = c * sxc + p * sxh + q * sxw
-    if VEC > 1:  # runs of VEC contiguous elements starting at multiples of VEC (launcher checks)
-        col = tl.max_contiguous(tl.multiple_of(col, VEC), VEC)
-        row_base = tl.multiple_of(row_base, VEC)
-    ptrs = (x_ptr + row_base)[:, None] + col[None, :]
-    mask = row_ok[:, None]
-    if not EVEN_K:
-        mask = mask & (offs_k < K)[None, :]
+    ptrs = _hint(x_ptr, row_base[:, None] + col[None, :], 1, VEC)
     if MASK_HW:
         ih = ih0[:, None] + p[None, :]
         iw = iw0[:, None] + q[None, :]
-        mask = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        mask = row_ok[:, None] & (offs_k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         if VEC > 1:
             mask = tl.max_constancy(mask, [1, VEC])
-    return tl.load(ptrs, mask=mask, other=0.0)
+        return tl.load(ptrs, mask=mask, other=0.0)
+    elif EVEN_M and EVEN_K:
+        return tl.load(ptrs)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=_mask2(row_ok, offs_k < K, 1, VEC), other=0.0)
 
 
 @triton.jit
@@ -132,8 +167,9 @@ def _gemm_rows(
     x_ptr, w_ptr, row_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
     sxc, sxh, sxw, swn, swk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
-    IN_NORM: tl.constexpr, PREC: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM also the
     rows' sum and sum of squares over K (float32)."""
@@ -144,13 +180,15 @@ def _gemm_rows(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = _patch_tile(
             x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-            PQC, MASK_HW, EVEN_K, VEC,
+            PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
         )
-        w_ptrs = w_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn  # (BLOCK_K, BLOCK_N) = W.T
-        if EVEN_K:
+        w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
+        if EVEN_K and EVEN_N:
+            b = tl.load(w_ptrs)
+        elif EVEN_K:
             b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            b = tl.load(w_ptrs, mask=(offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=_mask2(offs_k < K, n_ok, WVEC, 1), other=0.0)
         if IN_NORM:
             af = a.to(tl.float32)
             s1 += tl.sum(af, axis=1)
@@ -186,8 +224,9 @@ def _patch_embed_fwd_kernel(
     sxb, sxc, sxh, sxw, swn, swk, spt, spd, scp, scd, sob, sot, sod,
     in_eps, out_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
-    IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, OUT_NORM: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
+    OVEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, OUT_NORM: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -207,10 +246,10 @@ def _patch_embed_fwd_kernel(
         n_start = (pid % num_n) * BLOCK_N
         n_end = n_start + BLOCK_N
     offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
     )
     x_base = row_base
-    out_rows = out_ptr + b.to(tl.int64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
+    out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
     if POS_ALL:
         pos_rows = pos_ptr + (P + l) * spt
     else:
@@ -224,8 +263,8 @@ def _patch_embed_fwd_kernel(
         n_ok = offs_n < D
         acc, s1, s2 = _gemm_rows(
             x_ptr, w_ptr, x_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
-            sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_K, VEC,
-            IN_NORM, PREC,
+            sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
+            EVEN_K, VEC, WVEC, IN_NORM, PREC,
         )
         y = acc
         if IN_NORM:
@@ -234,13 +273,14 @@ def _patch_embed_fwd_kernel(
             y = rstd[:, None] * (y - mu[:, None] * colsum[None, :])
         if HAS_SHIFT:
             y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        mask = row_ok[:, None] & n_ok[None, :]
+        mask = _mask2(row_ok, n_ok, 1, OVEC)
         if OUT_NORM:
             mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
         elif HAS_POS:
-            pos = tl.load(pos_rows[:, None] + offs_n[None, :] * spd, mask=mask, other=0.0)
+            pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
             y += pos.to(tl.float32)
-        tl.store(out_rows[:, None] + offs_n[None, :] * sod, y.to(out_ptr.dtype.element_ty), mask=mask)
+        out_ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     if OUT_NORM:
         # second pass over the row block: normalise what this program wrote
         tl.debug_barrier()
@@ -248,20 +288,21 @@ def _patch_embed_fwd_kernel(
         for n0 in range(0, D, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < D
-            mask = row_ok[:, None] & n_ok[None, :]
-            ptrs = out_rows[:, None] + offs_n[None, :] * sod
+            mask = _mask2(row_ok, n_ok, 1, OVEC)
+            ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
             y = (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd_o[:, None]
             if HAS_OW:
                 y *= tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_OB:
                 y += tl.load(ob_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_POS:
-                y += tl.load(pos_rows[:, None] + offs_n[None, :] * spd, mask=mask, other=0.0).to(tl.float32)
+                pos_ptrs = _hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC)
+                y += tl.load(pos_ptrs, mask=mask, other=0.0).to(tl.float32)
             tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_CLS:
         # the program holding an image's first patch writes its prefix tokens too
         first = row_ok & (l == 0)
-        out_img = out_ptr + b.to(tl.int64) * sob
+        out_img = out_ptr + _idx(b, IDX64) * sob
         for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < D
@@ -286,12 +327,13 @@ def _patch_stats_kernel(
     x_ptr, stats_ptr, M, L, Wout, K, C, H, W, KW, KHW, SH, SW, PH, PW,
     sxb, sxc, sxh, sxw, in_eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr,
 ):
     """stats[m] = (mu, rstd) of patch m over K, as the forward kernel computes them."""
     pid_m = tl.program_id(0)
     offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
     )
     s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -299,7 +341,7 @@ def _patch_stats_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = _patch_tile(
             x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-            PQC, MASK_HW, EVEN_K, VEC,
+            PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
         ).to(tl.float32)
         s1 += tl.sum(a, axis=1)
         s2 += tl.sum(a * a, axis=1)
@@ -312,7 +354,8 @@ def _patch_stats_kernel(
 def _out_norm_bwd_kernel(
     g_ptr, y_ptr, ow_ptr, dy_ptr, dow_part, dob_part, dbias_part,
     M, L, D, P, sgb, sgt, sgd, out_eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_OW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_OW: tl.constexpr, IDX64: tl.constexpr,
+    GVEC: tl.constexpr, YVEC: tl.constexpr,
 ):
     """Backward of the output layer norm for BLOCK_M patch rows.
 
@@ -325,14 +368,14 @@ def _out_norm_bwd_kernel(
     row_ok = offs_m < M
     b = offs_m // L
     l = offs_m % L
-    g_rows = g_ptr + b.to(tl.int64) * sgb + (P + l) * sgt
-    y_rows = y_ptr + offs_m.to(tl.int64) * D
+    g_rows = g_ptr + _idx(b, IDX64) * sgb + (P + l) * sgt
+    y_rows = y_ptr + _idx(offs_m, IDX64) * D
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
-        y = tl.load(y_rows[:, None] + offs_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=_mask2(row_ok, n_ok, 1, YVEC), other=0.0)
         mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
     rstd = 1.0 / tl.sqrt(m2 / D + out_eps)
     a1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -340,10 +383,10 @@ def _out_norm_bwd_kernel(
     for n0 in range(0, D, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
-        mask = row_ok[:, None] & n_ok[None, :]
-        y = tl.load(y_rows[:, None] + offs_n[None, :], mask=mask, other=0.0)
+        mask = _mask2(row_ok, n_ok, 1, YVEC)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(g_rows[:, None] + offs_n[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(_hint(g_rows[:, None], offs_n[None, :] * sgd, 1, GVEC), mask=mask, other=0.0).to(tl.float32)
         tl.store(dow_part + pid_m * D + offs_n, tl.sum(g * xhat, axis=0), mask=n_ok)
         tl.store(dob_part + pid_m * D + offs_n, tl.sum(g, axis=0), mask=n_ok)
         if HAS_OW:
@@ -355,16 +398,16 @@ def _out_norm_bwd_kernel(
     for n0 in range(0, D, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
-        mask = row_ok[:, None] & n_ok[None, :]
-        y = tl.load(y_rows[:, None] + offs_n[None, :], mask=mask, other=0.0)
+        mask = _mask2(row_ok, n_ok, 1, YVEC)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(g_rows[:, None] + offs_n[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(_hint(g_rows[:, None], offs_n[None, :] * sgd, 1, GVEC), mask=mask, other=0.0).to(tl.float32)
         if HAS_OW:
             g = g * tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         dy = tl.where(mask, rstd[:, None] * (g - a1[:, None] - xhat * a2[:, None]), 0.0)
         tl.store(dbias_part + pid_m * D + offs_n, tl.sum(dy, axis=0), mask=n_ok)
         tl.store(
-            dy_ptr + offs_m.to(tl.int64)[:, None] * D + offs_n[None, :],
+            _hint(dy_ptr, _idx(offs_m, IDX64)[:, None] * D + offs_n[None, :], 1, YVEC),
             dy.to(dy_ptr.dtype.element_ty),
             mask=mask,
         )
@@ -374,14 +417,14 @@ def _out_norm_bwd_kernel(
 def _norm_patch_tile(
     x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
     K, C, H, W, KW, KHW, sxc, sxh, sxw,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
-    IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr,
 ):
     """in_norm(patches) tile in float32 (raw patches without IN_NORM); zero where
     k >= K or the row is past M. Also returns xhat (the normalised patch)."""
     x = _patch_tile(
         x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-        PQC, MASK_HW, EVEN_K, VEC,
+        PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
     ).to(tl.float32)
     if IN_NORM:
         mu = tl.load(stats_ptr + offs_m * 2, mask=row_ok, other=0.0)
@@ -406,7 +449,8 @@ def _dw_kernel(
     M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
     sxb, sxc, sxh, sxw, sdb, sdt, sdd, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr,
     IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr,
 ):
     """ws[s, n, k] = sum over split s's rows m of dy[m, n] * in_norm(patch m)[k].
@@ -422,23 +466,24 @@ def _dw_kernel(
     n_ok = offs_n < D
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     mb0 = pid_s * blocks_per_split
-    for mb in range(mb0, mb0 + blocks_per_split):
+    mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
         offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
         )
-        dy_rows = dy_ptr + b.to(tl.int64) * sdb + (P + l) * sdt
+        dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
         dyt = tl.load(
-            dy_rows[None, :] + offs_n[:, None] * sdd,
-            mask=n_ok[:, None] & row_ok[None, :],
+            _hint(dy_rows[None, :], offs_n[:, None] * sdd, DVEC, 1),
+            mask=_mask2(n_ok, row_ok, DVEC, 1),
             other=0.0,
         )  # (BLOCK_N, BLOCK_M) = dy.T
         xn, xhat = _norm_patch_tile(
             x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
-            K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_K, VEC,
+            K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
             IN_NORM, HAS_GIN, HAS_BIN,
         )
         acc = tl.dot(dyt, xn.to(dyt.dtype), acc, input_precision=PREC)
-    ws = ws_ptr + pid_s.to(tl.int64) * D * K
+    ws = ws_ptr + _idx(pid_s, IDX64) * D * K
     tl.store(
         ws + offs_n[:, None] * K + offs_k[None, :],
         acc,
@@ -452,7 +497,8 @@ def _dxn_kernel(
     M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
     sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """dxn = dy @ W for a (BLOCK_M, BLOCK_K) tile; column partial sums over the
@@ -466,23 +512,24 @@ def _dxn_kernel(
     offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
     )
-    dy_rows = dy_ptr + b.to(tl.int64) * sdb + (P + l) * sdt
+    dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
-        dy = tl.load(dy_rows[:, None] + offs_n[None, :] * sdd, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        dy_ptrs = _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC)
+        dy = tl.load(dy_ptrs, mask=_mask2(row_ok, n_ok, 1, DVEC), other=0.0)
         w = tl.load(
-            w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk,
-            mask=n_ok[:, None] & k_ok[None, :],
+            _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
+            mask=_mask2(n_ok, k_ok, 1, WVEC),
             other=0.0,
         )
         acc = tl.dot(dy, w, acc, input_precision=PREC)
     xn, xhat = _norm_patch_tile(
         x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
-        K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_K, VEC,
+        K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
         True, False, False,
     )
     tl.store(dg_part + pid_m * K + offs_k, tl.sum(acc * xhat, axis=0), mask=k_ok)
@@ -529,7 +576,8 @@ def _geometry(images: torch.Tensor, kernel_size, stride, padding) -> _Geometry:
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
-    return _Geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    return _Geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
 
 
 def _kernel_order(images: torch.Tensor, patch_order: str) -> str:
@@ -540,7 +588,7 @@ def _kernel_order(images: torch.Tensor, patch_order: str) -> str:
 
 
 def _reorder(t: torch.Tensor | None, g: _Geometry, src: str, dst: str) -> torch.Tensor | None:
-    """(..., K) in order src -> order dst (a copy only when they differ)."""
+    """(..., K) in patch order src -> order dst (a copy only when they differ)."""
     if t is None or src == dst:
         return t
     lead = t.shape[:-1]
@@ -549,39 +597,60 @@ def _reorder(t: torch.Tensor | None, g: _Geometry, src: str, dst: str) -> torch.
     return t.reshape(*lead, g.C, g.kh, g.kw).movedim(-3, -1).reshape(*lead, g.K)
 
 
-def _vec(images: torch.Tensor, g: _Geometry, order: str) -> int:
-    """Largest v in (8, 4, 2) such that every run of v consecutive k of a patch row
-    is contiguous in memory, starts at a multiple of v elements and is entirely
-    inside or outside the image; 1 otherwise. Only a hint for the GPU's loads."""
+def _aligned(t: torch.Tensor, v: int) -> bool:
+    return v * t.element_size() <= 16 and t.data_ptr() % (v * t.element_size()) == 0
+
+
+def _patch_vec(images: torch.Tensor, g: _Geometry, order: str) -> int:
+    """Largest v in (8, 4, 2) such that every run of v consecutive k of a patch
+    (k a multiple of v) is contiguous in memory, starts at an address aligned to
+    v elements and lies entirely inside or outside the image; else 1."""
     sxb, sxc, sxh, sxw = images.stride()
-    max_v = 16 // images.element_size()
     for v in (8, 4, 2):
-        if v > max_v:
+        if not _aligned(images, v) or sxb % v or sxh % v:
             continue
         if order == "cpq":
             ok = (
                 sxw == 1
                 and g.kw % v == 0
-                and sxh % v == 0
                 and sxc % v == 0
-                and sxb % v == 0
                 and g.sw % v == 0
                 and g.pw % v == 0
                 and (not g.mask_hw or g.W % v == 0)
             )
         else:
             run = g.kw * g.C if sxw == g.C else g.C
-            ok = (
-                sxc == 1
-                and run % v == 0
-                and sxh % v == 0
-                and sxw % v == 0
-                and sxb % v == 0
-                and (not g.mask_hw or g.C % v == 0)
-            )
+            ok = sxc == 1 and run % v == 0 and sxw % v == 0 and (not g.mask_hw or g.C % v == 0)
         if ok:
             return v
     return 1
+
+
+def _run_vec(t: torch.Tensor | None, dim: int, length: int) -> int:
+    """Largest v in (8, 4, 2) such that runs of v elements of t along dim that
+    start at multiples of v are contiguous and aligned, and length % v == 0 (so a
+    tile's bound mask is uniform over each run); 8 for no tensor; else 1."""
+    if t is None:
+        return 8
+    dim = dim % t.dim()
+    for v in (8, 4, 2):
+        if length % v or not _aligned(t, v):
+            continue
+        if t.shape[dim] > 1 and t.stride(dim) != 1:
+            continue
+        if any(st % v for d, (n, st) in enumerate(zip(t.shape, t.stride(), strict=True)) if d != dim and n > 1):
+            continue
+        return v
+    return 1
+
+
+def _needs_idx64(*tensors: torch.Tensor | None) -> bool:
+    """Whether some element offset of these tensors does not fit in int32."""
+    span = 0
+    for t in tensors:
+        if t is not None:
+            span = max(span, sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)))
+    return span >= 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,11 +708,15 @@ def _prec(dtype: torch.dtype) -> str:
 def _sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+    return 132  # only sizes the dW split; the interpreter's configs ignore it
 
 
 # ----------------------------------------------------------------------------
-# launch plans (shared by the launchers and AOT_SPECS)
+# launches: the launchers build them; AOT_SPECS records the same ones
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 @dataclasses.dataclass
@@ -657,39 +730,48 @@ class _Launch:
     num_stages: int
 
     def run(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        self.kernel[self.grid](
+            *self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages
+        )
 
     def aot_spec(self) -> AotSpec:
-        names = self.kernel.arg_names
         sig: dict[str, str] = {}
-        for name, value in zip(names, self.args):
+        for name, value in zip(self.kernel.arg_names, self.args, strict=False):
             if isinstance(value, torch.Tensor):
                 sig[name] = "*" + _TRITON_TYPES[value.dtype]
-            elif isinstance(value, bool) or isinstance(value, int):
-                sig[name] = "i32" if -(2**31) <= int(value) < 2**31 else "i64"
+            elif isinstance(value, int):
+                sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             else:
                 sig[name] = "fp32"
-        for name in self.constexprs:
-            sig[name] = "constexpr"
+        sig.update({name: "constexpr" for name in self.constexprs})
         return AotSpec(self.name, self.kernel, sig, dict(self.constexprs), self.num_warps, self.num_stages)
 
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+def _run(launch: _Launch) -> None:
+    launch.run()
 
 
 def _x_args(images: torch.Tensor, g: _Geometry) -> tuple[list, list]:
-    """(ints before the strides, image strides) shared by every kernel."""
+    """(C, H, W, KW, KHW, SH, SW, PH, PW) and the image strides, as every kernel takes them."""
     return [g.C, g.H, g.W, g.kw, g.kh * g.kw, g.sh, g.sw, g.ph, g.pw], list(images.stride())
 
 
-def _patch_constexprs(images: torch.Tensor, g: _Geometry, order: str, block_k: int) -> dict:
+def _patch_constexprs(
+    images: torch.Tensor, g: _Geometry, order: str, block_m: int, block_k: int, *others
+) -> dict:
+    """The constexprs every kernel that gathers patches takes."""
     return {
         "PQC": order == "pqc",
         "MASK_HW": g.mask_hw,
+        "EVEN_M": (g.B * g.L) % block_m == 0,
         "EVEN_K": g.K % block_k == 0,
-        "VEC": _vec(images, g, order),
+        "VEC": _patch_vec(images, g, order),
+        "IDX64": _needs_idx64(images, *others),
     }
+
+
+def _tag(dtype: torch.dtype, g: _Geometry, order: str, D: int) -> str:
+    return f"{_SHORT[dtype]},{order},k{g.kh}s{g.sh}p{g.ph},C{g.C},D{D}"
 
 
 @dataclasses.dataclass
@@ -703,7 +785,9 @@ class _Prepared:
     shift: torch.Tensor | None  # (D,) bias, or float32 in_bias @ W.T + bias
 
 
-def _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm) -> _Prepared:
+def _prepare(
+    images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm
+) -> _Prepared:
     g = _geometry(images, kernel_size, stride, padding)
     order = _kernel_order(images, patch_order)
     w = _reorder(weight, g, patch_order, order)
@@ -721,7 +805,7 @@ def _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padd
     return _Prepared(g, order, wg, colsum, shift)
 
 
-def _plan_fwd(
+def _fwd_launch(
     images, prep: _Prepared, out_weight, out_bias, pos_embed, cls_token, out, stats,
     in_eps, out_eps, has_in_norm, has_out_norm, interpret,
 ) -> _Launch:
@@ -729,17 +813,16 @@ def _plan_fwd(
     D, K, M = w.shape[0], g.K, g.B * g.L
     P = 0 if cls_token is None else cls_token.shape[0]
     cfg = fwd_config(M, D, K, images.dtype, has_out_norm, interpret)
-    dummy = out
-    f32_dummy = stats if stats is not None else (prep.colsum if prep.colsum is not None else out)
-    pos = pos_embed if pos_embed is not None else dummy
-    cls = cls_token if cls_token is not None else dummy
+    f32_dummy = stats if stats is not None else prep.colsum if prep.colsum is not None else out
+    pos = pos_embed if pos_embed is not None else out
+    cls = cls_token if cls_token is not None else out
     ints, xs = _x_args(images, g)
     args = [
         images, w,
         prep.colsum if prep.colsum is not None else f32_dummy,
         prep.shift if prep.shift is not None else f32_dummy,
-        out_weight if out_weight is not None else dummy,
-        out_bias if out_bias is not None else dummy,
+        out_weight if out_weight is not None else out,
+        out_bias if out_bias is not None else out,
         pos, cls, out,
         stats if stats is not None else f32_dummy,
         M, g.L, g.Wo, D, K, *ints, P,
@@ -747,10 +830,12 @@ def _plan_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         float(in_eps), float(out_eps),
     ]
-    # the ints above are in the kernel's order: C, H, W, KW, KHW, SH, SW, PH, PW, P
     constexprs = {
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-        **_patch_constexprs(images, g, prep.order, cfg.block_k),
+        **_patch_constexprs(images, g, prep.order, cfg.block_m, cfg.block_k, out),
+        "EVEN_N": D % cfg.block_n == 0,
+        "WVEC": _run_vec(w, 1, K),
+        "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D)),
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
         "OUT_NORM": bool(has_out_norm),
         "HAS_OW": has_out_norm and out_weight is not None,
@@ -763,10 +848,11 @@ def _plan_fwd(
     }
     m_blocks = triton.cdiv(M, cfg.block_m)
     grid = (m_blocks,) if has_out_norm else (m_blocks * triton.cdiv(D, cfg.block_n),)
-    tag = "+".join(
-        t for t, on in (("in", has_in_norm), ("out", has_out_norm), ("pos", pos_embed is not None), ("cls", P > 0)) if on
-    )
-    name = f"patch_embed_fwd[{_SHORT[images.dtype]},{prep.order},k{g.kh}s{g.sh}p{g.ph},D{D},{tag or 'plain'}]"
+    parts = (("in", has_in_norm), ("out", has_out_norm), ("pos", pos_embed is not None), ("cls", P > 0))
+    tag = "+".join(t for t, on in parts if on) or "plain"
+    if stats is not None:
+        tag += ",recompute"
+    name = f"patch_embed_fwd[{_tag(images.dtype, g, prep.order, D)},{tag}]"
     return _Launch(name, _patch_embed_fwd_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
@@ -775,7 +861,7 @@ def _plan_fwd(
 
 
 def _check_launch(images: torch.Tensor) -> None:
-    if images.device.type != "cuda" and not triton_interpret():
+    if images.device.type not in ("cuda", "meta") and not triton_interpret():
         raise RuntimeError(
             f"the triton patch_embed kernels need CUDA tensors (got {images.device}); "
             "set TRITON_INTERPRET=1 to run them on CPU"
@@ -800,24 +886,26 @@ def patch_embed_fwd(
     out_eps: float,
     has_in_norm: bool,
     has_out_norm: bool,
+    _launch: Callable[[_Launch], None] = _run,
 ) -> torch.Tensor:
     """Forward launcher (see the module docstring for the contract)."""
     _check_launch(images)
-    prep = _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm)
+    prep = _prepare(
+        images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm
+    )
     g = prep.g
     P = 0 if cls_token is None else cls_token.shape[0]
     out = torch.empty((g.B, P + g.L, weight.shape[0]), device=images.device, dtype=images.dtype)
     if g.B == 0:
         return out
-    _plan_fwd(
-        images, prep, out_weight, out_bias, pos_embed, cls_token, out, None,
-        in_eps, out_eps, has_in_norm, has_out_norm, triton_interpret(),
-    ).run()
+    interpret = triton_interpret() and images.device.type == "cpu"
+    _launch(
+        _fwd_launch(
+            images, prep, out_weight, out_bias, pos_embed, cls_token, out, None,
+            in_eps, out_eps, has_in_norm, has_out_norm, interpret,
+        )
+    )
     return out
-
-
-def _empty(ref: torch.Tensor) -> torch.Tensor:
-    return ref.new_empty((0,))
 
 
 def patch_embed_bwd(
@@ -840,209 +928,167 @@ def patch_embed_bwd(
     has_in_norm: bool,
     has_out_norm: bool,
     grad_mask: Sequence[bool],
+    _launch: Callable[[_Launch], None] = _run,
 ) -> tuple[torch.Tensor, ...]:
     """Backward launcher (see the module docstring for the contract)."""
     _check_launch(images)
-    (want_w, want_b, want_gin, want_bin, want_gout, want_bout, want_pos, want_cls) = (
-        bool(v) for v in grad_mask
-    )
-    want_b = want_b and bias is not None
-    want_gin = want_gin and has_in_norm and in_weight is not None
-    want_bin = want_bin and has_in_norm and in_bias is not None
-    want_gout = want_gout and has_out_norm and out_weight is not None
-    want_bout = want_bout and has_out_norm and out_bias is not None
-    want_pos = want_pos and pos_embed is not None
-    want_cls = want_cls and cls_token is not None
+    want = [bool(v) for v in grad_mask]
+    present = [
+        True, bias is not None,
+        has_in_norm and in_weight is not None, has_in_norm and in_bias is not None,
+        has_out_norm and out_weight is not None, has_out_norm and out_bias is not None,
+        pos_embed is not None, cls_token is not None,
+    ]
+    want = [w and p for w, p in zip(want, present, strict=True)]
+    params = (weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token)
+    res = [images.new_empty((0,)) for _ in range(8)]
 
-    interpret = triton_interpret()
     g = _geometry(images, kernel_size, stride, padding)
     order = _kernel_order(images, patch_order)
     D, K, M = weight.shape[0], g.K, g.B * g.L
     P = 0 if cls_token is None else cls_token.shape[0]
     dev, dtype = images.device, images.dtype
-    res = [_empty(images) for _ in range(8)]
 
     # position embedding and prefix tokens: sums over the batch
-    if want_pos:
+    if want[6]:
         rows = grad_out if pos_embed.shape[0] == P + g.L else grad_out[:, P:]
         res[6] = rows.sum(dim=0, dtype=torch.float32).to(pos_embed.dtype)
-    if want_cls:
+    if want[7]:
         res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
-    need_dy = want_w or want_b or want_gin or want_bin or want_gout or want_bout
-    if not need_dy or M == 0:
-        if M == 0:
-            for i, (want, t) in enumerate(
-                ((want_w, weight), (want_b, bias), (want_gin, in_weight), (want_bin, in_bias),
-                 (want_gout, out_weight), (want_bout, out_bias))
-            ):
-                if want:
-                    res[i] = torch.zeros_like(t)
+    if not any(want[:6]):
+        return tuple(res)
+    if M == 0:
+        for i in range(6):
+            if want[i]:
+                res[i] = torch.zeros_like(params[i])
         return tuple(res)
 
+    interpret = triton_interpret() and dev.type == "cpu"
     cfg = bwd_config(M, D, K, dtype, interpret, _sms(dev))
     ints, xs = _x_args(images, g)
-    pc = _patch_constexprs(images, g, order, cfg.block_k)
+    pc = _patch_constexprs(images, g, order, cfg.block_m, cfg.block_k, grad_out)
+    norms = "+".join(n for n, on in (("in", has_in_norm), ("out", has_out_norm)) if on) or "plain"
+    tag = f"{_tag(dtype, g, order, D)},{norms}"
+    launch = lambda name, kernel, grid, args, **ce: _launch(  # noqa: E731
+        _Launch(f"{name}[{tag}]", kernel, grid, args, ce, cfg.num_warps, cfg.num_stages)
+    )
     w_k = _reorder(weight, g, patch_order, order)
     gin = _reorder(in_weight, g, patch_order, order) if has_in_norm else None
     bin_ = _reorder(in_bias, g, patch_order, order) if has_in_norm else None
     stats = torch.empty((M, 2), device=dev, dtype=torch.float32) if has_in_norm else None
     m_blocks = triton.cdiv(M, cfg.block_m)
 
-    # dy = d loss / d (patches @ W.T + bias), as rows b * sdb + (P + l) * sdt
+    # dy = d loss / d(patches @ W.T + bias): rows at b * sdb + (P + l) * sdt
     if has_out_norm:
-        prep = _prepare(images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm)
+        prep = _prepare(
+            images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
+            has_in_norm,
+        )
         y = torch.empty((g.B, g.L, D), device=dev, dtype=torch.float32)
-        _plan_fwd(
-            images, prep, None, None, None, None, y, stats,
-            in_eps, out_eps, has_in_norm, False, interpret,
-        ).run()
+        _launch(
+            _fwd_launch(
+                images, prep, None, None, None, None, y, stats,
+                in_eps, out_eps, has_in_norm, False, interpret,
+            )
+        )
         dy = torch.empty((M, D), device=dev, dtype=dtype)
         parts = torch.empty((3, m_blocks, D), device=dev, dtype=torch.float32)
-        _out_norm_bwd_kernel[(m_blocks,)](
-            grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
-            M, g.L, D, P, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), float(out_eps),
+        launch(
+            "patch_embed_out_norm_bwd", _out_norm_bwd_kernel, (m_blocks,),
+            [grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
+             M, g.L, D, P, *grad_out.stride(), float(out_eps)],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_OW=out_weight is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            IDX64=pc["IDX64"], GVEC=_run_vec(grad_out, 2, D),
+            YVEC=min(_run_vec(y, 2, D), _run_vec(dy, 1, D)),
         )
         sums = parts.sum(dim=1)
-        if want_gout:
-            res[4] = sums[0].to(out_weight.dtype)
-        if want_bout:
-            res[5] = sums[1].to(out_bias.dtype)
-        if want_b:
-            res[1] = sums[2].to(bias.dtype)
-        dy_ptr, sdb, sdt, sdd, dyP = dy, g.L * D, D, 1, 0
+        for i, row in ((4, 0), (5, 1), (1, 2)):
+            if want[i]:
+                res[i] = sums[row].to(params[i].dtype)
+        dy_t, dyP, (sdb, sdt, sdd) = dy, 0, (g.L * D, D, 1)
     else:
         if has_in_norm:
-            _patch_stats_kernel[(m_blocks,)](
-                images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps),
+            launch(
+                "patch_embed_stats", _patch_stats_kernel, (m_blocks,),
+                [images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps)],
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        if want_b:
+        if want[1]:
             res[1] = grad_out[:, P:].sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype)
-        dy_ptr, dyP = grad_out, P
-        sdb, sdt, sdd = grad_out.stride()
+        dy_t, dyP, (sdb, sdt, sdd) = grad_out, P, grad_out.stride()
+    dvec = _run_vec(dy_t, -1, D)
 
-    stats_arg = stats if stats is not None else images
-    if want_w:
+    if want[0]:
         blocks_per_split = triton.cdiv(m_blocks, cfg.split)
         split = triton.cdiv(m_blocks, blocks_per_split)
         ws = torch.empty((split, D, K), device=dev, dtype=torch.float32)
-        grid = (triton.cdiv(D, cfg.block_n) * triton.cdiv(K, cfg.block_k), split)
-        _dw_kernel[grid](
-            images, dy_ptr, stats_arg,
-            gin if gin is not None else images, bin_ if bin_ is not None else images, ws,
-            M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, blocks_per_split,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc,
+        launch(
+            "patch_embed_dw", _dw_kernel,
+            (triton.cdiv(D, cfg.block_n) * triton.cdiv(K, cfg.block_k), split),
+            [images, dy_t, stats if stats is not None else images,
+             gin if gin is not None else images, bin_ if bin_ is not None else images, ws,
+             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, blocks_per_split],
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
             IN_NORM=bool(has_in_norm), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
-            PREC=_prec(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREC=_prec(dtype),
         )
         res[0] = _reorder(ws.sum(dim=0), g, order, patch_order).to(weight.dtype)
-    if want_gin or want_bin:
+    if want[2] or want[3]:
         dparts = torch.empty((2, m_blocks, K), device=dev, dtype=torch.float32)
-        _dxn_kernel[(m_blocks * triton.cdiv(K, cfg.block_k),)](
-            images, dy_ptr, w_k, stats, dparts[0], dparts[1],
-            M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc,
-            PREC=_prec(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch(
+            "patch_embed_dxn", _dxn_kernel, (m_blocks * triton.cdiv(K, cfg.block_k),),
+            [images, dy_t, w_k, stats, dparts[0], dparts[1],
+             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1)],
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
+            WVEC=_run_vec(w_k, 1, K), PREC=_prec(dtype),
         )
         dsum = _reorder(dparts.sum(dim=1), g, order, patch_order)
-        if want_gin:
-            res[2] = dsum[0].to(in_weight.dtype)
-        if want_bin:
-            res[3] = dsum[1].to(in_bias.dtype)
+        for i in (2, 3):
+            if want[i]:
+                res[i] = dsum[i - 2].to(params[i].dtype)
     return tuple(res)
 
 
 # ----------------------------------------------------------------------------
-# ahead-of-time specialisations for the WORKLOADS.md shapes
+# ahead-of-time specialisations
 
 
 def _aot_specs() -> list[AotSpec]:
-    """Plans the launchers make for P1-P3 (batch 256, 224x224) in fp16 and bf16,
-    built on meta tensors with the GPU configuration."""
+    """What the launchers launch for the WORKLOADS.md shapes (batch 256, 224 x 224:
+    P1 ViT-B/16 + cls + pos, P2 the same with both norms in vit-pytorch's patch
+    order, P3 T2T's soft split 7/4/2 + LN + kqv 147 -> 192), forward and backward,
+    float16 and bfloat16, built on meta tensors with the GPU configuration."""
     specs: dict[str, AotSpec] = {}
     meta = torch.device("meta")
-    B, D = 256, 768
-    for dtype in (torch.float16, torch.bfloat16):
-        img = torch.empty((B, 3, 224, 224), device=meta, dtype=dtype)
-        vec = lambda n: torch.empty((n,), device=meta, dtype=dtype)  # noqa: E731
-        cases = [  # (name, weight (D, K), kernel/stride/pad, order, in_norm, out_norm, pos rows, P)
-            ("P1", (D, 768), (16, 16, 0), "cpq", False, False, 197, 1),
-            ("P2", (D, 768), (16, 16, 0), "pqc", True, True, 197, 1),
-            ("P3", (192, 147), (7, 4, 2), "cpq", True, False, 0, 0),
-        ]
-        for _, wshape, (k, s, p), order, in_n, out_n, pos_rows, P in cases:
-            w = torch.empty(wshape, device=meta, dtype=dtype)
-            d = wshape[0]
-            prep = _prepare(img, w, vec(d), vec(wshape[1]) if in_n else None, vec(wshape[1]) if in_n else None,
-                            (k, k), (s, s), (p, p), order, in_n)
-            g = prep.g
-            out = torch.empty((B, P + g.L, d), device=meta, dtype=dtype)
-            pos = torch.empty((pos_rows, d), device=meta, dtype=dtype) if pos_rows else None
-            cls = torch.empty((P, d), device=meta, dtype=dtype) if P else None
-            launches = [
-                _plan_fwd(img, prep, vec(d) if out_n else None, vec(d) if out_n else None, pos, cls, out, None,
-                          1e-5, 1e-5, in_n, out_n, False)
-            ]
-            if out_n:  # the backward's recompute
-                y = torch.empty((B, g.L, d), device=meta, dtype=torch.float32)
-                st = torch.empty((B * g.L, 2), device=meta, dtype=torch.float32)
-                launches.append(_plan_fwd(img, prep, None, None, None, None, y, st, 1e-5, 1e-5, in_n, False, False))
-            for launch in launches:
-                specs.setdefault(launch.name, launch.aot_spec())
-        specs.update(_bwd_specs(dtype))
+
+    def record(launch: _Launch) -> None:
+        specs.setdefault(launch.name, launch.aot_spec())
+
+    cases = {  # kernel, stride, padding, D, patch order, in norm, out norm, pos rows, prefix tokens
+        "P1": (16, 16, 0, 768, "cpq", False, False, 197, 1),
+        "P2": (16, 16, 0, 768, "pqc", True, True, 197, 1),
+        "P3": (7, 4, 2, 192, "cpq", True, False, 0, 0),
+    }
+    for dtype, channels_last in ((torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        images = torch.empty((256, 3, 224, 224), device=meta, dtype=dtype)
+        if channels_last:  # the kernel then gathers in "pqc" order
+            images = images.to(memory_format=torch.channels_last)
+
+        def t(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return torch.empty(shape, device=meta, dtype=dtype)
+
+        for k, s, p, D, order, in_n, out_n, pos_rows, P in cases.values():
+            K = 3 * k * k
+            L = ((224 + 2 * p - k) // s + 1) ** 2
+            args = (
+                images, t(D, K), t(D), t(K) if in_n else None, t(K) if in_n else None,
+                t(D) if out_n else None, t(D) if out_n else None,
+                t(pos_rows, D) if pos_rows else None, t(P, D) if P else None,
+                (k, k), (s, s), (p, p), order, 1e-5, 1e-5, in_n, out_n,
+            )
+            patch_embed_fwd(*args, _launch=record)
+            patch_embed_bwd(t(256, P + L, D), *args, [True] * 8, _launch=record)
     return list(specs.values())
-
-
-def _bwd_specs(dtype: torch.dtype) -> dict[str, AotSpec]:
-    """The backward kernels' constexpr combinations for P1-P3 (sm_90 configuration)."""
-    out: dict[str, AotSpec] = {}
-    t = _TRITON_TYPES[dtype]
-    for wl, (C, H, k, s, p, D, order, in_n, out_n) in {
-        "P1": (3, 224, 16, 16, 0, 768, "cpq", False, False),
-        "P2": (3, 224, 16, 16, 0, 768, "cpq", True, True),
-        "P3": (3, 224, 7, 4, 2, 192, "cpq", True, False),
-    }.items():
-        img = torch.empty((256, C, H, H), device="meta", dtype=dtype)
-        g = _geometry(img, (k, k), (s, s), (p, p))
-        M, K = g.B * g.L, g.K
-        cfg = bwd_config(M, D, K, dtype, False, 132)
-        pc = _patch_constexprs(img, g, order, cfg.block_k)
-        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-
-        def spec(name, kernel, ptrs, consts):
-            sig = {a: ("*" + ptrs[a] if a in ptrs else "constexpr" if a in consts else
-                       "fp32" if a.endswith("eps") else "i32") for a in kernel.arg_names}
-            return AotSpec(f"{name}[{_SHORT[dtype]},{wl}]", kernel, sig, consts, cfg.num_warps, cfg.num_stages)
-
-        if out_n:
-            out[f"onb{wl}"] = spec(
-                "patch_embed_out_norm_bwd", _out_norm_bwd_kernel,
-                {"g_ptr": t, "y_ptr": "fp32", "ow_ptr": t, "dy_ptr": t, "dow_part": "fp32",
-                 "dob_part": "fp32", "dbias_part": "fp32"},
-                {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HAS_OW": True},
-            )
-        elif in_n:
-            out[f"st{wl}"] = spec(
-                "patch_embed_stats", _patch_stats_kernel, {"x_ptr": t, "stats_ptr": "fp32"},
-                {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, **pc},
-            )
-        out[f"dw{wl}"] = spec(
-            "patch_embed_dw", _dw_kernel,
-            {"x_ptr": t, "dy_ptr": t, "stats_ptr": "fp32" if in_n else t, "gin_ptr": t, "bin_ptr": t,
-             "ws_ptr": "fp32"},
-            {**tiles, **pc, "IN_NORM": in_n, "HAS_GIN": in_n, "HAS_BIN": in_n, "PREC": _prec(dtype)},
-        )
-        if in_n:
-            out[f"dxn{wl}"] = spec(
-                "patch_embed_dxn", _dxn_kernel,
-                {"x_ptr": t, "dy_ptr": t, "w_ptr": t, "stats_ptr": "fp32", "dg_part": "fp32",
-                 "db_part": "fp32"},
-                {**tiles, **pc, "PREC": _prec(dtype)},
-            )
-    return {s.name: s for s in out.values()}
 
 
 AOT_SPECS: list[AotSpec] = _aot_specs()
