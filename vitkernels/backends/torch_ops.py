@@ -9,3 +9,94 @@ from __future__ import annotations
 
 import torch  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
+
+# ----------------------------------------------------------------------------
+# performer_attention (owned by vitkernels/ops/performer.py)
+
+
+def performer_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, *, eps: float = 1e-8
+) -> torch.Tensor:
+    """T2T-ViT's Performer attention as stock ops, in a form whose exp() stays finite.
+
+    The same number as the reference (see vitkernels/triton/performer.py for the
+    derivation): with a = x w^T - |x|^2 / 2, lks = logsumexp_t(a_k) and
+    vbar = softmax_t(a_k)^T v, y = sum_m p vbar / (sum_m p + eps M e^-s) where
+    p = exp(a_q + lks - s), s = max_m(a_q + lks). Float32 math (float64 stays
+    float64); q, k, v (B, T, E), w (M, E); returns (B, T, E) in q's dtype.
+    """
+    import math
+
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    wt = w.to(ct).t()  # (E, M)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:  # (B, T, E) -> (B, T, M)
+        x = x.to(ct)
+        return x @ wt - 0.5 * (x * x).sum(dim=-1, keepdim=True)
+
+    ak = logits(k)
+    lks = torch.logsumexp(ak, dim=1)  # (B, M)
+    vbar = torch.softmax(ak, dim=1).transpose(1, 2) @ v.to(ct)  # (B, M, E)
+    lq = logits(q) + lks.unsqueeze(1)  # (B, T, M)
+    s = lq.amax(dim=-1, keepdim=True).detach()  # y does not depend on s: no gradient
+    p = torch.exp(lq - s)
+    z = p.sum(dim=-1, keepdim=True)
+    if eps > 0:
+        z = z + torch.exp(math.log(eps) + math.log(w.shape[0]) - s)
+    return ((p @ vbar) / z).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------
+# patch_embed (owned by vitkernels/ops/patch_embed.py)
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    patch_order: str = "cpq",
+    in_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
+    out_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Patch embedding as stock ops: Conv2d without an input norm (the weight's
+    "pqc" columns permuted to Conv2d's (c, p, q)), else unfold + layer_norm +
+    linear in Conv2d's patch order (the norm's affine permuted alike; its
+    statistics do not depend on the order). images (B, C, H, W), weight (D, K),
+    pos_embed (L or P + L, D), cls_token (P, D); returns (B, P + L, D).
+    """
+    B, C = images.shape[:2]
+    kh, kw = kernel_size
+    D, K = weight.shape
+
+    def to_cpq(t: torch.Tensor | None) -> torch.Tensor | None:  # (..., (p q c)) -> (..., (c p q))
+        if t is None or patch_order == "cpq":
+            return t
+        return t.reshape(*t.shape[:-1], kh, kw, C).movedim(-1, -3).reshape(*t.shape[:-1], K)
+
+    w = to_cpq(weight)
+    if in_norm is None:
+        y = F.conv2d(images, w.reshape(D, C, kh, kw), bias, stride=stride, padding=padding)
+        tokens = y.flatten(2).transpose(1, 2)  # (B, D, Ho, Wo) -> (B, L, D)
+    else:
+        nw, nb, eps = in_norm
+        cols = F.unfold(images, kernel_size, stride=stride, padding=padding)  # (B, K, L)
+        x = F.layer_norm(cols.transpose(1, 2), (K,), to_cpq(nw), to_cpq(nb), eps)
+        tokens = F.linear(x, w, bias)
+    if out_norm is not None:
+        nw, nb, eps = out_norm
+        tokens = F.layer_norm(tokens, (D,), nw, nb, eps)
+    L = tokens.shape[1]
+    if pos_embed is not None and pos_embed.shape[0] == L:
+        tokens = tokens + pos_embed
+        pos_embed = None
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.expand(B, -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens

@@ -1,0 +1,277 @@
+"""performer_attention: T2T-ViT's Performer single attention (official Token_performer).
+
+    phi(x) = exp(x @ w.T - |x|^2 / 2) / sqrt(M)
+    y = phi(q) @ (phi(k).T @ v) / (phi(q) @ sum_t phi(k) + eps)
+
+q, k, v (B, T, E) with any strides (views of one kqv projection), w (M, E) fixed
+random features. The math is float32 whatever the input dtype (float64 stays
+float64 on the reference and torch backends); the result has q's dtype.
+
+Backends, in automatic priority order: cuda (the compiled extension), triton,
+torch (a stable stock-PyTorch composite, the automatic choice on CPU), reference
+(the literal formula). The triton and cuda backends run through the custom ops
+``vitkernels::performer_attention_fwd`` / ``_bwd`` (fake impls and autograd
+registered), so they work under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from vitkernels import cuda as _cuda
+from vitkernels.backends import reference as _reference
+from vitkernels.backends import torch_ops as _torch_ops
+from vitkernels.ops._dispatch import (
+    Backend,
+    dtype_reasons,
+    kernel_device_reasons,
+    select,
+    triton_import_error,
+)
+
+__all__ = ["BACKENDS", "performer_attention"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------
+# custom ops (the triton and cuda backends)
+
+
+def _launchers(backend: str) -> tuple[Any, Any]:
+    if backend == "cuda":
+        return _cuda.op("performer_attention_fwd"), _cuda.op("performer_attention_bwd")
+    if backend == "triton":
+        from vitkernels.triton import performer as tk
+
+        return tk.performer_attention_fwd, tk.performer_attention_bwd
+    raise ValueError(f"performer_attention: kernel backend {backend!r}; expected 'triton' or 'cuda'")
+
+
+@torch.library.custom_op("vitkernels::performer_attention_fwd", mutates_args=())
+def performer_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, lks, vbar): the result and the key statistics the backward reuses."""
+    fwd, _ = _launchers(backend)
+    y, lks, vbar = fwd(q, k, v, w, eps)
+    return y, lks, vbar
+
+
+@performer_attention_fwd.register_fake
+def _(q, k, v, w, eps, backend):
+    B, T, E = q.shape
+    M = w.shape[0]
+    return (
+        q.new_empty((B, T, E)),
+        q.new_empty((B, M), dtype=torch.float32),
+        q.new_empty((B, M, E), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("vitkernels::performer_attention_bwd", mutates_args=())
+def performer_attention_bwd(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    lks: torch.Tensor,
+    vbar: torch.Tensor,
+    eps: float,
+    w_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dw); dw is zeros unless w_grad."""
+    _, bwd = _launchers(backend)
+    dq, dk, dv, dw = bwd(dy, q, k, v, w, lks, vbar, eps, w_grad)
+    return dq, dk, dv, dw
+
+
+@performer_attention_bwd.register_fake
+def _(dy, q, k, v, w, lks, vbar, eps, w_grad, backend):
+    shape = tuple(q.shape)
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape), w.new_empty(w.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, w, eps, backend = inputs
+    _, lks, vbar = output
+    ctx.save_for_backward(q, k, v, w, lks, vbar)
+    ctx.eps = eps
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lks, vbar)
+
+
+def _backward(ctx, dy, _dlks, _dvbar):
+    q, k, v, w, lks, vbar = ctx.saved_tensors
+    w_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dw = performer_attention_bwd(dy, q, k, v, w, lks, vbar, ctx.eps, w_grad, ctx.backend)
+    return dq, dk, dv, (dw if w_grad else None), None, None
+
+
+performer_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# backends
+
+
+def _size_reasons(E: int, M: int) -> list[str]:
+    from vitkernels.triton.performer import MAX_E, MAX_M
+
+    reasons = []
+    if E > MAX_E:
+        reasons.append(f"E={E} is above the kernels' limit of {MAX_E}")
+    if M > MAX_M:
+        reasons.append(f"M={M} random features is above the kernels' limit of {MAX_M}")
+    return reasons
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    gpu_kernel = True
+
+    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
+        reason = _cuda.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        if not _cuda.has_op("performer_attention_fwd") or not _cuda.has_op(
+            "performer_attention_bwd"
+        ):
+            return ["the CUDA extension has no performer_attention_fwd/_bwd ops"]
+        reasons = kernel_device_reasons([q, k, v, w], allow_interpret=False)
+        reasons += dtype_reasons({"q": q, "k": k, "v": v}, _HALF)
+        reasons += dtype_reasons({"w": w}, _KERNEL_DTYPES)
+        return reasons + _size_reasons(q.shape[-1], w.shape[0])
+
+    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
+        return performer_attention_fwd(q, k, v, w, eps, "cuda")[0]
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    gpu_kernel = True
+
+    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
+        err = triton_import_error()
+        if err is not None:
+            return [err]
+        reasons = kernel_device_reasons([q, k, v, w], allow_interpret=True)
+        reasons += dtype_reasons({"q": q, "k": k, "v": v, "w": w}, _KERNEL_DTYPES)
+        return reasons + _size_reasons(q.shape[-1], w.shape[0])
+
+    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
+        return performer_attention_fwd(q, k, v, w, eps, "triton")[0]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
+        return dtype_reasons({"q": q, "k": k, "v": v, "w": w}, _FLOAT_DTYPES)
+
+    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
+        return _torch_ops.performer_attention(q, k, v, w, eps=eps)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
+        return []
+
+    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
+        return _reference.performer_attention(q, k, v, w, eps=eps)
+
+
+BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
+
+
+# ----------------------------------------------------------------------------
+# public function
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _validate(q: Any, k: Any, v: Any, w: Any, eps: Any) -> float:
+    for name, t in (("q", q), ("k", k), ("v", v), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"performer_attention: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(
+                f"performer_attention: {name} has dtype {t.dtype}; expected a floating-point "
+                "tensor (float16, bfloat16, float32 or float64)"
+            )
+    if q.ndim != 3:
+        raise ValueError(f"performer_attention: q has shape {_shape(q)}; expected (B, T, E)")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"performer_attention: {name} has shape {_shape(t)}; expected q's shape {_shape(q)}"
+            )
+    B, T, E = q.shape
+    if w.ndim != 2 or w.shape[1] != E:
+        raise ValueError(
+            f"performer_attention: w has shape {_shape(w)}; expected (M, E) with E={E} (q's last dim)"
+        )
+    if T < 1 or E < 1 or w.shape[0] < 1:
+        raise ValueError(
+            f"performer_attention: sizes T={T}, E={E}, M={w.shape[0]}; expected each >= 1"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(
+                f"performer_attention: {name} has dtype {t.dtype} but q has {q.dtype}; "
+                "expected q, k, v of one dtype"
+            )
+    devices = {t.device for t in (q, k, v, w)}
+    if len(devices) > 1:
+        raise ValueError(
+            "performer_attention: q, k, v, w are on different devices "
+            f"({', '.join(str(t.device) for t in (q, k, v, w))}); expected one device"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"performer_attention: eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"performer_attention: eps={eps}; expected a finite float >= 0")
+    return eps
+
+
+def performer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """T2T-ViT's Performer single attention.
+
+    Args:
+        q, k, v: (B, T, E), one floating dtype, any strides (e.g. the k, q, v
+            views of one kqv Linear output).
+        w: (M, E) random features (the official Token_performer's ``w``).
+        eps: added to the normaliser, >= 0 (the official ``epsilon``).
+        backend: force "reference", "torch", "triton" or "cuda"; None picks
+            automatically (see ``vitkernels.use_backend``).
+
+    Returns:
+        y (B, T, E) in q's dtype: phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k) + eps)
+        with phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(M). Differentiable in q, k, v
+        and w.
+    """
+    eps = _validate(q, k, v, w, eps)
+    impl = select("performer_attention", BACKENDS, backend, q=q, k=k, v=v, w=w, eps=eps)
+    return impl(q=q, k=k, v=v, w=w, eps=eps)

@@ -1,0 +1,682 @@
+"""Triton kernels for ``performer_attention`` (T2T-ViT's Performer single attention).
+
+Launcher contract
+=================
+
+The CUDA extension mirrors these two launchers op for op
+(``torch.ops.vitkernels_C.performer_attention_fwd`` / ``..._bwd``): identical
+positional arguments, identical results (dtypes, shapes, meaning).
+
+``performer_attention_fwd(q, k, v, w, eps) -> (y, lks, vbar)``
+    q, k, v  Tensor (B, T, E), one dtype (float16, bfloat16 or float32), any
+             strides (typically views of one (B, T, 3E) kqv projection), T >= 1
+    w        Tensor (M, E), float16, bfloat16 or float32, any strides
+    eps      float >= 0
+    y        Tensor (B, T, E), q.dtype, contiguous: the op's result
+    lks      Tensor (B, M), float32, contiguous:
+             lks[b, m] = log sum_t exp(k[b,t] . w[m] - |k[b,t]|^2 / 2)
+    vbar     Tensor (B, M, E), float32, contiguous:
+             vbar[b, m] = sum_t softmax_t(k[b,t] . w[m] - |k[b,t]|^2 / 2) v[b,t]
+    (lks and vbar are the per-batch key statistics the backward reuses.)
+
+``performer_attention_bwd(dy, q, k, v, w, lks, vbar, eps, w_grad) -> (dq, dk, dv, dw)``
+    dy       Tensor (B, T, E), q.dtype, any strides (stride 0 allowed)
+    q, k, v, w, eps   as given to the forward; lks, vbar as it returned them
+    w_grad   bool: whether dw is wanted
+    dq, dk, dv   Tensor (B, T, E), q.dtype, contiguous
+    dw       Tensor (M, E), w.dtype, contiguous (zeros when w_grad is False)
+
+Math
+====
+
+With a[t, m] = x_t . w_m - |x_t|^2 / 2 (x = q or k), phi(x) = exp(a) / sqrt(M), the
+reference computes y_t = phi(q_t) (phi(k)^T v) / (phi(q_t) . sum_t phi(k) + eps).
+The kernels compute the same number in a form whose exp() never overflows:
+
+    lks[m]  = log sum_t exp(ak[t, m])                 (per key feature m)
+    vbar[m] = sum_t exp(ak[t, m] - lks[m]) v_t        (a convex combination of v)
+    l[t, m] = aq[t, m] + lks[m],  s_t = max_m l[t, m]
+    p[t, m] = exp(l[t, m] - s_t)                      (in [0, 1], max exactly 1)
+    y_t     = sum_m p[t, m] vbar[m] / (sum_m p[t, m] + exp(log(eps * M) - s_t))
+
+Why this is the reference's number. sum_t phi(k_t)[m] = exp(lks[m]) / sqrt(M) and
+(phi(k)^T v)[:, m] = exp(lks[m]) / sqrt(M) * vbar[m], so numerator and
+denominator of the reference are exp(s_t) / M times the numerator and the first
+term of the denominator above; dividing both by exp(s_t) / M turns eps into
+eps * M * exp(-s_t). Only factors common to numerator and denominator are
+divided out: the per-token exp(max_m aq + ...) of phi(q_t) and, through lks,
+one factor per key feature m, which multiplies both sum_t phi(k)[m] and
+(phi(k)^T v)[:, m] (the brief's per-batch factor is the special case of a single
+shift for all m; a shift per m is as exact and keeps every feature's key sum
+from underflowing when the features' scales differ). eps is not divided out:
+it is kept, exactly, as exp(log(eps * M) - s_t).
+
+Why it is finite. Every exponent is <= 0 except log(eps * M) - s_t: p and
+exp(ak - lks) lie in [0, 1], sum_m p >= 1 (the maximal term is exp(0) = 1),
+|vbar| <= max_t |v_t|. So the numerator is at most M * max|v| and the
+denominator at least 1: y is finite for finite inputs, whatever their norms.
+When log(eps * M) - s_t overflows float32 (s_t < about -105), the denominator
+is +inf and y = 0, and the exact value is below M * max|v| * 3e-39 in size
+(eps dominates a denominator that has underflowed): 0 is its float32 rounding.
+Where the float64 reference is finite, it and this agree to rounding: exp()
+of the reference's aq and ak is then finite and this is the same ratio;
+where the reference under- or overflows (0/eps, inf/inf), this still returns
+the limit of the exact expression.
+
+Precision. Products are accumulated in float32. Dots with an input-dtype
+operand (q, k, v, dy) run on tensor cores in that dtype; w, which sets the
+exponent, is split into hi + lo parts of the input dtype (a float32 w with
+16-bit inputs), so x . w carries ~16-22 bits instead of 8-11; so is vbar in the
+forward. Probabilities p, exp(ak - lks) and the backward's intermediates are
+rounded to the input dtype for their dots (as FlashAttention does), and each
+normaliser is summed from the same rounded values it divides. Float32 inputs
+use exact float32 dots (input_precision="ieee", CUDA-core FMAs; tf32x3 needs
+more registers than sm_80 has for these tiles).
+
+Kernels and passes
+==================
+
+forward: ``_fwd_kv_kernel`` (grid B x n_chunks): one pass over a chunk of the
+tokens computing per-chunk column maxima, exp-sums and exp-weighted sums of v
+(online, like FlashAttention's row statistics, here per feature column);
+``_fwd_q_kernel`` (same grid): merges the chunks' partials of its batch element
+in chunk order (a deterministic reduction, no atomics), writes lks and vbar
+(chunk 0 only) and produces y for its chunk of tokens.
+
+backward: ``_bwd_q_kernel``: dq, and per-chunk partials of d vbar, d lks and
+(w_grad) d w from the query side; ``_bwd_kv_kernel``: merges those partials in
+chunk order, computes dk, dv and the key side's d w partials. dw is the sum of
+all partials, reduced in a fixed order by torch.sum.
+
+With l and s_t as above, r = p / Z (Z the denominator) and g = dy:
+    dl[t, m] = r[t, m] (g_t . vbar[m] - g_t . y_t)       (d loss / d aq = d / d l)
+    dq_t = sum_m dl[t, m] (w_m - q_t);  dvbar[m] = sum_t r[t, m] g_t;  dlks[m] = sum_t dl
+    pi[t, m] = exp(ak[t, m] - lks[m])
+    dak[t, m] = pi[t, m] (dlks[m] + v_t . dvbar[m] - vbar[m] . dvbar[m])
+    dk_t = sum_m dak[t, m] (w_m - k_t);  dv_t = sum_m pi[t, m] dvbar[m]
+    dw_m = sum_t dl[t, m] q_t + dak[t, m] k_t
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.triton._aot import AotSpec
+
+__all__ = [
+    "AOT_SPECS",
+    "MAX_E",
+    "MAX_M",
+    "TARGET_PROGRAMS",
+    "performer_attention_bwd",
+    "performer_attention_fwd",
+]
+
+# The kernels keep (M, E) tiles of statistics in registers; above these sizes some
+# specialisations spill (checked by AOT compilation), and the torch backend runs.
+MAX_E = 64
+MAX_M = 32
+
+# Chunking heuristic: split each batch element's tokens into chunks so that about
+# this many programs run (a GPU tuning pass may change it; tests lower it to get
+# several chunks of several tiles from tiny shapes).
+TARGET_PROGRAMS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_t_kv: int  # token tile of the key/value-side kernel
+    block_t_q: int  # token tile of the query-side kernel
+    block_e: int
+    block_m: int
+    chunk_len: int  # tokens per chunk, a multiple of both token tiles
+    n_chunks: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def launch_config(
+    B: int, T: int, E: int, M: int, dtype: torch.dtype, backward: bool = False
+) -> LaunchConfig:
+    """Block sizes and token chunking for one shape: a small deterministic heuristic.
+
+    Token tiles are chosen so that no specialisation spills registers (see AOT_SPECS);
+    chunks are sized so that about TARGET_PROGRAMS programs run, each over whole tiles.
+    """
+    block_e = _pow2(E, 16)
+    block_m = _pow2(M, 16)
+    # float32 inputs use exact float32 ("ieee") dots on CUDA cores: smaller tiles
+    if backward:
+        bt, num_warps = (16, 4) if dtype == torch.float32 else (32, 8)
+    else:
+        bt, num_warps = (32, 4) if dtype == torch.float32 else (64, 4)
+    bt_kv = bt_q = bt
+    cap = _pow2(T, 16)
+    bt_kv, bt_q = min(bt_kv, cap), min(bt_q, cap)
+    tile = max(bt_kv, bt_q)
+    n_tiles = triton.cdiv(T, tile)
+    want = max(1, triton.cdiv(TARGET_PROGRAMS, max(B, 1)))
+    chunk_len = triton.cdiv(n_tiles, min(n_tiles, want)) * tile
+    return LaunchConfig(
+        block_t_kv=bt_kv,
+        block_t_q=bt_q,
+        block_e=block_e,
+        block_m=block_m,
+        chunk_len=chunk_len,
+        n_chunks=triton.cdiv(T, chunk_len),
+        num_warps=num_warps,
+        num_stages=2,
+    )
+
+
+# ----------------------------------------------------------------------------
+# helpers shared by the kernels
+
+
+@triton.jit
+def _split(x, DT: tl.constexpr, SPLIT: tl.constexpr):
+    """float32 x -> (hi, lo) in DT with hi + lo ~= x; lo is unused unless SPLIT."""
+    hi = x.to(DT)
+    if SPLIT:
+        lo = (x - hi.to(tl.float32)).to(DT)
+    else:
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def _dot2(a, b_hi, b_lo, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ (b_hi + b_lo) (b_lo only when SPLIT)."""
+    acc = tl.dot(a, b_hi, acc, input_precision=PREC)
+    if SPLIT:
+        acc = tl.dot(a, b_lo, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _load_wt(w_ptr, stride_wm, stride_we, offs_m, offs_e, mmask, emask, DT: tl.constexpr,
+             W_SPLIT: tl.constexpr):
+    """w^T as (BLOCK_E, BLOCK_M) hi/lo parts in DT; padded entries are 0."""
+    ptrs = w_ptr + offs_e[:, None] * stride_we + offs_m[None, :] * stride_wm
+    wt = tl.load(ptrs, mask=emask[:, None] & mmask[None, :], other=0.0).to(tl.float32)
+    return _split(wt, DT, W_SPLIT)
+
+
+@triton.jit
+def _logits(x, wt_hi, wt_lo, W_SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """x (BLOCK_T, BLOCK_E) in DT -> a = x . w_m - |x|^2 / 2, (BLOCK_T, BLOCK_M) float32."""
+    acc = tl.zeros((x.shape[0], wt_hi.shape[1]), dtype=tl.float32)
+    acc = _dot2(x, wt_hi, wt_lo, acc, W_SPLIT, PREC)
+    xf = x.to(tl.float32)
+    return acc - 0.5 * tl.sum(xf * xf, axis=1)[:, None]
+
+
+@triton.jit
+def _merge_stats(pm_ptr, ps_ptr, pu_ptr, b, n_chunks, M, E, offs_m, offs_e, mmask, emask,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Merge the chunks' (max, exp-sum, exp-weighted v) of batch b in chunk order.
+
+    Returns lks (BLOCK_M,) with -inf on padded features and vbar (BLOCK_M, BLOCK_E)
+    with 0 on padded entries.
+    """
+    cm = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    umask = mmask[:, None] & emask[None, :]
+    for j in range(0, n_chunks):
+        row = b * n_chunks + j
+        mj = tl.load(pm_ptr + row * M + offs_m, mask=mmask, other=0.0)
+        sj = tl.load(ps_ptr + row * M + offs_m, mask=mmask, other=0.0)
+        uj = tl.load(pu_ptr + (row * M + offs_m[:, None]) * E + offs_e[None, :], mask=umask,
+                     other=0.0)
+        cnew = tl.maximum(cm, mj)
+        keep = tl.exp(cm - cnew)  # 0 on the first chunk (cm = -inf, cnew finite)
+        take = tl.exp(mj - cnew)
+        s = s * keep + sj * take
+        u = u * keep[:, None] + uj * take[:, None]
+        cm = cnew
+    # s >= 1 on real features: the chunk holding the column maximum adds exp(0) * (>= 1)
+    s = tl.where(mmask, s, 1.0)
+    lks = tl.where(mmask, cm + tl.log(s), float("-inf"))
+    vbar = tl.where(umask, u / s[:, None], 0.0)
+    return lks, vbar
+
+
+# ----------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_kv_kernel(
+    k_ptr, v_ptr, w_ptr, pm_ptr, ps_ptr, pu_ptr,
+    T, E, M, chunk_len, n_chunks,
+    stride_kb, stride_kt, stride_ke,
+    stride_vb, stride_vt, stride_ve,
+    stride_wm, stride_we,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    W_SPLIT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per (batch, chunk): column max cm, sum_t exp(ak - cm), sum_t exp(ak - cm) v_t."""
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    c = pid % n_chunks
+    DT: tl.constexpr = k_ptr.dtype.element_ty
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_m = tl.arange(0, BLOCK_M)
+    emask = offs_e < E
+    mmask = offs_m < M
+    wt_hi, wt_lo = _load_wt(w_ptr, stride_wm, stride_we, offs_m, offs_e, mmask, emask, DT, W_SPLIT)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[None, :] * stride_ke
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[None, :] * stride_ve
+    t_start = c * chunk_len
+    t_end = tl.minimum(t_start + chunk_len, T)
+
+    cm = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ut = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)  # (e, m): e rows fill a wgmma tile
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + offs_t
+        tmask = rows < t_end
+        lmask = tmask[:, None] & emask[None, :]
+        kx = tl.load(k_base + rows[:, None] * stride_kt, mask=lmask, other=0.0)
+        vx = tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0)
+        a = _logits(kx, wt_hi, wt_lo, W_SPLIT, PREC)  # (t, m)
+        a = tl.where(tmask[:, None], a, float("-inf"))
+        cnew = tl.maximum(cm, tl.max(a, axis=0))  # finite: row 0 of a tile is a token
+        keep = tl.exp(cm - cnew)
+        p = tl.exp(a - cnew[None, :]).to(DT)  # (t, m) in [0, 1]
+        s = s * keep + tl.sum(p.to(tl.float32), axis=0)
+        ut = tl.dot(tl.trans(vx), p, ut * keep[None, :], input_precision=PREC)
+        cm = cnew
+
+    row = b * n_chunks + c
+    tl.store(pm_ptr + row * M + offs_m, cm, mask=mmask)
+    tl.store(ps_ptr + row * M + offs_m, s, mask=mmask)
+    tl.store(pu_ptr + (row * M + offs_m[None, :]) * E + offs_e[:, None], ut,
+             mask=emask[:, None] & mmask[None, :])
+
+
+@triton.jit
+def _fwd_q_kernel(
+    q_ptr, w_ptr, pm_ptr, ps_ptr, pu_ptr, y_ptr, lks_ptr, vbar_ptr,
+    T, E, M, chunk_len, n_chunks, log_eps_m,
+    stride_qb, stride_qt, stride_qe,
+    stride_wm, stride_we,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    HALF: tl.constexpr, W_SPLIT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Merge the key statistics of batch b, then y for the chunk's tokens."""
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    c = pid % n_chunks
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_m = tl.arange(0, BLOCK_M)
+    emask = offs_e < E
+    mmask = offs_m < M
+    wt_hi, wt_lo = _load_wt(w_ptr, stride_wm, stride_we, offs_m, offs_e, mmask, emask, DT, W_SPLIT)
+    lks, vbar = _merge_stats(pm_ptr, ps_ptr, pu_ptr, b, n_chunks, M, E, offs_m, offs_e,
+                             mmask, emask, BLOCK_M, BLOCK_E)
+    first = (offs_m * 0 + c) == 0  # chunk 0 writes the merged statistics
+    tl.store(lks_ptr + b * M + offs_m, lks, mask=mmask & first)
+    tl.store(vbar_ptr + (b * M + offs_m[:, None]) * E + offs_e[None, :], vbar,
+             mask=(mmask & first)[:, None] & emask[None, :])
+    vb_hi, vb_lo = _split(vbar, DT, HALF)  # (m, e)
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + offs_e[None, :] * stride_qe
+    y_base = y_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
+    t_start = c * chunk_len
+    t_end = tl.minimum(t_start + chunk_len, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + offs_t
+        lmask = (rows < t_end)[:, None] & emask[None, :]
+        qx = tl.load(q_base + rows[:, None] * stride_qt, mask=lmask, other=0.0)
+        lg = _logits(qx, wt_hi, wt_lo, W_SPLIT, PREC) + lks[None, :]  # (t, m), -inf on padding
+        st = tl.max(lg, axis=1)
+        p = tl.exp(lg - st[:, None]).to(DT)
+        z = tl.sum(p.to(tl.float32), axis=1) + tl.exp(log_eps_m - st)
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        acc = _dot2(p, vb_hi, vb_lo, acc, HALF, PREC)
+        yt = acc / z[:, None]
+        tl.store(y_base + rows[:, None] * E, yt.to(DT), mask=lmask)
+
+
+# ----------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_q_kernel(
+    dy_ptr, q_ptr, w_ptr, lks_ptr, vbar_ptr, dq_ptr, pdv_ptr, pdl_ptr, pdw_ptr,
+    T, E, M, chunk_len, n_chunks, log_eps_m,
+    stride_gb, stride_gt, stride_ge,
+    stride_qb, stride_qt, stride_qe,
+    stride_wm, stride_we,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    HALF: tl.constexpr, W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq for the chunk's tokens; partial sums of dvbar, dlks (and dw) for the chunk."""
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    c = pid % n_chunks
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_m = tl.arange(0, BLOCK_M)
+    emask = offs_e < E
+    mmask = offs_m < M
+    umask = mmask[:, None] & emask[None, :]
+    wt_hi, wt_lo = _load_wt(w_ptr, stride_wm, stride_we, offs_m, offs_e, mmask, emask, DT, W_SPLIT)
+    w_mat = tl.trans(wt_hi)  # (m, e)
+    lks = tl.load(lks_ptr + b * M + offs_m, mask=mmask, other=float("-inf"))
+    vbar = tl.load(vbar_ptr + (b * M + offs_m[:, None]) * E + offs_e[None, :], mask=umask,
+                   other=0.0)
+    vbt_hi, vbt_lo = _split(tl.trans(vbar), DT, HALF)  # (e, m)
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + offs_e[None, :] * stride_qe
+    g_base = dy_ptr + b.to(tl.int64) * stride_gb + offs_e[None, :] * stride_ge
+    dq_base = dq_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
+    # (e, m) accumulators: e rows fill a wgmma tile where m (often 32) would not
+    acc_dv = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)
+    acc_dl = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_dw = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)
+    t_start = c * chunk_len
+    t_end = tl.minimum(t_start + chunk_len, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + offs_t
+        tmask = rows < t_end
+        lmask = tmask[:, None] & emask[None, :]
+        qx = tl.load(q_base + rows[:, None] * stride_qt, mask=lmask, other=0.0)
+        g = tl.load(g_base + rows[:, None] * stride_gt, mask=lmask, other=0.0)
+        lg = _logits(qx, wt_hi, wt_lo, W_SPLIT, PREC) + lks[None, :]
+        st = tl.max(lg, axis=1)
+        p = tl.exp(lg - st[:, None]).to(DT)
+        z = tl.sum(p.to(tl.float32), axis=1) + tl.exp(log_eps_m - st)
+        r = tl.where(tmask[:, None], p.to(tl.float32) / z[:, None], 0.0)  # (t, m)
+        gv = _dot2(g, vbt_hi, vbt_lo, tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32), HALF, PREC)
+        gy = tl.sum(r * gv, axis=1)  # g_t . y_t, as y_t = sum_m r[t, m] vbar[m]
+        dl = r * (gv - gy[:, None])
+        dq = tl.dot(dl.to(DT), w_mat, input_precision=PREC)
+        dq = dq - tl.sum(dl, axis=1)[:, None] * qx.to(tl.float32)
+        tl.store(dq_base + rows[:, None] * E, dq.to(DT), mask=lmask)
+        acc_dv = tl.dot(tl.trans(g), r.to(DT), acc_dv, input_precision=PREC)
+        acc_dl += tl.sum(dl, axis=0)
+        if W_GRAD:
+            acc_dw = tl.dot(tl.trans(qx), dl.to(DT), acc_dw, input_precision=PREC)
+
+    row = b * n_chunks + c
+    tmask_em = emask[:, None] & mmask[None, :]
+    tl.store(pdv_ptr + (row * M + offs_m[None, :]) * E + offs_e[:, None], acc_dv, mask=tmask_em)
+    tl.store(pdl_ptr + row * M + offs_m, acc_dl, mask=mmask)
+    if W_GRAD:
+        tl.store(pdw_ptr + (row * M + offs_m[None, :]) * E + offs_e[:, None], acc_dw,
+                 mask=tmask_em)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    k_ptr, v_ptr, w_ptr, lks_ptr, vbar_ptr, pdv_ptr, pdl_ptr, dk_ptr, dv_ptr, pdw_ptr,
+    T, E, M, chunk_len, n_chunks,
+    stride_kb, stride_kt, stride_ke,
+    stride_vb, stride_vt, stride_ve,
+    stride_wm, stride_we,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr, PREC: tl.constexpr,
+):
+    """Merge dvbar, dlks of batch b in chunk order; dk, dv and the key side's dw partial."""
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    c = pid % n_chunks
+    DT: tl.constexpr = k_ptr.dtype.element_ty
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_m = tl.arange(0, BLOCK_M)
+    emask = offs_e < E
+    mmask = offs_m < M
+    umask = mmask[:, None] & emask[None, :]
+    wt_hi, wt_lo = _load_wt(w_ptr, stride_wm, stride_we, offs_m, offs_e, mmask, emask, DT, W_SPLIT)
+    w_mat = tl.trans(wt_hi)  # (m, e)
+    dvbar = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    dlks = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in range(0, n_chunks):
+        row = b * n_chunks + j
+        dvbar += tl.load(pdv_ptr + (row * M + offs_m[:, None]) * E + offs_e[None, :], mask=umask,
+                         other=0.0)
+        dlks += tl.load(pdl_ptr + row * M + offs_m, mask=mmask, other=0.0)
+    lks = tl.load(lks_ptr + b * M + offs_m, mask=mmask, other=0.0)
+    vbar = tl.load(vbar_ptr + (b * M + offs_m[:, None]) * E + offs_e[None, :], mask=umask,
+                   other=0.0)
+    coef = dlks - tl.sum(vbar * dvbar, axis=1)  # (m,)
+    dvb = dvbar.to(DT)  # (m, e)
+    dvbt = tl.trans(dvb)  # (e, m)
+
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[None, :] * stride_ke
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[None, :] * stride_ve
+    dk_base = dk_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
+    dv_base = dv_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
+    acc_dw = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)  # (e, m), as in _bwd_q_kernel
+    t_start = c * chunk_len
+    t_end = tl.minimum(t_start + chunk_len, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + offs_t
+        tmask = rows < t_end
+        lmask = tmask[:, None] & emask[None, :]
+        kx = tl.load(k_base + rows[:, None] * stride_kt, mask=lmask, other=0.0)
+        vx = tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0)
+        a = _logits(kx, wt_hi, wt_lo, W_SPLIT, PREC) - lks[None, :]
+        pi = tl.exp(tl.where(tmask[:, None] & mmask[None, :], a, float("-inf")))  # (t, m)
+        gvk = tl.dot(vx, dvbt, input_precision=PREC)  # (t, m)
+        da = pi * (coef[None, :] + gvk)
+        dk = tl.dot(da.to(DT), w_mat, input_precision=PREC)
+        dk = dk - tl.sum(da, axis=1)[:, None] * kx.to(tl.float32)
+        dv = tl.dot(pi.to(DT), dvb, input_precision=PREC)
+        tl.store(dk_base + rows[:, None] * E, dk.to(DT), mask=lmask)
+        tl.store(dv_base + rows[:, None] * E, dv.to(DT), mask=lmask)
+        if W_GRAD:
+            acc_dw = tl.dot(tl.trans(kx), da.to(DT), acc_dw, input_precision=PREC)
+    if W_GRAD:
+        row = b * n_chunks + c
+        tl.store(pdw_ptr + (row * M + offs_m[None, :]) * E + offs_e[:, None], acc_dw,
+                 mask=emask[:, None] & mmask[None, :])
+
+
+# ----------------------------------------------------------------------------
+# launchers
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the launchers write (outputs and partials) comes from here."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _flags(x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, object]:
+    half = x_dtype in (torch.float16, torch.bfloat16)
+    return {
+        "HALF": half,
+        "W_SPLIT": half and w_dtype != x_dtype,
+        "PREC": "tf32" if half else "ieee",
+    }
+
+
+def _log_eps_m(eps: float, M: int) -> float:
+    return math.log(eps) + math.log(M) if eps > 0 else float("-inf")
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def performer_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, lks, vbar (see the module docstring for the contract)."""
+    B, T, E = q.shape
+    M = w.shape[0]
+    dev = q.device
+    cfg = launch_config(B, T, E, M, q.dtype)
+    y = _alloc((B, T, E), q.dtype, dev)
+    lks = _alloc((B, M), torch.float32, dev)
+    vbar = _alloc((B, M, E), torch.float32, dev)
+    if B == 0:
+        return y, lks, vbar
+    nc = cfg.n_chunks
+    pm = _alloc((B, nc, M), torch.float32, dev)
+    ps = _alloc((B, nc, M), torch.float32, dev)
+    pu = _alloc((B, nc, M, E), torch.float32, dev)
+    fl = _flags(q.dtype, w.dtype)
+    blocks = dict(BLOCK_E=cfg.block_e, BLOCK_M=cfg.block_m)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (B * nc,)
+    with _device_ctx(q):
+        _fwd_kv_kernel[grid](
+            k, v, w, pm, ps, pu,
+            T, E, M, cfg.chunk_len, nc,
+            *k.stride(), *v.stride(), *w.stride(),
+            BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks, **launch,
+        )
+        _fwd_q_kernel[grid](
+            q, w, pm, ps, pu, y, lks, vbar,
+            T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
+            *q.stride(), *w.stride(),
+            BLOCK_T=cfg.block_t_q, **fl, **blocks, **launch,
+        )
+    return y, lks, vbar
+
+
+def performer_attention_bwd(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    lks: torch.Tensor,
+    vbar: torch.Tensor,
+    eps: float,
+    w_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dw (see the module docstring for the contract)."""
+    B, T, E = q.shape
+    M = w.shape[0]
+    dev = q.device
+    cfg = launch_config(B, T, E, M, q.dtype, backward=True)
+    dq = _alloc((B, T, E), q.dtype, dev)
+    dk = _alloc((B, T, E), q.dtype, dev)
+    dv = _alloc((B, T, E), q.dtype, dev)
+    if B == 0:
+        return dq, dk, dv, torch.zeros(w.shape, dtype=w.dtype, device=dev)
+    nc = cfg.n_chunks
+    lks = lks.contiguous()
+    vbar = vbar.contiguous()
+    pdv = _alloc((B, nc, M, E), torch.float32, dev)
+    pdl = _alloc((B, nc, M), torch.float32, dev)
+    # without w_grad the dw partials are never written nor read: a 1-element stand-in
+    dw_shape = (B, nc, M, E) if w_grad else (1,)
+    pdwq = _alloc(dw_shape, torch.float32, dev)
+    pdwk = _alloc(dw_shape, torch.float32, dev)
+    fl = _flags(q.dtype, w.dtype)
+    blocks = dict(BLOCK_E=cfg.block_e, BLOCK_M=cfg.block_m)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (B * nc,)
+    with _device_ctx(q):
+        _bwd_q_kernel[grid](
+            dy, q, w, lks, vbar, dq, pdv, pdl, pdwq,
+            T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
+            *dy.stride(), *q.stride(), *w.stride(),
+            BLOCK_T=cfg.block_t_q, W_GRAD=bool(w_grad), **fl, **blocks, **launch,
+        )
+        _bwd_kv_kernel[grid](
+            k, v, w, lks, vbar, pdv, pdl, dk, dv, pdwk,
+            T, E, M, cfg.chunk_len, nc,
+            *k.stride(), *v.stride(), *w.stride(),
+            BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad), PREC=fl["PREC"],
+            **blocks, **launch,
+        )
+    if w_grad:
+        # a fixed-order reduction over (batch, chunk) partials: deterministic
+        dw = (pdwq.sum(dim=(0, 1)) + pdwk.sum(dim=(0, 1))).to(w.dtype)
+    else:
+        dw = torch.zeros(w.shape, dtype=w.dtype, device=dev)
+    return dq, dk, dv, dw
+
+
+# ----------------------------------------------------------------------------
+# ahead-of-time specialisations (compile-budget tests)
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_CONSTEXPRS = ("BLOCK_T", "BLOCK_E", "BLOCK_M", "HALF", "W_SPLIT", "W_GRAD", "PREC")
+# innermost strides of the inputs: 1 for views of a kqv projection, and triton
+# specialises an integer argument equal to 1 into a constant
+_UNIT_STRIDES = ("stride_qe", "stride_ke", "stride_ve", "stride_ge", "stride_we")
+
+
+def _signature(kernel, dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, str]:
+    """Argument types as the launchers pass them: inner strides are 1 (specialised)."""
+    sig: dict[str, str] = {}
+    for name in kernel.arg_names:
+        if name in ("q_ptr", "k_ptr", "v_ptr", "dy_ptr", "y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"):
+            sig[name] = "*" + _TY[dtype]
+        elif name == "w_ptr":
+            sig[name] = "*" + _TY[w_dtype]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name == "log_eps_m":
+            sig[name] = "fp32"
+        elif name in _CONSTEXPRS or name in _UNIT_STRIDES:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def aot_spec(kernel, dtype: torch.dtype, w_dtype: torch.dtype, *, B: int, T: int, E: int, M: int,
+             w_grad: bool = False, cfg: LaunchConfig | None = None) -> AotSpec:
+    """The specialisation the launchers compile for one kernel, dtype pair and shape."""
+    backward = kernel in (_bwd_q_kernel, _bwd_kv_kernel)
+    cfg = cfg or launch_config(B, T, E, M, dtype, backward)
+    fl = _flags(dtype, w_dtype)
+    kv_side = kernel in (_fwd_kv_kernel, _bwd_kv_kernel)
+    consts: dict[str, object] = {
+        "BLOCK_T": cfg.block_t_kv if kv_side else cfg.block_t_q, "BLOCK_E": cfg.block_e, "BLOCK_M": cfg.block_m,
+        "HALF": fl["HALF"], "W_SPLIT": fl["W_SPLIT"], "PREC": fl["PREC"], "W_GRAD": w_grad,
+    }
+    sig = _signature(kernel, dtype, w_dtype)
+    constexprs = {n: (1 if n.startswith("stride_") else consts[n])
+                  for n, t in sig.items() if t == "constexpr"}
+    name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
+    tag = f"{_SHORT[dtype]},w{_SHORT[w_dtype]},E{E},M{M}" + (",dw" if w_grad and backward else "")
+    return AotSpec(f"performer_{name}[{tag}]", kernel, sig, constexprs,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs = []
+    fwd, bwd = (_fwd_kv_kernel, _fwd_q_kernel), (_bwd_q_kernel, _bwd_kv_kernel)
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    # T1/T2 (E 64, M 32; E 48, M 24 gives the same specialisations): 16-bit inputs with
+    # the model's float32 w (split) or w cast to the input dtype, and float32 throughout
+    pairs = ((f16, f32), (f16, f16), (bf16, f32), (bf16, bf16), (f32, f32))
+    for dt, wdt in pairs:
+        for kern in fwd + bwd:
+            specs.append(aot_spec(kern, dt, wdt, B=256, T=3136, E=64, M=32))
+    for kern in bwd:  # a trainable w
+        specs.append(aot_spec(kern, bf16, f32, B=256, T=3136, E=64, M=32, w_grad=True))
+    # float32 with a trainable w
+    for kern in bwd:
+        specs.append(aot_spec(kern, f32, f32, B=256, T=3136, E=64, M=32, w_grad=True))
+    return specs
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()
