@@ -1,0 +1,536 @@
+"""patch_embed: convolution as GEMM, without materialising the unfolded patches.
+
+    tokens = out_norm(in_norm(unfold(images)) @ weight.T + bias)        # (B, L, D)
+    out = cat(cls_token, tokens) + pos_embed                            # (B, P + L, D)
+
+Covers ViT/DeiT/CaiT/DeepViT/CrossViT patchify (vit-pytorch's Rearrange +
+LayerNorm + Linear + LayerNorm, patch_order "pqc"; timm's Conv2d, "cpq"), PiT's
+overlapping unfold and T2T's soft split (unfold 7/4/2 + LayerNorm + projection).
+Kernel size, stride and padding are those of nn.Unfold / Conv2d (zero padding,
+counted in the input norm's statistics like F.unfold's zeros). The reference
+backend (vitkernels/backends/reference.py) is the specification.
+
+Backends, in automatic priority order: cuda (the compiled extension), triton,
+torch (Conv2d, or unfold + layer_norm + linear with an input norm: the automatic
+choice on CPU), reference (the literal formula). The triton and cuda backends
+run through the custom ops ``vitkernels::patch_embed_fwd`` / ``_bwd`` (fake
+impls and autograd registered), so they work under torch.compile(fullgraph=True);
+they give gradients for weight, bias, both norms, pos_embed and cls_token but
+not for the images (with grad-requiring images dispatch takes the torch backend).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vitkernels import cuda as _cuda
+from vitkernels.backends import reference as _reference
+from vitkernels.backends import torch_ops as _torch_ops
+from vitkernels.ops._dispatch import (
+    Backend,
+    dtype_reasons,
+    kernel_device_reasons,
+    select,
+    triton_import_error,
+)
+
+__all__ = ["BACKENDS", "patch_embed", "patch_grid"]
+
+Norm = tuple[torch.Tensor | None, torch.Tensor | None, float]
+
+_HALF = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ORDERS = ("cpq", "pqc")
+
+
+# ----------------------------------------------------------------------------
+# custom ops (the triton and cuda backends)
+
+
+def _launchers(backend: str) -> tuple[Any, Any]:
+    if backend == "cuda":
+        return _cuda.op("patch_embed_fwd"), _cuda.op("patch_embed_bwd")
+    if backend == "triton":
+        from vitkernels.triton import patch_embed as tk
+
+        return tk.patch_embed_fwd, tk.patch_embed_bwd
+    raise ValueError(f"patch_embed: kernel backend {backend!r}; expected 'triton' or 'cuda'")
+
+
+@torch.library.custom_op("vitkernels::patch_embed_fwd", mutates_args=())
+def patch_embed_fwd(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_weight: torch.Tensor | None,
+    in_bias: torch.Tensor | None,
+    out_weight: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    patch_order: str,
+    in_eps: float,
+    out_eps: float,
+    has_in_norm: bool,
+    has_out_norm: bool,
+    backend: str,
+) -> torch.Tensor:
+    """(B, P + L, D) tokens; arguments as the launcher contract in
+    vitkernels/triton/patch_embed.py (weight (D, K), pos (T, D), cls (P, D))."""
+    fwd, _ = _launchers(backend)
+    return fwd(
+        images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+        kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
+    )
+
+
+@patch_embed_fwd.register_fake
+def _(images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+      kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
+      backend):
+    B, _, H, W = images.shape
+    Ho, Wo = patch_grid((H, W), kernel_size, stride, padding)
+    P = 0 if cls_token is None else cls_token.shape[0]
+    return images.new_empty((B, P + Ho * Wo, weight.shape[0]))
+
+
+@torch.library.custom_op("vitkernels::patch_embed_bwd", mutates_args=())
+def patch_embed_bwd(
+    grad_out: torch.Tensor,
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_weight: torch.Tensor | None,
+    in_bias: torch.Tensor | None,
+    out_weight: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    patch_order: str,
+    in_eps: float,
+    out_eps: float,
+    has_in_norm: bool,
+    has_out_norm: bool,
+    grad_mask: list[bool],
+    backend: str,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:
+    """(d_weight, d_bias, d_in_weight, d_in_bias, d_out_weight, d_out_bias, d_pos, d_cls);
+    an empty (0,) tensor for each one not asked for (grad_mask) or absent."""
+    _, bwd = _launchers(backend)
+    return tuple(
+        bwd(
+            grad_out, images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed,
+            cls_token, kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm,
+            has_out_norm, grad_mask,
+        )
+    )
+
+
+def _grad_present(params, has_in_norm: bool, has_out_norm: bool) -> list[bool]:
+    weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token = params
+    return [
+        True, bias is not None,
+        has_in_norm and in_weight is not None, has_in_norm and in_bias is not None,
+        has_out_norm and out_weight is not None, has_out_norm and out_bias is not None,
+        pos_embed is not None, cls_token is not None,
+    ]
+
+
+@patch_embed_bwd.register_fake
+def _(grad_out, images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed,
+      cls_token, kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm,
+      has_out_norm, grad_mask, backend):
+    params = (weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token)
+    present = _grad_present(params, has_in_norm, has_out_norm)
+    return tuple(
+        t.new_empty(t.shape) if want and ok else images.new_empty((0,))
+        for t, want, ok in zip(params, grad_mask, present, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+     kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
+     backend) = inputs
+    ctx.save_for_backward(images, weight, bias, in_weight, in_bias, out_weight, out_bias,
+                          pos_embed, cls_token)
+    ctx.geometry = (kernel_size, stride, padding, patch_order)
+    ctx.norms = (in_eps, out_eps, has_in_norm, has_out_norm)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            f"patch_embed: the {ctx.backend} backend gives no gradient for images; "
+            "run with backend='torch' (or detach the images) to differentiate through them"
+        )
+    saved = ctx.saved_tensors
+    images, params = saved[0], saved[1:]
+    present = _grad_present(params, ctx.norms[2], ctx.norms[3])
+    mask = [bool(ctx.needs_input_grad[1 + i]) and present[i] for i in range(8)]
+    grads = patch_embed_bwd(
+        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out, images, *params,
+        *ctx.geometry, *ctx.norms, mask, ctx.backend,
+    )
+    out = [g if m else None for g, m in zip(grads, mask, strict=True)]
+    return (None, *out) + (None,) * 9
+
+
+patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# backends
+
+
+def _norm_parts(norm: Norm | None) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    return (None, None, 0.0) if norm is None else norm
+
+
+def _kernel_call(backend: str, inputs: dict) -> torch.Tensor:
+    iw, ib, ieps = _norm_parts(inputs["in_norm"])
+    ow, ob, oeps = _norm_parts(inputs["out_norm"])
+    return patch_embed_fwd(
+        inputs["images"], inputs["weight"], inputs["bias"], iw, ib, ow, ob,
+        inputs["pos_embed"], inputs["cls_token"],
+        list(inputs["kernel_size"]), list(inputs["stride"]), list(inputs["padding"]),
+        inputs["patch_order"], float(ieps), float(oeps),
+        inputs["in_norm"] is not None, inputs["out_norm"] is not None, backend,
+    )
+
+
+def _tensors(inputs: dict) -> dict[str, torch.Tensor | None]:
+    iw, ib, _ = _norm_parts(inputs["in_norm"])
+    ow, ob, _ = _norm_parts(inputs["out_norm"])
+    return {
+        "images": inputs["images"], "weight": inputs["weight"], "bias": inputs["bias"],
+        "in_norm weight": iw, "in_norm bias": ib, "out_norm weight": ow, "out_norm bias": ob,
+        "pos_embed": inputs["pos_embed"], "cls_token": inputs["cls_token"],
+    }
+
+
+def _image_grad_reasons(images: torch.Tensor) -> list[str]:
+    if torch.is_grad_enabled() and images.requires_grad:
+        return ["images require grad and the kernels give no image gradient"]
+    return []
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    gpu_kernel = True
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        reason = _cuda.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        if not _cuda.has_op("patch_embed_fwd") or not _cuda.has_op("patch_embed_bwd"):
+            return ["the CUDA extension has no patch_embed_fwd/_bwd ops"]
+        tensors = _tensors(inputs)
+        reasons = kernel_device_reasons(list(tensors.values()), allow_interpret=False)
+        reasons += dtype_reasons(tensors, _HALF)
+        return reasons + _image_grad_reasons(inputs["images"])
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return _kernel_call("cuda", inputs)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    gpu_kernel = True
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        err = triton_import_error()
+        if err is not None:
+            return [err]
+        tensors = _tensors(inputs)
+        reasons = kernel_device_reasons(list(tensors.values()), allow_interpret=True)
+        reasons += dtype_reasons(tensors, _KERNEL_DTYPES)
+        return reasons + _image_grad_reasons(inputs["images"])
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return _kernel_call("triton", inputs)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        return dtype_reasons(_tensors(inputs), _FLOAT_DTYPES)
+
+    def __call__(self, *, images, weight, bias, **kw) -> torch.Tensor:
+        return _torch_ops.patch_embed(images, weight, bias, **kw)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        return []
+
+    def __call__(self, *, images, weight, bias, **kw) -> torch.Tensor:
+        return _reference.patch_embed(images, weight, bias, **kw)
+
+
+BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
+
+
+# ----------------------------------------------------------------------------
+# validation
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _pair(name: str, value: Any, minimum: int) -> tuple[int, int]:
+    vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    ok = (
+        isinstance(vals, (tuple, list))
+        and len(vals) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in vals)
+    )
+    if not ok:
+        raise TypeError(f"patch_embed: {name}={value!r}; expected an int or a pair of ints")
+    if min(vals) < minimum:
+        raise ValueError(f"patch_embed: {name}={value!r}; expected values >= {minimum}")
+    return int(vals[0]), int(vals[1])
+
+
+def patch_grid(
+    image_size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> tuple[int, int]:
+    """(rows, cols) of patches nn.Unfold takes from an image of image_size (H, W)."""
+    (H, W), (kh, kw), (sh, sw), (ph, pw) = image_size, kernel_size, stride, padding
+    return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+
+
+def _check_tensor(name: str, t: Any, optional: bool = True) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"patch_embed: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"patch_embed: {name} has dtype {t.dtype}; expected a floating-point tensor "
+            "(float16, bfloat16, float32 or float64)"
+        )
+
+
+def _check_norm(name: str, norm: Any, size: int, what: str) -> Norm | None:
+    if norm is None:
+        return None
+    if not isinstance(norm, (tuple, list)) or len(norm) != 3:
+        raise TypeError(
+            f"patch_embed: {name} must be a (weight, bias, eps) tuple or None, got {norm!r:.80}"
+        )
+    w, b, eps = norm
+    for part, t in (("weight", w), ("bias", b)):
+        _check_tensor(f"{name} {part}", t)
+        if t is not None and tuple(t.shape) != (size,):
+            raise ValueError(
+                f"patch_embed: {name} {part} has shape {_shape(t)}; expected ({size},) ({what})"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"patch_embed: {name} eps must be a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"patch_embed: {name} eps={eps}; expected a finite float >= 0")
+    return (w, b, float(eps))
+
+
+def _validate(
+    images, weight, bias, kernel_size, stride, padding, patch_order, in_norm, out_norm,
+    pos_embed, cls_token,
+) -> dict[str, Any]:
+    _check_tensor("images", images, optional=False)
+    _check_tensor("weight", weight, optional=False)
+    if images.ndim != 4:
+        raise ValueError(f"patch_embed: images has shape {_shape(images)}; expected (B, C, H, W)")
+    B, C, H, W = images.shape
+    if C < 1:
+        raise ValueError(f"patch_embed: images has C={C} channels; expected at least 1")
+    if patch_order not in _ORDERS:
+        raise ValueError(f"patch_embed: patch_order={patch_order!r}; expected 'cpq' or 'pqc'")
+    ks = _pair("kernel_size", kernel_size, 1)
+    st = ks if stride is None else _pair("stride", stride, 1)
+    pad = _pair("padding", padding, 0)
+    kh, kw = ks
+    K = C * kh * kw
+    if weight.ndim == 4:
+        if patch_order != "cpq":
+            raise ValueError(
+                f"patch_embed: a Conv2d weight {_shape(weight)} orders its columns (c, p, q); "
+                f"patch_order={patch_order!r} needs a (D, K) weight in that order"
+            )
+        if tuple(weight.shape[1:]) != (C, kh, kw):
+            raise ValueError(
+                f"patch_embed: weight has shape {_shape(weight)}; expected (D, {C}, {kh}, {kw}) "
+                f"for images with C={C} and kernel_size={ks}"
+            )
+    elif weight.ndim != 2:
+        raise ValueError(
+            f"patch_embed: weight has shape {_shape(weight)}; expected (D, K) or a Conv2d "
+            "weight (D, C, kh, kw)"
+        )
+    elif weight.shape[1] != K:
+        raise ValueError(
+            f"patch_embed: weight has shape {_shape(weight)}; expected (D, {K}): K = C*kh*kw = "
+            f"{C}*{kh}*{kw} for images with C={C} channels and kernel_size={ks}"
+        )
+    D = weight.shape[0]
+    if D < 1:
+        raise ValueError(f"patch_embed: weight has D={D} output features; expected at least 1")
+    for n, k, s, p, axis in ((H, kh, st[0], pad[0], "height"), (W, kw, st[1], pad[1], "width")):
+        if n + 2 * p < k:
+            raise ValueError(
+                f"patch_embed: image {axis} {n} with padding {p} is smaller than the kernel {k}; "
+                "expected a larger image or more padding"
+            )
+        covered = ((n + 2 * p - k) // s) * s + k - p  # last image index + 1 any patch reaches
+        if covered < n:
+            raise ValueError(
+                f"patch_embed: the patch grid (kernel {k}, stride {s}, padding {p}) does not cover "
+                f"the image {axis} {n}: its last {n - covered} pixel(s) would be dropped; expected "
+                f"{axis} + 2*padding - kernel to be a multiple of the stride (e.g. {axis} "
+                f"{n - (n + 2 * p - k) % s} or {n - (n + 2 * p - k) % s + s})"
+            )
+    L = patch_grid((H, W), ks, st, pad)
+    L = L[0] * L[1]
+    _check_tensor("bias", bias)
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"patch_embed: bias has shape {_shape(bias)}; expected ({D},)")
+    in_norm = _check_norm("in_norm", in_norm, K, "K = C*kh*kw, one per patch element")
+    out_norm = _check_norm("out_norm", out_norm, D, "D, one per output feature")
+    P = 0
+    if cls_token is not None:
+        _check_tensor("cls_token", cls_token)
+        shape = tuple(cls_token.shape)
+        ok = (
+            (len(shape) == 1 and shape == (D,))
+            or (len(shape) == 2 and shape[1] == D and shape[0] >= 1)
+            or (len(shape) == 3 and shape[0] == 1 and shape[2] == D and shape[1] >= 1)
+        )
+        if not ok:
+            raise ValueError(
+                f"patch_embed: cls_token has shape {_shape(cls_token)}; expected ({D},), (P, {D}) "
+                f"or (1, P, {D})"
+            )
+        cls_token = cls_token.reshape(-1, D)
+        P = cls_token.shape[0]
+    if pos_embed is not None:
+        _check_tensor("pos_embed", pos_embed)
+        shape = tuple(pos_embed.shape)
+        rows = {L, P + L}
+        ok = (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)) and shape[-1] == D
+        if not ok or shape[-2] not in rows:
+            want = f"{L}" if P == 0 else f"{P + L} (every token) or {L} (patch tokens only)"
+            raise ValueError(
+                f"patch_embed: pos_embed has shape {_shape(pos_embed)}; expected ((1,) T, {D}) "
+                f"with T = {want}: {L} patches from a {H}x{W} image"
+                + (f" and {P} prefix token(s)" if P else "")
+            )
+        pos_embed = pos_embed.reshape(-1, D)
+    tensors = [images, weight, bias, pos_embed, cls_token]
+    for norm in (in_norm, out_norm):
+        if norm is not None:
+            tensors += [norm[0], norm[1]]
+    for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed),
+                    ("cls_token", cls_token)):
+        if t is not None and t.dtype != images.dtype:
+            raise TypeError(
+                f"patch_embed: {name} has dtype {t.dtype} but images have {images.dtype}; "
+                "expected every tensor in the images' dtype"
+            )
+    for nname, norm in (("in_norm", in_norm), ("out_norm", out_norm)):
+        for part, t in zip(("weight", "bias"), norm[:2] if norm else (), strict=False):
+            if t is not None and t.dtype != images.dtype:
+                raise TypeError(
+                    f"patch_embed: {nname} {part} has dtype {t.dtype} but images have "
+                    f"{images.dtype}; expected every tensor in the images' dtype"
+                )
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"patch_embed: tensors on different devices ({', '.join(sorted(map(str, devices)))}); "
+            "expected one device"
+        )
+    return {
+        "images": images,
+        "weight": weight.reshape(D, K),
+        "bias": bias,
+        "kernel_size": ks,
+        "stride": st,
+        "padding": pad,
+        "patch_order": patch_order,
+        "in_norm": in_norm,
+        "out_norm": out_norm,
+        "pos_embed": pos_embed,
+        "cls_token": cls_token,
+    }
+
+
+# ----------------------------------------------------------------------------
+# public function
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    patch_order: str = "cpq",
+    in_norm: Norm | None = None,
+    out_norm: Norm | None = None,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Patch embedding: tokens = out_norm(in_norm(unfold(images)) @ weight.T + bias),
+    prefix tokens prepended, position embedding added.
+
+    Args:
+        images: (B, C, H, W), any strides (NCHW, channels_last, views).
+        weight: (D, K) with K = C*kh*kw in patch_order, or a Conv2d weight
+            (D, C, kh, kw) (patch_order "cpq").
+        bias: (D,) or None.
+        kernel_size, stride, padding: as nn.Unfold / Conv2d (an int or a pair);
+            stride defaults to kernel_size. The patch grid must reach every pixel.
+        patch_order: "cpq" (Conv2d, nn.Unfold) or "pqc" (vit-pytorch's
+            ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``).
+        in_norm: (weight (K,) or None, bias (K,) or None, eps): layer norm over
+            each patch before the projection.
+        out_norm: (weight (D,) or None, bias (D,) or None, eps): layer norm of
+            each token after it.
+        pos_embed: ((1,) P+L, D) added to every token, or ((1,) L, D) added to
+            the patch tokens only.
+        cls_token: (D,), (P, D) or (1, P, D): P prefix tokens.
+        backend: "reference", "torch", "triton" or "cuda"; None dispatches.
+
+    Returns:
+        (B, P + L, D) in the images' dtype, L = Ho * Wo patches in row-major order.
+    """
+    inputs = _validate(
+        images, weight, bias, kernel_size, stride, padding, patch_order, in_norm, out_norm,
+        pos_embed, cls_token,
+    )
+    return select("patch_embed", BACKENDS, backend, **inputs)(**inputs)
