@@ -1004,7 +1004,7 @@ def patch_embed_bwd(
         sums = parts.sum(dim=1)
         for i, row in ((4, 0), (5, 1), (1, 2)):
             if want[i]:
-                res[i] = sums[row].to(params[i].dtype)
+                res[i] = sums[row].to(params[i].dtype, copy=True)  # no aliasing results
         dy_t, dyP, (sdb, sdt, sdd) = dy, 0, (g.L * D, D, 1)
     else:
         if has_in_norm:
@@ -1045,7 +1045,7 @@ def patch_embed_bwd(
         dsum = _reorder(dparts.sum(dim=1), g, order, patch_order)
         for i in (2, 3):
             if want[i]:
-                res[i] = dsum[i - 2].to(params[i].dtype)
+                res[i] = dsum[i - 2].to(params[i].dtype, copy=True)
     return tuple(res)
 
 
