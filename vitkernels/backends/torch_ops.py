@@ -100,3 +100,46 @@ def patch_embed(
     if pos_embed is not None:
         tokens = tokens + pos_embed
     return tokens
+
+
+# ----------------------------------------------------------------------------
+# relpos_attention (owned by vitkernels/ops/relpos.py)
+
+_RELPOS_INDEX: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+
+def _relpos_index(fmap_size: tuple[int, int], q_stride: int, device: torch.device) -> torch.Tensor:
+    """(Nq, Nk) table columns |dr|*C + |dc| (reference.relpos_bias_index), cached per device."""
+    key = (fmap_size[0], fmap_size[1], q_stride, str(device))
+    idx = _RELPOS_INDEX.get(key)
+    if idx is None:
+        from vitkernels.backends.reference import relpos_bias_index
+
+        idx = relpos_bias_index(fmap_size, q_stride, device=device)
+        _RELPOS_INDEX[key] = idx
+    return idx
+
+
+def relpos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_table: torch.Tensor,
+    *,
+    fmap_size: tuple[int, int],
+    q_stride: int,
+    scale: float,
+    bias_scale: float,
+    table_layout: str,
+) -> torch.Tensor:
+    """SDPA with the bias gathered into a (1, H, Nq, Nk) tensor in q's dtype.
+
+    The bias rows are padded to a multiple of 8 elements (then sliced back), so the
+    memory-efficient SDPA kernel takes the mask as it is instead of copying it.
+    """
+    table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C)
+    bias = table[:, _relpos_index(fmap_size, q_stride, q.device)].to(q.dtype) * bias_scale
+    nk = bias.shape[-1]
+    if nk % 8:
+        bias = F.pad(bias, (0, -nk % 8))[..., :nk]  # (H, Nq, Nk), row stride 8-aligned
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)

@@ -1,0 +1,401 @@
+"""relpos_attention: LeViT attention with a relative-position bias (the spec is
+``vitkernels.backends.reference.relpos_attention``).
+
+    logits[b,h,i,j] = scale * <q_i, k_j> + bias_scale * table[h, |dr|*C + |dc|]
+    out = softmax(logits) @ v
+
+Keys sit on the grid fmap_size = (R, C), key j at (j // C, j % C); queries on that
+grid subsampled by q_stride (LeViT's shrink attention), query i at
+(s*(i // Cq), s*(i % Cq)) with Cq = ceil(C/s). q (B, H, Nq, Dk), k (B, H, Nk, Dk),
+v (B, H, Nk, Dv), any strides (views of LeViT's 1x1 conv outputs are taken as they
+are). The table is (H, R*C) for table_layout "hn" (official LeViT, timm) or
+(R*C, H) for "nh" (vit-pytorch's nn.Embedding weight).
+
+Backends, in automatic priority order: cuda (the compiled extension), triton, torch
+(SDPA with the bias gathered and materialised; the automatic choice on CPU),
+reference (the literal einsum math). The triton and cuda backends run through the
+custom ops ``vitkernels::relpos_attention_fwd`` / ``_bwd`` (fake impls and autograd
+registered), so they work under ``torch.compile(fullgraph=True)``; they never build
+an (Nq x Nk) tensor, gradients included (the table's too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from vitkernels import cuda as _cuda
+from vitkernels.backends import reference as _reference
+from vitkernels.backends import torch_ops as _torch_ops
+from vitkernels.ops._dispatch import (
+    Backend,
+    dtype_reasons,
+    kernel_device_reasons,
+    select,
+    triton_import_error,
+)
+
+__all__ = ["BACKENDS", "relpos_attention"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYOUTS = ("hn", "nh")
+
+# the Triton kernels' limits: head dims (register tiles) and grid sides (the table
+# row lives in registers; the table-gradient tiles are grid-row aligned)
+TRITON_MAX_HEAD_DIM = 128
+TRITON_MAX_SIDE = 64
+# the CUDA extension's limits (csrc/kernels/relpos.cuh)
+CUDA_MAX_HEAD_DIM = 128
+CUDA_MAX_TABLE = 8192
+
+
+# ----------------------------------------------------------------------------
+# custom ops (the triton and cuda backends)
+
+
+def _launchers(backend: str) -> tuple[Any, Any]:
+    if backend == "cuda":
+        return _cuda.op("relpos_attention_fwd"), _cuda.op("relpos_attention_bwd")
+    if backend == "triton":
+        from vitkernels.triton import relpos as tk
+
+        return tk.relpos_attention_fwd, tk.relpos_attention_bwd
+    raise ValueError(f"relpos_attention: kernel backend {backend!r}; expected 'triton' or 'cuda'")
+
+
+@torch.library.custom_op("vitkernels::relpos_attention_fwd", mutates_args=())
+def relpos_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    fmap_rows: int,
+    fmap_cols: int,
+    q_stride: int,
+    scale: float,
+    bias_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Nq, Dv), lse (B, H, Nq) float32); table is (H, R*C), any strides."""
+    fwd, _ = _launchers(backend)
+    out, lse = fwd(q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale)
+    return out, lse
+
+
+@relpos_attention_fwd.register_fake
+def _(q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale, backend):
+    B, H, Nq, _ = q.shape
+    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkernels::relpos_attention_bwd", mutates_args=())
+def relpos_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    fmap_rows: int,
+    fmap_cols: int,
+    q_stride: int,
+    scale: float,
+    bias_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dtable (H, R*C) in table's dtype)."""
+    _, bwd = _launchers(backend)
+    dq, dk, dv, dtable = bwd(
+        grad_out, q, k, v, table, out, lse, fmap_rows, fmap_cols, q_stride, scale, bias_scale
+    )
+    return dq, dk, dv, dtable
+
+
+@relpos_attention_bwd.register_fake
+def _(grad_out, q, k, v, table, out, lse, fmap_rows, fmap_cols, q_stride, scale, bias_scale, backend):
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(k.shape),
+        q.new_empty(v.shape),
+        table.new_empty(table.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, table, out, lse)
+    ctx.args = (fmap_rows, fmap_cols, q_stride, scale, bias_scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, table, out, lse = ctx.saved_tensors
+    dq, dk, dv, dtable = relpos_attention_bwd(grad_out, q, k, v, table, out, lse, *ctx.args)
+    need = ctx.needs_input_grad
+    return (
+        dq if need[0] else None,
+        dk if need[1] else None,
+        dv if need[2] else None,
+        dtable if need[3] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+relpos_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run_kernel(backend: str, q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table_layout):
+    table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C) view
+    R, C = fmap_size
+    return relpos_attention_fwd(q, k, v, table, R, C, q_stride, scale, bias_scale, backend)[0]
+
+
+# ----------------------------------------------------------------------------
+# backends
+
+
+def _grid_reasons(fmap_size: tuple[int, int], max_side: int | None, max_table: int | None) -> list[str]:
+    R, C = fmap_size
+    reasons = []
+    if max_side is not None and max(R, C) > max_side:
+        reasons.append(f"fmap_size ({R}, {C}) has a side above the kernels' limit of {max_side}")
+    if max_table is not None and R * C > max_table:
+        reasons.append(f"fmap_size ({R}, {C}) has {R * C} positions, above the limit of {max_table}")
+    return reasons
+
+
+def _head_reasons(q: torch.Tensor, v: torch.Tensor, limit: int) -> list[str]:
+    reasons = []
+    if q.shape[-1] > limit:
+        reasons.append(f"Dk={q.shape[-1]} is above the kernels' limit of {limit}")
+    if v.shape[-1] > limit:
+        reasons.append(f"Dv={v.shape[-1]} is above the kernels' limit of {limit}")
+    return reasons
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    gpu_kernel = True
+
+    def not_supported_reasons(self, *, q, k, v, bias_table, fmap_size, **_) -> list[str]:
+        reason = _cuda.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        if not _cuda.has_op("relpos_attention_fwd") or not _cuda.has_op("relpos_attention_bwd"):
+            return ["the CUDA extension has no relpos_attention_fwd/_bwd ops"]
+        reasons = kernel_device_reasons([q, k, v, bias_table], allow_interpret=False)
+        reasons += dtype_reasons({"q": q, "k": k, "v": v}, _HALF)
+        reasons += dtype_reasons({"bias_table": bias_table}, _KERNEL_DTYPES)
+        reasons += _head_reasons(q, v, CUDA_MAX_HEAD_DIM)
+        return reasons + _grid_reasons(fmap_size, None, CUDA_MAX_TABLE)
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return _run_kernel("cuda", **inputs)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    gpu_kernel = True
+
+    def not_supported_reasons(self, *, q, k, v, bias_table, fmap_size, **_) -> list[str]:
+        err = triton_import_error()
+        if err is not None:
+            return [err]
+        reasons = kernel_device_reasons([q, k, v, bias_table], allow_interpret=True)
+        reasons += dtype_reasons({"q": q, "k": k, "v": v, "bias_table": bias_table}, _KERNEL_DTYPES)
+        reasons += _head_reasons(q, v, TRITON_MAX_HEAD_DIM)
+        return reasons + _grid_reasons(fmap_size, TRITON_MAX_SIDE, None)
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return _run_kernel("triton", **inputs)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def not_supported_reasons(self, *, q, k, v, bias_table, **_) -> list[str]:
+        return dtype_reasons({"q": q, "k": k, "v": v, "bias_table": bias_table}, _FLOAT_DTYPES)
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return _torch_ops.relpos_attention(**inputs)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def not_supported_reasons(self, **_) -> list[str]:
+        return []
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return _reference.relpos_attention(**inputs)
+
+
+BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
+
+
+# ----------------------------------------------------------------------------
+# public function
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"relpos_attention: {name} must be an int, got {value!r}")
+    return int(value)
+
+
+def _fmap(fmap_size: Any) -> tuple[int, int]:
+    if isinstance(fmap_size, (tuple, list, torch.Size)) and len(fmap_size) == 2:
+        R, C = (_int("fmap_size", s) for s in fmap_size)
+    elif isinstance(fmap_size, int) and not isinstance(fmap_size, bool):
+        R = C = int(fmap_size)
+    else:
+        raise TypeError(
+            f"relpos_attention: fmap_size={fmap_size!r}; expected an int (square grid) or "
+            "a pair of ints (rows, cols)"
+        )
+    if R < 1 or C < 1:
+        raise ValueError(f"relpos_attention: fmap_size=({R}, {C}); expected positive sides")
+    return R, C
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"relpos_attention: {name} must be a float, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"relpos_attention: {name}={value}; expected a finite float")
+    return value
+
+
+def _validate(q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table_layout):
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias_table", bias_table)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"relpos_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"relpos_attention: {name} has dtype {t.dtype}; expected a floating-point tensor "
+                "(float16, bfloat16, float32 or float64)"
+            )
+    if q.ndim != 4:
+        raise ValueError(f"relpos_attention: q has shape {_shape(q)}; expected (B, H, Nq, Dk)")
+    B, H, Nq, Dk = q.shape
+    if k.ndim != 4 or k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dk:
+        raise ValueError(
+            f"relpos_attention: k has shape {_shape(k)}; expected (B, H, Nk, Dk) = "
+            f"({B}, {H}, Nk, {Dk}) to match q {_shape(q)}"
+        )
+    Nk = k.shape[2]
+    if v.ndim != 4 or v.shape[0] != B or v.shape[1] != H or v.shape[2] != Nk:
+        raise ValueError(
+            f"relpos_attention: v has shape {_shape(v)}; expected (B, H, Nk, Dv) = "
+            f"({B}, {H}, {Nk}, Dv) to match q {_shape(q)} and k {_shape(k)}"
+        )
+    if H < 1 or Nq < 1 or Nk < 1 or Dk < 1 or v.shape[3] < 1:
+        raise ValueError(
+            f"relpos_attention: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; expected H, Nq, Nk, "
+            "Dk and Dv >= 1"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(
+                f"relpos_attention: {name} has dtype {t.dtype} but q has {q.dtype}; "
+                "expected q, k, v of one dtype"
+            )
+    devices = {t.device for t in (q, k, v, bias_table)}
+    if len(devices) > 1:
+        raise ValueError(
+            "relpos_attention: q, k, v, bias_table are on different devices ("
+            + ", ".join(str(t.device) for t in (q, k, v, bias_table))
+            + "); expected one device"
+        )
+    if table_layout not in _LAYOUTS:
+        raise ValueError(
+            f"relpos_attention: table_layout={table_layout!r}; expected 'hn' (table (H, R*C)) "
+            "or 'nh' (table (R*C, H))"
+        )
+    R, C = _fmap(fmap_size)
+    s = _int("q_stride", q_stride)
+    if s < 1:
+        raise ValueError(f"relpos_attention: q_stride={s}; expected an int >= 1")
+    if Nk != R * C:
+        raise ValueError(
+            f"relpos_attention: k has Nk={Nk} keys but fmap_size=({R}, {C}) has R*C={R * C} "
+            "positions; expected Nk = R*C"
+        )
+    Rq, Cq = _reference.relpos_query_grid((R, C), s)
+    if Nq != Rq * Cq:
+        raise ValueError(
+            f"relpos_attention: q has Nq={Nq} queries; expected ceil(R/s)*ceil(C/s) = "
+            f"{Rq}*{Cq} = {Rq * Cq} for fmap_size=({R}, {C}) and q_stride={s}"
+        )
+    want = (H, R * C) if table_layout == "hn" else (R * C, H)
+    if tuple(bias_table.shape) != want:
+        raise ValueError(
+            f"relpos_attention: bias_table has shape {_shape(bias_table)}; expected "
+            f"{want} (H={H} heads, R*C={R * C} offsets) for table_layout={table_layout!r}"
+        )
+    scale = Dk**-0.5 if scale is None else _float("scale", scale)
+    bias_scale = _float("bias_scale", bias_scale)
+    return (R, C), s, scale, bias_scale
+
+
+def relpos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_table: torch.Tensor,
+    *,
+    fmap_size: int | tuple[int, int],
+    q_stride: int = 1,
+    scale: float | None = None,
+    bias_scale: float = 1.0,
+    table_layout: str = "hn",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LeViT attention with a relative-position bias: softmax(logits) @ v.
+
+    Args:
+        q: (B, H, Nq, Dk) queries, Nq = ceil(R/q_stride) * ceil(C/q_stride).
+        k: (B, H, Nk, Dk) keys, Nk = R*C.
+        v: (B, H, Nk, Dv) values; Dv may differ from Dk.
+        bias_table: (H, R*C) for table_layout "hn", (R*C, H) for "nh".
+        fmap_size: the key grid (R, C); an int means a square grid.
+        q_stride: query subsampling of the grid (2 for LeViT's shrink attention).
+        scale: multiplies q.k; default Dk**-0.5.
+        bias_scale: multiplies the table entry (vit-pytorch LeViT uses 1/scale).
+        table_layout: "hn" or "nh" (see bias_table).
+        backend: force "reference", "torch", "triton" or "cuda"; None picks automatically.
+
+    Returns:
+        (B, H, Nq, Dv) in q's dtype.
+    """
+    fmap, s, scale, bias_scale = _validate(
+        q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table_layout
+    )
+    inputs = dict(
+        q=q,
+        k=k,
+        v=v,
+        bias_table=bias_table,
+        fmap_size=fmap,
+        q_stride=s,
+        scale=scale,
+        bias_scale=bias_scale,
+        table_layout=table_layout,
+    )
+    return select("relpos_attention", BACKENDS, backend, **inputs)(**inputs)
