@@ -1,31 +1,154 @@
 """Finds, JIT-builds and loads the optional CUDA extension ``vitkernels._C``.
 
-The extension registers its kernels as torch ops in the ``vitkernels_C``
-namespace (``torch.ops.vitkernels_C.<name>``); each op module's ``cuda`` backend
-calls them. Without the extension the package works on its other backends.
+The extension (sources in ``csrc/``) registers its kernels as torch ops in the
+``vitkernels_C`` namespace (``torch.ops.vitkernels_C.<name>``); each op module's
+``cuda`` backend calls them with the positional arguments of the Triton
+launchers. Without the extension the package works on its other backends.
+
+Two ways to build it (see csrc/README.md):
+
+* ``VITKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (setup.py,
+  torch's CUDAExtension and ninja) puts ``vitkernels/_C*.so`` in the package;
+* ``python -m vitkernels build`` (``build_main`` here) compiles just in time with
+  ``torch.utils.cpp_extension.load`` into a cache directory,
+  ``~/.cache/vitkernels/<torch>-cu<cuda>-sm<archs>`` (``VITKERNELS_CACHE_DIR``
+  overrides the root), reused until ``csrc/`` changes.
+
+Both compile for the architectures in ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0").
+Loading never compiles: ``_load`` takes the installed module, else an up-to-date
+JIT build from the cache, else reports why there is none.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import hashlib
 import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
+__all__ = [
+    "DEFAULT_ARCH_LIST",
+    "OPS",
+    "BuildError",
+    "arch_list",
+    "build",
+    "build_main",
+    "cache_dir",
+    "has_op",
+    "is_built",
+    "op",
+    "unavailable_reason",
+]
 
-@functools.lru_cache(maxsize=None)
+# the ops bindings.cpp registers (there is no patch_embed_bwd: that backward runs elsewhere)
+OPS = (
+    "relpos_attention_fwd",
+    "relpos_attention_bwd",
+    "performer_attention_fwd",
+    "performer_attention_bwd",
+    "patch_embed_fwd",
+)
+DEFAULT_ARCH_LIST = "8.0;9.0"
+JIT_NAME = "vitkernels_C"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# compiled translation units, relative to csrc/, in build order
+SOURCES = ("ops/relpos.cu", "ops/performer.cu", "ops/patch_embed.cu", "bindings.cpp")
+
+_BUILD_HINT = (
+    "build it with `python -m vitkernels build` or "
+    "`VITKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`"
+)
+
+
+class BuildError(RuntimeError):
+    """The extension cannot be built here; the message says why in one sentence."""
+
+
+# ----------------------------------------------------------------------------
+# where things are
+
+
+def arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST, or the default "8.0;9.0"."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST
+
+
+def _arch_tag(archs: str) -> str:
+    """ "8.0;9.0" -> "80_90" (for directory names)."""
+    parts = [re.sub(r"[^0-9a-zA-Z]", "", a) for a in re.split(r"[;\s,]+", archs) if a]
+    return "_".join(parts) or "none"
+
+
+def cache_dir() -> Path:
+    """The JIT build directory for this torch, CUDA version and architecture list."""
+    root = os.environ.get("VITKERNELS_CACHE_DIR", "").strip()
+    base = Path(root) if root else Path.home() / ".cache" / "vitkernels"
+    torch_version = torch.__version__.split("+")[0]
+    cuda = (torch.version.cuda or "cpu").replace(".", "")
+    return base / f"{torch_version}-cu{cuda}-sm{_arch_tag(arch_list())}"
+
+
+def _source_files() -> list[Path]:
+    """Every file the build depends on: the compiled sources and their headers."""
+    files = [CSRC / s for s in SOURCES]
+    files += sorted((CSRC / "kernels").glob("*.cuh")) + sorted((CSRC / "ops").glob("*.h"))
+    return files
+
+
+def _sources_hash() -> str:
+    """Hash of csrc/'s build inputs, torch's version and the architecture list."""
+    h = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}|{arch_list()}".encode())
+    for f in _source_files():
+        h.update(f.relative_to(CSRC).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _jit_library(directory: Path) -> Path | None:
+    libs = sorted(directory.glob(f"{JIT_NAME}*.so")) + sorted(directory.glob(f"{JIT_NAME}*.pyd"))
+    return libs[0] if libs else None
+
+
+# ----------------------------------------------------------------------------
+# loading
+
+
+@functools.cache
 def _load() -> tuple[object | None, str | None]:
-    if not torch.cuda.is_available() and torch.version.cuda is None:
-        return None, "the installed torch is a CPU build, so the CUDA extension cannot load"
-    try:
-        mod = importlib.import_module("vitkernels._C")
-    except ImportError:
+    if torch.version.cuda is None:
         return None, (
-            "the CUDA extension vitkernels._C is not built "
-            "(build it with `python -m vitkernels build` or "
-            "`VITKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`)"
+            f"the installed torch ({torch.__version__}) is a CPU build, "
+            "so the CUDA extension cannot be built or loaded"
         )
-    return mod, None
+    try:
+        return importlib.import_module("vitkernels._C"), None
+    except ModuleNotFoundError as exc:
+        if exc.name != "vitkernels._C":
+            return None, f"the CUDA extension vitkernels._C does not load ({exc})"
+    except ImportError as exc:
+        return None, f"the CUDA extension vitkernels._C is installed but does not load ({exc})"
+    directory = cache_dir()
+    lib = _jit_library(directory)
+    if lib is None:
+        return None, f"the CUDA extension vitkernels._C is not built ({_BUILD_HINT})"
+    stamp = directory / "sources.sha256"
+    if not CSRC.is_dir() or not stamp.exists() or stamp.read_text().strip() != _sources_hash():
+        return None, (
+            f"the JIT build of the CUDA extension in {directory} is out of date with csrc/ "
+            "(rebuild it with `python -m vitkernels build`)"
+        )
+    try:
+        torch.ops.load_library(str(lib))
+    except OSError as exc:
+        return None, f"the JIT build of the CUDA extension {lib} does not load ({exc})"
+    return lib, None
 
 
 def unavailable_reason() -> str | None:
@@ -49,4 +172,151 @@ def op(name: str):
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
+    if not hasattr(torch.ops.vitkernels_C, name):
+        raise RuntimeError(f"the CUDA extension has no op {name!r}; it registers {', '.join(OPS)}")
     return getattr(torch.ops.vitkernels_C, name)
+
+
+# ----------------------------------------------------------------------------
+# building
+
+
+def _toolchain_problem() -> str | None:
+    """None when a JIT build can run here, else one sentence saying why not."""
+    if torch.version.cuda is None:
+        return (
+            f"the installed torch ({torch.__version__}) is a CPU build, so the CUDA extension "
+            "cannot be built; install a CUDA build of torch"
+        )
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return (
+            f"no CUDA toolkit found (no nvcc on PATH and CUDA_HOME is unset); install the CUDA "
+            f"{torch.version.cuda} toolkit to build the extension"
+        )
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed; `pip install ninja` to build the CUDA extension"
+    missing = [str(f) for f in _source_files() if not f.exists()]
+    if not CSRC.is_dir() or missing:
+        return f"the CUDA sources are missing ({CSRC}); build from a source checkout of vitkernels"
+    return None
+
+
+def _child_build(directory: str) -> None:
+    """Runs in a child process: torch.utils.cpp_extension.load into directory."""
+    from torch.utils import cpp_extension
+
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
+    cpp_extension.load(
+        name=JIT_NAME,
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        build_directory=directory,
+        verbose=True,
+        with_cuda=True,
+    )
+
+
+_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s+(.*)$")
+
+
+def _describe(step: str) -> str:
+    """A ninja command line -> "compiling ops/relpos.cu" or "linking vitkernels_C.so"."""
+    for src in SOURCES:
+        if re.search(rf"(^|[\s/]){re.escape(src)}(\s|$)", step) or step.rstrip().endswith(src):
+            return f"compiling {src}"
+    m = re.search(r"-o\s+(\S+\.(so|pyd))", step)
+    if m:
+        return f"linking {os.path.basename(m.group(1))}"
+    m = re.search(r"\s-c\s+(\S+)", step)
+    return f"compiling {os.path.basename(m.group(1))}" if m else step[:80]
+
+
+def build(*, verbose: bool = False, force: bool = False, out=None) -> Path:
+    """JIT-build the extension into cache_dir() and return the library's path.
+
+    Prints "[i/n] compiling ops/relpos.cu" progress lines (every line of the
+    compiler output with verbose=True). force=True rebuilds from scratch.
+    Raises BuildError with one sentence when it cannot build here.
+    """
+    out = out or sys.stdout
+    problem = _toolchain_problem()
+    if problem is not None:
+        raise BuildError(problem)
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / "sources.sha256"
+    if force:
+        for f in directory.iterdir():
+            if f.is_file():
+                f.unlink()
+    digest = _sources_hash()
+    print(
+        f"vitkernels: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list()} "
+        f"in {directory}",
+        file=out,
+        flush=True,
+    )
+    code = f"from vitkernels.cuda import _child_build; _child_build({str(directory)!r})"
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch_list())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    log: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.append(line)
+        if verbose:
+            print(line, end="", file=out, flush=True)
+            continue
+        m = _STEP.match(line.strip())
+        if m:
+            print(f"[{m.group(1)}/{m.group(2)}] {_describe(m.group(3))}", file=out, flush=True)
+    if proc.wait() != 0:
+        if not verbose:
+            print("".join(log[-200:]), end="", file=out, flush=True)
+        raise BuildError(
+            f"the CUDA extension failed to compile (the compiler output is above; {directory})"
+        )
+    lib = _jit_library(directory)
+    if lib is None:
+        raise BuildError(f"the build finished but left no {JIT_NAME} library in {directory}")
+    stamp.write_text(digest + "\n")
+    _load.cache_clear()
+    return lib
+
+
+def build_main(argv: list[str] | None = None) -> int:
+    """``python -m vitkernels build [--verbose] [--force]``: JIT-build the extension."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vitkernels build",
+        description=(
+            "Compile the CUDA extension just in time (torch.utils.cpp_extension.load) into "
+            "a cache directory; TORCH_CUDA_ARCH_LIST picks the architectures "
+            f"(default {DEFAULT_ARCH_LIST})."
+        ),
+    )
+    parser.add_argument("--verbose", action="store_true", help="show every compiler line")
+    parser.add_argument("--force", action="store_true", help="rebuild from scratch")
+    args = parser.parse_args(argv)
+    try:
+        lib = build(verbose=args.verbose, force=args.force)
+    except BuildError as exc:
+        print(f"vitkernels build: {exc}", file=sys.stderr)
+        return 1
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"vitkernels build: built {lib} but it does not load: {reason}", file=sys.stderr)
+        return 1
+    missing = [name for name in OPS if not has_op(name)]
+    if missing:
+        print(f"vitkernels build: {lib} lacks the ops {', '.join(missing)}", file=sys.stderr)
+        return 1
+    print(f"vitkernels: CUDA extension ready: {lib} ({len(OPS)} ops)")
+    return 0

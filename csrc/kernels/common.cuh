@@ -248,36 +248,64 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], c
   a[3] = Num<T>::pack(c1[2], c1[3]);
 }
 
-// tf32 A fragment (rows r0..r0+15, k0..k0+7) of the fp32 row-major tile s[r][k].
-__device__ __forceinline__ void frag_a_tf32(uint32_t (&a)[4], const float* s, int ld, int r0, int k0, int lane) {
-  const float* p = s + (r0 + (lane >> 2)) * ld + k0 + (lane & 3);
-  a[0] = to_tf32(p[0]);
-  a[1] = to_tf32(p[8 * ld]);
-  a[2] = to_tf32(p[4]);
-  a[3] = to_tf32(p[8 * ld + 4]);
+__device__ __forceinline__ float as_float(float x) { return x; }
+template <class T>
+__device__ __forceinline__ float as_float(T x) {
+  return Num<T>::to_float(x);
 }
 
-// tf32 A fragment (rows r0..r0+15, k0..k0+7) of the transposed fp32 tile s[k][r].
-__device__ __forceinline__ void frag_a_tf32_t(uint32_t (&a)[4], const float* s, int ld, int r0, int k0, int lane) {
-  const float* p = s + (k0 + (lane & 3)) * ld + r0 + (lane >> 2);
-  a[0] = to_tf32(p[0]);
-  a[1] = to_tf32(p[8]);
-  a[2] = to_tf32(p[4 * ld]);
-  a[3] = to_tf32(p[4 * ld + 8]);
+// tf32 fragments of tiles held as float or as a 16-bit type S (converted).
+// A (rows r0..r0+15, k0..k0+7) of the row-major tile s[r][k].
+template <class S>
+__device__ __forceinline__ void frag_a_tf32(uint32_t (&a)[4], const S* s, int ld, int r0, int k0, int lane) {
+  const S* p = s + (r0 + (lane >> 2)) * ld + k0 + (lane & 3);
+  a[0] = to_tf32(as_float(p[0]));
+  a[1] = to_tf32(as_float(p[8 * ld]));
+  a[2] = to_tf32(as_float(p[4]));
+  a[3] = to_tf32(as_float(p[8 * ld + 4]));
 }
 
-// tf32 B fragment (k0..k0+7 x n0..n0+7) of the fp32 tile s[k][n].
-__device__ __forceinline__ void frag_b_tf32_kn(uint32_t (&b)[2], const float* s, int ld, int k0, int n0, int lane) {
-  const float* p = s + (k0 + (lane & 3)) * ld + n0 + (lane >> 2);
-  b[0] = to_tf32(p[0]);
-  b[1] = to_tf32(p[4 * ld]);
+// A (rows r0..r0+15, k0..k0+7) of the transposed tile s[k][r].
+template <class S>
+__device__ __forceinline__ void frag_a_tf32_t(uint32_t (&a)[4], const S* s, int ld, int r0, int k0, int lane) {
+  const S* p = s + (k0 + (lane & 3)) * ld + r0 + (lane >> 2);
+  a[0] = to_tf32(as_float(p[0]));
+  a[1] = to_tf32(as_float(p[8]));
+  a[2] = to_tf32(as_float(p[4 * ld]));
+  a[3] = to_tf32(as_float(p[4 * ld + 8]));
 }
 
-// tf32 B fragment (k0..k0+7 x n0..n0+7) of the fp32 tile s[n][k] (B transposed).
-__device__ __forceinline__ void frag_b_tf32_nk(uint32_t (&b)[2], const float* s, int ld, int n0, int k0, int lane) {
-  const float* p = s + (n0 + (lane >> 2)) * ld + k0 + (lane & 3);
-  b[0] = to_tf32(p[0]);
-  b[1] = to_tf32(p[4]);
+// B (k0..k0+7 x n0..n0+7) of the tile s[k][n].
+template <class S>
+__device__ __forceinline__ void frag_b_tf32_kn(uint32_t (&b)[2], const S* s, int ld, int k0, int n0, int lane) {
+  const S* p = s + (k0 + (lane & 3)) * ld + n0 + (lane >> 2);
+  b[0] = to_tf32(as_float(p[0]));
+  b[1] = to_tf32(as_float(p[4 * ld]));
+}
+
+// B (k0..k0+7 x n0..n0+7) of the tile s[n][k] (B transposed).
+template <class S>
+__device__ __forceinline__ void frag_b_tf32_nk(uint32_t (&b)[2], const S* s, int ld, int n0, int k0, int lane) {
+  const S* p = s + (n0 + (lane >> 2)) * ld + k0 + (lane & 3);
+  b[0] = to_tf32(as_float(p[0]));
+  b[1] = to_tf32(as_float(p[4]));
+}
+
+// ----------------------------------------------------------------------------
+// global -> shared tile loads
+
+// Rows [r0, r0 + ROWS) x columns [0, D) of a strided (n, d) matrix into
+// s[ROWS][ld], zero where n >= nrows or d >= ncols; NT threads share the work.
+template <class T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
+                                          int ncols, int tid) {
+  const T zero = Num<T>::from_float(0.f);
+  for (int idx = tid; idx < ROWS * D; idx += NT) {
+    const int r = idx / D, d = idx % D;
+    T val = zero;
+    if (r0 + r < nrows && d < ncols) val = g[(int64_t)(r0 + r) * sn + (int64_t)d * sd];
+    s[r * ld + d] = val;
+  }
 }
 
 // ----------------------------------------------------------------------------
@@ -295,7 +323,8 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 #endif
 }
 
-inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ inline int imin(int a, int b) { return a < b ? a : b; }
 
 // Dynamic shared memory above the 48 KiB default needs an opt-in per kernel.
 template <class K>

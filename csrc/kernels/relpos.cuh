@@ -65,20 +65,6 @@ namespace relpos_detail {
 constexpr int kThreads = 128;
 constexpr int kRows = 64;  // queries (forward, dq) or keys (dkv) per block
 
-// rows [r0, r0 + ROWS) x columns [0, D) of a strided (n, d) matrix into s[ROWS][ld],
-// zero outside n < nrows, d < ncols
-template <class T, int ROWS, int D>
-__device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
-                                          int ncols, int tid) {
-  const T zero = Num<T>::from_float(0.f);
-  for (int idx = tid; idx < ROWS * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
-    T val = zero;
-    if (r0 + r < nrows && d < ncols) val = g[(int64_t)(r0 + r) * sn + (int64_t)d * sd];
-    s[r * ld + d] = val;
-  }
-}
-
 // the head's table row, times mult, as float
 __device__ __forceinline__ void load_table(float* s, const RelposParams& p, int h, float mult, int tid) {
   const int n = p.R * p.C;
@@ -105,7 +91,7 @@ constexpr size_t fwd_smem(int table_n) {
 
 // keys per inner tile of the dq kernel, queries per inner tile of the dkv kernel
 template <int DK, int DV>
-constexpr int bwd_tile() {
+__host__ __device__ constexpr int bwd_tile() {
   return DK + DV > 160 ? 32 : 64;
 }
 
@@ -138,7 +124,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
 
   load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
-  load_rows<T, kRows, DK>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+  load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
   __syncthreads();
 
   uint32_t qa[DK / 16][4];
@@ -160,8 +146,8 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();  // everyone is done with the previous tile
-    load_rows<T, BN, DK>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows<T, BN, DV>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
     __syncthreads();
 
@@ -296,8 +282,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 
   load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
   for (int i = tid; i < table_n; i += kThreads) sdTab[i] = 0.f;
-  load_rows<T, kRows, DK>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-  load_rows<T, kRows, DV>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+  load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+  load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
 
   int qpos[2];
   float lse2[2], delta[2];
@@ -316,8 +302,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();
-    load_rows<T, BN, DK>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows<T, BN, DV>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
     __syncthreads();
 
@@ -429,8 +415,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
 
   load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
-  load_rows<T, kRows, DK>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-  load_rows<T, kRows, DV>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+  load_rows<T, kRows, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+  load_rows<T, kRows, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
 
   int kpos[2];  // this thread's key rows g, g + 8
 #pragma unroll
@@ -445,8 +431,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
   for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
     __syncthreads();
-    load_rows<T, BQ, DK>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows<T, BQ, DV>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    load_rows<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
     if (tid < BQ) {
       const int i = q0 + tid, pos = query_pos(i, p.Nq, p.Cq, p.qs);
       sQpos[tid] = pos;
