@@ -37,29 +37,55 @@ def _versions() -> list[tuple[str, str]]:
     return rows
 
 
+def _typical_calls(device: str, dtype):
+    """(op, description, function, args, kwargs) for a typical input of each op."""
+    import torch
+
+    import vitkernels
+
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    return [
+        (
+            "relpos_attention",
+            "LeViT-256 stage 1 (B2, H4, N196, Dk32, Dv64)",
+            vitkernels.relpos_attention,
+            (t(2, 4, 196, 32), t(2, 4, 196, 32), t(2, 4, 196, 64), t(4, 196)),
+            {"fmap_size": 14},
+        ),
+        (
+            "performer_attention",
+            "T2T-ViT layer 1 (B2, T3136, E64, M32)",
+            vitkernels.performer_attention,
+            (t(2, 3136, 64), t(2, 3136, 64), t(2, 3136, 64), t(32, 64)),
+            {},
+        ),
+        (
+            "patch_embed",
+            "ViT-B/16 patchify (B2, 3x224x224 -> 197x768)",
+            vitkernels.patch_embed,
+            (t(2, 3, 224, 224), t(768, 3, 16, 16), t(768)),
+            {"kernel_size": 16, "cls_token": t(1, 1, 768), "pos_embed": t(1, 197, 768)},
+        ),
+    ]
+
+
 def _backend_rows() -> list[tuple[str, str]]:
     """For each op, the backend that would run a typical input here, and why others refuse."""
     import torch
 
+    from vitkernels.ops._dispatch import explain_call
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows = []
-    for op in ("relpos", "performer", "patch_embed"):
-        try:
-            mod = importlib.import_module(f"vitkernels.ops.{op}")
-        except ImportError as exc:
-            rows.append((op, f"not available ({exc})"))
-            continue
-        explain = getattr(mod, "explain_typical", None)
-        if explain is None:
-            rows.append((op, "(no typical input defined)"))
-            continue
-        desc, verdicts = explain(device=device, dtype=dtype)
-        chosen = next((name for name, reasons in verdicts if not reasons), None)
-        rows.append((f"{op}", f"{desc}: runs on {chosen or 'NOTHING'}"))
+    rows = [("", f"backend per op for a typical {str(dtype).removeprefix('torch.')} input on {device}:")]
+    for op, desc, fn, args, kwargs in _typical_calls(device, dtype):
+        chosen, verdicts = explain_call(fn, *args, **kwargs)
+        rows.append((op, f"{desc}: {chosen or 'no backend fits'}"))
         for name, reasons in verdicts:
             if reasons:
-                rows.append(("", f"  {name}: " + "; ".join(reasons)))
+                rows.append(("", f"  {name} refuses: " + "; ".join(reasons)))
     return rows
 
 

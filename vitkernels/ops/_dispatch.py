@@ -134,8 +134,47 @@ class Backend:
         return f"<{type(self).__name__} backend={self.name!r}>"
 
 
+_explaining: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "vitkernels_explaining", default=False
+)
+
+
+class _Explained(Exception):
+    def __init__(self, chosen: str | None, verdicts: list[tuple[str, list[str]]]):
+        super().__init__(chosen)
+        self.chosen, self.verdicts = chosen, verdicts
+
+
+def explain_call(fn: Any, *args: Any, **kwargs: Any) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """Which backend ``fn(*args, **kwargs)`` (a public op) would run, without running it.
+
+    Returns (chosen backend name or None, [(backend, reasons it refuses)]).
+    """
+    token = _explaining.set(True)
+    try:
+        fn(*args, **kwargs)
+    except _Explained as e:
+        return e.chosen, e.verdicts
+    finally:
+        _explaining.reset(token)
+    raise RuntimeError(f"{fn!r} did not go through backend selection")
+
+
 def select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs: Any) -> Backend:
     """Pick the backend that runs ``op`` on ``inputs``."""
+    if _explaining.get():
+        verdicts = []
+        for b in backends:
+            verdicts.append((b.name, b.not_supported_reasons(**inputs)))
+        try:
+            chosen: str | None = _select(op, backends, explicit, **inputs).name
+        except BackendNotSupportedError:
+            chosen = None
+        raise _Explained(chosen, verdicts)
+    return _select(op, backends, explicit, **inputs)
+
+
+def _select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs: Any) -> Backend:
     forced = forced_backend(explicit)
     if forced is not None:
         for b in backends:

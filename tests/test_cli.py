@@ -1,0 +1,43 @@
+"""python -m vitkernels info / usage, and explain_call on the real ops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import vitkernels
+from vitkernels.ops._dispatch import explain_call
+
+
+def test_info_names_versions_and_a_backend_per_op():
+    out = subprocess.run(
+        [sys.executable, "-m", "vitkernels", "info"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert torch.__version__ in text
+    assert "CUDA extension" in text
+    for op in ("relpos_attention", "performer_attention", "patch_embed"):
+        line = next(line for line in text.splitlines() if line.startswith(op))
+        # no GPU here: every op runs on the stock torch composite
+        assert line.rstrip().endswith(": torch"), line
+
+
+def test_usage_for_unknown_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "vitkernels", "frobnicate"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "usage" in out.stdout
+
+
+def test_explain_call_follows_forcing_without_running():
+    q = torch.randn(1, 2, 16, 16)
+    table = torch.randn(2, 16)
+    chosen, verdicts = explain_call(vitkernels.relpos_attention, q, q, q, table, fmap_size=4)
+    assert chosen == "torch"
+    assert [name for name, _ in verdicts] == ["cuda", "triton", "torch", "reference"]
+    with vitkernels.use_backend("reference"):
+        chosen, _ = explain_call(vitkernels.relpos_attention, q, q, q, table, fmap_size=4)
+    assert chosen == "reference"
