@@ -198,7 +198,7 @@ BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), Refer
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _validate(q: Any, k: Any, v: Any, w: Any, eps: Any) -> float:

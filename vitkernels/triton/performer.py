@@ -458,9 +458,11 @@ def _bwd_kv_kernel(
     lks = tl.load(lks_ptr + b * M + offs_m, mask=mmask, other=0.0)
     vbar = tl.load(vbar_ptr + (b * M + offs_m[:, None]) * E + offs_e[None, :], mask=umask,
                    other=0.0)
-    coef = dlks - tl.sum(vbar * dvbar, axis=1)  # (m,)
     dvb = dvbar.to(DT)  # (m, e)
     dvbt = tl.trans(dvb)  # (e, m)
+    # vbar . dvbar with the dvbar the dots use: coef + v_t . dvbar then cancels
+    # exactly where v_t = vbar (e.g. T = 1)
+    coef = dlks - tl.sum(vbar * dvb.to(tl.float32), axis=1)  # (m,)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[None, :] * stride_ke
     v_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[None, :] * stride_ve
