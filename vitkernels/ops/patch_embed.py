@@ -294,7 +294,7 @@ BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), Refer
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _pair(name: str, value: Any, minimum: int) -> tuple[int, int]:

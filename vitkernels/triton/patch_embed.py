@@ -860,6 +860,11 @@ def _fwd_launch(
 # launchers
 
 
+def _new(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Every result and scratch buffer the launchers allocate (tests poison them)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _check_launch(images: torch.Tensor) -> None:
     if images.device.type not in ("cuda", "meta") and not triton_interpret():
         raise RuntimeError(
@@ -895,7 +900,7 @@ def patch_embed_fwd(
     )
     g = prep.g
     P = 0 if cls_token is None else cls_token.shape[0]
-    out = torch.empty((g.B, P + g.L, weight.shape[0]), device=images.device, dtype=images.dtype)
+    out = _new((g.B, P + g.L, weight.shape[0]), device=images.device, dtype=images.dtype)
     if g.B == 0:
         return out
     interpret = triton_interpret() and images.device.type == "cpu"
@@ -975,7 +980,7 @@ def patch_embed_bwd(
     w_k = _reorder(weight, g, patch_order, order)
     gin = _reorder(in_weight, g, patch_order, order) if has_in_norm else None
     bin_ = _reorder(in_bias, g, patch_order, order) if has_in_norm else None
-    stats = torch.empty((M, 2), device=dev, dtype=torch.float32) if has_in_norm else None
+    stats = _new((M, 2), device=dev, dtype=torch.float32) if has_in_norm else None
     m_blocks = triton.cdiv(M, cfg.block_m)
 
     # dy = d loss / d(patches @ W.T + bias): rows at b * sdb + (P + l) * sdt
@@ -984,15 +989,15 @@ def patch_embed_bwd(
             images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
             has_in_norm,
         )
-        y = torch.empty((g.B, g.L, D), device=dev, dtype=torch.float32)
+        y = _new((g.B, g.L, D), device=dev, dtype=torch.float32)
         _launch(
             _fwd_launch(
                 images, prep, None, None, None, None, y, stats,
                 in_eps, out_eps, has_in_norm, False, interpret,
             )
         )
-        dy = torch.empty((M, D), device=dev, dtype=dtype)
-        parts = torch.empty((3, m_blocks, D), device=dev, dtype=torch.float32)
+        dy = _new((M, D), device=dev, dtype=dtype)
+        parts = _new((3, m_blocks, D), device=dev, dtype=torch.float32)
         launch(
             "patch_embed_out_norm_bwd", _out_norm_bwd_kernel, (m_blocks,),
             [grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
@@ -1021,7 +1026,7 @@ def patch_embed_bwd(
     if want[0]:
         blocks_per_split = triton.cdiv(m_blocks, cfg.split)
         split = triton.cdiv(m_blocks, blocks_per_split)
-        ws = torch.empty((split, D, K), device=dev, dtype=torch.float32)
+        ws = _new((split, D, K), device=dev, dtype=torch.float32)
         launch(
             "patch_embed_dw", _dw_kernel,
             (triton.cdiv(D, cfg.block_n) * triton.cdiv(K, cfg.block_k), split),
@@ -1034,7 +1039,7 @@ def patch_embed_bwd(
         )
         res[0] = _reorder(ws.sum(dim=0), g, order, patch_order).to(weight.dtype)
     if want[2] or want[3]:
-        dparts = torch.empty((2, m_blocks, K), device=dev, dtype=torch.float32)
+        dparts = _new((2, m_blocks, K), device=dev, dtype=torch.float32)
         launch(
             "patch_embed_dxn", _dxn_kernel, (m_blocks * triton.cdiv(K, cfg.block_k),),
             [images, dy_t, w_k, stats, dparts[0], dparts[1],

@@ -1,0 +1,491 @@
+"""patch_embed: every backend against the reference on float64 copies.
+
+The triton backend runs under TRITON_INTERPRET=1 on CPU tensors (float32 and
+float16; bfloat16 arithmetic is wrong in the interpreter and is tested in
+test_patch_embed_gpu.py). Every buffer the Triton launchers allocate is poisoned
+with NaN, so an element a kernel fails to write fails the comparison. Some cases
+force 16-wide tiles so that several row, column and K tiles (with ragged edges)
+go through the loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import BackendNotSupportedError
+from vitkernels.backends import reference
+from vitkernels.ops import patch_embed as pe_op
+from vitkernels.ops._dispatch import select
+
+tp = pytest.importorskip("vitkernels.triton.patch_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration: image and kernel geometry, which parts are present."""
+
+    B: int = 2
+    C: int = 3
+    H: int = 12
+    W: int = 12
+    k: int | tuple[int, int] = 4
+    s: int | tuple[int, int] | None = None
+    p: int | tuple[int, int] = 0
+    D: int = 40
+    order: str = "cpq"
+    in_norm: str | None = None  # None, "affine", "plain" (no weight and bias), "weight"
+    out_norm: str | None = None
+    bias: bool = True
+    cls: int = 0  # prefix tokens
+    pos: str | None = None  # None, "all" (P + L rows), "patch" (L rows)
+    conv_weight: bool = False  # weight as (D, C, kh, kw)
+    layout: str = "nchw"  # "nchw", "channels_last", "view" (a strided slice)
+
+
+CASES = {
+    # ViT/DeiT (timm Conv2d): 4x4 patches, class token, positions for every token
+    "vit": Case(k=4, D=48, cls=1, pos="all", conv_weight=True),
+    # vit-pytorch dual patchnorm: (p1 p2 c) patches, LayerNorm in and out
+    "vit_pytorch": Case(k=4, order="pqc", in_norm="affine", out_norm="affine", cls=1, pos="all"),
+    # CrossViT: two patch sizes of one image
+    "crossvit_small": Case(k=4, order="pqc", in_norm="affine", out_norm="affine", cls=1, pos="all", D=24),
+    "crossvit_large": Case(k=6, order="pqc", in_norm="affine", out_norm="affine", cls=1, pos="all", D=36),
+    # PiT: overlapping patch / half-patch unfold
+    "pit": Case(H=10, W=10, k=4, s=2, D=48, cls=1, pos="all"),
+    # T2T soft split 7/4/2 on an image that is not a multiple of the stride, + LN + kqv
+    "t2t_7_4_2": Case(H=13, W=11, k=7, s=4, p=2, in_norm="affine", D=24),
+    "t2t_3_2_1": Case(C=4, H=7, W=7, k=3, s=2, p=1, in_norm="affine", D=36),
+    # CaiT: positions for the patch tokens only, then the class token
+    "cait": Case(k=4, cls=1, pos="patch", D=32),
+    # distillation: two prefix tokens
+    "distill": Case(k=4, order="pqc", in_norm="affine", out_norm="affine", cls=2, pos="all"),
+    # norms without affine, no bias, rectangular kernel and stride
+    "plain_norms": Case(H=12, W=10, k=(4, 2), s=(4, 2), in_norm="plain", out_norm="plain", bias=False),
+    "weight_only_norms": Case(k=4, order="pqc", in_norm="weight", out_norm="weight", pos="patch"),
+    # D not a power of two
+    "d192": Case(B=1, H=8, W=8, k=4, order="pqc", in_norm="affine", out_norm="affine", D=192, cls=1, pos="all"),
+    "d384": Case(B=1, H=8, W=8, k=4, D=384, cls=1, pos="all"),
+    # memory layouts: channels_last (the kernel gathers in (p, q, c) order) and a strided view
+    "vit_channels_last": Case(k=4, D=48, cls=1, pos="all", layout="channels_last"),
+    "vit_pytorch_channels_last": Case(
+        k=4, order="pqc", in_norm="affine", out_norm="affine", cls=1, pos="all", layout="channels_last"
+    ),
+    "t2t_view": Case(H=13, W=11, k=7, s=4, p=2, in_norm="affine", D=24, layout="view"),
+}
+
+
+def _grid(c: Case) -> tuple[int, int]:
+    k = (c.k, c.k) if isinstance(c.k, int) else c.k
+    s = k if c.s is None else (c.s, c.s) if isinstance(c.s, int) else c.s
+    p = (c.p, c.p) if isinstance(c.p, int) else c.p
+    return (c.H + 2 * p[0] - k[0]) // s[0] + 1, (c.W + 2 * p[1] - k[1]) // s[1] + 1
+
+
+def make_inputs(c: Case, dtype: torch.dtype) -> dict:
+    """Fresh random inputs for case c; norms' affine away from 1 and 0 so mistakes show."""
+    kh, kw = (c.k, c.k) if isinstance(c.k, int) else c.k
+    K = c.C * kh * kw
+    Ho, Wo = _grid(c)
+    L = Ho * Wo
+    t = lambda *shape, scale=1.0: (torch.randn(*shape) * scale).to(dtype)  # noqa: E731
+    if c.layout == "view":  # every other column of a wider image, one row off
+        images = t(c.B, c.C, c.H + 1, 2 * c.W)[:, :, 1:, ::2]
+    else:
+        images = t(c.B, c.C, c.H, c.W)
+        if c.layout == "channels_last":
+            images = images.contiguous(memory_format=torch.channels_last)
+    weight = t(c.D, K, scale=K**-0.5)
+    if c.conv_weight:
+        weight = weight.reshape(c.D, c.C, kh, kw)
+
+    def norm(kind, n):
+        if kind is None:
+            return None
+        w = (1 + 0.5 * torch.randn(n)).to(dtype) if kind in ("affine", "weight") else None
+        b = t(n, scale=0.5) if kind == "affine" else None
+        return (w, b, 1e-5)
+
+    return {
+        "images": images,
+        "weight": weight,
+        "bias": t(c.D) if c.bias else None,
+        "kernel_size": c.k,
+        "stride": c.s,
+        "padding": c.p,
+        "patch_order": c.order,
+        "in_norm": norm(c.in_norm, K),
+        "out_norm": norm(c.out_norm, c.D),
+        "pos_embed": None if c.pos is None else t(1, L + (c.cls if c.pos == "all" else 0), c.D),
+        "cls_token": None if c.cls == 0 else t(1, c.cls, c.D),
+    }
+
+
+def _map_tensors(inputs: dict, fn) -> dict:
+    out = {}
+    for key, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            out[key] = fn(v)
+        elif isinstance(v, tuple):
+            out[key] = tuple(fn(x) if isinstance(x, torch.Tensor) else x for x in v)
+        else:
+            out[key] = v
+    return out
+
+
+def reference64(inputs: dict) -> torch.Tensor:
+    return reference.patch_embed(**_map_tensors(inputs, lambda t: t.double()))
+
+
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2, rtol=2e-2),
+       torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (an unwritten element?)"
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the Triton launchers allocate starts as NaN."""
+
+    def new(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(tp, "_new", new)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16-wide tiles: several row, column and K tiles with ragged edges."""
+    monkeypatch.setattr(tp, "fwd_config", lambda *a, **k: tp.FwdConfig(16, 16, 16, 4, 1))
+    monkeypatch.setattr(tp, "bwd_config", lambda *a, **k: tp.BwdConfig(16, 16, 16, 4, 1, 3))
+
+
+# ----------------------------------------------------------------------------
+# forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_forward(name, dtype):
+    inputs = make_inputs(CASES[name], dtype)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), dtype, name)
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "distill", "d192"])
+def test_triton_forward_many_tiles(name, small_tiles):
+    inputs = make_inputs(CASES[name], torch.float32)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), torch.float32, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_forward(name, dtype):
+    inputs = make_inputs(CASES[name], dtype)
+    out = vitkernels.patch_embed(**inputs, backend="torch")
+    assert_close(out, reference64(inputs), dtype, name)
+
+
+def test_reference_backend_is_the_reference_function():
+    inputs = make_inputs(CASES["vit_pytorch"], torch.float64)
+    out = vitkernels.patch_embed(**inputs, backend="reference")
+    torch.testing.assert_close(out, reference64(inputs), atol=0, rtol=0)
+
+
+def test_vit_pytorch_patch_order_is_its_rearrange():
+    """"pqc" is vit-pytorch's Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')."""
+    from einops import rearrange
+
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    w = torch.randn(5, 3 * 4 * 4, dtype=torch.float64)
+    patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=4, p2=4)
+    for backend in ("torch", "reference"):
+        out = vitkernels.patch_embed(x, w, kernel_size=4, patch_order="pqc", backend=backend)
+        torch.testing.assert_close(out, patches @ w.t())
+
+
+def test_in_norm_counts_padding_zeros():
+    """Padded pixels are zeros inside the patch, in the input norm's statistics too."""
+    x = torch.rand(1, 1, 2, 2, dtype=torch.float64) + 1.0  # every pixel > 0
+    w = torch.eye(9, dtype=torch.float64)  # tokens = the normalised patches
+    patch = torch.nn.functional.pad(x, (1, 1, 1, 1))[0, 0, :3, :3].reshape(-1)  # 5 zeros
+    want = (patch - patch.mean()) / patch.std(unbiased=False)
+    for backend in ("torch", "reference"):  # 1 patch of 3x3 from the padded 4x4
+        out = vitkernels.patch_embed(
+            x, w, kernel_size=3, stride=3, padding=1, in_norm=(None, None, 0.0), backend=backend
+        )
+        torch.testing.assert_close(out[0, 0], want)
+    out = vitkernels.patch_embed(
+        x.float(), w.float(), kernel_size=3, stride=3, padding=1, in_norm=(None, None, 0.0),
+        backend="triton",
+    )
+    torch.testing.assert_close(out[0, 0].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_float16_large_mean_stays_finite():
+    """Bright, nearly flat patches: variance from fp32 sums, no NaN where fp64 is finite."""
+    c = CASES["vit_pytorch"]
+    inputs = make_inputs(c, torch.float16)
+    inputs["images"] = (200 + 0.01 * torch.randn(c.B, c.C, c.H, c.W)).half()
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    ref = reference64(inputs)
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=0.1, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------
+# gradients
+
+
+GRAD_CASES = ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "cait", "distill", "plain_norms", "d192",
+              "vit_channels_last"]
+
+
+def _params(inputs: dict) -> list[tuple[str, torch.Tensor]]:
+    out = [(k, inputs[k]) for k in ("weight", "bias", "pos_embed", "cls_token") if inputs[k] is not None]
+    for key in ("in_norm", "out_norm"):
+        if inputs[key] is not None:
+            out += [(f"{key}[{i}]", t) for i, t in enumerate(inputs[key][:2]) if t is not None]
+    return out
+
+
+def _grads(inputs: dict, backend: str | None, dtype: torch.dtype, grad: torch.Tensor, images_grad=False):
+    """Gradients of <out, grad> w.r.t. every parameter (and the images), in float64."""
+    leaves = {}
+
+    def leaf(t):
+        x = t.detach().to(dtype).requires_grad_()
+        leaves[id(t)] = x
+        return x
+
+    params = _params(inputs)
+    names = {id(t): n for n, t in params}
+    ins = _map_tensors(inputs, lambda t: leaf(t) if id(t) in names else t.to(dtype))
+    if images_grad:
+        ins["images"] = inputs["images"].detach().to(dtype).requires_grad_()
+    fn = reference.patch_embed if backend is None else vitkernels.patch_embed
+    kw = {} if backend is None else {"backend": backend}
+    out = fn(**ins, **kw)
+    (out.double() * grad).sum().backward()
+    res = {names[i]: x.grad for i, x in leaves.items()}
+    if images_grad:
+        res["images"] = ins["images"].grad
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_triton_gradients(name, dtype):
+    inputs = make_inputs(CASES[name], dtype)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", dtype, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    assert got.keys() == want.keys()
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.1, rtol=3e-2)
+    for key in want:
+        assert got[key].dtype == dtype and torch.isfinite(got[key]).all(), key
+        scale = want[key].abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got[key].double() / scale, want[key] / scale, **tol,
+                                   msg=lambda m, key=key: f"{name} d{key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["vit_pytorch", "t2t_7_4_2", "pit"])
+def test_triton_gradients_many_tiles(name, small_tiles):
+    inputs = make_inputs(CASES[name], torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float32, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    for key in want:
+        torch.testing.assert_close(got[key].double(), want[key], atol=1e-3, rtol=1e-3,
+                                   msg=lambda m, key=key: f"{name} d{key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "distill"])
+def test_torch_gradients_with_images(name):
+    inputs = make_inputs(CASES[name], torch.float64)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "torch", torch.float64, grad, images_grad=True)
+    want = _grads(inputs, None, torch.float64, grad, images_grad=True)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"d{key}: {m}")
+
+
+def test_triton_gradient_mask_skips_frozen_parameters():
+    inputs = make_inputs(CASES["vit_pytorch"], torch.float32)
+    w = inputs["weight"].clone().requires_grad_()
+    out = vitkernels.patch_embed(**{**inputs, "weight": w}, backend="triton")
+    out.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    assert inputs["in_norm"][0].grad is None and inputs["pos_embed"].grad is None
+
+
+def test_triton_refuses_images_that_need_grad():
+    inputs = make_inputs(CASES["vit"], torch.float32)
+    inputs["images"].requires_grad_()
+    with pytest.raises(BackendNotSupportedError, match="images require grad"):
+        vitkernels.patch_embed(**inputs, backend="triton")
+    with torch.no_grad():  # no graph: the kernels may run
+        vitkernels.patch_embed(**inputs, backend="triton")
+
+
+# ----------------------------------------------------------------------------
+# torch.library registration, compile, dispatch
+
+
+def _op_args(inputs: dict, backend: str = "triton") -> tuple:
+    v = pe_op._validate(**{k: inputs[k] for k in inputs})
+    iw, ib, ie = v["in_norm"] or (None, None, 0.0)
+    ow, ob, oe = v["out_norm"] or (None, None, 0.0)
+    return (v["images"], v["weight"], v["bias"], iw, ib, ow, ob, v["pos_embed"], v["cls_token"],
+            list(v["kernel_size"]), list(v["stride"]), list(v["padding"]), v["patch_order"],
+            float(ie), float(oe), v["in_norm"] is not None, v["out_norm"] is not None, backend)
+
+
+def test_custom_ops_opcheck():
+    inputs = make_inputs(CASES["distill"], torch.float32)
+    args = list(_op_args(inputs))
+    for i in (1, 2, 3, 4, 5, 6, 7, 8):
+        args[i] = args[i].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.vitkernels.patch_embed_fwd.default, tuple(args))
+    out = torch.ops.vitkernels.patch_embed_fwd(*args)
+    grad = torch.randn_like(out)
+    bwd_args = (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]],
+                [True, True, True, False, True, True, True, False], "triton")
+    torch.library.opcheck(torch.ops.vitkernels.patch_embed_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    inputs = make_inputs(CASES["distill"], torch.float32)
+    params = {k: v for k, v in _params(inputs)}
+
+    def f(weight, bias, pos, cls, in_w, in_b, out_w, out_b):
+        return vitkernels.patch_embed(
+            inputs["images"], weight, bias, kernel_size=4, patch_order="pqc",
+            in_norm=(in_w, in_b, 1e-5), out_norm=(out_w, out_b, 1e-5), pos_embed=pos,
+            cls_token=cls, backend="triton",
+        )
+
+    keys = ["weight", "bias", "pos_embed", "cls_token", "in_norm[0]", "in_norm[1]", "out_norm[0]",
+            "out_norm[1]"]
+    eager = [params[k].clone().requires_grad_() for k in keys]
+    comp = [params[k].clone().requires_grad_() for k in keys]
+    out_e = f(*eager)
+    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*comp)
+    torch.testing.assert_close(out_c, out_e)
+    grad = torch.randn_like(out_e)
+    out_e.backward(grad)
+    out_c.backward(grad)
+    for k, a, b in zip(keys, comp, eager, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, k=k: f"d{k}: {m}")
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    c = CASES["t2t_7_4_2"]
+    with FakeTensorMode():
+        inputs = make_inputs(dataclasses.replace(c, cls=2, pos="all"), torch.float16)
+        out = torch.ops.vitkernels.patch_embed_fwd(*_op_args(inputs))
+    Ho, Wo = _grid(c)
+    assert tuple(out.shape) == (c.B, 2 + Ho * Wo, c.D) and out.dtype == torch.float16
+
+
+def test_automatic_dispatch_on_cpu_is_torch():
+    inputs = pe_op._validate(**make_inputs(CASES["vit_pytorch"], torch.float32))
+    assert select("patch_embed", pe_op.BACKENDS, None, **inputs).name == "torch"
+    with vitkernels.use_backend("triton"):
+        assert select("patch_embed", pe_op.BACKENDS, None, **inputs).name == "triton"
+
+
+def test_forced_backends_that_cannot_run_say_why():
+    inputs = make_inputs(CASES["vit"], torch.float64)
+    with pytest.raises(BackendNotSupportedError, match="float64"):
+        vitkernels.patch_embed(**inputs, backend="triton")
+    with pytest.raises(BackendNotSupportedError, match="cuda"):
+        vitkernels.patch_embed(**make_inputs(CASES["vit"], torch.float16), backend="cuda")
+
+
+def test_patch_grid_matches_unfold():
+    x = torch.randn(1, 2, 13, 11)
+    for k, s, p in ((7, 4, 2), (3, 2, 1), (4, 2, 0), ((4, 2), (4, 1), (1, 0))):
+        kk = (k, k) if isinstance(k, int) else k
+        ss = (s, s) if isinstance(s, int) else s
+        pp = (p, p) if isinstance(p, int) else p
+        Ho, Wo = pe_op.patch_grid((13, 11), kk, ss, pp)
+        assert torch.nn.functional.unfold(x, kk, stride=ss, padding=pp).shape[-1] == Ho * Wo
+
+
+def test_aot_specs_cover_the_workloads():
+    names = [s.name for s in tp.AOT_SPECS]
+    for dtype in ("f16", "bf16"):
+        assert f"patch_embed_fwd[{dtype},cpq,k16s16p0,C3,D768,pos+cls]" in names  # P1
+        assert f"patch_embed_fwd[{dtype},cpq,k16s16p0,C3,D768,in+out+pos+cls]" in names  # P2
+        assert f"patch_embed_fwd[{dtype},cpq,k7s4p2,C3,D192,in]" in names  # P3
+    assert any(n.startswith("patch_embed_fwd[bf16,pqc,") for n in names)  # channels_last
+    for kernel in ("dw", "dxn", "out_norm_bwd", "stats"):
+        assert any(n.startswith(f"patch_embed_{kernel}[") for n in names), kernel
+
+
+# ----------------------------------------------------------------------------
+# input errors
+
+
+def _err(exc, match, **changes):
+    inputs = make_inputs(CASES["vit_pytorch"], torch.float32)
+    inputs.update(changes)
+    with pytest.raises(exc, match=match):
+        vitkernels.patch_embed(**inputs)
+
+
+def test_error_image_not_covered_by_the_grid():
+    _err(ValueError, r"does not cover the image height 13.*12 or 16",
+         images=torch.randn(2, 3, 13, 12), pos_embed=None)
+    # padding lets an odd size through where the grid reaches every pixel (T2T 7/4/2)
+    inputs = make_inputs(CASES["t2t_7_4_2"], torch.float32)
+    vitkernels.patch_embed(**inputs)
+
+
+def test_error_image_smaller_than_kernel():
+    _err(ValueError, "smaller than the kernel", images=torch.randn(2, 3, 3, 12), pos_embed=None)
+
+
+def test_error_channel_mismatch():
+    _err(ValueError, r"weight has shape \(40, 48\); expected \(D, 32\).*C=2 channels",
+         images=torch.randn(2, 2, 12, 12))
+    inputs = make_inputs(CASES["vit"], torch.float32)
+    inputs["images"] = torch.randn(2, 2, 12, 12)
+    with pytest.raises(ValueError, match=r"expected \(D, 2, 4, 4\)"):
+        vitkernels.patch_embed(**inputs)
+
+
+def test_error_pos_embed_length():
+    _err(ValueError, r"pos_embed has shape \(1, 11, 40\).*T = 10 \(every token\) or 9",
+         pos_embed=torch.randn(1, 11, 40))
+    _err(ValueError, r"pos_embed has shape \(10, 39\)", pos_embed=torch.randn(10, 39))
+
+
+def test_error_other_arguments():
+    _err(ValueError, r"cls_token has shape \(2, 1, 40\)", cls_token=torch.randn(2, 1, 40))
+    _err(ValueError, "patch_order='qpc'", patch_order="qpc")
+    _err(TypeError, "kernel_size=.*int or a pair", kernel_size="4")
+    _err(ValueError, r"stride=0; expected values >= 1", stride=0)
+    _err(ValueError, r"in_norm weight has shape \(40,\); expected \(48,\)",
+         in_norm=(torch.ones(40), None, 1e-5))
+    _err(TypeError, r"in_norm must be a \(weight, bias, eps\) tuple", in_norm=torch.ones(48))
+    _err(ValueError, "out_norm eps=-1.0", out_norm=(None, None, -1.0))
+    _err(ValueError, r"images has shape \(3, 12, 12\); expected \(B, C, H, W\)",
+         images=torch.randn(3, 12, 12))
+    _err(TypeError, "bias has dtype torch.float64 but images have torch.float32",
+         bias=torch.randn(40, dtype=torch.float64))
+    _err(TypeError, "images has dtype torch.int64", images=torch.ones(2, 3, 12, 12, dtype=torch.long))
+    _err(ValueError, r"Conv2d weight .* patch_order='pqc'", weight=torch.randn(40, 3, 4, 4))
