@@ -1,0 +1,164 @@
+"""patch_embed on CUDA: the triton backend (and cuda when the extension is built)
+against the float64 reference, float16 / bfloat16 / float32, the WORKLOADS.md
+shapes (batch reduced) and the odd configurations of test_patch_embed.py, with
+gradients; every buffer the launchers allocate starts as NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import cuda as vk_cuda
+
+pytestmark = pytest.mark.gpu
+
+from test_patch_embed import (  # noqa: E402  (same directory; the CPU test's cases)
+    CASES,
+    GRAD_CASES,
+    Case,
+    _grads,
+    make_inputs,
+    reference64,
+)
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+# (atol, rtol) of outputs whose scale is ~1 (weights scaled by K**-0.5, LayerNorm)
+TOL = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 4e-2), torch.float32: (2e-4, 2e-4)}
+
+
+def _backends() -> list[str]:
+    out = ["triton"]
+    if vk_cuda.has_op("patch_embed_fwd"):
+        out.append("cuda")
+    return out
+
+
+# WORKLOADS.md shapes at batch 4 (the kernels' tiles do not depend on the batch)
+WORKLOADS = {
+    "P1": Case(B=4, H=224, W=224, k=16, D=768, cls=1, pos="all", conv_weight=True),
+    "P2": Case(B=4, H=224, W=224, k=16, D=768, order="pqc", in_norm="affine",
+               out_norm="affine", cls=1, pos="all"),
+    "P3": Case(B=4, H=224, W=224, k=7, s=4, p=2, D=192, in_norm="affine"),
+    "P2_channels_last": Case(B=2, H=224, W=224, k=16, D=768, order="pqc", in_norm="affine",
+                             out_norm="affine", cls=1, pos="all", layout="channels_last"),
+    "crossvit_240_p12": Case(B=2, H=240, W=240, k=12, D=192, order="pqc", in_norm="affine",
+                             out_norm="affine", cls=1, pos="all"),
+    "pit_224_p14": Case(B=2, H=224, W=224, k=14, s=7, D=144, cls=1, pos="all"),
+    "vit_s_384": Case(B=2, H=224, W=224, k=16, D=384, cls=1, pos="all"),
+    "odd_rows": Case(B=3, H=223, W=221, k=7, s=4, p=2, D=192, in_norm="affine"),
+}
+
+
+def _cuda(inputs: dict) -> dict:
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.cuda()
+        elif isinstance(v, tuple):
+            out[k] = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in v)
+        else:
+            out[k] = v
+    return out
+
+
+def _make(case: Case, dtype: torch.dtype) -> dict:
+    """make_inputs on CUDA, with the image layout made there (.cuda() would densify a view)."""
+    inputs = _cuda(make_inputs(dataclasses.replace(case, layout="nchw"), dtype))
+    x = inputs["images"]
+    if case.layout == "channels_last":
+        inputs["images"] = x.contiguous(memory_format=torch.channels_last)
+    elif case.layout == "view":  # every other column of a wider image, one row off
+        wide = torch.zeros(x.shape[0], x.shape[1], x.shape[2] + 1, 2 * x.shape[3], device="cuda",
+                           dtype=dtype)
+        wide[:, :, 1:, ::2] = x
+        inputs["images"] = wide[:, :, 1:, ::2]
+    return inputs
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    tp = pytest.importorskip("vitkernels.triton.patch_embed")
+
+    def new(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(tp, "_new", new)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", list(WORKLOADS) + list(CASES))
+def test_forward(name, dtype_name, backend):
+    dtype = DTYPES[dtype_name]
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the cuda backend takes float16 and bfloat16")
+    case = WORKLOADS.get(name) or CASES[name]
+    inputs = _make(case, dtype)
+    out = vitkernels.patch_embed(**inputs, backend=backend)
+    ref = reference64(inputs)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten element?)"
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", ["P1", "P2", "P3", "P2_channels_last", *GRAD_CASES])
+def test_gradients(name, dtype_name, backend):
+    dtype = DTYPES[dtype_name]
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the cuda backend takes float16 and bfloat16")
+    case = WORKLOADS.get(name) or CASES[name]
+    inputs = _make(case, dtype)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, backend, dtype, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    assert got.keys() == want.keys()
+    atol, rtol = (1e-3, 1e-3) if dtype == torch.float32 else (6e-2, 5e-2)
+    for key in want:
+        assert got[key].dtype == dtype and torch.isfinite(got[key]).all(), key
+        scale = want[key].abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got[key].double() / scale, want[key] / scale, atol=atol,
+                                   rtol=rtol, msg=lambda m, key=key: f"{name} d{key}: {m}")
+
+
+def test_automatic_dispatch_on_cuda_takes_a_kernel():
+    inputs = _make(WORKLOADS["P1"], torch.bfloat16)
+    from vitkernels.ops import patch_embed as pe_op
+    from vitkernels.ops._dispatch import select
+
+    v = pe_op._validate(**inputs)
+    chosen = select("patch_embed", pe_op.BACKENDS, None, **v).name
+    assert chosen == ("cuda" if vk_cuda.has_op("patch_embed_fwd") else "triton")
+    v["images"].requires_grad_()
+    assert select("patch_embed", pe_op.BACKENDS, None, **v).name == "torch"
+
+
+def test_optimize_vit_b16_bf16_matches_eager():
+    from vitkernels.models.vit import ViT
+
+    model = ViT(image_size=224, patch_size=16, num_classes=10, dim=768, depth=1, heads=12,
+                mlp_dim=1024, dim_head=64).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x).float()
+        report = vitkernels.optimize(model, ops=("patch_embed",), backend="triton")
+        assert report.count("patch_embed") == 1
+        got = model(x).float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+
+
+def test_compile_fullgraph_on_cuda():
+    inputs = _make(WORKLOADS["P2"], torch.bfloat16)
+
+    def f(images):
+        return vitkernels.patch_embed(**{**inputs, "images": images}, backend="triton")
+
+    want = f(inputs["images"])
+    got = torch.compile(f, fullgraph=True)(inputs["images"])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
