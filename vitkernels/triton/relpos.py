@@ -242,7 +242,8 @@ def _bwd_dkdv_kernel(
         bias = _gather_bias(table, k_row, k_col, q_row, q_col, C, TP)  # symmetric in i, j
         ok = n_ok[:, None] & m_ok[None, :]
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        pt = tl.where(ok, tl.exp2(st + bias * bias_scale - lse[None, :]), 0.0)
+        # padded rows and columns: exp2(-inf) = 0 (no overflow on their garbage logits)
+        pt = tl.exp2(tl.where(ok, st + bias * bias_scale - lse[None, :], float("-inf")))
         do = tl.load(
             g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
             mask=m_ok[:, None] & (offs_dv[None, :] < DV),
@@ -348,7 +349,7 @@ def _bwd_dq_kernel(
             s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
             bias = _gather_bias(table, q_row, q_col, kg_row, k_col, C, TP)
             ok = m_ok[:, None] & n_ok[None, :]
-            p = tl.where(ok, tl.exp2(s + bias * bias_scale - lse[:, None]), 0.0)
+            p = tl.exp2(tl.where(ok, s + bias * bias_scale - lse[:, None], float("-inf")))
             vt = tl.load(
                 v_base + k_tok[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                 mask=n_ok[None, :] & (offs_dv[:, None] < DV),
@@ -481,6 +482,11 @@ def _batch_group(batch: int, programs_per_batch: int) -> int:
 # launchers
 
 
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the launchers hand to a kernel (tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _query_grid(fmap_rows: int, fmap_cols: int, q_stride: int) -> tuple[int, int]:
     return -(-fmap_rows // q_stride), -(-fmap_cols // q_stride)
 
@@ -499,8 +505,8 @@ def relpos_attention_fwd(
     """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring."""
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
-    out = torch.empty((B, H, NQ, DV), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    out = _alloc((B, H, NQ, DV), q.dtype, q.device)
+    lse = _alloc((B, H, NQ), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
@@ -534,15 +540,15 @@ def relpos_attention_bwd(
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
     dev = q.device
-    dq = torch.empty((B, H, NQ, DK), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, H, NK, DK), dtype=q.dtype, device=dev)
-    dv = torch.empty((B, H, NK, DV), dtype=q.dtype, device=dev)
+    dq = _alloc((B, H, NQ, DK), q.dtype, dev)
+    dk = _alloc((B, H, NK, DK), q.dtype, dev)
+    dv = _alloc((B, H, NK, DV), q.dtype, dev)
     if B * H == 0 or NQ == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(table.shape, dtype=table.dtype, device=dev)
     rq, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     qk_scale, bs = scale * _LOG2E, bias_scale * _LOG2E
 
-    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
+    delta = _alloc((B, H, NQ), torch.float32, dev)
     cfg = _delta_cfg(NQ, DV)
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     _bwd_delta_kernel[(num_qb * B * H,)](
@@ -564,7 +570,7 @@ def relpos_attention_bwd(
     num_qb = triton.cdiv(rq, cfg.constexprs["QR"])
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
-    partial = torch.empty((num_g * num_qb, H, fmap_rows * fmap_cols), dtype=torch.float32, device=dev)
+    partial = _alloc((num_g * num_qb, H, fmap_rows * fmap_cols), torch.float32, dev)
     _bwd_dq_kernel[(num_qb * H * num_g,)](
         q, k, v, table, grad_out, lse, delta, dq, partial,
         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),

@@ -1,0 +1,462 @@
+"""relpos_attention: the torch and triton backends against the float64 reference.
+
+Without a GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1 on CPU
+tensors), float32 and float16 only (the interpreter's bfloat16 arithmetic is wrong:
+bfloat16 is tested in test_relpos_gpu.py). Inputs are fresh random tensors, and
+every buffer the Triton launchers allocate starts as NaN, so an element a kernel
+fails to write fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import BackendNotSupportedError
+from vitkernels.backends import reference
+from vitkernels.ops import relpos as ops
+from vitkernels.ops._dispatch import select
+
+tk = pytest.importorskip("vitkernels.triton.relpos")
+
+BACKENDS = ["torch", "triton"]
+# tolerance relative to the largest magnitude of the expected tensor
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+GRAD_TOL = {torch.float32: 5e-5, torch.float16: 1.5e-2}
+
+# id: (B, H, R, C, q_stride, Dk, Dv)
+CASES = {
+    "A1 N196": (2, 2, 14, 14, 1, 32, 64),
+    "A2 N49": (2, 3, 7, 7, 1, 32, 64),
+    "A3 N16": (3, 2, 4, 4, 1, 32, 64),
+    "A4 shrink 14to7": (1, 2, 14, 14, 2, 32, 64),
+    "A5 Dk16 Dv32": (1, 2, 14, 14, 1, 16, 32),
+    "shrink 7to4": (2, 2, 7, 7, 2, 16, 32),
+    "N784 448px": (1, 1, 28, 28, 1, 16, 16),
+    "rect 5x9": (2, 2, 5, 9, 1, 16, 24),
+    "rect 6x3 stride2": (1, 2, 6, 3, 2, 32, 16),
+    "row 1x7": (2, 1, 1, 7, 1, 16, 16),
+    "column 9x1 stride2": (1, 2, 9, 1, 2, 16, 16),
+    "stride3 7x8": (1, 1, 7, 8, 3, 16, 16),
+    "Dk64 Dv128": (1, 2, 4, 4, 1, 64, 128),
+    "Dk64 Dv16": (1, 2, 5, 5, 1, 64, 16),
+    "Dk20 Dv40": (1, 2, 4, 5, 1, 20, 40),
+    "grid 1x1": (2, 2, 1, 1, 1, 16, 16),
+}
+GRAD_CASES = [
+    "A1 N196",
+    "A2 N49",
+    "A3 N16",
+    "A4 shrink 14to7",
+    "shrink 7to4",
+    "rect 5x9",
+    "rect 6x3 stride2",
+    "column 9x1 stride2",
+    "stride3 7x8",
+    "Dk64 Dv16",
+    "Dk20 Dv40",
+    "grid 1x1",
+]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the Triton launchers allocate starts as NaN: unwritten elements fail."""
+
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tk, "_alloc", alloc)
+
+
+def make(
+    case: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    *,
+    layout: str = "hn",
+    view: str = "contiguous",
+    table_dtype: torch.dtype | None = None,
+    qk_scale: float = 1.0,
+    bias_std: float = 1.0,
+):
+    """Fresh q, k, v, table for a case; ``view`` picks how q, k, v sit in memory.
+
+    contiguous: (B, H, N, D) tensors; conv: views of 1x1-conv outputs (B, H*D, R, C)
+    ('b (h d) x y -> b h (x y) d', as LeViT's vit-pytorch layout); tokens: views of
+    a fused (B, N, H, Dk+Dk+Dv) projection split per head (timm's linear layout).
+    """
+    B, H, R, C, s, Dk, Dv = case
+    Rq, Cq = -(-R // s), -(-C // s)
+    Nq, Nk = Rq * Cq, R * C
+    if view == "contiguous":
+        q = torch.randn(B, H, Nq, Dk) * qk_scale
+        k = torch.randn(B, H, Nk, Dk) * qk_scale
+        v = torch.randn(B, H, Nk, Dv)
+    elif view == "conv":
+        q = (torch.randn(B, H * Dk, Rq, Cq) * qk_scale).view(B, H, Dk, Nq).transpose(-1, -2)
+        k = (torch.randn(B, H * Dk, R, C) * qk_scale).view(B, H, Dk, Nk).transpose(-1, -2)
+        v = torch.randn(B, H * Dv, R, C).view(B, H, Dv, Nk).transpose(-1, -2)
+    elif view == "tokens":
+        kv = torch.randn(B, Nk, H, Dk + Dv)
+        k, v = (t.permute(0, 2, 1, 3) for t in kv.split([Dk, Dv], dim=3))
+        k = k * qk_scale
+        q = (torch.randn(B, Nq, H, Dk + 3) * qk_scale)[..., 1 : Dk + 1].permute(0, 2, 1, 3)
+    else:
+        raise AssertionError(view)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    table = torch.randn(H, Nk) * bias_std
+    if layout == "nh":
+        table = table.t().contiguous()
+    return q, k, v, table.to(table_dtype or dtype)
+
+
+def kwargs_of(case, layout="hn", bias_scale=0.7):
+    B, H, R, C, s, Dk, Dv = case
+    return dict(fmap_size=(R, C), q_stride=s, bias_scale=bias_scale, table_layout=layout)
+
+
+def ref64(q, k, v, table, *, fmap_size, q_stride=1, scale=None, bias_scale=1.0, table_layout="hn"):
+    """The spec on float64 copies (with autograd for the gradient tests)."""
+    q, k, v, table = (t.detach().double().requires_grad_() for t in (q, k, v, table))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = reference.relpos_attention(
+        q, k, v, table, fmap_size=fmap_size, q_stride=q_stride, scale=scale,
+        bias_scale=bias_scale, table_layout=table_layout,
+    )  # fmt: skip
+    return out, (q, k, v, table)
+
+
+def assert_close(actual, expected, tol, what="", floor=1e-30) -> None:
+    """max |actual - expected| <= tol * max(max |expected|, floor), and all finite."""
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(expected.abs().max().item(), floor)
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+def check_grads(backend, q, k, v, table, kw, tol, what=""):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, table)]
+    out = vitkernels.relpos_attention(*leaves, **kw, backend=backend)
+    expected, ref_leaves = ref64(q, k, v, table, **kw)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    for name, g, r in zip(("dq", "dk", "dv", "dtable"), grads, ref_leaves, strict=True):
+        # floor: a gradient that is exactly 0 (dq and dtable with a single key) is
+        # matched to the rounding of the O(1) terms it sums (dtable sums B*Nq of them)
+        assert_close(g, r.grad, tol, f"{what} {name}", floor=1.0 if name == "dtable" else 1e-2)
+
+
+# ----------------------------------------------------------------------------
+# forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_float64_reference(backend, case, dtype, poisoned):
+    q, k, v, table = make(CASES[case], dtype)
+    kw = kwargs_of(CASES[case])
+    out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[dtype], f"{backend} {case}")
+
+
+@pytest.mark.parametrize("view", ["conv", "tokens"])
+@pytest.mark.parametrize("layout", ["hn", "nh"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_and_layouts(backend, layout, view, poisoned):
+    for case in (CASES["A4 shrink 14to7"], CASES["rect 5x9"]):
+        q, k, v, table = make(case, layout=layout, view=view)
+        assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+        kw = kwargs_of(case, layout)
+        out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+        assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float32], f"{view} {layout}")
+
+
+def test_strided_views_take_no_copy(monkeypatch):
+    """The triton launcher gets the conv-output views themselves, not copies."""
+    seen = {}
+    real = tk.relpos_attention_fwd
+
+    def spy(q, k, v, table, *args):
+        seen.update(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), t=table.data_ptr())
+        seen.update(qs=q.stride(), ts=table.stride())
+        return real(q, k, v, table, *args)
+
+    monkeypatch.setattr(tk, "relpos_attention_fwd", spy)
+    q, k, v, table = make(CASES["shrink 7to4"], layout="nh", view="conv")
+    vitkernels.relpos_attention(q, k, v, table, **kwargs_of(CASES["shrink 7to4"], "nh"), backend="triton")
+    assert (seen["q"], seen["k"], seen["v"], seen["t"]) == (
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(),
+    )  # fmt: skip
+    assert seen["qs"] == q.stride() and seen["ts"] == (1, table.shape[1])  # (H, R*C) view of (R*C, H)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float16], ids=["table_f32", "table_f16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_inputs_with_float32_or_half_table(backend, table_dtype, poisoned):
+    case = CASES["A2 N49"]
+    q, k, v, table = make(case, torch.float16, table_dtype=table_dtype, layout="nh")
+    kw = kwargs_of(case, "nh")
+    out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+    assert out.dtype == torch.float16
+    assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_scale_and_explicit_scale(backend, poisoned):
+    case = CASES["rect 5x9"]
+    q, k, v, table = make(case)
+    kw = kwargs_of(case)
+    out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+    assert_close(out, ref64(q, k, v, table, **kw, scale=16**-0.5)[0], TOL[torch.float32])
+    out = vitkernels.relpos_attention(q, k, v, table, **kw, scale=0.37, backend=backend)
+    assert_close(out, ref64(q, k, v, table, **kw, scale=0.37)[0], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, poisoned):
+    q, k, v, table = make((0, 2, 4, 4, 1, 16, 8))
+    out = vitkernels.relpos_attention(q, k, v, table, fmap_size=4, backend=backend)
+    assert out.shape == (0, 2, 16, 8)
+
+
+# ----------------------------------------------------------------------------
+# large values: the online softmax keeps everything finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(
+    "kind, qk_scale, bias_std",
+    [("large logits", 12.0, 1.0), ("large bias", 1.0, 3e3), ("both", 8.0, 1e3)],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_values_stay_finite(backend, kind, qk_scale, bias_std, dtype, poisoned):
+    case = CASES["A4 shrink 14to7"]
+    q, k, v, table = make(case, dtype, qk_scale=qk_scale, bias_std=bias_std, table_dtype=torch.float32)
+    kw = kwargs_of(case, bias_scale=1.0)
+    # SDPA takes the bias in q's dtype (as the reference's math does); the kernels
+    # add the float32 table in float32
+    expected, _ = ref64(q, k, v, table.to(dtype) if backend == "torch" else table, **kw)
+    assert torch.isfinite(expected).all()
+    out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+    # logits of magnitude L carry float32 rounding of ~L * 2**-24 into exp()
+    logit = (qk_scale**2 * math.sqrt(case[5]) * 4 + 4 * bias_std) * 2**-24
+    assert_close(out, expected, TOL[dtype] + 20 * logit, kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_values_gradients_stay_finite(backend, poisoned):
+    case = CASES["shrink 7to4"]
+    q, k, v, table = make(case, qk_scale=10.0, bias_std=1e3)
+    leaves = [t.requires_grad_() for t in (q, k, v, table)]
+    out = vitkernels.relpos_attention(*leaves, **kwargs_of(case), backend=backend)
+    out.backward(torch.randn_like(out))
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+
+
+# ----------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=GRAD_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_float32(backend, case, poisoned):
+    q, k, v, table = make(CASES[case], layout="nh" if "rect" in case else "hn")
+    kw = kwargs_of(CASES[case], "nh" if "rect" in case else "hn")
+    check_grads(backend, q, k, v, table, kw, GRAD_TOL[torch.float32], case)
+
+
+@pytest.mark.parametrize("case", ["A1 N196", "A4 shrink 14to7", "rect 6x3 stride2"])
+def test_gradients_float16_triton(case, poisoned):
+    q, k, v, table = make(CASES[case], torch.float16, table_dtype=torch.float32)
+    check_grads("triton", q, k, v, table, kwargs_of(CASES[case]), GRAD_TOL[torch.float16], case)
+
+
+@pytest.mark.parametrize("view", ["conv", "tokens"])
+def test_gradients_through_strided_views(view, poisoned):
+    case = CASES["A4 shrink 14to7"]
+    q, k, v, table = make(case, view=view, layout="nh")
+    check_grads("triton", q, k, v, table, kwargs_of(case, "nh"), GRAD_TOL[torch.float32], view)
+
+
+def test_gradient_of_a_non_contiguous_output_grad(poisoned):
+    """grad_out arrives with the strides of whatever consumed the output."""
+    case = CASES["shrink 7to4"]
+    q, k, v, table = make(case)
+    leaves = [t.requires_grad_() for t in (q, k, v, table)]
+    out = vitkernels.relpos_attention(*leaves, **kwargs_of(case), backend="triton")
+    g = torch.randn(out.shape[0], out.shape[1], out.shape[3], out.shape[2]).transpose(-1, -2)
+    out.backward(g)
+    expected, ref_leaves = ref64(q, k, v, table, **kwargs_of(case))
+    expected.backward(g.double())
+    for t, r in zip(leaves, ref_leaves, strict=True):
+        assert_close(t.grad, r.grad, GRAD_TOL[torch.float32])
+
+
+def test_only_table_requires_grad(poisoned):
+    case = CASES["A3 N16"]
+    q, k, v, table = make(case)
+    table.requires_grad_()
+    out = vitkernels.relpos_attention(q, k, v, table, **kwargs_of(case), backend="triton")
+    (dt,) = torch.autograd.grad(out.sum(), table)
+    expected, ref_leaves = ref64(q, k, v, table, **kwargs_of(case))
+    expected.sum().backward()
+    assert_close(dt, ref_leaves[3].grad, GRAD_TOL[torch.float32])
+    assert q.grad is None
+
+
+def test_table_gradient_is_deterministic(poisoned):
+    case = CASES["A1 N196"]
+    q, k, v, table = make(case)
+    out, lse = tk.relpos_attention_fwd(q, k, v, table, 14, 14, 1, 32**-0.5, 0.7)
+    g = torch.randn_like(out)
+    first = tk.relpos_attention_bwd(g, q, k, v, table, out, lse, 14, 14, 1, 32**-0.5, 0.7)
+    second = tk.relpos_attention_bwd(g, q, k, v, table, out, lse, 14, 14, 1, 32**-0.5, 0.7)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64(backend):
+    case = (1, 2, 3, 4, 2, 5, 3)
+    q, k, v, table = (t.double().requires_grad_() for t in make(case, layout="nh"))
+    kw = kwargs_of(case, "nh", bias_scale=1.3)
+
+    def f(q, k, v, table):
+        return vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, table))
+
+
+# ----------------------------------------------------------------------------
+# torch.library: custom ops, fake impls, autograd, compile
+
+
+def test_opcheck_custom_ops():
+    case = CASES["shrink 7to4"]
+    q, k, v, table = make(case)
+    args = (q, k, v, table, 7, 7, 2, 0.25, 0.7, "triton")
+    torch.library.opcheck(ops.relpos_attention_fwd, args)
+    out, lse = ops.relpos_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, table, out, lse, 7, 7, 2, 0.25, 0.7, "triton")
+    torch.library.opcheck(ops.relpos_attention_bwd, bwd_args)
+
+
+def test_compile_fullgraph_forward_and_backward(poisoned):
+    case = CASES["shrink 7to4"]
+    q, k, v, table = make(case, layout="nh")
+    kw = kwargs_of(case, "nh")
+
+    def f(q, k, v, table):
+        return vitkernels.relpos_attention(q, k, v, table, **kw, backend="triton")
+
+    leaves = [t.requires_grad_() for t in (q, k, v, table)]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*leaves)
+    expected, ref_leaves = ref64(q, k, v, table, **kw)
+    assert_close(out, expected, TOL[torch.float32])
+    g = torch.randn_like(expected)
+    out.backward(g.float())
+    expected.backward(g)
+    for t, r in zip(leaves, ref_leaves, strict=True):
+        assert_close(t.grad, r.grad, GRAD_TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------
+# dispatch
+
+
+def _inputs(q, k, v, table, **kw):
+    return dict(q=q, k=k, v=v, bias_table=table, fmap_size=kw["fmap_size"], q_stride=kw["q_stride"],
+                scale=0.25, bias_scale=kw["bias_scale"], table_layout=kw["table_layout"])  # fmt: skip
+
+
+def test_cpu_tensors_go_to_torch_automatically():
+    case = CASES["A3 N16"]
+    q, k, v, table = make(case)
+    assert select("relpos_attention", ops.BACKENDS, None, **_inputs(q, k, v, table, **kwargs_of(case))).name == "torch"
+
+
+def test_forced_triton_refuses_float64():
+    case = CASES["A3 N16"]
+    q, k, v, table = (t.double() for t in make(case))
+    with pytest.raises(BackendNotSupportedError, match="triton.*q has dtype float64"):
+        vitkernels.relpos_attention(q, k, v, table, fmap_size=4, backend="triton")
+    with vitkernels.use_backend("triton"), pytest.raises(BackendNotSupportedError, match="float64"):
+        vitkernels.relpos_attention(q, k, v, table, fmap_size=4)
+
+
+def test_forced_cuda_refuses_float32(monkeypatch):
+    """With the extension present, float32 is refused by name (the kernels are f16/bf16)."""
+    monkeypatch.setattr(ops._cuda, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(ops._cuda, "has_op", lambda name: True)
+    case = CASES["A3 N16"]
+    q, k, v, table = make(case)
+    reasons = ops.CudaBackend().not_supported_reasons(**_inputs(q, k, v, table, **kwargs_of(case)))
+    assert any("q has dtype float32" in r for r in reasons), reasons
+    with pytest.raises(BackendNotSupportedError, match="cuda"):
+        vitkernels.relpos_attention(q, k, v, table, fmap_size=4, backend="cuda")
+
+
+def test_triton_size_limits_are_reasons():
+    q, k, v, table = make((1, 1, 1, 65, 1, 16, 16))
+    reasons = ops.TritonBackend().not_supported_reasons(
+        **_inputs(q, k, v, table, fmap_size=(1, 65), q_stride=1, bias_scale=1.0, table_layout="hn")
+    )
+    assert any("above the kernels' limit of 64" in r for r in reasons), reasons
+    q, k, v, table = make((1, 1, 2, 2, 1, 160, 16))
+    reasons = ops.TritonBackend().not_supported_reasons(
+        **_inputs(q, k, v, table, fmap_size=(2, 2), q_stride=1, bias_scale=1.0, table_layout="hn")
+    )
+    assert any("Dk=160" in r for r in reasons), reasons
+
+
+# ----------------------------------------------------------------------------
+# bad inputs
+
+
+def _bad(**change):
+    q, k, v, table = make((2, 3, 4, 5, 2, 16, 8))
+    args = dict(q=q, k=k, v=v, bias_table=table)
+    kw = dict(fmap_size=(4, 5), q_stride=2)
+    for key, value in change.items():
+        (args if key in args else kw)[key] = value(args) if callable(value) else value
+    return args, kw
+
+
+BAD = [
+    ("k heads", dict(k=lambda a: torch.randn(2, 4, 20, 16)), ValueError, r"k has shape \(2, 4, 20, 16\); expected \(B, H, Nk, Dk\) = \(2, 3, Nk, 16\)"),
+    ("k Dk", dict(k=lambda a: torch.randn(2, 3, 20, 8)), ValueError, r"k has shape \(2, 3, 20, 8\)"),
+    ("v keys", dict(v=lambda a: torch.randn(2, 3, 19, 8)), ValueError, r"v has shape \(2, 3, 19, 8\); expected \(B, H, Nk, Dv\) = \(2, 3, 20, Dv\)"),
+    ("q ndim", dict(q=lambda a: torch.randn(2, 6, 16)), ValueError, r"q has shape \(2, 6, 16\); expected \(B, H, Nq, Dk\)"),
+    ("table heads", dict(bias_table=lambda a: torch.randn(4, 20)), ValueError, r"bias_table has shape \(4, 20\); expected \(3, 20\) \(H=3 heads, R\*C=20 offsets\) for table_layout='hn'"),
+    ("table size", dict(bias_table=lambda a: torch.randn(3, 16)), ValueError, r"bias_table has shape \(3, 16\); expected \(3, 20\)"),
+    ("table layout nh", dict(table_layout="nh"), ValueError, r"bias_table has shape \(3, 20\); expected \(20, 3\)"),
+    ("grid vs Nk", dict(fmap_size=(5, 5)), ValueError, r"k has Nk=20 keys but fmap_size=\(5, 5\) has R\*C=25"),
+    ("grid vs Nq", dict(q_stride=1), ValueError, r"q has Nq=6 queries; expected ceil\(R/s\)\*ceil\(C/s\) = 4\*5 = 20"),
+    ("layout name", dict(table_layout="hw"), ValueError, r"table_layout='hw'; expected 'hn'"),
+    ("fmap type", dict(fmap_size="4x5"), TypeError, r"fmap_size='4x5'"),
+    ("fmap zero", dict(fmap_size=(0, 5)), ValueError, r"fmap_size=\(0, 5\); expected positive"),
+    ("stride zero", dict(q_stride=0), ValueError, r"q_stride=0; expected an int >= 1"),
+    ("stride float", dict(q_stride=2.0), TypeError, r"q_stride must be an int, got 2.0"),
+    ("scale nan", dict(scale=float("nan")), ValueError, r"scale=nan; expected a finite float"),
+    ("bias_scale str", dict(bias_scale="1"), TypeError, r"bias_scale must be a float"),
+    ("k dtype", dict(k=lambda a: a["k"].half()), TypeError, r"k has dtype torch.float16 but q has torch.float32"),
+    ("int table", dict(bias_table=lambda a: torch.zeros(3, 20, dtype=torch.long)), TypeError, r"bias_table has dtype torch.int64; expected a floating-point"),
+    ("not a tensor", dict(v=lambda a: a["v"].tolist()), TypeError, r"v must be a torch.Tensor, got list"),
+    ("meta device", dict(bias_table=lambda a: a["bias_table"].to("meta")), ValueError, r"different devices \(cpu, cpu, cpu, meta\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("change, exc, match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs_say_what_was_given_and_expected(change, exc, match):
+    args, kw = _bad(**change)
+    with pytest.raises(exc, match=match):
+        vitkernels.relpos_attention(**args, **kw)
