@@ -1,0 +1,601 @@
+"""The CUDA extension's kernels (csrc/kernels) tested without a GPU.
+
+1. Compile budgets: nvcc compiles each kernel header alone (pure CUDA, no torch)
+   and every specialisation the launchers dispatch to (csrc/kernels/all_kernels.cu)
+   for sm_80 and sm_90a; ptxas's resource usage must show no spills. Needs nvcc
+   (skipped, with the reason, where there is none).
+2. Emulated runs: the same kernel sources, launch logic included, built for the
+   host with csrc/emu/emu.h (every CUDA thread a fiber, warp collectives and
+   mma.sync computed from the PTX fragment layouts, shared memory filled with NaN
+   before each block, threads scheduled in a fresh random order between
+   barriers) run on CPU tensors and must match the reference backend on float64
+   copies. Fresh random inputs; outputs and workspaces are NaN before the call.
+   Needs g++.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitkernels.backends import reference as ref
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+KERNELS = CSRC / "kernels"
+HEADERS = sorted(KERNELS.glob("*.cuh"))
+ARCHS = ("sm_80", "sm_90a")
+
+
+def _nvcc() -> str | None:
+    for cand in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+    ):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit on PATH)")
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+
+
+# ----------------------------------------------------------------------------
+# 1. nvcc and ptxas
+
+
+def _gencode(arch: str) -> list[str]:
+    num = arch.removeprefix("sm_")
+    return ["-gencode", f"arch=compute_{num},code={arch}"]
+
+
+_ENTRY = re.compile(
+    r"Compiling entry function '(?P<name>\S+)' for '(?P<arch>\w+)'\s*\n"
+    r"ptxas info\s*: Function properties for \S+\s*\n"
+    r"\s*(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads\s*\n"
+    r"ptxas info\s*: Used (?P<regs>\d+) registers"
+)
+
+
+def _demangle(names: list[str]) -> list[str]:
+    if shutil.which("c++filt") is None:
+        return names
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    return lines if len(lines) == len(names) else names
+
+
+def _ptxas_report(arch: str, cache) -> list[dict]:
+    """Compile all_kernels.cu for arch; one dict per kernel from ptxas's report.
+
+    The log is cached (pytest's cache) under a hash of the sources, nvcc's version
+    and the flags, so a rerun with unchanged inputs reads it instead of compiling.
+    """
+    flags = ["-std=c++17", "-O3", "-c", "--resource-usage", *_gencode(arch)]
+    version = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256(("|".join(flags) + version).encode())
+    for f in sorted(KERNELS.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    key = f"vitkernels/ptxas/{arch}/{h.hexdigest()[:32]}"
+    log = cache.get(key, None)
+    if log is None:
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"vk_all_kernels_{os.getpid()}_{arch}.o"
+        proc = subprocess.run(
+            [NVCC, *flags, str(KERNELS / "all_kernels.cu"), "-o", str(out)],
+            capture_output=True,
+            text=True,
+        )
+        out.unlink(missing_ok=True)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"nvcc failed for {arch}:\n{log[-6000:]}"
+        cache.set(key, log)
+    entries = [m.groupdict() for m in _ENTRY.finditer(log)]
+    for e, name in zip(entries, _demangle([e["name"] for e in entries]), strict=True):
+        e["kernel"] = name
+    return entries
+
+
+@pytest.fixture(scope="module")
+def ptxas(request):
+    """{arch: entries}: both architectures compiled side by side."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit on PATH)")
+    cache = request.config.cache
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        futures = {a: pool.submit(_ptxas_report, a, cache) for a in ARCHS}
+        return {a: f.result() for a, f in futures.items()}
+
+
+# every __global__ template, instantiated for both 16-bit types
+TEMPLATE_KERNELS = (
+    "relpos_fwd_kernel",
+    "relpos_bwd_delta_kernel",
+    "relpos_bwd_dq_kernel",
+    "relpos_bwd_dkv_kernel",
+    "performer_kv_kernel",
+    "performer_q_kernel",
+    "performer_bwd_q_kernel",
+    "performer_bwd_k_kernel",
+    "patch_embed_gemm_kernel",
+    "patch_embed_rownorm_kernel",
+    "patch_embed_prefix_kernel",
+)
+PLAIN_KERNELS = ("performer_kv_combine_kernel", "performer_sum_kernel", "performer_store_dw_kernel")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("header", HEADERS, ids=[h.name for h in HEADERS])
+def test_header_compiles_alone_without_torch(header, tmp_path):
+    text = header.read_text()
+    includes = re.findall(r'#include\s+[<"]([^>"]+)[>"]', text)
+    assert not [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10", "pybind11")], (
+        f"{header.name} includes torch headers: {includes}"
+    )
+    unit = tmp_path / "unit.cu"
+    unit.write_text(f'#include "{header}"\n')
+    proc = subprocess.run(
+        [NVCC, "-std=c++17", "-c", *_gencode("sm_80"), str(unit), "-o", str(tmp_path / "unit.o")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles_without_spills(ptxas, arch):
+    entries = ptxas[arch]
+    assert entries, f"no ptxas resource report for {arch}"
+    assert {e["arch"] for e in entries} == {arch}
+    names = [e["kernel"] for e in entries]
+    for base in TEMPLATE_KERNELS:
+        for t in ("__half", "__nv_bfloat16"):
+            assert any(f"{base}<{t}" in n for n in names), f"{base}<{t}, ...> missing for {arch}"
+    for base in PLAIN_KERNELS:
+        assert any(base in n for n in names), f"{base} missing for {arch}"
+    bad = [
+        f"{e['kernel']}: {e['regs']} registers, {e['stack']} B stack, "
+        f"{e['stores']} B spill stores, {e['loads']} B spill loads"
+        for e in entries
+        if int(e["stores"]) or int(e["loads"]) or int(e["stack"]) or int(e["regs"]) > 255
+    ]
+    assert not bad, f"{arch}: spills or stack use in {len(bad)} kernels:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------
+# 2. emulated runs
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """csrc/emu/emu_kernels.cpp built for the host and loaded."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    lib_path = tmp_path_factory.mktemp("emu") / "vk_emu.so"
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-O1",
+        "-DVK_EMULATE",
+        "-fno-strict-aliasing",
+        "-fPIC",
+        "-shared",
+        "-Wall",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        str(CSRC / "emu" / "emu_kernels.cpp"),
+        "-o",
+        str(lib_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lib = ctypes.CDLL(str(lib_path))
+    lib.vk_emu_performer_workspace.restype = ctypes.c_int64
+    return lib
+
+
+KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+
+def _s(t: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _f(x: float) -> ctypes.c_float:
+    return ctypes.c_float(x)
+
+
+def _nan(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """|got - want| <= tol * (max|want| + |want|) elementwise; NaN fails."""
+    tol = TOL[dtype]
+    want = want.detach().double()
+    err = (got.double() - want).abs()
+    scale = want.abs().max().item()
+    ok = err <= tol * (scale + want.abs())
+    assert bool(ok.all()), (
+        f"{name}: {int((~ok).sum())} of {ok.numel()} elements off "
+        f"(max error {err.nan_to_num(float('inf')).max().item():.3e}, scale {scale:.3e}, "
+        f"NaN {int(got.isnan().sum())})"
+    )
+
+
+# relpos: (B, H, R, C, q_stride, Dk, Dv, dtype, table layout, table dtype, strided views)
+RELPOS_CASES = [
+    (2, 2, 7, 7, 1, 16, 32, torch.float16, "hn", None, False),  # A5-like, small
+    (1, 2, 14, 14, 1, 32, 64, torch.bfloat16, "nh", None, True),  # A1-like, 4 key tiles
+    (1, 2, 14, 14, 2, 32, 128, torch.float16, "hn", torch.float32, False),  # A4-like shrink
+    (2, 1, 4, 4, 1, 32, 64, torch.bfloat16, "hn", torch.float32, False),  # A3-like, N 16
+    (1, 3, 9, 5, 3, 20, 40, torch.float16, "nh", torch.bfloat16, True),  # odd sizes
+    (1, 1, 5, 13, 1, 100, 128, torch.bfloat16, "hn", None, False),  # the (128, 128) path
+]
+
+
+def _relpos_inputs(B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided):
+    Rq, Cq = -(-R // qs), -(-C // qs)
+    Nq, Nk = Rq * Cq, R * C
+    if strided:  # q, k, v as views of projections laid out (B, N, H, D)
+        q = torch.randn(B, Nq, H, Dk + 3).to(dtype)[..., :Dk].transpose(1, 2)
+        kv = torch.randn(B, Nk, 2, H, max(Dk, Dv)).to(dtype)
+        k, v = kv[:, :, 0, :, :Dk].transpose(1, 2), kv[:, :, 1, :, :Dv].transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(B, H, n, d).to(dtype) for n, d in ((Nq, Dk), (Nk, Dk), (Nk, Dv)))
+    tdtype = tdtype or dtype
+    stored = torch.randn(H, Nk) if layout == "hn" else torch.randn(Nk, H)
+    stored = stored.to(tdtype)
+    table = stored if layout == "hn" else stored.t()  # (H, R*C) view either way
+    return q, k, v, stored, table, (Nq, Nk, Cq)
+
+
+@pytest.mark.parametrize(
+    "case",
+    RELPOS_CASES,
+    ids=lambda c: f"B{c[0]}H{c[1]}_{c[2]}x{c[3]}s{c[4]}_Dk{c[5]}Dv{c[6]}_{str(c[7])[6:]}_{c[8]}",
+)
+def test_relpos_emulated_matches_reference(emu, case):
+    B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided = case
+    q, k, v, stored, table, (Nq, Nk, Cq) = _relpos_inputs(*case)
+    scale, bias_scale = Dk**-0.5, 0.8
+    dims = (ctypes.c_int * 10)(B, H, Nq, Nk, Dk, Dv, R, C, Cq, qs)
+    out, lse = _nan(B, H, Nq, Dv, dtype=dtype), _nan(B, H, Nq)
+    common = (_p(q), _s(q), _p(k), _s(k), _p(v), _s(v), _p(table))
+    tstr = (ctypes.c_int64(table.stride(0)), ctypes.c_int64(table.stride(1)), KIND[table.dtype])
+    rc = emu.vk_emu_relpos_fwd(
+        KIND[dtype], *common, *tstr, dims, _f(scale), _f(bias_scale), _p(out), _s(out), _p(lse)
+    )
+    assert rc == 0
+
+    qd, kd, vd, sd = (t.detach().double().requires_grad_() for t in (q, k, v, stored))
+    want = ref.relpos_attention(
+        qd, kd, vd, sd, fmap_size=(R, C), q_stride=qs, scale=scale, bias_scale=bias_scale,
+        table_layout=layout,
+    )  # fmt: skip
+    _check("out", out, want, dtype)
+    tab = sd if layout == "hn" else sd.t()
+    logits = torch.einsum("bhid,bhjd->bhij", qd, kd) * scale
+    logits = logits + bias_scale * tab[:, ref.relpos_bias_index((R, C), qs)]
+    _check("lse", lse, logits.logsumexp(-1), torch.float16)
+
+    dout = torch.randn(B, H, Nq, Dv).to(dtype)
+    want.backward(dout.double())
+    dq, dk, dv = (
+        _nan(*q.shape, dtype=dtype),
+        _nan(*k.shape, dtype=dtype),
+        _nan(*v.shape, dtype=dtype),
+    )
+    delta, dtable = _nan(B, H, Nq), torch.zeros(H, Nk)
+    rc = emu.vk_emu_relpos_bwd(
+        KIND[dtype], *common, *tstr, dims, _f(scale), _f(bias_scale), _p(out), _s(out), _p(lse),
+        _p(dout), _s(dout), _p(delta), _p(dq), _s(dq), _p(dk), _s(dk), _p(dv), _s(dv), _p(dtable),
+    )  # fmt: skip
+    assert rc == 0
+    _check("dq", dq, qd.grad, dtype)
+    _check("dk", dk, kd.grad, dtype)
+    _check("dv", dv, vd.grad, dtype)
+    _check("dtable", dtable, sd.grad if layout == "hn" else sd.grad.t(), dtype)
+
+
+# performer: (B, T, E, M, dtype, w dtype, eps, x scale, strided views)
+PERFORMER_CASES = [
+    (2, 150, 64, 32, torch.float16, torch.float32, 1e-8, 1.0, False),  # T2T layer shapes, 3 chunks
+    (1, 200, 64, 32, torch.bfloat16, torch.bfloat16, 1e-8, 1.0, True),  # views of one kqv
+    (1, 70, 40, 24, torch.float16, torch.bfloat16, 1e-8, 1.0, False),  # padded E and M
+    (3, 33, 16, 8, torch.bfloat16, torch.float16, 0.0, 1.5, False),  # eps 0, larger norms
+    (1, 100, 100, 20, torch.float16, torch.float32, 1e-3, 0.8, False),  # the E 128 path
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    PERFORMER_CASES,
+    ids=lambda c: f"B{c[0]}T{c[1]}E{c[2]}M{c[3]}_{str(c[4])[6:]}_w{str(c[5])[6:]}",
+)
+def test_performer_emulated_matches_reference(emu, case):
+    B, T, E, M, dtype, wdtype, eps, xs, strided = case
+    if strided:
+        kqv = torch.randn(B, T, 3 * E + 5).to(dtype)
+        k, q, v = kqv[..., :E], kqv[..., E : 2 * E], kqv[..., 2 * E : 3 * E]
+    else:
+        q, k, v = ((torch.randn(B, T, E) * s).to(dtype) for s in (xs, xs, 1.0))
+    w = torch.randn(M, E).to(wdtype)
+    log_eps_m = math.log(eps * M) if eps > 0 else float("-inf")
+    dims = (ctypes.c_int * 4)(B, T, E, M)
+    common = (
+        _p(q),
+        _s(q),
+        _p(k),
+        _s(k),
+        _p(v),
+        _s(v),
+        _p(w),
+        _s(w),
+        KIND[wdtype],
+        int(wdtype != dtype),
+    )
+    y, lks, vbar = _nan(B, T, E, dtype=dtype), _nan(B, M), _nan(B, M, E)
+    work = _nan(emu.vk_emu_performer_workspace(B, T, E, M, 0))
+    rc = emu.vk_emu_performer_fwd(
+        KIND[dtype], *common, dims, _f(log_eps_m), _p(y), _s(y), _p(lks), _p(vbar), _p(work)
+    )
+    assert rc == 0
+
+    qd, kd, vd, wd = (t.detach().double().requires_grad_() for t in (q, k, v, w))
+    want = ref.performer_attention(qd, kd, vd, wd, eps=eps)
+    _check("y", y, want, dtype)
+    ak = kd.detach() @ wd.detach().t() - (kd.detach() ** 2).sum(-1, keepdim=True) / 2  # (B, T, M)
+    _check("lks", lks, ak.logsumexp(1), torch.float16)
+    _check("vbar", vbar, torch.einsum("btm,bte->bme", ak.softmax(1), vd.detach()), torch.float16)
+
+    dy = torch.randn(B, T, E).to(dtype)
+    want.backward(dy.double())
+    for w_grad in (True, False):
+        grads = [_nan(B, T, E, dtype=dtype) for _ in range(3)]
+        dw = _nan(M, E, dtype=wdtype)
+        work = _nan(emu.vk_emu_performer_workspace(B, T, E, M, 1))
+        rc = emu.vk_emu_performer_bwd(
+            KIND[dtype], *common, dims, _f(log_eps_m), _p(lks), _p(vbar), _p(dy), _s(dy),
+            *(x for g in grads for x in (_p(g), _s(g))), _p(dw), KIND[wdtype], int(w_grad), _p(work),
+        )  # fmt: skip
+        assert rc == 0
+        for name, got, g in zip(
+            ("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad), strict=True
+        ):
+            _check(name, got, g, dtype)
+        if w_grad:
+            _check("dw", dw, wd.grad, dtype)
+        else:
+            assert bool(dw.isnan().all()), "dw was written with w_grad=False"
+
+
+# patch_embed: (B, C, H, W, kernel, stride, padding, D, order, dtype, in_norm, out_norm,
+#               pos ("all", "patch" or None), P prefix tokens, bias, channels_last, weight view)
+PATCH_CASES = [
+    (
+        2,
+        3,
+        32,
+        32,
+        16,
+        16,
+        0,
+        64,
+        "cpq",
+        torch.float16,
+        False,
+        False,
+        "all",
+        1,
+        True,
+        False,
+        False,
+    ),  # P1-like
+    (
+        2,
+        3,
+        32,
+        32,
+        16,
+        16,
+        0,
+        96,
+        "pqc",
+        torch.bfloat16,
+        True,
+        True,
+        "all",
+        1,
+        True,
+        False,
+        False,
+    ),  # P2-like
+    (
+        1,
+        3,
+        30,
+        30,
+        7,
+        4,
+        2,
+        40,
+        "cpq",
+        torch.float16,
+        True,
+        False,
+        None,
+        0,
+        True,
+        False,
+        False,
+    ),  # P3-like
+    (
+        1,
+        4,
+        20,
+        18,
+        (3, 5),
+        (2, 3),
+        (1, 2),
+        130,
+        "pqc",
+        torch.bfloat16,
+        False,
+        True,
+        "patch",
+        2,
+        False,
+        False,
+        True,
+    ),
+    (
+        3,
+        3,
+        64,
+        64,
+        8,
+        8,
+        0,
+        136,
+        "cpq",
+        torch.float16,
+        False,
+        False,
+        "all",
+        1,
+        True,
+        True,
+        True,
+    ),  # 2 x 2 tiles
+]
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, int) else x
+
+
+@pytest.mark.parametrize(
+    "case",
+    PATCH_CASES,
+    ids=lambda c: (
+        f"{c[2]}x{c[3]}k{c[4]}s{c[5]}p{c[6]}D{c[7]}_{c[8]}_{str(c[9])[6:]}_in{int(c[10])}out{int(c[11])}"
+    ),
+)
+def test_patch_embed_emulated_matches_reference(emu, case):
+    B, C, H, W, ks, st, pad, D, order, dtype, in_norm, out_norm, pos, P, bias, cl, wview = case
+    (kh, kw), (sh, sw), (ph, pw) = _pair(ks), _pair(st), _pair(pad)
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    L, K = Ho * Wo, C * kh * kw
+    images = torch.randn(B, C, H, W)
+    if cl:
+        images = images.to(memory_format=torch.channels_last)
+    images = images.to(dtype)
+    weight = (
+        (torch.randn(K, D) / math.sqrt(K)).to(dtype).t()
+        if wview
+        else (torch.randn(D, K) / math.sqrt(K)).to(dtype)
+    )
+    b = torch.randn(D).to(dtype) if bias else None
+    inw, inb = (
+        ((1 + 0.2 * torch.randn(K)).to(dtype), (0.1 * torch.randn(K)).to(dtype))
+        if in_norm
+        else (None, None)
+    )
+    ow, ob = (
+        ((1 + 0.2 * torch.randn(D)).to(dtype), (0.1 * torch.randn(D)).to(dtype))
+        if out_norm
+        else (None, None)
+    )
+    cls = torch.randn(P, D).to(dtype) if P else None
+    pos_rows = {"all": P + L, "patch": L, None: 0}[pos]
+    pe = torch.randn(pos_rows, D).to(dtype) if pos else None
+    out = _nan(B, P + L, D, dtype=dtype)
+
+    geo = (ctypes.c_int * 17)(
+        B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, L, K, D, P, int(order == "pqc")
+    )
+    tensors = (b, inw, inb, ow, ob, pe, cls)
+    params = (ctypes.c_void_p * 7)(*(t.data_ptr() if t is not None else None for t in tensors))
+
+    def st0(t, d=0):
+        return t.stride(d) if t is not None else 0
+
+    pstr = (ctypes.c_int64 * 9)(
+        st0(b), st0(inw), st0(inb), st0(ow), st0(ob), st0(pe), st0(pe, 1), st0(cls), st0(cls, 1)
+    )
+    rc = emu.vk_emu_patch_embed_fwd(
+        KIND[dtype], _p(images), _s(images), geo, _p(weight), _s(weight), params, pstr, pos_rows,
+        int(in_norm), int(out_norm), _f(1e-5), _f(1e-6), _p(out),
+    )  # fmt: skip
+    assert rc == 0
+
+    def dbl(t):
+        return t.double() if t is not None else None
+
+    want = ref.patch_embed(
+        images.double(), weight.double(), dbl(b), kernel_size=(kh, kw), stride=(sh, sw),
+        padding=(ph, pw), patch_order=order,
+        in_norm=(dbl(inw), dbl(inb), 1e-5) if in_norm else None,
+        out_norm=(dbl(ow), dbl(ob), 1e-6) if out_norm else None,
+        pos_embed=dbl(pe), cls_token=dbl(cls),
+    )  # fmt: skip
+    _check("tokens", out, want, dtype)
+
+
+def test_emulator_catches_a_wrong_fragment_layout(tmp_path):
+    """The emulated runs are only evidence if a wrong layout fails them: swap two
+    registers of the A fragment and the relpos forward must go wrong."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    mutant = tmp_path / "csrc"
+    shutil.copytree(CSRC / "kernels", mutant / "kernels")
+    shutil.copytree(CSRC / "emu", mutant / "emu")
+    common = mutant / "kernels" / "common.cuh"
+    text = common.read_text()
+    good = "  a[1] = ld_pair(p + 8 * ld);\n  a[2] = ld_pair(p + 8);\n"
+    assert good in text
+    common.write_text(
+        text.replace(good, "  a[1] = ld_pair(p + 8);\n  a[2] = ld_pair(p + 8 * ld);\n")
+    )
+    lib_path = tmp_path / "mutant.so"
+    proc = subprocess.run(
+        ["g++", "-std=c++17", "-O0", "-DVK_EMULATE", "-fno-strict-aliasing", "-fPIC", "-shared",
+         "-Wno-unknown-pragmas", str(mutant / "emu" / "emu_kernels.cpp"), "-o", str(lib_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lib = ctypes.CDLL(str(lib_path))
+    case = RELPOS_CASES[0]
+    B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided = case
+    q, k, v, stored, table, (Nq, Nk, Cq) = _relpos_inputs(*case)
+    out, lse = _nan(B, H, Nq, Dv, dtype=dtype), _nan(B, H, Nq)
+    rc = lib.vk_emu_relpos_fwd(
+        KIND[dtype], _p(q), _s(q), _p(k), _s(k), _p(v), _s(v), _p(table),
+        ctypes.c_int64(table.stride(0)), ctypes.c_int64(table.stride(1)), KIND[table.dtype],
+        (ctypes.c_int * 10)(B, H, Nq, Nk, Dk, Dv, R, C, Cq, qs), _f(Dk**-0.5), _f(1.0),
+        _p(out), _s(out), _p(lse),
+    )  # fmt: skip
+    assert rc == 0
+    want = ref.relpos_attention(
+        q.double(), k.double(), v.double(), stored.double(), fmap_size=(R, C), q_stride=qs,
+        scale=Dk**-0.5, table_layout=layout,
+    )  # fmt: skip
+    with pytest.raises(AssertionError, match="elements off"):
+        _check("out", out, want, dtype)
