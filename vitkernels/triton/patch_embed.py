@@ -672,9 +672,13 @@ def fwd_config(M: int, D: int, K: int, dtype: torch.dtype, out_norm: bool, inter
         return FwdConfig(32, _pow2_clamp(D, 16, 64), 32, 4, 1)
     wide = dtype == torch.float32
     block_k = 32 if wide or K < 256 else 64
+    stages = 2 if wide else 3
     if out_norm:  # one program per BLOCK_M whole rows
-        return FwdConfig(64, _pow2_clamp(D, 32, 128), block_k, 8, 2 if wide else 3)
-    return FwdConfig(128, _pow2_clamp(D, 32, 128), block_k, 8, 2 if wide else 3)
+        return FwdConfig(64, _pow2_clamp(D, 32, 128), block_k, 8, stages)
+    if D <= 256 and not wide:  # one column tile: each patch is gathered once (T2T, D 192)
+        block_n = _pow2_clamp(D, 32, 256)
+        return FwdConfig(64 if block_n == 256 else 128, block_n, block_k, 8, stages)
+    return FwdConfig(128, _pow2_clamp(D, 32, 128), block_k, 8, stages)
 
 
 @dataclasses.dataclass(frozen=True)
