@@ -17,6 +17,8 @@ run through the custom ops ``vitkernels::patch_embed_fwd`` / ``_bwd`` (fake
 impls and autograd registered), so they work under torch.compile(fullgraph=True);
 they give gradients for weight, bias, both norms, pos_embed and cls_token but
 not for the images (with grad-requiring images dispatch takes the torch backend).
+The CUDA extension provides the forward; the cuda backend's backward is the
+Triton one unless the extension registers patch_embed_bwd too.
 """
 
 from __future__ import annotations
@@ -53,8 +55,15 @@ _ORDERS = ("cpq", "pqc")
 
 
 def _launchers(backend: str) -> tuple[Any, Any]:
+    """(fwd, bwd) launchers. The CUDA extension may have no patch_embed_bwd: the
+    cuda backend's backward then runs the Triton one (the same contract)."""
     if backend == "cuda":
-        return _cuda.op("patch_embed_fwd"), _cuda.op("patch_embed_bwd")
+        fwd = _cuda.op("patch_embed_fwd")
+        if _cuda.has_op("patch_embed_bwd"):
+            return fwd, _cuda.op("patch_embed_bwd")
+        from vitkernels.triton import patch_embed as tk
+
+        return fwd, tk.patch_embed_bwd
     if backend == "triton":
         from vitkernels.triton import patch_embed as tk
 
@@ -224,6 +233,12 @@ def _tensors(inputs: dict) -> dict[str, torch.Tensor | None]:
     }
 
 
+def _needs_grad(tensors: dict[str, torch.Tensor | None]) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors.values()
+    )
+
+
 def _image_grad_reasons(images: torch.Tensor) -> list[str]:
     if torch.is_grad_enabled() and images.requires_grad:
         return ["images require grad and the kernels give no image gradient"]
@@ -238,11 +253,15 @@ class CudaBackend(Backend):
         reason = _cuda.unavailable_reason()
         if reason is not None:
             return [reason]
-        if not _cuda.has_op("patch_embed_fwd") or not _cuda.has_op("patch_embed_bwd"):
-            return ["the CUDA extension has no patch_embed_fwd/_bwd ops"]
+        if not _cuda.has_op("patch_embed_fwd"):
+            return ["the CUDA extension has no patch_embed_fwd op"]
         tensors = _tensors(inputs)
         reasons = kernel_device_reasons(list(tensors.values()), allow_interpret=False)
         reasons += dtype_reasons(tensors, _HALF)
+        if not _cuda.has_op("patch_embed_bwd") and _needs_grad(tensors):
+            err = triton_import_error()
+            if err is not None:  # its backward would run the Triton kernels
+                reasons.append(f"gradients need the Triton backward, but {err}")
         return reasons + _image_grad_reasons(inputs["images"])
 
     def __call__(self, **inputs) -> torch.Tensor:

@@ -19,8 +19,10 @@ The kernel reads patches in the order that is contiguous in memory ("cpq" for
 NCHW images, "pqc" for channels_last) and the launcher permutes the weight and
 the input norm's affine (D x K, small) when the caller's patch_order differs.
 
-Launcher contract (positional arguments; the CUDA extension's ops
-``vitkernels_C.patch_embed_fwd`` / ``patch_embed_bwd`` mirror it exactly):
+Launcher contract (positional arguments; the CUDA extension's op
+``vitkernels_C.patch_embed_fwd`` mirrors it exactly, and so must a
+``patch_embed_bwd`` if the extension ever registers one; until then the cuda
+backend's backward is ``patch_embed_bwd`` below):
 
     patch_embed_fwd(images, weight, bias, in_weight, in_bias, out_weight, out_bias,
                     pos_embed, cls_token, kernel_size, stride, padding, patch_order,
