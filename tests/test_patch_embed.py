@@ -489,3 +489,75 @@ def test_error_other_arguments():
          bias=torch.randn(40, dtype=torch.float64))
     _err(TypeError, "images has dtype torch.int64", images=torch.ones(2, 3, 12, 12, dtype=torch.long))
     _err(ValueError, r"Conv2d weight .* patch_order='pqc'", weight=torch.randn(40, 3, 4, 4))
+
+
+# ----------------------------------------------------------------------------
+# the launchers' vectorisation hints (the GPU trusts them; the interpreter ignores them)
+
+
+def _gather_offsets(images: torch.Tensor, k, s, p, order):
+    """(M, K) element offsets of the patch elements as the kernels compute them, and
+    whether each lies inside the image."""
+    B, C, H, W = images.shape
+    sxb, sxc, sxh, sxw = images.stride()
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    m = torch.arange(B * Ho * Wo)[:, None]
+    kk = torch.arange(C * k * k)[None, :]
+    b, l = m // (Ho * Wo), m % (Ho * Wo)
+    ih0, iw0 = (l // Wo) * s - p, (l % Wo) * s - p
+    if order == "pqc":
+        c, pq = kk % C, kk // C
+    else:
+        c, pq = kk // (k * k), kk % (k * k)
+    ih, iw = ih0 + pq // k, iw0 + pq % k
+    off = b * sxb + c * sxc + ih * sxh + iw * sxw
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return off, inside
+
+
+@pytest.mark.parametrize(
+    "shape,layout,k,s,p",
+    [
+        ((2, 3, 32, 32), "nchw", 16, 16, 0),
+        ((2, 3, 32, 32), "channels_last", 16, 16, 0),
+        ((2, 8, 16, 16), "channels_last", 4, 4, 2),  # padding: runs inside one pixel (C % v)
+        ((2, 3, 24, 24), "nchw", 8, 8, 8),  # padding that is a multiple of the run
+        ((2, 3, 13, 11), "nchw", 7, 4, 2),  # T2T: no runs
+        ((2, 16, 8, 8), "view", 4, 4, 0),
+    ],
+)
+@pytest.mark.parametrize("order", ["cpq", "pqc"])
+def test_patch_vectorisation_hint_holds(shape, layout, k, s, p, order):
+    x = torch.randn(*shape, dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "view":
+        x = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], dtype=torch.float16)[..., ::2]
+    g = tp._geometry(x, (k, k), (s, s), (p, p))
+    kernel_order = tp._kernel_order(x, order)
+    v = tp._patch_vec(x, g, kernel_order)
+    off, inside = _gather_offsets(x, k, s, p, kernel_order)
+    if v == 1:
+        return
+    assert x.data_ptr() % (v * x.element_size()) == 0
+    runs = off.reshape(off.shape[0], -1, v)
+    assert (runs[..., 0] % v == 0).all(), "a run starts unaligned"
+    assert (runs - runs[..., :1] == torch.arange(v)).all(), "a run is not contiguous"
+    ins = inside.reshape(inside.shape[0], -1, v)
+    assert (ins == ins[..., :1]).all(), "a run is partly outside the image"
+
+
+def test_vectorisation_hints_where_they_matter():
+    """P1/P2 (NCHW) and channels_last P2 get 16-byte runs; T2T's 7-wide rows get none."""
+    for layout in ("nchw", "channels_last"):
+        x = torch.empty(2, 3, 224, 224, dtype=torch.bfloat16)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        g = tp._geometry(x, (16, 16), (16, 16), (0, 0))
+        assert tp._patch_vec(x, g, tp._kernel_order(x, "pqc")) == 8, layout
+    x = torch.empty(2, 3, 224, 224, dtype=torch.bfloat16)
+    assert tp._patch_vec(x, tp._geometry(x, (7, 7), (4, 4), (2, 2)), "cpq") == 1
+    w = torch.empty(768, 768, dtype=torch.bfloat16)
+    assert tp._run_vec(w, 1, 768) == 8 and tp._run_vec(w.t(), 1, 768) == 1
+    assert tp._run_vec(w[:, 1:], 1, 767) == 1  # unaligned start, odd length
+    assert tp._run_vec(torch.empty(4, 197, 768, dtype=torch.float32), 2, 768) == 4

@@ -620,9 +620,16 @@ def _patch_vec(images: torch.Tensor, g: _Geometry, order: str) -> int:
                 and g.pw % v == 0
                 and (not g.mask_hw or g.W % v == 0)
             )
-        else:
+        else:  # k = (p, q, c): runs of C (or kw * C when pixels are adjacent) elements
             run = g.kw * g.C if sxw == g.C else g.C
-            ok = sxc == 1 and run % v == 0 and sxw % v == 0 and (not g.mask_hw or g.C % v == 0)
+            ok = (
+                sxc == 1
+                and run % v == 0
+                and (g.sw * sxw) % v == 0  # patch columns start at (ow * sw - pw) * sxw
+                and (g.pw * sxw) % v == 0
+                and (run == g.kw * g.C or sxw % v == 0)
+                and (not g.mask_hw or g.C % v == 0)
+            )
         if ok:
             return v
     return 1
