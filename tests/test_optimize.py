@@ -397,6 +397,28 @@ def test_sdpa_dropout_has_the_originals_distribution(kind):
     assert 0.8 < ratio < 1.25, f"variance ratio fused/original {ratio:.3f}"
 
 
+@pytest.mark.parametrize("kind", ["vit", "crossvit", "cvt", "t2t", "timm-cross", "timm-unfused"])
+def test_fused_attention_qualifies_for_sdpas_fused_kernel(kind):
+    """Under flash-only SDPA (the CPU flash kernel here) every fused module still
+    runs: its q, k, v have the head dim at stride 1, so SDPA never falls back to
+    its math path (the same condition gates FlashAttention on CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kind.startswith("timm"):
+        spec = "timm:crossvit_tiny_240" if kind == "timm-cross" else "timm-unfused:pit_ti_224"
+        b = build(spec)
+        model, x, n = b.model.eval(), b.x, b.replaced
+    else:
+        orig, x = _attention_modules(0.0)[kind]
+        model, n = nn.Sequential(orig).eval(), 1
+    with torch.no_grad():
+        ref = model(x)
+        assert vitkernels.optimize(model, backend="torch", ops=("attention",)).count() == n
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = model(x)
+    assert_outputs_close(out, ref)
+
+
 # ----------------------------------------------------------------------------
 # state_dict, checkpoints, restore
 

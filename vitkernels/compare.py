@@ -376,6 +376,17 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         f"{str(dtype).removeprefix('torch.')}  {device}  backend {args.backend}"
     )
     print(report)
+    try:
+        with torch.inference_mode():
+            eager(x)
+    except (RuntimeError, ValueError) as exc:
+        print(
+            f"error: compare: the eager model itself fails on a {tuple(x.shape)} "
+            f"{str(dtype).removeprefix('torch.')} input on {device} (check --image-size, "
+            f"--dtype, --config): {exc}",
+            file=sys.stderr,
+        )
+        return 2
     agreement = check_agreement(eager, optimized, x)
     with torch.inference_mode():
         median = time_models(

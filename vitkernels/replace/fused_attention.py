@@ -124,9 +124,11 @@ class VitPytorchConvAttention(FusedAttention):
         q = self.to_q(x)  # (B, (h d), X, Y)
         kv = self.to_kv(x)  # (B, (2 h d), X', Y')
         h = self.heads
-        # 'b (h d) x y -> b h (x y) d'
-        q = q.reshape(B, h, -1, X * Y).transpose(-1, -2)
-        k, v = kv.reshape(B, 2, h, -1, kv.shape[-2] * kv.shape[-1]).transpose(-1, -2).unbind(1)
+        # 'b (h d) x y -> b h (x y) d', contiguous: SDPA's fused kernels (CPU flash
+        # included) need the head dim at stride 1, else it falls back to the math path
+        q = q.reshape(B, h, -1, X * Y).transpose(-1, -2).contiguous()
+        kv = kv.reshape(B, 2, h, -1, kv.shape[-2] * kv.shape[-1]).transpose(-1, -2).contiguous()
+        k, v = kv.unbind(1)
         out = self._attend(q, k, v, self.scale, self.dropout.p)  # (B, h, X*Y, d)
         out = out.transpose(-1, -2).reshape(B, -1, X, Y)  # 'b h (x y) d -> b (h d) x y'
         return self.to_out(out)
