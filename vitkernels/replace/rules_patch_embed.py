@@ -20,9 +20,10 @@ Recognised and left, with the reason in the report:
     groups or non-zero padding modes
 
 Not folded: the class token and position embedding of models whose own forward
-does the cat and add (ViT, DeepViT, CaiT, PiT, T2T, timm's VisionTransformer):
-they live on the model itself, which optimize cannot replace in place; see the
-report of issue 5. Only CrossViT's ImageEmbedder holds them in a submodule.
+does the cat and add (ViT, DeepViT, CaiT, PiT, T2T, timm's VisionTransformer).
+They live on the model itself, and optimize replaces submodules only (the root
+cannot be swapped in place), so folding them needs a model-level replacement the
+core does not offer yet. CrossViT's ImageEmbedder holds them in a submodule.
 """
 
 from __future__ import annotations
