@@ -75,6 +75,8 @@ CASES = {
         k=4, order="pqc", in_norm="affine", out_norm="affine", cls=1, pos="all", layout="channels_last"
     ),
     "t2t_view": Case(H=13, W=11, k=7, s=4, p=2, in_norm="affine", D=24, layout="view"),
+    "t2t_channels_last": Case(H=13, W=11, k=7, s=4, p=2, in_norm="affine", D=24,
+                              layout="channels_last"),
 }
 
 
@@ -247,7 +249,7 @@ def test_float16_large_mean_stays_finite():
 
 
 GRAD_CASES = ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "cait", "distill", "plain_norms", "d192",
-              "vit_channels_last"]
+              "vit_channels_last", "t2t_channels_last", "weight_only_norms"]
 
 
 def _params(inputs: dict) -> list[tuple[str, torch.Tensor]]:
@@ -432,7 +434,7 @@ def test_aot_specs_cover_the_workloads():
         assert f"patch_embed_fwd[{dtype},cpq,k16s16p0,C3,D768,in+out+pos+cls]" in names  # P2
         assert f"patch_embed_fwd[{dtype},cpq,k7s4p2,C3,D192,in]" in names  # P3
     assert any(n.startswith("patch_embed_fwd[bf16,pqc,") for n in names)  # channels_last
-    for kernel in ("dw", "dxn", "out_norm_bwd", "stats"):
+    for kernel in ("dw", "dxn", "out_norm_bwd", "stats", "prep"):
         assert any(n.startswith(f"patch_embed_{kernel}[") for n in names), kernel
 
 

@@ -5,7 +5,8 @@ gathered from the image inside the loads (no unfolded tensor in memory).
     out = cat(cls (+ pos[:P]), tokens)                       # (B, P + L, D)
 
 The input layer norm is folded into the GEMM: with g, beta its affine and
-W' = W * g (per call, D x K),
+W' = W * g (made per call by one small launch, ``_prep_kernel``, which also
+permutes the columns to the kernel's patch order),
 
     in_norm(x) @ W.T = rstd * (x @ W'.T - mu * rowsum(W')) + beta @ W.T
 
@@ -16,8 +17,8 @@ program owns BLOCK_M whole rows and makes two passes over D (statistics, then
 normalise what it wrote: the same rounding eager's Linear -> LayerNorm has).
 
 The kernel reads patches in the order that is contiguous in memory ("cpq" for
-NCHW images, "pqc" for channels_last) and the launcher permutes the weight and
-the input norm's affine (D x K, small) when the caller's patch_order differs.
+NCHW images, "pqc" for channels_last); the weight and the input norm's affine
+(D x K, small) are permuted to it when the caller's patch_order differs.
 
 Launcher contract (positional arguments; the CUDA extension's op
 ``vitkernels_C.patch_embed_fwd`` mirrors it exactly, and so must a
@@ -538,6 +539,47 @@ def _dxn_kernel(
     tl.store(db_part + pid_m * K + offs_k, tl.sum(acc, axis=0), mask=k_ok)
 
 
+@triton.jit
+def _prep_kernel(
+    w_ptr, g_ptr, b_ptr, bias_ptr, wk_ptr, colsum_ptr, shift_ptr,
+    D, K, C, KHW, swn, swk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SRC_PQC: tl.constexpr, DST_PQC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """The input norm folded into the weight, in the kernel's patch order (one launch):
+    wk[n, k] = W[n, src(k)] * g[src(k)] (rounded to W's dtype), colsum[n] = sum_k wk[n, k],
+    shift[n] = sum_k W[n, k] * in_bias[k] + bias[n] (float32). src(k): the column of
+    kernel-order k in the caller's order. Grid: (cdiv(D, BLOCK_N),)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if SRC_PQC == DST_PQC:
+            src = offs_k
+        elif DST_PQC:  # kernel (p, q, c) <- caller (c, p, q)
+            src = (offs_k % C) * KHW + offs_k // C
+        else:  # kernel (c, p, q) <- caller (p, q, c)
+            src = (offs_k % KHW) * C + offs_k // KHW
+        mask = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * swn + src[None, :] * swk, mask=mask, other=0.0)
+        wg = w
+        if HAS_G:
+            gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+            wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
+        tl.store(wk_ptr + offs_n[:, None] * K + offs_k[None, :], wg, mask=mask)
+        colsum += tl.sum(wg.to(tl.float32), axis=1)
+        if HAS_B:
+            bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+            shift += tl.sum(w.to(tl.float32) * bk[None, :], axis=1)
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(colsum_ptr + offs_n, colsum, mask=n_ok)
+    tl.store(shift_ptr + offs_n, shift, mask=n_ok)
+
+
 # ----------------------------------------------------------------------------
 # geometry, layout and configuration
 
@@ -802,23 +844,32 @@ class _Prepared:
 
 
 def _prepare(
-    images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm
+    images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
+    has_in_norm, interpret, launch: Callable[[_Launch], None],
 ) -> _Prepared:
     g = _geometry(images, kernel_size, stride, padding)
     order = _kernel_order(images, patch_order)
-    w = _reorder(weight, g, patch_order, order)
     if not has_in_norm:
-        return _Prepared(g, order, w, None, bias)
-    gin = _reorder(in_weight, g, patch_order, order)
-    bin_ = _reorder(in_bias, g, patch_order, order)
-    wg = w if gin is None else (w * gin).to(w.dtype)
-    colsum = wg.float().sum(dim=1)
-    shift = None
-    if bin_ is not None:
-        shift = w.float() @ bin_.float()
-    if bias is not None:
-        shift = bias.float() if shift is None else shift + bias.float()
-    return _Prepared(g, order, wg, colsum, shift)
+        return _Prepared(g, order, _reorder(weight, g, patch_order, order), None, bias)
+    D, K = weight.shape
+    dev = weight.device
+    wk = _new((D, K), dev, weight.dtype)
+    colsum, shift = _new((D,), dev, torch.float32), _new((D,), dev, torch.float32)
+    block_n, block_k = (16, 32) if interpret else (32, 64)
+    launch(
+        _Launch(
+            f"patch_embed_prep[{_SHORT[weight.dtype]},{patch_order}->{order},K{K}]",
+            _prep_kernel, (triton.cdiv(D, block_n),),
+            [weight, in_weight if in_weight is not None else weight,
+             in_bias if in_bias is not None else weight, bias if bias is not None else weight,
+             wk, colsum, shift, D, K, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
+            {"BLOCK_N": block_n, "BLOCK_K": block_k, "SRC_PQC": patch_order == "pqc",
+             "DST_PQC": order == "pqc", "HAS_G": in_weight is not None,
+             "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None},
+            4, 1,
+        )
+    )
+    return _Prepared(g, order, wk, colsum, shift)
 
 
 def _fwd_launch(
@@ -911,15 +962,16 @@ def patch_embed_fwd(
 ) -> torch.Tensor:
     """Forward launcher (see the module docstring for the contract)."""
     _check_launch(images)
+    interpret = triton_interpret() and images.device.type == "cpu"
     prep = _prepare(
-        images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order, has_in_norm
+        images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
+        has_in_norm, interpret, _launch,
     )
     g = prep.g
     P = 0 if cls_token is None else cls_token.shape[0]
     out = _new((g.B, P + g.L, weight.shape[0]), device=images.device, dtype=images.dtype)
     if g.B == 0:
         return out
-    interpret = triton_interpret() and images.device.type == "cpu"
     _launch(
         _fwd_launch(
             images, prep, out_weight, out_bias, pos_embed, cls_token, out, None,
@@ -1003,7 +1055,7 @@ def patch_embed_bwd(
     if has_out_norm:
         prep = _prepare(
             images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
-            has_in_norm,
+            has_in_norm, interpret, _launch,
         )
         y = _new((g.B, g.L, D), device=dev, dtype=torch.float32)
         _launch(
