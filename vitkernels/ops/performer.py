@@ -32,7 +32,13 @@ from vitkernels.ops._dispatch import (
     triton_import_error,
 )
 
-__all__ = ["BACKENDS", "performer_attention"]
+__all__ = ["BACKENDS", "MAX_E", "MAX_M", "performer_attention"]
+
+# The kernels (triton, and the CUDA extension that mirrors them) keep (M, E) tiles
+# of statistics in registers; larger sizes spill (AOT_SPECS in vitkernels/triton/
+# performer.py are checked for spills) and run on the torch backend instead.
+MAX_E = 64
+MAX_M = 32
 
 _HALF = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -123,8 +129,6 @@ performer_attention_fwd.register_autograd(_backward, setup_context=_setup_contex
 
 
 def _size_reasons(E: int, M: int) -> list[str]:
-    from vitkernels.triton.performer import MAX_E, MAX_M
-
     reasons = []
     if E > MAX_E:
         reasons.append(f"E={E} is above the kernels' limit of {MAX_E}")

@@ -9,8 +9,10 @@ positional arguments, identical results (dtypes, shapes, meaning).
 
 ``performer_attention_fwd(q, k, v, w, eps) -> (y, lks, vbar)``
     q, k, v  Tensor (B, T, E), one dtype (float16, bfloat16 or float32), any
-             strides (typically views of one (B, T, 3E) kqv projection), T >= 1
-    w        Tensor (M, E), float16, bfloat16 or float32, any strides
+             strides (typically views of one (B, T, 3E) kqv projection), T >= 1,
+             1 <= E <= 64 (vitkernels.ops.performer.MAX_E)
+    w        Tensor (M, E), float16, bfloat16 or float32, any strides,
+             1 <= M <= 32 (MAX_M): the kernels keep (M, E) tiles in registers
     eps      float >= 0
     y        Tensor (B, T, E), q.dtype, contiguous: the op's result
     lks      Tensor (B, M), float32, contiguous:
@@ -111,17 +113,10 @@ from vitkernels.triton._aot import AotSpec
 
 __all__ = [
     "AOT_SPECS",
-    "MAX_E",
-    "MAX_M",
     "TARGET_PROGRAMS",
     "performer_attention_bwd",
     "performer_attention_fwd",
 ]
-
-# The kernels keep (M, E) tiles of statistics in registers; above these sizes some
-# specialisations spill (checked by AOT compilation), and the torch backend runs.
-MAX_E = 64
-MAX_M = 32
 
 # Chunking heuristic: split each batch element's tokens into chunks so that about
 # this many programs run (a GPU tuning pass may change it; tests lower it to get
