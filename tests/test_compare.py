@@ -54,7 +54,9 @@ def test_compare_prints_the_table_and_agrees(argv, n_attention, capsys):
     eager = float(rows["eager"].split()[0].replace(",", ""))
     opt = float(rows["optimized"].split()[0].replace(",", ""))
     assert eager > 0 and opt > 0
-    assert float(rows["speed-up"].removesuffix("x")) == pytest.approx(opt / eager, rel=0.02)
+    # the printed figures are rounded: images/s to 0.1, the speed-up to 0.01
+    low, high = (opt - 0.05) / (eager + 0.05) - 0.005, (opt + 0.05) / (eager - 0.05) + 0.005
+    assert low <= float(rows["speed-up"].removesuffix("x")) <= high
     assert "vitkernels.optimize:" in captured.out and "float32  cpu" in captured.out
     assert "timing eager vs optimized" in captured.err and f"{1 + 2}/{1 + 2}" in captured.err
 
