@@ -42,28 +42,28 @@ The kernels compute the same number in a form whose exp() never overflows:
     y_t     = sum_m p[t, m] vbar[m] / (sum_m p[t, m] + exp(log(eps * M) - s_t))
 
 Why this is the reference's number. sum_t phi(k_t)[m] = exp(lks[m]) / sqrt(M) and
-(phi(k)^T v)[:, m] = exp(lks[m]) / sqrt(M) * vbar[m], so numerator and
-denominator of the reference are exp(s_t) / M times the numerator and the first
-term of the denominator above; dividing both by exp(s_t) / M turns eps into
-eps * M * exp(-s_t). Only factors common to numerator and denominator are
-divided out: the per-token exp(max_m aq + ...) of phi(q_t) and, through lks,
-one factor per key feature m, which multiplies both sum_t phi(k)[m] and
-(phi(k)^T v)[:, m] (the brief's per-batch factor is the special case of a single
-shift for all m; a shift per m is as exact and keeps every feature's key sum
-from underflowing when the features' scales differ). eps is not divided out:
-it is kept, exactly, as exp(log(eps * M) - s_t).
+(phi(k)^T v)[:, m] = exp(lks[m]) / sqrt(M) * vbar[m], so the reference's numerator
+and the first term of its denominator are exp(s_t) / M times those above;
+dividing the whole ratio by exp(s_t) / M turns eps into eps * M * exp(-s_t).
+Only factors common to numerator and denominator are divided out: per token,
+exp(s_t), which comes from phi(q_t), and per key feature m, exp(max_t ak[t, m])
+inside lks, which multiplies both sum_t phi(k)[m] and (phi(k)^T v)[:, m] (one
+shift common to all m, per batch element, would cancel as well; a shift per m is
+as exact and keeps every feature's key sum from underflowing when the features'
+scales differ). eps itself is not divided out: it is kept, exactly, as
+exp(log(eps * M) - s_t).
 
 Why it is finite. Every exponent is <= 0 except log(eps * M) - s_t: p and
 exp(ak - lks) lie in [0, 1], sum_m p >= 1 (the maximal term is exp(0) = 1),
 |vbar| <= max_t |v_t|. So the numerator is at most M * max|v| and the
 denominator at least 1: y is finite for finite inputs, whatever their norms.
-When log(eps * M) - s_t overflows float32 (s_t < about -105), the denominator
-is +inf and y = 0, and the exact value is below M * max|v| * 3e-39 in size
-(eps dominates a denominator that has underflowed): 0 is its float32 rounding.
-Where the float64 reference is finite, it and this agree to rounding: exp()
-of the reference's aq and ak is then finite and this is the same ratio;
-where the reference under- or overflows (0/eps, inf/inf), this still returns
-the limit of the exact expression.
+When log(eps * M) - s_t overflows float32 (s_t < log(eps * M) - 88.7), the
+denominator is +inf and y = 0, while the exact value is below
+M * max|v| * 3e-39 in size (eps dominates a denominator whose other term has
+underflowed): 0 is its float32 rounding. Where the float64 reference computes
+its phi's without under- or overflow, both compute the same ratio and agree to
+rounding; where it does not (0 / eps, inf / inf), this returns the value of the
+exact expression, which the reference approximates or loses.
 
 Precision. Products are accumulated in float32. Dots with an input-dtype
 operand (q, k, v, dy) run on tensor cores in that dtype; w, which sets the
