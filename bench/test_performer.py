@@ -37,6 +37,8 @@ import pytest
 import torch
 from roofline import Workload, cuda_time, tensor_bytes
 
+from vitkernels.backends import reference
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -139,14 +141,15 @@ def test_performer(benchmark, wid, dtype_name, impl, direction):
             k, q, v = leaf.split(E, dim=-1)
             return torch.autograd.grad(attend(q, k, v, w), leaf, dy)[0]
 
-    # every implementation agrees with eager (on 8 batch elements) before it is timed
-    got = fn()[:8].float()
-    small = kqv[:8].detach().requires_grad_(direction != "fwd")
+    # every implementation (eager included: it sums |x|^2 in the input dtype, ~2% off
+    # in bfloat16) agrees with the float64 reference on 8 batch elements before it is timed
+    got = fn()[:8].double()
+    small = kqv[:8].detach().double().requires_grad_(direction != "fwd")
     k, q, v = small.split(E, dim=-1)
-    want = official(q, k, v, w)
+    want = reference.performer_attention(q, k, v, w.double(), eps=EPS)
     if direction != "fwd":
-        want = torch.autograd.grad(want, small, dy[:8])[0]
-    torch.testing.assert_close(got, want.float(), atol=0.02 * want.abs().max().item(), rtol=0.05)
+        want = torch.autograd.grad(want, small, dy[:8].double())[0]
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)
 
     seconds = cuda_time(fn)
     dtype = DTYPES[dtype_name]
