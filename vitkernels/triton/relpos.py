@@ -32,13 +32,14 @@ so no (Nq x Nk) bias, logits or probability tensor is ever in memory):
 * ``_bwd_dq_kernel``: dQ and the table gradient. Its blocks are aligned to grid
   rows (a query block is QR query-grid rows of CQP column slots, a key block KR
   key-grid rows of CP slots), so a tile of dS is a 4-d array (qr, qc, kr, kc)
-  whose table column is |dr|*C + |dc| with dr depending on (qr, kr) only and dc
-  on (qc, kc) only. The tile is reduced into table space with two small one-hot
-  matrix products (over (qc, kc) -> |dc|, then (qr, kr) -> |dr|) and summed in
-  registers over all key blocks and a group of batch entries. Each program
-  writes its (R*C) partial sums to its own row of a float32 buffer
-  (programs, H, R*C), reduced afterwards by one torch sum: no atomics, so the
-  table gradient is deterministic (run to run, for a fixed launch config).
+  whose table column is |dr|*C + |dc|, dr depending on (qr, kr) only and dc on
+  (qc, kc) only. Each tile is reduced in registers: a skew gather lines up every
+  (qr, kr) block of dS by signed column offset dc = kc - s*qc and sums over qc,
+  then the blocks are added into their |dr| rows; the result, indexed by (|dr|,
+  dc), is summed over all key blocks and a group of batch entries. Each program
+  writes it to its own row of a float32 buffer (programs, H, R, offsets); the
+  launcher sums that over programs and folds dc into |dc| with torch slicing. No
+  atomics: the table gradient is deterministic (run to run, for a fixed config).
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 ``_dkdv_cfg``, ``_dq_cfg``) for a GPU tuning pass to revise; no autotuning.
@@ -58,13 +59,11 @@ from vitkernels.triton._aot import AotSpec
 __all__ = ["AOT_SPECS", "relpos_attention_bwd", "relpos_attention_fwd"]
 
 _LOG2E = 1.4426950408889634
-# float32 inputs: dot products at (near) float32 accuracy on tensor cores. The
-# one-hot reductions of the table gradient use it too.
-_F32_DOT = "tf32x3"
 
 
 # ----------------------------------------------------------------------------
-# kernels
+# kernels (every tl.dot asks for input_precision="tf32x3": float32 inputs then get
+# near-float32 products on tensor cores; float16/bfloat16 inputs ignore it)
 
 
 @triton.jit
@@ -280,7 +279,7 @@ def _bwd_dq_kernel(
     B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
     qk_scale, bias_scale, sm_scale, table_scale,  # qk_scale, bias_scale times log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, KR: tl.constexpr, CP: tl.constexpr,
-    TRP: tl.constexpr, TCP: tl.constexpr,
+    TRP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
@@ -305,16 +304,23 @@ def _bwd_dq_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    # one-hot of (query column slot, key column slot) -> |dc|: (CQP*CP, TCP)
-    pc = tl.arange(0, CQP * CP)
-    pc_d = tl.abs((pc // CP) * S - pc % CP)
-    onehot_c = (pc_d[:, None] == tl.arange(0, TCP)[None, :]).to(tl.float32)
-    # (query row, key row) pairs of a tile, in the order of the permuted tile rows
+    # table gradient, first in (|dr|, signed dc) space: element (qr, kr, qc, e) of the
+    # skew gather reads ds at query slot (qr, qc) and key slot (kr, qc*S + e - OFF),
+    # i.e. at the signed column offset dc = e - OFF (zero where that slot does not exist)
+    OFF = (CQP - 1) * S
+    g4 = tl.arange(0, QR * KR * CQP * E)
+    g_e = g4 % E
+    g_qc = (g4 // E) % CQP
+    g_kc = g_e - OFF + g_qc * S
+    g_ok = (g_kc >= 0) & (g_kc < CP)
+    g_idx = (g4 // (E * CQP * KR) * CQP + g_qc) * (KR * CP) + (g4 // (E * CQP)) % KR * CP + g_kc
+    g_idx = tl.where(g_ok, g_idx, 0)
+    # the (query row, key row) pair of each row of the gathered view
     pr = tl.arange(0, QR * KR)
     pr_q = (pid_q * QR + pr // KR) * S
     pr_k = pr % KR
     trs = tl.arange(0, TRP)
-    table_part = tl.zeros([TRP, TCP], dtype=tl.float32)
+    u_acc = tl.zeros([TRP, E], dtype=tl.float32)  # sum of ds per (|dr|, e)
     table = _load_table_row(T + h * stride_th, stride_tn, R * C, TP)
 
     b_start = g * BATCH_GROUP
@@ -363,25 +369,25 @@ def _bwd_dq_kernel(
                 other=0.0,
             )  # (BN, BLOCK_DK)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="tf32x3")
-            # table space: (qr, qc, kr, kc) -> rows (qr, kr), columns (qc, kc) -> |dc| -> |dr|
-            x = tl.reshape(ds, (QR, CQP, KR, CP))
-            x = tl.reshape(tl.permute(x, (0, 2, 1, 3)), (QR * KR, CQP * CP))
-            w = tl.dot(x, onehot_c, input_precision="ieee")  # (QR*KR, TCP)
+            # table space: sum each (query row, key row) block of ds along its column
+            # offsets, then add the blocks into their |dr| rows
+            x = tl.gather(tl.reshape(ds, [QR * CQP * KR * CP]), g_idx, 0)
+            x = tl.sum(tl.reshape(tl.where(g_ok, x, 0.0), [QR * KR, CQP, E]), 1)  # (QR*KR, E)
             pr_d = tl.abs(pr_q - (kb * KR + pr_k))
-            onehot_rt = (trs[:, None] == pr_d[None, :]).to(tl.float32)  # (TRP, QR*KR)
-            table_part = tl.dot(onehot_rt, w, table_part, input_precision="ieee")
+            onehot_r = (trs[:, None] == pr_d[None, :]).to(tl.float32)  # (TRP, QR*KR)
+            u_acc += tl.sum(onehot_r[:, :, None] * x[None, :, :], 1)
         tl.store(
             DQ_ + (bh * NQ + q_tok)[:, None] * DK + offs_dk[None, :],
             (dq * sm_scale).to(DQ_.dtype.element_ty),
             mask=m_ok[:, None] & (offs_dk[None, :] < DK),
         )
 
-    tcs = tl.arange(0, TCP)
+    es = tl.arange(0, E)
     part_row = (g * NUM_QB + pid_q).to(tl.int64) * H + h
     tl.store(
-        DT_ + part_row * (R * C) + trs[:, None] * C + tcs[None, :],
-        table_part * table_scale,
-        mask=(trs[:, None] < R) & (tcs[None, :] < C),
+        DT_ + (part_row * R + trs[:, None]) * E + es[None, :],
+        u_acc * table_scale,
+        mask=(trs[:, None] < R) & (es[None, :] >= 0),
     )
 
 
@@ -428,9 +434,10 @@ def _delta_cfg(nq: int, dv: int) -> _Launch:
 
 def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
     bdk, bdv = _head_blocks(dk, dv)
-    block_n = min(64, max(16, _pow2(nk)))
-    block_m = min(32, max(16, _pow2(nq)))
-    warps = 8 if block_m * block_n >= 2048 or bdk + bdv > 128 else 4
+    wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
+    block_n = min(32 if wide else 64, max(16, _pow2(nk)))
+    block_m = min(16 if wide else 32, max(16, _pow2(nq)))
+    warps = 8 if block_m * block_n >= 2048 else 4
     return _Launch(
         _bwd_dkdv_kernel,
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
@@ -439,33 +446,27 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
     )
 
 
-def _dq_blocks(rows: int, cols: int, q_stride: int) -> dict[str, int]:
+def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str, int]:
     """Grid-row-aligned blocks for the dQ/table kernel (see the module docstring).
 
-    Every tl.dot needs each dimension >= 16: QR*CQP, KR*CP, CQP*CP, QR*KR, TRP, TCP.
+    A query block is QR query-grid rows of CQP column slots, a key block KR key-grid
+    rows of CP slots; both at least 16 (tl.dot). E slots hold the signed column
+    offsets -(CQP-1)*s .. CP-1 of the table-gradient view; the skew gather of a tile
+    has QR*KR*CQP*E elements, kept near 4096.
     """
     rq, cq = -(-rows // q_stride), -(-cols // q_stride)
     cp, cqp = _pow2(cols), _pow2(cq)
-    while cp * cqp < 16:
-        if cqp <= cp:
-            cqp *= 2
-        else:
-            cp *= 2
-    qr = max(_pow2(-(-16 // cqp)), min(max(1, 64 // cqp), _pow2(rq)))
-    kr = max(_pow2(-(-16 // cp)), min(max(1, (32 if cp <= 8 else 64) // cp), _pow2(rows)))
-    while qr * kr < 16:
-        if kr * cp <= qr * cqp:
-            kr *= 2
-        else:
-            qr *= 2
-    return dict(
-        QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=max(16, _pow2(rows)), TCP=max(16, _pow2(cols))
-    )
+    e = _pow2(cp + (cqp - 1) * q_stride)
+    qr = max(_pow2(-(-16 // cqp)), min(max(1, max_m // cqp), _pow2(rq)))
+    kr = max(_pow2(-(-16 // cp)), min(max(1, 32 // cp), _pow2(rows)))
+    while qr * cqp > 16 and qr * kr * cqp * e > 4096:
+        qr //= 2
+    return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
 def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
     bdk, bdv = _head_blocks(dk, dv)
-    blocks = _dq_blocks(rows, cols, q_stride)
+    blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
     return _Launch(_bwd_dq_kernel, constexprs, 8, 1)
 
@@ -570,7 +571,8 @@ def relpos_attention_bwd(
     num_qb = triton.cdiv(rq, cfg.constexprs["QR"])
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
-    partial = _alloc((num_g * num_qb, H, fmap_rows * fmap_cols), torch.float32, dev)
+    E = cfg.constexprs["E"]
+    partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     _bwd_dq_kernel[(num_qb * H * num_g,)](
         q, k, v, table, grad_out, lse, delta, dq, partial,
         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
@@ -578,8 +580,14 @@ def relpos_attention_bwd(
         qk_scale, bs, scale, bias_scale,
         **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    dtable = partial.sum(dim=0).to(table.dtype)  # (H, R*C), a fixed-order reduction
-    return dq, dk, dv, dtable
+    # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
+    u = partial.sum(dim=0)  # (H, R, E), column e holds dc = e - off
+    off = (cfg.constexprs["CQP"] - 1) * q_stride
+    dtable = u[..., off : off + fmap_cols].clone()  # dc = 0 .. C-1
+    neg = min(off, fmap_cols - 1)  # dc = -1 .. -neg
+    if neg > 0:
+        dtable[..., 1 : 1 + neg] += u[..., :off].flip(-1)[..., :neg]
+    return dq, dk, dv, dtable.reshape(H, fmap_rows * fmap_cols).to(table.dtype)
 
 
 # ----------------------------------------------------------------------------
