@@ -12,7 +12,6 @@ When nothing fits, the error lists every backend and why each refused.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 from collections.abc import Iterator, Sequence
@@ -22,9 +21,10 @@ import torch
 
 BACKEND_NAMES = ("reference", "torch", "triton", "cuda")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "vitkernels_forced_backend", default=None
-)
+# A plain module-level stack rather than a ContextVar: torch.compile traces reads
+# of it (and guards on its contents, so a change recompiles), which it cannot do
+# for a ContextVar. It is process-wide, not per thread.
+_forced: list[str | None] = [None]
 
 
 class BackendNotSupportedError(ValueError):
@@ -47,18 +47,22 @@ def use_backend(name: str | None) -> Iterator[None]:
     """
     if name is not None:
         _check_name(name, "use_backend")
-    token = _forced.set(name)
+    _forced.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def forced_backend(explicit: str | None = None) -> str | None:
-    """The backend the caller forces, if any: argument, then context, then env."""
+    """The backend the caller forces, if any: argument, then context, then env.
+
+    Under torch.compile the environment variable is read once, when the graph is
+    traced; use_backend() blocks are guarded and recompile when they change.
+    """
     if explicit is not None:
         return _check_name(explicit, "backend=")
-    ctx = _forced.get()
+    ctx = _forced[-1]
     if ctx is not None:
         return ctx
     env = os.environ.get("VITKERNELS_BACKEND", "").strip()
@@ -134,9 +138,7 @@ class Backend:
         return f"<{type(self).__name__} backend={self.name!r}>"
 
 
-_explaining: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "vitkernels_explaining", default=False
-)
+_explaining: list[bool] = [False]
 
 
 class _Explained(Exception):
@@ -150,19 +152,19 @@ def explain_call(fn: Any, *args: Any, **kwargs: Any) -> tuple[str | None, list[t
 
     Returns (chosen backend name or None, [(backend, reasons it refuses)]).
     """
-    token = _explaining.set(True)
+    _explaining.append(True)
     try:
         fn(*args, **kwargs)
     except _Explained as e:
         return e.chosen, e.verdicts
     finally:
-        _explaining.reset(token)
+        _explaining.pop()
     raise RuntimeError(f"{fn!r} did not go through backend selection")
 
 
 def select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs: Any) -> Backend:
     """Pick the backend that runs ``op`` on ``inputs``."""
-    if _explaining.get():
+    if _explaining[-1]:
         verdicts = []
         for b in backends:
             verdicts.append((b.name, b.not_supported_reasons(**inputs)))
