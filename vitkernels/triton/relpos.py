@@ -67,26 +67,6 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_table_row(t_ptr, stride_tn, n, TP: tl.constexpr):
-    """One head's bias table (n entries, padded to TP) in registers, float32."""
-    offs = tl.arange(0, TP)
-    return tl.load(t_ptr + offs * stride_tn, mask=offs < n, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gather_bias(table, a_row, a_col, b_row, b_col, C, TP: tl.constexpr):
-    """table[|a_row - b_row| * C + |a_col - b_col|] for every (a, b) pair: (len(a), len(b)).
-
-    A gather from the registers holding the table (no global-memory pointer per
-    element). Out-of-grid pairs (padding) read some entry; callers mask them.
-    """
-    idx = tl.abs(a_row[:, None] - b_row[None, :]) * C + tl.abs(a_col[:, None] - b_col[None, :])
-    idx = tl.minimum(idx, TP - 1)
-    flat = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
-    return tl.reshape(flat, [idx.shape[0], idx.shape[1]])
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, T, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -117,7 +97,10 @@ def _fwd_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    table = _load_table_row(T + h * stride_th, stride_tn, NK, TP)
+    # the head's bias table row, padded to TP, in registers (float32)
+    offs_t = tl.arange(0, TP)
+    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < NK, other=0.0)
+    table = table.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -133,7 +116,12 @@ def _fwd_kernel(
         s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
         k_row = offs_n // C
         k_col = offs_n % C
-        bias = _gather_bias(table, q_row, q_col, k_row, k_col, C, TP)
+        # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
+        # table (padding pairs read some entry; they are masked below)
+        idx = tl.abs(q_row[:, None] - k_row[None, :]) * C + tl.abs(q_col[:, None] - k_col[None, :])
+        idx = tl.minimum(idx, TP - 1)
+        bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
+        bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
         s = tl.where(n_ok[None, :], s + bias * bias_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -223,7 +211,10 @@ def _bwd_dkdv_kernel(
 
     q_base = Q + b * stride_qb + h * stride_qh
     g_base = DO + b * stride_gb + h * stride_gh
-    table = _load_table_row(T + h * stride_th, stride_tn, NK, TP)
+    # the head's bias table row, padded to TP, in registers (float32)
+    offs_t = tl.arange(0, TP)
+    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < NK, other=0.0)
+    table = table.to(tl.float32)
     row_base = pid_bh.to(tl.int64) * NQ
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -238,7 +229,12 @@ def _bwd_dkdv_kernel(
         st = tl.dot(k, qt, input_precision="tf32x3") * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         q_row = (offs_m // CQ) * S
         q_col = (offs_m % CQ) * S
-        bias = _gather_bias(table, k_row, k_col, q_row, q_col, C, TP)  # symmetric in i, j
+        # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
+        # table (padding pairs read some entry; they are masked below); transposed tile
+        idx = tl.abs(k_row[:, None] - q_row[None, :]) * C + tl.abs(k_col[:, None] - q_col[None, :])
+        idx = tl.minimum(idx, TP - 1)
+        bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
+        bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
         ok = n_ok[:, None] & m_ok[None, :]
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         # padded rows and columns: exp2(-inf) = 0 (no overflow on their garbage logits)
@@ -321,7 +317,10 @@ def _bwd_dq_kernel(
     pr_k = pr % KR
     trs = tl.arange(0, TRP)
     u_acc = tl.zeros([TRP, E], dtype=tl.float32)  # sum of ds per (|dr|, e)
-    table = _load_table_row(T + h * stride_th, stride_tn, R * C, TP)
+    # the head's bias table row, padded to TP, in registers (float32)
+    offs_t = tl.arange(0, TP)
+    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < R * C, other=0.0)
+    table = table.to(tl.float32)
 
     b_start = g * BATCH_GROUP
     b_end = tl.minimum(b_start + BATCH_GROUP, B)
@@ -353,7 +352,12 @@ def _bwd_dq_kernel(
                 other=0.0,
             )  # (BLOCK_DK, BN)
             s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
-            bias = _gather_bias(table, q_row, q_col, kg_row, k_col, C, TP)
+            # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
+            # table (padding pairs read some entry; they are masked below)
+            idx = tl.abs(q_row[:, None] - kg_row[None, :]) * C + tl.abs(q_col[:, None] - k_col[None, :])
+            idx = tl.minimum(idx, TP - 1)
+            bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
+            bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
             ok = m_ok[:, None] & n_ok[None, :]
             p = tl.exp2(tl.where(ok, s + bias * bias_scale - lse[:, None], float("-inf")))
             vt = tl.load(
@@ -468,7 +472,8 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
     bdk, bdv = _head_blocks(dk, dv)
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
-    return _Launch(_bwd_dq_kernel, constexprs, 8, 1)
+    tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
+    return _Launch(_bwd_dq_kernel, constexprs, 8 if tile >= 2048 else 4, 1)
 
 
 def _batch_group(batch: int, programs_per_batch: int) -> int:
