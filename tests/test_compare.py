@@ -102,6 +102,8 @@ def test_low_precision_agreement_is_judged_against_float32():
         (["vit-pytorch:ViT", "--config", "{bad json"], "Expecting property name"),
         (["vit_b16", "--batch", "0"], "--batch must be at least 1, got 0"),
         (["vit_b16", "--iters", "-3"], "--iters must be at least 1, got -3"),
+        (["vit_b16", "--ops", "attention,conv"], "--ops 'attention,conv' names conv; expected"),
+        (["vit_b16", "--device", "gpu7"], "--device 'gpu7' is not a device"),
         (
             ["vit-pytorch:ViT", "--image-size", "40", "--config", json.dumps(TINY_VIT)],
             "the eager model itself fails on a (8, 3, 40, 40) float32 input on cpu",

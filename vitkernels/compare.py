@@ -353,13 +353,22 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         config = json.loads(args.config) if args.config else {}
         if not isinstance(config, dict):
             raise ValueError(f"compare: --config must be a JSON object, got {args.config!r}")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as exc:
+            raise ValueError(f"compare: --device {args.device!r} is not a device ({exc})") from exc
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 f"compare: --device {args.device} asked for, but CUDA is not available"
             )
         dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
         ops = tuple(o.strip() for o in args.ops.split(",")) if args.ops else DEFAULT_OPS
+        unknown = sorted(set(ops) - set(DEFAULT_OPS))
+        if unknown:
+            raise ValueError(
+                f"compare: --ops {args.ops!r} names {', '.join(unknown)}; "
+                f"expected a comma-separated subset of {', '.join(DEFAULT_OPS)}"
+            )
         backend = None if args.backend == "auto" else args.backend
         torch.manual_seed(args.seed)
         eager, side = build_model(args.model, config, args.image_size)
