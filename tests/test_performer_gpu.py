@@ -91,7 +91,7 @@ def test_forward_and_gradients(backend, dt, shape, poisoned):
     y64 = reference.performer_attention(*leaves64, w64)
     grads64 = torch.autograd.grad(y64, [*leaves64, w64], g.double())
     assert_close(y, y64, TOL[dtype], "y")
-    floor = 1e-2 * max(b.abs().max().item() for b in grads64)
+    floor = 0.1 * max(b.abs().max().item() for b in grads64)
     for name, a, b in zip("qkvw", grads, grads64, strict=True):
         assert_close(a, b, GRAD_TOL[dtype], f"d{name}", floor=floor)
 
@@ -140,7 +140,7 @@ def test_large_norms(backend, kind, poisoned):
         g = torch.randn_like(y)
         grads = torch.autograd.grad(y, leaves, g)
         grads64 = torch.autograd.grad(y64, leaves64, g.double())
-        floor = 1e-2 * max(b.abs().max().item() for b in grads64)
+        floor = 0.1 * max(b.abs().max().item() for b in grads64)
         for name, a, b in zip("qkv", grads, grads64, strict=True):
             assert_close(a, b, 5 * tol, f"{dtype} d{name}", floor=floor)
 

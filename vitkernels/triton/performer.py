@@ -71,7 +71,9 @@ exponent, is split into hi + lo parts of the input dtype (a float32 w with
 16-bit inputs), so x . w carries ~16-22 bits instead of 8-11; so is vbar in the
 forward. Probabilities p, exp(ak - lks) and the backward's intermediates are
 rounded to the input dtype for their dots (as FlashAttention does), and each
-normaliser is summed from the same rounded values it divides. Float32 inputs
+normaliser is summed from the same rounded values it divides; for float16, the
+backward's intermediates (sums over tokens, which loss scaling can push past
+65504) are first divided by a power of two taken from their maximum. Float32 inputs
 use exact float32 dots (input_precision="ieee", CUDA-core FMAs; tf32x3 needs
 more registers than sm_80 has for these tiles).
 
@@ -199,6 +201,21 @@ def _dot2(a, b_hi, b_lo, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
     if SPLIT:
         acc = tl.dot(a, b_lo, acc, input_precision=PREC)
     return acc
+
+
+@triton.jit
+def _pow2_scale(x, F16: tl.constexpr):
+    """A power of two s with max|x| / s in [2^7, 2^8), so that x / s rounds to float16
+    without overflow (the backward's float32 intermediates are sums over tokens and
+    can exceed 65504 under loss scaling); 1.0 unless F16. Exact: built from bits."""
+    if F16:
+        big = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        bits = big.to(tl.int32, bitcast=True)
+        expo = ((bits >> 23) & 0xFF) - 127 - 7  # floor(log2(big)) - 7
+        expo = tl.minimum(tl.maximum(expo, -120), 120)
+        return ((expo + 127) << 23).to(tl.float32, bitcast=True)
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -363,7 +380,8 @@ def _bwd_q_kernel(
     stride_qb, stride_qt, stride_qe,
     stride_wm, stride_we,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-    HALF: tl.constexpr, W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr, PREC: tl.constexpr,
+    HALF: tl.constexpr, F16: tl.constexpr, W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dq for the chunk's tokens; partial sums of dvbar, dlks (and dw) for the chunk."""
     pid = tl.program_id(0)
@@ -406,13 +424,15 @@ def _bwd_q_kernel(
         gv = _dot2(g, vbt_hi, vbt_lo, tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32), HALF, PREC)
         gy = tl.sum(r * gv, axis=1)  # g_t . y_t, as y_t = sum_m r[t, m] vbar[m]
         dl = r * (gv - gy[:, None])
-        dq = tl.dot(dl.to(DT), w_mat, input_precision=PREC)
+        sc = _pow2_scale(dl, F16)
+        dl16 = (dl * (1.0 / sc)).to(DT)
+        dq = tl.dot(dl16, w_mat, input_precision=PREC) * sc
         dq = dq - tl.sum(dl, axis=1)[:, None] * qx.to(tl.float32)
         tl.store(dq_base + rows[:, None] * E, dq.to(DT), mask=lmask)
         acc_dv = tl.dot(tl.trans(g), r.to(DT), acc_dv, input_precision=PREC)
         acc_dl += tl.sum(dl, axis=0)
         if W_GRAD:
-            acc_dw = tl.dot(tl.trans(qx), dl.to(DT), acc_dw, input_precision=PREC)
+            acc_dw += tl.dot(tl.trans(qx), dl16, input_precision=PREC) * sc
 
     row = b * n_chunks + c
     tmask_em = emask[:, None] & mmask[None, :]
@@ -431,7 +451,7 @@ def _bwd_kv_kernel(
     stride_vb, stride_vt, stride_ve,
     stride_wm, stride_we,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-    W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr, PREC: tl.constexpr,
+    F16: tl.constexpr, W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr, PREC: tl.constexpr,
 ):
     """Merge dvbar, dlks of batch b in chunk order; dk, dv and the key side's dw partial."""
     pid = tl.program_id(0)
@@ -456,11 +476,12 @@ def _bwd_kv_kernel(
     lks = tl.load(lks_ptr + b * M + offs_m, mask=mmask, other=0.0)
     vbar = tl.load(vbar_ptr + (b * M + offs_m[:, None]) * E + offs_e[None, :], mask=umask,
                    other=0.0)
-    dvb = dvbar.to(DT)  # (m, e)
+    sv = _pow2_scale(dvbar, F16)
+    dvb = (dvbar * (1.0 / sv)).to(DT)  # (m, e), scaled by 1 / sv
     dvbt = tl.trans(dvb)  # (e, m)
     # vbar . dvbar with the dvbar the dots use: coef + v_t . dvbar then cancels
     # exactly where v_t = vbar (e.g. T = 1)
-    coef = dlks - tl.sum(vbar * dvb.to(tl.float32), axis=1)  # (m,)
+    coef = dlks - tl.sum(vbar * dvb.to(tl.float32), axis=1) * sv  # (m,)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[None, :] * stride_ke
     v_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[None, :] * stride_ve
@@ -477,15 +498,17 @@ def _bwd_kv_kernel(
         vx = tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0)
         a = _logits(kx, wt_hi, wt_lo, W_SPLIT, PREC) - lks[None, :]
         pi = tl.exp(tl.where(tmask[:, None] & mmask[None, :], a, float("-inf")))  # (t, m)
-        gvk = tl.dot(vx, dvbt, input_precision=PREC)  # (t, m)
+        gvk = tl.dot(vx, dvbt, input_precision=PREC) * sv  # (t, m)
         da = pi * (coef[None, :] + gvk)
-        dk = tl.dot(da.to(DT), w_mat, input_precision=PREC)
+        sc = _pow2_scale(da, F16)
+        da16 = (da * (1.0 / sc)).to(DT)
+        dk = tl.dot(da16, w_mat, input_precision=PREC) * sc
         dk = dk - tl.sum(da, axis=1)[:, None] * kx.to(tl.float32)
-        dv = tl.dot(pi.to(DT), dvb, input_precision=PREC)
+        dv = tl.dot(pi.to(DT), dvb, input_precision=PREC) * sv
         tl.store(dk_base + rows[:, None] * E, dk.to(DT), mask=lmask)
         tl.store(dv_base + rows[:, None] * E, dv.to(DT), mask=lmask)
         if W_GRAD:
-            acc_dw = tl.dot(tl.trans(kx), da.to(DT), acc_dw, input_precision=PREC)
+            acc_dw += tl.dot(tl.trans(kx), da16, input_precision=PREC) * sc
     if W_GRAD:
         row = b * n_chunks + c
         tl.store(pdw_ptr + (row * M + offs_m[None, :]) * E + offs_e[:, None], acc_dw,
@@ -505,6 +528,7 @@ def _flags(x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, object]:
     half = x_dtype in (torch.float16, torch.bfloat16)
     return {
         "HALF": half,
+        "F16": x_dtype == torch.float16,
         "W_SPLIT": half and w_dtype != x_dtype,
         "PREC": "tf32" if half else "ieee",
     }
@@ -550,7 +574,8 @@ def performer_attention_fwd(
             q, w, pm, ps, pu, y, lks, vbar,
             T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
             *q.stride(), *w.stride(),
-            BLOCK_T=cfg.block_t_q, **fl, **blocks, **launch,
+            BLOCK_T=cfg.block_t_q, HALF=fl["HALF"], W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"],
+            **blocks, **launch,
         )
     return y, lks, vbar
 
@@ -600,8 +625,8 @@ def performer_attention_bwd(
             k, v, w, lks, vbar, pdv, pdl, dk, dv, pdwk,
             T, E, M, cfg.chunk_len, nc,
             *k.stride(), *v.stride(), *w.stride(),
-            BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad), PREC=fl["PREC"],
-            **blocks, **launch,
+            BLOCK_T=cfg.block_t_kv, F16=fl["F16"], W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad),
+            PREC=fl["PREC"], **blocks, **launch,
         )
     if w_grad:
         # a fixed-order reduction over (batch, chunk) partials: deterministic
@@ -616,7 +641,7 @@ def performer_attention_bwd(
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-_CONSTEXPRS = ("BLOCK_T", "BLOCK_E", "BLOCK_M", "HALF", "W_SPLIT", "W_GRAD", "PREC")
+_CONSTEXPRS = ("BLOCK_T", "BLOCK_E", "BLOCK_M", "HALF", "F16", "W_SPLIT", "W_GRAD", "PREC")
 # innermost strides of the inputs: 1 for views of a kqv projection, and triton
 # specialises an integer argument equal to 1 into a constant
 _UNIT_STRIDES = ("stride_qe", "stride_ke", "stride_ve", "stride_ge", "stride_we")
@@ -650,7 +675,8 @@ def aot_spec(kernel, dtype: torch.dtype, w_dtype: torch.dtype, *, B: int, T: int
     kv_side = kernel in (_fwd_kv_kernel, _bwd_kv_kernel)
     consts: dict[str, object] = {
         "BLOCK_T": cfg.block_t_kv if kv_side else cfg.block_t_q, "BLOCK_E": cfg.block_e, "BLOCK_M": cfg.block_m,
-        "HALF": fl["HALF"], "W_SPLIT": fl["W_SPLIT"], "PREC": fl["PREC"], "W_GRAD": w_grad,
+        "HALF": fl["HALF"], "F16": fl["F16"], "W_SPLIT": fl["W_SPLIT"], "PREC": fl["PREC"],
+        "W_GRAD": w_grad,
     }
     sig = _signature(kernel, dtype, w_dtype)
     constexprs = {n: (1 if n.startswith("stride_") else consts[n])
