@@ -320,7 +320,7 @@ PERFORMER_CASES = [
     (1, 200, 64, 32, torch.bfloat16, torch.bfloat16, 1e-8, 1.0, True),  # views of one kqv
     (1, 70, 40, 24, torch.float16, torch.bfloat16, 1e-8, 1.0, False),  # padded E and M
     (3, 33, 16, 8, torch.bfloat16, torch.float16, 0.0, 1.5, False),  # eps 0, larger norms
-    (1, 100, 100, 20, torch.float16, torch.float32, 1e-3, 0.8, False),  # the E 128 path
+    (1, 100, 56, 20, torch.float16, torch.float32, 1e-3, 1.0, False),  # E, M padded, eps 1e-3
 ]
 
 

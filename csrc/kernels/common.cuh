@@ -294,11 +294,30 @@ __device__ __forceinline__ void frag_b_tf32_nk(uint32_t (&b)[2], const S* s, int
 // ----------------------------------------------------------------------------
 // global -> shared tile loads
 
+// Whether rows of g can be read 8 elements (16 bytes) at a time: unit column
+// stride, 16-byte aligned rows and a column count that is a multiple of 8.
+template <class T>
+__device__ __forceinline__ bool rows_vectorizable(const T* g, int64_t sn, int64_t sd, int ncols) {
+  return sd == 1 && sn % 8 == 0 && ncols % 8 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0;
+}
+
 // Rows [r0, r0 + ROWS) x columns [0, D) of a strided (n, d) matrix into
-// s[ROWS][ld], zero where n >= nrows or d >= ncols; NT threads share the work.
+// s[ROWS][ld] (ld a multiple of 8, s 16-byte aligned), zero where n >= nrows or
+// d >= ncols; NT threads share the work.
 template <class T, int ROWS, int D, int NT>
 __device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
                                           int ncols, int tid) {
+  static_assert(D % 8 == 0, "tile width must be a multiple of 8");
+  if (rows_vectorizable(g, sn, sd, ncols)) {
+#pragma unroll 2  // two 16-byte loads in flight; more spills in the performer backward
+    for (int idx = tid; idx < ROWS * (D / 8); idx += NT) {
+      const int r = idx / (D / 8), d = (idx % (D / 8)) * 8;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (r0 + r < nrows && d < ncols) val = *reinterpret_cast<const uint4*>(g + (int64_t)(r0 + r) * sn + d);
+      *reinterpret_cast<uint4*>(s + r * ld + d) = val;
+    }
+    return;
+  }
   const T zero = Num<T>::from_float(0.f);
   for (int idx = tid; idx < ROWS * D; idx += NT) {
     const int r = idx / D, d = idx % D;
@@ -306,6 +325,18 @@ __device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, 
     if (r0 + r < nrows && d < ncols) val = g[(int64_t)(r0 + r) * sn + (int64_t)d * sd];
     s[r * ld + d] = val;
   }
+}
+
+// out[c * stride], out[(c + 1) * stride] = lo, hi (the second only when has_hi),
+// as one 32-bit store when the pair is adjacent and aligned
+template <class T>
+__device__ __forceinline__ void store_pair(T* out, int64_t stride, float lo, float hi, bool has_hi) {
+  if (stride == 1 && has_hi && reinterpret_cast<uintptr_t>(out) % 4 == 0) {
+    *reinterpret_cast<uint32_t*>(out) = Num<T>::pack(lo, hi);
+    return;
+  }
+  out[0] = Num<T>::from_float(lo);
+  if (has_hi) out[stride] = Num<T>::from_float(hi);
 }
 
 // ----------------------------------------------------------------------------

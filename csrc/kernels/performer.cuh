@@ -63,7 +63,7 @@ struct PerformerParams {
   float* work;
 };
 
-constexpr int kPerformerMaxE = 128;
+constexpr int kPerformerMaxE = 64;
 constexpr int kPerformerMaxM = 32;
 
 namespace performer_detail {
@@ -72,8 +72,9 @@ constexpr int kThreads = 128;
 constexpr int kTok = 64;        // tokens per tile
 constexpr int kMaxChunks = 64;  // chunks per batch element (the combine kernel's shared memory)
 
-// Padded sizes: E -> 32, 64 or 128; M -> 32 (M = 64 would spill in the backward).
-#define VK_PERFORMER_DIMS(X) X(32, 32) X(64, 32) X(128, 32)
+// Padded sizes: E -> 32 or 64, M -> 32 (wider tiles spill in the backward; the
+// op module's limits, E <= 64 and M <= 32, are the Triton kernels' too).
+#define VK_PERFORMER_DIMS(X) X(32, 32) X(64, 32)
 
 __host__ __device__ inline bool pick_dims(int e, int m, int* EP, int* MP) {
 #define VK_PICK(a, b)       \
@@ -157,6 +158,26 @@ template <class T, int EP>
 __device__ __forceinline__ void load_rows_ext(float* s, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
                                               int ncols, float ext, int tid) {
   constexpr int EX = EP + 8;
+  if (rows_vectorizable(g, sn, sd, ncols)) {  // 8 columns per step
+#pragma unroll 2
+    for (int idx = tid; idx < kTok * (EX / 8); idx += kThreads) {
+      const int r = idx / (EX / 8), d = (idx % (EX / 8)) * 8;
+      float val[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (r0 + r < nrows) {
+        if (d < ncols) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(g + (int64_t)(r0 + r) * sn + d);
+          const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) val[i] = Num<T>::to_float(e[i]);
+        } else if (d == EP) {
+          val[0] = ext;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[r * EX + d + i] = val[i];
+    }
+    return;
+  }
   for (int idx = tid; idx < kTok * EX; idx += kThreads) {
     const int r = idx / EX, d = idx % EX;
     float val = 0.f;
@@ -490,12 +511,12 @@ __global__ void __launch_bounds__(128) performer_q_kernel(const PerformerParams 
       const int row = t0 + warp * 16 + g + 8 * r;
       if (row >= t_end) continue;
 #pragma unroll
-      for (int nt = 0; nt < EP / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = nt * 8 + 2 * t + e;
-          if (col < p.E) Y[row * p.y_s[1] + col * p.y_s[2]] = Num<T>::from_float(y[nt][2 * r + e] * inv[r]);
-        }
+      for (int nt = 0; nt < EP / 8; ++nt) {
+        const int col = nt * 8 + 2 * t;
+        if (col < p.E)
+          store_pair(Y + row * p.y_s[1] + col * p.y_s[2], p.y_s[2], y[nt][2 * r] * inv[r], y[nt][2 * r + 1] * inv[r],
+                     col + 1 < p.E);
+      }
     }
   }
 }
@@ -612,15 +633,14 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
       const int row = warp * 16 + g + 8 * r;
       if (t0 + row < t_end) {
 #pragma unroll
-        for (int nt = 0; nt < EP / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = nt * 8 + 2 * t + e;
-            if (col < p.E) {
-              const float val = dq[nt][2 * r + e] - Num<T>::to_float(sX[row * D::LDX + col]) * dlsum[r];
-              dQ[(t0 + row) * p.dq_s[1] + col * p.dq_s[2]] = Num<T>::from_float(val);
-            }
+        for (int nt = 0; nt < EP / 8; ++nt) {
+          const int col = nt * 8 + 2 * t;
+          if (col < p.E) {
+            const float lo = dq[nt][2 * r] - Num<T>::to_float(sX[row * D::LDX + col]) * dlsum[r];
+            const float hi = dq[nt][2 * r + 1] - Num<T>::to_float(sX[row * D::LDX + col + 1]) * dlsum[r];
+            store_pair(dQ + (t0 + row) * p.dq_s[1] + col * p.dq_s[2], p.dq_s[2], lo, hi, col + 1 < p.E);
           }
+        }
       }
       if (t == 0) sG[row * D::EX + EP] = cdot[r];
     }
@@ -764,15 +784,14 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
         const int row = warp * 16 + g + 8 * r;
         if (t0 + row >= t_end) continue;
 #pragma unroll
-        for (int nt = 0; nt < EP / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = nt * 8 + 2 * t + e;
-            if (col < p.E) {
-              const float val = dk[nt][2 * r + e] - Num<T>::to_float(sX[row * D::LDX + col]) * dsum[r];
-              dK[(t0 + row) * p.dk_s[1] + col * p.dk_s[2]] = Num<T>::from_float(val);
-            }
+        for (int nt = 0; nt < EP / 8; ++nt) {
+          const int col = nt * 8 + 2 * t;
+          if (col < p.E) {
+            const float lo = dk[nt][2 * r] - Num<T>::to_float(sX[row * D::LDX + col]) * dsum[r];
+            const float hi = dk[nt][2 * r + 1] - Num<T>::to_float(sX[row * D::LDX + col + 1]) * dsum[r];
+            store_pair(dK + (t0 + row) * p.dk_s[1] + col * p.dk_s[2], p.dk_s[2], lo, hi, col + 1 < p.E);
           }
+        }
       }
     }
     {
@@ -795,12 +814,12 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
         const int row = warp * 16 + g + 8 * r;
         if (t0 + row >= t_end) continue;
 #pragma unroll
-        for (int nt = 0; nt < EP / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = nt * 8 + 2 * t + e;
-            if (col < p.E) dV[(t0 + row) * p.dv_s[1] + col * p.dv_s[2]] = Num<T>::from_float(dv[nt][2 * r + e]);
-          }
+        for (int nt = 0; nt < EP / 8; ++nt) {
+          const int col = nt * 8 + 2 * t;
+          if (col < p.E)
+            store_pair(dV + (t0 + row) * p.dv_s[1] + col * p.dv_s[2], p.dv_s[2], dv[nt][2 * r], dv[nt][2 * r + 1],
+                       col + 1 < p.E);
+        }
       }
     }
     if (p.w_grad) {

@@ -89,16 +89,24 @@ constexpr size_t fwd_smem(int table_n) {
   return size_t(kRows) * (2 * (DK + 8) + (DV + 8)) * 2 + kRows * 4 + size_t(table_n) * 4;
 }
 
-// keys per inner tile of the dq kernel, queries per inner tile of the dkv kernel
+// keys per inner tile of the dq kernel
 template <int DK, int DV>
-__host__ __device__ constexpr int bwd_tile() {
+__host__ __device__ constexpr int dq_tile() {
   return DK + DV > 160 ? 32 : 64;
 }
 
+// queries per inner tile of the dkv kernel, which holds dk and dv accumulators
+// besides the tile's scores (64 would spill from Dk + Dv = 96 on)
 template <int DK, int DV>
-constexpr size_t bwd_smem(int table_n) {
-  return size_t(kRows + bwd_tile<DK, DV>()) * ((DK + 8) + (DV + 8)) * 2 + bwd_tile<DK, DV>() * 12 +
-         size_t(table_n) * 8;
+__host__ __device__ constexpr int dkv_tile() {
+  return DK + DV >= 96 ? 32 : 64;
+}
+
+// shared memory of the dq (dkv = false) or dkv kernel
+template <int DK, int DV>
+constexpr size_t bwd_smem(int table_n, bool dkv) {
+  const int tile = dkv ? dkv_tile<DK, DV>() : dq_tile<DK, DV>();
+  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * 8;
 }
 
 }  // namespace relpos_detail
@@ -225,12 +233,12 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     if (i >= p.Nq) continue;
     const float inv = 1.f / lsum;
 #pragma unroll
-    for (int dt = 0; dt < DV / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = dt * 8 + 2 * t + e;
-        if (d < p.Dv) O[i * p.o_s[2] + d * p.o_s[3]] = Num<T>::from_float(o[dt][2 * r + e] * inv);
-      }
+    for (int dt = 0; dt < DV / 8; ++dt) {
+      const int d = dt * 8 + 2 * t;
+      if (d < p.Dv)
+        store_pair(O + i * p.o_s[2] + d * p.o_s[3], p.o_s[3], o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv,
+                   d + 1 < p.Dv);
+    }
     if (t == 0) p.lse[((int64_t)b * p.H + h) * p.Nq + i] = (m[r] + log2f(lsum)) * kLn2;
   }
 }
@@ -261,7 +269,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_delta_kernel(const RelposParam
 template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p) {
   using namespace relpos_detail;
-  constexpr int BN = bwd_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
+  constexpr int BN = dq_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
   VK_DYN_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sDO = sQ + kRows * LDK;
@@ -374,12 +382,12 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
     const int i = q0 + warp * 16 + g + 8 * r;
     if (i >= p.Nq) continue;
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = dt * 8 + 2 * t + e;
-        if (d < p.Dk) dQ[i * p.dq_s[2] + d * p.dq_s[3]] = Num<T>::from_float(dq[dt][2 * r + e] * p.scale);
-      }
+    for (int dt = 0; dt < DK / 8; ++dt) {
+      const int d = dt * 8 + 2 * t;
+      if (d < p.Dk)
+        store_pair(dQ + i * p.dq_s[2] + d * p.dq_s[3], p.dq_s[3], dq[dt][2 * r] * p.scale,
+                   dq[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
+    }
   }
 
   __syncthreads();
@@ -395,7 +403,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
   using namespace relpos_detail;
-  constexpr int BQ = bwd_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
+  constexpr int BQ = dkv_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
   VK_DYN_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kRows * LDK;
@@ -514,19 +522,18 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
     const int j = k0 + warp * 16 + g + 8 * r;
     if (j >= p.Nk) continue;
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt)
+    for (int dt = 0; dt < DK / 8; ++dt) {
+      const int d = dt * 8 + 2 * t;
+      if (d < p.Dk)
+        store_pair(dK + j * p.dk_s[2] + d * p.dk_s[3], p.dk_s[3], dk[dt][2 * r] * p.scale,
+                   dk[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
+    }
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = dt * 8 + 2 * t + e;
-        if (d < p.Dk) dK[j * p.dk_s[2] + d * p.dk_s[3]] = Num<T>::from_float(dk[dt][2 * r + e] * p.scale);
-      }
-#pragma unroll
-    for (int dt = 0; dt < DV / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = dt * 8 + 2 * t + e;
-        if (d < p.Dv) dV[j * p.dv_s[2] + d * p.dv_s[3]] = Num<T>::from_float(dv[dt][2 * r + e]);
-      }
+    for (int dt = 0; dt < DV / 8; ++dt) {
+      const int d = dt * 8 + 2 * t;
+      if (d < p.Dv)
+        store_pair(dV + j * p.dv_s[2] + d * p.dv_s[3], p.dv_s[3], dv[dt][2 * r], dv[dt][2 * r + 1], d + 1 < p.Dv);
+    }
   }
 }
 
@@ -567,14 +574,14 @@ cudaError_t relpos_bwd_launch(const RelposParams& p, cudaStream_t stream) {
   launch(relpos_bwd_delta_kernel<T>, dim3(unsigned((rows + 3) / 4)), dim3(kThreads), 0, stream, p);
   cudaError_t err = last_error();
   if (err != cudaSuccess) return err;
-  const size_t smem = bwd_smem<DK, DV>(p.R * p.C);
-  if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem)) != cudaSuccess) return err;
-  if ((err = allow_smem(relpos_bwd_dkv_kernel<T, DK, DV>, smem)) != cudaSuccess) return err;
-  launch(relpos_bwd_dq_kernel<T, DK, DV>, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem, stream,
-            p);
+  const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false), smem_dkv = bwd_smem<DK, DV>(p.R * p.C, true);
+  if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem_dq)) != cudaSuccess) return err;
+  if ((err = allow_smem(relpos_bwd_dkv_kernel<T, DK, DV>, smem_dkv)) != cudaSuccess) return err;
+  launch(relpos_bwd_dq_kernel<T, DK, DV>, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem_dq, stream,
+         p);
   if ((err = last_error()) != cudaSuccess) return err;
-  launch(relpos_bwd_dkv_kernel<T, DK, DV>, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem,
-            stream, p);
+  launch(relpos_bwd_dkv_kernel<T, DK, DV>, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv,
+         stream, p);
   return last_error();
 }
 
