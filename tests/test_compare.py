@@ -98,6 +98,8 @@ def test_low_precision_agreement_is_judged_against_float32():
         (["no_such_model"], "unknown model 'no_such_model'"),
         (["vit-pytorch:ViT"], "vit-pytorch:ViT needs --config with image_size, patch_size"),
         (["vit-pytorch:Nope"], "vit-pytorch class 'Nope' is not one of"),
+        (["timm:no_such_vit"], "timm has no model 'no_such_vit'"),
+        (["vit_b16", "--config", '{"depht": 2}'], "unexpected keyword argument 'depht'"),
         (["vit-pytorch:ViT", "--config", "[1, 2]"], "--config must be a JSON object"),
         (["vit-pytorch:ViT", "--config", "{bad json"], "Expecting property name"),
         (["vit_b16", "--batch", "0"], "--batch must be at least 1, got 0"),

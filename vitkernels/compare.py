@@ -102,7 +102,7 @@ def _import(name: str, extra: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise SystemExit(
+        raise ValueError(
             f"compare: {extra} models need the {name} package ({exc}); "
             "install the [compare] extra (see pyproject.toml)"
         ) from exc
@@ -142,6 +142,11 @@ def build_model(
     config = dict(config or {})
     if spec.startswith("timm:"):
         timm = _import("timm", "timm:")
+        if not timm.is_model(spec[len("timm:") :]):
+            raise ValueError(
+                f"compare: timm has no model {spec[len('timm:') :]!r} "
+                "(timm.list_models('pattern*') lists them)"
+            )
         if image_size is not None:
             config.setdefault("img_size", image_size)
         model = timm.create_model(spec[len("timm:") :], pretrained=False, **config)
@@ -371,7 +376,10 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             )
         backend = None if args.backend == "auto" else args.backend
         torch.manual_seed(args.seed)
-        eager, side = build_model(args.model, config, args.image_size)
+        try:
+            eager, side = build_model(args.model, config, args.image_size)
+        except TypeError as exc:  # a constructor refusing the --config arguments
+            raise ValueError(f"compare: {args.model} with --config {config}: {exc}") from exc
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
