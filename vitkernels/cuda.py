@@ -134,6 +134,8 @@ def _load() -> tuple[object | None, str | None]:
             return None, f"the CUDA extension vitkernels._C does not load ({exc})"
     except ImportError as exc:
         return None, f"the CUDA extension vitkernels._C is installed but does not load ({exc})"
+    if hasattr(torch.ops.vitkernels_C, OPS[0]):  # a library loaded earlier in this process
+        return torch.ops.vitkernels_C, None
     directory = cache_dir()
     lib = _jit_library(directory)
     if lib is None:
@@ -146,7 +148,7 @@ def _load() -> tuple[object | None, str | None]:
         )
     try:
         torch.ops.load_library(str(lib))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         return None, f"the JIT build of the CUDA extension {lib} does not load ({exc})"
     return lib, None
 
