@@ -195,7 +195,7 @@ __device__ __forceinline__ void store16(T* dst, const T (&v)[N]) {
 }  // namespace patch_detail
 
 // ----------------------------------------------------------------------------
-// the GEMM; grid (ceil(D / 128), ceil(B * L / 128)), 256 threads
+// the GEMM; grid (ceil(B * L / 128), ceil(D / 128)), 256 threads
 
 template <class T>
 __global__ void __launch_bounds__(256) patch_embed_gemm_kernel(const PatchParams a) {
@@ -206,8 +206,8 @@ __global__ void __launch_bounds__(256) patch_embed_gemm_kernel(const PatchParams
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int wm = warp >> 2, wn = warp & 3;  // warp tile: rows wm*64.., cols wn*32..
-  const int n0 = blockIdx.x * BN;
-  const int64_t m0 = (int64_t)blockIdx.y * BM;
+  const int n0 = blockIdx.y * BN;
+  const int64_t m0 = (int64_t)blockIdx.x * BM;
   const int lr = tid >> 1, lk = (tid & 1) * 16;  // this thread's load row and k offset
   const Row<T> row = patch_row<T>(a, m0 + lr);
   const int KT = ceil_div(a.K, BK);
@@ -305,16 +305,19 @@ __global__ void __launch_bounds__(256) patch_embed_gemm_kernel(const PatchParams
       const int b = int(m / a.L), l = int(m % a.L);
       T* dst = out + ((int64_t)b * (a.P + a.L) + a.P + l) * a.D;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < 4; ++nt) {
+        const int n = n0 + wn * 32 + nt * 8 + 2 * t;
+        if (n >= a.D) continue;
+        float x[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int n = n0 + wn * 32 + nt * 8 + 2 * t + e;
-          if (n >= a.D) continue;
-          float x = acc[mt][nt][2 * r + e] + param(a.bias, a.kind, n * a.bias_s, 0.f);
+          const int ne = n + e < a.D ? n + e : n;
+          x[e] = acc[mt][nt][2 * r + e] + param(a.bias, a.kind, ne * a.bias_s, 0.f);
           if (!a.has_out_norm && a.pos != nullptr)
-            x += load_as_float(a.pos, a.kind, (pos_off + l) * a.pos_s[0] + n * a.pos_s[1]);
-          dst[n] = Num<T>::from_float(x);
+            x[e] += load_as_float(a.pos, a.kind, (pos_off + l) * a.pos_s[0] + ne * a.pos_s[1]);
         }
+        store_pair(dst + n, 1, x[0], x[1], n + 1 < a.D);
+      }
     }
 }
 
@@ -397,7 +400,7 @@ cudaError_t patch_embed_fwd(PatchParams a, cudaStream_t stream) {
   const int64_t mtot = (int64_t)a.B * a.L;
   if (mtot == 0) return cudaSuccess;
   if ((err = allow_smem(patch_embed_gemm_kernel<T>, patch_embed_smem())) != cudaSuccess) return err;
-  launch(patch_embed_gemm_kernel<T>, dim3(ceil_div(a.D, BN), unsigned((mtot + BM - 1) / BM)), dim3(kThreads),
+  launch(patch_embed_gemm_kernel<T>, dim3(unsigned((mtot + BM - 1) / BM), ceil_div(a.D, BN)), dim3(kThreads),
          patch_embed_smem(), stream, a);
   if ((err = last_error()) != cudaSuccess) return err;
   if (a.has_out_norm) {

@@ -39,6 +39,8 @@ PerformerShape check_performer(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK_VALUE(s.T >= 1, "q has T = ", s.T, " tokens; expected T >= 1");
   TORCH_CHECK_VALUE(s.M >= 1, "w has M = ", s.M, " features; expected M >= 1");
   TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(s.B <= 65535, "q has shape ", q.sizes(),
+                    "; the cuda backend takes at most 65535 batch entries (CUDA grid limit)");
   TORCH_CHECK_VALUE(vk::performer_supports(int(s.E), int(s.M)), "E = ", s.E, ", M = ", s.M,
                     " are not supported by the cuda backend; expected E <= ", vk::kPerformerMaxE, " and M <= ",
                     vk::kPerformerMaxM);

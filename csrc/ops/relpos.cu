@@ -56,6 +56,8 @@ RelposShape check_relpos(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_size(table, 1, s.R * s.C, "table", "(H, R*C)");
   TORCH_CHECK_VALUE(s.Dk <= vk::kRelposMaxHeadDim && s.Dv <= vk::kRelposMaxHeadDim, "head dims Dk=", s.Dk, ", Dv=",
                     s.Dv, " are not supported by the cuda backend; expected both <= ", vk::kRelposMaxHeadDim);
+  TORCH_CHECK_VALUE(s.B <= 65535 && s.H <= 65535, "q has shape ", q.sizes(),
+                    "; the cuda backend takes at most 65535 batch entries and heads (CUDA grid limits)");
   TORCH_CHECK_VALUE(s.R * s.C <= vk::kRelposMaxTable, "fmap_size (", s.R, ", ", s.C, ") has ", s.R * s.C,
                     " positions; the cuda backend keeps the table in shared memory and takes at most ",
                     vk::kRelposMaxTable);
