@@ -370,12 +370,14 @@ def _attention_modules(p: float) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     return mods
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", ["vit", "crossvit", "cvt", "t2t"])
-def test_sdpa_dropout_has_the_originals_distribution(kind):
-    """SDPA draws its own dropout mask: over many draws the mean must be the
-    dropout-free output and the spread the original's."""
+def test_training_dropout_has_the_originals_distribution(kind, device):
+    """The fused modules draw their own dropout masks (SDPA's on CUDA; the explicit
+    product on CPU, where SDPA has no fused kernel with dropout): over many draws
+    the mean must be the dropout-free output and the spread the original's."""
     orig, x = _attention_modules(0.3)[kind]
-    orig.train()
+    orig, x = orig.to(device).train(), x.to(device)
     if kind == "cvt":  # BatchNorm in the projections: freeze its statistics
         for m in orig.modules():
             if isinstance(m, nn.BatchNorm2d):

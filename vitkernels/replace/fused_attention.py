@@ -12,7 +12,9 @@ The "attention" op has two backends:
 * ``torch``: ``F.scaled_dot_product_attention``, which itself picks FlashAttention,
   memory-efficient or its CPU flash kernel. Every backend but "reference" maps
   here (there is no Triton or CUDA kernel of our own for plain attention:
-  SDPA's are the fast path), and the optimize report says "torch".
+  SDPA's are the fast path), and the optimize report says "torch". One
+  exception: training with dropout on CPU runs the explicit product, because
+  SDPA has no fused CPU kernel with dropout and its math path is slower.
 * ``reference``: the literal math, with the probabilities' dropout drawn exactly
   as ``nn.Dropout`` draws it, so a seeded training step matches the original.
 """
@@ -71,11 +73,11 @@ class FusedAttention(FusedModule):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float
     ) -> torch.Tensor:
         """(B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv) -> (B, H, Nq, Dv)."""
-        if self.literal:
-            return attention_reference(
-                q, k, v, scale=scale, dropout_p=dropout_p, training=self.training
-            )
         p = dropout_p if self.training else 0.0
+        if self.literal or (p > 0.0 and q.device.type == "cpu"):
+            # on CPU, SDPA with dropout has no fused kernel and its math path is
+            # slower than the explicit product (which is the original's math)
+            return attention_reference(q, k, v, scale=scale, dropout_p=p, training=self.training)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
 
 
