@@ -187,7 +187,7 @@ _rule(
     "timm Attention / cait.ClassAttn (fused_attn switch)",
     [
         "timm.layers.attention.Attention",
-        "timm.models.vision_transformer.Attention",
+        "timm.models.vision_transformer.Attention",  # where older timm releases define it
         "timm.models.cait.ClassAttn",
     ],
     _build_timm_fused_attn,
