@@ -130,3 +130,16 @@ def test_progress_line():
 def test_output_tensors_flattens_nested_outputs():
     a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
     assert [t.numel() for t in compare.output_tensors((a, [b, {"k": c}], "text"))] == [1, 2, 3]
+
+
+def test_zero_initialised_norms_are_woken_so_the_check_sees_attention():
+    from vitkernels.models import create
+
+    from vitkernels.compare import wake_zero_init_norms
+
+    model = create("levit_128s", image_size=64, num_classes=10)
+    zero = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.any()]
+    assert zero, "LeViT's projection BatchNorm starts at zero"
+    assert wake_zero_init_norms(model) == len(zero)
+    assert all(m.weight.eq(1).all() for m in zero)
+    assert wake_zero_init_norms(model) == 0

@@ -343,6 +343,24 @@ def _positive(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"compare: {name} must be at least {minimum}, got {value}")
 
 
+def wake_zero_init_norms(model: nn.Module) -> int:
+    """Set to one the norm weights an untrained model starts at zero; returns how many.
+
+    LeViT (vit-pytorch, this repo, timm) initialises the BatchNorm after each
+    attention's projection to zero, so at initialisation attention contributes
+    nothing to the output and comparing outputs would check nothing.
+    """
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    woken = 0
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, norms) and w is not None and not w.any():
+                w.fill_(1.0)
+                woken += 1
+    return woken
+
+
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m vitkernels compare``; returns the exit status
     (0: outputs agree, 1: they do not, 2: bad arguments)."""
@@ -383,6 +401,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    woken = wake_zero_init_norms(eager)
     eager = eager.to(device=device, dtype=dtype).eval()
     optimized = copy.deepcopy(eager)
     report = vitkernels.optimize(optimized, backend=backend, ops=ops)
@@ -393,6 +412,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         f"{str(dtype).removeprefix('torch.')}  {device}  backend {args.backend}"
     )
     print(report)
+    if woken:
+        print(f"  ({woken} zero-initialised norm weights set to one so every branch counts)")
     try:
         with torch.inference_mode():
             eager(x)
