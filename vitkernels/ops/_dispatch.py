@@ -12,7 +12,6 @@ When nothing fits, the error lists every backend and why each refused.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -79,15 +78,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_triton_error: list[str | None] = []  # filled once; a plain list so torch.compile traces it
+
+
 def triton_import_error() -> str | None:
     """None when triton imports, else a sentence saying why not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if not _triton_error:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            _triton_error.append(f"triton is not importable ({type(exc).__name__}: {exc})")
+        else:
+            _triton_error.append(None)
+    return _triton_error[0]
 
 
 def kernel_device_reasons(tensors: Sequence[torch.Tensor | None], *, allow_interpret: bool) -> list[str]:
