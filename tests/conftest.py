@@ -18,15 +18,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
-_tv_lib = None
-try:
-    torch.ops.torchvision.nms  # noqa: B018
-except (AttributeError, RuntimeError):
-    _tv_lib = torch.library.Library("torchvision", "FRAGMENT")  # kept alive for the session
-    _tv_lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _tv_lib.define(
-        "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
-    )
+from vitkernels.compare import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()
 
 import pytest  # noqa: E402
 
