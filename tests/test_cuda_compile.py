@@ -208,6 +208,8 @@ def emu(tmp_path_factory):
 
 KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# gradients sum products of rounded 16-bit intermediates (as the Triton tests allow)
+GRAD_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -226,9 +228,11 @@ def _nan(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
-def _check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+def _check(
+    name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, grad: bool = False
+) -> None:
     """|got - want| <= tol * (max|want| + |want|) elementwise; NaN fails."""
-    tol = TOL[dtype]
+    tol = (GRAD_TOL if grad else TOL)[dtype]
     want = want.detach().double()
     err = (got.double() - want).abs()
     scale = want.abs().max().item()
@@ -309,10 +313,10 @@ def test_relpos_emulated_matches_reference(emu, case):
         _p(dout), _s(dout), _p(delta), _p(dq), _s(dq), _p(dk), _s(dk), _p(dv), _s(dv), _p(dtable),
     )  # fmt: skip
     assert rc == 0
-    _check("dq", dq, qd.grad, dtype)
-    _check("dk", dk, kd.grad, dtype)
-    _check("dv", dv, vd.grad, dtype)
-    _check("dtable", dtable, sd.grad if layout == "hn" else sd.grad.t(), dtype)
+    _check("dq", dq, qd.grad, dtype, grad=True)
+    _check("dk", dk, kd.grad, dtype, grad=True)
+    _check("dv", dv, vd.grad, dtype, grad=True)
+    _check("dtable", dtable, sd.grad if layout == "hn" else sd.grad.t(), dtype, grad=True)
 
 
 # performer: (B, T, E, M, dtype, w dtype, eps, x scale, strided views)
@@ -380,9 +384,9 @@ def test_performer_emulated_matches_reference(emu, case):
         for name, got, g in zip(
             ("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad), strict=True
         ):
-            _check(name, got, g, dtype)
+            _check(name, got, g, dtype, grad=True)
         if w_grad:
-            _check("dw", dw, wd.grad, dtype)
+            _check("dw", dw, wd.grad, dtype, grad=True)
         else:
             assert bool(dw.isnan().all()), "dw was written with w_grad=False"
 
