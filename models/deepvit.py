@@ -18,7 +18,7 @@ from einops.layers.torch import Rearrange
 from torch import einsum, nn
 
 from .vit import (
-    FeedForward,
+    ResidualStack,
     check_divisible,
     check_images,
     check_ints,
@@ -74,38 +74,10 @@ class Attention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-class Transformer(nn.Module):
-    """``depth`` residual (Attention, FeedForward) pairs; no final norm.
+class Transformer(ResidualStack):
+    """``depth`` residual (Attention, FeedForward) pairs; no final norm."""
 
-    Args:
-        dim: token width.
-        depth: number of blocks.
-        heads: attention heads per block.
-        dim_head: per-head width.
-        mlp_dim: feed-forward hidden width.
-        dropout: dropout inside the blocks.
-    """
-
-    def __init__(
-        self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                    FeedForward(dim, mlp_dim, dropout=dropout),
-                ]
-            )
-            for _ in range(depth)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
-
+    attention_cls = Attention
 
 class DeepViT(nn.Module):
     """DeepViT: a ViT whose blocks use re-attention.

@@ -22,7 +22,7 @@ from torch import nn
 
 from .vit import (
     Attention,
-    FeedForward,
+    ResidualStack,
     check_divisible,
     check_images,
     check_int,
@@ -41,38 +41,10 @@ def conv_output_size(image_size: int, kernel_size: int, stride: int, padding: in
     return (image_size - kernel_size + 2 * padding) // stride + 1
 
 
-class Transformer(nn.Module):
-    """``depth`` residual (Attention, FeedForward) pairs; no final norm.
+class Transformer(ResidualStack):
+    """``depth`` residual (Attention, FeedForward) pairs; no final norm."""
 
-    Args:
-        dim: token width.
-        depth: number of blocks.
-        heads: attention heads per block.
-        dim_head: per-head width.
-        mlp_dim: feed-forward hidden width.
-        dropout: dropout inside the blocks.
-    """
-
-    def __init__(
-        self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                    FeedForward(dim, mlp_dim, dropout=dropout),
-                ]
-            )
-            for _ in range(depth)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
-
+    attention_cls = Attention
 
 class DepthWiseConv2d(nn.Module):
     """Depthwise conv (``groups=dim_in``) followed by a pointwise 1x1 conv.

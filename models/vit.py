@@ -244,6 +244,42 @@ class Attention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
+class ResidualStack(nn.Module):
+    """``depth`` residual (attention, FeedForward) pairs, no final norm; the attention
+    class is ``attention_cls`` (subclasses set it: DeepViT re-attention, PiT plain).
+
+    Args:
+        dim: token width.
+        depth: number of blocks.
+        heads: attention heads per block.
+        dim_head: per-head width.
+        mlp_dim: feed-forward hidden width.
+        dropout: dropout inside the blocks.
+    """
+
+    attention_cls: type[nn.Module]
+
+    def __init__(
+        self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    self.attention_cls(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                    FeedForward(dim, mlp_dim, dropout=dropout),
+                ]
+            )
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
 class Transformer(nn.Module):
     """``depth`` residual (Attention, FeedForward) pairs followed by a LayerNorm.
 
