@@ -330,13 +330,41 @@ def test_triton_gradient_mask_skips_frozen_parameters():
     assert inputs["in_norm"][0].grad is None and inputs["pos_embed"].grad is None
 
 
-def test_triton_refuses_images_that_need_grad():
-    inputs = make_inputs(CASES["vit"], torch.float32)
-    inputs["images"].requires_grad_()
-    with pytest.raises(BackendNotSupportedError, match="images require grad"):
-        vitkernels.patch_embed(**inputs, backend="triton")
-    with torch.no_grad():  # no graph: the kernels may run
-        vitkernels.patch_embed(**inputs, backend="triton")
+@pytest.mark.parametrize(
+    "name", ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "t2t_3_2_1", "distill", "plain_norms",
+             "weight_only_norms", "t2t_channels_last", "cait"],
+)  # fmt: skip
+def test_triton_image_gradients(name):
+    """Images that need a gradient (T2T's later soft splits take token maps): the
+    kernels' forward and parameter gradients, the image gradient from stock ops;
+    all against float64 autograd of the reference."""
+    inputs = make_inputs(CASES[name], torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float32, grad, images_grad=True)
+    want = _grads(inputs, None, torch.float64, grad, images_grad=True)
+    assert got.keys() == want.keys() and "images" in got
+    for key in want:
+        assert got[key].dtype == torch.float32 and torch.isfinite(got[key]).all(), key
+        torch.testing.assert_close(got[key].double(), want[key], atol=1e-3, rtol=1e-3,
+                                   msg=lambda m, key=key: f"{name} d{key}: {m}")
+
+
+def test_triton_image_gradient_alone():
+    """Only the images need a gradient: no parameter gradient kernel runs, the
+    image gradient is still right (float16 inputs, float32 arithmetic)."""
+    inputs = make_inputs(CASES["t2t_3_2_1"], torch.float16)
+    images = inputs["images"].clone().requires_grad_()
+    out = vitkernels.patch_embed(**{**inputs, "images": images}, backend="triton")
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    ref_images = inputs["images"].double().requires_grad_()
+    ins = _map_tensors({**inputs, "images": None}, lambda t: t.double())
+    ref = reference.patch_embed(**{**ins, "images": ref_images})
+    (ref * grad.double()).sum().backward()
+    assert images.grad.dtype == torch.float16
+    scale = ref_images.grad.abs().max()
+    torch.testing.assert_close(images.grad.double() / scale, ref_images.grad / scale,
+                               atol=2e-2, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------
@@ -370,15 +398,17 @@ def test_compile_fullgraph_forward_and_backward():
     inputs = make_inputs(CASES["distill"], torch.float32)
     params = {k: v for k, v in _params(inputs)}
 
-    def f(weight, bias, pos, cls, in_w, in_b, out_w, out_b):
+    params["images"] = inputs["images"]
+
+    def f(images, weight, bias, pos, cls, in_w, in_b, out_w, out_b):
         return vitkernels.patch_embed(
-            inputs["images"], weight, bias, kernel_size=4, patch_order="pqc",
+            images, weight, bias, kernel_size=4, patch_order="pqc",
             in_norm=(in_w, in_b, 1e-5), out_norm=(out_w, out_b, 1e-5), pos_embed=pos,
             cls_token=cls, backend="triton",
         )
 
-    keys = ["weight", "bias", "pos_embed", "cls_token", "in_norm[0]", "in_norm[1]", "out_norm[0]",
-            "out_norm[1]"]
+    keys = ["images", "weight", "bias", "pos_embed", "cls_token", "in_norm[0]", "in_norm[1]",
+            "out_norm[0]", "out_norm[1]"]
     eager = [params[k].clone().requires_grad_() for k in keys]
     comp = [params[k].clone().requires_grad_() for k in keys]
     out_e = f(*eager)
@@ -388,6 +418,7 @@ def test_compile_fullgraph_forward_and_backward():
     out_e.backward(grad)
     out_c.backward(grad)
     for k, a, b in zip(keys, comp, eager, strict=True):
+        assert a.grad is not None, k
         torch.testing.assert_close(a.grad, b.grad, msg=lambda m, k=k: f"d{k}: {m}")
 
 

@@ -102,6 +102,78 @@ def patch_embed(
     return tokens
 
 
+def _layer_norm_backward(dy: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """dx of xhat = (x - mean) * rstd over the last dim, given dy = dL/dxhat."""
+    return (dy - dy.mean(-1, keepdim=True) - xhat * (dy * xhat).mean(-1, keepdim=True)) * rstd
+
+
+def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    return (x - mean) * rstd, rstd
+
+
+def patch_embed_image_grad(
+    grad_out: torch.Tensor,
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None,
+    out_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    patch_order: str,
+    prefix: int,
+) -> torch.Tensor:
+    """d images of patch_embed, in float32 stock ops (the kernels' backward gives
+    the parameter gradients; T2T-ViT's later soft splits also need this one).
+
+    grad_out (B, P + L, D); the patch tokens' rows go back through the output norm
+    (recomputing the GEMM), the projection, the input norm (recomputing the
+    patches' statistics) and F.fold, which sums the overlapping patches.
+    Returns (B, C, H, W) in the images' dtype.
+    """
+    B, C, H, W = images.shape
+    kh, kw = kernel_size
+    D = weight.shape[0]
+    K = C * kh * kw
+    f32 = torch.float32
+    w = weight.reshape(D, K).to(f32)
+    if patch_order == "pqc":  # columns (p q c) -> (c p q), F.unfold's order
+        w = w.reshape(D, kh, kw, C).permute(0, 3, 1, 2).reshape(D, K)
+
+    def affine(norm, n):
+        nw = None if norm[0] is None else norm[0].to(f32)
+        if nw is not None and patch_order == "pqc" and n == K:
+            nw = nw.reshape(kh, kw, C).permute(2, 0, 1).reshape(K)
+        return nw
+
+    cols = F.unfold(images.to(f32), kernel_size, stride=stride, padding=padding).transpose(1, 2)
+    dy = grad_out[:, prefix:].to(f32)  # (B, L, D)
+    a = cols
+    if in_norm is not None:
+        xhat_in, rstd_in = _normalise(cols, in_norm[2])
+        g_in = affine(in_norm, K)
+        a = xhat_in if g_in is None else xhat_in * g_in
+        if in_norm[1] is not None:
+            nb = in_norm[1].to(f32)
+            if patch_order == "pqc":
+                nb = nb.reshape(kh, kw, C).permute(2, 0, 1).reshape(K)
+            a = a + nb
+    if out_norm is not None:
+        z = F.linear(a, w, None if bias is None else bias.to(f32))
+        zhat, rstd_out = _normalise(z, out_norm[2])
+        g_out = affine(out_norm, D)
+        dy = _layer_norm_backward(dy if g_out is None else dy * g_out, zhat, rstd_out)
+    da = dy @ w  # (B, L, K)
+    if in_norm is not None:
+        da = _layer_norm_backward(da if g_in is None else da * g_in, xhat_in, rstd_in)
+    grad = F.fold(da.transpose(1, 2), (H, W), kernel_size, stride=stride, padding=padding)
+    return grad.to(images.dtype)
+
+
 # ----------------------------------------------------------------------------
 # relpos_attention (owned by vitkernels/ops/relpos.py)
 

@@ -15,8 +15,9 @@ torch (Conv2d, or unfold + layer_norm + linear with an input norm: the automatic
 choice on CPU), reference (the literal formula). The triton and cuda backends
 run through the custom ops ``vitkernels::patch_embed_fwd`` / ``_bwd`` (fake
 impls and autograd registered), so they work under torch.compile(fullgraph=True);
-they give gradients for weight, bias, both norms, pos_embed and cls_token but
-not for the images (with grad-requiring images dispatch takes the torch backend).
+their backward kernels give the gradients for weight, bias, both norms, pos_embed
+and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
+that need one) is computed with stock ops in float32 (unfold recomputed, fold).
 The CUDA extension provides the forward; the cuda backend's backward is the
 Triton one unless the extension registers patch_embed_bwd too.
 """
@@ -183,21 +184,30 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out):
-    if ctx.needs_input_grad[0]:
-        raise RuntimeError(
-            f"patch_embed: the {ctx.backend} backend gives no gradient for images; "
-            "run with backend='torch' (or detach the images) to differentiate through them"
-        )
     saved = ctx.saved_tensors
     images, params = saved[0], saved[1:]
     present = _grad_present(params, ctx.norms[2], ctx.norms[3])
     mask = [bool(ctx.needs_input_grad[1 + i]) and present[i] for i in range(8)]
-    grads = patch_embed_bwd(
-        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out, images, *params,
-        *ctx.geometry, *ctx.norms, mask, ctx.backend,
-    )
-    out = [g if m else None for g, m in zip(grads, mask, strict=True)]
-    return (None, *out) + (None,) * 9
+    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    out = [None] * 8
+    if any(mask):
+        grads = patch_embed_bwd(
+            grad_out, images, *params, *ctx.geometry, *ctx.norms, mask, ctx.backend
+        )
+        out = [g if m else None for g, m in zip(grads, mask, strict=True)]
+    grad_images = None
+    if ctx.needs_input_grad[0]:  # stock ops (T2T's later soft splits take token maps)
+        weight, bias, in_weight, in_bias, out_weight, out_bias, _, cls_token = params
+        in_eps, out_eps, has_in_norm, has_out_norm = ctx.norms
+        kernel_size, stride, padding, patch_order = ctx.geometry
+        grad_images = _torch_ops.patch_embed_image_grad(
+            grad_out, images, weight, bias,
+            (in_weight, in_bias, in_eps) if has_in_norm else None,
+            (out_weight, out_bias, out_eps) if has_out_norm else None,
+            kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
+            patch_order=patch_order, prefix=0 if cls_token is None else cls_token.shape[0],
+        )
+    return (grad_images, *out) + (None,) * 9
 
 
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -239,12 +249,6 @@ def _needs_grad(tensors: dict[str, torch.Tensor | None]) -> bool:
     )
 
 
-def _image_grad_reasons(images: torch.Tensor) -> list[str]:
-    if torch.is_grad_enabled() and images.requires_grad:
-        return ["images require grad and the kernels give no image gradient"]
-    return []
-
-
 class CudaBackend(Backend):
     name = "cuda"
     gpu_kernel = True
@@ -262,7 +266,7 @@ class CudaBackend(Backend):
             err = triton_import_error()
             if err is not None:  # its backward would run the Triton kernels
                 reasons.append(f"gradients need the Triton backward, but {err}")
-        return reasons + _image_grad_reasons(inputs["images"])
+        return reasons
 
     def __call__(self, **inputs) -> torch.Tensor:
         return _kernel_call("cuda", inputs)
@@ -279,7 +283,7 @@ class TritonBackend(Backend):
         tensors = _tensors(inputs)
         reasons = kernel_device_reasons(list(tensors.values()), allow_interpret=True)
         reasons += dtype_reasons(tensors, _KERNEL_DTYPES)
-        return reasons + _image_grad_reasons(inputs["images"])
+        return reasons
 
     def __call__(self, **inputs) -> torch.Tensor:
         return _kernel_call("triton", inputs)
