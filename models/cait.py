@@ -29,6 +29,7 @@ from .vit import (
     check_ints,
     check_probs,
     check_square_size,
+    embed_tokens,
     named_config,
     pair,
 )
@@ -238,8 +239,7 @@ class CaiT(nn.Module):
             patch_size=pair(self.patch_size),
             max_patches=self.pos_embedding.shape[1],
         )
-        x = self.to_patch_embedding(img)  # b n d
-        x = x + self.pos_embedding[:, : x.shape[1]]
+        x = embed_tokens(self.to_patch_embedding, img, None, self.pos_embedding)  # b n d
         x = self.patch_transformer(self.dropout(x))
 
         cls_tokens = repeat(self.cls_token, "1 n d -> b n d", b=x.shape[0])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import einsum, nn
 
@@ -25,6 +25,7 @@ from .vit import (
     check_pool,
     check_prob,
     check_square_size,
+    embed_tokens,
     named_config,
     pair,
 )
@@ -162,10 +163,7 @@ class DeepViT(nn.Module):
             patch_size=(self.patch_size, self.patch_size),
             max_patches=self.pos_embedding.shape[1] - 1,
         )
-        x = self.to_patch_embedding(img)  # b n d
-        cls_tokens = repeat(self.cls_token, "1 n d -> b n d", b=x.shape[0])
-        x = torch.cat((cls_tokens, x), dim=1)
-        x = x + self.pos_embedding[:, : x.shape[1]]
+        x = embed_tokens(self.to_patch_embedding, img, self.cls_token, self.pos_embedding)
         x = self.transformer(self.dropout(x))
         x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
         return self.mlp_head(self.to_latent(x))

@@ -16,7 +16,7 @@ from math import isqrt
 from typing import Any
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
@@ -29,6 +29,7 @@ from .vit import (
     check_ints,
     check_prob,
     check_square_size,
+    embed_tokens,
     named_config,
     pair,
 )
@@ -204,10 +205,7 @@ class PiT(nn.Module):
             max_patches=self.pos_embedding.shape[1] - 1,
             square=True,
         )
-        x = self.to_patch_embedding(img)  # b n d
-        cls_tokens = repeat(self.cls_token, "1 n d -> b n d", b=x.shape[0])
-        x = torch.cat((cls_tokens, x), dim=1)
-        x = x + self.pos_embedding[:, : x.shape[1]]
+        x = embed_tokens(self.to_patch_embedding, img, self.cls_token, self.pos_embedding)
         x = self.layers(self.dropout(x))
         return self.mlp_head(x[:, 0])
 

@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from .vit import Transformer, check_int, check_pool, check_prob
+from .vit import Transformer, check_int, check_pool, check_prob, embed_tokens
 
 __all__ = [
     "CONFIGS",
@@ -202,10 +202,7 @@ class T2TViT(nn.Module):
     def _embed(self, img: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) images -> (B, 1 + n, dim) tokens with positions added."""
         self.check_images(img)
-        x = self.to_patch_embedding(img)  # b n d
-        cls_tokens = repeat(self.cls_token, "1 n d -> b n d", b=x.shape[0])
-        x = torch.cat((cls_tokens, x), dim=1)
-        return x + self.pos_embedding[:, : x.shape[1]]
+        return embed_tokens(self.to_patch_embedding, img, self.cls_token, self.pos_embedding)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.transformer(self.dropout(x))
@@ -630,9 +627,8 @@ class T2T_ViT(nn.Module):  # noqa: N801 (official name)
                 f"{self.img_size} ({self.img_size}x{self.img_size}), which the positional "
                 "table is built for"
             )
-        x = self.tokens_to_token(x)  # (B, N, embed_dim)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        # tokens_to_token(x), class token prepended, positions added
+        x = self.pos_drop(embed_tokens(self.tokens_to_token, x, self.cls_token, self.pos_embed))
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)[:, 0]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
@@ -161,6 +161,39 @@ def _fmt(size: tuple[int, int]) -> str:
 def _round_up(size: tuple[int, int], mult: tuple[int, int]) -> tuple[int, int]:
     return (-(-size[0] // mult[0]) * mult[0], -(-size[1] // mult[1]) * mult[1])
 
+
+# ----------------------------------------------------------------------------
+# patch tokens, class token and position embedding
+
+
+def embed_tokens(
+    to_patch_embedding: nn.Module,
+    img: torch.Tensor,
+    prefix: torch.Tensor | None,
+    pos_embedding: torch.Tensor,
+) -> torch.Tensor:
+    """Patch tokens of ``img`` with ``prefix`` tokens prepended and positions added.
+
+    What every model of this zoo does after its patch embedding::
+
+        x = to_patch_embedding(img)                  # (b, n, d)
+        x = cat(prefix repeated over b, x)           # prefix (k, d) or (1, k, d); None: none
+        x = x + pos_embedding[first k + n rows]      # (t, d) or (1, t, d)
+
+    A patch embedding that can do all of it in one pass offers a method
+    ``embed_tokens(img, prefix, pos_embedding)`` with exactly this meaning (the
+    fused modules ``vitkernels.optimize`` installs do), and is called that way:
+    the class token and position embedding stay parameters of the model, so the
+    state_dict does not change.
+    """
+    fused = getattr(to_patch_embedding, "embed_tokens", None)
+    if fused is not None:
+        return fused(img, prefix, pos_embedding)
+    x = to_patch_embedding(img)  # b n d
+    b, _, d = x.shape
+    if prefix is not None and prefix.numel():
+        x = torch.cat((prefix.reshape(1, -1, d).expand(b, -1, -1), x), dim=1)
+    return x + pos_embedding.reshape(-1, d)[: x.shape[1]]
 
 def named_config(
     cls: Callable[..., nn.Module], doc: str, **defaults: Any
@@ -406,10 +439,7 @@ class ViT(nn.Module):
             patch_size=self.patch_size,
             max_patches=self.pos_embedding.shape[0] - num_cls,
         )
-        x = self.to_patch_embedding(img)  # b n d
-        cls_tokens = repeat(self.cls_token, "n d -> b n d", b=x.shape[0])
-        x = torch.cat((cls_tokens, x), dim=1)
-        return x + self.pos_embedding[: x.shape[1]]
+        return embed_tokens(self.to_patch_embedding, img, self.cls_token, self.pos_embedding)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.transformer(self.dropout(x))

@@ -94,6 +94,11 @@ def _zoo(name):
         return models.distill.DistillableViT(image_size=IMG, patch_size=8, **small)
     if name == "t2t":
         return models.t2t.T2TViT(image_size=IMG, num_classes=10, dim=48, depth=1, heads=2, mlp_dim=64)
+    if name == "vit_mean":  # pool="mean": a (0, dim) class token
+        return models.vit.ViT(image_size=IMG, patch_size=8, pool="mean", **small)
+    if name == "t2t_vit":  # official layout: T2T_module with Token_performers
+        return models.t2t.T2T_ViT(img_size=IMG, num_classes=10, embed_dim=48, depth=1, num_heads=2,
+                                  token_dim=16)
     raise KeyError(name)
 
 
@@ -118,14 +123,15 @@ EXPECT = {
     ("vit-pytorch", "pit"): (["to_patch_embedding"], []),
     ("vit-pytorch", "crossvit"): (["sm_image_embedder", "lg_image_embedder"], []),
     ("vit-pytorch", "distill"): (["to_patch_embedding"], []),
-    ("vit-pytorch", "t2t"): ([], ["to_patch_embedding"]),
+    ("vit-pytorch", "t2t"): (["to_patch_embedding"], []),
     ("zoo", "vit"): (["to_patch_embedding"], []),
     ("zoo", "deepvit"): (["to_patch_embedding"], []),
     ("zoo", "cait"): (["to_patch_embedding"], []),
     ("zoo", "pit"): (["to_patch_embedding"], []),
     ("zoo", "crossvit"): (["sm_image_embedder", "lg_image_embedder"], []),
     ("zoo", "distill"): (["to_patch_embedding"], []),
-    ("zoo", "t2t"): ([], ["to_patch_embedding"]),
+    ("zoo", "t2t"): (["to_patch_embedding"], []),
+    ("zoo", "t2t_vit"): (["tokens_to_token"], []),
     ("timm", "vit"): (["patch_embed"], []),
     ("timm", "deit_distilled"): (["patch_embed"], []),
     ("timm", "cait"): (["patch_embed"], []),
@@ -140,8 +146,6 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("backend", BACKENDS, ids=["auto", "triton", "reference"])
 @pytest.mark.parametrize("source,name", list(EXPECT), ids=[f"{s}-{n}" for s, n in EXPECT])
 def test_optimize_matches_eager(source, name, backend):
-    if backend is not None and (source, name) in {("vit-pytorch", "t2t"), ("zoo", "t2t")}:
-        pytest.skip("nothing is replaced")
     model = BUILD[source](name).eval()
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
@@ -294,3 +298,140 @@ def test_optimize_report_names_the_op():
     assert report.count("patch_embed") == 1
     assert report.replaced[0].backend == "torch"
     assert vitkernels.restore(model) == 1
+
+
+# ----------------------------------------------------------------------------
+# class token and position embedding folded into the patch_embed call
+
+
+@pytest.fixture
+def patch_embed_calls(monkeypatch):
+    """Every patch_embed call the fused modules make: their keyword arguments."""
+    import vitkernels.replace.fused_patch_embed as fpe
+
+    calls = []
+    real = fpe.patch_embed
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fpe, "patch_embed", spy)
+    return calls
+
+
+# zoo model -> (its class token is folded, calls per forward)
+FOLDED = {"vit": (True, 1), "vit_mean": (False, 1), "deepvit": (True, 1), "cait": (False, 1),
+          "pit": (True, 1), "distill": (True, 1), "t2t": (True, 1), "t2t_vit": (True, 1)}
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
+@pytest.mark.parametrize("name", list(FOLDED))
+def test_zoo_models_fold_class_token_and_positions(name, backend, patch_embed_calls):
+    """This repo's models hand their class token and position table to the fused
+    patch embedding (embed_tokens): one call makes the whole token sequence."""
+    model = _zoo(name).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model, backend=backend, ops=("patch_embed",))
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    has_cls, ncalls = FOLDED[name]
+    assert len(patch_embed_calls) == ncalls
+    last = patch_embed_calls[-1]
+    pos = model.pos_embed if name == "t2t_vit" else model.pos_embedding
+    assert last["pos_embed"] is not None and last["pos_embed"].data_ptr() == pos.data_ptr()
+    if has_cls:
+        assert last["cls_token"] is model.cls_token
+    else:
+        assert last["cls_token"] is None
+
+
+@pytest.mark.parametrize("name", ["vit", "cait", "t2t"])
+def test_folded_tokens_gradients_match_eager(name):
+    """Training step: the class token and position table get eager's gradients
+    through the fused call (triton backward under the interpreter)."""
+    model = _zoo(name).train()
+    fused = copy.deepcopy(model)
+    optimize(fused, backend="triton", ops=("patch_embed",))
+    x = torch.randn(2, 3, IMG, IMG)
+    model(x).square().sum().backward()
+    fused(x).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for n, p in fused.named_parameters():
+        if n in ("cls_token", "pos_embedding"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-3, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_t2t_module_stages_fused_with_performers(patch_embed_calls):
+    """Official T2T_ViT, all ops: each soft split is one patch_embed call (the first
+    two with the next Token_performer's norm1 and kqv), the performers are
+    replaced inside the fused T2T module, and restore undoes both levels."""
+    from vitkernels.models.t2t import T2T_module, Token_performer
+    from vitkernels.replace.fused_patch_embed import FusedT2TModule
+    from vitkernels.replace.fused_performer import FusedTokenPerformer
+
+    model = _zoo("t2t_vit").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    before = _tensors(model)
+    report = optimize(model, backend="triton")
+    paths = {r.path: r.op for r in report.replaced}
+    assert paths["tokens_to_token"] == "patch_embed"
+    assert paths["tokens_to_token.attention1"] == "performer_attention"
+    assert paths["tokens_to_token.attention2"] == "performer_attention"
+    t2t = model.tokens_to_token
+    assert isinstance(t2t, FusedT2TModule) and isinstance(t2t.attention1, FusedTokenPerformer)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=5e-4)
+    assert len(patch_embed_calls) == 3
+    first, second, last = patch_embed_calls
+    assert first["in_norm"][0] is t2t.attention1.norm1.weight and first["pos_embed"] is None
+    assert second["in_norm"][0] is t2t.attention2.norm1.weight
+    assert last["cls_token"] is model.cls_token and last["in_norm"] is None
+    after = _tensors(model)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert restore(model) == len(report.replaced)
+    assert type(model.tokens_to_token) is T2T_module
+    assert type(model.tokens_to_token.attention1) is Token_performer
+    assert not any(isinstance(m, FusedModule) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+
+
+def test_t2t_module_without_performer_rule_keeps_its_blocks(patch_embed_calls):
+    """ops=("patch_embed",): the Token_performers stay; only the last soft split
+    (with class token and positions) is a fused call."""
+    model = _zoo("t2t_vit").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model, backend="triton", ops=("patch_embed",))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+    assert len(patch_embed_calls) == 1 and patch_embed_calls[0]["cls_token"] is model.cls_token
+
+
+@pytest.mark.parametrize("source", ["vit-pytorch", "zoo"])
+def test_t2t_sequential_blocks_visited_by_attention_rules(source):
+    """vit-pytorch's T2T to_patch_embedding: the last soft split + Linear fused; the
+    Transformer blocks between the soft splits still get their SDPA replacement."""
+    model = BUILD[source]("t2t").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    report = optimize(model, ops=("patch_embed", "attention"))
+    paths = [r.path for r in report.replaced]
+    assert paths[0] == "to_patch_embedding"
+    inner = [p for p in paths if p.startswith("to_patch_embedding.")]
+    assert len(inner) == 2 and all(r.op == "attention" for r in report.replaced if r.path in inner)
+    assert isinstance(model.to_patch_embedding[3].layers[0][0], FusedModule)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+    assert restore(model) == len(paths)
+    assert not any(isinstance(m, FusedModule) for m in model.modules())

@@ -45,6 +45,9 @@ class FusedModule(nn.Module):
     """
 
     op: str = ""
+    # True for fused containers whose children may be replaced in turn (a T2T
+    # patch embedding holding Transformer blocks): optimize visits them too
+    visit_children: bool = False
 
     def __init__(self, original: nn.Module, backend: str | None = None) -> None:
         super().__init__()
@@ -201,6 +204,9 @@ def optimize(
             report.replaced.append(
                 Replacement(path, type(module).__name__, rule.name, rule.op, runs)
             )
+            if getattr(result, "visit_children", False):
+                for child_name, child in _children(result):
+                    visit(result, child_name, f"{path}.{child_name}" if path else child_name, child)
             return
         for child_name, child in _children(module):
             visit(module, child_name, f"{path}.{child_name}" if path else child_name, child)

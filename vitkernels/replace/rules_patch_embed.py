@@ -3,27 +3,35 @@
 Replaced:
   CrossViT's ImageEmbedder (vit-pytorch cross_vit and this repo's crossvit):
     patches, class token and position embedding in one call
-  an nn.Sequential that is exactly one patch embedding, whatever model holds it:
+  an nn.Sequential that is a patch embedding, whatever model holds it:
     vit-pytorch's ``to_patch_embedding`` (Rearrange to (p1 p2 c) patches,
     [LayerNorm], Linear, [LayerNorm]) in ViT, SimpleViT, DeepViT, CaiT,
     distillation and the rest of the family, and this repo's copies;
-    PiT's nn.Unfold(patch, patch // 2) + Rearrange + Linear
+    PiT's nn.Unfold(patch, patch // 2) + Rearrange + Linear; vit-pytorch's T2T
+    ``to_patch_embedding`` (soft splits with Transformer blocks between them:
+    the last soft split and the Linear are fused, the blocks before run as they
+    are and are visited by the other rules)
+  the official T2T-ViT ``T2T_module``: each soft split with the next
+    Token_performer's norm1 and kqv projection (or the final ``project``) as one
+    call; its Token_performers are visited by the performer rule
   timm's PatchEmbed (Conv2d + flatten [+ LayerNorm]) in VisionTransformer, DeiT,
     CaiT and others
 
 Recognised and left, with the reason in the report:
-  a Sequential that starts like a patch embedding but holds more (vit-pytorch's
-    T2T ``to_patch_embedding``: soft splits with Transformer blocks between them;
-    replacing the container would hide those blocks from the attention rules)
+  a Sequential that starts like a patch embedding but does not end in one
+    ([LayerNorm,] Linear[, LayerNorm] after its last patchify)
   timm PatchEmbed variants that do not return (B, L, D) tokens (flatten=False,
     output_fmt) or pad dynamically, and Conv2d projections with dilation,
     groups or non-zero padding modes
 
-Not folded: the class token and position embedding of models whose own forward
-does the cat and add (ViT, DeepViT, CaiT, PiT, T2T, timm's VisionTransformer).
-They live on the model itself, and optimize replaces submodules only (the root
-cannot be swapped in place), so folding them needs a model-level replacement the
-core does not offer yet. CrossViT's ImageEmbedder holds them in a submodule.
+The class token and position embedding: CrossViT's ImageEmbedder holds them in
+a submodule, which is replaced whole. This repo's ViT, DeepViT, CaiT (positions
+only), PiT, T2TViT, T2T_ViT and the distillable models keep them on the model
+and embed through ``vitkernels.models.vit.embed_tokens``, which hands them to the
+patch embedding's ``embed_tokens`` method when it has one: the fused modules
+here have one, so they go into the same patch_embed call, state_dict unchanged.
+Not folded: models whose own forward does the cat and add with code this
+package does not own (vit-pytorch's ViT family, timm's VisionTransformer).
 """
 
 from __future__ import annotations
@@ -34,10 +42,12 @@ from vitkernels.replace import Rule, register_rule
 from vitkernels.replace.fused_patch_embed import (
     FusedImageEmbedder,
     FusedPatchSequential,
+    FusedT2TModule,
     FusedTimmPatchEmbed,
     PatchSpec,
     is_layer_norm,
     parse_patch_sequential,
+    unfold_geometry,
 )
 
 
@@ -134,5 +144,37 @@ register_rule(
         op="patch_embed",
         matches=lambda m: _qualname(m) == "timm.layers.patch_embed.PatchEmbed",
         build=_build_timm,
+    )
+)
+
+
+# ----------------------------------------------------------------------------
+# T2T-ViT's T2T_module (official layout)
+
+
+def _build_t2t_module(module: nn.Module, backend: str | None) -> nn.Module | str:
+    problems = []
+    for name in ("soft_split0", "soft_split1", "soft_split2"):
+        m = module._modules.get(name)
+        if type(m) is not nn.Unfold:
+            problems.append(f"{name} is {type(m).__name__}, not nn.Unfold")
+        elif isinstance(unfold_geometry(m), str):
+            problems.append(f"{name}: {unfold_geometry(m)}")
+    for name in ("attention1", "attention2"):
+        if not isinstance(module._modules.get(name), nn.Module):
+            problems.append(f"no {name} module")
+    if type(module._modules.get("project")) is not nn.Linear:
+        problems.append(f"project is {type(module._modules.get('project')).__name__}, not nn.Linear")
+    if problems:
+        return "not the official performer/transformer T2T_module layout: " + "; ".join(problems)
+    return FusedT2TModule(module, backend)
+
+
+register_rule(
+    Rule(
+        name="T2T-ViT T2T_module (official layout)",
+        op="patch_embed",
+        matches=lambda m: type(m).__name__ == "T2T_module",
+        build=_build_t2t_module,
     )
 )
