@@ -371,6 +371,7 @@ def test_t2t_module_stages_fused_with_performers(patch_embed_calls):
     two with the next Token_performer's norm1 and kqv), the performers are
     replaced inside the fused T2T module, and restore undoes both levels."""
     from vitkernels.models.t2t import T2T_module, Token_performer
+
     from vitkernels.replace.fused_patch_embed import FusedT2TModule
     from vitkernels.replace.fused_performer import FusedTokenPerformer
 

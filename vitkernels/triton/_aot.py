@@ -8,6 +8,12 @@ and by anyone who wants registers and shared memory without a GPU.
 
 Each kernel module lists the specialisations it launches in ``AOT_SPECS``, a
 list of ``AotSpec``; ``all_specs()`` gathers them from every module here.
+
+Alignment: Triton's JIT marks a pointer argument 16-byte aligned
+(``tt.divisibility``) when its address is, which lets it vectorise loads and
+changes register allocation. Tensors torch allocates are aligned, so specs are
+compiled that way by default; ``aligned=False`` compiles the launch with
+misaligned views (e.g. a slice one element into a buffer) instead.
 """
 
 from __future__ import annotations
@@ -67,7 +73,18 @@ def _ptxas_candidates() -> list[str]:
     return found
 
 
-def compile_report(spec: AotSpec, arch: int = 90) -> PtxasReport:
+def alignment_attrs(kernel: Any, signature: dict[str, str]) -> dict[tuple[int], list]:
+    """ASTSource attrs marking every pointer argument 16-byte aligned (as Triton's
+    JIT does for tensors whose data_ptr is a multiple of 16)."""
+    names = list(getattr(kernel, "arg_names", None) or signature)
+    return {
+        (names.index(name),): [["tt.divisibility", 16]]
+        for name, ty in signature.items()
+        if ty.startswith("*")
+    }
+
+
+def compile_report(spec: AotSpec, arch: int = 90, aligned: bool = True) -> PtxasReport:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -79,7 +96,8 @@ def compile_report(spec: AotSpec, arch: int = 90) -> PtxasReport:
         from triton.runtime.jit import JITFunction
 
         kernel = JITFunction(kernel.fn)
-    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs)
+    attrs = alignment_attrs(kernel, spec.signature) if aligned else None
+    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
@@ -132,7 +150,9 @@ def all_specs() -> list[AotSpec]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vitkernels.triton._aot --arch 90 [--json FILE]``: compile every spec.
+    """``python -m vitkernels.triton._aot --arch 90 [--unaligned] [--json FILE]``: compile
+    every spec (with 16-byte aligned pointers unless --unaligned; report keys
+    ``name@sm_90`` and ``name@sm_90/unaligned``).
 
     Runs with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions,
     helpers included, with Python ones that cannot be compiled).
@@ -143,21 +163,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m vitkernels.triton._aot")
     parser.add_argument("--arch", type=int, action="append", help="80, 90 (repeatable)")
+    parser.add_argument("--unaligned", action="store_true", help="pointers not 16-byte aligned")
     parser.add_argument("--json", help="write the reports here")
     args = parser.parse_args(argv)
     specs = all_specs()
     results: dict[str, dict[str, object]] = {}
     for arch in args.arch or [80, 90]:
         for i, spec in enumerate(specs, 1):
-            key = f"{spec.name}@sm_{arch}"
+            key = f"{spec.name}@sm_{arch}" + ("/unaligned" if args.unaligned else "")
             try:
-                rep = compile_report(spec, arch)
+                rep = compile_report(spec, arch, aligned=not args.unaligned)
                 results[key] = dataclasses.asdict(rep)
                 line = f"{rep.registers} regs, {rep.spill_stores}/{rep.spill_loads} B spilled"
             except Exception as exc:  # reported per spec; the test fails on it
                 results[key] = {"error": f"{type(exc).__name__}: {exc}"}
                 line = "ERROR"
-            print(f"[aot {i}/{len(specs)} sm_{arch}] {spec.name}: {line}", file=sys.stderr, flush=True)
+            print(f"[aot {i}/{len(specs)}] {key}: {line}", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

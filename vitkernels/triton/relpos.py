@@ -473,7 +473,10 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
-    return _Launch(_bwd_dq_kernel, constexprs, 8 if tile >= 2048 else 4, 1)
+    # small tiles (A3's 4x4 grid) with Dk + Dv >= 96: 4 and 8 warps spill 4-20 B in
+    # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers; 16 in none
+    num_warps = 8 if tile >= 2048 else 16 if bdk + bdv >= 96 else 4
+    return _Launch(_bwd_dq_kernel, constexprs, num_warps, 1)
 
 
 def _batch_group(batch: int, programs_per_batch: int) -> int:
