@@ -61,6 +61,27 @@ def test_compare_prints_the_table_and_agrees(argv, n_attention, capsys):
     assert "timing eager vs optimized" in captured.err and f"{1 + 2}/{1 + 2}" in captured.err
 
 
+@pytest.mark.parametrize(
+    "dtype, backend, model",
+    [("bfloat16", "reference", "levit_128s"), ("float16", "triton", "levit_128s"),
+     ("float16", "triton", "t2t_vit_14")],
+)  # fmt: skip
+def test_compare_dtype_and_backend_options(dtype, backend, model, capsys):
+    """--dtype and --backend reach the model and the fused modules (triton under the
+    interpreter on CPU); the outputs still agree within the dtype's tolerance."""
+    argv = [model, "--image-size", "32" if model == "t2t_vit_14" else "64", "--dtype", dtype,
+            "--backend", backend, "--config", '{"num_classes": 10}', *FAST]
+    if model == "t2t_vit_14":
+        argv[-len(FAST) - 1] = '{"num_classes": 10, "depth": 1, "img_size": 32}'
+    assert compare.compare_main(argv) == 0
+    out = capsys.readouterr().out
+    rows = _table(out)
+    assert ": agree" in rows["max |optimized - eager|"]
+    assert f"{dtype}  cpu" in out
+    replaced = [line for line in out.splitlines() if line.strip().startswith("replaced ") and "->" in line]
+    assert replaced and all(f"[{backend}]" in line for line in replaced if "-> attention" not in line)
+
+
 def test_compare_reports_disagreement(monkeypatch, capsys):
     real = vitkernels.optimize
 

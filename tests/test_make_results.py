@@ -87,6 +87,22 @@ def test_rows_speedups_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_fastest_eager_row_is_the_baseline(tmp_path):
+    """vit-pytorch's and timm's eager code both count as eager (and as peers)."""
+    results, out, png = _paths(tmp_path)
+    t_vp, t_timm, t_triton = 300.0, random.uniform(100, 250), 50.0
+    rows = [{"workload": "A1", "impl": impl, "dtype": "bfloat16", "time_us": t}
+            for impl, t in (("eager", t_vp), ("eager_timm", t_timm), ("triton", t_triton))]
+    _write(results / "run.json", [{"name": "relpos[A1]", "extra_info": {"rows": rows}}])
+    assert make_results.main(["--results", str(results), "--out", str(out), "--plot", str(png)]) == 0
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")) for line in out.read_text().splitlines()}
+    triton = [row for row in lines if row[:2] == ("A1", "triton")]
+    assert triton[0][8] == f"{t_timm / t_triton:.2f}x"  # over the faster eager
+    assert triton[0][9] == f"{t_timm / t_triton:.2f}x"  # the best peer
+    timm = [row for row in lines if row[:2] == ("A1", "eager_timm")]
+    assert timm[0][9] == ""  # a peer has no "vs best peer"
+
+
 @pytest.mark.parametrize(
     "row, message",
     [

@@ -57,7 +57,9 @@ GRAD_CASES = [
     "column 9x1 stride2",
     "stride3 7x8",
     "Dk64 Dv16",
+    "Dk64 Dv128",
     "Dk20 Dv40",
+    "N784 448px",
     "grid 1x1",
 ]
 
@@ -460,3 +462,60 @@ def test_bad_inputs_say_what_was_given_and_expected(change, exc, match):
     args, kw = _bad(**change)
     with pytest.raises(exc, match=match):
         vitkernels.relpos_attention(**args, **kw)
+
+
+# ----------------------------------------------------------------------------
+# the torch backend's caches (index per grid, gathered bias where no grad is needed)
+
+
+class _Levit(torch.nn.Module):
+    def __init__(self, H=2, side=7):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(H, side * side))
+        self.side = side
+
+    def forward(self, q, k, v):
+        return vitkernels.relpos_attention(
+            q, k, v, self.table, fmap_size=(self.side, self.side), q_stride=1, scale=0.25,
+            bias_scale=0.5, table_layout="hn", backend="torch",
+        )
+
+
+def test_torch_export_twice_after_eager_calls():
+    """torch.export must not leave traced (fake) tensors in the caches: a second
+    export of the same grid, and eager calls around them, still work."""
+    m = _Levit()
+    q, k, v = (torch.randn(2, 2, 49, 16) for _ in range(3))
+    with torch.no_grad():
+        want = m(q, k, v)
+    for _ in range(2):
+        ep = torch.export.export(m, (q, k, v))
+        torch.testing.assert_close(ep.module()(q, k, v), want)
+    with torch.no_grad():
+        torch.testing.assert_close(m(q, k, v), want)
+    expected, _ = ref64(q, k, v, m.table, fmap_size=(7, 7), scale=0.25, bias_scale=0.5)
+    assert_close(want, expected, TOL[torch.float32])
+
+
+def test_cached_bias_follows_table_updates():
+    """Without grad the gathered bias is reused (as timm's eval cache); an in-place
+    update of the table (optimizer step, load_state_dict) must show in the output."""
+    from vitkernels.backends import torch_ops
+
+    m = _Levit()
+    q, k, v = (torch.randn(2, 2, 49, 16) for _ in range(3))
+    with torch.no_grad():
+        b1 = torch_ops._relpos_bias(m.table, (7, 7), 1, 0.5, "hn", torch.float32)
+        assert torch_ops._relpos_bias(m.table, (7, 7), 1, 0.5, "hn", torch.float32) is b1
+        for step in range(2):
+            out = m(q, k, v)
+            expected, _ = ref64(q, k, v, m.table, fmap_size=(7, 7), scale=0.25, bias_scale=0.5)
+            assert_close(out, expected, TOL[torch.float32], f"after {step} updates")
+            m.table.add_(torch.randn_like(m.table))
+        m.load_state_dict({"table": torch.randn(2, 49)})
+        expected, _ = ref64(q, k, v, m.table, fmap_size=(7, 7), scale=0.25, bias_scale=0.5)
+        assert_close(m(q, k, v), expected, TOL[torch.float32], "after load_state_dict")
+    # with grad: gathered afresh, and the table gets its gradient
+    out = m(q, k, v)
+    out.sum().backward()
+    assert m.table.grad is not None and m.table.grad.abs().sum() > 0

@@ -7,6 +7,8 @@ section below is owned by that op's module in vitkernels/ops/.
 
 from __future__ import annotations
 
+import weakref
+
 import torch  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
 
@@ -182,14 +184,65 @@ _RELPOS_INDEX: dict[tuple[int, int, int, str], torch.Tensor] = {}
 
 def _relpos_index(fmap_size: tuple[int, int], q_stride: int, device: torch.device) -> torch.Tensor:
     """(Nq, Nk) table columns |dr|*C + |dc| (reference.relpos_bias_index), cached per device."""
+    from vitkernels.backends.reference import relpos_bias_index
+
+    if _tracing():  # torch.compile / torch.export: a traced constant, never cached (fake)
+        return relpos_bias_index(fmap_size, q_stride, device=device)
     key = (fmap_size[0], fmap_size[1], q_stride, str(device))
     idx = _RELPOS_INDEX.get(key)
     if idx is None:
-        from vitkernels.backends.reference import relpos_bias_index
-
         idx = relpos_bias_index(fmap_size, q_stride, device=device)
         _RELPOS_INDEX[key] = idx
     return idx
+
+
+def _tracing() -> bool:
+    """Under torch.compile or torch.export tracing (tensors may be fake)."""
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        fn = getattr(compiler, name, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
+_RELPOS_BIAS: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_RELPOS_BIAS_ENTRIES = 64
+
+
+def _relpos_bias(
+    bias_table: torch.Tensor,
+    fmap_size: tuple[int, int],
+    q_stride: int,
+    bias_scale: float,
+    table_layout: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The gathered (H, Nq, Nk) bias in ``dtype``. Where no gradient is needed (eval,
+    no_grad, a frozen table) it is cached, as timm's LeViT caches its own in eval
+    mode: keyed on the table object, its storage and its version counter, so an
+    optimizer step, load_state_dict or .to() makes a new entry."""
+
+    def gather() -> torch.Tensor:
+        table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C)
+        return table[:, _relpos_index(fmap_size, q_stride, bias_table.device)].to(dtype) * bias_scale
+
+    if _tracing() or (torch.is_grad_enabled() and bias_table.requires_grad):
+        return gather()
+    try:
+        version = bias_table._version
+    except RuntimeError:  # an inference tensor: no version counter, no cache
+        return gather()
+    key = (id(bias_table), bias_table.data_ptr(), version, bias_table.dtype, str(bias_table.device),
+           tuple(fmap_size), q_stride, float(bias_scale), table_layout, dtype)  # fmt: skip
+    hit = _RELPOS_BIAS.get(key)
+    if hit is not None and hit[0]() is bias_table:
+        return hit[1]
+    bias = gather()
+    if len(_RELPOS_BIAS) >= _RELPOS_BIAS_ENTRIES:
+        _RELPOS_BIAS.clear()
+    _RELPOS_BIAS[key] = (weakref.ref(bias_table), bias)
+    return bias
 
 
 def relpos_attention(
@@ -212,8 +265,7 @@ def relpos_attention(
     LeViT's sizes (CPU, B8 H4 N196 Dk16: 2.4 ms against 1.2 ms), so there the
     explicit product runs, with the scale and bias applied in place.
     """
-    table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C)
-    bias = table[:, _relpos_index(fmap_size, q_stride, q.device)].to(q.dtype) * bias_scale
+    bias = _relpos_bias(bias_table, fmap_size, q_stride, bias_scale, table_layout, q.dtype)
     if q.device.type != "cuda":
         # float16/bfloat16 in float32, as SDPA's CPU kernels do internally
         ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
