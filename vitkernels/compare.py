@@ -333,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--ops", default=None, help="comma-separated subset of the ops to replace")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model (default 3)")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10)")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per model (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     return p
 
