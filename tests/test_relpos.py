@@ -407,6 +407,31 @@ def test_forced_cuda_refuses_float32(monkeypatch):
         vitkernels.relpos_attention(q, k, v, table, fmap_size=4, backend="cuda")
 
 
+def test_cuda_table_gradient_is_refused_under_deterministic_algorithms(monkeypatch):
+    """The CUDA kernels sum the table gradient with float atomics: with
+    torch.use_deterministic_algorithms(True) and a table that needs a gradient the
+    cuda backend says so (dispatch then takes triton); inference is unaffected."""
+    monkeypatch.setattr(ops._cuda, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(ops._cuda, "has_op", lambda name: True)
+    monkeypatch.setattr(ops, "kernel_device_reasons", lambda tensors, allow_interpret: [])
+    case = CASES["A3 N16"]
+    q, k, v, table = make(case, torch.float16)
+    table.requires_grad_()
+    backend = ops.CudaBackend()
+    inputs = _inputs(q, k, v, table, **kwargs_of(case))
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        reasons = backend.not_supported_reasons(**inputs)
+        assert any("deterministic" in r and "atomics" in r for r in reasons), reasons
+        with torch.no_grad():
+            assert backend.not_supported_reasons(**inputs) == []
+        torch.use_deterministic_algorithms(False)
+        assert backend.not_supported_reasons(**inputs) == []
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_triton_size_limits_are_reasons():
     q, k, v, table = make((1, 1, 1, 65, 1, 16, 16))
     reasons = ops.TritonBackend().not_supported_reasons(

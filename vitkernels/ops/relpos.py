@@ -16,7 +16,11 @@ Backends, in automatic priority order: cuda (the compiled extension), triton, to
 reference (the literal einsum math). The triton and cuda backends run through the
 custom ops ``vitkernels::relpos_attention_fwd`` / ``_bwd`` (fake impls and autograd
 registered), so they work under ``torch.compile(fullgraph=True)``; they never build
-an (Nq x Nk) tensor, gradients included (the table's too).
+an (Nq x Nk) tensor, gradients included (the table's too). The triton backend's
+table gradient is deterministic (per-program partials summed in a fixed order);
+the cuda backend's uses float atomics, so under
+``torch.use_deterministic_algorithms(True)`` dispatch passes it over when the table
+needs a gradient.
 """
 
 from __future__ import annotations
@@ -198,6 +202,15 @@ class CudaBackend(Backend):
         reasons += dtype_reasons({"q": q, "k": k, "v": v}, _HALF)
         reasons += dtype_reasons({"bias_table": bias_table}, _KERNEL_DTYPES)
         reasons += _head_reasons(q, v, CUDA_MAX_HEAD_DIM)
+        if (
+            torch.are_deterministic_algorithms_enabled()
+            and torch.is_grad_enabled()
+            and bias_table.requires_grad
+        ):
+            reasons.append(
+                "torch.use_deterministic_algorithms(True) is set and the CUDA kernels sum "
+                "the table gradient with float atomics (the triton backend's is deterministic)"
+            )
         return reasons + _grid_reasons(fmap_size, None, CUDA_MAX_TABLE)
 
     def __call__(self, **inputs) -> torch.Tensor:
