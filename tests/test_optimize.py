@@ -557,3 +557,27 @@ def test_compile_fullgraph_train_step_on_the_kernels(spec):
             continue
         torch.testing.assert_close(p.grad, grads[name].grad, atol=2e-3, rtol=2e-3,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, kw, side",
+    [("levit_128s", {"image_size": 64}, 64), ("t2t_vit_14", {"img_size": 32, "depth": 1}, 32),
+     ("vit_b16", {"image_size": 32, "depth": 1, "dim": 64, "heads": 2}, 32)],
+)  # fmt: skip
+def test_torch_export_of_models_on_the_kernels(name, kw, side):
+    """torch.export of whole models optimized onto the triton kernels (custom ops
+    with fake impls; the interpreter runs them here) gives eager's outputs."""
+    from vitkernels.compare import wake_zero_init_norms
+    from vitkernels.models import create
+
+    model = create(name, num_classes=10, **kw).eval()
+    woken = wake_zero_init_norms(model)  # LeViT's residual BatchNorms start at 0
+    assert woken > 0 or name != "levit_128s"
+    x = torch.randn(2, 3, side, side)
+    fused = copy.deepcopy(model)
+    assert vitkernels.optimize(fused, backend="triton").count() > 0
+    ep = torch.export.export(fused, (x,))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(ep.module()(x), want, atol=2e-4, rtol=2e-4)
