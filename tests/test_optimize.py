@@ -568,8 +568,9 @@ def test_compile_fullgraph_train_step_on_the_kernels(spec):
 def test_torch_export_of_models_on_the_kernels(name, kw, side):
     """torch.export of whole models optimized onto the triton kernels (custom ops
     with fake impls; the interpreter runs them here) gives eager's outputs."""
-    from vitkernels.compare import wake_zero_init_norms
     from vitkernels.models import create
+
+    from vitkernels.compare import wake_zero_init_norms
 
     model = create(name, num_classes=10, **kw).eval()
     woken = wake_zero_init_norms(model)  # LeViT's residual BatchNorms start at 0
