@@ -1135,8 +1135,9 @@ def patch_embed_bwd(
 def _aot_specs() -> list[AotSpec]:
     """What the launchers launch for the WORKLOADS.md shapes (batch 256, 224 x 224:
     P1 ViT-B/16 + cls + pos, P2 the same with both norms in vit-pytorch's patch
-    order, P3 T2T's soft split 7/4/2 + LN + kqv 147 -> 192), forward and backward,
-    float16 and bfloat16, built on meta tensors with the GPU configuration."""
+    order, P3 T2T's soft split 7/4/2 + LN + kqv 147 -> 192, and T2T-ViT-14's two
+    later soft splits), forward and backward, float16 and bfloat16, built on meta
+    tensors with the GPU configuration."""
     specs: dict[str, AotSpec] = {}
     meta = torch.device("meta")
 
@@ -1164,6 +1165,27 @@ def _aot_specs() -> list[AotSpec]:
                 t(D) if out_n else None, t(D) if out_n else None,
                 t(pos_rows, D) if pos_rows else None, t(P, D) if P else None,
                 (k, k), (s, s), (p, p), order, 1e-5, 1e-5, in_n, out_n,
+            )
+            patch_embed_fwd(*args, _launch=record)
+            patch_embed_bwd(t(256, P + L, D), *args, [True] * 8, _launch=record)
+    # T2T-ViT-14's later soft splits (vitkernels.replace's FusedT2TModule): 3/2/1 on
+    # 64-channel token maps, views of (B, N, 64) tokens (channels-last strides);
+    # the second with attention2's norm1 + kqv (576 -> 192), the third with the
+    # project layer (576 -> 384), class token and positions
+    t2t = {"T2T-2": (56, 192, True, 0, 0), "T2T-3": (28, 384, False, 197, 1)}
+    for dtype in (torch.float16, torch.bfloat16):
+        for side, D, in_n, pos_rows, P in t2t.values():
+            images = torch.empty((256, side * side, 64), device=meta, dtype=dtype)
+            images = images.transpose(1, 2).unflatten(2, (side, side))
+            K, L = 64 * 9, (side // 2) ** 2
+
+            def t(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+                return torch.empty(shape, device=meta, dtype=dtype)
+
+            args = (
+                images, t(D, K), t(D), t(K) if in_n else None, t(K) if in_n else None, None,
+                None, t(pos_rows, D) if pos_rows else None, t(P, D) if P else None,
+                (3, 3), (2, 2), (1, 1), "cpq", 1e-5, 1e-5, in_n, False,
             )
             patch_embed_fwd(*args, _launch=record)
             patch_embed_bwd(t(256, P + L, D), *args, [True] * 8, _launch=record)

@@ -439,9 +439,11 @@ def _delta_cfg(nq: int, dv: int) -> _Launch:
 def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
     bdk, bdv = _head_blocks(dk, dv)
     wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
-    block_n = min(32 if wide else 64, max(16, _pow2(nk)))
-    block_m = min(16 if wide else 32, max(16, _pow2(nq)))
-    warps = 8 if block_m * block_n >= 2048 else 4
+    # wide heads (LeViT-256's shrink layers, Dk 32, Dv 128): 16 keys x 32 queries on
+    # 8 warps; 32 keys x 16 queries on 4 spilled 52-76 B with triton 3.6
+    block_n = min(16 if wide else 64, max(16, _pow2(nk)))
+    block_m = min(32, max(16, _pow2(nq)))
+    warps = 8 if wide or block_m * block_n >= 2048 else 4
     return _Launch(
         _bwd_dkdv_kernel,
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
@@ -473,9 +475,11 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
-    # small tiles (A3's 4x4 grid) with Dk + Dv >= 96: 4 and 8 warps spill 4-20 B in
-    # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers; 16 in none
-    num_warps = 8 if tile >= 2048 else 16 if bdk + bdv >= 96 else 4
+    # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
+    # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers, 16 in none;
+    # wider heads (Dv 128) spill 24-48 B on 16 warps (128 registers), none on 8
+    wide = bdk + bdv > 96
+    num_warps = 8 if tile >= 2048 or wide else 16 if bdk + bdv == 96 else 4
     return _Launch(_bwd_dq_kernel, constexprs, num_warps, 1)
 
 
@@ -610,6 +614,14 @@ _WORKLOADS = {
     "A3": (8, 4, 1, 32, 64),
     "A4": (8, 14, 2, 32, 64),
     "A5": (4, 14, 1, 16, 32),
+    # the other attention layers of timm's LeViT-128S/128/192/256/384 (heads do not
+    # change the launch configuration)
+    "L128s-shrink14": (8, 14, 2, 16, 64),
+    "L128s-7": (6, 7, 1, 16, 32),
+    "L128s-shrink7": (16, 7, 2, 16, 64),
+    "L128s-4": (8, 4, 1, 16, 32),
+    "L256-shrink14": (8, 14, 2, 32, 128),
+    "L256-shrink7": (12, 7, 2, 32, 128),
 }
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
