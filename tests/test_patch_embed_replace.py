@@ -436,3 +436,22 @@ def test_t2t_sequential_blocks_visited_by_attention_rules(source):
         torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
     assert restore(model) == len(paths)
     assert not any(isinstance(m, FusedModule) for m in model.modules())
+
+
+def test_second_optimize_reaches_inside_fused_containers():
+    """optimize(ops=patch_embed) first, then the performer op: the Token_performers
+    inside the fused T2T module are still found."""
+    from vitkernels.replace.fused_performer import FusedTokenPerformer
+
+    model = _zoo("t2t_vit").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    assert [r.path for r in optimize(model, ops=("patch_embed",)).replaced] == ["tokens_to_token"]
+    second = optimize(model, ops=("performer_attention",))
+    assert [r.path for r in second.replaced] == ["tokens_to_token.attention1",
+                                                 "tokens_to_token.attention2"]
+    assert isinstance(model.tokens_to_token.attention2, FusedTokenPerformer)
+    assert optimize(model).count("performer_attention") == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)

@@ -182,8 +182,14 @@ def optimize(
     rules = [r for r in _load_rules() if r.op in ops]
     report = OptimizeReport()
 
+    def visit_children(module: nn.Module, path: str) -> None:
+        for child_name, child in _children(module):
+            visit(module, child_name, f"{path}.{child_name}" if path else child_name, child)
+
     def visit(parent: nn.Module | None, name: str, path: str, module: nn.Module) -> None:
-        if isinstance(module, FusedModule):
+        if isinstance(module, FusedModule):  # already fused (an earlier optimize)
+            if module.visit_children:
+                visit_children(module, path)
             return
         for rule in rules:
             if not rule.matches(module):
@@ -205,11 +211,9 @@ def optimize(
                 Replacement(path, type(module).__name__, rule.name, rule.op, runs)
             )
             if getattr(result, "visit_children", False):
-                for child_name, child in _children(result):
-                    visit(result, child_name, f"{path}.{child_name}" if path else child_name, child)
+                visit_children(result, path)
             return
-        for child_name, child in _children(module):
-            visit(module, child_name, f"{path}.{child_name}" if path else child_name, child)
+        visit_children(module, path)
 
     visit(None, "", "", model)
     return report
