@@ -162,3 +162,28 @@ def test_compile_fullgraph_on_cuda():
     want = f(inputs["images"])
     got = torch.compile(f, fullgraph=True)(inputs["images"])
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_optimize_t2t_vit_14_bf16_matches_float32_eager_and_trains():
+    """The fused T2T module (three soft splits as patch_embed calls, the first two
+    with the Token_performers' norm1 + kqv, the last with class token and
+    positions) and the Performers on the kernels, bfloat16, against float32 eager."""
+    import copy
+
+    from vitkernels.models import create
+
+    model = create("t2t_vit_14", num_classes=10).cuda().eval()
+    fused = copy.deepcopy(model).to(torch.bfloat16)
+    report = vitkernels.optimize(fused, backend="triton")
+    assert report.count("patch_embed") == 1 and report.count("performer_attention") == 2
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        want = model(x)
+        got = fused(x.to(torch.bfloat16)).float()
+    scale = want.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(got / scale, want / scale, atol=0.05, rtol=0.05)
+    fused.train()
+    fused(x.to(torch.bfloat16)).float().square().mean().backward()
+    for name, p in fused.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
