@@ -455,3 +455,16 @@ def test_second_optimize_reaches_inside_fused_containers():
     assert optimize(model).count("performer_attention") == 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["vit", "pit", "cait"])
+def test_folded_positions_for_images_smaller_than_configured(name):
+    """Smaller images use the first P + L rows of the position table, as eager."""
+    model = _zoo(name).eval()
+    side = 24 if name != "pit" else 28
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model, backend="triton", ops=("patch_embed",))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
