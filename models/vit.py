@@ -189,7 +189,14 @@ def embed_tokens(
     fused = getattr(to_patch_embedding, "embed_tokens", None)
     if fused is not None:
         return fused(img, prefix, pos_embedding)
-    x = to_patch_embedding(img)  # b n d
+    return add_tokens(to_patch_embedding(img), prefix, pos_embedding)
+
+
+def add_tokens(
+    x: torch.Tensor, prefix: torch.Tensor | None, pos_embedding: torch.Tensor
+) -> torch.Tensor:
+    """``cat(prefix repeated over b, x) + pos_embedding[first k + n rows]`` for (b, n, d)
+    patch tokens (see ``embed_tokens``)."""
     b, _, d = x.shape
     if prefix is not None and prefix.numel():
         x = torch.cat((prefix.reshape(1, -1, d).expand(b, -1, -1), x), dim=1)

@@ -52,6 +52,16 @@ def performer_attention(
 # patch_embed (owned by vitkernels/ops/patch_embed.py)
 
 
+def _to_cpq(
+    t: torch.Tensor | None, kernel_size: tuple[int, int], channels: int, patch_order: str
+) -> torch.Tensor | None:
+    """(..., K) in patch_order -> (..., K) in Conv2d / F.unfold's (c, p, q) order."""
+    if t is None or patch_order == "cpq":
+        return t
+    kh, kw = kernel_size
+    return t.reshape(*t.shape[:-1], kh, kw, channels).movedim(-1, -3).reshape(t.shape)
+
+
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -76,10 +86,8 @@ def patch_embed(
     kh, kw = kernel_size
     D, K = weight.shape
 
-    def to_cpq(t: torch.Tensor | None) -> torch.Tensor | None:  # (..., (p q c)) -> (..., (c p q))
-        if t is None or patch_order == "cpq":
-            return t
-        return t.reshape(*t.shape[:-1], kh, kw, C).movedim(-1, -3).reshape(*t.shape[:-1], K)
+    def to_cpq(t: torch.Tensor | None) -> torch.Tensor | None:
+        return _to_cpq(t, kernel_size, C, patch_order)
 
     w = to_cpq(weight)
     if in_norm is None:
@@ -138,36 +146,24 @@ def patch_embed_image_grad(
     Returns (B, C, H, W) in the images' dtype.
     """
     B, C, H, W = images.shape
-    kh, kw = kernel_size
     D = weight.shape[0]
-    K = C * kh * kw
-    f32 = torch.float32
-    w = weight.reshape(D, K).to(f32)
-    if patch_order == "pqc":  # columns (p q c) -> (c p q), F.unfold's order
-        w = w.reshape(D, kh, kw, C).permute(0, 3, 1, 2).reshape(D, K)
+    K = weight.numel() // D
 
-    def affine(norm, n):
-        nw = None if norm[0] is None else norm[0].to(f32)
-        if nw is not None and patch_order == "pqc" and n == K:
-            nw = nw.reshape(kh, kw, C).permute(2, 0, 1).reshape(K)
-        return nw
+    def f32(t: torch.Tensor | None, order: str = "cpq") -> torch.Tensor | None:
+        return None if t is None else _to_cpq(t.float(), kernel_size, C, order)
 
-    cols = F.unfold(images.to(f32), kernel_size, stride=stride, padding=padding).transpose(1, 2)
-    dy = grad_out[:, prefix:].to(f32)  # (B, L, D)
-    a = cols
+    w = f32(weight.reshape(D, K), patch_order)
+    cols = F.unfold(images.float(), kernel_size, stride=stride, padding=padding).transpose(1, 2)
+    dy = grad_out[:, prefix:].float()  # (B, L, D)
     if in_norm is not None:
+        g_in = f32(in_norm[0], patch_order)
         xhat_in, rstd_in = _normalise(cols, in_norm[2])
-        g_in = affine(in_norm, K)
-        a = xhat_in if g_in is None else xhat_in * g_in
-        if in_norm[1] is not None:
-            nb = in_norm[1].to(f32)
-            if patch_order == "pqc":
-                nb = nb.reshape(kh, kw, C).permute(2, 0, 1).reshape(K)
-            a = a + nb
     if out_norm is not None:
-        z = F.linear(a, w, None if bias is None else bias.to(f32))
-        zhat, rstd_out = _normalise(z, out_norm[2])
-        g_out = affine(out_norm, D)
+        a = cols
+        if in_norm is not None:
+            a = F.layer_norm(cols, (K,), g_in, f32(in_norm[1], patch_order), in_norm[2])
+        zhat, rstd_out = _normalise(F.linear(a, w, f32(bias)), out_norm[2])
+        g_out = f32(out_norm[0])
         dy = _layer_norm_backward(dy if g_out is None else dy * g_out, zhat, rstd_out)
     da = dy @ w  # (B, L, K)
     if in_norm is not None:

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from vitkernels.models.vit import add_tokens
 from vitkernels.ops.patch_embed import patch_embed, patch_grid
 from vitkernels.replace import FusedModule
 
@@ -38,7 +39,6 @@ __all__ = [
     "FusedT2TModule",
     "FusedTimmPatchEmbed",
     "PatchSpec",
-    "eager_tokens",
     "layer_norm_args",
     "parse_patch_sequential",
     "prefix_and_positions",
@@ -321,22 +321,12 @@ class FusedPatchSequential(FusedModule, nn.Sequential):
         x = self._run_head(img)
         fusable = self._fusable(x)
         if fusable is None:
-            return eager_tokens(self._run_tail(x), prefix, pos_embedding)
+            return add_tokens(self._run_tail(x), prefix, pos_embedding)
         cls, pos = prefix_and_positions(
             prefix, pos_embedding, self._modules[s.linear].out_features,
             patch_grid(fusable.shape[-2:], s.kernel_size, s.stride, s.padding),
         )
         return self._call(fusable, pos_embed=pos, cls_token=cls)
-
-
-def eager_tokens(
-    x: torch.Tensor, prefix: torch.Tensor | None, pos_embedding: torch.Tensor
-) -> torch.Tensor:
-    """``cat(prefix, x) + pos_embedding[:P + n]`` for (b, n, d) tokens, unfused."""
-    b, _, d = x.shape
-    if prefix is not None and prefix.numel():
-        x = torch.cat((prefix.reshape(1, -1, d).expand(b, -1, -1), x), dim=1)
-    return x + pos_embedding.reshape(-1, d)[: x.shape[1]]
 
 
 def prefix_and_positions(

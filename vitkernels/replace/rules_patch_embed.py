@@ -156,10 +156,9 @@ def _build_t2t_module(module: nn.Module, backend: str | None) -> nn.Module | str
     problems = []
     for name in ("soft_split0", "soft_split1", "soft_split2"):
         m = module._modules.get(name)
-        if type(m) is not nn.Unfold:
-            problems.append(f"{name} is {type(m).__name__}, not nn.Unfold")
-        elif isinstance(unfold_geometry(m), str):
-            problems.append(f"{name}: {unfold_geometry(m)}")
+        why = unfold_geometry(m) if type(m) is nn.Unfold else f"{type(m).__name__}, not nn.Unfold"
+        if isinstance(why, str):
+            problems.append(f"{name}: {why}")
     for name in ("attention1", "attention2"):
         if not isinstance(module._modules.get(name), nn.Module):
             problems.append(f"no {name} module")

@@ -1144,6 +1144,23 @@ def _aot_specs() -> list[AotSpec]:
     def record(launch: _Launch) -> None:
         specs.setdefault(launch.name, launch.aot_spec())
 
+    def launch(images, k, s, p, D, order, in_n, out_n, pos_rows, P) -> None:
+        """Record the forward and backward launches for one configuration."""
+
+        def t(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, device=meta, dtype=images.dtype)
+
+        B, C, H, _ = images.shape
+        K, L = C * k * k, ((H + 2 * p - k) // s + 1) ** 2
+        args = (
+            images, t(D, K), t(D), t(K) if in_n else None, t(K) if in_n else None,
+            t(D) if out_n else None, t(D) if out_n else None,
+            t(pos_rows, D) if pos_rows else None, t(P, D) if P else None,
+            (k, k), (s, s), (p, p), order, 1e-5, 1e-5, in_n, out_n,
+        )
+        patch_embed_fwd(*args, _launch=record)
+        patch_embed_bwd(t(B, P + L, D), *args, [True] * 8, _launch=record)
+
     cases = {  # kernel, stride, padding, D, patch order, in norm, out norm, pos rows, prefix tokens
         "P1": (16, 16, 0, 768, "cpq", False, False, 197, 1),
         "P2": (16, 16, 0, 768, "pqc", True, True, 197, 1),
@@ -1153,21 +1170,8 @@ def _aot_specs() -> list[AotSpec]:
         images = torch.empty((256, 3, 224, 224), device=meta, dtype=dtype)
         if channels_last:  # the kernel then gathers in "pqc" order
             images = images.to(memory_format=torch.channels_last)
-
-        def t(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-            return torch.empty(shape, device=meta, dtype=dtype)
-
-        for k, s, p, D, order, in_n, out_n, pos_rows, P in cases.values():
-            K = 3 * k * k
-            L = ((224 + 2 * p - k) // s + 1) ** 2
-            args = (
-                images, t(D, K), t(D), t(K) if in_n else None, t(K) if in_n else None,
-                t(D) if out_n else None, t(D) if out_n else None,
-                t(pos_rows, D) if pos_rows else None, t(P, D) if P else None,
-                (k, k), (s, s), (p, p), order, 1e-5, 1e-5, in_n, out_n,
-            )
-            patch_embed_fwd(*args, _launch=record)
-            patch_embed_bwd(t(256, P + L, D), *args, [True] * 8, _launch=record)
+        for case in cases.values():
+            launch(images, *case)
     # T2T-ViT-14's later soft splits (vitkernels.replace's FusedT2TModule): 3/2/1 on
     # 64-channel token maps, views of (B, N, 64) tokens (channels-last strides);
     # the second with attention2's norm1 + kqv (576 -> 192), the third with the
@@ -1175,20 +1179,9 @@ def _aot_specs() -> list[AotSpec]:
     t2t = {"T2T-2": (56, 192, True, 0, 0), "T2T-3": (28, 384, False, 197, 1)}
     for dtype in (torch.float16, torch.bfloat16):
         for side, D, in_n, pos_rows, P in t2t.values():
-            images = torch.empty((256, side * side, 64), device=meta, dtype=dtype)
-            images = images.transpose(1, 2).unflatten(2, (side, side))
-            K, L = 64 * 9, (side // 2) ** 2
-
-            def t(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-                return torch.empty(shape, device=meta, dtype=dtype)
-
-            args = (
-                images, t(D, K), t(D), t(K) if in_n else None, t(K) if in_n else None, None,
-                None, t(pos_rows, D) if pos_rows else None, t(P, D) if P else None,
-                (3, 3), (2, 2), (1, 1), "cpq", 1e-5, 1e-5, in_n, False,
-            )
-            patch_embed_fwd(*args, _launch=record)
-            patch_embed_bwd(t(256, P + L, D), *args, [True] * 8, _launch=record)
+            tokens = torch.empty((256, side * side, 64), device=meta, dtype=dtype)
+            images = tokens.transpose(1, 2).unflatten(2, (side, side))
+            launch(images, 3, 2, 1, D, "cpq", in_n, False, pos_rows, P)
     return list(specs.values())
 
 
