@@ -544,3 +544,21 @@ def test_cached_bias_follows_table_updates():
     out = m(q, k, v)
     out.sum().backward()
     assert m.table.grad is not None and m.table.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------
+# the reference itself stays finite wherever the exact value is
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_float16_logits_beyond_float16_range(backend):
+    """q, k of size ~150 in float16: q.k ~ 1e5 overflows float16 (max 65504) before it
+    is scaled, while the scaled logits and the result are finite."""
+    case = (1, 2, 4, 4, 1, 16, 16)
+    q, k, v, table = make(case, torch.float16)
+    q, k = (t * 150 for t in (q, k))
+    kw = kwargs_of(case)
+    assert (q[..., None, :].double() * k[..., None, :, :].double()).sum(-1).abs().max() > 65504
+    out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
+    expected, _ = ref64(q, k, v, table, **kw)
+    assert_close(out, expected.detach(), TOL[torch.float16], backend)
