@@ -1,4 +1,4 @@
-"""python -m vitkernels info / usage, and explain_call on the real ops."""
+"""python -m vitkernels info / usage, and which_backend on the real ops."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import torch
 
 import vitkernels
-from vitkernels.ops._dispatch import explain_call
+from vitkernels.ops import relpos
 
 
 def test_info_names_versions_and_a_backend_per_op():
@@ -32,12 +32,12 @@ def test_usage_for_unknown_command():
     assert out.returncode == 2 and "usage" in out.stdout
 
 
-def test_explain_call_follows_forcing_without_running():
+def test_which_backend_follows_forcing_without_running():
     q = torch.randn(1, 2, 16, 16)
     table = torch.randn(2, 16)
-    chosen, verdicts = explain_call(vitkernels.relpos_attention, q, q, q, table, fmap_size=4)
+    chosen, verdicts = relpos.which_backend(q, q, q, table, fmap_size=4)
     assert chosen == "torch"
     assert [name for name, _ in verdicts] == ["cuda", "triton", "torch", "reference"]
     with vitkernels.use_backend("reference"):
-        chosen, _ = explain_call(vitkernels.relpos_attention, q, q, q, table, fmap_size=4)
+        chosen, _ = relpos.which_backend(q, q, q, table, fmap_size=4)
     assert chosen == "reference"

@@ -358,10 +358,8 @@ def test_compile_fullgraph():
 def test_automatic_dispatch_on_cpu_is_torch():
     q, k, v = kqv_views(1, 4, 16, torch.float32)
     w = features(8, 16)
-    from vitkernels.ops._dispatch import select
-
-    chosen = select("performer_attention", ops.BACKENDS, None, q=q, k=k, v=v, w=w, eps=1e-8)
-    assert chosen.name == "torch"
+    chosen, verdicts = ops.which_backend(q, k, v, w)
+    assert chosen == "torch", verdicts
 
 
 def _good():
@@ -421,7 +419,7 @@ def test_forced_backends_that_cannot_run_say_why(monkeypatch):
     q, k, v = kqv_views(1, 3, 80, torch.float32)
     with pytest.raises(BackendNotSupportedError, match="E=80 is above the kernels' limit of 64"):
         vitkernels.performer_attention(q, k, v, features(8, 80), backend="triton")
-    with pytest.raises(BackendNotSupportedError, match="M=40 random features"):
+    with pytest.raises(BackendNotSupportedError, match="M=40 is above the kernels. limit of 32"):
         vitkernels.performer_attention(q, k, v, features(40, 80)[:, :80], backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendNotSupportedError, match="needs CUDA tensors, got device cpu"):

@@ -180,16 +180,13 @@ def test_torch_compile_fullgraph(backend):
 
 def test_automatic_dispatch_on_cuda_is_a_kernel():
     from vitkernels.ops import performer as ops
-    from vitkernels.ops._dispatch import select
 
     q, k, v = kqv_views(2, 64, 64, torch.bfloat16)
-    chosen = select("performer_attention", ops.BACKENDS, None, q=q, k=k, v=v, w=features(32, 64),
-                    eps=1e-8)
-    assert chosen.name == KERNELS[-1]
+    chosen, verdicts = ops.which_backend(q, k, v, features(32, 64))
+    assert chosen == KERNELS[-1], verdicts
     q64 = q.double()
-    chosen = select("performer_attention", ops.BACKENDS, None, q=q64, k=q64, v=q64,
-                    w=features(32, 64), eps=1e-8)
-    assert chosen.name == "torch"
+    chosen, verdicts = ops.which_backend(q64, q64, q64, features(32, 64))
+    assert chosen == "torch", verdicts
 
 
 @pytest.mark.parametrize("backend", KERNELS)

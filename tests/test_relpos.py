@@ -18,7 +18,6 @@ import vitkernels
 from vitkernels import BackendNotSupportedError
 from vitkernels.backends import reference
 from vitkernels.ops import relpos as ops
-from vitkernels.ops._dispatch import select
 
 tk = pytest.importorskip("vitkernels.triton.relpos")
 
@@ -375,15 +374,11 @@ def test_compile_fullgraph_forward_and_backward(poisoned):
 # dispatch
 
 
-def _inputs(q, k, v, table, **kw):
-    return dict(q=q, k=k, v=v, bias_table=table, fmap_size=kw["fmap_size"], q_stride=kw["q_stride"],
-                scale=0.25, bias_scale=kw["bias_scale"], table_layout=kw["table_layout"])  # fmt: skip
-
-
 def test_cpu_tensors_go_to_torch_automatically():
     case = CASES["A3 N16"]
     q, k, v, table = make(case)
-    assert select("relpos_attention", ops.BACKENDS, None, **_inputs(q, k, v, table, **kwargs_of(case))).name == "torch"
+    chosen, verdicts = ops.which_backend(q, k, v, table, **kwargs_of(case))
+    assert chosen == "torch", verdicts
 
 
 def test_forced_triton_refuses_float64():
@@ -395,54 +390,60 @@ def test_forced_triton_refuses_float64():
         vitkernels.relpos_attention(q, k, v, table, fmap_size=4)
 
 
-def test_forced_cuda_refuses_float32(monkeypatch):
-    """With the extension present, float32 is refused by name (the kernels are f16/bf16)."""
+@pytest.fixture
+def extension_on_sm90(monkeypatch):
+    """The CUDA extension 'loaded' and every GPU an sm_90 (no GPU here: fake tensors)."""
     monkeypatch.setattr(ops._cuda, "unavailable_reason", lambda: None)
     monkeypatch.setattr(ops._cuda, "has_op", lambda name: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def _fake_cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in tensors]
+
+
+def test_forced_cuda_refuses_float32(extension_on_sm90):
+    """With the extension present, float32 is refused by name (the kernels are f16/bf16)."""
     case = CASES["A3 N16"]
-    q, k, v, table = make(case)
-    reasons = ops.CudaBackend().not_supported_reasons(**_inputs(q, k, v, table, **kwargs_of(case)))
-    assert any("q has dtype float32" in r for r in reasons), reasons
-    with pytest.raises(BackendNotSupportedError, match="cuda"):
-        vitkernels.relpos_attention(q, k, v, table, fmap_size=4, backend="cuda")
+    q, k, v, table = _fake_cuda(*make(case))
+    chosen, verdicts = ops.which_backend(q, k, v, table, **kwargs_of(case))
+    assert chosen == "triton" and any("q has dtype float32" in r for r in dict(verdicts)["cuda"])
+    with pytest.raises(BackendNotSupportedError, match="backend 'cuda'.*q has dtype float32"):
+        vitkernels.relpos_attention(q, k, v, table, **kwargs_of(case), backend="cuda")
 
 
-def test_cuda_table_gradient_is_refused_under_deterministic_algorithms(monkeypatch):
+def test_cuda_table_gradient_is_refused_under_deterministic_algorithms(extension_on_sm90):
     """The CUDA kernels sum the table gradient with float atomics: with
     torch.use_deterministic_algorithms(True) and a table that needs a gradient the
     cuda backend says so (dispatch then takes triton); inference is unaffected."""
-    monkeypatch.setattr(ops._cuda, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(ops._cuda, "has_op", lambda name: True)
-    monkeypatch.setattr(ops, "kernel_device_reasons", lambda tensors, allow_interpret: [])
     case = CASES["A3 N16"]
-    q, k, v, table = make(case, torch.float16)
+    q, k, v, table = _fake_cuda(*make(case, torch.float16))
     table.requires_grad_()
-    backend = ops.CudaBackend()
-    inputs = _inputs(q, k, v, table, **kwargs_of(case))
+    kw = kwargs_of(case)
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        reasons = backend.not_supported_reasons(**inputs)
-        assert any("deterministic" in r and "atomics" in r for r in reasons), reasons
+        chosen, verdicts = ops.which_backend(q, k, v, table, **kw)
+        reasons = dict(verdicts)["cuda"]
+        assert chosen == "triton" and any("deterministic" in r and "atomics" in r for r in reasons)
         with torch.no_grad():
-            assert backend.not_supported_reasons(**inputs) == []
+            assert ops.which_backend(q, k, v, table, **kw)[0] == "cuda"
         torch.use_deterministic_algorithms(False)
-        assert backend.not_supported_reasons(**inputs) == []
+        assert ops.which_backend(q, k, v, table, **kw)[0] == "cuda"
     finally:
         torch.use_deterministic_algorithms(was)
 
 
 def test_triton_size_limits_are_reasons():
     q, k, v, table = make((1, 1, 1, 65, 1, 16, 16))
-    reasons = ops.TritonBackend().not_supported_reasons(
-        **_inputs(q, k, v, table, fmap_size=(1, 65), q_stride=1, bias_scale=1.0, table_layout="hn")
-    )
-    assert any("above the kernels' limit of 64" in r for r in reasons), reasons
+    _, verdicts = ops.which_backend(q, k, v, table, fmap_size=(1, 65), backend="triton")
+    assert "max(R, C)=65 is above the kernels' limit of 64" in dict(verdicts)["triton"]
     q, k, v, table = make((1, 1, 2, 2, 1, 160, 16))
-    reasons = ops.TritonBackend().not_supported_reasons(
-        **_inputs(q, k, v, table, fmap_size=(2, 2), q_stride=1, bias_scale=1.0, table_layout="hn")
-    )
-    assert any("Dk=160" in r for r in reasons), reasons
+    _, verdicts = ops.which_backend(q, k, v, table, fmap_size=(2, 2), backend="triton")
+    assert "Dk=160 is above the kernels' limit of 128" in dict(verdicts)["triton"]
 
 
 # ----------------------------------------------------------------------------

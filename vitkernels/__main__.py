@@ -38,10 +38,10 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _typical_calls(device: str, dtype):
-    """(op, description, function, args, kwargs) for a typical input of each op."""
+    """(op, description, which_backend, args, kwargs) for a typical input of each op."""
     import torch
 
-    import vitkernels
+    from vitkernels.ops import patch_embed, performer, relpos
 
     def t(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
@@ -50,21 +50,21 @@ def _typical_calls(device: str, dtype):
         (
             "relpos_attention",
             "LeViT-256 stage 1 (B2, H4, N196, Dk32, Dv64)",
-            vitkernels.relpos_attention,
+            relpos.which_backend,
             (t(2, 4, 196, 32), t(2, 4, 196, 32), t(2, 4, 196, 64), t(4, 196)),
             {"fmap_size": 14},
         ),
         (
             "performer_attention",
             "T2T-ViT layer 1 (B2, T3136, E64, M32)",
-            vitkernels.performer_attention,
+            performer.which_backend,
             (t(2, 3136, 64), t(2, 3136, 64), t(2, 3136, 64), t(32, 64)),
             {},
         ),
         (
             "patch_embed",
             "ViT-B/16 patchify (B2, 3x224x224 -> 197x768)",
-            vitkernels.patch_embed,
+            patch_embed.which_backend,
             (t(2, 3, 224, 224), t(768, 3, 16, 16), t(768)),
             {"kernel_size": 16, "cls_token": t(1, 1, 768), "pos_embed": t(1, 197, 768)},
         ),
@@ -75,13 +75,11 @@ def _backend_rows() -> list[tuple[str, str]]:
     """For each op, the backend that would run a typical input here, and why others refuse."""
     import torch
 
-    from vitkernels.ops._dispatch import explain_call
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = [("", f"backend per op for a typical {str(dtype).removeprefix('torch.')} input on {device}:")]
-    for op, desc, fn, args, kwargs in _typical_calls(device, dtype):
-        chosen, verdicts = explain_call(fn, *args, **kwargs)
+    for op, desc, which_backend, args, kwargs in _typical_calls(device, dtype):
+        chosen, verdicts = which_backend(*args, **kwargs)
         rows.append((op, f"{desc}: {chosen or 'no backend fits'}"))
         for name, reasons in verdicts:
             if reasons:
