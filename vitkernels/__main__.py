@@ -1,4 +1,8 @@
-"""Command line: ``python -m vitkernels info | compare | build``."""
+"""Command line: ``python -m vitkernels info | compare | build``.
+
+Exit status 2 means bad arguments (an unknown command or option) or a setup that
+cannot do what was asked, said in one ``error:`` line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -96,19 +100,35 @@ def info_main(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS = {
+    "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
+    "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
+    "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
+}
+
+
+def _usage() -> str:
+    lines = [f"usage: python -m vitkernels {{{','.join(COMMANDS)}}} [options]", ""]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`python -m vitkernels COMMAND --help` describes a command's options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
-        "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
-        "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
-    }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: python -m vitkernels {info,compare,build} [options]\n")
-        for name, (_, _, help_) in commands.items():
-            print(f"  {name:<8} {help_}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module, func, _ = commands[argv[0]]
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv and argv[0] == "--version":
+        from vitkernels import __version__
+
+        print(f"vitkernels {__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"error: {what}; expected one of {', '.join(COMMANDS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[argv[0]]
     return getattr(importlib.import_module(module), func)(argv[1:])
 
 
