@@ -94,6 +94,11 @@ def test_each_declared_capability_is_a_reason(monkeypatch):
     assert _Missing().not_supported_reasons(_inputs(x32)) == [
         "the CUDA extension vitkernels._C is not built"
     ]
+    # one sentence per refused dtype, naming every tensor that has it
+    two = Inputs("op", {"q": x32.double(), "k": x32.double(), "v": x32})
+    assert _Torch().not_supported_reasons(two) == [] and _Kernel().not_supported_reasons(two) == [
+        "q, k have dtype float64; supported: bfloat16, float32"
+    ]
 
 
 def test_nondeterministic_gradients_are_refused_only_where_they_are_needed():

@@ -414,7 +414,7 @@ def test_forced_backends_that_cannot_run_say_why(monkeypatch):
     with pytest.raises(BackendNotSupportedError, match="backend 'cuda' cannot run"):
         vitkernels.performer_attention(**a, backend="cuda")
     a64 = {n: t.double() for n, t in a.items()}
-    with pytest.raises(BackendNotSupportedError, match="q has dtype float64; supported: float16"):
+    with pytest.raises(BackendNotSupportedError, match="q, k, v, w have dtype float64; supported: float16"):
         vitkernels.performer_attention(**a64, backend="triton")
     q, k, v = kqv_views(1, 3, 80, torch.float32)
     with pytest.raises(BackendNotSupportedError, match="E=80 is above the kernels' limit of 64"):

@@ -384,7 +384,7 @@ def test_cpu_tensors_go_to_torch_automatically():
 def test_forced_triton_refuses_float64():
     case = CASES["A3 N16"]
     q, k, v, table = (t.double() for t in make(case))
-    with pytest.raises(BackendNotSupportedError, match="triton.*q has dtype float64"):
+    with pytest.raises(BackendNotSupportedError, match="triton.*q, k, v, bias_table have dtype float64"):
         vitkernels.relpos_attention(q, k, v, table, fmap_size=4, backend="triton")
     with vitkernels.use_backend("triton"), pytest.raises(BackendNotSupportedError, match="float64"):
         vitkernels.relpos_attention(q, k, v, table, fmap_size=4)
@@ -410,8 +410,8 @@ def test_forced_cuda_refuses_float32(extension_on_sm90):
     case = CASES["A3 N16"]
     q, k, v, table = _fake_cuda(*make(case))
     chosen, verdicts = ops.which_backend(q, k, v, table, **kwargs_of(case))
-    assert chosen == "triton" and any("q has dtype float32" in r for r in dict(verdicts)["cuda"])
-    with pytest.raises(BackendNotSupportedError, match="backend 'cuda'.*q has dtype float32"):
+    assert chosen == "triton" and any("q, k, v have dtype float32" in r for r in dict(verdicts)["cuda"])
+    with pytest.raises(BackendNotSupportedError, match="backend .cuda.*q, k, v have dtype float32"):
         vitkernels.relpos_attention(q, k, v, table, **kwargs_of(case), backend="cuda")
 
 

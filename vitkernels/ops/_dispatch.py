@@ -229,20 +229,25 @@ class Backend:
                 )
                 wanted = " or ".join(d.upper() if d == "cuda" else d for d in self.devices)
                 reasons.append(f"needs {wanted} tensors, got device {device}{hint}")
-        for name, t in inputs.tensors.items():
+        refused: dict[tuple[torch.dtype, tuple[torch.dtype, ...] | None], list[str]] = {}
+        for name, t in inputs.tensors.items():  # grouped: one sentence per dtype refused
             if t is None:
                 continue
             allowed = self.param_dtypes if name in inputs.params else None
             allowed = allowed if allowed is not None else self.dtypes
             if allowed is not None and t.dtype not in allowed:
-                reasons.append(
-                    f"{name} has dtype {_dtype_name(t.dtype)}; supported: {_dtype_names(allowed)}"
-                )
+                refused.setdefault((t.dtype, allowed), []).append(name)
             elif interpreted and t.dtype not in INTERPRETER_DTYPES:
+                refused.setdefault((t.dtype, None), []).append(name)
+        for (dtype, allowed), names in refused.items():
+            have = f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} dtype {_dtype_name(dtype)}"
+            if allowed is not None:
+                reasons.append(f"{have}; supported: {_dtype_names(allowed)}")
+            else:
                 reasons.append(
-                    f"{name} has dtype {_dtype_name(t.dtype)}, which the Triton interpreter "
-                    f"(TRITON_INTERPRET=1, CPU tensors) computes wrongly; supported there: "
-                    f"{_dtype_names(INTERPRETER_DTYPES)} (run {_dtype_name(t.dtype)} on a GPU)"
+                    f"{have}, which the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) "
+                    f"computes wrongly; supported there: {_dtype_names(INTERPRETER_DTYPES)} "
+                    f"(run {_dtype_name(dtype)} on a GPU)"
                 )
         if self.min_compute_capability is not None and device.type == "cuda":
             have = torch.cuda.get_device_capability(device)
