@@ -10,7 +10,7 @@ Replaced (fused_attention.py):
   vit-pytorch pit.Attention (a copy of vit's)
   vit-pytorch cross_vit.Attention and this repo's crossvit.Attention
   vit-pytorch cvt.Attention and this repo's cvt.Attention
-  the official T2T-ViT Attention in this repo's t2t.py (qkv, proj)
+  the official T2T-ViT Attention in this repo's t2t_vit.py (qkv, proj)
   timm crossvit.CrossAttention (writes softmax(q k^T) v out by hand)
   timm Attention and cait.ClassAttn, only when built with fused_attn off
 
@@ -139,7 +139,7 @@ _rule(
 
 _rule(
     "official T2T-ViT Attention (qkv, proj)",
-    [f"{_ZOO}.t2t.Attention"],
+    [f"{_ZOO}.t2t_vit.Attention"],
     _builder(
         QkvProjAttention,
         {
