@@ -85,25 +85,32 @@ VIT_PYTORCH_MODULES = {
 def ensure_torchvision_importable() -> None:
     """Let ``import timm`` / ``import vit_pytorch`` work beside a mismatched torchvision.
 
-    torchvision's PyPI wheel is a CUDA build; with a CPU torch its compiled ops
-    do not load and its Python code fails registering fakes for two of them.
-    Defining those two schemas (what the compiled library would) lets the pure
-    Python parts, all that timm and vit-pytorch use, import. A matching
-    torchvision already has them and is left alone.
+    Call it before importing timm or vit_pytorch where torchvision does not match
+    torch (the README's CPU environment: PyPI's torchvision is a CUDA build), where
+    ``import timm`` otherwise fails with "operator torchvision::nms does not exist".
+    Its compiled ops do not load there and its Python code then fails registering
+    fakes for two of them; defining those two schemas (what the compiled library
+    would) lets the pure Python parts, all that timm and vit-pytorch use, import.
+    A torchvision that imports as it is (a matching build), or none, is left alone.
     """
-    try:
-        torch.ops.torchvision.nms  # noqa: B018
-        return
-    except (AttributeError, RuntimeError):
-        pass
     if importlib.util.find_spec("torchvision") is None:
         return
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    else:
+        return
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # the failed import's half-initialised modules
     lib = torch.library.Library("torchvision", "FRAGMENT")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define(
         "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
     )
     _KEEP.append(lib)  # the schemas live as long as the Library object
+    import torchvision  # noqa: F401, F811
 
 
 _KEEP: list[object] = []
