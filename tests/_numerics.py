@@ -7,7 +7,9 @@ Any NaN or inf, in the result or in the reference, fails (a test whose reference
 is not finite checks nothing; test NaN propagation with explicit masks instead).
 
 Tolerances are per dtype of the result (``TOL`` for values, ``GRAD_TOL`` for
-gradients, which sum products of rounded intermediates). The floor is dtype-aware:
+gradients, which sum products of rounded intermediates); a test whose op rounds
+more (a kernel's TF32 products on a GPU, a bias table summed in half precision)
+passes its own ``tol`` and says why. The floor is dtype-aware:
 by default the dtype's smallest normal number, below which values lose relative
 precision; a caller whose reference can be near zero by cancellation of O(1) terms
 (a softmax gradient over a single key) passes the scale of those terms instead.
@@ -19,8 +21,8 @@ import torch
 
 __all__ = ["FLOOR", "GRAD_TOL", "TOL", "assert_close", "rel_err"]
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-GRAD_TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 FLOOR = {dtype: torch.finfo(dtype).tiny for dtype in TOL}
 
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _numerics import GRAD_TOL, TOL, assert_close
 
 import vitkernels
 from vitkernels import BackendNotSupportedError
@@ -21,9 +22,6 @@ from vitkernels.ops import performer as ops
 tk = pytest.importorskip("vitkernels.triton.performer")
 
 BACKENDS = ["torch", "triton"]
-# tolerance relative to the largest magnitude of the expected tensor
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-GRAD_TOL = {torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def features(M: int, E: int, norm: float | None = None) -> torch.Tensor:
@@ -42,16 +40,6 @@ def kqv_views(B: int, T: int, E: int, dtype: torch.dtype, scale: float = 1.0):
 def ref64(q, k, v, w, eps=1e-8) -> torch.Tensor:
     return reference.performer_attention(q.double(), k.double(), v.double(), w.double(), eps=eps)
 
-
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "", floor: float = 1e-30
-) -> None:
-    """max |actual - expected| <= tol * max(max |expected|, floor), and all finite."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _numerics import GRAD_TOL, TOL, assert_close
 
 import vitkernels
 from vitkernels import cuda as vk_cuda
@@ -22,8 +23,6 @@ tk = pytest.importorskip("vitkernels.triton.performer")
 DEV = "cuda"
 KERNELS = ["triton"] + (["cuda"] if vk_cuda.has_op("performer_attention_fwd") else [])
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-GRAD_TOL = {torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 SHAPES = [  # B, T, E, M
     (4, 3136, 64, 32),  # T1
     (8, 784, 64, 32),  # T2
@@ -49,13 +48,6 @@ def kqv_views(B, T, E, dtype, scale=2.0):
     k, q, v = kqv.split(E, dim=-1)
     return q, k, v
 
-
-def assert_close(actual, expected, tol, what="", floor=1e-30):
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 @pytest.fixture

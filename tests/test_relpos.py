@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _numerics import GRAD_TOL, TOL, assert_close
 
 import vitkernels
 from vitkernels import BackendNotSupportedError
@@ -22,9 +23,8 @@ from vitkernels.ops import relpos as ops
 tk = pytest.importorskip("vitkernels.triton.relpos")
 
 BACKENDS = ["torch", "triton"]
-# tolerance relative to the largest magnitude of the expected tensor
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
-GRAD_TOL = {torch.float32: 5e-5, torch.float16: 1.5e-2}
+# the table gradient sums Nq * Nk rounded products per entry: float16 gets more room
+GRAD_TOL = {**GRAD_TOL, torch.float16: 1.5e-2}
 
 # id: (B, H, R, C, q_stride, Dk, Dv)
 CASES = {
@@ -129,14 +129,6 @@ def ref64(q, k, v, table, *, fmap_size, q_stride=1, scale=None, bias_scale=1.0, 
     )  # fmt: skip
     return out, (q, k, v, table)
 
-
-def assert_close(actual, expected, tol, what="", floor=1e-30) -> None:
-    """max |actual - expected| <= tol * max(max |expected|, floor), and all finite."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 def check_grads(backend, q, k, v, table, kw, tol, what=""):
