@@ -22,6 +22,7 @@ import vitkernels.models.cvt as cvt_mod
 import vitkernels.models.levit as levit_mod
 import vitkernels.models.t2t as t2t_mod
 import vitkernels.models.t2t_vit as t2t_vit_mod
+from _numerics import assert_close
 
 # ----------------------------------------------------------------------------
 # named configurations
@@ -111,7 +112,7 @@ def _check_parity(ref: torch.nn.Module, ours: torch.nn.Module, img: torch.Tensor
     else:
         expected, got = (expected,), (got,)
     for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+        assert_close(g, e, what="against vit-pytorch")
 
 
 @pytest.mark.parametrize("distill", [None, 4])
@@ -200,7 +201,7 @@ def test_token_performer_single_attn_matches_paper(dim, in_dim, tokens):
     with torch.no_grad():
         got = block.single_attn(x)
     assert got.shape == (3, tokens, in_dim) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert_close(got, expected, what="single_attn")
 
 
 def test_token_performer_forward_matches_paper():
@@ -214,7 +215,7 @@ def test_token_performer_forward_matches_paper():
     z = F.gelu(z @ p["mlp.0.weight"].T + p["mlp.0.bias"]) @ p["mlp.2.weight"].T + p["mlp.2.bias"]
     with torch.no_grad():
         got = block(x)
-    torch.testing.assert_close(got.double(), y + z, rtol=1e-4, atol=1e-5)
+    assert_close(got, y + z, what="forward")
 
 
 def test_token_performer_random_features_fixed():

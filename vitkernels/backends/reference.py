@@ -87,12 +87,14 @@ def performer_attention(
 
     Written with constant factors that cancel exactly, so that exp() stays in
     range wherever the result is finite: with a(x) = x @ w.T - |x|^2 / 2, the
-    features are exp(a(k) - c) for keys, c[m] = max_t a(k)[t, m], and
-    exp(a(q) + c - r) for queries, r[t] = max_m (a(q) + c)[t, m]. Every product
-    phi(q_t)_m phi(k_j)_m is then the literal one times M exp(c - c - r[t]) =
-    M exp(-r[t]), a factor of query row t alone, which cancels between the
-    numerator and the denominator once eps is multiplied by it. The largest
-    product in each row is 1, so the denominator never vanishes with eps = 0.
+    features are kp = exp(a(k) - c) for keys, c[m] = max_t a(k)[t, m], and
+    qp = exp(a(q) + c - r) for queries, r[t] = max_m (a(q) + c)[t, m], so that
+
+        qp[t, m] kp[j, m] = exp(a(q_t)_m + a(k_j)_m - r[t]) = M exp(-r[t]) phi(q_t)_m phi(k_j)_m:
+
+    a factor of query row t alone, which cancels between the numerator and the
+    denominator once eps is multiplied by it too. The largest product in each
+    row is 1, so the denominator never vanishes, eps = 0 included.
     """
     out_dtype = q.dtype
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
