@@ -20,16 +20,31 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from .t2t_vit import T2T_module, T2T_ViT, Token_performer, conv_output_size
+from .t2t_vit import (
+    Attention,
+    Block,
+    DropPath,
+    Mlp,
+    T2T_module,
+    T2T_ViT,
+    Token_performer,
+    conv_output_size,
+    get_sinusoid_encoding,
+)
 from .vit import Transformer, check_int, check_pool, check_prob, embed_tokens
 
 __all__ = [
     "RearrangeImage",
     "T2TViT",
-    # the official layout, defined in t2t_vit.py
+    # the official layout, defined in t2t_vit.py (its CONFIGS are registered from there)
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
     "T2T_ViT",
     "T2T_module",
     "Token_performer",
+    "get_sinusoid_encoding",
 ]
 
 

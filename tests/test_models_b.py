@@ -297,8 +297,9 @@ def test_t2t_layouts_live_in_their_own_files_and_old_imports_keep_working():
     assert t2t_mod.T2TViT.__module__ == "vitkernels.models.t2t"
     for name in ("T2T_ViT", "T2T_module", "Token_performer", "Block", "Attention"):
         assert getattr(t2t_vit_mod, name).__module__ == "vitkernels.models.t2t_vit", name
-    for name in ("T2T_ViT", "T2T_module", "Token_performer"):  # the old import path
-        assert getattr(t2t_mod, name) is getattr(t2t_vit_mod, name)
+    for name in ("T2T_ViT", "T2T_module", "Token_performer", "Attention", "Block"):
+        assert getattr(t2t_mod, name) is getattr(t2t_vit_mod, name)  # the old import path
+    for name in ("T2T_ViT", "T2T_module", "Token_performer"):
         assert getattr(models, name) is getattr(t2t_vit_mod, name)
     assert models.T2TViT is t2t_mod.T2TViT
     assert type(models.create("t2t_vit_14", img_size=32, depth=1)) is t2t_vit_mod.T2T_ViT

@@ -555,3 +555,15 @@ def test_float16_logits_beyond_float16_range(backend):
     out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
     expected, _ = ref64(q, k, v, table, **kw)
     assert_close(out, expected.detach(), TOL[torch.float16], backend)
+
+
+def test_torch_backend_trains_after_an_inference_mode_call():
+    """A grid first seen under torch.inference_mode (an eval pass) must not leave an
+    inference tensor in the torch backend's index cache: training on that grid
+    afterwards saved it for backward and failed."""
+    case = (1, 2, 3, 7, 2, 8, 8)  # a grid no other test uses
+    q, k, v, table = make(case)
+    kw = kwargs_of(case)
+    with torch.inference_mode():
+        vitkernels.relpos_attention(q, k, v, table, **kw, backend="torch")
+    check_grads("torch", q, k, v, table, kw, GRAD_TOL[torch.float32], "after inference_mode")

@@ -187,7 +187,8 @@ def _relpos_index(fmap_size: tuple[int, int], q_stride: int, device: torch.devic
     key = (fmap_size[0], fmap_size[1], q_stride, str(device))
     idx = _RELPOS_INDEX.get(key)
     if idx is None:
-        idx = relpos_bias_index(fmap_size, q_stride, device=device)
+        with torch.inference_mode(False):  # a normal tensor, usable by later autograd calls
+            idx = relpos_bias_index(fmap_size, q_stride, device=device)
         _RELPOS_INDEX[key] = idx
     return idx
 
