@@ -18,11 +18,11 @@ from torch import nn
 import vitkernels
 from vitkernels.replace import FusedModule, optimize, restore
 from vitkernels.replace.fused_patch_embed import (
+    FusedConvPatchEmbed,
     FusedImageEmbedder,
     FusedPatchSequential,
-    FusedTimmPatchEmbed,
-    soft_split_linear,
 )
+from vitkernels.replace.fused_t2t import soft_split_linear
 
 BACKENDS = [None, "triton", "reference"]
 IMG = 32
@@ -221,7 +221,7 @@ def test_fused_sequential_keeps_sequential_behaviour():
     seq = model.to_patch_embedding
     assert isinstance(seq, FusedPatchSequential) and isinstance(seq, nn.Sequential)
     assert len(seq) == 4 and isinstance(seq[2], nn.Linear)
-    assert "op=patch_embed" in repr(seq)
+    assert "vitkernels=patch_embed" in repr(seq)
 
 
 def test_unfold_sequential_crops_like_unfold():
@@ -249,10 +249,10 @@ def test_timm_patch_embed_with_norm_and_size_checks():
     want = pe(x)
     fused = copy.deepcopy(holder)
     optimize(fused, backend="triton", ops=("patch_embed",))
-    assert isinstance(fused[0], FusedTimmPatchEmbed)
+    assert isinstance(fused[0], FusedConvPatchEmbed)
     torch.testing.assert_close(fused(x), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"input size \(40, 40\) does not match"):
-        fused(torch.randn(1, 3, 40, 40))
+    with pytest.raises(AssertionError, match=r"Input height \(40\) doesn't match model \(32\)"):
+        fused(torch.randn(1, 3, 40, 40))  # timm's own check and exception
     # no fixed image size: Conv2d drops the rows past the last patch; so do we
     free = PatchEmbed(img_size=None, patch_size=8, in_chans=3, embed_dim=40)
     holder = nn.Sequential(free)
@@ -308,6 +308,7 @@ def test_optimize_report_names_the_op():
 def patch_embed_calls(monkeypatch):
     """Every patch_embed call the fused modules make: their keyword arguments."""
     import vitkernels.replace.fused_patch_embed as fpe
+    import vitkernels.replace.fused_t2t as ft2t
 
     calls = []
     real = fpe.patch_embed
@@ -317,6 +318,7 @@ def patch_embed_calls(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fpe, "patch_embed", spy)
+    monkeypatch.setattr(ft2t, "patch_embed", spy)
     return calls
 
 
@@ -372,8 +374,8 @@ def test_t2t_module_stages_fused_with_performers(patch_embed_calls):
     replaced inside the fused T2T module, and restore undoes both levels."""
     from vitkernels.models.t2t import T2T_module, Token_performer
 
-    from vitkernels.replace.fused_patch_embed import FusedT2TModule
     from vitkernels.replace.fused_performer import FusedTokenPerformer
+    from vitkernels.replace.fused_t2t import FusedT2TModule
 
     model = _zoo("t2t_vit").eval()
     x = torch.randn(2, 3, IMG, IMG)
