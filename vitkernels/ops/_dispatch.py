@@ -53,14 +53,16 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.pop()
 
 
-def forced_backend(explicit: str | None = None) -> str | None:
+def forced_backend(explicit: str | None = None, op: str | None = None) -> str | None:
     """The backend the caller forces, if any: argument, then context, then env.
 
     Under torch.compile the environment variable is read once, when the graph is
     traced; use_backend() blocks are guarded and recompile when they change.
+    ``op`` names the op in the error for an unknown ``explicit`` name.
     """
     if explicit is not None:
-        return _check_name(explicit, "backend=")
+        origin = f"{op}(backend={explicit!r})" if op else f"backend={explicit!r}"
+        return _check_name(explicit, origin)
     ctx = _forced[-1]
     if ctx is not None:
         return ctx
@@ -181,7 +183,7 @@ def select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs:
 
 
 def _select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs: Any) -> Backend:
-    forced = forced_backend(explicit)
+    forced = forced_backend(explicit, op)
     if forced is not None:
         for b in backends:
             if b.name == forced:

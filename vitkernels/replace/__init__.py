@@ -38,11 +38,12 @@ from __future__ import annotations
 import copyreg
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 import re
 import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
@@ -100,14 +101,14 @@ class FusedModule:
             ...  # the fused path (torch.fx traces it: the ops are fx leaves)
     """
 
-    _vk_op: ClassVar[str] = ""
+    # no class annotations here: TorchScript would take them for the module's
+    _vk_op = ""
     # fused containers whose children may be replaced in turn (a T2T patch
     # embedding holding Token_performers); others' children are part of their math
-    _vk_visit_children: ClassVar[bool] = False
+    _vk_visit_children = False
     # properties of the mixin that TorchScript must not compile
-    _vk_jit_unused: ClassVar[tuple[str, ...]] = ()
-    # instances carry ``_vk``, a FusedState (not annotated here: TorchScript reads
-    # a module class's annotations)
+    _vk_jit_unused = ()
+    # instances carry ``_vk``, a FusedState
 
     @classmethod
     def _vk_runs(cls, backend: str | None) -> str:
@@ -180,6 +181,11 @@ def fused_class(base: type[nn.Module], mixin: type[FusedModule]) -> type[nn.Modu
         for name in _overrides(mixin):
             if hasattr(base, name):
                 ns[f"_vk_base_{name}"] = _renamed(getattr(base, name), f"_vk_base_{name}")
+        # TorchScript reads a module's attribute types from its class annotations,
+        # taken from the first class up the bases that has any: the original's
+        ns["__annotations__"] = {
+            k: v for klass in reversed(base.__mro__) for k, v in inspect.get_annotations(klass).items()
+        }
         unused = [*getattr(base, "__jit_unused_properties__", ()), *mixin._vk_jit_unused]
         if unused:
             ns["__jit_unused_properties__"] = unused
@@ -363,6 +369,7 @@ class OptimizeReport:
 # what an unrecognised module's class or attribute name says it is
 _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 _PATCH_NAME = re.compile(r"patch_?embed|embedder|convembedding|tokens_?to_?token|^stem", re.IGNORECASE)
+_PROJECTIONS = ("qkv", "to_qkv", "to_q", "q", "wq", "kqv", "kv", "to_kv")
 _PATCH_ATTRS = frozenset(
     {"patch_embed", "to_patch_embedding", "patch_embedding", "conv_embedding", "stem", "tokens_to_token"}
 )
@@ -370,11 +377,15 @@ _PATCH_ATTRS = frozenset(
 
 def _kind(module: nn.Module, name: str) -> str | None:
     """"attention" or "patch embedding" when the module's class or attribute name
-    says it is one, else None."""
+    (or, for attention, a head count beside a q/qkv projection) says it is one,
+    else None."""
     cls = type(module)
     if cls.__module__.startswith("torch.nn") and cls is not nn.Sequential:
         return None  # torch's own layers (nn.MultiheadAttention is torch's business)
-    if _ATTENTION_NAME.search(cls.__name__):
+    if _ATTENTION_NAME.search(cls.__name__) or (
+        isinstance(getattr(module, "heads", getattr(module, "num_heads", None)), int)
+        and any(k in module._modules for k in _PROJECTIONS)
+    ):
         return "attention"
     if _PATCH_NAME.search(cls.__name__) or name in _PATCH_ATTRS:
         return "patch embedding"
