@@ -292,3 +292,26 @@ def test_other_ops_leave_levit_alone():
     report = vitkernels.optimize(model, backend="torch", ops=("attention",))
     assert report.count() == 0
     assert not any(isinstance(m, FusedModule) for m in model.modules())
+
+
+def test_grid_comes_from_the_module_the_op_cannot_tell(monkeypatch):
+    """A (2, 8) grid has the 16 keys of a (4, 4) one: the op cannot tell them apart
+    (its docstring says so), so the fused module passes its module's own grid."""
+    assert "cannot tell the grid from the shapes" in vitkernels.relpos_attention.__doc__
+    grids = []
+    real = fr.relpos_attention
+    monkeypatch.setattr(fr, "relpos_attention", lambda *a, **k: grids.append(k["fmap_size"]) or real(*a, **k))
+    for resolution in ((2, 8), (8, 2), (4, 4)):
+        original = randomize(timm_levit.Attention(16, key_dim=8, num_heads=2, attn_ratio=2, resolution=resolution))
+        original.eval()
+        model = wrap(copy.deepcopy(original))
+        assert vitkernels.optimize(model, backend="torch", ops=OP).count() == 1
+        x = torch.randn(2, 16, 16)
+        with torch.no_grad():
+            assert_close(model(x), original(x), what=str(resolution))
+        assert grids[-1] == resolution
+    q = torch.randn(1, 2, 16, 8)
+    table = torch.randn(2, 16)
+    wide = vitkernels.relpos_attention(q, q, q, table, fmap_size=(2, 8))
+    square = vitkernels.relpos_attention(q, q, q, table, fmap_size=(4, 4))
+    assert not torch.allclose(wide, square)  # both accepted, different answers

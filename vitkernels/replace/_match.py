@@ -124,7 +124,9 @@ def _probe(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype, device=p.device))
     # train() then eval(): the originals' own eval-time caches (timm LeViT's
     # attention_bias_cache, the official LeViT's ab) are rebuilt from the new values
-    return probe.train().eval()
+    probe.train()  # (timm's LeViT attention returns None from train())
+    probe.eval()
+    return probe
 
 
 def random_input(shape: Sequence[int], like: nn.Module, seed: int = 0) -> torch.Tensor:
