@@ -470,3 +470,42 @@ def test_folded_positions_for_images_smaller_than_configured(name):
     optimize(model, backend="triton", ops=("patch_embed",))
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------
+# timm PiT's ConvEmbedding (a feature map) and CrossViT's PatchEmbed
+
+_TIMM_CONV = {
+    "pit_ti_224": (dict(img_size=32, patch_size=8, stride=4, base_dims=[16, 16, 16], depth=[1, 1, 1],
+                        heads=[2, 2, 2]), 32, ["patch_embed"]),
+    "crossvit_tiny_240": (dict(img_size=48, img_scale=(1.0, 1.0), embed_dim=[32, 48], depth=[[1, 1, 0]],
+                               num_heads=[2, 2], mlp_ratio=[2, 2, 1]), 48, ["patch_embed.0", "patch_embed.1"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
+@pytest.mark.parametrize("name", list(_TIMM_CONV))
+def test_timm_pit_conv_embedding_and_crossvit_patch_embed(name, backend):
+    timm = pytest.importorskip("timm")
+    kw, side, paths = _TIMM_CONV[name]
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        want = model(x)
+    report = optimize(model, backend=backend, ops=("patch_embed",))
+    assert [r.path for r in report.replaced] == paths and not report.left, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+        if name == "pit_ti_224":  # the map the original returns: (B, D, H', W')
+            want_map = model.patch_embed._vk_base_forward(x)
+            torch.testing.assert_close(model.patch_embed(x), want_map, atol=1e-4, rtol=1e-4)
+    assert restore(model) == len(paths)
+
+
+def test_timm_crossvit_multi_conv_stem_is_left_with_the_reason():
+    from timm.models.crossvit import PatchEmbed
+
+    holder = nn.Sequential(PatchEmbed(img_size=48, patch_size=16, embed_dim=32, multi_conv=True))
+    report = optimize(holder, ops=("patch_embed",))
+    (left,) = report.left
+    assert report.count() == 0 and "multi_conv stem" in left.reason

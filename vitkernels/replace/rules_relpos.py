@@ -15,8 +15,8 @@ Replaced (fused_relpos.py):
       (attention_biases, attention_bias_idxs; use_conv either way)
   the official facebookresearch/LeViT Attention and AttentionSubsample, of
       levit.py (tokens) and levit_c.py (maps), under any module path: recognised
-      by layout (attention_biases, attention_bias_idxs, key_dim, d, dh), always
-      checked at optimize time
+      by layout (attention_biases, attention_bias_idxs, key_dim, d, dh; the
+      self-attention's square grid from its index), always checked at optimize time
 """
 
 from __future__ import annotations
@@ -214,7 +214,6 @@ _OFFICIAL_LAYOUT = {
     "d": int,
     "dh": int,
     "scale": NUM,
-    "resolution": int,
     "proj": nn.Module,
     "attention_biases": nn.Parameter,
     "attention_bias_idxs": torch.Tensor,
@@ -232,13 +231,20 @@ def _is_official(m: nn.Module) -> bool:
 def _build_official(module: nn.Module) -> Plan | str:
     down = isinstance(module._modules.get("kv"), nn.Module)
     layout = {**_OFFICIAL_LAYOUT, **({"kv": nn.Module, "q": nn.Module, "stride": int,
-                                      "resolution_": int} if down else {"qkv": nn.Module})}  # fmt: skip
+                                      "resolution": int, "resolution_": int}
+                                     if down else {"qkv": nn.Module})}  # fmt: skip
     absent = missing(module, layout)
     if absent:
         return "not the official LeViT attention layout the fused module expects: " + ", ".join(
             absent
         )
-    R, s = module.resolution, module.stride if down else 1
+    if down:
+        R, s = module.resolution, module.stride
+    else:  # the official Attention keeps no resolution: its (N, N) index tells the grid
+        n = module.attention_bias_idxs.shape[-1]
+        R, s = math.isqrt(n), 1
+        if R * R != n:
+            return f"attention_bias_idxs has {n} keys; expected a square grid's side**2"
     if down and module.resolution_ != (R - 1) // s + 1:
         return (
             f"resolution_={module.resolution_}; expected (resolution - 1) // stride + 1 = "
