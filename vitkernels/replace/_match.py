@@ -13,6 +13,7 @@ the module is replaced only when they agree.
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,16 +44,20 @@ def qualname(cls: type) -> str:
 
 def known_class(module: nn.Module, names: frozenset[str]) -> type | None:
     """The first class in the module's MRO whose "module.path.ClassName" is in
-    ``names`` (the class itself or an ancestor), or None."""
+    ``names`` (the class itself or an ancestor), or None. A name may hold ``*``
+    wildcards ("vitkernels.models.t2t*.Attention": this package's T2T-ViT files,
+    however they are split)."""
     for klass in type(module).__mro__:
-        if qualname(klass) in names:
+        name = qualname(klass)
+        if name in names or any("*" in n and fnmatch.fnmatchcase(name, n) for n in names):
             return klass
     return None
 
 
 def subclass_of(*names: str) -> Callable[[nn.Module], bool]:
-    """Matcher for modules of one of the classes "module.path.ClassName" or of a
-    subclass of one (neither vit-pytorch nor timm is imported to match)."""
+    """Matcher for modules of one of the classes "module.path.ClassName" (wildcards
+    as in ``known_class``) or of a subclass of one (neither vit-pytorch nor timm is
+    imported to match)."""
     known = frozenset(names)
     return lambda m: known_class(m, known) is not None
 

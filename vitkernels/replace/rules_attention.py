@@ -212,5 +212,5 @@ _rule(
 _rule(
     "official T2T-ViT Attention (qkv, proj)",
     lambda m: _qkv_proj_layout(m) and not hasattr(m, "fused_attn"),
-    _builder(frozenset({f"{_ZOO}.t2t.Attention"}), QkvProjAttention, _QKV_PROJ, _tokens("qkv")),
+    _builder(frozenset({f"{_ZOO}.t2t*.Attention"}), QkvProjAttention, _QKV_PROJ, _tokens("qkv")),
 )

@@ -32,7 +32,7 @@ from vitkernels.replace._match import (
 )
 from vitkernels.replace.fused_performer import FusedTokenPerformer, PerformerSpec
 
-_KNOWN = frozenset({"vitkernels.models.t2t.Token_performer"})
+_KNOWN = frozenset({"vitkernels.models.t2t*.Token_performer"})  # however t2t is split
 
 
 def _matches(module: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from vitkernels.replace._match import input_width, plan_for, random_input
 from vitkernels.replace.fused_patch_embed import unfold_geometry
 from vitkernels.replace.fused_t2t import FusedT2TModule
 
-_KNOWN = frozenset({"vitkernels.models.t2t.T2T_module"})
+_KNOWN = frozenset({"vitkernels.models.t2t*.T2T_module"})  # however t2t is split
 # the smallest square image all three soft splits (strides 4, 2, 2) take
 _CHECK_SIDE = 32
 
