@@ -509,3 +509,27 @@ def test_timm_crossvit_multi_conv_stem_is_left_with_the_reason():
     report = optimize(holder, ops=("patch_embed",))
     (left,) = report.left
     assert report.count() == 0 and "multi_conv stem" in left.reason
+
+
+def test_position_table_too_short_raises_what_eager_raises():
+    """embed_tokens with a table shorter than the image's tokens: the fused patch
+    embedding adds it as the model does, so the caller sees the same error."""
+    from vitkernels.tokens import embed_tokens
+
+    model = _zoo("vit").eval()
+    fused = copy.deepcopy(model)
+    optimize(fused, ops=("patch_embed",))
+    img = torch.randn(1, 3, IMG + 16, IMG + 16)  # 36 patches, the table has 17 rows
+    with pytest.raises(Exception) as want:
+        embed_tokens(model.to_patch_embedding, img, model.cls_token, model.pos_embedding)
+    with pytest.raises(type(want.value)) as got:
+        embed_tokens(fused.to_patch_embedding, img, fused.cls_token, fused.pos_embedding)
+    assert str(got.value) == str(want.value)
+    short = model.pos_embedding.reshape(-1, 48)[:5]  # 1 + 4 patches of a 16-pixel image
+    with torch.no_grad():  # a table that fits: the same tokens
+        small = torch.randn(1, 3, 16, 16)
+        torch.testing.assert_close(
+            embed_tokens(fused.to_patch_embedding, small, fused.cls_token, short),
+            embed_tokens(model.to_patch_embedding, small, model.cls_token, short),
+            atol=2e-4, rtol=2e-4,
+        )

@@ -93,15 +93,18 @@ def crop_to_grid(
 
 def prefix_and_positions(
     prefix: torch.Tensor | None, pos_embedding: torch.Tensor, D: int, grid: tuple[int, int]
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """patch_embed's (cls_token, pos_embed) for ``prefix`` tokens and the first P + L
-    rows of a ((1,) T, D) position table, L = grid[0] * grid[1]."""
+    rows of a ((1,) T, D) position table, L = grid[0] * grid[1]. pos_embed is None
+    where the table does not hold P + L rows of width D: the caller then adds it
+    as the model does (``add_tokens``), which raises the model's own error."""
     if prefix is not None and prefix.numel() == 0:
         prefix = None  # e.g. ViT with pool="mean": a (0, D) class token
     P = 0 if prefix is None else prefix.numel() // max(prefix.shape[-1], 1)
-    if pos_embedding.shape[-1] == D:  # otherwise patch_embed says what is wrong
-        pos_embedding = pos_embedding.reshape(-1, D)[: P + grid[0] * grid[1]]
-    return prefix, pos_embedding
+    rows = P + grid[0] * grid[1]
+    if pos_embedding.shape[-1] != D or pos_embedding.numel() // D < rows:
+        return prefix, None
+    return prefix, pos_embedding.reshape(-1, D)[:rows]
 
 
 def _norm(module: nn.Module, name: str | None) -> tuple | None:
@@ -201,6 +204,8 @@ class FusedPatchSequential(FusedModule):
             prefix, pos_embedding, self._modules[s.linear].out_features,
             patch_grid(fusable.shape[-2:], s.kernel_size, s.stride, s.padding),
         )  # fmt: skip
+        if pos is None:
+            return add_tokens(self._vk_call(fusable), prefix, pos_embedding)
         return self._vk_call(fusable, pos_embed=pos, cls_token=cls)
 
 
@@ -242,10 +247,12 @@ class FusedConvPatchEmbed(FusedModule):
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
         s: ConvPatchSpec = self._vk.spec
+        if not self._vk_applies(x):
+            return self._vk_base_forward(x)
         conv = self._modules[s.conv]
         ks, st, pad = pair(conv.kernel_size), pair(conv.stride), pair(conv.padding)
-        cropped = crop_to_grid(x, ks, st, pad) if not _traced(x) else x
-        if cropped is None or not self._vk_applies(x):
+        cropped = x if _traced(x) else crop_to_grid(x, ks, st, pad)
+        if cropped is None:
             return self._vk_base_forward(x)
         norm = _norm(self, "norm") if s.norm and type(self.norm) is not nn.Identity else None
         tokens = patch_embed(
@@ -280,7 +287,10 @@ class FusedImageEmbedder(FusedModule):
         seq = self.to_patch_embedding
         lin = seq._modules[s.linear]
         grid = patch_grid(img.shape[-2:], s.kernel_size, s.stride, s.padding)
-        pos = self.pos_embedding.reshape(-1, self.pos_embedding.shape[-1])[: grid[0] * grid[1] + 1]
+        D = self.pos_embedding.shape[-1]
+        if self.pos_embedding.numel() // D < grid[0] * grid[1] + 1:
+            return self._vk_base_forward(img)  # the table is too short: the original's error
+        pos = self.pos_embedding.reshape(-1, D)[: grid[0] * grid[1] + 1]
         x = patch_embed(
             img, lin.weight, lin.bias, kernel_size=s.kernel_size, stride=s.stride,
             padding=s.padding, patch_order=s.patch_order,
