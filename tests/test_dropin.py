@@ -29,7 +29,7 @@ FAMILIES = {
     "cait_xxs24_224": (dict(img_size=32, patch_size=8, depth=2, depth_token_only=1), 32, dict(out_indices=(1,))),
     "pit_ti_224": (dict(img_size=32, patch_size=8, stride=4, base_dims=[16, 16, 16], depth=[1, 1, 1],
                         heads=[2, 2, 2]), 32, {}),
-    "levit_128s": (dict(img_size=64), 64, {}),
+    "levit_128s": (dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(1, 1, 1)), 64, {}),
     "crossvit_tiny_240": (dict(img_size=48, img_scale=(1.0, 1.0), embed_dim=[32, 48], depth=[[1, 1, 0]],
                                num_heads=[2, 2], mlp_ratio=[2, 2, 1]), 48, None),
 }  # fmt: skip
