@@ -110,7 +110,7 @@ class T2TStyle(nn.Module):
         return self.kqv(self.norm1(self.soft_split0(img).transpose(1, 2)))
 
     def fused(self, img: torch.Tensor, backend: str) -> torch.Tensor:
-        from vitkernels.replace.fused_patch_embed import soft_split_linear
+        from vitkernels.replace.fused_t2t import soft_split_linear
 
         return soft_split_linear(img, self.soft_split0, self.kqv, self.norm1, backend=backend)
 

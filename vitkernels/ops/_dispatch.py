@@ -67,14 +67,16 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.pop()
 
 
-def forced_backend(explicit: str | None = None) -> str | None:
+def forced_backend(explicit: str | None = None, op: str | None = None) -> str | None:
     """The backend the caller forces, if any: argument, then context, then env.
 
     Under torch.compile the environment variable is read once, when the graph is
     traced; use_backend() blocks are guarded and recompile when they change.
+    ``op`` names the op in the error for an unknown ``explicit`` name.
     """
     if explicit is not None:
-        return _check_name(explicit, "backend=")
+        origin = f"{op}(backend={explicit!r})" if op else f"backend={explicit!r}"
+        return _check_name(explicit, origin)
     ctx = _forced[-1]
     if ctx is not None:
         return ctx
@@ -304,7 +306,7 @@ def _verdicts(
 
 def select(backends: Sequence[Backend], inputs: Inputs, explicit: str | None = None) -> Backend:
     """The backend that runs ``inputs``; raises BackendNotSupportedError when none can."""
-    forced = forced_backend(explicit)
+    forced = forced_backend(explicit, inputs.op)
     verdicts = _verdicts(backends, inputs, forced)
     name, reasons = verdicts[-1]
     if not reasons:
@@ -325,7 +327,7 @@ def explain(
 ) -> tuple[str | None, list[tuple[str, list[str]]]]:
     """Which backend would run ``inputs`` (None: none can), and every backend's reasons
     to refuse them (an empty list for one that can), without running anything."""
-    forced = forced_backend(explicit)
+    forced = forced_backend(explicit, inputs.op)
     try:
         chosen: str | None = select(backends, inputs, explicit).name
     except BackendNotSupportedError:

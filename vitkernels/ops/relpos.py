@@ -387,7 +387,11 @@ def relpos_attention(
         k: (B, H, Nk, Dk) keys, Nk = R*C.
         v: (B, H, Nk, Dv) values; Dv may differ from Dk.
         bias_table: (H, R*C) for table_layout "hn", (R*C, H) for "nh".
-        fmap_size: the key grid (R, C); an int means a square grid.
+        fmap_size: the key grid (R, C); an int means a square grid. The op
+            cannot tell the grid from the shapes: any (R, C) with R*C = Nk is
+            accepted (a 4x4 and a 2x8 grid both have 16 keys) and gives another
+            answer, so pass the grid the bias table was built for (the modules
+            ``optimize`` installs pass their module's own).
         q_stride: query subsampling of the grid (2 for LeViT's shrink attention).
         scale: multiplies q.k; default Dk**-0.5.
         bias_scale: multiplies the table entry (vit-pytorch LeViT uses 1/scale).
