@@ -39,7 +39,9 @@ def _fail(sentence: str) -> None:
 
 def _toolkit_module():
     """vitkernels/_toolkit.py, loaded by path (importing the package would import torch)."""
-    spec = importlib.util.spec_from_file_location("_vitkernels_toolkit", ROOT / "vitkernels" / "_toolkit.py")
+    spec = importlib.util.spec_from_file_location(
+        "_vitkernels_toolkit", ROOT / "vitkernels" / "_toolkit.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -197,7 +197,9 @@ def test_no_toolkit_is_one_sentence_naming_cuda_home(no_toolkit_env):
 
 def test_cuda_home_that_is_not_a_folder_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
-    with pytest.raises(_toolkit.ToolkitError, match="CUDA_HOME is .*nowhere, which is not a folder"):
+    with pytest.raises(
+        _toolkit.ToolkitError, match="CUDA_HOME is .*nowhere, which is not a folder"
+    ):
         _toolkit.cuda_home()
 
 
@@ -253,7 +255,9 @@ def test_csrc_uses_no_python_api():
     """The extension links no Python: one build serves every Python of a torch+CUDA
     (torch/extension.h pulls in pybind11 and the Python C API; ATen and
     torch/library.h do not)."""
-    files = [f for f in sorted((ROOT / "csrc").rglob("*")) if f.suffix in (".cu", ".cuh", ".cpp", ".h")]
+    files = [
+        f for f in sorted((ROOT / "csrc").rglob("*")) if f.suffix in (".cu", ".cuh", ".cpp", ".h")
+    ]
     assert len(files) >= 8, files
     offenders = [
         f"{f.relative_to(ROOT)}:{n}: {line.strip()}"
@@ -475,7 +479,9 @@ def test_installed_library_that_does_not_load_is_reported(cuda_torch, monkeypatc
     monkeypatch.setattr(cuda, "PACKAGE", tmp_path)
     monkeypatch.setattr(cuda, "_installed_library", INSTALLED_LIBRARY)
     reason = cuda.unavailable_reason()
-    assert reason.startswith("the installed CUDA extension") and "_C.abi3.so does not load" in reason
+    assert (
+        reason.startswith("the installed CUDA extension") and "_C.abi3.so does not load" in reason
+    )
 
 
 def test_ops_registered_earlier_are_used_without_loading_again(cuda_torch, monkeypatch):
