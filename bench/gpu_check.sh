@@ -147,7 +147,11 @@ if [ -n "$PREBUILT" ]; then
   export VITKERNELS_CUDA_LIBRARY=$ROOT/${PREBUILT#"$ROOT"/}
   [ "${PREBUILT#/}" != "$PREBUILT" ] && export VITKERNELS_CUDA_LIBRARY=$PREBUILT
 fi
-EXT=$(cuda_status)
+if [ "$DRY" = 1 ]; then
+  EXT="not loaded or built in a dry run (the env stage says why it would not load)"
+else
+  EXT=$(cuda_status)
+fi
 if [ "$EXT" = ok ]; then
   say "CUDA extension: loaded ${VITKERNELS_CUDA_LIBRARY:-(installed or JIT build)}"
 elif [ "$DRY" = 1 ] || [ "$BUILD" = 0 ]; then
