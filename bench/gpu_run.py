@@ -56,6 +56,8 @@ DEFAULT_OPS = ("A1", "A4", "T1", "P1")
 REST_OPS = ("A2", "A3", "A5", "T2", "P2", "P3")
 DEFAULT_MODELS = ("LeViT-256 [timm]", "T2T-ViT-14 [zoo]", "ViT-B/16 [timm]")
 PASSES = ("fwd", "fwd+bwd")
+PEERS = ("eager", "eager_timm", "torch", "compiled", "flex")  # as bench/make_results.py
+OUTSIDE_PEERS = ("eager", "eager_timm", "compiled", "flex")  # not this package's code
 CHEAP_IMPLS = ("eager", "eager_timm", "torch", "triton", "cuda")
 COMPILING_IMPLS = ("compiled", "flex")
 
@@ -429,7 +431,7 @@ def correctness_cases(dry_run: bool) -> list[Case]:
         patch_case("P1 (batch 4)", True, 4, 224, 16, 16, 0, 768, "cpq", False, False, 1),
         patch_case("P2 (batch 2)", True, 2, 224, 16, 16, 0, 768, "pqc", True, True, 1),
         patch_case("P3 (batch 2)", True, 2, 224, 7, 4, 2, 192, "cpq", True, False, 0),
-        patch_case("odd 30x30 k6 s4 p1", False, 2, 30, 6, 4, 1, 40, "cpq", True, True, 1),
+        patch_case("odd 30x30 k6 s4 p2", False, 2, 30, 6, 4, 2, 40, "cpq", True, True, 1),
     ]
 
 
@@ -1056,7 +1058,11 @@ def report(work: Path, out: Path, estimates_dir: Path) -> int:
     (out / results_name).write_text(json.dumps(results, indent=1, default=str) + "\n")
 
     checks = [r for r in records if r["kind"] == "check"]
-    failures = [r for r in records if r.get("status") in ("FAIL", "error")]
+    bad = [r for r in records if r.get("status") in ("FAIL", "error")]
+    # a peer that cannot run a workload (FlexAttention's head-dim rules, a compile
+    # error) is reported; only this package's own failures fail the check
+    peer_errors = [r for r in bad if r["kind"] == "bench" and r["impl"] in OUTSIDE_PEERS]
+    failures = [r for r in bad if r not in peer_errors]
     stages = [r for r in records if r["kind"] == "stage"]
     cuts = [r for r in records if r["kind"] == "cut"]
     tests = pytest_outcome(out / "pytest-gpu.log")
@@ -1070,8 +1076,10 @@ def report(work: Path, out: Path, estimates_dir: Path) -> int:
     lines = summary_lines(
         env, records, rows, ceilings, est, est_file, checks, failures, stages, cuts, tests
     )
-    lines.append(f"files: {results_name} (copy to bench/results/), check.json, summary.txt, "
-                 "gpu_check.log, pytest-gpu.log")  # fmt: skip
+    others = sorted(
+        {p.name for p in out.iterdir() if p.is_file()} - {results_name} | {"summary.txt"}
+    )
+    lines.append(f"files: {results_name} (copy to bench/results/), {', '.join(others)}")
     lines.append("RESULT: " + ("FAILED (see above)" if failed else "ok"))
     text = "\n".join(lines) + "\n"
     (out / "summary.txt").write_text(text)
@@ -1129,15 +1137,15 @@ def summary_lines(
     op_rows = [r for r in rows if r.get("images_per_s") is None]
     if op_rows:
         src = (
-            f"estimate = compiler-based ({est_file.name})"
+            f"estimate = compiler-based ({est_file.name}), not a measurement"
             if est_file
-            else "no estimate file in bench/results/"
+            else "no estimate file in bench/results/ (python -m vitkernels estimate writes one)"
         )
         L += ["", f"ops, measured (median of CUDA-event timed calls), {op_rows[0]['dtype']}, batch "
-              f"{op_rows[0]['batch']}; {src}, not a measurement:"]  # fmt: skip
+              f"{op_rows[0]['batch']}; {src}:"]  # fmt: skip
         L.append(f"{'workload':<13}{'impl':<11}{'measured us':>12}{'estimate us':>12}{'floor us':>10}"
                  f"{'of floor':>9}{'vs eager':>9}{'vs peer':>8}")  # fmt: skip
-        peers = ("eager", "eager_timm", "torch", "compiled", "flex")
+        peers = PEERS
         for wl in dict.fromkeys(r["workload"] for r in op_rows):
             group = [r for r in op_rows if r["workload"] == wl]
             eager = min(
