@@ -4,8 +4,10 @@
 #   bash bench/gpu_check.sh [--minutes 9] [--out DIR] [--prebuilt PATH] [--no-build]
 #                           [--compile-mode MODE] [--dry-run]
 #
-# In priority order, each stage given what is left of the deadline (stopped with SIGINT
-# when it runs over; what it measured stays, what it cut is recorded):
+# In priority order, each stage given what is left of the deadline, and the first four
+# at most a share of it (env 10%, correctness 25%, ops 35%, models 20%), so that a slow
+# stage leaves time to the next (a stage that runs over is stopped with SIGINT; what it
+# measured stays, what it cut is recorded):
 #   1. versions, clocks, the two ceilings (a 2 GiB device-to-device copy, an 8192^3
 #      bf16 matrix product)                                         bench/gpu_run.py env
 #   2. correctness: every op x backend x dtype, forward and backward, against float64
@@ -58,7 +60,8 @@ done
 if ! [[ $MINUTES =~ ^[0-9]+([.][0-9]+)?$ ]]; then
   echo "gpu_check.sh: --minutes takes a number of minutes, got '$MINUTES'" >&2; exit 2
 fi
-DEADLINE=$(( START + $(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 }') ))
+TOTAL=$(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 }')
+DEADLINE=$(( START + TOTAL ))
 RESERVE=15  # seconds kept for the report at the end
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -81,18 +84,21 @@ note() {  # note STAGE STATUS SECONDS [NOTE]: one record for the report
     "$1" "$2" "$3" "${4:-}" >>"$WORK/stages.jsonl"
 }
 report() { "$PY" bench/gpu_run.py report --work "$WORK" --out "$OUTDIR" "$@"; }
-run_stage() {  # run_stage NAME MIN_SECONDS CMD...: run CMD within what is left
-  local name=$1 min=$2 t0 rc status budget
-  shift 2
+run_stage() {  # run_stage NAME MIN_SECONDS CAP_SECONDS CMD...: CMD within what is left (and CAP)
+  local name=$1 min=$2 cap=$3 t0 rc status budget
+  shift 3
   budget=$(left)
   if [ "$budget" -lt "$min" ]; then
     say "$name: cut (${budget}s left, needs ${min}s)"
     note "$name" cut 0 "deadline: ${budget}s left"
     return 0
   fi
+  [ "$cap" -gt 0 ] && [ "$cap" -lt "$budget" ] && budget=$cap
   say "$name (up to ${budget}s)"
   t0=$(date +%s)
-  timeout -s INT -k 20 "$budget" "$@"
+  # the stage's own deadline is STAGE_END; SIGINT there (it stops, keeping what it
+  # measured, recording what it cut), KILL 20 s later
+  timeout -s INT -k 20 "$budget" "${@//@STAGE_END@/$(( t0 + budget ))}"
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -103,11 +109,11 @@ run_stage() {  # run_stage NAME MIN_SECONDS CMD...: run CMD within what is left
   report >/dev/null 2>&1  # the files under --out follow every stage
   return 0
 }
-stage() {  # stage NAME MIN_SECONDS gpu_run.py-args...
-  local name=$1 min=$2
-  shift 2
-  run_stage "$name" "$min" "$PY" bench/gpu_run.py "$@" --work "$WORK" "${DRY_FLAG[@]}" \
-    --deadline $(( DEADLINE - RESERVE )) --compile-mode "$COMPILE_MODE"
+stage() {  # stage NAME MIN_SECONDS SHARE_OF_THE_DEADLINE_% gpu_run.py-args...
+  local name=$1 min=$2 share=$3
+  shift 3
+  run_stage "$name" "$min" $(( TOTAL * share / 100 )) "$PY" bench/gpu_run.py "$@" --work "$WORK" \
+    "${DRY_FLAG[@]}" --deadline @STAGE_END@ --compile-mode "$COMPILE_MODE"
 }
 cuda_status() {  # "ok" when the extension loads here, else why not
   "$PY" -c 'from vitkernels import cuda; print(cuda.unavailable_reason() or "ok")' 2>&1 | tail -1
@@ -188,15 +194,15 @@ after_build() {  # once the background build has finished: record it, check the 
   local brc=$?
   BUILD_PID=""
   note build "$([ $brc = 0 ] && echo ok || echo failed)" 0 "$(tail -1 "$OUTDIR/build.log")"
-  [ $brc = 0 ] && stage correctness-cuda 20 correctness --backends cuda --tag cuda
+  [ $brc = 0 ] && stage correctness-cuda 20 10 correctness --backends cuda --tag cuda
 }
 
-stage env 20 env
-stage correctness 30 correctness
+stage env 20 10 env
+stage correctness 30 25 correctness
 after_build
-stage ops 40 ops --workloads A1,A4,T1,P1
+stage ops 40 35 ops --workloads A1,A4,T1,P1
 after_build
-stage models 40 models
+stage models 40 20 models
 after_build
 
 # the remaining gpu tests: the extension's own tests only once it is loaded
@@ -211,11 +217,11 @@ fi
 if [ "$DRY" = 1 ]; then
   note tests skipped 0 "needs a GPU (dry run)"
 else
-  run_stage tests 30 bash -c '"$0" -m pytest -m gpu -v -rfE --no-header -p no:cacheprovider "$@" >"'"$OUTDIR"'/pytest-gpu.log" 2>&1; rc=$?; tail -3 "'"$OUTDIR"'/pytest-gpu.log"; exit $rc' \
+  run_stage tests 30 0 bash -c '"$0" -m pytest -m gpu -v -rfE --no-header -p no:cacheprovider "$@" >"'"$OUTDIR"'/pytest-gpu.log" 2>&1; rc=$?; tail -3 "'"$OUTDIR"'/pytest-gpu.log"; exit $rc' \
     "$PY" "${IGNORE[@]}" "${TESTS[@]}"
 fi
 
-stage ops-rest 40 ops --workloads A2,A3,A5,T2,P2,P3 --tag rest
-stage models-rest 60 models --tag rest \
+stage ops-rest 40 100 ops --workloads A2,A3,A5,T2,P2,P3 --tag rest
+stage models-rest 60 100 models --tag rest \
   --models "DeiT-S distilled [timm];CaiT-XXS24 [timm];PiT-S [timm];LeViT-128S [timm];CrossViT-S [timm];CvT-13 [zoo];DeepViT [zoo]"
 # finish (EXIT trap): stop an unfinished build, write the files, print the summary

@@ -518,29 +518,27 @@ def check_one(st: Stage, case: Case, backend: str, dtype: Any, dev: str) -> None
 def stage_correctness(st: Stage, backends: list[str]) -> None:
     torch = _torch()
     dev = device(st.dry_run)
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     st.record("seed", seed=seed)
-    for case in correctness_cases(st.dry_run):
-        for backend in backends:
-            for dtype in dtypes:
-                what = f"{case.op} {case.name} {backend} {dtype_name(dtype)}"
-                if st.dry_run and (backend != "torch" or dtype != torch.float32):
-                    for p in ("fwd", "bwd"):
-                        st.record("check", op=case.op, case=case.name, backend=backend,
-                                  dtype=dtype_name(dtype), status="skipped", reason=NEEDS_GPU,
-                                  **{"pass": p})  # fmt: skip
-                    continue
-                if not st.fits(what, 3):
-                    return
-                try:
-                    check_one(st, case, backend, dtype, dev)
-                except Exception as exc:  # a crash is a failed check, and the rest still run
-                    for p in ("fwd", "bwd"):
-                        st.record("check", op=case.op, case=case.name, backend=backend,
-                                  dtype=dtype_name(dtype), status="FAIL", **{"pass": p},
-                                  reason=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
+    # bfloat16 first: the dtype that matters on a GPU
+    plan = [(d, c, b) for d in dtypes for c in correctness_cases(st.dry_run) for b in backends]
+    for n, (dtype, case, backend) in enumerate(plan):
+        base = {"op": case.op, "case": case.name, "backend": backend, "dtype": dtype_name(dtype)}
+        if st.dry_run and (backend != "torch" or dtype != torch.float32):
+            for p in ("fwd", "bwd"):
+                st.record("check", **base, **{"pass": p}, status="skipped", reason=NEEDS_GPU)
+            continue
+        what = " ".join(base.values())
+        if not st.fits(f"correctness from {what} on ({len(plan) - n} combinations)", 3):
+            return
+        try:
+            check_one(st, case, backend, dtype, dev)
+        except Exception as exc:  # a crash is a failed check, and the rest still run
+            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+            for p in ("fwd", "bwd"):
+                st.record("check", **base, **{"pass": p}, status="FAIL", reason=reason)
     log("correctness: done")
 
 
