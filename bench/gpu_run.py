@@ -203,16 +203,20 @@ def time_calls(
     reps = int(min(max_reps, max(min_reps, budget_s / per_call)))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    host = time.perf_counter()
     for i in range(reps):
         starts[i].record()
         step(i)
         ends[i].record()
+    host = time.perf_counter() - host  # the host's time to issue the calls (no sync inside)
     ends[-1].synchronize()
     times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True))
     return {
         "time_us": statistics.median(times),
         "min_us": times[0],
         "p90_us": times[int(0.9 * (len(times) - 1))],
+        # host_us >= time_us: the GPU waited for the host (launch-bound at this size)
+        "host_us": host / reps * 1e6,
         "reps": reps,
         "first_call_s": first_s,
     }
@@ -600,14 +604,8 @@ class OpBench:
     """One workload's inputs and implementations: impl(name, train) -> fn(i) or a reason."""
 
     def __init__(self, wid: str, B: int, dev: str, dtype: Any, compile_mode: str, l2: int) -> None:
-        self.wid, self.B, self.dev, self.dtype, self.mode, self.l2 = (
-            wid,
-            B,
-            dev,
-            dtype,
-            compile_mode,
-            l2,
-        )
+        self.wid, self.B, self.dev, self.dtype = wid, B, dev, dtype
+        self.mode, self.l2 = compile_mode, l2
         torch = _torch()
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
         if wid in RELPOS:
@@ -670,10 +668,10 @@ class OpBench:
             q, k, v, _ = self.sets[0]
             with torch.no_grad():
                 got = fn(q, k, v)[:2]
-            want = vitkernels.relpos_attention(
-                q[:2].double(), k[:2].double(), v[:2].double(), self.table.double(), fmap_size=side,
-                q_stride=s, scale=self.scale, backend="reference",
-            )  # fmt: skip
+                want = vitkernels.relpos_attention(
+                    q[:2].double(), k[:2].double(), v[:2].double(), self.table.double(),
+                    fmap_size=side, q_stride=s, scale=self.scale, backend="reference",
+                )  # fmt: skip
             return rel_error(got, want)
 
         return step, check
@@ -1026,7 +1024,8 @@ def report(work: Path, out: Path, estimates_dir: Path) -> int:
             rows.append({
                 "workload": r["workload"], "impl": r["impl"], "dtype": r["dtype"], "pass": r["pass"],
                 "batch": r["batch"], "time_us": r["time_us"], "min_us": r["min_us"],
-                "reps": r["reps"], "tflops": r["flops"] / t / 1e12, "gbps": r["bytes"] / t / 1e9,
+                "reps": r["reps"], "host_us": r.get("host_us"),
+                "tflops": r["flops"] / t / 1e12, "gbps": r["bytes"] / t / 1e9,
                 "floor_us": floor_s * 1e6, "fraction_of_floor": floor_s / t,
                 "bound": "memory" if r["bytes"] / copy_bw >= r["flops"] / matmul else "math",
                 "images_per_s": None, **head,
@@ -1155,9 +1154,14 @@ def summary_lines(
                 vs_peer = (
                     None if r["impl"] in peers or best_peer is None else best_peer / r["time_us"]
                 )
-                L.append(f"{wl:<13}{r['impl']:<11}{r['time_us']:12.1f}{_fmt(e, '12.1f'):>12}"
-                         f"{r['floor_us']:10.1f}{r['fraction_of_floor']:9.0%}"
+                host_bound = (r.get("host_us") or 0) >= 0.9 * r["time_us"]
+                L.append(f"{wl:<13}{r['impl']:<11}{r['time_us']:11.1f}{'*' if host_bound else ' '}"
+                         f"{_fmt(e, '12.1f'):>12}{r['floor_us']:10.1f}{r['fraction_of_floor']:9.0%}"
                          f"{_fmt(eager and eager / r['time_us'], '8.2f', 'x'):>9}{_fmt(vs_peer, '7.2f', 'x'):>8}")  # fmt: skip
+        if any((r.get("host_us") or 0) >= 0.9 * r["time_us"] for r in op_rows):
+            L.append(
+                "* the host issued the calls no faster than the GPU ran them: launch-bound at this size"
+            )
     model_rows = [r for r in rows if r.get("images_per_s") is not None]
     if model_rows:
         L += [

@@ -14,6 +14,10 @@
 * vit-pytorch and timm import torchvision, whose PyPI wheel is a CUDA build
   with compiled ops that a CPU torch cannot load; defining the two op schemas
   its Python code registers fakes for lets `import torchvision` succeed.
+* Triton before 3.7 (the GPU machine has 3.6) interprets a loop bound such as
+  ``range(0, NK, BLOCK)`` with ``int()`` of a one-element 1-d array, which numpy
+  2.4 and later refuse; under the interpreter that one conversion is made as
+  newer Triton makes it (``int(a.squeeze())``), so the child suite passes there too.
 """
 
 from __future__ import annotations
@@ -35,6 +39,34 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 from vitkernels.compare import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()
+
+
+def _interpreter_index_for_new_numpy() -> None:
+    import numpy as np
+
+    try:
+        int(np.zeros(1))
+        return  # this numpy still converts one-element arrays
+    except TypeError:
+        pass
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "vitkernels_shim", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.vitkernels_shim = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _interpreter_index_for_new_numpy()
 
 import pytest  # noqa: E402
 
