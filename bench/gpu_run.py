@@ -829,8 +829,11 @@ def _bench_op(st: Stage, bench: OpBench, wid: str, p: str, impl: str, budget_s: 
         if st.dry_run and impl not in ("eager", "eager_timm", "torch"):
             st.record("bench", **base, status="skipped", reason=NEEDS_GPU)
             return
+        # that every row computes the same function: a wrong one is off by O(1) (the
+        # correctness stage holds the kernels to their dtype's tolerance; eager peers
+        # in bfloat16 are ~1e-2 off the float64 reference)
         err, bad = check()
-        if bad or err > 3e-2:
+        if bad or err > 0.1:
             st.record("bench", **base, status="FAIL", reason=f"output off the float64 reference: "
                       f"relative error {err:.3g}, {bad} non-finite")  # fmt: skip
             return
