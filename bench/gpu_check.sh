@@ -53,7 +53,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --compile-mode) COMPILE_MODE=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --archs) ARCHS=$2; shift 2 ;;
     --venv) VENV=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
     *) echo "prebuild_cuda.sh: unknown argument $1 (expected --archs, --venv, --force)" >&2; exit 2 ;;
   esac
 done
