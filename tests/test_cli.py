@@ -2,36 +2,56 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import vitkernels
 from vitkernels.ops import relpos
 
 
-def test_info_names_versions_and_a_backend_per_op():
+def _info(env: dict[str, str]) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "vitkernels", "info"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "vitkernels", "info"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
-    text = out.stdout
-    assert torch.__version__ in text
-    assert "CUDA extension" in text
-    # without a GPU every op runs on the stock torch composite; on sm_80+ on a kernel
-    if not torch.cuda.is_available():
-        expected = ("torch",)
-    elif torch.cuda.get_device_capability() >= (8, 0):
-        expected = ("triton", "cuda")
-    else:
-        expected = ("torch",)
+    assert torch.__version__ in out.stdout and "CUDA extension" in out.stdout
+    return out.stdout
+
+
+_OPS = ("relpos_attention", "performer_attention", "patch_embed")
+
+
+def _check_backend_lines(text: str, expected: tuple[str, ...]) -> None:
+    """Each op's line names a backend in ``expected``, then one line per backend not
+    taken says why it refuses."""
     lines = text.splitlines()
-    for op in ("relpos_attention", "performer_attention", "patch_embed"):
+    for op in _OPS:
         i = next(i for i, line in enumerate(lines) if line.startswith(op))
         assert lines[i].rstrip().rsplit(": ", 1)[1] in expected, lines[i]
-        # then why each backend not taken refuses, one line each
         assert lines[i + 1].strip().startswith("cuda refuses: ") or "cuda" in expected
+
+
+def test_info_names_versions_and_a_backend_per_op():
+    # CUDA hidden (a GPU machine too): every op runs on the stock torch composite
+    text = _info(dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert "none visible to torch" in text
+    _check_backend_lines(text, ("torch",))
+
+
+@pytest.mark.gpu
+def test_info_on_a_gpu_picks_a_kernel_backend_per_op():
+    text = _info(dict(os.environ))
+    assert torch.cuda.get_device_name(0) in text
+    expected = ("triton", "cuda") if torch.cuda.get_device_capability() >= (8, 0) else ("torch",)
+    _check_backend_lines(text, expected)
 
 
 def test_which_backend_follows_forcing_without_running():
