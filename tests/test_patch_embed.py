@@ -458,17 +458,6 @@ def test_patch_grid_matches_unfold():
         assert torch.nn.functional.unfold(x, kk, stride=ss, padding=pp).shape[-1] == Ho * Wo
 
 
-def test_aot_specs_cover_the_workloads():
-    names = [s.name for s in tp.AOT_SPECS]
-    for dtype in ("f16", "bf16"):
-        assert f"patch_embed_fwd[{dtype},cpq,k16s16p0,C3,D768,pos+cls]" in names  # P1
-        assert f"patch_embed_fwd[{dtype},cpq,k16s16p0,C3,D768,in+out+pos+cls]" in names  # P2
-        assert f"patch_embed_fwd[{dtype},cpq,k7s4p2,C3,D192,in]" in names  # P3
-    assert any(n.startswith("patch_embed_fwd[bf16,pqc,") for n in names)  # channels_last
-    for kernel in ("dw", "dxn", "out_norm_bwd", "stats", "prep"):
-        assert any(n.startswith(f"patch_embed_{kernel}[") for n in names), kernel
-
-
 # ----------------------------------------------------------------------------
 # input errors
 
