@@ -182,6 +182,21 @@ def test_triton_forward(name, dtype):
     assert_close(out, reference64(inputs), dtype, name)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_output_norm_over_one_feature_is_its_bias(backend):
+    """LayerNorm over D = 1 features normalises every token to 0: the output is
+    exactly the norm's bias (float16; the kernel once took the statistics of the
+    unrounded tokens and normalised the rounded ones: errors up to 0.21)."""
+    torch.manual_seed(0)
+    dt = torch.float16
+    images = (torch.randn(2, 3, 8, 8) * 4).to(dt)
+    weight, bias = torch.randn(1, 3, 4, 4).to(dt), torch.randn(1).to(dt)
+    out_norm = (torch.randn(1).to(dt), torch.randn(1).to(dt), 1e-5)
+    out = vitkernels.patch_embed(images, weight, bias, kernel_size=4, out_norm=out_norm, backend=backend)
+    want = out_norm[1].expand(2, 4, 1)
+    assert (out.float() - want.float()).abs().max().item() <= 1e-3, f"{backend}: {out.flatten()} != {want[0, 0]}"
+
+
 @pytest.mark.parametrize("name", ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "distill", "d192"])
 def test_triton_forward_many_tiles(name, small_tiles):
     inputs = make_inputs(CASES[name], torch.float32)

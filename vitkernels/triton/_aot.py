@@ -142,6 +142,7 @@ class Compiled:
     spill_stores: int  # bytes of local-memory stores in the machine code (spills)
     spill_loads: int
     stack_frame: int
+    static_shared: int
 
 
 def bin_dir() -> str:
@@ -202,8 +203,9 @@ def cubin_tool(tool: str, cubin: bytes, *flags: str) -> str:
 
 
 def resources(cubin: bytes, function: str | None = None) -> dict[str, int]:
-    """Registers, stack frame and spill bytes (the local-memory accesses of the
-    machine code, as ptxas counts them) of one function of a cubin."""
+    """Registers, stack frame, static shared memory and spill bytes (the
+    local-memory accesses of the machine code, as ptxas counts them) of one
+    function of a cubin."""
     usage = {m.group(1): m for m in _RE_RES.finditer(cubin_tool("cuobjdump", cubin, "-res-usage"))}
     if not usage:
         raise RuntimeError("cuobjdump -res-usage reported no function")
@@ -215,7 +217,8 @@ def resources(cubin: bytes, function: str | None = None) -> dict[str, int]:
             stores += _SIZES[size or None]
         else:
             loads += _SIZES[size or None]
-    return dict(registers=int(m.group(2)), stack_frame=int(m.group(3)), spill_stores=stores, spill_loads=loads)
+    return dict(registers=int(m.group(2)), stack_frame=int(m.group(3)), static_shared=int(m.group(4)),
+                spill_stores=stores, spill_loads=loads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,6 +185,9 @@ def _patch_embed_fwd_kernel(
             y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         mask = _mask2(row_ok, n_ok, 1, OVEC)
         if OUT_NORM:
+            # the statistics of the tokens as stored (rounded to the output dtype), which
+            # the second pass normalises: as eager's LayerNorm sees its Linear's output
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
             mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
         elif HAS_POS:
             pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
