@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitkernels info | compare | build``."""
+"""Command line: ``python -m vitkernels info | compare | build | estimate``."""
 
 from __future__ import annotations
 
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
         "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
         "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
+        "estimate": ("vitkernels.estimate.run", "estimate_main", "compiler-based speed estimate (sm_90a, no GPU)"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: python -m vitkernels {info,compare,build} [options]\n")
+        print(f"usage: python -m vitkernels {{{','.join(commands)}}} [options]\n")
         for name, (_, _, help_) in commands.items():
             print(f"  {name:<8} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -69,23 +69,24 @@ def analyse(
     insns = sass.reachable(f)
     machine, owner = sass.loops(f, insns)
     sass.attribute(machine, code.source_loops)
+    weight = sass.branch_weights(f, insns)
     warnings: list[str] = []
+    notes: list[str] = []
     loop_trips: dict[int, float] = {}
-    seen_sources: dict[sass.SourceLoop, int] = {}
+    unrolled: dict[int, int] = {}
     for lp in machine:
-        var = lp.source.var if lp.source else None
-        if var is None or var not in trips:
-            what = f"loop variable {var!r}" if var else "no source loop"
-            warnings.append(f"machine loop at {_where(lp)} ({what}) has no trip count: counted once")
+        if len(lp.insns) <= 16 and any(i.op.startswith("ATOM") and "CAS" in i.mods for i in lp.insns):
+            notes.append(f"compare-and-swap retry loop at {_where(lp)} counted once (no contention)")
+            lp.source = None
             loop_trips[id(lp)] = 1.0
-        else:
-            loop_trips[id(lp)] = float(trips[var])
-        if lp.source is not None:
-            seen_sources[lp.source] = seen_sources.get(lp.source, 0) + 1
-    for src, n in seen_sources.items():
-        if n > 1:
-            warnings.append(f"source loop {os.path.basename(src.file)}:{src.first} ({src.var}) "
-                            f"became {n} machine loops, each counted with its trip count")  # fmt: skip
+            continue
+        n = _trip_count(lp, trips)
+        if n is None:
+            what = f"loop variable {lp.source.var!r}" if lp.source else "no source loop"
+            warnings.append(f"machine loop at {_where(lp)} ({what}) has no trip count: counted once")
+            n = 1.0
+        loop_trips[id(lp)] = n
+    _split_unrolled(machine, weight, loop_trips, unrolled, notes)
 
     def mult(lp: sass.Loop | None) -> float:
         m = 1.0
@@ -99,7 +100,7 @@ def analyse(
     mma_static: collections.Counter[str] = collections.Counter()
     mma_executed = 0.0
     for insn in insns:
-        m = mult(owner[insn.addr])
+        m = mult(owner[insn.addr]) * weight[insn.addr]
         executed += m
         mf = sass.mma_flops(insn, warps)
         if mf is not None:
@@ -117,6 +118,7 @@ def analyse(
             "var": lp.source.var if lp.source else None,
             "depth": lp.depth,
             "trips": loop_trips[id(lp)],
+            "unrolled_copies": unrolled.get(id(lp), 1),
             "executions_per_program": mult(lp),
             "insns_per_iteration": len(lp.insns),
             "breakdown": dict(cats.most_common()),
@@ -169,7 +171,73 @@ def analyse(
         "estimate_us": (times[bound] + model.LAUNCH_S) * 1e6,
         "bound": bound,
         "warnings": warnings,
+        "notes": notes,
     }
+
+
+def _trip_count(lp: sass.Loop, trips: dict[str, float]) -> float | None:
+    """The trip count given for the loop's source loop: a header key first, then its variable."""
+    if lp.source is None:
+        return None
+    call = lp.branch.call if lp.branch is not None else None
+    keys = sorted((k for k in trips if lp.source.named(k, call)), key=lambda k: ("@" not in k, k.isidentifier()))
+    return float(trips[keys[0]]) if keys else None
+
+
+# machine loops closer than this (bytes; 16 per instruction) are one unrolled loop
+_UNROLL_GAP = 64 * 16
+
+
+def _split_unrolled(machine: list[sass.Loop], weight: dict[int, float], trips: dict[int, float],
+                    unrolled: dict[int, int], notes: list[str]) -> None:
+    """A runtime loop the compiler unrolled is two or more adjacent machine loops from
+    one source loop: a body of k copies and a remainder of one. Their sizes give k;
+    the trip count n is split: n // k runs of the k-copy body, the rest of the
+    remainder. Same-size machine loops from one source loop are separate inlined
+    instances (a helper called at several places): each runs n times."""
+    groups: dict[tuple, list[sass.Loop]] = collections.defaultdict(list)
+    for lp in machine:
+        if lp.source is not None:
+            groups[(lp.source, id(lp.parent))].append(lp)
+    for loops in groups.values():
+        loops.sort(key=lambda lp: lp.start)
+        clusters: list[list[sass.Loop]] = [[loops[0]]]
+        for lp in loops[1:]:
+            if lp.start - clusters[-1][-1].end <= _UNROLL_GAP:
+                clusters[-1].append(lp)
+            else:
+                clusters.append([lp])
+        for cluster in clusters:
+            if len(cluster) < 2:
+                continue
+            smallest = min(cluster, key=lambda lp: len(lp.insns))
+            factor = {id(lp): _copies(lp, smallest) for lp in cluster}
+            if all(k == 1 for k in factor.values()):
+                continue
+            rest = trips[id(cluster[0])]
+            for lp in sorted(cluster, key=lambda lp: -factor[id(lp)]):
+                k = factor[id(lp)]
+                runs = rest if k == 1 else float(int(rest // k))
+                rest -= runs * k
+                trips[id(lp)] = runs
+                unrolled[id(lp)] = k
+            notes.append(f"{_where(cluster[0])}: unrolled runtime loop, copies "
+                         f"{sorted(factor.values(), reverse=True)}")  # fmt: skip
+
+
+def _copies(big: sass.Loop, small: sass.Loop) -> int:
+    """How many copies of ``small``'s body ``big`` holds: the most common ratio of
+    the counts of each (source line, opcode) both have, branches aside."""
+    if big is small:
+        return 1
+    def counts(lp: sass.Loop) -> collections.Counter:  # the loop's own branch is not copied
+        return collections.Counter((i.file, i.line, i.op) for i in lp.insns if sass.category(i) != "control/sync")
+
+    count_big, count_small = counts(big), counts(small)
+    ratios = collections.Counter(round(count_big[k] / n) for k, n in count_small.items() if count_big[k])
+    if not ratios:
+        return max(1, round(len(big.insns) / max(len(small.insns), 1)))
+    return max(1, ratios.most_common(1)[0][0])
 
 
 def torch_op(name: str, bytes_read: int, bytes_written: int) -> dict[str, Any]:
@@ -187,4 +255,5 @@ def torch_op(name: str, bytes_read: int, bytes_written: int) -> dict[str, Any]:
         "estimate_us": (t + model.LAUNCH_S) * 1e6,
         "bound": "mem",
         "warnings": [],
+        "notes": [],
     }

@@ -243,6 +243,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_RE_LOAD_ROWS = re.compile(r"\bload_rows<\s*T\s*,([^,>]+),([^,>]+),([^,>]+)>\s*\(")
+
+
+def _load_rows_trips(env: dict[str, int]) -> dict[str, float]:
+    """Trip counts of common.cuh's load_rows loops at each call site (keys
+    "header@file:line"): ROWS*(D/8)/NT 16-byte copies per thread on the vectorised
+    path, none on the element-wise fallback (the estimated inputs are contiguous and
+    16-byte aligned, rows of a multiple of 8 elements: load_rows takes the
+    vectorised path). Template arguments are evaluated with ``env``."""
+    out = {}
+    for path in sorted((CSRC / "kernels").glob("*.cuh")):
+        text = path.read_text()
+        for m in _RE_LOAD_ROWS.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            try:
+                rows, d, nt = (eval(a.strip(), {"__builtins__": {}}, dict(env)) for a in m.groups())  # noqa: S307
+            except NameError:
+                continue
+            out[f"idx<ROWS*(D/8)@{path.name}:{line}"] = rows * (d / 8) / nt
+            out[f"idx<ROWS*D;@{path.name}:{line}"] = 0.0
+    return out
+
+
 def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[CudaLaunch | TorchEvent]:
     H, Nq, Nk, Dk, Dv, R = s.heads, s.nq, s.nk, s.dk, s.dv, s.side
     cq = _cdiv(R, s.q_stride)
@@ -264,9 +287,12 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             _p(dtable)))  # fmt: skip
         # csrc/ops/relpos.cu: dtable = at::zeros (float32) before, dtable.to(table's dtype) after
         events = [TorchEvent("zeros", 0, _nbytes(dtable))]
-    table_loop = _cdiv(R * R, 128)  # for (i = tid; i < R*C; i += kThreads)
+    table_loop = R * R / 128  # for (i = tid; i < R*C; i += kThreads): the mean over threads
     for la in launches:
         DK, DV = (la.template_ints + [Dk, Dv])[:2]
+        rows = _load_rows_trips({"kRows": 64, "kThreads": 128, "DK": DK, "DV": DV,
+                                 "BN": 64 if la.base == "vk::relpos_fwd_kernel" else 32 if DK + DV > 160 else 64,
+                                 "BQ": 32 if DK + DV >= 96 else 64})  # fmt: skip
         if la.base == "vk::relpos_fwd_kernel":
             la.trips = {"i": table_loop, "k0": _cdiv(Nk, 64)}
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
@@ -281,6 +307,7 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             la.trips = {"i": table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
             la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
             la.bytes_written = _nbytes(dk, dv, dtable)
+        la.trips.update(rows)
         events.append(la)
     if direction != "fwd":
         events.append(TorchEvent("_to_copy", _nbytes(dtable), _nbytes(table)))
@@ -311,6 +338,12 @@ def _performer(s: PerformerShape, B: int, dtype: torch.dtype, direction: str) ->
     lib = recorder()
     events: list[CudaLaunch | TorchEvent] = []
     part_m, part_u = 4 * B * NC * MP, 4 * B * NC * MP * EX
+    # loops of `idx = tid; idx < N; idx += 128` run N / 128 times per thread on average;
+    # load_rows_ext's element-wise fallback does not run (q, k, v rows are 16-byte aligned
+    # runs of E elements: views of the kqv projection with E a multiple of 8)
+    common_trips = {"idx<MP*EP": MP * EP / 128, "idx<kTok*(EX/8)": 64 * (EX / 8) / 128, "idx<kTok*EX;": 0.0,
+                    "idx<MP*EX": MP * EX / 128, "idx<MP*D::EX": MP * EX / 128, "m<MP": MP / 128,
+                    **_load_rows_trips({"kTok": 64, "EP": EP, "kThreads": 128})}  # fmt: skip
     if direction == "fwd":
         y = _empty(B, T, E, dtype=dtype)
         work = _empty(lib.vk_emu_performer_workspace(B, T, E, M, 0))
@@ -318,13 +351,13 @@ def _performer(s: PerformerShape, B: int, dtype: torch.dtype, direction: str) ->
             KIND[dtype], *common, dims, _f(math.log(1e-8 * M)), _p(y), _s(y), _p(lks), _p(vbar), _p(work)))  # fmt: skip
         for la in launches:
             if la.base == "vk::performer_kv_kernel":
-                la.trips = {"t0": tiles, "idx<MP*EP": _cdiv(MP * EP, 128)}
+                la.trips = {"t0": tiles, **common_trips}
                 la.bytes_read, la.bytes_written = _nbytes(k, v, w), part_m + part_u
-            elif la.base == "vk::performer_kv_combine_kernel":
-                la.trips = {"m<p.M": _cdiv(M, 256), "c<L.NC": NC, "idx<p.M*p.E": _cdiv(M * E, 256)}
+            elif la.base == "vk::performer_kv_combine_kernel":  # 256 threads
+                la.trips = {"m<p.M": M / 256, "c<L.NC": NC, "idx<p.M*p.E": M * E / 256}
                 la.bytes_read, la.bytes_written = part_m + part_u, _nbytes(lks, vbar)
             elif la.base == "vk::performer_q_kernel":
-                la.trips = {"t0": tiles, "idx<MP*EP": _cdiv(MP * EP, 128), "idx<MP*EX": _cdiv(MP * EX, 128)}
+                la.trips = {"t0": tiles, **common_trips}
                 la.bytes_read, la.bytes_written = _nbytes(q, w, lks, vbar), _nbytes(y)
             events.append(la)
         return events
@@ -340,15 +373,13 @@ def _performer(s: PerformerShape, B: int, dtype: torch.dtype, direction: str) ->
     part_g, gbar = 4 * B * NC * MP * EX, 4 * B * MP * EX
     for la in launches:
         if la.base == "vk::performer_bwd_q_kernel":
-            la.trips = {"t0": tiles, "idx<MP*EP": _cdiv(MP * EP, 128), "idx<MP*EX": _cdiv(MP * EX, 128),
-                        "m<MP": 1}  # fmt: skip
+            la.trips = {"t0": tiles, **common_trips}
             la.bytes_read, la.bytes_written = _nbytes(dy, q, w, lks, vbar), _nbytes(dq) + part_g
         elif la.base == "vk::performer_sum_kernel":  # gbar = sum over chunks of the q side's partials
             la.trips = {"r": NC}
             la.bytes_read, la.bytes_written = part_g, gbar
         elif la.base == "vk::performer_bwd_k_kernel":
-            la.trips = {"t0": tiles, "idx<MP*EP": _cdiv(MP * EP, 128), "idx<MP*D::EX": _cdiv(MP * EX, 128),
-                        "m<MP": 1}  # fmt: skip
+            la.trips = {"t0": tiles, **common_trips}
             la.bytes_read, la.bytes_written = _nbytes(k, v, w, lks, vbar) + gbar, _nbytes(dk, dv)
         events.append(la)
     return events
@@ -389,7 +420,9 @@ def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype) -> list[CudaLau
             la.trips = {"i": _cdiv(P * D, 256)}
             la.bytes_read, la.bytes_written = _nbytes(cls, pe[:P] if pe is not None else None), B * P * D * 2
         elif la.base == "vk::patch_embed_gemm_kernel":
-            la.trips = {"kt": _cdiv(K, 32)}
+            # the input norm's statistics pass (line 222) runs only with an input norm
+            la.trips = {"kt@patch_embed.cuh:222": _cdiv(K, 32) if s.in_norm else 0, "kt@patch_embed.cuh:274": _cdiv(K, 32),
+                        "i<16": 16}  # fmt: skip
             la.bytes_read = _nbytes(images, weight, b, inw, inb, pe)
             la.bytes_written = B * L * D * out.element_size()
         elif la.base == "vk::patch_embed_rownorm_kernel":
@@ -406,7 +439,7 @@ def device_functions(arch: int = 90) -> dict[str, Any]:
     from vitkernels.estimate import sass
     from vitkernels.triton._aot import cubin_tool
 
-    funcs = sass.parse(cubin_tool("nvdisasm", cubin(arch), "-c", "-g"))
+    funcs = sass.parse(cubin_tool("nvdisasm", cubin(arch), "-c", "-gi"))
     names = list(funcs)
     proc = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
     plain = proc.stdout.splitlines() if proc.returncode == 0 else names

@@ -69,7 +69,7 @@ def occupancy(registers: int, shared_bytes: int, warps: int) -> Occupancy:
     regs_per_warp = math.ceil(max(registers, 1) * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
     limits = {
         "registers": REGISTERS // (regs_per_warp * warps),
-        "shared memory": SHARED_BYTES // (shared_bytes + SHARED_PER_BLOCK_RESERVED) if shared_bytes else MAX_BLOCKS,
+        "shared memory": SHARED_BYTES // (shared_bytes + SHARED_PER_BLOCK_RESERVED),
         "warps": MAX_WARPS // warps,
         "blocks": MAX_BLOCKS,
     }

@@ -76,7 +76,7 @@ class _TritonCodes:
 
         def build(la):
             c = compile_launch(la, ARCH)
-            funcs = sass.parse(cubin_tool("nvdisasm", c.cubin, "-c", "-g"))
+            funcs = sass.parse(cubin_tool("nvdisasm", c.cubin, "-c", "-gi"))
             f = funcs.get(la.kernel.fn.__name__) or next(iter(funcs.values()))
             stores, loads = sass.spill_bytes(f.insns)
             return analysis.Code("triton", f, c.registers, c.static_shared, stores, loads), c
@@ -118,7 +118,7 @@ def _cuda_launch(la, functions: dict, usage: dict, mangled: dict) -> dict[str, A
     code = analysis.Code("cuda", f, res["registers"], res["static_shared"], stores, loads)
     out = analysis.analyse(code, programs=la.programs, warps=la.warps, dynamic_shared=la.dynamic_shared,
                            trips=la.trips, bytes_read=la.bytes_read, bytes_written=la.bytes_written)  # fmt: skip
-    out.update(name=la.kernel, grid=list(la.grid), block=list(la.block))
+    out.update(kernel=la.kernel, name=la.kernel.removeprefix("vk::"), grid=list(la.grid), block=list(la.block))
     return out
 
 
@@ -153,7 +153,10 @@ def _call(workload, which: str, backend: str, launches: list[dict[str, Any]]) ->
 
 
 def estimate(
-    workloads: list[str] | None = None, backends: tuple[str, ...] = ("triton", "cuda"), jobs: int | None = None
+    workloads: list[str] | None = None,
+    backends: tuple[str, ...] = ("triton", "cuda"),
+    jobs: int | None = None,
+    passes: tuple[str, ...] = PASSES,
 ) -> dict[str, Any]:
     """The estimate as a JSON-ready dict (see the module docstring)."""
     os.environ.pop("TRITON_INTERPRET", None)  # before vitkernels.triton is imported
@@ -179,7 +182,7 @@ def estimate(
     recorded = {}
     if "triton" in backends or "cuda" in backends:
         for w in chosen:
-            for which in PASSES:
+            for which in passes:
                 recorded[(w.id, which)] = record_workload(w.shape, which, torch.bfloat16, arch=ARCH)
         _say(f"recorded {sum(len(r.launches) for r in recorded.values())} Triton launches")
         codes = _TritonCodes(jobs or os.cpu_count() or 1)
@@ -195,7 +198,7 @@ def estimate(
     per_pass: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     if "triton" in backends:
         for w in chosen:
-            for which in PASSES:
+            for which in passes:
                 per_pass[(w.id, which, "triton")] = triton_events(w, which)
 
     if "cuda" in backends:
@@ -213,7 +216,7 @@ def estimate(
             plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
             mangled = {cuda.normalise(p): m for m, p in zip(names, plain.splitlines(), strict=True)}
             for w in chosen:
-                for which in PASSES:
+                for which in passes:
                     if w.op == "patch_embed" and which == "bwd":  # no CUDA backward: Triton's
                         per_pass[(w.id, which, "cuda")] = triton_events(w, which)
                         continue
@@ -289,7 +292,7 @@ def render(result: dict[str, Any]) -> str:
             continue
         tc = la["tensor_core"]
         tcs = f"{tc['kind']} {tc['executed_per_program']:g}" if tc["kind"] != "none" else "none"
-        name = la["name"] if la["backend"] == "triton" else la["kernel"].removeprefix("vk::")
+        name = la["name"]
         lines.append(
             f"{la['workload']:<9}{la['pass']:<5}{name[:33]:<34}{la['programs']:>7}{la['registers']:>5}"
             f"{la['shared_bytes'] / 1024:>8.1f}{la['occupancy']['programs_per_sm']:>5}{la['waves']:>7.2f}{tcs:>22}"
@@ -315,6 +318,7 @@ def estimate_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/estimate-sm90a-<date>.json)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    p.add_argument("--passes", default="fwd,bwd", help="comma-separated: fwd, bwd (default both)")
     args = p.parse_args(argv)
     wl = [w.strip() for w in args.workloads.split(",")] if args.workloads else None
     unknown = [w for w in wl or [] if w not in WORKLOADS]
@@ -327,8 +331,12 @@ def estimate_main(argv: list[str]) -> int:
     if bad or not backends:
         print(f"error: --backends: got {args.backends!r}; expected triton and/or cuda", file=sys.stderr)
         return 2
+    passes = tuple(x.strip() for x in args.passes.split(",") if x.strip())
+    if not passes or any(x not in PASSES for x in passes):
+        print(f"error: --passes: got {args.passes!r}; expected fwd and/or bwd", file=sys.stderr)
+        return 2
     try:
-        result = estimate(wl, backends, args.jobs)
+        result = estimate(wl, backends, args.jobs, passes)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

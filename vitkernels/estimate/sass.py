@@ -1,9 +1,9 @@
 """Machine code (SASS) of one kernel: instructions, control flow, loops, and the
 source loop each machine loop comes from.
 
-``parse(text)`` reads ``nvdisasm -c -g`` output (one or more functions; ``-g``
-puts a ``//## File "...", line N`` comment before the instructions of each
-source line). For one function, ``analyse(function, source_loops)``:
+``parse(text)`` reads ``nvdisasm -c -gi`` output (one or more functions; ``-gi``
+puts a ``//## File "...", line N [inlined at "...", line M]`` comment before the
+instructions of each source line). For one function, ``analyse(function, source_loops)``:
 
 * builds the control-flow graph (labels and branches) and keeps the
   instructions reachable from the entry (the padding after the last EXIT and
@@ -26,10 +26,11 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import os
 import re
 
 _RE_SECTION = re.compile(r"^//-+ \.text\.(\S+)\s+-+")
-_RE_LINE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
+_RE_LINE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 _RE_LABEL = re.compile(r"^(\.L_x_\d+|\w+):\s*$")
 _RE_INSN = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:(@!?U?P[T0-9]+)\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*(.*?);")
 _RE_TARGET = re.compile(r"`?\((\.L_x_\d+|\w+)\)")
@@ -44,6 +45,14 @@ class Insn:
     operands: str
     file: str | None
     line: int | None
+    # (file, line) innermost first: the instruction's line, then the lines that
+    # called the functions inlined there (nvdisasm -gi)
+    chain: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def call(self) -> tuple[str, int] | None:
+        """Where the function holding this instruction was inlined from, if it was."""
+        return self.chain[1] if len(self.chain) > 1 else None
 
     @property
     def full(self) -> str:
@@ -61,19 +70,25 @@ def parse(text: str) -> dict[str, Function]:
     """Functions of nvdisasm output, by name."""
     funcs: dict[str, Function] = {}
     cur: Function | None = None
-    loc: tuple[str | None, int | None] = (None, None)
+    chain: list[tuple[str, int]] = []
+    in_chain = False  # inside a run of location comments (innermost first)
     pending: list[str] = []
     for raw in text.splitlines():
         m = _RE_SECTION.match(raw)
         if m:
             cur = funcs.setdefault(m.group(1), Function(m.group(1), [], {}))
-            loc, pending = (None, None), []
+            chain, in_chain, pending = [], False, []
             continue
         if cur is None:
             continue
         m = _RE_LINE.match(raw)
         if m:
-            loc = (m.group(1), int(m.group(2)))
+            if not in_chain:
+                chain, in_chain = [], True
+            if not chain:
+                chain.append((m.group(1), int(m.group(2))))
+            if m.group(3):
+                chain.append((m.group(3), int(m.group(4))))
             continue
         m = _RE_LABEL.match(raw)
         if m:
@@ -85,7 +100,9 @@ def parse(text: str) -> dict[str, Function]:
             for label in pending:
                 cur.labels[label] = addr
             pending = []
-            cur.insns.append(Insn(addr, m.group(2), m.group(3), m.group(4), m.group(5), *loc))
+            in_chain = False
+            first = chain[0] if chain else (None, None)
+            cur.insns.append(Insn(addr, m.group(2), m.group(3), m.group(4), m.group(5), *first, tuple(chain)))
     for f in funcs.values():
         if f.insns:
             f.labels.setdefault(f.name, f.insns[0].addr)
@@ -142,6 +159,7 @@ class Loop:
     start: int  # address of the first instruction (the branch target)
     end: int  # address of the backward branch
     parent: Loop | None = None
+    branch: Insn | None = None  # the backward branch
     source: SourceLoop | None = None  # the source loop it comes from
     votes: float = 0.0  # the fraction of its own attributed instructions that chose that source loop
     insns: list[Insn] = dataclasses.field(default_factory=list)  # its own (not in a nested loop)
@@ -153,14 +171,15 @@ class Loop:
 
 def loops(f: Function, insns: list[Insn]) -> tuple[list[Loop], dict[int, Loop | None]]:
     """Machine loops (outermost first) and each instruction's innermost loop."""
-    ends: dict[int, int] = {}
+    ends: dict[int, Insn] = {}
     for insn in insns:
         if insn.op != "BRA" or _never(insn):
             continue
         tgt = _target(insn, f.labels)
         if tgt is not None and tgt <= insn.addr and not (tgt == insn.addr and insn.pred is None):
-            ends[tgt] = max(ends.get(tgt, -1), insn.addr)
-    found = sorted((Loop(s, e) for s, e in ends.items()), key=lambda lp: (lp.start, -lp.end))
+            if tgt not in ends or ends[tgt].addr < insn.addr:
+                ends[tgt] = insn
+    found = sorted((Loop(s, b.addr, branch=b) for s, b in ends.items()), key=lambda lp: (lp.start, -lp.end))
     for i, lp in enumerate(found):  # the innermost earlier loop holding it is its parent
         for outer in reversed(found[:i]):
             if outer.start <= lp.start and lp.end <= outer.end:
@@ -186,6 +205,22 @@ class SourceLoop:
     first: int  # the line of the `for`
     last: int  # the last line of its body
     var: str  # the loop variable
+    header: str = ""  # the `for` statement's header without whitespace
+
+    def named(self, key: str, call: tuple[str, int] | None = None) -> bool:
+        """Whether a trip-count key names this loop: its variable, or (a key that is
+        not a plain name) a piece of its header, whitespace ignored; a key ending in
+        "@file:line" names it only where it was inlined from that line."""
+        if "@" in key:
+            key, where = key.rsplit("@", 1)
+            file, _, line = where.rpartition(":")
+            at_for = os.path.basename(self.file) == file and str(self.first) == line
+            at_call = call is not None and os.path.basename(call[0]) == file and str(call[1]) == line
+            if not (at_for or at_call):
+                return False
+        if key.isidentifier():
+            return key == self.var
+        return re.sub(r"\s+", "", key) in self.header
 
     def holds(self, file: str | None, line: int | None) -> bool:
         return file == self.file and line is not None and self.first <= line <= self.last
@@ -194,12 +229,15 @@ class SourceLoop:
 def python_loops(path: str) -> list[SourceLoop]:
     """The ``for`` loops of a Python file."""
     with open(path) as f:
-        tree = ast.parse(f.read(), path)
+        text = f.read()
+    tree = ast.parse(text, path)
+    lines = text.splitlines()
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.For):
             var = node.target.id if isinstance(node.target, ast.Name) else ast.unparse(node.target)
-            out.append(SourceLoop(path, node.lineno, node.end_lineno or node.lineno, var))
+            header = re.sub(r"\s+", "", lines[node.lineno - 1])
+            out.append(SourceLoop(path, node.lineno, node.end_lineno or node.lineno, var, header))
     return out
 
 
@@ -233,19 +271,33 @@ def c_loops(path: str) -> list[SourceLoop]:
                 k += 1
         else:
             k = text.find(";", j) + 1
-        out.append(SourceLoop(path, line_of[m.start()], line_of[max(k - 1, m.start())], m.group(1)))
+        header = re.sub(r"\s+", "", text[m.start() : i])
+        out.append(SourceLoop(path, line_of[m.start()], line_of[max(k - 1, m.start())], m.group(1), header))
     return out
 
 
 def attribute(machine: list[Loop], source: list[SourceLoop]) -> None:
-    """Name each machine loop after the source loop most of its own instructions
-    come from (each instruction votes for the innermost source loop holding its line)."""
+    """Name each machine loop after its source loop: the one whose ``for`` line the
+    loop's closing branch comes from (the innermost such along the branch's inlining
+    chain); where none does, the source loop most of its own instructions come
+    from (each votes for the innermost source loop holding the innermost location
+    of its chain that lies in one)."""
     for lp in machine:
+        if lp.branch is not None:
+            for file, line in lp.branch.chain:
+                headed = [s for s in source if s.file == file and s.first == line]
+                if headed:
+                    lp.source, lp.votes = min(headed, key=lambda s: s.last - s.first), 1.0
+                    break
+        if lp.source is not None:
+            continue
         votes: collections.Counter[SourceLoop] = collections.Counter()
         for insn in lp.insns:
-            holding = [s for s in source if s.holds(insn.file, insn.line)]
-            if holding:
-                votes[min(holding, key=lambda s: s.last - s.first)] += 1
+            for file, line in insn.chain:  # the innermost location inside some source loop
+                holding = [s for s in source if s.holds(file, line)]
+                if holding:
+                    votes[min(holding, key=lambda s: s.last - s.first)] += 1
+                    break
         if votes:
             best, n = votes.most_common(1)[0]
             lp.source, lp.votes = best, n / sum(votes.values())
@@ -324,3 +376,38 @@ def spill_bytes(insns: list[Insn]) -> tuple[int, int]:
             else:
                 loads += size
     return stores, loads
+
+
+def branch_weights(f: Function, insns: list[Insn]) -> dict[int, float]:
+    """1 for every instruction, except the shorter side of each if/else: where a
+    conditional forward branch skips a block that ends in an unconditional forward
+    branch over a second block (the two sides of an if/else), only the longer side
+    counts (one of them runs; which one is not known: the longer bounds it). Inner
+    if/elses are settled first; a side holding a loop's start or end is left alone."""
+    index = {insn.addr: i for i, insn in enumerate(insns)}
+    weight = {insn.addr: 1.0 for insn in insns}
+    back = {(_target(i, f.labels) or -1, i.addr) for i in insns if i.op == "BRA" and (_target(i, f.labels) or 1 << 62) <= i.addr}
+    diamonds = []
+    for a, insn in enumerate(insns):
+        if insn.op != "BRA" or insn.pred is None or _never(insn):
+            continue
+        t = _target(insn, f.labels)
+        if t is None or t <= insn.addr or t not in index:
+            continue
+        ti = index[t]
+        jump = insns[ti - 1]
+        if jump.op != "BRA" or jump.pred is not None:
+            continue
+        y = _target(jump, f.labels)
+        if y is None or y <= jump.addr or y not in index:
+            continue
+        lo, hi = insn.addr, y
+        if any(lo < s <= hi or lo < e <= hi for s, e in back):
+            continue
+        diamonds.append((y - insn.addr, a + 1, ti, index[y]))
+    for _, first, mid, end in sorted(diamonds):
+        then = sum(weight[insns[i].addr] for i in range(first, mid))
+        other = sum(weight[insns[i].addr] for i in range(mid, end))
+        for i in range(mid, end) if then >= other else range(first, mid):
+            weight[insns[i].addr] = 0.0
+    return weight
