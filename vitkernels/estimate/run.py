@@ -45,8 +45,8 @@ def _commit() -> str:
 
 
 def default_output(date: str) -> Path:
-    bench = Path(__file__).resolve().parents[2] / "bench" / "results"
-    folder = bench if bench.is_dir() else Path.cwd()
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    folder = bench / "results" if bench.is_dir() else Path.cwd()
     return folder / f"estimate-sm90a-{date}.json"
 
 
