@@ -232,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="aligned")
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--list", action="store_true", help="list the launches, compile nothing")
+    parser.add_argument("--only", help="compile only the launches whose name contains this")
     args = parser.parse_args(argv)
     results: dict[str, dict[str, object]] = {}
     suffix = "" if args.variant == "aligned" else "/unaligned"
     for arch in args.arch or [80, 90]:
-        launches = recorded_launches(args.variant, arch)
+        launches = [rl for rl in recorded_launches(args.variant, arch) if not args.only or args.only in rl.name]
         for i, rl in enumerate(launches, 1):
             key = f"{rl.name}@sm_{arch}{suffix}"
             if args.list:
