@@ -160,12 +160,10 @@ def estimate(
 ) -> dict[str, Any]:
     """The estimate as a JSON-ready dict (see the module docstring)."""
     os.environ.pop("TRITON_INTERPRET", None)  # before vitkernels.triton is imported
-    if "vitkernels.triton._common" in sys.modules and any(
-        type(getattr(m, "_fwd_kernel", None)).__name__ == "InterpretedFunction"
-        for n, m in sys.modules.items() if n == "vitkernels.triton.relpos"
-    ):  # fmt: skip
-        raise RuntimeError("the Triton kernels were imported under TRITON_INTERPRET=1; run the estimate in a "
-                           "process without it")  # fmt: skip
+    relpos = sys.modules.get("vitkernels.triton.relpos")
+    if relpos is not None and type(relpos._fwd_kernel).__name__ == "InterpretedFunction":
+        raise RuntimeError("the Triton kernels were imported under TRITON_INTERPRET=1, which cannot compile "
+                           "them; run the estimate in a process without it")  # fmt: skip
     import torch
     import triton
 
