@@ -198,7 +198,7 @@ def _nbytes(tensors: Sequence[torch.Tensor | None]) -> int:
     for t in tensors:
         if t is None:
             continue
-        key = (id(t.untyped_storage()), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
