@@ -13,7 +13,8 @@ VITKERNELS_AOT_TRITON_PATHS (colon-separated folders holding another triton, e.g
 `pip install --target DIR triton==3.6.0`) adds those versions for sm_90a: the
 GPU machine runs a different triton than CI, and register allocation differs
 between them. The launches are also compiled with misaligned inputs (views one
-element into a buffer) for sm_90a.
+element into a buffer) for sm_90a. Floating-point fusion is Triton's default (on),
+as a user's launch has it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ VARIANTS = [("installed", 80, "aligned"), ("installed", 90, "aligned"), ("instal
 
 
 def _env(tri: str, cache: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # no interpreter; Triton's default floating-point fusion (tests/conftest.py turns it
+    # off for the interpreter's sake; a user's launch has it on)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     if tri != "installed":
         env["PYTHONPATH"] = os.pathsep.join([tri, env.get("PYTHONPATH", "")])
     if cache:
