@@ -171,7 +171,7 @@ def test_estimate_command_on_a_small_subset(tmp_path):
     from vitkernels.workloads import WORKLOADS
 
     out = tmp_path / "estimate.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     proc = subprocess.run(
         [sys.executable, "-m", "vitkernels", "estimate", "--workloads", "A3,P1", "--backends", "triton",
          "--passes", "fwd", "--out", str(out), "--jobs", "2"],
