@@ -70,7 +70,7 @@ def test_unknown_command_is_named(capsys):
 
     assert main(["bogus"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown command 'bogus'; expected one of info, compare, build")
+    assert err.startswith("error: unknown command 'bogus'; expected one of info, compare, build, estimate")
     assert "usage: python -m vitkernels" in err
     assert main([]) == 2 and "error: no command given" in capsys.readouterr().err
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("vitkernels ")

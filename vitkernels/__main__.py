@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitkernels info | compare | build``.
+"""Command line: ``python -m vitkernels info | compare | build | estimate``.
 
 Exit status 2 means bad arguments (an unknown command or option) or a setup that
 cannot do what was asked, said in one ``error:`` line on stderr.
@@ -104,6 +104,11 @@ COMMANDS = {
     "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
     "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
     "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
+    "estimate": (
+        "vitkernels.estimate.run",
+        "estimate_main",
+        "compiler-based speed estimate (sm_90a, no GPU)",
+    ),
 }
 
 

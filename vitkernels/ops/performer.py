@@ -38,8 +38,8 @@ from vitkernels.ops._dispatch import (
 __all__ = ["BACKENDS", "MAX_E", "MAX_M", "performer_attention", "which_backend"]
 
 # The kernels (triton, and the CUDA extension that mirrors them) keep (M, E) tiles
-# of statistics in registers; larger sizes spill (AOT_SPECS in vitkernels/triton/
-# performer.py are checked for spills) and run on the torch backend instead.
+# of statistics in registers; larger sizes spill (tests/test_compile_budget.py checks
+# the launches for spills) and run on the torch backend instead.
 MAX_E = 64
 MAX_M = 32
 
