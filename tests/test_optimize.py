@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from _numerics import GRAD_TOL, rel_err
 from torch import nn
 
 import vitkernels
@@ -308,25 +309,45 @@ def test_eval_outputs_match_eager(spec, ops, backend):
 
 @pytest.mark.parametrize("spec", MODELS)
 def test_train_mode_outputs_and_gradients_match_eager(spec):
+    """Training-mode outputs, gradients and BatchNorm statistics of the optimized model
+    are as close to a float64 run of the original as the original's float32 run is.
+
+    A parameter whose true gradient is zero or tiny (CvT's last-stage query
+    convolutions feed a mean pool: their gradient is rounding noise) is measured
+    against a thousandth of the model's largest gradient rather than its own scale;
+    one whose gradient is a cancellation of much larger terms (the last norm's bias
+    there) passes when its error is within 1e-5 of the model's largest gradient
+    (about 80 float32 roundings of it).
+    """
     b = build(spec, p=0.0)
     eager = b.model.train()
     for m in eager.modules():  # also the fixed ones (official T2T's Token_performer: 0.1)
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     fused = copy.deepcopy(eager)
+    exact = copy.deepcopy(eager).double()
     vitkernels.optimize(fused, backend="torch")
-    ref, out = eager(b.x), fused(b.x)
+    ref, out, ref64 = eager(b.x), fused(b.x), exact(b.x.double())
     assert_outputs_close(out, ref)
-    weights = [torch.randn_like(t) for t in output_tensors(ref)]
-    sum((t * w).sum() for t, w in zip(output_tensors(ref), weights, strict=True)).backward()
-    sum((t * w).sum() for t, w in zip(output_tensors(out), weights, strict=True)).backward()
-    grads = dict(fused.named_parameters())
+    weights = [torch.randn_like(t, dtype=torch.float64) for t in output_tensors(ref)]
+    for model_out in (ref, out, ref64):
+        tensors = output_tensors(model_out)
+        sum((t * w.to(t.dtype)).sum() for t, w in zip(tensors, weights, strict=True)).backward()
+    grads, grads64 = dict(fused.named_parameters()), dict(exact.named_parameters())
+    top = max((p.grad.abs().max().item() for p in grads64.values() if p.grad is not None), default=0.0)
     for name, p in eager.named_parameters():
         if p.grad is None:
             assert grads[name].grad is None, name
             continue
-        scale = max(1.0, p.grad.abs().max().item())
-        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+        want = grads64[name].grad
+        eager_err = rel_err(p.grad, want, 1e-3 * top)
+        err = rel_err(grads[name].grad, want, 1e-3 * top)
+        noise = rel_err(grads[name].grad, want, top)  # error against the largest gradient
+        allowed = max(GRAD_TOL[torch.float32], 4 * eager_err)
+        assert err <= allowed or noise <= 1e-5, (
+            f"{name}: error {err:.2e} vs float64 (the original's float32: {eager_err:.2e}); "
+            f"{noise:.2e} of the model's largest gradient"
+        )
     for (name, buf), (_, want) in zip(fused.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(buf, want, msg=name)  # BatchNorm running stats moved alike
 
