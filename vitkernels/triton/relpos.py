@@ -378,8 +378,8 @@ def _bwd_dq_kernel(
             x = tl.gather(tl.reshape(ds, [QR * CQP * KR * CP]), g_idx, 0)
             x = tl.sum(tl.reshape(tl.where(g_ok, x, 0.0), [QR * KR, CQP, E]), 1)  # (QR*KR, E)
             # (a select, not a product with a one-hot matrix: Triton rewrites a sum of
-            # a[:, :, None] * b[None, :, :] over axis 1 into a tl.dot of its own, on TF32
-            # tensor cores, and wrong (doubled) where QR*KR < 8)
+            # a[:, :, None] * b[None, :, :] over axis 1 into a tensor-core dot of its
+            # own, TF32 with triton 3.6, and doubled where QR*KR < 8)
             pr_d = tl.abs(pr_q - (kb * KR + pr_k))
             hit = trs[:, None, None] == pr_d[None, :, None]  # (TRP, QR*KR, 1)
             u_acc += tl.sum(tl.where(hit, x[None, :, :], 0.0), 1)
