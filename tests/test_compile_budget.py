@@ -150,3 +150,13 @@ def test_no_register_spills(reports):
     variants = {(tri, key.split("@")[1]) for tri, key in reports}
     expected = {(tri, f"sm_{a}" + ("" if v == "aligned" else "/unaligned")) for tri, a, v in VARIANTS}
     assert variants == expected
+
+
+def test_no_dot_the_compiler_made(reports):
+    """Every tensor-core dot of every compile is a tl.dot of the source. Triton's
+    combine pass turns tl.sum(a[:, :, None] * b[None, :, :], 1) into a dot that runs
+    at TF32 and sums wrongly where the summed axis is shorter than the instruction's
+    K; the interpreter never shows it (relpos's table gradient, 2x at A4 on an H200)."""
+    bad = [f"{key} ({tri}): {dot}" for (tri, key), rep in sorted(reports.items())
+           for dot in rep.get("compiler_dots", [])]  # fmt: skip
+    assert not bad, f"{len(bad)} dots no tl.dot wrote:\n" + "\n".join(bad)

@@ -9,7 +9,11 @@ fails to write fails the test.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,6 +36,7 @@ CASES = {
     "A2 N49": (2, 3, 7, 7, 1, 32, 64),
     "A3 N16": (3, 2, 4, 4, 1, 32, 64),
     "A4 shrink 14to7": (1, 2, 14, 14, 2, 32, 64),
+    "A4 Dv128": (1, 2, 14, 14, 2, 32, 128),  # the workload: dQ takes 2-row query blocks
     "A5 Dk16 Dv32": (1, 2, 14, 14, 1, 16, 32),
     "shrink 7to4": (2, 2, 7, 7, 2, 16, 32),
     "N784 448px": (1, 1, 28, 28, 1, 16, 16),
@@ -50,6 +55,7 @@ GRAD_CASES = [
     "A2 N49",
     "A3 N16",
     "A4 shrink 14to7",
+    "A4 Dv128",
     "shrink 7to4",
     "rect 5x9",
     "rect 6x3 stride2",
@@ -326,6 +332,27 @@ def test_gradcheck_float64(backend):
         return vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
 
     assert torch.autograd.gradcheck(f, (q, k, v, table))
+
+
+def test_table_gradient_compiles_to_the_sources_dots(tmp_path):
+    """The interpreter runs the table-gradient sums as written; the compiler rewrote
+    a one-hot product summed over an axis into a tensor-core dot of its own (TF32,
+    and doubled where the summed axis was 4 long: A4's table gradient came out 2x on
+    an H200). Compile the dQ/table kernel as A4 launches it (2-row query blocks, the
+    doubled case) for sm_90a: every dot must be one the source wrote
+    (vitkernels.triton._aot.compiler_made_dots; test_compile_budget checks every
+    launch of every kernel)."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "vitkernels.triton._aot", "--arch", "90", "--json", str(out),
+           "--only", "relpos_dq[f16,Nq49,Nk196,Dk32,Dv128,S2]"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = json.loads(out.read_text())
+    assert len(reports) == 1, sorted(reports)
+    for key, rep in reports.items():
+        assert "error" not in rep, f"{key}: {rep['error'][:2000]}"
+        assert rep["compiler_dots"] == [], f"{key}: dots no tl.dot wrote: {rep['compiler_dots']}"
 
 
 # ----------------------------------------------------------------------------

@@ -143,6 +143,7 @@ class Compiled:
     spill_loads: int
     stack_frame: int
     static_shared: int
+    compiler_dots: list[str] = dataclasses.field(default_factory=list)  # see compiler_made_dots
 
 
 def bin_dir() -> str:
@@ -177,8 +178,51 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
         cubin=cubin,
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
         num_warps=int(compiled.metadata.num_warps),
+        compiler_dots=compiler_made_dots(compiled.asm["ttir"]),
         **res,
     )
+
+
+_RE_LOC_DEF = re.compile(r"^(#loc\d*) = loc\((.*)\)$", re.M)
+_RE_DOT = re.compile(r"= tt\.dot .*?: (tensor<[^>]*>) \* (tensor<[^>]*>) .*loc\((#loc\d*)\)\s*$", re.M)
+
+
+def _source_lines(ref: str, defs: dict[str, str], depth: int = 0) -> list[tuple[str, int]]:
+    """(file, line) of every source position a TTIR location (``#locN``) refers to,
+    through names and call sites."""
+    expr = defs.get(ref, "")
+    out = [(f, int(line)) for f, line in re.findall(r'"([^"]+)":(\d+):\d+', expr)]
+    if depth < 32:
+        for inner in re.findall(r"#loc\d*", expr):
+            out += _source_lines(inner, defs, depth + 1)
+    return out
+
+
+def compiler_made_dots(ttir: str) -> list[str]:
+    """The ``tt.dot`` ops of a kernel's TTIR that no ``tl.dot`` of the source wrote.
+
+    Triton's combine pass rewrites ``tl.sum(a[:, :, None] * b[None, :, :], 1)`` into
+    a ``tt.dot``: on the GPU that runs on tensor cores at TF32 (triton 3.6) whatever
+    the kernel's float32 policy, and its lowering gives wrong (doubled) sums when the
+    reduced axis is shorter than the instruction's K (8 for float32). The interpreter
+    runs the sum as written, so only the compiled IR shows it. A dot counts as the
+    source's when one of its source lines outside triton's own files calls ``.dot(``.
+    Returns one line per such dot: operand types and the source lines it came from.
+    """
+    import linecache
+
+    import triton
+
+    triton_dir = os.path.dirname(triton.__file__)
+    defs = dict(_RE_LOC_DEF.findall(ttir))
+    found = []
+    for lhs, rhs, ref in _RE_DOT.findall(ttir):
+        lines = [(f, n) for f, n in _source_lines(ref, defs) if not f.startswith(triton_dir)]
+        if any(".dot(" in linecache.getline(f, n) for f, n in lines):
+            continue
+        where = "; ".join(f"{os.path.basename(f)}:{n}: {linecache.getline(f, n).strip()}" for f, n in lines)
+        found.append(f"{lhs} * {rhs} from {where or 'no source line'}")
+    return found
 
 
 _RE_RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -232,12 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="aligned")
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--list", action="store_true", help="list the launches, compile nothing")
-    parser.add_argument("--only", help="compile only the launches whose name contains this")
+    parser.add_argument(
+        "--only", action="append", help="compile only the launches whose name contains this (repeatable)"
+    )
     args = parser.parse_args(argv)
     results: dict[str, dict[str, object]] = {}
     suffix = "" if args.variant == "aligned" else "/unaligned"
     for arch in args.arch or [80, 90]:
-        launches = [rl for rl in recorded_launches(args.variant, arch) if not args.only or args.only in rl.name]
+        launches = [
+            rl for rl in recorded_launches(args.variant, arch) if not args.only or any(o in rl.name for o in args.only)
+        ]
         for i, rl in enumerate(launches, 1):
             key = f"{rl.name}@sm_{arch}{suffix}"
             if args.list:
@@ -247,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
                 c = compile_launch(rl.launch, arch)
                 results[key] = {
                     "registers": c.registers, "spill_stores": c.spill_stores, "spill_loads": c.spill_loads,
-                    "stack_frame": c.stack_frame, "shared_bytes": c.shared_bytes, "cases": rl.cases,
+                    "stack_frame": c.stack_frame, "shared_bytes": c.shared_bytes,
+                    "compiler_dots": c.compiler_dots, "cases": rl.cases,
                 }  # fmt: skip
                 line = f"{c.registers} regs, {c.spill_stores}/{c.spill_loads} B spilled"
+                if c.compiler_dots:
+                    line += f", {len(c.compiler_dots)} dot(s) the compiler made"
             except Exception as exc:  # reported per launch; the test fails on it
                 results[key] = {"error": f"{type(exc).__name__}: {exc}", "cases": rl.cases}
                 line = "ERROR"

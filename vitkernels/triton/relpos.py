@@ -377,9 +377,12 @@ def _bwd_dq_kernel(
             # offsets, then add the blocks into their |dr| rows
             x = tl.gather(tl.reshape(ds, [QR * CQP * KR * CP]), g_idx, 0)
             x = tl.sum(tl.reshape(tl.where(g_ok, x, 0.0), [QR * KR, CQP, E]), 1)  # (QR*KR, E)
+            # (a select, not a product with a one-hot matrix: Triton rewrites a sum of
+            # a[:, :, None] * b[None, :, :] over axis 1 into a tensor-core dot of its
+            # own, TF32 with triton 3.6, and doubled where QR*KR < 8)
             pr_d = tl.abs(pr_q - (kb * KR + pr_k))
-            onehot_r = (trs[:, None] == pr_d[None, :]).to(tl.float32)  # (TRP, QR*KR)
-            u_acc += tl.sum(onehot_r[:, :, None] * x[None, :, :], 1)
+            hit = trs[:, None, None] == pr_d[None, :, None]  # (TRP, QR*KR, 1)
+            u_acc += tl.sum(tl.where(hit, x[None, :, :], 0.0), 1)
         tl.store(
             DQ_ + (bh * NQ + q_tok)[:, None] * DK + offs_dk[None, :],
             (dq * sm_scale).to(DQ_.dtype.element_ty),
