@@ -242,7 +242,9 @@ def _check(
     inputs' dtype (lse, lks and vbar are float32 results of 16-bit inputs); NaN fails.
     Gradients are measured against a scale of at least 1e-2, as on the GPU
     (test_cuda_gpu.check): a reference that is exactly zero (one token) still allows rounding."""
-    assert_close(got, want.detach(), (GRAD_TOL if grad else TOL)[dtype], name, floor=1e-2 if grad else None)
+    assert_close(
+        got, want.detach(), (GRAD_TOL if grad else TOL)[dtype], name, floor=1e-2 if grad else None
+    )
 
 
 # relpos: (B, H, R, C, q_stride, Dk, Dv, dtype, table layout, table dtype, strided views)
@@ -335,7 +337,9 @@ PERFORMER_CASES = [
     # the first GPU run found dq ~1e-2 (g . vbar and g . y rounded apart to tf32): fixed.
     # dk is still off there the same way (v . dvbar and gs rounded apart to tf32): open
     *(
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="dk at T=1: tf32 rounding, open"))
+        pytest.param(
+            c, marks=pytest.mark.xfail(strict=True, reason="dk at T=1: tf32 rounding, open")
+        )
         for c in PERFORMER_ONE_TOKEN
     ),
 ]
@@ -350,7 +354,9 @@ def test_performer_emulated_matches_reference(emu, case):
     _performer_emulated(emu, case, ("dq", "dk", "dv", "dw"))
 
 
-@pytest.mark.parametrize("case", PERFORMER_ONE_TOKEN, ids=lambda c: f"E{c[2]}M{c[3]}_{str(c[4])[6:]}")
+@pytest.mark.parametrize(
+    "case", PERFORMER_ONE_TOKEN, ids=lambda c: f"E{c[2]}M{c[3]}_{str(c[4])[6:]}"
+)
 def test_performer_emulated_one_token_dq(emu, case):
     """T = 1: dq = 0 (y = v whatever q); the first GPU run found dq ~1e-2 there."""
     _performer_emulated(emu, case, ("dq", "dv"))
