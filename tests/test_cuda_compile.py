@@ -239,8 +239,12 @@ def _check(
     name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, grad: bool = False
 ) -> None:
     """got against the float64 reference (tests/_numerics.py) at the tolerance of the
-    inputs' dtype (lse, lks and vbar are float32 results of 16-bit inputs); NaN fails."""
-    assert_close(got, want.detach(), (GRAD_TOL if grad else TOL)[dtype], name)
+    inputs' dtype (lse, lks and vbar are float32 results of 16-bit inputs); NaN fails.
+    Gradients are measured against a scale of at least 1e-2, as on the GPU
+    (test_cuda_gpu.check): a reference that is exactly zero (one token) still allows rounding."""
+    assert_close(
+        got, want.detach(), (GRAD_TOL if grad else TOL)[dtype], name, floor=1e-2 if grad else None
+    )
 
 
 # relpos: (B, H, R, C, q_stride, Dk, Dv, dtype, table layout, table dtype, strided views)
@@ -319,12 +323,25 @@ def test_relpos_emulated_matches_reference(emu, case):
 
 
 # performer: (B, T, E, M, dtype, w dtype, eps, x scale, strided views)
+PERFORMER_ONE_TOKEN = [
+    (2, 1, 64, 32, torch.float16, torch.float32, 0.0, 1.0, False),
+    (2, 1, 48, 24, torch.bfloat16, torch.bfloat16, 0.0, 1.0, True),
+]
 PERFORMER_CASES = [
     (2, 150, 64, 32, torch.float16, torch.float32, 1e-8, 1.0, False),  # T2T layer shapes, 3 chunks
     (1, 200, 64, 32, torch.bfloat16, torch.bfloat16, 1e-8, 1.0, True),  # views of one kqv
     (1, 70, 40, 24, torch.float16, torch.bfloat16, 1e-8, 1.0, False),  # padded E and M
     (3, 33, 16, 8, torch.bfloat16, torch.float16, 0.0, 1.5, False),  # eps 0, larger norms
     (1, 100, 56, 20, torch.float16, torch.float32, 1e-3, 1.0, False),  # E, M padded, eps 1e-3
+    # one token, eps 0: y = v exactly and dq = dk = 0 (the float64 reference gives ~1e-16);
+    # the first GPU run found dq ~1e-2 (g . vbar and g . y rounded apart to tf32): fixed.
+    # dk is still off there the same way (v . dvbar and gs rounded apart to tf32): open
+    *(
+        pytest.param(
+            c, marks=pytest.mark.xfail(strict=True, reason="dk at T=1: tf32 rounding, open")
+        )
+        for c in PERFORMER_ONE_TOKEN
+    ),
 ]
 
 
@@ -334,6 +351,18 @@ PERFORMER_CASES = [
     ids=lambda c: f"B{c[0]}T{c[1]}E{c[2]}M{c[3]}_{str(c[4])[6:]}_w{str(c[5])[6:]}",
 )
 def test_performer_emulated_matches_reference(emu, case):
+    _performer_emulated(emu, case, ("dq", "dk", "dv", "dw"))
+
+
+@pytest.mark.parametrize(
+    "case", PERFORMER_ONE_TOKEN, ids=lambda c: f"E{c[2]}M{c[3]}_{str(c[4])[6:]}"
+)
+def test_performer_emulated_one_token_dq(emu, case):
+    """T = 1: dq = 0 (y = v whatever q); the first GPU run found dq ~1e-2 there."""
+    _performer_emulated(emu, case, ("dq", "dv"))
+
+
+def _performer_emulated(emu, case, grads_checked):
     B, T, E, M, dtype, wdtype, eps, xs, strided = case
     if strided:
         kqv = torch.randn(B, T, 3 * E + 5).to(dtype)
@@ -383,9 +412,11 @@ def test_performer_emulated_matches_reference(emu, case):
         for name, got, g in zip(
             ("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad), strict=True
         ):
-            _check(name, got, g, dtype, grad=True)
+            if name in grads_checked:
+                _check(name, got, g, dtype, grad=True)
         if w_grad:
-            _check("dw", dw, wd.grad, dtype, grad=True)
+            if "dw" in grads_checked:
+                _check("dw", dw, wd.grad, dtype, grad=True)
         else:
             assert bool(dw.isnan().all()), "dw was written with w_grad=False"
 

@@ -566,23 +566,10 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     float acc[MP / 8][4], y[D::NX][4], inv[2];
     q_side<T, EP, MP>(acc, y, inv, p, sX, sWh, sWl, sVb, sLks, sNorm, sR, t0, t_end, warp, lane);
 
-    // c = dy . y per row, stored negated in the extra column of dy
-    float cdot[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < EP / 8; ++nt)
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int r = cc >> 1, row = warp * 16 + g + 8 * r, col = nt * 8 + 2 * t + (cc & 1);
-        cdot[r] += sG[row * D::EX + col] * y[nt][cc] * inv[r];
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      cdot[r] = quad_sum(cdot[r]);
-      if (t == 0) sG[(warp * 16 + g + 8 * r) * D::EX + EP] = -cdot[r];
-    }
-    __syncwarp();
-
-    // gv = [dy | -c] [vbar | 1]^T = dy . vbar[m] - c
+    // gv = [dy | 0] [vbar | 1]^T = dy . vbar[m]; then c = dy . y = sum_m r gv and
+    // dl = r (gv - c), both from these gv: where every vbar[m] is the same vector
+    // (T = 1: vbar[m] = v) the gv are equal and dl cancels to rounding of sum_m r - 1
+    // (c from y, rounded apart from gv by the tf32 operands, left dl ~1e-3 |dy||v|)
     float gv[MP / 8][4];
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt) gv[nt][0] = gv[nt][1] = gv[nt][2] = gv[nt][3] = 0.f;
@@ -597,14 +584,26 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
         mma_1688_tf32(gv[nt], a, bb);
       }
     }
-    // r = p / Z, dl = r gv
+    // r = p / Z with p rounded to tf32 as the forward's mma (y and Z) took it: sum_m r
+    // is then 1 to fp32 rounding where eps is negligible
+    float cdot[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < MP / 8; ++nt)
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        acc[nt][cc] = bits_f32(to_tf32(acc[nt][cc])) * inv[cc >> 1];
+        cdot[cc >> 1] += acc[nt][cc] * gv[nt][cc];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) cdot[r] = quad_sum(cdot[r]);
+    // dl = r (gv - c)
     float dlsum[2] = {0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, row = warp * 16 + g + 8 * r, m = nt * 8 + 2 * t + (cc & 1);
-        const float rr = acc[nt][cc] * inv[r], dl = rr * gv[nt][cc];  // sR: after the warp's last read of p
+        const float rr = acc[nt][cc], dl = rr * (gv[nt][cc] - cdot[r]);  // sR: after the warp's last read of p
         sR[row * D::LDP + m] = rr;
         sDl[row * D::LDP + m] = dl;
         dlsum[r] += dl;
