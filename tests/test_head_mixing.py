@@ -28,26 +28,37 @@ BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 GRAD_TOL = {torch.float32: 5e-5, torch.float16: 2e-2}
 
-# id: (B, H, Nq, Nk, Dk, Dv)
+# id: (B, H, Nq, Nk, Dk, Dv); within the kernels' envelope (H <= 4, Dk and Dv <= 64,
+# multiples of 8): both backends
 CASES = {
     "CaiT-XXS H4 N196 D48": (1, 4, 196, 196, 48, 48),
     "class attn Nq1 Nk197": (1, 4, 1, 197, 48, 48),
-    "DeepViT-like H12 N49 D33": (1, 12, 49, 49, 33, 33),
-    "H16 N49 D64": (1, 16, 49, 49, 64, 64),
+    "H4 N49 D64": (1, 4, 49, 49, 64, 64),
     "H1 N49 D32": (2, 1, 49, 49, 32, 32),
     "H3 N1": (3, 3, 1, 1, 32, 32),
     "H2 N197 D32": (1, 2, 197, 197, 32, 32),
-    "rect Nq20 Nk49 Dk32 Dv48": (2, 5, 20, 49, 32, 48),
-    "H6 N17 D20 Dv40": (2, 6, 17, 17, 20, 40),
+    "rect Nq20 Nk49 Dk32 Dv48": (1, 3, 20, 49, 32, 48),
+    "H2 N17 Dk24 Dv40": (2, 2, 17, 17, 24, 40),
+    "H2 Nq1 Nk197": (1, 2, 1, 197, 32, 32),
 }
-GRAD_CASES = [
-    "class attn Nq1 Nk197",
-    "DeepViT-like H12 N49 D33",
-    "H1 N49 D32",
-    "H3 N1",
-    "rect Nq20 Nk49 Dk32 Dv48",
-    "H6 N17 D20 Dv40",
-]
+# outside it (more heads, head dims that are not whole 16-byte vectors): torch backend
+TORCH_CASES = {
+    "DeepViT-S H12 N197 D33": (1, 12, 197, 197, 33, 33),
+    "CaiT-S H8 N196 D48": (1, 8, 196, 196, 48, 48),
+    "H16 N49 D64": (1, 16, 49, 49, 64, 64),
+    "H6 N17 D20 Dv40": (2, 6, 17, 17, 20, 40),
+    "H5 Nq1 Nk50 D8": (2, 5, 1, 50, 8, 8),
+}
+# gradient cases and the stages each uses (a head norm over 2 heads is ill-conditioned:
+# 1/std amplifies float32 rounding, in the stock torch math too)
+GRAD_CASES = {
+    "H2 Nq1 Nk197": "vit-pytorch talking heads",
+    "H4 N49 D64": "re-attention",
+    "H1 N49 D32": "timm talking heads",
+    "H3 N1": "all",
+    "rect Nq20 Nk49 Dk32 Dv48": "all",
+    "H2 N17 Dk24 Dv40": "timm talking heads",
+}
 # which stages a call uses, as the model families do
 KINDS = ["timm talking heads", "vit-pytorch talking heads", "re-attention", "all", "pre", "norm", "plain"]
 
@@ -193,12 +204,21 @@ def test_forward_matches_float64_reference(backend, case, dtype, poisoned):
     assert_close(out, ref64(q, k, v, params)[0], TOL[dtype], f"{backend} {case} {kind}")
 
 
+@pytest.mark.parametrize("case", list(TORCH_CASES), ids=list(TORCH_CASES))
+def test_torch_backend_beyond_the_kernels(case):
+    kind = KINDS[list(TORCH_CASES).index(case) % 4]
+    q, k, v = make(TORCH_CASES[case])
+    params = make_params(TORCH_CASES[case][1], kind)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="torch")
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], f"{case} {kind}")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_combination_of_stages(backend, kind, poisoned):
-    case = (2, 5, 20, 33, 16, 24)
+    case = (2, 3, 20, 33, 16, 24)
     q, k, v = make(case)
-    params = make_params(5, kind)
+    params = make_params(3, kind)
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend=backend)
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], kind)
 
@@ -310,12 +330,10 @@ def test_large_logits_gradients_stay_finite(poisoned):
 # gradients
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=GRAD_CASES)
+@pytest.mark.parametrize("case", list(GRAD_CASES), ids=list(GRAD_CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_float32(backend, case, poisoned):
-    kind = ["all", "re-attention", "timm talking heads", "vit-pytorch talking heads"][
-        GRAD_CASES.index(case) % 4
-    ]
+    kind = GRAD_CASES[case]
     q, k, v = make(CASES[case])
     params = make_params(CASES[case][1], kind)
     check_grads(backend, q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind}")
@@ -323,7 +341,7 @@ def test_gradients_float32(backend, case, poisoned):
 
 @pytest.mark.parametrize("kind", ["timm talking heads", "re-attention"])
 def test_gradients_float16_triton(kind, poisoned):
-    case = (2, 4, 33, 33, 32, 32)
+    case = (1, 4, 17, 20, 32, 32)
     q, k, v = make(case, torch.float16)
     params = make_params(4, kind, torch.float32)
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], kind)
@@ -341,13 +359,19 @@ def test_gradients_through_views(view, poisoned):
     check_grads("triton", q, k, v, make_params(3, "all"), GRAD_TOL[torch.float32], view)
 
 
-def test_gradient_of_a_non_contiguous_output_grad(poisoned):
-    """grad_out arrives with the strides of whatever consumed the output."""
+@pytest.mark.parametrize("layout", ["heads transposed", "last dim strided"])
+def test_gradient_of_a_non_contiguous_output_grad(layout, poisoned):
+    """grad_out arrives with the strides of whatever consumed the output (one whose
+    rows cannot be read as aligned vectors is copied first)."""
     q, k, v = make((1, 3, 10, 12, 16, 16))
     params = _map_params(make_params(3, "all"), lambda t: t.requires_grad_())
     leaves = [t.requires_grad_() for t in (q, k, v)] + _leaves(params)
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
-    g = torch.randn(out.shape[0], out.shape[2], out.shape[1], out.shape[3]).transpose(1, 2)
+    B, H, N, D = out.shape
+    if layout == "heads transposed":
+        g = torch.randn(B, N, H, D).transpose(1, 2)
+    else:
+        g = torch.randn(B, H, D, N).transpose(-1, -2)
     grads = torch.autograd.grad(out, leaves, g)
     expected, ref_qkv, p64 = ref64(q, k, v, params)
     expected.backward(g.double())
@@ -375,8 +399,8 @@ def test_only_parameters_require_grad(poisoned):
 
 
 def test_parameter_gradients_are_deterministic(poisoned):
-    q, k, v = make((2, 4, 20, 40, 16, 16))
-    params = make_params(4, "all")
+    q, k, v = make((1, 3, 9, 20, 16, 16))
+    params = make_params(3, "all")
     pre_w, post_w, post_b = params["pre"][0], *params["post"]
     norm_w, norm_b, eps = params["head_norm"]
     out, lse = tk.head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, 0.25, eps, True)
@@ -545,16 +569,28 @@ def test_forced_triton_refuses_float64():
 
 
 def test_triton_limits_are_reasons():
-    q, k, v = make((1, 20, 2, 2, 16, 16))
+    q, k, v = make((1, 12, 2, 2, 33, 33))  # DeepViT-S's heads
     reasons = ops.TritonBackend().not_supported_reasons(**_inputs(q, k, v, {}))
-    assert any("H=20 heads is above the kernels' limit of 16" in r for r in reasons), reasons
-    q, k, v = make((1, 2, 2, 2, 160, 16))
+    assert any("H=12 heads is above the kernels' limit of 4" in r for r in reasons), reasons
+    assert any("q (shape (1, 12, 2, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
+    q, k, v = make((1, 2, 2, 2, 128, 16))
     reasons = ops.TritonBackend().not_supported_reasons(**_inputs(q, k, v, {}))
-    assert any("Dk=160" in r for r in reasons), reasons
+    assert any("Dk=128 is above the kernels' limit of 64" in r for r in reasons), reasons
     q, k, v = make((1, 2, 2, 2, 16, 16))
     params = make_params(2, "all", torch.float64)
     reasons = ops.TritonBackend().not_supported_reasons(**_inputs(q, k, v, params))
     assert any("pre weight has dtype float64" in r for r in reasons), reasons
+
+
+def test_misaligned_views_are_refused_with_the_reason():
+    """A view one element into a buffer cannot be read as aligned vectors: refused by
+    name (the kernels' tiles would not fit the registers), the torch backend runs it."""
+    x = torch.randn(1, 2, 9, 17)
+    q, k, v = (x[..., 1:] for _ in range(3))
+    with pytest.raises(BackendNotSupportedError, match=r"triton.*q \(shape \(1, 2, 9, 16\).*16-byte aligned"):
+        vitkernels.head_mixing_attention(q, k, v, backend="triton")
+    out = vitkernels.head_mixing_attention(q, k, v, backend="torch")
+    assert_close(out, ref64(q, k, v, {})[0], TOL[torch.float32])
 
 
 def test_reference_and_torch_run_any_head_count():

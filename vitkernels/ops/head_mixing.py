@@ -38,7 +38,10 @@ leave it out and give it an exact zero gradient.
 
 Backends, in automatic priority order: triton (the Triton kernels: every head of a
 query block in one program, no (B, H, Nq, Nk) tensor in memory, gradients of q,
-k, v and every mixing and norm parameter, the latter summed deterministically),
+k, v and every mixing and norm parameter, the latter summed deterministically;
+for H <= 4 heads of Dk, Dv <= 64 with 16-byte aligned rows, the shapes whose
+kernels fit a thread's registers: CaiT-XXS's 4 heads of 48, not DeepViT's 12 of
+33 nor CaiT-S's 8, which take the torch backend),
 torch (batched matrix products on materialised attention maps; the automatic
 choice on CPU), reference (the literal einsum math). The triton backend runs
 through the custom ops ``vitkernels::head_mixing_attention_fwd`` / ``_bwd`` (fake
@@ -71,11 +74,6 @@ Norm = tuple[torch.Tensor | None, torch.Tensor | None, float]
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DROPOUT_SITES = ("probs", "mixed")
-
-# the Triton kernels' limits: heads (a register slot per head and pixel) and head
-# dims (register tiles); vitkernels/triton/head_mixing.py
-TRITON_MAX_HEADS = 16
-TRITON_MAX_HEAD_DIM = 128
 
 
 # ----------------------------------------------------------------------------
@@ -216,15 +214,12 @@ class TritonBackend(Backend):
         err = triton_import_error()
         if err is not None:
             return [err]
+        from vitkernels.triton import head_mixing as tk
+
         params = _params(pre, post, head_norm)
         reasons = kernel_device_reasons([q, k, v, *params.values()], allow_interpret=True)
         reasons += dtype_reasons({"q": q, "k": k, "v": v, **params}, _KERNEL_DTYPES)
-        H = q.shape[1]
-        if H > TRITON_MAX_HEADS:
-            reasons.append(f"H={H} heads is above the kernels' limit of {TRITON_MAX_HEADS}")
-        for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
-            if d > TRITON_MAX_HEAD_DIM:
-                reasons.append(f"{name}={d} is above the kernels' limit of {TRITON_MAX_HEAD_DIM}")
+        reasons += tk.supports(q, k, v)
         if dropout_p > 0:
             reasons.append(
                 f"dropout_p={dropout_p}: the kernels have no attention dropout (the torch "

@@ -35,16 +35,29 @@ slots, HP = H rounded up to a power of two, at least 2):
   lse (B, H, Nq) float32.
 * ``_bwd_delta_kernel``: a program per (b, query block): delta, and this program's
   partial sums of dP, dc, dw, dbeta.
-* ``_bwd_dq_kernel``: a program per (b, query block): dq and the partial sums of dA.
+* ``_bwd_dq_kernel``: a program per (b, query block): dq of a group of two heads
+  per launch, or (a launch of its own) the partial sums of dA.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
-  (transposed tiles): dk, dv.
+  (transposed tiles): dk, dv of a group of two heads per launch.
+  (Every launch recomputes the tile chain of all heads; only its group's gradients
+  are accumulated: all heads' would not fit a thread's registers beside it.)
 
 Each head's products are 2-d ``tl.dot``s; the per-head tiles are stacked with
 ``tl.join`` (a recursive halving, ``_dots``/``_dots_acc``), which puts the head axis
-in each thread's registers: the mixing, the softmax statistics and the head norm
-are then elementwise work with no data exchange between threads. Parameter
-gradients are written as one row of per-program partial sums each (no atomics) and
-summed by the launcher in a fixed order, so they are deterministic.
+in each thread's registers: the mixing (an FMA chain per output head, ``_mix``),
+the softmax statistics and the head norm are then elementwise work with no data
+exchange between threads, and picking one head's slot (``_slot``) is a select that
+folds to a register move. Parameter gradients are written as one row of
+per-program partial sums each (no atomics) and summed by the launcher in a fixed
+order, so they are deterministic.
+
+Envelope (``supports``): H <= 4, Dk and Dv <= 64 and 16-byte aligned rows. A query
+block's tiles of every head, the mixing weights and the gradient accumulators
+live in registers; beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's
+8 heads of 48): the torch backend runs those. The loads are vectorised through
+pointer hints the launcher justifies (``_vector_width``), not through Triton's
+specialisation of integer arguments, so the ahead-of-time compiles below are the
+kernels that run.
 
 Launcher contract (``head_mixing_attention_fwd`` / ``_bwd`` below):
 
@@ -64,18 +77,25 @@ lse, scale, eps, has_norm)``
     d_norm_w, d_norm_b in their parameters' dtypes (None where the parameter is).
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
-``_bwd_cfg``) for a GPU tuning pass to revise; no autotuning.
+``_bwd_cfg``), chosen so the AOT compiles fit the registers (triton 3.6 and 3.9,
+sm_80 and sm_90a); a GPU tuning pass should revise them (several backward tiles
+are 16 x 16 on 8 warps: warps repeat each other's work); no autotuning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd"]
+from vitkernels.triton._aot import AotSpec
+
+__all__ = ["AOT_SPECS", "head_mixing_attention_bwd", "head_mixing_attention_fwd", "supports"]
 
 _LOG2E = 1.4426950408889634
 
@@ -88,32 +108,47 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _ptrs(base, offs, V0: tl.constexpr, V1: tl.constexpr):
+    """base + offs, a 2-d pointer tile whose runs of V0 (dim 0) / V1 (dim 1) elements
+    are contiguous and 16-byte aligned (the launcher checked: ``_vec``), so that the
+    loads vectorise whatever Triton knows of the integer arguments."""
+    ptrs = base + offs
+    if V0 > 1 or V1 > 1:
+        esz: tl.constexpr = ptrs.dtype.element_ty.primitive_bitwidth // 8
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [V0 * esz, V1 * esz]), [V0, V1])
+    return ptrs
+
+
+@triton.jit
 def _dots(
-    X, x_offs, x_mask, sxh, Y, y_offs, y_mask, syh,
+    X, x_offs, x_mask, sxh, VX0: tl.constexpr, VX1: tl.constexpr,
+    Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr,
     h0: tl.constexpr, step: tl.constexpr, n: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
     """(R, C, n): slot i = X_h @ Y_h, X_h the (R, K) tile at X + h*sxh + x_offs and
-    Y_h the (K, C) tile at Y + h*syh + y_offs."""
+    Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1)."""
     if n == 2:
-        x = tl.load(X + h0 * sxh + x_offs, mask=x_mask, other=0.0)
-        y = tl.load(Y + h0 * syh + y_offs, mask=y_mask, other=0.0)
+        x = tl.load(_ptrs(X + h0 * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+        y = tl.load(_ptrs(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
         a = tl.dot(x, y, input_precision="tf32x3")
         if h0 + step < H:
-            x = tl.load(X + (h0 + step) * sxh + x_offs, mask=x_mask, other=0.0)
-            y = tl.load(Y + (h0 + step) * syh + y_offs, mask=y_mask, other=0.0)
+            x = tl.load(_ptrs(X + (h0 + step) * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+            y = tl.load(_ptrs(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
             b = tl.dot(x, y, input_precision="tf32x3")
         else:
             b = tl.zeros_like(a)
         return tl.join(a, b)
     else:
-        a = _dots(X, x_offs, x_mask, sxh, Y, y_offs, y_mask, syh, h0, 2 * step, n // 2, H)
-        b = _dots(X, x_offs, x_mask, sxh, Y, y_offs, y_mask, syh, h0 + step, 2 * step, n // 2, H)
+        a = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
+                  h0, 2 * step, n // 2, H)  # fmt: skip
+        b = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
+                  h0 + step, 2 * step, n // 2, H)  # fmt: skip
         return tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], n))
 
 
 @triton.jit
 def _dots_acc(
-    x3, Y, y_offs, y_mask, syh, acc3,
+    x3, Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr, acc3,
     h0: tl.constexpr, step: tl.constexpr, n: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
     """acc3 (R, C, n) with slot i += x3's slot i (R, K) @ Y_h, the (K, C) tile at
@@ -121,39 +156,61 @@ def _dots_acc(
     if n == 2:
         xa, xb = tl.split(x3)
         aa, ab = tl.split(acc3)
-        y = tl.load(Y + h0 * syh + y_offs, mask=y_mask, other=0.0)
+        y = tl.load(_ptrs(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
         aa = tl.dot(xa.to(y.dtype), y, aa, input_precision="tf32x3")
         if h0 + step < H:
-            y = tl.load(Y + (h0 + step) * syh + y_offs, mask=y_mask, other=0.0)
+            y = tl.load(_ptrs(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
             ab = tl.dot(xb.to(y.dtype), y, ab, input_precision="tf32x3")
         return tl.join(aa, ab)
     else:
         xe, xo = tl.split(tl.reshape(x3, (x3.shape[0], x3.shape[1], n // 2, 2)))
         ae, ao = tl.split(tl.reshape(acc3, (acc3.shape[0], acc3.shape[1], n // 2, 2)))
-        ae = _dots_acc(xe, Y, y_offs, y_mask, syh, ae, h0, 2 * step, n // 2, H)
-        ao = _dots_acc(xo, Y, y_offs, y_mask, syh, ao, h0 + step, 2 * step, n // 2, H)
+        ae = _dots_acc(xe, Y, y_offs, y_mask, syh, VY0, VY1, ae, h0, 2 * step, n // 2, H)
+        ao = _dots_acc(xo, Y, y_offs, y_mask, syh, VY0, VY1, ao, h0 + step, 2 * step, n // 2, H)
         return tl.reshape(tl.join(ae, ao), (acc3.shape[0], acc3.shape[1], n))
 
 
 @triton.jit
-def _mix(x3, W, s_out, s_in, hs, o0: tl.constexpr, step: tl.constexpr, n: tl.constexpr,
-         H: tl.constexpr):  # fmt: skip
-    """(R, C, n): slot i = sum_j W[o, j] x3[..., j] for o = o0 + step*i (zeros for o >= H);
-    W[o, j] at W + o*s_out + j*s_in, read in float32. Each output slot is a reduction
-    over the slots of its own thread's registers."""
-    if n == 2:
-        row = tl.load(W + o0 * s_out + hs * s_in, mask=hs < H, other=0.0).to(tl.float32)
-        a = tl.sum(x3 * row[None, None, :], 2)
-        if o0 + step < H:
-            row = tl.load(W + (o0 + step) * s_out + hs * s_in, mask=hs < H, other=0.0)
-            b = tl.sum(x3 * row.to(tl.float32)[None, None, :], 2)
-        else:
-            b = tl.zeros_like(a)
-        return tl.join(a, b)
+def _slot(x3, hs, i: tl.constexpr):
+    """(R, C): slot i of x3. The head axis lies in each thread's registers, so the
+    selects fold to register moves (-0.0 is the identity of the sum)."""
+    return tl.sum(tl.where(hs[None, None, :] == i, x3, -0.0), 2)
+
+
+@triton.jit
+def _mix(x3, W, s_out, s_in, hs, H: tl.constexpr, w_scale=1.0):
+    """(R, C, HP): slot o = sum_j w_scale * W[o, j] x3[..., j] for o < H (zeros above);
+    W[o, j] at W + o*s_out + j*s_in, read in float32. An FMA chain per output slot."""
+    out = tl.zeros_like(x3)
+    for o in tl.static_range(H):
+        acc = _slot(x3, hs, 0) * (tl.load(W + o * s_out).to(tl.float32) * w_scale)
+        for j in tl.static_range(1, H):
+            w = tl.load(W + o * s_out + j * s_in).to(tl.float32) * w_scale
+            acc += _slot(x3, hs, j) * w
+        out = tl.where(hs[None, None, :] == o, acc[:, :, None], out)
+    return out
+
+
+@triton.jit
+def _group(x3, hs, G0: tl.constexpr, GP: tl.constexpr):
+    """(R, C, GP): slots G0 .. G0 + GP - 1 of x3 (selects that fold to register moves)."""
+    if GP == x3.shape[2]:
+        return x3
+    gs = tl.arange(0, GP)
+    out = tl.zeros([x3.shape[0], x3.shape[1], GP], x3.dtype)
+    for f in tl.static_range(GP):
+        out = tl.where(gs[None, None, :] == f, _slot(x3, hs, G0 + f)[:, :, None], out)
+    return out
+
+
+@triton.jit
+def _logits(s3, PRE_W, s_out, s_in, hs, qk_scale, H: tl.constexpr, HAS_PRE: tl.constexpr):
+    """l in log2 units from the products s3 = q.k: pre-mixed with the weights scaled."""
+    if HAS_PRE:
+        l3 = _mix(s3, PRE_W, s_out, s_in, hs, H, qk_scale)
     else:
-        a = _mix(x3, W, s_out, s_in, hs, o0, 2 * step, n // 2, H)
-        b = _mix(x3, W, s_out, s_in, hs, o0 + step, 2 * step, n // 2, H)
-        return tl.reshape(tl.join(a, b), (x3.shape[0], x3.shape[1], n))
+        l3 = s3 * qk_scale
+    return l3
 
 
 @triton.jit
@@ -181,12 +238,14 @@ def _load_vector(Vp, s0, hs, H: tl.constexpr, PRESENT: tl.constexpr, fill):
 
 @triton.jit
 def _probs(l3, lse3, ok3, POST_W, s_out, s_in, post_b, hs, H: tl.constexpr,
-           HAS_POST: tl.constexpr):  # fmt: skip
+           HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr):  # fmt: skip
     """p = exp2(l - lse) (log2 units; 0 where ok3 is false) and r, p post-mixed."""
     p = tl.where(ok3, tl.exp2(l3 - lse3), 0.0)
     r = p
     if HAS_POST:
-        r = _mix(p, POST_W, s_out, s_in, hs, 0, 1, p.shape[2], H) + post_b
+        r = _mix(p, POST_W, s_out, s_in, hs, H)
+        if HAS_POST_B:
+            r += post_b
     return p, r
 
 
@@ -225,6 +284,7 @@ def _fwd_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
@@ -256,10 +316,9 @@ def _fwd_kernel(
         n_ok = offs_n < NK
         kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
         kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, Kb, kt_offs, kt_mask, stride_kh, 0, 1, HP, H)
-        s3 = s3 * qk_scale
-        if HAS_PRE:
-            s3 = _mix(s3, PRE_W, stride_pre0, stride_pre1, hs, 0, 1, HP, H)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
         s3 = tl.where(n_ok[None, :, None], s3, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s3, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -274,18 +333,17 @@ def _fwd_kernel(
         n_ok = offs_n < NK
         kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
         kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, Kb, kt_offs, kt_mask, stride_kh, 0, 1, HP, H)
-        s3 = s3 * qk_scale
-        if HAS_PRE:
-            s3 = _mix(s3, PRE_W, stride_pre0, stride_pre1, hs, 0, 1, HP, H)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
         ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
         _, n3 = _probs(s3, lse2[:, None, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs,
-                       H, HAS_POST)
+                       H, HAS_POST, HAS_POST_B)
         if HAS_NORM:
             n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
         v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
         v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
-        acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, acc, 0, 1, HP, H)
+        acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
 
     # out (B, H, NQ, DV) and lse (B, H, NQ) contiguous
     o_ptrs = (
@@ -307,16 +365,16 @@ def _fwd_kernel(
 
 @triton.jit
 def _tile_bwd(
-    s3, lse3, ok3, dn3, PRE_W, stride_pre0, stride_pre1, POST_W, stride_post0, stride_post1,
-    post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-    H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr,
+    s3, qk_scale, lse3, ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+    POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+    H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr,
 ):  # fmt: skip
-    """From a tile's logits s3 (log2 units) and dn3 = <do, v>: p, n, x^ (n without the
-    head norm), dr and dp (the gradients of r and of p)."""
-    l3 = s3
-    if HAS_PRE:
-        l3 = _mix(s3, PRE_W, stride_pre0, stride_pre1, hs, 0, 1, s3.shape[2], H)
-    p, r = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST)
+    """From a tile's products s3 = q.k and dn3 = <do, v>: p, n, x^ (n without the head
+    norm), dr and dp (the gradients of r and of p)."""
+    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+    p, r = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
+                  HAS_POST_B)  # fmt: skip
     n = r
     xhat = r
     dr = dn3
@@ -325,7 +383,7 @@ def _tile_bwd(
         dr = _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h)
     dp = dr
     if HAS_POST:  # dp_g = sum_f P[f, g] dr_f: the transposed mixing
-        dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, 0, 1, dr.shape[2], H)
+        dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, H)
     return p, n, xhat, dr, dp
 
 
@@ -342,6 +400,7 @@ def _bwd_delta_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
 ):  # fmt: skip
     """delta (B, H, NQ) and this program's row of PART: dP (HP x HP, [f, g]), dc, dw, dbeta."""
     pid = tl.program_id(0)
@@ -382,13 +441,15 @@ def _bwd_delta_kernel(
         kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
         vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
         vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, Kb, kt_offs, kt_mask, stride_kh, 0, 1, HP, H)
-        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, Vb, vt_offs, vt_mask, stride_vh, 0, 1, HP, H)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, 1, VG, Vb, vt_offs, vt_mask, stride_vh, VV, 1,
+                    0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
         p, _, xhat, dr, dp = _tile_bwd(
-            s3 * qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_NORM,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
         )  # fmt: skip
         delta += tl.sum(p * dp, 1)
         if HAS_NORM:
@@ -396,13 +457,15 @@ def _bwd_delta_kernel(
             acc_db += tl.sum(dn3, 1)
         if HAS_POST:
             acc_dp += _outer_rows(dr, p, HP)
-            acc_dc += tl.sum(dr, 1)
+            if HAS_POST_B:
+                acc_dc += tl.sum(dr, 1)
 
     tl.store(DELTA + rows, delta, mask=row_ok)
     part = PART + pid.to(tl.int64) * NPART
     if HAS_POST:
         tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_dp, 0))  # dP[f, g]
-        tl.store(part + HP * HP + hs, tl.sum(acc_dc, 0))
+        if HAS_POST_B:
+            tl.store(part + HP * HP + hs, tl.sum(acc_dc, 0))
     if HAS_NORM:
         tl.store(part + HP * HP + HP + hs, tl.sum(acc_dw, 0))
         tl.store(part + HP * HP + 2 * HP + hs, tl.sum(acc_db, 0))
@@ -421,9 +484,12 @@ def _bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    G0: tl.constexpr, GP: tl.constexpr, WITH_DQ: tl.constexpr, WITH_DA: tl.constexpr,
 ):  # fmt: skip
-    """dq (B, H, NQ, DK) and this program's dA (HP x HP, [g, h]) in PART after the
-    delta kernel's columns."""
+    """With WITH_DQ: dq (B, H, NQ, DK) of the heads G0 .. G0 + GP - 1. With WITH_DA:
+    this program's row of PART, dA (HP x HP, [g, h]). (One launch doing both needs more
+    registers than a thread has at CaiT's shapes.)"""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     b = (pid // NUM_QB).to(tl.int64)
@@ -451,7 +517,7 @@ def _bwd_dq_kernel(
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK, GP], tl.float32)
     acc_da = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, h, g]
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -460,32 +526,40 @@ def _bwd_dq_kernel(
         kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
         vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
         vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, Kb, kt_offs, kt_mask, stride_kh, 0, 1, HP, H)
-        s3 = s3 * qk_scale
-        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, Vb, vt_offs, vt_mask, stride_vh, 0, 1, HP, H)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, 1, VG, Vb, vt_offs, vt_mask, stride_vh, VV, 1,
+                    0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
         p, _, _, _, dp = _tile_bwd(
-            s3, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_NORM,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
         )  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
-        if HAS_PRE:
+        if WITH_DA:
             acc_da += _outer_rows(ds, s3, HP)
-            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, 0, 1, HP, H)  # sum_g A[g, h] dl_g
-        k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
-        k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
-        dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, dq, 0, 1, HP, H)
+        if WITH_DQ:
+            if HAS_PRE:
+                ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H)  # sum_g A[g, h] dl_g
+            k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
+            k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
+            dq = _dots_acc(
+                _group(ds, hs, G0, GP), Kb + G0 * stride_kh, k_offs, k_mask, stride_kh, 1, VK,
+                dq, 0, 1, GP, H - G0,
+            )  # fmt: skip
 
-    dq_ptrs = (
-        DQ_ + (b * H + hs[None, None, :]) * NQ * DK
-        + offs_m[:, None, None] * DK + offs_dk[None, :, None]
-    )  # fmt: skip
-    dq_mask = m_ok[:, None, None] & (offs_dk[None, :, None] < DK) & (hs[None, None, :] < H)
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ_.dtype.element_ty), mask=dq_mask)
-    if HAS_PRE:  # s3 was in log2 units
-        part = PART + pid.to(tl.int64) * NPART + HP * HP + 3 * HP
-        tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_da, 0) * 0.6931471805599453)
+    if WITH_DQ:
+        gs = G0 + tl.arange(0, GP)
+        dq_ptrs = (
+            DQ_ + (b * H + gs[None, None, :]) * NQ * DK
+            + offs_m[:, None, None] * DK + offs_dk[None, :, None]
+        )  # fmt: skip
+        dq_mask = m_ok[:, None, None] & (offs_dk[None, :, None] < DK) & (gs[None, None, :] < H)
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ_.dtype.element_ty), mask=dq_mask)
+    if WITH_DA:  # s = scale * q.k
+        part = PART + pid.to(tl.int64) * NPART
+        tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_da, 0) * sm_scale)
 
 
 @triton.jit
@@ -501,9 +575,11 @@ def _bwd_dkdv_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    G0: tl.constexpr, GP: tl.constexpr,
 ):  # fmt: skip
-    """dk (B, H, NK, DK) and dv (B, H, NK, DV): a program per key block, transposed
-    tiles (keys x queries) over the query blocks."""
+    """dk (B, H, NK, DK) and dv (B, H, NK, DV) of the heads G0 .. G0 + GP - 1: a program
+    per key block, transposed tiles (keys x queries) over the query blocks."""
     pid = tl.program_id(0)
     pid_n = pid % NUM_KB
     b = (pid // NUM_KB).to(tl.int64)
@@ -528,8 +604,8 @@ def _bwd_dkdv_kernel(
     v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
     col_ok = n_ok[:, None] & (hs[None, :] < H)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_DK, HP], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV, HP], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV, GP], tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
@@ -541,26 +617,35 @@ def _bwd_dkdv_kernel(
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        st3 = _dots(Kb, k_offs, k_mask, stride_kh, Qb, qt_offs, qt_mask, stride_qh, 0, 1, HP, H)
-        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, Gb, gt_offs, gt_mask, stride_gh, 0, 1, HP, H)
+        st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK, Qb, qt_offs, qt_mask, stride_qh, VQ, 1,
+                    0, 1, HP, H)
+        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV, Gb, gt_offs, gt_mask, stride_gh, VG, 1,
+                     0, 1, HP, H)
         ok3 = col_ok[:, None, :] & row_ok[None, :, :]
         p, n, _, _, dp = _tile_bwd(
-            st3 * qk_scale, lse2[None, :, :], ok3, dnt3, PRE_W, stride_pre0, stride_pre1,
+            st3, qk_scale, lse2[None, :, :], ok3, dnt3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_NORM,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
         )  # fmt: skip
         g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
         g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
-        dv = _dots_acc(n, Gb, g_offs, g_mask, stride_gh, dv, 0, 1, HP, H)
+        dv = _dots_acc(
+            _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
+            0, 1, GP, H - G0,
+        )  # fmt: skip
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
-            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, 0, 1, HP, H)
+            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H)
         q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
         q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
-        dk = _dots_acc(ds, Qb, q_offs, q_mask, stride_qh, dk, 0, 1, HP, H)
+        dk = _dots_acc(
+            _group(ds, hs, G0, GP), Qb + G0 * stride_qh, q_offs, q_mask, stride_qh, 1, VQ, dk,
+            0, 1, GP, H - G0,
+        )  # fmt: skip
 
-    base = (b * H + hs[None, None, :]) * NK + offs_n[:, None, None]
-    mask = n_ok[:, None, None] & (hs[None, None, :] < H)
+    gs = G0 + tl.arange(0, GP)
+    base = (b * H + gs[None, None, :]) * NK + offs_n[:, None, None]
+    mask = n_ok[:, None, None] & (gs[None, None, :] < H)
     tl.store(
         DK_ + base * DK + offs_dk[None, :, None], (dk * sm_scale).to(DK_.dtype.element_ty),
         mask=mask & (offs_dk[None, :, None] < DK),
@@ -572,7 +657,12 @@ def _bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------
-# configs: small deterministic heuristics of the shape
+# configs: small deterministic heuristics of the shape, checked by the ahead-of-time
+# compiles (AOT_SPECS) to fit the registers on sm_80 and sm_90a. The envelope they
+# cover: H <= 4, Dk and Dv <= 64, rows 16-byte aligned (``supports``).
+
+MAX_HEADS = 4
+MAX_HEAD_DIM = 64
 
 
 def _pow2(n: int) -> int:
@@ -598,35 +688,121 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
 
 def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Launch:
     c = _common(heads, dk, dv, flags)
-    block_m = min(64, max(16, _pow2(nq)))
-    block_n = min(32, max(16, _pow2(nk)))
-    return _Launch(_fwd_kernel, dict(**c, BLOCK_M=block_m, BLOCK_N=block_n), 4, 1)
+    if nq > 16:  # 64 query rows on one warpgroup (wgmma on sm_90a)
+        return _Launch(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), 4, 1)
+    # a few query rows (CaiT's class attention: 1)
+    return _Launch(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
 
 
-def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tuple[_Launch, ...]:
-    """(delta, dq, dkdv) launches; delta and dq share BLOCK_M (one row of partial
-    parameter sums per query block)."""
+def _groups(heads: int, hp: int, gp: int) -> list[dict]:
+    """The head groups (G0, GP) of the launches of one kernel: GP heads each."""
+    gp = min(gp, hp)
+    return [dict(G0=g0, GP=gp) for g0 in range(0, heads, gp)]
+
+
+def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tuple:
+    """(delta launch, dq launches, dkdv launches). dq and dkdv hold the gradients of
+    two heads per launch (every launch recomputes the tile chain: the gradients of all
+    of a block's heads do not fit a thread's registers beside it); dA has a launch of
+    its own. The dq launches share one BLOCK_M (the rows of dA's partial sums)."""
     c = _common(heads, dk, dv, flags)
-    block_m = min(64, max(16, _pow2(nq)))
-    block_n = min(32, max(16, _pow2(nk)))
-    rows = dict(**c, BLOCK_M=block_m, BLOCK_N=block_n)
-    kv_n = min(64, max(16, _pow2(nk)))
-    kv_m = min(32, max(16, _pow2(nq)))
-    cols = dict(**c, BLOCK_M=kv_m, BLOCK_N=kv_n)
+    hp = c["HP"]
+    few = nq <= 16  # CaiT's class attention: one query
+    delta = dict(**c, BLOCK_M=16 if few else 64, BLOCK_N=16)
+    rows = dict(**c, BLOCK_M=16, BLOCK_N=16)
+    # warps: ptxas's register targets (128/168/255) as the AOT compiles found them
+    # for triton 3.6 and 3.9 on sm_80/sm_90a (the q and dO tiles of every head stay
+    # in registers for the loop)
+    dq_warps = 2 if few else 8 if flags["HAS_PRE"] else 4
+    dq = [(dict(**rows, **g, WITH_DQ=True, WITH_DA=False), dq_warps) for g in _groups(heads, hp, 2)]
+    if flags["HAS_PRE"]:
+        da = dict(rows, BLOCK_N=32 if few else 16, G0=0, GP=2, WITH_DQ=False, WITH_DA=True)
+        dq.append((da, 4))
+    # keys x queries tiles: the key block's k and v tiles of every head stay in
+    # registers for the whole loop
+    cols = dict(**c, BLOCK_M=16, BLOCK_N=16)
     return (
-        _Launch(_bwd_delta_kernel, rows, 4, 1),
-        _Launch(_bwd_dq_kernel, rows, 4, 1),
-        _Launch(_bwd_dkdv_kernel, cols, 4, 1),
+        _Launch(_bwd_delta_kernel, delta, 4, 1),
+        [_Launch(_bwd_dq_kernel, cx, warps, 1) for cx, warps in dq],
+        [_Launch(_bwd_dkdv_kernel, dict(**cols, **g), 8, 1) for g in _groups(heads, hp, 2)],
     )
+
+
+def _vector_width(t: torch.Tensor, offset_bytes: int) -> int:
+    """Elements per 16-byte vector when every row of t's last dim starts 16-byte aligned
+    (offset_bytes: the first element's address modulo 16) and the last dim is
+    contiguous and a whole number of vectors, else 1."""
+    v = 16 // t.element_size()
+    if t.stride(-1) != 1 or t.shape[-1] % v or offset_bytes % 16:
+        return 1
+    if any(st % v for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1):
+        return 1
+    return v
+
+
+def _offset_bytes(t: torch.Tensor) -> int:
+    """The start's offset into its storage in bytes (torch allocates storage 16-byte
+    aligned). 0 while torch.compile or torch.export traces: the launcher checks the
+    real address when the op runs (and reads element by element if it is not)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return 0
+    return t.storage_offset() * t.element_size()
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Reasons the kernels do not take these inputs (empty: they do), from the
+    tensors' layout only, so that it also runs on the fake tensors of torch.compile
+    and torch.export."""
+    reasons = []
+    H = q.shape[1]
+    if H > MAX_HEADS:
+        reasons.append(
+            f"H={H} heads is above the kernels' limit of {MAX_HEADS} (a query block's tiles of "
+            "every head, their mixing weights and gradients must fit a thread's registers)"
+        )
+    for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
+        if d > MAX_HEAD_DIM:
+            reasons.append(f"{name}={d} is above the kernels' limit of {MAX_HEAD_DIM}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _vector_width(t, _offset_bytes(t)) == 1:
+            n = 16 // t.element_size()
+            reasons.append(
+                f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) does not have 16-byte "
+                f"aligned rows: the kernels need a contiguous last dim of a multiple of {n} "
+                f"elements, other strides multiples of {n} and an aligned start"
+            )
+    return reasons
 
 
 # ----------------------------------------------------------------------------
 # launchers
 
+# launches made inside ``_recording_launches()`` are recorded instead of run
+_recording: list[list[tuple]] = []
+
+
+def _launch(cfg: _Launch, grid: int, args: tuple, **constexprs) -> None:
+    if _recording:
+        _recording[-1].append((cfg, args, {**cfg.constexprs, **constexprs}))
+        return
+    cfg.kernel[(grid,)](
+        *args, **cfg.constexprs, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer the launchers hand to a kernel (tests poison them with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _width(t: torch.Tensor | None) -> int:
+    return 1 if t is None else _vector_width(t, t.data_ptr())
+
+
+def _vecs(q, k, v, grad_out=None) -> dict:
+    """The vector widths of the operand tiles (1: element by element)."""
+    return dict(VQ=_width(q), VK=_width(k), VV=_width(v), VG=_width(grad_out))
 
 
 def _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm: bool) -> dict:
@@ -637,8 +813,9 @@ def _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm: bool) -> dict:
     )  # fmt: skip
 
 
-def _param_args(q: torch.Tensor, pre_w, post_w, post_b, norm_w, norm_b) -> list:
+def _param_args(q: torch.Tensor, pre_w, post_w, post_b, norm_w, norm_b) -> tuple[list, list]:
     """Pointers and strides of the parameters (q stands in for an absent one)."""
+
     def mat(w):
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
 
@@ -670,16 +847,14 @@ def head_mixing_attention_fwd(
     lse = _alloc((B, H, NQ), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    flags = _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm)
-    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags)
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm))
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, pre_w, post_w, post_b, norm_w, norm_b)
-    _fwd_kernel[(num_qb * B,)](
-        q, k, v, *ptrs, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *strides,
+    args = (
+        q, k, v, *ptrs, out, lse, *q.stride(), *k.stride(), *v.stride(), *strides,
         NQ, NK, num_qb, scale * _LOG2E, eps,
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    _launch(cfg, num_qb * B, args, **_vecs(q, k, v))
     return out, lse
 
 
@@ -708,48 +883,171 @@ def head_mixing_attention_bwd(
     dv = _alloc((B, H, NK, DV), q.dtype, dev)
     params = (pre_w, post_w, post_b, norm_w, norm_b)
     if B == 0:
-        zeros = [None if t is None else torch.zeros_like(t) for t in params]
-        return dq, dk, dv, *zeros
+        return dq, dk, dv, *(None if t is None else torch.zeros_like(t) for t in params)
+    if _width(grad_out) == 1:  # the consumer's strides: read it aligned
+        grad_out = grad_out.contiguous()
     flags = _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm)
-    delta_cfg, dq_cfg, dkdv_cfg = _bwd_cfg(H, NQ, NK, DK, DV, flags)
+    delta_cfg, dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags)
     HP = delta_cfg.constexprs["HP"]
-    num_qb = triton.cdiv(NQ, delta_cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
-    npart = 2 * HP * HP + 3 * HP
-    delta = _alloc((B, H, NQ), torch.float32, dev)
-    # a row per query block; the columns of absent parameters are never written or read
-    part = _alloc((B * num_qb, npart), torch.float32, dev)
-    common = (
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides,
-    )  # fmt: skip
+    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
     qk_scale = scale * _LOG2E
-    _bwd_delta_kernel[(num_qb * B,)](
-        q, k, v, grad_out, *ptrs, lse, delta, part, *common,
-        NQ, NK, num_qb, npart, qk_scale, eps,
-        **delta_cfg.constexprs, num_warps=delta_cfg.num_warps, num_stages=delta_cfg.num_stages,
+    vecs = _vecs(q, k, v, grad_out)
+
+    # delta, and per query block the partial sums of dP, dc, dw, dbeta (the columns of
+    # absent parameters are never written or read)
+    num_qb = triton.cdiv(NQ, delta_cfg.constexprs["BLOCK_M"])
+    delta = _alloc((B, H, NQ), torch.float32, dev)
+    npart = HP * HP + 3 * HP
+    part = _alloc((B * num_qb, npart), torch.float32, dev)
+    args = (
+        q, k, v, grad_out, *ptrs, lse, delta, part, *common, NQ, NK, num_qb, npart, qk_scale, eps,
     )  # fmt: skip
-    _bwd_dq_kernel[(num_qb * B,)](
-        q, k, v, grad_out, *ptrs, lse, delta, dq, part, *common,
-        NQ, NK, num_qb, npart, qk_scale, scale, eps,
-        **dq_cfg.constexprs, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
-    )  # fmt: skip
-    num_kb = triton.cdiv(NK, dkdv_cfg.constexprs["BLOCK_N"])
-    _bwd_dkdv_kernel[(num_kb * B,)](
-        q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common,
-        NQ, NK, num_kb, qk_scale, scale, eps,
-        **dkdv_cfg.constexprs, num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
-    )  # fmt: skip
+    _launch(delta_cfg, num_qb * B, args, **vecs)
+    # dq, and per query block the partial sums of dA
+    num_qb = triton.cdiv(NQ, dq_cfgs[0].constexprs["BLOCK_M"])
+    part_pre = _alloc((B * num_qb, HP * HP), torch.float32, dev)
+    for cfg in dq_cfgs:
+        args = (
+            q, k, v, grad_out, *ptrs, lse, delta, dq, part_pre, *common,
+            NQ, NK, num_qb, HP * HP, qk_scale, scale, eps,
+        )  # fmt: skip
+        _launch(cfg, num_qb * B, args, **vecs)
+    num_kb = triton.cdiv(NK, dkdv_cfgs[0].constexprs["BLOCK_N"])
+    for cfg in dkdv_cfgs:
+        args = (
+            q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common,
+            NQ, NK, num_kb, qk_scale, scale, eps,
+        )  # fmt: skip
+        _launch(cfg, num_kb * B, args, **vecs)
+
     # the parameters' gradients: per-program partial sums, added in a fixed order
-    rows = B * num_qb
-    mats = part[:, : HP * HP].view(rows, HP, HP), part[:, HP * HP + 3 * HP :].view(rows, HP, HP)
-    vecs = part[:, HP * HP : HP * HP + 3 * HP].view(rows, 3, HP)
+    post_mat = part[:, : HP * HP].view(-1, HP, HP)
+    vec_parts = part[:, HP * HP :].view(-1, 3, HP)
 
     def grad(t, g):
         return None if t is None else g.sum(dim=0).to(t.dtype)
 
     return (
         dq, dk, dv,
-        grad(pre_w, mats[1][:, :H, :H]), grad(post_w, mats[0][:, :H, :H]),
-        grad(post_b, vecs[:, 0, :H]), grad(norm_w if has_norm else None, vecs[:, 1, :H]),
-        grad(norm_b if has_norm else None, vecs[:, 2, :H]),
+        grad(pre_w, part_pre.view(-1, HP, HP)[:, :H, :H]), grad(post_w, post_mat[:, :H, :H]),
+        grad(post_b, vec_parts[:, 0, :H]), grad(norm_w if has_norm else None, vec_parts[:, 1, :H]),
+        grad(norm_b if has_norm else None, vec_parts[:, 2, :H]),
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# ahead-of-time specialisations: the launchers run on meta tensors laid out as the
+# models' layers hand them over, their launches recorded and specialised as Triton's
+# JIT does (16-byte aligned pointers, integers equal to 1 as constants; the vector
+# widths are constexprs the launchers set, so integer divisibility does not change
+# the loads)
+
+
+@contextlib.contextmanager
+def _recording_launches() -> Iterator[list[tuple]]:
+    _recording.append([])
+    try:
+        yield _recording[-1]
+    finally:
+        _recording.pop()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Workload:
+    heads: int
+    nq: int
+    nk: int
+    head_dim: int
+    layout: str  # "vit-pytorch": q and kv projections, mixing weights transposed; "timm": one qkv
+    pre: bool
+    post: bool
+    bias: bool  # mixing biases (timm's nn.Linear)
+    norm: bool  # DeepViT's LayerNorm over heads
+
+
+_WORKLOADS = {
+    # CaiT-XXS24, vit-pytorch and this repo's models: patch tokens, class attention
+    "C1": _Workload(4, 196, 196, 48, "vit-pytorch", True, True, False, False),
+    "C1-cls": _Workload(4, 1, 197, 48, "vit-pytorch", True, True, False, False),
+    # CaiT-XXS24, timm's TalkingHeadAttn (biased mixing)
+    "C1-timm": _Workload(4, 196, 196, 48, "timm", True, True, True, False),
+    # re-attention (vit-pytorch DeepViT layout) with the heads the kernels take
+    "R4": _Workload(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
+}
+_BATCH = 256
+
+
+def _meta_inputs(w: _Workload, dtype: torch.dtype, param_dtype: torch.dtype) -> tuple:
+    """q, k, v and the parameters on the meta device, with the layers' strides."""
+    B, H, D = _BATCH, w.heads, w.head_dim
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    if w.layout == "timm":  # qkv (B, N, 3, H, D) -> (3, B, H, N, D)
+        qkv = empty(B, w.nk, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0][:, :, : w.nq], qkv[1], qkv[2]
+    else:  # to_q (B, Nq, H*D), to_kv (B, Nk, 2*H*D): 'b n (h d) -> b h n d'
+        q = empty(B, w.nq, H * D).unflatten(-1, (H, D)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in empty(B, w.nk, 2 * H * D).chunk(2, -1))
+
+    def mixing():
+        if w.layout == "timm":
+            return empty(H, H, dt=param_dtype)
+        return empty(H, H, dt=param_dtype).t()  # einsum('b h i j, h g -> b g i j') weight
+
+    bias = empty(H, dt=param_dtype) if w.bias else None
+    pre_w = mixing() if w.pre else None
+    post_w, post_b = (mixing(), bias) if w.post else (None, None)
+    norm = (empty(H, dt=param_dtype), empty(H, dt=param_dtype)) if w.norm else (None, None)
+    return q, k, v, pre_w, post_w, post_b, *norm
+
+
+def _spec(name: str, cfg: _Launch, args: tuple, constexprs: dict) -> AotSpec:
+    fn = getattr(cfg.kernel, "fn", cfg.kernel)
+    sig, const = {}, {}
+    values = iter(args)
+    for pname, param in inspect.signature(fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            sig[pname] = "constexpr"
+            const[pname] = constexprs[pname]
+            continue
+        value = next(values)
+        if isinstance(value, torch.Tensor):
+            sig[pname] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
+        elif isinstance(value, float):
+            sig[pname] = "fp32"
+        elif value == 1:
+            sig[pname] = "constexpr"
+            const[pname] = 1
+        else:
+            sig[pname] = "i32" if -(2**31) <= value < 2**31 else "i64"
+    return AotSpec(name, cfg.kernel, sig, const, cfg.num_warps, cfg.num_stages)
+
+
+def _aot_specs() -> list[AotSpec]:
+    cases = [(wid, torch.bfloat16, torch.bfloat16) for wid in _WORKLOADS]
+    cases.append(("C1", torch.float16, torch.float32))  # autocast: float32 parameters
+    specs: dict[tuple, AotSpec] = {}
+    for wid, dtype, param_dtype in cases:
+        w = _WORKLOADS[wid]
+        q, k, v, pre_w, post_w, post_b, norm_w, norm_b = _meta_inputs(w, dtype, param_dtype)
+        params = (pre_w, post_w, post_b, norm_w, norm_b)
+        with _recording_launches() as launches:
+            out, lse = head_mixing_attention_fwd(q, k, v, *params, w.head_dim**-0.5, 1e-5, w.norm)
+            grad_out = torch.empty_like(out)
+            head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, w.head_dim**-0.5, 1e-5, w.norm)
+        for cfg, args, constexprs in launches:
+            kname = cfg.kernel.fn.__name__.strip("_").removesuffix("_kernel") if hasattr(cfg.kernel, "fn") else cfg.kernel.__name__
+            group = f",G{constexprs['G0']}" if "G0" in constexprs else ""
+            group += ",dA" if constexprs.get("WITH_DA") else ""
+            ty = "bf16" if dtype == torch.bfloat16 else "f16" + ("/p32" if param_dtype == torch.float32 else "")
+            spec = _spec(f"head_mixing_{kname}[{ty},{wid}{group}]", cfg, args, constexprs)
+            key = (spec.kernel, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())),
+                   spec.num_warps, spec.num_stages)  # fmt: skip
+            specs.setdefault(key, spec)
+    return list(specs.values())
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()
