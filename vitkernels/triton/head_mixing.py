@@ -95,7 +95,7 @@ import triton.language as tl
 
 from vitkernels.triton._aot import AotSpec
 
-__all__ = ["AOT_SPECS", "head_mixing_attention_bwd", "head_mixing_attention_fwd", "supports"]
+__all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "supports"]
 
 _LOG2E = 1.4426950408889634
 
@@ -1050,4 +1050,13 @@ def _aot_specs() -> list[AotSpec]:
     return list(specs.values())
 
 
-AOT_SPECS: list[AotSpec] = _aot_specs()
+_SPECS: list[list[AotSpec]] = []
+
+
+def __getattr__(name: str) -> list[AotSpec]:
+    """AOT_SPECS, recorded on first access (the backend's users never need them)."""
+    if name == "AOT_SPECS":
+        if not _SPECS:
+            _SPECS.append(_aot_specs())
+        return _SPECS[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
