@@ -1,4 +1,5 @@
-"""Generate bench/RESULTS.md and bench/speedup.png from bench/results/*.json.
+"""Generate bench/RESULTS.md, bench/speedup.png and bench/estimate.png from
+bench/results/*.json.
 
 Each results file is pytest-benchmark JSON (``--benchmark-json``) from one GPU
 run. A benchmark's ``extra_info`` is one row, or holds ``rows``: a list of them.
@@ -9,7 +10,12 @@ machine_info). Speed-ups are computed per file, workload and dtype: over the
 fastest ``eager*`` row (vit-pytorch's and timm's code), and over the fastest peer
 (eager, eager_timm, torch, compiled, flex).
 
+Files named ``estimate-*.json`` are compiler-based estimates (``python -m
+vitkernels estimate``), not measurements: the newest one gets its own section
+and plot, labelled as an estimate, and never shares a table with measured rows.
+
     python bench/make_results.py [--results DIR] [--out RESULTS.md] [--plot speedup.png]
+        [--estimate-plot estimate.png]
 """
 
 from __future__ import annotations
@@ -100,7 +106,92 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def load_runs(results: Path) -> list[Run]:
-    return [load_run(p) for p in sorted(results.glob("*.json"))]
+    return [load_run(p) for p in sorted(results.glob("*.json")) if not p.name.startswith(ESTIMATE_PREFIX)]
+
+
+# ----------------------------------------------------------------------------
+# estimates (compiler-based, not measured)
+
+ESTIMATE_PREFIX = "estimate-"
+ESTIMATE_LABEL = "estimate (compiler-based, not measured)"
+_CALL_KEYS = ("workload", "op", "pass", "backend", "launches", "estimate_us", "floor_us", "ratio", "bound")
+
+
+def load_estimate(results: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest estimate file (by name: estimate-<arch>-<date>.json), checked."""
+    paths = sorted(results.glob(f"{ESTIMATE_PREFIX}*.json"), key=lambda p: (p.stem.rsplit("-", 3)[-3:], p.name))
+    if not paths:
+        return None
+    path = paths[-1]
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("kind") != "estimate" or not isinstance(data.get("calls"), list):
+        raise ValueError(f"{path}: expected an estimate (kind 'estimate' with a 'calls' list)")
+    for i, call in enumerate(data["calls"]):
+        missing = [k for k in _CALL_KEYS if k not in call]
+        if missing:
+            raise ValueError(f"{path}: call {i}: missing {', '.join(missing)}")
+    return path, data
+
+
+def render_estimate(path: Path, data: dict[str, Any], plot_name: str | None) -> list[str]:
+    lines = [
+        f"## Estimates: {ESTIMATE_LABEL}",
+        "",
+        f"From `{path.name}` ({data.get('arch', '?')}; triton {data.get('triton', '?')}, torch "
+        f"{data.get('torch', '?')}; commit {str(data.get('commit', '?'))[:10]}; {data.get('date', '?')}), made by "
+        "`python -m vitkernels estimate` from the kernels' machine code without a GPU; the model is in "
+        "bench/WORKLOADS.md. These are not measurements.",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![{ESTIMATE_LABEL}: estimate / floor per workload]({plot_name})", ""]
+    lines += [
+        "| workload | op | pass | backend | launches | estimate (us) | floor (us) | estimate / floor | bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in data["calls"]:
+        lines.append(
+            f"| {c['workload']} | {c['op']} | {c['pass']} | {c['backend']} | {c['launches']} | "
+            f"{c['estimate_us']:,.1f} | {c['floor_us']:,.1f} | {c['ratio']:.2f} | {c['bound']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def plot_estimate(data: dict[str, Any], path: Path) -> None:
+    """Estimate / floor per workload, one panel per pass, a bar per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    passes = [p for p in ("fwd", "bwd", "fwd+bwd") if any(c["pass"] == p for c in data["calls"])]
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
+    for ax, which in zip(axes[0], passes, strict=True):
+        calls = [c for c in data["calls"] if c["pass"] == which]
+        workloads = list(dict.fromkeys(c["workload"] for c in calls))
+        backends = sorted({c["backend"] for c in calls})
+        width = 0.8 / max(len(backends), 1)
+        for j, backend in enumerate(backends):
+            xs, ys = [], []
+            for i, w in enumerate(workloads):
+                vals = [c["ratio"] for c in calls if c["backend"] == backend and c["workload"] == w]
+                if vals:
+                    xs.append(i + j * width - 0.4 + width / 2)
+                    ys.append(vals[0])
+            ax.bar(xs, ys, width=width, label=backend)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(workloads)), workloads)
+        ax.set_ylabel("estimate / floor")
+        ax.set_title(f"{which}: {ESTIMATE_LABEL}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{ESTIMATE_LABEL}, {data.get('arch', '?')}, {data.get('date', '?')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -123,7 +214,12 @@ COLUMNS = (
 )
 
 
-def render(runs: Sequence[Run], plot_name: str | None) -> str:
+def render(
+    runs: Sequence[Run],
+    plot_name: str | None,
+    estimate: tuple[Path, dict[str, Any]] | None = None,
+    estimate_plot: str | None = None,
+) -> str:
     lines = [
         "# Benchmark results",
         "",
@@ -131,6 +227,9 @@ def render(runs: Sequence[Run], plot_name: str | None) -> str:
         "do not edit by hand. Workloads and floors: WORKLOADS.md.",
         "",
     ]
+    if estimate is not None:
+        lines += render_estimate(*estimate, estimate_plot)
+        lines += ["## Measurements", ""]
     if not any(run.rows for run in runs):
         lines += [
             "No results yet: nothing in bench/results/ has benchmark rows. Run the "
@@ -209,12 +308,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--plot", type=Path, default=HERE / "speedup.png")
+    p.add_argument("--estimate-plot", type=Path, default=HERE / "estimate.png")
     args = p.parse_args(argv)
     try:
         runs = load_runs(args.results)
+        estimate = load_estimate(args.results)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    estimate_plot = None
+    if estimate is not None:
+        try:
+            plot_estimate(estimate[1], args.estimate_plot)
+            estimate_plot = os.path.relpath(args.estimate_plot, args.out.parent)
+        except ImportError:
+            print("matplotlib is not installed: RESULTS.md without the estimate plot", file=sys.stderr)
     plot_name = None
     if any(run.rows for run in runs):
         try:
@@ -222,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_name = os.path.relpath(args.plot, args.out.parent)
         except ImportError:
             print("matplotlib is not installed: RESULTS.md without the plot", file=sys.stderr)
-    args.out.write_text(render(runs, plot_name))
-    print(f"wrote {args.out}" + (f" and {args.plot}" if plot_name else ""))
+    args.out.write_text(render(runs, plot_name, estimate, estimate_plot))
+    wrote = [str(p) for p, on in ((args.out, True), (args.plot, plot_name), (args.estimate_plot, estimate_plot)) if on]
+    print("wrote " + ", ".join(wrote))
     return 0
 
 

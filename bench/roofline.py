@@ -1,9 +1,11 @@
 """Roofline floors and timing shared by every benchmark in bench/.
 
-Ceilings are the ones WORKLOADS.md measured on the lent H100: 3.0 TB/s
-device-to-device (bytes read + written) and 798 TFLOP/s dense bf16 matrix work.
-floor = max(bytes / bandwidth, flops / rate), each input read once and each
-output written once.
+The workloads, their shapes and their floors are defined once, in
+vitkernels/workloads.py (bench/WORKLOADS.md explains them): ``reference(id,
+pass)`` gives one as a ``Workload``. Ceilings are the ones measured on the lent
+H200: 4.3 TB/s device-to-device (bytes read + written) and 788 TFLOP/s dense
+bf16 matrix work. floor = max(bytes / bandwidth, flops / rate), each input read
+once and each output written once.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import dataclasses
 import statistics
 from collections.abc import Callable
 
-BANDWIDTH_BYTES_PER_S = 3.0e12
-MATH_FLOPS_PER_S = 798e12
+from vitkernels.workloads import BANDWIDTH_BYTES_PER_S, MATMUL_FLOPS_PER_S, WORKLOADS
+
+MATH_FLOPS_PER_S = MATMUL_FLOPS_PER_S
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    id: str  # "A1", "P3", ...
+    id: str  # "A1", "A1 fwd+bwd", "P3", ...
     flops: float
     bytes: float
 
@@ -43,6 +46,13 @@ class Workload:
             "bound": self.bound,
             **extra,
         }
+
+
+def reference(wid: str, which: str = "fwd") -> Workload:
+    """A reference workload's flops and bytes for one pass ("fwd", "bwd", "fwd+bwd");
+    the row id is the workload id, with the pass appended unless it is "fwd"."""
+    w = WORKLOADS[wid]
+    return Workload(wid if which == "fwd" else f"{wid} {which}", w.flops(which), w.bytes(which))
 
 
 def tensor_bytes(*shapes_and_itemsizes: tuple[tuple[int, ...], int]) -> int:

@@ -11,7 +11,7 @@ VITKERNELS_BENCH_COMPILE_MODE, default "max-autotune-no-cudagraphs"), torch (thi
 package's stock composite), triton, cuda (when the extension is built). Each row
 (benchmark.extra_info) has the workload, impl, dtype, median time from CUDA
 events after warm-up, TFLOP/s, GB/s and the fraction of the floor (roofline.py:
-H100 ceilings 3.0 TB/s, 798 TFLOP/s). The images (77 MB) do not fit in L2, so the
+H200 ceilings 4.3 TB/s, 788 TFLOP/s). The images (77 MB) do not fit in L2, so the
 inputs are not rotated.
 
     pytest bench/test_patch_embed.py --benchmark-json=bench/results/<gpu>-<date>.json
@@ -26,7 +26,7 @@ import os
 
 import pytest
 import torch
-from roofline import Workload, cuda_time, tensor_bytes
+from roofline import Workload, cuda_time, reference
 from torch import nn
 
 pytestmark = [
@@ -110,25 +110,13 @@ class T2TStyle(nn.Module):
         return self.kqv(self.norm1(self.soft_split0(img).transpose(1, 2)))
 
     def fused(self, img: torch.Tensor, backend: str) -> torch.Tensor:
-        from vitkernels.replace.fused_patch_embed import soft_split_linear
+        from vitkernels.replace.fused_t2t import soft_split_linear
 
         return soft_split_linear(img, self.soft_split0, self.kqv, self.norm1, backend=backend)
 
 
 def _workload(wid: str, dtype: torch.dtype) -> Workload:
-    es = torch.finfo(dtype).bits // 8
-    img = ((BATCH, 3, 224, 224), es)
-    if wid == "P3":
-        L, K, D = 56 * 56, 147, 192
-        params = [((D, K), es), ((D,), es), ((K,), es), ((K,), es)]
-        out = ((BATCH, L, D), es)
-    else:
-        L, K, D = 196, 768, 768
-        params = [((D, K), es), ((D,), es), ((1, D), es), ((L + 1, D), es)]
-        if wid == "P2":
-            params += [((K,), es), ((K,), es), ((D,), es), ((D,), es)]
-        out = ((BATCH, L + 1, D), es)
-    return Workload(wid, 2.0 * BATCH * L * K * D, tensor_bytes(img, *params, out))
+    return reference(wid, "fwd")
 
 
 BUILDERS = {"P1": TimmStyle, "P2": VitPytorchStyle, "P3": T2TStyle}

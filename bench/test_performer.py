@@ -13,7 +13,7 @@ package's stock composite), triton, cuda (when the extension is built).
 Directions: forward, and forward+backward (gradients of the kqv tensor for a fixed
 dy). Each row (benchmark.extra_info) has the workload, impl, direction, dtype,
 median time from CUDA events after warm-up, TFLOP/s, GB/s and the fraction of the
-floor (roofline.py: H100 ceilings 3.0 TB/s, 798 TFLOP/s). The inputs (308 MB of
+floor (roofline.py: H200 ceilings 4.3 TB/s, 788 TFLOP/s). The inputs (308 MB of
 kqv at T1, 77 MB at T2) do not fit in the 50 MB L2, so they are not rotated.
 
 Counting (each input read once, each output written once):
@@ -35,7 +35,8 @@ import os
 
 import pytest
 import torch
-from roofline import Workload, cuda_time, tensor_bytes
+from roofline import Workload, cuda_time
+from roofline import reference as reference_workload
 
 from vitkernels.backends import reference
 
@@ -48,7 +49,7 @@ BATCH = int(os.environ.get("VITKERNELS_BENCH_BATCH", "256"))
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 COMPILE_MODE = os.environ.get("VITKERNELS_BENCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
 IMPLS = ("eager", "compiled", "torch", "triton", "cuda")
-SHAPES = {"T1": (3136, 64, 32), "T2": (784, 64, 32)}  # T, E, M
+SHAPES = {"T1": (3136, 64, 32), "T2": (784, 64, 32)}  # T, E, M (vitkernels/workloads.py)
 EPS = 1e-8
 
 
@@ -69,14 +70,8 @@ def official(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor)
 
 
 def _workload(wid: str, dtype: torch.dtype, direction: str) -> Workload:
-    T, E, M = SHAPES[wid]
-    es = torch.finfo(dtype).bits // 8
-    act = ((BATCH, T, E), es)
-    n_act = 4 if direction == "fwd" else 8
-    flops = 8.0 * BATCH * T * E * M * (1 if direction == "fwd" else 3)
     # make_results.py groups rows by workload id: the two directions get their own
-    wl_id = wid if direction == "fwd" else f"{wid} fwd+bwd"
-    return Workload(wl_id, flops, tensor_bytes(*[act] * n_act, ((M, E), 4)))
+    return reference_workload(wid, direction)
 
 
 @functools.lru_cache(maxsize=1)

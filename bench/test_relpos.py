@@ -17,9 +17,8 @@ Implementations side by side in one process, all computing the same attention
 Each row (benchmark.extra_info, for bench/make_results.py): workload ("A1" forward,
 "A1 fwd+bwd"), impl, dtype, batch, time_us (median of CUDA-event timed runs after
 warm-up; input sets rotated when one set fits in L2), TFLOP/s, GB/s and the
-fraction of the floor. FLOPs: 2*B*H*Nq*Nk*(Dk+Dv) forward, three times that for
-forward+backward. Bytes: q, k, v read and out written once (forward); forward+
-backward adds q, k, v, out, dout read and dq, dk, dv written once.
+fraction of the floor. Shapes, flops and bytes: vitkernels/workloads.py (bench/
+WORKLOADS.md), through roofline.reference.
 
     pytest bench/test_relpos.py --benchmark-json=bench/results/<gpu>-<yyyy-mm-dd>.json
 """
@@ -36,11 +35,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import Workload, cuda_time  # noqa: E402
+from roofline import Workload, cuda_time, reference  # noqa: E402
 
 import vitkernels  # noqa: E402
 from vitkernels import cuda as vk_cuda  # noqa: E402
 from vitkernels.backends.reference import relpos_bias_index  # noqa: E402
+from vitkernels.workloads import WORKLOADS as SHARED  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,11 +54,10 @@ L2_BYTES = 50 * 2**20  # H100
 
 # id: (heads, fmap side, q_stride, Dk, Dv)
 WORKLOADS = {
-    "A1": (4, 14, 1, 32, 64),  # LeViT-256 stage 1
-    "A2": (6, 7, 1, 32, 64),  # LeViT-256 stage 2
-    "A3": (8, 4, 1, 32, 64),  # LeViT-256 stage 3
-    "A4": (8, 14, 2, 32, 64),  # LeViT-256 shrink 14 -> 7
-    "A5": (4, 14, 1, 16, 32),  # LeViT-128S stage 1
+    wid: (s.heads, s.side, s.q_stride, s.dk, s.dv)
+    for wid, w in SHARED.items()
+    if w.op == "relpos_attention"
+    for s in [w.shape]
 }
 IMPLS = ("eager", "eager_timm", "torch", "flex", "compiled", "triton", "cuda")
 MODES = ("fwd", "fwd+bwd")
@@ -71,12 +70,7 @@ def shapes(wid: str) -> tuple[int, int, int, int, int, int, int, int]:
 
 
 def workload(wid: str, mode: str) -> Workload:
-    B, H, _, _, Dk, Dv, nq, nk = shapes(wid)
-    flops = 2.0 * B * H * nq * nk * (Dk + Dv)
-    q, k, v, o = (B * H * n * d * 2 for n, d in ((nq, Dk), (nk, Dk), (nk, Dv), (nq, Dv)))
-    if mode == "fwd":
-        return Workload(wid, flops, q + k + v + o)
-    return Workload(f"{wid} fwd+bwd", 3 * flops, (q + k + v + o) + (q + k + v + 2 * o) + (q + k + v))
+    return reference(wid, mode)
 
 
 # ----------------------------------------------------------------------------

@@ -16,7 +16,12 @@
 // There is no patch_embed_bwd: the backward of patch_embed runs on another backend.
 // q, k, v, images, weight: float16 or bfloat16 (float32 runs on the triton backend);
 // the small tensors (relpos table, performer w) may also be float32.
-#include <torch/extension.h>
+//
+// Python-agnostic: ATen and torch/library.h only (no pybind11, no Python C API), so
+// the library imports no Python symbol and one build serves every Python of the same
+// torch and CUDA; vitkernels/cuda.py loads it with torch.ops.load_library.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -69,9 +74,4 @@ TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
   m.impl("performer_attention_fwd", &vk_ops::performer_attention_fwd);
   m.impl("performer_attention_bwd", &vk_ops::performer_attention_bwd);
   m.impl("patch_embed_fwd", &vk_ops::patch_embed_fwd);
-}
-
-// A Python module as well, so that `import vitkernels._C` loads the library.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vitkernels CUDA kernels, registered as torch.ops.vitkernels_C.*";
 }

@@ -17,7 +17,9 @@ from typing import Any
 
 from torch import nn
 
-_FAMILIES = ("vit", "deepvit", "cait", "t2t", "crossvit", "pit", "levit", "cvt", "distill")
+_FAMILIES = (
+    "vit", "deepvit", "cait", "t2t", "t2t_vit", "crossvit", "pit", "levit", "cvt", "distill",
+)  # fmt: skip
 
 
 def _registry() -> dict[str, Callable[..., nn.Module]]:

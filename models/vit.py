@@ -20,6 +20,8 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
+from vitkernels.tokens import embed_tokens
+
 __all__ = ["CONFIGS", "Attention", "FeedForward", "Transformer", "ViT"]
 
 
@@ -161,46 +163,6 @@ def _fmt(size: tuple[int, int]) -> str:
 def _round_up(size: tuple[int, int], mult: tuple[int, int]) -> tuple[int, int]:
     return (-(-size[0] // mult[0]) * mult[0], -(-size[1] // mult[1]) * mult[1])
 
-
-# ----------------------------------------------------------------------------
-# patch tokens, class token and position embedding
-
-
-def embed_tokens(
-    to_patch_embedding: nn.Module,
-    img: torch.Tensor,
-    prefix: torch.Tensor | None,
-    pos_embedding: torch.Tensor,
-) -> torch.Tensor:
-    """Patch tokens of ``img`` with ``prefix`` tokens prepended and positions added.
-
-    What every model of this zoo does after its patch embedding::
-
-        x = to_patch_embedding(img)                  # (b, n, d)
-        x = cat(prefix repeated over b, x)           # prefix (k, d) or (1, k, d); None: none
-        x = x + pos_embedding[first k + n rows]      # (t, d) or (1, t, d)
-
-    A patch embedding that can do all of it in one pass offers a method
-    ``embed_tokens(img, prefix, pos_embedding)`` with exactly this meaning (the
-    fused modules ``vitkernels.optimize`` installs do), and is called that way:
-    the class token and position embedding stay parameters of the model, so the
-    state_dict does not change.
-    """
-    fused = getattr(to_patch_embedding, "embed_tokens", None)
-    if fused is not None:
-        return fused(img, prefix, pos_embedding)
-    return add_tokens(to_patch_embedding(img), prefix, pos_embedding)
-
-
-def add_tokens(
-    x: torch.Tensor, prefix: torch.Tensor | None, pos_embedding: torch.Tensor
-) -> torch.Tensor:
-    """``cat(prefix repeated over b, x) + pos_embedding[first k + n rows]`` for (b, n, d)
-    patch tokens (see ``embed_tokens``)."""
-    b, _, d = x.shape
-    if prefix is not None and prefix.numel():
-        x = torch.cat((prefix.reshape(1, -1, d).expand(b, -1, -1), x), dim=1)
-    return x + pos_embedding.reshape(-1, d)[: x.shape[1]]
 
 def named_config(
     cls: Callable[..., nn.Module], doc: str, **defaults: Any

@@ -1,43 +1,76 @@
-"""python -m vitkernels info / usage, and explain_call on the real ops."""
+"""python -m vitkernels info / usage, and which_backend on the real ops."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import vitkernels
-from vitkernels.ops._dispatch import explain_call
+from vitkernels.ops import relpos
+
+
+def _info(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "vitkernels", "info"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert torch.__version__ in out.stdout and "CUDA extension" in out.stdout
+    return out.stdout
+
+
+_OPS = ("relpos_attention", "performer_attention", "patch_embed")
+
+
+def _check_backend_lines(text: str, expected: tuple[str, ...]) -> None:
+    """Each op's line names a backend in ``expected``, then one line per backend not
+    taken says why it refuses."""
+    lines = text.splitlines()
+    for op in _OPS:
+        i = next(i for i, line in enumerate(lines) if line.startswith(op))
+        assert lines[i].rstrip().rsplit(": ", 1)[1] in expected, lines[i]
+        assert lines[i + 1].strip().startswith("cuda refuses: ") or "cuda" in expected
 
 
 def test_info_names_versions_and_a_backend_per_op():
-    out = subprocess.run(
-        [sys.executable, "-m", "vitkernels", "info"], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
-    assert torch.__version__ in text
-    assert "CUDA extension" in text
-    for op in ("relpos_attention", "performer_attention", "patch_embed"):
-        line = next(line for line in text.splitlines() if line.startswith(op))
-        # no GPU here: every op runs on the stock torch composite
-        assert line.rstrip().endswith(": torch"), line
+    # CUDA hidden (a GPU machine too): every op runs on the stock torch composite
+    text = _info(dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert "none visible to torch" in text
+    _check_backend_lines(text, ("torch",))
 
 
-def test_usage_for_unknown_command():
-    out = subprocess.run(
-        [sys.executable, "-m", "vitkernels", "frobnicate"], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 2 and "usage" in out.stdout
+@pytest.mark.gpu
+def test_info_on_a_gpu_picks_a_kernel_backend_per_op():
+    text = _info(dict(os.environ))
+    assert torch.cuda.get_device_name(0) in text
+    expected = ("triton", "cuda") if torch.cuda.get_device_capability() >= (8, 0) else ("torch",)
+    _check_backend_lines(text, expected)
 
 
-def test_explain_call_follows_forcing_without_running():
+def test_which_backend_follows_forcing_without_running():
     q = torch.randn(1, 2, 16, 16)
     table = torch.randn(2, 16)
-    chosen, verdicts = explain_call(vitkernels.relpos_attention, q, q, q, table, fmap_size=4)
+    chosen, verdicts = relpos.which_backend(q, q, q, table, fmap_size=4)
     assert chosen == "torch"
     assert [name for name, _ in verdicts] == ["cuda", "triton", "torch", "reference"]
     with vitkernels.use_backend("reference"):
-        chosen, _ = explain_call(vitkernels.relpos_attention, q, q, q, table, fmap_size=4)
+        chosen, _ = relpos.which_backend(q, q, q, table, fmap_size=4)
     assert chosen == "reference"
+
+
+def test_unknown_command_is_named(capsys):
+    from vitkernels.__main__ import main
+
+    assert main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'bogus'; expected one of info, compare, build, estimate")
+    assert "usage: python -m vitkernels" in err
+    assert main([]) == 2 and "error: no command given" in capsys.readouterr().err
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("vitkernels ")

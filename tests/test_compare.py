@@ -164,3 +164,72 @@ def test_zero_initialised_norms_are_woken_so_the_check_sees_attention():
     assert wake_zero_init_norms(model) == len(zero)
     assert all(m.weight.eq(1).all() for m in zero)
     assert wake_zero_init_norms(model) == 0
+
+
+# ----------------------------------------------------------------------------
+# what a new user types: lists in --config, backends and devices this machine lacks
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vit-pytorch:PiT", "--config", '{"image_size": 32, "patch_size": 8, "num_classes": 10, '
+         '"dim": 32, "depth": [1, 1], "heads": 2, "mlp_dim": 32, "dim_head": 16}'],
+        ["vit-pytorch:LeViT", "--config", '{"image_size": 32, "num_classes": 10, '
+         '"dim": [16, 24, 32], "depth": 1, "heads": [1, 2, 2], "mlp_mult": 2, "dim_key": 8, '
+         '"dim_value": 8}'],
+    ],
+    ids=["pit-depth-list", "levit-dim-list"],
+)  # fmt: skip
+def test_json_lists_become_the_tuples_vit_pytorch_expects(argv, capsys):
+    assert compare.compare_main([*argv, *FAST]) == 0, capsys.readouterr().err
+    assert _table(capsys.readouterr().out)["max |optimized - eager|"].endswith(": agree")
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """Run compare, expect the usage/setup exit code and one error line, no traceback."""
+    code = compare.compare_main([*argv, *FAST])
+    err = capsys.readouterr().err
+    assert code == compare.EXIT_USAGE == 2, (code, err)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+TINY = ["vit_b16", "--image-size", "32", "--config", '{"depth": 1, "dim": 64, "heads": 2}']
+
+
+def test_forced_triton_without_the_interpreter_on_cpu_is_a_setup_error(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    line = _usage_error([*TINY, "--backend", "triton", "--device", "cpu"], capsys)
+    assert "--backend triton" in line and "TRITON_INTERPRET=1" in line
+
+
+def test_forced_cuda_without_the_extension_is_a_setup_error(capsys):
+    from vitkernels import cuda
+
+    if cuda.unavailable_reason() is None:
+        pytest.skip("the CUDA extension is loaded here")
+    line = _usage_error([*TINY, "--backend", "cuda"], capsys)
+    assert "--backend cuda" in line and cuda.unavailable_reason() in line
+
+
+def test_interpreter_bfloat16_is_a_setup_error(capsys):
+    line = _usage_error([*TINY, "--backend", "triton", "--dtype", "bfloat16"], capsys)
+    assert "bfloat16" in line and "interpreter" in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*TINY, "--device", "meta"], "--device meta"),
+        ([*TINY, "--device", "mps"], "--device mps"),
+        (["vit_b16", "--config", "{bad"], "--config is not valid JSON"),
+        (["vit-pytorch:no_module.Thing"], "vit_pytorch has no module 'no_module'"),
+        (["vit-pytorch:ViT", "--config", json.dumps({**TINY_VIT, "image_size": 30})],
+         "Image dimensions must be divisible by the patch size"),
+        ([*TINY, "--ops", ""], "--ops '' names no op"),
+    ],
+)  # fmt: skip
+def test_bad_input_never_shows_a_traceback(argv, message, capsys):
+    assert message in _usage_error(argv, capsys)

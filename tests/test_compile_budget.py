@@ -1,23 +1,27 @@
-"""Every Triton kernel specialisation that the launchers use, compiled ahead of time
-for sm_80 and sm_90a without a GPU; ptxas must report no spills.
+"""Every Triton kernel, compiled ahead of time exactly as the launchers launch it,
+for sm_80 and sm_90a without a GPU; the machine code must not spill registers.
 
-The specialisations come from each kernel module's AOT_SPECS (vitkernels/triton/).
-The compilation runs in subprocesses with TRITON_INTERPRET unset (this test session
-may run the interpreter, whose @triton.jit functions cannot be compiled), one per
-architecture, side by side. VITKERNELS_AOT_TRITON_PATHS (colon-separated folders
-holding another triton, e.g. `pip install --target DIR triton==3.6.0`) adds those
-versions: the GPU machine runs a different triton than CI, and register allocation
-differs between them (.ci/run checks triton 3.6 this way, for sm_90a only: the GPU
-machines are Hoppers; with 3.6 the relpos backward still spills a little on sm_80).
-Pointers are compiled 16-byte aligned, as Triton specialises launches on tensors
-torch allocated; the misaligned specialisation is checked for sm_90a too.
+The launches are recorded from the launchers (vitkernels/triton/_aot.py): each
+kernel module's record_calls runs its launchers on meta tensors for every
+workload of vitkernels.workloads and the other layer shapes the models launch,
+and Triton's own launch binder gives each launch the specialisation its JIT
+would compile (16-byte aligned pointers and integers divisible by 16 marked
+tt.divisibility=16, integers equal to 1 made constants). The compiles run in
+subprocesses with TRITON_INTERPRET unset (this session may run the interpreter,
+whose @triton.jit functions cannot be compiled), side by side.
+VITKERNELS_AOT_TRITON_PATHS (colon-separated folders holding another triton, e.g.
+`pip install --target DIR triton==3.6.0`) adds those versions for sm_90a: the
+GPU machine runs a different triton than CI, and register allocation differs
+between them. The launches are also compiled with misaligned inputs (views one
+element into a buffer) for sm_90a. Floating-point fusion is Triton's default (on),
+as a user's launch has it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-import pkgutil
 import subprocess
 import sys
 
@@ -25,72 +29,124 @@ import pytest
 
 pytest.importorskip("triton")
 
-from vitkernels.triton._aot import all_specs  # noqa: E402
+TRITONS = ["installed"] + [p for p in os.environ.get("VITKERNELS_AOT_TRITON_PATHS", "").split(":") if p]
+# (triton, arch, variant)
+VARIANTS = [("installed", 80, "aligned"), ("installed", 90, "aligned"), ("installed", 90, "unaligned")] + [
+    (tri, 90, "aligned") for tri in TRITONS[1:]
+]
 
-SPECS = all_specs()
-TRITONS = ["installed"] + [
-    p for p in os.environ.get("VITKERNELS_AOT_TRITON_PATHS", "").split(":") if p
-]
-# (triton, arch, variant): every spec as it launches on tensors torch allocated
-# (16-byte aligned pointers) for both archs, and with misaligned views for sm_90a;
-# another triton for sm_90a aligned only
-VARIANTS = [("installed", 80, ""), ("installed", 90, ""), ("installed", 90, "/unaligned")] + [
-    (tri, 90, "") for tri in TRITONS[1:]
-]
+
+def _env(tri: str, cache: str | None = None) -> dict[str, str]:
+    # no interpreter; Triton's default floating-point fusion (tests/conftest.py turns it
+    # off for the interpreter's sake; a user's launch has it on)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    if tri != "installed":
+        env["PYTHONPATH"] = os.pathsep.join([tri, env.get("PYTHONPATH", "")])
+    if cache:
+        env["TRITON_CACHE_DIR"] = cache
+    return env
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """{(triton, f"{spec}@sm_{arch}{variant}"): report}, one subprocess per variant."""
+    """{(triton, variant key): report}, one subprocess per variant."""
     tmp = tmp_path_factory.mktemp("aot")
-    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = []
     for i, (tri, arch, variant) in enumerate(VARIANTS):
-        env = dict(base)
-        if tri != "installed":
-            env["PYTHONPATH"] = os.pathsep.join([tri, env.get("PYTHONPATH", "")])
-            env["TRITON_CACHE_DIR"] = str(tmp / f"cache{i}")
         out = tmp / f"v{i}.json"
-        cmd = [sys.executable, "-m", "vitkernels.triton._aot", "--arch", str(arch), "--json", str(out)]
-        if variant:
-            cmd.append("--unaligned")
+        cmd = [sys.executable, "-m", "vitkernels.triton._aot", "--arch", str(arch), "--variant", variant,
+               "--json", str(out)]  # fmt: skip
+        env = _env(tri, str(tmp / f"cache{i}") if tri != "installed" else None)
         procs.append((tri, arch, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
     merged = {}
     for tri, arch, proc, out in procs:
-        _, err = proc.communicate(timeout=1500)
+        _, err = proc.communicate(timeout=3000)
         assert proc.returncode == 0, f"AOT compile ({tri}) for sm_{arch} failed:\n{err[-4000:]}"
         merged.update({(tri, k): v for k, v in json.loads(out.read_text()).items()})
     return merged
 
 
-def test_every_kernel_module_lists_specs():
+def _recorded():
+    from vitkernels.triton._aot import recorded_launches
+
+    return recorded_launches("aligned", 90)
+
+
+def test_every_kernel_is_recorded():
+    """Every @triton.jit *_kernel of vitkernels.triton is launched by some recorded call."""
+    import importlib
+    import pkgutil
+
     import vitkernels.triton as pkg
 
-    modules = {i.name for i in pkgutil.iter_modules(pkg.__path__) if not i.name.startswith("_")}
-    listed = {getattr(s.kernel, "__module__", "").rsplit(".", 1)[-1] for s in SPECS}
-    listed |= {getattr(getattr(s.kernel, "fn", None), "__module__", "").rsplit(".", 1)[-1] for s in SPECS}
-    assert modules <= listed, f"kernel modules without AOT_SPECS: {sorted(modules - listed)}"
+    kernels = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"vitkernels.triton.{info.name}")
+        for name, obj in vars(mod).items():
+            fn = getattr(obj, "fn", None)
+            if name.endswith("_kernel") and inspect.isfunction(fn) and fn.__module__ == mod.__name__:
+                kernels.add(f"{mod.__name__}.{name}")
+    launched = {f"{rl.launch.kernel.fn.__module__}.{rl.launch.kernel.fn.__name__}" for rl in _recorded()}
+    assert kernels, "found no kernels"
+    assert kernels <= launched, f"kernels no recorded launch compiles: {sorted(kernels - launched)}"
 
 
-CHECKS = [(spec, arch, tri, variant) for tri, arch, variant in VARIANTS for spec in SPECS]
+def test_recorded_launches_cover_the_workloads():
+    cases = {c for rl in _recorded() for c in rl.cases}
+    for wid in ("A1", "A2", "A3", "A4", "A5", "T1", "T2", "P1", "P2", "P3", "T2T-2", "T2T-3", "L128s-shrink7"):
+        for direction in ("fwd", "bwd"):
+            assert f"{wid} {direction}" in cases, f"{wid} {direction}"
 
 
-@pytest.mark.parametrize(
-    "spec, arch, triton_path, variant",
-    CHECKS,
-    ids=[f"{s.name}-sm{a}{v}" + ("" if t == "installed" else f"-{t}") for s, a, t, v in CHECKS],
-)
-def test_no_register_spills(reports, spec, arch, triton_path, variant):
-    rep = reports[(triton_path, f"{spec.name}@sm_{arch}{variant}")]
-    where = f"{spec.name} on sm_{arch}{variant} ({triton_path})"
-    assert "error" not in rep, f"{where}: {rep.get('error')}"
-    assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, (
-        f"{where}: {rep['registers']} registers, {rep['spill_stores']} B spill stores, "
-        f"{rep['spill_loads']} B spill loads\n{rep['log']}"
-    )
-    assert rep["registers"] <= 255
+def test_recording_follows_tritons_specialisation():
+    """The recorded specialisation is Triton's: pointers 16-byte aligned, integers
+    divisible by 16 marked so, integers equal to 1 constants, misaligned views not
+    marked (A1 forward: q (B, H, 196, 32) has strides (25088, 6272, 32, 1))."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS
+
+    shape = WORKLOADS["A1"].shape
+    fwd = record_workload(shape, "fwd").launches[0].specialization.describe()
+    assert fwd["Q"] == "*bf16 /16" and fwd["LSE"] == "*fp32 /16"
+    assert fwd["stride_qb"] == "i32 /16" and fwd["stride_qn"] == "i32 /16"
+    assert fwd["stride_qd"] == "=1" and fwd["S"] == "=1"
+    assert fwd["NQ"] == "i32"  # 196
+    assert fwd["BLOCK_M"] == "=64"
+    unaligned = record_workload(shape, "fwd", variant="unaligned").launches[0].specialization.describe()
+    assert unaligned["Q"] == "*bf16" and unaligned["O"] == "*bf16 /16"  # out is the launcher's own
 
 
-def test_spec_names_are_unique():
-    names = [s.name for s in SPECS]
-    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+def test_recording_counts_torch_operations():
+    """The torch operations a launcher runs between kernels are recorded (each is a
+    kernel launch on a GPU): relpos's table-gradient fold."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.triton._common import TorchOp
+    from vitkernels.workloads import WORKLOADS
+
+    rec = record_workload(WORKLOADS["A1"].shape, "bwd")
+    kinds = [type(e).__name__ for e in rec.events]
+    assert kinds[:3] == ["Launch"] * 3
+    ops = [e for e in rec.events if isinstance(e, TorchOp)]
+    assert [o.name for o in ops][:2] == ["sum", "clone"]
+    # the partial sums: (programs, H, R, E) float32 in, (H, R, E) out
+    launch = rec.launches[2]
+    partial = launch.args[8]
+    assert ops[0].bytes_read == partial.numel() * 4
+    assert ops[0].bytes_written == partial[0].numel() * 4
+
+
+def test_no_register_spills(reports):
+    """One check over every compile (the reports name the failures)."""
+    assert reports, "no compile reports"
+    bad = []
+    for (tri, key), rep in sorted(reports.items()):
+        where = f"{key} ({tri})"
+        if "error" in rep:
+            bad.append(f"{where}: {rep['error'][:2000]}")
+        elif rep["spill_stores"] or rep["spill_loads"] or rep["registers"] > 255:
+            bad.append(f"{where}: {rep['registers']} registers, {rep['spill_stores']} B spill stores, "
+                       f"{rep['spill_loads']} B spill loads (cases: {', '.join(rep['cases'])})")  # fmt: skip
+    assert not bad, f"{len(bad)} of {len(reports)} compiles failed or spilled:\n" + "\n".join(bad)
+    variants = {(tri, key.split("@")[1]) for tri, key in reports}
+    expected = {(tri, f"sm_{a}" + ("" if v == "aligned" else "/unaligned")) for tri, a, v in VARIANTS}
+    assert variants == expected

@@ -1,10 +1,17 @@
-"""Building and loading the CUDA extension where it cannot be built (CI: CPU torch).
+"""Building and loading the CUDA extension, without a GPU (CI: CPU torch).
 
 * ``python -m vitkernels build`` and ``VITKERNELS_BUILD_CUDA=1 pip install ...``
-  stop with one sentence and a non-zero status on a CPU torch or without a CUDA
-  toolkit; without the flag the plain package builds (setup.py never imports torch).
+  stop with one sentence and a non-zero status on a CPU torch, without a CUDA
+  toolkit or without libcudart (the sentence names CUDA_HOME); without the flag
+  the plain package builds (setup.py never imports torch).
+* The toolkit is CUDA_HOME, else the one the nvcc on PATH runs from, wrapper
+  scripts followed (vitkernels/_toolkit.py), and both builds use it.
+* The extension is Python-agnostic: csrc/ uses no Python header, setup.py builds
+  it with py_limited_api (no libtorch_python), the JIT build makes a plain library.
 * ``vitkernels.cuda`` says why the extension is not there (CPU torch, not built,
-  stale or broken JIT build) and the ops' dispatch reports it when "cuda" is forced.
+  stale or broken JIT or prebuilt library) and the ops' dispatch reports it when
+  "cuda" is forced. Absence is simulated (``no_extension``), so these tests hold
+  on a machine where the extension is installed or loaded as well.
 * The torch-facing launchers (csrc/ops/*.cu) and the bindings compile against the
   installed torch's headers (needs nvcc; no GPU, no linking).
 """
@@ -24,10 +31,11 @@ import pytest
 import torch
 
 import vitkernels
-from vitkernels import cuda
+from vitkernels import _toolkit, cuda
 from vitkernels.ops._dispatch import BackendNotSupportedError
 
 ROOT = Path(__file__).resolve().parent.parent
+INSTALLED_LIBRARY = cuda._installed_library  # the real lookup, before any test patches it
 cpu_torch = pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU build of torch")
 
 
@@ -40,12 +48,58 @@ def fresh_load():
 
 
 @pytest.fixture
-def cuda_torch(monkeypatch, tmp_path, fresh_load):
-    """Pretend torch is a CUDA build; JIT builds live in an empty temp directory."""
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
+def no_extension(monkeypatch, fresh_load):
+    """The loader sees no extension: none registered in this process, none installed in
+    the package, no VITKERNELS_CUDA_LIBRARY (whatever this machine really has)."""
+    monkeypatch.setattr(cuda, "_registered", lambda: False)
+    monkeypatch.setattr(cuda, "_installed_library", lambda: None)
+    monkeypatch.delenv(cuda.LIBRARY_ENV, raising=False)
+
+
+@pytest.fixture
+def nothing_built(monkeypatch, tmp_path, no_extension):
+    """No extension anywhere: JIT builds live in an empty temp directory."""
     monkeypatch.setenv("VITKERNELS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def cuda_torch(monkeypatch, nothing_built):
+    """Pretend torch is a CUDA build with no extension built."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    return nothing_built
+
+
+def _fake_toolkit(root: Path, *, cudart: bool = True) -> Path:
+    """A folder laid out like a CUDA toolkit: bin/nvcc (a script that answers --dryrun
+    as nvcc does) and, with cudart, lib64/libcudart.so."""
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={root}/bin"\necho "#$ TOP={root}/bin/.."\n')
+    nvcc.chmod(0o755)
+    if cudart:
+        (root / "lib64").mkdir()
+        (root / "lib64" / "libcudart.so").write_bytes(b"")
+    return root
+
+
+def _unset_cuda_home(monkeypatch) -> None:
+    """Unset CUDA_HOME and CUDA_PATH, restored after the test even where code under
+    test sets them (setup.py does): setenv first records the original state."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def no_toolkit_env(monkeypatch, tmp_path):
+    """No CUDA_HOME, no nvcc on PATH, no /usr/local/cuda."""
+    _unset_cuda_home(monkeypatch)
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(_toolkit, "DEFAULT_HOME", str(tmp_path / "no-such-cuda"))
 
 
 def _one_sentence(text: str) -> str:
@@ -68,22 +122,152 @@ def test_build_command_on_cpu_torch_says_so_and_fails():
     assert "CPU build" in line and torch.__version__ in line, line
 
 
-def test_build_without_cuda_toolkit_says_so(cuda_torch, monkeypatch, capsys):
-    from torch.utils import cpp_extension
-
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+def test_build_without_cuda_toolkit_says_so(cuda_torch, no_toolkit_env, capsys):
     assert cuda.build_main([]) == 1
     line = _one_sentence(capsys.readouterr().err)
-    assert "no CUDA toolkit found" in line and "12.4" in line, line
+    assert "no CUDA toolkit found" in line and "12.4" in line and "CUDA_HOME" in line, line
 
 
-def test_build_without_ninja_says_so(cuda_torch, monkeypatch, capsys):
+def test_build_without_libcudart_names_cuda_home(cuda_torch, monkeypatch, tmp_path, capsys):
+    home = _fake_toolkit(tmp_path / "cuda", cudart=False)
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert cuda.build_main([]) == 1
+    line = _one_sentence(capsys.readouterr().err)
+    assert "libcudart was not found" in line and str(home) in line, line
+    assert "set CUDA_HOME to the root of the CUDA 12.4 toolkit" in line, line
+
+
+def test_build_without_ninja_says_so(cuda_torch, monkeypatch, tmp_path, capsys):
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda")))
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     assert cuda.build_main([]) == 1
     assert "ninja is not installed" in _one_sentence(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------
+# the CUDA toolkit
+
+
+def test_toolkit_is_cuda_home_when_set(monkeypatch, tmp_path):
+    home = _fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert _toolkit.cuda_home() == str(home)
+    assert _toolkit.cudart_dir(str(home)) == str(home / "lib64")
+
+
+def test_toolkit_follows_an_nvcc_wrapper_script(monkeypatch, tmp_path):
+    """/usr/local/bin/nvcc may be a script that execs the toolkit's nvcc: the folder
+    above the script (torch's guess) has no libcudart; the toolkit nvcc runs from does."""
+    home = _fake_toolkit(tmp_path / "toolkit" / "cuda-13.0")
+    wrapper_bin = tmp_path / "local" / "bin"
+    wrapper_bin.mkdir(parents=True)
+    wrapper = wrapper_bin / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    _unset_cuda_home(monkeypatch)
+    monkeypatch.setenv("PATH", str(wrapper_bin))
+    torch_guess = wrapper.parent.parent  # what torch.utils.cpp_extension takes
+    assert _toolkit.cudart_dir(str(torch_guess)) is None
+    assert _toolkit.cuda_home() == str(home.resolve())
+
+
+def test_toolkit_follows_a_linked_nvcc_that_cannot_run(monkeypatch, tmp_path):
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("not a program")
+    (home / "lib").mkdir()
+    (home / "lib" / "libcudart.so.13").write_bytes(b"")
+    link_bin = tmp_path / "bin"
+    link_bin.mkdir()
+    (link_bin / "nvcc").symlink_to(home / "bin" / "nvcc")
+    (home / "bin" / "nvcc").chmod(0o755)
+    assert _toolkit.nvcc_toolkit(str(link_bin / "nvcc")) == str(home.resolve())
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert _toolkit.cudart_dir(str(home)) == str(home / "lib")
+
+
+def test_no_toolkit_is_one_sentence_naming_cuda_home(no_toolkit_env):
+    with pytest.raises(_toolkit.ToolkitError) as info:
+        _toolkit.cuda_home("13.0")
+    line = _one_sentence(str(info.value))
+    assert line.startswith("no CUDA toolkit found") and "CUDA_HOME" in line and "13.0" in line
+
+
+def test_cuda_home_that_is_not_a_folder_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    with pytest.raises(
+        _toolkit.ToolkitError, match="CUDA_HOME is .*nowhere, which is not a folder"
+    ):
+        _toolkit.cuda_home()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
+def test_this_machines_nvcc_gives_a_toolkit_with_libcudart(monkeypatch):
+    """The real nvcc on PATH (a wrapper script on the CI machine) leads to a toolkit
+    the linker can use."""
+    _unset_cuda_home(monkeypatch)
+    home = _toolkit.cuda_home()
+    assert _toolkit.cudart_dir(home) is not None
+    assert os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def test_jit_build_runs_with_the_toolkit_found(cuda_torch, monkeypatch, tmp_path):
+    """build() hands the toolkit to the child as CUDA_HOME (torch's cpp_extension reads
+    only that, at import); the child builds a plain library, not a Python module."""
+    from torch.utils import cpp_extension
+
+    home = _fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    seen: dict = {}
+
+    class Child:
+        def __init__(self, cmd, **kw):
+            seen.update(kw["env"])
+            self.stdout = iter(["[1/1] c++ x.o -shared -o vitkernels_C.so\n", "boom\n"])
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(cuda.subprocess, "Popen", Child)
+    with pytest.raises(cuda.BuildError, match="failed to compile"):
+        cuda.build(out=open(os.devnull, "w"))  # noqa: SIM115
+    assert seen["CUDA_HOME"] == str(home)
+    assert str(cuda.PACKAGE.parent) in seen["PYTHONPATH"].split(os.pathsep)
+
+    calls: dict = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.update(kw))
+    cuda._child_build(str(tmp_path / "out"))
+    assert calls["is_python_module"] is False and calls["name"] == cuda.JIT_NAME
+    assert "-Wl,--as-needed" in calls["extra_ldflags"]
+    assert f"-L{home / 'lib64'}" in calls["extra_ldflags"]
+
+
+# ----------------------------------------------------------------------------
+# Python-agnostic sources
+
+PYTHON_API = re.compile(r"Python\.h|pybind11|torch/extension\.h|PYBIND11_MODULE|\bPyObject\b|\bPy_")
+
+
+def test_csrc_uses_no_python_api():
+    """The extension links no Python: one build serves every Python of a torch+CUDA
+    (torch/extension.h pulls in pybind11 and the Python C API; ATen and
+    torch/library.h do not)."""
+    files = [
+        f for f in sorted((ROOT / "csrc").rglob("*")) if f.suffix in (".cu", ".cuh", ".cpp", ".h")
+    ]
+    assert len(files) >= 8, files
+    offenders = [
+        f"{f.relative_to(ROOT)}:{n}: {line.strip()}"
+        for f in files
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if PYTHON_API.search(line.split("//")[0])  # code, not the comments that explain it
+    ]
+    assert not offenders, "\n".join(offenders)
+    bindings = (ROOT / "csrc" / "bindings.cpp").read_text()
+    assert "#include <torch/library.h>" in bindings and "TORCH_LIBRARY(vitkernels_C, m)" in bindings
 
 
 def test_progress_lines_name_the_source():
@@ -148,6 +332,39 @@ def test_setup_with_flag_on_cpu_torch_says_so(monkeypatch):
         _run_setup(monkeypatch, {"VITKERNELS_BUILD_CUDA": "1"})
     line = _one_sentence(str(info.value))
     assert line.startswith("VITKERNELS_BUILD_CUDA=1: the installed torch") and "CPU build" in line
+
+
+def test_setup_with_flag_and_no_libcudart_names_cuda_home(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    home = _fake_toolkit(tmp_path / "cuda", cudart=False)
+    with pytest.raises(SystemExit) as info:
+        _run_setup(monkeypatch, {"VITKERNELS_BUILD_CUDA": "1", "CUDA_HOME": str(home)})
+    line = _one_sentence(str(info.value))
+    assert line.startswith("VITKERNELS_BUILD_CUDA=1: libcudart was not found in"), line
+    assert "set CUDA_HOME to the root of the CUDA 12.4 toolkit" in line, line
+
+
+def test_setup_builds_a_python_agnostic_extension_with_the_toolkit_found(monkeypatch, tmp_path):
+    """setup.py hands torch's cpp_extension the toolkit nvcc runs from (a wrapper on
+    PATH here) and builds with py_limited_api, which leaves libtorch_python out."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # restored after
+    home = _fake_toolkit(tmp_path / "toolkit")
+    wrapper_bin = tmp_path / "bin"
+    wrapper_bin.mkdir()
+    (wrapper_bin / "nvcc").write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    (wrapper_bin / "nvcc").chmod(0o755)
+    _unset_cuda_home(monkeypatch)
+    monkeypatch.setenv("PATH", f"{wrapper_bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    kw = _run_setup(monkeypatch, {"VITKERNELS_BUILD_CUDA": "1"})
+    (ext,) = kw["ext_modules"]
+    assert os.environ["CUDA_HOME"] == str(home.resolve()) == cpp_extension.CUDA_HOME
+    assert ext.name == "vitkernels._C" and ext.py_limited_api
+    assert "torch_python" not in ext.libraries
+    assert str(home.resolve() / "lib64") in ext.library_dirs
 
 
 def _project_copy(tmp_path: Path) -> Path:
@@ -227,6 +444,60 @@ def test_stale_or_broken_jit_build_is_reported(cuda_torch):
     assert "does not load" in cuda.unavailable_reason()
 
 
+def _library_dir(tmp_path: Path, stamp: str | None) -> Path:
+    folder = tmp_path / "prebuilt"
+    folder.mkdir(parents=True)
+    (folder / f"{cuda.JIT_NAME}.so").write_bytes(b"not a library")
+    if stamp is not None:
+        (folder / cuda.STAMP).write_text(stamp + "\n")
+    return folder
+
+
+def test_prebuilt_library_is_checked_against_the_sources(cuda_torch, monkeypatch, tmp_path):
+    """VITKERNELS_CUDA_LIBRARY (bench/prebuild_cuda.sh's .prebuilt/) names a library
+    built elsewhere: it is used only when its stamp matches this checkout's csrc/ and
+    torch, and it wins over an installed or JIT-built one."""
+    monkeypatch.setenv(cuda.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    assert "is not a file" in cuda.unavailable_reason()
+    for stamp in (None, "0" * 64):
+        cuda._load.cache_clear()
+        folder = _library_dir(tmp_path / str(stamp), stamp)
+        monkeypatch.setenv(cuda.LIBRARY_ENV, str(folder / f"{cuda.JIT_NAME}.so"))
+        reason = cuda.unavailable_reason()
+        assert "was built from other csrc/ sources or for another torch" in reason, reason
+        assert "bench/prebuild_cuda.sh" in reason
+    cuda._load.cache_clear()
+    folder = _library_dir(tmp_path / "fresh", cuda._sources_hash())
+    monkeypatch.setenv(cuda.LIBRARY_ENV, str(folder))  # a folder names the library in it
+    reason = cuda.unavailable_reason()
+    assert reason.startswith("the prebuilt CUDA extension") and "does not load" in reason, reason
+    assert not cuda.is_built() and cuda.library_path() is None
+
+
+def test_installed_library_that_does_not_load_is_reported(cuda_torch, monkeypatch, tmp_path):
+    (tmp_path / "_C.abi3.so").write_bytes(b"not a library")
+    monkeypatch.setattr(cuda, "PACKAGE", tmp_path)
+    monkeypatch.setattr(cuda, "_installed_library", INSTALLED_LIBRARY)
+    reason = cuda.unavailable_reason()
+    assert (
+        reason.startswith("the installed CUDA extension") and "_C.abi3.so does not load" in reason
+    )
+
+
+def test_ops_registered_earlier_are_used_without_loading_again(cuda_torch, monkeypatch):
+    """A second load of the same library under another path would register the
+    namespace twice; ops already registered in this process are taken as they are."""
+
+    def refuse(path):
+        raise AssertionError(f"loaded {path} again")
+
+    monkeypatch.setattr(cuda, "_registered", lambda: True)
+    monkeypatch.setattr(torch.ops, "load_library", refuse)
+    monkeypatch.setenv(cuda.LIBRARY_ENV, "/nowhere/vitkernels_C.so")
+    assert cuda.unavailable_reason() is None
+    assert cuda.library_path() == "torch.ops.vitkernels_C"
+
+
 def test_sources_hash_follows_the_sources(cuda_torch, monkeypatch, tmp_path):
     before = cuda._sources_hash()
     fake = tmp_path / "csrc"
@@ -248,10 +519,11 @@ def _relpos_inputs():
     return (q, k, v, torch.randn(2, 9)), {"fmap_size": 3}
 
 
-@pytest.mark.parametrize("not_built", [False, True], ids=["as_installed", "cuda_torch_not_built"])
-def test_forced_cuda_backend_names_the_reason(not_built, request):
-    if not_built:
-        request.getfixturevalue("cuda_torch")
+@pytest.mark.parametrize("torch_build", ["this_torch", "cuda_torch"])
+def test_forced_cuda_backend_names_the_reason(torch_build, request):
+    """With the extension absent (simulated), forcing "cuda" names why: a CPU torch,
+    or a CUDA torch with nothing built ("cuda_torch" pretends torch is one)."""
+    request.getfixturevalue("cuda_torch" if torch_build == "cuda_torch" else "nothing_built")
     reason = cuda.unavailable_reason()
     assert reason is not None
     (q, k, v, table), kw = _relpos_inputs()

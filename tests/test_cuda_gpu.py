@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from _numerics import assert_close
 
 import vitkernels
 from vitkernels import cuda
@@ -27,7 +28,10 @@ from vitkernels.backends import reference as ref
 pytestmark = pytest.mark.gpu
 
 DTYPES = (torch.float16, torch.bfloat16)
-TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# relative to the reference's largest magnitude (tests/_numerics.py), one per dtype for
+# values and gradients alike (the elementwise tol * (scale + |want|) these tests had,
+# 3e-3 and 2e-2, never allows more than twice that against the largest magnitude)
+TOL = {torch.float16: 6e-3, torch.bfloat16: 4e-2}
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +64,13 @@ def poison() -> None:
 def check(
     name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, floor: float = 1e-2
 ) -> None:
-    """|got - want| <= tol * (max(max|want|, floor) + |want|) elementwise; NaN fails.
+    """got against the float64 reference (tests/_numerics.py) at the tolerance of the
+    inputs' dtype; NaN fails.
 
     floor: the smallest scale errors are measured against (a reference that is
     exactly zero, e.g. the gradient of a softmax over one key, still allows rounding).
     """
-    tol = TOL[dtype]
-    want = want.detach().double()
-    err = (got.detach().double() - want).abs()
-    scale = want.abs().max().item()
-    ok = err <= tol * (max(scale, floor) + want.abs())
-    assert bool(ok.all()), (
-        f"{name}: {int((~ok).sum())} of {ok.numel()} off (max error "
-        f"{err.nan_to_num(float('inf')).max().item():.3e}, scale {scale:.3e}, NaN {int(got.isnan().sum())})"
-    )
+    assert_close(got, want.detach(), TOL[dtype], name, floor=floor)
 
 
 def contract(t: torch.Tensor, shape, dtype) -> None:

@@ -1,62 +1,148 @@
-"""The shared backend-selection layer (vitkernels/ops/_dispatch.py) on stand-in backends."""
+"""The shared backend-selection layer (vitkernels/ops/_dispatch.py): capabilities
+declared as data on stand-in backends, then the real ops' declarations on CUDA
+tensors that exist only as fakes (no GPU here) with a faked compute capability."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vitkernels
-from vitkernels.ops._dispatch import Backend, BackendNotSupportedError, forced_backend, select
+from vitkernels.ops import patch_embed, performer, relpos
+from vitkernels.ops._dispatch import (
+    Backend,
+    BackendNotSupportedError,
+    Inputs,
+    explain,
+    forced_backend,
+    select,
+)
 
 
-class _Fake(Backend):
-    def __init__(self, name: str, reasons: list[str], gpu_kernel: bool = False):
-        self.name, self._reasons, self.gpu_kernel = name, reasons, gpu_kernel
+class _Kernel(Backend):
+    name = "triton"
+    devices = ("cuda",)
+    interpreter = True
+    auto_on_cpu = False
+    dtypes = (torch.float16, torch.float32)
+    param_dtypes = (torch.float32,)
+    min_compute_capability = (8, 0)
+    nondeterministic_grads = frozenset({"table"})
+    max_sizes = {"D": 64}
 
-    def not_supported_reasons(self, **inputs):
-        return list(self._reasons)
+
+class _Missing(Backend):
+    name = "cuda"
+    requirements = (lambda: "the CUDA extension vitkernels._C is not built",)
 
 
-BACKENDS = [
-    _Fake("cuda", ["the CUDA extension vitkernels._C is not built"], gpu_kernel=True),
-    _Fake("triton", [], gpu_kernel=True),
-    _Fake("torch", []),
-    _Fake("reference", []),
-]
+class _Torch(Backend):
+    name = "torch"
+    dtypes = (torch.float16, torch.float32, torch.float64)
+
+
+class _Reference(Backend):
+    name = "reference"
+
+
+BACKENDS = [_Missing(), _Kernel(), _Torch(), _Reference()]
+
+
+def _inputs(x: torch.Tensor, table: torch.Tensor | None = None, D: int = 16) -> Inputs:
+    return Inputs("op", {"x": x, "table": table}, params=("table",), sizes={"D": D})
 
 
 def test_automatic_skips_gpu_kernels_for_cpu_tensors():
-    x = torch.randn(2)
-    assert select("op", BACKENDS, None, x=x).name == "torch"
+    assert select(BACKENDS, _inputs(torch.randn(2))).name == "torch"
 
 
 def test_forced_by_argument_context_and_env(monkeypatch):
-    x = torch.randn(2)
-    assert select("op", BACKENDS, "reference", x=x).name == "reference"
+    x = _inputs(torch.randn(2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select(BACKENDS, x, "reference").name == "reference"
     with vitkernels.use_backend("triton"):
-        assert select("op", BACKENDS, None, x=x).name == "triton"
+        assert select(BACKENDS, x).name == "triton"
         with vitkernels.use_backend(None):
-            assert select("op", BACKENDS, None, x=x).name == "torch"
+            assert select(BACKENDS, x).name == "torch"
         # the explicit argument wins over the context
-        assert select("op", BACKENDS, "torch", x=x).name == "torch"
+        assert select(BACKENDS, x, "torch").name == "torch"
     monkeypatch.setenv("VITKERNELS_BACKEND", "reference")
     assert forced_backend() == "reference"
-    assert select("op", BACKENDS, None, x=x).name == "reference"
+    assert select(BACKENDS, x).name == "reference"
     monkeypatch.setenv("VITKERNELS_BACKEND", "auto")
     assert forced_backend() is None
 
 
+def test_each_declared_capability_is_a_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    k = _Kernel()
+    x32, t32 = torch.randn(2), torch.randn(3)
+    assert k.not_supported_reasons(_inputs(x32.double(), t32.half(), D=65)) == [
+        "needs CUDA tensors, got device cpu (set TRITON_INTERPRET=1 to run the Triton "
+        "kernels on CPU tensors)",
+        "x has dtype float64; supported: float16, float32",
+        "table has dtype float16; supported: float32",
+        "D=65 is above the kernels' limit of 64",
+    ]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert k.not_supported_reasons(_inputs(x32, t32)) == []
+    # the interpreter's bfloat16 is wrong: refused there even where the kernels take it
+    monkeypatch.setattr(_Kernel, "dtypes", (torch.bfloat16, torch.float32))
+    (reason,) = k.not_supported_reasons(_inputs(x32.bfloat16(), t32))
+    assert "x has dtype bfloat16" in reason and "Triton interpreter" in reason
+    assert _Missing().not_supported_reasons(_inputs(x32)) == [
+        "the CUDA extension vitkernels._C is not built"
+    ]
+    # one sentence per refused dtype, naming every tensor that has it
+    two = Inputs("op", {"q": x32.double(), "k": x32.double(), "v": x32})
+    assert _Torch().not_supported_reasons(two) == [] and _Kernel().not_supported_reasons(two) == [
+        "q, k have dtype float64; supported: bfloat16, float32"
+    ]
+
+
+def test_nondeterministic_gradients_are_refused_only_where_they_are_needed():
+    k = _Kernel()
+    table = torch.randn(3, requires_grad=True)
+    inputs = _inputs(torch.randn(2), table)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        reasons = k.not_supported_reasons(inputs)
+        assert any("deterministic" in r and "table gradient" in r and "atomics" in r for r in reasons)
+        with torch.no_grad():
+            assert not any("deterministic" in r for r in k.not_supported_reasons(inputs))
+        table.requires_grad_(False)
+        assert not any("deterministic" in r for r in k.not_supported_reasons(inputs))
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_forcing_an_unsupported_backend_names_it_and_the_reason():
     with pytest.raises(BackendNotSupportedError, match=r"backend 'cuda'.*not built"):
-        select("relpos_attention", BACKENDS, "cuda", x=torch.randn(2))
+        select(BACKENDS, _inputs(torch.randn(2)), "cuda")
 
 
-def test_no_backend_lists_every_refusal():
-    refusing = [_Fake("triton", ["needs CUDA tensors"], True), _Fake("torch", ["dtype int8"])]
+def test_no_backend_prints_the_inputs_then_every_refusal():
+    refusing = [_Kernel(), _Torch()]
     with pytest.raises(BackendNotSupportedError) as info:
-        select("op", refusing, None, x=torch.randn(2, device="cpu"))
+        select(refusing, _inputs(torch.randn(2, 5, dtype=torch.bfloat16), torch.randn(3)))
     msg = str(info.value)
-    assert "triton" in msg and "torch: dtype int8" in msg
+    lines = msg.splitlines()
+    assert lines[0] == "op: no backend can run these inputs:"
+    assert "x      shape (2, 5), bfloat16, cpu" in lines[1]
+    assert "table  shape (3,), float32, cpu" in lines[2] and "sizes: D=16" in lines[3]
+    assert "triton: not chosen automatically for CPU tensors" in msg
+    assert "torch: x has dtype bfloat16; supported: float16, float32, float64" in msg
+
+
+def test_explain_runs_nothing_and_lists_every_backend():
+    chosen, verdicts = explain(BACKENDS, _inputs(torch.randn(2)))
+    assert chosen == "torch"
+    assert [n for n, _ in verdicts] == ["cuda", "triton", "torch", "reference"]
+    assert verdicts[2][1] == [] and verdicts[3][1] == []
+    assert explain(BACKENDS, _inputs(torch.randn(2)), "reference")[0] == "reference"
+    assert explain([_Missing()], _inputs(torch.randn(2)))[0] is None
 
 
 def test_unknown_backend_names_are_rejected(monkeypatch):
@@ -66,3 +152,96 @@ def test_unknown_backend_names_are_rejected(monkeypatch):
     monkeypatch.setenv("VITKERNELS_BACKEND", "trition")
     with pytest.raises(ValueError, match="VITKERNELS_BACKEND.*'trition'"):
         forced_backend()
+
+
+# ----------------------------------------------------------------------------
+# the real ops' declarations, on fake CUDA tensors
+
+
+def _fake_cuda_calls(dtype: torch.dtype):
+    """(op function, which_backend, args, kwargs) for each op, on fake CUDA tensors."""
+    with FakeTensorMode():
+
+        def t(*shape):
+            return torch.empty(*shape, device="cuda", dtype=dtype)
+
+        return [
+            (vitkernels.relpos_attention, relpos.which_backend,
+             (t(1, 2, 16, 16), t(1, 2, 16, 16), t(1, 2, 16, 32), t(2, 16)), {"fmap_size": 4}),
+            (vitkernels.performer_attention, performer.which_backend,
+             (t(1, 8, 16), t(1, 8, 16), t(1, 8, 16), t(4, 16)), {}),
+            (vitkernels.patch_embed, patch_embed.which_backend,
+             (t(1, 3, 8, 8), t(4, 12)), {"kernel_size": 2}),
+        ]  # fmt: skip
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """Set the (major, minor) compute capability every CUDA device reports."""
+    asked: list[object] = []
+
+    def set_to(cc: tuple[int, int]) -> list[object]:
+        def fake(device=None):
+            asked.append(device)
+            return cc
+
+        monkeypatch.setattr(torch.cuda, "get_device_capability", fake)
+        return asked
+
+    return set_to
+
+
+def test_gpus_below_sm80_are_refused_naming_the_capability(capability):
+    asked = capability((7, 5))
+    for op, which_backend, args, kwargs in _fake_cuda_calls(torch.float16):
+        chosen, verdicts = which_backend(*args, **kwargs)
+        reasons = dict(verdicts)
+        assert any("compute capability 8.0 (sm_80)" in r and "7.5 (sm_75)" in r
+                   for r in reasons["triton"]), reasons  # fmt: skip
+        assert chosen == "torch"
+        with pytest.raises(BackendNotSupportedError, match=r"backend 'triton'.*has 7\.5 \(sm_75\)"):
+            op(*args, **kwargs, backend="triton")
+    assert asked and all(torch.device(d).type == "cuda" for d in asked)
+
+
+def test_sm80_and_newer_take_the_triton_kernels(capability):
+    for cc in ((8, 0), (9, 0)):
+        capability(cc)
+        for _, which_backend, args, kwargs in _fake_cuda_calls(torch.bfloat16):
+            chosen, verdicts = which_backend(*args, **kwargs)
+            assert chosen == "triton", verdicts
+            assert dict(verdicts)["triton"] == []
+
+
+def test_forced_cuda_names_the_extension_on_every_op(capability):
+    from vitkernels import cuda
+
+    reason = cuda.unavailable_reason()
+    if reason is None:
+        pytest.skip("the CUDA extension is loaded here: forcing it is not refused")
+    capability((9, 0))
+    for op, _, args, kwargs in _fake_cuda_calls(torch.float16):
+        with pytest.raises(BackendNotSupportedError, match="backend 'cuda' cannot run") as info:
+            op(*args, **kwargs, backend="cuda")
+        assert reason in str(info.value)
+
+
+def test_interpreter_refuses_bfloat16_on_every_op(monkeypatch):
+    """TRITON_INTERPRET=1 with bfloat16 CPU tensors returned garbage (relative errors
+    1e9 to 1e11); the triton backend now refuses it with the reason."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16)  # noqa: E731
+    calls = [
+        (vitkernels.relpos_attention,
+         (t(1, 2, 16, 16), t(1, 2, 16, 16), t(1, 2, 16, 32), t(2, 16)), {"fmap_size": 4}),
+        (vitkernels.performer_attention, (t(1, 8, 16), t(1, 8, 16), t(1, 8, 16), t(4, 16)), {}),
+        (vitkernels.patch_embed, (t(1, 3, 8, 8), t(4, 12)), {"kernel_size": 2}),
+    ]  # fmt: skip
+    for op, args, kwargs in calls:
+        with pytest.raises(BackendNotSupportedError, match=r"backend 'triton'.*bfloat16.*Triton interpreter"):
+            op(*args, **kwargs, backend="triton")
+        with vitkernels.use_backend("triton"), pytest.raises(BackendNotSupportedError, match="interpreter"):
+            op(*args, **kwargs)
+        # float32 on the same inputs still runs there
+        op(*(a.float() for a in args), **kwargs, backend="triton")
+

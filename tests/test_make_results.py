@@ -127,3 +127,30 @@ def test_not_benchmark_json_is_refused(tmp_path):
     (results / "x.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="x.json: expected pytest-benchmark JSON"):
         make_results.load_runs(results)
+
+
+def test_estimate_gets_its_own_labelled_section(tmp_path):
+    """An estimate file (estimate-*.json) is shown in its own section, labelled as an
+    estimate, never among the measured rows; a malformed one is refused by name."""
+    pytest.importorskip("matplotlib")
+    results, out, png = _paths(tmp_path)
+    est_png = tmp_path / "estimate.png"
+    calls = [
+        {"workload": "A1", "op": "relpos_attention", "pass": p, "backend": "triton", "dtype": "bf16",
+         "launches": n, "estimate_us": e, "floor_us": f, "ratio": e / f, "bound": "issue"}
+        for p, n, e, f in (("fwd", 1, 80.5, 17.9), ("bwd", 9, 297.0, 36.0))
+    ]  # fmt: skip
+    (results / "estimate-sm90a-2026-01-02.json").write_text(json.dumps(
+        {"kind": "estimate", "arch": "sm_90a", "date": "2026-01-02", "commit": "abc", "triton": "3.9",
+         "torch": "2.13", "model": {}, "launches": [], "calls": calls}))  # fmt: skip
+    measured = _bench("relpos[A1]", workload="A1", impl="triton", dtype="bfloat16", time_us=55.5)
+    _write(results / "h200-2026-01-02.json", [measured])
+    args = ["--results", str(results), "--out", str(out), "--plot", str(png), "--estimate-plot", str(est_png)]
+    assert make_results.main(args) == 0
+    text = out.read_text()
+    head, measurements = text.split("## Measurements")
+    assert "estimate (compiler-based, not measured)" in head and "| A1 | relpos_attention | fwd | triton | 1 | 80.5 |" in head
+    assert "55.5" not in head and "80.5" not in measurements and "55.5" in measurements
+    assert est_png.exists() and png.exists()
+    (results / "estimate-sm90a-2026-01-03.json").write_text(json.dumps({"kind": "estimate", "calls": [{}]}))
+    assert make_results.main(args) == 2

@@ -24,6 +24,7 @@ import vitkernels.models.deepvit as deepvit_mod
 import vitkernels.models.distill as distill_mod
 import vitkernels.models.pit as pit_mod
 import vitkernels.models.vit as vit_mod
+from _numerics import assert_close
 from torch import nn
 
 MODULES = (vit_mod, deepvit_mod, cait_mod, crossvit_mod, pit_mod, distill_mod)
@@ -145,8 +146,7 @@ def _assert_parity(ref: nn.Module, ours: nn.Module, *inputs: torch.Tensor, **kwa
     expected = expected if isinstance(expected, tuple) else (expected,)
     got = got if isinstance(got, tuple) else (got,)
     for e, g in zip(expected, got, strict=True):
-        assert g.shape == e.shape
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+        assert_close(g, e, what="against vit-pytorch")
 
 
 SMALL = dict(image_size=32, patch_size=8, num_classes=7, dim=32, depth=2, heads=4, mlp_dim=48)
@@ -277,7 +277,7 @@ def test_distill_wrapper_parity(vp, hard):
     ours.load_state_dict(ref.state_dict(), strict=True)
     img, labels = torch.randn(4, 3, 32, 32), torch.randint(0, SMALL["num_classes"], (4,))
     expected, got = ref(img, labels), ours(img, labels)  # train mode, dropout 0
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert_close(got, expected, what="distillation loss")
     got.backward()
     assert teacher[1].weight.grad is None
     assert ours.distillation_token.grad.abs().sum() > 0

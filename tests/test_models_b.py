@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import vitkernels.models.cvt as cvt_mod
 import vitkernels.models.levit as levit_mod
 import vitkernels.models.t2t as t2t_mod
+import vitkernels.models.t2t_vit as t2t_vit_mod
+from _numerics import assert_close
 
 # ----------------------------------------------------------------------------
 # named configurations
@@ -31,16 +33,16 @@ NAMES = {
     "levit_192": (levit_mod, dict(image_size=32, depth=1)),
     "levit_256": (levit_mod, dict(image_size=32, depth=1)),
     "levit_384": (levit_mod, dict(image_size=32, depth=1)),
-    "t2t_vit_14": (t2t_mod, dict(img_size=32, depth=1)),
-    "t2t_vit_19": (t2t_mod, dict(img_size=32, depth=1)),
-    "t2t_vit_24": (t2t_mod, dict(img_size=32, depth=1)),
+    "t2t_vit_14": (t2t_vit_mod, dict(img_size=32, depth=1)),
+    "t2t_vit_19": (t2t_vit_mod, dict(img_size=32, depth=1)),
+    "t2t_vit_24": (t2t_vit_mod, dict(img_size=32, depth=1)),
     "cvt_13": (cvt_mod, dict(s2_depth=1, s3_depth=1)),
     "cvt_21": (cvt_mod, dict(s2_depth=1, s3_depth=1)),
 }
 
 
 def test_registry_names():
-    names = set(levit_mod.CONFIGS) | set(t2t_mod.CONFIGS) | set(cvt_mod.CONFIGS)
+    names = set(levit_mod.CONFIGS) | set(t2t_vit_mod.CONFIGS) | set(cvt_mod.CONFIGS)
     assert names == set(NAMES)
 
 
@@ -66,7 +68,7 @@ def _n_params(model: torch.nn.Module) -> float:
     [("t2t_vit_14", 21.5), ("cvt_13", 20.0)],  # T2T-ViT paper Table 3, CvT paper Table 2
 )
 def test_paper_parameter_counts(name, millions):
-    mod = t2t_mod if name.startswith("t2t") else cvt_mod
+    mod = t2t_vit_mod if name.startswith("t2t") else cvt_mod
     assert _n_params(mod.CONFIGS[name]()) == pytest.approx(millions, rel=0.01)
 
 
@@ -110,7 +112,7 @@ def _check_parity(ref: torch.nn.Module, ours: torch.nn.Module, img: torch.Tensor
     else:
         expected, got = (expected,), (got,)
     for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+        assert_close(g, e, what="against vit-pytorch")
 
 
 @pytest.mark.parametrize("distill", [None, 4])
@@ -193,17 +195,17 @@ def _float64_params(module):
 
 @pytest.mark.parametrize("dim, in_dim, tokens", [(27, 16, 50), (147, 64, 196)])
 def test_token_performer_single_attn_matches_paper(dim, in_dim, tokens):
-    block = t2t_mod.Token_performer(dim=dim, in_dim=in_dim).eval()
+    block = t2t_vit_mod.Token_performer(dim=dim, in_dim=in_dim).eval()
     x = torch.randn(3, tokens, dim)
     expected = _paper_performer(x.double(), _float64_params(block))
     with torch.no_grad():
         got = block.single_attn(x)
     assert got.shape == (3, tokens, in_dim) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert_close(got, expected, what="single_attn")
 
 
 def test_token_performer_forward_matches_paper():
-    block = t2t_mod.Token_performer(dim=36, in_dim=16).eval()
+    block = t2t_vit_mod.Token_performer(dim=36, in_dim=16).eval()
     p = _float64_params(block)
     x = torch.randn(2, 30, 36)
     x64 = x.double()
@@ -213,11 +215,11 @@ def test_token_performer_forward_matches_paper():
     z = F.gelu(z @ p["mlp.0.weight"].T + p["mlp.0.bias"]) @ p["mlp.2.weight"].T + p["mlp.2.bias"]
     with torch.no_grad():
         got = block(x)
-    torch.testing.assert_close(got.double(), y + z, rtol=1e-4, atol=1e-5)
+    assert_close(got, y + z, what="forward")
 
 
 def test_token_performer_random_features_fixed():
-    block = t2t_mod.Token_performer(dim=27, in_dim=16)
+    block = t2t_vit_mod.Token_performer(dim=27, in_dim=16)
     m = 8  # int(16 * 0.5)
     assert block.w.shape == (m, 16) and not block.w.requires_grad
     assert "w" in block.state_dict()
@@ -232,7 +234,7 @@ def test_token_performer_random_features_fixed():
 
 
 def test_token_performer_forward_goes_through_single_attn():
-    block = t2t_mod.Token_performer(dim=27, in_dim=16).eval()
+    block = t2t_vit_mod.Token_performer(dim=27, in_dim=16).eval()
     calls = []
     inner = block.single_attn
     block.single_attn = lambda x: calls.append(x.shape) or inner(x)
@@ -241,7 +243,7 @@ def test_token_performer_forward_goes_through_single_attn():
 
 
 def test_official_t2t_checkpoint_layout():
-    model = t2t_mod.T2T_ViT(img_size=32, embed_dim=48, depth=1, num_heads=2, num_classes=3)
+    model = t2t_vit_mod.T2T_ViT(img_size=32, embed_dim=48, depth=1, num_heads=2, num_classes=3)
     tt = "tokens_to_token."
     perf = [
         "w",
@@ -288,8 +290,23 @@ def test_official_t2t_checkpoint_layout():
     assert not model.pos_embed.requires_grad
 
 
+def test_t2t_layouts_live_in_their_own_files_and_old_imports_keep_working():
+    """vit-pytorch's T2TViT in models/t2t.py, the official T2T_ViT in models/t2t_vit.py."""
+    import vitkernels.models as models
+
+    assert t2t_mod.T2TViT.__module__ == "vitkernels.models.t2t"
+    for name in ("T2T_ViT", "T2T_module", "Token_performer", "Block", "Attention"):
+        assert getattr(t2t_vit_mod, name).__module__ == "vitkernels.models.t2t_vit", name
+    for name in ("T2T_ViT", "T2T_module", "Token_performer", "Attention", "Block"):
+        assert getattr(t2t_mod, name) is getattr(t2t_vit_mod, name)  # the old import path
+    for name in ("T2T_ViT", "T2T_module", "Token_performer"):
+        assert getattr(models, name) is getattr(t2t_vit_mod, name)
+    assert models.T2TViT is t2t_mod.T2TViT
+    assert type(models.create("t2t_vit_14", img_size=32, depth=1)) is t2t_vit_mod.T2T_ViT
+
+
 def test_official_t2t_sinusoid_table():
-    table = t2t_mod.get_sinusoid_encoding(10, 12)
+    table = t2t_vit_mod.get_sinusoid_encoding(10, 12)
     assert table.shape == (1, 10, 12) and table.dtype == torch.float32
     for pos, j in [(0, 0), (3, 0), (3, 1), (7, 4), (9, 11), (5, 6)]:
         angle = pos / 10000 ** (2 * (j // 2) / 12)
@@ -329,12 +346,12 @@ def test_errors_t2tvit():
 
 def test_errors_official_t2t():
     with pytest.raises(ValueError, match=r"img_size=40.*multiple of 16"):
-        t2t_mod.T2T_ViT(img_size=40, embed_dim=32, depth=1, num_heads=2)
+        t2t_vit_mod.T2T_ViT(img_size=40, embed_dim=32, depth=1, num_heads=2)
     with pytest.raises(ValueError, match=r"tokens_type='transformer'.*'performer'"):
-        t2t_mod.T2T_ViT(img_size=32, tokens_type="transformer")
+        t2t_vit_mod.T2T_ViT(img_size=32, tokens_type="transformer")
     with pytest.raises(ValueError, match=r"embed_dim=30.*num_heads=4"):
-        t2t_mod.T2T_ViT(img_size=32, embed_dim=30, num_heads=4)
-    model = t2t_mod.T2T_ViT(img_size=32, embed_dim=32, depth=1, num_heads=2)
+        t2t_vit_mod.T2T_ViT(img_size=32, embed_dim=30, num_heads=4)
+    model = t2t_vit_mod.T2T_ViT(img_size=32, embed_dim=32, depth=1, num_heads=2)
     with pytest.raises(ValueError, match=r"48x48.*img_size=32"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match=r"shape \(1, 1, 32, 32\).*in_chans=3"):

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from _numerics import assert_close
 
 import vitkernels
 from vitkernels import cuda as vk_cuda
@@ -26,8 +27,10 @@ from test_patch_embed import (  # noqa: E402  (same directory; the CPU test's ca
 )
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
-# (atol, rtol) of outputs whose scale is ~1 (weights scaled by K**-0.5, LayerNorm)
-TOL = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 4e-2), torch.float32: (2e-4, 2e-4)}
+# relative to max(the reference's largest magnitude, 1) (tests/_numerics.py): the
+# GPU kernels' bounds, wider than the interpreter's (float32 products are TF32)
+TOL = {torch.float16: 4e-2, torch.bfloat16: 1e-1, torch.float32: 4e-4}
+GRAD_TOL = {torch.float16: 1.1e-1, torch.bfloat16: 1.1e-1, torch.float32: 2e-3}
 
 
 def _backends() -> list[str]:
@@ -99,11 +102,7 @@ def test_forward(name, dtype_name, backend):
     case = WORKLOADS.get(name) or CASES[name]
     inputs = _make(case, dtype)
     out = vitkernels.patch_embed(**inputs, backend=backend)
-    ref = reference64(inputs)
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert torch.isfinite(out).all(), "non-finite output (an unwritten element?)"
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    assert_close(out, reference64(inputs), TOL[dtype], name, floor=1.0, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -119,24 +118,20 @@ def test_gradients(name, dtype_name, backend):
     got = _grads(inputs, backend, dtype, grad)
     want = _grads(inputs, None, torch.float64, grad)
     assert got.keys() == want.keys()
-    atol, rtol = (1e-3, 1e-3) if dtype == torch.float32 else (6e-2, 5e-2)
     for key in want:
-        assert got[key].dtype == dtype and torch.isfinite(got[key]).all(), key
-        scale = want[key].abs().max().clamp(min=1.0)
-        torch.testing.assert_close(got[key].double() / scale, want[key] / scale, atol=atol,
-                                   rtol=rtol, msg=lambda m, key=key: f"{name} d{key}: {m}")
+        assert_close(got[key], want[key], GRAD_TOL[dtype], f"{name} d{key}", floor=1.0, dtype=dtype)
 
 
 def test_automatic_dispatch_on_cuda_takes_a_kernel():
     inputs = _make(WORKLOADS["P1"], torch.bfloat16)
     from vitkernels.ops import patch_embed as pe_op
-    from vitkernels.ops._dispatch import select
 
-    v = pe_op._validate(**inputs)
-    chosen = select("patch_embed", pe_op.BACKENDS, None, **v).name
-    assert chosen == ("cuda" if vk_cuda.has_op("patch_embed_fwd") else "triton")
-    v["images"].requires_grad_()
-    assert select("patch_embed", pe_op.BACKENDS, None, **v).name == "torch"
+    kernel = "cuda" if vk_cuda.has_op("patch_embed_fwd") else "triton"
+    chosen, verdicts = pe_op.which_backend(**inputs)
+    assert chosen == kernel, verdicts
+    # the kernel backends give the images' gradient too (T2T's later soft splits)
+    inputs["images"].requires_grad_()
+    assert pe_op.which_backend(**inputs)[0] == kernel
 
 
 def test_optimize_vit_b16_bf16_matches_eager():
@@ -150,7 +145,7 @@ def test_optimize_vit_b16_bf16_matches_eager():
         report = vitkernels.optimize(model, ops=("patch_embed",), backend="triton")
         assert report.count("patch_embed") == 1
         got = model(x).float()
-    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+    assert_close(got, want, 0.15, "bfloat16 logits", floor=1.0)
 
 
 def test_compile_fullgraph_on_cuda():
@@ -180,8 +175,7 @@ def test_optimize_t2t_vit_14_bf16_matches_float32_eager_and_trains():
     with torch.no_grad():
         want = model(x)
         got = fused(x.to(torch.bfloat16)).float()
-    scale = want.abs().max().clamp(min=1.0)
-    torch.testing.assert_close(got / scale, want / scale, atol=0.05, rtol=0.05)
+    assert_close(got, want, 0.1, "bfloat16 logits against float32", floor=1.0)
     fused.train()
     fused(x.to(torch.bfloat16)).float().square().mean().backward()
     for name, p in fused.named_parameters():

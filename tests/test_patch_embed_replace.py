@@ -18,11 +18,11 @@ from torch import nn
 import vitkernels
 from vitkernels.replace import FusedModule, optimize, restore
 from vitkernels.replace.fused_patch_embed import (
+    FusedConvPatchEmbed,
     FusedImageEmbedder,
     FusedPatchSequential,
-    FusedTimmPatchEmbed,
-    soft_split_linear,
 )
+from vitkernels.replace.fused_t2t import soft_split_linear
 
 BACKENDS = [None, "triton", "reference"]
 IMG = 32
@@ -221,7 +221,7 @@ def test_fused_sequential_keeps_sequential_behaviour():
     seq = model.to_patch_embedding
     assert isinstance(seq, FusedPatchSequential) and isinstance(seq, nn.Sequential)
     assert len(seq) == 4 and isinstance(seq[2], nn.Linear)
-    assert "op=patch_embed" in repr(seq)
+    assert "vitkernels=patch_embed" in repr(seq)
 
 
 def test_unfold_sequential_crops_like_unfold():
@@ -249,10 +249,10 @@ def test_timm_patch_embed_with_norm_and_size_checks():
     want = pe(x)
     fused = copy.deepcopy(holder)
     optimize(fused, backend="triton", ops=("patch_embed",))
-    assert isinstance(fused[0], FusedTimmPatchEmbed)
+    assert isinstance(fused[0], FusedConvPatchEmbed)
     torch.testing.assert_close(fused(x), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"input size \(40, 40\) does not match"):
-        fused(torch.randn(1, 3, 40, 40))
+    with pytest.raises(AssertionError, match=r"Input height \(40\) doesn't match model \(32\)"):
+        fused(torch.randn(1, 3, 40, 40))  # timm's own check and exception
     # no fixed image size: Conv2d drops the rows past the last patch; so do we
     free = PatchEmbed(img_size=None, patch_size=8, in_chans=3, embed_dim=40)
     holder = nn.Sequential(free)
@@ -308,6 +308,7 @@ def test_optimize_report_names_the_op():
 def patch_embed_calls(monkeypatch):
     """Every patch_embed call the fused modules make: their keyword arguments."""
     import vitkernels.replace.fused_patch_embed as fpe
+    import vitkernels.replace.fused_t2t as ft2t
 
     calls = []
     real = fpe.patch_embed
@@ -317,6 +318,7 @@ def patch_embed_calls(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fpe, "patch_embed", spy)
+    monkeypatch.setattr(ft2t, "patch_embed", spy)
     return calls
 
 
@@ -372,8 +374,8 @@ def test_t2t_module_stages_fused_with_performers(patch_embed_calls):
     replaced inside the fused T2T module, and restore undoes both levels."""
     from vitkernels.models.t2t import T2T_module, Token_performer
 
-    from vitkernels.replace.fused_patch_embed import FusedT2TModule
     from vitkernels.replace.fused_performer import FusedTokenPerformer
+    from vitkernels.replace.fused_t2t import FusedT2TModule
 
     model = _zoo("t2t_vit").eval()
     x = torch.randn(2, 3, IMG, IMG)
@@ -468,3 +470,66 @@ def test_folded_positions_for_images_smaller_than_configured(name):
     optimize(model, backend="triton", ops=("patch_embed",))
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------
+# timm PiT's ConvEmbedding (a feature map) and CrossViT's PatchEmbed
+
+_TIMM_CONV = {
+    "pit_ti_224": (dict(img_size=32, patch_size=8, stride=4, base_dims=[16, 16, 16], depth=[1, 1, 1],
+                        heads=[2, 2, 2]), 32, ["patch_embed"]),
+    "crossvit_tiny_240": (dict(img_size=48, img_scale=(1.0, 1.0), embed_dim=[32, 48], depth=[[1, 1, 0]],
+                               num_heads=[2, 2], mlp_ratio=[2, 2, 1]), 48, ["patch_embed.0", "patch_embed.1"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
+@pytest.mark.parametrize("name", list(_TIMM_CONV))
+def test_timm_pit_conv_embedding_and_crossvit_patch_embed(name, backend):
+    timm = pytest.importorskip("timm")
+    kw, side, paths = _TIMM_CONV[name]
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        want = model(x)
+    report = optimize(model, backend=backend, ops=("patch_embed",))
+    assert [r.path for r in report.replaced] == paths and not report.left, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-4, rtol=2e-4)
+        if name == "pit_ti_224":  # the map the original returns: (B, D, H', W')
+            want_map = model.patch_embed._vk_base_forward(x)
+            torch.testing.assert_close(model.patch_embed(x), want_map, atol=1e-4, rtol=1e-4)
+    assert restore(model) == len(paths)
+
+
+def test_timm_crossvit_multi_conv_stem_is_left_with_the_reason():
+    from timm.models.crossvit import PatchEmbed
+
+    holder = nn.Sequential(PatchEmbed(img_size=48, patch_size=16, embed_dim=32, multi_conv=True))
+    report = optimize(holder, ops=("patch_embed",))
+    (left,) = report.left
+    assert report.count() == 0 and "multi_conv stem" in left.reason
+
+
+def test_position_table_too_short_raises_what_eager_raises():
+    """embed_tokens with a table shorter than the image's tokens: the fused patch
+    embedding adds it as the model does, so the caller sees the same error."""
+    from vitkernels.tokens import embed_tokens
+
+    model = _zoo("vit").eval()
+    fused = copy.deepcopy(model)
+    optimize(fused, ops=("patch_embed",))
+    img = torch.randn(1, 3, IMG + 16, IMG + 16)  # 36 patches, the table has 17 rows
+    with pytest.raises(Exception) as want:
+        embed_tokens(model.to_patch_embedding, img, model.cls_token, model.pos_embedding)
+    with pytest.raises(type(want.value)) as got:
+        embed_tokens(fused.to_patch_embedding, img, fused.cls_token, fused.pos_embedding)
+    assert str(got.value) == str(want.value)
+    short = model.pos_embedding.reshape(-1, 48)[:5]  # 1 + 4 patches of a 16-pixel image
+    with torch.no_grad():  # a table that fits: the same tokens
+        small = torch.randn(1, 3, 16, 16)
+        torch.testing.assert_close(
+            embed_tokens(fused.to_patch_embedding, small, fused.cls_token, short),
+            embed_tokens(model.to_patch_embedding, small, model.cls_token, short),
+            atol=2e-4, rtol=2e-4,
+        )

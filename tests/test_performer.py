@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _numerics import GRAD_TOL, TOL, assert_close
 
 import vitkernels
 from vitkernels import BackendNotSupportedError
@@ -21,9 +22,6 @@ from vitkernels.ops import performer as ops
 tk = pytest.importorskip("vitkernels.triton.performer")
 
 BACKENDS = ["torch", "triton"]
-# tolerance relative to the largest magnitude of the expected tensor
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-GRAD_TOL = {torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def features(M: int, E: int, norm: float | None = None) -> torch.Tensor:
@@ -42,16 +40,6 @@ def kqv_views(B: int, T: int, E: int, dtype: torch.dtype, scale: float = 1.0):
 def ref64(q, k, v, w, eps=1e-8) -> torch.Tensor:
     return reference.performer_attention(q.double(), k.double(), v.double(), w.double(), eps=eps)
 
-
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "", floor: float = 1e-30
-) -> None:
-    """max |actual - expected| <= tol * max(max |expected|, floor), and all finite."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 @pytest.fixture
@@ -278,7 +266,7 @@ def large_norm_case(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["overflow", "mixed", "eps"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 def test_large_norms_stay_finite_and_exact(backend, kind, poisoned):
     q, k, v, w = large_norm_case(kind)
     expected = ref64(q, k, v, w)
@@ -292,8 +280,10 @@ def test_large_norms_stay_finite_and_exact(backend, kind, poisoned):
         assert ((denom > 1e-10) & (denom < 1e-6)).float().mean() > 0.5  # eps is felt
     else:
         assert (denom > 1e-6).all()
-    # ... where the literal float32 formula fails
-    naive = reference.performer_attention(q, k, v, w)
+    # ... where the formula computed as written, in float32, fails
+    qp32 = torch.exp(q @ w.t() - 0.5 * (q * q).sum(-1, keepdim=True)) / math.sqrt(w.shape[0])
+    kp32 = torch.exp(k @ w.t() - 0.5 * (k * k).sum(-1, keepdim=True)) / math.sqrt(w.shape[0])
+    naive = (qp32 @ (kp32.transpose(1, 2) @ v)) / ((qp32 * kp32.sum(1, keepdim=True)).sum(-1, keepdim=True) + 1e-8)
     assert not torch.isfinite(naive).all() or (naive.double() - expected).abs().max() > 0.1
     y = vitkernels.performer_attention(q, k, v, w, backend=backend)
     assert_close(y, expected, 2e-3, f"{backend} y")
@@ -356,10 +346,8 @@ def test_compile_fullgraph():
 def test_automatic_dispatch_on_cpu_is_torch():
     q, k, v = kqv_views(1, 4, 16, torch.float32)
     w = features(8, 16)
-    from vitkernels.ops._dispatch import select
-
-    chosen = select("performer_attention", ops.BACKENDS, None, q=q, k=k, v=v, w=w, eps=1e-8)
-    assert chosen.name == "torch"
+    chosen, verdicts = ops.which_backend(q, k, v, w)
+    assert chosen == "torch", verdicts
 
 
 def _good():
@@ -414,12 +402,12 @@ def test_forced_backends_that_cannot_run_say_why(monkeypatch):
     with pytest.raises(BackendNotSupportedError, match="backend 'cuda' cannot run"):
         vitkernels.performer_attention(**a, backend="cuda")
     a64 = {n: t.double() for n, t in a.items()}
-    with pytest.raises(BackendNotSupportedError, match="q has dtype float64; supported: float16"):
+    with pytest.raises(BackendNotSupportedError, match="q, k, v, w have dtype float64; supported: float16"):
         vitkernels.performer_attention(**a64, backend="triton")
     q, k, v = kqv_views(1, 3, 80, torch.float32)
     with pytest.raises(BackendNotSupportedError, match="E=80 is above the kernels' limit of 64"):
         vitkernels.performer_attention(q, k, v, features(8, 80), backend="triton")
-    with pytest.raises(BackendNotSupportedError, match="M=40 random features"):
+    with pytest.raises(BackendNotSupportedError, match="M=40 is above the kernels. limit of 32"):
         vitkernels.performer_attention(q, k, v, features(40, 80)[:, :80], backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendNotSupportedError, match="needs CUDA tensors, got device cpu"):
@@ -427,3 +415,41 @@ def test_forced_backends_that_cannot_run_say_why(monkeypatch):
     with vitkernels.use_backend("reference"):
         y = vitkernels.performer_attention(**a)
     assert_close(y, ref64(**a), TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------
+# the reference itself stays finite wherever the exact value is
+
+
+def _attention_form64(q, k, v, w) -> torch.Tensor:
+    """An independent float64 oracle for eps=0: y_t = sum_j A_tj v_j / sum_j A_tj with
+    A_tj = sum_m phi(q_t)_m phi(k_j)_m, every product kept as a logarithm."""
+    q, k, v, w = (t.double() for t in (q, k, v, w))
+    aq = q @ w.t() - 0.5 * (q * q).sum(-1, keepdim=True)  # (B, T, M)
+    ak = k @ w.t() - 0.5 * (k * k).sum(-1, keepdim=True)
+    log_a = torch.logsumexp(aq[:, :, None, :] + ak[:, None, :, :], dim=-1)  # (B, Tq, Tk)
+    return torch.softmax(log_a, dim=-1) @ v
+
+
+def _rows_of_norm(B: int, T: int, E: int, norm: float) -> torch.Tensor:
+    x = torch.randn(B, T, E)
+    return x / x.norm(dim=-1, keepdim=True) * norm * (1 + 0.05 * torch.rand(B, T, 1))
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, norm",
+    [("reference", torch.float32, 15.0), ("torch", torch.float32, 15.0),
+     ("triton", torch.float32, 15.0), ("reference", torch.float64, 1e3),
+     ("torch", torch.float64, 1e3)],
+)  # fmt: skip
+def test_large_row_norms_with_eps_zero_stay_finite(backend, dtype, norm, poisoned):
+    """Row norms 15 (exp(-|x|^2/2) underflows in float32) and 1e3 (in float64 too) with
+    eps=0: the literal phi(q) phi(k) products vanish, the exact result does not."""
+    B, T, E, M = 2, 12, 16, 8
+    q, k = _rows_of_norm(B, T, E, norm), _rows_of_norm(B, T, E, norm)
+    v, w = torch.randn(B, T, E), features(M, E)
+    expected = _attention_form64(q, k, v, w)
+    q, k, v, w = (t.to(dtype) for t in (q, k, v, w))
+    y = vitkernels.performer_attention(q, k, v, w, eps=0.0, backend=backend)
+    # float32 logits of size |x|^2/2 ~ 112 carry absolute rounding ~1e-5
+    assert_close(y, expected, 1e-3 if dtype == torch.float32 else 1e-8, f"{backend} y")

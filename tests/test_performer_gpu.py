@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _numerics import GRAD_TOL, TOL, assert_close
 
 import vitkernels
 from vitkernels import cuda as vk_cuda
@@ -22,8 +23,6 @@ tk = pytest.importorskip("vitkernels.triton.performer")
 DEV = "cuda"
 KERNELS = ["triton"] + (["cuda"] if vk_cuda.has_op("performer_attention_fwd") else [])
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-GRAD_TOL = {torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 SHAPES = [  # B, T, E, M
     (4, 3136, 64, 32),  # T1
     (8, 784, 64, 32),  # T2
@@ -49,13 +48,6 @@ def kqv_views(B, T, E, dtype, scale=2.0):
     k, q, v = kqv.split(E, dim=-1)
     return q, k, v
 
-
-def assert_close(actual, expected, tol, what="", floor=1e-30):
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 @pytest.fixture
@@ -180,16 +172,13 @@ def test_torch_compile_fullgraph(backend):
 
 def test_automatic_dispatch_on_cuda_is_a_kernel():
     from vitkernels.ops import performer as ops
-    from vitkernels.ops._dispatch import select
 
     q, k, v = kqv_views(2, 64, 64, torch.bfloat16)
-    chosen = select("performer_attention", ops.BACKENDS, None, q=q, k=k, v=v, w=features(32, 64),
-                    eps=1e-8)
-    assert chosen.name == KERNELS[-1]
+    chosen, verdicts = ops.which_backend(q, k, v, features(32, 64))
+    assert chosen == KERNELS[-1], verdicts
     q64 = q.double()
-    chosen = select("performer_attention", ops.BACKENDS, None, q=q64, k=q64, v=q64,
-                    w=features(32, 64), eps=1e-8)
-    assert chosen.name == "torch"
+    chosen, verdicts = ops.which_backend(q64, q64, q64, features(32, 64))
+    assert chosen == "torch", verdicts
 
 
 @pytest.mark.parametrize("backend", KERNELS)

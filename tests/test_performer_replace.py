@@ -208,3 +208,64 @@ def test_half_precision_model_on_the_kernels():
     out = fused(x.half())
     assert out.dtype == torch.float16
     close(out.float(), eager(x), 2e-2)
+
+
+# ----------------------------------------------------------------------------
+# subclasses: replaced only where the fused math is theirs
+
+
+class ReluFeatures(Token_performer):
+    """Performer with ReLU random features instead of exp: another function."""
+
+    def prm_exp(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.float() @ self.w.float().t()) / math.sqrt(self.m) + 1e-3
+
+
+def test_subclass_overriding_prm_exp_is_left_with_the_reason():
+    model = nn.Sequential(ReluFeatures(dim=20, in_dim=16)).eval()
+    x = torch.randn(2, 30, 20)
+    with torch.no_grad():
+        want = model(x)
+    report = vitkernels.optimize(model, ops=OPS)
+    assert report.count() == 0, str(report)
+    (left,) = report.left
+    assert "ReluFeatures overrides prm_exp of Token_performer" in left.reason
+    assert "the fused op computes another function" in left.reason
+    assert type(model[0]) is ReluFeatures
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+class _OwnForward(Token_performer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.single_attn(self.norm1(x))
+        return y + 0.5 * self.mlp(self.norm2(y))
+
+
+def _own_forward_class() -> type[nn.Module]:
+    """A subclass under the official name (as a user's copy would be) with its own forward."""
+    return type("Token_performer", (_OwnForward,), {})
+
+
+@pytest.mark.parametrize("ops", [OPS, ("patch_embed", "performer_attention")])
+def test_subclass_with_its_own_forward_inside_t2t_module_keeps_it(ops):
+    """Its single_attn is fused (checked at optimize time) and its own forward runs:
+    the T2T module does not fold norm1 and kqv into its soft split for it."""
+    from vitkernels.models.t2t import T2T_module
+
+    t2t = T2T_module(img_size=32, embed_dim=48, token_dim=16)
+    own = _own_forward_class()(dim=3 * 49, in_dim=16, kernel_ratio=0.5)
+    own.load_state_dict(t2t.attention1.state_dict())
+    t2t.attention1 = own
+    model = nn.Sequential(t2t).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    report = vitkernels.optimize(model, backend="torch", ops=ops)
+    with torch.no_grad():
+        close(model(x), want, 1e-5)
+    performers = {r.path: r for r in report.replaced if r.op == "performer_attention"}
+    assert set(performers) == {"0.attention1", "0.attention2"}, str(report)
+    assert "overrides forward of Token_performer" in performers["0.attention1"].checked
+    assert performers["0.attention2"].checked == ""
+    assert not model[0].attention1._vk.spec.takes_kqv and model[0].attention2._vk.spec.takes_kqv

@@ -159,13 +159,17 @@ def test_dropout_in_training_runs_the_original_math(monkeypatch):
     assert calls == [1]
 
 
-def test_wrong_input_grid_raises():
-    original, model, _ = fused_pair("vit-pytorch", "torch")
-    with pytest.raises(ValueError, match=r"input grid \(6, 6\); expected \(7, 7\)"):
-        model(torch.randn(1, 16, 6, 6))
-    original, model, _ = fused_pair("timm tokens", "torch")
-    with pytest.raises(ValueError, match=r"input grid \(31,\); expected \(30,\)"):
-        model(torch.randn(1, 31, 16))
+@pytest.mark.parametrize("name, bad", [("vit-pytorch", (1, 16, 6, 6)), ("timm tokens", (1, 31, 16))])
+def test_input_on_another_grid_raises_what_the_original_raises(name, bad):
+    """An input the bias table was not built for goes to the original forward: the
+    caller sees the original's own exception (type and message)."""
+    original, model, _ = fused_pair(name, "torch")
+    x = torch.randn(bad)
+    with pytest.raises(Exception) as expected:
+        original(x)
+    with pytest.raises(type(expected.value)) as got:
+        model(x)
+    assert str(got.value) == str(expected.value)
 
 
 # ----------------------------------------------------------------------------
@@ -254,7 +258,10 @@ def test_model_outputs_state_dict_and_restore(name, backend):
     model = copy.deepcopy(eager)
     before = model.state_dict()
     report = vitkernels.optimize(model, backend=backend)
-    assert report.count("relpos_attention") == count and not report.left, str(report)
+    assert report.count("relpos_attention") == count, str(report)
+    # left: only the convolutional stem, which no rule knows (reported as such)
+    assert [(r.path, r.rule) for r in report.left] in ([("stem", "")], [("conv_embedding", "")])
+    assert "no rule recognises this patch embedding layout" in str(report)
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr() for k in before)
@@ -285,3 +292,26 @@ def test_other_ops_leave_levit_alone():
     report = vitkernels.optimize(model, backend="torch", ops=("attention",))
     assert report.count() == 0
     assert not any(isinstance(m, FusedModule) for m in model.modules())
+
+
+def test_grid_comes_from_the_module_the_op_cannot_tell(monkeypatch):
+    """A (2, 8) grid has the 16 keys of a (4, 4) one: the op cannot tell them apart
+    (its docstring says so), so the fused module passes its module's own grid."""
+    assert "cannot tell the grid from the shapes" in vitkernels.relpos_attention.__doc__
+    grids = []
+    real = fr.relpos_attention
+    monkeypatch.setattr(fr, "relpos_attention", lambda *a, **k: grids.append(k["fmap_size"]) or real(*a, **k))
+    for resolution in ((2, 8), (8, 2), (4, 4)):
+        original = randomize(timm_levit.Attention(16, key_dim=8, num_heads=2, attn_ratio=2, resolution=resolution))
+        original.eval()
+        model = wrap(copy.deepcopy(original))
+        assert vitkernels.optimize(model, backend="torch", ops=OP).count() == 1
+        x = torch.randn(2, 16, 16)
+        with torch.no_grad():
+            assert_close(model(x), original(x), what=str(resolution))
+        assert grids[-1] == resolution
+    q = torch.randn(1, 2, 16, 8)
+    table = torch.randn(2, 16)
+    wide = vitkernels.relpos_attention(q, q, q, table, fmap_size=(2, 8))
+    square = vitkernels.relpos_attention(q, q, q, table, fmap_size=(4, 4))
+    assert not torch.allclose(wide, square)  # both accepted, different answers

@@ -1,4 +1,8 @@
-"""Command line: ``python -m vitkernels info | compare | build``."""
+"""Command line: ``python -m vitkernels info | compare | build | estimate``.
+
+Exit status 2 means bad arguments (an unknown command or option) or a setup that
+cannot do what was asked, said in one ``error:`` line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -38,10 +42,10 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _typical_calls(device: str, dtype):
-    """(op, description, function, args, kwargs) for a typical input of each op."""
+    """(op, description, which_backend, args, kwargs) for a typical input of each op."""
     import torch
 
-    import vitkernels
+    from vitkernels.ops import patch_embed, performer, relpos
 
     def t(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
@@ -50,21 +54,21 @@ def _typical_calls(device: str, dtype):
         (
             "relpos_attention",
             "LeViT-256 stage 1 (B2, H4, N196, Dk32, Dv64)",
-            vitkernels.relpos_attention,
+            relpos.which_backend,
             (t(2, 4, 196, 32), t(2, 4, 196, 32), t(2, 4, 196, 64), t(4, 196)),
             {"fmap_size": 14},
         ),
         (
             "performer_attention",
             "T2T-ViT layer 1 (B2, T3136, E64, M32)",
-            vitkernels.performer_attention,
+            performer.which_backend,
             (t(2, 3136, 64), t(2, 3136, 64), t(2, 3136, 64), t(32, 64)),
             {},
         ),
         (
             "patch_embed",
             "ViT-B/16 patchify (B2, 3x224x224 -> 197x768)",
-            vitkernels.patch_embed,
+            patch_embed.which_backend,
             (t(2, 3, 224, 224), t(768, 3, 16, 16), t(768)),
             {"kernel_size": 16, "cls_token": t(1, 1, 768), "pos_embed": t(1, 197, 768)},
         ),
@@ -75,13 +79,11 @@ def _backend_rows() -> list[tuple[str, str]]:
     """For each op, the backend that would run a typical input here, and why others refuse."""
     import torch
 
-    from vitkernels.ops._dispatch import explain_call
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = [("", f"backend per op for a typical {str(dtype).removeprefix('torch.')} input on {device}:")]
-    for op, desc, fn, args, kwargs in _typical_calls(device, dtype):
-        chosen, verdicts = explain_call(fn, *args, **kwargs)
+    for op, desc, which_backend, args, kwargs in _typical_calls(device, dtype):
+        chosen, verdicts = which_backend(*args, **kwargs)
         rows.append((op, f"{desc}: {chosen or 'no backend fits'}"))
         for name, reasons in verdicts:
             if reasons:
@@ -98,19 +100,40 @@ def info_main(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS = {
+    "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
+    "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
+    "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
+    "estimate": (
+        "vitkernels.estimate.run",
+        "estimate_main",
+        "compiler-based speed estimate (sm_90a, no GPU)",
+    ),
+}
+
+
+def _usage() -> str:
+    lines = [f"usage: python -m vitkernels {{{','.join(COMMANDS)}}} [options]", ""]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`python -m vitkernels COMMAND --help` describes a command's options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "info": ("vitkernels.__main__", "info_main", "versions, GPU, extension, backend per op"),
-        "compare": ("vitkernels.compare", "compare_main", "eager vs optimized model: error, speed"),
-        "build": ("vitkernels.cuda", "build_main", "JIT-build the CUDA extension"),
-    }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: python -m vitkernels {info,compare,build} [options]\n")
-        for name, (_, _, help_) in commands.items():
-            print(f"  {name:<8} {help_}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module, func, _ = commands[argv[0]]
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv and argv[0] == "--version":
+        from vitkernels import __version__
+
+        print(f"vitkernels {__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"error: {what}; expected one of {', '.join(COMMANDS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[argv[0]]
     return getattr(importlib.import_module(module), func)(argv[1:])
 
 

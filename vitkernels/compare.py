@@ -5,7 +5,13 @@ MODEL is a name from ``vitkernels.models.list_models()``, ``timm:NAME`` (built
 with ``timm.create_model(NAME, pretrained=False)``) or ``vit-pytorch:CLASS``
 (``LeViT``, ``CvT``, ... or ``module.Class`` for any vit_pytorch module) with
 its constructor arguments in ``--config '{"image_size": 224, ...}'``; for the
-other two sources ``--config`` overrides constructor arguments.
+other two sources ``--config`` overrides constructor arguments. JSON lists become
+tuples (vit-pytorch's PiT ``depth``, LeViT ``dim`` and ``heads`` must be tuples).
+
+Exit status: 0 when the outputs agree, 1 when they do not (EXIT_DISAGREE), 2 for
+bad arguments or a setup that cannot run the comparison (EXIT_USAGE: an unknown
+model, a --config the constructor refuses, a device or forced backend this
+machine lacks), reported in one ``error:`` line on stderr.
 
 Agreement: float32/float64 outputs must match within a relative tolerance; in
 float16/bfloat16 the optimized model's error against a float32 run of the
@@ -32,13 +38,19 @@ import torch
 from torch import nn
 
 __all__ = [
+    "EXIT_DISAGREE",
+    "EXIT_USAGE",
     "Agreement",
     "build_model",
     "check_agreement",
     "compare_main",
+    "ensure_torchvision_importable",
     "output_tensors",
     "time_models",
 ]
+
+EXIT_DISAGREE = 1
+EXIT_USAGE = 2
 
 DTYPES = {
     "float32": torch.float32,
@@ -73,25 +85,32 @@ VIT_PYTORCH_MODULES = {
 def ensure_torchvision_importable() -> None:
     """Let ``import timm`` / ``import vit_pytorch`` work beside a mismatched torchvision.
 
-    torchvision's PyPI wheel is a CUDA build; with a CPU torch its compiled ops
-    do not load and its Python code fails registering fakes for two of them.
-    Defining those two schemas (what the compiled library would) lets the pure
-    Python parts, all that timm and vit-pytorch use, import. A matching
-    torchvision already has them and is left alone.
+    Call it before importing timm or vit_pytorch where torchvision does not match
+    torch (the README's CPU environment: PyPI's torchvision is a CUDA build), where
+    ``import timm`` otherwise fails with "operator torchvision::nms does not exist".
+    Its compiled ops do not load there and its Python code then fails registering
+    fakes for two of them; defining those two schemas (what the compiled library
+    would) lets the pure Python parts, all that timm and vit-pytorch use, import.
+    A torchvision that imports as it is (a matching build), or none, is left alone.
     """
-    try:
-        torch.ops.torchvision.nms  # noqa: B018
-        return
-    except (AttributeError, RuntimeError):
-        pass
     if importlib.util.find_spec("torchvision") is None:
         return
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    else:
+        return
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # the failed import's half-initialised modules
     lib = torch.library.Library("torchvision", "FRAGMENT")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define(
         "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
     )
     _KEEP.append(lib)  # the schemas live as long as the Library object
+    import torchvision  # noqa: F401, F811
 
 
 _KEEP: list[object] = []
@@ -123,10 +142,25 @@ def _vit_pytorch_class(spec: str) -> type[nn.Module]:
             "name another as vit-pytorch:module.Class (e.g. vit-pytorch:simple_vit.SimpleViT)"
         )
     _import("vit_pytorch", "vit-pytorch")
+    if importlib.util.find_spec(f"vit_pytorch.{module}") is None:
+        raise ValueError(
+            f"compare: vit_pytorch has no module {module!r} (vit-pytorch:{spec}); expected "
+            "vit-pytorch:module.Class with a module of the vit_pytorch package (e.g. simple_vit)"
+        )
     mod = importlib.import_module(f"vit_pytorch.{module}")
     if not hasattr(mod, cls):
         raise ValueError(f"compare: vit_pytorch.{module} has no class {cls!r}")
     return getattr(mod, cls)
+
+
+def json_to_args(value: Any) -> Any:
+    """A parsed JSON value with every list (nested ones too) turned into a tuple, the
+    type the model constructors expect for per-stage settings."""
+    if isinstance(value, list):
+        return tuple(json_to_args(v) for v in value)
+    if isinstance(value, dict):
+        return {k: json_to_args(v) for k, v in value.items()}
+    return value
 
 
 def build_model(
@@ -136,10 +170,11 @@ def build_model(
 
     Args:
         spec: a registry name, ``timm:NAME`` or ``vit-pytorch:CLASS``.
-        config: constructor keyword arguments (required for vit-pytorch).
+        config: constructor keyword arguments (required for vit-pytorch); lists
+            are passed as tuples.
         image_size: the input side; None takes the model's own (224, 240 for CrossViT).
     """
-    config = dict(config or {})
+    config = json_to_args(dict(config or {}))
     if spec.startswith("timm:"):
         timm = _import("timm", "timm:")
         if not timm.is_model(spec[len("timm:") :]):
@@ -340,7 +375,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _positive(name: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
-        raise ValueError(f"compare: {name} must be at least {minimum}, got {value}")
+        raise _UsageError(f"compare: {name} must be at least {minimum}, got {value}")
 
 
 def wake_zero_init_norms(model: nn.Module) -> int:
@@ -361,46 +396,126 @@ def wake_zero_init_norms(model: nn.Module) -> int:
     return woken
 
 
+class _UsageError(Exception):
+    """Bad arguments, or a setup that cannot run the comparison: one line, EXIT_USAGE."""
+
+
+def _device(arg: str | None) -> torch.device:
+    """The --device argument as a device this machine can compute and time on."""
+    try:
+        device = torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise _UsageError(f"compare: --device {arg!r} is not a device ({exc})") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _UsageError(f"compare: --device {arg} asked for, but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise _UsageError(
+                f"compare: --device {arg}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s); expected cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type == "meta":
+        raise _UsageError(
+            "compare: --device meta holds shapes but no values, so outputs cannot be compared "
+            "or timed; expected cpu or cuda"
+        )
+    elif device.type != "cpu":
+        raise _UsageError(f"compare: --device {arg} is not supported; expected cpu or cuda")
+    return device
+
+
+def _config(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"compare: --config is not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(config, dict):
+        raise _UsageError(f"compare: --config must be a JSON object, got {text!r}")
+    return config
+
+
+def _ops(text: str | None, known: Sequence[str]) -> tuple[str, ...]:
+    if text is None:
+        return tuple(known)
+    ops = tuple(o.strip() for o in text.split(",") if o.strip())
+    if not ops:
+        raise _UsageError(
+            f"compare: --ops {text!r} names no op; expected a comma-separated subset of "
+            f"{', '.join(known)}"
+        )
+    unknown = sorted(set(ops) - set(known))
+    if unknown:
+        raise _UsageError(
+            f"compare: --ops {text!r} names {', '.join(unknown)}; "
+            f"expected a comma-separated subset of {', '.join(known)}"
+        )
+    return ops
+
+
+def _backend_setup(backend: str | None, device: torch.device) -> None:
+    """A forced backend this machine cannot run at all, said before building anything."""
+    from vitkernels.ops._dispatch import triton_import_error, triton_interpret
+
+    if backend == "cuda":
+        from vitkernels import cuda
+
+        reason = cuda.unavailable_reason()
+        if reason is not None:
+            raise _UsageError(f"compare: --backend cuda cannot run here: {reason}")
+        if device.type != "cuda":
+            raise _UsageError(f"compare: --backend cuda needs --device cuda; got {device}")
+    if backend == "triton":
+        err = triton_import_error()
+        if err is not None:
+            raise _UsageError(f"compare: --backend triton cannot run here: {err}")
+        if device.type == "cpu" and not triton_interpret():
+            raise _UsageError(
+                "compare: --backend triton on CPU runs the kernels in the Triton interpreter: "
+                "set TRITON_INTERPRET=1 (slow; meant for tests), or use --device cuda"
+            )
+
+
+def _build(args: argparse.Namespace, config: dict[str, Any]) -> tuple[nn.Module, int]:
+    try:
+        return build_model(args.model, config, args.image_size)
+    except (TypeError, ValueError, AssertionError) as exc:
+        if str(exc).startswith("compare: "):  # build_model's own: the model is not found
+            raise _UsageError(str(exc)) from exc
+        raise _UsageError(  # the constructor refuses the arguments
+            f"compare: {args.model} with --config {json.dumps(config)}"
+            + (f" and --image-size {args.image_size}" if args.image_size else "")
+            + f": {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m vitkernels compare``; returns the exit status
-    (0: outputs agree, 1: they do not, 2: bad arguments)."""
+    (0: outputs agree, EXIT_DISAGREE: they do not, EXIT_USAGE: bad arguments or setup)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _compare(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _compare(args: argparse.Namespace) -> int:
     import vitkernels
     from vitkernels.replace import DEFAULT_OPS
 
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        _positive("--batch", args.batch)
-        _positive("--iters", args.iters)
-        _positive("--warmup", args.warmup, 0)
-        config = json.loads(args.config) if args.config else {}
-        if not isinstance(config, dict):
-            raise ValueError(f"compare: --config must be a JSON object, got {args.config!r}")
-        try:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as exc:
-            raise ValueError(f"compare: --device {args.device!r} is not a device ({exc})") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"compare: --device {args.device} asked for, but CUDA is not available"
-            )
-        dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-        ops = tuple(o.strip() for o in args.ops.split(",")) if args.ops else DEFAULT_OPS
-        unknown = sorted(set(ops) - set(DEFAULT_OPS))
-        if unknown:
-            raise ValueError(
-                f"compare: --ops {args.ops!r} names {', '.join(unknown)}; "
-                f"expected a comma-separated subset of {', '.join(DEFAULT_OPS)}"
-            )
-        backend = None if args.backend == "auto" else args.backend
-        torch.manual_seed(args.seed)
-        try:
-            eager, side = build_model(args.model, config, args.image_size)
-        except TypeError as exc:  # a constructor refusing the --config arguments
-            raise ValueError(f"compare: {args.model} with --config {config}: {exc}") from exc
-    except (ValueError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _positive("--batch", args.batch)
+    _positive("--iters", args.iters)
+    _positive("--warmup", args.warmup, 0)
+    config = _config(args.config)
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    ops = _ops(args.ops, DEFAULT_OPS)
+    backend = None if args.backend == "auto" else args.backend
+    _backend_setup(backend, device)
+    torch.manual_seed(args.seed)
+    eager, side = _build(args, config)
     woken = wake_zero_init_norms(eager)
     eager = eager.to(device=device, dtype=dtype).eval()
     optimized = copy.deepcopy(eager)
@@ -417,15 +532,17 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch.inference_mode():
             eager(x)
-    except (RuntimeError, ValueError) as exc:
-        print(
-            f"error: compare: the eager model itself fails on a {tuple(x.shape)} "
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise _UsageError(
+            f"compare: the eager model itself fails on a {tuple(x.shape)} "
             f"{str(dtype).removeprefix('torch.')} input on {device} (check --image-size, "
-            f"--dtype, --config): {exc}",
-            file=sys.stderr,
-        )
-        return 2
-    agreement = check_agreement(eager, optimized, x)
+            f"--dtype, --config): {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        agreement = check_agreement(eager, optimized, x)
+    except vitkernels.BackendNotSupportedError as exc:
+        where = f"--backend {args.backend}" if backend else "automatic dispatch"
+        raise _UsageError(f"compare: {where} cannot run this model here: {exc}") from exc
     with torch.inference_mode():
         median = time_models(
             {"eager": lambda: eager(x), "optimized": lambda: optimized(x)},
@@ -445,4 +562,4 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
-    return 0 if agreement.ok else 1
+    return 0 if agreement.ok else EXIT_DISAGREE

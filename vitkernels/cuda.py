@@ -1,22 +1,32 @@
-"""Finds, JIT-builds and loads the optional CUDA extension ``vitkernels._C``.
+"""Finds, JIT-builds and loads the optional CUDA extension.
 
 The extension (sources in ``csrc/``) registers its kernels as torch ops in the
 ``vitkernels_C`` namespace (``torch.ops.vitkernels_C.<name>``); each op module's
 ``cuda`` backend calls them with the positional arguments of the Triton
 launchers. Without the extension the package works on its other backends.
 
-Two ways to build it (see csrc/README.md):
+The library is Python-agnostic: ATen and torch/library.h only, no pybind11 and
+no Python C API, loaded with ``torch.ops.load_library``. One build serves every
+Python of the same torch and CUDA.
+
+Ways to get it (see csrc/README.md):
 
 * ``VITKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (setup.py,
   torch's CUDAExtension and ninja) puts ``vitkernels/_C*.so`` in the package;
 * ``python -m vitkernels build`` (``build_main`` here) compiles just in time with
   ``torch.utils.cpp_extension.load`` into a cache directory,
   ``~/.cache/vitkernels/<torch>-cu<cuda>-sm<archs>`` (``VITKERNELS_CACHE_DIR``
-  overrides the root), reused until ``csrc/`` changes.
+  overrides the root), reused until ``csrc/`` changes;
+* a library built elsewhere for the same torch (``bash bench/prebuild_cuda.sh``
+  leaves one in ``.prebuilt/``), named by ``VITKERNELS_CUDA_LIBRARY``; the
+  ``sources.sha256`` stamp beside it must match this checkout's csrc/ and torch.
 
-Both compile for the architectures in ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0").
-Loading never compiles: ``_load`` takes the installed module, else an up-to-date
-JIT build from the cache, else reports why there is none.
+Builds compile for the architectures in ``TORCH_CUDA_ARCH_LIST`` (default
+"8.0;9.0") with the toolkit vitkernels._toolkit finds (CUDA_HOME, else the one
+the nvcc on PATH runs from). Loading never compiles: ``_load`` takes, in order,
+ops some earlier load registered, the library ``VITKERNELS_CUDA_LIBRARY`` names,
+the installed ``vitkernels/_C*.so``, an up-to-date JIT build from the cache, and
+else reports why there is none.
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib
 import os
 import re
 import subprocess
@@ -32,6 +41,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from vitkernels import _toolkit
 
 __all__ = [
     "DEFAULT_ARCH_LIST",
@@ -43,6 +54,7 @@ __all__ = [
     "cache_dir",
     "has_op",
     "is_built",
+    "library_path",
     "op",
     "unavailable_reason",
 ]
@@ -57,7 +69,10 @@ OPS = (
 )
 DEFAULT_ARCH_LIST = "8.0;9.0"
 JIT_NAME = "vitkernels_C"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE.parent / "csrc"
+STAMP = "sources.sha256"  # beside a JIT or prebuilt library: _sources_hash() when it was built
+LIBRARY_ENV = "VITKERNELS_CUDA_LIBRARY"
 # compiled translation units, relative to csrc/, in build order
 SOURCES = ("ops/relpos.cu", "ops/performer.cu", "ops/patch_embed.cu", "bindings.cpp")
 
@@ -103,8 +118,12 @@ def _source_files() -> list[Path]:
 
 
 def _sources_hash() -> str:
-    """Hash of csrc/'s build inputs, torch's version and the architecture list."""
-    h = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}|{arch_list()}".encode())
+    """Hash of csrc/'s build inputs and torch's and CUDA's versions.
+
+    The architecture list is not in it: a build for other GPUs is still these
+    sources (the JIT cache keeps one directory per list).
+    """
+    h = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}".encode())
     for f in _source_files():
         h.update(f.relative_to(CSRC).as_posix().encode())
         h.update(f.read_bytes())
@@ -120,37 +139,86 @@ def _jit_library(directory: Path) -> Path | None:
 # loading
 
 
+def _registered() -> bool:
+    """Whether some library loaded earlier in this process registered the ops."""
+    return hasattr(torch.ops.vitkernels_C, OPS[0])
+
+
+def _installed_library() -> Path | None:
+    """``vitkernels/_C*.so``, as setup.py's build puts it in the package, or None."""
+    libs = sorted(PACKAGE.glob("_C*.so")) + sorted(PACKAGE.glob("_C*.pyd"))
+    return libs[0] if libs else None
+
+
+def _named_library() -> Path | None:
+    """The library VITKERNELS_CUDA_LIBRARY names (a file, or a folder holding one), or None."""
+    value = os.environ.get(LIBRARY_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        return _jit_library(path) or path / f"{JIT_NAME}.so"
+    return path
+
+
+def _stale(lib: Path) -> bool:
+    stamp = lib.parent / STAMP
+    return not stamp.exists() or stamp.read_text().strip() != _sources_hash()
+
+
+def _load_library(lib: Path, what: str) -> str | None:
+    """torch.ops.load_library(lib): None, or why it does not load."""
+    try:
+        torch.ops.load_library(str(lib))
+    except (OSError, RuntimeError) as exc:
+        return f"{what} {lib} does not load ({exc})"
+    if not _registered():
+        return f"{what} {lib} loads but registers no torch.ops.vitkernels_C ops"
+    return None
+
+
 @functools.cache
-def _load() -> tuple[object | None, str | None]:
+def _load() -> tuple[Path | str | None, str | None]:
     if torch.version.cuda is None:
         return None, (
             f"the installed torch ({torch.__version__}) is a CPU build, "
             "so the CUDA extension cannot be built or loaded"
         )
-    try:
-        return importlib.import_module("vitkernels._C"), None
-    except ModuleNotFoundError as exc:
-        if exc.name != "vitkernels._C":
-            return None, f"the CUDA extension vitkernels._C does not load ({exc})"
-    except ImportError as exc:
-        return None, f"the CUDA extension vitkernels._C is installed but does not load ({exc})"
-    if hasattr(torch.ops.vitkernels_C, OPS[0]):  # a library loaded earlier in this process
-        return torch.ops.vitkernels_C, None
+    if _registered():
+        return "torch.ops.vitkernels_C", None
+    named = _named_library()
+    if named is not None:
+        if not named.is_file():
+            return None, f"{LIBRARY_ENV}={named} is not a file (expected a built {JIT_NAME}.so)"
+        if not CSRC.is_dir() or _stale(named):
+            return None, (
+                f"the CUDA extension {named} ({LIBRARY_ENV}) was built from other csrc/ sources "
+                f"or for another torch than {torch.__version__} ({STAMP} beside it differs; "
+                "rebuild it with `bash bench/prebuild_cuda.sh`)"
+            )
+        reason = _load_library(named, "the prebuilt CUDA extension")
+        return (None, reason) if reason else (named, None)
+    installed = _installed_library()
+    if installed is not None:
+        reason = _load_library(installed, "the installed CUDA extension")
+        return (None, reason) if reason else (installed, None)
     directory = cache_dir()
     lib = _jit_library(directory)
     if lib is None:
         return None, f"the CUDA extension vitkernels._C is not built ({_BUILD_HINT})"
-    stamp = directory / "sources.sha256"
-    if not CSRC.is_dir() or not stamp.exists() or stamp.read_text().strip() != _sources_hash():
+    if not CSRC.is_dir() or _stale(lib):
         return None, (
             f"the JIT build of the CUDA extension in {directory} is out of date with csrc/ "
             "(rebuild it with `python -m vitkernels build`)"
         )
-    try:
-        torch.ops.load_library(str(lib))
-    except (OSError, RuntimeError) as exc:
-        return None, f"the JIT build of the CUDA extension {lib} does not load ({exc})"
-    return lib, None
+    reason = _load_library(lib, "the JIT build of the CUDA extension")
+    return (None, reason) if reason else (lib, None)
+
+
+def library_path() -> str | None:
+    """Where the loaded extension came from (a path), or None when it is not loaded."""
+    lib = _load()[0]
+    return None if lib is None else str(lib)
 
 
 def unavailable_reason() -> str | None:
@@ -183,41 +251,50 @@ def op(name: str):
 # building
 
 
-def _toolchain_problem() -> str | None:
-    """None when a JIT build can run here, else one sentence saying why not."""
+def _toolchain() -> str:
+    """The CUDA toolkit root a JIT build uses; raises BuildError with one sentence."""
     if torch.version.cuda is None:
-        return (
+        raise BuildError(
             f"the installed torch ({torch.__version__}) is a CPU build, so the CUDA extension "
             "cannot be built; install a CUDA build of torch"
         )
+    try:
+        home = _toolkit.cuda_home(torch.version.cuda)
+    except _toolkit.ToolkitError as exc:
+        raise BuildError(str(exc)) from None
     from torch.utils import cpp_extension
 
-    if cpp_extension.CUDA_HOME is None:
-        return (
-            f"no CUDA toolkit found (no nvcc on PATH and CUDA_HOME is unset); install the CUDA "
-            f"{torch.version.cuda} toolkit to build the extension"
-        )
     if not cpp_extension.is_ninja_available():
-        return "ninja is not installed; `pip install ninja` to build the CUDA extension"
+        raise BuildError("ninja is not installed; `pip install ninja` to build the CUDA extension")
     missing = [str(f) for f in _source_files() if not f.exists()]
     if not CSRC.is_dir() or missing:
-        return f"the CUDA sources are missing ({CSRC}); build from a source checkout of vitkernels"
-    return None
+        raise BuildError(
+            f"the CUDA sources are missing ({CSRC}); build from a source checkout of vitkernels"
+        )
+    return home
 
 
 def _child_build(directory: str) -> None:
-    """Runs in a child process: torch.utils.cpp_extension.load into directory."""
+    """Runs in a child process (CUDA_HOME set by build()): cpp_extension.load into directory.
+
+    A plain shared library, not a Python module (is_python_module=False: torch
+    loads it with torch.ops.load_library); --as-needed drops the libtorch_python
+    that torch links by default, since nothing in csrc/ uses it.
+    """
     from torch.utils import cpp_extension
 
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
+    cudart = _toolkit.cudart_dir(os.environ["CUDA_HOME"])
     cpp_extension.load(
         name=JIT_NAME,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_ldflags=["-Wl,--as-needed", f"-L{cudart}"],
         build_directory=directory,
         verbose=True,
         with_cuda=True,
+        is_python_module=False,
     )
 
 
@@ -244,12 +321,10 @@ def build(*, verbose: bool = False, force: bool = False, out=None) -> Path:
     Raises BuildError with one sentence when it cannot build here.
     """
     out = out or sys.stdout
-    problem = _toolchain_problem()
-    if problem is not None:
-        raise BuildError(problem)
+    home = _toolchain()
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = directory / "sources.sha256"
+    stamp = directory / STAMP
     if force:
         for f in directory.iterdir():
             if f.is_file():
@@ -257,12 +332,14 @@ def build(*, verbose: bool = False, force: bool = False, out=None) -> Path:
     digest = _sources_hash()
     print(
         f"vitkernels: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list()} "
-        f"in {directory}",
+        f"with the CUDA toolkit {home} in {directory}",
         file=out,
         flush=True,
     )
     code = f"from vitkernels.cuda import _child_build; _child_build({str(directory)!r})"
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch_list())
+    # the child imports this package from this checkout even where it is not installed
+    path = os.pathsep.join(p for p in (str(PACKAGE.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch_list(), CUDA_HOME=home, PYTHONPATH=path)
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,

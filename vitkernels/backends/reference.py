@@ -57,14 +57,19 @@ def relpos_attention(
     """softmax(scale * q k^T + bias_scale * table[h, |dr|*C + |dc|]) @ v.
 
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv); table (H, R*C) for
-    layout "hn" or (R*C, H) for "nh". Returns (B, H, Nq, Dv).
+    layout "hn" or (R*C, H) for "nh". Returns (B, H, Nq, Dv) in q's dtype.
+    float16/bfloat16 inputs are computed in float32 (as the kernels accumulate),
+    and q is scaled before the product, so q.k never overflows where the scaled
+    logits are finite.
     """
+    out_dtype = q.dtype
+    ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C)
     idx = relpos_bias_index(fmap_size, q_stride, device=q.device)  # (Nq, Nk)
-    bias = table[:, idx]  # (H, Nq, Nk)
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) * scale + bias_scale * bias.to(q.dtype)
+    bias = table[:, idx].to(ct)  # (H, Nq, Nk)
+    logits = torch.einsum("bhid,bhjd->bhij", q.to(ct) * scale, k.to(ct)) + bias_scale * bias
     attn = logits.softmax(dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", attn, v)
+    return torch.einsum("bhij,bhjd->bhid", attn, v.to(ct)).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -79,20 +84,35 @@ def performer_attention(
     phi(x) = exp(x @ w.T - |x|^2 / 2) / sqrt(M)
     y = phi(q) @ (phi(k)^T v) / (phi(q) @ sum_t phi(k) + eps)
     q, k, v (B, T, E), w (M, E); math in float32 (float64 stays float64).
+
+    Written with constant factors that cancel exactly, so that exp() stays in
+    range wherever the result is finite: with a(x) = x @ w.T - |x|^2 / 2, the
+    features are kp = exp(a(k) - c) for keys, c[m] = max_t a(k)[t, m], and
+    qp = exp(a(q) + c - r) for queries, r[t] = max_m (a(q) + c)[t, m], so that
+
+        qp[t, m] kp[j, m] = exp(a(q_t)_m + a(k_j)_m - r[t]) = M exp(-r[t]) phi(q_t)_m phi(k_j)_m:
+
+    a factor of query row t alone, which cancels between the numerator and the
+    denominator once eps is multiplied by it too. The largest product in each
+    row is 1, so the denominator never vanishes, eps = 0 included.
     """
     out_dtype = q.dtype
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, w = q.to(ct), k.to(ct), v.to(ct), w.to(ct)
     m = w.shape[0]
 
-    def phi(x: torch.Tensor) -> torch.Tensor:  # (B, T, E) -> (B, T, M)
-        xd = (x * x).sum(dim=-1, keepdim=True) / 2
-        return torch.exp(torch.einsum("bti,mi->btm", x, w) - xd) / math.sqrt(m)
+    def logits(x: torch.Tensor) -> torch.Tensor:  # (B, T, E) -> (B, T, M)
+        return torch.einsum("bti,mi->btm", x, w) - (x * x).sum(dim=-1, keepdim=True) / 2
 
-    qp, kp = phi(q), phi(k)
+    aq, ak = logits(q), logits(k)
+    c = ak.amax(dim=1, keepdim=True).detach()  # (B, 1, M): y does not depend on c
+    r = (aq + c).amax(dim=-1, keepdim=True).detach()  # (B, T, 1): nor on r
+    qp, kp = torch.exp(aq + c - r), torch.exp(ak - c)  # phi(q), phi(k) times those factors
     d = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(-1)  # (B, T, 1)
     kptv = torch.einsum("bin,bim->bnm", v, kp)  # (B, E, M)
-    y = torch.einsum("bti,bni->btn", qp, kptv) / (d + eps)
+    if eps > 0:  # eps M exp(-r) as one exp(): it overflows to inf (y = 0) only where eps dominates
+        d = d + torch.exp(math.log(eps * m) - r)
+    y = torch.einsum("bti,bni->btn", qp, kptv) / d
     return y.to(out_dtype)
 
 

@@ -1,20 +1,28 @@
-"""Backend selection shared by every op.
+"""Backend selection shared by every op, after xformers' fmha dispatch.
 
-Each op has a list of backend objects in priority order. A backend answers
-``not_supported_reasons(**inputs)`` with a list of plain sentences (empty when it
-can run the inputs). Automatic dispatch takes the first backend with no reasons;
-a forced backend (the ``backend=`` argument, ``use_backend(...)`` or the
-``VITKERNELS_BACKEND`` environment variable, in that order) either supports the
-inputs or raises ``BackendNotSupportedError`` naming the backend and the reasons.
-When nothing fits, the error lists every backend and why each refused.
+An op describes one call as an ``Inputs``: its tensors by name, the sizes that
+backends limit, and the keyword arguments a backend runs on. Each backend declares
+what it supports as data (class attributes of a ``Backend`` subclass: devices,
+dtypes, minimum CUDA compute capability, which gradients are not deterministic,
+size limits, what must be installed), and one function,
+``Backend.not_supported_reasons``, checks an ``Inputs`` against all of it and
+answers with plain sentences (none: it can run them).
+
+Automatic dispatch takes the first backend in the op's priority list with no
+reasons; when none fits, one error prints a summary of the inputs and then each
+backend's refusal. A forced backend (the ``backend=`` argument, ``use_backend(...)``
+or the ``VITKERNELS_BACKEND`` environment variable, in that order) either supports
+the inputs or raises ``BackendNotSupportedError`` naming the backend and the
+unsupported properties. Dispatch runs inside ``torch.compile(fullgraph=True)``
+graphs: everything here is plain Python that dynamo traces.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,6 +32,12 @@ BACKEND_NAMES = ("reference", "torch", "triton", "cuda")
 # of it (and guards on its contents, so a change recompiles), which it cannot do
 # for a ContextVar. It is process-wide, not per thread.
 _forced: list[str | None] = [None]
+
+HALF = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the Triton interpreter computes bfloat16 wrongly (TRITON_INTERPRET=1 on CPU tensors)
+INTERPRETER_DTYPES = (torch.float16, torch.float32)
 
 
 class BackendNotSupportedError(ValueError):
@@ -53,14 +67,16 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.pop()
 
 
-def forced_backend(explicit: str | None = None) -> str | None:
+def forced_backend(explicit: str | None = None, op: str | None = None) -> str | None:
     """The backend the caller forces, if any: argument, then context, then env.
 
     Under torch.compile the environment variable is read once, when the graph is
     traced; use_backend() blocks are guarded and recompile when they change.
+    ``op`` names the op in the error for an unknown ``explicit`` name.
     """
     if explicit is not None:
-        return _check_name(explicit, "backend=")
+        origin = f"{op}(backend={explicit!r})" if op else f"backend={explicit!r}"
+        return _check_name(explicit, origin)
     ctx = _forced[-1]
     if ctx is not None:
         return ctx
@@ -71,7 +87,7 @@ def forced_backend(explicit: str | None = None) -> str | None:
 
 
 # ----------------------------------------------------------------------------
-# facts about the environment that several backends ask about
+# facts about the environment that backends declare a need for
 
 
 def triton_interpret() -> bool:
@@ -94,122 +110,233 @@ def triton_import_error() -> str | None:
     return _triton_error[0]
 
 
-def kernel_device_reasons(tensors: Sequence[torch.Tensor | None], *, allow_interpret: bool) -> list[str]:
-    """Reasons a GPU-kernel backend cannot take tensors on their device."""
-    reasons: list[str] = []
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        reasons.append(f"inputs are on different devices ({', '.join(sorted(map(str, devices)))})")
-        return reasons
-    dev = next(iter(devices)) if devices else torch.device("cpu")
-    if dev.type == "cuda":
-        return reasons
-    if dev.type == "cpu" and allow_interpret and triton_interpret():
-        return reasons
-    hint = " (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)" if allow_interpret else ""
-    reasons.append(f"needs CUDA tensors, got device {dev}{hint}")
-    return reasons
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def dtype_reasons(
-    tensors: dict[str, torch.Tensor | None], allowed: Sequence[torch.dtype]
-) -> list[str]:
-    reasons = []
-    names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in allowed:
-            reasons.append(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}; supported: {names}")
-    return reasons
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(_dtype_name(d) for d in dtypes)
+
+
+# ----------------------------------------------------------------------------
+# one call, as dispatch sees it
+
+
+class Inputs:
+    """One call of an op, as dispatch sees it.
+
+    Args:
+        op: the op's name (for messages).
+        tensors: every tensor argument by name; None for an absent optional one.
+        params: the names among ``tensors`` checked against a backend's
+            ``param_dtypes`` (parameters such as a bias table or random features
+            that may have another dtype than the activations).
+        sizes: the sizes backends limit, by the name their limits use.
+        kwargs: the keyword arguments a backend's ``run`` takes.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        tensors: Mapping[str, torch.Tensor | None],
+        *,
+        params: Sequence[str] = (),
+        sizes: Mapping[str, int] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.op = op
+        self.tensors = tensors
+        self.params = params
+        self.sizes = sizes if sizes is not None else {}
+        self.kwargs = kwargs if kwargs is not None else {}
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.tensors.values():
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
+    def summary(self) -> str:
+        """The inputs, one line per tensor, then the limited sizes."""
+        width = max((len(n) for n in self.tensors), default=0)
+        lines = [
+            f"  {name:<{width}}  shape {tuple(t.shape)}, {_dtype_name(t.dtype)}, {t.device}"
+            + (", requires grad" if t.requires_grad else "")
+            for name, t in self.tensors.items()
+            if t is not None
+        ]
+        if self.sizes:
+            lines.append("  sizes: " + ", ".join(f"{k}={v}" for k, v in self.sizes.items()))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# backends
 
 
 class Backend:
-    """One way to run one op. Subclasses set ``name`` and implement both methods.
+    """One way to run one op. A subclass declares its capabilities as the class
+    attributes below and implements ``run``; ``not_supported_reasons`` checks them.
 
-    ``gpu_kernel = True`` marks a backend that automatic dispatch never picks for
-    CPU tensors (the Triton interpreter is for tests; force it to use it).
+    Attributes:
+        name: one of BACKEND_NAMES.
+        devices: device types it runs on ("cuda", "cpu", ...); None: any.
+        interpreter: also takes CPU tensors under TRITON_INTERPRET=1, in
+            INTERPRETER_DTYPES only (the interpreter's bfloat16 is wrong).
+        auto_on_cpu: automatic dispatch may pick it for CPU tensors (False for
+            GPU kernels, whose interpreter is for tests: force it to use it).
+        dtypes: dtypes of the tensors not in ``Inputs.params``; None: any.
+        param_dtypes: dtypes of the tensors in ``Inputs.params``; None: as dtypes.
+        min_compute_capability: (major, minor) a CUDA device must have.
+        nondeterministic_grads: tensors whose gradient it sums in a run-to-run
+            varying order (float atomics): refused for them under
+            torch.use_deterministic_algorithms(True) when they need one.
+        max_sizes: upper limits on ``Inputs.sizes`` entries of the same name.
+        requirements: functions answering None, or a sentence saying what is
+            missing here (triton, the CUDA extension) for it to run at all.
     """
 
-    name: str = ""
-    gpu_kernel: bool = False
+    name: ClassVar[str] = ""
+    devices: ClassVar[tuple[str, ...] | None] = None
+    interpreter: ClassVar[bool] = False
+    auto_on_cpu: ClassVar[bool] = True
+    dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+    param_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+    min_compute_capability: ClassVar[tuple[int, int] | None] = None
+    nondeterministic_grads: ClassVar[frozenset[str]] = frozenset()
+    max_sizes: ClassVar[Mapping[str, int]] = {}
+    requirements: ClassVar[tuple[Callable[[], str | None], ...]] = ()
 
-    def not_supported_reasons(self, **inputs: Any) -> list[str]:
+    def run(self, inputs: Inputs) -> Any:
         raise NotImplementedError
 
-    def __call__(self, **inputs: Any) -> Any:
-        raise NotImplementedError
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        """Why this backend cannot run ``inputs``, one sentence per property; [] if it can."""
+        for requirement in self.requirements:
+            missing = requirement()
+            if missing is not None:
+                return [missing]
+        reasons: list[str] = []
+        device = inputs.device
+        interpreted = False
+        if self.devices is not None and device.type not in self.devices:
+            if self.interpreter and device.type == "cpu" and triton_interpret():
+                interpreted = True
+            else:
+                hint = (
+                    " (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
+                    if self.interpreter and device.type == "cpu"
+                    else ""
+                )
+                wanted = " or ".join(d.upper() if d == "cuda" else d for d in self.devices)
+                reasons.append(f"needs {wanted} tensors, got device {device}{hint}")
+        refused: dict[tuple[torch.dtype, tuple[torch.dtype, ...] | None], list[str]] = {}
+        for name, t in inputs.tensors.items():  # grouped: one sentence per dtype refused
+            if t is None:
+                continue
+            allowed = self.param_dtypes if name in inputs.params else None
+            allowed = allowed if allowed is not None else self.dtypes
+            if allowed is not None and t.dtype not in allowed:
+                refused.setdefault((t.dtype, allowed), []).append(name)
+            elif interpreted and t.dtype not in INTERPRETER_DTYPES:
+                refused.setdefault((t.dtype, None), []).append(name)
+        for (dtype, allowed), names in refused.items():
+            have = f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} dtype {_dtype_name(dtype)}"
+            if allowed is not None:
+                reasons.append(f"{have}; supported: {_dtype_names(allowed)}")
+            else:
+                reasons.append(
+                    f"{have}, which the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) "
+                    f"computes wrongly; supported there: {_dtype_names(INTERPRETER_DTYPES)} "
+                    f"(run {_dtype_name(dtype)} on a GPU)"
+                )
+        if self.min_compute_capability is not None and device.type == "cuda":
+            have = torch.cuda.get_device_capability(device)
+            need = self.min_compute_capability
+            if tuple(have) < tuple(need):
+                reasons.append(
+                    f"needs a GPU of compute capability {need[0]}.{need[1]} (sm_{need[0]}{need[1]}) "
+                    f"or newer; {device} has {have[0]}.{have[1]} (sm_{have[0]}{have[1]})"
+                )
+        if self.nondeterministic_grads and torch.are_deterministic_algorithms_enabled():
+            for name in self.nondeterministic_grads:
+                t = inputs.tensors.get(name)
+                if t is not None and t.requires_grad and torch.is_grad_enabled():
+                    reasons.append(
+                        f"torch.use_deterministic_algorithms(True) is set and its {name} "
+                        "gradient is summed with float atomics (not deterministic)"
+                    )
+        for key, limit in self.max_sizes.items():
+            value = inputs.sizes.get(key)
+            if value is not None and value > limit:
+                reasons.append(f"{key}={value} is above the kernels' limit of {limit}")
+        return reasons
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.name!r}>"
 
 
-_explaining: list[bool] = [False]
+# ----------------------------------------------------------------------------
+# selection
 
 
-class _Explained(Exception):
-    def __init__(self, chosen: str | None, verdicts: list[tuple[str, list[str]]]):
-        super().__init__(chosen)
-        self.chosen, self.verdicts = chosen, verdicts
-
-
-def explain_call(fn: Any, *args: Any, **kwargs: Any) -> tuple[str | None, list[tuple[str, list[str]]]]:
-    """Which backend ``fn(*args, **kwargs)`` (a public op) would run, without running it.
-
-    Returns (chosen backend name or None, [(backend, reasons it refuses)]).
-    """
-    _explaining.append(True)
-    try:
-        fn(*args, **kwargs)
-    except _Explained as e:
-        return e.chosen, e.verdicts
-    finally:
-        _explaining.pop()
-    raise RuntimeError(f"{fn!r} did not go through backend selection")
-
-
-def select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs: Any) -> Backend:
-    """Pick the backend that runs ``op`` on ``inputs``."""
-    if _explaining[-1]:
-        verdicts = []
-        for b in backends:
-            verdicts.append((b.name, b.not_supported_reasons(**inputs)))
-        try:
-            chosen: str | None = _select(op, backends, explicit, **inputs).name
-        except BackendNotSupportedError:
-            chosen = None
-        raise _Explained(chosen, verdicts)
-    return _select(op, backends, explicit, **inputs)
-
-
-def _select(op: str, backends: Sequence[Backend], explicit: str | None, **inputs: Any) -> Backend:
-    forced = forced_backend(explicit)
+def _verdicts(
+    backends: Sequence[Backend], inputs: Inputs, forced: str | None
+) -> list[tuple[str, list[str]]]:
+    """(backend name, its reasons) for each backend automatic dispatch would consider,
+    in priority order, stopping at the first that fits; just the forced one when forced."""
     if forced is not None:
         for b in backends:
             if b.name == forced:
-                reasons = b.not_supported_reasons(**inputs)
-                if reasons:
-                    raise BackendNotSupportedError(
-                        f"{op}: backend {forced!r} cannot run these inputs: " + "; ".join(reasons)
-                    )
-                return b
-        raise BackendNotSupportedError(
-            f"{op}: backend {forced!r} is not available for this op; "
-            f"available: {', '.join(b.name for b in backends)}"
-        )
-    on_cpu = all(
-        v.device.type != "cuda" for v in inputs.values() if isinstance(v, torch.Tensor)
-    )
-    refusals = []
+                return [(b.name, b.not_supported_reasons(inputs))]
+        return [(forced, [f"not a backend of {inputs.op} (it has {', '.join(b.name for b in backends)})"])]
+    on_cpu = inputs.device.type == "cpu"
+    out = []
     for b in backends:
-        if b.gpu_kernel and on_cpu:
-            refusals.append(f"  {b.name}: not chosen automatically for CPU tensors (force it to use it)")
+        if on_cpu and not b.auto_on_cpu:
+            out.append((b.name, ["not chosen automatically for CPU tensors (force it to use it)"]))
             continue
-        reasons = b.not_supported_reasons(**inputs)
+        reasons = b.not_supported_reasons(inputs)
+        out.append((b.name, reasons))
         if not reasons:
-            return b
-        refusals.append(f"  {b.name}: " + "; ".join(reasons))
-    raise BackendNotSupportedError(f"{op}: no backend can run these inputs:\n" + "\n".join(refusals))
+            break
+    return out
 
 
-def explain(backends: Sequence[Backend], **inputs: Any) -> list[tuple[str, list[str]]]:
-    """Every backend with its refusal reasons (empty list: it would run)."""
-    return [(b.name, b.not_supported_reasons(**inputs)) for b in backends]
+def select(backends: Sequence[Backend], inputs: Inputs, explicit: str | None = None) -> Backend:
+    """The backend that runs ``inputs``; raises BackendNotSupportedError when none can."""
+    forced = forced_backend(explicit, inputs.op)
+    verdicts = _verdicts(backends, inputs, forced)
+    name, reasons = verdicts[-1]
+    if not reasons:
+        return next(b for b in backends if b.name == name)
+    if forced is not None:
+        raise BackendNotSupportedError(
+            f"{inputs.op}: backend {forced!r} cannot run these inputs: " + "; ".join(reasons)
+        )
+    refusals = "\n".join(f"  {n}: " + "; ".join(r) for n, r in verdicts)
+    raise BackendNotSupportedError(
+        f"{inputs.op}: no backend can run these inputs:\n{inputs.summary()}\n"
+        f"each backend's refusal:\n{refusals}"
+    )
+
+
+def explain(
+    backends: Sequence[Backend], inputs: Inputs, explicit: str | None = None
+) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """Which backend would run ``inputs`` (None: none can), and every backend's reasons
+    to refuse them (an empty list for one that can), without running anything."""
+    forced = forced_backend(explicit, inputs.op)
+    try:
+        chosen: str | None = select(backends, inputs, explicit).name
+    except BackendNotSupportedError:
+        chosen = None
+    skip_gpu = forced is None and inputs.device.type == "cpu"
+    verdicts = []
+    for b in backends:
+        reasons = b.not_supported_reasons(inputs)
+        if skip_gpu and not b.auto_on_cpu and not reasons:
+            reasons = ["not chosen automatically for CPU tensors (force it to use it)"]
+        verdicts.append((b.name, reasons))
+    return chosen, verdicts

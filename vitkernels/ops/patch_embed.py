@@ -18,8 +18,8 @@ impls and autograd registered), so they work under torch.compile(fullgraph=True)
 their backward kernels give the gradients for weight, bias, both norms, pos_embed
 and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
 that need one) is computed with stock ops in float32 (unfold recomputed, fold).
-The CUDA extension provides the forward; the cuda backend's backward is the
-Triton one unless the extension registers patch_embed_bwd too.
+The CUDA extension provides the forward only; the cuda backend's backward is the
+Triton one.
 """
 
 from __future__ import annotations
@@ -34,20 +34,20 @@ from vitkernels import cuda as _cuda
 from vitkernels.backends import reference as _reference
 from vitkernels.backends import torch_ops as _torch_ops
 from vitkernels.ops._dispatch import (
+    FLOAT_DTYPES,
+    HALF,
+    KERNEL_DTYPES,
     Backend,
-    dtype_reasons,
-    kernel_device_reasons,
+    Inputs,
+    explain,
     select,
     triton_import_error,
 )
 
-__all__ = ["BACKENDS", "patch_embed", "patch_grid"]
+__all__ = ["BACKENDS", "patch_embed", "patch_grid", "which_backend"]
 
 Norm = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
-_HALF = (torch.float16, torch.bfloat16)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ORDERS = ("cpq", "pqc")
 
 
@@ -56,18 +56,13 @@ _ORDERS = ("cpq", "pqc")
 
 
 def _launchers(backend: str) -> tuple[Any, Any]:
-    """(fwd, bwd) launchers. The CUDA extension may have no patch_embed_bwd: the
-    cuda backend's backward then runs the Triton one (the same contract)."""
+    """(fwd, bwd) launchers. The CUDA extension has the forward only (csrc/bindings.cpp):
+    the cuda backend's backward is the Triton one (the same contract)."""
+    from vitkernels.triton import patch_embed as tk
+
     if backend == "cuda":
-        fwd = _cuda.op("patch_embed_fwd")
-        if _cuda.has_op("patch_embed_bwd"):
-            return fwd, _cuda.op("patch_embed_bwd")
-        from vitkernels.triton import patch_embed as tk
-
-        return fwd, tk.patch_embed_bwd
+        return _cuda.op("patch_embed_fwd"), tk.patch_embed_bwd
     if backend == "triton":
-        from vitkernels.triton import patch_embed as tk
-
         return tk.patch_embed_fwd, tk.patch_embed_bwd
     raise ValueError(f"patch_embed: kernel backend {backend!r}; expected 'triton' or 'cuda'")
 
@@ -221,92 +216,81 @@ def _norm_parts(norm: Norm | None) -> tuple[torch.Tensor | None, torch.Tensor | 
     return (None, None, 0.0) if norm is None else norm
 
 
-def _kernel_call(backend: str, inputs: dict) -> torch.Tensor:
-    iw, ib, ieps = _norm_parts(inputs["in_norm"])
-    ow, ob, oeps = _norm_parts(inputs["out_norm"])
+def _kernel_call(backend: str, inputs: Inputs) -> torch.Tensor:
+    kw = inputs.kwargs
+    iw, ib, ieps = _norm_parts(kw["in_norm"])
+    ow, ob, oeps = _norm_parts(kw["out_norm"])
     return patch_embed_fwd(
-        inputs["images"], inputs["weight"], inputs["bias"], iw, ib, ow, ob,
-        inputs["pos_embed"], inputs["cls_token"],
-        list(inputs["kernel_size"]), list(inputs["stride"]), list(inputs["padding"]),
-        inputs["patch_order"], float(ieps), float(oeps),
-        inputs["in_norm"] is not None, inputs["out_norm"] is not None, backend,
-    )
+        kw["images"], kw["weight"], kw["bias"], iw, ib, ow, ob, kw["pos_embed"], kw["cls_token"],
+        list(kw["kernel_size"]), list(kw["stride"]), list(kw["padding"]), kw["patch_order"],
+        float(ieps), float(oeps), kw["in_norm"] is not None, kw["out_norm"] is not None, backend,
+    )  # fmt: skip
 
 
-def _tensors(inputs: dict) -> dict[str, torch.Tensor | None]:
-    iw, ib, _ = _norm_parts(inputs["in_norm"])
-    ow, ob, _ = _norm_parts(inputs["out_norm"])
+def _tensors(kw: dict) -> dict[str, torch.Tensor | None]:
+    iw, ib, _ = _norm_parts(kw["in_norm"])
+    ow, ob, _ = _norm_parts(kw["out_norm"])
     return {
-        "images": inputs["images"], "weight": inputs["weight"], "bias": inputs["bias"],
+        "images": kw["images"], "weight": kw["weight"], "bias": kw["bias"],
         "in_norm weight": iw, "in_norm bias": ib, "out_norm weight": ow, "out_norm bias": ob,
-        "pos_embed": inputs["pos_embed"], "cls_token": inputs["cls_token"],
-    }
+        "pos_embed": kw["pos_embed"], "cls_token": kw["cls_token"],
+    }  # fmt: skip
 
 
-def _needs_grad(tensors: dict[str, torch.Tensor | None]) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors.values()
-    )
+# ----------------------------------------------------------------------------
+# backends: capabilities as data (checked by Backend.not_supported_reasons)
+
+
+def _extension_op() -> str | None:
+    reason = _cuda.unavailable_reason()
+    if reason is None and not _cuda.has_op("patch_embed_fwd"):
+        reason = "the CUDA extension has no patch_embed_fwd op"
+    return reason
+
+
+def _triton_backward() -> str | None:
+    err = triton_import_error()
+    return None if err is None else f"its backward is the Triton one, but {err}"
 
 
 class CudaBackend(Backend):
     name = "cuda"
-    gpu_kernel = True
+    devices = ("cuda",)
+    auto_on_cpu = False
+    dtypes = HALF
+    min_compute_capability = (8, 0)
+    requirements = (_extension_op, _triton_backward)
 
-    def not_supported_reasons(self, **inputs) -> list[str]:
-        reason = _cuda.unavailable_reason()
-        if reason is not None:
-            return [reason]
-        if not _cuda.has_op("patch_embed_fwd"):
-            return ["the CUDA extension has no patch_embed_fwd op"]
-        tensors = _tensors(inputs)
-        reasons = kernel_device_reasons(list(tensors.values()), allow_interpret=False)
-        reasons += dtype_reasons(tensors, _HALF)
-        if not _cuda.has_op("patch_embed_bwd") and _needs_grad(tensors):
-            err = triton_import_error()
-            if err is not None:  # its backward would run the Triton kernels
-                reasons.append(f"gradients need the Triton backward, but {err}")
-        return reasons
-
-    def __call__(self, **inputs) -> torch.Tensor:
+    def run(self, inputs: Inputs) -> torch.Tensor:
         return _kernel_call("cuda", inputs)
 
 
 class TritonBackend(Backend):
     name = "triton"
-    gpu_kernel = True
+    devices = ("cuda",)
+    interpreter = True
+    auto_on_cpu = False
+    dtypes = KERNEL_DTYPES
+    min_compute_capability = (8, 0)
+    requirements = (triton_import_error,)
 
-    def not_supported_reasons(self, **inputs) -> list[str]:
-        err = triton_import_error()
-        if err is not None:
-            return [err]
-        tensors = _tensors(inputs)
-        reasons = kernel_device_reasons(list(tensors.values()), allow_interpret=True)
-        reasons += dtype_reasons(tensors, _KERNEL_DTYPES)
-        return reasons
-
-    def __call__(self, **inputs) -> torch.Tensor:
+    def run(self, inputs: Inputs) -> torch.Tensor:
         return _kernel_call("triton", inputs)
 
 
 class TorchBackend(Backend):
     name = "torch"
+    dtypes = FLOAT_DTYPES
 
-    def not_supported_reasons(self, **inputs) -> list[str]:
-        return dtype_reasons(_tensors(inputs), _FLOAT_DTYPES)
-
-    def __call__(self, *, images, weight, bias, **kw) -> torch.Tensor:
-        return _torch_ops.patch_embed(images, weight, bias, **kw)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _torch_ops.patch_embed(**inputs.kwargs)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, **inputs) -> list[str]:
-        return []
-
-    def __call__(self, *, images, weight, bias, **kw) -> torch.Tensor:
-        return _reference.patch_embed(images, weight, bias, **kw)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _reference.patch_embed(**inputs.kwargs)
 
 
 BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
@@ -513,6 +497,28 @@ def _validate(
 # public function
 
 
+def _inputs(
+    images: Any,
+    weight: Any,
+    bias: Any = None,
+    *,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    patch_order: Any = "cpq",
+    in_norm: Any = None,
+    out_norm: Any = None,
+    pos_embed: Any = None,
+    cls_token: Any = None,
+) -> Inputs:
+    """The validated call, as dispatch sees it."""
+    kw = _validate(
+        images, weight, bias, kernel_size, stride, padding, patch_order, in_norm, out_norm,
+        pos_embed, cls_token,
+    )  # fmt: skip
+    return Inputs("patch_embed", _tensors(kw), kwargs=kw)
+
+
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -552,8 +558,17 @@ def patch_embed(
     Returns:
         (B, P + L, D) in the images' dtype, L = Ho * Wo patches in row-major order.
     """
-    inputs = _validate(
-        images, weight, bias, kernel_size, stride, padding, patch_order, in_norm, out_norm,
-        pos_embed, cls_token,
-    )
-    return select("patch_embed", BACKENDS, backend, **inputs)(**inputs)
+    inputs = _inputs(
+        images, weight, bias, kernel_size=kernel_size, stride=stride, padding=padding,
+        patch_order=patch_order, in_norm=in_norm, out_norm=out_norm, pos_embed=pos_embed,
+        cls_token=cls_token,
+    )  # fmt: skip
+    return select(BACKENDS, inputs, backend).run(inputs)
+
+
+def which_backend(
+    *args: Any, backend: str | None = None, **kwargs: Any
+) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """For the arguments of ``patch_embed``: the backend it would run (None: none can)
+    and each backend's reasons to refuse (empty for one that can). Runs nothing."""
+    return explain(BACKENDS, _inputs(*args, **kwargs), backend)

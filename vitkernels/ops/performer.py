@@ -25,25 +25,23 @@ from vitkernels import cuda as _cuda
 from vitkernels.backends import reference as _reference
 from vitkernels.backends import torch_ops as _torch_ops
 from vitkernels.ops._dispatch import (
+    FLOAT_DTYPES,
+    HALF,
+    KERNEL_DTYPES,
     Backend,
-    dtype_reasons,
-    kernel_device_reasons,
+    Inputs,
+    explain,
     select,
     triton_import_error,
 )
 
-__all__ = ["BACKENDS", "MAX_E", "MAX_M", "performer_attention"]
+__all__ = ["BACKENDS", "MAX_E", "MAX_M", "performer_attention", "which_backend"]
 
 # The kernels (triton, and the CUDA extension that mirrors them) keep (M, E) tiles
-# of statistics in registers; larger sizes spill (AOT_SPECS in vitkernels/triton/
-# performer.py are checked for spills) and run on the torch backend instead.
+# of statistics in registers; larger sizes spill (tests/test_compile_budget.py checks
+# the launches for spills) and run on the torch backend instead.
 MAX_E = 64
 MAX_M = 32
-
-_HALF = (torch.float16, torch.bfloat16)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 # ----------------------------------------------------------------------------
 # custom ops (the triton and cuda backends)
@@ -125,73 +123,64 @@ performer_attention_fwd.register_autograd(_backward, setup_context=_setup_contex
 
 
 # ----------------------------------------------------------------------------
-# backends
+# backends: capabilities as data (checked by Backend.not_supported_reasons)
 
 
-def _size_reasons(E: int, M: int) -> list[str]:
-    reasons = []
-    if E > MAX_E:
-        reasons.append(f"E={E} is above the kernels' limit of {MAX_E}")
-    if M > MAX_M:
-        reasons.append(f"M={M} random features is above the kernels' limit of {MAX_M}")
-    return reasons
+def _run_kernel(backend: str, inputs: Inputs) -> torch.Tensor:
+    kw = inputs.kwargs
+    return performer_attention_fwd(kw["q"], kw["k"], kw["v"], kw["w"], kw["eps"], backend)[0]
+
+
+def _extension_ops() -> str | None:
+    reason = _cuda.unavailable_reason()
+    if reason is None and not (
+        _cuda.has_op("performer_attention_fwd") and _cuda.has_op("performer_attention_bwd")
+    ):
+        reason = "the CUDA extension has no performer_attention_fwd/_bwd ops"
+    return reason
 
 
 class CudaBackend(Backend):
     name = "cuda"
-    gpu_kernel = True
+    devices = ("cuda",)
+    auto_on_cpu = False
+    dtypes = HALF  # q, k, v
+    param_dtypes = KERNEL_DTYPES  # w
+    min_compute_capability = (8, 0)
+    max_sizes = {"E": MAX_E, "M": MAX_M}
+    requirements = (_extension_ops,)
 
-    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
-        reason = _cuda.unavailable_reason()
-        if reason is not None:
-            return [reason]
-        if not _cuda.has_op("performer_attention_fwd") or not _cuda.has_op(
-            "performer_attention_bwd"
-        ):
-            return ["the CUDA extension has no performer_attention_fwd/_bwd ops"]
-        reasons = kernel_device_reasons([q, k, v, w], allow_interpret=False)
-        reasons += dtype_reasons({"q": q, "k": k, "v": v}, _HALF)
-        reasons += dtype_reasons({"w": w}, _KERNEL_DTYPES)
-        return reasons + _size_reasons(q.shape[-1], w.shape[0])
-
-    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
-        return performer_attention_fwd(q, k, v, w, eps, "cuda")[0]
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _run_kernel("cuda", inputs)
 
 
 class TritonBackend(Backend):
     name = "triton"
-    gpu_kernel = True
+    devices = ("cuda",)
+    interpreter = True
+    auto_on_cpu = False
+    dtypes = KERNEL_DTYPES
+    min_compute_capability = (8, 0)
+    max_sizes = {"E": MAX_E, "M": MAX_M}
+    requirements = (triton_import_error,)
 
-    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
-        err = triton_import_error()
-        if err is not None:
-            return [err]
-        reasons = kernel_device_reasons([q, k, v, w], allow_interpret=True)
-        reasons += dtype_reasons({"q": q, "k": k, "v": v, "w": w}, _KERNEL_DTYPES)
-        return reasons + _size_reasons(q.shape[-1], w.shape[0])
-
-    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
-        return performer_attention_fwd(q, k, v, w, eps, "triton")[0]
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _run_kernel("triton", inputs)
 
 
 class TorchBackend(Backend):
     name = "torch"
+    dtypes = FLOAT_DTYPES
 
-    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
-        return dtype_reasons({"q": q, "k": k, "v": v, "w": w}, _FLOAT_DTYPES)
-
-    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
-        return _torch_ops.performer_attention(q, k, v, w, eps=eps)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _torch_ops.performer_attention(**inputs.kwargs)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, *, q, k, v, w, eps) -> list[str]:
-        return []
-
-    def __call__(self, *, q, k, v, w, eps) -> torch.Tensor:
-        return _reference.performer_attention(q, k, v, w, eps=eps)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _reference.performer_attention(**inputs.kwargs)
 
 
 BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
@@ -252,6 +241,18 @@ def _validate(q: Any, k: Any, v: Any, w: Any, eps: Any) -> float:
     return eps
 
 
+def _inputs(q: Any, k: Any, v: Any, w: Any, *, eps: Any = 1e-8) -> Inputs:
+    """The validated call, as dispatch sees it."""
+    eps = _validate(q, k, v, w, eps)
+    return Inputs(
+        "performer_attention",
+        {"q": q, "k": k, "v": v, "w": w},
+        params=("w",),
+        sizes={"E": q.shape[-1], "M": w.shape[0]},
+        kwargs=dict(q=q, k=k, v=v, w=w, eps=eps),
+    )
+
+
 def performer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -276,6 +277,13 @@ def performer_attention(
         with phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(M). Differentiable in q, k, v
         and w.
     """
-    eps = _validate(q, k, v, w, eps)
-    impl = select("performer_attention", BACKENDS, backend, q=q, k=k, v=v, w=w, eps=eps)
-    return impl(q=q, k=k, v=v, w=w, eps=eps)
+    inputs = _inputs(q, k, v, w, eps=eps)
+    return select(BACKENDS, inputs, backend).run(inputs)
+
+
+def which_backend(
+    *args: Any, backend: str | None = None, **kwargs: Any
+) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """For the arguments of ``performer_attention``: the backend it would run (None:
+    none can) and each backend's reasons to refuse (empty for one that can). Runs nothing."""
+    return explain(BACKENDS, _inputs(*args, **kwargs), backend)

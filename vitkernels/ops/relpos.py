@@ -34,18 +34,18 @@ from vitkernels import cuda as _cuda
 from vitkernels.backends import reference as _reference
 from vitkernels.backends import torch_ops as _torch_ops
 from vitkernels.ops._dispatch import (
+    FLOAT_DTYPES,
+    HALF,
+    KERNEL_DTYPES,
     Backend,
-    dtype_reasons,
-    kernel_device_reasons,
+    Inputs,
+    explain,
     select,
     triton_import_error,
 )
 
-__all__ = ["BACKENDS", "relpos_attention"]
+__all__ = ["BACKENDS", "relpos_attention", "which_backend"]
 
-_HALF = (torch.float16, torch.bfloat16)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LAYOUTS = ("hn", "nh")
 
 # the Triton kernels' limits: head dims (register tiles) and grid sides (the table
@@ -159,99 +159,71 @@ def _backward(ctx, grad_out, _grad_lse):
 relpos_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run_kernel(backend: str, q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table_layout):
-    table = bias_table if table_layout == "hn" else bias_table.t()  # (H, R*C) view
-    R, C = fmap_size
-    return relpos_attention_fwd(q, k, v, table, R, C, q_stride, scale, bias_scale, backend)[0]
+def _run_kernel(backend: str, inputs: Inputs) -> torch.Tensor:
+    kw = inputs.kwargs
+    table = kw["bias_table"] if kw["table_layout"] == "hn" else kw["bias_table"].t()  # (H, R*C) view
+    R, C = kw["fmap_size"]
+    return relpos_attention_fwd(
+        kw["q"], kw["k"], kw["v"], table, R, C, kw["q_stride"], kw["scale"], kw["bias_scale"],
+        backend,
+    )[0]
 
 
 # ----------------------------------------------------------------------------
-# backends
+# backends: capabilities as data (checked by Backend.not_supported_reasons)
 
 
-def _grid_reasons(fmap_size: tuple[int, int], max_side: int | None, max_table: int | None) -> list[str]:
-    R, C = fmap_size
-    reasons = []
-    if max_side is not None and max(R, C) > max_side:
-        reasons.append(f"fmap_size ({R}, {C}) has a side above the kernels' limit of {max_side}")
-    if max_table is not None and R * C > max_table:
-        reasons.append(f"fmap_size ({R}, {C}) has {R * C} positions, above the limit of {max_table}")
-    return reasons
-
-
-def _head_reasons(q: torch.Tensor, v: torch.Tensor, limit: int) -> list[str]:
-    reasons = []
-    if q.shape[-1] > limit:
-        reasons.append(f"Dk={q.shape[-1]} is above the kernels' limit of {limit}")
-    if v.shape[-1] > limit:
-        reasons.append(f"Dv={v.shape[-1]} is above the kernels' limit of {limit}")
-    return reasons
+def _extension_ops() -> str | None:
+    reason = _cuda.unavailable_reason()
+    if reason is None and not (
+        _cuda.has_op("relpos_attention_fwd") and _cuda.has_op("relpos_attention_bwd")
+    ):
+        reason = "the CUDA extension has no relpos_attention_fwd/_bwd ops"
+    return reason
 
 
 class CudaBackend(Backend):
     name = "cuda"
-    gpu_kernel = True
+    devices = ("cuda",)
+    auto_on_cpu = False
+    dtypes = HALF  # q, k, v
+    param_dtypes = KERNEL_DTYPES  # bias_table
+    min_compute_capability = (8, 0)
+    nondeterministic_grads = frozenset({"bias_table"})  # csrc/kernels/relpos.cuh: atomicAdd
+    max_sizes = {"Dk": CUDA_MAX_HEAD_DIM, "Dv": CUDA_MAX_HEAD_DIM, "R*C": CUDA_MAX_TABLE}
+    requirements = (_extension_ops,)
 
-    def not_supported_reasons(self, *, q, k, v, bias_table, fmap_size, **_) -> list[str]:
-        reason = _cuda.unavailable_reason()
-        if reason is not None:
-            return [reason]
-        if not _cuda.has_op("relpos_attention_fwd") or not _cuda.has_op("relpos_attention_bwd"):
-            return ["the CUDA extension has no relpos_attention_fwd/_bwd ops"]
-        reasons = kernel_device_reasons([q, k, v, bias_table], allow_interpret=False)
-        reasons += dtype_reasons({"q": q, "k": k, "v": v}, _HALF)
-        reasons += dtype_reasons({"bias_table": bias_table}, _KERNEL_DTYPES)
-        reasons += _head_reasons(q, v, CUDA_MAX_HEAD_DIM)
-        if (
-            torch.are_deterministic_algorithms_enabled()
-            and torch.is_grad_enabled()
-            and bias_table.requires_grad
-        ):
-            reasons.append(
-                "torch.use_deterministic_algorithms(True) is set and the CUDA kernels sum "
-                "the table gradient with float atomics (the triton backend's is deterministic)"
-            )
-        return reasons + _grid_reasons(fmap_size, None, CUDA_MAX_TABLE)
-
-    def __call__(self, **inputs) -> torch.Tensor:
-        return _run_kernel("cuda", **inputs)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _run_kernel("cuda", inputs)
 
 
 class TritonBackend(Backend):
     name = "triton"
-    gpu_kernel = True
+    devices = ("cuda",)
+    interpreter = True
+    auto_on_cpu = False
+    dtypes = KERNEL_DTYPES
+    min_compute_capability = (8, 0)
+    max_sizes = {"Dk": TRITON_MAX_HEAD_DIM, "Dv": TRITON_MAX_HEAD_DIM, "max(R, C)": TRITON_MAX_SIDE}
+    requirements = (triton_import_error,)
 
-    def not_supported_reasons(self, *, q, k, v, bias_table, fmap_size, **_) -> list[str]:
-        err = triton_import_error()
-        if err is not None:
-            return [err]
-        reasons = kernel_device_reasons([q, k, v, bias_table], allow_interpret=True)
-        reasons += dtype_reasons({"q": q, "k": k, "v": v, "bias_table": bias_table}, _KERNEL_DTYPES)
-        reasons += _head_reasons(q, v, TRITON_MAX_HEAD_DIM)
-        return reasons + _grid_reasons(fmap_size, TRITON_MAX_SIDE, None)
-
-    def __call__(self, **inputs) -> torch.Tensor:
-        return _run_kernel("triton", **inputs)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _run_kernel("triton", inputs)
 
 
 class TorchBackend(Backend):
     name = "torch"
+    dtypes = FLOAT_DTYPES
 
-    def not_supported_reasons(self, *, q, k, v, bias_table, **_) -> list[str]:
-        return dtype_reasons({"q": q, "k": k, "v": v, "bias_table": bias_table}, _FLOAT_DTYPES)
-
-    def __call__(self, **inputs) -> torch.Tensor:
-        return _torch_ops.relpos_attention(**inputs)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _torch_ops.relpos_attention(**inputs.kwargs)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, **_) -> list[str]:
-        return []
-
-    def __call__(self, **inputs) -> torch.Tensor:
-        return _reference.relpos_attention(**inputs)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _reference.relpos_attention(**inputs.kwargs)
 
 
 BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
@@ -367,6 +339,34 @@ def _validate(q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table
     return (R, C), s, scale, bias_scale
 
 
+def _inputs(
+    q: Any,
+    k: Any,
+    v: Any,
+    bias_table: Any,
+    *,
+    fmap_size: Any,
+    q_stride: Any = 1,
+    scale: Any = None,
+    bias_scale: Any = 1.0,
+    table_layout: Any = "hn",
+) -> Inputs:
+    """The validated call, as dispatch sees it."""
+    fmap, s, scale, bias_scale = _validate(
+        q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table_layout
+    )
+    return Inputs(
+        "relpos_attention",
+        {"q": q, "k": k, "v": v, "bias_table": bias_table},
+        params=("bias_table",),
+        sizes={"Dk": q.shape[-1], "Dv": v.shape[-1], "max(R, C)": max(fmap), "R*C": fmap[0] * fmap[1]},
+        kwargs=dict(
+            q=q, k=k, v=v, bias_table=bias_table, fmap_size=fmap, q_stride=s, scale=scale,
+            bias_scale=bias_scale, table_layout=table_layout,
+        ),
+    )  # fmt: skip
+
+
 def relpos_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -387,7 +387,11 @@ def relpos_attention(
         k: (B, H, Nk, Dk) keys, Nk = R*C.
         v: (B, H, Nk, Dv) values; Dv may differ from Dk.
         bias_table: (H, R*C) for table_layout "hn", (R*C, H) for "nh".
-        fmap_size: the key grid (R, C); an int means a square grid.
+        fmap_size: the key grid (R, C); an int means a square grid. The op
+            cannot tell the grid from the shapes: any (R, C) with R*C = Nk is
+            accepted (a 4x4 and a 2x8 grid both have 16 keys) and gives another
+            answer, so pass the grid the bias table was built for (the modules
+            ``optimize`` installs pass their module's own).
         q_stride: query subsampling of the grid (2 for LeViT's shrink attention).
         scale: multiplies q.k; default Dk**-0.5.
         bias_scale: multiplies the table entry (vit-pytorch LeViT uses 1/scale).
@@ -397,18 +401,16 @@ def relpos_attention(
     Returns:
         (B, H, Nq, Dv) in q's dtype.
     """
-    fmap, s, scale, bias_scale = _validate(
-        q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table_layout
-    )
-    inputs = dict(
-        q=q,
-        k=k,
-        v=v,
-        bias_table=bias_table,
-        fmap_size=fmap,
-        q_stride=s,
-        scale=scale,
-        bias_scale=bias_scale,
-        table_layout=table_layout,
-    )
-    return select("relpos_attention", BACKENDS, backend, **inputs)(**inputs)
+    inputs = _inputs(
+        q, k, v, bias_table, fmap_size=fmap_size, q_stride=q_stride, scale=scale,
+        bias_scale=bias_scale, table_layout=table_layout,
+    )  # fmt: skip
+    return select(BACKENDS, inputs, backend).run(inputs)
+
+
+def which_backend(
+    *args: Any, backend: str | None = None, **kwargs: Any
+) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """For the arguments of ``relpos_attention``: the backend it would run (None: none
+    can) and each backend's reasons to refuse (empty for one that can). Runs nothing."""
+    return explain(BACKENDS, _inputs(*args, **kwargs), backend)

@@ -1,16 +1,20 @@
 """Rules for the "attention" op: plain multi-head attention to SDPA.
 
-Recognised by exact class (module path and name, so neither vit-pytorch nor timm
-is imported here, and a user's subclass with its own forward is never taken for
-its parent), then checked for the attributes the fused forward reads; a module
-that does not have them is reported as left with what is missing.
+Recognised by class (the class or a subclass: neither vit-pytorch nor timm is
+imported here) or, for the official T2T-ViT code that users copy under any
+module path, by layout; then checked for the attributes the fused forward
+reads. A known class as written is replaced outright; a subclass overriding its
+methods, or a module recognised by layout, only when the optimize-time check
+shows the fused forward computes its function (``_match.plan_for``).
 
 Replaced (fused_attention.py):
-  vit-pytorch vit.Attention and this repo's (also inside pit, t2t, distill)
-  vit-pytorch pit.Attention (a copy of vit's)
+  vit-pytorch vit.Attention, pit.Attention, simple_vit.Attention and this repo's
+      vit.Attention (also inside pit, t2t, distill)
   vit-pytorch cross_vit.Attention and this repo's crossvit.Attention
   vit-pytorch cvt.Attention and this repo's cvt.Attention
-  the official T2T-ViT Attention in this repo's t2t.py (qkv, proj)
+  the official T2T-ViT backbone Attention (qkv, proj, attn_drop, proj_drop; this
+      repo's copy is known, other copies are checked) and T2T-ViT-t's
+      Token_transformer Attention (with in_dim and the v skip connection)
   timm crossvit.CrossAttention (writes softmax(q k^T) v out by hand)
   timm Attention and cait.ClassAttn, only when built with fused_attn off
 
@@ -21,158 +25,123 @@ Recognised and left, with the reason in the report:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from torch import nn
 
-from vitkernels.replace import Rule, register_rule
+from vitkernels.replace import FusedModule, Plan, Rule, register_rule
+from vitkernels.replace._match import (
+    NUM,
+    Layout,
+    input_width,
+    missing,
+    plan_for,
+    random_input,
+    subclass_of,
+)
 from vitkernels.replace.fused_attention import (
     QkvProjAttention,
     TimmCrossAttention,
     TimmFusedAttnToggle,
+    TokenTransformerAttention,
     VitPytorchAttention,
     VitPytorchConvAttention,
     VitPytorchCrossAttention,
 )
 
 _ZOO = "vitkernels.models"
+_OP = "attention"
 
 
-def _is(*qualified: str) -> Callable[[nn.Module], bool]:
-    """Matcher for modules whose exact class is one of "module.path.ClassName"."""
-    names = frozenset(qualified)
-    return lambda m: f"{type(m).__module__}.{type(m).__qualname__}" in names
+def _tokens(proj: str) -> Callable[[nn.Module], tuple]:
+    """Check inputs: (2, 5, width of the ``proj`` projection) tokens."""
+    return lambda m: (random_input((2, 5, input_width(getattr(m, proj))), m),)
 
 
-def _missing(module: nn.Module, layout: dict[str, type | tuple[type, ...]]) -> list[str]:
-    """The attributes of ``layout`` the module lacks or holds with another type."""
-    out = []
-    for name, kind in layout.items():
-        value = getattr(module, name, None)
-        if not isinstance(value, kind):
-            got = "missing" if value is None else type(value).__name__
-            want = (
-                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            )
-            out.append(f"{name} ({got}, expected {want})")
-    return out
+def _maps(proj: str) -> Callable[[nn.Module], tuple]:
+    """Check inputs: (2, channels of ``proj``, 6, 6) feature maps."""
+    return lambda m: (random_input((2, input_width(getattr(m, proj)), 6, 6), m),)
 
 
 def _builder(
-    fused: type[nn.Module], layout: dict[str, type | tuple[type, ...]]
-) -> Callable[[nn.Module, str | None], nn.Module | str]:
-    def build(module: nn.Module, backend: str | None) -> nn.Module | str:
-        missing = _missing(module, layout)
-        if missing:
-            return "not the attention layout the fused module expects: " + ", ".join(missing)
-        return fused(module, backend)
+    known: frozenset[str],
+    mixin: type[FusedModule],
+    layout: Layout,
+    inputs: Callable[[nn.Module], tuple],
+    optional: Layout | None = None,
+) -> Callable[[nn.Module], Plan | str]:
+    def build(module: nn.Module) -> Plan | str:
+        absent = missing(module, layout)
+        absent += missing(module, {k: v for k, v in (optional or {}).items() if hasattr(module, k)})
+        if absent:
+            return "not the attention layout the fused module expects: " + ", ".join(absent)
+        return plan_for(module, known, mixin, None, inputs)
 
     return build
 
 
-def _left(reason: str) -> Callable[[nn.Module, str | None], str]:
-    return lambda module, backend: reason
+def _rule(name: str, matches: Callable[[nn.Module], bool], build) -> None:
+    register_rule(Rule(name=name, op=_OP, matches=matches, build=build))
 
 
-def _rule(name: str, classes: Sequence[str], build) -> None:
-    register_rule(Rule(name=name, op="attention", matches=_is(*classes), build=build))
+def _known_rule(name: str, classes: frozenset[str], mixin, layout, inputs, optional=None) -> None:
+    _rule(name, subclass_of(*classes), _builder(classes, mixin, layout, inputs, optional))
 
 
-_NUM = (int, float)
-
-_rule(
+_known_rule(
     "vit-pytorch Attention (to_qkv)",
-    [
+    frozenset({
         "vit_pytorch.vit.Attention",
         "vit_pytorch.pit.Attention",
+        "vit_pytorch.simple_vit.Attention",
         f"{_ZOO}.vit.Attention",
-    ],
-    _builder(
-        VitPytorchAttention,
-        {
-            "heads": int,
-            "scale": _NUM,
-            "norm": nn.Module,
-            "to_qkv": nn.Linear,
-            "attend": nn.Softmax,
-            "dropout": nn.Dropout,
-            "to_out": nn.Module,
-        },
-    ),
-)
+    }),
+    VitPytorchAttention,
+    {"heads": int, "scale": NUM, "norm": nn.Module, "to_qkv": nn.Linear,
+     "attend": nn.Softmax, "to_out": nn.Module},
+    _tokens("to_qkv"),
+    optional={"dropout": nn.Dropout},  # SimpleViT has none
+)  # fmt: skip
 
-_rule(
+_known_rule(
     "vit-pytorch cross_vit.Attention (to_q, to_kv)",
-    ["vit_pytorch.cross_vit.Attention", f"{_ZOO}.crossvit.Attention"],
-    _builder(
-        VitPytorchCrossAttention,
-        {
-            "heads": int,
-            "scale": _NUM,
-            "norm": nn.Module,
-            "to_q": nn.Linear,
-            "to_kv": nn.Linear,
-            "attend": nn.Softmax,
-            "dropout": nn.Dropout,
-            "to_out": nn.Module,
-        },
-    ),
-)
+    frozenset({"vit_pytorch.cross_vit.Attention", f"{_ZOO}.crossvit.Attention"}),
+    VitPytorchCrossAttention,
+    {"heads": int, "scale": NUM, "norm": nn.Module, "to_q": nn.Linear, "to_kv": nn.Linear,
+     "attend": nn.Softmax, "dropout": nn.Dropout, "to_out": nn.Module},
+    _tokens("to_q"),
+)  # fmt: skip
 
-_rule(
+_known_rule(
     "vit-pytorch cvt.Attention (convolutional projections)",
-    ["vit_pytorch.cvt.Attention", f"{_ZOO}.cvt.Attention"],
-    _builder(
-        VitPytorchConvAttention,
-        {
-            "heads": int,
-            "scale": _NUM,
-            "norm": nn.Module,
-            "to_q": nn.Module,
-            "to_kv": nn.Module,
-            "attend": nn.Softmax,
-            "dropout": nn.Dropout,
-            "to_out": nn.Module,
-        },
-    ),
-)
+    frozenset({"vit_pytorch.cvt.Attention", f"{_ZOO}.cvt.Attention"}),
+    VitPytorchConvAttention,
+    {"heads": int, "scale": NUM, "norm": nn.Module, "to_q": nn.Module, "to_kv": nn.Module,
+     "attend": nn.Softmax, "dropout": nn.Dropout, "to_out": nn.Module},
+    _maps("to_q"),
+)  # fmt: skip
 
-_rule(
-    "official T2T-ViT Attention (qkv, proj)",
-    [f"{_ZOO}.t2t.Attention"],
-    _builder(
-        QkvProjAttention,
-        {
-            "num_heads": int,
-            "scale": _NUM,
-            "qkv": nn.Linear,
-            "attn_drop": nn.Dropout,
-            "proj": nn.Module,
-            "proj_drop": nn.Module,
-        },
-    ),
-)
-
-_rule(
+_known_rule(
     "timm crossvit.CrossAttention",
-    ["timm.models.crossvit.CrossAttention"],
-    _builder(
-        TimmCrossAttention,
-        {
-            "num_heads": int,
-            "scale": _NUM,
-            "wq": nn.Linear,
-            "wk": nn.Linear,
-            "wv": nn.Linear,
-            "attn_drop": nn.Dropout,
-            "proj": nn.Module,
-            "proj_drop": nn.Module,
-        },
-    ),
-)
+    frozenset({"timm.models.crossvit.CrossAttention"}),
+    TimmCrossAttention,
+    {"num_heads": int, "scale": NUM, "wq": nn.Linear, "wk": nn.Linear, "wv": nn.Linear,
+     "attn_drop": nn.Dropout, "proj": nn.Module, "proj_drop": nn.Module},
+    _tokens("wq"),
+)  # fmt: skip
 
 
-def _build_timm_fused_attn(module: nn.Module, backend: str | None) -> nn.Module | str:
+# ----------------------------------------------------------------------------
+# timm's fused_attn switch
+
+_TIMM_SWITCH = frozenset({
+    "timm.layers.attention.Attention",
+    "timm.models.vision_transformer.Attention",  # where older timm releases define it
+    "timm.models.cait.ClassAttn",
+})  # fmt: skip
+
+
+def _build_timm_fused_attn(module: nn.Module) -> Plan | str:
     if not isinstance(getattr(module, "fused_attn", None), bool):
         return "timm attention without a fused_attn switch: layout not recognised"
     if module.fused_attn:
@@ -180,22 +149,30 @@ def _build_timm_fused_attn(module: nn.Module, backend: str | None) -> nn.Module 
             "timm already runs it on F.scaled_dot_product_attention (fused_attn=True); "
             "a replacement would launch the same kernel"
         )
-    return TimmFusedAttnToggle(module, backend)
+    return plan_for(
+        module, _TIMM_SWITCH, TimmFusedAttnToggle, None,
+        lambda m: (random_input((2, 5, input_width(m)), m),),
+    )  # fmt: skip
 
 
 _rule(
     "timm Attention / cait.ClassAttn (fused_attn switch)",
-    [
-        "timm.layers.attention.Attention",
-        "timm.models.vision_transformer.Attention",  # where older timm releases define it
-        "timm.models.cait.ClassAttn",
-    ],
+    subclass_of(*_TIMM_SWITCH),
     _build_timm_fused_attn,
 )
 
+
+# ----------------------------------------------------------------------------
+# left: they need the probability matrix
+
+
+def _left(reason: str) -> Callable[[nn.Module], str]:
+    return lambda module: reason
+
+
 _rule(
     "DeepViT re-attention",
-    ["vit_pytorch.deepvit.Attention", f"{_ZOO}.deepvit.Attention"],
+    subclass_of("vit_pytorch.deepvit.Attention", f"{_ZOO}.deepvit.Attention"),
     _left(
         "re-attention mixes the softmax probabilities across heads (reattn_weights, then a "
         "LayerNorm) before multiplying by v: it needs the probability matrix, which SDPA "
@@ -205,9 +182,35 @@ _rule(
 
 _rule(
     "CaiT talking heads",
-    ["vit_pytorch.cait.Attention", f"{_ZOO}.cait.Attention", "timm.models.cait.TalkingHeadAttn"],
+    subclass_of("vit_pytorch.cait.Attention", f"{_ZOO}.cait.Attention", "timm.models.cait.TalkingHeadAttn"),
     _left(
         "talking-heads attention mixes heads in the logits before the softmax and in the "
         "probabilities after it: it needs the probability matrix, which SDPA never forms"
     ),
+)
+
+
+# ----------------------------------------------------------------------------
+# the official T2T-ViT code, by layout (this repo's copy of the backbone one is known)
+
+_QKV_PROJ = {"num_heads": int, "scale": NUM, "qkv": nn.Linear, "attn_drop": nn.Dropout,
+             "proj": nn.Module, "proj_drop": nn.Module}  # fmt: skip
+
+
+def _qkv_proj_layout(m: nn.Module) -> bool:
+    return all(isinstance(m._modules.get(k), nn.Module) for k in ("qkv", "proj", "attn_drop")) and (
+        isinstance(getattr(m, "num_heads", None), int)
+    )
+
+
+_rule(
+    "official T2T-ViT-t Token_transformer Attention (qkv, proj, in_dim; v skip connection)",
+    lambda m: _qkv_proj_layout(m) and isinstance(getattr(m, "in_dim", None), int),
+    _builder(frozenset(), TokenTransformerAttention, {**_QKV_PROJ, "in_dim": int}, _tokens("qkv")),
+)
+
+_rule(
+    "official T2T-ViT Attention (qkv, proj)",
+    lambda m: _qkv_proj_layout(m) and not hasattr(m, "fused_attn"),
+    _builder(frozenset({f"{_ZOO}.t2t*.Attention"}), QkvProjAttention, _QKV_PROJ, _tokens("qkv")),
 )

@@ -1,12 +1,19 @@
 """Rule for the "performer_attention" op: T2T-ViT's Token_performer.
 
-Recognised by layout, not by class, so the official T2T-ViT module
-(``models/token_performer.py``), this repo's ``vitkernels.models.t2t.Token_performer``
-and any module with the same parts are taken: a ``single_attn`` method, a
-``kqv`` Linear and a ``w`` parameter. The fused module (fused_performer.py) then
-needs ``emb``, ``kqv`` out_features == 3 * emb, ``w`` of shape (M, emb), ``proj``
-taking emb features, ``dp`` and a non-negative ``epsilon``; a recognised module
-missing any of these is reported as left, with what is missing.
+Recognised by layout, so the official T2T-ViT module (``models/token_performer.py``,
+copied under any module path), this repo's Token_performer and any module with
+the same parts are taken: a ``single_attn`` method, a ``kqv`` Linear and a ``w``
+parameter. The fused mixin (fused_performer.py) then needs ``emb``, ``kqv``
+out_features == 3 * emb, ``w`` of shape (M, emb), ``proj`` taking emb features,
+``dp`` and a non-negative ``epsilon``; a recognised module missing any of these
+is reported as left, with what is missing.
+
+This repo's Token_performer as written is replaced outright; any other class
+(the official one, a subclass overriding ``prm_exp``, a user's module with the
+layout) only when the optimize-time check shows that the fused ``single_attn``
+gives the module's function. Separately, a fused T2T module may feed the block
+``kqv(norm1(x))`` from its own soft-split call: only when the block's forward is
+the official one (this repo's class as written, or checked the same way).
 """
 
 from __future__ import annotations
@@ -15,8 +22,17 @@ import numbers
 
 from torch import nn
 
-from vitkernels.replace import Rule, register_rule
-from vitkernels.replace.fused_performer import FusedTokenPerformer
+from vitkernels.replace import Plan, Rule, register_rule
+from vitkernels.replace._match import (
+    known_class,
+    overridden,
+    plan_for,
+    random_input,
+    same_function,
+)
+from vitkernels.replace.fused_performer import FusedTokenPerformer, PerformerSpec
+
+_KNOWN = frozenset({"vitkernels.models.t2t*.Token_performer"})  # however t2t is split
 
 
 def _matches(module: nn.Module) -> bool:
@@ -50,11 +66,33 @@ def _problems(module: nn.Module) -> list[str]:
     return out
 
 
-def _build(module: nn.Module, backend: str | None) -> nn.Module | str:
+def _tokens(m: nn.Module) -> tuple:
+    return (random_input((2, 7, m.kqv.in_features), m),)
+
+
+def _takes_kqv(module: nn.Module) -> bool:
+    """Whether forward(x) is ``y + mlp(norm2(y))``, y = single_attn(norm1(x)), with a
+    plain LayerNorm norm1 (a fused T2T module folds it into its soft split)."""
+    if type(module._modules.get("norm1")) is not nn.LayerNorm or not all(
+        isinstance(module._modules.get(name), nn.Module) for name in ("norm2", "mlp")
+    ):
+        return False
+    base = known_class(module, _KNOWN)
+    if base is not None and not overridden(module, base):
+        return True
+    why = same_function(
+        module, FusedTokenPerformer, PerformerSpec(takes_kqv=True), _tokens,
+        call=lambda m, args: m._vk_forward_from_kqv(m.kqv(m.norm1(args[0])))
+        if hasattr(m, "_vk_forward_from_kqv") else m(*args),
+    )  # fmt: skip
+    return why is None
+
+
+def _build(module: nn.Module) -> Plan | str:
     problems = _problems(module)
     if problems:
         return "not the official Token_performer layout: " + "; ".join(problems)
-    return FusedTokenPerformer(module, backend)
+    return plan_for(module, _KNOWN, FusedTokenPerformer, PerformerSpec(_takes_kqv(module)), _tokens)
 
 
 register_rule(

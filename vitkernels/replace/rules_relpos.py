@@ -1,54 +1,45 @@
 """Rules for the "relpos_attention" op: LeViT attention with a relative-position bias.
 
-Recognised by exact class (module path and name: neither vit-pytorch nor timm is
-imported here, and a user's subclass with its own forward is never taken for its
-parent), then checked for the attributes the fused forward reads and for a bias
-index that is the op's formula, |dr| * C + |dc| between the query's grid
-position (subsampled by the query stride) and the key's. A module that fails a
-check is left as it is, with the reason in the report.
+Recognised, then checked for the attributes the fused forward reads and for a
+bias index that is the op's formula, |dr| * C + |dc| between the query's grid
+position (subsampled by the query stride) and the key's; the grid passed to the
+op is the module's own (the op cannot tell a 4x4 grid from a 2x8 one). Classes
+known as written (and subclasses that override none of their methods) are
+replaced outright; anything else only when the optimize-time check shows the
+fused forward computes its function (``_match.plan_for``).
 
 Replaced (fused_relpos.py):
   vit-pytorch levit.Attention and this repo's models.levit.Attention
       (pos_bias nn.Embedding, pos_indices buffer; downsample = stride-2 to_q)
   timm levit.Attention and levit.AttentionDownsample
       (attention_biases, attention_bias_idxs; use_conv either way)
+  the official facebookresearch/LeViT Attention and AttentionSubsample, of
+      levit.py (tokens) and levit_c.py (maps), under any module path: recognised
+      by layout (attention_biases, attention_bias_idxs, key_dim, d, dh; the
+      self-attention's square grid from its index), always checked at optimize time
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from vitkernels.backends.reference import relpos_bias_index
-from vitkernels.replace import Rule, register_rule
-from vitkernels.replace.fused_relpos import (
-    LeViTAttention,
-    TimmLevitAttention,
-    TimmLevitAttentionDownsample,
+from vitkernels.replace import Plan, Rule, register_rule
+from vitkernels.replace._match import (
+    NUM,
+    input_width,
+    missing,
+    plan_for,
+    random_input,
+    subclass_of,
 )
+from vitkernels.replace.fused_relpos import FusedAttentionBiases, FusedLeViTAttention, RelposSpec
 
 _OP = "relpos_attention"
-_NUM = (int, float)
-
-
-def _is(*qualified: str) -> Callable[[nn.Module], bool]:
-    """Matcher for modules whose exact class is one of "module.path.ClassName"."""
-    names = frozenset(qualified)
-    return lambda m: f"{type(m).__module__}.{type(m).__qualname__}" in names
-
-
-def _missing(module: nn.Module, layout: dict[str, type | tuple[type, ...]]) -> list[str]:
-    out = []
-    for name, kind in layout.items():
-        value = getattr(module, name, None)
-        if not isinstance(value, kind):
-            got = "missing" if value is None else type(value).__name__
-            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            out.append(f"{name} ({got}, expected {want})")
-    return out
 
 
 def _index_mismatch(
@@ -71,13 +62,19 @@ def _index_mismatch(
     return None
 
 
+def _first_layer(m: nn.Module) -> nn.Linear | nn.Conv2d | None:
+    """The first Linear or Conv2d in a projection (Linear_BN, ConvNorm, ...)."""
+    return next((s for s in m.modules() if isinstance(s, (nn.Linear, nn.Conv2d))), None)
+
+
 # ----------------------------------------------------------------------------
 # vit-pytorch levit.Attention and this repo's
 
+_LEVIT = frozenset({"vit_pytorch.levit.Attention", "vitkernels.models.levit.Attention"})
 
 _LEVIT_LAYOUT = {
     "heads": int,
-    "scale": _NUM,
+    "scale": NUM,
     "to_q": nn.Sequential,
     "to_k": nn.Module,
     "to_v": nn.Module,
@@ -89,10 +86,10 @@ _LEVIT_LAYOUT = {
 }
 
 
-def _build_levit(module: nn.Module, backend: str | None) -> nn.Module | str:
-    missing = _missing(module, _LEVIT_LAYOUT)
-    if missing:
-        return "not the LeViT attention layout the fused module expects: " + ", ".join(missing)
+def _build_levit(module: nn.Module) -> Plan | str:
+    absent = missing(module, _LEVIT_LAYOUT)
+    if absent:
+        return "not the LeViT attention layout the fused module expects: " + ", ".join(absent)
     conv = module.to_q[0] if len(module.to_q) else None
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1):
         return "to_q does not start with a 1x1 Conv2d"
@@ -108,29 +105,64 @@ def _build_levit(module: nn.Module, backend: str | None) -> nn.Module | str:
     why = _index_mismatch("pos_indices", module.pos_indices, fmap, q_stride)
     if why is not None:
         return why
-    return LeViTAttention(module, backend, fmap_size=fmap, q_stride=q_stride)
+    spec = RelposSpec(grid=fmap, q_stride=q_stride)
+    return plan_for(
+        module, _LEVIT, FusedLeViTAttention, spec,
+        lambda m: (random_input((2, conv.in_channels, side, side), m),),
+    )  # fmt: skip
 
 
 register_rule(
     Rule(
         name="vit-pytorch levit.Attention",
         op=_OP,
-        matches=_is("vit_pytorch.levit.Attention", "vitkernels.models.levit.Attention"),
+        matches=subclass_of(*_LEVIT),
         build=_build_levit,
     )
 )
 
 
 # ----------------------------------------------------------------------------
-# timm levit.Attention and levit.AttentionDownsample
+# attention_biases (official LeViT convention): timm and facebookresearch/LeViT
 
 
-_TIMM_COMMON = {
+def _biases_plan(
+    module: nn.Module, known: frozenset[str], spec: RelposSpec, proj_in: nn.Module
+) -> Plan | str:
+    """Check the table and index for ``spec``, then plan (known class) or check."""
+    R, C = spec.grid
+    biases = module.attention_biases
+    if tuple(biases.shape) != (spec.heads, R * C):
+        return (
+            f"attention_biases has shape {tuple(biases.shape)}; expected "
+            f"({spec.heads}, {R * C}) for resolution ({R}, {C})"
+        )
+    why = _index_mismatch("attention_bias_idxs", module.attention_bias_idxs, spec.grid, spec.q_stride)
+    if why is not None:
+        return why
+    layer = _first_layer(proj_in)
+    if layer is None:
+        return f"{'kv' if spec.down else 'qkv'} has no Linear or Conv2d to tell its input width"
+    if isinstance(layer, nn.Conv2d) != spec.conv:
+        return f"{'kv' if spec.down else 'qkv'} starts with {type(layer).__name__}, not the layout's"
+    width = input_width(layer)
+    shape = (2, width, R, C) if spec.conv else (2, R * C, width)
+    return plan_for(
+        module, known, FusedAttentionBiases, spec, lambda m: (random_input(shape, m),)
+    )
+
+
+_TIMM = frozenset({"timm.models.levit.Attention"})
+_TIMM_DOWN = frozenset(
+    {"timm.models.levit.AttentionDownsample", "timm.models.levit.AttentionSubsample"}
+)
+
+_TIMM_LAYOUT = {
     "num_heads": int,
     "key_dim": int,
     "val_dim": int,
     "val_attn_dim": int,
-    "scale": _NUM,
+    "scale": NUM,
     "use_conv": bool,
     "resolution": tuple,
     "proj": nn.Module,
@@ -139,25 +171,20 @@ _TIMM_COMMON = {
 }
 
 
-def _timm_builder(fused: type[nn.Module], layout: dict, stride_attr: str | None):
-    def build(module: nn.Module, backend: str | None) -> nn.Module | str:
-        missing = _missing(module, {**_TIMM_COMMON, **layout})
-        if missing:
-            return "not the timm LeViT attention layout the fused module expects: " + ", ".join(
-                missing
-            )
-        R, C = (int(s) for s in module.resolution)
-        q_stride = int(getattr(module, stride_attr)) if stride_attr else 1
-        heads = module.num_heads
-        if tuple(module.attention_biases.shape) != (heads, R * C):
-            return (
-                f"attention_biases has shape {tuple(module.attention_biases.shape)}; "
-                f"expected ({heads}, {R * C}) for resolution ({R}, {C})"
-            )
-        why = _index_mismatch("attention_bias_idxs", module.attention_bias_idxs, (R, C), q_stride)
-        if why is not None:
-            return why
-        return fused(module, backend)
+def _timm_builder(known: frozenset[str], down: bool) -> Any:
+    layout = {**_TIMM_LAYOUT, **({"kv": nn.Module, "q": nn.Module, "stride": int} if down else {"qkv": nn.Module})}
+
+    def build(module: nn.Module) -> Plan | str:
+        absent = missing(module, layout)
+        if absent:
+            return "not the timm LeViT attention layout the fused module expects: " + ", ".join(absent)
+        spec = RelposSpec(
+            grid=tuple(int(s) for s in module.resolution),
+            q_stride=int(module.stride) if down else 1,
+            heads=module.num_heads, key_dim=module.key_dim, val_dim=module.val_dim,
+            conv=module.use_conv, down=down,
+        )  # fmt: skip
+        return _biases_plan(module, known, spec, module.kv if down else module.qkv)
 
     return build
 
@@ -166,8 +193,8 @@ register_rule(
     Rule(
         name="timm levit.Attention",
         op=_OP,
-        matches=_is("timm.models.levit.Attention"),
-        build=_timm_builder(TimmLevitAttention, {"qkv": nn.Module}, None),
+        matches=subclass_of(*_TIMM),
+        build=_timm_builder(_TIMM, down=False),
     )
 )
 
@@ -175,9 +202,69 @@ register_rule(
     Rule(
         name="timm levit.AttentionDownsample",
         op=_OP,
-        matches=_is("timm.models.levit.AttentionDownsample", "timm.models.levit.AttentionSubsample"),
-        build=_timm_builder(
-            TimmLevitAttentionDownsample, {"kv": nn.Module, "q": nn.Module, "stride": int}, "stride"
-        ),
+        matches=subclass_of(*_TIMM_DOWN),
+        build=_timm_builder(_TIMM_DOWN, down=True),
+    )
+)
+
+
+_OFFICIAL_LAYOUT = {
+    "num_heads": int,
+    "key_dim": int,
+    "d": int,
+    "dh": int,
+    "scale": NUM,
+    "proj": nn.Module,
+    "attention_biases": nn.Parameter,
+    "attention_bias_idxs": torch.Tensor,
+}
+
+
+def _is_official(m: nn.Module) -> bool:
+    return (
+        isinstance(m._parameters.get("attention_biases"), torch.Tensor)
+        and isinstance(m._buffers.get("attention_bias_idxs"), torch.Tensor)
+        and all(isinstance(getattr(m, a, None), int) for a in ("d", "dh", "key_dim"))
+    )
+
+
+def _build_official(module: nn.Module) -> Plan | str:
+    down = isinstance(module._modules.get("kv"), nn.Module)
+    layout = {**_OFFICIAL_LAYOUT, **({"kv": nn.Module, "q": nn.Module, "stride": int,
+                                      "resolution": int, "resolution_": int}
+                                     if down else {"qkv": nn.Module})}  # fmt: skip
+    absent = missing(module, layout)
+    if absent:
+        return "not the official LeViT attention layout the fused module expects: " + ", ".join(
+            absent
+        )
+    if down:
+        R, s = module.resolution, module.stride
+    else:  # the official Attention keeps no resolution: its (N, N) index tells the grid
+        n = module.attention_bias_idxs.shape[-1]
+        R, s = math.isqrt(n), 1
+        if R * R != n:
+            return f"attention_bias_idxs has {n} keys; expected a square grid's side**2"
+    if down and module.resolution_ != (R - 1) // s + 1:
+        return (
+            f"resolution_={module.resolution_}; expected (resolution - 1) // stride + 1 = "
+            f"{(R - 1) // s + 1}, the queries the subsampling keeps"
+        )
+    if module.dh != module.d * module.num_heads:
+        return f"dh={module.dh}; expected d * num_heads = {module.d * module.num_heads}"
+    first = _first_layer(module.kv if down else module.qkv)
+    spec = RelposSpec(
+        grid=(R, R), q_stride=s, heads=module.num_heads, key_dim=module.key_dim,
+        val_dim=module.d, conv=isinstance(first, nn.Conv2d), down=down,
+    )  # fmt: skip
+    return _biases_plan(module, frozenset(), spec, module.kv if down else module.qkv)
+
+
+register_rule(
+    Rule(
+        name="official LeViT Attention / AttentionSubsample (attention_biases, d, dh)",
+        op=_OP,
+        matches=_is_official,
+        build=_build_official,
     )
 )

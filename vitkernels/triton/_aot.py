@@ -1,184 +1,259 @@
-"""Ahead-of-time compilation of Triton kernels for a GPU we do not have.
+"""Ahead-of-time compilation of the Triton kernels exactly as the launchers launch
+them, for a GPU this machine does not have.
 
-``compile_report(kernel, signature, constexprs, arch=90)`` compiles one
-specialisation with ``triton.compile`` for ``sm_<arch>`` (sm_90 becomes sm_90a),
-runs ptxas on the PTX with ``-v`` and returns the resource usage it reports.
-Used by the compile-budget tests (every kernel, sm_80 and sm_90a, no spills)
-and by anyone who wants registers and shared memory without a GPU.
+The launches come from the launchers themselves: each kernel module's
+``record_calls`` calls its launchers for one workload shape on meta tensors
+inside ``_common.recording()``, which records every launch with Triton's own
+specialisation (pointer alignment, integers divisible by 16, integers equal to
+1: see ``_common``). ``recorded_launches()`` does that for every workload of
+``vitkernels.workloads`` (and the other layer shapes the models launch), both
+directions, the dtypes the kernels serve, and keeps one launch per distinct
+specialisation; ``compile_launch`` compiles one with ``triton.compile`` for
+``sm_<arch>`` (sm_90 becomes sm_90a) with the options Triton's JIT would pass,
+and ``resources`` reads what ptxas made of it from the cubin.
 
-Each kernel module lists the specialisations it launches in ``AOT_SPECS``, a
-list of ``AotSpec``; ``all_specs()`` gathers them from every module here.
+Variants: "aligned" records the launches on tensors torch allocated (16-byte
+aligned); "unaligned" makes every input a view one element into its buffer, as a
+caller's slice can be (the launchers' own outputs stay aligned).
 
-Alignment: Triton's JIT marks a pointer argument 16-byte aligned
-(``tt.divisibility``) when its address is, which lets it vectorise loads and
-changes register allocation. Tensors torch allocates are aligned, so specs are
-compiled that way by default; ``aligned=False`` compiles the launch with
-misaligned views (e.g. a slice one element into a buffer) instead.
+    python -m vitkernels.triton._aot --arch 90 [--variant unaligned] [--json FILE]
+
+compiles every launch (run it with TRITON_INTERPRET unset: the interpreter
+replaces @triton.jit functions with Python ones that cannot be compiled).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import pkgutil
 import re
-import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Any
 
+import torch
 
-@dataclasses.dataclass(frozen=True)
-class AotSpec:
-    """One specialisation of one kernel as it is launched."""
+from vitkernels.triton._common import Launch, Recording, TensorFactory, recording
+from vitkernels.workloads import (
+    BATCH,
+    EXTRA_SHAPES,
+    WORKLOADS,
+    PatchEmbedShape,
+    PerformerShape,
+    RelposShape,
+    Shape,
+)
 
-    name: str  # readable id, e.g. "relpos_fwd[f16,Dk32,Dv64]"
-    kernel: Any  # the @triton.jit function
-    signature: dict[str, str]  # arg name -> "*fp16", "i32", "fp32", "constexpr"
-    constexprs: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 2
+VARIANTS = ("aligned", "unaligned")
+
+
+def tensor_factory(variant: str) -> TensorFactory:
+    """Meta tensors as torch allocates them, or views one element into a buffer."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}; expected one of {VARIANTS}")
+
+    def make(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if variant == "aligned":
+            return torch.empty(shape, device="meta", dtype=dtype)
+        n = 1
+        for s in shape:
+            n *= s
+        return torch.empty(n + 1, device="meta", dtype=dtype)[1:].view(shape)
+
+    return make
+
+
+def record_workload(
+    shape: Shape, direction: str, dtype: torch.dtype = torch.bfloat16, *, batch: int = BATCH,
+    variant: str = "aligned", arch: int = 90, **options: Any,
+) -> Recording:
+    """The launches (and torch operations) of one call of the op for this shape."""
+    from vitkernels.triton import patch_embed, performer, relpos
+
+    module = {RelposShape: relpos, PerformerShape: performer, PatchEmbedShape: patch_embed}[type(shape)]
+    with recording(arch) as rec:
+        module.record_calls(shape, batch, dtype, direction, tensor_factory(variant), **options)
+    return rec
+
+
+def _configurations() -> list[tuple[str, Shape, torch.dtype, dict]]:
+    """(case, shape, dtype, options) for every configuration compiled ahead of time."""
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    shapes = {**{w.id: w.shape for w in WORKLOADS.values()}, **EXTRA_SHAPES}
+    out = []
+    for case, shape in shapes.items():
+        if isinstance(shape, PerformerShape):
+            # 16-bit inputs with the model's float32 w (split into hi + lo) or w cast to
+            # the input dtype; float32 throughout; a trainable w
+            for dt, wdt in ((f16, f32), (f16, f16), (bf16, f32), (bf16, bf16), (f32, f32)):
+                out.append((case, shape, dt, {"w_dtype": wdt}))
+            for dt in (bf16, f32):
+                out.append((case, shape, dt, {"w_dtype": f32, "w_grad": True}))
+        else:
+            out += [(case, shape, f16, {}), (case, shape, bf16, {})]
+        if isinstance(shape, PatchEmbedShape) and shape.layout == "nchw":  # the kernel then reads "pqc"
+            out.append((case + "/channels_last", dataclasses.replace(shape, layout="channels_last"), bf16, {}))
+    return out
 
 
 @dataclasses.dataclass
-class PtxasReport:
-    arch: str
+class RecordedLaunch:
+    """One distinct specialisation, with the configurations that launch it."""
+
+    name: str  # unique
+    launch: Launch
+    cases: list[str]
+
+
+def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[RecordedLaunch]:
+    """Every distinct launch of every configuration (both directions)."""
+    by_key: dict[str, RecordedLaunch] = {}
+    names: set[str] = set()
+    for case, shape, dtype, options in _configurations():
+        for direction in ("fwd", "bwd"):
+            rec = record_workload(shape, direction, dtype, variant=variant, arch=arch, **options)
+            for launch in rec.launches:
+                key = launch.specialization.key() + repr(launch.kernel)
+                if key in by_key:
+                    by_key[key].cases.append(f"{case} {direction}")
+                    continue
+                name, n = launch.name, 2
+                while name in names:
+                    name, n = f"{launch.name}#{n}", n + 1
+                names.add(name)
+                by_key[key] = RecordedLaunch(name, launch, [f"{case} {direction}"])
+    return list(by_key.values())
+
+
+# ----------------------------------------------------------------------------
+# compiling
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A launch compiled for one architecture, and what ptxas made of it."""
+
+    arch: str  # "sm_90a"
+    cubin: bytes
+    shared_bytes: int  # dynamic shared memory Triton launches it with
+    num_warps: int
     registers: int
-    spill_stores: int
+    spill_stores: int  # bytes of local-memory stores in the machine code (spills)
     spill_loads: int
     stack_frame: int
-    shared_bytes: int
-    log: str
+    static_shared: int
 
 
-_RE_REGS = re.compile(r"Used (\d+) registers")
-_RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def _ptxas_candidates() -> list[str]:
-    """ptxas binaries to try, newest PTX support first (triton bundles two)."""
+def bin_dir() -> str:
+    """The folder of the CUDA tools bundled with the imported triton."""
     import triton
 
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    cands = [
-        os.environ.get("TRITON_PTXAS_PATH"),
-        os.path.join(bindir, "ptxas-blackwell"),
-        os.path.join(bindir, "ptxas"),
-        shutil.which("ptxas"),
-    ]
-    found = [c for c in cands if c and os.path.exists(c)]
-    if not found:
-        raise RuntimeError("no ptxas found: install triton (it bundles one) or the CUDA toolkit")
-    return found
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def alignment_attrs(kernel: Any, signature: dict[str, str]) -> dict[tuple[int], list]:
-    """ASTSource attrs marking every pointer argument 16-byte aligned (as Triton's
-    JIT does for tensors whose data_ptr is a multiple of 16)."""
-    names = list(getattr(kernel, "arg_names", None) or signature)
-    return {
-        (names.index(name),): [["tt.divisibility", 16]]
-        for name, ty in signature.items()
-        if ty.startswith("*")
-    }
+def gpu_name(arch: int) -> str:
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
 
-def compile_report(spec: AotSpec, arch: int = 90, aligned: bool = True) -> PtxasReport:
+def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
+    """``triton.compile`` of the launch's specialisation (as ``JITFunction.run`` would)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = spec.kernel
-    if not hasattr(kernel, "src"):
-        # Under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction: compile
-        # the Python function it wraps instead.
-        from triton.runtime.jit import JITFunction
+    from vitkernels.triton._common import _binder
 
-        kernel = JITFunction(kernel.fn)
-    attrs = alignment_attrs(kernel, spec.signature) if aligned else None
-    src = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-    )
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        logs = []
-        for ptxas in _ptxas_candidates():  # the first whose PTX ISA is new enough
-            proc = subprocess.run(
-                [ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                capture_output=True,
-                text=True,
-            )
-            log = proc.stdout + proc.stderr
-            if proc.returncode == 0:
-                break
-            logs.append(f"{ptxas}:\n{log}")
-        else:
-            raise RuntimeError(f"ptxas failed for {spec.name} on {gpu}:\n" + "\n".join(logs))
-    regs = _RE_REGS.search(log)
-    spill = _RE_SPILL.search(log)
-    if regs is None or spill is None:
-        raise RuntimeError(f"could not read ptxas's report for {spec.name} on {gpu}:\n{log}")
-    return PtxasReport(
-        arch=gpu,
-        registers=int(regs.group(1)),
-        stack_frame=int(spill.group(1)),
-        spill_stores=int(spill.group(2)),
-        spill_loads=int(spill.group(3)),
+    spec = launch.specialization
+    if spec is None or spec.arch != arch:
+        raise ValueError(f"{launch.name}: record it for sm_{arch} first (inside recording(arch={arch}))")
+    jit = _binder(getattr(launch.kernel, "fn", launch.kernel), arch)[0]
+    src = ASTSource(jit, spec.signature, spec.constexprs, spec.attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options)
+    cubin = compiled.asm["cubin"]
+    res = resources(cubin, jit.fn.__name__)
+    return Compiled(
+        arch=gpu_name(arch),
+        cubin=cubin,
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
-        log=log,
+        num_warps=int(compiled.metadata.num_warps),
+        **res,
     )
 
 
-def all_specs() -> list[AotSpec]:
-    """AOT_SPECS of every kernel module in vitkernels.triton."""
-    import vitkernels.triton as pkg
+_RE_RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_RE_LOCAL = re.compile(r"\b(STL|LDL)(?:\.(U8|S8|U16|S16|64|128))?\b")
+_SIZES = {None: 4, "U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 
-    specs: list[AotSpec] = []
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"vitkernels.triton.{info.name}")
-        specs.extend(getattr(mod, "AOT_SPECS", []))
-    return specs
+
+def _run_tool(args: list[str]) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def cubin_tool(tool: str, cubin: bytes, *flags: str) -> str:
+    """Run cuobjdump / nvdisasm (from the triton wheel) on a cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return _run_tool([os.path.join(bin_dir(), tool), *flags, path])
+
+
+def resources(cubin: bytes, function: str | None = None) -> dict[str, int]:
+    """Registers, stack frame, static shared memory and spill bytes (the
+    local-memory accesses of the machine code, as ptxas counts them) of one
+    function of a cubin."""
+    usage = {m.group(1): m for m in _RE_RES.finditer(cubin_tool("cuobjdump", cubin, "-res-usage"))}
+    if not usage:
+        raise RuntimeError("cuobjdump -res-usage reported no function")
+    m = usage[function] if function in usage else next(iter(usage.values()))
+    sass = cubin_tool("nvdisasm", cubin, "-c")
+    stores = loads = 0
+    for op, size in _RE_LOCAL.findall(sass):
+        if op == "STL":
+            stores += _SIZES[size or None]
+        else:
+            loads += _SIZES[size or None]
+    return dict(registers=int(m.group(2)), stack_frame=int(m.group(3)), static_shared=int(m.group(4)),
+                spill_stores=stores, spill_loads=loads)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vitkernels.triton._aot --arch 90 [--unaligned] [--json FILE]``: compile
-    every spec (with 16-byte aligned pointers unless --unaligned; report keys
-    ``name@sm_90`` and ``name@sm_90/unaligned``).
-
-    Runs with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions,
-    helpers included, with Python ones that cannot be compiled).
-    """
+    """Compile every recorded launch for the given architectures; print one line per
+    launch, and with --json write {name@sm_XX[/unaligned]: report}."""
     import argparse
     import json
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m vitkernels.triton._aot")
-    parser.add_argument("--arch", type=int, action="append", help="80, 90 (repeatable)")
-    parser.add_argument("--unaligned", action="store_true", help="pointers not 16-byte aligned")
+    parser.add_argument("--arch", type=int, action="append", help="80, 90 (repeatable; default both)")
+    parser.add_argument("--variant", choices=VARIANTS, default="aligned")
     parser.add_argument("--json", help="write the reports here")
+    parser.add_argument("--list", action="store_true", help="list the launches, compile nothing")
+    parser.add_argument("--only", help="compile only the launches whose name contains this")
     args = parser.parse_args(argv)
-    specs = all_specs()
     results: dict[str, dict[str, object]] = {}
+    suffix = "" if args.variant == "aligned" else "/unaligned"
     for arch in args.arch or [80, 90]:
-        for i, spec in enumerate(specs, 1):
-            key = f"{spec.name}@sm_{arch}" + ("/unaligned" if args.unaligned else "")
+        launches = [rl for rl in recorded_launches(args.variant, arch) if not args.only or args.only in rl.name]
+        for i, rl in enumerate(launches, 1):
+            key = f"{rl.name}@sm_{arch}{suffix}"
+            if args.list:
+                print(f"{key}: {', '.join(rl.cases)}")
+                continue
             try:
-                rep = compile_report(spec, arch, aligned=not args.unaligned)
-                results[key] = dataclasses.asdict(rep)
-                line = f"{rep.registers} regs, {rep.spill_stores}/{rep.spill_loads} B spilled"
-            except Exception as exc:  # reported per spec; the test fails on it
-                results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+                c = compile_launch(rl.launch, arch)
+                results[key] = {
+                    "registers": c.registers, "spill_stores": c.spill_stores, "spill_loads": c.spill_loads,
+                    "stack_frame": c.stack_frame, "shared_bytes": c.shared_bytes, "cases": rl.cases,
+                }  # fmt: skip
+                line = f"{c.registers} regs, {c.spill_stores}/{c.spill_loads} B spilled"
+            except Exception as exc:  # reported per launch; the test fails on it
+                results[key] = {"error": f"{type(exc).__name__}: {exc}", "cases": rl.cases}
                 line = "ERROR"
-            print(f"[aot {i}/{len(specs)}] {key}: {line}", file=sys.stderr, flush=True)
+            print(f"[aot {i}/{len(launches)}] {key}: {line}", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

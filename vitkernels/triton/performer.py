@@ -103,7 +103,6 @@ With l and s_t as above, r = p / Z (Z the denominator) and g = dy:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -111,13 +110,14 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._aot import AotSpec
+from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, dot_precision, launch
+from vitkernels.workloads import PerformerShape
 
 __all__ = [
-    "AOT_SPECS",
     "TARGET_PROGRAMS",
     "performer_attention_bwd",
     "performer_attention_fwd",
+    "record_calls",
 ]
 
 # Chunking heuristic: split each batch element's tokens into chunks so that about
@@ -147,7 +147,7 @@ def launch_config(
 ) -> LaunchConfig:
     """Block sizes and token chunking for one shape: a small deterministic heuristic.
 
-    Token tiles are chosen so that no specialisation spills registers (see AOT_SPECS);
+    Token tiles are chosen so that no specialisation spills registers (the compile-budget test);
     chunks are sized so that about TARGET_PROGRAMS programs run, each over whole tiles.
     """
     block_e = _pow2(E, 16)
@@ -159,7 +159,8 @@ def launch_config(
     if backward:
         bt, num_warps = (16, 4) if dtype == torch.float32 else (32, 8)
     else:
-        bt, num_warps = (32, 4) if dtype == torch.float32 else (64, 4)
+        # float32: 32 tokens on 4 warps spilled 4 B (fwd_q, triton 3.9, sm_80, as launched)
+        bt, num_warps = (32, 8) if dtype == torch.float32 else (64, 4)
     bt_kv = bt_q = bt
     cap = _pow2(T, 16)
     bt_kv, bt_q = min(bt_kv, cap), min(bt_q, cap)
@@ -518,10 +519,7 @@ def _bwd_kv_kernel(
 # ----------------------------------------------------------------------------
 # launchers
 
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers write (outputs and partials) comes from here."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_alloc = alloc  # every buffer the launchers write, outputs and partials (tests poison them)
 
 
 def _flags(x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, object]:
@@ -530,7 +528,7 @@ def _flags(x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, object]:
         "HALF": half,
         "F16": x_dtype == torch.float16,
         "W_SPLIT": half and w_dtype != x_dtype,
-        "PREC": "tf32" if half else "ieee",
+        "PREC": dot_precision(x_dtype),
     }
 
 
@@ -538,8 +536,15 @@ def _log_eps_m(eps: float, M: int) -> float:
     return math.log(eps) + math.log(M) if eps > 0 else float("-inf")
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def _tiles_per_chunk(T: int, cfg: LaunchConfig, block_t: int) -> float:
+    """Token tiles per program of a (batch, chunk) grid, averaged over the chunks."""
+    tiles = sum(triton.cdiv(min(cfg.chunk_len, T - c * cfg.chunk_len), block_t) for c in range(cfg.n_chunks))
+    return tiles / cfg.n_chunks
+
+
+def _tag(q: torch.Tensor, w: torch.Tensor) -> str:
+    B, T, E = q.shape
+    return f"{SHORT[q.dtype]},w{SHORT[w.dtype]},T{T},E{E},M{w.shape[0]}"
 
 
 def performer_attention_fwd(
@@ -561,22 +566,25 @@ def performer_attention_fwd(
     pu = _alloc((B, nc, M, E), torch.float32, dev)
     fl = _flags(q.dtype, w.dtype)
     blocks = dict(BLOCK_E=cfg.block_e, BLOCK_M=cfg.block_m)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (B * nc,)
-    with _device_ctx(q):
-        _fwd_kv_kernel[grid](
-            k, v, w, pm, ps, pu,
-            T, E, M, cfg.chunk_len, nc,
-            *k.stride(), *v.stride(), *w.stride(),
-            BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks, **launch,
-        )
-        _fwd_q_kernel[grid](
-            q, w, pm, ps, pu, y, lks, vbar,
-            T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
-            *q.stride(), *w.stride(),
-            BLOCK_T=cfg.block_t_q, HALF=fl["HALF"], W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"],
-            **blocks, **launch,
-        )
+    tag = _tag(q, w)
+    launch(Launch(
+        f"performer_fwd_kv[{tag}]", _fwd_kv_kernel, grid,
+        [k, v, w, pm, ps, pu, T, E, M, cfg.chunk_len, nc, *k.stride(), *v.stride(), *w.stride()],
+        dict(BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks),
+        cfg.num_warps, cfg.num_stages,
+        reads=(k, v, w), writes=(pm, ps, pu),
+        loops={"t0": _tiles_per_chunk(T, cfg, cfg.block_t_kv)},
+    ))  # fmt: skip
+    launch(Launch(
+        f"performer_fwd_q[{tag}]", _fwd_q_kernel, grid,
+        [q, w, pm, ps, pu, y, lks, vbar, T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
+         *q.stride(), *w.stride()],
+        dict(BLOCK_T=cfg.block_t_q, HALF=fl["HALF"], W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks),
+        cfg.num_warps, cfg.num_stages,
+        reads=(q, w, pm, ps, pu), writes=(y, lks, vbar),
+        loops={"j": nc, "t0": _tiles_per_chunk(T, cfg, cfg.block_t_q)},
+    ))  # fmt: skip
     return y, lks, vbar
 
 
@@ -612,22 +620,26 @@ def performer_attention_bwd(
     pdwk = _alloc(dw_shape, torch.float32, dev)
     fl = _flags(q.dtype, w.dtype)
     blocks = dict(BLOCK_E=cfg.block_e, BLOCK_M=cfg.block_m)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (B * nc,)
-    with _device_ctx(q):
-        _bwd_q_kernel[grid](
-            dy, q, w, lks, vbar, dq, pdv, pdl, pdwq,
-            T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
-            *dy.stride(), *q.stride(), *w.stride(),
-            BLOCK_T=cfg.block_t_q, W_GRAD=bool(w_grad), **fl, **blocks, **launch,
-        )
-        _bwd_kv_kernel[grid](
-            k, v, w, lks, vbar, pdv, pdl, dk, dv, pdwk,
-            T, E, M, cfg.chunk_len, nc,
-            *k.stride(), *v.stride(), *w.stride(),
-            BLOCK_T=cfg.block_t_kv, F16=fl["F16"], W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad),
-            PREC=fl["PREC"], **blocks, **launch,
-        )
+    tag = _tag(q, w) + (",dw" if w_grad else "")
+    launch(Launch(
+        f"performer_bwd_q[{tag}]", _bwd_q_kernel, grid,
+        [dy, q, w, lks, vbar, dq, pdv, pdl, pdwq, T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
+         *dy.stride(), *q.stride(), *w.stride()],
+        dict(BLOCK_T=cfg.block_t_q, W_GRAD=bool(w_grad), **fl, **blocks), cfg.num_warps, cfg.num_stages,
+        reads=(dy, q, w, lks, vbar), writes=(dq, pdv, pdl) + ((pdwq,) if w_grad else ()),
+        loops={"t0": _tiles_per_chunk(T, cfg, cfg.block_t_q)},
+    ))  # fmt: skip
+    launch(Launch(
+        f"performer_bwd_kv[{tag}]", _bwd_kv_kernel, grid,
+        [k, v, w, lks, vbar, pdv, pdl, dk, dv, pdwk, T, E, M, cfg.chunk_len, nc,
+         *k.stride(), *v.stride(), *w.stride()],
+        dict(BLOCK_T=cfg.block_t_kv, F16=fl["F16"], W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad),
+             PREC=fl["PREC"], **blocks),
+        cfg.num_warps, cfg.num_stages,
+        reads=(k, v, w, lks, vbar, pdv, pdl), writes=(dk, dv) + ((pdwk,) if w_grad else ()),
+        loops={"j": nc, "t0": _tiles_per_chunk(T, cfg, cfg.block_t_kv)},
+    ))  # fmt: skip
     if w_grad:
         # a fixed-order reduction over (batch, chunk) partials: deterministic
         dw = (pdwq.sum(dim=(0, 1)) + pdwk.sum(dim=(0, 1))).to(w.dtype)
@@ -637,72 +649,27 @@ def performer_attention_bwd(
 
 
 # ----------------------------------------------------------------------------
-# ahead-of-time specialisations (compile-budget tests)
-
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-_CONSTEXPRS = ("BLOCK_T", "BLOCK_E", "BLOCK_M", "HALF", "F16", "W_SPLIT", "W_GRAD", "PREC")
-# innermost strides of the inputs: 1 for views of a kqv projection, and triton
-# specialises an integer argument equal to 1 into a constant
-_UNIT_STRIDES = ("stride_qe", "stride_ke", "stride_ve", "stride_ge", "stride_we")
+# the launches of one workload shape (ahead-of-time compiles, the estimate)
 
 
-def _signature(kernel, dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, str]:
-    """Argument types as the launchers pass them: inner strides are 1 (specialised)."""
-    sig: dict[str, str] = {}
-    for name in kernel.arg_names:
-        if name in ("q_ptr", "k_ptr", "v_ptr", "dy_ptr", "y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"):
-            sig[name] = "*" + _TY[dtype]
-        elif name == "w_ptr":
-            sig[name] = "*" + _TY[w_dtype]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name == "log_eps_m":
-            sig[name] = "fp32"
-        elif name in _CONSTEXPRS or name in _UNIT_STRIDES:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def aot_spec(kernel, dtype: torch.dtype, w_dtype: torch.dtype, *, B: int, T: int, E: int, M: int,
-             w_grad: bool = False, cfg: LaunchConfig | None = None) -> AotSpec:
-    """The specialisation the launchers compile for one kernel, dtype pair and shape."""
-    backward = kernel in (_bwd_q_kernel, _bwd_kv_kernel)
-    cfg = cfg or launch_config(B, T, E, M, dtype, backward)
-    fl = _flags(dtype, w_dtype)
-    kv_side = kernel in (_fwd_kv_kernel, _bwd_kv_kernel)
-    consts: dict[str, object] = {
-        "BLOCK_T": cfg.block_t_kv if kv_side else cfg.block_t_q, "BLOCK_E": cfg.block_e, "BLOCK_M": cfg.block_m,
-        "HALF": fl["HALF"], "F16": fl["F16"], "W_SPLIT": fl["W_SPLIT"], "PREC": fl["PREC"],
-        "W_GRAD": w_grad,
-    }
-    sig = _signature(kernel, dtype, w_dtype)
-    constexprs = {n: (1 if n.startswith("stride_") else consts[n])
-                  for n, t in sig.items() if t == "constexpr"}
-    name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
-    tag = f"{_SHORT[dtype]},w{_SHORT[w_dtype]},E{E},M{M}" + (",dw" if w_grad and backward else "")
-    return AotSpec(f"performer_{name}[{tag}]", kernel, sig, constexprs,
-                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _aot_specs() -> list[AotSpec]:
-    specs = []
-    fwd, bwd = (_fwd_kv_kernel, _fwd_q_kernel), (_bwd_q_kernel, _bwd_kv_kernel)
-    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-    # T1/T2 (E 64, M 32; E 48, M 24 gives the same specialisations): 16-bit inputs with
-    # the model's float32 w (split) or w cast to the input dtype, and float32 throughout
-    pairs = ((f16, f32), (f16, f16), (bf16, f32), (bf16, bf16), (f32, f32))
-    for dt, wdt in pairs:
-        for kern in fwd + bwd:
-            specs.append(aot_spec(kern, dt, wdt, B=256, T=3136, E=64, M=32))
-    for kern in bwd:  # a trainable w
-        specs.append(aot_spec(kern, bf16, f32, B=256, T=3136, E=64, M=32, w_grad=True))
-    # float32 with a trainable w
-    for kern in bwd:
-        specs.append(aot_spec(kern, f32, f32, B=256, T=3136, E=64, M=32, w_grad=True))
-    return specs
-
-
-AOT_SPECS: list[AotSpec] = _aot_specs()
+def record_calls(
+    shape: PerformerShape,
+    batch: int,
+    dtype: torch.dtype,
+    direction: str,
+    tensor: TensorFactory,
+    w_dtype: torch.dtype = torch.float32,
+    w_grad: bool = False,
+) -> None:
+    """Call the launcher of one direction ("fwd" or "bwd") as T2T-ViT's Token_performer
+    calls the op: q, k, v are views of one (B, T, 3E) kqv projection, w is the
+    module's (M, E) parameter (float32 in the model), inputs made by ``tensor``."""
+    T, E, M = shape.tokens, shape.dim, shape.features
+    kqv = tensor((batch, T, 3 * E), dtype)
+    k, q, v = kqv.split(E, dim=-1)
+    w = tensor((M, E), w_dtype)
+    if direction == "fwd":
+        performer_attention_fwd(q, k, v, w, 1e-8)
+    else:
+        lks, vbar = tensor((batch, M), torch.float32), tensor((batch, M, E), torch.float32)
+        performer_attention_bwd(tensor((batch, T, E), dtype), q, k, v, w, lks, vbar, 1e-8, w_grad)

@@ -48,22 +48,22 @@ Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._aot import AotSpec
+from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, dot_precision, launch
+from vitkernels.workloads import RelposShape
 
-__all__ = ["AOT_SPECS", "relpos_attention_bwd", "relpos_attention_fwd"]
+__all__ = ["record_calls", "relpos_attention_bwd", "relpos_attention_fwd"]
 
 _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------
-# kernels (every tl.dot asks for input_precision="tf32x3": float32 inputs then get
-# near-float32 products on tensor cores; float16/bfloat16 inputs ignore it)
+# kernels (every tl.dot takes input_precision=PREC: "tf32x3" for float32 inputs, near-
+# float32 products on tensor cores; float16/bfloat16 inputs ignore it)
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _fwd_kernel(
     qk_scale, bias_scale,  # both already multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
@@ -113,7 +113,7 @@ def _fwd_kernel(
             mask=n_ok[None, :] & (offs_dk[:, None] < DK),
             other=0.0,
         )  # (BLOCK_DK, BLOCK_N)
-        s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         k_row = offs_n // C
         k_col = offs_n % C
         # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
@@ -132,7 +132,7 @@ def _fwd_kernel(
             mask=n_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32x3")
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -184,7 +184,7 @@ def _bwd_dkdv_kernel(
     qk_scale, bias_scale, sm_scale,  # qk_scale and bias_scale multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_n = pid % NUM_KB
@@ -226,7 +226,7 @@ def _bwd_dkdv_kernel(
             mask=m_ok[None, :] & (offs_dk[:, None] < DK),
             other=0.0,
         )  # (BLOCK_DK, BLOCK_M)
-        st = tl.dot(k, qt, input_precision="tf32x3") * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         q_row = (offs_m // CQ) * S
         q_col = (offs_m % CQ) * S
         # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
@@ -244,11 +244,11 @@ def _bwd_dkdv_kernel(
             mask=m_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )  # (BLOCK_M, BLOCK_DV)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision="tf32x3")
-        dpt = tl.dot(v, tl.trans(do), input_precision="tf32x3")  # (BLOCK_N, BLOCK_M)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision="tf32x3")
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
 
     dk = dk * sm_scale
     out_row = pid_bh.to(tl.int64) * NK + offs_n
@@ -277,7 +277,7 @@ def _bwd_dq_kernel(
     QR: tl.constexpr, CQP: tl.constexpr, KR: tl.constexpr, CP: tl.constexpr,
     TRP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_q = pid % NUM_QB
@@ -351,7 +351,7 @@ def _bwd_dq_kernel(
                 mask=n_ok[None, :] & (offs_dk[:, None] < DK),
                 other=0.0,
             )  # (BLOCK_DK, BN)
-            s = tl.dot(q, kt, input_precision="tf32x3") * qk_scale
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
             # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
             # table (padding pairs read some entry; they are masked below)
             idx = tl.abs(q_row[:, None] - kg_row[None, :]) * C + tl.abs(q_col[:, None] - k_col[None, :])
@@ -365,14 +365,14 @@ def _bwd_dq_kernel(
                 mask=n_ok[None, :] & (offs_dv[:, None] < DV),
                 other=0.0,
             )  # (BLOCK_DV, BN)
-            dp = tl.dot(do, vt, input_precision="tf32x3")
+            dp = tl.dot(do, vt, input_precision=PREC)
             ds = p * (dp - delta[:, None])  # (BM, BN) = (QR*CQP, KR*CP), natural units
             k = tl.load(  # again, row-major: cheaper in registers than tl.trans(kt)
                 k_base + k_tok[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
                 mask=n_ok[:, None] & (offs_dk[None, :] < DK),
                 other=0.0,
             )  # (BN, BLOCK_DK)
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="tf32x3")
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
             # table space: sum each (query row, key row) block of ds along its column
             # offsets, then add the blocks into their |dr| rows
             x = tl.gather(tl.reshape(ds, [QR * CQP * KR * CP]), g_idx, 0)
@@ -408,35 +408,33 @@ def _head_blocks(dk: int, dv: int) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Launch:
-    """One kernel launch: the constexprs and launch options the heuristics chose."""
+class _Config:
+    """What the heuristics chose for one kernel: constexprs and launch options."""
 
-    kernel: object
     constexprs: dict
     num_warps: int
     num_stages: int
 
 
-def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
+def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     block_m = min(64, max(16, _pow2(nq)))
     block_n = min(64, max(16, _pow2(nk)))
     warps = 8 if block_m * bdv > 64 * 64 else 4
-    return _Launch(
-        _fwd_kernel,
+    return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
         warps,
         2,
     )
 
 
-def _delta_cfg(nq: int, dv: int) -> _Launch:
+def _delta_cfg(nq: int, dv: int) -> _Config:
     _, bdv = _head_blocks(16, dv)
     block_m = max(16, 4096 // bdv)  # at most 16 elements of each tile per thread
-    return _Launch(_bwd_delta_kernel, dict(DV=dv, BLOCK_M=block_m, BLOCK_DV=bdv), 8, 1)
+    return _Config(dict(DV=dv, BLOCK_M=block_m, BLOCK_DV=bdv), 8, 1)
 
 
-def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
+def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
     # wide heads (LeViT-256's shrink layers, Dk 32, Dv 128): 16 keys x 32 queries on
@@ -444,8 +442,7 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Launch:
     block_n = min(16 if wide else 64, max(16, _pow2(nk)))
     block_m = min(32, max(16, _pow2(nq)))
     warps = 8 if wide or block_m * block_n >= 2048 else 4
-    return _Launch(
-        _bwd_dkdv_kernel,
+    return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
         warps,
         2,
@@ -470,7 +467,7 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
-def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
+def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
@@ -480,7 +477,7 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Launch:
     # wider heads (Dv 128) spill 24-48 B on 16 warps (128 registers), none on 8
     wide = bdk + bdv > 96
     num_warps = 8 if tile >= 2048 or wide else 16 if bdk + bdv == 96 else 4
-    return _Launch(_bwd_dq_kernel, constexprs, num_warps, 1)
+    return _Config(constexprs, num_warps, 1)
 
 
 def _batch_group(batch: int, programs_per_batch: int) -> int:
@@ -494,14 +491,16 @@ def _batch_group(batch: int, programs_per_batch: int) -> int:
 # ----------------------------------------------------------------------------
 # launchers
 
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel (tests poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_alloc = alloc  # every buffer the launchers hand to a kernel (tests poison them)
 
 
 def _query_grid(fmap_rows: int, fmap_cols: int, q_stride: int) -> tuple[int, int]:
     return -(-fmap_rows // q_stride), -(-fmap_cols // q_stride)
+
+
+def _tag(q: torch.Tensor, nk: int, dv: int, q_stride: int) -> str:
+    B, H, NQ, DK = q.shape
+    return f"{SHORT[q.dtype]},Nq{NQ},Nk{nk},Dk{DK},Dv{dv},S{q_stride}"
 
 
 def relpos_attention_fwd(
@@ -525,13 +524,15 @@ def relpos_attention_fwd(
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     cfg = _fwd_cfg(NQ, NK, DK, DV)
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
-    _fwd_kernel[(num_qb * B * H,)](
-        q, k, v, table, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(),
-        H, NQ, NK, fmap_cols, cq, q_stride, num_qb,
-        scale * _LOG2E, bias_scale * _LOG2E,
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    launch(Launch(
+        f"relpos_fwd[{_tag(q, NK, DV, q_stride)}]", _fwd_kernel, (num_qb * B * H,),
+        [q, k, v, table, out, lse,
+         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(),
+         H, NQ, NK, fmap_cols, cq, q_stride, num_qb, scale * _LOG2E, bias_scale * _LOG2E],
+        {**cfg.constexprs, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, table), writes=(out, lse),
+        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+    ))  # fmt: skip
     return out, lse
 
 
@@ -560,24 +561,30 @@ def relpos_attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(table.shape, dtype=table.dtype, device=dev)
     rq, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     qk_scale, bs = scale * _LOG2E, bias_scale * _LOG2E
+    prec = dot_precision(q.dtype, "tf32x3")
+    tag = _tag(q, NK, DV, q_stride)
 
     delta = _alloc((B, H, NQ), torch.float32, dev)
     cfg = _delta_cfg(NQ, DV)
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
-    _bwd_delta_kernel[(num_qb * B * H,)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, NQ, num_qb,
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    launch(Launch(
+        f"relpos_delta[{tag}]", _bwd_delta_kernel, (num_qb * B * H,),
+        [out, grad_out, delta, *out.stride(), *grad_out.stride(), H, NQ, num_qb],
+        cfg.constexprs, cfg.num_warps, cfg.num_stages,
+        reads=(out, grad_out), writes=(delta,),
+    ))  # fmt: skip
 
     cfg = _dkdv_cfg(NQ, NK, DK, DV)
     num_kb = triton.cdiv(NK, cfg.constexprs["BLOCK_N"])
-    _bwd_dkdv_kernel[(num_kb * B * H,)](
-        q, k, v, table, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
-        H, NQ, NK, fmap_cols, cq, q_stride, num_kb,
-        qk_scale, bs, scale,
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    launch(Launch(
+        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
+        [q, k, v, table, grad_out, lse, delta, dk, dv,
+         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
+         H, NQ, NK, fmap_cols, cq, q_stride, num_kb, qk_scale, bs, scale],
+        {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, table, grad_out, lse, delta), writes=(dk, dv),
+        loops={"start_m": triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])},
+    ))  # fmt: skip
 
     cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
     num_qb = triton.cdiv(rq, cfg.constexprs["QR"])
@@ -585,13 +592,16 @@ def relpos_attention_bwd(
     num_g = triton.cdiv(B, group)
     E = cfg.constexprs["E"]
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
-    _bwd_dq_kernel[(num_qb * H * num_g,)](
-        q, k, v, table, grad_out, lse, delta, dq, partial,
-        *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
-        B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
-        qk_scale, bs, scale, bias_scale,
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    launch(Launch(
+        f"relpos_dq[{tag}]", _bwd_dq_kernel, (num_qb * H * num_g,),
+        [q, k, v, table, grad_out, lse, delta, dq, partial,
+         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
+         B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
+         qk_scale, bs, scale, bias_scale],
+        {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, table, grad_out, lse, delta), writes=(dq, partial),
+        loops={"b": B / num_g, "kb": triton.cdiv(fmap_rows, cfg.constexprs["KR"])},
+    ))  # fmt: skip
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
     u = partial.sum(dim=0)  # (H, R, E), column e holds dc = e - off
     off = (cfg.constexprs["CQP"] - 1) * q_stride
@@ -603,89 +613,21 @@ def relpos_attention_bwd(
 
 
 # ----------------------------------------------------------------------------
-# ahead-of-time specialisations: what the launchers launch for WORKLOADS.md A1-A5
-# (contiguous (B, H, N, D) inputs and an "hn" table of the inputs' dtype; unit
-# strides are specialised to constexpr 1 as Triton's JIT does)
-
-_WORKLOADS = {
-    # id: (heads, fmap side, q_stride, Dk, Dv)
-    "A1": (4, 14, 1, 32, 64),
-    "A2": (6, 7, 1, 32, 64),
-    "A3": (8, 4, 1, 32, 64),
-    "A4": (8, 14, 2, 32, 64),
-    "A5": (4, 14, 1, 16, 32),
-    # the other attention layers of timm's LeViT-128S/128/192/256/384 (heads do not
-    # change the launch configuration)
-    "L128s-shrink14": (8, 14, 2, 16, 64),
-    "L128s-7": (6, 7, 1, 16, 32),
-    "L128s-shrink7": (16, 7, 2, 16, 64),
-    "L128s-4": (8, 4, 1, 16, 32),
-    "L256-shrink14": (8, 14, 2, 32, 128),
-    "L256-shrink7": (12, 7, 2, 32, 128),
-}
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# the launches of one workload shape (ahead-of-time compiles, the estimate)
 
 
-def _signature(kernel, pointers: dict[str, str], unit: set[str]) -> tuple[dict, dict]:
-    sig, const = {}, {}
-    fn = getattr(kernel, "fn", kernel)  # the Python function (JIT or interpreter wrapper)
-    for name, param in inspect.signature(fn).parameters.items():
-        if "constexpr" in str(param.annotation):
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name in unit:
-            sig[name] = "constexpr"
-            const[name] = 1
-        elif name in ("qk_scale", "bias_scale", "sm_scale", "table_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, const
-
-
-def _aot_specs() -> list[AotSpec]:
-    specs: dict[tuple, AotSpec] = {}
-    unit_strides = {f"stride_{t}{d}" for t in "qkvog" for d in "d"} | {"stride_tn"}
-    for wid, (_heads, side, stride, dk, dv) in _WORKLOADS.items():
-        nk = side * side
-        nq = (-(-side // stride)) ** 2
-        for dtype in (torch.float16, torch.bfloat16):
-            ty = f"*{_TY[dtype]}"
-            unit = set(unit_strides)
-            if stride == 1:
-                unit.add("S")
-            launches = [
-                ("fwd", _fwd_cfg(nq, nk, dk, dv), dict(Q=ty, K=ty, V=ty, T=ty, O=ty, LSE="*fp32")),
-                ("delta", _delta_cfg(nq, dv), dict(O=ty, DO=ty, DELTA="*fp32")),
-                (
-                    "dkdv",
-                    _dkdv_cfg(nq, nk, dk, dv),
-                    dict(Q=ty, K=ty, V=ty, T=ty, DO=ty, LSE="*fp32", DELTA="*fp32", DK_=ty, DV_=ty),
-                ),
-                (
-                    "dq",
-                    _dq_cfg(side, side, stride, dk, dv),
-                    dict(Q=ty, K=ty, V=ty, T=ty, DO=ty, LSE="*fp32", DELTA="*fp32", DQ_=ty, DT_="*fp32"),
-                ),
-            ]
-            for kname, launch, ptrs in launches:
-                sig, ones = _signature(launch.kernel, ptrs, unit & set(launch.kernel.arg_names))
-                const = {**ones, **launch.constexprs}
-                key = (kname, tuple(sorted(sig.items())), tuple(sorted(const.items())),
-                       launch.num_warps, launch.num_stages)  # fmt: skip
-                if key in specs:
-                    continue
-                blocks = ",".join(f"{k}{v}" for k, v in launch.constexprs.items())
-                specs[key] = AotSpec(
-                    name=f"relpos_{kname}[{_TY[dtype]},{wid},{blocks},S{stride}]",
-                    kernel=launch.kernel,
-                    signature=sig,
-                    constexprs=const,
-                    num_warps=launch.num_warps,
-                    num_stages=launch.num_stages,
-                )
-    return list(specs.values())
-
-
-AOT_SPECS: list[AotSpec] = _aot_specs()
+def record_calls(
+    shape: RelposShape, batch: int, dtype: torch.dtype, direction: str, tensor: TensorFactory
+) -> None:
+    """Call the launcher of one direction ("fwd" or "bwd") as the op calls it on
+    contiguous (B, H, N, D) inputs and an "hn" table made by ``tensor(shape, dtype)``
+    (meta tensors, inside ``recording()``)."""
+    B, H, nq, nk = batch, shape.heads, shape.nq, shape.nk
+    q, k = tensor((B, H, nq, shape.dk), dtype), tensor((B, H, nk, shape.dk), dtype)
+    v, table = tensor((B, H, nk, shape.dv), dtype), tensor((H, nk), dtype)
+    args = (shape.side, shape.side, shape.q_stride, shape.dk**-0.5, 1.0)
+    if direction == "fwd":
+        relpos_attention_fwd(q, k, v, table, *args)
+    else:
+        out, lse = tensor((B, H, nq, shape.dv), dtype), tensor((B, H, nq), torch.float32)
+        relpos_attention_bwd(tensor((B, H, nq, shape.dv), dtype), q, k, v, table, out, lse, *args)

@@ -1,0 +1,90 @@
+"""tests/conftest.py on a GPU machine, simulated: the gpu tests run in the pytest
+process (compiled Triton kernels), every other test in one child pytest with CUDA
+hidden, where conftest turns the Triton interpreter on, exactly as CI runs them.
+
+The simulation: a plugin makes torch.cuda.is_available() answer True in the
+parent only (the child, with CUDA_VISIBLE_DEVICES="", loads no plugin); the test
+files record where they ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_GPU = """
+import torch
+
+torch.cuda.is_available = lambda: True
+"""
+
+TESTS = """
+import os
+
+import pytest
+import torch
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_host():
+    assert torch.cuda.is_available()
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_without_a_gpu(n):
+    assert not torch.cuda.is_available()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert n != int(os.environ.get("FAIL_CASE", "0"))
+"""
+
+
+def _project(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
+    (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
+    (tmp_path / "test_modes.py").write_text(TESTS)
+    return tmp_path
+
+
+def _pytest(project: Path, *args: str, fail_case: int = 0) -> subprocess.CompletedProcess:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+    }
+    env.update(PYTHONPATH=str(project), FAIL_CASE=str(fail_case))
+    cmd = [sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", *args]
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_host_runs_the_rest_in_a_child_with_cuda_hidden(tmp_path):
+    project = _project(tmp_path)
+    run = _pytest(project, "-q")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "2 passed" in out, out  # the gpu test and the child suite
+    assert "tests without a GPU (child pytest, CUDA hidden): 2 passed" in out, out
+
+    only_gpu = _pytest(project, "-q", "-m", "gpu")
+    out = only_gpu.stdout + only_gpu.stderr
+    assert only_gpu.returncode == 0 and "1 passed, 2 deselected" in out, out
+    assert "child pytest" not in out
+
+
+@pytest.mark.slow
+def test_a_failure_in_the_child_fails_the_run_and_is_shown(tmp_path):
+    project = _project(tmp_path)
+    run = _pytest(project, "-q", fail_case=2)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "test_without_a_gpu[2]" in out and "1 failed, 1 passed" in out, out
+    assert "CUDA_VISIBLE_DEVICES= python -m pytest" in out, out

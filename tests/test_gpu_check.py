@@ -1,0 +1,200 @@
+"""bench/gpu_check.sh and bench/gpu_run.py without a GPU.
+
+* ``--dry-run`` walks the whole plan on this CPU: the torch backend really runs
+  against float64 at tiny sizes, everything that needs a GPU is reported as
+  skipped, no time is written, and the files fit what the device tool brings back.
+* A deadline with no time left cuts every stage and still prints the summary.
+* The report turns stage records into the results JSON that bench/make_results.py
+  reads, and puts each measured op beside its compiler-based estimate.
+* The counting reproduces WORKLOADS.md's table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_run = _load("gpu_run")
+make_results = _load("make_results")
+
+
+def _check(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
+    env["PYTHON"] = sys.executable
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _records(out: Path) -> list[dict]:
+    return json.loads((out / "check.json").read_text())["records"]
+
+
+@pytest.mark.slow
+def test_dry_run_walks_the_plan_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    run = _check(out, "--dry-run")
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert run.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is last
+    assert "RESULT: ok" in summary and "gpu_check summary" in summary
+
+    stages = [r["name"] for r in _records(out) if r["kind"] == "stage"]
+    order = ["env", "correctness", "ops", "models", "tests", "ops-rest", "models-rest"]
+    assert [s for s in stages if s in order] == order, stages
+    records = _records(out)
+    # what runs on a CPU ran and passed: the torch backend against float64
+    ran = [r for r in records if r["kind"] == "check" and r["status"] == "pass"]
+    assert {(r["op"], r["pass"]) for r in ran} == {
+        (op, p)
+        for op in ("relpos_attention", "performer_attention", "patch_embed")
+        for p in ("fwd", "bwd")
+    }
+    assert all(r["backend"] == "torch" and r["dtype"] == "float32" for r in ran)
+    assert all(0 <= r["rel_err"] < 1e-6 for r in ran), ran
+    # the kernels and the half dtypes are on the plan, reported as needing a GPU
+    checks = [r for r in records if r["kind"] == "check"]
+    skipped = {(r["backend"], r["dtype"]) for r in checks if r["status"] == "skipped"}
+    assert {("triton", "bfloat16"), ("cuda", "float16"), ("torch", "bfloat16")} <= skipped
+    bench = [r for r in records if r["kind"] == "bench"]
+    assert {r["base_workload"] for r in bench} == set(gpu_run.DEFAULT_OPS + gpu_run.REST_OPS)
+    assert {r["impl"] for r in bench} >= {"eager", "torch", "triton", "cuda", "compiled", "flex"}
+    results = [r for r in records if r["kind"] in ("check", "bench", "model")]
+    assert not [r for r in results if r["status"] in ("ok", "FAIL", "error")]
+    assert not [r for r in records if "time_us" in r]
+    assert [r for r in bench if r["impl"] == "eager" and "check_err" in r]  # peers ran once
+    # the results file: make_results reads it, and it holds no measured row
+    (results,) = out.glob("cpu-dry-run-*.json")
+    assert make_results.load_run(results).rows == []
+    # what the device tool brings back: at most 8 files, flat, plain names
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(p.parent == out for p in files), files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
+
+
+def test_no_time_left_cuts_every_stage_and_still_reports(tmp_path):
+    out = tmp_path / "out"
+    run = _check(out, "--dry-run", "--minutes", "0")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stages = {r["name"]: r["status"] for r in _records(out) if r["kind"] == "stage"}
+    for name in ("env", "correctness", "ops", "models", "ops-rest", "models-rest"):
+        assert stages[name] == "cut", stages
+    assert "gpu_check summary" in run.stdout and "env cut" in run.stdout
+
+
+def test_bad_arguments_say_what_was_expected(tmp_path):
+    run = _check(tmp_path, "--minutes", "soon")
+    assert run.returncode == 2 and "--minutes takes a number of minutes, got 'soon'" in run.stderr
+    run = _check(tmp_path, "--frobnicate")
+    assert run.returncode == 2 and "unknown argument '--frobnicate'" in run.stderr
+
+
+def test_counting_reproduces_the_workloads_table():
+    # WORKLOADS.md: MB moved and the H200 floor (us) of the forward pass at batch 256
+    table = {"A1": (77, 18), "A4": (161, 37), "T1": (411, 96), "P1": (156, 75)}
+    for wid, (mb, floor_us) in table.items():
+        flops, nbytes = gpu_run.counts(wid, 256)["fwd"]
+        assert abs(nbytes / 1e6 - mb) <= 0.01 * mb, (wid, nbytes)
+        floor = max(nbytes / gpu_run.NOMINAL_COPY, flops / gpu_run.NOMINAL_MATMUL) * 1e6
+        assert abs(floor - floor_us) <= 1.0, (wid, floor)
+        f2, b2 = gpu_run.counts(wid, 256)["fwd+bwd"]
+        assert f2 > flops and b2 > nbytes
+
+
+def _estimate_file(folder: Path, date: str, calls: list[dict]) -> None:
+    (folder / f"estimate-sm90a-{date}.json").write_text(json.dumps({"calls": calls}))
+
+
+def test_estimates_come_from_the_newest_file_and_sum_fwd_and_bwd(tmp_path):
+    call = {"workload": "A1", "op": "relpos_attention", "backend": "triton", "dtype": "bf16"}
+    _estimate_file(tmp_path, "2026-11-01", [{**call, "pass": "fwd", "estimate_us": 99.0}])
+    _estimate_file(
+        tmp_path,
+        "2026-11-30",
+        [
+            {**call, "pass": "fwd", "estimate_us": 30.0},
+            {**call, "pass": "bwd", "estimate_us": 70.0},
+        ],
+    )
+    path, table = gpu_run.newest_estimates(tmp_path)
+    assert path.name == "estimate-sm90a-2026-11-30.json"
+    assert gpu_run.estimate_for(table, "A1", "fwd", "triton", "bfloat16") == 30.0
+    assert gpu_run.estimate_for(table, "A1", "fwd+bwd", "triton", "bfloat16") == 100.0
+    assert gpu_run.estimate_for(table, "A1", "fwd", "cuda", "bfloat16") is None
+    assert gpu_run.newest_estimates(tmp_path / "none") == (None, {})
+
+
+def test_report_gives_make_results_json_and_a_summary_with_estimates(tmp_path, capsys):
+    """Synthetic stage records (not measurements) through the report."""
+    work, out, est = tmp_path / "work", tmp_path / "out", tmp_path / "est"
+    work.mkdir()
+    est.mkdir()
+    _estimate_file(est, "2026-11-30", [{"workload": "A1", "op": "relpos_attention", "pass": "fwd",
+                                        "backend": "triton", "dtype": "bf16", "estimate_us": 21.5}])  # fmt: skip
+    flops, nbytes = gpu_run.counts("A1", 256)["fwd"]
+    env = {"kind": "env", "gpu": "NVIDIA H200", "capability": "9.0", "sms": 132, "torch": "2.11.0",
+           "triton": "3.6.0", "cuda": "13.0", "commit": "abc", "tree": "t"}  # fmt: skip
+    bench = {"kind": "bench", "workload": "A1", "base_workload": "A1", "pass": "fwd",
+             "dtype": "bfloat16", "batch": 256, "flops": flops, "bytes": nbytes, "status": "ok",
+             "min_us": 1.0, "reps": 10}  # fmt: skip
+    lines = [
+        env,
+        {"kind": "ceiling", "name": "copy", "value": 4.0e12},
+        {**bench, "impl": "eager", "time_us": 100.0},
+        {**bench, "impl": "triton", "time_us": 25.0},
+        {
+            "kind": "check",
+            "op": "relpos_attention",
+            "case": "A1",
+            "backend": "triton",
+            "dtype": "bfloat16",
+            "pass": "bwd",
+            "status": "FAIL",
+            "rel_err": 0.5,
+            "tol": 0.05,
+            "nonfinite": 0,
+        },  # fmt: skip
+    ]
+    (work / "x.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{cut sho")
+    assert gpu_run.report(work, out, est) == 1  # the failed check fails the run
+    text = capsys.readouterr().out
+    assert "RESULT: FAILED" in text and "FAIL  relpos_attention A1 triton bfloat16 bwd" in text
+    header = next(ln for ln in text.splitlines() if ln.startswith("workload"))
+    assert "measured us" in header and "estimate us" in header
+    row = next(ln for ln in text.splitlines() if ln.startswith("A1") and "triton" in ln)
+    assert row.split()[2:4] == ["25.0", "21.5"] and "4.00x" in row  # vs eager
+    (results,) = out.glob("h200-*.json")
+    run = make_results.load_run(results)
+    assert run.header["gpu"] == "NVIDIA H200" and run.header["commit"] == "abc"
+    triton = next(r for r in run.rows if r["impl"] == "triton")
+    assert triton["vs_eager"] == pytest.approx(4.0)
+    assert triton["fraction_of_floor"] == pytest.approx(nbytes / 4.0e12 / 25e-6)
+    assert "estimate_us" not in triton  # measurements and estimates are kept apart
+
+
+def test_slug_names_the_gpu():
+    assert gpu_run.slug("NVIDIA H200") == "h200"
+    assert gpu_run.slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
+    assert gpu_run.slug(None) == "cpu-dry-run"

@@ -1,0 +1,238 @@
+"""Backward kernels of ``patch_embed`` (launchers: ``patch_embed.py``).
+
+* ``_patch_stats_kernel``: each patch's input-norm statistics (mu, rstd).
+* ``_out_norm_bwd_kernel``: the output norm's backward, row-wise, with column
+  partial sums for its affine and the linear bias.
+* ``_dw_kernel``: dW = dy.T @ in_norm(patches), split along the rows.
+* ``_dxn_kernel``: dxn = dy @ W with the normalised patch in the epilogue (the
+  input norm's affine gradients).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vitkernels.triton._common import hint as _hint
+from vitkernels.triton._common import mask2 as _mask2
+from vitkernels.triton._patch_embed_fwd import (
+    _chan_update,
+    _idx,
+    _in_norm_stats,
+    _patch_rows,
+    _patch_tile,
+)
+
+
+@triton.jit
+def _patch_stats_kernel(
+    x_ptr, stats_ptr, M, L, Wout, K, C, H, W, KW, KHW, SH, SW, PH, PW,
+    sxb, sxc, sxh, sxw, in_eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr,
+):
+    """stats[m] = (mu, rstd) of patch m over K, as the forward kernel computes them."""
+    pid_m = tl.program_id(0)
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+    )
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = _patch_tile(
+            x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+            PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+        ).to(tl.float32)
+        s1 += tl.sum(a, axis=1)
+        s2 += tl.sum(a * a, axis=1)
+    mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
+    tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
+    tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
+
+
+@triton.jit
+def _out_norm_bwd_kernel(
+    g_ptr, y_ptr, ow_ptr, dy_ptr, dow_part, dob_part, dbias_part,
+    M, L, D, P, sgb, sgt, sgd, out_eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_OW: tl.constexpr, IDX64: tl.constexpr,
+    GVEC: tl.constexpr, YVEC: tl.constexpr,
+):
+    """Backward of the output layer norm for BLOCK_M patch rows.
+
+    y (M, D) float32: recomputed pre-norm tokens; g: grad_out's patch rows.
+    dy (M, D) (MMA dtype) = d loss / d y; per-program column partial sums for
+    the norm's weight (g * xhat), its bias (g) and the linear bias (dy).
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    b = offs_m // L
+    l = offs_m % L
+    g_rows = g_ptr + _idx(b, IDX64) * sgb + (P + l) * sgt
+    y_rows = y_ptr + _idx(offs_m, IDX64) * D
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=_mask2(row_ok, n_ok, 1, YVEC), other=0.0)
+        mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+    rstd = 1.0 / tl.sqrt(m2 / D + out_eps)
+    a1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        mask = _mask2(row_ok, n_ok, 1, YVEC)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0)
+        xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(_hint(g_rows[:, None], offs_n[None, :] * sgd, 1, GVEC), mask=mask, other=0.0).to(tl.float32)
+        tl.store(dow_part + pid_m * D + offs_n, tl.sum(g * xhat, axis=0), mask=n_ok)
+        tl.store(dob_part + pid_m * D + offs_n, tl.sum(g, axis=0), mask=n_ok)
+        if HAS_OW:
+            g = g * tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        a1 += tl.sum(g, axis=1)
+        a2 += tl.sum(g * xhat, axis=1)
+    a1 = a1 / D
+    a2 = a2 / D
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        mask = _mask2(row_ok, n_ok, 1, YVEC)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0)
+        xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(_hint(g_rows[:, None], offs_n[None, :] * sgd, 1, GVEC), mask=mask, other=0.0).to(tl.float32)
+        if HAS_OW:
+            g = g * tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        dy = tl.where(mask, rstd[:, None] * (g - a1[:, None] - xhat * a2[:, None]), 0.0)
+        tl.store(dbias_part + pid_m * D + offs_n, tl.sum(dy, axis=0), mask=n_ok)
+        tl.store(
+            _hint(dy_ptr, _idx(offs_m, IDX64)[:, None] * D + offs_n[None, :], 1, YVEC),
+            dy.to(dy_ptr.dtype.element_ty),
+            mask=mask,
+        )
+
+
+@triton.jit
+def _norm_patch_tile(
+    x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+    K, C, H, W, KW, KHW, sxc, sxh, sxw,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr,
+):
+    """in_norm(patches) tile in float32 (raw patches without IN_NORM); zero where
+    k >= K or the row is past M. Also returns xhat (the normalised patch)."""
+    x = _patch_tile(
+        x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+        PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+    ).to(tl.float32)
+    if IN_NORM:
+        mu = tl.load(stats_ptr + offs_m * 2, mask=row_ok, other=0.0)
+        rstd = tl.load(stats_ptr + offs_m * 2 + 1, mask=row_ok, other=0.0)
+        k_ok = offs_k < K
+        valid = row_ok[:, None] & k_ok[None, :]
+        xhat = tl.where(valid, (x - mu[:, None]) * rstd[:, None], 0.0)
+        xn = xhat
+        if HAS_GIN:
+            xn = xn * tl.load(gin_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIN:
+            xn = tl.where(valid, xn + tl.load(bin_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :], 0.0)
+    else:
+        xhat = x
+        xn = x
+    return xn, xhat
+
+
+@triton.jit
+def _dw_kernel(
+    x_ptr, dy_ptr, stats_ptr, gin_ptr, bin_ptr, ws_ptr,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr,
+    IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr,
+):
+    """ws[s, n, k] = sum over split s's rows m of dy[m, n] * in_norm(patch m)[k].
+
+    Grid: (cdiv(D, BLOCK_N) * cdiv(K, BLOCK_K), SPLIT). dy rows at
+    dy_ptr + b * sdb + (P + l) * sdt (grad_out's patch rows or a (M, D) buffer).
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    offs_n = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < D
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    mb0 = pid_s * blocks_per_split
+    mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+        )
+        dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
+        dyt = tl.load(
+            _hint(dy_rows[None, :], offs_n[:, None] * sdd, DVEC, 1),
+            mask=_mask2(n_ok, row_ok, DVEC, 1),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_M) = dy.T
+        xn, xhat = _norm_patch_tile(
+            x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+            K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+            IN_NORM, HAS_GIN, HAS_BIN,
+        )
+        acc = tl.dot(dyt, xn.to(dyt.dtype), acc, input_precision=PREC)
+    ws = ws_ptr + _idx(pid_s, IDX64) * D * K
+    tl.store(
+        ws + offs_n[:, None] * K + offs_k[None, :],
+        acc,
+        mask=n_ok[:, None] & (offs_k < K)[None, :],
+    )
+
+
+@triton.jit
+def _dxn_kernel(
+    x_ptr, dy_ptr, w_ptr, stats_ptr, dg_part, db_part,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dxn = dy @ W for a (BLOCK_M, BLOCK_K) tile; column partial sums over the
+    tile's rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias).
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),), the K tile fastest.
+    """
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_k
+    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+    )
+    dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        dy_ptrs = _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC)
+        dy = tl.load(dy_ptrs, mask=_mask2(row_ok, n_ok, 1, DVEC), other=0.0)
+        w = tl.load(
+            _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
+            mask=_mask2(n_ok, k_ok, 1, WVEC),
+            other=0.0,
+        )
+        acc = tl.dot(dy, w, acc, input_precision=PREC)
+    xn, xhat = _norm_patch_tile(
+        x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+        K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+        True, False, False,
+    )
+    tl.store(dg_part + pid_m * K + offs_k, tl.sum(acc * xhat, axis=0), mask=k_ok)
+    tl.store(db_part + pid_m * K + offs_k, tl.sum(acc, axis=0), mask=k_ok)

@@ -1,0 +1,276 @@
+"""Forward kernels of ``patch_embed`` (launchers: ``patch_embed.py``) and the
+patch-gathering helpers the backward kernels share.
+
+* ``_patch_embed_fwd_kernel``: tokens = out_norm(in_norm(patches) @ W.T + bias)
+  (+ pos, cls) for a tile of rows, the patches gathered from the image inside the
+  loads; also the backward's recompute of the pre-norm tokens.
+* ``_prep_kernel``: the input norm folded into the weight (W * g, its row sums and
+  in_bias @ W.T + bias), in the kernel's patch order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vitkernels.triton._common import hint as _hint
+from vitkernels.triton._common import mask2 as _mask2
+
+
+@triton.jit
+def _idx(i, IDX64: tl.constexpr):
+    """An index in the integer width the launcher asked for (int64 for huge tensors)."""
+    if IDX64:
+        return i.to(tl.int64)
+    return i
+
+
+@triton.jit
+def _patch_rows(
+    pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
+):
+    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    b = offs_m // L
+    l = offs_m % L
+    ih0 = (l // Wout) * SH - PH
+    iw0 = (l % Wout) * SW - PW
+    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
+    return offs_m, row_ok, b, l, ih0, iw0, row_base
+
+
+@triton.jit
+def _patch_tile(
+    x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_K) tile of unfold(images): zero outside the image (padding)."""
+    if PQC:  # k = (p * KW + q) * C + c
+        c = offs_k % C
+        pq = offs_k // C
+    else:  # k = c * KH * KW + p * KW + q
+        c = offs_k // KHW
+        pq = offs_k % KHW
+    p = pq // KW
+    q = pq % KW
+    col = c * sxc + p * sxh + q * sxw
+    ptrs = _hint(x_ptr, row_base[:, None] + col[None, :], 1, VEC)
+    if MASK_HW:
+        ih = ih0[:, None] + p[None, :]
+        iw = iw0[:, None] + q[None, :]
+        mask = row_ok[:, None] & (offs_k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if VEC > 1:
+            mask = tl.max_constancy(mask, [1, VEC])
+        return tl.load(ptrs, mask=mask, other=0.0)
+    elif EVEN_M and EVEN_K:
+        return tl.load(ptrs)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=_mask2(row_ok, offs_k < K, 1, VEC), other=0.0)
+
+
+@triton.jit
+def _gemm_rows(
+    x_ptr, w_ptr, row_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
+    sxc, sxh, sxw, swn, swk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM also the
+    rows' sum and sum of squares over K (float32)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = _patch_tile(
+            x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
+            PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+        )
+        w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
+        if EVEN_K and EVEN_N:
+            b = tl.load(w_ptrs)
+        elif EVEN_K:
+            b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            b = tl.load(w_ptrs, mask=_mask2(offs_k < K, n_ok, WVEC, 1), other=0.0)
+        if IN_NORM:
+            af = a.to(tl.float32)
+            s1 += tl.sum(af, axis=1)
+            s2 += tl.sum(af * af, axis=1)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc, s1, s2
+
+
+@triton.jit
+def _in_norm_stats(s1, s2, K, in_eps):
+    mu = s1 / K
+    var = tl.maximum(s2 / K - mu * mu, 0.0)
+    return mu, 1.0 / tl.sqrt(var + in_eps)
+
+
+@triton.jit
+def _chan_update(mean, m2, y, n_ok, n0):
+    """Merge one column tile's (mean, M2) into the running ones (Chan et al.)."""
+    nb = tl.sum(n_ok.to(tl.float32), axis=0)  # columns in this tile
+    na = n0 * 1.0  # columns merged before it
+    t_mean = tl.sum(tl.where(n_ok[None, :], y, 0.0), axis=1) / nb
+    dev = tl.where(n_ok[None, :], y - t_mean[:, None], 0.0)
+    t_m2 = tl.sum(dev * dev, axis=1)
+    delta = t_mean - mean
+    tot = na + nb
+    return mean + delta * (nb / tot), m2 + t_m2 + delta * delta * (na * nb / tot)
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    x_ptr, w_ptr, colsum_ptr, shift_ptr, ow_ptr, ob_ptr, pos_ptr, cls_ptr, out_ptr, stats_ptr,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, swn, swk, spt, spd, scp, scd, sob, sot, sod,
+    in_eps, out_eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
+    OVEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, OUT_NORM: tl.constexpr,
+    HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
+    HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(D, BLOCK_N),) with the column tile fastest
+    (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM.
+    """
+    pid = tl.program_id(0)
+    if OUT_NORM:
+        pid_m = pid
+        n_start = 0
+        n_end = D
+    else:
+        num_n = tl.cdiv(D, BLOCK_N)
+        pid_m = pid // num_n
+        n_start = (pid % num_n) * BLOCK_N
+        n_end = n_start + BLOCK_N
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+    )
+    x_base = row_base
+    out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
+    if POS_ALL:
+        pos_rows = pos_ptr + (P + l) * spt
+    else:
+        pos_rows = pos_ptr + l * spt
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mu = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        acc, s1, s2 = _gemm_rows(
+            x_ptr, w_ptr, x_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
+            sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
+            EVEN_K, VEC, WVEC, IN_NORM, PREC,
+        )
+        y = acc
+        if IN_NORM:
+            mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
+            colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
+            y = rstd[:, None] * (y - mu[:, None] * colsum[None, :])
+        if HAS_SHIFT:
+            y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        mask = _mask2(row_ok, n_ok, 1, OVEC)
+        if OUT_NORM:
+            # the statistics of the tokens as stored (rounded to the output dtype), which
+            # the second pass normalises: as eager's LayerNorm sees its Linear's output
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+            mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+        elif HAS_POS:
+            pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
+            y += pos.to(tl.float32)
+        out_ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT_NORM:
+        # second pass over the row block: normalise what this program wrote
+        tl.debug_barrier()
+        rstd_o = 1.0 / tl.sqrt(m2 / D + out_eps)
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            mask = _mask2(row_ok, n_ok, 1, OVEC)
+            ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
+            y = (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd_o[:, None]
+            if HAS_OW:
+                y *= tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_OB:
+                y += tl.load(ob_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_POS:
+                pos_ptrs = _hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC)
+                y += tl.load(pos_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_CLS:
+        # the program holding an image's first patch writes its prefix tokens too
+        first = row_ok & (l == 0)
+        out_img = out_ptr + _idx(b, IDX64) * sob
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            mask = first[:, None] & n_ok[None, :]
+            for p in range(0, P):
+                tok = tl.load(cls_ptr + p * scp + offs_n * scd, mask=n_ok, other=0.0).to(tl.float32)
+                if POS_ALL:
+                    tok += tl.load(pos_ptr + p * spt + offs_n * spd, mask=n_ok, other=0.0).to(tl.float32)
+                val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + tok[None, :]
+                tl.store(
+                    out_img[:, None] + p * sot + offs_n[None, :] * sod,
+                    val.to(out_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+    if WRITE_STATS:
+        tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
+        tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
+
+
+@triton.jit
+def _prep_kernel(
+    w_ptr, g_ptr, b_ptr, bias_ptr, wk_ptr, colsum_ptr, shift_ptr,
+    D, K, C, KHW, swn, swk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SRC_PQC: tl.constexpr, DST_PQC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """The input norm folded into the weight, in the kernel's patch order (one launch):
+    wk[n, k] = W[n, src(k)] * g[src(k)] (rounded to W's dtype), colsum[n] = sum_k wk[n, k],
+    shift[n] = sum_k W[n, k] * in_bias[k] + bias[n] (float32). src(k): the column of
+    kernel-order k in the caller's order. Grid: (cdiv(D, BLOCK_N),)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if SRC_PQC == DST_PQC:
+            src = offs_k
+        elif DST_PQC:  # kernel (p, q, c) <- caller (c, p, q)
+            src = (offs_k % C) * KHW + offs_k // C
+        else:  # kernel (c, p, q) <- caller (p, q, c)
+            src = (offs_k % KHW) * C + offs_k // KHW
+        mask = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * swn + src[None, :] * swk, mask=mask, other=0.0)
+        wg = w
+        if HAS_G:
+            gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+            wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
+        tl.store(wk_ptr + offs_n[:, None] * K + offs_k[None, :], wg, mask=mask)
+        colsum += tl.sum(wg.to(tl.float32), axis=1)
+        if HAS_B:
+            bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+            shift += tl.sum(w.to(tl.float32) * bk[None, :], axis=1)
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(colsum_ptr + offs_n, colsum, mask=n_ok)
+    tl.store(shift_ptr + offs_n, shift, mask=n_ok)

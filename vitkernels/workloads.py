@@ -1,0 +1,194 @@
+"""The reference workloads and their floors (bench/WORKLOADS.md explains them).
+
+One definition serves the benchmarks (bench/roofline.py), the compiler-based
+estimate (``python -m vitkernels estimate``) and the ahead-of-time compiles of
+the Triton kernels (vitkernels/triton/_aot.py). Shapes are per workload; the
+batch (256) and dtype (bfloat16) are the defaults of every benchmark.
+
+Floor of one pass = max(bytes / BANDWIDTH, flops / MATMUL), counting each input
+read once and each output written once, on the H200 that is lent for
+measurements: 4.3 TB/s device-to-device copy (bytes read + written) and
+788 TFLOP/s dense bfloat16 matrix product, both measured on it.
+
+    forward   relpos: q, k, v, table read, out written; 2*B*H*Nq*Nk*(Dk+Dv) flops
+              performer: q, k, v, w read, y written; 8*B*T*E*M flops
+              patch_embed: images, weight, bias, norms, pos, cls read, tokens
+              written; 2*M*D*K flops (M = B*L rows of patches, K = C*kh*kw)
+    backward  relpos: q, k, v, dO, O, the row logsumexp (float32) and the table
+              read, dq, dk, dv, dtable written; twice the forward flops (dS and
+              dP products for dq, dk; P^T dO, dO V^T)
+              performer: q, k, v, dy, w and the saved key statistics (float32
+              lks (B, M), vbar (B, M, E)) read, dq, dk, dv written; twice the
+              forward flops
+              patch_embed: grad_out, images and weight read (norm weights too),
+              each parameter's gradient written; dW = dy^T @ patches (2*M*D*K)
+              and, with an input norm that has an affine, dy @ W (2*M*D*K more)
+    fwd+bwd   the sum of both
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+BANDWIDTH_BYTES_PER_S = 4.3e12  # H200, measured: device-to-device copy
+MATMUL_FLOPS_PER_S = 788e12  # H200, measured: dense bf16 matrix product
+BATCH = 256
+BF16_BYTES = 2
+F32_BYTES = 4
+
+Pass = Literal["fwd", "bwd", "fwd+bwd"]
+PASSES: tuple[Pass, ...] = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RelposShape:
+    heads: int
+    side: int  # the key grid is side x side
+    q_stride: int
+    dk: int
+    dv: int
+
+    @property
+    def nk(self) -> int:
+        return self.side * self.side
+
+    @property
+    def nq(self) -> int:
+        return (-(-self.side // self.q_stride)) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformerShape:
+    tokens: int
+    dim: int  # E
+    features: int  # M
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchEmbedShape:
+    channels: int
+    image: int  # square images
+    kernel: int
+    stride: int
+    padding: int
+    dim: int  # D
+    patch_order: str  # "cpq" (Conv2d, nn.Unfold) or "pqc" (vit-pytorch's Rearrange)
+    in_norm: bool
+    out_norm: bool
+    pos_rows: int  # 0: no positions; L or P + L rows
+    prefix: int  # class tokens
+    # "nchw": contiguous images; "channels_last"; "tokens": a view of (B, N, C) tokens
+    # as (B, C, side, side), as T2T's later soft splits take them
+    layout: str = "nchw"
+
+    @property
+    def side_out(self) -> int:
+        return (self.image + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def tokens(self) -> int:  # L
+        return self.side_out**2
+
+    @property
+    def k(self) -> int:  # K
+        return self.channels * self.kernel * self.kernel
+
+
+Shape = RelposShape | PerformerShape | PatchEmbedShape
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    id: str
+    op: str  # "relpos_attention", "performer_attention", "patch_embed"
+    title: str
+    shape: Shape
+    batch: int = BATCH
+
+    def flops(self, which: Pass) -> float:
+        if which == "fwd+bwd":
+            return self.flops("fwd") + self.flops("bwd")
+        s, B = self.shape, self.batch
+        if isinstance(s, RelposShape):
+            fwd = 2.0 * B * s.heads * s.nq * s.nk * (s.dk + s.dv)
+            return fwd if which == "fwd" else 2 * fwd
+        if isinstance(s, PerformerShape):
+            fwd = 8.0 * B * s.tokens * s.dim * s.features
+            return fwd if which == "fwd" else 2 * fwd
+        gemm = 2.0 * B * s.tokens * s.dim * s.k
+        return gemm if which == "fwd" else gemm * (2 if s.in_norm else 1)
+
+    def bytes(self, which: Pass) -> float:
+        if which == "fwd+bwd":
+            return self.bytes("fwd") + self.bytes("bwd")
+        s, B, e = self.shape, self.batch, BF16_BYTES
+        if isinstance(s, RelposShape):
+            q, k = B * s.heads * s.nq * s.dk * e, B * s.heads * s.nk * s.dk * e
+            v, o = B * s.heads * s.nk * s.dv * e, B * s.heads * s.nq * s.dv * e
+            table = s.heads * s.nk * e
+            if which == "fwd":
+                return q + k + v + table + o
+            lse = B * s.heads * s.nq * F32_BYTES
+            return (q + k + v + 2 * o + lse + table) + (q + k + v + table)
+        if isinstance(s, PerformerShape):
+            act = B * s.tokens * s.dim * e
+            w = s.features * s.dim * F32_BYTES  # the model's float32 random features
+            if which == "fwd":
+                return 4 * act + w
+            stats = B * s.features * (1 + s.dim) * F32_BYTES  # lks (B, M), vbar (B, M, E)
+            return (4 * act + w + stats) + 3 * act
+        images = B * s.channels * s.image * s.image * e
+        weight = s.dim * s.k * e
+        params = weight + s.dim * e  # weight, bias
+        params += 2 * s.k * e if s.in_norm else 0
+        params += 2 * s.dim * e if s.out_norm else 0
+        params += (s.pos_rows + s.prefix) * s.dim * e
+        tokens = B * (s.prefix + s.tokens) * s.dim * e
+        if which == "fwd":
+            return images + params + tokens
+        return (tokens + images + params) + params  # grad_out, images, params read; grads written
+
+    def floor_s(self, which: Pass) -> float:
+        return max(self.bytes(which) / BANDWIDTH_BYTES_PER_S, self.flops(which) / MATMUL_FLOPS_PER_S)
+
+    def bound(self, which: Pass) -> str:
+        mem = self.bytes(which) / BANDWIDTH_BYTES_PER_S
+        return "memory" if mem >= self.flops(which) / MATMUL_FLOPS_PER_S else "math"
+
+
+_P1 = PatchEmbedShape(3, 224, 16, 16, 0, 768, "cpq", False, False, 197, 1)
+WORKLOADS: dict[str, Workload] = {
+    w.id: w
+    for w in (
+        Workload("P1", "patch_embed", "ViT-B/16 at 224 (+cls, +pos)", _P1),
+        Workload("P2", "patch_embed", "vit-pytorch dual patchnorm (LN in, LN out), ViT-B/16",
+                 dataclasses.replace(_P1, patch_order="pqc", in_norm=True, out_norm=True)),
+        Workload("P3", "patch_embed", "T2T soft split 7/4/2 + LN(147) + kqv Linear(147->192)",
+                 PatchEmbedShape(3, 224, 7, 4, 2, 192, "cpq", True, False, 0, 0)),
+        Workload("A1", "relpos_attention", "LeViT-256 stage 1", RelposShape(4, 14, 1, 32, 64)),
+        Workload("A2", "relpos_attention", "LeViT-256 stage 2", RelposShape(6, 7, 1, 32, 64)),
+        Workload("A3", "relpos_attention", "LeViT-256 stage 3", RelposShape(8, 4, 1, 32, 64)),
+        Workload("A4", "relpos_attention", "LeViT-256 shrink 14->7 (q_stride 2)",
+                 RelposShape(8, 14, 2, 32, 128)),
+        Workload("A5", "relpos_attention", "LeViT-128S stage 1", RelposShape(4, 14, 1, 16, 32)),
+        Workload("T1", "performer_attention", "T2T-ViT-14 layer 1", PerformerShape(3136, 64, 32)),
+        Workload("T2", "performer_attention", "T2T-ViT-14 layer 2", PerformerShape(784, 64, 32)),
+    )
+}  # fmt: skip
+
+# Other layer shapes the models launch, compiled ahead of time besides the workloads
+# (heads do not change a launch's specialisation): every attention layer of timm's
+# LeViT-128S/128/192/256/384, and T2T-ViT-14's later soft splits (3/2/1 on 64-channel
+# token maps; the first with attention2's norm1 + kqv, the second with the project
+# layer, class token and positions).
+EXTRA_SHAPES: dict[str, Shape] = {
+    "L128s-shrink14": RelposShape(8, 14, 2, 16, 64),
+    "L128s-7": RelposShape(6, 7, 1, 16, 32),
+    "L128s-shrink7": RelposShape(16, 7, 2, 16, 64),
+    "L128s-4": RelposShape(8, 4, 1, 16, 32),
+    "L256-shrink7": RelposShape(12, 7, 2, 32, 128),
+    "L-shrink14-dv64": RelposShape(8, 14, 2, 32, 64),  # A4 before it took Dv 128
+    "T2T-2": PatchEmbedShape(64, 56, 3, 2, 1, 192, "cpq", True, False, 0, 0, "tokens"),
+    "T2T-3": PatchEmbedShape(64, 28, 3, 2, 1, 384, "cpq", False, False, 197, 1, "tokens"),
+}
