@@ -162,9 +162,7 @@ def implementation(wid: str, impl: str, module: nn.Module, q, k, v):
         return torch.compile(module, mode=COMPILE_MODE)
     kw = module.kernel_args()
     if impl == "triton":
-        inputs = dict(q=q, k=k, v=v, scale=module.scale, pre=kw.get("pre"), post=kw.get("post"),
-                      head_norm=kw.get("head_norm"), dropout_p=0.0, dropout_site="probs")  # fmt: skip
-        reasons = ops.TritonBackend().not_supported_reasons(**inputs)
+        reasons = ops.TritonBackend().not_supported_reasons(ops._inputs(q, k, v, scale=module.scale, **kw))
         if reasons:
             return "triton backend: " + "; ".join(reasons)
     return lambda q, k, v: vitkernels.head_mixing_attention(q, k, v, scale=module.scale, **kw, backend=impl)

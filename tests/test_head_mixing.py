@@ -455,8 +455,7 @@ def test_dropout_everything_at_the_mixed_site_gives_zeros():
 def test_dropout_goes_to_torch_and_forced_triton_says_why():
     q, k, v = make((1, 3, 5, 6, 16, 16))
     params = make_params(3, "re-attention")
-    inputs = dict(q=q, k=k, v=v, scale=0.25, **{"pre": None, **params}, dropout_p=0.1, dropout_site="probs")
-    reasons = ops.TritonBackend().not_supported_reasons(**inputs)
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, params, dropout_p=0.1))
     assert any("dropout_p=0.1" in r and "no attention dropout" in r for r in reasons), reasons
     with pytest.raises(BackendNotSupportedError, match=r"backend 'triton' cannot run.*dropout_p=0.1"):
         vitkernels.head_mixing_attention(q, k, v, **params, dropout_p=0.1, backend="triton")
@@ -536,15 +535,18 @@ def test_torch_export(poisoned):
 
 
 def _inputs(q, k, v, params, dropout_p=0.0):
-    return dict(q=q, k=k, v=v, scale=0.25, pre=params.get("pre"), post=params.get("post"),
-                head_norm=params.get("head_norm"), dropout_p=dropout_p, dropout_site="probs")  # fmt: skip
+    return ops._inputs(q, k, v, scale=0.25, **params, dropout_p=dropout_p)
 
 
 def test_cpu_tensors_go_to_torch_automatically():
     q, k, v = make((1, 3, 5, 6, 16, 16))
     params = make_params(3, "all")
-    chosen = select("head_mixing_attention", ops.BACKENDS, None, **_inputs(q, k, v, params))
-    assert chosen.name == "torch"
+    assert select(ops.BACKENDS, _inputs(q, k, v, params)).name == "torch"
+    chosen, verdicts = ops.which_backend(q, k, v, **params)
+    assert chosen == "torch"
+    assert dict(verdicts)["triton"] == ["not chosen automatically for CPU tensors (force it to use it)"]
+    chosen, verdicts = ops.which_backend(q, k, v, **params, backend="triton")
+    assert chosen == "triton" and dict(verdicts)["triton"] == []
 
 
 def test_use_backend_and_environment_force_the_backend(monkeypatch, poisoned):
@@ -570,16 +572,16 @@ def test_forced_triton_refuses_float64():
 
 def test_triton_limits_are_reasons():
     q, k, v = make((1, 12, 2, 2, 33, 33))  # DeepViT-S's heads
-    reasons = ops.TritonBackend().not_supported_reasons(**_inputs(q, k, v, {}))
-    assert any("H=12 heads is above the kernels' limit of 4" in r for r in reasons), reasons
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
+    assert any("H=12 is above the kernels' limit of 4" in r for r in reasons), reasons
     assert any("q (shape (1, 12, 2, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
     q, k, v = make((1, 2, 2, 2, 128, 16))
-    reasons = ops.TritonBackend().not_supported_reasons(**_inputs(q, k, v, {}))
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
     assert any("Dk=128 is above the kernels' limit of 64" in r for r in reasons), reasons
     q, k, v = make((1, 2, 2, 2, 16, 16))
     params = make_params(2, "all", torch.float64)
-    reasons = ops.TritonBackend().not_supported_reasons(**_inputs(q, k, v, params))
-    assert any("pre weight has dtype float64" in r for r in reasons), reasons
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, params))
+    assert any("pre weight, pre bias, post weight" in r and "have dtype float64" in r for r in reasons), reasons
 
 
 def test_misaligned_views_are_refused_with_the_reason():

@@ -98,17 +98,15 @@ def test_forward_and_gradients_match_float64(case, dtype):
 
 def test_cuda_tensors_go_to_triton_automatically():
     q, k, v, params = make(CASES["CaiT-XXS patch"], torch.bfloat16)
-    inputs = dict(q=q, k=k, v=v, scale=0.25, pre=params["pre"], post=params["post"], head_norm=None,
-                  dropout_p=0.0, dropout_site="probs")  # fmt: skip
-    assert select("head_mixing_attention", ops.BACKENDS, None, **inputs).name == "triton"
-    inputs["dropout_p"] = 0.1  # training with attention dropout: the torch backend
-    assert select("head_mixing_attention", ops.BACKENDS, None, **inputs).name == "torch"
+    mix = dict(scale=0.25, pre=params["pre"], post=params["post"])
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **mix)).name == "triton"
+    # training with attention dropout: the torch backend
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **mix, dropout_p=0.1)).name == "torch"
 
 
 def test_deepvit_heads_go_to_torch_with_the_reason():
     q, k, v = (torch.randn(2, 12, 197, 33, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    inputs = dict(q=q, k=k, v=v, scale=0.25, pre=None, post=None, head_norm=None, dropout_p=0.0,
-                  dropout_site="probs")  # fmt: skip
-    assert select("head_mixing_attention", ops.BACKENDS, None, **inputs).name == "torch"
-    reasons = ops.TritonBackend().not_supported_reasons(**inputs)
-    assert any("H=12 heads" in r for r in reasons), reasons
+    inputs = ops._inputs(q, k, v, scale=0.25)
+    assert select(ops.BACKENDS, inputs).name == "torch"
+    reasons = ops.TritonBackend().not_supported_reasons(inputs)
+    assert any("H=12 is above the kernels' limit of 4" in r for r in reasons), reasons

@@ -59,21 +59,27 @@ import torch
 from vitkernels.backends import reference as _reference
 from vitkernels.backends import torch_ops as _torch_ops
 from vitkernels.ops._dispatch import (
+    FLOAT_DTYPES,
+    KERNEL_DTYPES,
     Backend,
-    dtype_reasons,
-    kernel_device_reasons,
+    Inputs,
+    explain,
     select,
     triton_import_error,
 )
 
-__all__ = ["BACKENDS", "DROPOUT_SITES", "head_mixing_attention"]
+__all__ = ["BACKENDS", "DROPOUT_SITES", "MAX_HEADS", "MAX_HEAD_DIM", "head_mixing_attention", "which_backend"]
 
 Mix = tuple[torch.Tensor, torch.Tensor | None]
 Norm = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DROPOUT_SITES = ("probs", "mixed")
+
+# The Triton kernels keep a query block's tiles of every head, the mixing weights and
+# the gradient accumulators in registers; beyond these sizes they spill
+# (tests/test_compile_budget.py checks the launches) and the torch backend runs.
+MAX_HEADS = 4
+MAX_HEAD_DIM = 64
 
 
 # ----------------------------------------------------------------------------
@@ -195,7 +201,8 @@ def _unpack(pre: Mix | None, post: Mix | None, head_norm: Norm | None) -> tuple:
 
 
 # ----------------------------------------------------------------------------
-# backends
+# backends: capabilities as data (checked by Backend.not_supported_reasons), and the
+# kernels' own envelope (tk.supports) and dropout
 
 
 def _params(pre: Mix | None, post: Mix | None, head_norm: Norm | None) -> dict[str, torch.Tensor | None]:
@@ -208,51 +215,51 @@ def _params(pre: Mix | None, post: Mix | None, head_norm: Norm | None) -> dict[s
 
 class TritonBackend(Backend):
     name = "triton"
-    gpu_kernel = True
+    devices = ("cuda",)
+    interpreter = True
+    auto_on_cpu = False
+    dtypes = KERNEL_DTYPES
+    min_compute_capability = (8, 0)
+    max_sizes = {"H": MAX_HEADS, "Dk": MAX_HEAD_DIM, "Dv": MAX_HEAD_DIM}
+    requirements = (triton_import_error,)
 
-    def not_supported_reasons(self, *, q, k, v, pre, post, head_norm, dropout_p, **_) -> list[str]:
-        err = triton_import_error()
-        if err is not None:
-            return [err]
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        if triton_import_error() is not None:
+            return reasons
         from vitkernels.triton import head_mixing as tk
 
-        params = _params(pre, post, head_norm)
-        reasons = kernel_device_reasons([q, k, v, *params.values()], allow_interpret=True)
-        reasons += dtype_reasons({"q": q, "k": k, "v": v, **params}, _KERNEL_DTYPES)
-        reasons += tk.supports(q, k, v)
-        if dropout_p > 0:
+        kw = inputs.kwargs
+        reasons += tk.supports(kw["q"], kw["k"], kw["v"])
+        if kw["dropout_p"] > 0:
             reasons.append(
-                f"dropout_p={dropout_p}: the kernels have no attention dropout (the torch "
+                f"dropout_p={kw['dropout_p']}: the kernels have no attention dropout (the torch "
                 "backend has; in eval, or with the attention dropout at 0, they apply)"
             )
         return reasons
 
-    def __call__(self, *, q, k, v, scale, pre, post, head_norm, **_) -> torch.Tensor:
-        pre_w, pre_b, post_w, post_b, norm_w, norm_b, eps = _unpack(pre, post, head_norm)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        kw = inputs.kwargs
+        pre_w, pre_b, post_w, post_b, norm_w, norm_b, eps = _unpack(kw["pre"], kw["post"], kw["head_norm"])
         return head_mixing_attention_fwd(
-            q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, scale, eps,
-            head_norm is not None, "triton",
+            kw["q"], kw["k"], kw["v"], pre_w, pre_b, post_w, post_b, norm_w, norm_b, kw["scale"], eps,
+            kw["head_norm"] is not None, "triton",
         )[0]  # fmt: skip
 
 
 class TorchBackend(Backend):
     name = "torch"
+    dtypes = FLOAT_DTYPES
 
-    def not_supported_reasons(self, *, q, k, v, pre, post, head_norm, **_) -> list[str]:
-        return dtype_reasons({"q": q, "k": k, "v": v, **_params(pre, post, head_norm)}, _FLOAT_DTYPES)
-
-    def __call__(self, **inputs) -> torch.Tensor:
-        return _torch_ops.head_mixing_attention(**inputs)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _torch_ops.head_mixing_attention(**inputs.kwargs)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, **_) -> list[str]:
-        return []
-
-    def __call__(self, **inputs) -> torch.Tensor:
-        return _reference.head_mixing_attention(**inputs)
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        return _reference.head_mixing_attention(**inputs.kwargs)
 
 
 BACKENDS: list[Backend] = [TritonBackend(), TorchBackend(), ReferenceBackend()]
@@ -396,6 +403,36 @@ def _validate(q, k, v, scale, pre, post, head_norm, dropout_p, dropout_site):
     return scale, pre, post, head_norm, dropout_p
 
 
+def _inputs(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: Any = None,
+    pre: Any = None,
+    post: Any = None,
+    head_norm: Any = None,
+    dropout_p: Any = 0.0,
+    dropout_site: Any = "probs",
+) -> Inputs:
+    """The validated call, as dispatch sees it."""
+    scale, pre, post, head_norm, dropout_p = _validate(
+        q, k, v, scale, pre, post, head_norm, dropout_p, dropout_site
+    )
+    params = _params(pre, post, head_norm)
+    Nq, Nk = q.shape[2], k.shape[2]
+    return Inputs(
+        "head_mixing_attention",
+        {"q": q, "k": k, "v": v, **params},
+        params=tuple(params),
+        sizes={"H": q.shape[1], "Nq": Nq, "Nk": Nk, "Dk": q.shape[3], "Dv": v.shape[3]},
+        kwargs=dict(
+            q=q, k=k, v=v, scale=scale, pre=pre, post=post, head_norm=head_norm,
+            dropout_p=dropout_p, dropout_site=dropout_site,
+        ),
+    )  # fmt: skip
+
+
 def head_mixing_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -429,11 +466,16 @@ def head_mixing_attention(
     Returns:
         (B, H, Nq, Dv) in q's dtype.
     """
-    scale, pre, post, head_norm, dropout_p = _validate(
-        q, k, v, scale, pre, post, head_norm, dropout_p, dropout_site
-    )
-    inputs = dict(
-        q=q, k=k, v=v, scale=scale, pre=pre, post=post, head_norm=head_norm,
-        dropout_p=dropout_p, dropout_site=dropout_site,
+    inputs = _inputs(
+        q, k, v, scale=scale, pre=pre, post=post, head_norm=head_norm, dropout_p=dropout_p,
+        dropout_site=dropout_site,
     )  # fmt: skip
-    return select("head_mixing_attention", BACKENDS, backend, **inputs)(**inputs)
+    return select(BACKENDS, inputs, backend).run(inputs)
+
+
+def which_backend(
+    *args: Any, backend: str | None = None, **kwargs: Any
+) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """For the arguments of ``head_mixing_attention``: the backend it would run (None:
+    none can) and each backend's reasons to refuse (empty for one that can). Runs nothing."""
+    return explain(BACKENDS, _inputs(*args, **kwargs), backend)

@@ -51,13 +51,15 @@ folds to a register move. Parameter gradients are written as one row of
 per-program partial sums each (no atomics) and summed by the launcher in a fixed
 order, so they are deterministic.
 
-Envelope (``supports``): H <= 4, Dk and Dv <= 64 and 16-byte aligned rows. A query
-block's tiles of every head, the mixing weights and the gradient accumulators
-live in registers; beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's
-8 heads of 48): the torch backend runs those. The loads are vectorised through
-pointer hints the launcher justifies (``_vector_width``), not through Triton's
-specialisation of integer arguments, so the ahead-of-time compiles below are the
-kernels that run.
+Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
+``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
+every head, the mixing weights and the gradient accumulators live in registers;
+beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
+torch backend runs those. The loads are vectorised through pointer hints
+(``_common.hint``) the launcher justifies (``_vector_width``), not through
+Triton's specialisation of integer arguments. Every launch goes through
+``_common.launch``, so the ahead-of-time compiles (``record_calls``, ``_aot.py``)
+and the estimate see the launches that run.
 
 Launcher contract (``head_mixing_attention_fwd`` / ``_bwd`` below):
 
@@ -84,18 +86,16 @@ are 16 x 16 on 8 warps: warps repeat each other's work); no autotuning.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._aot import AotSpec
+from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, hint, launch
+from vitkernels.workloads import HeadMixingShape
 
-__all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "supports"]
+__all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "record_calls", "supports"]
 
 _LOG2E = 1.4426950408889634
 
@@ -108,18 +108,6 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _ptrs(base, offs, V0: tl.constexpr, V1: tl.constexpr):
-    """base + offs, a 2-d pointer tile whose runs of V0 (dim 0) / V1 (dim 1) elements
-    are contiguous and 16-byte aligned (the launcher checked: ``_vec``), so that the
-    loads vectorise whatever Triton knows of the integer arguments."""
-    ptrs = base + offs
-    if V0 > 1 or V1 > 1:
-        esz: tl.constexpr = ptrs.dtype.element_ty.primitive_bitwidth // 8
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [V0 * esz, V1 * esz]), [V0, V1])
-    return ptrs
-
-
-@triton.jit
 def _dots(
     X, x_offs, x_mask, sxh, VX0: tl.constexpr, VX1: tl.constexpr,
     Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr,
@@ -128,12 +116,12 @@ def _dots(
     """(R, C, n): slot i = X_h @ Y_h, X_h the (R, K) tile at X + h*sxh + x_offs and
     Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1)."""
     if n == 2:
-        x = tl.load(_ptrs(X + h0 * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
-        y = tl.load(_ptrs(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+        x = tl.load(hint(X + h0 * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+        y = tl.load(hint(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
         a = tl.dot(x, y, input_precision="tf32x3")
         if h0 + step < H:
-            x = tl.load(_ptrs(X + (h0 + step) * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
-            y = tl.load(_ptrs(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+            x = tl.load(hint(X + (h0 + step) * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+            y = tl.load(hint(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
             b = tl.dot(x, y, input_precision="tf32x3")
         else:
             b = tl.zeros_like(a)
@@ -156,10 +144,10 @@ def _dots_acc(
     if n == 2:
         xa, xb = tl.split(x3)
         aa, ab = tl.split(acc3)
-        y = tl.load(_ptrs(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+        y = tl.load(hint(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
         aa = tl.dot(xa.to(y.dtype), y, aa, input_precision="tf32x3")
         if h0 + step < H:
-            y = tl.load(_ptrs(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+            y = tl.load(hint(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
             ab = tl.dot(xb.to(y.dtype), y, ab, input_precision="tf32x3")
         return tl.join(aa, ab)
     else:
@@ -658,11 +646,9 @@ def _bwd_dkdv_kernel(
 
 # ----------------------------------------------------------------------------
 # configs: small deterministic heuristics of the shape, checked by the ahead-of-time
-# compiles (AOT_SPECS) to fit the registers on sm_80 and sm_90a. The envelope they
-# cover: H <= 4, Dk and Dv <= 64, rows 16-byte aligned (``supports``).
-
-MAX_HEADS = 4
-MAX_HEAD_DIM = 64
+# compiles (tests/test_compile_budget.py) to fit the registers on sm_80 and sm_90a.
+# The envelope they cover (vitkernels.ops.head_mixing.MAX_HEADS, MAX_HEAD_DIM): H <= 4,
+# Dk and Dv <= 64; rows 16-byte aligned (``supports``) or not (element by element).
 
 
 def _pow2(n: int) -> int:
@@ -670,7 +656,7 @@ def _pow2(n: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Launch:
+class _Config:
     """One kernel launch: the constexprs and launch options the heuristics chose."""
 
     kernel: object
@@ -686,12 +672,12 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
     )  # fmt: skip
 
 
-def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Launch:
+def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Config:
     c = _common(heads, dk, dv, flags)
     if nq > 16:  # 64 query rows on one warpgroup (wgmma on sm_90a)
-        return _Launch(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), 4, 1)
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), 4, 1)
     # a few query rows (CaiT's class attention: 1)
-    return _Launch(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
+    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
 
 
 def _groups(heads: int, hp: int, gp: int) -> list[dict]:
@@ -722,9 +708,9 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tup
     # registers for the whole loop
     cols = dict(**c, BLOCK_M=16, BLOCK_N=16)
     return (
-        _Launch(_bwd_delta_kernel, delta, 4, 1),
-        [_Launch(_bwd_dq_kernel, cx, warps, 1) for cx, warps in dq],
-        [_Launch(_bwd_dkdv_kernel, dict(**cols, **g), 8, 1) for g in _groups(heads, hp, 2)],
+        _Config(_bwd_delta_kernel, delta, 4, 1),
+        [_Config(_bwd_dq_kernel, cx, warps, 1) for cx, warps in dq],
+        [_Config(_bwd_dkdv_kernel, dict(**cols, **g), 8, 1) for g in _groups(heads, hp, 2)],
     )
 
 
@@ -751,19 +737,12 @@ def _offset_bytes(t: torch.Tensor) -> int:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Reasons the kernels do not take these inputs (empty: they do), from the
-    tensors' layout only, so that it also runs on the fake tensors of torch.compile
-    and torch.export."""
+    """Reasons beyond the size limits (``vitkernels.ops.head_mixing.MAX_HEADS`` and
+    ``MAX_HEAD_DIM``, which dispatch checks) that the kernels do not take these
+    inputs (empty: they do): rows that are not 16-byte aligned. From the tensors'
+    layout only, so that it also runs on the fake tensors of torch.compile and
+    torch.export."""
     reasons = []
-    H = q.shape[1]
-    if H > MAX_HEADS:
-        reasons.append(
-            f"H={H} heads is above the kernels' limit of {MAX_HEADS} (a query block's tiles of "
-            "every head, their mixing weights and gradients must fit a thread's registers)"
-        )
-    for name, d in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
-        if d > MAX_HEAD_DIM:
-            reasons.append(f"{name}={d} is above the kernels' limit of {MAX_HEAD_DIM}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if _vector_width(t, _offset_bytes(t)) == 1:
             n = 16 // t.element_size()
@@ -778,22 +757,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
 # ----------------------------------------------------------------------------
 # launchers
 
-# launches made inside ``_recording_launches()`` are recorded instead of run
-_recording: list[list[tuple]] = []
-
-
-def _launch(cfg: _Launch, grid: int, args: tuple, **constexprs) -> None:
-    if _recording:
-        _recording[-1].append((cfg, args, {**cfg.constexprs, **constexprs}))
-        return
-    cfg.kernel[(grid,)](
-        *args, **cfg.constexprs, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-    )
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel (tests poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_alloc = alloc  # every buffer the launchers write, outputs and partials (tests poison them)
 
 
 def _width(t: torch.Tensor | None) -> int:
@@ -827,6 +791,15 @@ def _param_args(q: torch.Tensor, pre_w, post_w, post_b, norm_w, norm_b) -> tuple
     return [pw, qw, pb, nw, nb], [*ps, *qs, pbs, nws, nbs]
 
 
+def _tag(q: torch.Tensor, k: torch.Tensor, params: tuple, flags: dict) -> str:
+    """The launch's name suffix: dtypes, shape, the stages present."""
+    B, H, NQ, DK = q.shape
+    pdt = next((SHORT[t.dtype] for t in params if t is not None), "-")
+    stages = "".join(c for c, on in (("A", flags["HAS_PRE"]), ("P", flags["HAS_POST"]),
+                                     ("c", flags["HAS_POST_B"]), ("n", flags["HAS_NORM"])) if on)  # fmt: skip
+    return f"{SHORT[q.dtype]},p{pdt},H{H},Nq{NQ},Nk{k.shape[2]},D{DK},{stages or 'plain'}"
+
+
 def head_mixing_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -847,14 +820,21 @@ def head_mixing_attention_fwd(
     lse = _alloc((B, H, NQ), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = _fwd_cfg(H, NQ, NK, DK, DV, _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm))
+    params = (pre_w, post_w, post_b, norm_w, norm_b)
+    flags = _flags(*params, has_norm)
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags)
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
-    ptrs, strides = _param_args(q, pre_w, post_w, post_b, norm_w, norm_b)
-    args = (
+    ptrs, strides = _param_args(q, *params)
+    args = [
         q, k, v, *ptrs, out, lse, *q.stride(), *k.stride(), *v.stride(), *strides,
         NQ, NK, num_qb, scale * _LOG2E, eps,
-    )  # fmt: skip
-    _launch(cfg, num_qb * B, args, **_vecs(q, k, v))
+    ]  # fmt: skip
+    launch(Launch(
+        f"head_mixing_fwd[{_tag(q, k, params, flags)}]", cfg.kernel, (num_qb * B,), args,
+        {**cfg.constexprs, **_vecs(q, k, v)}, cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, *params), writes=(out, lse),
+        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+    ))  # fmt: skip
     return out, lse
 
 
@@ -886,13 +866,15 @@ def head_mixing_attention_bwd(
         return dq, dk, dv, *(None if t is None else torch.zeros_like(t) for t in params)
     if _width(grad_out) == 1:  # the consumer's strides: read it aligned
         grad_out = grad_out.contiguous()
-    flags = _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm)
+    flags = _flags(*params, has_norm)
     delta_cfg, dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags)
     HP = delta_cfg.constexprs["HP"]
     ptrs, strides = _param_args(q, *params)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
     qk_scale = scale * _LOG2E
     vecs = _vecs(q, k, v, grad_out)
+    tag = _tag(q, k, params, flags)
+    reads = (q, k, v, grad_out, *params, lse)
 
     # delta, and per query block the partial sums of dP, dc, dw, dbeta (the columns of
     # absent parameters are never written or read)
@@ -900,26 +882,40 @@ def head_mixing_attention_bwd(
     delta = _alloc((B, H, NQ), torch.float32, dev)
     npart = HP * HP + 3 * HP
     part = _alloc((B * num_qb, npart), torch.float32, dev)
-    args = (
-        q, k, v, grad_out, *ptrs, lse, delta, part, *common, NQ, NK, num_qb, npart, qk_scale, eps,
-    )  # fmt: skip
-    _launch(delta_cfg, num_qb * B, args, **vecs)
-    # dq, and per query block the partial sums of dA
+    launch(Launch(
+        f"head_mixing_bwd_delta[{tag}]", delta_cfg.kernel, (num_qb * B,),
+        [q, k, v, grad_out, *ptrs, lse, delta, part, *common, NQ, NK, num_qb, npart, qk_scale, eps],
+        {**delta_cfg.constexprs, **vecs}, delta_cfg.num_warps, delta_cfg.num_stages,
+        reads=reads, writes=(delta, part),
+        loops={"start_n": triton.cdiv(NK, delta_cfg.constexprs["BLOCK_N"])},
+    ))  # fmt: skip
+    # dq of a head group per launch, or (a launch of its own) per query block the
+    # partial sums of dA
     num_qb = triton.cdiv(NQ, dq_cfgs[0].constexprs["BLOCK_M"])
     part_pre = _alloc((B * num_qb, HP * HP), torch.float32, dev)
     for cfg in dq_cfgs:
-        args = (
-            q, k, v, grad_out, *ptrs, lse, delta, dq, part_pre, *common,
-            NQ, NK, num_qb, HP * HP, qk_scale, scale, eps,
-        )  # fmt: skip
-        _launch(cfg, num_qb * B, args, **vecs)
+        c = cfg.constexprs
+        g0, gp = c["G0"], c["GP"]
+        what = "dA" if c["WITH_DA"] else f"dq,G{g0}"
+        launch(Launch(
+            f"head_mixing_bwd_dq[{tag},{what}]", cfg.kernel, (num_qb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dq, part_pre, *common,
+             NQ, NK, num_qb, HP * HP, qk_scale, scale, eps],
+            {**c, **vecs}, cfg.num_warps, cfg.num_stages,
+            reads=(*reads, delta), writes=(part_pre,) if c["WITH_DA"] else (dq[:, g0 : g0 + gp],),
+            loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
+        ))  # fmt: skip
     num_kb = triton.cdiv(NK, dkdv_cfgs[0].constexprs["BLOCK_N"])
     for cfg in dkdv_cfgs:
-        args = (
-            q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common,
-            NQ, NK, num_kb, qk_scale, scale, eps,
-        )  # fmt: skip
-        _launch(cfg, num_kb * B, args, **vecs)
+        c = cfg.constexprs
+        g0, gp = c["G0"], c["GP"]
+        launch(Launch(
+            f"head_mixing_bwd_dkdv[{tag},G{g0}]", cfg.kernel, (num_kb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, eps],
+            {**c, **vecs}, cfg.num_warps, cfg.num_stages,
+            reads=(*reads, delta), writes=(dk[:, g0 : g0 + gp], dv[:, g0 : g0 + gp]),
+            loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
+        ))  # fmt: skip
 
     # the parameters' gradients: per-program partial sums, added in a fixed order
     post_mat = part[:, : HP * HP].view(-1, HP, HP)
@@ -937,126 +933,62 @@ def head_mixing_attention_bwd(
 
 
 # ----------------------------------------------------------------------------
-# ahead-of-time specialisations: the launchers run on meta tensors laid out as the
-# models' layers hand them over, their launches recorded and specialised as Triton's
-# JIT does (16-byte aligned pointers, integers equal to 1 as constants; the vector
-# widths are constexprs the launchers set, so integer divisibility does not change
-# the loads)
+# the launches of one workload shape (ahead-of-time compiles, the estimate)
 
 
-@contextlib.contextmanager
-def _recording_launches() -> Iterator[list[tuple]]:
-    _recording.append([])
-    try:
-        yield _recording[-1]
-    finally:
-        _recording.pop()
+def refusal(shape: HeadMixingShape) -> str | None:
+    """Why the kernels do not take this workload shape (dispatch gives it to the torch
+    backend), or None."""
+    from vitkernels.ops.head_mixing import MAX_HEAD_DIM, MAX_HEADS
+
+    if shape.heads > MAX_HEADS:
+        return f"H={shape.heads} heads is above the kernels' limit of {MAX_HEADS}"
+    if shape.head_dim > MAX_HEAD_DIM:
+        return f"D={shape.head_dim} is above the kernels' limit of {MAX_HEAD_DIM}"
+    if shape.head_dim % 8:
+        return f"D={shape.head_dim}: 16-bit rows of {2 * shape.head_dim} bytes are not 16-byte aligned"
+    return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Workload:
-    heads: int
-    nq: int
-    nk: int
-    head_dim: int
-    layout: str  # "vit-pytorch": q and kv projections, mixing weights transposed; "timm": one qkv
-    pre: bool
-    post: bool
-    bias: bool  # mixing biases (timm's nn.Linear)
-    norm: bool  # DeepViT's LayerNorm over heads
+def record_calls(
+    shape: HeadMixingShape,
+    batch: int,
+    dtype: torch.dtype,
+    direction: str,
+    tensor: TensorFactory,
+    param_dtype: torch.dtype | None = None,
+) -> None:
+    """Call the launcher of one direction ("fwd" or "bwd") as the models' layers call
+    the op (``shape.layout``), inputs made by ``tensor``; the mixing and norm
+    parameters in ``param_dtype`` (default: dtype; float32 under autocast)."""
+    why = refusal(shape)
+    if why is not None:
+        raise ValueError(f"head_mixing: the kernels do not take {shape}: {why}")
+    B, H, D, NQ, NK = batch, shape.heads, shape.head_dim, shape.nq, shape.nk
+    pdt = dtype if param_dtype is None else param_dtype
+    if shape.layout == "timm":  # qkv (B, N, 3, H, D) -> (3, B, H, N, D)
+        qkv = tensor((B, NK, 3, H, D), dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0][:, :, :NQ], qkv[1], qkv[2]
+    elif shape.norm:  # DeepViT: to_qkv(x).chunk(3), 'b n (h d) -> b h n d'
+        q, k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in tensor((B, NK, 3 * H * D), dtype).chunk(3, -1))
+    else:  # CaiT: to_q(x), to_kv(context).chunk(2), 'b n (h d) -> b h n d'
+        q = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in tensor((B, NK, 2 * H * D), dtype).chunk(2, -1))
 
+    def mixing() -> torch.Tensor:  # vit-pytorch's einsum('b h i j, h g') weight is W[in, out]
+        w = tensor((H, H), pdt)
+        return w if shape.layout == "timm" else w.t()
 
-_WORKLOADS = {
-    # CaiT-XXS24, vit-pytorch and this repo's models: patch tokens, class attention
-    "C1": _Workload(4, 196, 196, 48, "vit-pytorch", True, True, False, False),
-    "C1-cls": _Workload(4, 1, 197, 48, "vit-pytorch", True, True, False, False),
-    # CaiT-XXS24, timm's TalkingHeadAttn (biased mixing)
-    "C1-timm": _Workload(4, 196, 196, 48, "timm", True, True, True, False),
-    # re-attention (vit-pytorch DeepViT layout) with the heads the kernels take
-    "R4": _Workload(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
-}
-_BATCH = 256
-
-
-def _meta_inputs(w: _Workload, dtype: torch.dtype, param_dtype: torch.dtype) -> tuple:
-    """q, k, v and the parameters on the meta device, with the layers' strides."""
-    B, H, D = _BATCH, w.heads, w.head_dim
-
-    def empty(*shape, dt=dtype):
-        return torch.empty(shape, dtype=dt, device="meta")
-
-    if w.layout == "timm":  # qkv (B, N, 3, H, D) -> (3, B, H, N, D)
-        qkv = empty(B, w.nk, 3, H, D).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0][:, :, : w.nq], qkv[1], qkv[2]
-    else:  # to_q (B, Nq, H*D), to_kv (B, Nk, 2*H*D): 'b n (h d) -> b h n d'
-        q = empty(B, w.nq, H * D).unflatten(-1, (H, D)).transpose(1, 2)
-        k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in empty(B, w.nk, 2 * H * D).chunk(2, -1))
-
-    def mixing():
-        if w.layout == "timm":
-            return empty(H, H, dt=param_dtype)
-        return empty(H, H, dt=param_dtype).t()  # einsum('b h i j, h g -> b g i j') weight
-
-    bias = empty(H, dt=param_dtype) if w.bias else None
-    pre_w = mixing() if w.pre else None
-    post_w, post_b = (mixing(), bias) if w.post else (None, None)
-    norm = (empty(H, dt=param_dtype), empty(H, dt=param_dtype)) if w.norm else (None, None)
-    return q, k, v, pre_w, post_w, post_b, *norm
-
-
-def _spec(name: str, cfg: _Launch, args: tuple, constexprs: dict) -> AotSpec:
-    fn = getattr(cfg.kernel, "fn", cfg.kernel)
-    sig, const = {}, {}
-    values = iter(args)
-    for pname, param in inspect.signature(fn).parameters.items():
-        if "constexpr" in str(param.annotation):
-            sig[pname] = "constexpr"
-            const[pname] = constexprs[pname]
-            continue
-        value = next(values)
-        if isinstance(value, torch.Tensor):
-            sig[pname] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
-        elif isinstance(value, float):
-            sig[pname] = "fp32"
-        elif value == 1:
-            sig[pname] = "constexpr"
-            const[pname] = 1
-        else:
-            sig[pname] = "i32" if -(2**31) <= value < 2**31 else "i64"
-    return AotSpec(name, cfg.kernel, sig, const, cfg.num_warps, cfg.num_stages)
-
-
-def _aot_specs() -> list[AotSpec]:
-    cases = [(wid, torch.bfloat16, torch.bfloat16) for wid in _WORKLOADS]
-    cases.append(("C1", torch.float16, torch.float32))  # autocast: float32 parameters
-    specs: dict[tuple, AotSpec] = {}
-    for wid, dtype, param_dtype in cases:
-        w = _WORKLOADS[wid]
-        q, k, v, pre_w, post_w, post_b, norm_w, norm_b = _meta_inputs(w, dtype, param_dtype)
-        params = (pre_w, post_w, post_b, norm_w, norm_b)
-        with _recording_launches() as launches:
-            out, lse = head_mixing_attention_fwd(q, k, v, *params, w.head_dim**-0.5, 1e-5, w.norm)
-            grad_out = torch.empty_like(out)
-            head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, w.head_dim**-0.5, 1e-5, w.norm)
-        for cfg, args, constexprs in launches:
-            kname = cfg.kernel.fn.__name__.strip("_").removesuffix("_kernel") if hasattr(cfg.kernel, "fn") else cfg.kernel.__name__
-            group = f",G{constexprs['G0']}" if "G0" in constexprs else ""
-            group += ",dA" if constexprs.get("WITH_DA") else ""
-            ty = "bf16" if dtype == torch.bfloat16 else "f16" + ("/p32" if param_dtype == torch.float32 else "")
-            spec = _spec(f"head_mixing_{kname}[{ty},{wid}{group}]", cfg, args, constexprs)
-            key = (spec.kernel, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())),
-                   spec.num_warps, spec.num_stages)  # fmt: skip
-            specs.setdefault(key, spec)
-    return list(specs.values())
-
-
-_SPECS: list[list[AotSpec]] = []
-
-
-def __getattr__(name: str) -> list[AotSpec]:
-    """AOT_SPECS, recorded on first access (the backend's users never need them)."""
-    if name == "AOT_SPECS":
-        if not _SPECS:
-            _SPECS.append(_aot_specs())
-        return _SPECS[0]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    pre_w = mixing() if shape.pre else None
+    post_w = mixing() if shape.post else None
+    post_b = tensor((H,), pdt) if shape.post and shape.bias else None
+    norm_w, norm_b = (tensor((H,), pdt), tensor((H,), pdt)) if shape.norm else (None, None)
+    params = (pre_w, post_w, post_b, norm_w, norm_b)
+    scale = D**-0.5
+    if direction == "fwd":
+        head_mixing_attention_fwd(q, k, v, *params, scale, 1e-5, shape.norm)
+        return
+    # the output's gradient as the layer's 'b h n d -> b n (h d)' hands it back
+    grad_out = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
+    lse = tensor((B, H, NQ), torch.float32)
+    head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, scale, 1e-5, shape.norm)
