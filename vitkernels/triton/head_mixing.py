@@ -698,12 +698,13 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tup
     rows = dict(**c, BLOCK_M=16, BLOCK_N=16)
     # warps: ptxas's register targets (128/168/255) as the AOT compiles found them
     # for triton 3.6 and 3.9 on sm_80/sm_90a (the q and dO tiles of every head stay
-    # in registers for the loop)
-    dq_warps = 2 if few else 8 if flags["HAS_PRE"] else 4
+    # in registers for the loop); with Triton's default floating-point fusion, 4 warps
+    # spilled (the dA launch at N196 and the head-norm dq at D64, sm_90a)
+    dq_warps = 2 if few else 8
     dq = [(dict(**rows, **g, WITH_DQ=True, WITH_DA=False), dq_warps) for g in _groups(heads, hp, 2)]
     if flags["HAS_PRE"]:
         da = dict(rows, BLOCK_N=32 if few else 16, G0=0, GP=2, WITH_DQ=False, WITH_DA=True)
-        dq.append((da, 4))
+        dq.append((da, 4 if few else 8))
     # keys x queries tiles: the key block's k and v tiles of every head stay in
     # registers for the whole loop
     cols = dict(**c, BLOCK_M=16, BLOCK_N=16)
