@@ -8,10 +8,8 @@ Workloads (heads mixed around the softmax; floors by WORKLOADS.md's rules):
     M2  DeepViT-S re-attention as models/deepvit.py configures it: post-mix and
         LayerNorm over heads, H12, N197, D33
 
-Bytes: q, k, v read and out written once, plus the parameters (forward); the
-backward reads q, k, v, dO and the row logsumexp (float32) and writes dq, dk, dv
-(the parameters' gradients are a few hundred bytes). FLOPs: 2*B*H*Nq*Nk*(Dk+Dv)
-plus 2*B*H*H*Nq*Nk per mixing (pre and post), twice that for the backward.
+Flops and bytes are vitkernels/workloads.py's (bench/WORKLOADS.md); M3 (CaiT's
+class attention, one query) is estimated, not benchmarked here.
 
 Implementations side by side in one process, all computing the same attention:
 
@@ -43,7 +41,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import Workload, cuda_time  # noqa: E402
+from roofline import Workload, cuda_time, reference  # noqa: E402
 
 import vitkernels  # noqa: E402
 from vitkernels.ops import head_mixing as ops  # noqa: E402
@@ -67,18 +65,8 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def workload(wid: str, mode: str) -> Workload:
-    H, N, D, kind = WORKLOADS[wid]
-    B, e = BATCH, 2
-    mixings = 2 if kind == "talking heads" else 1
-    flops = 2.0 * B * H * N * N * (D + D) + mixings * 2.0 * B * H * H * N * N
-    act = B * H * N * D * e  # one of q, k, v, out
-    params = (mixings * H * H + (2 * H if kind == "re-attention" else 0)) * e
-    fwd = 4 * act + params
-    if mode == "fwd":
-        return Workload(wid, flops, fwd)
-    lse = B * H * N * 4
-    bwd = (4 * act + lse + params) + (3 * act + params)
-    return Workload(f"{wid} fwd+bwd", 3 * flops, fwd + bwd)
+    """The workload's flops and bytes (vitkernels/workloads.py, as every benchmark)."""
+    return reference(wid, mode)
 
 
 # ----------------------------------------------------------------------------
