@@ -93,9 +93,40 @@ def test_every_kernel_is_recorded():
 
 def test_recorded_launches_cover_the_workloads():
     cases = {c for rl in _recorded() for c in rl.cases}
-    for wid in ("A1", "A2", "A3", "A4", "A5", "T1", "T2", "P1", "P2", "P3", "T2T-2", "T2T-3", "L128s-shrink7"):
+    for wid in ("A1", "A2", "A3", "A4", "A5", "T1", "T2", "P1", "P2", "P3", "T2T-2", "T2T-3", "L128s-shrink7",
+                "M1", "M3", "M1-timm", "M2-H4"):
         for direction in ("fwd", "bwd"):
             assert f"{wid} {direction}" in cases, f"{wid} {direction}"
+
+
+def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
+    """M2 (DeepViT-S: 12 heads of 33) runs on the torch backend: no launch is
+    recorded for it, and recording it says why."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS
+
+    cases = {c.split()[0] for rl in _recorded() for c in rl.cases}
+    assert "M2" not in cases
+    with pytest.raises(ValueError, match="H=12 heads is above the kernels' limit of 4"):
+        record_workload(WORKLOADS["M2"].shape, "fwd")
+
+
+def test_head_mixing_launches_are_recorded_with_their_traffic():
+    """M1's launches (vit-pytorch CaiT layout): one forward, and the backward's delta,
+    dq per two-head group, dA, dk/dv per group; each reads every head's q, k, v."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS
+
+    w = WORKLOADS["M1"]
+    fwd = record_workload(w.shape, "fwd").launches
+    assert [la.name.split("[")[0] for la in fwd] == ["head_mixing_fwd"]
+    read, written = fwd[0].bytes_moved()
+    assert read + written >= w.bytes("fwd")  # and the row logsumexp it saves
+    bwd = record_workload(w.shape, "bwd").launches
+    names = [la.name.split("[")[0] + ("/dA" if ",dA]" in la.name else "") for la in bwd]
+    assert names == ["head_mixing_bwd_delta", "head_mixing_bwd_dq", "head_mixing_bwd_dq",
+                     "head_mixing_bwd_dq/dA", "head_mixing_bwd_dkdv", "head_mixing_bwd_dkdv"]  # fmt: skip
+    assert all(la.loops for la in bwd)
 
 
 def test_recording_follows_tritons_specialisation():

@@ -25,8 +25,8 @@ import vitkernels
 from vitkernels.compare import output_tensors
 from vitkernels.replace import FusedModule
 from vitkernels.replace.fused_attention import FusedAttention
+from vitkernels.replace.fused_head_mixing import FusedHeadMixing
 
-PROB_MATRIX = "needs the probability matrix"
 ALREADY_SDPA = "already runs it on F.scaled_dot_product_attention"
 
 
@@ -41,6 +41,7 @@ class Family:
     replaced: int  # attention modules optimize replaces
     left: int  # attention modules it recognises and leaves
     left_reason: str = ""
+    mixing: int = 0  # attention modules head_mixing_attention replaces (talking heads, re-attention)
 
 
 def _vit(p: float) -> dict[str, Any]:
@@ -55,10 +56,10 @@ FAMILIES = {
                   _vit, 32, replaced=2, left=0),
     "DeepViT": Family("DeepViT", {"vit-pytorch": "vit_pytorch.deepvit",
                                   "zoo": "vitkernels.models.deepvit"},
-                      _vit, 32, replaced=0, left=2, left_reason=PROB_MATRIX),
+                      _vit, 32, replaced=0, left=0, mixing=2),
     "CaiT": Family("CaiT", {"vit-pytorch": "vit_pytorch.cait", "zoo": "vitkernels.models.cait"},
                    lambda p: {**_vit(p), "cls_depth": 1}, 32,
-                   replaced=0, left=3, left_reason=PROB_MATRIX),
+                   replaced=0, left=0, mixing=3),
     "T2TViT": Family("T2TViT", {"vit-pytorch": "vit_pytorch.t2t", "zoo": "vitkernels.models.t2t"},
                      lambda p: dict(image_size=32, num_classes=10, dim=32, depth=1, heads=2,
                                     dim_head=16, mlp_dim=64, t2t_layers=((7, 4), (2, 2)),
@@ -145,9 +146,9 @@ TIMM = {
         ),
         32,
         0,
-        4,
         2,
         2,
+        0,
     ),
     "crossvit_tiny_240": (
         lambda p: dict(
@@ -200,9 +201,12 @@ class Built:
     replaced: int
     left: int
     left_reasons: dict[str, str]  # class name of a left module -> what its reason says
+    mixing: int = 0  # modules head_mixing_attention replaces
 
 
-TIMM_LEFT = {"Attention": ALREADY_SDPA, "ClassAttn": ALREADY_SDPA, "TalkingHeadAttn": PROB_MATRIX}
+TIMM_LEFT = {"Attention": ALREADY_SDPA, "ClassAttn": ALREADY_SDPA}
+# head_mixing_attention's modules per timm model (TalkingHeadAttn)
+TIMM_MIXING = {"cait_xxs24_224": 2}
 
 
 def build(spec: str, p: float = 0.0, batch: int = 2) -> Built:
@@ -217,16 +221,16 @@ def build(spec: str, p: float = 0.0, batch: int = 2) -> Built:
             if unfused and isinstance(getattr(m, "fused_attn", None), bool):
                 m.fused_attn = False
         replaced, left = (r_off, l_off) if unfused else (r_on, l_on)
-        reasons = TIMM_LEFT
+        reasons, mixing = TIMM_LEFT, TIMM_MIXING.get(name, 0)
     else:
         fam = FAMILIES[name]
         if source == "vit-pytorch":
             pytest.importorskip("vit_pytorch")
         cls = getattr(importlib.import_module(fam.modules[source]), fam.cls)
         model = cls(**fam.kwargs(p))
-        side, replaced, left = fam.side, fam.replaced, fam.left
+        side, replaced, left, mixing = fam.side, fam.replaced, fam.left, fam.mixing
         reasons = {"Attention": fam.left_reason} if fam.left_reason else {}
-    return Built(model, torch.randn(batch, 3, side, side), replaced, left, reasons)
+    return Built(model, torch.randn(batch, 3, side, side), replaced, left, reasons, mixing)
 
 
 def _scale_tol(ref: Any) -> dict[str, float]:
@@ -270,6 +274,24 @@ def test_report_lists_attention_replacements_and_left_modules(spec):
     kinds = {(r.source, r.op, r.backend, r.checked) for r in report.replaced}
     reasons = {(r.source, r.reason) for r in report.left}
     assert len(text.splitlines()) == 1 + len(kinds) + len(reasons), text
+
+
+@pytest.mark.parametrize("spec", [m for m in MODELS if build(m).mixing])
+def test_report_lists_head_mixing_replacements(spec):
+    """CaiT's talking heads and DeepViT's re-attention go to head_mixing_attention
+    (and no attention module of these families is left)."""
+    b = build(spec)
+    report = vitkernels.optimize(b.model, backend="torch", ops=("head_mixing_attention",))
+    assert report.count("head_mixing_attention") == report.count() == b.mixing, str(report)
+    assert not report.left, str(report)
+    for r in report.replaced:
+        fused = _module_at(b.model, r.path)
+        assert isinstance(fused, FusedHeadMixing) and r.backend == "torch"
+    everything = build(spec)
+    report = vitkernels.optimize(everything.model, backend="torch")
+    assert report.count("head_mixing_attention") == b.mixing
+    # only timm's modules that already run SDPA stay as they are
+    assert all(ALREADY_SDPA in r.reason for r in report.left), str(report)
 
 
 def test_forced_kernel_backend_runs_attention_on_sdpa_and_says_so():

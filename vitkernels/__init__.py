@@ -22,6 +22,7 @@ _LAZY = {
     "relpos_attention": "vitkernels.ops.relpos",
     "performer_attention": "vitkernels.ops.performer",
     "patch_embed": "vitkernels.ops.patch_embed",
+    "head_mixing_attention": "vitkernels.ops.head_mixing",
     "optimize": "vitkernels.replace",
     "restore": "vitkernels.replace",
     "OptimizeReport": "vitkernels.replace",

@@ -14,6 +14,8 @@ measurements: 4.3 TB/s device-to-device copy (bytes read + written) and
               performer: q, k, v, w read, y written; 8*B*T*E*M flops
               patch_embed: images, weight, bias, norms, pos, cls read, tokens
               written; 2*M*D*K flops (M = B*L rows of patches, K = C*kh*kw)
+              head_mixing: q, k, v and the mixing and norm parameters read, out
+              written; 2*B*H*Nq*Nk*(Dk+Dv) + 2*B*H*H*Nq*Nk per mixing (pre, post)
     backward  relpos: q, k, v, dO, O, the row logsumexp (float32) and the table
               read, dq, dk, dv, dtable written; twice the forward flops (dS and
               dP products for dq, dk; P^T dO, dO V^T)
@@ -23,6 +25,9 @@ measurements: 4.3 TB/s device-to-device copy (bytes read + written) and
               patch_embed: grad_out, images and weight read (norm weights too),
               each parameter's gradient written; dW = dy^T @ patches (2*M*D*K)
               and, with an input norm that has an affine, dy @ W (2*M*D*K more)
+              head_mixing: q, k, v, dO, the row logsumexp (float32) and the
+              parameters read, dq, dk, dv and the parameters' gradients written;
+              twice the forward flops
     fwd+bwd   the sum of both
 """
 
@@ -95,13 +100,38 @@ class PatchEmbedShape:
         return self.channels * self.kernel * self.kernel
 
 
-Shape = RelposShape | PerformerShape | PatchEmbedShape
+@dataclasses.dataclass(frozen=True)
+class HeadMixingShape:
+    heads: int
+    nq: int
+    nk: int
+    head_dim: int  # Dk = Dv
+    # "vit-pytorch": q and kv (CaiT) or q, k, v (DeepViT) chunks of projections,
+    # 'b n (h d) -> b h n d', mixing weights used as einsum('b h i j, h g') (transposed
+    # views); "timm": one qkv projection (B, N, 3, H, D) permuted, nn.Linear mixing
+    layout: str
+    pre: bool  # talking heads: the logits mixed
+    post: bool  # the probabilities mixed (talking heads, re-attention)
+    bias: bool  # the mixings' biases (timm's nn.Linear)
+    norm: bool  # re-attention's LayerNorm over the heads
+
+    @property
+    def mixings(self) -> int:
+        return int(self.pre) + int(self.post)
+
+    @property
+    def param_elements(self) -> int:
+        n = self.mixings * self.heads * (self.heads + (1 if self.bias else 0))
+        return n + (2 * self.heads if self.norm else 0)
+
+
+Shape = RelposShape | PerformerShape | PatchEmbedShape | HeadMixingShape
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
     id: str
-    op: str  # "relpos_attention", "performer_attention", "patch_embed"
+    op: str  # "relpos_attention", "performer_attention", "patch_embed", "head_mixing_attention"
     title: str
     shape: Shape
     batch: int = BATCH
@@ -115,6 +145,10 @@ class Workload:
             return fwd if which == "fwd" else 2 * fwd
         if isinstance(s, PerformerShape):
             fwd = 8.0 * B * s.tokens * s.dim * s.features
+            return fwd if which == "fwd" else 2 * fwd
+        if isinstance(s, HeadMixingShape):
+            pairs = B * s.nq * s.nk
+            fwd = 2.0 * pairs * s.heads * 2 * s.head_dim + s.mixings * 2.0 * pairs * s.heads * s.heads
             return fwd if which == "fwd" else 2 * fwd
         gemm = 2.0 * B * s.tokens * s.dim * s.k
         return gemm if which == "fwd" else gemm * (2 if s.in_norm else 1)
@@ -138,6 +172,14 @@ class Workload:
                 return 4 * act + w
             stats = B * s.features * (1 + s.dim) * F32_BYTES  # lks (B, M), vbar (B, M, E)
             return (4 * act + w + stats) + 3 * act
+        if isinstance(s, HeadMixingShape):
+            q = o = B * s.heads * s.nq * s.head_dim * e
+            k = v = B * s.heads * s.nk * s.head_dim * e
+            params = s.param_elements * e
+            if which == "fwd":
+                return q + k + v + params + o
+            lse = B * s.heads * s.nq * F32_BYTES
+            return (q + k + v + o + lse + params) + (q + k + v + params)  # dO read; grads written
         images = B * s.channels * s.image * s.image * e
         weight = s.dim * s.k * e
         params = weight + s.dim * e  # weight, bias
@@ -174,14 +216,21 @@ WORKLOADS: dict[str, Workload] = {
         Workload("A5", "relpos_attention", "LeViT-128S stage 1", RelposShape(4, 14, 1, 16, 32)),
         Workload("T1", "performer_attention", "T2T-ViT-14 layer 1", PerformerShape(3136, 64, 32)),
         Workload("T2", "performer_attention", "T2T-ViT-14 layer 2", PerformerShape(784, 64, 32)),
+        Workload("M1", "head_mixing_attention", "CaiT-XXS24 talking heads (vit-pytorch, this repo)",
+                 HeadMixingShape(4, 196, 196, 48, "vit-pytorch", True, True, False, False)),
+        Workload("M2", "head_mixing_attention", "DeepViT-S re-attention (models/deepvit.py)",
+                 HeadMixingShape(12, 197, 197, 33, "vit-pytorch", False, True, False, True)),
+        Workload("M3", "head_mixing_attention", "CaiT-XXS24 class attention (1 query over 197 keys)",
+                 HeadMixingShape(4, 1, 197, 48, "vit-pytorch", True, True, False, False)),
     )
 }  # fmt: skip
 
 # Other layer shapes the models launch, compiled ahead of time besides the workloads
-# (heads do not change a launch's specialisation): every attention layer of timm's
-# LeViT-128S/128/192/256/384, and T2T-ViT-14's later soft splits (3/2/1 on 64-channel
-# token maps; the first with attention2's norm1 + kqv, the second with the project
-# layer, class token and positions).
+# (heads do not change a relpos launch's specialisation): every attention layer of
+# timm's LeViT-128S/128/192/256/384, T2T-ViT-14's later soft splits (3/2/1 on
+# 64-channel token maps; the first with attention2's norm1 + kqv, the second with the
+# project layer, class token and positions), timm's CaiT attention and a re-attention
+# the head-mixing kernels take.
 EXTRA_SHAPES: dict[str, Shape] = {
     "L128s-shrink14": RelposShape(8, 14, 2, 16, 64),
     "L128s-7": RelposShape(6, 7, 1, 16, 32),
@@ -191,4 +240,8 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "L-shrink14-dv64": RelposShape(8, 14, 2, 32, 64),  # A4 before it took Dv 128
     "T2T-2": PatchEmbedShape(64, 56, 3, 2, 1, 192, "cpq", True, False, 0, 0, "tokens"),
     "T2T-3": PatchEmbedShape(64, 28, 3, 2, 1, 384, "cpq", False, False, 197, 1, "tokens"),
+    # timm's CaiT-XXS24 (TalkingHeadAttn: one qkv projection, biased nn.Linear mixing)
+    "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
+    # re-attention within the kernels' envelope (M2's 12 heads of 33 are outside it)
+    "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
 }

@@ -187,3 +187,58 @@ def patch_embed(
     if pos_embed is not None:
         tokens = tokens + pos_embed.reshape(-1, D)
     return tokens
+
+
+# ----------------------------------------------------------------------------
+# head_mixing_attention
+
+Mix = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def head_mixing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    pre: Mix | None = None,
+    post: Mix | None = None,
+    head_norm: Norm | None = None,
+    dropout_p: float = 0.0,
+    dropout_site: str = "probs",
+) -> torch.Tensor:
+    """Attention whose heads are mixed around the softmax (CaiT's talking heads,
+    DeepViT's re-attention), literally:
+
+        s = (scale * q) k^T                                  (B, H, Nq, Nk)
+        l[g] = sum_h A[g, h] s[h] + a[g]                      pre = (A, a)
+        p = softmax over keys of l, per head                  dropout here ("probs")
+        r[f] = sum_g P[f, g] p[g] + c[f]                      post = (P, c)
+        n = LayerNorm over the head axis of r, per (i, j)     head_norm = (w, b, eps)
+        out[f] = n[f] @ v[f]                                  dropout on n ("mixed")
+
+    q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv); mixing weights (H, H) in
+    nn.Linear's convention (weight[out, in]), biases (H,) or None; absent stages
+    are skipped. Parameters are cast to q's dtype. Returns (B, H, Nq, Dv).
+    """
+    dt = q.dtype
+    logits = torch.einsum("bhid,bhjd->bhij", q * scale, k)
+    if pre is not None:
+        logits = torch.einsum("gh,bhij->bgij", pre[0].to(dt), logits)
+        if pre[1] is not None:
+            logits = logits + pre[1].to(dt)[:, None, None]
+    attn = logits.softmax(dim=-1)
+    if dropout_p > 0 and dropout_site == "probs":
+        attn = F.dropout(attn, dropout_p)
+    if post is not None:
+        attn = torch.einsum("fg,bgij->bfij", post[0].to(dt), attn)
+        if post[1] is not None:
+            attn = attn + post[1].to(dt)[:, None, None]
+    if head_norm is not None:
+        w, b, eps = head_norm
+        w = None if w is None else w.to(dt)
+        b = None if b is None else b.to(dt)
+        attn = F.layer_norm(attn.movedim(1, -1), (attn.shape[1],), w, b, eps).movedim(-1, 1)
+    if dropout_p > 0 and dropout_site == "mixed":
+        attn = F.dropout(attn, dropout_p)
+    return torch.einsum("bhij,bhjd->bhid", attn, v)

@@ -253,3 +253,59 @@ def relpos_attention(
     if nk % 8:
         bias = F.pad(bias, (0, -nk % 8))[..., :nk]  # (H, Nq, Nk), row stride 8-aligned
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
+
+
+# ----------------------------------------------------------------------------
+# head_mixing_attention (owned by vitkernels/ops/head_mixing.py)
+
+
+def _mix_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, Nq, Nk) -> (B, H, Nq, Nk): out[:, o] = sum_i weight[o, i] x[:, i] + bias[o],
+    one batched matrix product over the flattened (i, j) plane."""
+    B, H, Nq, Nk = x.shape
+    w = weight.to(x.dtype).expand(B, H, H)
+    flat = x.reshape(B, H, Nq * Nk)
+    if bias is None:
+        return torch.bmm(w, flat).view(B, H, Nq, Nk)
+    bias = bias.to(x.dtype).view(1, H, 1).expand(B, H, Nq * Nk)
+    return torch.baddbmm(bias, w, flat).view(B, H, Nq, Nk)
+
+
+def head_mixing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    pre: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    post: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    head_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
+    dropout_p: float = 0.0,
+    dropout_site: str = "probs",
+) -> torch.Tensor:
+    """The reference's math with batched matrix products: logits from one matmul of
+    the pre-scaled queries, each head mixing as one bmm (the bias folded in with
+    baddbmm), softmax, the head norm as F.layer_norm over a head-last view. On CPU,
+    float16/bfloat16 run in float32 (as SDPA's CPU kernels do internally). The
+    (B, H, Nq, Nk) logits and probabilities are materialised (the Triton kernels
+    never do). q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv).
+    """
+    ct = q.dtype
+    if q.device.type != "cuda" and ct in (torch.float16, torch.bfloat16):
+        ct = torch.float32
+    attn = torch.matmul(q.to(ct) * scale, k.to(ct).transpose(-1, -2))  # (B, H, Nq, Nk)
+    if pre is not None:
+        attn = _mix_heads(attn, *pre)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0 and dropout_site == "probs":
+        attn = F.dropout(attn, dropout_p)
+    if post is not None:
+        attn = _mix_heads(attn, *post)
+    if head_norm is not None:
+        w, b, eps = head_norm
+        w = None if w is None else w.to(ct)
+        b = None if b is None else b.to(ct)
+        attn = F.layer_norm(attn.movedim(1, -1), (attn.shape[1],), w, b, eps).movedim(-1, 1)
+    if dropout_p > 0 and dropout_site == "mixed":
+        attn = F.dropout(attn, dropout_p)
+    return torch.matmul(attn, v.to(ct)).to(q.dtype)

@@ -152,6 +152,17 @@ def _call(workload, which: str, backend: str, launches: list[dict[str, Any]]) ->
     }
 
 
+def _triton_refusal(workload: Any) -> str | None:
+    """Why the Triton kernels do not take this workload (None: they do)."""
+    from vitkernels.workloads import HeadMixingShape
+
+    if isinstance(workload.shape, HeadMixingShape):
+        from vitkernels.triton._aot import head_mixing_refusal
+
+        return head_mixing_refusal(workload.shape)
+    return None
+
+
 def estimate(
     workloads: list[str] | None = None,
     backends: tuple[str, ...] = ("triton", "cuda"),
@@ -180,6 +191,11 @@ def estimate(
     recorded = {}
     if "triton" in backends or "cuda" in backends:
         for w in chosen:
+            refused = _triton_refusal(w)
+            if refused:  # dispatch runs the torch backend there: nothing to estimate
+                notes.append(f"{w.id}: no Triton launch ({refused}; the torch backend runs it)")
+                _say(notes[-1])
+                continue
             for which in passes:
                 recorded[(w.id, which)] = record_workload(w.shape, which, torch.bfloat16, arch=ARCH)
         _say(f"recorded {sum(len(r.launches) for r in recorded.values())} Triton launches")
@@ -196,6 +212,8 @@ def estimate(
     per_pass: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     if "triton" in backends:
         for w in chosen:
+            if (w.id, passes[0]) not in recorded:
+                continue
             for which in passes:
                 per_pass[(w.id, which, "triton")] = triton_events(w, which)
 
@@ -214,6 +232,8 @@ def estimate(
             plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
             mangled = {cuda.normalise(p): m for m, p in zip(names, plain.splitlines(), strict=True)}
             for w in chosen:
+                if w.op == "head_mixing_attention":  # no CUDA kernels
+                    continue
                 for which in passes:
                     if w.op == "patch_embed" and which == "bwd":  # no CUDA backward: Triton's
                         per_pass[(w.id, which, "cuda")] = triton_events(w, which)

@@ -64,10 +64,10 @@ __all__ = [
     "restore",
 ]
 
-DEFAULT_OPS = ("patch_embed", "relpos_attention", "performer_attention", "attention")
+DEFAULT_OPS = ("patch_embed", "relpos_attention", "performer_attention", "head_mixing_attention", "attention")
 # ops whose modules are attention: an unrecognised attention-like module is reported
 # when one of them is asked for (patch-embedding-like ones with "patch_embed")
-ATTENTION_OPS = frozenset({"relpos_attention", "performer_attention", "attention"})
+ATTENTION_OPS = frozenset({"relpos_attention", "performer_attention", "head_mixing_attention", "attention"})
 
 
 # ----------------------------------------------------------------------------

@@ -20,7 +20,9 @@ Replaced (fused_attention.py):
 
 Recognised and left, with the reason in the report:
   timm Attention / ClassAttn with fused_attn on: they already call SDPA
-  DeepViT re-attention and CaiT talking heads: they need the probability matrix
+
+(DeepViT's re-attention and CaiT's talking heads mix heads around the softmax:
+the "head_mixing_attention" op's rules take them, rules_head_mixing.py.)
 """
 
 from __future__ import annotations
@@ -163,34 +165,6 @@ _rule(
 
 
 # ----------------------------------------------------------------------------
-# left: they need the probability matrix
-
-
-def _left(reason: str) -> Callable[[nn.Module], str]:
-    return lambda module: reason
-
-
-_rule(
-    "DeepViT re-attention",
-    subclass_of("vit_pytorch.deepvit.Attention", f"{_ZOO}.deepvit.Attention"),
-    _left(
-        "re-attention mixes the softmax probabilities across heads (reattn_weights, then a "
-        "LayerNorm) before multiplying by v: it needs the probability matrix, which SDPA "
-        "never forms"
-    ),
-)
-
-_rule(
-    "CaiT talking heads",
-    subclass_of("vit_pytorch.cait.Attention", f"{_ZOO}.cait.Attention", "timm.models.cait.TalkingHeadAttn"),
-    _left(
-        "talking-heads attention mixes heads in the logits before the softmax and in the "
-        "probabilities after it: it needs the probability matrix, which SDPA never forms"
-    ),
-)
-
-
-# ----------------------------------------------------------------------------
 # the official T2T-ViT code, by layout (this repo's copy of the backbone one is known)
 
 _QKV_PROJ = {"num_heads": int, "scale": NUM, "qkv": nn.Linear, "attn_drop": nn.Dropout,
@@ -198,8 +172,12 @@ _QKV_PROJ = {"num_heads": int, "scale": NUM, "qkv": nn.Linear, "attn_drop": nn.D
 
 
 def _qkv_proj_layout(m: nn.Module) -> bool:
-    return all(isinstance(m._modules.get(k), nn.Module) for k in ("qkv", "proj", "attn_drop")) and (
-        isinstance(getattr(m, "num_heads", None), int)
+    # not timm's TalkingHeadAttn, which adds the proj_l / proj_w head mixings to this
+    # layout (rules_head_mixing.py takes it)
+    return (
+        all(isinstance(m._modules.get(k), nn.Module) for k in ("qkv", "proj", "attn_drop"))
+        and isinstance(getattr(m, "num_heads", None), int)
+        and "proj_l" not in m._modules
     )
 
 

@@ -39,6 +39,7 @@ from vitkernels.workloads import (
     BATCH,
     EXTRA_SHAPES,
     WORKLOADS,
+    HeadMixingShape,
     PatchEmbedShape,
     PerformerShape,
     RelposShape,
@@ -69,16 +70,26 @@ def record_workload(
     variant: str = "aligned", arch: int = 90, **options: Any,
 ) -> Recording:
     """The launches (and torch operations) of one call of the op for this shape."""
-    from vitkernels.triton import patch_embed, performer, relpos
+    from vitkernels.triton import head_mixing, patch_embed, performer, relpos
 
-    module = {RelposShape: relpos, PerformerShape: performer, PatchEmbedShape: patch_embed}[type(shape)]
+    module = {RelposShape: relpos, PerformerShape: performer, PatchEmbedShape: patch_embed,
+              HeadMixingShape: head_mixing}[type(shape)]  # fmt: skip
     with recording(arch) as rec:
         module.record_calls(shape, batch, dtype, direction, tensor_factory(variant), **options)
     return rec
 
 
+def head_mixing_refusal(shape: HeadMixingShape) -> str | None:
+    """Why the head-mixing kernels do not take this shape (None: they do)."""
+    from vitkernels.triton.head_mixing import refusal
+
+    return refusal(shape)
+
+
 def _configurations() -> list[tuple[str, Shape, torch.dtype, dict]]:
-    """(case, shape, dtype, options) for every configuration compiled ahead of time."""
+    """(case, shape, dtype, options) for every configuration compiled ahead of time
+    (head-mixing shapes outside the kernels' envelope are not: the torch backend
+    runs them)."""
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
     shapes = {**{w.id: w.shape for w in WORKLOADS.values()}, **EXTRA_SHAPES}
     out = []
@@ -90,6 +101,14 @@ def _configurations() -> list[tuple[str, Shape, torch.dtype, dict]]:
                 out.append((case, shape, dt, {"w_dtype": wdt}))
             for dt in (bf16, f32):
                 out.append((case, shape, dt, {"w_dtype": f32, "w_grad": True}))
+        elif isinstance(shape, HeadMixingShape):
+            if head_mixing_refusal(shape) is not None:  # dispatch runs the torch backend
+                continue
+            # bfloat16 throughout; float16 with autocast's float32 mixing and norm
+            # parameters (the models' own layout; float16 and bfloat16 compile alike)
+            out.append((case, shape, bf16, {"param_dtype": bf16}))
+            if shape.layout == "vit-pytorch":
+                out.append((case, shape, f16, {"param_dtype": f32}))
         else:
             out += [(case, shape, f16, {}), (case, shape, bf16, {})]
         if isinstance(shape, PatchEmbedShape) and shape.layout == "nchw":  # the kernel then reads "pqc"

@@ -1,0 +1,112 @@
+"""head_mixing_attention on a CUDA GPU: the triton backend against the float64
+reference in float16, bfloat16 (which the interpreter computes wrongly) and float32,
+at CaiT-XXS24's shapes (batch reduced) and smaller ones, gradients of every input and
+parameter included; automatic dispatch on CUDA.
+
+Skipped without a GPU (marker gpu).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels.backends import reference
+from vitkernels.ops import head_mixing as ops
+from vitkernels.ops._dispatch import select
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+# tolerance relative to the largest magnitude of the expected tensor
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 3e-4}
+
+# id: (B, H, Nq, Nk, D, kind); kind: "vit-pytorch" (transposed mixing, no biases),
+# "timm" (biased mixing), "re-attention" (post-mix and head norm)
+CASES = {
+    "CaiT-XXS patch": (8, 4, 196, 196, 48, "vit-pytorch"),
+    "CaiT-XXS class": (8, 4, 1, 197, 48, "vit-pytorch"),
+    "CaiT-XXS timm": (8, 4, 196, 196, 48, "timm"),
+    "re-attention H4 D64": (4, 4, 197, 197, 64, "re-attention"),
+    "H2 N49 D32": (4, 2, 49, 49, 32, "timm"),
+    "H3 Nq20 Nk49 D16": (3, 3, 20, 49, 16, "re-attention"),
+}
+
+
+def make(case, dtype):
+    B, H, Nq, Nk, D, kind = case
+    q, k, v = (torch.randn(B, H, n, D, device="cuda").to(dtype) for n in (Nq, Nk, Nk))
+    bound = H**-0.5
+    if kind == "timm":
+        params = dict(
+            pre=(torch.empty(H, H, device="cuda").uniform_(-bound, bound), torch.randn(H, device="cuda")),
+            post=(torch.empty(H, H, device="cuda").uniform_(-bound, bound), torch.randn(H, device="cuda")),
+        )
+    elif kind == "vit-pytorch":
+        params = dict(pre=(torch.randn(H, H, device="cuda").t(), None), post=(torch.randn(H, H, device="cuda").t(), None))
+    else:
+        params = dict(
+            post=(torch.randn(H, H, device="cuda").t(), None),
+            head_norm=(1 + 0.3 * torch.randn(H, device="cuda"), 0.3 * torch.randn(H, device="cuda"), 1e-5),
+        )
+    return q, k, v, params
+
+
+def leaves_of(params):
+    out = []
+    for key in ("pre", "post", "head_norm"):
+        if key in params:
+            out += [t for t in params[key][:2] if t is not None]
+    return out
+
+
+def with_leaves(params, fn):
+    return {key: tuple(fn(t) if isinstance(t, torch.Tensor) else t for t in value) for key, value in params.items()}
+
+
+def assert_close(actual, expected, tol, what="", floor=1e-30):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(expected.abs().max().item(), floor)
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients_match_float64(case, dtype):
+    dt = DTYPES[dtype]
+    q, k, v, params = make(CASES[case], dt)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    params = with_leaves(params, lambda t: t.detach().requires_grad_())
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    p64 = with_leaves(params, lambda t: t.detach().double().requires_grad_())
+    expected = reference.head_mixing_attention(q64, k64, v64, scale=q.shape[-1] ** -0.5, **p64)
+    assert out.dtype == dt
+    assert_close(out, expected, TOL[dt], f"{case} {dtype} out")
+    g = torch.randn_like(expected)
+    expected.backward(g)
+    grads = torch.autograd.grad(out, [q, k, v, *leaves_of(params)], g.to(dt))
+    for name, mine, r in zip(range(99), grads, [q64, k64, v64, *leaves_of(p64)], strict=False):
+        assert_close(mine, r.grad, GRAD_TOL[dt], f"{case} {dtype} grad {name}", floor=1.0)
+
+
+def test_cuda_tensors_go_to_triton_automatically():
+    q, k, v, params = make(CASES["CaiT-XXS patch"], torch.bfloat16)
+    mix = dict(scale=0.25, pre=params["pre"], post=params["post"])
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **mix)).name == "triton"
+    # training with attention dropout: the torch backend
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **mix, dropout_p=0.1)).name == "torch"
+
+
+def test_deepvit_heads_go_to_torch_with_the_reason():
+    q, k, v = (torch.randn(2, 12, 197, 33, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    inputs = ops._inputs(q, k, v, scale=0.25)
+    assert select(ops.BACKENDS, inputs).name == "torch"
+    reasons = ops.TritonBackend().not_supported_reasons(inputs)
+    assert any("H=12 is above the kernels' limit of 4" in r for r in reasons), reasons

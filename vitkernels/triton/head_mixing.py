@@ -1,0 +1,995 @@
+"""Triton kernels for head_mixing_attention: CaiT's talking heads, DeepViT's re-attention.
+
+Math (per batch entry, query i, key j; heads h, g, f in 0..H-1; the spec is
+``vitkernels.backends.reference.head_mixing_attention``)::
+
+    s_h = scale * <q_h,i, k_h,j>
+    l_g = sum_h A[g,h] s_h (+ a_g)                pre-mix (A, a); else l = s
+    p_g = exp(l_g - lse_g,i),  lse_g,i = log sum_j exp(l_g)
+    r_f = sum_g P[f,g] p_g + c_f                  post-mix (P, c); else r = p
+    n_f = (r_f - mu) * rho * w_f + beta_f         head norm over f; else n = r
+          mu = mean_f r_f, rho = (mean_f (r_f - mu)^2 + eps)^-1/2
+    o_f,i = sum_j n_f v_f,j
+
+The pre-mix bias a shifts a whole row of l_g by a constant, which softmax ignores:
+the kernels leave it out and its gradient is exactly zero.
+
+Backward, given do_f,i (x^ = (r - mu) rho)::
+
+    dn_f = <do_f,i, v_f,j>                        dv_f,j = sum_i n_f do_f,i
+    dw_f = sum dn_f x^_f,  dbeta_f = sum dn_f      (sums over batch, i, j)
+    dr_f = rho (dn_f w_f - mean_f(dn w) - x^_f mean_f(dn w x^))
+    dP[f,g] = sum dr_f p_g,  dc_f = sum dr_f,  dp_g = sum_f P[f,g] dr_f
+    delta_g,i = sum_j p_g dp_g                    (needs a pass over the keys: the
+    dl_g = p_g (dp_g - delta_g,i)                  mixing breaks FlashAttention's
+    dA[g,h] = sum dl_g s_h,  ds_h = sum_g A[g,h] dl_g     delta = rowsum(dO * O))
+    dq_h,i = scale sum_j ds_h k_h,j               dk_h,j = scale sum_i ds_h q_h,i
+
+Kernels (every head of a tile in one program, so no (B, H, Nq, Nk) tensor is ever
+in memory; a program's tiles hold all heads side by side along a last axis of HP
+slots, HP = H rounded up to a power of two, at least 2):
+
+* ``_fwd_kernel``: a program per (b, query block). Pass 1 over the key blocks keeps
+  the running max and sum of each mixed head g (online softmax, float32); pass 2
+  recomputes the logits, forms p, r and n tile by tile and multiplies by v. Saves
+  lse (B, H, Nq) float32.
+* ``_bwd_delta_kernel``: a program per (b, query block): delta, and this program's
+  partial sums of dP, dc, dw, dbeta.
+* ``_bwd_dq_kernel``: a program per (b, query block): dq of a group of two heads
+  per launch, or (a launch of its own) the partial sums of dA.
+* ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
+  (transposed tiles): dk, dv of a group of two heads per launch.
+  (Every launch recomputes the tile chain of all heads; only its group's gradients
+  are accumulated: all heads' would not fit a thread's registers beside it.)
+
+Each head's products are 2-d ``tl.dot``s; the per-head tiles are stacked with
+``tl.join`` (a recursive halving, ``_dots``/``_dots_acc``), which puts the head axis
+in each thread's registers: the mixing (an FMA chain per output head, ``_mix``),
+the softmax statistics and the head norm are then elementwise work with no data
+exchange between threads, and picking one head's slot (``_slot``) is a select that
+folds to a register move. Parameter gradients are written as one row of
+per-program partial sums each (no atomics) and summed by the launcher in a fixed
+order, so they are deterministic.
+
+Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
+``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
+every head, the mixing weights and the gradient accumulators live in registers;
+beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
+torch backend runs those. The loads are vectorised through pointer hints
+(``_common.hint``) the launcher justifies (``_vector_width``), not through
+Triton's specialisation of integer arguments. Every launch goes through
+``_common.launch``, so the ahead-of-time compiles (``record_calls``, ``_aot.py``)
+and the estimate see the launches that run.
+
+Launcher contract (``head_mixing_attention_fwd`` / ``_bwd`` below):
+
+``head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, scale,
+eps, has_norm)``
+    q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv): one dtype (float16,
+    bfloat16 or float32), any strides. pre_w, post_w: (H, H) mixing matrices in
+    nn.Linear's convention (out, in), any strides, or None; post_b (H,) or None;
+    norm_w, norm_b (H,) or None (with has_norm: the head norm without that affine
+    part). Parameters of float16, bfloat16 or float32; the mixing and the norm run
+    in float32. Returns out (B, H, Nq, Dv) contiguous in q.dtype and lse (B, H, Nq)
+    contiguous float32 (natural log, per mixed head g).
+
+``head_mixing_attention_bwd(grad_out, q, k, v, pre_w, post_w, post_b, norm_w, norm_b,
+lse, scale, eps, has_norm)``
+    Returns dq, dk, dv (contiguous, q.dtype) and d_pre_w, d_post_w, d_post_b,
+    d_norm_w, d_norm_b in their parameters' dtypes (None where the parameter is).
+
+Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
+``_bwd_cfg``), chosen so the AOT compiles fit the registers (triton 3.6 and 3.9,
+sm_80 and sm_90a); a GPU tuning pass should revise them (several backward tiles
+are 16 x 16 on 8 warps: warps repeat each other's work); no autotuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, hint, launch
+from vitkernels.workloads import HeadMixingShape
+
+__all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "record_calls", "supports"]
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------
+# per-head tiles stacked along a last axis of n slots, slot i holding head h0 + step*i
+# (zeros for heads >= H); built by halving: the even slots are the heads h0 + 2 step i,
+# the odd ones h0 + step + 2 step i. The kernels call them with h0 = 0, step = 1, so
+# slot i is head i.
+
+
+@triton.jit
+def _dots(
+    X, x_offs, x_mask, sxh, VX0: tl.constexpr, VX1: tl.constexpr,
+    Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr,
+    h0: tl.constexpr, step: tl.constexpr, n: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    """(R, C, n): slot i = X_h @ Y_h, X_h the (R, K) tile at X + h*sxh + x_offs and
+    Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1)."""
+    if n == 2:
+        x = tl.load(hint(X + h0 * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+        y = tl.load(hint(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+        a = tl.dot(x, y, input_precision="tf32x3")
+        if h0 + step < H:
+            x = tl.load(hint(X + (h0 + step) * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+            y = tl.load(hint(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+            b = tl.dot(x, y, input_precision="tf32x3")
+        else:
+            b = tl.zeros_like(a)
+        return tl.join(a, b)
+    else:
+        a = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
+                  h0, 2 * step, n // 2, H)  # fmt: skip
+        b = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
+                  h0 + step, 2 * step, n // 2, H)  # fmt: skip
+        return tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], n))
+
+
+@triton.jit
+def _dots_acc(
+    x3, Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr, acc3,
+    h0: tl.constexpr, step: tl.constexpr, n: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    """acc3 (R, C, n) with slot i += x3's slot i (R, K) @ Y_h, the (K, C) tile at
+    Y + h*syh + y_offs (x3 cast to Y's dtype)."""
+    if n == 2:
+        xa, xb = tl.split(x3)
+        aa, ab = tl.split(acc3)
+        y = tl.load(hint(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+        aa = tl.dot(xa.to(y.dtype), y, aa, input_precision="tf32x3")
+        if h0 + step < H:
+            y = tl.load(hint(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+            ab = tl.dot(xb.to(y.dtype), y, ab, input_precision="tf32x3")
+        return tl.join(aa, ab)
+    else:
+        xe, xo = tl.split(tl.reshape(x3, (x3.shape[0], x3.shape[1], n // 2, 2)))
+        ae, ao = tl.split(tl.reshape(acc3, (acc3.shape[0], acc3.shape[1], n // 2, 2)))
+        ae = _dots_acc(xe, Y, y_offs, y_mask, syh, VY0, VY1, ae, h0, 2 * step, n // 2, H)
+        ao = _dots_acc(xo, Y, y_offs, y_mask, syh, VY0, VY1, ao, h0 + step, 2 * step, n // 2, H)
+        return tl.reshape(tl.join(ae, ao), (acc3.shape[0], acc3.shape[1], n))
+
+
+@triton.jit
+def _slot(x3, hs, i: tl.constexpr):
+    """(R, C): slot i of x3. The head axis lies in each thread's registers, so the
+    selects fold to register moves (-0.0 is the identity of the sum)."""
+    return tl.sum(tl.where(hs[None, None, :] == i, x3, -0.0), 2)
+
+
+@triton.jit
+def _mix(x3, W, s_out, s_in, hs, H: tl.constexpr, w_scale=1.0):
+    """(R, C, HP): slot o = sum_j w_scale * W[o, j] x3[..., j] for o < H (zeros above);
+    W[o, j] at W + o*s_out + j*s_in, read in float32. An FMA chain per output slot."""
+    out = tl.zeros_like(x3)
+    for o in tl.static_range(H):
+        acc = _slot(x3, hs, 0) * (tl.load(W + o * s_out).to(tl.float32) * w_scale)
+        for j in tl.static_range(1, H):
+            w = tl.load(W + o * s_out + j * s_in).to(tl.float32) * w_scale
+            acc += _slot(x3, hs, j) * w
+        out = tl.where(hs[None, None, :] == o, acc[:, :, None], out)
+    return out
+
+
+@triton.jit
+def _group(x3, hs, G0: tl.constexpr, GP: tl.constexpr):
+    """(R, C, GP): slots G0 .. G0 + GP - 1 of x3 (selects that fold to register moves)."""
+    if GP == x3.shape[2]:
+        return x3
+    gs = tl.arange(0, GP)
+    out = tl.zeros([x3.shape[0], x3.shape[1], GP], x3.dtype)
+    for f in tl.static_range(GP):
+        out = tl.where(gs[None, None, :] == f, _slot(x3, hs, G0 + f)[:, :, None], out)
+    return out
+
+
+@triton.jit
+def _logits(s3, PRE_W, s_out, s_in, hs, qk_scale, H: tl.constexpr, HAS_PRE: tl.constexpr):
+    """l in log2 units from the products s3 = q.k: pre-mixed with the weights scaled."""
+    if HAS_PRE:
+        l3 = _mix(s3, PRE_W, s_out, s_in, hs, H, qk_scale)
+    else:
+        l3 = s3 * qk_scale
+    return l3
+
+
+@triton.jit
+def _outer_rows(a3, b3, n: tl.constexpr):
+    """(R, HP, n): [r, j, i] = sum over the tile's columns c of a3[r, c, i] * b3[r, c, j]."""
+    if n == 2:
+        ae, ao = tl.split(a3)
+        return tl.join(tl.sum(ae[:, :, None] * b3, 1), tl.sum(ao[:, :, None] * b3, 1))
+    else:
+        ae, ao = tl.split(tl.reshape(a3, (a3.shape[0], a3.shape[1], n // 2, 2)))
+        e = _outer_rows(ae, b3, n // 2)
+        o = _outer_rows(ao, b3, n // 2)
+        return tl.reshape(tl.join(e, o), (a3.shape[0], b3.shape[2], n))
+
+
+@triton.jit
+def _load_vector(Vp, s0, hs, H: tl.constexpr, PRESENT: tl.constexpr, fill):
+    """(1, 1, HP) float32 vector; `fill` where absent, 0 in padding slots."""
+    if PRESENT:
+        x = tl.load(Vp + hs * s0, mask=hs < H, other=0.0).to(tl.float32)
+    else:
+        x = tl.where(hs < H, fill, 0.0)
+    return x[None, None, :]
+
+
+@triton.jit
+def _probs(l3, lse3, ok3, POST_W, s_out, s_in, post_b, hs, H: tl.constexpr,
+           HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr):  # fmt: skip
+    """p = exp2(l - lse) (log2 units; 0 where ok3 is false) and r, p post-mixed."""
+    p = tl.where(ok3, tl.exp2(l3 - lse3), 0.0)
+    r = p
+    if HAS_POST:
+        r = _mix(p, POST_W, s_out, s_in, hs, H)
+        if HAS_POST_B:
+            r += post_b
+    return p, r
+
+
+@triton.jit
+def _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h):
+    """dr from dn through n = x^ w + beta, x^ = (r - mean) rho (means over real heads)."""
+    g = dn3 * norm_w
+    mg = tl.sum(g, 2) * inv_h
+    mgx = tl.sum(g * xhat, 2) * inv_h
+    return rho[:, :, None] * (g - mg[:, :, None] - xhat * mgx[:, :, None]) * valid
+
+
+@triton.jit
+def _head_norm(r3, norm_w, norm_b, valid, inv_h, eps):
+    """LayerNorm over the head slots (valid: 1 for real heads): n, x^ and rho (R, C)."""
+    mean = tl.sum(r3 * valid, 2) * inv_h
+    xc = (r3 - mean[:, :, None]) * valid
+    rho = tl.rsqrt(tl.sum(xc * xc, 2) * inv_h + eps)
+    xhat = xc * rho[:, :, None]
+    return xhat * norm_w + norm_b, xhat, rho
+
+
+# ----------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pre0, stride_pre1, stride_post0, stride_post1, stride_postb, stride_nw, stride_nb,
+    NQ, NK, NUM_QB, qk_scale, eps,  # qk_scale: scale * log2(e)
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_QB
+    b = (pid // NUM_QB).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < NQ
+    hs = tl.arange(0, HP)  # the head of each slot
+    valid = (hs < H).to(tl.float32)[None, None, :]
+    inv_h = 1.0 / H
+
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
+    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+
+    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
+    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
+    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+
+    # pass 1: row max and sum of every mixed head (log2 units)
+    m_i = tl.full([BLOCK_M, HP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M, HP], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
+        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+        s3 = tl.where(n_ok[None, :, None], s3, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s3, 1))
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(tl.exp2(s3 - m_new[:, None, :]), 1)
+        m_i = m_new
+    lse2 = m_i + tl.log2(l_i)  # (BM, HP)
+
+    # pass 2: normalised, mixed (and normed) probabilities times v
+    acc = tl.zeros([BLOCK_M, BLOCK_DV, HP], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+        ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
+        _, n3 = _probs(s3, lse2[:, None, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs,
+                       H, HAS_POST, HAS_POST_B)
+        if HAS_NORM:
+            n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
+        v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
+        v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+        acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
+
+    # out (B, H, NQ, DV) and lse (B, H, NQ) contiguous
+    o_ptrs = (
+        O + (b * H + hs[None, None, :]) * NQ * DV
+        + offs_m[:, None, None] * DV + offs_dv[None, :, None]
+    )  # fmt: skip
+    o_mask = m_ok[:, None, None] & (offs_dv[None, :, None] < DV) & (hs[None, None, :] < H)
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(
+        LSE + (b * H + hs[None, :]) * NQ + offs_m[:, None],
+        lse2 * 0.6931471805599453,
+        mask=m_ok[:, None] & (hs[None, :] < H),
+    )
+
+
+# ----------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _tile_bwd(
+    s3, qk_scale, lse3, ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+    POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+    H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    """From a tile's products s3 = q.k and dn3 = <do, v>: p, n, x^ (n without the head
+    norm), dr and dp (the gradients of r and of p)."""
+    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+    p, r = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
+                  HAS_POST_B)  # fmt: skip
+    n = r
+    xhat = r
+    dr = dn3
+    if HAS_NORM:
+        n, xhat, rho = _head_norm(r, norm_w, norm_b, valid, inv_h, eps)
+        dr = _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h)
+    dp = dr
+    if HAS_POST:  # dp_g = sum_f P[f, g] dr_f: the transposed mixing
+        dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, H)
+    return p, n, xhat, dr, dp
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, PART,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_pre0, stride_pre1, stride_post0, stride_post1, stride_postb, stride_nw, stride_nb,
+    NQ, NK, NUM_QB, NPART, qk_scale, eps,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+):  # fmt: skip
+    """delta (B, H, NQ) and this program's row of PART: dP (HP x HP, [f, g]), dc, dw, dbeta."""
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_QB
+    b = (pid // NUM_QB).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < NQ
+    hs = tl.arange(0, HP)
+    valid = (hs < H).to(tl.float32)[None, None, :]
+    inv_h = 1.0 / H
+    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
+    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
+    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    Gb = DO + b * stride_gb
+    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
+    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+    g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
+    g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    row_ok = m_ok[:, None] & (hs[None, :] < H)
+    rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
+    lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    delta = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_dp = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, g, f]
+    acc_dc = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_dw = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
+        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
+        vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, 1, VG, Vb, vt_offs, vt_mask, stride_vh, VV, 1,
+                    0, 1, HP, H)
+        ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+        p, _, xhat, dr, dp = _tile_bwd(
+            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
+        )  # fmt: skip
+        delta += tl.sum(p * dp, 1)
+        if HAS_NORM:
+            acc_dw += tl.sum(dn3 * xhat, 1)
+            acc_db += tl.sum(dn3, 1)
+        if HAS_POST:
+            acc_dp += _outer_rows(dr, p, HP)
+            if HAS_POST_B:
+                acc_dc += tl.sum(dr, 1)
+
+    tl.store(DELTA + rows, delta, mask=row_ok)
+    part = PART + pid.to(tl.int64) * NPART
+    if HAS_POST:
+        tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_dp, 0))  # dP[f, g]
+        if HAS_POST_B:
+            tl.store(part + HP * HP + hs, tl.sum(acc_dc, 0))
+    if HAS_NORM:
+        tl.store(part + HP * HP + HP + hs, tl.sum(acc_dw, 0))
+        tl.store(part + HP * HP + 2 * HP + hs, tl.sum(acc_db, 0))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DQ_, PART,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_pre0, stride_pre1, stride_post0, stride_post1, stride_postb, stride_nw, stride_nb,
+    NQ, NK, NUM_QB, NPART, qk_scale, sm_scale, eps,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    G0: tl.constexpr, GP: tl.constexpr, WITH_DQ: tl.constexpr, WITH_DA: tl.constexpr,
+):  # fmt: skip
+    """With WITH_DQ: dq (B, H, NQ, DK) of the heads G0 .. G0 + GP - 1. With WITH_DA:
+    this program's row of PART, dA (HP x HP, [g, h]). (One launch doing both needs more
+    registers than a thread has at CaiT's shapes.)"""
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_QB
+    b = (pid // NUM_QB).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < NQ
+    hs = tl.arange(0, HP)
+    valid = (hs < H).to(tl.float32)[None, None, :]
+    inv_h = 1.0 / H
+    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
+    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
+    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    Gb = DO + b * stride_gb
+    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
+    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+    g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
+    g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    row_ok = m_ok[:, None] & (hs[None, :] < H)
+    rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
+    lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DK, GP], tl.float32)
+    acc_da = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, h, g]
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
+        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
+        vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
+        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
+                   0, 1, HP, H)
+        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, 1, VG, Vb, vt_offs, vt_mask, stride_vh, VV, 1,
+                    0, 1, HP, H)
+        ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+        p, _, _, _, dp = _tile_bwd(
+            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
+        )  # fmt: skip
+        ds = p * (dp - delta[:, None, :])  # d l
+        if WITH_DA:
+            acc_da += _outer_rows(ds, s3, HP)
+        if WITH_DQ:
+            if HAS_PRE:
+                ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H)  # sum_g A[g, h] dl_g
+            k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
+            k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
+            dq = _dots_acc(
+                _group(ds, hs, G0, GP), Kb + G0 * stride_kh, k_offs, k_mask, stride_kh, 1, VK,
+                dq, 0, 1, GP, H - G0,
+            )  # fmt: skip
+
+    if WITH_DQ:
+        gs = G0 + tl.arange(0, GP)
+        dq_ptrs = (
+            DQ_ + (b * H + gs[None, None, :]) * NQ * DK
+            + offs_m[:, None, None] * DK + offs_dk[None, :, None]
+        )  # fmt: skip
+        dq_mask = m_ok[:, None, None] & (offs_dk[None, :, None] < DK) & (gs[None, None, :] < H)
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ_.dtype.element_ty), mask=dq_mask)
+    if WITH_DA:  # s = scale * q.k
+        part = PART + pid.to(tl.int64) * NPART
+        tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_da, 0) * sm_scale)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DK_, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_pre0, stride_pre1, stride_post0, stride_post1, stride_postb, stride_nw, stride_nb,
+    NQ, NK, NUM_KB, qk_scale, sm_scale, eps,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    G0: tl.constexpr, GP: tl.constexpr,
+):  # fmt: skip
+    """dk (B, H, NK, DK) and dv (B, H, NK, DV) of the heads G0 .. G0 + GP - 1: a program
+    per key block, transposed tiles (keys x queries) over the query blocks."""
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_KB
+    b = (pid // NUM_KB).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < NK
+    hs = tl.arange(0, HP)
+    valid = (hs < H).to(tl.float32)[None, None, :]
+    inv_h = 1.0 / H
+    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
+    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
+    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    Gb = DO + b * stride_gb
+    k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
+    k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
+    v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+    col_ok = n_ok[:, None] & (hs[None, :] < H)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV, GP], tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < NQ
+        qt_offs = offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd  # (BDK, BM)
+        qt_mask = m_ok[None, :] & (offs_dk[:, None] < DK)
+        gt_offs = offs_m[None, :] * stride_gn + offs_dv[:, None] * stride_gd  # (BDV, BM)
+        gt_mask = m_ok[None, :] & (offs_dv[:, None] < DV)
+        row_ok = m_ok[:, None] & (hs[None, :] < H)
+        rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
+        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK, Qb, qt_offs, qt_mask, stride_qh, VQ, 1,
+                    0, 1, HP, H)
+        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV, Gb, gt_offs, gt_mask, stride_gh, VG, 1,
+                     0, 1, HP, H)
+        ok3 = col_ok[:, None, :] & row_ok[None, :, :]
+        p, n, _, _, dp = _tile_bwd(
+            st3, qk_scale, lse2[None, :, :], ok3, dnt3, PRE_W, stride_pre0, stride_pre1,
+            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
+        )  # fmt: skip
+        g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
+        g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        dv = _dots_acc(
+            _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
+            0, 1, GP, H - G0,
+        )  # fmt: skip
+        ds = p * (dp - delta[None, :, :])  # d l
+        if HAS_PRE:
+            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H)
+        q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
+        q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+        dk = _dots_acc(
+            _group(ds, hs, G0, GP), Qb + G0 * stride_qh, q_offs, q_mask, stride_qh, 1, VQ, dk,
+            0, 1, GP, H - G0,
+        )  # fmt: skip
+
+    gs = G0 + tl.arange(0, GP)
+    base = (b * H + gs[None, None, :]) * NK + offs_n[:, None, None]
+    mask = n_ok[:, None, None] & (gs[None, None, :] < H)
+    tl.store(
+        DK_ + base * DK + offs_dk[None, :, None], (dk * sm_scale).to(DK_.dtype.element_ty),
+        mask=mask & (offs_dk[None, :, None] < DK),
+    )
+    tl.store(
+        DV_ + base * DV + offs_dv[None, :, None], dv.to(DV_.dtype.element_ty),
+        mask=mask & (offs_dv[None, :, None] < DV),
+    )
+
+
+# ----------------------------------------------------------------------------
+# configs: small deterministic heuristics of the shape, checked by the ahead-of-time
+# compiles (tests/test_compile_budget.py) to fit the registers on sm_80 and sm_90a.
+# The envelope they cover (vitkernels.ops.head_mixing.MAX_HEADS, MAX_HEAD_DIM): H <= 4,
+# Dk and Dv <= 64; rows 16-byte aligned (``supports``) or not (element by element).
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """One kernel launch: the constexprs and launch options the heuristics chose."""
+
+    kernel: object
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
+    return dict(
+        H=heads, HP=max(2, _pow2(heads)), BLOCK_DK=max(16, _pow2(dk)), BLOCK_DV=max(16, _pow2(dv)),
+        DK=dk, DV=dv, **flags,
+    )  # fmt: skip
+
+
+def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Config:
+    c = _common(heads, dk, dv, flags)
+    if nq > 16:  # 64 query rows on one warpgroup (wgmma on sm_90a)
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), 4, 1)
+    # a few query rows (CaiT's class attention: 1)
+    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
+
+
+def _groups(heads: int, hp: int, gp: int) -> list[dict]:
+    """The head groups (G0, GP) of the launches of one kernel: GP heads each."""
+    gp = min(gp, hp)
+    return [dict(G0=g0, GP=gp) for g0 in range(0, heads, gp)]
+
+
+def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tuple:
+    """(delta launch, dq launches, dkdv launches). dq and dkdv hold the gradients of
+    two heads per launch (every launch recomputes the tile chain: the gradients of all
+    of a block's heads do not fit a thread's registers beside it); dA has a launch of
+    its own. The dq launches share one BLOCK_M (the rows of dA's partial sums)."""
+    c = _common(heads, dk, dv, flags)
+    hp = c["HP"]
+    few = nq <= 16  # CaiT's class attention: one query
+    delta = dict(**c, BLOCK_M=16 if few else 64, BLOCK_N=16)
+    rows = dict(**c, BLOCK_M=16, BLOCK_N=16)
+    # warps: ptxas's register targets (128/168/255) as the AOT compiles found them
+    # for triton 3.6 and 3.9 on sm_80/sm_90a (the q and dO tiles of every head stay
+    # in registers for the loop); with Triton's default floating-point fusion, 4 warps
+    # spilled (the dA launch at N196 and the head-norm dq at D64, sm_90a)
+    dq_warps = 2 if few else 8
+    dq = [(dict(**rows, **g, WITH_DQ=True, WITH_DA=False), dq_warps) for g in _groups(heads, hp, 2)]
+    if flags["HAS_PRE"]:
+        da = dict(rows, BLOCK_N=32 if few else 16, G0=0, GP=2, WITH_DQ=False, WITH_DA=True)
+        dq.append((da, 4 if few else 8))
+    # keys x queries tiles: the key block's k and v tiles of every head stay in
+    # registers for the whole loop
+    cols = dict(**c, BLOCK_M=16, BLOCK_N=16)
+    return (
+        _Config(_bwd_delta_kernel, delta, 4, 1),
+        [_Config(_bwd_dq_kernel, cx, warps, 1) for cx, warps in dq],
+        [_Config(_bwd_dkdv_kernel, dict(**cols, **g), 8, 1) for g in _groups(heads, hp, 2)],
+    )
+
+
+def _vector_width(t: torch.Tensor, offset_bytes: int) -> int:
+    """Elements per 16-byte vector when every row of t's last dim starts 16-byte aligned
+    (offset_bytes: the first element's address modulo 16) and the last dim is
+    contiguous and a whole number of vectors, else 1."""
+    v = 16 // t.element_size()
+    if t.stride(-1) != 1 or t.shape[-1] % v or offset_bytes % 16:
+        return 1
+    if any(st % v for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1):
+        return 1
+    return v
+
+
+def _offset_bytes(t: torch.Tensor) -> int:
+    """The start's offset into its storage in bytes (torch allocates storage 16-byte
+    aligned). 0 while torch.compile or torch.export traces: the launcher checks the
+    real address when the op runs (and reads element by element if it is not)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return 0
+    return t.storage_offset() * t.element_size()
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Reasons beyond the size limits (``vitkernels.ops.head_mixing.MAX_HEADS`` and
+    ``MAX_HEAD_DIM``, which dispatch checks) that the kernels do not take these
+    inputs (empty: they do): rows that are not 16-byte aligned. From the tensors'
+    layout only, so that it also runs on the fake tensors of torch.compile and
+    torch.export."""
+    reasons = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _vector_width(t, _offset_bytes(t)) == 1:
+            n = 16 // t.element_size()
+            reasons.append(
+                f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) does not have 16-byte "
+                f"aligned rows: the kernels need a contiguous last dim of a multiple of {n} "
+                f"elements, other strides multiples of {n} and an aligned start"
+            )
+    return reasons
+
+
+# ----------------------------------------------------------------------------
+# launchers
+
+_alloc = alloc  # every buffer the launchers write, outputs and partials (tests poison them)
+
+
+def _width(t: torch.Tensor | None) -> int:
+    return 1 if t is None else _vector_width(t, t.data_ptr())
+
+
+def _vecs(q, k, v, grad_out=None) -> dict:
+    """The vector widths of the operand tiles (1: element by element)."""
+    return dict(VQ=_width(q), VK=_width(k), VV=_width(v), VG=_width(grad_out))
+
+
+def _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm: bool) -> dict:
+    return dict(
+        HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
+        HAS_NORM=has_norm, HAS_NORM_W=has_norm and norm_w is not None,
+        HAS_NORM_B=has_norm and norm_b is not None,
+    )  # fmt: skip
+
+
+def _param_args(q: torch.Tensor, pre_w, post_w, post_b, norm_w, norm_b) -> tuple[list, list]:
+    """Pointers and strides of the parameters (q stands in for an absent one)."""
+
+    def mat(w):
+        return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
+
+    def vec(x):
+        return (q, 0) if x is None else (x, x.stride(0))
+
+    (pw, *ps), (qw, *qs) = mat(pre_w), mat(post_w)
+    (pb, pbs), (nw, nws), (nb, nbs) = vec(post_b), vec(norm_w), vec(norm_b)
+    return [pw, qw, pb, nw, nb], [*ps, *qs, pbs, nws, nbs]
+
+
+def _tag(q: torch.Tensor, k: torch.Tensor, params: tuple, flags: dict) -> str:
+    """The launch's name suffix: dtypes, shape, the stages present."""
+    B, H, NQ, DK = q.shape
+    pdt = next((SHORT[t.dtype] for t in params if t is not None), "-")
+    stages = "".join(c for c, on in (("A", flags["HAS_PRE"]), ("P", flags["HAS_POST"]),
+                                     ("c", flags["HAS_POST_B"]), ("n", flags["HAS_NORM"])) if on)  # fmt: skip
+    return f"{SHORT[q.dtype]},p{pdt},H{H},Nq{NQ},Nk{k.shape[2]},D{DK},{stages or 'plain'}"
+
+
+def head_mixing_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pre_w: torch.Tensor | None,
+    post_w: torch.Tensor | None,
+    post_b: torch.Tensor | None,
+    norm_w: torch.Tensor | None,
+    norm_b: torch.Tensor | None,
+    scale: float,
+    eps: float,
+    has_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    out = _alloc((B, H, NQ, DV), q.dtype, q.device)
+    lse = _alloc((B, H, NQ), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    params = (pre_w, post_w, post_b, norm_w, norm_b)
+    flags = _flags(*params, has_norm)
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags)
+    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    ptrs, strides = _param_args(q, *params)
+    args = [
+        q, k, v, *ptrs, out, lse, *q.stride(), *k.stride(), *v.stride(), *strides,
+        NQ, NK, num_qb, scale * _LOG2E, eps,
+    ]  # fmt: skip
+    launch(Launch(
+        f"head_mixing_fwd[{_tag(q, k, params, flags)}]", cfg.kernel, (num_qb * B,), args,
+        {**cfg.constexprs, **_vecs(q, k, v)}, cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, *params), writes=(out, lse),
+        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+    ))  # fmt: skip
+    return out, lse
+
+
+def head_mixing_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pre_w: torch.Tensor | None,
+    post_w: torch.Tensor | None,
+    post_b: torch.Tensor | None,
+    norm_w: torch.Tensor | None,
+    norm_b: torch.Tensor | None,
+    lse: torch.Tensor,
+    scale: float,
+    eps: float,
+    has_norm: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward: (dq, dk, dv, d_pre_w, d_post_w, d_post_b, d_norm_w, d_norm_b); the
+    parameter gradients are None where the parameter is. See the module docstring."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    dev = q.device
+    dq = _alloc((B, H, NQ, DK), q.dtype, dev)
+    dk = _alloc((B, H, NK, DK), q.dtype, dev)
+    dv = _alloc((B, H, NK, DV), q.dtype, dev)
+    params = (pre_w, post_w, post_b, norm_w, norm_b)
+    if B == 0:
+        return dq, dk, dv, *(None if t is None else torch.zeros_like(t) for t in params)
+    if _width(grad_out) == 1:  # the consumer's strides: read it aligned
+        grad_out = grad_out.contiguous()
+    flags = _flags(*params, has_norm)
+    delta_cfg, dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags)
+    HP = delta_cfg.constexprs["HP"]
+    ptrs, strides = _param_args(q, *params)
+    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
+    qk_scale = scale * _LOG2E
+    vecs = _vecs(q, k, v, grad_out)
+    tag = _tag(q, k, params, flags)
+    reads = (q, k, v, grad_out, *params, lse)
+
+    # delta, and per query block the partial sums of dP, dc, dw, dbeta (the columns of
+    # absent parameters are never written or read)
+    num_qb = triton.cdiv(NQ, delta_cfg.constexprs["BLOCK_M"])
+    delta = _alloc((B, H, NQ), torch.float32, dev)
+    npart = HP * HP + 3 * HP
+    part = _alloc((B * num_qb, npart), torch.float32, dev)
+    launch(Launch(
+        f"head_mixing_bwd_delta[{tag}]", delta_cfg.kernel, (num_qb * B,),
+        [q, k, v, grad_out, *ptrs, lse, delta, part, *common, NQ, NK, num_qb, npart, qk_scale, eps],
+        {**delta_cfg.constexprs, **vecs}, delta_cfg.num_warps, delta_cfg.num_stages,
+        reads=reads, writes=(delta, part),
+        loops={"start_n": triton.cdiv(NK, delta_cfg.constexprs["BLOCK_N"])},
+    ))  # fmt: skip
+    # dq of a head group per launch, or (a launch of its own) per query block the
+    # partial sums of dA
+    num_qb = triton.cdiv(NQ, dq_cfgs[0].constexprs["BLOCK_M"])
+    part_pre = _alloc((B * num_qb, HP * HP), torch.float32, dev)
+    for cfg in dq_cfgs:
+        c = cfg.constexprs
+        g0, gp = c["G0"], c["GP"]
+        what = "dA" if c["WITH_DA"] else f"dq,G{g0}"
+        launch(Launch(
+            f"head_mixing_bwd_dq[{tag},{what}]", cfg.kernel, (num_qb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dq, part_pre, *common,
+             NQ, NK, num_qb, HP * HP, qk_scale, scale, eps],
+            {**c, **vecs}, cfg.num_warps, cfg.num_stages,
+            reads=(*reads, delta), writes=(part_pre,) if c["WITH_DA"] else (dq[:, g0 : g0 + gp],),
+            loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
+        ))  # fmt: skip
+    num_kb = triton.cdiv(NK, dkdv_cfgs[0].constexprs["BLOCK_N"])
+    for cfg in dkdv_cfgs:
+        c = cfg.constexprs
+        g0, gp = c["G0"], c["GP"]
+        launch(Launch(
+            f"head_mixing_bwd_dkdv[{tag},G{g0}]", cfg.kernel, (num_kb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, eps],
+            {**c, **vecs}, cfg.num_warps, cfg.num_stages,
+            reads=(*reads, delta), writes=(dk[:, g0 : g0 + gp], dv[:, g0 : g0 + gp]),
+            loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
+        ))  # fmt: skip
+
+    # the parameters' gradients: per-program partial sums, added in a fixed order
+    post_mat = part[:, : HP * HP].view(-1, HP, HP)
+    vec_parts = part[:, HP * HP :].view(-1, 3, HP)
+
+    def grad(t, g):
+        return None if t is None else g.sum(dim=0).to(t.dtype)
+
+    return (
+        dq, dk, dv,
+        grad(pre_w, part_pre.view(-1, HP, HP)[:, :H, :H]), grad(post_w, post_mat[:, :H, :H]),
+        grad(post_b, vec_parts[:, 0, :H]), grad(norm_w if has_norm else None, vec_parts[:, 1, :H]),
+        grad(norm_b if has_norm else None, vec_parts[:, 2, :H]),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# the launches of one workload shape (ahead-of-time compiles, the estimate)
+
+
+def refusal(shape: HeadMixingShape) -> str | None:
+    """Why the kernels do not take this workload shape (dispatch gives it to the torch
+    backend), or None."""
+    from vitkernels.ops.head_mixing import MAX_HEAD_DIM, MAX_HEADS
+
+    if shape.heads > MAX_HEADS:
+        return f"H={shape.heads} heads is above the kernels' limit of {MAX_HEADS}"
+    if shape.head_dim > MAX_HEAD_DIM:
+        return f"D={shape.head_dim} is above the kernels' limit of {MAX_HEAD_DIM}"
+    if shape.head_dim % 8:
+        return f"D={shape.head_dim}: 16-bit rows of {2 * shape.head_dim} bytes are not 16-byte aligned"
+    return None
+
+
+def record_calls(
+    shape: HeadMixingShape,
+    batch: int,
+    dtype: torch.dtype,
+    direction: str,
+    tensor: TensorFactory,
+    param_dtype: torch.dtype | None = None,
+) -> None:
+    """Call the launcher of one direction ("fwd" or "bwd") as the models' layers call
+    the op (``shape.layout``), inputs made by ``tensor``; the mixing and norm
+    parameters in ``param_dtype`` (default: dtype; float32 under autocast)."""
+    why = refusal(shape)
+    if why is not None:
+        raise ValueError(f"head_mixing: the kernels do not take {shape}: {why}")
+    B, H, D, NQ, NK = batch, shape.heads, shape.head_dim, shape.nq, shape.nk
+    pdt = dtype if param_dtype is None else param_dtype
+    if shape.layout == "timm":  # qkv (B, N, 3, H, D) -> (3, B, H, N, D)
+        qkv = tensor((B, NK, 3, H, D), dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0][:, :, :NQ], qkv[1], qkv[2]
+    elif shape.norm:  # DeepViT: to_qkv(x).chunk(3), 'b n (h d) -> b h n d'
+        q, k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in tensor((B, NK, 3 * H * D), dtype).chunk(3, -1))
+    else:  # CaiT: to_q(x), to_kv(context).chunk(2), 'b n (h d) -> b h n d'
+        q = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in tensor((B, NK, 2 * H * D), dtype).chunk(2, -1))
+
+    def mixing() -> torch.Tensor:  # vit-pytorch's einsum('b h i j, h g') weight is W[in, out]
+        w = tensor((H, H), pdt)
+        return w if shape.layout == "timm" else w.t()
+
+    pre_w = mixing() if shape.pre else None
+    post_w = mixing() if shape.post else None
+    post_b = tensor((H,), pdt) if shape.post and shape.bias else None
+    norm_w, norm_b = (tensor((H,), pdt), tensor((H,), pdt)) if shape.norm else (None, None)
+    params = (pre_w, post_w, post_b, norm_w, norm_b)
+    scale = D**-0.5
+    if direction == "fwd":
+        head_mixing_attention_fwd(q, k, v, *params, scale, 1e-5, shape.norm)
+        return
+    # the output's gradient as the layer's 'b h n d -> b n (h d)' hands it back
+    grad_out = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
+    lse = tensor((B, H, NQ), torch.float32)
+    head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, scale, 1e-5, shape.norm)
