@@ -206,43 +206,49 @@ def _dw_kernel(
 def _dxn_kernel(
     x_ptr, dy_ptr, w_ptr, stats_ptr, dg_part, db_part,
     M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
-    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dxn = dy @ W for a (BLOCK_M, BLOCK_K) tile; column partial sums over the
-    tile's rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias).
+    """dxn = dy @ W for BLOCK_K columns over split s's row blocks; column partial
+    sums over those rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias),
+    element-wise per row block and reduced once at the end.
 
-    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),), the K tile fastest.
+    Grid: (cdiv(K, BLOCK_K), SPLIT).
     """
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_k
-    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_s = tl.program_id(1)
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
-    )
-    dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
-        dy_ptrs = _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC)
-        dy = tl.load(dy_ptrs, mask=_mask2(row_ok, n_ok, 1, DVEC), other=0.0)
-        w = tl.load(
-            _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
-            mask=_mask2(n_ok, k_ok, 1, WVEC),
-            other=0.0,
-        )
-        acc = tl.dot(dy, w, acc, input_precision=PREC)
     c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
-    xn, xhat = _norm_patch_tile(
-        x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
-        c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
-        True, False, False,
-    )
-    tl.store(dg_part + pid_m * K + offs_k, tl.sum(acc * xhat, axis=0), mask=k_ok)
-    tl.store(db_part + pid_m * K + offs_k, tl.sum(acc, axis=0), mask=k_ok)
+    dg = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    mb0 = pid_s * blocks_per_split
+    mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+        )
+        dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            dy_ptrs = _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC)
+            dy = tl.load(dy_ptrs, mask=_mask2(row_ok, n_ok, 1, DVEC), other=0.0)
+            w = tl.load(
+                _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
+                mask=_mask2(n_ok, k_ok, 1, WVEC),
+                other=0.0,
+            )
+            acc = tl.dot(dy, w, acc, input_precision=PREC)
+        xn, xhat = _norm_patch_tile(
+            x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+            c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
+            True, False, False,
+        )
+        dg += acc * xhat
+        db += acc  # rows past M and k >= K hold zeros (dy and W masked)
+    tl.store(dg_part + pid_s * K + offs_k, tl.sum(dg, axis=0), mask=k_ok)
+    tl.store(db_part + pid_s * K + offs_k, tl.sum(db, axis=0), mask=k_ok)
