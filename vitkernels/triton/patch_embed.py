@@ -522,12 +522,21 @@ def patch_embed_bwd(
     P = 0 if cls_token is None else cls_token.shape[0]
     dev, dtype = images.device, images.dtype
 
-    # position embedding and prefix tokens: sums over the batch
-    if want[6]:
+    # position embedding and prefix tokens: sums over the batch; one pass over grad_out
+    # serves all three where they overlap: the prefix tokens' gradient is the position
+    # gradient's first P rows (positions on every token) and, without an output norm,
+    # the bias gradient is the patch rows' position gradient summed over tokens
+    pos_sum = None  # (T, D) float32: grad_out summed over the batch
+    if want[6] or (want[7] and pos_embed is not None and pos_embed.shape[0] == P + g.L):
         rows = grad_out if pos_embed.shape[0] == P + g.L else grad_out[:, P:]
-        res[6] = rows.sum(dim=0, dtype=torch.float32).to(pos_embed.dtype)
+        pos_sum = rows.sum(dim=0, dtype=torch.float32)
+    if want[6]:
+        res[6] = pos_sum.to(pos_embed.dtype)
     if want[7]:
-        res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
+        if pos_sum is not None and pos_sum.shape[0] == P + g.L:
+            res[7] = pos_sum[:P].to(cls_token.dtype, copy=True)
+        else:
+            res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
     if not any(want[:6]):
         return tuple(res)
     if M == 0:
@@ -590,7 +599,9 @@ def patch_embed_bwd(
                 (images,), (stats,), {"k0": triton.cdiv(K, cfg.block_k)},
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
             )
-        if want[1]:
+        if want[1] and pos_sum is not None:
+            res[1] = pos_sum[pos_sum.shape[0] - g.L :].sum(dim=0).to(bias.dtype)
+        elif want[1]:
             res[1] = grad_out[:, P:].sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype)
         dy_t, dyP, (sdb, sdt, sdd) = grad_out, P, grad_out.stride()
     dvec = _run_vec(dy_t, -1, D)
