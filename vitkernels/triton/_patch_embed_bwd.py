@@ -19,6 +19,9 @@ from vitkernels.triton._patch_embed_fwd import (
     _chan_update,
     _idx,
     _in_norm_stats,
+    _k_advance,
+    _k_deltas,
+    _k_digits,
     _patch_rows,
     _patch_tile,
 )
@@ -37,16 +40,21 @@ def _patch_stats_kernel(
     offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
         pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
     )
-    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # element-wise, reduced after the loop
+    s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC)
+    dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = _patch_tile(
-            x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-            PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, offs_k < K, H, W, sxc, sxh, sxw,
+            MASK_HW, EVEN_M, EVEN_K, VEC,
         ).to(tl.float32)
-        s1 += tl.sum(a, axis=1)
-        s2 += tl.sum(a * a, axis=1)
+        s1 += a
+        s2 += a * a
+        c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
+    s1 = tl.sum(s1, axis=1)
+    s2 = tl.sum(s2, axis=1)
     mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
     tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
     tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
@@ -118,15 +126,15 @@ def _out_norm_bwd_kernel(
 @triton.jit
 def _norm_patch_tile(
     x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
-    K, C, H, W, KW, KHW, sxc, sxh, sxw,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    c, p, q, K, H, W, sxc, sxh, sxw,
+    MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr,
 ):
     """in_norm(patches) tile in float32 (raw patches without IN_NORM); zero where
     k >= K or the row is past M. Also returns xhat (the normalised patch)."""
     x = _patch_tile(
-        x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-        PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+        x_ptr, row_base, ih0, iw0, row_ok, c, p, q, offs_k < K, H, W, sxc, sxh, sxw,
+        MASK_HW, EVEN_M, EVEN_K, VEC,
     ).to(tl.float32)
     if IN_NORM:
         mu = tl.load(stats_ptr + offs_m * 2, mask=row_ok, other=0.0)
@@ -166,6 +174,7 @@ def _dw_kernel(
     offs_n = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = offs_n < D
+    c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     mb0 = pid_s * blocks_per_split
     mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
@@ -181,7 +190,7 @@ def _dw_kernel(
         )  # (BLOCK_N, BLOCK_M) = dy.T
         xn, xhat = _norm_patch_tile(
             x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
-            K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+            c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
             IN_NORM, HAS_GIN, HAS_BIN,
         )
         acc = tl.dot(dyt, xn.to(dyt.dtype), acc, input_precision=PREC)
@@ -197,42 +206,49 @@ def _dw_kernel(
 def _dxn_kernel(
     x_ptr, dy_ptr, w_ptr, stats_ptr, dg_part, db_part,
     M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
-    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dxn = dy @ W for a (BLOCK_M, BLOCK_K) tile; column partial sums over the
-    tile's rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias).
+    """dxn = dy @ W for BLOCK_K columns over split s's row blocks; column partial
+    sums over those rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias),
+    element-wise per row block and reduced once at the end.
 
-    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),), the K tile fastest.
+    Grid: (cdiv(K, BLOCK_K), SPLIT).
     """
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_k
-    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_s = tl.program_id(1)
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
-    )
-    dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
-        dy_ptrs = _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC)
-        dy = tl.load(dy_ptrs, mask=_mask2(row_ok, n_ok, 1, DVEC), other=0.0)
-        w = tl.load(
-            _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
-            mask=_mask2(n_ok, k_ok, 1, WVEC),
-            other=0.0,
+    c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
+    dg = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    mb0 = pid_s * blocks_per_split
+    mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
         )
-        acc = tl.dot(dy, w, acc, input_precision=PREC)
-    xn, xhat = _norm_patch_tile(
-        x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
-        K, C, H, W, KW, KHW, sxc, sxh, sxw, PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
-        True, False, False,
-    )
-    tl.store(dg_part + pid_m * K + offs_k, tl.sum(acc * xhat, axis=0), mask=k_ok)
-    tl.store(db_part + pid_m * K + offs_k, tl.sum(acc, axis=0), mask=k_ok)
+        dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            dy_ptrs = _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC)
+            dy = tl.load(dy_ptrs, mask=_mask2(row_ok, n_ok, 1, DVEC), other=0.0)
+            w = tl.load(
+                _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
+                mask=_mask2(n_ok, k_ok, 1, WVEC),
+                other=0.0,
+            )
+            acc = tl.dot(dy, w, acc, input_precision=PREC)
+        xn, xhat = _norm_patch_tile(
+            x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+            c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
+            True, False, False,
+        )
+        dg += acc * xhat
+        db += acc  # rows past M and k >= K hold zeros (dy and W masked)
+    tl.store(dg_part + pid_s * K + offs_k, tl.sum(dg, axis=0), mask=k_ok)
+    tl.store(db_part + pid_s * K + offs_k, tl.sum(db, axis=0), mask=k_ok)

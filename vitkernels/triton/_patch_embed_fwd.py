@@ -41,26 +41,67 @@ def _patch_rows(
 
 
 @triton.jit
-def _patch_tile(
-    x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
-    VEC: tl.constexpr,
-):
-    """(BLOCK_M, BLOCK_K) tile of unfold(images): zero outside the image (padding)."""
+def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr):
+    """k -> its (c, p, q) in the patch (integer divisions: once per program)."""
     if PQC:  # k = (p * KW + q) * C + c
         c = offs_k % C
         pq = offs_k // C
     else:  # k = c * KH * KW + p * KW + q
         c = offs_k // KHW
         pq = offs_k % KHW
-    p = pq // KW
-    q = pq % KW
+    return c, pq // KW, pq % KW
+
+
+@triton.jit
+def _k_deltas(C, KW, KHW, BLOCK_K: tl.constexpr, PQC: tl.constexpr):
+    """The digits of BLOCK_K (scalars), each below its radix but the outermost."""
+    if PQC:
+        return BLOCK_K % C, (BLOCK_K // (C * KW)), (BLOCK_K // C) % KW
+    return BLOCK_K // KHW, (BLOCK_K // KW) % (KHW // KW), BLOCK_K % KW
+
+
+@triton.jit
+def _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC: tl.constexpr):
+    """The digits of k + BLOCK_K from those of k: a mixed-radix add (no division).
+    The outermost digit grows past its radix for k >= K (masked by the caller)."""
+    if PQC:  # radices: c (C) fastest, then q (KW), then p
+        c = c + dc
+        cy = c >= C
+        c = tl.where(cy, c - C, c)
+        q = q + dq + cy.to(tl.int32)
+        cy = q >= KW
+        q = tl.where(cy, q - KW, q)
+        p = p + dp + cy.to(tl.int32)
+    else:  # radices: q (KW) fastest, then p (KH), then c
+        KH = KHW // KW
+        q = q + dq
+        cy = q >= KW
+        q = tl.where(cy, q - KW, q)
+        p = p + dp + cy.to(tl.int32)
+        cy = p >= KH
+        p = tl.where(cy, p - KH, p)
+        c = c + dc + cy.to(tl.int32)
+    return c, p, q
+
+
+@triton.jit
+def _patch_tile(
+    x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
+    MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_K) tile of unfold(images) for the k whose digits are (c, p, q):
+    zero outside the image (padding), past M and where k_ok is false."""
     col = c * sxc + p * sxh + q * sxw
     ptrs = _hint(x_ptr, row_base[:, None] + col[None, :], 1, VEC)
     if MASK_HW:
-        ih = ih0[:, None] + p[None, :]
-        iw = iw0[:, None] + q[None, :]
-        mask = row_ok[:, None] & (offs_k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        # rows past M and k >= K pushed out of the image along h, then one unsigned
+        # compare per bound and element (a negative coordinate wraps above H, W)
+        far = 1 << 30
+        ih0m = tl.where(row_ok, ih0, far)
+        pm = tl.where(k_ok, p, far)
+        ih = (ih0m[:, None] + pm[None, :]).to(tl.uint32)
+        iw = (iw0[:, None] + q[None, :]).to(tl.uint32)
+        mask = (ih < H.to(tl.uint32)) & (iw < W.to(tl.uint32))
         if VEC > 1:
             mask = tl.max_constancy(mask, [1, VEC])
         return tl.load(ptrs, mask=mask, other=0.0)
@@ -69,7 +110,7 @@ def _patch_tile(
     elif EVEN_K:
         return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        return tl.load(ptrs, mask=_mask2(row_ok, offs_k < K, 1, VEC), other=0.0)
+        return tl.load(ptrs, mask=_mask2(row_ok, k_ok, 1, VEC), other=0.0)
 
 
 @triton.jit
@@ -84,13 +125,17 @@ def _gemm_rows(
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM also the
     rows' sum and sum of squares over K (float32)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # the input norm's sums, element-wise per K step and reduced once after the loop
+    s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC)
+    dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
         a = _patch_tile(
-            x_ptr, row_base, ih0, iw0, row_ok, offs_k, K, C, H, W, KW, KHW, sxc, sxh, sxw,
-            PQC, MASK_HW, EVEN_M, EVEN_K, VEC,
+            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
+            MASK_HW, EVEN_M, EVEN_K, VEC,
         )
         w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
         if EVEN_K and EVEN_N:
@@ -98,13 +143,14 @@ def _gemm_rows(
         elif EVEN_K:
             b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            b = tl.load(w_ptrs, mask=_mask2(offs_k < K, n_ok, WVEC, 1), other=0.0)
+            b = tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
         if IN_NORM:
             af = a.to(tl.float32)
-            s1 += tl.sum(af, axis=1)
-            s2 += tl.sum(af * af, axis=1)
+            s1 += af
+            s2 += af * af
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    return acc, s1, s2
+        c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
+    return acc, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
 
 
 @triton.jit

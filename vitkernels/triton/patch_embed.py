@@ -62,8 +62,9 @@ Backward: the patch rows' pre-norm tokens are recomputed with the forward kernel
 (``_out_norm_bwd_kernel``), dW = dy.T @ in_norm(patches) is a split-M GEMM that
 gathers the patches again (``_dw_kernel``), and the input norm's affine grads
 come from dxn = dy @ W with the normalised patch in the epilogue
-(``_dxn_kernel``); the small sums over the batch (pos, cls, bias, partials) are
-torch reductions.
+(``_dxn_kernel``, split along the rows like dW); the small sums over the batch
+(pos, cls, bias, partials) are torch reductions. The row splits fill the SMs in
+whole waves (``_row_split``).
 
 Block sizes come from ``fwd_config`` / ``bwd_config``: a small deterministic
 heuristic of the shape (a GPU tuning pass may change them); tests monkeypatch
@@ -272,8 +273,25 @@ def bwd_config(M: int, D: int, K: int, dtype: torch.dtype, interpret: bool, sms:
         warps, stages = 8, 2 if wide else 3
     tiles = triton.cdiv(D, block_n) * triton.cdiv(K, block_k)
     m_blocks = triton.cdiv(M, block_m)
-    split = max(1, min(m_blocks, triton.cdiv(4 * sms, tiles)))
+    split = max(1, min(m_blocks, triton.cdiv(4 * sms, tiles))) if interpret else _row_split(tiles, m_blocks, sms)
     return BwdConfig(block_m, block_n, block_k, warps, stages, split)
+
+
+_PER_SM = 3  # resident programs per SM of the dW and dxn kernels (sm_90a, as compiled)
+
+
+def _row_split(tiles: int, m_blocks: int, sms: int) -> int:
+    """Programs along the rows for a reduction over m_blocks row blocks whose output
+    has `tiles` tiles: the fewest splits that minimise (waves) x (row blocks per
+    program), so the last wave is not a thin tail (fewer splits: smaller partials)."""
+    slots = sms * _PER_SM
+
+    def cost(s: int) -> int:
+        return triton.cdiv(tiles * s, slots) * triton.cdiv(m_blocks, s)
+
+    candidates = range(1, min(m_blocks, triton.cdiv(8 * slots, tiles)) + 1)  # up to 8 waves
+    best = min(cost(s) for s in candidates)
+    return next(s for s in candidates if cost(s) <= best * 1.02)
 
 
 def _sms(device: torch.device) -> int:
@@ -504,12 +522,21 @@ def patch_embed_bwd(
     P = 0 if cls_token is None else cls_token.shape[0]
     dev, dtype = images.device, images.dtype
 
-    # position embedding and prefix tokens: sums over the batch
-    if want[6]:
+    # position embedding and prefix tokens: sums over the batch; one pass over grad_out
+    # serves all three where they overlap: the prefix tokens' gradient is the position
+    # gradient's first P rows (positions on every token) and, without an output norm,
+    # the bias gradient is the patch rows' position gradient summed over tokens
+    pos_sum = None  # (T, D) float32: grad_out summed over the batch
+    if want[6] or (want[7] and pos_embed is not None and pos_embed.shape[0] == P + g.L):
         rows = grad_out if pos_embed.shape[0] == P + g.L else grad_out[:, P:]
-        res[6] = rows.sum(dim=0, dtype=torch.float32).to(pos_embed.dtype)
+        pos_sum = rows.sum(dim=0, dtype=torch.float32)
+    if want[6]:
+        res[6] = pos_sum.to(pos_embed.dtype)
     if want[7]:
-        res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
+        if pos_sum is not None and pos_sum.shape[0] == P + g.L:
+            res[7] = pos_sum[:P].to(cls_token.dtype, copy=True)
+        else:
+            res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
     if not any(want[:6]):
         return tuple(res)
     if M == 0:
@@ -572,7 +599,9 @@ def patch_embed_bwd(
                 (images,), (stats,), {"k0": triton.cdiv(K, cfg.block_k)},
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
             )
-        if want[1]:
+        if want[1] and pos_sum is not None:
+            res[1] = pos_sum[pos_sum.shape[0] - g.L :].sum(dim=0).to(bias.dtype)
+        elif want[1]:
             res[1] = grad_out[:, P:].sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype)
         dy_t, dyP, (sdb, sdt, sdd) = grad_out, P, grad_out.stride()
     dvec = _run_vec(dy_t, -1, D)
@@ -594,12 +623,18 @@ def patch_embed_bwd(
         )
         res[0] = _reorder(ws.sum(dim=0), g, order, patch_order).to(weight.dtype)
     if want[2] or want[3]:
-        dparts = _new((2, m_blocks, K), device=dev, dtype=torch.float32)
+        num_k = triton.cdiv(K, cfg.block_k)
+        split = cfg.split if interpret else _row_split(num_k, m_blocks, _sms(dev))
+        blocks_per_split = triton.cdiv(m_blocks, split)
+        split = triton.cdiv(m_blocks, blocks_per_split)
+        dparts = _new((2, split, K), device=dev, dtype=torch.float32)
         run(
-            "patch_embed_dxn", _dxn_kernel, (m_blocks * triton.cdiv(K, cfg.block_k),),
+            "patch_embed_dxn", _dxn_kernel, (num_k, split),
             [images, dy_t, w_k, stats, dparts[0], dparts[1],
-             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1)],
-            (images, dy_t, w_k, stats), (dparts,), {"n0": triton.cdiv(D, cfg.block_n)},
+             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1),
+             blocks_per_split],
+            (images, dy_t, w_k, stats), (dparts,),
+            {"mb": m_blocks / split, "n0": triton.cdiv(D, cfg.block_n)},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
             WVEC=_run_vec(w_k, 1, K), PREC=dot_precision(dtype),
         )
