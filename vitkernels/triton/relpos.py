@@ -67,17 +67,44 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _bias_kernel(
+    T, BIAS,
+    stride_th, stride_tn,
+    NQ, NK, C, CQ, S, NQP, NKP, NUM_QB, NUM_KB,
+    bias_scale,  # multiplied by log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """bias[h, i, j] = bias_scale * table[h, |dr|*C + |dc|] in log2 units, float32, on
+    the (NQP, NKP) padded grid of queries i and keys j: -inf in the padded key columns
+    (no key there), 0 in the padded query rows (finite; their outputs are not stored)."""
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_KB
+    rest = pid // NUM_KB
+    pid_m = rest % NUM_QB
+    h = rest // NUM_QB
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NK
+    ok = (offs_m < NQ)[:, None] & n_ok[None, :]
+    dr = tl.abs(((offs_m // CQ) * S)[:, None] - (offs_n // C)[None, :])
+    dc = tl.abs(((offs_m % CQ) * S)[:, None] - (offs_n % C)[None, :])
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=ok, other=0.0)
+    bias = tl.where(n_ok[None, :], t.to(tl.float32) * bias_scale, float("-inf"))
+    row = h.to(tl.int64) * NQP + offs_m
+    tl.store(BIAS + row[:, None] * NKP + offs_n[None, :], bias)
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, T, O, LSE,
+    Q, K, V, BIAS, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_th, stride_tn,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, NK, C, CQ, S, NUM_QB,
-    qk_scale, bias_scale,  # both already multiplied by log2(e)
+    H, NQ, NK, NQP, NKP, NUM_QB,
+    qk_scale,  # multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -87,57 +114,41 @@ def _fwd_kernel(
     h = pid_bh % H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < NQ
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    q_row = (offs_m // CQ) * S  # query position on the key grid
-    q_col = (offs_m % CQ) * S
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    # the head's bias table row, padded to TP, in registers (float32)
-    offs_t = tl.arange(0, TP)
-    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < NK, other=0.0)
-    table = table.to(tl.float32)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    b_ptrs = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP + offs_n[None, :]  # padded: no mask
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt = tl.load(
-            k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
-            mask=n_ok[None, :] & (offs_dk[:, None] < DK),
-            other=0.0,
-        )  # (BLOCK_DK, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        k_row = offs_n // C
-        k_col = offs_n % C
-        # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
-        # table (padding pairs read some entry; they are masked below)
-        idx = tl.abs(q_row[:, None] - k_row[None, :]) * C + tl.abs(q_col[:, None] - k_col[None, :])
-        idx = tl.minimum(idx, TP - 1)
-        bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
-        bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
-        s = tl.where(n_ok[None, :], s + bias * bias_scale, float("-inf"))
+        # the key mask is on the loads only: a padded key's bias is -inf
+        n_ok = start_n + offs_n < NK
+        kt = tl.load(k_ptrs, mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + tl.load(b_ptrs)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        b_ptrs += BLOCK_N
 
-    acc = acc / l_i[:, None]
+    acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
     tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_ok)
 
@@ -425,7 +436,7 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     block_n = min(64, max(16, _pow2(nk)))
     warps = 8 if block_m * bdv > 64 * 64 else 4
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
@@ -506,6 +517,28 @@ def _tag(q: torch.Tensor, nk: int, dv: int, q_stride: int) -> str:
     return f"{SHORT[q.dtype]},Nq{NQ},Nk{nk},Dk{DK},Dv{dv},S{q_stride}"
 
 
+def _expand_bias(
+    table: torch.Tensor, rows: int, cols: int, q_stride: int, nq: int, pad_m: int, pad_n: int,
+    bias_scale: float, tag: str,
+) -> torch.Tensor:
+    """The table expanded to every (query, key) pair: (H, Nq, Nk) padded up to
+    multiples of (pad_m, pad_n), float32, times bias_scale in log2 units (``_bias_kernel``).
+    Built from the table on every call, so it is never stale."""
+    H, nk = table.shape
+    nqp, nkp = triton.cdiv(nq, pad_m) * pad_m, triton.cdiv(nk, pad_n) * pad_n
+    bias = _alloc((H, nqp, nkp), torch.float32, table.device)
+    bm, bn = min(64, pad_m), min(64, pad_n)
+    num_qb, num_kb = nqp // bm, nkp // bn
+    _, cq = _query_grid(rows, cols, q_stride)
+    launch(Launch(
+        f"relpos_bias[{tag}]", _bias_kernel, (H * num_qb * num_kb,),
+        [table, bias, *table.stride(), nq, nk, cols, cq, q_stride, nqp, nkp, num_qb, num_kb,
+         bias_scale * _LOG2E],
+        dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1, reads=(table,), writes=(bias,),
+    ))  # fmt: skip
+    return bias
+
+
 def relpos_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -524,17 +557,19 @@ def relpos_attention_fwd(
     lse = _alloc((B, H, NQ), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     cfg = _fwd_cfg(NQ, NK, DK, DV)
-    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
+    tag = _tag(q, NK, DV, q_stride)
+    bias = _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, block_m, block_n, bias_scale, tag)
+    num_qb = triton.cdiv(NQ, block_m)
     launch(Launch(
-        f"relpos_fwd[{_tag(q, NK, DV, q_stride)}]", _fwd_kernel, (num_qb * B * H,),
-        [q, k, v, table, out, lse,
-         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(),
-         H, NQ, NK, fmap_cols, cq, q_stride, num_qb, scale * _LOG2E, bias_scale * _LOG2E],
+        f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
+        [q, k, v, bias, out, lse,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         H, NQ, NK, bias.shape[1], bias.shape[2], num_qb, scale * _LOG2E],
         {**cfg.constexprs, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, table), writes=(out, lse),
-        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+        reads=(q, k, v, bias), writes=(out, lse),
+        loops={"start_n": triton.cdiv(NK, block_n)},
     ))  # fmt: skip
     return out, lse
 
