@@ -21,14 +21,20 @@ scale, bias_scale)``
     Returns dq (B, H, Nq, Dk), dk (B, H, Nk, Dk), dv (B, H, Nk, Dv) contiguous in
     q.dtype and dtable (H, R*C) contiguous in table.dtype.
 
-Kernels (FlashAttention-2 style; the bias is gathered per tile from the table at
-the query's grid position (s*(i // Cq), s*(i % Cq)) and the key's (j // C, j % C),
-so no (Nq x Nk) bias, logits or probability tensor is ever in memory):
+Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor is
+ever in memory):
 
+* ``_bias_kernel``: every call first expands the table into a float32 bias per
+  head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
+  (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C));
+  the backward's launch writes a second copy in the dQ kernel's slot order. Built
+  from the table on every call, never cached, so never stale; the attention
+  kernels load its tiles instead of gathering from the table.
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
-  over key blocks (any Nk), saves the logsumexp.
-* ``_bwd_delta_kernel``: delta = rowsum(dO * O).
-* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks.
+  over key blocks (any Nk; the last block's keys are masked on the loads only),
+  saves the logsumexp.
+* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks;
+  delta = rowsum(dO * O) is computed per query tile.
 * ``_bwd_dq_kernel``: dQ and the table gradient. Its blocks are aligned to grid
   rows (a query block is QR query-grid rows of CQP column slots, a key block KR
   key-grid rows of CP slots), so a tile of dS is a 4-d array (qr, qc, kr, kc)
@@ -37,8 +43,8 @@ so no (Nq x Nk) bias, logits or probability tensor is ever in memory):
   (qr, kr) block of dS by signed column offset dc = kc - s*qc and sums over qc,
   then the blocks are added into their |dr| rows; the result, indexed by (|dr|,
   dc), is summed over all key blocks and a group of batch entries. Each program
-  writes it to its own row of a float32 buffer (programs, H, R, offsets); the
-  launcher sums that over programs and folds dc into |dc| with torch slicing. No
+  writes it to its own row of a float32 buffer (programs, H, R, offsets).
+* ``_fold_kernel``: sums that buffer over programs and folds dc into |dc|. No
   atomics: the table gradient is deterministic (run to run, for a fixed config).
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
