@@ -21,14 +21,20 @@ scale, bias_scale)``
     Returns dq (B, H, Nq, Dk), dk (B, H, Nk, Dk), dv (B, H, Nk, Dv) contiguous in
     q.dtype and dtable (H, R*C) contiguous in table.dtype.
 
-Kernels (FlashAttention-2 style; the bias is gathered per tile from the table at
-the query's grid position (s*(i // Cq), s*(i % Cq)) and the key's (j // C, j % C),
-so no (Nq x Nk) bias, logits or probability tensor is ever in memory):
+Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor is
+ever in memory):
 
+* ``_bias_kernel``: every call first expands the table into a float32 bias per
+  head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
+  (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C));
+  the backward's launch writes a second copy in the dQ kernel's slot order. Built
+  from the table on every call, never cached, so never stale; the attention
+  kernels load its tiles instead of gathering from the table.
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
-  over key blocks (any Nk), saves the logsumexp.
-* ``_bwd_delta_kernel``: delta = rowsum(dO * O).
-* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks.
+  over key blocks (any Nk; the last block's keys are masked on the loads only),
+  saves the logsumexp.
+* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks;
+  delta = rowsum(dO * O) is computed per query tile.
 * ``_bwd_dq_kernel``: dQ and the table gradient. Its blocks are aligned to grid
   rows (a query block is QR query-grid rows of CQP column slots, a key block KR
   key-grid rows of CP slots), so a tile of dS is a 4-d array (qr, qc, kr, kc)
@@ -37,8 +43,8 @@ so no (Nq x Nk) bias, logits or probability tensor is ever in memory):
   (qr, kr) block of dS by signed column offset dc = kc - s*qc and sums over qc,
   then the blocks are added into their |dr| rows; the result, indexed by (|dr|,
   dc), is summed over all key blocks and a group of batch entries. Each program
-  writes it to its own row of a float32 buffer (programs, H, R, offsets); the
-  launcher sums that over programs and folds dc into |dc| with torch slicing. No
+  writes it to its own row of a float32 buffer (programs, H, R, offsets).
+* ``_fold_kernel``: sums that buffer over programs and folds dc into |dc|. No
   atomics: the table gradient is deterministic (run to run, for a fixed config).
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
@@ -48,6 +54,7 @@ Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -67,17 +74,56 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _bias_kernel(
+    T, BIAS,
+    stride_th, stride_tn,
+    RQ, CQ, R, C, S, PROGS1,
+    QW1, KW1, NQP1, NKP1, NUM_KB1,
+    OFF2, QW2, KW2, NQP2, NKP2, NUM_KB2,
+    bias_scale,  # multiplied by log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """bias[h, i, j] = bias_scale * table[h, |dr|*C + |dc|] in log2 units, float32, for
+    query slot i at query-grid cell (i // QW, i % QW) and key slot j at key-grid cell
+    (j // KW, j % KW) (QW = Cq, KW = C: token order; wider: grid-row aligned slots),
+    on an (NQP, NKP) padded grid: -inf where no key is, 0 where no query is (finite;
+    those outputs are not stored). Programs [0, PROGS1) write layout 1 at BIAS, the
+    rest layout 2 at BIAS + OFF2 (one launch for the backward's two layouts)."""
+    pid = tl.program_id(0)
+    second = pid >= PROGS1
+    pid = tl.where(second, pid - PROGS1, pid)
+    qw, kw = tl.where(second, QW2, QW1), tl.where(second, KW2, KW1)
+    nqp, nkp = tl.where(second, NQP2, NQP1), tl.where(second, NKP2, NKP1)
+    num_kb = tl.where(second, NUM_KB2, NUM_KB1)
+    pid_n = pid % num_kb
+    rest = pid // num_kb
+    pid_m = rest % (nqp // BLOCK_M)
+    h = rest // (nqp // BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    q_row, q_col = offs_m // qw, offs_m % qw
+    k_row, k_col = offs_n // kw, offs_n % kw
+    n_ok = (k_row < R) & (k_col < C)
+    ok = ((q_row < RQ) & (q_col < CQ))[:, None] & n_ok[None, :]
+    dr = tl.abs((q_row * S)[:, None] - k_row[None, :])
+    dc = tl.abs((q_col * S)[:, None] - k_col[None, :])
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=ok, other=0.0)
+    bias = tl.where(n_ok[None, :], t.to(tl.float32) * bias_scale, float("-inf"))
+    row = tl.where(second, OFF2, 0) + (h.to(tl.int64) * nqp + offs_m) * nkp
+    tl.store(BIAS + row[:, None] + offs_n[None, :], bias)
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, T, O, LSE,
+    Q, K, V, BIAS, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_th, stride_tn,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, NK, C, CQ, S, NUM_QB,
-    qk_scale, bias_scale,  # both already multiplied by log2(e)
+    H, NQ, NK, NQP, NKP, NUM_QB,
+    qk_scale,  # multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -87,103 +133,57 @@ def _fwd_kernel(
     h = pid_bh % H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < NQ
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    q_row = (offs_m // CQ) * S  # query position on the key grid
-    q_col = (offs_m % CQ) * S
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    # the head's bias table row, padded to TP, in registers (float32)
-    offs_t = tl.arange(0, TP)
-    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < NK, other=0.0)
-    table = table.to(tl.float32)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    b_ptrs = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP + offs_n[None, :]  # padded: no mask
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt = tl.load(
-            k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
-            mask=n_ok[None, :] & (offs_dk[:, None] < DK),
-            other=0.0,
-        )  # (BLOCK_DK, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        k_row = offs_n // C
-        k_col = offs_n % C
-        # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
-        # table (padding pairs read some entry; they are masked below)
-        idx = tl.abs(q_row[:, None] - k_row[None, :]) * C + tl.abs(q_col[:, None] - k_col[None, :])
-        idx = tl.minimum(idx, TP - 1)
-        bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
-        bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
-        s = tl.where(n_ok[None, :], s + bias * bias_scale, float("-inf"))
+        # the key mask is on the loads only: a padded key's bias is -inf
+        n_ok = start_n + offs_n < NK
+        kt = tl.load(k_ptrs, mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + tl.load(b_ptrs)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        b_ptrs += BLOCK_N
 
-    acc = acc / l_i[:, None]
+    acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
     tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _bwd_delta_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    H, NQ, NUM_QB,
-    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_m = pid % NUM_QB
-    pid_bh = pid // NUM_QB
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < NQ) & (offs_dv[None, :] < DV)
-    o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
-        mask=mask,
-        other=0.0,
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
-
-
-@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, T, DO, LSE, DELTA, DK_, DV_,
+    Q, K, V, BIAS, DO, O, LSE, DK_, DV_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_th, stride_tn,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    H, NQ, NK, C, CQ, S, NUM_KB,
-    qk_scale, bias_scale, sm_scale,  # qk_scale and bias_scale multiplied by log2(e)
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, NQ, NK, NQP, NKP, NUM_KB,
+    qk_scale, sm_scale,  # qk_scale multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -196,25 +196,23 @@ def _bwd_dkdv_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < NK
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
     k = tl.load(
         K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
-        mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+        mask=n_ok[:, None] & dk_ok[None, :],
         other=0.0,
     )  # (BLOCK_N, BLOCK_DK)
     v = tl.load(
         V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+        mask=n_ok[:, None] & dv_ok[None, :],
         other=0.0,
     )  # (BLOCK_N, BLOCK_DV)
-    k_row = offs_n // C
-    k_col = offs_n % C
 
     q_base = Q + b * stride_qb + h * stride_qh
     g_base = DO + b * stride_gb + h * stride_gh
-    # the head's bias table row, padded to TP, in registers (float32)
-    offs_t = tl.arange(0, TP)
-    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < NK, other=0.0)
-    table = table.to(tl.float32)
+    o_base = O + b * stride_ob + h * stride_oh
+    b_base = BIAS + h.to(tl.int64) * NQP * NKP + offs_n[:, None]  # padded: no mask
     row_base = pid_bh.to(tl.int64) * NQ
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -223,30 +221,21 @@ def _bwd_dkdv_kernel(
         m_ok = offs_m < NQ
         qt = tl.load(
             q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
-            mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+            mask=m_ok[None, :] & dk_ok[:, None],
             other=0.0,
         )  # (BLOCK_DK, BLOCK_M)
         st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        q_row = (offs_m // CQ) * S
-        q_col = (offs_m % CQ) * S
-        # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
-        # table (padding pairs read some entry; they are masked below); transposed tile
-        idx = tl.abs(k_row[:, None] - q_row[None, :]) * C + tl.abs(k_col[:, None] - q_col[None, :])
-        idx = tl.minimum(idx, TP - 1)
-        bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
-        bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
-        ok = n_ok[:, None] & m_ok[None, :]
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        # padded rows and columns: exp2(-inf) = 0 (no overflow on their garbage logits)
-        pt = tl.exp2(tl.where(ok, st + bias * bias_scale - lse[None, :], float("-inf")))
-        do = tl.load(
-            g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
-            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_DV)
+        # a missing key's bias is -inf (p = 0); a missing query has q = dO = O = 0,
+        # so its p = 1 contributes dO = 0 to dv and dS = 0 to dk
+        pt = tl.exp2(st + tl.load(b_base + offs_m[None, :] * NKP) - lse[None, :])
+        g_ptrs = g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
+        do = tl.load(g_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
+        o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+        o = tl.load(o_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
 
@@ -255,28 +244,28 @@ def _bwd_dkdv_kernel(
     tl.store(
         DK_ + out_row[:, None] * DK + offs_dk[None, :],
         dk.to(DK_.dtype.element_ty),
-        mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+        mask=n_ok[:, None] & dk_ok[None, :],
     )
     tl.store(
         DV_ + out_row[:, None] * DV + offs_dv[None, :],
         dv.to(DV_.dtype.element_ty),
-        mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+        mask=n_ok[:, None] & dv_ok[None, :],
     )
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, T, DO, LSE, DELTA, DQ_, DT_,
+    Q, K, V, BIAS, DO, O, LSE, DQ_, DT_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_th, stride_tn,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
-    qk_scale, bias_scale, sm_scale, table_scale,  # qk_scale, bias_scale times log2(e)
+    stride_ob, stride_oh, stride_on, stride_od,
+    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP, NQP, NKP,
+    qk_scale, sm_scale, table_scale,  # qk_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, KR: tl.constexpr, CP: tl.constexpr,
     TRP: tl.constexpr, E: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TP: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -291,8 +280,6 @@ def _bwd_dq_kernel(
     qg_col = offs_m % CQP
     m_ok = (qg_row < RQ) & (qg_col < CQ)
     q_tok = qg_row * CQ + qg_col
-    q_row = qg_row * S  # position on the key grid
-    q_col = qg_col * S
     # key block kb: key-grid rows [kb*KR, kb*KR + KR), CP column slots each
     offs_n = tl.arange(0, KR * CP)
     k_rl = offs_n // CP
@@ -317,10 +304,8 @@ def _bwd_dq_kernel(
     pr_k = pr % KR
     trs = tl.arange(0, TRP)
     u_acc = tl.zeros([TRP, E], dtype=tl.float32)  # sum of ds per (|dr|, e)
-    # the head's bias table row, padded to TP, in registers (float32)
-    offs_t = tl.arange(0, TP)
-    table = tl.load(T + h * stride_th + offs_t * stride_tn, mask=offs_t < R * C, other=0.0)
-    table = table.to(tl.float32)
+    # the bias in the blocks' slot order (padded: no mask; -inf at missing keys)
+    b_ptrs = BIAS + (h.to(tl.int64) * NQP + pid_q * (QR * CQP) + offs_m)[:, None] * NKP + offs_n[None, :]
 
     b_start = g * BATCH_GROUP
     b_end = tl.minimum(b_start + BATCH_GROUP, B)
@@ -337,8 +322,13 @@ def _bwd_dq_kernel(
             mask=m_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )  # (BM, BLOCK_DV)
+        o = tl.load(
+            O + b64 * stride_ob + h * stride_oh + q_tok[:, None] * stride_on + offs_dv[None, :] * stride_od,
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
         lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh * NQ + q_tok, mask=m_ok, other=0.0)
         k_base = K + b64 * stride_kb + h * stride_kh
         v_base = V + b64 * stride_vb + h * stride_vh
         dq = tl.zeros([QR * CQP, BLOCK_DK], dtype=tl.float32)
@@ -352,14 +342,9 @@ def _bwd_dq_kernel(
                 other=0.0,
             )  # (BLOCK_DK, BN)
             s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-            # bias[i, j] = table[|dr| * C + |dc|]: a gather from the registers holding the
-            # table (padding pairs read some entry; they are masked below)
-            idx = tl.abs(q_row[:, None] - kg_row[None, :]) * C + tl.abs(q_col[:, None] - k_col[None, :])
-            idx = tl.minimum(idx, TP - 1)
-            bias = tl.gather(table, tl.reshape(idx, [idx.shape[0] * idx.shape[1]]), 0)
-            bias = tl.reshape(bias, [idx.shape[0], idx.shape[1]])
-            ok = m_ok[:, None] & n_ok[None, :]
-            p = tl.exp2(tl.where(ok, s + bias * bias_scale - lse[:, None], float("-inf")))
+            # a missing key's bias is -inf (p = 0); a missing query has q = dO = O = 0,
+            # so its p = 1 gives dS = 0
+            p = tl.exp2(s + tl.load(b_ptrs + kb * (KR * CP)) - lse[:, None])
             vt = tl.load(
                 v_base + k_tok[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                 mask=n_ok[None, :] & (offs_dv[:, None] < DV),
@@ -398,6 +383,27 @@ def _bwd_dq_kernel(
     )
 
 
+@triton.jit
+def _fold_kernel(
+    PART, DT,
+    P, H, R, C, OFF, NEG,
+    E: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dtable[h, r*C + c] = sum over the P partials of the signed offsets dc = c and
+    dc = -c (0 < c <= NEG) of row r: partial (P, H, R, E) holds dc at column OFF + dc.
+    A fixed order of sums: deterministic."""
+    pid = tl.program_id(0)  # h * R + r
+    cs = tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    neg_ok = (cs >= 1) & (cs <= NEG)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for part in range(0, P):
+        row = PART + (part * H * R + pid).to(tl.int64) * E
+        acc += tl.load(row + OFF + cs, mask=c_ok, other=0.0)
+        acc += tl.load(row + OFF - cs, mask=neg_ok, other=0.0)
+    tl.store(DT + pid.to(tl.int64) * C + cs, acc.to(DT.dtype.element_ty), mask=c_ok)
+
+
 # ----------------------------------------------------------------------------
 # configs: small deterministic heuristics of the shape
 
@@ -425,16 +431,10 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     block_n = min(64, max(16, _pow2(nk)))
     warps = 8 if block_m * bdv > 64 * 64 else 4
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
-
-
-def _delta_cfg(nq: int, dv: int) -> _Config:
-    _, bdv = _head_blocks(16, dv)
-    block_m = max(16, 4096 // bdv)  # at most 16 elements of each tile per thread
-    return _Config(dict(DV=dv, BLOCK_M=block_m, BLOCK_DV=bdv), 8, 1)
 
 
 def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
@@ -444,9 +444,10 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     # 8 warps; 32 keys x 16 queries on 4 spilled 52-76 B with triton 3.6
     block_n = min(16 if wide else 64, max(16, _pow2(nk)))
     block_m = min(32, max(16, _pow2(nq)))
-    warps = 8 if wide or block_m * block_n >= 2048 else 4
+    # 4 warps on tiles of 64 keys or fewer: with 8 both warpgroups computed the same tile
+    warps = 8 if wide else 4
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(nk), DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
@@ -473,7 +474,7 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str
 def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
-    constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, TP=_pow2(rows * cols), DK=dk, DV=dv)
+    constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
     # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers, 16 in none;
@@ -506,6 +507,39 @@ def _tag(q: torch.Tensor, nk: int, dv: int, q_stride: int) -> str:
     return f"{SHORT[q.dtype]},Nq{NQ},Nk{nk},Dk{DK},Dv{dv},S{q_stride}"
 
 
+_BIAS_PAD = 64  # the expanded bias's rows and columns: multiples of every block used
+
+
+def _expand_bias(
+    table: torch.Tensor, rows: int, cols: int, q_stride: int, layouts: Sequence[tuple[int, int, int, int]],
+    bias_scale: float, tag: str,
+) -> list[torch.Tensor]:
+    """The table expanded to every (query slot, key slot) pair of one or two layouts,
+    each (q_period, k_period, query slots, key slots): a query slot i is query-grid cell
+    (i // q_period, i % q_period), a key slot j key-grid cell (j // k_period, j %
+    k_period). Returns per layout an (H, slots padded to _BIAS_PAD, ...) float32 tensor,
+    times bias_scale in log2 units (``_bias_kernel``), in one launch. Built from the
+    table on every call, so it is never stale."""
+    H = table.shape[0]
+    rq, cq = _query_grid(rows, cols, q_stride)
+    blk = _BIAS_PAD
+    dims = [(qw, kw, triton.cdiv(nq, blk) * blk, triton.cdiv(nk, blk) * blk) for qw, kw, nq, nk in layouts]
+    sizes = [H * nqp * nkp for _, _, nqp, nkp in dims]
+    flat = _alloc((sum(sizes),), torch.float32, table.device)
+    views = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])].view(H, nqp, nkp) for i, (_, _, nqp, nkp) in enumerate(dims)]
+    progs = [H * (nqp // blk) * (nkp // blk) for _, _, nqp, nkp in dims]
+    second = dims[1] if len(dims) > 1 else dims[0]
+    launch(Launch(
+        f"relpos_bias[{tag}]", _bias_kernel, (sum(progs),),
+        [table, flat, *table.stride(), rq, cq, rows, cols, q_stride, progs[0],
+         dims[0][0], dims[0][1], dims[0][2], dims[0][3], dims[0][3] // blk,
+         sizes[0], second[0], second[1], second[2], second[3], second[3] // blk,
+         bias_scale * _LOG2E],
+        dict(BLOCK_M=blk, BLOCK_N=blk), 4, 1, reads=(table,), writes=(flat,),
+    ))  # fmt: skip
+    return views
+
+
 def relpos_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -524,17 +558,20 @@ def relpos_attention_fwd(
     lse = _alloc((B, H, NQ), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     cfg = _fwd_cfg(NQ, NK, DK, DV)
-    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
+    tag = _tag(q, NK, DV, q_stride)
+    _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    (bias,) = _expand_bias(table, fmap_rows, fmap_cols, q_stride, [(cq, fmap_cols, NQ, NK)], bias_scale, tag)
+    num_qb = triton.cdiv(NQ, block_m)
     launch(Launch(
-        f"relpos_fwd[{_tag(q, NK, DV, q_stride)}]", _fwd_kernel, (num_qb * B * H,),
-        [q, k, v, table, out, lse,
-         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *out.stride(),
-         H, NQ, NK, fmap_cols, cq, q_stride, num_qb, scale * _LOG2E, bias_scale * _LOG2E],
+        f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
+        [q, k, v, bias, out, lse,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         H, NQ, NK, bias.shape[1], bias.shape[2], num_qb, scale * _LOG2E],
         {**cfg.constexprs, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, table), writes=(out, lse),
-        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+        reads=(q, k, v, bias), writes=(out, lse),
+        loops={"start_n": triton.cdiv(NK, block_n)},
     ))  # fmt: skip
     return out, lse
 
@@ -563,56 +600,55 @@ def relpos_attention_bwd(
     if B * H == 0 or NQ == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(table.shape, dtype=table.dtype, device=dev)
     rq, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
-    qk_scale, bs = scale * _LOG2E, bias_scale * _LOG2E
+    qk_scale = scale * _LOG2E
     prec = dot_precision(q.dtype, "tf32x3")
     tag = _tag(q, NK, DV, q_stride)
-
-    delta = _alloc((B, H, NQ), torch.float32, dev)
-    cfg = _delta_cfg(NQ, DV)
-    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
-    launch(Launch(
-        f"relpos_delta[{tag}]", _bwd_delta_kernel, (num_qb * B * H,),
-        [out, grad_out, delta, *out.stride(), *grad_out.stride(), H, NQ, num_qb],
-        cfg.constexprs, cfg.num_warps, cfg.num_stages,
-        reads=(out, grad_out), writes=(delta,),
-    ))  # fmt: skip
+    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
+    QR, CQP, KR, CP = (dq_cfg.constexprs[n] for n in ("QR", "CQP", "KR", "CP"))
+    num_qb = triton.cdiv(rq, QR)
+    # token order for dkdv; the dQ kernel's grid-row aligned slots
+    bias, bias_dq = _expand_bias(
+        table, fmap_rows, fmap_cols, q_stride,
+        [(cq, fmap_cols, NQ, NK), (CQP, CP, num_qb * QR * CQP, triton.cdiv(fmap_rows, KR) * KR * CP)],
+        bias_scale, tag,
+    )  # fmt: skip
 
     cfg = _dkdv_cfg(NQ, NK, DK, DV)
     num_kb = triton.cdiv(NK, cfg.constexprs["BLOCK_N"])
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
-        [q, k, v, table, grad_out, lse, delta, dk, dv,
-         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
-         H, NQ, NK, fmap_cols, cq, q_stride, num_kb, qk_scale, bs, scale],
+        [q, k, v, bias, grad_out, out, lse, dk, dv,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
+         H, NQ, NK, bias.shape[1], bias.shape[2], num_kb, qk_scale, scale],
         {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, table, grad_out, lse, delta), writes=(dk, dv),
+        reads=(q, k, v, bias, grad_out, out, lse), writes=(dk, dv),
         loops={"start_m": triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])},
     ))  # fmt: skip
 
-    cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
-    num_qb = triton.cdiv(rq, cfg.constexprs["QR"])
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
-    E = cfg.constexprs["E"]
+    E = dq_cfg.constexprs["E"]
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     launch(Launch(
         f"relpos_dq[{tag}]", _bwd_dq_kernel, (num_qb * H * num_g,),
-        [q, k, v, table, grad_out, lse, delta, dq, partial,
-         *q.stride(), *k.stride(), *v.stride(), *table.stride(), *grad_out.stride(),
-         B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
-         qk_scale, bs, scale, bias_scale],
-        {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, table, grad_out, lse, delta), writes=(dq, partial),
-        loops={"b": B / num_g, "kb": triton.cdiv(fmap_rows, cfg.constexprs["KR"])},
+        [q, k, v, bias_dq, grad_out, out, lse, dq, partial,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
+         B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group, bias_dq.shape[1], bias_dq.shape[2],
+         qk_scale, scale, bias_scale],
+        {**dq_cfg.constexprs, "PREC": prec}, dq_cfg.num_warps, dq_cfg.num_stages,
+        reads=(q, k, v, bias_dq, grad_out, out, lse), writes=(dq, partial),
+        loops={"b": B / num_g, "kb": triton.cdiv(fmap_rows, KR)},
     ))  # fmt: skip
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
-    u = partial.sum(dim=0)  # (H, R, E), column e holds dc = e - off
-    off = (cfg.constexprs["CQP"] - 1) * q_stride
-    dtable = u[..., off : off + fmap_cols].clone()  # dc = 0 .. C-1
-    neg = min(off, fmap_cols - 1)  # dc = -1 .. -neg
-    if neg > 0:
-        dtable[..., 1 : 1 + neg] += u[..., :off].flip(-1)[..., :neg]
-    return dq, dk, dv, dtable.reshape(H, fmap_rows * fmap_cols).to(table.dtype)
+    dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
+    off = (CQP - 1) * q_stride
+    launch(Launch(
+        f"relpos_fold[{tag}]", _fold_kernel, (H * fmap_rows,),
+        [partial, dtable, partial.shape[0], H, fmap_rows, fmap_cols, off, min(off, fmap_cols - 1)],
+        dict(E=E, BLOCK_C=_pow2(fmap_cols)), 1, 1, reads=(partial,), writes=(dtable,),
+        loops={"part": partial.shape[0]},
+    ))  # fmt: skip
+    return dq, dk, dv, dtable
 
 
 # ----------------------------------------------------------------------------
