@@ -298,13 +298,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", action="append", help="compile only the launches whose name contains this (repeatable)"
     )
+    parser.add_argument(
+        "--shard", default="0/1", help="I/N: compile every N-th launch from the I-th (N processes side by side)"
+    )
     args = parser.parse_args(argv)
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2")
     results: dict[str, dict[str, object]] = {}
     suffix = "" if args.variant == "aligned" else "/unaligned"
     for arch in args.arch or [80, 90]:
         launches = [
             rl for rl in recorded_launches(args.variant, arch) if not args.only or any(o in rl.name for o in args.only)
-        ]
+        ][shard::shards]
         for i, rl in enumerate(launches, 1):
             key = f"{rl.name}@sm_{arch}{suffix}"
             if args.list:
