@@ -160,7 +160,9 @@ def launch_config(
     if backward:
         # float32: the query side on 4 warps spilled 8 B (bwd_q, triton 3.9, sm_90a, misaligned
         # inputs), the key side on 8 spilled 4 B (bwd_kv with dw, triton 3.9, sm_80)
-        bt, warps_kv, warps_q = (16, 4, 8) if dtype == torch.float32 else (32, 8, 8)
+        # 16-bit: 64 tokens on 4 warps, one 16-row MMA slab per warp (32 tokens on 8 warps
+        # issued each tile's dots twice: the query side was issue-bound)
+        bt, warps_kv, warps_q = (16, 4, 8) if dtype == torch.float32 else (64, 4, 4)
     else:
         # float32: 32 tokens on 4 warps spilled 4 B (fwd_q, triton 3.9, sm_80, as launched)
         bt, warps_kv, warps_q = (32, 8, 8) if dtype == torch.float32 else (64, 4, 4)
