@@ -13,8 +13,8 @@
 // performer_q_kernel (grid n_chunks x B) writes y.
 // Backward (r = p / Z, g = dy):
 //   dl[t,m] = r (g_t . vbar[m] - g_t . y_t),  dq_t = sum_m dl (w_m - q_t)
-//   dvbar[m] = sum_t r g_t,  gs[m] = sum_t r (g_t . y_t)        (q side, per chunk)
-//   pi = exp(ak - lks),  dak = pi (v_t . dvbar[m] - gs[m])
+//   dvbar[m] = sum_t r g_t,  dlks[m] = sum_t dl[t,m]             (q side, per chunk)
+//   pi = exp(ak - lks),  dak = pi (v_t . dvbar[m] + dlks[m] - vbar[m] . dvbar[m])
 //   dk_t = sum_m dak (w_m - k_t),  dv_t = sum_m pi dvbar[m]     (k side)
 //   dw_m = sum_t dl q_t + dak k_t                                (partials, summed in a fixed order)
 //
@@ -535,7 +535,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   T* sWl = sWh + MP * D::LDX;
   float* sWf = reinterpret_cast<float*>(sWl + MP * D::LDX);
   float* sVb = sWf + MP * D::LDX;
-  float* sG = sVb + MP * D::EX;  // [dy | -c], then [dy | c]
+  float* sG = sVb + MP * D::EX;  // [dy | 0]
   float* sR = sG + kTok * D::EX;  // p, then r = p / Z
   float* sDl = sR + kTok * D::LDP;
   float* sLks = sDl + kTok * D::LDP;
@@ -555,6 +555,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   for (int i = 0; i < D::OWN_U; ++i) gacc[i][0] = gacc[i][1] = gacc[i][2] = gacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < D::OWN_W; ++i) wacc[i][0] = wacc[i][1] = wacc[i][2] = wacc[i][3] = 0.f;
+  float dlks = 0.f;  // sum_t dl[t, tid] (threads tid < MP)
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
@@ -641,17 +642,22 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
           }
         }
       }
-      if (t == 0) sG[row * D::EX + EP] = cdot[r];
     }
     __syncthreads();
 
-    // partials: [dvbar | gs] += r^T [dy | c];  dw += dl^T q
+    // partials: [dvbar | 0] += r^T [dy | 0];  dlks += column sums of dl (fp32, 0 on
+    // rows past the chunk and features past M);  dw += dl^T q
+    if (tid < MP)
+      for (int row = 0; row < kTok; ++row) dlks += sDl[row * D::LDP + tid];
     accumulate_t<D::OWN_U, D::NU, D::NX>(gacc, sR, D::LDP, sG, D::EX, warp, lane);
     if (p.w_grad) accumulate_t<D::OWN_W, D::NW, EP / 8>(wacc, sDl, D::LDP, sX, D::LDX, warp, lane);
   }
 
   const size_t part = (size_t)b * L.NC + c;
-  store_owned<D::OWN_U, D::NU, D::NX>(p.work + L.part_g + part * MP * D::EX, gacc, warp, lane);
+  float* part_g = p.work + L.part_g + part * MP * D::EX;
+  store_owned<D::OWN_U, D::NU, D::NX>(part_g, gacc, warp, lane);
+  __syncthreads();  // column EP: dlks in place of the mma's zeros
+  if (tid < MP) part_g[tid * D::EX + EP] = dlks;
   if (p.w_grad) store_owned<D::OWN_W, D::NW, EP / 8>(p.work + L.part_dw + (part * 2) * MP * EP, wacc, warp, lane);
 }
 
@@ -690,8 +696,8 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
   T* sWh = sX + kTok * D::LDX;
   T* sWl = sWh + MP * D::LDX;
   float* sWf = reinterpret_cast<float*>(sWl + MP * D::LDX);
-  float* sGb = sWf + MP * D::LDX;  // [dvbar | gs]
-  float* sVe = sGb + MP * D::EX;   // [v | -1]
+  float* sGb = sWf + MP * D::LDX;  // [dvbar | dlks], then [dvbar | coef]
+  float* sVe = sGb + MP * D::EX;   // [v | 0]
   float* sPi = sVe + kTok * D::EX;
   float* sDak = sPi + kTok * D::LDP;
   float* sLks = sDak + kTok * D::LDP;
@@ -709,6 +715,16 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
   const float* gbar = p.work + L.gbar + (size_t)b * MP * D::EX;
   for (int idx = tid; idx < MP * D::EX; idx += kThreads) sGb[idx] = gbar[idx];
   for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
+  __syncthreads();
+  // coef = dlks - vbar . dvbar in fp32, with dvbar rounded to tf32 as the mma takes it:
+  // v_t . dvbar + coef then cancels to fp32 rounding where v_t = vbar (T = 1), which a
+  // tf32-rounded coef inside the mma did not (dk ~5e-3 |dy||v|)
+  for (int m = tid; m < p.M; m += kThreads) {
+    float vd = 0.f;
+    for (int e = 0; e < p.E; ++e)
+      vd += p.vbar[((int64_t)b * p.M + m) * p.E + e] * bits_f32(to_tf32(sGb[m * D::EX + e]));
+    sGb[m * D::EX + EP] -= vd;
+  }
   float wacc[D::OWN_W][4];
 #pragma unroll
   for (int i = 0; i < D::OWN_W; ++i) wacc[i][0] = wacc[i][1] = wacc[i][2] = wacc[i][3] = 0.f;
@@ -716,7 +732,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
     load_rows<T, kTok, EP, kThreads>(sX, D::LDX, K, p.k_s[1], p.k_s[2], t0, t_end, p.E, tid);
-    load_rows_ext<T, EP>(sVe, V, p.v_s[1], p.v_s[2], t0, t_end, p.E, -1.f, tid);
+    load_rows_ext<T, EP>(sVe, V, p.v_s[1], p.v_s[2], t0, t_end, p.E, 0.f, tid);
     __syncthreads();
     row_norms<T, EP>(sNorm, sX, tid);
     __syncthreads();
@@ -733,7 +749,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
         pi[nt][cc] = ok ? expf(pi[nt][cc] - 0.5f * sNorm[row] - sLks[m]) : 0.f;
         sPi[row * D::LDP + m] = pi[nt][cc];
       }
-    // dak = pi ([v | -1] [dvbar | gs]^T)
+    // dak = pi (v . dvbar + coef)
     float pv[MP / 8][4];
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt) pv[nt][0] = pv[nt][1] = pv[nt][2] = pv[nt][3] = 0.f;
@@ -754,7 +770,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * r;
-        const float d = pi[nt][cc] * pv[nt][cc];
+        const float d = pi[nt][cc] * (pv[nt][cc] + sGb[m * D::EX + EP]);
         sDak[row * D::LDP + m] = d;
         dsum[r] += d;
       }

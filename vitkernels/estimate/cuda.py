@@ -378,8 +378,8 @@ def _performer(s: PerformerShape, B: int, dtype: torch.dtype, direction: str) ->
         elif la.base == "vk::performer_sum_kernel":  # gbar = sum over chunks of the q side's partials
             la.trips = {"r": NC}
             la.bytes_read, la.bytes_written = part_g, gbar
-        elif la.base == "vk::performer_bwd_k_kernel":
-            la.trips = {"t0": tiles, **common_trips}
+        elif la.base == "vk::performer_bwd_k_kernel":  # coef = dlks - vbar . dvbar: one thread per m
+            la.trips = {"t0": tiles, "m<p.M": M / 128, "e<p.E": E, **common_trips}
             la.bytes_read, la.bytes_written = _nbytes(k, v, w, lks, vbar) + gbar, _nbytes(dk, dv)
         events.append(la)
     return events

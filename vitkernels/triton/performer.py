@@ -134,7 +134,8 @@ class LaunchConfig:
     block_m: int
     chunk_len: int  # tokens per chunk, a multiple of both token tiles
     n_chunks: int
-    num_warps: int
+    num_warps_kv: int  # warps of the key/value-side kernel
+    num_warps_q: int  # warps of the query-side kernel
     num_stages: int
 
 
@@ -157,10 +158,14 @@ def launch_config(
     # the forward's key pass with triton 3.6 on sm_90a, 148 B)
     num_stages = 1 if dtype == torch.float32 else 2
     if backward:
-        bt, num_warps = (16, 4) if dtype == torch.float32 else (32, 8)
+        # float32: the query side on 4 warps spilled 8 B (bwd_q, triton 3.9, sm_90a, misaligned
+        # inputs), the key side on 8 spilled 4 B (bwd_kv with dw, triton 3.9, sm_80)
+        # 16-bit: 64 tokens on 4 warps, one 16-row MMA slab per warp (32 tokens on 8 warps
+        # issued each tile's dots twice: the query side was issue-bound)
+        bt, warps_kv, warps_q = (16, 4, 8) if dtype == torch.float32 else (64, 4, 4)
     else:
         # float32: 32 tokens on 4 warps spilled 4 B (fwd_q, triton 3.9, sm_80, as launched)
-        bt, num_warps = (32, 8) if dtype == torch.float32 else (64, 4)
+        bt, warps_kv, warps_q = (32, 8, 8) if dtype == torch.float32 else (64, 4, 4)
     bt_kv = bt_q = bt
     cap = _pow2(T, 16)
     bt_kv, bt_q = min(bt_kv, cap), min(bt_q, cap)
@@ -175,7 +180,8 @@ def launch_config(
         block_m=block_m,
         chunk_len=chunk_len,
         n_chunks=triton.cdiv(T, chunk_len),
-        num_warps=num_warps,
+        num_warps_kv=warps_kv,
+        num_warps_q=warps_q,
         num_stages=num_stages,
     )
 
@@ -572,7 +578,7 @@ def performer_attention_fwd(
         f"performer_fwd_kv[{tag}]", _fwd_kv_kernel, grid,
         [k, v, w, pm, ps, pu, T, E, M, cfg.chunk_len, nc, *k.stride(), *v.stride(), *w.stride()],
         dict(BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps_kv, cfg.num_stages,
         reads=(k, v, w), writes=(pm, ps, pu),
         loops={"t0": _tiles_per_chunk(T, cfg, cfg.block_t_kv)},
     ))  # fmt: skip
@@ -581,7 +587,7 @@ def performer_attention_fwd(
         [q, w, pm, ps, pu, y, lks, vbar, T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
          *q.stride(), *w.stride()],
         dict(BLOCK_T=cfg.block_t_q, HALF=fl["HALF"], W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps_q, cfg.num_stages,
         reads=(q, w, pm, ps, pu), writes=(y, lks, vbar),
         loops={"j": nc, "t0": _tiles_per_chunk(T, cfg, cfg.block_t_q)},
     ))  # fmt: skip
@@ -626,7 +632,7 @@ def performer_attention_bwd(
         f"performer_bwd_q[{tag}]", _bwd_q_kernel, grid,
         [dy, q, w, lks, vbar, dq, pdv, pdl, pdwq, T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
          *dy.stride(), *q.stride(), *w.stride()],
-        dict(BLOCK_T=cfg.block_t_q, W_GRAD=bool(w_grad), **fl, **blocks), cfg.num_warps, cfg.num_stages,
+        dict(BLOCK_T=cfg.block_t_q, W_GRAD=bool(w_grad), **fl, **blocks), cfg.num_warps_q, cfg.num_stages,
         reads=(dy, q, w, lks, vbar), writes=(dq, pdv, pdl) + ((pdwq,) if w_grad else ()),
         loops={"t0": _tiles_per_chunk(T, cfg, cfg.block_t_q)},
     ))  # fmt: skip
@@ -636,7 +642,7 @@ def performer_attention_bwd(
          *k.stride(), *v.stride(), *w.stride()],
         dict(BLOCK_T=cfg.block_t_kv, F16=fl["F16"], W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad),
              PREC=fl["PREC"], **blocks),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps_kv, cfg.num_stages,
         reads=(k, v, w, lks, vbar, pdv, pdl), writes=(dk, dv) + ((pdwk,) if w_grad else ()),
         loops={"j": nc, "t0": _tiles_per_chunk(T, cfg, cfg.block_t_kv)},
     ))  # fmt: skip
