@@ -48,12 +48,21 @@ Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, dot_precision, launch
+from vitkernels.triton._common import (
+    SHORT,
+    Launch,
+    TensorFactory,
+    alloc,
+    cdiv,
+    dot_precision,
+    launch,
+)
 from vitkernels.workloads import RelposShape
 
 __all__ = ["record_calls", "relpos_attention_bwd", "relpos_attention_fwd"]
@@ -416,6 +425,7 @@ class _Config:
     num_stages: int
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     block_m = min(64, max(16, _pow2(nq)))
@@ -428,12 +438,14 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     )
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _delta_cfg(nq: int, dv: int) -> _Config:
     _, bdv = _head_blocks(16, dv)
     block_m = max(16, 4096 // bdv)  # at most 16 elements of each tile per thread
     return _Config(dict(DV=dv, BLOCK_M=block_m, BLOCK_DV=bdv), 8, 1)
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
@@ -467,6 +479,7 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
@@ -523,7 +536,7 @@ def relpos_attention_fwd(
         return out, lse
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     cfg = _fwd_cfg(NQ, NK, DK, DV)
-    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    num_qb = cdiv(NQ, cfg.constexprs["BLOCK_M"])
     launch(Launch(
         f"relpos_fwd[{_tag(q, NK, DV, q_stride)}]", _fwd_kernel, (num_qb * B * H,),
         [q, k, v, table, out, lse,
@@ -531,7 +544,7 @@ def relpos_attention_fwd(
          H, NQ, NK, fmap_cols, cq, q_stride, num_qb, scale * _LOG2E, bias_scale * _LOG2E],
         {**cfg.constexprs, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, table), writes=(out, lse),
-        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+        loops={"start_n": cdiv(NK, cfg.constexprs["BLOCK_N"])},
     ))  # fmt: skip
     return out, lse
 
@@ -566,7 +579,7 @@ def relpos_attention_bwd(
 
     delta = _alloc((B, H, NQ), torch.float32, dev)
     cfg = _delta_cfg(NQ, DV)
-    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    num_qb = cdiv(NQ, cfg.constexprs["BLOCK_M"])
     launch(Launch(
         f"relpos_delta[{tag}]", _bwd_delta_kernel, (num_qb * B * H,),
         [out, grad_out, delta, *out.stride(), *grad_out.stride(), H, NQ, num_qb],
@@ -575,7 +588,7 @@ def relpos_attention_bwd(
     ))  # fmt: skip
 
     cfg = _dkdv_cfg(NQ, NK, DK, DV)
-    num_kb = triton.cdiv(NK, cfg.constexprs["BLOCK_N"])
+    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
         [q, k, v, table, grad_out, lse, delta, dk, dv,
@@ -583,13 +596,13 @@ def relpos_attention_bwd(
          H, NQ, NK, fmap_cols, cq, q_stride, num_kb, qk_scale, bs, scale],
         {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, table, grad_out, lse, delta), writes=(dk, dv),
-        loops={"start_m": triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])},
+        loops={"start_m": cdiv(NQ, cfg.constexprs["BLOCK_M"])},
     ))  # fmt: skip
 
     cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
-    num_qb = triton.cdiv(rq, cfg.constexprs["QR"])
+    num_qb = cdiv(rq, cfg.constexprs["QR"])
     group = _batch_group(B, num_qb * H)
-    num_g = triton.cdiv(B, group)
+    num_g = cdiv(B, group)
     E = cfg.constexprs["E"]
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     launch(Launch(
@@ -600,7 +613,7 @@ def relpos_attention_bwd(
          qk_scale, bs, scale, bias_scale],
         {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, table, grad_out, lse, delta), writes=(dq, partial),
-        loops={"b": B / num_g, "kb": triton.cdiv(fmap_rows, cfg.constexprs["KR"])},
+        loops={"b": B / num_g, "kb": cdiv(fmap_rows, cfg.constexprs["KR"])},
     ))  # fmt: skip
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
     u = partial.sum(dim=0)  # (H, R, E), column e holds dc = e - off
