@@ -6,14 +6,16 @@ Two things cost most of an op call's host time once the kernels are compiled
 * validation and backend selection, which build the same answer for every call
   with the same signature. ``DecisionCache`` keeps, per op, the chosen backend and
   the checked non-tensor arguments of each signature that validated and found a
-  backend. The key is everything either step reads: each tensor's type, dtype,
-  device, shape, strides and requires_grad, every other argument (tagged with its
-  type, floats by their exact bits), the forced backend (argument, use_backend,
+  backend. The key is everything either step reads: each tensor's dtype, device
+  (with its index: a CUDA device's compute capability is fixed for the process),
+  shape, strides and requires_grad, every other argument (tagged with its type,
+  floats by their exact bits), the forced backend (argument, use_backend,
   VITKERNELS_BACKEND), TRITON_INTERPRET, grad mode, deterministic mode and what
-  each backend's requirements answer now. A call that fails either step is never
-  cached, so its error is raised by the same code every time. Under
-  torch.compile the cache is not used (dispatch is traced as plain Python, as
-  before).
+  each backend's requirements answer now. Only plain tensors and parameters are
+  keyed: a call with a tensor subclass (fake tensors, ...) takes the checked
+  path every time. A call that fails either step is never cached, so its error
+  is raised by the same code every time. Under torch.compile the cache is not
+  used (dispatch is traced as plain Python, as before).
 * the ``torch.library`` custom op around a kernel launcher, which costs more
   than the launcher itself. ``direct_call_ok`` says when an eager call may call
   the launcher directly (no grad needed) or through a ``torch.autograd.Function``
@@ -56,11 +58,13 @@ def _arg_key(x: Any) -> Hashable:
 
 
 def _tensor_key(t: Any) -> Hashable:
+    """A plain tensor's (or parameter's) properties; _UNCACHEABLE for anything else
+    (tensor subclasses such as fake tensors take the checked path every time)."""
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor):
+    if type(t) not in _PLAIN:
         return _UNCACHEABLE
-    return (type(t), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
+    return (t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
 
 
 class DecisionCache:
