@@ -163,7 +163,8 @@ def test_report_gives_make_results_json_and_a_summary_with_estimates(tmp_path, c
         env,
         {"kind": "ceiling", "name": "copy", "value": 4.0e12},
         {**bench, "impl": "eager", "time_us": 100.0},
-        {**bench, "impl": "triton", "time_us": 25.0},
+        {**bench, "impl": "triton", "time_us": 25.0, "host_us": 30.0, "kernel_us": 20.0, "graph_us": 22.0},
+        {**bench, "impl": "torch", "time_us": 50.0, "graph_error": "RuntimeError: capture failed"},
         {
             "kind": "check",
             "op": "relpos_attention",
@@ -182,9 +183,11 @@ def test_report_gives_make_results_json_and_a_summary_with_estimates(tmp_path, c
     text = capsys.readouterr().out
     assert "RESULT: FAILED" in text and "FAIL  relpos_attention A1 triton bfloat16 bwd" in text
     header = next(ln for ln in text.splitlines() if ln.startswith("workload"))
-    assert "measured us" in header and "estimate us" in header
+    assert header.split()[2:10] == ["event", "us", "host", "us", "kernel", "us", "estimate", "us"]
     row = next(ln for ln in text.splitlines() if ln.startswith("A1") and "triton" in ln)
-    assert row.split()[2:4] == ["25.0", "21.5"] and "4.00x" in row  # vs eager
+    # event time (host-bound: starred), host, kernel time, the estimate beside it, graph replay
+    assert row.split()[2:7] == ["25.0*", "30.0", "20.0", "21.5", "22.0"] and "4.00x" in row  # vs eager
+    assert "graph us '-': torch: RuntimeError: capture failed" in text
     (results,) = out.glob("h200-*.json")
     run = make_results.load_run(results)
     assert run.header["gpu"] == "NVIDIA H200" and run.header["commit"] == "abc"
