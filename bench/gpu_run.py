@@ -1072,15 +1072,50 @@ def slug(gpu: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
+_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b")
+
+
 def pytest_outcome(log_path: Path) -> str | None:
+    """The gpu tests' outcome summed over the per-file pytest runs in the log (each
+    file's block starts with '##### FILE'), naming the files with failures or errors."""
     if not log_path.exists():
         return None
     lines = log_path.read_text(errors="replace").splitlines()
-    for line in reversed(lines):
-        if re.search(r"\d+ (passed|failed|errors?|skipped|deselected)", line):
-            cut = any("KeyboardInterrupt" in ln for ln in lines[-60:])
-            return line.strip("= ").strip() + (" (stopped at the deadline)" if cut else "")
-    return "no summary line (see pytest-gpu.log)"
+    blocks: list[tuple[str, list[str]]] = [("", [])]
+    for line in lines:
+        if line.startswith("##### "):
+            blocks.append((line[6:].strip(), []))
+        else:
+            blocks[-1][1].append(line)
+    totals: dict[str, int] = {}
+    bad, unfinished, cut, seen = [], [], False, 0
+    for name, block in blocks:
+        summary = next((ln for ln in reversed(block) if _COUNT.search(ln) and " in " in ln), None)
+        cut |= any("KeyboardInterrupt" in ln for ln in block[-60:])
+        if summary is None:
+            if name:  # crashed (a segfault) or killed
+                unfinished.append(name)
+            continue
+        seen += 1
+        counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
+                  for n, kind in _COUNT.findall(summary)}  # fmt: skip
+        for kind, n in counts.items():
+            totals[kind] = totals.get(kind, 0) + n
+        failing = [f"{counts[k]} {k}" for k in ("failed", "error") if counts.get(k)]
+        if failing:
+            bad.append(f"{name or 'pytest'} ({', '.join(failing)})")
+    if not seen and not unfinished:
+        return "no summary line (see pytest-gpu.log)"
+    order = ("failed", "error", "passed", "skipped", "deselected", "xfailed", "xpassed")
+    text = ", ".join(f"{totals[k]} {'errors' if k == 'error' and totals[k] != 1 else k}"
+                     for k in order if totals.get(k))  # fmt: skip
+    if len(blocks) > 1:
+        text += f" in {seen} file(s)"
+    if bad:
+        text += "; failing: " + ", ".join(bad)
+    if unfinished:
+        text += f"; {len(unfinished)} file(s) without a summary line (crashed or stopped): " + ", ".join(unfinished)
+    return text + (" (stopped at the deadline)" if cut else "")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -1147,6 +1182,8 @@ def report(work: Path, out: Path, estimates_dir: Path) -> int:
     tests = pytest_outcome(out / "pytest-gpu.log")
     failed = bool(failures) or any(s.get("status") == "failed" for s in stages)
     failed |= bool(tests and re.search(r"\d+ (failed|errors?)\b", tests))
+    # a file that crashed (no summary line) fails the run unless the deadline stopped it
+    failed |= bool(tests and "(crashed or stopped)" in tests and not tests.endswith("(stopped at the deadline)"))
     (out / "check.json").write_text(json.dumps({
         "records": records, "results_file": results_name, "ceilings_used": {"copy": copy_bw, "matmul_bf16": matmul},
         "estimates_file": str(est_file) if est_file else None, "pytest": tests, "failed": failed,

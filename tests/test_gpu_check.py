@@ -201,3 +201,21 @@ def test_slug_names_the_gpu():
     assert gpu_run.slug("NVIDIA H200") == "h200"
     assert gpu_run.slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
     assert gpu_run.slug(None) == "cpu-dry-run"
+
+
+def test_pytest_outcome_sums_the_per_file_runs(tmp_path):
+    """gpu_check.sh runs each gpu test file in its own pytest: the outcome sums them and
+    names the failing and crashed files (a synthetic log, not a run)."""
+    log = tmp_path / "pytest-gpu.log"
+    log.write_text(
+        "##### tests/test_relpos_gpu.py\nPASSED\n===== 1 failed, 40 passed in 12.1s =====\n"
+        "##### tests/test_performer_gpu.py\nFatal Python error: Segmentation fault\n"
+        "##### tests/test_cli.py\n===== 3 passed, 2 deselected in 2.0s =====\n"
+        "##### tests/test_optimize.py\n===== 1 error, 5 passed in 3.0s =====\n"
+    )
+    text = gpu_run.pytest_outcome(log)
+    assert text.startswith("1 failed, 1 error, 48 passed, 2 deselected in 3 file(s)")
+    assert "failing: tests/test_relpos_gpu.py (1 failed), tests/test_optimize.py (1 error)" in text
+    assert "1 file(s) without a summary line (crashed or stopped): tests/test_performer_gpu.py" in text
+    log.write_text("##### tests/test_cli.py\n===== 3 passed in 2.0s =====\n")
+    assert gpu_run.pytest_outcome(log) == "3 passed in 1 file(s)"
