@@ -219,3 +219,23 @@ def test_pytest_outcome_sums_the_per_file_runs(tmp_path):
     assert "1 file(s) without a summary line (crashed or stopped): tests/test_performer_gpu.py" in text
     log.write_text("##### tests/test_cli.py\n===== 3 passed in 2.0s =====\n")
     assert gpu_run.pytest_outcome(log) == "3 passed in 1 file(s)"
+
+
+def test_float32_tolerance_follows_the_tf32_switches_in_force(monkeypatch):
+    """The torch backend's float32 runs through cuDNN/cuBLAS, which use TF32 where torch's
+    switches allow it (cuDNN's is on by default: the GPU run's patch_embed weight
+    gradient, 2.9e-4 against 2e-4); the kernels set their own precision."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    fwd, grad, why = gpu_run.tolerances("torch", "float32")
+    assert (fwd, grad) == (gpu_run.TF32_TOL, gpu_run.TF32_GRAD_TOL) and "cudnn.allow_tf32" in why
+    assert 2.9e-4 <= grad < gpu_run.GRAD_TOL["float16"]
+    for backend in ("triton", "cuda", "reference"):
+        assert gpu_run.tolerances(backend, "float32") == (1e-4, 2e-4, None)
+    assert gpu_run.tolerances("torch", "bfloat16") == (2e-2, 5e-2, None)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert gpu_run.tolerances("torch", "float32") == (1e-4, 2e-4, None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert "cuda.matmul.allow_tf32" in gpu_run.tolerances("torch", "float32")[2]
