@@ -14,7 +14,8 @@ Backends, in automatic priority order: cuda (the compiled extension), triton,
 torch (Conv2d, or unfold + layer_norm + linear with an input norm: the automatic
 choice on CPU), reference (the literal formula). The triton and cuda backends
 run through the custom ops ``vitkernels::patch_embed_fwd`` / ``_bwd`` (fake
-impls and autograd registered), so they work under torch.compile(fullgraph=True);
+impls and autograd registered), so they work under torch.compile(fullgraph=True)
+(plain eager calls run the same launchers without torch.library, ops/_fastpath.py);
 their backward kernels give the gradients for weight, bias, both norms, pos_embed
 and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
 that need one) is computed with stock ops in float32 (unfold recomputed, fold).
@@ -216,7 +217,7 @@ class _Direct(torch.autograd.Function):
     that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, *args):  # the custom op's arguments, backend last
         out = _launchers(args[-1])[0](*args[:-1])
         _setup_context(ctx, args, out)
         return out

@@ -11,7 +11,8 @@ Backends, in automatic priority order: cuda (the compiled extension), triton,
 torch (a stable stock-PyTorch composite, the automatic choice on CPU), reference
 (the literal formula). The triton and cuda backends run through the custom ops
 ``vitkernels::performer_attention_fwd`` / ``_bwd`` (fake impls and autograd
-registered), so they work under ``torch.compile(fullgraph=True)``.
+registered), so they work under ``torch.compile(fullgraph=True)``; plain eager calls
+run the same launchers without torch.library (vitkernels/ops/_fastpath.py).
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ class _Direct(torch.autograd.Function):
     that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
 
     @staticmethod
-    def forward(ctx, q, k, v, w, eps, backend):
-        y, lks, vbar = _launchers(backend)[0](q, k, v, w, eps)
-        _setup_context(ctx, (q, k, v, w, eps, backend), (y, lks, vbar))
+    def forward(ctx, *args):  # the custom op's arguments, backend last
+        y, lks, vbar = _launchers(args[-1])[0](*args[:-1])
+        _setup_context(ctx, args, (y, lks, vbar))
         return y, lks, vbar
 
     @staticmethod

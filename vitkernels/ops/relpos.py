@@ -15,7 +15,8 @@ Backends, in automatic priority order: cuda (the compiled extension), triton, to
 (SDPA with the bias gathered and materialised; the automatic choice on CPU),
 reference (the literal einsum math). The triton and cuda backends run through the
 custom ops ``vitkernels::relpos_attention_fwd`` / ``_bwd`` (fake impls and autograd
-registered), so they work under ``torch.compile(fullgraph=True)``; they never build
+registered), so they work under ``torch.compile(fullgraph=True)``; plain eager calls
+run the same launchers without torch.library (vitkernels/ops/_fastpath.py); they never build
 an (Nq x Nk) tensor, gradients included (the table's too). The triton backend's
 table gradient is deterministic (per-program partials summed in a fixed order);
 the cuda backend's uses float atomics, so under
@@ -167,9 +168,9 @@ class _Direct(torch.autograd.Function):
     that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale, backend):
-        out, lse = _launchers(backend)[0](q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale)
-        _setup_context(ctx, (q, k, v, table, fmap_rows, fmap_cols, q_stride, scale, bias_scale, backend), (out, lse))
+    def forward(ctx, *args):  # the custom op's arguments, backend last
+        out, lse = _launchers(args[-1])[0](*args[:-1])
+        _setup_context(ctx, args, (out, lse))
         return out, lse
 
     @staticmethod
