@@ -296,3 +296,11 @@ def test_on_a_gpu_direct_launches_equal_the_custom_op(op, backend, monkeypatch):
                 assert torch.equal(a, other)
             else:
                 torch.testing.assert_close(a, other, rtol=2e-2, atol=1e-2)
+
+
+def test_jit_trace_records_the_custom_op():
+    """torch.jit.trace records torch ops: a direct launch would vanish from the trace."""
+    args, kwargs = _call("performer_attention")
+    traced = torch.jit.trace(lambda q, k, v, w: vitkernels.performer_attention(q, k, v, w, backend="triton"), args)
+    assert "vitkernels::performer_attention_fwd" in str(traced.graph)
+    assert torch.equal(traced(*args), vitkernels.performer_attention(*args, backend="triton"))

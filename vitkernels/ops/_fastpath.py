@@ -21,8 +21,9 @@ Two things cost most of an op call's host time once the kernels are compiled
   the launcher directly (no grad needed) or through a ``torch.autograd.Function``
   that saves the same tensors and runs the same backward launcher: not while
   compiling, not under a TorchDispatchMode or TorchFunctionMode (fake tensors,
-  tracing, launch recording), not inside functorch transforms or forward-mode AD,
-  and only for plain tensors and parameters. Everywhere else the custom op runs.
+  tracing, launch recording), not inside functorch transforms, forward-mode AD
+  or torch.jit.trace, and only for plain tensors and parameters. Everywhere else
+  the custom op runs.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def direct_call_ok(tensors: Iterable[torch.Tensor | None]) -> bool:
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None
         or _forward_ad._current_level >= 0
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace records ops, not launches
     ):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
