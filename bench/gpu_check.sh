@@ -15,8 +15,8 @@
 #   3. op benchmarks A1 A4 T1 P1, forward and forward+backward, against their peers
 #                                                                bench/gpu_run.py ops
 #   4. whole models LeViT-256, T2T-ViT-14, ViT-B/16 at batch 256  bench/gpu_run.py models
-#   5. while time remains: the gpu tests (pytest -m gpu), then the other workloads and
-#      models
+#   5. while time remains: the gpu tests (pytest -m gpu, one process per test file, all
+#      in pytest-gpu.log), then the other workloads and models
 # then prints a short summary (the device tool returns the last 12,000 characters).
 #
 # The CUDA extension: a library prebuilt by bench/prebuild_cuda.sh (.prebuilt/, carried
@@ -205,20 +205,34 @@ after_build
 stage models 40 20 models
 after_build
 
-# the remaining gpu tests: the extension's own tests only once it is loaded
-TESTS=(tests/test_relpos_gpu.py tests/test_performer_gpu.py tests/test_patch_embed_gpu.py
-       tests/test_cuda_gpu.py tests/test_gpu_devices.py tests)
-IGNORE=()
+# the gpu tests, one pytest process per file (an illegal memory access poisons the CUDA
+# context of its process: it fails that file, not every test after it), the kernels'
+# own files first; the extension's own tests only once it is loaded
+FIRST=(tests/test_relpos_gpu.py tests/test_performer_gpu.py tests/test_patch_embed_gpu.py
+       tests/test_cuda_gpu.py tests/test_gpu_devices.py)
+TESTS=()
+for f in "${FIRST[@]}" $(grep -l "mark.gpu" tests/test_*.py); do
+  case " ${TESTS[*]} " in *" $f "*) continue ;; esac
+  TESTS+=("$f")
+done
 if [ "$DRY" = 0 ] && [ "$(cuda_status)" != ok ]; then
   # its fixture would build the extension (again, or beside the running build)
   say "tests/test_cuda_gpu.py left out: the CUDA extension is not loaded"
-  IGNORE=(--ignore=tests/test_cuda_gpu.py)
+  TESTS=("${TESTS[@]/tests\/test_cuda_gpu.py}")
 fi
 if [ "$DRY" = 1 ]; then
   note tests skipped 0 "needs a GPU (dry run)"
 else
-  run_stage tests 30 0 bash -c '"$0" -m pytest -m gpu -v -rfE --no-header -p no:cacheprovider "$@" >"'"$OUTDIR"'/pytest-gpu.log" 2>&1; rc=$?; tail -3 "'"$OUTDIR"'/pytest-gpu.log"; exit $rc' \
-    "$PY" "${IGNORE[@]}" "${TESTS[@]}"
+  # SIGINT at the deadline stops the running file's pytest (it still writes its summary
+  # line) and then the loop; pytest exit 5 is a file with no gpu test here
+  run_stage tests 30 0 bash -c 'trap "exit 130" INT; py=$1 log=$2 rc=0; shift 2; : >"$log"
+    for f in "$@"; do
+      [ -n "$f" ] || continue
+      echo "##### $f" >>"$log"
+      "$py" -m pytest -m gpu -v -rfE --no-header -p no:cacheprovider "$f" >>"$log" 2>&1
+      r=$?; [ $r -ne 0 ] && [ $r -ne 5 ] && rc=1
+      echo "$f: $(tail -1 "$log")"
+    done; exit $rc' "$PY" "$OUTDIR/pytest-gpu.log" "${TESTS[@]}"
 fi
 
 stage ops-rest 40 100 ops --workloads A2,A3,A5,T2,P2,P3 --tag rest

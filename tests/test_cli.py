@@ -30,13 +30,31 @@ _OPS = ("relpos_attention", "performer_attention", "patch_embed")
 
 
 def _check_backend_lines(text: str, expected: tuple[str, ...]) -> None:
-    """Each op's line names a backend in ``expected``, then one line per backend not
-    taken says why it refuses."""
+    """Each op's line names a backend in ``expected``; when that is not cuda (the first
+    in priority), the next line says why cuda refuses. (An op's line may be the last
+    line of the output: the GPU run's IndexError.)"""
     lines = text.splitlines()
     for op in _OPS:
         i = next(i for i, line in enumerate(lines) if line.startswith(op))
-        assert lines[i].rstrip().rsplit(": ", 1)[1] in expected, lines[i]
-        assert lines[i + 1].strip().startswith("cuda refuses: ") or "cuda" in expected
+        chosen = lines[i].rstrip().rsplit(": ", 1)[1]
+        assert chosen in expected, lines[i]
+        if chosen != "cuda":
+            following = lines[i + 1 : i + 2]
+            assert following and following[0].strip().startswith("cuda refuses: "), lines[i : i + 2]
+
+
+def test_backend_lines_check_takes_cuda_on_the_last_line():
+    """The check itself, on the shape of the GPU machine's output (cuda chosen for the
+    last op) and of a CPU's (torch chosen, cuda's refusal below each op)."""
+    gpu = ("relpos_attention     A1 (B2): cuda\nperformer_attention  T1 (B2): cuda\n"
+           "patch_embed          P1 (B2): cuda\n")  # fmt: skip
+    _check_backend_lines(gpu, ("triton", "cuda"))
+    cpu = "".join(f"{op}  x: torch\n  cuda refuses: not built\n" for op in _OPS)
+    _check_backend_lines(cpu, ("torch",))
+    with pytest.raises(AssertionError):
+        _check_backend_lines(cpu.replace("  cuda refuses: not built\n", "", 1), ("torch",))
+    with pytest.raises(AssertionError):
+        _check_backend_lines(gpu, ("torch",))
 
 
 def test_info_names_versions_and_a_backend_per_op():

@@ -163,7 +163,8 @@ def test_report_gives_make_results_json_and_a_summary_with_estimates(tmp_path, c
         env,
         {"kind": "ceiling", "name": "copy", "value": 4.0e12},
         {**bench, "impl": "eager", "time_us": 100.0},
-        {**bench, "impl": "triton", "time_us": 25.0},
+        {**bench, "impl": "triton", "time_us": 25.0, "host_us": 30.0, "kernel_us": 20.0, "graph_us": 22.0},
+        {**bench, "impl": "torch", "time_us": 50.0, "graph_error": "RuntimeError: capture failed"},
         {
             "kind": "check",
             "op": "relpos_attention",
@@ -182,9 +183,11 @@ def test_report_gives_make_results_json_and_a_summary_with_estimates(tmp_path, c
     text = capsys.readouterr().out
     assert "RESULT: FAILED" in text and "FAIL  relpos_attention A1 triton bfloat16 bwd" in text
     header = next(ln for ln in text.splitlines() if ln.startswith("workload"))
-    assert "measured us" in header and "estimate us" in header
+    assert header.split()[2:10] == ["event", "us", "host", "us", "kernel", "us", "estimate", "us"]
     row = next(ln for ln in text.splitlines() if ln.startswith("A1") and "triton" in ln)
-    assert row.split()[2:4] == ["25.0", "21.5"] and "4.00x" in row  # vs eager
+    # event time (host-bound: starred), host, kernel time, the estimate beside it, graph replay
+    assert row.split()[2:7] == ["25.0*", "30.0", "20.0", "21.5", "22.0"] and "4.00x" in row  # vs eager
+    assert "graph us '-': torch: RuntimeError: capture failed" in text
     (results,) = out.glob("h200-*.json")
     run = make_results.load_run(results)
     assert run.header["gpu"] == "NVIDIA H200" and run.header["commit"] == "abc"
@@ -198,3 +201,41 @@ def test_slug_names_the_gpu():
     assert gpu_run.slug("NVIDIA H200") == "h200"
     assert gpu_run.slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
     assert gpu_run.slug(None) == "cpu-dry-run"
+
+
+def test_pytest_outcome_sums_the_per_file_runs(tmp_path):
+    """gpu_check.sh runs each gpu test file in its own pytest: the outcome sums them and
+    names the failing and crashed files (a synthetic log, not a run)."""
+    log = tmp_path / "pytest-gpu.log"
+    log.write_text(
+        "##### tests/test_relpos_gpu.py\nPASSED\n===== 1 failed, 40 passed in 12.1s =====\n"
+        "##### tests/test_performer_gpu.py\nFatal Python error: Segmentation fault\n"
+        "##### tests/test_cli.py\n===== 3 passed, 2 deselected in 2.0s =====\n"
+        "##### tests/test_optimize.py\n===== 1 error, 5 passed in 3.0s =====\n"
+    )
+    text = gpu_run.pytest_outcome(log)
+    assert text.startswith("1 failed, 1 error, 48 passed, 2 deselected in 3 file(s)")
+    assert "failing: tests/test_relpos_gpu.py (1 failed), tests/test_optimize.py (1 error)" in text
+    assert "1 file(s) without a summary line (crashed or stopped): tests/test_performer_gpu.py" in text
+    log.write_text("##### tests/test_cli.py\n===== 3 passed in 2.0s =====\n")
+    assert gpu_run.pytest_outcome(log) == "3 passed in 1 file(s)"
+
+
+def test_float32_tolerance_follows_the_tf32_switches_in_force(monkeypatch):
+    """The torch backend's float32 runs through cuDNN/cuBLAS, which use TF32 where torch's
+    switches allow it (cuDNN's is on by default: the GPU run's patch_embed weight
+    gradient, 2.9e-4 against 2e-4); the kernels set their own precision."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    fwd, grad, why = gpu_run.tolerances("torch", "float32")
+    assert (fwd, grad) == (gpu_run.TF32_TOL, gpu_run.TF32_GRAD_TOL) and "cudnn.allow_tf32" in why
+    assert 2.9e-4 <= grad < gpu_run.GRAD_TOL["float16"]
+    for backend in ("triton", "cuda", "reference"):
+        assert gpu_run.tolerances(backend, "float32") == (1e-4, 2e-4, None)
+    assert gpu_run.tolerances("torch", "bfloat16") == (2e-2, 5e-2, None)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert gpu_run.tolerances("torch", "float32") == (1e-4, 2e-4, None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert "cuda.matmul.allow_tf32" in gpu_run.tolerances("torch", "float32")[2]

@@ -44,6 +44,17 @@ def test_device_guard_is_a_no_op_without_cuda_tensors():
 
 
 @pytest.mark.gpu
+def test_device_guard_is_skipped_for_the_current_device():
+    """A launch on the current device enters no torch.cuda.device guard (host time per
+    launch); one on another device still does (the two-GPU test below runs them)."""
+    t = torch.empty(1, device="cuda")
+    assert type(_common.device_guard(3, t)) is type(_common.device_guard())
+    other = torch.device("cuda", (torch.cuda.current_device() + 1) % max(2, torch.cuda.device_count()))
+    if torch.cuda.device_count() > 1:
+        assert isinstance(_common.device_guard(torch.empty(1, device=other)), torch.cuda.device)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (a non-current device)")
 @pytest.mark.parametrize("op", ["relpos_attention", "performer_attention", "patch_embed"])
 def test_ops_on_a_non_current_device(op):

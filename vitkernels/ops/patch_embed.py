@@ -14,7 +14,8 @@ Backends, in automatic priority order: cuda (the compiled extension), triton,
 torch (Conv2d, or unfold + layer_norm + linear with an input norm: the automatic
 choice on CPU), reference (the literal formula). The triton and cuda backends
 run through the custom ops ``vitkernels::patch_embed_fwd`` / ``_bwd`` (fake
-impls and autograd registered), so they work under torch.compile(fullgraph=True);
+impls and autograd registered), so they work under torch.compile(fullgraph=True)
+(plain eager calls run the same launchers without torch.library, ops/_fastpath.py);
 their backward kernels give the gradients for weight, bias, both norms, pos_embed
 and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
 that need one) is computed with stock ops in float32 (unfold recomputed, fold).
@@ -43,6 +44,7 @@ from vitkernels.ops._dispatch import (
     select,
     triton_import_error,
 )
+from vitkernels.ops._fastpath import DecisionCache, direct_call_ok, needs_grad
 
 __all__ = ["BACKENDS", "patch_embed", "patch_grid", "which_backend"]
 
@@ -186,9 +188,11 @@ def _backward(ctx, grad_out):
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     out = [None] * 8
     if any(mask):
-        grads = patch_embed_bwd(
-            grad_out, images, *params, *ctx.geometry, *ctx.norms, mask, ctx.backend
-        )
+        args = (grad_out, images, *params, *ctx.geometry, *ctx.norms, mask)
+        if direct_call_ok((grad_out, images, *params)):  # eager: the launcher (ops/_fastpath.py)
+            grads = _launchers(ctx.backend)[1](*args)
+        else:
+            grads = patch_embed_bwd(*args, ctx.backend)
         out = [g if m else None for g, m in zip(grads, mask, strict=True)]
     grad_images = None
     if ctx.needs_input_grad[0]:  # stock ops (T2T's later soft splits take token maps)
@@ -208,6 +212,22 @@ def _backward(ctx, grad_out):
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Direct(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library, for eager calls
+    that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
+
+    @staticmethod
+    def forward(ctx, *args):  # the custom op's arguments, backend last
+        out = _launchers(args[-1])[0](*args[:-1])
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
+
+
 # ----------------------------------------------------------------------------
 # backends
 
@@ -220,11 +240,16 @@ def _kernel_call(backend: str, inputs: Inputs) -> torch.Tensor:
     kw = inputs.kwargs
     iw, ib, ieps = _norm_parts(kw["in_norm"])
     ow, ob, oeps = _norm_parts(kw["out_norm"])
-    return patch_embed_fwd(
-        kw["images"], kw["weight"], kw["bias"], iw, ib, ow, ob, kw["pos_embed"], kw["cls_token"],
-        list(kw["kernel_size"]), list(kw["stride"]), list(kw["padding"]), kw["patch_order"],
-        float(ieps), float(oeps), kw["in_norm"] is not None, kw["out_norm"] is not None, backend,
+    tensors = (kw["images"], kw["weight"], kw["bias"], iw, ib, ow, ob, kw["pos_embed"], kw["cls_token"])
+    args = (
+        *tensors, list(kw["kernel_size"]), list(kw["stride"]), list(kw["padding"]), kw["patch_order"],
+        float(ieps), float(oeps), kw["in_norm"] is not None, kw["out_norm"] is not None,
     )  # fmt: skip
+    if not direct_call_ok(tensors):
+        return patch_embed_fwd(*args, backend)
+    if needs_grad(tensors):
+        return _Direct.apply(*args, backend)
+    return _launchers(backend)[0](*args)
 
 
 def _tensors(kw: dict) -> dict[str, torch.Tensor | None]:
@@ -294,6 +319,7 @@ class ReferenceBackend(Backend):
 
 
 BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
+_DECISIONS = DecisionCache("patch_embed", BACKENDS)
 
 
 # ----------------------------------------------------------------------------
@@ -558,12 +584,62 @@ def patch_embed(
     Returns:
         (B, P + L, D) in the images' dtype, L = Ho * Wo patches in row-major order.
     """
+    norms = [_norm_key(in_norm), _norm_key(out_norm)]
+    key = None
+    if None not in norms:
+        key = _DECISIONS.key(
+            backend, (images, weight, bias, pos_embed, cls_token, *norms[0][0], *norms[1][0]),
+            (kernel_size, stride, padding, patch_order, norms[0][1], norms[1][1]),
+        )  # fmt: skip
+    hit = _DECISIONS.get(key)
+    if hit is not None:  # this signature validated and chose hit[0] before
+        chosen, checked = hit
+        kw = _checked_kwargs(images, weight, bias, in_norm, out_norm, pos_embed, cls_token, checked)
+        return chosen.run(Inputs("patch_embed", _tensors(kw), kwargs=kw))
     inputs = _inputs(
         images, weight, bias, kernel_size=kernel_size, stride=stride, padding=padding,
         patch_order=patch_order, in_norm=in_norm, out_norm=out_norm, pos_embed=pos_embed,
         cls_token=cls_token,
     )  # fmt: skip
-    return select(BACKENDS, inputs, backend).run(inputs)
+    chosen = select(BACKENDS, inputs, backend)
+    _DECISIONS.put(key, chosen, _checked(inputs.kwargs))
+    return chosen.run(inputs)
+
+
+def _norm_key(norm: Any) -> tuple[tuple[Any, Any], Any] | None:
+    """(the norm's tensors, the rest of it) for the decision key; None for a malformed
+    norm (the checked path explains it)."""
+    if norm is None:
+        return (None, None), None
+    if type(norm) in (tuple, list) and len(norm) == 3:
+        return (norm[0], norm[1]), (type(norm).__name__, norm[2])
+    return None
+
+
+def _checked(kw: dict[str, Any]) -> dict[str, Any]:
+    """What a checked call's kwargs hold besides the caller's tensors (and views of them)."""
+    D, K = kw["weight"].shape
+    keep = ("kernel_size", "stride", "padding", "patch_order")
+    eps = {n: None if kw[n] is None else kw[n][2] for n in ("in_norm", "out_norm")}
+    return {"D": D, "K": K, "eps": eps, **{n: kw[n] for n in keep}}
+
+
+def _checked_kwargs(images, weight, bias, in_norm, out_norm, pos_embed, cls_token, checked):
+    """The kwargs the checked path builds for these tensors, from what it kept (_checked)."""
+    D, K, eps = checked["D"], checked["K"], checked["eps"]
+    return {
+        "images": images,
+        "weight": weight.reshape(D, K),
+        "bias": bias,
+        "kernel_size": checked["kernel_size"],
+        "stride": checked["stride"],
+        "padding": checked["padding"],
+        "patch_order": checked["patch_order"],
+        "in_norm": None if in_norm is None else (in_norm[0], in_norm[1], eps["in_norm"]),
+        "out_norm": None if out_norm is None else (out_norm[0], out_norm[1], eps["out_norm"]),
+        "pos_embed": None if pos_embed is None else pos_embed.reshape(-1, D),
+        "cls_token": None if cls_token is None else cls_token.reshape(-1, D),
+    }
 
 
 def which_backend(

@@ -11,7 +11,8 @@ Backends, in automatic priority order: cuda (the compiled extension), triton,
 torch (a stable stock-PyTorch composite, the automatic choice on CPU), reference
 (the literal formula). The triton and cuda backends run through the custom ops
 ``vitkernels::performer_attention_fwd`` / ``_bwd`` (fake impls and autograd
-registered), so they work under ``torch.compile(fullgraph=True)``.
+registered), so they work under ``torch.compile(fullgraph=True)``; plain eager calls
+run the same launchers without torch.library (vitkernels/ops/_fastpath.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vitkernels.ops._dispatch import (
     select,
     triton_import_error,
 )
+from vitkernels.ops._fastpath import DecisionCache, direct_call_ok, needs_grad
 
 __all__ = ["BACKENDS", "MAX_E", "MAX_M", "performer_attention", "which_backend"]
 
@@ -115,8 +117,28 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy, _dlks, _dvbar):
     q, k, v, w, lks, vbar = ctx.saved_tensors
     w_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dw = performer_attention_bwd(dy, q, k, v, w, lks, vbar, ctx.eps, w_grad, ctx.backend)
+    saved = (dy, q, k, v, w, lks, vbar)
+    if direct_call_ok(saved):  # eager: the launcher itself (vitkernels/ops/_fastpath.py)
+        dq, dk, dv, dw = _launchers(ctx.backend)[1](*saved, ctx.eps, w_grad)
+    else:
+        dq, dk, dv, dw = performer_attention_bwd(*saved, ctx.eps, w_grad, ctx.backend)
     return dq, dk, dv, (dw if w_grad else None), None, None
+
+
+class _Direct(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library, for eager calls
+    that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
+
+    @staticmethod
+    def forward(ctx, *args):  # the custom op's arguments, backend last
+        y, lks, vbar = _launchers(args[-1])[0](*args[:-1])
+        _setup_context(ctx, args, (y, lks, vbar))
+        return y, lks, vbar
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dlks, dvbar):
+        return _backward(ctx, dy, dlks, dvbar)
 
 
 performer_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -128,7 +150,12 @@ performer_attention_fwd.register_autograd(_backward, setup_context=_setup_contex
 
 def _run_kernel(backend: str, inputs: Inputs) -> torch.Tensor:
     kw = inputs.kwargs
-    return performer_attention_fwd(kw["q"], kw["k"], kw["v"], kw["w"], kw["eps"], backend)[0]
+    tensors = (kw["q"], kw["k"], kw["v"], kw["w"])
+    if not direct_call_ok(tensors):
+        return performer_attention_fwd(*tensors, kw["eps"], backend)[0]
+    if needs_grad(tensors):
+        return _Direct.apply(*tensors, kw["eps"], backend)[0]
+    return _launchers(backend)[0](*tensors, kw["eps"])[0]
 
 
 def _extension_ops() -> str | None:
@@ -184,6 +211,8 @@ class ReferenceBackend(Backend):
 
 
 BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
+_DECISIONS = DecisionCache("performer_attention", BACKENDS)
+_TENSORS = ("q", "k", "v", "w")
 
 
 # ----------------------------------------------------------------------------
@@ -277,8 +306,17 @@ def performer_attention(
         with phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(M). Differentiable in q, k, v
         and w.
     """
+    tensors = (q, k, v, w)
+    key = _DECISIONS.key(backend, tensors, (eps,))
+    hit = _DECISIONS.get(key)
+    if hit is not None:  # this signature validated and chose hit[0] before
+        chosen, checked = hit
+        named = dict(zip(_TENSORS, tensors, strict=True))
+        return chosen.run(Inputs("performer_attention", named, params=("w",), kwargs={**named, **checked}))
     inputs = _inputs(q, k, v, w, eps=eps)
-    return select(BACKENDS, inputs, backend).run(inputs)
+    chosen = select(BACKENDS, inputs, backend)
+    _DECISIONS.put(key, chosen, {"eps": inputs.kwargs["eps"]})
+    return chosen.run(inputs)
 
 
 def which_backend(

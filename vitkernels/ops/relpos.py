@@ -15,7 +15,8 @@ Backends, in automatic priority order: cuda (the compiled extension), triton, to
 (SDPA with the bias gathered and materialised; the automatic choice on CPU),
 reference (the literal einsum math). The triton and cuda backends run through the
 custom ops ``vitkernels::relpos_attention_fwd`` / ``_bwd`` (fake impls and autograd
-registered), so they work under ``torch.compile(fullgraph=True)``; they never build
+registered), so they work under ``torch.compile(fullgraph=True)``; plain eager calls
+run the same launchers without torch.library (vitkernels/ops/_fastpath.py); they never build
 an (Nq x Nk) tensor, gradients included (the table's too). The triton backend's
 table gradient is deterministic (per-program partials summed in a fixed order);
 the cuda backend's uses float atomics, so under
@@ -50,6 +51,7 @@ from vitkernels.ops._dispatch import (
     select,
     triton_import_error,
 )
+from vitkernels.ops._fastpath import DecisionCache, direct_call_ok, needs_grad
 
 __all__ = ["BACKENDS", "relpos_attention", "which_backend"]
 
@@ -147,7 +149,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, table, out, lse = ctx.saved_tensors
-    dq, dk, dv, dtable = relpos_attention_bwd(grad_out, q, k, v, table, out, lse, *ctx.args)
+    *args, backend = ctx.args
+    saved = (grad_out, q, k, v, table, out, lse)
+    if direct_call_ok(saved):  # eager: the launcher itself (vitkernels/ops/_fastpath.py)
+        dq, dk, dv, dtable = _launchers(backend)[1](*saved, *args)
+    else:
+        dq, dk, dv, dtable = relpos_attention_bwd(*saved, *args, backend)
     need = ctx.needs_input_grad
     return (
         dq if need[0] else None,
@@ -163,17 +170,36 @@ def _backward(ctx, grad_out, _grad_lse):
     )
 
 
+class _Direct(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library, for eager calls
+    that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
+
+    @staticmethod
+    def forward(ctx, *args):  # the custom op's arguments, backend last
+        out, lse = _launchers(args[-1])[0](*args[:-1])
+        _setup_context(ctx, args, (out, lse))
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse)
+
+
 relpos_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _run_kernel(backend: str, inputs: Inputs) -> torch.Tensor:
     kw = inputs.kwargs
+    q, k, v = kw["q"], kw["k"], kw["v"]
     table = kw["bias_table"] if kw["table_layout"] == "hn" else kw["bias_table"].t()  # (H, R*C) view
     R, C = kw["fmap_size"]
-    return relpos_attention_fwd(
-        kw["q"], kw["k"], kw["v"], table, R, C, kw["q_stride"], kw["scale"], kw["bias_scale"],
-        backend,
-    )[0]
+    args = (q, k, v, table, R, C, kw["q_stride"], kw["scale"], kw["bias_scale"])
+    if not direct_call_ok(args[:4]):
+        return relpos_attention_fwd(*args, backend)[0]
+    if needs_grad(args[:4]):
+        return _Direct.apply(*args, backend)[0]
+    return _launchers(backend)[0](*args)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -234,6 +260,8 @@ class ReferenceBackend(Backend):
 
 
 BACKENDS: list[Backend] = [CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend()]
+_DECISIONS = DecisionCache("relpos_attention", BACKENDS)
+_TENSORS = ("q", "k", "v", "bias_table")
 
 
 # ----------------------------------------------------------------------------
@@ -408,11 +436,21 @@ def relpos_attention(
     Returns:
         (B, H, Nq, Dv) in q's dtype.
     """
+    tensors = (q, k, v, bias_table)
+    key = _DECISIONS.key(backend, tensors, (fmap_size, q_stride, scale, bias_scale, table_layout))
+    hit = _DECISIONS.get(key)
+    if hit is not None:  # this signature validated and chose hit[0] before
+        chosen, checked = hit
+        named = dict(zip(_TENSORS, tensors, strict=True))
+        inputs = Inputs("relpos_attention", named, params=("bias_table",), kwargs={**named, **checked})
+        return chosen.run(inputs)
     inputs = _inputs(
         q, k, v, bias_table, fmap_size=fmap_size, q_stride=q_stride, scale=scale,
         bias_scale=bias_scale, table_layout=table_layout,
     )  # fmt: skip
-    return select(BACKENDS, inputs, backend).run(inputs)
+    chosen = select(BACKENDS, inputs, backend)
+    _DECISIONS.put(key, chosen, {n: x for n, x in inputs.kwargs.items() if n not in _TENSORS})
+    return chosen.run(inputs)
 
 
 def which_backend(

@@ -46,6 +46,7 @@ __all__ = [
     "TensorFactory",
     "TorchOp",
     "alloc",
+    "cdiv",
     "device_guard",
     "dot_precision",
     "hint",
@@ -101,13 +102,30 @@ def mask2(ok0, ok1, V0: tl.constexpr, V1: tl.constexpr):
     return mask
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grid arithmetic (``triton.cdiv`` is a
+    constexpr function: several microseconds per call from host code)."""
+    return -(-a // b)
+
+
+def _cuda_device(tensors: Sequence[Any]) -> torch.device | None:
+    """The first CUDA tensor's device, if it is not the current device already."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            device = t.device
+            return None if device.index == torch.cuda.current_device() else device
+    return None
+
+
 def device_guard(*tensors: Any) -> contextlib.AbstractContextManager:
     """Make the first CUDA tensor's device current (Triton launches on the current
-    device); a no-op for CPU (interpreter) and meta tensors."""
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-            return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    device); a no-op when it is current already and for CPU (interpreter) and meta
+    tensors."""
+    device = _cuda_device(tensors)
+    return _NO_GUARD if device is None else torch.cuda.device(device)
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: enters and exits as often as asked
 
 
 # ----------------------------------------------------------------------------

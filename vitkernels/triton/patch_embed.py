@@ -80,7 +80,15 @@ import torch
 import triton
 
 from vitkernels.ops._dispatch import triton_interpret
-from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, dot_precision, launch
+from vitkernels.triton._common import (
+    SHORT,
+    Launch,
+    TensorFactory,
+    alloc,
+    cdiv,
+    dot_precision,
+    launch,
+)
 from vitkernels.triton._patch_embed_bwd import (
     _dw_kernel,
     _dxn_kernel,
@@ -354,7 +362,7 @@ def _prepare(
     block_n, block_k = (16, 32) if interpret else (32, 32)
     launch(Launch(
         f"patch_embed_prep[{SHORT[weight.dtype]},{patch_order}->{order},K{K}]",
-        _prep_kernel, (triton.cdiv(D, block_n),),
+        _prep_kernel, (cdiv(D, block_n),),
         [weight, in_weight if in_weight is not None else weight,
          in_bias if in_bias is not None else weight, bias if bias is not None else weight,
          wk, colsum, shift, D, K, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
@@ -363,7 +371,7 @@ def _prepare(
          "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None},
         4, 1,
         reads=(weight, in_weight, in_bias, bias), writes=(wk, colsum, shift),
-        loops={"k0": triton.cdiv(K, block_k)},
+        loops={"k0": cdiv(K, block_k)},
     ))  # fmt: skip
     return _Prepared(g, order, wk, colsum, shift)
 
@@ -409,8 +417,8 @@ def _fwd_launch(
         "WRITE_STATS": stats is not None,
         "PREC": dot_precision(images.dtype),
     }
-    m_blocks = triton.cdiv(M, cfg.block_m)
-    grid = (m_blocks,) if has_out_norm else (m_blocks * triton.cdiv(D, cfg.block_n),)
+    m_blocks = cdiv(M, cfg.block_m)
+    grid = (m_blocks,) if has_out_norm else (m_blocks * cdiv(D, cfg.block_n),)
     parts = (("in", has_in_norm), ("out", has_out_norm), ("pos", pos_embed is not None), ("cls", P > 0))
     tag = "+".join(t for t, on in parts if on) or "plain"
     if stats is not None:
@@ -422,7 +430,7 @@ def _fwd_launch(
         writes=(out, stats),
         # the column loops (first pass, normalisation, prefix tokens) run over all of D
         # with an output norm, over one tile without; p over the prefix tokens
-        loops={"n0": triton.cdiv(D, cfg.block_n) if has_out_norm else 1, "k0": triton.cdiv(K, cfg.block_k),
+        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 1, "k0": cdiv(K, cfg.block_k),
                "p": P},
     )  # fmt: skip
 
@@ -560,7 +568,7 @@ def patch_embed_bwd(
     gin = _reorder(in_weight, g, patch_order, order) if has_in_norm else None
     bin_ = _reorder(in_bias, g, patch_order, order) if has_in_norm else None
     stats = _new((M, 2), device=dev, dtype=torch.float32) if has_in_norm else None
-    m_blocks = triton.cdiv(M, cfg.block_m)
+    m_blocks = cdiv(M, cfg.block_m)
 
     # dy = d loss / d(patches @ W.T + bias): rows at b * sdb + (P + l) * sdt
     if has_out_norm:
@@ -581,7 +589,7 @@ def patch_embed_bwd(
             "patch_embed_out_norm_bwd", _out_norm_bwd_kernel, (m_blocks,),
             [grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
              M, g.L, D, P, *grad_out.stride(), float(out_eps)],
-            (grad_out, y, out_weight), (dy, parts), {"n0": triton.cdiv(D, cfg.block_n)},
+            (grad_out, y, out_weight), (dy, parts), {"n0": cdiv(D, cfg.block_n)},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_OW=out_weight is not None,
             IDX64=pc["IDX64"], GVEC=_run_vec(grad_out, 2, D),
             YVEC=min(_run_vec(y, 2, D), _run_vec(dy, 1, D)),
@@ -596,7 +604,7 @@ def patch_embed_bwd(
             run(
                 "patch_embed_stats", _patch_stats_kernel, (m_blocks,),
                 [images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps)],
-                (images,), (stats,), {"k0": triton.cdiv(K, cfg.block_k)},
+                (images,), (stats,), {"k0": cdiv(K, cfg.block_k)},
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
             )
         if want[1] and pos_sum is not None:
@@ -607,12 +615,12 @@ def patch_embed_bwd(
     dvec = _run_vec(dy_t, -1, D)
 
     if want[0]:
-        blocks_per_split = triton.cdiv(m_blocks, cfg.split)
-        split = triton.cdiv(m_blocks, blocks_per_split)
+        blocks_per_split = cdiv(m_blocks, cfg.split)
+        split = cdiv(m_blocks, blocks_per_split)
         ws = _new((split, D, K), device=dev, dtype=torch.float32)
         run(
             "patch_embed_dw", _dw_kernel,
-            (triton.cdiv(D, cfg.block_n) * triton.cdiv(K, cfg.block_k), split),
+            (cdiv(D, cfg.block_n) * cdiv(K, cfg.block_k), split),
             [images, dy_t, stats if stats is not None else images,
              gin if gin is not None else images, bin_ if bin_ is not None else images, ws,
              M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, blocks_per_split],

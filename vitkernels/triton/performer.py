@@ -110,7 +110,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, dot_precision, launch
+from vitkernels.triton._common import (
+    SHORT,
+    Launch,
+    TensorFactory,
+    alloc,
+    cdiv,
+    dot_precision,
+    launch,
+)
 from vitkernels.workloads import PerformerShape
 
 __all__ = [
@@ -170,9 +178,9 @@ def launch_config(
     cap = _pow2(T, 16)
     bt_kv, bt_q = min(bt_kv, cap), min(bt_q, cap)
     tile = max(bt_kv, bt_q)
-    n_tiles = triton.cdiv(T, tile)
-    want = max(1, triton.cdiv(TARGET_PROGRAMS, max(B, 1)))
-    chunk_len = triton.cdiv(n_tiles, min(n_tiles, want)) * tile
+    n_tiles = cdiv(T, tile)
+    want = max(1, cdiv(TARGET_PROGRAMS, max(B, 1)))
+    chunk_len = cdiv(n_tiles, min(n_tiles, want)) * tile
     return LaunchConfig(
         block_t_kv=bt_kv,
         block_t_q=bt_q,
@@ -544,7 +552,7 @@ def _log_eps_m(eps: float, M: int) -> float:
 
 def _tiles_per_chunk(T: int, cfg: LaunchConfig, block_t: int) -> float:
     """Token tiles per program of a (batch, chunk) grid, averaged over the chunks."""
-    tiles = sum(triton.cdiv(min(cfg.chunk_len, T - c * cfg.chunk_len), block_t) for c in range(cfg.n_chunks))
+    tiles = sum(cdiv(min(cfg.chunk_len, T - c * cfg.chunk_len), block_t) for c in range(cfg.n_chunks))
     return tiles / cfg.n_chunks
 
 

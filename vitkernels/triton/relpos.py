@@ -54,13 +54,22 @@ Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, dot_precision, launch
+from vitkernels.triton._common import (
+    SHORT,
+    Launch,
+    TensorFactory,
+    alloc,
+    cdiv,
+    dot_precision,
+    launch,
+)
 from vitkernels.workloads import RelposShape
 
 __all__ = ["record_calls", "relpos_attention_bwd", "relpos_attention_fwd"]
@@ -425,6 +434,7 @@ class _Config:
     num_stages: int
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     block_m = min(64, max(16, _pow2(nq)))
@@ -437,6 +447,7 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     )
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
@@ -471,6 +482,7 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
+@functools.cache  # pure in its ints: computed once per shape, not per launch
 def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
@@ -614,7 +626,7 @@ def relpos_attention_bwd(
     )  # fmt: skip
 
     cfg = _dkdv_cfg(NQ, NK, DK, DV)
-    num_kb = triton.cdiv(NK, cfg.constexprs["BLOCK_N"])
+    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
         [q, k, v, bias, grad_out, out, lse, dk, dv,
