@@ -2,7 +2,7 @@
 # The device check: one call on a bare GPU machine, within one global deadline.
 #
 #   bash bench/gpu_check.sh [--minutes 9] [--out DIR] [--prebuilt PATH] [--no-build]
-#                           [--compile-mode MODE] [--dry-run]
+#                           [--compile-mode MODE] [--quick] [--dry-run]
 #
 # In priority order, each stage given what is left of the deadline, and the first four
 # at most a share of it (env 10%, correctness 25%, ops 35%, models 20%), so that a slow
@@ -30,6 +30,9 @@
 #   build.log (only when the extension was built here).
 # The copy on the device machine has no .git: pass VITKERNELS_COMMIT=$(git rev-parse HEAD).
 #
+# --quick: a short verification pass (a few minutes of device time): versions and
+# ceilings, correctness and the op benchmarks A1 A4 T1 P1 only (shares 10/45/45).
+#
 # --dry-run walks the same plan on this machine's CPU in seconds: what needs a GPU is
 # reported as skipped, nothing is timed, nothing is installed or built.
 # Exit status: 0 when everything that ran passed, 1 when a check, benchmark agreement or
@@ -45,6 +48,7 @@ PREBUILT=""
 BUILD=1
 DRY=0
 COMPILE_MODE=default
+QUICK=0
 while [ $# -gt 0 ]; do
   case $1 in
     --minutes) MINUTES=$2; shift 2 ;;
@@ -53,6 +57,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --compile-mode) COMPILE_MODE=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
+    --quick) QUICK=1; shift ;;
     -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -197,6 +202,15 @@ after_build() {  # once the background build has finished: record it, check the 
   [ $brc = 0 ] && stage correctness-cuda 20 10 correctness --backends cuda --tag cuda
 }
 
+if [ "$QUICK" = 1 ]; then
+  stage env 20 10 env
+  stage correctness 30 45 correctness
+  after_build
+  stage ops 40 100 ops --workloads A1,A4,T1,P1
+  note models skipped 0 "--quick"
+  note tests skipped 0 "--quick"
+  exit 0  # the EXIT trap writes the files and prints the summary
+fi
 stage env 20 10 env
 stage correctness 30 25 correctness
 after_build

@@ -104,6 +104,20 @@ def test_no_time_left_cuts_every_stage_and_still_reports(tmp_path):
     assert "gpu_check summary" in run.stdout and "env cut" in run.stdout
 
 
+def test_quick_runs_env_correctness_and_the_four_op_workloads_only(tmp_path):
+    out = tmp_path / "out"
+    run = _check(out, "--dry-run", "--quick")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = _records(out)
+    stages = {r["name"]: (r["status"], r.get("note", "")) for r in records if r["kind"] == "stage"}
+    assert stages["models"] == ("skipped", "--quick") and stages["tests"] == ("skipped", "--quick")
+    assert "ops-rest" not in stages and "models-rest" not in stages
+    assert [r for r in records if r["kind"] == "check" and r["status"] == "pass"]
+    bench = {r["base_workload"] for r in records if r["kind"] == "bench"}
+    assert bench == {"A1", "A4", "T1", "P1"}, bench
+    assert "RESULT: ok" in run.stdout
+
+
 def test_bad_arguments_say_what_was_expected(tmp_path):
     run = _check(tmp_path, "--minutes", "soon")
     assert run.returncode == 2 and "--minutes takes a number of minutes, got 'soon'" in run.stderr
