@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from _numerics import assert_close
 
 import vitkernels
 from vitkernels import BackendNotSupportedError
@@ -151,13 +152,6 @@ def ref64(q, k, v, params, scale=None):
     return out, (q, k, v), p64
 
 
-def assert_close(actual, expected, tol, what="", floor=1e-30) -> None:
-    """max |actual - expected| <= tol * max(max |expected|, floor), and all finite."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 def check_grads(backend, q, k, v, params, tol, what=""):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _numerics import assert_close
 
 import vitkernels
 from vitkernels.backends import reference
@@ -69,11 +70,6 @@ def with_leaves(params, fn):
     return {key: tuple(fn(t) if isinstance(t, torch.Tensor) else t for t in value) for key, value in params.items()}
 
 
-def assert_close(actual, expected, tol, what="", floor=1e-30):
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))

@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from _numerics import assert_close
 from torch import nn
 
 import vitkernels
@@ -27,10 +28,8 @@ UNKNOWN = "not a class vitkernels knows as written; checked at optimize time"
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
-    assert got.shape == want.shape
-    scale = max(1.0, want.abs().max().item())
-    err = (got - want).abs().max().item()
-    assert err <= tol * scale, f"max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+    """Within tol of the original module, errors measured against at least 1."""
+    assert_close(got, want, tol, floor=1.0)
 
 
 def _randomize(model: nn.Module) -> nn.Module:
