@@ -95,6 +95,9 @@ import triton.language as tl
 from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, hint, launch
 from vitkernels.workloads import HeadMixingShape
 
+# register allocation differs between triton versions (see _bwd_cfg)
+_TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
+
 __all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "record_calls", "supports"]
 
 _LOG2E = 1.4426950408889634
@@ -675,7 +678,11 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
 def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Config:
     c = _common(heads, dk, dv, flags)
     if nq > 16:  # 64 query rows on one warpgroup (wgmma on sm_90a)
-        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), 4, 1)
+        # every head's tiles take all 255 registers; with the post-mix bias (timm's
+        # layout) triton 3.6 spilled 12 B there: 8 warps then (estimate at M1 on 3.9:
+        # 118 us on 8 warps against 62 on 4, so only where it spills)
+        warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), warps, 1)
     # a few query rows (CaiT's class attention: 1)
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
 
@@ -701,6 +708,10 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tup
     # in registers for the loop); with Triton's default floating-point fusion, 4 warps
     # spilled (the dA launch at N196 and the head-norm dq at D64, sm_90a)
     dq_warps = 2 if few else 8
+    if flags.get("HAS_NORM") and dk > 32 and _TRITON_36:
+        # the head-norm dq at D64 (re-attention): 8 warps spilled 8-16 B at ptxas's
+        # 128-register target with triton 3.6, 4 warps spilled with 3.9
+        dq_warps = 4
     dq = [(dict(**rows, **g, WITH_DQ=True, WITH_DA=False), dq_warps) for g in _groups(heads, hp, 2)]
     if flags["HAS_PRE"]:
         da = dict(rows, BLOCK_N=32 if few else 16, G0=0, GP=2, WITH_DQ=False, WITH_DA=True)
