@@ -58,6 +58,7 @@ import torch
 
 from vitkernels.backends import reference as _reference
 from vitkernels.backends import torch_ops as _torch_ops
+from vitkernels.ops._checks import check_qkv
 from vitkernels.ops._dispatch import (
     FLOAT_DTYPES,
     KERNEL_DTYPES,
@@ -364,29 +365,8 @@ def _validate(q, k, v, scale, pre, post, head_norm, dropout_p, dropout_site):
         raise ValueError(f"head_mixing_attention: q has shape {_shape(q)}; expected (B, H, Nq, Dk)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, q.device)
-    B, H, Nq, Dk = q.shape
-    if k.ndim != 4 or k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dk:
-        raise ValueError(
-            f"head_mixing_attention: k has shape {_shape(k)}; expected (B, H, Nk, Dk) = "
-            f"({B}, {H}, Nk, {Dk}) to match q {_shape(q)}"
-        )
-    Nk = k.shape[2]
-    if v.ndim != 4 or v.shape[0] != B or v.shape[1] != H or v.shape[2] != Nk:
-        raise ValueError(
-            f"head_mixing_attention: v has shape {_shape(v)}; expected (B, H, Nk, Dv) = "
-            f"({B}, {H}, {Nk}, Dv) to match q {_shape(q)} and k {_shape(k)}"
-        )
-    if H < 1 or Nq < 1 or Nk < 1 or Dk < 1 or v.shape[3] < 1:
-        raise ValueError(
-            f"head_mixing_attention: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; expected H, Nq, "
-            "Nk, Dk and Dv >= 1"
-        )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(
-                f"head_mixing_attention: {name} has dtype {t.dtype} but q has {q.dtype}; "
-                "expected q, k, v of one dtype"
-            )
+    check_qkv("head_mixing_attention", q, k, v)
+    H, Dk = q.shape[1], q.shape[3]
     pre = _mix("pre", pre, H, q.device)
     post = _mix("post", post, H, q.device)
     head_norm = _norm(head_norm, H, q.device)

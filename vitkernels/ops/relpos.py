@@ -41,6 +41,7 @@ import torch
 from vitkernels import cuda as _cuda
 from vitkernels.backends import reference as _reference
 from vitkernels.backends import torch_ops as _torch_ops
+from vitkernels.ops._checks import check_qkv
 from vitkernels.ops._dispatch import (
     FLOAT_DTYPES,
     HALF,
@@ -313,29 +314,9 @@ def _validate(q, k, v, bias_table, fmap_size, q_stride, scale, bias_scale, table
             )
     if q.ndim != 4:
         raise ValueError(f"relpos_attention: q has shape {_shape(q)}; expected (B, H, Nq, Dk)")
+    check_qkv("relpos_attention", q, k, v)
     B, H, Nq, Dk = q.shape
-    if k.ndim != 4 or k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dk:
-        raise ValueError(
-            f"relpos_attention: k has shape {_shape(k)}; expected (B, H, Nk, Dk) = "
-            f"({B}, {H}, Nk, {Dk}) to match q {_shape(q)}"
-        )
     Nk = k.shape[2]
-    if v.ndim != 4 or v.shape[0] != B or v.shape[1] != H or v.shape[2] != Nk:
-        raise ValueError(
-            f"relpos_attention: v has shape {_shape(v)}; expected (B, H, Nk, Dv) = "
-            f"({B}, {H}, {Nk}, Dv) to match q {_shape(q)} and k {_shape(k)}"
-        )
-    if H < 1 or Nq < 1 or Nk < 1 or Dk < 1 or v.shape[3] < 1:
-        raise ValueError(
-            f"relpos_attention: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; expected H, Nq, Nk, "
-            "Dk and Dv >= 1"
-        )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(
-                f"relpos_attention: {name} has dtype {t.dtype} but q has {q.dtype}; "
-                "expected q, k, v of one dtype"
-            )
     devices = {t.device for t in (q, k, v, bias_table)}
     if len(devices) > 1:
         raise ValueError(
