@@ -12,6 +12,8 @@
 #      bf16 matrix product)                                         bench/gpu_run.py env
 #   2. correctness: every op x backend x dtype, forward and backward, against float64
 #      (fresh random inputs, outputs poisoned with NaN)      bench/gpu_run.py correctness
+#   2b. the performer illegal-access probe: the first run's unexplained fault, one
+#      process per variant under CUDA_LAUNCH_BLOCKING=1 (10%)      bench/ima_probe.py
 #   3. op benchmarks A1 A4 T1 P1, forward and forward+backward, against their peers
 #                                                                bench/gpu_run.py ops
 #   4. whole models LeViT-256, T2T-ViT-14, ViT-B/16 at batch 256  bench/gpu_run.py models
@@ -31,7 +33,7 @@
 # The copy on the device machine has no .git: pass VITKERNELS_COMMIT=$(git rev-parse HEAD).
 #
 # --quick: a short verification pass (a few minutes of device time): versions and
-# ceilings, correctness and the op benchmarks A1 A4 T1 P1 only (shares 10/45/45).
+# ceilings, correctness, the probe and the op benchmarks A1 A4 T1 P1 only (shares 10/40/15/rest).
 #
 # --dry-run walks the same plan on this machine's CPU in seconds: what needs a GPU is
 # reported as skipped, nothing is timed, nothing is installed or built.
@@ -113,6 +115,10 @@ run_stage() {  # run_stage NAME MIN_SECONDS CAP_SECONDS CMD...: CMD within what 
   note "$name" "$status" $(( $(date +%s) - t0 )) "$([ $rc -ne 0 ] && echo "exit $rc")"
   report >/dev/null 2>&1  # the files under --out follow every stage
   return 0
+}
+probe() {  # the performer illegal-access probe (bench/ima_probe.py), at most SHARE % of the deadline
+  run_stage probe 30 $(( TOTAL * $1 / 100 )) "$PY" bench/ima_probe.py --work "$WORK" \
+    "${DRY_FLAG[@]}" --deadline @STAGE_END@
 }
 stage() {  # stage NAME MIN_SECONDS SHARE_OF_THE_DEADLINE_% gpu_run.py-args...
   local name=$1 min=$2 share=$3
@@ -204,7 +210,8 @@ after_build() {  # once the background build has finished: record it, check the 
 
 if [ "$QUICK" = 1 ]; then
   stage env 20 10 env
-  stage correctness 30 45 correctness
+  stage correctness 30 40 correctness
+  probe 15
   after_build
   stage ops 40 100 ops --workloads A1,A4,T1,P1
   note models skipped 0 "--quick"
@@ -213,6 +220,7 @@ if [ "$QUICK" = 1 ]; then
 fi
 stage env 20 10 env
 stage correctness 30 25 correctness
+probe 10
 after_build
 stage ops 40 35 ops --workloads A1,A4,T1,P1
 after_build

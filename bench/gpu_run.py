@@ -1208,7 +1208,10 @@ def report(work: Path, out: Path, estimates_dir: Path) -> int:
     # a peer that cannot run a workload (FlexAttention's head-dim rules, a compile
     # error) is reported; only this package's own failures fail the check
     peer_errors = [r for r in bad if r["kind"] == "bench" and r["impl"] in OUTSIDE_PEERS]
-    failures = [r for r in bad if r not in peer_errors]
+    # the probe's faults are listed in its own lines of the summary (torch's own
+    # orthogonal_ faulting is reported, not counted against this package)
+    probe_other = [r for r in bad if r["kind"] == "probe" and "orthogonal_" in str(r.get("variant"))]
+    failures = [r for r in bad if r not in peer_errors and r not in probe_other]
     stages = [r for r in records if r["kind"] == "stage"]
     cuts = [r for r in records if r["kind"] == "cut"]
     tests = pytest_outcome(out / "pytest-gpu.log")
@@ -1272,6 +1275,21 @@ def summary_lines(
         )
         for reason in na[:4]:
             L.append(f"  n/a  {reason[:150]}")
+    probes = [r for r in records if r["kind"] == "probe"]
+    if probes:
+        L.append("illegal-access probe (bench/ima_probe.py, CUDA_LAUNCH_BLOCKING=1, one process per variant):")
+        for r in probes:
+            if r.get("sanitizer"):
+                L.append(f"  {r['variant']}:")
+                L += [f"    {ln[:150]}" for ln in r["sanitizer"][:12]]
+                continue
+            where = ""
+            if r.get("status") == "FAIL":
+                where = f" after step '{r.get('after_step')}', last launch {r.get('last_launch')}: {r.get('error')}"
+            elif r.get("reason"):
+                where = f" ({r['reason']})"
+            L.append(f"  {r.get('status', '?'):<5} {r['variant']}{where}"[:260])
+    failures = [f for f in failures if f["kind"] != "probe"]
     for f in failures[:12]:
         what = " ".join(str(f.get(k)) for k in ("op", "case", "workload", "backend", "impl", "dtype", "pass")
                         if f.get(k) is not None)  # fmt: skip

@@ -62,7 +62,7 @@ def test_dry_run_walks_the_plan_on_cpu(tmp_path):
     assert "RESULT: ok" in summary and "gpu_check summary" in summary
 
     stages = [r["name"] for r in _records(out) if r["kind"] == "stage"]
-    order = ["env", "correctness", "ops", "models", "tests", "ops-rest", "models-rest"]
+    order = ["env", "correctness", "probe", "ops", "models", "tests", "ops-rest", "models-rest"]
     assert [s for s in stages if s in order] == order, stages
     records = _records(out)
     # what runs on a CPU ran and passed: the torch backend against float64
@@ -99,7 +99,7 @@ def test_no_time_left_cuts_every_stage_and_still_reports(tmp_path):
     run = _check(out, "--dry-run", "--minutes", "0")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = {r["name"]: r["status"] for r in _records(out) if r["kind"] == "stage"}
-    for name in ("env", "correctness", "ops", "models", "ops-rest", "models-rest"):
+    for name in ("env", "correctness", "probe", "ops", "models", "ops-rest", "models-rest"):
         assert stages[name] == "cut", stages
     assert "gpu_check summary" in run.stdout and "env cut" in run.stdout
 
@@ -115,6 +115,10 @@ def test_quick_runs_env_correctness_and_the_four_op_workloads_only(tmp_path):
     assert [r for r in records if r["kind"] == "check" and r["status"] == "pass"]
     bench = {r["base_workload"] for r in records if r["kind"] == "bench"}
     assert bench == {"A1", "A4", "T1", "P1"}, bench
+    assert stages["probe"][0] == "ok"
+    probes = [r for r in records if r["kind"] == "probe"]
+    assert probes and all(r["status"] == "skipped" for r in probes)
+    assert "illegal-access probe" in run.stdout
     assert "RESULT: ok" in run.stdout
 
 

@@ -1,0 +1,293 @@
+"""Where does the performer's illegal memory access come from? A GPU probe.
+
+    python bench/ima_probe.py --work DIR [--deadline EPOCH] [--dry-run]
+
+The first GPU run (bench/results/gpu-check-2026-11-29/) hit "an illegal memory access"
+in tests/test_performer_gpu.py at the triton float16 case B1 T4096 E33 M17. The error
+surfaced when the forward's second kernel (performer_fwd_q) was loaded, so the fault
+was in something launched before it: the first kernel (performer_fwd_kv) is the
+suspect, ``torch.nn.init.orthogonal_`` on the GPU (a QR of a 33 x 17 matrix, the
+test's feature matrix) the other one. Nothing found it on CPU: the interpreter saw no
+out-of-bounds access, and every global load in the compiled kernels is predicated.
+
+Each variant runs in its own process (a fault poisons the process's CUDA context) under
+CUDA_LAUNCH_BLOCKING=1, synchronising after every step and every Triton launch, so the
+step that faults is named. The variants change one thing at a time from the failing
+case (dtype, the feature matrix's dtype, strided views or contiguous inputs, software
+pipelining, chunking, the shape) so that the record says what the fault depends on.
+The first variant that faults is then run once more under compute-sanitizer (memcheck,
+PyTorch's caching allocator off) where the toolkit has it, for the faulting address.
+
+Records: WORK/probe.jsonl (kind "probe"; bench/gpu_run.py report puts them in the
+summary and check.json). --dry-run runs the variants' setup on CPU and records them as
+skipped. Only a GPU can answer this; nothing here is a measurement of speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str = "performer"  # "performer" or "orthogonal"
+    backend: str = "triton"
+    dtype: str = "f16"
+    w_dtype: str = "f32"
+    layout: str = "test"  # "test": contiguous copies, as the test's clone() makes; "views":
+    # the strided views of one (B, T, 3E) projection
+    shape: tuple[int, int, int, int] = (1, 4096, 33, 17)  # B, T, E, M
+    stages: int | None = None  # override the launch config's num_stages
+    target_programs: int | None = None  # override the chunking heuristic
+    backward: bool = True
+
+
+FAILING = (1, 4096, 33, 17)
+VARIANTS = [
+    Variant("orthogonal_ on cuda, 17x33 (the test's feature matrix)", kind="orthogonal"),
+    Variant("triton f16 w f32 B1T4096E33M17 (the failing test case)"),
+    Variant("triton f16 w f16 B1T4096E33M17", w_dtype="f16"),
+    Variant("triton f16 w f32 strided B1T4096E33M17", layout="views"),
+    Variant("triton f16 w f32 B1T4096E33M17, 1 stage", stages=1),
+    Variant("triton f16 w f32 B1T4096E33M17, 4 tiles per chunk", target_programs=16),
+    Variant("triton bf16 w f32 B1T4096E33M17", dtype="bf16"),
+    Variant("triton f32 B1T4096E33M17", dtype="f32"),
+    Variant("triton f16 w f32 B1T4096E32M16 (aligned control)", shape=(1, 4096, 32, 16)),
+    Variant("triton f16 w f32 B1T64E33M17 (one tile)", shape=(1, 64, 33, 17)),
+    Variant("triton f16 w f32 B2T1000E20M5 (passed on the GPU)", shape=(2, 1000, 20, 5)),
+    Variant("cuda f16 w f32 B1T4096E33M17", backend="cuda"),
+]
+DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+
+
+def log(msg: str) -> None:
+    print(f"[ima_probe {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# child: one variant, step by step
+
+
+def run_variant(v: Variant, device: str) -> None:
+    """Print 'STEP <name> ok' after each step (synchronised); raises at the faulting one."""
+    import torch
+
+    def step(name: str) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        print(f"STEP {name} ok", flush=True)
+
+    B, T, E, M = v.shape
+    if v.kind == "orthogonal":
+        for _ in range(3):
+            w = torch.nn.init.orthogonal_(torch.empty(M, E, device=device))
+        step("orthogonal_")
+        err = (w @ w.T - torch.eye(M, device=device)).abs().max().item()
+        print(f"INFO orthogonality error {err:.2e}", flush=True)
+        return
+    with _traced_launches(v, step):
+        _run_performer(v, device, step)
+
+
+@contextlib.contextmanager
+def _traced_launches(v: Variant, step):
+    """The Triton launchers synchronised and named at every launch, with the variant's
+    launch-config overrides; restored on exit."""
+    if v.backend != "triton":
+        yield
+        return
+    import vitkernels.triton.performer as tp
+
+    saved = tp.launch, tp.launch_config, tp.TARGET_PROGRAMS
+    inner, config = tp.launch, tp.launch_config
+
+    def traced(spec):
+        print(f"LAUNCH {spec.name} grid={spec.grid}", flush=True)
+        inner(spec)
+        step(f"launch {spec.name}")
+
+    def patched(*args, **kwargs):
+        cfg = config(*args, **kwargs)
+        return cfg if v.stages is None else dataclasses.replace(cfg, num_stages=v.stages)
+
+    tp.launch, tp.launch_config = traced, patched
+    if v.target_programs is not None:
+        tp.TARGET_PROGRAMS = v.target_programs
+    try:
+        yield
+    finally:
+        tp.launch, tp.launch_config, tp.TARGET_PROGRAMS = saved
+
+
+def _run_performer(v: Variant, device: str, step) -> None:
+    import torch
+
+    import vitkernels
+    from vitkernels.backends import reference
+
+    B, T, E, M = v.shape
+    dtype = getattr(torch, DTYPES[v.dtype])
+    gen = torch.Generator().manual_seed(0)
+    # inputs made on the CPU (no cuSOLVER, no device RNG), then copied
+    kqv = torch.randn(B, T, 3 * E, generator=gen) * 2.0 / math.sqrt(E)
+    w = torch.nn.init.orthogonal_(torch.empty(M, E), generator=gen) * math.sqrt(M)
+    kqv = kqv.to(device=device, dtype=dtype)
+    w = w.to(device=device, dtype=getattr(torch, DTYPES[v.w_dtype]))
+    k, q, v_ = kqv.split(E, dim=-1)
+    if v.layout == "views":  # strided views of the projection (row stride 3E)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v_)]
+    else:  # as the test: clone() of a split view is a contiguous copy (row stride E)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v_)]
+    wl = w.detach().requires_grad_()
+    step("inputs")
+    y = vitkernels.performer_attention(*leaves, wl, backend=v.backend)
+    step("forward")
+    ref = reference.performer_attention(*(t.detach().double() for t in leaves), w.double())
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    print(f"INFO forward rel err {err:.2e}, finite {bool(torch.isfinite(y).all())}", flush=True)
+    if v.backward:
+        y.float().square().sum().backward()
+        step("backward")
+
+
+def child(name: str) -> int:
+    v = next((x for x in VARIANTS if x.name == name), None)
+    if v is None:
+        print(f"no variant named {name!r}", file=sys.stderr)
+        return 2
+    run_variant(v, "cuda")
+    print("DONE", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# parent: every variant in its own process
+
+
+def sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and Path(root, "bin", "compute-sanitizer").exists():
+            return str(Path(root, "bin", "compute-sanitizer"))
+    return None
+
+
+def outcome(text: str, rc: int | None) -> dict[str, object]:
+    lines = text.splitlines()
+    steps = [ln[5:-3] for ln in lines if ln.startswith("STEP ") and ln.endswith(" ok")]
+    launches = [ln[7:] for ln in lines if ln.startswith("LAUNCH ")]
+    info = [ln[5:] for ln in lines if ln.startswith("INFO ")]
+    errors = [ln.strip() for ln in lines if "Error" in ln or "error:" in ln or "illegal" in ln]
+    done = any(ln == "DONE" for ln in lines)
+    status = "ok" if done and rc == 0 else ("cut" if rc is None else "FAIL")
+    rec: dict[str, object] = {"status": status, "steps_ok": steps, "info": info, "rc": rc}
+    if status != "ok":
+        rec["last_launch"] = launches[-1] if launches else None
+        rec["after_step"] = steps[-1] if steps else None
+        rec["error"] = errors[-1][:300] if errors else (lines[-1][:300] if lines else "no output")
+    return rec
+
+
+def parent(work: Path, deadline: float, dry_run: bool) -> int:
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "probe.jsonl"
+
+    def record(**fields: object) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"kind": "probe", "stage": "probe", **fields}, default=str) + "\n")
+
+    if dry_run:
+        import torch  # noqa: F401  (the variants' CPU setup, so that a typo shows here)
+
+        for v in VARIANTS:
+            record(variant=v.name, status="skipped", reason="needs a GPU (dry run)")
+        log(f"{len(VARIANTS)} variants recorded as skipped (dry run)")
+        return 0
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", PYTHONUNBUFFERED="1")
+    first_fault: Variant | None = None
+    for v in VARIANTS:
+        left = deadline - time.time()
+        if left < 20:
+            record(variant=v.name, status="cut", reason=f"deadline: {left:.0f} s left")
+            continue
+        t0 = time.time()
+        try:
+            p = subprocess.run([sys.executable, __file__, "--child", v.name], env=env,
+                               capture_output=True, text=True, timeout=min(90, left - 5))  # fmt: skip
+            text, rc = p.stdout + p.stderr, p.returncode
+        except subprocess.TimeoutExpired as e:
+            text, rc = f"{e.stdout or ''}{e.stderr or ''}", None
+        rec = outcome(text if isinstance(text, str) else text.decode(errors="replace"), rc)
+        if rc is not None and rc != 0 and "no CUDA" in str(rec.get("error")):
+            rec["status"] = "error"
+        record(variant=v.name, seconds=round(time.time() - t0, 1), **rec)
+        log(f"{v.name}: {rec['status']}" + (f" after {rec.get('after_step')}, last launch "
+            f"{rec.get('last_launch')}: {rec.get('error')}" if rec["status"] != "ok" else ""))  # fmt: skip
+        if rec["status"] == "FAIL" and first_fault is None and v.kind == "performer":
+            first_fault = v
+    tool = sanitizer()
+    if first_fault is None:
+        return 0
+    left = deadline - time.time()
+    if tool is None or left < 60:
+        record(variant=first_fault.name + " [compute-sanitizer]", status="skipped",
+               reason="compute-sanitizer not found" if tool is None else f"deadline: {left:.0f} s left")  # fmt: skip
+        return 0
+    env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+    cmd = [
+        tool,
+        "--tool",
+        "memcheck",
+        "--print-limit",
+        "8",
+        sys.executable,
+        __file__,
+        "--child",
+        first_fault.name,
+    ]
+    try:
+        p = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=min(240, left - 10)
+        )
+        text = p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        text = f"{e.stdout or ''}{e.stderr or ''}" + "\n(timed out)"
+    if not isinstance(text, str):
+        text = text.decode(errors="replace")
+    report = [ln for ln in text.splitlines() if ln.startswith("=========")][:40]
+    record(variant=first_fault.name + " [compute-sanitizer]", status="info", sanitizer=report)
+    log("compute-sanitizer:\n" + "\n".join(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, help="folder of the records (probe.jsonl)")
+    ap.add_argument("--deadline", type=float, default=time.time() + 300, help="epoch seconds")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: record the plan, run nothing")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    if args.work is None:
+        ap.error("--work DIR is required")
+    return parent(args.work, args.deadline, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""bench/ima_probe.py without a GPU: its variants' own code runs on CPU (the
+interpreter), its parsing of a child's output names the step and launch that
+faulted, and its records reach gpu_run's report."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+probe = _load("ima_probe")
+gpu_run = _load("gpu_run")
+
+
+def test_variant_names_are_unique_and_the_failing_case_is_first_after_torch():
+    names = [v.name for v in probe.VARIANTS]
+    assert len(names) == len(set(names))
+    assert probe.VARIANTS[0].kind == "orthogonal"
+    first = probe.VARIANTS[1]
+    assert (first.backend, first.dtype, first.w_dtype, first.layout, first.shape) == (
+        "triton",
+        "f16",
+        "f32",
+        "test",
+        (1, 4096, 33, 17),
+    )
+
+
+@pytest.mark.parametrize("layout", ["test", "views"])
+def test_a_variant_runs_its_steps_on_cpu(layout, capsys):
+    pytest.importorskip("vitkernels.triton.performer")
+    v = probe.Variant("cpu", backend="triton", dtype="f32", layout=layout, shape=(1, 40, 33, 17),
+                      stages=1, target_programs=2)  # fmt: skip
+    import vitkernels.triton.performer as tp
+
+    before = tp.launch, tp.launch_config, tp.TARGET_PROGRAMS
+    probe.run_variant(v, "cpu")
+    assert (tp.launch, tp.launch_config, tp.TARGET_PROGRAMS) == before  # restored
+    out = capsys.readouterr().out
+    rec = probe.outcome(out + "DONE\n", 0)
+    assert rec["status"] == "ok"
+    steps = [s.split("[")[0] for s in rec["steps_ok"]]
+    assert steps[:4] == [
+        "inputs",
+        "launch performer_fwd_kv",
+        "launch performer_fwd_q",
+        "forward",
+    ], steps
+    assert steps[-1] == "backward" and "launch performer_bwd_kv" in steps[4:]
+    err = float(
+        next(i for i in rec["info"] if i.startswith("forward rel err")).split()[3].rstrip(",")
+    )
+    assert err < 1e-5
+
+
+def test_a_fault_names_the_last_launch_and_step():
+    text = "\n".join([
+        "STEP inputs ok",
+        "LAUNCH performer_fwd_kv[f16,wf32,T4096,E33,M17] grid=(64,)",
+        "Traceback (most recent call last):",
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    ])  # fmt: skip
+    rec = probe.outcome(text, 1)
+    assert rec["status"] == "FAIL" and rec["after_step"] == "inputs"
+    assert rec["last_launch"].startswith("performer_fwd_kv[")
+    assert "illegal memory access" in rec["error"]
+    assert probe.outcome("STEP inputs ok\n", None)["status"] == "cut"
+
+
+def test_report_lists_probe_faults_and_fails_on_ours_only(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    ours = {
+        "kind": "probe",
+        "stage": "probe",
+        "variant": probe.VARIANTS[1].name,
+        "status": "FAIL",
+        "after_step": "inputs",
+        "last_launch": "performer_fwd_kv[x]",
+        "error": "illegal memory access",
+    }
+    torchs = dict(ours, variant=probe.VARIANTS[0].name, last_launch=None)
+    import json
+
+    (work / "probe.jsonl").write_text(json.dumps(torchs) + "\n")
+    assert gpu_run.report(work, tmp_path / "out", tmp_path) == 0  # torch's fault: reported only
+    assert "illegal-access probe" in capsys.readouterr().out
+    (work / "probe.jsonl").write_text(json.dumps(torchs) + "\n" + json.dumps(ours) + "\n")
+    assert gpu_run.report(work, tmp_path / "out", tmp_path) == 1
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "last launch performer_fwd_kv[x]" in summary and "RESULT: FAILED" in summary
