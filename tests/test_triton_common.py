@@ -56,7 +56,9 @@ def test_device_guard_is_skipped_for_the_current_device():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (a non-current device)")
-@pytest.mark.parametrize("op", ["relpos_attention", "performer_attention", "patch_embed"])
+@pytest.mark.parametrize(
+    "op", ["relpos_attention", "performer_attention", "patch_embed", "head_mixing_attention"]
+)
 def test_ops_on_a_non_current_device(op):
     """Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1."""
     import vitkernels
@@ -71,9 +73,18 @@ def test_ops_on_a_non_current_device(op):
         "relpos_attention": ((t(2, 2, 16, 16), t(2, 2, 16, 16), t(2, 2, 16, 32), t(2, 16)), {"fmap_size": 4}),
         "performer_attention": ((t(2, 40, 16), t(2, 40, 16), t(2, 40, 16), t(8, 16)), {}),
         "patch_embed": ((t(2, 3, 16, 16), t(32, 3, 4, 4), t(32)), {"kernel_size": 4}),
+        "head_mixing_attention": (
+            (t(2, 4, 16, 32), t(2, 4, 16, 32), t(2, 4, 16, 32)),
+            {"pre": (t(4, 4), t(4)), "post": (t(4, 4), None)},
+        ),
     }[op]
+    def dbl(x):
+        if isinstance(x, tuple):
+            return tuple(dbl(y) for y in x)
+        return x.double() if isinstance(x, torch.Tensor) else x
+
     torch.cuda.set_device(0)
-    want = fn(*(a.double() for a in args), **kw, backend="reference")
+    want = fn(*dbl(args), **{k: dbl(a) for k, a in kw.items()}, backend="reference")
     out = fn(*args, **kw, backend="triton")
     torch.cuda.synchronize(dev)
     assert out.device == dev
