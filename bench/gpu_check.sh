@@ -14,7 +14,7 @@
 #      (fresh random inputs, outputs poisoned with NaN)      bench/gpu_run.py correctness
 #   2b. the performer illegal-access probe: the first run's unexplained fault, one
 #      process per variant under CUDA_LAUNCH_BLOCKING=1 (10%)      bench/ima_probe.py
-#   3. op benchmarks A1 A4 T1 P1, forward and forward+backward, against their peers
+#   3. op benchmarks A1 A4 T1 P1 M1, forward and forward+backward, against their peers
 #                                                                bench/gpu_run.py ops
 #   4. whole models LeViT-256, T2T-ViT-14, ViT-B/16 at batch 256  bench/gpu_run.py models
 #   5. while time remains: the gpu tests (pytest -m gpu, one process per test file, all
@@ -33,7 +33,7 @@
 # The copy on the device machine has no .git: pass VITKERNELS_COMMIT=$(git rev-parse HEAD).
 #
 # --quick: a short verification pass (a few minutes of device time): versions and
-# ceilings, correctness, the probe and the op benchmarks A1 A4 T1 P1 only (shares 10/40/15/rest).
+# ceilings, correctness, the probe and the op benchmarks A1 A4 T1 P1 M1 only (shares 10/40/15/rest).
 #
 # --dry-run walks the same plan on this machine's CPU in seconds: what needs a GPU is
 # reported as skipped, nothing is timed, nothing is installed or built.
@@ -213,7 +213,7 @@ if [ "$QUICK" = 1 ]; then
   stage correctness 30 40 correctness
   probe 15
   after_build
-  stage ops 40 100 ops --workloads A1,A4,T1,P1
+  stage ops 40 100 ops --workloads A1,A4,T1,P1,M1
   note models skipped 0 "--quick"
   note tests skipped 0 "--quick"
   exit 0  # the EXIT trap writes the files and prints the summary
@@ -222,7 +222,7 @@ stage env 20 10 env
 stage correctness 30 25 correctness
 probe 10
 after_build
-stage ops 40 35 ops --workloads A1,A4,T1,P1
+stage ops 40 35 ops --workloads A1,A4,T1,P1,M1
 after_build
 stage models 40 20 models
 after_build
@@ -257,7 +257,7 @@ else
     done; exit $rc' "$PY" "$OUTDIR/pytest-gpu.log" "${TESTS[@]}"
 fi
 
-stage ops-rest 40 100 ops --workloads A2,A3,A5,T2,P2,P3 --tag rest
+stage ops-rest 40 100 ops --workloads A2,A3,A5,T2,P2,P3,M2,M3 --tag rest
 stage models-rest 60 100 models --tag rest \
   --models "DeiT-S distilled [timm];CaiT-XXS24 [timm];PiT-S [timm];LeViT-128S [timm];CrossViT-S [timm];CvT-13 [zoo];DeepViT [zoo]"
 # finish (EXIT trap): stop an unfinished build, write the files, print the summary

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -56,8 +57,8 @@ NOMINAL_COPY = 4.3e12  # B/s, WORKLOADS.md: measured on the lent H200
 NOMINAL_MATMUL = 788e12  # FLOP/s, dense bf16, likewise
 NEEDS_GPU = "needs a GPU (dry run)"
 STAGES = ("env", "correctness", "ops", "models", "report")
-DEFAULT_OPS = ("A1", "A4", "T1", "P1")
-REST_OPS = ("A2", "A3", "A5", "T2", "P2", "P3")
+DEFAULT_OPS = ("A1", "A4", "T1", "P1", "M1")
+REST_OPS = ("A2", "A3", "A5", "T2", "P2", "P3", "M2", "M3")
 DEFAULT_MODELS = ("LeViT-256 [timm]", "T2T-ViT-14 [zoo]", "ViT-B/16 [timm]")
 PASSES = ("fwd", "fwd+bwd")
 PEERS = ("eager", "eager_timm", "torch", "compiled", "flex")  # as bench/make_results.py
@@ -485,6 +486,49 @@ def patch_case(
     return Case("patch_embed", name, workload, make, call)
 
 
+def mixing_case(
+    name: str, workload: bool, B: int, H: int, nq: int, nk: int, D: int, kind: str
+) -> Case:
+    """head_mixing_attention: kind "talking" (pre and post mixing weights, vit-pytorch's
+    CaiT), "talking+bias" (timm's TalkingHeadAttn), "reattention" (post mixing and a
+    LayerNorm over the heads, DeepViT) or "pre" (logits mixed only)."""
+
+    def make(dtype, dev):
+        torch = _torch()
+        leaves = {
+            "q": torch.randn(B, H, nq, D, device=dev, dtype=dtype),
+            "k": torch.randn(B, H, nk, D, device=dev, dtype=dtype),
+            "v": torch.randn(B, H, nk, D, device=dev, dtype=dtype),
+        }
+        mix = {"pre_w": "pre" in kind or "talking" in kind, "post_w": kind != "pre"}
+        for key, on in mix.items():
+            if on:  # near identity, as trained mixings are
+                leaves[key] = torch.eye(H, device=dev, dtype=dtype) + 0.3 * torch.randn(
+                    H, H, device=dev, dtype=dtype
+                )
+        if "bias" in kind:
+            leaves["pre_b"] = 0.1 * torch.randn(H, device=dev, dtype=dtype)
+            leaves["post_b"] = 0.1 * torch.randn(H, device=dev, dtype=dtype)
+        if kind == "reattention":
+            leaves["norm_w"] = 1 + 0.1 * torch.randn(H, device=dev, dtype=dtype)
+            leaves["norm_b"] = 0.1 * torch.randn(H, device=dev, dtype=dtype)
+        return leaves, {}
+
+    def call(t, backend):
+        import vitkernels
+
+        kw = {}
+        if "pre_w" in t:
+            kw["pre"] = (t["pre_w"], t.get("pre_b"))
+        if "post_w" in t:
+            kw["post"] = (t["post_w"], t.get("post_b"))
+        if "norm_w" in t:
+            kw["head_norm"] = (t["norm_w"], t["norm_b"], 1e-5)
+        return vitkernels.head_mixing_attention(t["q"], t["k"], t["v"], **kw, backend=backend)
+
+    return Case("head_mixing_attention", name, workload, make, call)
+
+
 def correctness_cases(dry_run: bool) -> list[Case]:
     if dry_run:  # the same plan at sizes the CPU runs in a blink
         return [
@@ -496,6 +540,8 @@ def correctness_cases(dry_run: bool) -> list[Case]:
             patch_case("P1", True, 1, 32, 16, 16, 0, 32, "cpq", False, False, 1),
             patch_case("P2", True, 1, 32, 16, 16, 0, 32, "pqc", True, True, 1),
             patch_case("P3", True, 1, 32, 7, 4, 2, 24, "cpq", True, False, 0),
+            mixing_case("M1", True, 1, 4, 9, 9, 16, "talking"),
+            mixing_case("M2-H4 re-attention", True, 1, 4, 9, 9, 16, "reattention"),
         ]
     return [
         relpos_case("A1 (batch 8)", True, 8, 4, 14, 14, 1, 32, 64),
@@ -508,6 +554,11 @@ def correctness_cases(dry_run: bool) -> list[Case]:
         patch_case("P2 (batch 2)", True, 2, 224, 16, 16, 0, 768, "pqc", True, True, 1),
         patch_case("P3 (batch 2)", True, 2, 224, 7, 4, 2, 192, "cpq", True, False, 0),
         patch_case("odd 30x30 k6 s4 p2", False, 2, 30, 6, 4, 2, 40, "cpq", True, True, 1),
+        mixing_case("M1 (batch 8)", True, 8, 4, 196, 196, 48, "talking"),
+        mixing_case("M1-timm biases (batch 4)", True, 4, 4, 196, 196, 48, "talking+bias"),
+        mixing_case("M2-H4 re-attention (batch 4)", True, 4, 4, 197, 197, 64, "reattention"),
+        mixing_case("M3 class attention (batch 8)", True, 8, 4, 1, 197, 48, "talking"),
+        mixing_case("odd H3 Nq50 Nk77 D32 pre only", False, 2, 3, 50, 77, 32, "pre"),
     ]
 
 
@@ -658,6 +709,7 @@ RELPOS = {"A1": (4, 14, 1, 32, 64), "A2": (6, 7, 1, 32, 64), "A3": (8, 4, 1, 32,
           "A4": (8, 14, 2, 32, 128), "A5": (4, 14, 1, 16, 32)}  # fmt: skip
 PERFORMER = {"T1": (3136, 64, 32), "T2": (784, 64, 32)}
 PATCH = ("P1", "P2", "P3")
+MIXING = ("M1", "M2", "M3")  # vitkernels/workloads.py's shapes; peers: bench/test_head_mixing.py
 
 
 def counts(wid: str, B: int) -> dict[str, tuple[float, float]]:
@@ -673,6 +725,11 @@ def counts(wid: str, B: int) -> dict[str, tuple[float, float]]:
         fwd_b = q + k + v + table + o
         bwd_b = (q + k + v + 2 * o + B * H * nq * f32 + table) + (q + k + v + table)
         return {"fwd": (fwd_f, fwd_b), "fwd+bwd": (3 * fwd_f, fwd_b + bwd_b)}
+    if wid in MIXING:
+        from vitkernels.workloads import WORKLOADS
+
+        w = dataclasses.replace(WORKLOADS[wid], batch=B)
+        return {p: (w.flops(p), w.bytes(p)) for p in PASSES}
     if wid in PERFORMER:
         T, E, M = PERFORMER[wid]
         fwd_f = 8.0 * B * T * E * M
@@ -716,6 +773,8 @@ class OpBench:
             self._relpos_setup()
         elif wid in PERFORMER:
             self._performer_setup()
+        elif wid in MIXING:
+            self._mixing_setup()
         else:
             self._patch_setup()
 
@@ -831,6 +890,62 @@ class OpBench:
 
         return step, check
 
+    # head_mixing ------------------------------------------------------------
+    def _mixing_setup(self) -> None:
+        torch = _torch()
+        from vitkernels.workloads import WORKLOADS
+
+        s = WORKLOADS[self.wid].shape
+        self.mix_shape = s
+        H, D = s.heads, s.head_dim
+        per_set = self.B * H * (s.nq + 2 * s.nk) * D * 2
+
+        def one_set():
+            # as the layers hand them over: views of one projection, 'b n (h d) -> b h n d'
+            q = torch.randn(self.B, s.nq, H * D, device=self.dev, dtype=self.dtype)
+            kv = torch.randn(self.B, s.nk, 2 * H * D, device=self.dev, dtype=self.dtype)
+            heads = [t.unflatten(-1, (H, D)).transpose(1, 2) for t in (q, *kv.chunk(2, -1))]
+            g = torch.randn(self.B, H, s.nq, D, device=self.dev, dtype=self.dtype)
+            return (*(t.detach().requires_grad_() for t in heads), g)
+
+        self.sets = [one_set() for _ in range(self._n_sets(per_set))]
+
+    def _mixing_impl(self, impl: str, train: bool):
+        import vitkernels
+
+        torch = _torch()
+        peers = _bench_module("head_mixing")
+        s = self.mix_shape
+        if impl == "eager_timm" and s.norm:
+            return None  # timm has no re-attention: not a row
+        module = peers.eager_module_for(s, impl).to(self.dev, self.dtype).train(train)
+        q0, k0, v0, _ = self.sets[0]
+        fn = peers.implementation_for(impl, module, q0, k0, v0, self.mode)
+        if isinstance(fn, str):
+            return fn
+        params = list(module.parameters())
+
+        def step(i):
+            q, k, v, g = self.sets[i % len(self.sets)]
+            if train:
+                return torch.autograd.grad(fn(q, k, v), [q, k, v, *params], g)
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        def check():
+            q, k, v, _ = self.sets[0]
+            kw = {key: tuple(t[...].double() if isinstance(t, torch.Tensor) else t for t in val)
+                  for key, val in module.kernel_args().items()}  # fmt: skip
+            with torch.no_grad():
+                got = fn(q, k, v)[:2]
+                want = vitkernels.head_mixing_attention(
+                    q[:2].double(), k[:2].double(), v[:2].double(), scale=module.scale, **kw,
+                    backend="reference",
+                )  # fmt: skip
+            return rel_error(got, want)
+
+        return step, check
+
     # patch_embed ------------------------------------------------------------
     def _patch_setup(self) -> None:
         torch = _torch()
@@ -877,6 +992,10 @@ class OpBench:
     def impl(self, impl: str, train: bool):
         from vitkernels import cuda
 
+        if self.wid in MIXING:
+            if impl in ("cuda", "flex"):
+                return None  # no cuda kernel; FlexAttention's score_mod sees one head
+            return self._mixing_impl(impl, train)
         if impl == "cuda" and not cuda.is_built():
             return f"no CUDA extension: {cuda.unavailable_reason()}"
         if impl in ("eager_timm", "flex") and self.wid not in RELPOS:

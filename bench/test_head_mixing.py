@@ -45,6 +45,8 @@ from roofline import Workload, cuda_time, reference  # noqa: E402
 
 import vitkernels  # noqa: E402
 from vitkernels.ops import head_mixing as ops  # noqa: E402
+from vitkernels.workloads import WORKLOADS as WORKLOAD_SHAPES  # noqa: E402
+from vitkernels.workloads import HeadMixingShape  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -135,19 +137,21 @@ class VitPytorchReAttention(nn.Module):
         return dict(post=(self.reattn_weights.t(), None), head_norm=(ln.weight, ln.bias, ln.eps))
 
 
-def eager_module(wid: str, impl: str) -> nn.Module:
-    H, _, D, kind = WORKLOADS[wid]
-    if kind == "re-attention":
-        return VitPytorchReAttention(H, D)
-    return TimmTalkingHeads(H, D) if impl == "eager_timm" else VitPytorchTalkingHeads(H, D)
+def eager_module_for(shape: HeadMixingShape, impl: str) -> nn.Module:
+    """The eager module of a head-mixing shape (vitkernels/workloads.py) for one peer."""
+    if shape.norm:
+        return VitPytorchReAttention(shape.heads, shape.head_dim)
+    if impl == "eager_timm":
+        return TimmTalkingHeads(shape.heads, shape.head_dim)
+    return VitPytorchTalkingHeads(shape.heads, shape.head_dim)
 
 
-def implementation(wid: str, impl: str, module: nn.Module, q, k, v):
+def implementation_for(impl: str, module: nn.Module, q, k, v, compile_mode: str = COMPILE_MODE):
     """fn(q, k, v) -> out for one implementation, or a string saying why it cannot run."""
     if impl in ("eager", "eager_timm"):
         return module
     if impl == "compiled":
-        return torch.compile(module, mode=COMPILE_MODE)
+        return torch.compile(module, mode=compile_mode)
     kw = module.kernel_args()
     if impl == "triton":
         reasons = ops.TritonBackend().not_supported_reasons(ops._inputs(q, k, v, scale=module.scale, **kw))
@@ -165,11 +169,11 @@ def test_head_mixing_attention(benchmark, wid, mode, impl):
         pytest.skip("timm has no re-attention module")
     train = mode == "fwd+bwd"
     torch.manual_seed(0)
-    module = eager_module(wid, impl).cuda().to(DTYPE).train(train)
+    module = eager_module_for(WORKLOAD_SHAPES[wid].shape, impl).cuda().to(DTYPE).train(train)
     # as the layers hand them over: views of one (B, N, 3*H*D) projection
     qkv = torch.randn(BATCH, N, 3 * H * D, device="cuda", dtype=DTYPE)
     q, k, v = (t.unflatten(-1, (H, D)).transpose(1, 2).detach().requires_grad_(train) for t in qkv.chunk(3, -1))
-    fn = implementation(wid, impl, module, q, k, v)
+    fn = implementation_for(impl, module, q, k, v)
     if isinstance(fn, str):
         pytest.skip(fn)
     params = list(module.parameters())

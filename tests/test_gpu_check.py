@@ -69,11 +69,11 @@ def test_dry_run_walks_the_plan_on_cpu(tmp_path):
     ran = [r for r in records if r["kind"] == "check" and r["status"] == "pass"]
     assert {(r["op"], r["pass"]) for r in ran} == {
         (op, p)
-        for op in ("relpos_attention", "performer_attention", "patch_embed")
+        for op in ("relpos_attention", "performer_attention", "patch_embed", "head_mixing_attention")
         for p in ("fwd", "bwd")
     }
     assert all(r["backend"] == "torch" and r["dtype"] == "float32" for r in ran)
-    assert all(0 <= r["rel_err"] < 1e-6 for r in ran), ran
+    assert all(0 <= r["rel_err"] < 1e-6 for r in ran), [(r["case"], r["pass"], r["rel_err"]) for r in ran]
     # the kernels and the half dtypes are on the plan, reported as needing a GPU
     checks = [r for r in records if r["kind"] == "check"]
     skipped = {(r["backend"], r["dtype"]) for r in checks if r["status"] == "skipped"}
@@ -104,7 +104,7 @@ def test_no_time_left_cuts_every_stage_and_still_reports(tmp_path):
     assert "gpu_check summary" in run.stdout and "env cut" in run.stdout
 
 
-def test_quick_runs_env_correctness_and_the_four_op_workloads_only(tmp_path):
+def test_quick_runs_env_correctness_the_probe_and_the_five_op_workloads_only(tmp_path):
     out = tmp_path / "out"
     run = _check(out, "--dry-run", "--quick")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -114,7 +114,7 @@ def test_quick_runs_env_correctness_and_the_four_op_workloads_only(tmp_path):
     assert "ops-rest" not in stages and "models-rest" not in stages
     assert [r for r in records if r["kind"] == "check" and r["status"] == "pass"]
     bench = {r["base_workload"] for r in records if r["kind"] == "bench"}
-    assert bench == {"A1", "A4", "T1", "P1"}, bench
+    assert bench == {"A1", "A4", "T1", "P1", "M1"}, bench
     assert stages["probe"][0] == "ok"
     probes = [r for r in records if r["kind"] == "probe"]
     assert probes and all(r["status"] == "skipped" for r in probes)
