@@ -94,17 +94,116 @@ def test_a_measurement_beats_the_estimate_and_only_for_its_architecture(results)
     assert evidence.verdict("relpos_attention", "cuda", "triton", (9, 0), "fwd").take  # still the h100 file
 
 
-def test_no_results_folder_means_triton_first(tmp_path, monkeypatch):
-    """An installed package has no bench/ beside it: no evidence, and it says so."""
+@pytest.mark.parametrize("broken", ["missing", "not json", "no sources"])
+def test_without_the_packages_table_triton_comes_first_and_says_why(tmp_path, monkeypatch, broken):
+    """The package's table is its only evidence (an installed package has no bench/):
+    missing or unreadable, dispatch puts triton first and the verdict says why."""
     monkeypatch.delenv(evidence.RESULTS_ENV, raising=False)
-    monkeypatch.setattr(evidence, "_CHECKOUT_RESULTS", tmp_path / "no-such-folder")
+    path = tmp_path / "speed_evidence.json"
+    if broken != "missing":
+        path.write_text("{not json" if broken == "not json" else json.dumps({"about": "x"}))
+    monkeypatch.setattr(evidence, "TABLE", path)
     evidence.clear_cache()
     try:
-        assert evidence.results_dir() is None
+        assert evidence.results_dir() is None and evidence.sources() == ()
         v = evidence.verdict("performer_attention", "cuda", "triton", (9, 0), "fwd")
-        assert not v.take and v.why.startswith("no speed evidence") and "triton first" in v.why
+        word = "cannot be read" if broken == "missing" else "is malformed"
+        assert not v.take and v.why.startswith(f"no speed evidence (the package's table {path} {word} (")
+        assert v.why.endswith("): triton first")
+        assert evidence.origin().startswith(f"{path} (no evidence: ")
     finally:
         evidence.clear_cache()
+
+
+def test_a_results_folder_that_is_not_there_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv(evidence.RESULTS_ENV, str(tmp_path / "nope"))
+    evidence.clear_cache()
+    try:
+        v = evidence.verdict("relpos_attention", "cuda", "triton", (9, 0), "fwd")
+        assert not v.take
+        assert v.why == f"no speed evidence (${evidence.RESULTS_ENV} names {tmp_path / 'nope'}, which is not a folder): triton first"
+    finally:
+        evidence.clear_cache()
+
+
+def test_the_table_answers_as_its_result_files_do(results, tmp_path, monkeypatch):
+    """Written and read back, the package's table gives the verdicts (and the file
+    names in them) that its result files give read directly."""
+    _estimate(results, "2026-12-01", {**RELPOS_FAST, ("T1", "fwd", "cuda"): 200.0, ("T1", "fwd", "triton"): 100.0})
+    _measurement(results, "a100-2026-11-25.json", "8.0", {("A1", "fwd", "cuda"): 10.0, ("A1", "fwd", "triton"): 20.0,
+                                                         ("A1", "fwd", "eager"): 5.0})  # fmt: skip
+    questions = [(op, cap, which) for op in ("relpos_attention", "performer_attention", "patch_embed")
+                 for cap in ((9, 0), (8, 0)) for which in ("fwd", "fwd+bwd")]  # fmt: skip
+    direct = [evidence.verdict(op, "cuda", "triton", cap, which) for op, cap, which in questions]
+    assert [v.take for v in direct].count(True) == 2  # relpos fwd on sm_90 and sm_80
+    path = tmp_path / "table" / "speed_evidence.json"
+    path.parent.mkdir()
+    path.write_text(evidence.render(evidence.sources()))
+    monkeypatch.delenv(evidence.RESULTS_ENV)
+    monkeypatch.setattr(evidence, "TABLE", path)
+    evidence.clear_cache()
+    from_table = [evidence.verdict(op, "cuda", "triton", cap, which) for op, cap, which in questions]
+    assert [v.take for v in from_table] == [v.take for v in direct]
+    where = "vitkernels/speed_evidence.json (the package's table)"
+    assert [v.why.replace(where, str(results)) for v in from_table] == [v.why for v in direct]
+    assert all(t.backend in ("cuda", "triton") for s in evidence.sources() for t in s.timings)
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+def _commit(repo: Path, path: str, text: str) -> str:
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", path)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def _with_commit(path: Path, commit: str) -> None:
+    data = json.loads(path.read_text())
+    if data.get("kind") == "estimate":
+        data["commit"] = commit
+    else:
+        data["machine_info"]["vitkernels"]["commit"] = commit
+    path.write_text(json.dumps(data))
+
+
+def test_evidence_of_newer_kernels_comes_first(tmp_path):
+    """With git: a measurement of kernels changed since loses to an estimate of the new
+    ones, and beats an estimate of the same kernels however the dates fall."""
+    repo, folder = tmp_path / "repo", tmp_path / "results"
+    repo.mkdir(), folder.mkdir()
+    _git(repo, "init", "-q")
+    old = _commit(repo, "csrc/kernels/relpos.cuh", "old kernel")
+    new = _commit(repo, "csrc/kernels/relpos.cuh", "new kernel")
+    docs = _commit(repo, "README.md", "prose only: same kernels as `new`")
+    slow = {("A1", "fwd", "cuda"): 90.0, ("A1", "fwd", "triton"): 60.0}
+    fast = {("A1", "fwd", "cuda"): 50.0, ("A1", "fwd", "triton"): 60.0}
+    measured = _measurement(folder, "h200-2026-11-20.json", "9.0", fast)
+    estimated = _estimate(folder, "2026-11-19", slow)
+
+    def answer() -> evidence.Verdict:
+        found = evidence.order(evidence.read_folder(folder), repo)
+        return evidence.judge(found, str(folder), "relpos_attention", "cuda", "triton", (9, 0), "fwd", "bf16")
+
+    _with_commit(measured, old)
+    _with_commit(estimated, new)
+    v = answer()
+    assert not v.take and v.why.startswith("estimate 90 us vs triton 60 us")
+    _with_commit(estimated, docs)  # a later commit, but the kernels `new` measured
+    _with_commit(measured, new)
+    v = answer()
+    assert v.take and v.why.startswith("measured at least as fast")
+    _with_commit(estimated, "0" * 40)  # a commit git does not know: measurements first
+    _with_commit(measured, old)
+    assert answer().take
+    assert evidence.order([], repo) == ()
 
 
 def test_unreadable_and_foreign_files_are_ignored(results):
@@ -201,3 +300,34 @@ def test_info_shows_which_and_why(results, capsys):
     lines = [ln.split(None, 1) for ln in out.splitlines() if ln.startswith("relpos_attention") and "sm_90" in ln]
     assert [ln[1].split(":")[0:2] for ln in lines] == [["sm_90 fwd", " taken"], ["sm_90 fwd+bwd", " passed over"]]
     assert "estimate 400 us vs triton 300 us at A1 fwd+bwd" in out
+
+
+def test_the_packages_table_is_what_bench_results_say():
+    """vitkernels/speed_evidence.json is what `python -m vitkernels.evidence` writes
+    from this checkout's bench/results/ (rerun it after adding or regenerating one)."""
+    checkout = evidence._CHECKOUT
+    found = evidence.read_folder(evidence._CHECKOUT_RESULTS)
+    assert found, f"no result files in {evidence._CHECKOUT_RESULTS}"
+    unknown = [s.commit for s in found if evidence._git(checkout, "cat-file", "-e", f"{s.commit}^{{commit}}") is None]
+    if unknown:
+        pytest.skip(f"this checkout's git history lacks the result files' commits {unknown} (a shallow clone?)")
+    want = evidence.render(evidence.order(found, checkout))
+    assert evidence.TABLE.read_text() == want, "stale: run `python -m vitkernels.evidence` and commit the table"
+
+
+def test_dispatch_with_the_packages_table_follows_its_verdicts(gpu, monkeypatch):
+    """End to end on the shipped table (no results folder named): each op's automatic
+    choice on sm_90 is cuda exactly where the table's verdict takes it, with the
+    verdict as cuda's reason otherwise; forcing cuda works either way."""
+    monkeypatch.delenv(evidence.RESULTS_ENV, raising=False)
+    evidence.clear_cache()
+    try:
+        for op, module, args, kwargs in _calls():
+            v = evidence.verdict(op, "cuda", "triton", (9, 0), "fwd")
+            assert "bench/results/" in v.why and v.why.endswith(".json)"), v.why
+            chosen, verdicts = module.which_backend(*args, **kwargs)
+            assert chosen == ("cuda" if v.take else "triton"), verdicts
+            assert dict(verdicts)["cuda"] == ([] if v.take else [f"passed over: {v.why}"])
+            assert select(module.BACKENDS, module._inputs(*args, **kwargs), "cuda").name == "cuda"
+    finally:
+        evidence.clear_cache()

@@ -104,8 +104,7 @@ def _evidence_rows() -> list[tuple[str, str]]:
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
     else:
         caps = [(9, 0)]
-    folder = evidence.results_dir()
-    rows = [("", f"cuda before triton? (speed evidence from {folder or 'nowhere: no bench/results/'}):")]
+    rows = [("", f"cuda before triton? (speed evidence from {evidence.origin()}):")]
     for op in ("relpos_attention", "performer_attention", "patch_embed"):
         for major, minor in caps:
             for which in ("fwd", "fwd+bwd"):
