@@ -2,8 +2,8 @@
 another for an op on a GPU architecture?
 
 Automatic dispatch takes the cuda backend only where the evidence says so
-(DESIGN: "Backends and dispatch"); this module reads that evidence once and answers
-per (op, backend, rival, compute capability, pass).
+(vitkernels/ops/_dispatch.py, ``auto_if_faster_than``); this module reads that
+evidence once and answers per (op, backend, rival, compute capability, pass).
 
 Where the evidence comes from:
 
