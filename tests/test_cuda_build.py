@@ -407,6 +407,8 @@ def test_pip_build_with_flag_fails_with_the_sentence_and_plain_build_works(tmp_p
     import zipfile
 
     names = zipfile.ZipFile(wheels[0]).namelist()
+    # the speed evidence automatic dispatch reads travels as package data
+    assert "vitkernels/speed_evidence.json" in names
     assert "vitkernels/cuda.py" in names and not [
         n for n in names if "_C" in n and n.endswith(".so")
     ]

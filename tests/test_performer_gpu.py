@@ -171,11 +171,14 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_automatic_dispatch_on_cuda_is_a_kernel():
+    from vitkernels import evidence
     from vitkernels.ops import performer as ops
 
     q, k, v = kqv_views(2, 64, 64, torch.bfloat16)
     chosen, verdicts = ops.which_backend(q, k, v, features(32, 64))
-    assert chosen == KERNELS[-1], verdicts
+    # cuda where it is built and the speed evidence puts it at least as fast as triton
+    faster = evidence.verdict("performer_attention", "cuda", "triton", torch.cuda.get_device_capability()).take
+    assert chosen == ("cuda" if KERNELS[-1] == "cuda" and faster else "triton"), verdicts
     q64 = q.double()
     chosen, verdicts = ops.which_backend(q64, q64, q64, features(32, 64))
     assert chosen == "torch", verdicts

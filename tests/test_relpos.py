@@ -411,7 +411,11 @@ def test_forced_triton_refuses_float64():
 
 @pytest.fixture
 def extension_on_sm90(monkeypatch):
-    """The CUDA extension 'loaded' and every GPU an sm_90 (no GPU here: fake tensors)."""
+    """The CUDA extension 'loaded', every GPU an sm_90 (no GPU here: fake tensors) and
+    the speed evidence putting cuda first (tests/test_evidence.py tests that part)."""
+    from vitkernels import evidence
+
+    monkeypatch.setattr(evidence, "passed_over", lambda *args: "")
     monkeypatch.setattr(ops._cuda, "unavailable_reason", lambda: None)
     monkeypatch.setattr(ops._cuda, "has_op", lambda name: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -86,14 +86,36 @@ def _backend_rows() -> list[tuple[str, str]]:
         chosen, verdicts = which_backend(*args, **kwargs)
         rows.append((op, f"{desc}: {chosen or 'no backend fits'}"))
         for name, reasons in verdicts:
-            if reasons:
+            if reasons and reasons[0].startswith("passed over: "):
+                rows.append(("", f"  {name}: " + "; ".join(reasons)))
+            elif reasons:
                 rows.append(("", f"  {name} refuses: " + "; ".join(reasons)))
+    return rows
+
+
+def _evidence_rows() -> list[tuple[str, str]]:
+    """Per op: whether automatic dispatch may take the cuda backend before triton on
+    this GPU's architecture (sm_90, the estimate's, without a GPU), and why."""
+    import torch
+
+    from vitkernels import evidence
+
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    else:
+        caps = [(9, 0)]
+    rows = [("", f"cuda before triton? (speed evidence from {evidence.origin()}):")]
+    for op in ("relpos_attention", "performer_attention", "patch_embed"):
+        for major, minor in caps:
+            for which in ("fwd", "fwd+bwd"):
+                v = evidence.verdict(op, "cuda", "triton", (major, minor), which)
+                rows.append((op, f"sm_{major}{minor} {which}: {'taken' if v.take else 'passed over'}: {v.why}"))
     return rows
 
 
 def info_main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="python -m vitkernels info").parse_args(argv)
-    rows = _versions() + [("", "")] + _backend_rows()
+    rows = _versions() + [("", "")] + _backend_rows() + [("", "")] + _evidence_rows()
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}" if key or value else "")

@@ -4,7 +4,8 @@
 // tensors under csrc/emu/emu.h. dtype: 1 = float16, 2 = bfloat16 (vk::ElemKind).
 // Every function returns 0 on success (a cudaError_t otherwise).
 #include "../kernels/patch_embed.cuh"
-#include "../kernels/performer.cuh"
+#include "../kernels/performer_bwd.cuh"
+#include "../kernels/performer_fwd.cuh"
 #include "../kernels/relpos.cuh"
 
 namespace {

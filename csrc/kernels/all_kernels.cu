@@ -3,7 +3,8 @@
 // without torch, compiles them all. tests/test_cuda_compile.py builds this file
 // for sm_80 and sm_90a and fails on any register spill that ptxas reports.
 #include "patch_embed.cuh"
-#include "performer.cuh"
+#include "performer_bwd.cuh"
+#include "performer_fwd.cuh"
 #include "relpos.cuh"
 
 namespace vk {

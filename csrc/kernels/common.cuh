@@ -152,6 +152,23 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
+// 2^x on the special-function unit, results below 2^-126 flushed to zero: one
+// MUFU.EX2 (ex2.approx.ftz.f32, max error 2 ulp as exp2f's), where exp2f without
+// fast-math adds a range check and two multiplies to keep denormal results. For
+// softmax weights that loses nothing: the forward's row sums are at least 1, and
+// in the backward a weight below 2^-126 moves a gradient by less than that.
+// exp2_ftz(-inf) = 0, exp2_ftz(NaN) = NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(VK_EMULATE)
+  const float r = exp2f(x);
+  return r < 1.17549435e-38f ? 0.f : r;  // FLT_MIN
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
 // ----------------------------------------------------------------------------
 // warp collectives
 

@@ -191,14 +191,14 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
-      alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
+      alpha[r] = exp2_ftz(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
       m[r] = mx[r];
     }
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        s[nt][c] = exp2f(s[nt][c] - m[c >> 1]);
+        s[nt][c] = exp2_ftz(s[nt][c] - m[c >> 1]);
         rowsum[c >> 1] += s[nt][c];
       }
 #pragma unroll
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
           float ds = 0.f;
           if (kp >= 0 && qpos[r] >= 0) {
             const int idx = bias_index(qpos[r], kp, p.C);
-            const float pr = exp2f(s[nt][2 * r + e] * sl2 + sTab[idx] - lse2[r]);
+            const float pr = exp2_ftz(s[nt][2 * r + e] * sl2 + sTab[idx] - lse2[r]);
             ds = pr * (dp[nt][2 * r + e] - delta[r]);
             atomicAdd(&sdTab[idx], ds);
           }
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
         for (int r = 0; r < 2; ++r) {
           float pr = 0.f;
           if (qp >= 0 && kpos[r] >= 0)
-            pr = exp2f(st[nt][2 * r + e] * sl2 + sTab[bias_index(qp, kpos[r], p.C)] - sLse[col]);
+            pr = exp2_ftz(st[nt][2 * r + e] * sl2 + sTab[bias_index(qp, kpos[r], p.C)] - sLse[col]);
           st[nt][2 * r + e] = pr;
           dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - sDelta[col]);  // ds^T
         }

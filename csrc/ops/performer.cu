@@ -5,7 +5,8 @@
 #include <limits>
 #include <tuple>
 
-#include "../kernels/performer.cuh"
+#include "../kernels/performer_bwd.cuh"
+#include "../kernels/performer_fwd.cuh"
 #include "checks.h"
 
 namespace vk_ops {

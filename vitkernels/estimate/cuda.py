@@ -315,7 +315,7 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
 
 
 def _performer_layout(B: int, T: int, E: int, M: int) -> dict[str, int]:
-    """csrc/kernels/performer.cuh's layout(): padded sizes and chunking."""
+    """csrc/kernels/performer_common.cuh's layout(): padded sizes and chunking."""
     EP = 32 if E <= 32 else 64
     MP = 32
     tiles = _cdiv(max(T, 1), 64)

@@ -9,7 +9,9 @@ size limits, what must be installed), and one function,
 answers with plain sentences (none: it can run them).
 
 Automatic dispatch takes the first backend in the op's priority list with no
-reasons; when none fits, one error prints a summary of the inputs and then each
+reasons (a backend that declares ``auto_if_faster_than`` also needs the speed
+evidence of vitkernels/evidence.py on its side, else it is passed over with the
+evidence as the reason); when none fits, one error prints a summary of the inputs and then each
 backend's refusal. A forced backend (the ``backend=`` argument, ``use_backend(...)``
 or the ``VITKERNELS_BACKEND`` environment variable, in that order) either supports
 the inputs or raises ``BackendNotSupportedError`` naming the backend and the
@@ -195,6 +197,10 @@ class Backend:
         max_sizes: upper limits on ``Inputs.sizes`` entries of the same name.
         requirements: functions answering None, or a sentence saying what is
             missing here (triton, the CUDA extension) for it to run at all.
+        auto_if_faster_than: another backend's name: automatic dispatch takes this
+            one only where the speed evidence (vitkernels/evidence.py: a measurement,
+            else the compiler-based estimate) says it is at least as fast as that
+            one on the GPU's architecture; forcing it needs no evidence.
     """
 
     name: ClassVar[str] = ""
@@ -207,6 +213,7 @@ class Backend:
     nondeterministic_grads: ClassVar[frozenset[str]] = frozenset()
     max_sizes: ClassVar[Mapping[str, int]] = {}
     requirements: ClassVar[tuple[Callable[[], str | None], ...]] = ()
+    auto_if_faster_than: ClassVar[str | None] = None
 
     def run(self, inputs: Inputs) -> Any:
         raise NotImplementedError
@@ -281,6 +288,26 @@ class Backend:
 # selection
 
 
+def _passed_over(b: Backend, inputs: Inputs) -> list[str]:
+    """Automatic dispatch only: why the evidence passes ``b`` over ([] if it does not)."""
+    if b.auto_if_faster_than is None or inputs.device.type != "cuda":
+        return []
+    from vitkernels import evidence
+
+    major, minor = torch.cuda.get_device_capability(inputs.device)
+    tensors = [t for t in inputs.tensors.values() if t is not None]
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    first = next((t for n, t in inputs.tensors.items() if t is not None and n not in inputs.params), None)
+    dtype = _dtype_name(first.dtype) if first is not None else ""
+    why = evidence.passed_over(inputs.op, b.name, b.auto_if_faster_than, major, minor,
+                               "fwd+bwd" if training else "fwd", dtype)  # fmt: skip
+    return [f"passed over: {why}"] if why else []
+
+
+def _auto_reasons(b: Backend, inputs: Inputs) -> list[str]:
+    return b.not_supported_reasons(inputs) or _passed_over(b, inputs)
+
+
 def _verdicts(
     backends: Sequence[Backend], inputs: Inputs, forced: str | None
 ) -> list[tuple[str, list[str]]]:
@@ -297,7 +324,7 @@ def _verdicts(
         if on_cpu and not b.auto_on_cpu:
             out.append((b.name, ["not chosen automatically for CPU tensors (force it to use it)"]))
             continue
-        reasons = b.not_supported_reasons(inputs)
+        reasons = _auto_reasons(b, inputs)
         out.append((b.name, reasons))
         if not reasons:
             break
@@ -335,7 +362,7 @@ def explain(
     skip_gpu = forced is None and inputs.device.type == "cpu"
     verdicts = []
     for b in backends:
-        reasons = b.not_supported_reasons(inputs)
+        reasons = b.not_supported_reasons(inputs) if forced is not None else _auto_reasons(b, inputs)
         if skip_gpu and not b.auto_on_cpu and not reasons:
             reasons = ["not chosen automatically for CPU tensors (force it to use it)"]
         verdicts.append((b.name, reasons))

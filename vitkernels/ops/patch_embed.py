@@ -10,7 +10,8 @@ Kernel size, stride and padding are those of nn.Unfold / Conv2d (zero padding,
 counted in the input norm's statistics like F.unfold's zeros). The reference
 backend (vitkernels/backends/reference.py) is the specification.
 
-Backends, in automatic priority order: cuda (the compiled extension), triton,
+Backends, in automatic priority order: cuda (the compiled extension, where the speed
+evidence says it is at least as fast as triton: vitkernels/evidence.py), triton,
 torch (Conv2d, or unfold + layer_norm + linear with an input norm: the automatic
 choice on CPU), reference (the literal formula). The triton and cuda backends
 run through the custom ops ``vitkernels::patch_embed_fwd`` / ``_bwd`` (fake
@@ -280,6 +281,7 @@ def _triton_backward() -> str | None:
 
 class CudaBackend(Backend):
     name = "cuda"
+    auto_if_faster_than = "triton"  # automatically only where the evidence says so
     devices = ("cuda",)
     auto_on_cpu = False
     dtypes = HALF

@@ -7,7 +7,8 @@ q, k, v (B, T, E) with any strides (views of one kqv projection), w (M, E) fixed
 random features. The math is float32 whatever the input dtype (float64 stays
 float64 on the reference and torch backends); the result has q's dtype.
 
-Backends, in automatic priority order: cuda (the compiled extension), triton,
+Backends, in automatic priority order: cuda (the compiled extension, where the speed
+evidence says it is at least as fast as triton: vitkernels/evidence.py), triton,
 torch (a stable stock-PyTorch composite, the automatic choice on CPU), reference
 (the literal formula). The triton and cuda backends run through the custom ops
 ``vitkernels::performer_attention_fwd`` / ``_bwd`` (fake impls and autograd
@@ -169,6 +170,7 @@ def _extension_ops() -> str | None:
 
 class CudaBackend(Backend):
     name = "cuda"
+    auto_if_faster_than = "triton"  # automatically only where the evidence says so
     devices = ("cuda",)
     auto_on_cpu = False
     dtypes = HALF  # q, k, v

@@ -11,7 +11,8 @@ v (B, H, Nk, Dv), any strides (views of LeViT's 1x1 conv outputs are taken as th
 are). The table is (H, R*C) for table_layout "hn" (official LeViT, timm) or
 (R*C, H) for "nh" (vit-pytorch's nn.Embedding weight).
 
-Backends, in automatic priority order: cuda (the compiled extension), triton, torch
+Backends, in automatic priority order: cuda (the compiled extension, where the speed
+evidence says it is at least as fast as triton: vitkernels/evidence.py), triton, torch
 (SDPA with the bias gathered and materialised; the automatic choice on CPU),
 reference (the literal einsum math). The triton and cuda backends run through the
 custom ops ``vitkernels::relpos_attention_fwd`` / ``_bwd`` (fake impls and autograd
@@ -218,6 +219,7 @@ def _extension_ops() -> str | None:
 
 class CudaBackend(Backend):
     name = "cuda"
+    auto_if_faster_than = "triton"  # automatically only where the evidence says so
     devices = ("cuda",)
     auto_on_cpu = False
     dtypes = HALF  # q, k, v

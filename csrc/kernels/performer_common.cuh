@@ -1,0 +1,363 @@
+// performer_attention: T2T-ViT's Performer single attention (the spec:
+// performer_attention in vitkernels/backends/reference.py), in the overflow-free
+// form of the Triton launcher's contract (vitkernels/triton/performer.py):
+//
+//   ak[t,m] = k_t . w_m - |k_t|^2 / 2,   aq likewise
+//   lks[m]  = log sum_t exp(ak[t,m]),     vbar[m] = sum_t exp(ak[t,m] - lks[m]) v_t
+//   l[t,m]  = aq[t,m] + lks[m],  s_t = max_m l[t,m],  p = exp(l - s_t)
+//   y_t     = sum_m p[t,m] vbar[m] / (sum_m p[t,m] + exp(log(eps M) - s_t))
+//
+// Forward: performer_kv_kernel (grid n_chunks x B) makes per-chunk column maxima
+// and exp-weighted sums of [v | 1] with an online rescale per feature m;
+// performer_kv_combine_kernel (grid B) merges the chunks into lks and vbar;
+// performer_q_kernel (grid n_chunks x B) writes y.
+// Backward (r = p / Z, g = dy):
+//   dl[t,m] = r (g_t . vbar[m] - g_t . y_t),  dq_t = sum_m dl (w_m - q_t)
+//   dvbar[m] = sum_t r g_t,  dlks[m] = sum_t dl[t,m]             (q side, per chunk)
+//   pi = exp(ak - lks),  dak = pi (v_t . dvbar[m] + dlks[m] - vbar[m] . dvbar[m])
+//   dk_t = sum_m dak (w_m - k_t),  dv_t = sum_m pi dvbar[m]     (k side)
+//   dw_m = sum_t dl q_t + dak k_t                                (partials, summed in a fixed order)
+//
+// A block is 4 warps over 64 tokens (16 per warp). x . w runs on mma m16n8k16
+// in the input dtype with w split into hi + lo parts of that dtype (when w is
+// not exactly representable in it), so the exponent keeps ~16 more bits than a
+// rounded w would give; every other product is tf32 mma m16n8k8 with fp32
+// accumulation (p, vbar, the gradients' intermediates keep fp32 range).
+// Each normaliser comes out of the same mma as the sum it divides (a column of
+// ones appended to v and vbar), so the two see the same rounded weights.
+//
+// This header: the parameters, the workspace layout and the tile helpers both
+// passes share. The kernels and launchers: performer_fwd.cuh (forward),
+// performer_bwd.cuh (backward).
+#pragma once
+
+#include "common.cuh"
+
+namespace vk {
+
+struct PerformerParams {
+  // q, k, v (B, T, E) strided; w (M, E) strided, element kind w_kind
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_s[3], k_s[3], v_s[3];
+  const void* w;
+  int64_t w_s[2];
+  int w_kind;
+  int w_split;  // w is not exactly representable in the input dtype: use hi + lo
+  int B, T, E, M;
+  float log_eps_m;  // log(eps * M), -inf for eps = 0
+  // forward outputs: y (B, T, E) strided; lks (B, M), vbar (B, M, E) fp32 contiguous
+  void* y;
+  int64_t y_s[3];
+  float* lks;
+  float* vbar;
+  // backward: dy (B, T, E) strided; dq, dk, dv (B, T, E) strided; dw (M, E)
+  // contiguous of kind dw_kind, written when w_grad
+  const void* dy;
+  int64_t dy_s[3];
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t dq_s[3], dk_s[3], dv_s[3];
+  void* dw;
+  int dw_kind;
+  int w_grad;
+  // workspace of performer_workspace_floats(...) floats
+  float* work;
+};
+
+constexpr int kPerformerMaxE = 64;
+constexpr int kPerformerMaxM = 32;
+
+namespace performer_detail {
+
+constexpr int kThreads = 128;
+constexpr int kTok = 64;        // tokens per tile
+constexpr int kMaxChunks = 64;  // chunks per batch element (the combine kernel's shared memory)
+
+// Padded sizes: E -> 32 or 64, M -> 32 (wider tiles spill in the backward; the
+// op module's limits, E <= 64 and M <= 32, are the Triton kernels' too).
+#define VK_PERFORMER_DIMS(X) X(32, 32) X(64, 32)
+
+__host__ __device__ inline bool pick_dims(int e, int m, int* EP, int* MP) {
+#define VK_PICK(a, b)       \
+  if (e <= a && m <= b) {   \
+    *EP = a;                \
+    *MP = b;                \
+    return true;            \
+  }
+  VK_PERFORMER_DIMS(VK_PICK)
+#undef VK_PICK
+  return false;
+}
+
+// tokens per chunk (a multiple of kTok) and number of chunks: enough blocks to
+// fill a GPU, few partials to merge
+__host__ __device__ inline void plan(int B, int T, int* n_chunks, int* chunk_len) {
+  const int tiles = ceil_div(T > 0 ? T : 1, kTok);
+  int want = ceil_div(1024, B > 0 ? B : 1);
+  if (want > kMaxChunks) want = kMaxChunks;
+  if (want > tiles) want = tiles;
+  if (want < 1) want = 1;
+  const int per = ceil_div(tiles, want);
+  *chunk_len = per * kTok;
+  *n_chunks = ceil_div(tiles, per);
+}
+
+// workspace layout (in floats); EX = EP + 8 columns: [values | extra column | 0...]
+struct Layout {
+  int NC, chunk_len, EP, MP, EX;
+  size_t part_m, part_u, part_g, gbar, part_dw, dw1, dw2, total_fwd, total_bwd;
+};
+
+__host__ __device__ inline Layout layout(int B, int T, int E, int M) {
+  Layout L{};
+  pick_dims(E, M, &L.EP, &L.MP);
+  plan(B, T, &L.NC, &L.chunk_len);
+  L.EX = L.EP + 8;
+  const size_t bc = size_t(B) * L.NC;
+  L.part_m = 0;                                     // (B, NC, MP)
+  L.part_u = L.part_m + bc * L.MP;                  // (B, NC, MP, EX)
+  L.total_fwd = L.part_u + bc * L.MP * L.EX;
+  L.part_g = 0;                                     // (B, NC, MP, EX)
+  L.gbar = L.part_g + bc * L.MP * L.EX;             // (B, MP, EX)
+  L.part_dw = L.gbar + size_t(B) * L.MP * L.EX;     // (B, NC, 2, MP, EP)
+  L.dw1 = L.part_dw + bc * 2 * L.MP * L.EP;         // (B, MP, EP)
+  L.dw2 = L.dw1 + size_t(B) * L.MP * L.EP;          // (MP, EP)
+  L.total_bwd = L.dw2 + size_t(L.MP) * L.EP;
+  return L;
+}
+
+template <int EP, int MP>
+struct Dims {
+  static constexpr int LDX = EP + 8;         // 16-bit and fp32 [token][e] / [m][e] tiles
+  static constexpr int EX = EP + 8;          // columns of the extended tiles
+  static constexpr int NX = EX / 8;          // their n-tiles
+  static constexpr int LDP = MP + 4;         // fp32 [token][m] tiles read as A rows
+  static constexpr int LDH = MP + 8;         // fp32 [token][m] tile read transposed
+  static constexpr int NU = (MP / 16) * NX;  // block-owned (MP x EX) accumulator tiles
+  static constexpr int NW = (MP / 16) * (EP / 8);  // block-owned (MP x EP) tiles
+  static constexpr int OWN_U = (NU + 3) / 4;       // per warp
+  static constexpr int OWN_W = (NW + 3) / 4;
+};
+
+// w into shared memory: hi (+ lo) parts in T, optionally fp32; zero outside M x E
+template <class T, int EP, int MP>
+__device__ __forceinline__ void load_w(const PerformerParams& p, T* sWh, T* sWl, float* sWf, int tid) {
+  constexpr int LDX = Dims<EP, MP>::LDX;
+  for (int idx = tid; idx < MP * EP; idx += kThreads) {
+    const int m = idx / EP, e = idx % EP;
+    const float x = (m < p.M && e < p.E) ? load_as_float(p.w, p.w_kind, m * p.w_s[0] + e * p.w_s[1]) : 0.f;
+    const T hi = Num<T>::from_float(x);
+    sWh[m * LDX + e] = hi;
+    sWl[m * LDX + e] = Num<T>::from_float(x - Num<T>::to_float(hi));
+    if (sWf != nullptr) sWf[m * LDX + e] = x;
+  }
+}
+
+// rows [r0, r0 + 64) of a strided (T, E) matrix as fp32 [r][EX] with the extra
+// column EP set to ext on the rows below nrows; zero elsewhere
+template <class T, int EP>
+__device__ __forceinline__ void load_rows_ext(float* s, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
+                                              int ncols, float ext, int tid) {
+  constexpr int EX = EP + 8;
+  if (rows_vectorizable(g, sn, sd, ncols)) {  // 8 columns per step
+#pragma unroll 2
+    for (int idx = tid; idx < kTok * (EX / 8); idx += kThreads) {
+      const int r = idx / (EX / 8), d = (idx % (EX / 8)) * 8;
+      float val[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (r0 + r < nrows) {
+        if (d < ncols) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(g + (int64_t)(r0 + r) * sn + d);
+          const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) val[i] = Num<T>::to_float(e[i]);
+        } else if (d == EP) {
+          val[0] = ext;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[r * EX + d + i] = val[i];
+    }
+    return;
+  }
+  for (int idx = tid; idx < kTok * EX; idx += kThreads) {
+    const int r = idx / EX, d = idx % EX;
+    float val = 0.f;
+    if (r0 + r < nrows) {
+      if (d < ncols) val = Num<T>::to_float(g[(int64_t)(r0 + r) * sn + (int64_t)d * sd]);
+      else if (d == EP) val = ext;
+    }
+    s[r * EX + d] = val;
+  }
+}
+
+// |x_r|^2 of the 64 rows of sX, fp32
+template <class T, int EP>
+__device__ __forceinline__ void row_norms(float* sNorm, const T* sX, int tid) {
+  if (tid < kTok) {
+    float acc = 0.f;
+    for (int e = 0; e < EP; ++e) {
+      const float x = Num<T>::to_float(sX[tid * (EP + 8) + e]);
+      acc += x * x;
+    }
+    sNorm[tid] = acc;
+  }
+}
+
+// acc = x w^T for this warp's 16 rows of sX (x . w_hi + x . w_lo)
+template <class T, int EP, int MP>
+__device__ __forceinline__ void x_dot_w(float (&acc)[MP / 8][4], const T* sX, const T* sWh, const T* sWl, bool split,
+                                        int warp, int lane) {
+  constexpr int LDX = Dims<EP, MP>::LDX;
+#pragma unroll
+  for (int nt = 0; nt < MP / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < EP / 16; ++kk) {
+    uint32_t a[4];
+    frag_a<T>(a, sX, LDX, warp * 16, kk * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < MP / 8; ++nt) {
+      uint32_t b[2];
+      frag_b_nk<T>(b, sWh, LDX, nt * 8, kk * 16, lane);
+      mma_16816<T>(acc[nt], a, b);
+      if (split) {
+        frag_b_nk<T>(b, sWl, LDX, nt * 8, kk * 16, lane);
+        mma_16816<T>(acc[nt], a, b);
+      }
+    }
+  }
+}
+
+// y (n-tiles 0..NX-1, the last holding the normaliser in its column 0) = p @ [vbar | 1]
+// for this warp's 16 rows of sP (fp32 [token][LDP])
+template <int EP, int MP>
+__device__ __forceinline__ void p_times_vbar(float (&y)[Dims<EP, MP>::NX][4], const float* sP, const float* sVb,
+                                             int warp, int lane) {
+  using D = Dims<EP, MP>;
+#pragma unroll
+  for (int nt = 0; nt < D::NX; ++nt) y[nt][0] = y[nt][1] = y[nt][2] = y[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < MP / 8; ++kk) {
+    uint32_t a[4];
+    frag_a_tf32(a, sP, D::LDP, warp * 16, kk * 8, lane);
+#pragma unroll
+    for (int nt = 0; nt < D::NX; ++nt) {
+      uint32_t b[2];
+      frag_b_tf32_kn(b, sVb, D::LDX, kk * 8, nt * 8, lane);
+      mma_1688_tf32(y[nt], a, b);
+    }
+  }
+}
+
+// The q side shared by forward and backward: l = x w^T - |x|^2/2 + lks, s = row
+// max, p = exp(l - s) (0 on rows past nrows and columns past M) into acc and
+// sP; y = p [vbar | 1]; returns 1/Z per row (0 on invalid rows) in inv.
+template <class T, int EP, int MP>
+__device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<EP, MP>::NX][4], float (&inv)[2],
+                                       const PerformerParams& p, const T* sX, const T* sWh, const T* sWl,
+                                       const float* sVb, const float* sLks, const float* sNorm, float* sP, int t0,
+                                       int nrows, int warp, int lane) {
+  using D = Dims<EP, MP>;
+  const int g = lane >> 2, t = lane & 3;
+  x_dot_w<T, EP, MP>(acc, sX, sWh, sWl, p.w_split != 0, warp, lane);
+  float s[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < MP / 8; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int m = nt * 8 + 2 * t + (c & 1), row = warp * 16 + g + 8 * (c >> 1);
+      const float l = m < p.M ? acc[nt][c] - 0.5f * sNorm[row] + sLks[m] : -INFINITY;
+      acc[nt][c] = l;
+      s[c >> 1] = fmaxf(s[c >> 1], l);
+    }
+  bool valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    s[r] = quad_max(s[r]);
+    valid[r] = t0 + warp * 16 + g + 8 * r < nrows;
+  }
+#pragma unroll
+  for (int nt = 0; nt < MP / 8; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int r = c >> 1, m = nt * 8 + 2 * t + (c & 1), row = warp * 16 + g + 8 * r;
+      const float pr = valid[r] ? expf(acc[nt][c] - s[r]) : 0.f;
+      acc[nt][c] = pr;
+      sP[row * D::LDP + m] = pr;
+    }
+  __syncwarp();
+  p_times_vbar<EP, MP>(y, sP, sVb, warp, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float den = shfl_idx(y[D::NX - 1][2 * r], lane & ~3);  // column EP, held by t == 0
+    inv[r] = valid[r] ? 1.f / (den + expf(p.log_eps_m - s[r])) : 0.f;
+  }
+}
+
+// [vbar | 1] (m < M) and lks of batch b into shared memory
+template <int EP, int MP>
+__device__ __forceinline__ void load_stats(float* sVb, float* sLks, const PerformerParams& p, int b, int tid) {
+  constexpr int EX = EP + 8;
+  for (int idx = tid; idx < MP * EX; idx += kThreads) {
+    const int m = idx / EX, e = idx % EX;
+    float val = 0.f;
+    if (m < p.M) {
+      if (e < p.E) val = p.vbar[((int64_t)b * p.M + m) * p.E + e];
+      else if (e == EP) val = 1.f;
+    }
+    sVb[idx] = val;
+  }
+  for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
+}
+
+// acc[i] += A^T B for the block-owned tiles tt = warp + 4 i of an (MP x NCOL*8)
+// result: A is fp32 [token][lda] (read transposed), B is [token][ldb] (fp32 or T)
+template <int OWN, int NTOT, int NCOL, class S>
+__device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* sA, int lda, const S* sB, int ldb,
+                                             int warp, int lane) {
+#pragma unroll
+  for (int i = 0; i < OWN; ++i) {
+    const int tt = warp + 4 * i;
+    if (tt >= NTOT) break;
+    const int mt = tt / NCOL, nt = tt % NCOL;
+#pragma unroll
+    for (int kk = 0; kk < kTok / 8; ++kk) {
+      uint32_t a[4], b[2];
+      frag_a_tf32_t(a, sA, lda, mt * 16, kk * 8, lane);
+      frag_b_tf32_kn(b, sB, ldb, kk * 8, nt * 8, lane);
+      mma_1688_tf32(acc[i], a, b);
+    }
+  }
+}
+
+// the block-owned tiles of an (MP x NCOL*8) result to dst[m * NCOL*8 + col]
+template <int OWN, int NTOT, int NCOL>
+__device__ __forceinline__ void store_owned(float* dst, const float (&acc)[OWN][4], int warp, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < OWN; ++i) {
+    const int tt = warp + 4 * i;
+    if (tt >= NTOT) break;
+    const int mt = tt / NCOL, nt = tt % NCOL;
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      dst[(mt * 16 + g + 8 * (c >> 1)) * (NCOL * 8) + nt * 8 + 2 * t + (c & 1)] = acc[i][c];
+  }
+}
+
+}  // namespace performer_detail
+
+// Floats of workspace (p.work) the forward or backward needs for these sizes.
+inline size_t performer_workspace_floats(int B, int T, int E, int M, bool backward) {
+  const performer_detail::Layout L = performer_detail::layout(B, T, E, M);
+  return backward ? L.total_bwd : L.total_fwd;
+}
+
+inline bool performer_supports(int E, int M) {
+  int EP = 0, MP = 0;
+  return performer_detail::pick_dims(E, M, &EP, &MP);
+}
+
+}  // namespace vk
