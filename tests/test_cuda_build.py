@@ -409,6 +409,14 @@ def test_pip_build_with_flag_fails_with_the_sentence_and_plain_build_works(tmp_p
     names = zipfile.ZipFile(wheels[0]).namelist()
     # the speed evidence automatic dispatch reads travels as package data
     assert "vitkernels/speed_evidence.json" in names
+    # every package of the source tree (python -m vitkernels estimate needs vitkernels.estimate)
+    root = Path(__file__).resolve().parent.parent
+    packages = sorted(
+        str(p.parent.relative_to(root)) for p in (root / "vitkernels").rglob("__init__.py")
+    )
+    assert packages and [p for p in packages if f"{p}/__init__.py" not in names] == []
+    assert "vitkernels/estimate/cuda_record.h" in names
+    assert "vitkernels/models/__init__.py" in names
     assert "vitkernels/cuda.py" in names and not [
         n for n in names if "_C" in n and n.endswith(".so")
     ]
