@@ -217,7 +217,10 @@ def _dw_kernel(
     c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
     kr = _k_result(offs_k, c, p, q, C, KW, KHW, PQC, REORDER)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for mb in range(mb0, tl.where(is_bias, mb0, mb1)):
+    mb_end = mb1
+    if BIAS:
+        mb_end = tl.where(is_bias, mb0, mb1)
+    for mb in range(mb0, mb_end):
         offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
             mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
         )

@@ -275,13 +275,19 @@ class BwdConfig:
     split: int  # programs along M for dW
 
 
-def bwd_config(M: int, D: int, K: int, dtype: torch.dtype, interpret: bool, sms: int) -> BwdConfig:
-    """Block sizes of the backward kernels and the dW split along M."""
+def bwd_config(
+    M: int, D: int, K: int, dtype: torch.dtype, interpret: bool, sms: int, pqc_in_norm: bool = False
+) -> BwdConfig:
+    """Block sizes of the backward kernels and the dW split along M (pqc_in_norm: the
+    kernels gather "pqc" patches and normalise them)."""
     if interpret:
         block_m, block_n, block_k, warps, stages = 32, _pow2_clamp(D, 16, 32), 32, 4, 1
     else:
         wide = dtype == torch.float32
-        block_m, block_n, block_k = 64, _pow2_clamp(D, 32, 128), 32 if wide or K < 256 else 64
+        # 64-wide K steps spilled 4-12 B in dW with triton 3.6 on sm_80 for "pqc" patches
+        # with an input norm (channels-last P2, T2T-2): 32 there
+        narrow = wide or K < 256 or pqc_in_norm
+        block_m, block_n, block_k = 64, _pow2_clamp(D, 32, 128), 32 if narrow else 64
         warps, stages = 8, 2 if wide else 3
     tiles = triton.cdiv(D, block_n) * triton.cdiv(K, block_k)
     m_blocks = triton.cdiv(M, block_m)
@@ -545,7 +551,7 @@ def patch_embed_bwd(
             if want[i]:
                 res[i] = torch.zeros_like(params[i])
     interpret = triton_interpret() and dev.type == "cpu"
-    cfg = bwd_config(max(M, 1), D, K, dtype, interpret, _sms(dev))
+    cfg = bwd_config(max(M, 1), D, K, dtype, interpret, _sms(dev), order == "pqc" and has_in_norm)
     ints, xs = _x_args(images, g)
     pc = _patch_constexprs(images, g, order, cfg.block_m, cfg.block_k, grad_out)
     norms = "+".join(n for n, on in (("in", has_in_norm), ("out", has_out_norm)) if on) or "plain"
