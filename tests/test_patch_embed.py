@@ -328,6 +328,23 @@ def test_triton_gradient_mask_skips_frozen_parameters():
     assert inputs["in_norm"][0].grad is None and inputs["pos_embed"].grad is None
 
 
+@pytest.mark.parametrize("name", ["vit", "t2t_7_4_2"])
+def test_triton_bias_gradient_with_frozen_weight(name):
+    """Without an output norm the bias gradient comes out of the dW kernel (an extra
+    tile sums dy): with the weight frozen it still runs, and only the bias
+    gets a gradient."""
+    inputs = make_inputs(CASES[name], torch.float32)
+    b = inputs["bias"].detach().clone().requires_grad_()
+    grad = torch.randn_like(reference64(inputs))
+    out = vitkernels.patch_embed(**{**inputs, "bias": b}, backend="triton")
+    (out.double() * grad).sum().backward()
+    b64 = inputs["bias"].detach().double().requires_grad_()
+    ins64 = _map_tensors(inputs, lambda t: t.double())
+    (reference.patch_embed(**{**ins64, "bias": b64}) * grad).sum().backward()
+    assert inputs["weight"].grad is None
+    assert_close(b.grad, b64.grad, what=f"{name} dbias", grad=True, floor=1.0, dtype=torch.float32)
+
+
 @pytest.mark.parametrize(
     "name", ["vit", "vit_pytorch", "pit", "t2t_7_4_2", "t2t_3_2_1", "distill", "plain_norms",
              "weight_only_norms", "t2t_channels_last", "cait"],

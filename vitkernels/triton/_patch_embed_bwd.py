@@ -6,6 +6,12 @@
 * ``_dw_kernel``: dW = dy.T @ in_norm(patches), split along the rows.
 * ``_dxn_kernel``: dxn = dy @ W with the normalised patch in the epilogue (the
   input norm's affine gradients).
+* ``_fold_kernel``: every gradient's final sum in one launch: the float32 partial
+  sums of the kernels above over their row splits, and grad_out over the batch
+  (positions, prefix tokens), each written in its parameter's dtype.
+
+dW and dxn store their partials with k in the result's patch order (the caller's,
+which may differ from the kernel's gathering order), so the fold is a plain sum.
 """
 
 from __future__ import annotations
@@ -25,6 +31,17 @@ from vitkernels.triton._patch_embed_fwd import (
     _patch_rows,
     _patch_tile,
 )
+
+
+@triton.jit
+def _k_result(offs_k, c, p, q, C, KW, KHW, PQC: tl.constexpr, REORDER: tl.constexpr):
+    """Index of k (kernel order, digits c, p, q) in the result's patch order: the
+    other order ("cpq" <-> "pqc") with REORDER, else k itself."""
+    if not REORDER:
+        return offs_k
+    if PQC:  # the result is "cpq"
+        return c * KHW + p * KW + q
+    return (p * KW + q) * C + c
 
 
 @triton.jit
@@ -125,13 +142,14 @@ def _out_norm_bwd_kernel(
 
 @triton.jit
 def _norm_patch_tile(
-    x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+    x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k, kr,
     c, p, q, K, H, W, sxc, sxh, sxw,
     MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr,
 ):
     """in_norm(patches) tile in float32 (raw patches without IN_NORM); zero where
-    k >= K or the row is past M. Also returns xhat (the normalised patch)."""
+    k >= K or the row is past M. Also returns xhat (the normalised patch). kr: k's
+    index in the affine's (the caller's) patch order."""
     x = _patch_tile(
         x_ptr, row_base, ih0, iw0, row_ok, c, p, q, offs_k < K, H, W, sxc, sxh, sxw,
         MASK_HW, EVEN_M, EVEN_K, VEC,
@@ -144,9 +162,9 @@ def _norm_patch_tile(
         xhat = tl.where(valid, (x - mu[:, None]) * rstd[:, None], 0.0)
         xn = xhat
         if HAS_GIN:
-            xn = xn * tl.load(gin_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            xn = xn * tl.load(gin_ptr + kr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIN:
-            xn = tl.where(valid, xn + tl.load(bin_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :], 0.0)
+            xn = tl.where(valid, xn + tl.load(bin_ptr + kr, mask=k_ok, other=0.0).to(tl.float32)[None, :], 0.0)
     else:
         xhat = x
         xn = x
@@ -155,30 +173,54 @@ def _norm_patch_tile(
 
 @triton.jit
 def _dw_kernel(
-    x_ptr, dy_ptr, stats_ptr, gin_ptr, bin_ptr, ws_ptr,
+    x_ptr, dy_ptr, stats_ptr, gin_ptr, bin_ptr, ws_ptr, bias_ptr,
     M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
     sxb, sxc, sxh, sxw, sdb, sdt, sdd, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr,
     IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr,
+    REORDER: tl.constexpr, BIAS: tl.constexpr,
 ):
-    """ws[s, n, k] = sum over split s's rows m of dy[m, n] * in_norm(patch m)[k].
+    """ws[s, n, k] = sum over split s's rows m of dy[m, n] * in_norm(patch m)[k],
+    k in the result's patch order; with BIAS, one more k tile per column tile sums
+    dy instead: bias[s, n] = sum over split s's rows m of dy[m, n].
 
-    Grid: (cdiv(D, BLOCK_N) * cdiv(K, BLOCK_K), SPLIT). dy rows at
+    Grid: (cdiv(D, BLOCK_N) * (cdiv(K, BLOCK_K) + BIAS), SPLIT). dy rows at
     dy_ptr + b * sdb + (P + l) * sdt (grad_out's patch rows or a (M, D) buffer).
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    num_k = tl.cdiv(K, BLOCK_K)
+    num_kt = tl.cdiv(K, BLOCK_K)
+    num_k = num_kt + BIAS
+    pid_k = pid % num_k
     offs_n = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = offs_n < D
-    c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     mb0 = pid_s * blocks_per_split
     mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
-    for mb in range(mb0, mb1):
+    # the bias tile (only with BIAS) runs the first loop, the others the second
+    is_bias = pid_k == num_kt
+    if BIAS:
+        bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for mbb in range(mb0 * 4, tl.where(is_bias, mb1, mb0) * 4):  # quarter row blocks
+            offs_m = mbb * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+            dy_rows = dy_ptr + _idx(offs_m // L, IDX64) * sdb + (P + offs_m % L) * sdt
+            dyt = tl.load(
+                _hint(dy_rows[None, :], offs_n[:, None] * sdd, DVEC, 1),
+                mask=_mask2(n_ok, offs_m < M, DVEC, 1),
+                other=0.0,
+            )
+            bacc += tl.sum(dyt.to(tl.float32), axis=1)
+        if is_bias:
+            tl.store(bias_ptr + pid_s * D + offs_n, bacc, mask=n_ok)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
+    kr = _k_result(offs_k, c, p, q, C, KW, KHW, PQC, REORDER)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    mb_end = mb1
+    if BIAS:
+        mb_end = tl.where(is_bias, mb0, mb1)
+    for mb in range(mb0, mb_end):
         offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
             mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
         )
@@ -189,16 +231,16 @@ def _dw_kernel(
             other=0.0,
         )  # (BLOCK_N, BLOCK_M) = dy.T
         xn, xhat = _norm_patch_tile(
-            x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+            x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k, kr,
             c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
             IN_NORM, HAS_GIN, HAS_BIN,
         )
         acc = tl.dot(dyt, xn.to(dyt.dtype), acc, input_precision=PREC)
     ws = ws_ptr + _idx(pid_s, IDX64) * D * K
     tl.store(
-        ws + offs_n[:, None] * K + offs_k[None, :],
+        ws + offs_n[:, None] * K + kr[None, :],
         acc,
-        mask=n_ok[:, None] & (offs_k < K)[None, :],
+        mask=n_ok[:, None] & (offs_k < K)[None, :],  # all false in the bias tile
     )
 
 
@@ -210,11 +252,13 @@ def _dxn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, REORDER: tl.constexpr,
 ):
-    """dxn = dy @ W for BLOCK_K columns over split s's row blocks; column partial
+    """dxn = dy @ W for BLOCK_K columns (W in the kernel's patch order) over split
+    s's row blocks; column partial
     sums over those rows of dxn * xhat (-> in_norm weight) and dxn (-> in_norm bias),
-    element-wise per row block and reduced once at the end.
+    element-wise per row block and reduced once at the end (k in the result's
+    patch order).
 
     Grid: (cdiv(K, BLOCK_K), SPLIT).
     """
@@ -222,6 +266,7 @@ def _dxn_kernel(
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
+    kr = _k_result(offs_k, c, p, q, C, KW, KHW, PQC, REORDER)  # k in the results' order
     dg = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     mb0 = pid_s * blocks_per_split
@@ -244,11 +289,65 @@ def _dxn_kernel(
             )
             acc = tl.dot(dy, w, acc, input_precision=PREC)
         xn, xhat = _norm_patch_tile(
-            x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k,
+            x_ptr, stats_ptr, x_ptr, x_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k, kr,
             c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
             True, False, False,
         )
         dg += acc * xhat
         db += acc  # rows past M and k >= K hold zeros (dy and W masked)
-    tl.store(dg_part + pid_s * K + offs_k, tl.sum(dg, axis=0), mask=k_ok)
-    tl.store(db_part + pid_s * K + offs_k, tl.sum(db, axis=0), mask=k_ok)
+    tl.store(dg_part + pid_s * K + kr, tl.sum(dg, axis=0), mask=k_ok)
+    tl.store(db_part + pid_s * K + kr, tl.sum(db, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _fold_kernel(
+    ws_ptr, g_ptr, d0, d1, d2, d3, d4, d5, d6, d7,
+    n0, n1, n2, n3, n4, n5, n6, n7, o0, o1, o2, o3, o4, o5, r0, r1, r2, r3, r4, r5,
+    B, D, T6, sgb, sgt, sgd,
+    BLOCK: tl.constexpr, GVEC: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Result i (i < 8, n_i elements, 0 when not wanted) gets BLOCK elements per
+    program, in a float32 sum in a fixed order (deterministic), stored in d_i's dtype:
+
+      i < 6:  d_i[e] = sum_{r < r_i} ws[o_i + r * n_i + e]    (the kernels' partials)
+      i = 6:  d6[t, d] = sum_b grad_out[b, T6 + t, d]          (positions)
+      i = 7:  d7[t, d] = sum_b grad_out[b, t, d]               (prefix tokens)
+    """
+    pid = tl.program_id(0)
+    # the result this program works on: the last one whose first block is <= pid
+    first, dst, n, o, r = pid * 0, d0, n0, o0, r0
+    first1 = tl.cdiv(n0, BLOCK)
+    if pid >= first1:
+        first, dst, n, o, r = first1, d1, n1, o1, r1
+    first2 = first1 + tl.cdiv(n1, BLOCK)
+    if pid >= first2:
+        first, dst, n, o, r = first2, d2, n2, o2, r2
+    first3 = first2 + tl.cdiv(n2, BLOCK)
+    if pid >= first3:
+        first, dst, n, o, r = first3, d3, n3, o3, r3
+    first4 = first3 + tl.cdiv(n3, BLOCK)
+    if pid >= first4:
+        first, dst, n, o, r = first4, d4, n4, o4, r4
+    first5 = first4 + tl.cdiv(n4, BLOCK)
+    if pid >= first5:
+        first, dst, n, o, r = first5, d5, n5, o5, r5
+    first6 = first5 + tl.cdiv(n5, BLOCK)
+    if pid >= first6:
+        first, dst, n = first6, d6, n6
+    first7 = first6 + tl.cdiv(n6, BLOCK)
+    if pid >= first7:
+        first, dst, n = first7, d7, n7
+    e = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if pid < first6:
+        src = ws_ptr + _idx(o, IDX64) + e
+        for s in range(0, r):
+            acc += tl.load(src + _idx(s, IDX64) * n, mask=e_ok, other=0.0)
+    else:
+        t0 = tl.where(pid >= first7, 0, T6)
+        rows = g_ptr + _idx(t0 + e // D, IDX64) * sgt + (e % D) * sgd
+        for b in range(0, B):
+            ptrs = _hint(rows[None, :], _idx(b, IDX64) * sgb, 1, GVEC)  # (1, BLOCK)
+            acc += tl.sum(tl.load(ptrs, mask=e_ok[None, :], other=0.0).to(tl.float32), axis=0)
+    tl.store(dst + e, acc.to(dst.dtype.element_ty), mask=e_ok)

@@ -283,14 +283,15 @@ def _patch_embed_fwd_kernel(
 
 @triton.jit
 def _prep_kernel(
-    w_ptr, g_ptr, b_ptr, bias_ptr, wk_ptr, colsum_ptr, shift_ptr,
+    w_ptr, g_ptr, b_ptr, bias_ptr, wk_ptr, colsum_ptr, shift_ptr, wplain_ptr,
     D, K, C, KHW, swn, swk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SRC_PQC: tl.constexpr, DST_PQC: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PLAIN: tl.constexpr,
 ):
     """The input norm folded into the weight, in the kernel's patch order (one launch):
     wk[n, k] = W[n, src(k)] * g[src(k)] (rounded to W's dtype), colsum[n] = sum_k wk[n, k],
-    shift[n] = sum_k W[n, k] * in_bias[k] + bias[n] (float32). src(k): the column of
+    shift[n] = sum_k W[n, k] * in_bias[k] + bias[n] (float32); with WRITE_PLAIN also
+    wplain[n, k] = W[n, src(k)] (the backward's dy @ W). src(k): the column of
     kernel-order k in the caller's order. Grid: (cdiv(D, BLOCK_N),)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
@@ -312,6 +313,8 @@ def _prep_kernel(
             gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
             wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
         tl.store(wk_ptr + offs_n[:, None] * K + offs_k[None, :], wg, mask=mask)
+        if WRITE_PLAIN:
+            tl.store(wplain_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
         colsum += tl.sum(wg.to(tl.float32), axis=1)
         if HAS_B:
             bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)

@@ -62,9 +62,12 @@ Backward: the patch rows' pre-norm tokens are recomputed with the forward kernel
 (``_out_norm_bwd_kernel``), dW = dy.T @ in_norm(patches) is a split-M GEMM that
 gathers the patches again (``_dw_kernel``), and the input norm's affine grads
 come from dxn = dy @ W with the normalised patch in the epilogue
-(``_dxn_kernel``, split along the rows like dW); the small sums over the batch
-(pos, cls, bias, partials) are torch reductions. The row splits fill the SMs in
-whole waves (``_row_split``).
+(``_dxn_kernel``, split along the rows like dW). The bias gradient is the output
+norm's partials or, without one, an extra column tile of dW that sums dy. One last
+launch (``_fold_kernel``) sums every float32 partial over its row splits and
+grad_out over the batch (positions, prefix tokens) and writes each gradient in its
+dtype: no torch operations, a fixed summation order. The row splits fill the SMs
+in whole waves (``_row_split``).
 
 Block sizes come from ``fwd_config`` / ``bwd_config``: a small deterministic
 heuristic of the shape (a GPU tuning pass may change them); tests monkeypatch
@@ -92,6 +95,7 @@ from vitkernels.triton._common import (
 from vitkernels.triton._patch_embed_bwd import (
     _dw_kernel,
     _dxn_kernel,
+    _fold_kernel,
     _out_norm_bwd_kernel,
     _patch_stats_kernel,
 )
@@ -271,13 +275,19 @@ class BwdConfig:
     split: int  # programs along M for dW
 
 
-def bwd_config(M: int, D: int, K: int, dtype: torch.dtype, interpret: bool, sms: int) -> BwdConfig:
-    """Block sizes of the backward kernels and the dW split along M."""
+def bwd_config(
+    M: int, D: int, K: int, dtype: torch.dtype, interpret: bool, sms: int, pqc_in_norm: bool = False
+) -> BwdConfig:
+    """Block sizes of the backward kernels and the dW split along M (pqc_in_norm: the
+    kernels gather "pqc" patches and normalise them)."""
     if interpret:
         block_m, block_n, block_k, warps, stages = 32, _pow2_clamp(D, 16, 32), 32, 4, 1
     else:
         wide = dtype == torch.float32
-        block_m, block_n, block_k = 64, _pow2_clamp(D, 32, 128), 32 if wide or K < 256 else 64
+        # 64-wide K steps spilled 4-12 B in dW with triton 3.6 on sm_80 for "pqc" patches
+        # with an input norm (channels-last P2, T2T-2): 32 there
+        narrow = wide or K < 256 or pqc_in_norm
+        block_m, block_n, block_k = 64, _pow2_clamp(D, 32, 128), 32 if narrow else 64
         warps, stages = 8, 2 if wide else 3
     tiles = triton.cdiv(D, block_n) * triton.cdiv(K, block_k)
     m_blocks = triton.cdiv(M, block_m)
@@ -344,19 +354,24 @@ class _Prepared:
     w: torch.Tensor  # (D, K) kernel order (W * in_weight with an input norm)
     colsum: torch.Tensor | None  # (D,) float32 rowsum(W') with an input norm
     shift: torch.Tensor | None  # (D,) bias, or float32 in_bias @ W.T + bias
+    w_plain: torch.Tensor | None  # (D, K) W in kernel order (None: not asked for)
 
 
 def _prepare(
     images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
-    has_in_norm, interpret,
+    has_in_norm, interpret, plain: bool = False,
 ) -> _Prepared:
+    """plain: also W itself in kernel order (written by the prep launch if it runs)."""
     g = _geometry(images, kernel_size, stride, padding)
     order = _kernel_order(images, patch_order)
     if not has_in_norm:
-        return _Prepared(g, order, _reorder(weight, g, patch_order, order), None, bias)
+        wk = _reorder(weight, g, patch_order, order)
+        return _Prepared(g, order, wk, None, bias, wk)
     D, K = weight.shape
     dev = weight.device
     wk = _new((D, K), device=dev, dtype=weight.dtype)
+    write_plain = plain and order != patch_order
+    w_plain = _new((D, K), device=dev, dtype=weight.dtype) if write_plain else weight if plain else None
     colsum, shift = _new((D,), device=dev, dtype=torch.float32), _new((D,), device=dev, dtype=torch.float32)
     # 32 x 64 tiles spilled 24 B for float16 weights with triton 3.6 on sm_90a (as launched)
     block_n, block_k = (16, 32) if interpret else (32, 32)
@@ -365,15 +380,17 @@ def _prepare(
         _prep_kernel, (cdiv(D, block_n),),
         [weight, in_weight if in_weight is not None else weight,
          in_bias if in_bias is not None else weight, bias if bias is not None else weight,
-         wk, colsum, shift, D, K, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
+         wk, colsum, shift, w_plain if write_plain else wk,
+         D, K, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
         {"BLOCK_N": block_n, "BLOCK_K": block_k, "SRC_PQC": patch_order == "pqc",
          "DST_PQC": order == "pqc", "HAS_G": in_weight is not None,
-         "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None},
+         "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None, "WRITE_PLAIN": write_plain},
         4, 1,
-        reads=(weight, in_weight, in_bias, bias), writes=(wk, colsum, shift),
+        reads=(weight, in_weight, in_bias, bias),
+        writes=(wk, colsum, shift, w_plain if write_plain else None),
         loops={"k0": cdiv(K, block_k)},
     ))  # fmt: skip
-    return _Prepared(g, order, wk, colsum, shift)
+    return _Prepared(g, order, wk, colsum, shift, w_plain)
 
 
 def _fwd_launch(
@@ -529,53 +546,70 @@ def patch_embed_bwd(
     D, K, M = weight.shape[0], g.K, g.B * g.L
     P = 0 if cls_token is None else cls_token.shape[0]
     dev, dtype = images.device, images.dtype
-
-    # position embedding and prefix tokens: sums over the batch; one pass over grad_out
-    # serves all three where they overlap: the prefix tokens' gradient is the position
-    # gradient's first P rows (positions on every token) and, without an output norm,
-    # the bias gradient is the patch rows' position gradient summed over tokens
-    pos_sum = None  # (T, D) float32: grad_out summed over the batch
-    if want[6] or (want[7] and pos_embed is not None and pos_embed.shape[0] == P + g.L):
-        rows = grad_out if pos_embed.shape[0] == P + g.L else grad_out[:, P:]
-        pos_sum = rows.sum(dim=0, dtype=torch.float32)
-    if want[6]:
-        res[6] = pos_sum.to(pos_embed.dtype)
-    if want[7]:
-        if pos_sum is not None and pos_sum.shape[0] == P + g.L:
-            res[7] = pos_sum[:P].to(cls_token.dtype, copy=True)
-        else:
-            res[7] = grad_out[:, :P].sum(dim=0, dtype=torch.float32).to(cls_token.dtype)
-    if not any(want[:6]):
-        return tuple(res)
     if M == 0:
         for i in range(6):
             if want[i]:
                 res[i] = torch.zeros_like(params[i])
-        return tuple(res)
-
     interpret = triton_interpret() and dev.type == "cpu"
-    cfg = bwd_config(M, D, K, dtype, interpret, _sms(dev))
+    cfg = bwd_config(max(M, 1), D, K, dtype, interpret, _sms(dev), order == "pqc" and has_in_norm)
     ints, xs = _x_args(images, g)
     pc = _patch_constexprs(images, g, order, cfg.block_m, cfg.block_k, grad_out)
     norms = "+".join(n for n, on in (("in", has_in_norm), ("out", has_out_norm)) if on) or "plain"
     tag = f"{_tag(dtype, g, order, D)},{norms}"
+    reorder = order != patch_order
 
     def run(name, kernel, grid, args, reads, writes, loops, **constexprs) -> None:
         launch(Launch(f"{name}[{tag}]", kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
                       reads=reads, writes=writes, loops=loops))  # fmt: skip
 
-    w_k = _reorder(weight, g, patch_order, order)
-    gin = _reorder(in_weight, g, patch_order, order) if has_in_norm else None
-    bin_ = _reorder(in_bias, g, patch_order, order) if has_in_norm else None
-    stats = _new((M, 2), device=dev, dtype=torch.float32) if has_in_norm else None
     m_blocks = cdiv(M, cfg.block_m)
+    kernels = M > 0 and any(want[:6])
+    # the bias gradient: the output norm's partials, else dW's extra tile that sums dy
+    # (dW runs for it even when the weight is frozen); the row splits of dW and dxn
+    bias_col = kernels and want[1] and not has_out_norm
+    dw_launch = kernels and (want[0] or bias_col)
+    num_k_dw = cdiv(K, cfg.block_k) + bias_col
+    dw_split = cfg.split
+    if bias_col and not interpret:  # whole waves counting the bias tiles
+        dw_split = _row_split(cdiv(D, cfg.block_n) * num_k_dw, m_blocks, _sms(dev))
+    dw_per = cdiv(m_blocks, dw_split)
+    dw_split = cdiv(m_blocks, dw_per)
+    dxn_launch = kernels and (want[2] or want[3])
+    num_k = cdiv(K, cfg.block_k)
+    dxn_split = cfg.split if interpret else _row_split(num_k, m_blocks, _sms(dev))
+    dxn_per = cdiv(m_blocks, dxn_split)
+    dxn_split = cdiv(m_blocks, dxn_per)
+
+    # one float32 workspace holds every partial sum the fold kernel adds up
+    sizes = {
+        "dw": dw_split * D * K if dw_launch else 0,
+        "bias": dw_split * D if bias_col else 0,
+        "out": 3 * m_blocks * D if kernels and has_out_norm else 0,
+        "dxn": 2 * dxn_split * K if dxn_launch else 0,
+    }
+    offs, total = {}, 0
+    for key, n in sizes.items():
+        offs[key] = total
+        total += -(-n // 16) * 16  # 64-byte aligned regions
+    ws_all = _new((max(total, 1),), device=dev, dtype=torch.float32)
+
+    def region(key: str, *shape: int) -> torch.Tensor:
+        return ws_all[offs[key] : offs[key] + sizes[key]].view(*shape)
+
+    # the input norm's affine stays in the caller's patch order (dW indexes it so)
+    gin = in_weight if has_in_norm else None
+    bin_ = in_bias if has_in_norm else None
+    stats = _new((M, 2), device=dev, dtype=torch.float32) if has_in_norm and kernels else None
 
     # dy = d loss / d(patches @ W.T + bias): rows at b * sdb + (P + l) * sdt
-    if has_out_norm:
+    dy_t, dyP, (sdb, sdt, sdd) = grad_out, P, grad_out.stride()
+    w_k = None  # W in kernel order for dxn: from the recompute's prep launch where it runs
+    if kernels and has_out_norm:
         prep = _prepare(
             images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
-            has_in_norm, interpret,
+            has_in_norm, interpret, plain=dxn_launch,
         )
+        w_k = prep.w_plain
         y = _new((g.B, g.L, D), device=dev, dtype=torch.float32)
         launch(
             _fwd_launch(
@@ -584,7 +618,7 @@ def patch_embed_bwd(
             )
         )
         dy = _new((M, D), device=dev, dtype=dtype)
-        parts = _new((3, m_blocks, D), device=dev, dtype=torch.float32)
+        parts = region("out", 3, m_blocks, D)
         run(
             "patch_embed_out_norm_bwd", _out_norm_bwd_kernel, (m_blocks,),
             [grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
@@ -594,63 +628,99 @@ def patch_embed_bwd(
             IDX64=pc["IDX64"], GVEC=_run_vec(grad_out, 2, D),
             YVEC=min(_run_vec(y, 2, D), _run_vec(dy, 1, D)),
         )
-        sums = parts.sum(dim=1)
-        for i, row in ((4, 0), (5, 1), (1, 2)):
-            if want[i]:
-                res[i] = sums[row].to(params[i].dtype, copy=True)  # no aliasing results
         dy_t, dyP, (sdb, sdt, sdd) = dy, 0, (g.L * D, D, 1)
-    else:
-        if has_in_norm:
-            run(
-                "patch_embed_stats", _patch_stats_kernel, (m_blocks,),
-                [images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps)],
-                (images,), (stats,), {"k0": cdiv(K, cfg.block_k)},
-                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
-            )
-        if want[1] and pos_sum is not None:
-            res[1] = pos_sum[pos_sum.shape[0] - g.L :].sum(dim=0).to(bias.dtype)
-        elif want[1]:
-            res[1] = grad_out[:, P:].sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype)
-        dy_t, dyP, (sdb, sdt, sdd) = grad_out, P, grad_out.stride()
+    elif kernels and has_in_norm:
+        run(
+            "patch_embed_stats", _patch_stats_kernel, (m_blocks,),
+            [images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps)],
+            (images,), (stats,), {"k0": cdiv(K, cfg.block_k)},
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
+        )
     dvec = _run_vec(dy_t, -1, D)
 
-    if want[0]:
-        blocks_per_split = cdiv(m_blocks, cfg.split)
-        split = cdiv(m_blocks, blocks_per_split)
-        ws = _new((split, D, K), device=dev, dtype=torch.float32)
+    if dw_launch:
+        ws = region("dw", dw_split, D, K)
+        bias_part = region("bias", dw_split, D) if bias_col else ws
         run(
             "patch_embed_dw", _dw_kernel,
-            (cdiv(D, cfg.block_n) * cdiv(K, cfg.block_k), split),
+            (cdiv(D, cfg.block_n) * num_k_dw, dw_split),
             [images, dy_t, stats if stats is not None else images,
-             gin if gin is not None else images, bin_ if bin_ is not None else images, ws,
-             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, blocks_per_split],
-            (images, dy_t, stats, gin, bin_), (ws,), {"mb": m_blocks / split},
+             gin if gin is not None else images, bin_ if bin_ is not None else images, ws, bias_part,
+             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, dw_per],
+            (images, dy_t, stats, gin, bin_), (ws, bias_part if bias_col else None),
+            # the bias tile's loop (mbb, quarter row blocks) in one program of num_k_dw,
+            # the GEMM's (mb) in the others
+            {"mb": m_blocks / dw_split * (num_k_dw - bias_col) / num_k_dw,
+             "mbb": 4 * m_blocks / dw_split * bias_col / num_k_dw},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
             IN_NORM=bool(has_in_norm), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
-            PREC=dot_precision(dtype),
+            PREC=dot_precision(dtype), REORDER=reorder, BIAS=bias_col,
         )
-        res[0] = _reorder(ws.sum(dim=0), g, order, patch_order).to(weight.dtype)
-    if want[2] or want[3]:
-        num_k = triton.cdiv(K, cfg.block_k)
-        split = cfg.split if interpret else _row_split(num_k, m_blocks, _sms(dev))
-        blocks_per_split = triton.cdiv(m_blocks, split)
-        split = triton.cdiv(m_blocks, blocks_per_split)
-        dparts = _new((2, split, K), device=dev, dtype=torch.float32)
+    if dxn_launch:
+        if w_k is None:
+            w_k = _reorder(weight, g, patch_order, order)
+        dparts = region("dxn", 2, dxn_split, K)
         run(
-            "patch_embed_dxn", _dxn_kernel, (num_k, split),
+            "patch_embed_dxn", _dxn_kernel, (num_k, dxn_split),
             [images, dy_t, w_k, stats, dparts[0], dparts[1],
              M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1),
-             blocks_per_split],
+             dxn_per],
             (images, dy_t, w_k, stats), (dparts,),
-            {"mb": m_blocks / split, "n0": triton.cdiv(D, cfg.block_n)},
+            {"mb": m_blocks / dxn_split, "n0": cdiv(D, cfg.block_n)},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
-            WVEC=_run_vec(w_k, 1, K), PREC=dot_precision(dtype),
+            WVEC=_run_vec(w_k, 1, K), PREC=dot_precision(dtype), REORDER=reorder,
         )
-        dsum = _reorder(dparts.sum(dim=1), g, order, patch_order)
+
+    # the fold: result i from (workspace offset, partials per element) or grad_out
+    src: dict[int, tuple[int, int]] = {}
+    if kernels:
+        if want[0]:
+            src[0] = (offs["dw"], dw_split)
+        if want[1]:
+            src[1] = (offs["bias"], dw_split) if bias_col else (offs["out"] + 2 * m_blocks * D, m_blocks)
         for i in (2, 3):
             if want[i]:
-                res[i] = dsum[i - 2].to(params[i].dtype, copy=True)
+                src[i] = (offs["dxn"] + (i - 2) * dxn_split * K, dxn_split)
+        for i in (4, 5):
+            if want[i]:
+                src[i] = (offs["out"] + (i - 4) * m_blocks * D, m_blocks)
+    for i in src:
+        res[i] = _new(tuple(params[i].shape), device=dev, dtype=params[i].dtype)
+    T6 = 0
+    if want[6]:
+        res[6] = _new(tuple(pos_embed.shape), device=dev, dtype=pos_embed.dtype)
+        T6 = 0 if pos_embed.shape[0] == P + g.L else P
+    if want[7]:
+        res[7] = _new(tuple(cls_token.shape), device=dev, dtype=cls_token.dtype)
+    folded = [i for i in range(8) if i in src or (i >= 6 and want[i])]
+    if not folded:
+        return tuple(res)
+    n = [res[i].numel() if i in folded else 0 for i in range(8)]
+    o = [src[i][0] if i in src else 0 for i in range(6)]
+    r = [src[i][1] if i in src else 0 for i in range(6)]
+    block = 128 if interpret else 1024
+    dummy = res[folded[0]]
+    launch(Launch(
+        f"patch_embed_fold[{tag}]", _fold_kernel, (sum(cdiv(v, block) for v in n),),
+        [ws_all, grad_out, *(res[i] if i in folded else dummy for i in range(8)), *n, *o, *r,
+         g.B, D, T6, *grad_out.stride()],
+        {"BLOCK": block, "GVEC": _run_vec(grad_out, 2, D), "IDX64": _needs_idx64(grad_out, ws_all)},
+        4, 1,
+        reads=(ws_all if src else None, grad_out if n[6] or n[7] else None),
+        writes=[res[i] for i in folded],
+        loops=_fold_loops(n, r, g.B, block),
+    ))  # fmt: skip
     return tuple(res)
+
+
+def _fold_loops(n: Sequence[int], r: Sequence[int], B: int, block: int) -> dict[str, float]:
+    """Mean trip counts per program of the fold kernel's two loops."""
+    blocks = [cdiv(v, block) for v in n]
+    programs = max(1, sum(blocks))
+    return {
+        "s": sum(b * k for b, k in zip(blocks[:6], r, strict=True)) / programs,
+        "b": (blocks[6] + blocks[7]) * B / programs,
+    }
 
 
 # ----------------------------------------------------------------------------
