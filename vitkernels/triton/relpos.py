@@ -31,7 +31,8 @@ ever in memory):
   dK/dV kernels load its tiles instead of gathering from the table.
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
   over key blocks (any Nk; the last block's keys are masked on the loads only),
-  saves the logsumexp.
+  saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
+  one bias tile from the table itself, and the forward has no bias launch.
 * ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks;
   delta = rowsum(dO * O) is computed per query tile.
 * ``_bwd_dq_kernel``: dQ and the table gradient. A program takes a query block
@@ -114,18 +115,32 @@ def _bias_kernel(
 
 
 @triton.jit
+def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale):
+    """The bias of queries qi and keys kj (index tensors that broadcast to the tile)
+    gathered from the table, float32 in log2 units: -inf at keys kj >= NK, 0 at
+    queries qi >= NQ (finite; their outputs are not stored)."""
+    dr = tl.abs(qi // CQ * S - kj // C)
+    dc = tl.abs(qi % CQ * S - kj % C)
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=(qi < NQ) & (kj < NK), other=0.0)
+    return tl.where(kj < NK, t.to(tl.float32) * bias_scale, float("-inf"))
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, BIAS, O, LSE,
+    Q, K, V, BIAS, T, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, NK, NQP, NKP, NUM_QB,
-    qk_scale,  # multiplied by log2(e)
+    stride_th, stride_tn,
+    H, NQ, NK, NQP, NKP, NUM_QB, CQ, C, S,
+    qk_scale, bias_scale,  # multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    """GATHER (one key block, NK <= BLOCK_N): the bias tile is gathered from the table
+    T, and BIAS is not read; else BIAS is the expanded bias (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     pid_bh = pid // NUM_QB
@@ -145,6 +160,8 @@ def _fwd_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     b_ptrs = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP + offs_n[None, :]  # padded: no mask
+    if GATHER:
+        bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_n[None, :], NQ, NK, CQ, C, S, bias_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -154,7 +171,9 @@ def _fwd_kernel(
         n_ok = start_n + offs_n < NK
         kt = tl.load(k_ptrs, mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
         v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + tl.load(b_ptrs)
+        if not GATHER:
+            bias = tl.load(b_ptrs)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -563,15 +582,17 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
+def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
-    wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
-    # wide heads (LeViT-256's shrink layers, Dk 32, Dv 128): 16 keys x 32 queries on
-    # 8 warps; 32 keys x 16 queries on 4 spilled 52-76 B with triton 3.6
-    block_n = min(16 if wide else 64, max(16, _pow2(nk)))
+    # 64 keys x 32 queries on 4 warps, wide heads too (LeViT-256's shrink layers, Dk 32,
+    # Dv 128: 64 x 64 spilled) where the rows vectorize. The dS -> dK dot chain puts
+    # every warp on the keys: with 8 warps on 64 keys both warpgroups computed the same
+    # tile, and 16 keys on 8 warps computed it 8 times; that config stays for wide heads
+    # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
+    keys64 = vector_loads or bdk + bdv <= 96
+    block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     block_m = min(32, max(16, _pow2(nq)))
-    # 4 warps on tiles of 64 keys or fewer: with 8 both warpgroups computed the same tile
-    warps = 8 if wide else 4
+    warps = 4 if keys64 else 8
     return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
@@ -638,7 +659,7 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
 
 def _vector_loads(*tensors: torch.Tensor) -> bool:
     """Whether every row of every tensor starts 16-byte aligned and is contiguous (its
-    loads vectorize; the all-keys dQ kernel's tiles need that to stay in registers)."""
+    loads vectorize; the backward's larger tiles need that to stay in registers)."""
     for t in tensors:
         step = 16 // t.element_size()
         if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % step for s in t.stride()[:-1]):
@@ -712,15 +733,19 @@ def relpos_attention_fwd(
     cfg = _fwd_cfg(NQ, NK, DK, DV)
     block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tag = _tag(q, NK, DV, q_stride)
-    bias = _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    # one key block: the forward gathers its bias tile from the table (no bias launch)
+    gather = NK <= block_n
+    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    nqp, nkp = (0, 0) if gather else bias.shape[1:]
+    _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     num_qb = triton.cdiv(NQ, block_m)
     launch(Launch(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
-        [q, k, v, bias, out, lse,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         H, NQ, NK, bias.shape[1], bias.shape[2], num_qb, scale * _LOG2E],
-        {**cfg.constexprs, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, bias), writes=(out, lse),
+        [q, k, v, bias, table, out, lse,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
+         H, NQ, NK, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
+        {**cfg.constexprs, "GATHER": gather, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
+        cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
         loops={"start_n": triton.cdiv(NK, block_n)},
     ))  # fmt: skip
     return out, lse
@@ -755,7 +780,8 @@ def relpos_attention_bwd(
     tag = _tag(q, NK, DV, q_stride)
     bias = _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
 
-    cfg = _dkdv_cfg(NQ, NK, DK, DV)
+    vector_loads = _vector_loads(q, k, v, grad_out, out)
+    cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
     num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
@@ -768,7 +794,7 @@ def relpos_attention_bwd(
     ))  # fmt: skip
 
     # every key at once where the grid is small and the rows vectorize; else key blocks
-    all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and _vector_loads(q, k, v, grad_out, out)
+    all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
     dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys)
     QR, CQP = dq_cfg.constexprs["QR"], dq_cfg.constexprs["CQP"]
     num_qb = triton.cdiv(rq, QR)
