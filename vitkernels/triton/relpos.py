@@ -670,7 +670,7 @@ def _vector_loads(*tensors: torch.Tensor) -> bool:
 def _batch_group(batch: int, programs_per_batch: int) -> int:
     """Batch entries per dQ program: enough programs to fill a GPU, few table partials."""
     group = 1
-    while group < 16 and group * 2 <= batch and programs_per_batch * -(-batch // (group * 2)) >= 1024:
+    while group < 16 and group * 2 <= batch and programs_per_batch * -(-batch // (group * 2)) >= 512:
         group *= 2
     return group
 
