@@ -26,24 +26,26 @@ ever in memory):
 
 * ``_bias_kernel``: every call first expands the table into a float32 bias per
   head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
-  (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C));
-  the backward's launch writes a second copy in the dQ kernel's slot order. Built
-  from the table on every call, never cached, so never stale; the attention
-  kernels load its tiles instead of gathering from the table.
+  (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)).
+  Built from the table on every call, never cached, so never stale; the forward and
+  dK/dV kernels load its tiles instead of gathering from the table.
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
   over key blocks (any Nk; the last block's keys are masked on the loads only),
-  saves the logsumexp.
+  saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
+  one bias tile from the table itself, and the forward has no bias launch.
 * ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks;
   delta = rowsum(dO * O) is computed per query tile.
-* ``_bwd_dq_kernel``: dQ and the table gradient. Its blocks are aligned to grid
-  rows (a query block is QR query-grid rows of CQP column slots, a key block KR
-  key-grid rows of CP slots), so a tile of dS is a 4-d array (qr, qc, kr, kc)
-  whose table column is |dr|*C + |dc|, dr depending on (qr, kr) only and dc on
-  (qc, kc) only. Each tile is reduced in registers: a skew gather lines up every
-  (qr, kr) block of dS by signed column offset dc = kc - s*qc and sums over qc,
-  then the blocks are added into their |dr| rows; the result, indexed by (|dr|,
-  dc), is summed over all key blocks and a group of batch entries. Each program
-  writes it to its own row of a float32 buffer (programs, H, R, offsets).
+* ``_bwd_dq_kernel``: dQ and the table gradient. A program takes a query block
+  aligned to grid rows (QR query-grid rows of CQP column slots), every key (TRP
+  key-grid rows of CP slots) and a group of batch entries, one per iteration; its
+  tiles are transposed, keys the rows. The bias tile is gathered from the table
+  once per program, and dS is summed over the group in registers. After the loop
+  the sum, a 4-d array (kr, kc, qr, qc) whose table column is |dr|*C + |dc| (dr
+  depending on (qr, kr) only, dc on (qc, kc) only), is reduced once: a skew gather
+  lines up every (qr, kr) block by signed column offset dc = kc - s*qc and sums
+  over qc, then the blocks are added into their |dr| rows. Each program writes the
+  result, indexed by (|dr|, dc), to its own row of a float32 buffer (programs, H,
+  R, offsets).
 * ``_fold_kernel``: sums that buffer over programs and folds dc into |dc|. No
   atomics: the table gradient is deterministic (run to run, for a fixed config).
 
@@ -55,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -86,55 +87,60 @@ _LOG2E = 1.4426950408889634
 def _bias_kernel(
     T, BIAS,
     stride_th, stride_tn,
-    RQ, CQ, R, C, S, PROGS1,
-    QW1, KW1, NQP1, NKP1, NUM_KB1,
-    OFF2, QW2, KW2, NQP2, NKP2, NUM_KB2,
+    RQ, CQ, R, C, S, NQP, NKP, NUM_KB,
     bias_scale,  # multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """bias[h, i, j] = bias_scale * table[h, |dr|*C + |dc|] in log2 units, float32, for
-    query slot i at query-grid cell (i // QW, i % QW) and key slot j at key-grid cell
-    (j // KW, j % KW) (QW = Cq, KW = C: token order; wider: grid-row aligned slots),
-    on an (NQP, NKP) padded grid: -inf where no key is, 0 where no query is (finite;
-    those outputs are not stored). Programs [0, PROGS1) write layout 1 at BIAS, the
-    rest layout 2 at BIAS + OFF2 (one launch for the backward's two layouts)."""
+    query i at query-grid cell (i // CQ, i % CQ) and key j at key-grid cell (j // C,
+    j % C), on an (NQP, NKP) padded grid: -inf where no key is, 0 where no query is
+    (finite; those outputs are not stored)."""
     pid = tl.program_id(0)
-    second = pid >= PROGS1
-    pid = tl.where(second, pid - PROGS1, pid)
-    qw, kw = tl.where(second, QW2, QW1), tl.where(second, KW2, KW1)
-    nqp, nkp = tl.where(second, NQP2, NQP1), tl.where(second, NKP2, NKP1)
-    num_kb = tl.where(second, NUM_KB2, NUM_KB1)
-    pid_n = pid % num_kb
-    rest = pid // num_kb
-    pid_m = rest % (nqp // BLOCK_M)
-    h = rest // (nqp // BLOCK_M)
+    pid_n = pid % NUM_KB
+    rest = pid // NUM_KB
+    pid_m = rest % (NQP // BLOCK_M)
+    h = rest // (NQP // BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_row, q_col = offs_m // qw, offs_m % qw
-    k_row, k_col = offs_n // kw, offs_n % kw
-    n_ok = (k_row < R) & (k_col < C)
-    ok = ((q_row < RQ) & (q_col < CQ))[:, None] & n_ok[None, :]
+    q_row, q_col = offs_m // CQ, offs_m % CQ
+    k_row, k_col = offs_n // C, offs_n % C
+    n_ok = k_row < R
+    ok = (q_row < RQ)[:, None] & n_ok[None, :]
     dr = tl.abs((q_row * S)[:, None] - k_row[None, :])
     dc = tl.abs((q_col * S)[:, None] - k_col[None, :])
     t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=ok, other=0.0)
     bias = tl.where(n_ok[None, :], t.to(tl.float32) * bias_scale, float("-inf"))
-    row = tl.where(second, OFF2, 0) + (h.to(tl.int64) * nqp + offs_m) * nkp
+    row = (h.to(tl.int64) * NQP + offs_m) * NKP
     tl.store(BIAS + row[:, None] + offs_n[None, :], bias)
 
 
 @triton.jit
+def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale):
+    """The bias of queries qi and keys kj (index tensors that broadcast to the tile)
+    gathered from the table, float32 in log2 units: -inf at keys kj >= NK, 0 at
+    queries qi >= NQ (finite; their outputs are not stored)."""
+    dr = tl.abs(qi // CQ * S - kj // C)
+    dc = tl.abs(qi % CQ * S - kj % C)
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=(qi < NQ) & (kj < NK), other=0.0)
+    return tl.where(kj < NK, t.to(tl.float32) * bias_scale, float("-inf"))
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, BIAS, O, LSE,
+    Q, K, V, BIAS, T, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, NK, NQP, NKP, NUM_QB,
-    qk_scale,  # multiplied by log2(e)
+    stride_th, stride_tn,
+    H, NQ, NK, NQP, NKP, NUM_QB, CQ, C, S,
+    qk_scale, bias_scale,  # multiplied by log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    """GATHER (one key block, NK <= BLOCK_N): the bias tile is gathered from the table
+    T, and BIAS is not read; else BIAS is the expanded bias (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     pid_bh = pid // NUM_QB
@@ -154,6 +160,8 @@ def _fwd_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     b_ptrs = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP + offs_n[None, :]  # padded: no mask
+    if GATHER:
+        bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_n[None, :], NQ, NK, CQ, C, S, bias_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -163,7 +171,9 @@ def _fwd_kernel(
         n_ok = start_n + offs_n < NK
         kt = tl.load(k_ptrs, mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
         v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + tl.load(b_ptrs)
+        if not GATHER:
+            bias = tl.load(b_ptrs)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -264,14 +274,137 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, BIAS, DO, O, LSE, DQ_, DT_,
+    Q, K, V, T, DO, O, LSE, DQ_, DT_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_ob, stride_oh, stride_on, stride_od,
-    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP, NQP, NKP,
-    qk_scale, sm_scale, table_scale,  # qk_scale multiplied by log2(e)
+    stride_th, stride_tn,
+    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
+    qk_scale, sm_scale, bias_scale, table_scale,  # qk_scale, bias_scale multiplied by log2(e)
+    QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_q = pid % NUM_QB
+    rest = pid // NUM_QB
+    h = rest % H
+    g = rest // H
+
+    # query block: query-grid rows [pid_q*QR, pid_q*QR + QR), CQP column slots each
+    offs_m = tl.arange(0, QR * CQP)
+    qg_row = pid_q * QR + offs_m // CQP
+    qg_col = offs_m % CQP
+    m_ok = (qg_row < RQ) & (qg_col < CQ)
+    q_tok = qg_row * CQ + qg_col
+    # every key: TRP key-grid rows of CP column slots
+    offs_n = tl.arange(0, TRP * CP)
+    k_row = offs_n // CP
+    k_col = offs_n % CP
+    n_ok = (k_row < R) & (k_col < C)
+    k_tok = k_row * C + k_col
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    # keys are the tiles' rows (all TRP*CP of them, the dots' M), queries their
+    # columns: a warp then owns key rows, never a copy of another warp's query rows
+    # the bias tile, the same for every batch entry: gathered from the table once, in
+    # log2 units; -inf at missing keys, 0 at missing queries (their dS is 0)
+    dr = tl.abs(k_row[:, None] - (qg_row * S)[None, :])
+    dc = tl.abs(k_col[:, None] - (qg_col * S)[None, :])
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+    bias_t = tl.where(n_ok[:, None], t.to(tl.float32) * bias_scale, float("-inf"))  # (BN, BM)
+    dst_sum = tl.zeros([TRP * CP, QR * CQP], dtype=tl.float32)  # dS^T summed over the batch group
+
+    b_start = g * BATCH_GROUP
+    b_end = tl.minimum(b_start + BATCH_GROUP, B)
+    for b in range(b_start, b_end):
+        b64 = tl.cast(b, tl.int64)
+        bh = b64 * H + h
+        qt = tl.load(
+            Q + b64 * stride_qb + h * stride_qh + q_tok[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
+            mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+            other=0.0,
+        )  # (BLOCK_DK, BM)
+        g_ptrs = DO + b64 * stride_gb + h * stride_gh + q_tok[None, :] * stride_gn + offs_dv[:, None] * stride_gd
+        do_t = tl.load(g_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)  # (BLOCK_DV, BM)
+        o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
+        ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
+        lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
+        k_base = K + b64 * stride_kb + h * stride_kh
+        k = tl.load(
+            k_base + k_tok[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+            mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+            other=0.0,
+        )  # (BN, BLOCK_DK)
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BN, BM)
+        # a missing key's bias is -inf (p = 0); a missing query has q = dO = O = 0,
+        # so its p = 1 gives dS = 0
+        pt = tl.exp2(st + bias_t - lse[None, :])
+        v = tl.load(
+            V + b64 * stride_vb + h * stride_vh + k_tok[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )  # (BN, BLOCK_DV)
+        dpt = tl.dot(v, do_t, input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])  # (BN, BM) = (TRP*CP, QR*CQP), natural units
+        dst_sum += dst
+        kt = tl.load(  # again, transposed: cheaper in registers than tl.trans(k)
+            k_base + k_tok[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+            mask=n_ok[None, :] & (offs_dk[:, None] < DK),
+            other=0.0,
+        )  # (BLOCK_DK, BN)
+        dqt = tl.dot(kt, dst.to(kt.dtype), input_precision=PREC)  # (BLOCK_DK, BM)
+        tl.store(
+            DQ_ + (bh * NQ + q_tok)[None, :] * DK + offs_dk[:, None],
+            (dqt * sm_scale).to(DQ_.dtype.element_ty),
+            mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+        )
+
+    # table gradient of the group, once: element (qr, kr, qc, e) of the skew gather
+    # reads dS at query slot (qr, qc) and key slot (kr, qc*S + e - OFF), i.e. at the
+    # signed column offset dc = e - OFF (zero where that slot does not exist); summed
+    # over qc, then each (query row, key row) block is added into its |dr| row
+    OFF = (CQP - 1) * S
+    g4 = tl.arange(0, QR * TRP * CQP * E)
+    g_e = g4 % E
+    g_qc = (g4 // E) % CQP
+    g_kc = g_e - OFF + g_qc * S
+    g_ok = (g_kc >= 0) & (g_kc < CP)
+    g_idx = ((g4 // (E * CQP)) % TRP * CP + g_kc) * (QR * CQP) + g4 // (E * CQP * TRP) * CQP + g_qc
+    x = tl.gather(tl.reshape(dst_sum, [TRP * CP * QR * CQP]), tl.where(g_ok, g_idx, 0), 0)
+    x = tl.sum(tl.reshape(tl.where(g_ok, x, 0.0), [QR * TRP, CQP, E]), 1)  # (QR*TRP, E)
+    # (a select, not a product with a one-hot matrix: Triton rewrites a sum of
+    # a[:, :, None] * b[None, :, :] over axis 1 into a tensor-core dot of its own,
+    # TF32 with triton 3.6, and doubled where the summed axis is short)
+    pr = tl.arange(0, QR * TRP)
+    pr_d = tl.abs((pid_q * QR + pr // TRP) * S - pr % TRP)  # |dr| of each row of x
+    trs = tl.arange(0, TRP)
+    hit = trs[:, None, None] == pr_d[None, :, None]  # (TRP, QR*TRP, 1)
+    u = tl.sum(tl.where(hit, x[None, :, :], 0.0), 1)  # (TRP, E)
+    es = tl.arange(0, E)
+    part_row = (g * NUM_QB + pid_q).to(tl.int64) * H + h
+    tl.store(
+        DT_ + (part_row * R + trs[:, None]) * E + es[None, :],
+        u * table_scale,
+        mask=(trs[:, None] < R) & (es[None, :] >= 0),
+    )
+
+
+@triton.jit
+def _bwd_dq_blocked_kernel(
+    Q, K, V, T, DO, O, LSE, DQ_, DT_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_th, stride_tn,
+    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
+    qk_scale, sm_scale, bias_scale, table_scale,  # qk_scale, bias_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, KR: tl.constexpr, CP: tl.constexpr,
     TRP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -313,8 +446,6 @@ def _bwd_dq_kernel(
     pr_k = pr % KR
     trs = tl.arange(0, TRP)
     u_acc = tl.zeros([TRP, E], dtype=tl.float32)  # sum of ds per (|dr|, e)
-    # the bias in the blocks' slot order (padded: no mask; -inf at missing keys)
-    b_ptrs = BIAS + (h.to(tl.int64) * NQP + pid_q * (QR * CQP) + offs_m)[:, None] * NKP + offs_n[None, :]
 
     b_start = g * BATCH_GROUP
     b_end = tl.minimum(b_start + BATCH_GROUP, B)
@@ -353,7 +484,10 @@ def _bwd_dq_kernel(
             s = tl.dot(q, kt, input_precision=PREC) * qk_scale
             # a missing key's bias is -inf (p = 0); a missing query has q = dO = O = 0,
             # so its p = 1 gives dS = 0
-            p = tl.exp2(s + tl.load(b_ptrs + kb * (KR * CP)) - lse[:, None])
+            dr = tl.abs((qg_row * S)[:, None] - kg_row[None, :])
+            dc = tl.abs((qg_col * S)[:, None] - k_col[None, :])
+            t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            p = tl.exp2(s + tl.where(n_ok[None, :], t.to(tl.float32) * bias_scale, float("-inf")) - lse[:, None])
             vt = tl.load(
                 v_base + k_tok[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                 mask=n_ok[None, :] & (offs_dv[:, None] < DV),
@@ -448,15 +582,17 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
+def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
-    wide = bdk + bdv > 96  # e.g. timm's shrink attention, Dv = 4 * Dk
-    # wide heads (LeViT-256's shrink layers, Dk 32, Dv 128): 16 keys x 32 queries on
-    # 8 warps; 32 keys x 16 queries on 4 spilled 52-76 B with triton 3.6
-    block_n = min(16 if wide else 64, max(16, _pow2(nk)))
+    # 64 keys x 32 queries on 4 warps, wide heads too (LeViT-256's shrink layers, Dk 32,
+    # Dv 128: 64 x 64 spilled) where the rows vectorize. The dS -> dK dot chain puts
+    # every warp on the keys: with 8 warps on 64 keys both warpgroups computed the same
+    # tile, and 16 keys on 8 warps computed it 8 times; that config stays for wide heads
+    # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
+    keys64 = vector_loads or bdk + bdv <= 96
+    block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     block_m = min(32, max(16, _pow2(nq)))
-    # 4 warps on tiles of 64 keys or fewer: with 8 both warpgroups computed the same tile
-    warps = 8 if wide else 4
+    warps = 4 if keys64 else 8
     return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
@@ -464,8 +600,25 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     )
 
 
-def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str, int]:
+def _dq_blocks(rows: int, cols: int, q_stride: int, max_tile: int = 4096) -> dict[str, int]:
     """Grid-row-aligned blocks for the dQ/table kernel (see the module docstring).
+
+    A query block is QR query-grid rows of CQP column slots (at least 16 slots, for
+    tl.dot); every program takes all keys, TRP key-grid rows of CP slots, so a
+    (query block x keys) tile of dS holds at most max_tile logits where the query grid
+    allows. E slots hold the signed column offsets -(CQP-1)*s .. CP-1 of the
+    table-gradient view.
+    """
+    rq, cq = -(-rows // q_stride), -(-cols // q_stride)
+    cp, cqp, trp = _pow2(cols), _pow2(cq), _pow2(rows)
+    e = _pow2(cp + (cqp - 1) * q_stride)
+    qr = max(_pow2(-(-16 // cqp)), min(max(1, max_tile // (cqp * trp * cp)), _pow2(rq)))
+    return dict(QR=qr, CQP=cqp, TRP=trp, CP=cp, E=e)
+
+
+def _dq_key_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str, int]:
+    """Grid-row-aligned blocks for the key-blocked dQ/table kernel (large grids, misaligned
+    inputs).
 
     A query block is QR query-grid rows of CQP column slots, a key block KR key-grid
     rows of CP slots; both at least 16 (tl.dot). E slots hold the signed column
@@ -482,10 +635,18 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
+_DQ_MAX_KEYS = 256  # key slots (rows and columns padded to powers of 2) one dQ program takes at once
+
+
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
+def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
-    blocks = _dq_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
+    if all_keys:
+        blocks = _dq_blocks(rows, cols, q_stride)
+        constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
+        tile = blocks["QR"] * blocks["CQP"] * blocks["TRP"] * blocks["CP"]
+        return _Config(constexprs, 8 if tile >= 4096 else 2, 1)
+    blocks = _dq_key_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
@@ -496,10 +657,20 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
     return _Config(constexprs, num_warps, 1)
 
 
+def _vector_loads(*tensors: torch.Tensor) -> bool:
+    """Whether every row of every tensor starts 16-byte aligned and is contiguous (its
+    loads vectorize; the backward's larger tiles need that to stay in registers)."""
+    for t in tensors:
+        step = 16 // t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % step for s in t.stride()[:-1]):
+            return False
+    return True
+
+
 def _batch_group(batch: int, programs_per_batch: int) -> int:
     """Batch entries per dQ program: enough programs to fill a GPU, few table partials."""
     group = 1
-    while group < 16 and group * 2 <= batch and programs_per_batch * -(-batch // (group * 2)) >= 1024:
+    while group < 16 and group * 2 <= batch and programs_per_batch * -(-batch // (group * 2)) >= 512:
         group *= 2
     return group
 
@@ -523,33 +694,22 @@ _BIAS_PAD = 64  # the expanded bias's rows and columns: multiples of every block
 
 
 def _expand_bias(
-    table: torch.Tensor, rows: int, cols: int, q_stride: int, layouts: Sequence[tuple[int, int, int, int]],
-    bias_scale: float, tag: str,
-) -> list[torch.Tensor]:
-    """The table expanded to every (query slot, key slot) pair of one or two layouts,
-    each (q_period, k_period, query slots, key slots): a query slot i is query-grid cell
-    (i // q_period, i % q_period), a key slot j key-grid cell (j // k_period, j %
-    k_period). Returns per layout an (H, slots padded to _BIAS_PAD, ...) float32 tensor,
-    times bias_scale in log2 units (``_bias_kernel``), in one launch. Built from the
-    table on every call, so it is never stale."""
+    table: torch.Tensor, rows: int, cols: int, q_stride: int, nq: int, nk: int, bias_scale: float, tag: str
+) -> torch.Tensor:
+    """The table expanded to every (query, key) pair in token order: (H, nq padded to
+    _BIAS_PAD, nk padded to _BIAS_PAD) float32, times bias_scale in log2 units
+    (``_bias_kernel``). Built from the table on every call, so it is never stale."""
     H = table.shape[0]
     rq, cq = _query_grid(rows, cols, q_stride)
     blk = _BIAS_PAD
-    dims = [(qw, kw, triton.cdiv(nq, blk) * blk, triton.cdiv(nk, blk) * blk) for qw, kw, nq, nk in layouts]
-    sizes = [H * nqp * nkp for _, _, nqp, nkp in dims]
-    flat = _alloc((sum(sizes),), torch.float32, table.device)
-    views = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])].view(H, nqp, nkp) for i, (_, _, nqp, nkp) in enumerate(dims)]
-    progs = [H * (nqp // blk) * (nkp // blk) for _, _, nqp, nkp in dims]
-    second = dims[1] if len(dims) > 1 else dims[0]
+    nqp, nkp = triton.cdiv(nq, blk) * blk, triton.cdiv(nk, blk) * blk
+    bias = _alloc((H, nqp, nkp), torch.float32, table.device)
     launch(Launch(
-        f"relpos_bias[{tag}]", _bias_kernel, (sum(progs),),
-        [table, flat, *table.stride(), rq, cq, rows, cols, q_stride, progs[0],
-         dims[0][0], dims[0][1], dims[0][2], dims[0][3], dims[0][3] // blk,
-         sizes[0], second[0], second[1], second[2], second[3], second[3] // blk,
-         bias_scale * _LOG2E],
-        dict(BLOCK_M=blk, BLOCK_N=blk), 4, 1, reads=(table,), writes=(flat,),
+        f"relpos_bias[{tag}]", _bias_kernel, (H * (nqp // blk) * (nkp // blk),),
+        [table, bias, *table.stride(), rq, cq, rows, cols, q_stride, nqp, nkp, nkp // blk, bias_scale * _LOG2E],
+        dict(BLOCK_M=blk, BLOCK_N=blk), 4, 1, reads=(table,), writes=(bias,),
     ))  # fmt: skip
-    return views
+    return bias
 
 
 def relpos_attention_fwd(
@@ -573,16 +733,19 @@ def relpos_attention_fwd(
     cfg = _fwd_cfg(NQ, NK, DK, DV)
     block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tag = _tag(q, NK, DV, q_stride)
+    # one key block: the forward gathers its bias tile from the table (no bias launch)
+    gather = NK <= block_n
+    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
-    (bias,) = _expand_bias(table, fmap_rows, fmap_cols, q_stride, [(cq, fmap_cols, NQ, NK)], bias_scale, tag)
     num_qb = triton.cdiv(NQ, block_m)
     launch(Launch(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
-        [q, k, v, bias, out, lse,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         H, NQ, NK, bias.shape[1], bias.shape[2], num_qb, scale * _LOG2E],
-        {**cfg.constexprs, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, bias), writes=(out, lse),
+        [q, k, v, bias, table, out, lse,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
+         H, NQ, NK, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
+        {**cfg.constexprs, "GATHER": gather, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
+        cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
         loops={"start_n": triton.cdiv(NK, block_n)},
     ))  # fmt: skip
     return out, lse
@@ -615,17 +778,10 @@ def relpos_attention_bwd(
     qk_scale = scale * _LOG2E
     prec = dot_precision(q.dtype, "tf32x3")
     tag = _tag(q, NK, DV, q_stride)
-    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
-    QR, CQP, KR, CP = (dq_cfg.constexprs[n] for n in ("QR", "CQP", "KR", "CP"))
-    num_qb = triton.cdiv(rq, QR)
-    # token order for dkdv; the dQ kernel's grid-row aligned slots
-    bias, bias_dq = _expand_bias(
-        table, fmap_rows, fmap_cols, q_stride,
-        [(cq, fmap_cols, NQ, NK), (CQP, CP, num_qb * QR * CQP, triton.cdiv(fmap_rows, KR) * KR * CP)],
-        bias_scale, tag,
-    )  # fmt: skip
+    bias = _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
 
-    cfg = _dkdv_cfg(NQ, NK, DK, DV)
+    vector_loads = _vector_loads(q, k, v, grad_out, out)
+    cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
     num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
@@ -637,19 +793,24 @@ def relpos_attention_bwd(
         loops={"start_m": triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])},
     ))  # fmt: skip
 
+    # every key at once where the grid is small and the rows vectorize; else key blocks
+    all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
+    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys)
+    QR, CQP = dq_cfg.constexprs["QR"], dq_cfg.constexprs["CQP"]
+    num_qb = triton.cdiv(rq, QR)
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
     E = dq_cfg.constexprs["E"]
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     launch(Launch(
-        f"relpos_dq[{tag}]", _bwd_dq_kernel, (num_qb * H * num_g,),
-        [q, k, v, bias_dq, grad_out, out, lse, dq, partial,
-         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
-         B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group, bias_dq.shape[1], bias_dq.shape[2],
-         qk_scale, scale, bias_scale],
+        f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (num_qb * H * num_g,),
+        [q, k, v, table, grad_out, out, lse, dq, partial,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
+         B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
+         qk_scale, scale, bias_scale * _LOG2E, bias_scale],
         {**dq_cfg.constexprs, "PREC": prec}, dq_cfg.num_warps, dq_cfg.num_stages,
-        reads=(q, k, v, bias_dq, grad_out, out, lse), writes=(dq, partial),
-        loops={"b": B / num_g, "kb": triton.cdiv(fmap_rows, KR)},
+        reads=(q, k, v, table, grad_out, out, lse), writes=(dq, partial),
+        loops={"b": B / num_g} if all_keys else {"b": B / num_g, "kb": triton.cdiv(fmap_rows, dq_cfg.constexprs["KR"])},
     ))  # fmt: skip
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
     dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
