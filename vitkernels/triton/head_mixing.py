@@ -239,6 +239,29 @@ def _load_vector(Vp, s0, hs, H: tl.constexpr, PRESENT: tl.constexpr, fill):
 
 
 @triton.jit
+def _rows_tile(offs, ok, s_n, offs_d, s_d, D: tl.constexpr):
+    """Offsets and mask of a (rows, BLOCK_D) tile: rows offs (valid where ok) of stride
+    s_n, columns offs_d (< D) of stride s_d."""
+    return offs[:, None] * s_n + offs_d[None, :] * s_d, ok[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
+def _cols_tile(offs, ok, s_n, offs_d, s_d, D: tl.constexpr):
+    """The transposed tile (BLOCK_D, rows) of ``_rows_tile``."""
+    return offs[None, :] * s_n + offs_d[:, None] * s_d, ok[None, :] & (offs_d[:, None] < D)
+
+
+@triton.jit
+def _vectors(POST_B, s_pb, NORM_W, s_nw, NORM_B, s_nb, hs, H: tl.constexpr, HAS_POST_B: tl.constexpr,
+             HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr):  # fmt: skip
+    """The post-mix bias, the head norm's weight and bias: (1, 1, HP) float32 each."""
+    return (
+        _load_vector(POST_B, s_pb, hs, H, HAS_POST_B, 0.0), _load_vector(NORM_W, s_nw, hs, H, HAS_NORM_W, 1.0),
+        _load_vector(NORM_B, s_nb, hs, H, HAS_NORM_B, 0.0),
+    )  # fmt: skip
+
+
+@triton.jit
 def _probs(l3, lse3, ok3, POST_W, s_out, s_in, post_b, hs, H: tl.constexpr,
            HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, live):  # fmt: skip
     """p = exp2(l - lse) (log2 units; 0 where ok3 is false) and r, p post-mixed."""
@@ -303,12 +326,10 @@ def _fwd_kernel(
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
-    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
 
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+    post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
+                                      HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
     # pass 1: row max and sum of every mixed head (log2 units)
     m_i = tl.full([BLOCK_M, HP], float("-inf"), tl.float32)
@@ -316,8 +337,7 @@ def _fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
         s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
@@ -333,8 +353,7 @@ def _fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
         s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
@@ -343,8 +362,7 @@ def _fwd_kernel(
                        H, HAS_POST, HAS_POST_B, True)
         if HAS_NORM:
             n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
-        v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
-        v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+        v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
         acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
 
     # out (B, H, NQ, DV) and lse (B, H, NQ) contiguous
@@ -419,18 +437,15 @@ def _bwd_dq_kernel(
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
     inv_h = 1.0 / H
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+    post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
+                                      HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
-    g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
-    g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
+    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
     row_ok = m_ok[:, None] & (hs[None, :] < H)
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -485,10 +500,8 @@ def _delta_pass(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
         live = _live(start_n, NK)  # q and dO reloaded, not held in registers for the loop
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
-        vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
-        vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
+        vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
         s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
                    Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
         dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
@@ -543,10 +556,8 @@ def _dq_pass(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
         live = _live(start_n, NK)  # q and dO reloaded, not held in registers for the loop
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
-        vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
-        vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
+        vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
         s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
                    Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
         dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
@@ -560,8 +571,7 @@ def _dq_pass(
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
-        k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
-        k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
+        k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
         dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, 1, VK, dq, 0, 1, HP, H)
 
     dq_ptrs = (
@@ -600,18 +610,15 @@ def _bwd_dkdv_kernel(
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
     inv_h = 1.0 / H
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+    post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
+                                      HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
-    k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
-    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
-    v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+    k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
+    v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
     col_ok = n_ok[:, None] & (hs[None, :] < H)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
@@ -619,10 +626,8 @@ def _bwd_dkdv_kernel(
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
-        qt_offs = offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd  # (BDK, BM)
-        qt_mask = m_ok[None, :] & (offs_dk[:, None] < DK)
-        gt_offs = offs_m[None, :] * stride_gn + offs_dv[:, None] * stride_gd  # (BDV, BM)
-        gt_mask = m_ok[None, :] & (offs_dv[:, None] < DV)
+        qt_offs, qt_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BDK, BM)
+        gt_offs, gt_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BDV, BM)
         row_ok = m_ok[:, None] & (hs[None, :] < H)
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -637,8 +642,7 @@ def _bwd_dkdv_kernel(
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
             H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, True,
         )  # fmt: skip
-        g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
-        g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
         dv = _dots_acc(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
@@ -646,8 +650,7 @@ def _bwd_dkdv_kernel(
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)
-        q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-        q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+        q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
         dk = _dots_acc(
             _group(ds, hs, G0, GP), Qb + G0 * stride_qh, q_offs, q_mask, stride_qh, 1, VQ, dk,
             0, 1, GP, H - G0,
