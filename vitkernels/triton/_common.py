@@ -252,6 +252,18 @@ def recording(arch: int = 90) -> Iterator[Recording]:
         _recordings.pop()
 
 
+def target_arch(device: torch.device) -> int:
+    """The compute capability (e.g. 90) launches on this device compile for: the one
+    being recorded inside ``recording()``, else the device's (90 off CUDA: the
+    interpreter)."""
+    if _recordings:
+        return _recordings[-1].arch
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def launch(spec: Launch) -> None:
     """Run the launch, or record it inside ``recording()``."""
     if not _recordings:

@@ -33,14 +33,16 @@ slots, HP = H rounded up to a power of two, at least 2):
   the running max and sum of each mixed head g (online softmax, float32); pass 2
   recomputes the logits, forms p, r and n tile by tile and multiplies by v. Saves
   lse (B, H, Nq) float32.
-* ``_bwd_delta_kernel``: a program per (b, query block): delta, and this program's
-  partial sums of dP, dc, dw, dbeta.
-* ``_bwd_dq_kernel``: a program per (b, query block): dq of a group of two heads
-  per launch, or (a launch of its own) the partial sums of dA.
+* ``_bwd_dq_kernel``, two launches, a program per (b, query block) each: with
+  DELTA_PASS, delta and this program's partial sums of dP, dc, dw, dbeta and dA (dA
+  from two sums over the keys beside delta's: sum_j dl_g s_h = sum_j p_g dp_g s_h -
+  delta_g sum_j p_g s_h); without, dq of every head.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of a group of two heads per launch.
-  (Every launch recomputes the tile chain of all heads; only its group's gradients
-  are accumulated: all heads' would not fit a thread's registers beside it.)
+  (Each dk/dv launch recomputes the tile chain of all heads; only its group's
+  gradients are accumulated: all heads' did not fit a thread's registers beside it.)
+  The loops of the delta and dq passes reload q, dO and the mixing weights each
+  iteration (``_live``) instead of holding them in registers.
 
 Each head's products are 2-d ``tl.dot``s; the per-head tiles are stacked with
 ``tl.join`` (a recursive halving, ``_dots``/``_dots_acc``), which puts the head axis
@@ -92,7 +94,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, hint, launch
+from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, hint, launch, target_arch
 from vitkernels.workloads import HeadMixingShape
 
 # register allocation differs between triton versions (see _bwd_cfg)
@@ -169,17 +171,26 @@ def _slot(x3, hs, i: tl.constexpr):
 
 
 @triton.jit
-def _mix(x3, W, s_out, s_in, hs, H: tl.constexpr, w_scale=1.0):
+def _mix(x3, W, s_out, s_in, hs, H: tl.constexpr, live, w_scale=1.0):
     """(R, C, HP): slot o = sum_j w_scale * W[o, j] x3[..., j] for o < H (zeros above);
-    W[o, j] at W + o*s_out + j*s_in, read in float32. An FMA chain per output slot."""
+    W[o, j] at W + o*s_out + j*s_in, read in float32. An FMA chain per output slot.
+    live: True, or a condition true in the loop that varies with its variable, which
+    keeps the compiler from hoisting the H * H weights into registers for the loop."""
     out = tl.zeros_like(x3)
     for o in tl.static_range(H):
-        acc = _slot(x3, hs, 0) * (tl.load(W + o * s_out).to(tl.float32) * w_scale)
+        acc = _slot(x3, hs, 0) * (tl.load(W + o * s_out, mask=live, other=0.0).to(tl.float32) * w_scale)
         for j in tl.static_range(1, H):
-            w = tl.load(W + o * s_out + j * s_in).to(tl.float32) * w_scale
+            w = tl.load(W + o * s_out + j * s_in, mask=live, other=0.0).to(tl.float32) * w_scale
             acc += _slot(x3, hs, j) * w
         out = tl.where(hs[None, None, :] == o, acc[:, :, None], out)
     return out
+
+
+@triton.jit
+def _live(i, n):
+    """The condition i < n as a boolean tensor (a loop's variable against its end: true
+    in the loop, not provably loop-invariant, so loads masked by it stay in the loop)."""
+    return tl.full([], i, tl.int32) < n
 
 
 @triton.jit
@@ -195,10 +206,10 @@ def _group(x3, hs, G0: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _logits(s3, PRE_W, s_out, s_in, hs, qk_scale, H: tl.constexpr, HAS_PRE: tl.constexpr):
+def _logits(s3, PRE_W, s_out, s_in, hs, qk_scale, H: tl.constexpr, HAS_PRE: tl.constexpr, live):
     """l in log2 units from the products s3 = q.k: pre-mixed with the weights scaled."""
     if HAS_PRE:
-        l3 = _mix(s3, PRE_W, s_out, s_in, hs, H, qk_scale)
+        l3 = _mix(s3, PRE_W, s_out, s_in, hs, H, live, qk_scale)
     else:
         l3 = s3 * qk_scale
     return l3
@@ -228,13 +239,36 @@ def _load_vector(Vp, s0, hs, H: tl.constexpr, PRESENT: tl.constexpr, fill):
 
 
 @triton.jit
+def _rows_tile(offs, ok, s_n, offs_d, s_d, D: tl.constexpr):
+    """Offsets and mask of a (rows, BLOCK_D) tile: rows offs (valid where ok) of stride
+    s_n, columns offs_d (< D) of stride s_d."""
+    return offs[:, None] * s_n + offs_d[None, :] * s_d, ok[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
+def _cols_tile(offs, ok, s_n, offs_d, s_d, D: tl.constexpr):
+    """The transposed tile (BLOCK_D, rows) of ``_rows_tile``."""
+    return offs[None, :] * s_n + offs_d[:, None] * s_d, ok[None, :] & (offs_d[:, None] < D)
+
+
+@triton.jit
+def _vectors(POST_B, s_pb, NORM_W, s_nw, NORM_B, s_nb, hs, H: tl.constexpr, HAS_POST_B: tl.constexpr,
+             HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr):  # fmt: skip
+    """The post-mix bias, the head norm's weight and bias: (1, 1, HP) float32 each."""
+    return (
+        _load_vector(POST_B, s_pb, hs, H, HAS_POST_B, 0.0), _load_vector(NORM_W, s_nw, hs, H, HAS_NORM_W, 1.0),
+        _load_vector(NORM_B, s_nb, hs, H, HAS_NORM_B, 0.0),
+    )  # fmt: skip
+
+
+@triton.jit
 def _probs(l3, lse3, ok3, POST_W, s_out, s_in, post_b, hs, H: tl.constexpr,
-           HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr):  # fmt: skip
+           HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, live):  # fmt: skip
     """p = exp2(l - lse) (log2 units; 0 where ok3 is false) and r, p post-mixed."""
     p = tl.where(ok3, tl.exp2(l3 - lse3), 0.0)
     r = p
     if HAS_POST:
-        r = _mix(p, POST_W, s_out, s_in, hs, H)
+        r = _mix(p, POST_W, s_out, s_in, hs, H, live)
         if HAS_POST_B:
             r += post_b
     return p, r
@@ -292,12 +326,10 @@ def _fwd_kernel(
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
-    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
 
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+    post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
+                                      HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
     # pass 1: row max and sum of every mixed head (log2 units)
     m_i = tl.full([BLOCK_M, HP], float("-inf"), tl.float32)
@@ -305,11 +337,10 @@ def _fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
-        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
         s3 = tl.where(n_ok[None, :, None], s3, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s3, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -322,18 +353,16 @@ def _fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
-        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
         ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
         _, n3 = _probs(s3, lse2[:, None, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs,
-                       H, HAS_POST, HAS_POST_B)
+                       H, HAS_POST, HAS_POST_B, True)
         if HAS_NORM:
             n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
-        v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
-        v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+        v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
         acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
 
     # out (B, H, NQ, DV) and lse (B, H, NQ) contiguous
@@ -359,13 +388,13 @@ def _tile_bwd(
     s3, qk_scale, lse3, ok3, dn3, PRE_W, stride_pre0, stride_pre1,
     POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
     H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    HAS_NORM: tl.constexpr, live,
 ):  # fmt: skip
     """From a tile's products s3 = q.k and dn3 = <do, v>: p, n, x^ (n without the head
     norm), dr and dp (the gradients of r and of p)."""
-    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE)
+    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live)
     p, r = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
-                  HAS_POST_B)  # fmt: skip
+                  HAS_POST_B, live)  # fmt: skip
     n = r
     xhat = r
     dr = dn3
@@ -374,92 +403,8 @@ def _tile_bwd(
         dr = _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h)
     dp = dr
     if HAS_POST:  # dp_g = sum_f P[f, g] dr_f: the transposed mixing
-        dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, H)
+        dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, H, live)
     return p, n, xhat, dr, dp
-
-
-@triton.jit
-def _bwd_delta_kernel(
-    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, PART,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_pre0, stride_pre1, stride_post0, stride_post1, stride_postb, stride_nw, stride_nb,
-    NQ, NK, NUM_QB, NPART, qk_scale, eps,
-    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
-    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-):  # fmt: skip
-    """delta (B, H, NQ) and this program's row of PART: dP (HP x HP, [f, g]), dc, dw, dbeta."""
-    pid = tl.program_id(0)
-    pid_m = pid % NUM_QB
-    b = (pid // NUM_QB).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < NQ
-    hs = tl.arange(0, HP)
-    valid = (hs < H).to(tl.float32)[None, None, :]
-    inv_h = 1.0 / H
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
-
-    Qb = Q + b * stride_qb
-    Kb = K + b * stride_kb
-    Vb = V + b * stride_vb
-    Gb = DO + b * stride_gb
-    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
-    g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
-    g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
-    row_ok = m_ok[:, None] & (hs[None, :] < H)
-    rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
-    lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-
-    delta = tl.zeros([BLOCK_M, HP], tl.float32)
-    acc_dp = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, g, f]
-    acc_dc = tl.zeros([BLOCK_M, HP], tl.float32)
-    acc_dw = tl.zeros([BLOCK_M, HP], tl.float32)
-    acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
-        vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
-        vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
-                   0, 1, HP, H)
-        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, 1, VG, Vb, vt_offs, vt_mask, stride_vh, VV, 1,
-                    0, 1, HP, H)
-        ok3 = n_ok[None, :, None] & row_ok[:, None, :]
-        p, _, xhat, dr, dp = _tile_bwd(
-            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
-            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
-        )  # fmt: skip
-        delta += tl.sum(p * dp, 1)
-        if HAS_NORM:
-            acc_dw += tl.sum(dn3 * xhat, 1)
-            acc_db += tl.sum(dn3, 1)
-        if HAS_POST:
-            acc_dp += _outer_rows(dr, p, HP)
-            if HAS_POST_B:
-                acc_dc += tl.sum(dr, 1)
-
-    tl.store(DELTA + rows, delta, mask=row_ok)
-    part = PART + pid.to(tl.int64) * NPART
-    if HAS_POST:
-        tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_dp, 0))  # dP[f, g]
-        if HAS_POST_B:
-            tl.store(part + HP * HP + hs, tl.sum(acc_dc, 0))
-    if HAS_NORM:
-        tl.store(part + HP * HP + HP + hs, tl.sum(acc_dw, 0))
-        tl.store(part + HP * HP + 2 * HP + hs, tl.sum(acc_db, 0))
 
 
 @triton.jit
@@ -476,11 +421,12 @@ def _bwd_dq_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    G0: tl.constexpr, GP: tl.constexpr, WITH_DQ: tl.constexpr, WITH_DA: tl.constexpr,
+    DELTA_PASS: tl.constexpr,
 ):  # fmt: skip
-    """With WITH_DQ: dq (B, H, NQ, DK) of the heads G0 .. G0 + GP - 1. With WITH_DA:
-    this program's row of PART, dA (HP x HP, [g, h]). (One launch doing both needs more
-    registers than a thread has at CaiT's shapes.)"""
+    """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
+    (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
+    [f, g]), dc, dw, dbeta, dA (HP x HP, [g, h]). Else (delta read back): dq
+    (B, H, NQ, DK) of every head. (One launch doing both passes spilled.)"""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     b = (pid // NUM_QB).to(tl.int64)
@@ -491,66 +437,149 @@ def _bwd_dq_kernel(
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
     inv_h = 1.0 / H
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+    post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
+                                      HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-    q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
-    g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
-    g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
+    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
     row_ok = m_ok[:, None] & (hs[None, :] < H)
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    part = PART + pid.to(tl.int64) * NPART
 
-    dq = tl.zeros([BLOCK_M, BLOCK_DK, GP], tl.float32)
-    acc_da = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, h, g]
+    if DELTA_PASS:
+        delta = _delta_pass(
+            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
+            DELTA, part, offs_dk, offs_dv,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+            stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
+            valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
+            H, HP, BLOCK_M, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VG,
+        )  # fmt: skip
+    else:
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        _dq_pass(
+            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, lse2, delta,
+            DQ_, offs_m, m_ok, offs_dk, offs_dv, b, NQ,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+            stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
+            valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
+            H, HP, BLOCK_M, BLOCK_N, BLOCK_DK, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
+            VQ, VK, VV, VG,
+        )  # fmt: skip
+
+
+@triton.jit
+def _delta_pass(
+    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
+    DELTA, part, offs_dk, offs_dv,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+    stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
+    valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+):  # fmt: skip
+    """delta (B, H, NQ) of a query block, and its partial sums of dP (HP x HP, [f, g]),
+    dc, dw, dbeta and dA (HP x HP, [g, h]) at part. dA needs no second pass: with
+    dl_g = p_g (dp_g - delta_g), sum_j dl_g s_h = sum_j p_g dp_g s_h - delta_g sum_j p_g s_h,
+    and both sums over the keys run beside delta's."""
+    delta = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_dp = tl.zeros([HP, HP], tl.float32)  # [g, f]
+    acc_dc = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_dw = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
+    acc_pds = tl.zeros([HP, HP], tl.float32)  # [h, g]: sum_i,j p_g dp_g s_h
+    acc_ps = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, h, g]: sum_j p_g s_h
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt_offs = offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd  # (BDK, BN)
-        kt_mask = n_ok[None, :] & (offs_dk[:, None] < DK)
-        vt_offs = offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd  # (BDV, BN)
-        vt_mask = n_ok[None, :] & (offs_dv[:, None] < DV)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
-                   0, 1, HP, H)
-        dn3 = _dots(Gb, g_offs, g_mask, stride_gh, 1, VG, Vb, vt_offs, vt_mask, stride_vh, VV, 1,
-                    0, 1, HP, H)
+        live = _live(start_n, NK)  # q and dO reloaded, not held in registers for the loop
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
+        vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
+        s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
+                   Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
+        dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
+                    Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
+        ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+        p, _, xhat, dr, dp = _tile_bwd(
+            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
+        )  # fmt: skip
+        pdp = p * dp
+        delta += tl.sum(pdp, 1)
+        if HAS_PRE:
+            acc_pds += tl.sum(_outer_rows(pdp, s3, HP), 0)
+            acc_ps += _outer_rows(p, s3, HP)
+        if HAS_NORM:
+            acc_dw += tl.sum(dn3 * xhat, 1)
+            acc_db += tl.sum(dn3, 1)
+        if HAS_POST:
+            acc_dp += tl.sum(_outer_rows(dr, p, HP), 0)
+            if HAS_POST_B:
+                acc_dc += tl.sum(dr, 1)
+    tl.store(DELTA + rows, delta, mask=row_ok)
+    if HAS_POST:
+        tl.store(part + hs[None, :] * HP + hs[:, None], acc_dp)  # dP[f, g]
+        if HAS_POST_B:
+            tl.store(part + HP * HP + hs, tl.sum(acc_dc, 0))
+    if HAS_NORM:
+        tl.store(part + HP * HP + HP + hs, tl.sum(acc_dw, 0))
+        tl.store(part + HP * HP + 2 * HP + hs, tl.sum(acc_db, 0))
+    if HAS_PRE:  # s = scale * q.k
+        da = (acc_pds - tl.sum(delta[:, None, :] * acc_ps, 0)) * sm_scale  # [h, g]
+        tl.store(part + HP * HP + 3 * HP + hs[None, :] * HP + hs[:, None], da)
+    return delta
+
+
+@triton.jit
+def _dq_pass(
+    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, lse2, delta,
+    DQ_, offs_m, m_ok, offs_dk, offs_dv, b, NQ,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+    stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
+    valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HAS_PRE: tl.constexpr,
+    HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+):  # fmt: skip
+    """dq (B, H, NQ, DK) of every head of a query block."""
+    dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        live = _live(start_n, NK)  # q and dO reloaded, not held in registers for the loop
+        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
+        vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
+        s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
+                   Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
+        dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
+                    Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
         p, _, _, _, dp = _tile_bwd(
             s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
         )  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
-        if WITH_DA:
-            acc_da += _outer_rows(ds, s3, HP)
-        if WITH_DQ:
-            if HAS_PRE:
-                ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H)  # sum_g A[g, h] dl_g
-            k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
-            k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
-            dq = _dots_acc(
-                _group(ds, hs, G0, GP), Kb + G0 * stride_kh, k_offs, k_mask, stride_kh, 1, VK,
-                dq, 0, 1, GP, H - G0,
-            )  # fmt: skip
+        if HAS_PRE:
+            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
+        k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
+        dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, 1, VK, dq, 0, 1, HP, H)
 
-    if WITH_DQ:
-        gs = G0 + tl.arange(0, GP)
-        dq_ptrs = (
-            DQ_ + (b * H + gs[None, None, :]) * NQ * DK
-            + offs_m[:, None, None] * DK + offs_dk[None, :, None]
-        )  # fmt: skip
-        dq_mask = m_ok[:, None, None] & (offs_dk[None, :, None] < DK) & (gs[None, None, :] < H)
-        tl.store(dq_ptrs, (dq * sm_scale).to(DQ_.dtype.element_ty), mask=dq_mask)
-    if WITH_DA:  # s = scale * q.k
-        part = PART + pid.to(tl.int64) * NPART
-        tl.store(part + hs[None, :] * HP + hs[:, None], tl.sum(acc_da, 0) * sm_scale)
+    dq_ptrs = (
+        DQ_ + (b * H + hs[None, None, :]) * NQ * DK
+        + offs_m[:, None, None] * DK + offs_dk[None, :, None]
+    )  # fmt: skip
+    dq_mask = m_ok[:, None, None] & (offs_dk[None, :, None] < DK) & (hs[None, None, :] < H)
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ_.dtype.element_ty), mask=dq_mask)
 
 
 @triton.jit
@@ -581,18 +610,15 @@ def _bwd_dkdv_kernel(
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
     inv_h = 1.0 / H
-    post_b = _load_vector(POST_B, stride_postb, hs, H, HAS_POST_B, 0.0)
-    norm_w = _load_vector(NORM_W, stride_nw, hs, H, HAS_NORM_W, 1.0)
-    norm_b = _load_vector(NORM_B, stride_nb, hs, H, HAS_NORM_B, 0.0)
+    post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
+                                      HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    k_offs = offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd  # (BN, BDK)
-    k_mask = n_ok[:, None] & (offs_dk[None, :] < DK)
-    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # (BN, BDV)
-    v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+    k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
+    v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
     col_ok = n_ok[:, None] & (hs[None, :] < H)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
@@ -600,35 +626,31 @@ def _bwd_dkdv_kernel(
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
-        qt_offs = offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd  # (BDK, BM)
-        qt_mask = m_ok[None, :] & (offs_dk[:, None] < DK)
-        gt_offs = offs_m[None, :] * stride_gn + offs_dv[:, None] * stride_gd  # (BDV, BM)
-        gt_mask = m_ok[None, :] & (offs_dv[:, None] < DV)
+        qt_offs, qt_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BDK, BM)
+        gt_offs, gt_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BDV, BM)
         row_ok = m_ok[:, None] & (hs[None, :] < H)
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK, Qb, qt_offs, qt_mask, stride_qh, VQ, 1,
-                    0, 1, HP, H)
-        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV, Gb, gt_offs, gt_mask, stride_gh, VG, 1,
-                     0, 1, HP, H)
+        st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
+                    Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
+        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
+                     Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
         ok3 = col_ok[:, None, :] & row_ok[None, :, :]
         p, n, _, _, dp = _tile_bwd(
             st3, qk_scale, lse2[None, :, :], ok3, dnt3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, True,
         )  # fmt: skip
-        g_offs = offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd  # (BM, BDV)
-        g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
         dv = _dots_acc(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
-            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H)
-        q_offs = offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd  # (BM, BDK)
-        q_mask = m_ok[:, None] & (offs_dk[None, :] < DK)
+            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)
+        q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
         dk = _dots_acc(
             _group(ds, hs, G0, GP), Qb + G0 * stride_qh, q_offs, q_mask, stride_qh, 1, VQ, dk,
             0, 1, GP, H - G0,
@@ -687,43 +709,28 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
 
 
-def _groups(heads: int, hp: int, gp: int) -> list[dict]:
-    """The head groups (G0, GP) of the launches of one kernel: GP heads each."""
-    gp = min(gp, hp)
-    return [dict(G0=g0, GP=gp) for g0 in range(0, heads, gp)]
-
-
-def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> tuple:
-    """(delta launch, dq launches, dkdv launches). dq and dkdv hold the gradients of
-    two heads per launch (every launch recomputes the tile chain: the gradients of all
-    of a block's heads do not fit a thread's registers beside it); dA has a launch of
-    its own. The dq launches share one BLOCK_M (the rows of dA's partial sums)."""
+def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
+    """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
+    take 64 query rows x 16 keys on 8 warps (two warpgroups); on sm_80 (mma.sync
+    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv hold
+    the gradients of two heads per launch on 16 keys x 16 queries (every launch
+    recomputes the tile chain: the gradients of all of a key block's heads did not fit
+    a thread's registers beside it at 64 keys on 4 or 8 warps; see bench/NOTES.md).
+    Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     c = _common(heads, dk, dv, flags)
+    few = nq <= 16
+    # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
+    if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True), 8, 1)
+        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False), 4 if few else 8, 1)
+    else:
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), 8, 1)
+        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
     hp = c["HP"]
-    few = nq <= 16  # CaiT's class attention: one query
-    delta = dict(**c, BLOCK_M=16 if few else 64, BLOCK_N=16)
-    rows = dict(**c, BLOCK_M=16, BLOCK_N=16)
-    # warps: ptxas's register targets (128/168/255) as the AOT compiles found them
-    # for triton 3.6 and 3.9 on sm_80/sm_90a (the q and dO tiles of every head stay
-    # in registers for the loop); with Triton's default floating-point fusion, 4 warps
-    # spilled (the dA launch at N196 and the head-norm dq at D64, sm_90a)
-    dq_warps = 2 if few else 8
-    if flags.get("HAS_NORM") and dk > 32 and _TRITON_36:
-        # the head-norm dq at D64 (re-attention): 8 warps spilled 8-16 B at ptxas's
-        # 128-register target with triton 3.6, 4 warps spilled with 3.9
-        dq_warps = 4
-    dq = [(dict(**rows, **g, WITH_DQ=True, WITH_DA=False), dq_warps) for g in _groups(heads, hp, 2)]
-    if flags["HAS_PRE"]:
-        da = dict(rows, BLOCK_N=32 if few else 16, G0=0, GP=2, WITH_DQ=False, WITH_DA=True)
-        dq.append((da, 4 if few else 8))
-    # keys x queries tiles: the key block's k and v tiles of every head stay in
-    # registers for the whole loop
-    cols = dict(**c, BLOCK_M=16, BLOCK_N=16)
-    return (
-        _Config(_bwd_delta_kernel, delta, 4, 1),
-        [_Config(_bwd_dq_kernel, cx, warps, 1) for cx, warps in dq],
-        [_Config(_bwd_dkdv_kernel, dict(**cols, **g), 8, 1) for g in _groups(heads, hp, 2)],
-    )
+    gp = min(2, hp)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
+            for g0 in range(0, heads, gp)]  # fmt: skip
+    return [delta, dq], dkdv
 
 
 def _vector_width(t: torch.Tensor, offset_bytes: int) -> int:
@@ -879,8 +886,8 @@ def head_mixing_attention_bwd(
     if _width(grad_out) == 1:  # the consumer's strides: read it aligned
         grad_out = grad_out.contiguous()
     flags = _flags(*params, has_norm)
-    delta_cfg, dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags)
-    HP = delta_cfg.constexprs["HP"]
+    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, target_arch(q.device))
+    HP = dq_cfgs[0].constexprs["HP"]
     ptrs, strides = _param_args(q, *params)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
     qk_scale = scale * _LOG2E
@@ -888,39 +895,29 @@ def head_mixing_attention_bwd(
     tag = _tag(q, k, params, flags)
     reads = (q, k, v, grad_out, *params, lse)
 
-    # delta, and per query block the partial sums of dP, dc, dw, dbeta (the columns of
-    # absent parameters are never written or read)
-    num_qb = triton.cdiv(NQ, delta_cfg.constexprs["BLOCK_M"])
+    # delta, dq, and per query block the partial sums of dP, dc, dw, dbeta, dA (the
+    # columns of absent parameters are never written or read)
     delta = _alloc((B, H, NQ), torch.float32, dev)
-    npart = HP * HP + 3 * HP
-    part = _alloc((B * num_qb, npart), torch.float32, dev)
-    launch(Launch(
-        f"head_mixing_bwd_delta[{tag}]", delta_cfg.kernel, (num_qb * B,),
-        [q, k, v, grad_out, *ptrs, lse, delta, part, *common, NQ, NK, num_qb, npart, qk_scale, eps],
-        {**delta_cfg.constexprs, **vecs}, delta_cfg.num_warps, delta_cfg.num_stages,
-        reads=reads, writes=(delta, part),
-        loops={"start_n": triton.cdiv(NK, delta_cfg.constexprs["BLOCK_N"])},
-    ))  # fmt: skip
-    # dq of a head group per launch, or (a launch of its own) per query block the
-    # partial sums of dA
-    num_qb = triton.cdiv(NQ, dq_cfgs[0].constexprs["BLOCK_M"])
-    part_pre = _alloc((B * num_qb, HP * HP), torch.float32, dev)
+    npart = 2 * HP * HP + 3 * HP
+    part = None
     for cfg in dq_cfgs:
         c = cfg.constexprs
-        g0, gp = c["G0"], c["GP"]
-        what = "dA" if c["WITH_DA"] else f"dq,G{g0}"
+        num_qb = triton.cdiv(NQ, c["BLOCK_M"])
+        if part is None:  # the delta launch's programs' rows
+            part = _alloc((B * num_qb, npart), torch.float32, dev)
         launch(Launch(
-            f"head_mixing_bwd_dq[{tag},{what}]", cfg.kernel, (num_qb * B,),
-            [q, k, v, grad_out, *ptrs, lse, delta, dq, part_pre, *common,
-             NQ, NK, num_qb, HP * HP, qk_scale, scale, eps],
+            f"head_mixing_bwd_{'delta' if c['DELTA_PASS'] else 'dq'}[{tag}]", cfg.kernel, (num_qb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dq, part, *common, NQ, NK, num_qb, npart, qk_scale,
+             scale, eps],
             {**c, **vecs}, cfg.num_warps, cfg.num_stages,
-            reads=(*reads, delta), writes=(part_pre,) if c["WITH_DA"] else (dq[:, g0 : g0 + gp],),
+            reads=reads if c["DELTA_PASS"] else (*reads, delta),
+            writes=(delta, part) if c["DELTA_PASS"] else (dq,),
             loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
         ))  # fmt: skip
-    num_kb = triton.cdiv(NK, dkdv_cfgs[0].constexprs["BLOCK_N"])
     for cfg in dkdv_cfgs:
         c = cfg.constexprs
         g0, gp = c["G0"], c["GP"]
+        num_kb = triton.cdiv(NK, c["BLOCK_N"])
         launch(Launch(
             f"head_mixing_bwd_dkdv[{tag},G{g0}]", cfg.kernel, (num_kb * B,),
             [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, eps],
@@ -929,16 +926,18 @@ def head_mixing_attention_bwd(
             loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
         ))  # fmt: skip
 
-    # the parameters' gradients: per-program partial sums, added in a fixed order
+    # the parameters' gradients: per-program partial sums, added in a fixed order (a sum
+    # each: the op's outputs must not share storage)
     post_mat = part[:, : HP * HP].view(-1, HP, HP)
-    vec_parts = part[:, HP * HP :].view(-1, 3, HP)
+    vec_parts = part[:, HP * HP : HP * HP + 3 * HP].view(-1, 3, HP)
+    pre_mat = part[:, HP * HP + 3 * HP :].view(-1, HP, HP)
 
     def grad(t, g):
         return None if t is None else g.sum(dim=0).to(t.dtype)
 
     return (
         dq, dk, dv,
-        grad(pre_w, part_pre.view(-1, HP, HP)[:, :H, :H]), grad(post_w, post_mat[:, :H, :H]),
+        grad(pre_w, pre_mat[:, :H, :H]), grad(post_w, post_mat[:, :H, :H]),
         grad(post_b, vec_parts[:, 0, :H]), grad(norm_w if has_norm else None, vec_parts[:, 1, :H]),
         grad(norm_b if has_norm else None, vec_parts[:, 2, :H]),
     )  # fmt: skip
