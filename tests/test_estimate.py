@@ -188,16 +188,14 @@ def test_estimate_command_on_a_small_subset(tmp_path):
     assert set(calls) == {("A3", "fwd"), ("P1", "fwd")}
     for (wid, which), c in calls.items():
         assert c["op"] == WORKLOADS[wid].op and c["backend"] == "triton" and c["dtype"] == "bf16"
-        # relpos: the bias expansion, then the attention kernel
-        assert c["launches"] == (2 if wid == "A3" else 1) and c["bound"] in ("mem", "mma", "issue")
+        # A3's 16 keys fit one block: the attention kernel gathers its bias from the table
+        # itself, without the bias expansion launch (larger grids take two launches)
+        assert c["launches"] == 1 and c["bound"] in ("mem", "mma", "issue")
         assert c["floor_us"] == pytest.approx(WORKLOADS[wid].floor_s(which) * 1e6)
         assert c["ratio"] == pytest.approx(c["estimate_us"] / c["floor_us"])
         assert c["warnings"] == []
-    bias = [la for la in data["launches"] if la["kernel"] == "_bias_kernel"]
-    assert len(bias) == 1 and bias[0]["tensor_core"]["kind"] == "none"
+    assert not [la for la in data["launches"] if la["kernel"] == "_bias_kernel"]
     for la in data["launches"]:
-        if la["kernel"] == "_bias_kernel":
-            continue
         # 64-row tiles take wgmma on sm_90a; A3's 16-query tiles are too small for it
         assert la["tensor_core"]["kind"] == ("HMMA" if la["workload"] == "A3" else "HGMMA")
         assert la["estimate_us"] == pytest.approx(max(la["t_mem_us"], la["t_mma_us"], la["t_issue_us"]) + 3)
