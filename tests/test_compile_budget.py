@@ -211,3 +211,25 @@ def test_no_dot_the_compiler_made(reports):
     bad = [f"{key} ({tri}): {dot}" for (tri, key), rep in sorted(reports.items())
            for dot in rep.get("compiler_dots", [])]  # fmt: skip
     assert not bad, f"{len(bad)} dots no tl.dot wrote:\n" + "\n".join(bad)
+
+
+def test_a_cached_kernel_from_another_checkout_is_read_from_this_one(tmp_path):
+    """Triton's on-disk cache serves a kernel compiled from another path (a second
+    checkout, a deleted copy) when its source and starting lines match; its TTIR still
+    names the old path. The dot check reads those lines from this package's file."""
+    pytest.importorskip("triton")
+    from vitkernels.triton import _aot, relpos
+
+    src = inspect.getsource(relpos).splitlines()
+    dot_line = next(i for i, ln in enumerate(src, 1) if "tl.dot(" in ln)
+    other_line = next(i for i, ln in enumerate(src, 1) if ln.strip() and ".dot(" not in ln)
+    gone = tmp_path / "deleted-copy" / "vitkernels" / "triton" / "relpos.py"
+    ttir = "\n".join([
+        f'#loc1 = loc("{gone}":{dot_line}:8)',
+        f'#loc2 = loc("{gone}":{other_line}:8)',
+        "    %0 = tt.dot %a, %b, %c : tensor<64x32xbf16> * tensor<32x64xbf16> -> tensor<64x64xf32> loc(#loc1)",
+        "    %1 = tt.dot %a, %b, %c : tensor<64x16xf32> * tensor<16x64xf32> -> tensor<64x64xf32> loc(#loc2)",
+    ])  # fmt: skip
+    found = _aot.compiler_made_dots(ttir)
+    assert len(found) == 1 and "tensor<64x16xf32>" in found[0], found
+    assert f"relpos.py:{other_line}: {src[other_line - 1].strip()}" in found[0]
