@@ -4,6 +4,7 @@ small real subset (one relpos and one patch_embed launch) with its JSON schema."
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -98,6 +99,30 @@ def test_counts_and_times_by_hand(tiny):
     assert out["waves"] == pytest.approx(programs / (4 * 132))
     missing = analysis.analyse(tiny, programs=1, warps=4, dynamic_shared=0, trips={}, bytes_read=0, bytes_written=0)
     assert missing["warnings"] and "k0" in missing["warnings"][0]
+
+
+def test_a_cached_kernel_names_another_checkout_and_its_loops_are_still_found(tmp_path):
+    """Triton's cache serves kernels compiled from another path (a second checkout, a
+    deleted copy); their line info names that path. The loops must come from this
+    package's file (they once went unattributed: the dQ loop counted once)."""
+    from vitkernels.triton import relpos
+
+    src = inspect.getsource(relpos).splitlines()
+    for_line = next(i for i, ln in enumerate(src, 1) if ln.strip().startswith("for "))
+    gone = tmp_path / "deleted-copy" / "vitkernels" / "triton" / "relpos.py"
+    text = "\n".join([
+        "//--------------------- .text.k --------------------------", "k:",
+        f'\t//## File "{gone}", line {for_line + 1}',
+        "        /*0000*/                   FFMA R3, R3, R3, R3 ;",
+        f'\t//## File "{gone}", line {for_line}',
+        "        /*0010*/              @!P0 BRA `(k) ;",
+        "        /*0020*/                   EXIT ;",
+    ])  # fmt: skip
+    f = sass.parse(text)["k"]
+    assert {i.file for i in f.insns} == {relpos.__file__}
+    code = analysis.Code("triton", f, registers=32, static_shared=0, spill_stores=0, spill_loads=0)
+    assert [lp.first for lp in code.source_loops if lp.first == for_line] == [for_line]
+    assert sass.package_file("/x/csrc/kernels/relpos.cuh") == "/x/csrc/kernels/relpos.cuh"
 
 
 def test_occupancy_limits():

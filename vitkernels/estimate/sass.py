@@ -66,6 +66,24 @@ class Function:
     labels: dict[str, int]  # label -> address
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../vitkernels
+
+
+def package_file(path: str) -> str:
+    """This package's copy of a Python source file that compiled code names.
+
+    A kernel served from Triton's on-disk cache keeps the file names of the checkout
+    it was first compiled from (another clone, a deleted copy); the cache key covers
+    the source and starting line of the kernel and of every jit function it calls, so
+    the same lines of this package's file are the ones it was compiled from. Paths of
+    other files (CUDA sources, triton's own) are returned as they are."""
+    norm = path.replace(os.sep, "/")
+    if not norm.endswith(".py") or "/vitkernels/" not in norm:
+        return path
+    here = os.path.join(_PACKAGE_DIR, *norm.rpartition("/vitkernels/")[2].split("/"))
+    return here if os.path.exists(here) else path
+
+
 def parse(text: str) -> dict[str, Function]:
     """Functions of nvdisasm output, by name."""
     funcs: dict[str, Function] = {}
@@ -86,9 +104,9 @@ def parse(text: str) -> dict[str, Function]:
             if not in_chain:
                 chain, in_chain = [], True
             if not chain:
-                chain.append((m.group(1), int(m.group(2))))
+                chain.append((package_file(m.group(1)), int(m.group(2))))
             if m.group(3):
-                chain.append((m.group(3), int(m.group(4))))
+                chain.append((package_file(m.group(3)), int(m.group(4))))
             continue
         m = _RE_LABEL.match(raw)
         if m:

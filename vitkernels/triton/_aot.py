@@ -233,21 +233,14 @@ def compiler_made_dots(ttir: str) -> list[str]:
 
     import triton
 
+    from vitkernels.estimate.sass import package_file
+
     triton_dir = os.path.dirname(triton.__file__)
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../vitkernels
     defs = dict(_RE_LOC_DEF.findall(ttir))
     found = []
-
-    def here(f: str) -> str:
-        # a kernel taken from Triton's on-disk cache names the file it was first compiled
-        # from (another checkout, a deleted copy); its cache key covers the source and the
-        # starting line of the kernel and of every jit function it calls, so the same
-        # lines of this package's file are the ones it was compiled from
-        rel = f.replace(os.sep, "/").rpartition("/vitkernels/")[2]
-        return os.path.join(package_dir, rel) if "/vitkernels/" in f.replace(os.sep, "/") else f
-
     for lhs, rhs, ref in _RE_DOT.findall(ttir):
-        lines = [(here(f), n) for f, n in _source_lines(ref, defs) if not f.startswith(triton_dir)]
+        # a cached kernel names the checkout it was first compiled from: read this one's lines
+        lines = [(package_file(f), n) for f, n in _source_lines(ref, defs) if not f.startswith(triton_dir)]
         if any(".dot(" in linecache.getline(f, n) for f, n in lines):
             continue
         where = "; ".join(f"{os.path.basename(f)}:{n}: {linecache.getline(f, n).strip()}" for f, n in lines)
