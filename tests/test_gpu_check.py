@@ -73,7 +73,13 @@ def test_dry_run_walks_the_plan_on_cpu(tmp_path):
         for p in ("fwd", "bwd")
     }
     assert all(r["backend"] == "torch" and r["dtype"] == "float32" for r in ran)
-    assert all(0 <= r["rel_err"] < 1e-6 for r in ran), [(r["case"], r["pass"], r["rel_err"]) for r in ran]
+    # within the float32 tolerance, not a fixed 1e-6: how far float32 lands from float64
+    # depends on the inputs' conditioning (re-attention's LayerNorm across 4 heads reached
+    # 9e-6 in its gradients over 3000 seeds; most cases stay under 1e-6)
+    # (the float32 tolerance without TF32, 1e-4: the records' own tol allows for TF32)
+    assert all(0 <= r["rel_err"] <= min(r["tol"], gpu_run.TOL["float32"]) for r in ran), [
+        (r["case"], r["pass"], r["rel_err"], r["tol"]) for r in ran
+    ]
     # the kernels and the half dtypes are on the plan, reported as needing a GPU
     checks = [r for r in records if r["kind"] == "check"]
     skipped = {(r["backend"], r["dtype"]) for r in checks if r["status"] == "skipped"}
