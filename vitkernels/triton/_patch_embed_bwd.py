@@ -6,6 +6,8 @@
 * ``_dw_kernel``: dW = dy.T @ in_norm(patches), split along the rows.
 * ``_dxn_kernel``: dxn = dy @ W with the normalised patch in the epilogue (the
   input norm's affine gradients).
+* ``_dw_dxn_kernel``: both in one pass over the patches (input norm, D in one
+  tile).
 * ``_fold_kernel``: every gradient's final sum in one launch: the float32 partial
   sums of the kernels above over their row splits, and grad_out over the batch
   (positions, prefix tokens), each written in its parameter's dtype.
@@ -297,6 +299,83 @@ def _dxn_kernel(
         db += acc  # rows past M and k >= K hold zeros (dy and W masked)
     tl.store(dg_part + pid_s * K + kr, tl.sum(dg, axis=0), mask=k_ok)
     tl.store(db_part + pid_s * K + kr, tl.sum(db, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _dw_dxn_kernel(
+    x_ptr, dy_ptr, w_ptr, stats_ptr, gin_ptr, bin_ptr, ws_ptr, bias_ptr, dg_part, db_part,
+    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
+    HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr, REORDER: tl.constexpr,
+    DW: tl.constexpr, BIAS: tl.constexpr, DXN: tl.constexpr,
+):
+    """dW and dxn of ``_dw_kernel`` and ``_dxn_kernel`` in one pass (input norm, every
+    column in one tile: BLOCK_N >= D): each patch tile is gathered and normalised once
+    per (row block, k tile) and feeds both GEMMs,
+
+      ws[s, n, k] = sum_m dy[m, n] * in_norm(patch m)[k]              (DW)
+      bias[s, n]  = sum_m dy[m, n]: the column k = K of the same GEMM, whose
+                    patch entries are ones (BIAS; K is padded past it)
+      dg[s, k], db[s, k] = sum_m dxn[m, k] * xhat[m, k], sum_m dxn[m, k],
+                    dxn = dy @ W (W in the kernel's patch order)       (DXN)
+
+    k in the result's patch order. Grid: (cdiv(K + BIAS, BLOCK_K), SPLIT).
+    """
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    offs_n = tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    c, p, q = _k_digits(offs_k, C, KW, KHW, PQC)
+    kr = _k_result(offs_k, c, p, q, C, KW, KHW, PQC, REORDER)
+    if DXN:  # (BLOCK_N, BLOCK_K), the same for every row block
+        w = tl.load(
+            _hint(w_ptr, offs_n[:, None] * swn + offs_k[None, :] * swk, 1, WVEC),
+            mask=_mask2(n_ok, k_ok, 1, WVEC),
+            other=0.0,
+        )
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dg = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # element-wise, reduced after the loop
+    db = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    mb0 = pid_s * blocks_per_split
+    mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+        )
+        dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
+        dy = tl.load(
+            _hint(dy_rows[:, None], offs_n[None, :] * sdd, 1, DVEC),
+            mask=_mask2(row_ok, n_ok, 1, DVEC),
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_N)
+        xn, xhat = _norm_patch_tile(
+            x_ptr, stats_ptr, gin_ptr, bin_ptr, row_base, ih0, iw0, row_ok, offs_m, offs_k, kr,
+            c, p, q, K, H, W, sxc, sxh, sxw, MASK_HW, EVEN_M, EVEN_K, VEC,
+            True, HAS_GIN, HAS_BIN,
+        )
+        if DW or BIAS:
+            if BIAS:
+                xn = tl.where((offs_k == K)[None, :], 1.0, xn)
+            acc = tl.dot(tl.trans(dy), xn.to(dy.dtype), acc, input_precision=PREC)
+        if DXN:
+            dxn = tl.dot(dy, w, input_precision=PREC)
+            dg += dxn * xhat
+            db += dxn  # rows past M and k >= K hold zeros (dy and W masked)
+    if DW:
+        ws = ws_ptr + _idx(pid_s, IDX64) * D * K
+        tl.store(ws + offs_n[:, None] * K + kr[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+    if BIAS:
+        if pid_k == K // BLOCK_K:  # the tile that holds k = K
+            bias = tl.sum(tl.where((offs_k == K)[None, :], acc, 0.0), axis=1)
+            tl.store(bias_ptr + pid_s * D + offs_n, bias, mask=n_ok)
+    if DXN:
+        tl.store(dg_part + pid_s * K + kr, tl.sum(dg, axis=0), mask=k_ok)
+        tl.store(db_part + pid_s * K + kr, tl.sum(db, axis=0), mask=k_ok)
 
 
 @triton.jit

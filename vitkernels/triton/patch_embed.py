@@ -93,6 +93,7 @@ from vitkernels.triton._common import (
     launch,
 )
 from vitkernels.triton._patch_embed_bwd import (
+    _dw_dxn_kernel,
     _dw_kernel,
     _dxn_kernel,
     _fold_kernel,
@@ -296,13 +297,15 @@ def bwd_config(
 
 
 _PER_SM = 3  # resident programs per SM of the dW and dxn kernels (sm_90a, as compiled)
+_FUSED_PER_SM = 1  # of the fused dW + dxn kernel
+_FUSED_MAX_N = 256  # widest column tile (D padded to a power of 2) the fused kernel takes
 
 
-def _row_split(tiles: int, m_blocks: int, sms: int) -> int:
+def _row_split(tiles: int, m_blocks: int, sms: int, per_sm: int = _PER_SM) -> int:
     """Programs along the rows for a reduction over m_blocks row blocks whose output
     has `tiles` tiles: the fewest splits that minimise (waves) x (row blocks per
     program), so the last wave is not a thin tail (fewer splits: smaller partials)."""
-    slots = sms * _PER_SM
+    slots = sms * per_sm
 
     def cost(s: int) -> int:
         return triton.cdiv(tiles * s, slots) * triton.cdiv(m_blocks, s)
@@ -577,12 +580,21 @@ def patch_embed_bwd(
     dxn_launch = kernels and (want[2] or want[3])
     num_k = cdiv(K, cfg.block_k)
     dxn_split = cfg.split if interpret else _row_split(num_k, m_blocks, _sms(dev))
+    # dW, the bias and dxn in one pass when every column fits one tile (T2T's D 192)
+    fused_n = triton.next_power_of_2(D)
+    fused = dxn_launch and fused_n <= _FUSED_MAX_N
+    num_k_fused = cdiv(K + bias_col, cfg.block_k)
+    if fused:
+        dw_launch = False
+        dxn_split = dw_split = cfg.split if interpret else _row_split(num_k_fused, m_blocks, _sms(dev), _FUSED_PER_SM)
+        dw_per = cdiv(m_blocks, dw_split)
+        dw_split = cdiv(m_blocks, dw_per)
     dxn_per = cdiv(m_blocks, dxn_split)
     dxn_split = cdiv(m_blocks, dxn_per)
 
     # one float32 workspace holds every partial sum the fold kernel adds up
     sizes = {
-        "dw": dw_split * D * K if dw_launch else 0,
+        "dw": dw_split * D * K if dw_launch or (fused and want[0]) else 0,
         "bias": dw_split * D if bias_col else 0,
         "out": 3 * m_blocks * D if kernels and has_out_norm else 0,
         "dxn": 2 * dxn_split * K if dxn_launch else 0,
@@ -656,7 +668,27 @@ def patch_embed_bwd(
             IN_NORM=bool(has_in_norm), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
             PREC=dot_precision(dtype), REORDER=reorder, BIAS=bias_col,
         )
-    if dxn_launch:
+    if fused:
+        if w_k is None:
+            w_k = _reorder(weight, g, patch_order, order)
+        ws = region("dw", dw_split, D, K) if want[0] else w_k
+        bias_part = region("bias", dw_split, D) if bias_col else w_k
+        dparts = region("dxn", 2, dxn_split, K)
+        run(
+            "patch_embed_dw_dxn", _dw_dxn_kernel, (num_k_fused, dw_split),
+            [images, dy_t, w_k, stats, gin if gin is not None else images,
+             bin_ if bin_ is not None else images, ws, bias_part, dparts[0], dparts[1],
+             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1), dw_per],
+            (images, dy_t, w_k, stats, gin, bin_),
+            (ws if want[0] else None, bias_part if bias_col else None, dparts),
+            {"mb": m_blocks / dw_split},
+            # the bias column may need a k tile past K's last
+            BLOCK_M=cfg.block_m, BLOCK_N=fused_n, BLOCK_K=cfg.block_k,
+            **{**pc, "EVEN_K": pc["EVEN_K"] and not bias_col}, DVEC=dvec,
+            WVEC=_run_vec(w_k, 1, K), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
+            PREC=dot_precision(dtype), REORDER=reorder, DW=want[0], BIAS=bias_col, DXN=True,
+        )
+    elif dxn_launch:
         if w_k is None:
             w_k = _reorder(weight, g, patch_order, order)
         dparts = region("dxn", 2, dxn_split, K)
