@@ -29,13 +29,29 @@ def _idx(i, IDX64: tl.constexpr):
 def _patch_rows(
     pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
 ):
-    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel.
+
+    The integer divisions run on the block's first row only (scalars); each row's
+    (b, oh, ow) follows from it by two floor divisions of small numbers in float32:
+    floor((x + 0.5) / n) is exact for 0 <= x < 2**21 (the launcher keeps the output
+    grid's sides below 2**20, so x < side + BLOCK_M is far below that)."""
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    b = offs_m // L
-    l = offs_m % L
-    ih0 = (l // Wout) * SH - PH
-    iw0 = (l % Wout) * SW - PW
+    b0 = m0 // L
+    l0 = m0 - b0 * L
+    oh0 = l0 // Wout
+    Hout = L // Wout
+    x = l0 - oh0 * Wout + tl.arange(0, BLOCK_M)  # ow0 + i
+    t = ((x.to(tl.float32) + 0.5) * (1.0 / Wout)).to(tl.int32)
+    ow = x - t * Wout
+    y = oh0 + t  # oh0 + output rows crossed
+    u = ((y.to(tl.float32) + 0.5) * (1.0 / Hout)).to(tl.int32)
+    oh = y - u * Hout
+    b = b0 + u
+    l = oh * Wout + ow
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
     row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
     return offs_m, row_ok, b, l, ih0, iw0, row_base
 

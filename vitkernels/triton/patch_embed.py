@@ -140,12 +140,20 @@ class _Geometry:
         return not (inside_h and inside_w)
 
 
+_MAX_SIDE = 2**20  # the patch grid's sides (``_patch_rows`` divides small numbers in float32)
+
+
 def _geometry(images: torch.Tensor, kernel_size, stride, padding) -> _Geometry:
     B, C, H, W = images.shape
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if max(Ho, Wo) >= _MAX_SIDE:
+        raise ValueError(
+            f"patch_embed (triton): the patch grid is {Ho} x {Wo}; the kernels take sides below "
+            f"{_MAX_SIDE} (their row arithmetic is exact there); use backend='torch' for this image"
+        )
     return _Geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
 
 
