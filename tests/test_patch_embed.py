@@ -59,6 +59,8 @@ CASES = {
     # T2T soft split 7/4/2 on an image that is not a multiple of the stride, + LN + kqv
     "t2t_7_4_2": Case(H=13, W=11, k=7, s=4, p=2, in_norm="affine", D=24),
     "t2t_3_2_1": Case(C=4, H=7, W=7, k=3, s=2, p=1, in_norm="affine", D=36),
+    # K = 32, a whole k tile: the backward's bias column (k = K) gets a tile of its own
+    "t2t_k32": Case(C=2, H=9, W=9, k=4, s=2, p=1, in_norm="affine", D=24),
     # CaiT: positions for the patch tokens only, then the class token
     "cait": Case(k=4, cls=1, pos="patch", D=32),
     # distillation: two prefix tokens
@@ -326,6 +328,28 @@ def test_triton_gradient_mask_skips_frozen_parameters():
     out.sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad).all()
     assert inputs["in_norm"][0].grad is None and inputs["pos_embed"].grad is None
+
+
+@pytest.mark.parametrize("name", ["t2t_7_4_2", "t2t_k32"])
+def test_triton_fused_backward_pieces(name):
+    """The fused dW + dxn kernel (input norm, D in one tile) with the weight frozen:
+    the bias (its k = K column) and the input norm's affine still get theirs; with
+    every gradient wanted, each matches float64 (K = 32: the bias column in a k tile
+    of its own)."""
+    inputs = make_inputs(CASES[name], torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    want = _grads(inputs, None, torch.float64, grad)
+    got = _grads(inputs, "triton", torch.float32, grad)
+    for key in want:
+        assert_close(got[key], want[key], what=f"{name} d{key}", grad=True, floor=1.0)
+    frozen = {**inputs, "bias": inputs["bias"].detach().clone().requires_grad_(),
+              "in_norm": tuple(t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t
+                               for t in inputs["in_norm"])}  # fmt: skip
+    (vitkernels.patch_embed(**frozen, backend="triton").double() * grad).sum().backward()
+    assert inputs["weight"].grad is None
+    assert_close(frozen["bias"].grad, want["bias"], what=f"{name} dbias", grad=True, floor=1.0)
+    for t, key in zip(frozen["in_norm"][:2], ("in_norm[0]", "in_norm[1]"), strict=True):
+        assert_close(t.grad, want[key], what=f"{name} d{key}", grad=True, floor=1.0)
 
 
 @pytest.mark.parametrize("name", ["vit", "t2t_7_4_2"])

@@ -31,6 +31,7 @@ from vitkernels.triton._patch_embed_fwd import (
     _k_deltas,
     _k_digits,
     _patch_rows,
+    _patch_rows_fast,
     _patch_tile,
 )
 
@@ -344,7 +345,7 @@ def _dw_dxn_kernel(
     mb0 = pid_s * blocks_per_split
     mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
     for mb in range(mb0, mb1):
-        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows_fast(
             mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
         )
         dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt

@@ -29,12 +29,29 @@ def _idx(i, IDX64: tl.constexpr):
 def _patch_rows(
     pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
 ):
-    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel.
+    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    b = offs_m // L
+    l = offs_m % L
+    ih0 = (l // Wout) * SH - PH
+    iw0 = (l % Wout) * SW - PW
+    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
+    return offs_m, row_ok, b, l, ih0, iw0, row_base
 
-    The integer divisions run on the block's first row only (scalars); each row's
-    (b, oh, ow) follows from it by two floor divisions of small numbers in float32:
-    floor((x + 0.5) / n) is exact for 0 <= x < 2**21 (the launcher keeps the output
-    grid's sides below 2**20, so x < side + BLOCK_M is far below that)."""
+
+@triton.jit
+def _patch_rows_fast(
+    pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
+):
+    """``_patch_rows`` without per-row integer divisions (the fused backward's; the
+    other kernels keep ``_patch_rows``: with this one, dW for P1 spilled on sm_80).
+
+    The divisions run on the block's first row only (scalars); each row's (b, oh, ow)
+    follows from it by two floor divisions of small numbers in float32,
+    floor((x + 0.5) * r) with r within 2 ulp of 1 / n (an approximate division),
+    exact for 0 <= x < 1.6e6: the launcher keeps the patch grid's sides below 2**20,
+    and x < side + BLOCK_M."""
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
@@ -43,10 +60,10 @@ def _patch_rows(
     oh0 = l0 // Wout
     Hout = L // Wout
     x = l0 - oh0 * Wout + tl.arange(0, BLOCK_M)  # ow0 + i
-    t = ((x.to(tl.float32) + 0.5) * (1.0 / Wout)).to(tl.int32)
+    t = ((x.to(tl.float32) + 0.5) * tl.fdiv(1.0, Wout.to(tl.float32), ieee_rounding=False)).to(tl.int32)
     ow = x - t * Wout
     y = oh0 + t  # oh0 + output rows crossed
-    u = ((y.to(tl.float32) + 0.5) * (1.0 / Hout)).to(tl.int32)
+    u = ((y.to(tl.float32) + 0.5) * tl.fdiv(1.0, Hout.to(tl.float32), ieee_rounding=False)).to(tl.int32)
     oh = y - u * Hout
     b = b0 + u
     l = oh * Wout + ow

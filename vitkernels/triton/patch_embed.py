@@ -91,6 +91,7 @@ from vitkernels.triton._common import (
     cdiv,
     dot_precision,
     launch,
+    target_arch,
 )
 from vitkernels.triton._patch_embed_bwd import (
     _dw_dxn_kernel,
@@ -588,9 +589,11 @@ def patch_embed_bwd(
     dxn_launch = kernels and (want[2] or want[3])
     num_k = cdiv(K, cfg.block_k)
     dxn_split = cfg.split if interpret else _row_split(num_k, m_blocks, _sms(dev))
-    # dW, the bias and dxn in one pass when every column fits one tile (T2T's D 192)
+    # dW, the bias and dxn in one pass when every column fits one tile (T2T's D 192);
+    # not on sm_80, whose mma.sync keeps both GEMMs' operands in registers (it spilled
+    # 24 B with 64 x 256 x 32 tiles)
     fused_n = triton.next_power_of_2(D)
-    fused = dxn_launch and fused_n <= _FUSED_MAX_N
+    fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90
     num_k_fused = cdiv(K + bias_col, cfg.block_k)
     if fused:
         dw_launch = False
