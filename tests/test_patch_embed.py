@@ -621,11 +621,3 @@ def test_vectorisation_hints_where_they_matter():
     assert tp._run_vec(w[:, 1:], 1, 767) == 1  # unaligned start, odd length
     assert tp._run_vec(torch.empty(4, 197, 768, dtype=torch.float32), 2, 768) == 4
 
-
-def test_error_patch_grid_side_too_long():
-    """The kernels' row arithmetic is exact for patch grid sides below 2**20; a longer
-    side is refused with the torch backend named (meta images: nothing runs)."""
-    images = torch.empty((1, 1, 1, 2**20), device="meta")
-    with pytest.raises(ValueError, match=r"patch grid is 1 x 1048576.*backend='torch'"):
-        tp._geometry(images, (1, 1), (1, 1), (0, 0))
-    assert tp._geometry(images, (1, 2), (1, 2), (0, 0)).Wo == 2**19

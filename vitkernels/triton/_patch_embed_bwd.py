@@ -31,7 +31,6 @@ from vitkernels.triton._patch_embed_fwd import (
     _k_deltas,
     _k_digits,
     _patch_rows,
-    _patch_rows_fast,
     _patch_tile,
 )
 
@@ -303,11 +302,36 @@ def _dxn_kernel(
 
 
 @triton.jit
+def _grid_tile_rows(
+    t, L, Hout, Wout, tiles_h, tiles_w, SH, SW, PH, PW, sxb, sxh, sxw,
+    BLOCK_M: tl.constexpr, TW: tl.constexpr, IDX64: tl.constexpr,
+):
+    """``_patch_rows`` for a block of patches that is a (BLOCK_M // TW) x TW tile of
+    the patch grid (tile t, row-major over images and the grid's tiles): a row's
+    place in the tile is a shift and a mask of its index, the divisions are the
+    tile's (scalars); rows outside the grid are masked."""
+    per_img = tiles_h * tiles_w
+    b = t // per_img
+    r = t - b * per_img
+    th = r // tiles_w
+    i = tl.arange(0, BLOCK_M)
+    oh = th * (BLOCK_M // TW) + i // TW
+    ow = (r - th * tiles_w) * TW + i % TW
+    row_ok = (oh < Hout) & (ow < Wout)
+    l = oh * Wout + ow
+    offs_m = b * L + l
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
+    return offs_m, row_ok, b, l, ih0, iw0, row_base
+
+
+@triton.jit
 def _dw_dxn_kernel(
     x_ptr, dy_ptr, w_ptr, stats_ptr, gin_ptr, bin_ptr, ws_ptr, bias_ptr, dg_part, db_part,
-    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
-    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk, blocks_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    L, Hout, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    sxb, sxc, sxh, sxw, sdb, sdt, sdd, swn, swk, tiles_h, tiles_w, num_tiles, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TW: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
     HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr, REORDER: tl.constexpr,
@@ -323,7 +347,9 @@ def _dw_dxn_kernel(
       dg[s, k], db[s, k] = sum_m dxn[m, k] * xhat[m, k], sum_m dxn[m, k],
                     dxn = dy @ W (W in the kernel's patch order)       (DXN)
 
-    k in the result's patch order. Grid: (cdiv(K + BIAS, BLOCK_K), SPLIT).
+    k in the result's patch order. The row blocks are (BLOCK_M // TW) x TW tiles of
+    the patch grid (``_grid_tile_rows``; EVEN_M: every tile inside the grid); split
+    s takes blocks_per_split of the num_tiles. Grid: (cdiv(K + BIAS, BLOCK_K), SPLIT).
     """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -343,10 +369,10 @@ def _dw_dxn_kernel(
     dg = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # element-wise, reduced after the loop
     db = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     mb0 = pid_s * blocks_per_split
-    mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
+    mb1 = tl.minimum(mb0 + blocks_per_split, num_tiles)
     for mb in range(mb0, mb1):
-        offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows_fast(
-            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+        offs_m, row_ok, b, l, ih0, iw0, row_base = _grid_tile_rows(
+            mb, L, Hout, Wout, tiles_h, tiles_w, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, TW, IDX64
         )
         dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
         dy = tl.load(

@@ -41,39 +41,6 @@ def _patch_rows(
 
 
 @triton.jit
-def _patch_rows_fast(
-    pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
-):
-    """``_patch_rows`` without per-row integer divisions (the fused backward's; the
-    other kernels keep ``_patch_rows``: with this one, dW for P1 spilled on sm_80).
-
-    The divisions run on the block's first row only (scalars); each row's (b, oh, ow)
-    follows from it by two floor divisions of small numbers in float32,
-    floor((x + 0.5) * r) with r within 2 ulp of 1 / n (an approximate division),
-    exact for 0 <= x < 1.6e6: the launcher keeps the patch grid's sides below 2**20,
-    and x < side + BLOCK_M."""
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < M
-    b0 = m0 // L
-    l0 = m0 - b0 * L
-    oh0 = l0 // Wout
-    Hout = L // Wout
-    x = l0 - oh0 * Wout + tl.arange(0, BLOCK_M)  # ow0 + i
-    t = ((x.to(tl.float32) + 0.5) * tl.fdiv(1.0, Wout.to(tl.float32), ieee_rounding=False)).to(tl.int32)
-    ow = x - t * Wout
-    y = oh0 + t  # oh0 + output rows crossed
-    u = ((y.to(tl.float32) + 0.5) * tl.fdiv(1.0, Hout.to(tl.float32), ieee_rounding=False)).to(tl.int32)
-    oh = y - u * Hout
-    b = b0 + u
-    l = oh * Wout + ow
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
-    return offs_m, row_ok, b, l, ih0, iw0, row_base
-
-
-@triton.jit
 def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr):
     """k -> its (c, p, q) in the patch (integer divisions: once per program)."""
     if PQC:  # k = (p * KW + q) * C + c

@@ -141,20 +141,12 @@ class _Geometry:
         return not (inside_h and inside_w)
 
 
-_MAX_SIDE = 2**20  # the patch grid's sides (``_patch_rows`` divides small numbers in float32)
-
-
 def _geometry(images: torch.Tensor, kernel_size, stride, padding) -> _Geometry:
     B, C, H, W = images.shape
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if max(Ho, Wo) >= _MAX_SIDE:
-        raise ValueError(
-            f"patch_embed (triton): the patch grid is {Ho} x {Wo}; the kernels take sides below "
-            f"{_MAX_SIDE} (their row arithmetic is exact there); use backend='torch' for this image"
-        )
     return _Geometry(B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
 
 
@@ -308,6 +300,7 @@ def bwd_config(
 _PER_SM = 3  # resident programs per SM of the dW and dxn kernels (sm_90a, as compiled)
 _FUSED_PER_SM = 1  # of the fused dW + dxn kernel
 _FUSED_MAX_N = 256  # widest column tile (D padded to a power of 2) the fused kernel takes
+_FUSED_TILE_W = 8  # patch-grid columns of the fused kernel's row blocks (at most)
 
 
 def _row_split(tiles: int, m_blocks: int, sms: int, per_sm: int = _PER_SM) -> int:
@@ -595,13 +588,20 @@ def patch_embed_bwd(
     fused_n = triton.next_power_of_2(D)
     fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90
     num_k_fused = cdiv(K + bias_col, cfg.block_k)
+    # its row blocks: (block_m // tw) x tw tiles of the patch grid
+    tw = min(_FUSED_TILE_W, triton.next_power_of_2(g.Wo), cfg.block_m)
+    tiles_h, tiles_w = cdiv(g.Ho, cfg.block_m // tw), cdiv(g.Wo, tw)
+    grid_tiles = g.B * tiles_h * tiles_w
     if fused:
         dw_launch = False
-        dxn_split = dw_split = cfg.split if interpret else _row_split(num_k_fused, m_blocks, _sms(dev), _FUSED_PER_SM)
-        dw_per = cdiv(m_blocks, dw_split)
-        dw_split = cdiv(m_blocks, dw_per)
-    dxn_per = cdiv(m_blocks, dxn_split)
-    dxn_split = cdiv(m_blocks, dxn_per)
+        dxn_split = dw_split = (
+            min(cfg.split, grid_tiles) if interpret else _row_split(num_k_fused, grid_tiles, _sms(dev), _FUSED_PER_SM)
+        )
+        dw_per = cdiv(grid_tiles, dw_split)
+        dw_split = cdiv(grid_tiles, dw_per)
+    if not fused:
+        dxn_per = cdiv(m_blocks, dxn_split)
+        dxn_split = cdiv(m_blocks, dxn_per)
 
     # one float32 workspace holds every partial sum the fold kernel adds up
     sizes = {
@@ -689,13 +689,16 @@ def patch_embed_bwd(
             "patch_embed_dw_dxn", _dw_dxn_kernel, (num_k_fused, dw_split),
             [images, dy_t, w_k, stats, gin if gin is not None else images,
              bin_ if bin_ is not None else images, ws, bias_part, dparts[0], dparts[1],
-             M, g.L, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1), dw_per],
+             g.L, g.Ho, g.Wo, D, K, *ints, dyP, *xs, sdb, sdt, sdd, w_k.stride(0), w_k.stride(1),
+             tiles_h, tiles_w, grid_tiles, dw_per],
             (images, dy_t, w_k, stats, gin, bin_),
             (ws if want[0] else None, bias_part if bias_col else None, dparts),
-            {"mb": m_blocks / dw_split},
-            # the bias column may need a k tile past K's last
-            BLOCK_M=cfg.block_m, BLOCK_N=fused_n, BLOCK_K=cfg.block_k,
-            **{**pc, "EVEN_K": pc["EVEN_K"] and not bias_col}, DVEC=dvec,
+            {"mb": grid_tiles / dw_split},
+            BLOCK_M=cfg.block_m, BLOCK_N=fused_n, BLOCK_K=cfg.block_k, TW=tw,
+            # every tile inside the grid; the bias column may need a k tile past K's last
+            **{**pc, "EVEN_M": g.Ho % (cfg.block_m // tw) == 0 and g.Wo % tw == 0,
+               "EVEN_K": pc["EVEN_K"] and not bias_col},
+            DVEC=dvec,
             WVEC=_run_vec(w_k, 1, K), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
             PREC=dot_precision(dtype), REORDER=reorder, DW=want[0], BIAS=bias_col, DXN=True,
         )
