@@ -47,17 +47,42 @@ def _k_result(offs_k, c, p, q, C, KW, KHW, PQC: tl.constexpr, REORDER: tl.conste
 
 
 @triton.jit
+def _grid_tile_rows(
+    t, L, Hout, Wout, tiles_h, tiles_w, SH, SW, PH, PW, sxb, sxh, sxw,
+    BLOCK_M: tl.constexpr, TW: tl.constexpr, IDX64: tl.constexpr,
+):
+    """``_patch_rows`` for a block of patches that is a (BLOCK_M // TW) x TW tile of
+    the patch grid (tile t, row-major over images and the grid's tiles): a row's
+    place in the tile is a shift and a mask of its index, the divisions are the
+    tile's (scalars); rows outside the grid are masked."""
+    per_img = tiles_h * tiles_w
+    b = t // per_img
+    r = t - b * per_img
+    th = r // tiles_w
+    i = tl.arange(0, BLOCK_M)
+    oh = th * (BLOCK_M // TW) + i // TW
+    ow = (r - th * tiles_w) * TW + i % TW
+    row_ok = (oh < Hout) & (ow < Wout)
+    l = oh * Wout + ow
+    offs_m = b * L + l
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
+    return offs_m, row_ok, b, l, ih0, iw0, row_base
+
+
+@triton.jit
 def _patch_stats_kernel(
-    x_ptr, stats_ptr, M, L, Wout, K, C, H, W, KW, KHW, SH, SW, PH, PW,
-    sxb, sxc, sxh, sxw, in_eps,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, stats_ptr, L, Hout, Wout, K, C, H, W, KW, KHW, SH, SW, PH, PW,
+    sxb, sxc, sxh, sxw, tiles_h, tiles_w, in_eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TW: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """stats[m] = (mu, rstd) of patch m over K, as the forward kernel computes them."""
-    pid_m = tl.program_id(0)
-    offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+    """stats[m] = (mu, rstd) of patch m over K, as the forward kernel computes them,
+    for one (BLOCK_M // TW) x TW tile of the patch grid (``_grid_tile_rows``)."""
+    offs_m, row_ok, b, l, ih0, iw0, row_base = _grid_tile_rows(
+        tl.program_id(0), L, Hout, Wout, tiles_h, tiles_w, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, TW, IDX64
     )
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # element-wise, reduced after the loop
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -299,31 +324,6 @@ def _dxn_kernel(
         db += acc  # rows past M and k >= K hold zeros (dy and W masked)
     tl.store(dg_part + pid_s * K + kr, tl.sum(dg, axis=0), mask=k_ok)
     tl.store(db_part + pid_s * K + kr, tl.sum(db, axis=0), mask=k_ok)
-
-
-@triton.jit
-def _grid_tile_rows(
-    t, L, Hout, Wout, tiles_h, tiles_w, SH, SW, PH, PW, sxb, sxh, sxw,
-    BLOCK_M: tl.constexpr, TW: tl.constexpr, IDX64: tl.constexpr,
-):
-    """``_patch_rows`` for a block of patches that is a (BLOCK_M // TW) x TW tile of
-    the patch grid (tile t, row-major over images and the grid's tiles): a row's
-    place in the tile is a shift and a mask of its index, the divisions are the
-    tile's (scalars); rows outside the grid are masked."""
-    per_img = tiles_h * tiles_w
-    b = t // per_img
-    r = t - b * per_img
-    th = r // tiles_w
-    i = tl.arange(0, BLOCK_M)
-    oh = th * (BLOCK_M // TW) + i // TW
-    ow = (r - th * tiles_w) * TW + i % TW
-    row_ok = (oh < Hout) & (ow < Wout)
-    l = oh * Wout + ow
-    offs_m = b * L + l
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
-    return offs_m, row_ok, b, l, ih0, iw0, row_base
 
 
 @triton.jit

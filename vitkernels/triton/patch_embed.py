@@ -300,7 +300,7 @@ def bwd_config(
 _PER_SM = 3  # resident programs per SM of the dW and dxn kernels (sm_90a, as compiled)
 _FUSED_PER_SM = 1  # of the fused dW + dxn kernel
 _FUSED_MAX_N = 256  # widest column tile (D padded to a power of 2) the fused kernel takes
-_FUSED_TILE_W = 8  # patch-grid columns of the fused kernel's row blocks (at most)
+_TILE_W = 8  # patch-grid columns of the fused kernel's and the stats kernel's row blocks (at most)
 
 
 def _row_split(tiles: int, m_blocks: int, sms: int, per_sm: int = _PER_SM) -> int:
@@ -588,10 +588,11 @@ def patch_embed_bwd(
     fused_n = triton.next_power_of_2(D)
     fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90
     num_k_fused = cdiv(K + bias_col, cfg.block_k)
-    # its row blocks: (block_m // tw) x tw tiles of the patch grid
-    tw = min(_FUSED_TILE_W, triton.next_power_of_2(g.Wo), cfg.block_m)
+    # its row blocks and the stats kernel's: (block_m // tw) x tw tiles of the patch grid
+    tw = min(_TILE_W, triton.next_power_of_2(g.Wo), cfg.block_m)
     tiles_h, tiles_w = cdiv(g.Ho, cfg.block_m // tw), cdiv(g.Wo, tw)
     grid_tiles = g.B * tiles_h * tiles_w
+    tiles_even = g.Ho % (cfg.block_m // tw) == 0 and g.Wo % tw == 0  # every tile inside the grid
     if fused:
         dw_launch = False
         dxn_split = dw_split = (
@@ -654,10 +655,10 @@ def patch_embed_bwd(
         dy_t, dyP, (sdb, sdt, sdd) = dy, 0, (g.L * D, D, 1)
     elif kernels and has_in_norm:
         run(
-            "patch_embed_stats", _patch_stats_kernel, (m_blocks,),
-            [images, stats, M, g.L, g.Wo, K, *ints, *xs, float(in_eps)],
+            "patch_embed_stats", _patch_stats_kernel, (grid_tiles,),
+            [images, stats, g.L, g.Ho, g.Wo, K, *ints, *xs, tiles_h, tiles_w, float(in_eps)],
             (images,), (stats,), {"k0": cdiv(K, cfg.block_k)},
-            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **pc,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, TW=tw, **{**pc, "EVEN_M": tiles_even},
         )
     dvec = _run_vec(dy_t, -1, D)
 
@@ -695,9 +696,8 @@ def patch_embed_bwd(
             (ws if want[0] else None, bias_part if bias_col else None, dparts),
             {"mb": grid_tiles / dw_split},
             BLOCK_M=cfg.block_m, BLOCK_N=fused_n, BLOCK_K=cfg.block_k, TW=tw,
-            # every tile inside the grid; the bias column may need a k tile past K's last
-            **{**pc, "EVEN_M": g.Ho % (cfg.block_m // tw) == 0 and g.Wo % tw == 0,
-               "EVEN_K": pc["EVEN_K"] and not bias_col},
+            # the bias column may need a k tile past K's last
+            **{**pc, "EVEN_M": tiles_even, "EVEN_K": pc["EVEN_K"] and not bias_col},
             DVEC=dvec,
             WVEC=_run_vec(w_k, 1, K), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
             PREC=dot_precision(dtype), REORDER=reorder, DW=want[0], BIAS=bias_col, DXN=True,
