@@ -63,7 +63,10 @@ Backward: the patch rows' pre-norm tokens are recomputed with the forward kernel
 gathers the patches again (``_dw_kernel``), and the input norm's affine grads
 come from dxn = dy @ W with the normalised patch in the epilogue
 (``_dxn_kernel``, split along the rows like dW). The bias gradient is the output
-norm's partials or, without one, an extra column tile of dW that sums dy. One last
+norm's partials or, without one, an extra column tile of dW that sums dy. When D
+fits one column tile (T2T's 192) and the target is sm_90 or later, one kernel
+(``_dw_dxn_kernel``) does dW, the bias (a column of ones at k = K) and dxn from each
+patch tile it gathers, on row blocks that are 8 x 8 tiles of the patch grid. One last
 launch (``_fold_kernel``) sums every float32 partial over its row splits and
 grad_out over the batch (positions, prefix tokens) and writes each gradient in its
 dtype: no torch operations, a fixed summation order. The row splits fill the SMs
