@@ -65,10 +65,48 @@ namespace relpos_detail {
 constexpr int kThreads = 128;
 constexpr int kRows = 64;  // queries (forward, dq) or keys (dkv) per block
 
-// the head's table row, times mult, as float
+// Where the table, mirrored over signed offsets, fits in shared memory
+// ((2R-1) x (2C-1) floats, at most kMirrorMax), a score's bias is one shared load
+// at (query coordinate - key coordinate); otherwise at |dr| * C + |dc| of the
+// packed positions (row << 16 | col).
+constexpr int kMirrorMax = 16384;
+
+__host__ __device__ inline bool mirror_fits(int R, int C) { return (2 * R - 1) * (2 * C - 1) <= kMirrorMax; }
+
+// floats of the table as kept in shared memory
+__host__ __device__ inline int table_floats(int R, int C, bool mirror) {
+  return mirror ? (2 * R - 1) * (2 * C - 1) : R * C;
+}
+
+// the head's table row, times mult, as float; MIRROR: as the (2R-1) x (2C-1) grid
+// of signed offsets, entry (dr + R - 1, dc + C - 1) = table[|dr| * C + |dc|]
+template <bool MIRROR = false>
 __device__ __forceinline__ void load_table(float* s, const RelposParams& p, int h, float mult, int tid) {
-  const int n = p.R * p.C;
-  for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + i * p.t_sn);
+  if constexpr (MIRROR) {
+    const int W = 2 * p.C - 1, n = (2 * p.R - 1) * W;
+    for (int i = tid; i < n; i += kThreads) {
+      const int dr = i / W - (p.R - 1), dc = i % W - (p.C - 1);
+      const int idx = (dr < 0 ? -dr : dr) * p.C + (dc < 0 ? -dc : dc);
+      s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + idx * p.t_sn);
+    }
+  } else {
+    const int n = p.R * p.C;
+    for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + i * p.t_sn);
+  }
+}
+
+// bias coordinate of key j < Nk: row * (2C-1) + col (MIRROR), else row << 16 | col
+template <bool MIRROR>
+__device__ __forceinline__ int key_coord(int j, int C) {
+  return MIRROR ? (j / C) * (2 * C - 1) + j % C : ((j / C) << 16) | (j % C);
+}
+
+// bias coordinate of query i < Nq: that of its grid position, plus (MIRROR) the
+// mirrored table's centre, so that query - key coordinates index it
+template <bool MIRROR>
+__device__ __forceinline__ int query_coord(int i, const RelposParams& p) {
+  const int r = (i / p.Cq) * p.qs, c = (i % p.Cq) * p.qs;
+  return MIRROR ? (r + p.R - 1) * (2 * p.C - 1) + c + p.C - 1 : (r << 16) | c;
 }
 
 // grid position packed as (row << 16 | col), -1 outside the grid
@@ -82,6 +120,12 @@ __device__ __forceinline__ int query_pos(int i, int nq, int Cq, int qs) {
 __device__ __forceinline__ int bias_index(int a, int b, int C) {
   const int dr = (a >> 16) - (b >> 16), dc = (a & 0xffff) - (b & 0xffff);
   return (dr < 0 ? -dr : dr) * C + (dc < 0 ? -dc : dc);
+}
+
+// the scaled bias of the (query, key) pair at those coordinates
+template <bool MIRROR>
+__device__ __forceinline__ float bias_at(const float* sTab, int qc, int kc, int C) {
+  return MIRROR ? sTab[qc - kc] : sTab[bias_index(qc, kc, C)];
 }
 
 template <int DK, int DV>
@@ -112,9 +156,10 @@ constexpr size_t bwd_smem(int table_n, bool dkv) {
 }  // namespace relpos_detail
 
 // ----------------------------------------------------------------------------
-// forward: grid (ceil(Nq / 64), H, B), 128 threads
+// forward: grid (ceil(Nq / 64), H, B), 128 threads. MIRROR: the bias table in
+// shared memory over signed offsets (relpos_detail::load_table).
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool MIRROR>
 __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BN = 64, LDK = DK + 8, LDV = DV + 8;
@@ -122,8 +167,8 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kRows * LDK;
   T* sV = sK + BN * LDK;
-  int* sKpos = reinterpret_cast<int*>(sV + BN * LDV);
-  float* sTab = reinterpret_cast<float*>(sKpos + BN);
+  int* sKc = reinterpret_cast<int*>(sV + BN * LDV);
+  float* sTab = reinterpret_cast<float*>(sKc + BN);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
@@ -131,19 +176,19 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
 
-  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
   load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
   __syncthreads();
 
   uint32_t qa[DK / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < DK / 16; ++kk) frag_a<T>(qa[kk], sQ, LDK, warp * 16, kk * 16, lane);
+  for (int kk = 0; kk < DK / 16; ++kk) ldsm_a<T>(qa[kk], sQ, LDK, warp * 16, kk * 16, lane);
 
-  int qpos[2];  // rows g and g + 8 of this warp; a row past Nq takes query 0's position
+  int qc[2];  // bias coordinates of rows g and g + 8 of this warp; a row past Nq takes query 0's
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int pos = query_pos(q0 + warp * 16 + g + 8 * r, p.Nq, p.Cq, p.qs);
-    qpos[r] = pos < 0 ? 0 : pos;
+    const int i = q0 + warp * 16 + g + 8 * r;
+    qc[r] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
   }
 
   const float sl2 = p.scale * kLog2e;
@@ -156,7 +201,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     __syncthreads();  // everyone is done with the previous tile
     load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
     load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
-    if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
+    if (tid < BN) sKc[tid] = key_coord<MIRROR>(imin(k0 + tid, p.Nk - 1), p.C);  // masked below past Nk
     __syncthreads();
 
     // s = q k^T for this warp's 16 queries x 64 keys
@@ -166,27 +211,36 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk)
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sK, LDK, nt * 8, kk * 16, lane);
-        mma_16816<T>(s[nt], qa[kk], bf);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sK, LDK, np * 16, kk * 16, lane);
+        mma_16816<T>(s[2 * np], qa[kk], bf[0]);
+        mma_16816<T>(s[2 * np + 1], qa[kk], bf[1]);
       }
 
-    // logits in log2 units with the bias; masked keys -> -inf; running row max
-    float mx[2] = {m[0], m[1]};
+    // logits in log2 units with the bias
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int kp = sKpos[nt * 8 + 2 * t + e];
+        const int kc = sKc[nt * 8 + 2 * t + e];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float x = -INFINITY;
-          if (kp >= 0) x = s[nt][2 * r + e] * sl2 + sTab[bias_index(qpos[r], kp, p.C)];
-          s[nt][2 * r + e] = x;
-          mx[r] = fmaxf(mx[r], x);
-        }
+        for (int r = 0; r < 2; ++r) s[nt][2 * r + e] = s[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc[r], kc, p.C);
       }
+    if (k0 + BN > p.Nk) {  // the last tile: keys past Nk -> -inf
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (k0 + nt * 8 + 2 * t + e >= p.Nk) s[nt][e] = s[nt][2 + e] = -INFINITY;
+    }
+
+    // online softmax: running row max, rescale of the sums and the output
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
     float alpha[2], rowsum[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -217,10 +271,11 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
       uint32_t pa[4];
       c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DV / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sV, LDV, kk * 16, dt * 8, lane);
-        mma_16816<T>(o[dt], pa, bf);
+      for (int dp = 0; dp < DV / 16; ++dp) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sV, LDV, kk * 16, dp * 16, lane);
+        mma_16816<T>(o[2 * dp], pa, bf[0]);
+        mma_16816<T>(o[2 * dp + 1], pa, bf[1]);
       }
     }
   }
@@ -559,11 +614,13 @@ inline bool relpos_pick_dims(int dk, int dv, int* DK, int* DV) {
 
 template <class T, int DK, int DV>
 cudaError_t relpos_fwd_launch(const RelposParams& p, cudaStream_t stream) {
-  const size_t smem = relpos_detail::fwd_smem<DK, DV>(p.R * p.C);
-  cudaError_t err = allow_smem(relpos_fwd_kernel<T, DK, DV>, smem);
+  using namespace relpos_detail;
+  const bool mirror = mirror_fits(p.R, p.C);
+  const size_t smem = fwd_smem<DK, DV>(table_floats(p.R, p.C, mirror));
+  auto kernel = mirror ? relpos_fwd_kernel<T, DK, DV, true> : relpos_fwd_kernel<T, DK, DV, false>;
+  cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.Nq, relpos_detail::kRows), p.H, p.B);
-  launch(relpos_fwd_kernel<T, DK, DV>, grid, dim3(relpos_detail::kThreads), smem, stream, p);
+  launch(kernel, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem, stream, p);
   return last_error();
 }
 

@@ -294,7 +294,9 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
                                  "BN": 64 if la.base == "vk::relpos_fwd_kernel" else 32 if DK + DV > 160 else 64,
                                  "BQ": 32 if DK + DV >= 96 else 64})  # fmt: skip
         if la.base == "vk::relpos_fwd_kernel":
-            la.trips = {"i": table_loop, "k0": _cdiv(Nk, 64)}
+            # <..., true>: the table mirrored over signed offsets, (2R-1) x (2C-1) floats
+            mirrored = la.kernel.endswith("true>")
+            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "k0": _cdiv(Nk, 64)}
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
         elif la.base == "vk::relpos_bwd_delta_kernel":
             la.trips = {"d": _cdiv(Dv, 32)}
