@@ -389,6 +389,29 @@ __device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, 
   }
 }
 
+// load_rows for tiles of a few 16-byte pieces per thread (ROWS * D / 8 / NT): the
+// loop fully unrolled, each piece's row and column known up to tid at compile time.
+template <class T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_rows_unrolled(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0,
+                                                   int nrows, int ncols, int tid) {
+  static_assert(NT % (D / 8) == 0, "a thread's pieces must share their column");
+  constexpr int N = ROWS * (D / 8);
+  if (!rows_vectorizable(g, sn, sd, ncols)) {
+    load_rows<T, ROWS, D, NT>(s, ld, g, sn, sd, r0, nrows, ncols, tid);
+    return;
+  }
+  const int r = tid / (D / 8), d = (tid % (D / 8)) * 8;
+  const T* gr = g + (int64_t)(r0 + r) * sn + d;
+#pragma unroll
+  for (int i = 0; i < (N + NT - 1) / NT; ++i) {
+    if (N % NT != 0 && tid + i * NT >= N) break;
+    constexpr int kStep = NT / (D / 8);  // rows between a thread's pieces
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r0 + r + i * kStep < nrows && d < ncols) val = *reinterpret_cast<const uint4*>(gr + i * kStep * sn);
+    *reinterpret_cast<uint4*>(s + (r + i * kStep) * ld + d) = val;
+  }
+}
+
 // out[c * stride], out[(c + 1) * stride] = lo, hi (the second only when has_hi),
 // as one 32-bit store when the pair is adjacent and aligned
 template <class T>

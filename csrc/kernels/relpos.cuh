@@ -199,8 +199,8 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();  // everyone is done with the previous tile
-    load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKc[tid] = key_coord<MIRROR>(imin(k0 + tid, p.Nk - 1), p.C);  // masked below past Nk
     __syncthreads();
 
@@ -365,8 +365,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();
-    load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
     __syncthreads();
 
@@ -378,23 +378,25 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t qa[4];
-      frag_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
+      ldsm_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sK, LDK, nt * 8, kk * 16, lane);
-        mma_16816<T>(s[nt], qa, bf);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sK, LDK, np * 16, kk * 16, lane);
+        mma_16816<T>(s[2 * np], qa, bf[0]);
+        mma_16816<T>(s[2 * np + 1], qa, bf[1]);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < DV / 16; ++kk) {  // dp = dout v^T
       uint32_t da[4];
-      frag_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
+      ldsm_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sV, LDV, nt * 8, kk * 16, lane);
-        mma_16816<T>(dp[nt], da, bf);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sV, LDV, np * 16, kk * 16, lane);
+        mma_16816<T>(dp[2 * np], da, bf[0]);
+        mma_16816<T>(dp[2 * np + 1], da, bf[1]);
       }
     }
 
@@ -423,10 +425,11 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
       uint32_t dsa[4];
       c_to_a<T>(dsa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DK / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sK, LDK, kk * 16, dt * 8, lane);
-        mma_16816<T>(dq[dt], dsa, bf);
+      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sK, LDK, kk * 16, dp2 * 16, lane);
+        mma_16816<T>(dq[2 * dp2], dsa, bf[0]);
+        mma_16816<T>(dq[2 * dp2 + 1], dsa, bf[1]);
       }
     }
   }
@@ -494,8 +497,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
   for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
     __syncthreads();
-    load_rows<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    load_rows_unrolled<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows_unrolled<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
     if (tid < BQ) {
       const int i = q0 + tid, pos = query_pos(i, p.Nq, p.Cq, p.qs);
       sQpos[tid] = pos;
@@ -513,23 +516,25 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t ka[4];
-      frag_a<T>(ka, sK, LDK, warp * 16, kk * 16, lane);
+      ldsm_a<T>(ka, sK, LDK, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sQ, LDK, nt * 8, kk * 16, lane);
-        mma_16816<T>(st[nt], ka, bf);
+      for (int np = 0; np < BQ / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sQ, LDK, np * 16, kk * 16, lane);
+        mma_16816<T>(st[2 * np], ka, bf[0]);
+        mma_16816<T>(st[2 * np + 1], ka, bf[1]);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < DV / 16; ++kk) {
       uint32_t va[4];
-      frag_a<T>(va, sV, LDV, warp * 16, kk * 16, lane);
+      ldsm_a<T>(va, sV, LDV, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sDO, LDV, nt * 8, kk * 16, lane);
-        mma_16816<T>(dpt[nt], va, bf);
+      for (int np = 0; np < BQ / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sDO, LDV, np * 16, kk * 16, lane);
+        mma_16816<T>(dpt[2 * np], va, bf[0]);
+        mma_16816<T>(dpt[2 * np + 1], va, bf[1]);
       }
     }
 
@@ -556,16 +561,18 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
       c_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
       c_to_a<T>(dsa, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DV / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sDO, LDV, kk * 16, dt * 8, lane);
-        mma_16816<T>(dv[dt], pa, bf);
+      for (int dp2 = 0; dp2 < DV / 16; ++dp2) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sDO, LDV, kk * 16, dp2 * 16, lane);
+        mma_16816<T>(dv[2 * dp2], pa, bf[0]);
+        mma_16816<T>(dv[2 * dp2 + 1], pa, bf[1]);
       }
 #pragma unroll
-      for (int dt = 0; dt < DK / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sQ, LDK, kk * 16, dt * 8, lane);
-        mma_16816<T>(dk[dt], dsa, bf);
+      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sQ, LDK, kk * 16, dp2 * 16, lane);
+        mma_16816<T>(dk[2 * dp2], dsa, bf[0]);
+        mma_16816<T>(dk[2 * dp2 + 1], dsa, bf[1]);
       }
     }
   }

@@ -251,7 +251,9 @@ def _load_rows_trips(env: dict[str, int]) -> dict[str, float]:
     "header@file:line"): ROWS*(D/8)/NT 16-byte copies per thread on the vectorised
     path, none on the element-wise fallback (the estimated inputs are contiguous and
     16-byte aligned, rows of a multiple of 8 elements: load_rows takes the
-    vectorised path). Template arguments are evaluated with ``env``."""
+    vectorised path; load_rows_unrolled calls load_rows only where rows do not
+    vectorise, so that call site runs neither). Template arguments are evaluated
+    with ``env``."""
     out = {}
     for path in sorted((CSRC / "kernels").glob("*.cuh")):
         text = path.read_text()
@@ -260,6 +262,8 @@ def _load_rows_trips(env: dict[str, int]) -> dict[str, float]:
             try:
                 rows, d, nt = (eval(a.strip(), {"__builtins__": {}}, dict(env)) for a in m.groups())  # noqa: S307
             except NameError:
+                if path.name == "common.cuh":  # load_rows_unrolled's fallback: only where not vectorised
+                    out[f"idx<ROWS*(D/8)@{path.name}:{line}"] = out[f"idx<ROWS*D;@{path.name}:{line}"] = 0.0
                 continue
             out[f"idx<ROWS*(D/8)@{path.name}:{line}"] = rows * (d / 8) / nt
             out[f"idx<ROWS*D;@{path.name}:{line}"] = 0.0
