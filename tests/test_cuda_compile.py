@@ -132,7 +132,6 @@ def ptxas(request):
 # every __global__ template, instantiated for both 16-bit types
 TEMPLATE_KERNELS = (
     "relpos_fwd_kernel",
-    "relpos_bwd_delta_kernel",
     "relpos_bwd_dq_kernel",
     "relpos_bwd_dkv_kernel",
     "performer_kv_kernel",

@@ -12,9 +12,9 @@
 // row kept in shared memory. Matrix products on mma.sync m16n8k16 (fp16 or
 // bf16 inputs, fp32 accumulation).
 //
-// Backward (FlashAttention-2 style, two kernels plus a row reduction):
-//   delta[i] = <dout_i, out_i>
-//   dq kernel (per 64 queries, over keys):  p = exp(logits - lse),
+// Backward (FlashAttention-2 style, two kernels):
+//   dq kernel (per 64 queries, over keys): delta[i] = <dout_i, out_i> (kept for
+//     the dkv kernel), p = exp(logits - lse),
 //     ds = p * (dout v^T - delta), dq = scale * ds k, dtable[h, idx] += bias_scale * ds
 //   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q
 // dtable accumulates in fp32 (shared-memory atomics per block, then one global
@@ -299,27 +299,9 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 }
 
 // ----------------------------------------------------------------------------
-// backward 1: delta = rowsum(dout * out); one warp per row, 4 rows per block
-
-template <class T>
-__global__ void __launch_bounds__(128) relpos_bwd_delta_kernel(const RelposParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (row >= (int64_t)p.B * p.H * p.Nq) return;  // whole warps leave together
-  const int i = int(row % p.Nq);
-  const int h = int((row / p.Nq) % p.H);
-  const int b = int(row / ((int64_t)p.Nq * p.H));
-  const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1] + i * p.do_s[2];
-  const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1] + i * p.o_s[2];
-  float acc = 0.f;
-  for (int d = lane; d < p.Dv; d += 32) acc += Num<T>::to_float(dO[d * p.do_s[3]]) * Num<T>::to_float(O[d * p.o_s[3]]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
-  if (lane == 0) p.delta[row] = acc;
-}
-
-// ----------------------------------------------------------------------------
-// backward 2: dq and dtable; grid (ceil(Nq / 64), H, B), 128 threads
+// backward 1: delta, dq and dtable; grid (ceil(Nq / 64), H, B), 128 threads.
+// delta = rowsum(dout * out) of the block's queries is written to p.delta for
+// the dk/dv kernel, which runs after this one on the same stream.
 
 template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p) {
@@ -348,14 +330,27 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
   load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
   load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
 
+  __syncthreads();  // sDO
+
   int qpos[2];
   float lse2[2], delta[2];
+  const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = q0 + warp * 16 + g + 8 * r;
     qpos[r] = query_pos(i, p.Nq, p.Cq, p.qs);
     lse2[r] = qpos[r] >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
-    delta[r] = qpos[r] >= 0 ? p.delta[bh * p.Nq + i] : 0.f;
+    float acc = 0.f;  // this lane's columns t, t + 4, ... of the row
+    if (qpos[r] >= 0) {
+      const T* dOs = sDO + (warp * 16 + g + 8 * r) * LDV;
+#pragma unroll
+      for (int j = 0; j < DV / 4; ++j) {
+        const int d = 4 * j + t;
+        if (d < p.Dv) acc += Num<T>::to_float(dOs[d]) * Num<T>::to_float(O[i * p.o_s[2] + d * p.o_s[3]]);
+      }
+    }
+    delta[r] = quad_sum(acc);
+    if (qpos[r] >= 0 && t == 0) p.delta[bh * p.Nq + i] = delta[r];
   }
 
   const float sl2 = p.scale * kLog2e;
@@ -456,7 +451,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 }
 
 // ----------------------------------------------------------------------------
-// backward 3: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads
+// backward 2: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads
 
 template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
@@ -634,10 +629,7 @@ cudaError_t relpos_fwd_launch(const RelposParams& p, cudaStream_t stream) {
 template <class T, int DK, int DV>
 cudaError_t relpos_bwd_launch(const RelposParams& p, cudaStream_t stream) {
   using namespace relpos_detail;
-  const int64_t rows = (int64_t)p.B * p.H * p.Nq;
-  launch(relpos_bwd_delta_kernel<T>, dim3(unsigned((rows + 3) / 4)), dim3(kThreads), 0, stream, p);
-  cudaError_t err = last_error();
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
   const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false), smem_dkv = bwd_smem<DK, DV>(p.R * p.C, true);
   if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem_dq)) != cudaSuccess) return err;
   if ((err = allow_smem(relpos_bwd_dkv_kernel<T, DK, DV>, smem_dkv)) != cudaSuccess) return err;

@@ -302,13 +302,10 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             mirrored = la.kernel.endswith("true>")
             la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "k0": _cdiv(Nk, 64)}
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
-        elif la.base == "vk::relpos_bwd_delta_kernel":
-            la.trips = {"d": _cdiv(Dv, 32)}
-            la.bytes_read, la.bytes_written = _nbytes(out, dout), _nbytes(delta)
         elif la.base == "vk::relpos_bwd_dq_kernel":
             la.trips = {"i": table_loop, "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64)}
-            la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
-            la.bytes_written = _nbytes(dq, dtable)
+            la.bytes_read = _nbytes(q, k, v, table, dout, out, lse)  # delta from out and dout
+            la.bytes_written = _nbytes(dq, dtable, delta)
         elif la.base == "vk::relpos_bwd_dkv_kernel":
             la.trips = {"i": table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
             la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
