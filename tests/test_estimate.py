@@ -186,7 +186,7 @@ def test_cuda_launches_recorded_from_the_extensions_launchers():
     assert la.trips["k0"] == 1 and la.trips["i"] == (2 * s.side - 1) ** 2 / 128
     bwd = [e.kernel if isinstance(e, cuda.CudaLaunch) else e.name for e in cuda.record_calls(s, 3, torch.bfloat16, "bwd")]
     assert bwd == ["zeros", "vk::relpos_bwd_dq_kernel<bf16, 32, 64>",
-                   "vk::relpos_bwd_dkv_kernel<bf16, 32, 64>", "_to_copy"]  # fmt: skip
+                   "vk::relpos_bwd_dkv_kernel<bf16, 32, 64, true>", "_to_copy"]  # fmt: skip
 
 
 def test_estimate_command_on_a_small_subset(tmp_path):

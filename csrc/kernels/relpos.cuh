@@ -146,11 +146,12 @@ __host__ __device__ constexpr int dkv_tile() {
   return DK + DV >= 96 ? 32 : 64;
 }
 
-// shared memory of the dq (dkv = false) or dkv kernel
+// shared memory of the dq (dkv = false: table and its gradient, table_n floats
+// each) or dkv kernel (the table as kept, table_n floats)
 template <int DK, int DV>
 constexpr size_t bwd_smem(int table_n, bool dkv) {
   const int tile = dkv ? dkv_tile<DK, DV>() : dq_tile<DK, DV>();
-  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * 8;
+  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * (dkv ? 4 : 8);
 }
 
 }  // namespace relpos_detail
@@ -451,9 +452,10 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 }
 
 // ----------------------------------------------------------------------------
-// backward 2: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads
+// backward 2: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads. MIRROR as in
+// the forward.
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool MIRROR>
 __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BQ = dkv_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
@@ -462,8 +464,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   T* sV = sK + kRows * LDK;
   T* sQ = sV + kRows * LDV;
   T* sDO = sQ + BQ * LDK;
-  int* sQpos = reinterpret_cast<int*>(sDO + BQ * LDV);
-  float* sLse = reinterpret_cast<float*>(sQpos + BQ);
+  int* sQc = reinterpret_cast<int*>(sDO + BQ * LDV);
+  float* sLse = reinterpret_cast<float*>(sQc + BQ);
   float* sDelta = sLse + BQ;
   float* sTab = sDelta + BQ;
 
@@ -475,13 +477,15 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
   const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
 
-  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
   load_rows<T, kRows, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
   load_rows<T, kRows, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
 
-  int kpos[2];  // this thread's key rows g, g + 8
+  // bias coordinates of this thread's key rows g, g + 8; a row past Nk takes the
+  // last key's (its results only reach its own rows of dk and dv, never stored)
+  int kc[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) kpos[r] = key_pos(k0 + warp * 16 + g + 8 * r, p.Nk, p.C);
+  for (int r = 0; r < 2; ++r) kc[r] = key_coord<MIRROR>(imin(k0 + warp * 16 + g + 8 * r, p.Nk - 1), p.C);
 
   const float sl2 = p.scale * kLog2e;
   float dk[DK / 8][4], dv[DV / 8][4];
@@ -494,11 +498,11 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
     __syncthreads();
     load_rows_unrolled<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
     load_rows_unrolled<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
-    if (tid < BQ) {
-      const int i = q0 + tid, pos = query_pos(i, p.Nq, p.Cq, p.qs);
-      sQpos[tid] = pos;
-      sLse[tid] = pos >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
-      sDelta[tid] = pos >= 0 ? p.delta[bh * p.Nq + i] : 0.f;
+    if (tid < BQ) {  // queries past Nq: query 0's coordinate, masked below
+      const int i = q0 + tid;
+      sQc[tid] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
+      sLse[tid] = i < p.Nq ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
+      sDelta[tid] = i < p.Nq ? p.delta[bh * p.Nq + i] : 0.f;
     }
     __syncthreads();
 
@@ -533,21 +537,27 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
       }
     }
 
-    // p^T = exp(logits^T - lse) (0 outside the grids)
+    // p^T = exp(logits^T - lse)
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = nt * 8 + 2 * t + e, qp = sQpos[col];
+        const int col = nt * 8 + 2 * t + e, qc = sQc[col];
+        const float lse2 = sLse[col], delta = sDelta[col];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float pr = 0.f;
-          if (qp >= 0 && kpos[r] >= 0)
-            pr = exp2_ftz(st[nt][2 * r + e] * sl2 + sTab[bias_index(qp, kpos[r], p.C)] - sLse[col]);
+          const float pr = exp2_ftz(st[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc, kc[r], p.C) - lse2);
           st[nt][2 * r + e] = pr;
-          dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - sDelta[col]);  // ds^T
+          dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - delta);  // ds^T
         }
       }
+    if (q0 + BQ > p.Nq) {  // the last tile: queries past Nq -> 0
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (q0 + nt * 8 + 2 * t + e >= p.Nq) st[nt][e] = st[nt][2 + e] = dpt[nt][e] = dpt[nt][2 + e] = 0.f;
+    }
 
     // dv += p^T dout, dk += ds^T q
 #pragma unroll
@@ -630,14 +640,16 @@ template <class T, int DK, int DV>
 cudaError_t relpos_bwd_launch(const RelposParams& p, cudaStream_t stream) {
   using namespace relpos_detail;
   cudaError_t err = cudaSuccess;
-  const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false), smem_dkv = bwd_smem<DK, DV>(p.R * p.C, true);
+  const bool mirror = mirror_fits(p.R, p.C);
+  auto dkv = mirror ? relpos_bwd_dkv_kernel<T, DK, DV, true> : relpos_bwd_dkv_kernel<T, DK, DV, false>;
+  const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false);
+  const size_t smem_dkv = bwd_smem<DK, DV>(table_floats(p.R, p.C, mirror), true);
   if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem_dq)) != cudaSuccess) return err;
-  if ((err = allow_smem(relpos_bwd_dkv_kernel<T, DK, DV>, smem_dkv)) != cudaSuccess) return err;
+  if ((err = allow_smem(dkv, smem_dkv)) != cudaSuccess) return err;
   launch(relpos_bwd_dq_kernel<T, DK, DV>, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem_dq, stream,
          p);
   if ((err = last_error()) != cudaSuccess) return err;
-  launch(relpos_bwd_dkv_kernel<T, DK, DV>, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv,
-         stream, p);
+  launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);
   return last_error();
 }
 

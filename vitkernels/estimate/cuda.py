@@ -307,7 +307,8 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             la.bytes_read = _nbytes(q, k, v, table, dout, out, lse)  # delta from out and dout
             la.bytes_written = _nbytes(dq, dtable, delta)
         elif la.base == "vk::relpos_bwd_dkv_kernel":
-            la.trips = {"i": table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
+            mirrored = la.kernel.endswith("true>")
+            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
             la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
             la.bytes_written = _nbytes(dk, dv, dtable)
         la.trips.update(rows)
