@@ -170,7 +170,8 @@ def test_cuda_kernel_names_normalise_alike():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found (builds the CUDA launch recorder)")
 def test_cuda_launches_recorded_from_the_extensions_launchers():
     """The recorder runs csrc's own launch logic: relpos A3 forward is one launch of
-    relpos_fwd_kernel<bf16, 32, 64> on (ceil(Nq / 64), H, B) blocks of 128 threads."""
+    relpos_fwd_kernel<bf16, 32, 64, true> (the table mirrored over signed offsets in
+    shared memory: (2R-1)^2 floats loaded) on (ceil(Nq / 64), H, B) blocks of 128 threads."""
     import torch
 
     from vitkernels.estimate import cuda
@@ -180,12 +181,12 @@ def test_cuda_launches_recorded_from_the_extensions_launchers():
         pytest.skip(cuda.unavailable_reason())
     s = WORKLOADS["A3"].shape
     (la,) = cuda.record_calls(s, 3, torch.bfloat16, "fwd")
-    assert la.kernel == "vk::relpos_fwd_kernel<bf16, 32, 64>"
+    assert la.kernel == "vk::relpos_fwd_kernel<bf16, 32, 64, true>"
     assert la.grid == (1, s.heads, 3) and la.block == (128, 1, 1)
-    assert la.trips["k0"] == 1
+    assert la.trips["k0"] == 1 and la.trips["i"] == (2 * s.side - 1) ** 2 / 128
     bwd = [e.kernel if isinstance(e, cuda.CudaLaunch) else e.name for e in cuda.record_calls(s, 3, torch.bfloat16, "bwd")]
-    assert bwd == ["zeros", "vk::relpos_bwd_delta_kernel<bf16>", "vk::relpos_bwd_dq_kernel<bf16, 32, 64>",
-                   "vk::relpos_bwd_dkv_kernel<bf16, 32, 64>", "_to_copy"]  # fmt: skip
+    assert bwd == ["zeros", "vk::relpos_bwd_dq_kernel<bf16, 32, 64>",
+                   "vk::relpos_bwd_dkv_kernel<bf16, 32, 64, true>", "_to_copy"]  # fmt: skip
 
 
 def test_estimate_command_on_a_small_subset(tmp_path):

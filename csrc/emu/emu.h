@@ -12,7 +12,10 @@
 // block, so reading what was never written shows up too.
 //
 // mma.sync is computed from the fragment layout documented in the PTX ISA
-// (see csrc/kernels/common.cuh), accumulating in float.
+// (see csrc/kernels/common.cuh), accumulating in float. ldmatrix is a warp
+// collective too: each lane deposits its row address (which must lie in the
+// block's shared memory, 16-byte aligned) and receives its part of the four
+// 8x8 matrices the warp's addresses name, as the PTX ISA documents it.
 #pragma once
 
 #include <ucontext.h>
@@ -98,7 +101,7 @@ inline uint32_t float_to_tf32_bits(float x) {  // cvt.rna.tf32.f32
 // the machine
 
 enum State { kRunnable, kAtBlockBarrier, kAtWarpCollective, kDone };
-enum Collective { kShflXor = 1, kShflIdx, kSyncWarp, kMma16816F16, kMma16816Bf16, kMmaTf32 };
+enum Collective { kShflXor = 1, kShflIdx, kSyncWarp, kMma16816F16, kMma16816Bf16, kMmaTf32, kLdsm };
 
 struct Fiber {
   ucontext_t ctx;
@@ -107,6 +110,7 @@ struct Fiber {
   int coll = 0;
   uint32_t in[10] = {};
   uint32_t out[4] = {};
+  const void* addr = nullptr;  // ldmatrix row address
 };
 
 struct Machine {
@@ -149,6 +153,12 @@ inline void trampoline() {
   Machine& m = M();
   m.body();
   m.fibers[m.cur].state = kDone;
+}
+
+inline bool in_smem(const void* p, size_t bytes) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const std::vector<unsigned char>& sm = M().smem;
+  return c >= sm.data() && c + bytes <= sm.data() + sm.size();
 }
 
 // Complete one warp's collective from the inputs all 32 lanes deposited.
@@ -220,6 +230,26 @@ inline void complete(Fiber* lanes) {
         lanes[l].out[r] = f32_bits(acc);
       }
     }
+  } else if (kind == kLdsm) {
+    // ldmatrix .x4: lanes 8i..8i+7 address rows 0..7 of matrix i; lane l receives,
+    // of each matrix, row l/4 columns 2(l%4), 2(l%4)+1 (.trans: column l/4, rows
+    // 2(l%4), 2(l%4)+1), the lower column (row) in the low half
+    const bool trans = lanes[0].in[0] != 0;
+    for (int l = 0; l < 32; ++l) {
+      if ((lanes[l].in[0] != 0) != trans) fail("ldmatrix: lanes disagree on .trans");
+      if (!in_smem(lanes[l].addr, 16) || reinterpret_cast<uintptr_t>(lanes[l].addr) % 16 != 0)
+        fail("ldmatrix: a row address outside shared memory or not 16-byte aligned");
+    }
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i) {
+        uint16_t e[2];
+        for (int h = 0; h < 2; ++h) {
+          const int row = trans ? 2 * (l & 3) + h : l >> 2;
+          const int col = trans ? l >> 2 : 2 * (l & 3) + h;
+          std::memcpy(&e[h], static_cast<const unsigned char*>(lanes[8 * i + row].addr) + 2 * col, 2);
+        }
+        lanes[l].out[i] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+      }
   } else if (kind != kSyncWarp) {
     fail("unknown collective");
   }
@@ -325,6 +355,15 @@ inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
                      f32_bits(d[3])};
   const uint32_t* out = collective(kMmaTf32, in, 10);
   for (int i = 0; i < 4; ++i) d[i] = bits_f32(out[i]);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: this lane's row address
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  Machine& m = M();
+  m.fibers[m.cur].addr = row;
+  const uint32_t in[1] = {trans ? 1u : 0u};
+  const uint32_t* out = collective(kLdsm, in, 1);
+  for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 
 }  // namespace vk_emu

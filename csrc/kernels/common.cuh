@@ -255,6 +255,51 @@ __device__ __forceinline__ void frag_b_kn(uint32_t (&b)[2], const T* s, int ld, 
   b[1] = pack_elems(p[8 * ld], p[9 * ld]);
 }
 
+// ldmatrix: fragments of 16-bit tiles in shared memory, four 8x8 matrices per
+// instruction (rows 16-byte aligned: ld a multiple of 8, column offsets too).
+// Lanes 8i..8i+7 give the row addresses of matrix i; r[i] receives this lane's
+// part of matrix i, row lane/4 and columns 2(lane%4), +1 (.trans: column lane/4,
+// rows 2(lane%4), +1), which is the mma fragment layout above.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+#if defined(VK_EMULATE)
+  vk_emu::ldmatrix_x4(r, row, TRANS);
+#else
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+// frag_a by ldmatrix: matrices (r0, k0), (r0 + 8, k0), (r0, k0 + 8), (r0 + 8, k0 + 8)
+template <class T>
+__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const T* s, int ld, int r0, int k0, int lane) {
+  ldsm_x4<false>(a, s + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+
+// The B fragments of two n-tiles, b[0] for n0..n0+7 and b[1] for n0+8..n0+15
+// (k0..k0+15), when s holds B transposed, s[n][k]: frag_b_nk twice, one ldmatrix.
+template <class T>
+__device__ __forceinline__ void ldsm_b2_nk(uint32_t (&b)[2][2], const T* s, int ld, int n0, int k0, int lane) {
+  uint32_t r[4];
+  ldsm_x4<false>(r, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+  b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+
+// The same when s holds B as is, s[k][n]: frag_b_kn twice, one transposing ldmatrix.
+template <class T>
+__device__ __forceinline__ void ldsm_b2_kn(uint32_t (&b)[2][2], const T* s, int ld, int k0, int n0, int lane) {
+  uint32_t r[4];
+  ldsm_x4<true>(r, s + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
+  b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+
 // The accumulators of two adjacent 16x8 C tiles (columns 16j..16j+15) as the
 // 16-bit A fragment of the next product (rows x k = those 16 columns).
 template <class T>
@@ -341,6 +386,29 @@ __device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, 
     T val = zero;
     if (r0 + r < nrows && d < ncols) val = g[(int64_t)(r0 + r) * sn + (int64_t)d * sd];
     s[r * ld + d] = val;
+  }
+}
+
+// load_rows for tiles of a few 16-byte pieces per thread (ROWS * D / 8 / NT): the
+// loop fully unrolled, each piece's row and column known up to tid at compile time.
+template <class T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_rows_unrolled(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0,
+                                                   int nrows, int ncols, int tid) {
+  static_assert(NT % (D / 8) == 0, "a thread's pieces must share their column");
+  constexpr int N = ROWS * (D / 8);
+  if (!rows_vectorizable(g, sn, sd, ncols)) {
+    load_rows<T, ROWS, D, NT>(s, ld, g, sn, sd, r0, nrows, ncols, tid);
+    return;
+  }
+  const int r = tid / (D / 8), d = (tid % (D / 8)) * 8;
+  const T* gr = g + (int64_t)(r0 + r) * sn + d;
+#pragma unroll
+  for (int i = 0; i < (N + NT - 1) / NT; ++i) {
+    if (N % NT != 0 && tid + i * NT >= N) break;
+    constexpr int kStep = NT / (D / 8);  // rows between a thread's pieces
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r0 + r + i * kStep < nrows && d < ncols) val = *reinterpret_cast<const uint4*>(gr + i * kStep * sn);
+    *reinterpret_cast<uint4*>(s + (r + i * kStep) * ld + d) = val;
   }
 }
 

@@ -12,9 +12,9 @@
 // row kept in shared memory. Matrix products on mma.sync m16n8k16 (fp16 or
 // bf16 inputs, fp32 accumulation).
 //
-// Backward (FlashAttention-2 style, two kernels plus a row reduction):
-//   delta[i] = <dout_i, out_i>
-//   dq kernel (per 64 queries, over keys):  p = exp(logits - lse),
+// Backward (FlashAttention-2 style, two kernels):
+//   dq kernel (per 64 queries, over keys): delta[i] = <dout_i, out_i> (kept for
+//     the dkv kernel), p = exp(logits - lse),
 //     ds = p * (dout v^T - delta), dq = scale * ds k, dtable[h, idx] += bias_scale * ds
 //   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q
 // dtable accumulates in fp32 (shared-memory atomics per block, then one global
@@ -65,10 +65,48 @@ namespace relpos_detail {
 constexpr int kThreads = 128;
 constexpr int kRows = 64;  // queries (forward, dq) or keys (dkv) per block
 
-// the head's table row, times mult, as float
+// Where the table, mirrored over signed offsets, fits in shared memory
+// ((2R-1) x (2C-1) floats, at most kMirrorMax), a score's bias is one shared load
+// at (query coordinate - key coordinate); otherwise at |dr| * C + |dc| of the
+// packed positions (row << 16 | col).
+constexpr int kMirrorMax = 16384;
+
+__host__ __device__ inline bool mirror_fits(int R, int C) { return (2 * R - 1) * (2 * C - 1) <= kMirrorMax; }
+
+// floats of the table as kept in shared memory
+__host__ __device__ inline int table_floats(int R, int C, bool mirror) {
+  return mirror ? (2 * R - 1) * (2 * C - 1) : R * C;
+}
+
+// the head's table row, times mult, as float; MIRROR: as the (2R-1) x (2C-1) grid
+// of signed offsets, entry (dr + R - 1, dc + C - 1) = table[|dr| * C + |dc|]
+template <bool MIRROR = false>
 __device__ __forceinline__ void load_table(float* s, const RelposParams& p, int h, float mult, int tid) {
-  const int n = p.R * p.C;
-  for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + i * p.t_sn);
+  if constexpr (MIRROR) {
+    const int W = 2 * p.C - 1, n = (2 * p.R - 1) * W;
+    for (int i = tid; i < n; i += kThreads) {
+      const int dr = i / W - (p.R - 1), dc = i % W - (p.C - 1);
+      const int idx = (dr < 0 ? -dr : dr) * p.C + (dc < 0 ? -dc : dc);
+      s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + idx * p.t_sn);
+    }
+  } else {
+    const int n = p.R * p.C;
+    for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + i * p.t_sn);
+  }
+}
+
+// bias coordinate of key j < Nk: row * (2C-1) + col (MIRROR), else row << 16 | col
+template <bool MIRROR>
+__device__ __forceinline__ int key_coord(int j, int C) {
+  return MIRROR ? (j / C) * (2 * C - 1) + j % C : ((j / C) << 16) | (j % C);
+}
+
+// bias coordinate of query i < Nq: that of its grid position, plus (MIRROR) the
+// mirrored table's centre, so that query - key coordinates index it
+template <bool MIRROR>
+__device__ __forceinline__ int query_coord(int i, const RelposParams& p) {
+  const int r = (i / p.Cq) * p.qs, c = (i % p.Cq) * p.qs;
+  return MIRROR ? (r + p.R - 1) * (2 * p.C - 1) + c + p.C - 1 : (r << 16) | c;
 }
 
 // grid position packed as (row << 16 | col), -1 outside the grid
@@ -82,6 +120,12 @@ __device__ __forceinline__ int query_pos(int i, int nq, int Cq, int qs) {
 __device__ __forceinline__ int bias_index(int a, int b, int C) {
   const int dr = (a >> 16) - (b >> 16), dc = (a & 0xffff) - (b & 0xffff);
   return (dr < 0 ? -dr : dr) * C + (dc < 0 ? -dc : dc);
+}
+
+// the scaled bias of the (query, key) pair at those coordinates
+template <bool MIRROR>
+__device__ __forceinline__ float bias_at(const float* sTab, int qc, int kc, int C) {
+  return MIRROR ? sTab[qc - kc] : sTab[bias_index(qc, kc, C)];
 }
 
 template <int DK, int DV>
@@ -102,19 +146,21 @@ __host__ __device__ constexpr int dkv_tile() {
   return DK + DV >= 96 ? 32 : 64;
 }
 
-// shared memory of the dq (dkv = false) or dkv kernel
+// shared memory of the dq (dkv = false: table and its gradient, table_n floats
+// each) or dkv kernel (the table as kept, table_n floats)
 template <int DK, int DV>
 constexpr size_t bwd_smem(int table_n, bool dkv) {
   const int tile = dkv ? dkv_tile<DK, DV>() : dq_tile<DK, DV>();
-  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * 8;
+  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * (dkv ? 4 : 8);
 }
 
 }  // namespace relpos_detail
 
 // ----------------------------------------------------------------------------
-// forward: grid (ceil(Nq / 64), H, B), 128 threads
+// forward: grid (ceil(Nq / 64), H, B), 128 threads. MIRROR: the bias table in
+// shared memory over signed offsets (relpos_detail::load_table).
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool MIRROR>
 __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BN = 64, LDK = DK + 8, LDV = DV + 8;
@@ -122,8 +168,8 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kRows * LDK;
   T* sV = sK + BN * LDK;
-  int* sKpos = reinterpret_cast<int*>(sV + BN * LDV);
-  float* sTab = reinterpret_cast<float*>(sKpos + BN);
+  int* sKc = reinterpret_cast<int*>(sV + BN * LDV);
+  float* sTab = reinterpret_cast<float*>(sKc + BN);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
@@ -131,19 +177,19 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
 
-  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
   load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
   __syncthreads();
 
   uint32_t qa[DK / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < DK / 16; ++kk) frag_a<T>(qa[kk], sQ, LDK, warp * 16, kk * 16, lane);
+  for (int kk = 0; kk < DK / 16; ++kk) ldsm_a<T>(qa[kk], sQ, LDK, warp * 16, kk * 16, lane);
 
-  int qpos[2];  // rows g and g + 8 of this warp; a row past Nq takes query 0's position
+  int qc[2];  // bias coordinates of rows g and g + 8 of this warp; a row past Nq takes query 0's
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int pos = query_pos(q0 + warp * 16 + g + 8 * r, p.Nq, p.Cq, p.qs);
-    qpos[r] = pos < 0 ? 0 : pos;
+    const int i = q0 + warp * 16 + g + 8 * r;
+    qc[r] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
   }
 
   const float sl2 = p.scale * kLog2e;
@@ -154,9 +200,9 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();  // everyone is done with the previous tile
-    load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
-    if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
+    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    if (tid < BN) sKc[tid] = key_coord<MIRROR>(imin(k0 + tid, p.Nk - 1), p.C);  // masked below past Nk
     __syncthreads();
 
     // s = q k^T for this warp's 16 queries x 64 keys
@@ -166,27 +212,36 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk)
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sK, LDK, nt * 8, kk * 16, lane);
-        mma_16816<T>(s[nt], qa[kk], bf);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sK, LDK, np * 16, kk * 16, lane);
+        mma_16816<T>(s[2 * np], qa[kk], bf[0]);
+        mma_16816<T>(s[2 * np + 1], qa[kk], bf[1]);
       }
 
-    // logits in log2 units with the bias; masked keys -> -inf; running row max
-    float mx[2] = {m[0], m[1]};
+    // logits in log2 units with the bias
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int kp = sKpos[nt * 8 + 2 * t + e];
+        const int kc = sKc[nt * 8 + 2 * t + e];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float x = -INFINITY;
-          if (kp >= 0) x = s[nt][2 * r + e] * sl2 + sTab[bias_index(qpos[r], kp, p.C)];
-          s[nt][2 * r + e] = x;
-          mx[r] = fmaxf(mx[r], x);
-        }
+        for (int r = 0; r < 2; ++r) s[nt][2 * r + e] = s[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc[r], kc, p.C);
       }
+    if (k0 + BN > p.Nk) {  // the last tile: keys past Nk -> -inf
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (k0 + nt * 8 + 2 * t + e >= p.Nk) s[nt][e] = s[nt][2 + e] = -INFINITY;
+    }
+
+    // online softmax: running row max, rescale of the sums and the output
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
     float alpha[2], rowsum[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -217,10 +272,11 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
       uint32_t pa[4];
       c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DV / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sV, LDV, kk * 16, dt * 8, lane);
-        mma_16816<T>(o[dt], pa, bf);
+      for (int dp = 0; dp < DV / 16; ++dp) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sV, LDV, kk * 16, dp * 16, lane);
+        mma_16816<T>(o[2 * dp], pa, bf[0]);
+        mma_16816<T>(o[2 * dp + 1], pa, bf[1]);
       }
     }
   }
@@ -244,27 +300,9 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 }
 
 // ----------------------------------------------------------------------------
-// backward 1: delta = rowsum(dout * out); one warp per row, 4 rows per block
-
-template <class T>
-__global__ void __launch_bounds__(128) relpos_bwd_delta_kernel(const RelposParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (row >= (int64_t)p.B * p.H * p.Nq) return;  // whole warps leave together
-  const int i = int(row % p.Nq);
-  const int h = int((row / p.Nq) % p.H);
-  const int b = int(row / ((int64_t)p.Nq * p.H));
-  const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1] + i * p.do_s[2];
-  const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1] + i * p.o_s[2];
-  float acc = 0.f;
-  for (int d = lane; d < p.Dv; d += 32) acc += Num<T>::to_float(dO[d * p.do_s[3]]) * Num<T>::to_float(O[d * p.o_s[3]]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
-  if (lane == 0) p.delta[row] = acc;
-}
-
-// ----------------------------------------------------------------------------
-// backward 2: dq and dtable; grid (ceil(Nq / 64), H, B), 128 threads
+// backward 1: delta, dq and dtable; grid (ceil(Nq / 64), H, B), 128 threads.
+// delta = rowsum(dout * out) of the block's queries is written to p.delta for
+// the dk/dv kernel, which runs after this one on the same stream.
 
 template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p) {
@@ -293,14 +331,27 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
   load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
   load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
 
+  __syncthreads();  // sDO
+
   int qpos[2];
   float lse2[2], delta[2];
+  const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = q0 + warp * 16 + g + 8 * r;
     qpos[r] = query_pos(i, p.Nq, p.Cq, p.qs);
     lse2[r] = qpos[r] >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
-    delta[r] = qpos[r] >= 0 ? p.delta[bh * p.Nq + i] : 0.f;
+    float acc = 0.f;  // this lane's columns t, t + 4, ... of the row
+    if (qpos[r] >= 0) {
+      const T* dOs = sDO + (warp * 16 + g + 8 * r) * LDV;
+#pragma unroll
+      for (int j = 0; j < DV / 4; ++j) {
+        const int d = 4 * j + t;
+        if (d < p.Dv) acc += Num<T>::to_float(dOs[d]) * Num<T>::to_float(O[i * p.o_s[2] + d * p.o_s[3]]);
+      }
+    }
+    delta[r] = quad_sum(acc);
+    if (qpos[r] >= 0 && t == 0) p.delta[bh * p.Nq + i] = delta[r];
   }
 
   const float sl2 = p.scale * kLog2e;
@@ -310,8 +361,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();
-    load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
     __syncthreads();
 
@@ -323,23 +374,25 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t qa[4];
-      frag_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
+      ldsm_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sK, LDK, nt * 8, kk * 16, lane);
-        mma_16816<T>(s[nt], qa, bf);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sK, LDK, np * 16, kk * 16, lane);
+        mma_16816<T>(s[2 * np], qa, bf[0]);
+        mma_16816<T>(s[2 * np + 1], qa, bf[1]);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < DV / 16; ++kk) {  // dp = dout v^T
       uint32_t da[4];
-      frag_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
+      ldsm_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sV, LDV, nt * 8, kk * 16, lane);
-        mma_16816<T>(dp[nt], da, bf);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sV, LDV, np * 16, kk * 16, lane);
+        mma_16816<T>(dp[2 * np], da, bf[0]);
+        mma_16816<T>(dp[2 * np + 1], da, bf[1]);
       }
     }
 
@@ -368,10 +421,11 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
       uint32_t dsa[4];
       c_to_a<T>(dsa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DK / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sK, LDK, kk * 16, dt * 8, lane);
-        mma_16816<T>(dq[dt], dsa, bf);
+      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sK, LDK, kk * 16, dp2 * 16, lane);
+        mma_16816<T>(dq[2 * dp2], dsa, bf[0]);
+        mma_16816<T>(dq[2 * dp2 + 1], dsa, bf[1]);
       }
     }
   }
@@ -398,9 +452,10 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 }
 
 // ----------------------------------------------------------------------------
-// backward 3: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads
+// backward 2: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads. MIRROR as in
+// the forward.
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool MIRROR>
 __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BQ = dkv_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
@@ -409,8 +464,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   T* sV = sK + kRows * LDK;
   T* sQ = sV + kRows * LDV;
   T* sDO = sQ + BQ * LDK;
-  int* sQpos = reinterpret_cast<int*>(sDO + BQ * LDV);
-  float* sLse = reinterpret_cast<float*>(sQpos + BQ);
+  int* sQc = reinterpret_cast<int*>(sDO + BQ * LDV);
+  float* sLse = reinterpret_cast<float*>(sQc + BQ);
   float* sDelta = sLse + BQ;
   float* sTab = sDelta + BQ;
 
@@ -422,13 +477,15 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
   const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
 
-  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
+  load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
   load_rows<T, kRows, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
   load_rows<T, kRows, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
 
-  int kpos[2];  // this thread's key rows g, g + 8
+  // bias coordinates of this thread's key rows g, g + 8; a row past Nk takes the
+  // last key's (its results only reach its own rows of dk and dv, never stored)
+  int kc[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) kpos[r] = key_pos(k0 + warp * 16 + g + 8 * r, p.Nk, p.C);
+  for (int r = 0; r < 2; ++r) kc[r] = key_coord<MIRROR>(imin(k0 + warp * 16 + g + 8 * r, p.Nk - 1), p.C);
 
   const float sl2 = p.scale * kLog2e;
   float dk[DK / 8][4], dv[DV / 8][4];
@@ -439,13 +496,13 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
   for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
     __syncthreads();
-    load_rows<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
-    if (tid < BQ) {
-      const int i = q0 + tid, pos = query_pos(i, p.Nq, p.Cq, p.qs);
-      sQpos[tid] = pos;
-      sLse[tid] = pos >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
-      sDelta[tid] = pos >= 0 ? p.delta[bh * p.Nq + i] : 0.f;
+    load_rows_unrolled<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows_unrolled<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    if (tid < BQ) {  // queries past Nq: query 0's coordinate, masked below
+      const int i = q0 + tid;
+      sQc[tid] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
+      sLse[tid] = i < p.Nq ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
+      sDelta[tid] = i < p.Nq ? p.delta[bh * p.Nq + i] : 0.f;
     }
     __syncthreads();
 
@@ -458,41 +515,49 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t ka[4];
-      frag_a<T>(ka, sK, LDK, warp * 16, kk * 16, lane);
+      ldsm_a<T>(ka, sK, LDK, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sQ, LDK, nt * 8, kk * 16, lane);
-        mma_16816<T>(st[nt], ka, bf);
+      for (int np = 0; np < BQ / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sQ, LDK, np * 16, kk * 16, lane);
+        mma_16816<T>(st[2 * np], ka, bf[0]);
+        mma_16816<T>(st[2 * np + 1], ka, bf[1]);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < DV / 16; ++kk) {
       uint32_t va[4];
-      frag_a<T>(va, sV, LDV, warp * 16, kk * 16, lane);
+      ldsm_a<T>(va, sV, LDV, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-        uint32_t bf[2];
-        frag_b_nk<T>(bf, sDO, LDV, nt * 8, kk * 16, lane);
-        mma_16816<T>(dpt[nt], va, bf);
+      for (int np = 0; np < BQ / 16; ++np) {
+        uint32_t bf[2][2];
+        ldsm_b2_nk<T>(bf, sDO, LDV, np * 16, kk * 16, lane);
+        mma_16816<T>(dpt[2 * np], va, bf[0]);
+        mma_16816<T>(dpt[2 * np + 1], va, bf[1]);
       }
     }
 
-    // p^T = exp(logits^T - lse) (0 outside the grids)
+    // p^T = exp(logits^T - lse)
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = nt * 8 + 2 * t + e, qp = sQpos[col];
+        const int col = nt * 8 + 2 * t + e, qc = sQc[col];
+        const float lse2 = sLse[col], delta = sDelta[col];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float pr = 0.f;
-          if (qp >= 0 && kpos[r] >= 0)
-            pr = exp2_ftz(st[nt][2 * r + e] * sl2 + sTab[bias_index(qp, kpos[r], p.C)] - sLse[col]);
+          const float pr = exp2_ftz(st[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc, kc[r], p.C) - lse2);
           st[nt][2 * r + e] = pr;
-          dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - sDelta[col]);  // ds^T
+          dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - delta);  // ds^T
         }
       }
+    if (q0 + BQ > p.Nq) {  // the last tile: queries past Nq -> 0
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (q0 + nt * 8 + 2 * t + e >= p.Nq) st[nt][e] = st[nt][2 + e] = dpt[nt][e] = dpt[nt][2 + e] = 0.f;
+    }
 
     // dv += p^T dout, dk += ds^T q
 #pragma unroll
@@ -501,16 +566,18 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
       c_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
       c_to_a<T>(dsa, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DV / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sDO, LDV, kk * 16, dt * 8, lane);
-        mma_16816<T>(dv[dt], pa, bf);
+      for (int dp2 = 0; dp2 < DV / 16; ++dp2) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sDO, LDV, kk * 16, dp2 * 16, lane);
+        mma_16816<T>(dv[2 * dp2], pa, bf[0]);
+        mma_16816<T>(dv[2 * dp2 + 1], pa, bf[1]);
       }
 #pragma unroll
-      for (int dt = 0; dt < DK / 8; ++dt) {
-        uint32_t bf[2];
-        frag_b_kn<T>(bf, sQ, LDK, kk * 16, dt * 8, lane);
-        mma_16816<T>(dk[dt], dsa, bf);
+      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+        uint32_t bf[2][2];
+        ldsm_b2_kn<T>(bf, sQ, LDK, kk * 16, dp2 * 16, lane);
+        mma_16816<T>(dk[2 * dp2], dsa, bf[0]);
+        mma_16816<T>(dk[2 * dp2 + 1], dsa, bf[1]);
       }
     }
   }
@@ -559,29 +626,30 @@ inline bool relpos_pick_dims(int dk, int dv, int* DK, int* DV) {
 
 template <class T, int DK, int DV>
 cudaError_t relpos_fwd_launch(const RelposParams& p, cudaStream_t stream) {
-  const size_t smem = relpos_detail::fwd_smem<DK, DV>(p.R * p.C);
-  cudaError_t err = allow_smem(relpos_fwd_kernel<T, DK, DV>, smem);
+  using namespace relpos_detail;
+  const bool mirror = mirror_fits(p.R, p.C);
+  const size_t smem = fwd_smem<DK, DV>(table_floats(p.R, p.C, mirror));
+  auto kernel = mirror ? relpos_fwd_kernel<T, DK, DV, true> : relpos_fwd_kernel<T, DK, DV, false>;
+  cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.Nq, relpos_detail::kRows), p.H, p.B);
-  launch(relpos_fwd_kernel<T, DK, DV>, grid, dim3(relpos_detail::kThreads), smem, stream, p);
+  launch(kernel, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem, stream, p);
   return last_error();
 }
 
 template <class T, int DK, int DV>
 cudaError_t relpos_bwd_launch(const RelposParams& p, cudaStream_t stream) {
   using namespace relpos_detail;
-  const int64_t rows = (int64_t)p.B * p.H * p.Nq;
-  launch(relpos_bwd_delta_kernel<T>, dim3(unsigned((rows + 3) / 4)), dim3(kThreads), 0, stream, p);
-  cudaError_t err = last_error();
-  if (err != cudaSuccess) return err;
-  const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false), smem_dkv = bwd_smem<DK, DV>(p.R * p.C, true);
+  cudaError_t err = cudaSuccess;
+  const bool mirror = mirror_fits(p.R, p.C);
+  auto dkv = mirror ? relpos_bwd_dkv_kernel<T, DK, DV, true> : relpos_bwd_dkv_kernel<T, DK, DV, false>;
+  const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false);
+  const size_t smem_dkv = bwd_smem<DK, DV>(table_floats(p.R, p.C, mirror), true);
   if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem_dq)) != cudaSuccess) return err;
-  if ((err = allow_smem(relpos_bwd_dkv_kernel<T, DK, DV>, smem_dkv)) != cudaSuccess) return err;
+  if ((err = allow_smem(dkv, smem_dkv)) != cudaSuccess) return err;
   launch(relpos_bwd_dq_kernel<T, DK, DV>, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem_dq, stream,
          p);
   if ((err = last_error()) != cudaSuccess) return err;
-  launch(relpos_bwd_dkv_kernel<T, DK, DV>, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv,
-         stream, p);
+  launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);
   return last_error();
 }
 

@@ -251,7 +251,9 @@ def _load_rows_trips(env: dict[str, int]) -> dict[str, float]:
     "header@file:line"): ROWS*(D/8)/NT 16-byte copies per thread on the vectorised
     path, none on the element-wise fallback (the estimated inputs are contiguous and
     16-byte aligned, rows of a multiple of 8 elements: load_rows takes the
-    vectorised path). Template arguments are evaluated with ``env``."""
+    vectorised path; load_rows_unrolled calls load_rows only where rows do not
+    vectorise, so that call site runs neither). Template arguments are evaluated
+    with ``env``."""
     out = {}
     for path in sorted((CSRC / "kernels").glob("*.cuh")):
         text = path.read_text()
@@ -260,6 +262,8 @@ def _load_rows_trips(env: dict[str, int]) -> dict[str, float]:
             try:
                 rows, d, nt = (eval(a.strip(), {"__builtins__": {}}, dict(env)) for a in m.groups())  # noqa: S307
             except NameError:
+                if path.name == "common.cuh":  # load_rows_unrolled's fallback: only where not vectorised
+                    out[f"idx<ROWS*(D/8)@{path.name}:{line}"] = out[f"idx<ROWS*D;@{path.name}:{line}"] = 0.0
                 continue
             out[f"idx<ROWS*(D/8)@{path.name}:{line}"] = rows * (d / 8) / nt
             out[f"idx<ROWS*D;@{path.name}:{line}"] = 0.0
@@ -294,17 +298,17 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
                                  "BN": 64 if la.base == "vk::relpos_fwd_kernel" else 32 if DK + DV > 160 else 64,
                                  "BQ": 32 if DK + DV >= 96 else 64})  # fmt: skip
         if la.base == "vk::relpos_fwd_kernel":
-            la.trips = {"i": table_loop, "k0": _cdiv(Nk, 64)}
+            # <..., true>: the table mirrored over signed offsets, (2R-1) x (2C-1) floats
+            mirrored = la.kernel.endswith("true>")
+            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "k0": _cdiv(Nk, 64)}
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
-        elif la.base == "vk::relpos_bwd_delta_kernel":
-            la.trips = {"d": _cdiv(Dv, 32)}
-            la.bytes_read, la.bytes_written = _nbytes(out, dout), _nbytes(delta)
         elif la.base == "vk::relpos_bwd_dq_kernel":
             la.trips = {"i": table_loop, "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64)}
-            la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
-            la.bytes_written = _nbytes(dq, dtable)
+            la.bytes_read = _nbytes(q, k, v, table, dout, out, lse)  # delta from out and dout
+            la.bytes_written = _nbytes(dq, dtable, delta)
         elif la.base == "vk::relpos_bwd_dkv_kernel":
-            la.trips = {"i": table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
+            mirrored = la.kernel.endswith("true>")
+            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
             la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
             la.bytes_written = _nbytes(dk, dv, dtable)
         la.trips.update(rows)
