@@ -38,9 +38,10 @@ slots, HP = H rounded up to a power of two, at least 2):
   from two sums over the keys beside delta's: sum_j dl_g s_h = sum_j p_g dp_g s_h -
   delta_g sum_j p_g s_h); without, dq of every head.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
-  (transposed tiles): dk, dv of a group of two heads per launch.
-  (Each dk/dv launch recomputes the tile chain of all heads; only its group's
-  gradients are accumulated: all heads' did not fit a thread's registers beside it.)
+  (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
+  of a group of two heads per launch (each launch recomputes the tile chain of all
+  heads; every head's gradients beside it spilled). The loop forms p and n and adds
+  to dv before it computes dn = <v, dO>, so fewer tiles are live at once.
   The loops of the delta and dq passes reload q, dO and the mixing weights each
   iteration (``_live``) instead of holding them in registers.
 
@@ -570,7 +571,7 @@ def _dq_pass(
         )  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
-            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
+            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)  # sum_g A[g, h] dl_g
         k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
         dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, 1, VK, dq, 0, 1, HP, H)
 
@@ -632,21 +633,26 @@ def _bwd_dkdv_kernel(
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        # p and n first, dv, then dn: fewer tiles live at once than in ``_tile_bwd``
         st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
                     Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
-        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
-                     Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
         ok3 = col_ok[:, None, :] & row_ok[None, :, :]
-        p, n, _, _, dp = _tile_bwd(
-            st3, qk_scale, lse2[None, :, :], ok3, dnt3, PRE_W, stride_pre0, stride_pre1,
-            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, True,
-        )  # fmt: skip
+        l3 = _logits(st3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
+        p, n = _probs(l3, lse2[None, :, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs, H,
+                      HAS_POST, HAS_POST_B, True)  # fmt: skip
+        if HAS_NORM:
+            n, xhat, rho = _head_norm(n, norm_w, norm_b, valid, inv_h, eps)
         g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
         dv = _dots_acc(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
+        dp = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
+                   Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)  # dn
+        if HAS_NORM:
+            dp = _head_norm_bwd(dp, xhat, rho, norm_w, valid, inv_h)
+        if HAS_POST:
+            dp = _mix(dp, POST_W, stride_post1, stride_post0, hs, H, True)
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)
@@ -712,10 +718,9 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
     take 64 query rows x 16 keys on 8 warps (two warpgroups); on sm_80 (mma.sync
-    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv hold
-    the gradients of two heads per launch on 16 keys x 16 queries (every launch
-    recomputes the tile chain: the gradients of all of a key block's heads did not fit
-    a thread's registers beside it at 64 keys on 4 or 8 warps; see bench/NOTES.md).
+    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
+    launch for every head's gradients on 16 keys x 32 queries, 16 x 16 where that
+    spilled; two heads per launch with the post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     c = _common(heads, dk, dv, flags)
     few = nq <= 16
@@ -726,9 +731,13 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     else:
         delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), 8, 1)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+    # every head's dk, dv in one launch: 16 keys x 32 queries; 16 x 16 for a few queries
+    # and with the head norm (32 queries spilled); with the post-mix bias two heads per
+    # launch (every head at 16 x 16 spilled 4 B)
     hp = c["HP"]
-    gp = min(2, hp)
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
+    gp = min(2, hp) if flags["HAS_POST_B"] else hp
+    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 32
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=bm, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
