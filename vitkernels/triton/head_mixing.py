@@ -36,14 +36,17 @@ slots, HP = H rounded up to a power of two, at least 2):
 * ``_bwd_dq_kernel``, two launches, a program per (b, query block) each: with
   DELTA_PASS, delta and this program's partial sums of dP, dc, dw, dbeta and dA (dA
   from two sums over the keys beside delta's: sum_j dl_g s_h = sum_j p_g dp_g s_h -
-  delta_g sum_j p_g s_h); without, dq of every head.
+  delta_g sum_j p_g s_h); without, dq of every head. The loops of both passes reload
+  q, dO and the mixing weights each iteration (``_live``) instead of holding them in
+  registers.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
   of a group of two heads per launch (each launch recomputes the tile chain of all
   heads; every head's gradients beside it spilled). The loop forms p and n and adds
   to dv before it computes dn = <v, dO>, so fewer tiles are live at once.
-  The loops of the delta and dq passes reload q, dO and the mixing weights each
-  iteration (``_live``) instead of holding them in registers.
+* ``_param_grad_kernel``: one program adds the delta launch's per-program partial
+  sums row block by row block (a fixed order) and writes each parameter's gradient
+  in its dtype: no torch launch is left in the backward.
 
 Each head's products are 2-d ``tl.dot``s; the per-head tiles are stacked with
 ``tl.join`` (a recursive halving, ``_dots``/``_dots_acc``), which puts the head axis
@@ -51,8 +54,8 @@ in each thread's registers: the mixing (an FMA chain per output head, ``_mix``),
 the softmax statistics and the head norm are then elementwise work with no data
 exchange between threads, and picking one head's slot (``_slot``) is a select that
 folds to a register move. Parameter gradients are written as one row of
-per-program partial sums each (no atomics) and summed by the launcher in a fixed
-order, so they are deterministic.
+per-program partial sums each (no atomics) and summed by ``_param_grad_kernel`` in
+a fixed order, so they are deterministic.
 
 Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 ``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
@@ -675,6 +678,43 @@ def _bwd_dkdv_kernel(
     )
 
 
+@triton.jit
+def _param_grad_kernel(
+    PART, D_PRE, D_POST, D_POST_B, D_NORM_W, D_NORM_B, NROWS, NPART,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+):  # fmt: skip
+    """One program: the parameters' gradients from the delta launch's partial sums, PART
+    (NROWS, NPART) float32 with columns [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each),
+    dA (HP x HP, [g, h])], added row block by row block in a fixed order (deterministic)
+    and written to the contiguous outputs in their own dtypes."""
+    cols = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for start_r in range(0, NROWS, BLOCK_R):
+        rows = start_r + tl.arange(0, BLOCK_R)
+        mask = (rows < NROWS)[:, None] & (cols < NPART)[None, :]
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * NPART + cols[None, :], mask=mask, other=0.0)
+    tot = tl.sum(acc, 0)  # (BLOCK_C,)
+    hi = cols // HP  # a matrix column's row (out) index, or a vector column's vector
+    lo = cols % HP
+    in_range = (hi < H) & (lo < H)
+    if HAS_POST:
+        tl.store(D_POST + hi * H + lo, tot.to(D_POST.dtype.element_ty), mask=in_range & (cols < HP * HP))
+    vec = (cols - HP * HP) // HP  # 0: dc, 1: dw, 2: dbeta
+    in_vec = (cols >= HP * HP) & (cols < HP * HP + 3 * HP) & (lo < H)
+    if HAS_POST_B:
+        tl.store(D_POST_B + lo, tot.to(D_POST_B.dtype.element_ty), mask=in_vec & (vec == 0))
+    if HAS_NORM_W:
+        tl.store(D_NORM_W + lo, tot.to(D_NORM_W.dtype.element_ty), mask=in_vec & (vec == 1))
+    if HAS_NORM_B:
+        tl.store(D_NORM_B + lo, tot.to(D_NORM_B.dtype.element_ty), mask=in_vec & (vec == 2))
+    if HAS_PRE:
+        pre = cols - (HP * HP + 3 * HP)
+        tl.store(D_PRE + (pre // HP) * H + pre % HP, tot.to(D_PRE.dtype.element_ty),
+                 mask=(pre >= 0) & (pre < HP * HP) & (pre // HP < H) & (pre % HP < H))  # fmt: skip
+
+
 # ----------------------------------------------------------------------------
 # configs: small deterministic heuristics of the shape, checked by the ahead-of-time
 # compiles (tests/test_compile_budget.py) to fit the registers on sm_80 and sm_90a.
@@ -935,21 +975,25 @@ def head_mixing_attention_bwd(
             loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
         ))  # fmt: skip
 
-    # the parameters' gradients: per-program partial sums, added in a fixed order (a sum
-    # each: the op's outputs must not share storage)
-    post_mat = part[:, : HP * HP].view(-1, HP, HP)
-    vec_parts = part[:, HP * HP : HP * HP + 3 * HP].view(-1, 3, HP)
-    pre_mat = part[:, HP * HP + 3 * HP :].view(-1, HP, HP)
+    # the parameters' gradients: the partial sums added in a fixed order, one launch
+    # (each gradient its own buffer: the op's outputs must not share storage)
+    def out(t):
+        return None if t is None else _alloc(tuple(t.shape), t.dtype, dev)
 
-    def grad(t, g):
-        return None if t is None else g.sum(dim=0).to(t.dtype)
-
-    return (
-        dq, dk, dv,
-        grad(pre_w, pre_mat[:, :H, :H]), grad(post_w, post_mat[:, :H, :H]),
-        grad(post_b, vec_parts[:, 0, :H]), grad(norm_w if has_norm else None, vec_parts[:, 1, :H]),
-        grad(norm_b if has_norm else None, vec_parts[:, 2, :H]),
-    )  # fmt: skip
+    norm_w, norm_b = (norm_w, norm_b) if has_norm else (None, None)
+    grads = [out(t) for t in (pre_w, post_w, post_b, norm_w, norm_b)]
+    if any(g is not None for g in grads):
+        block_r = 64
+        launch(Launch(
+            f"head_mixing_bwd_params[{tag}]", _param_grad_kernel, (1,),
+            [part, *(part if g is None else g for g in grads), part.shape[0], npart],
+            dict(H=H, HP=HP, BLOCK_R=block_r, BLOCK_C=_pow2(npart), HAS_PRE=flags["HAS_PRE"],
+                 HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
+                 HAS_NORM_W=flags["HAS_NORM_W"], HAS_NORM_B=flags["HAS_NORM_B"]),
+            4, 1, reads=(part,), writes=tuple(g for g in grads if g is not None),
+            loops={"start_r": triton.cdiv(part.shape[0], block_r)},
+        ))  # fmt: skip
+    return dq, dk, dv, *grads
 
 
 # ----------------------------------------------------------------------------
