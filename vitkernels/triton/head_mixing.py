@@ -574,7 +574,7 @@ def _dq_pass(
         )  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
-            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)  # sum_g A[g, h] dl_g
+            ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
         k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
         dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, 1, VK, dq, 0, 1, HP, H)
 
@@ -760,7 +760,8 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     take 64 query rows x 16 keys on 8 warps (two warpgroups); on sm_80 (mma.sync
     layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 32 queries, 16 x 16 where that
-    spilled; two heads per launch with the post-mix bias (see bench/NOTES.md).
+    spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
+    post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     c = _common(heads, dk, dv, flags)
     few = nq <= 16
@@ -771,13 +772,14 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     else:
         delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), 8, 1)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
-    # every head's dk, dv in one launch: 16 keys x 32 queries; 16 x 16 for a few queries
-    # and with the head norm (32 queries spilled); with the post-mix bias two heads per
-    # launch (every head at 16 x 16 spilled 4 B)
+    # every head's dk, dv in one launch: 16 keys x 32 queries on 8 warps; 16 x 16 with
+    # the head norm (32 queries spilled); with the post-mix bias two heads per launch
+    # (every head at 16 x 16 spilled 4 B); for a few queries 32 keys x 16 on 4 warps
     hp = c["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 32
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=bm, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
+    bn, warps = (32, 4) if few else (16, 8)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
