@@ -36,13 +36,17 @@ slots, HP = H rounded up to a power of two, at least 2):
 * ``_bwd_dq_kernel``, two launches, a program per (b, query block) each: with
   DELTA_PASS, delta and this program's partial sums of dP, dc, dw, dbeta and dA (dA
   from two sums over the keys beside delta's: sum_j dl_g s_h = sum_j p_g dp_g s_h -
-  delta_g sum_j p_g s_h); without, dq of every head.
+  delta_g sum_j p_g s_h); without, dq of every head. The loops of both passes reload
+  q, dO and the mixing weights each iteration (``_live``) instead of holding them in
+  registers.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
-  (transposed tiles): dk, dv of a group of two heads per launch.
-  (Each dk/dv launch recomputes the tile chain of all heads; only its group's
-  gradients are accumulated: all heads' did not fit a thread's registers beside it.)
-  The loops of the delta and dq passes reload q, dO and the mixing weights each
-  iteration (``_live``) instead of holding them in registers.
+  (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
+  of a group of two heads per launch (each launch recomputes the tile chain of all
+  heads; every head's gradients beside it spilled). The loop forms p and n and adds
+  to dv before it computes dn = <v, dO>, so fewer tiles are live at once.
+* ``_param_grad_kernel``: one program adds the delta launch's per-program partial
+  sums row block by row block (a fixed order) and writes each parameter's gradient
+  in its dtype: no torch launch is left in the backward.
 
 Each head's products are 2-d ``tl.dot``s; the per-head tiles are stacked with
 ``tl.join`` (a recursive halving, ``_dots``/``_dots_acc``), which puts the head axis
@@ -50,8 +54,8 @@ in each thread's registers: the mixing (an FMA chain per output head, ``_mix``),
 the softmax statistics and the head norm are then elementwise work with no data
 exchange between threads, and picking one head's slot (``_slot``) is a select that
 folds to a register move. Parameter gradients are written as one row of
-per-program partial sums each (no atomics) and summed by the launcher in a fixed
-order, so they are deterministic.
+per-program partial sums each (no atomics) and summed by ``_param_grad_kernel`` in
+a fixed order, so they are deterministic.
 
 Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 ``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
@@ -632,21 +636,26 @@ def _bwd_dkdv_kernel(
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        # p and n first, dv, then dn: fewer tiles live at once than in ``_tile_bwd``
         st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
                     Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
-        dnt3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
-                     Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
         ok3 = col_ok[:, None, :] & row_ok[None, :, :]
-        p, n, _, _, dp = _tile_bwd(
-            st3, qk_scale, lse2[None, :, :], ok3, dnt3, PRE_W, stride_pre0, stride_pre1,
-            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, True,
-        )  # fmt: skip
+        l3 = _logits(st3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
+        p, n = _probs(l3, lse2[None, :, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs, H,
+                      HAS_POST, HAS_POST_B, True)  # fmt: skip
+        if HAS_NORM:
+            n, xhat, rho = _head_norm(n, norm_w, norm_b, valid, inv_h, eps)
         g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
         dv = _dots_acc(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
+        dp = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
+                   Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)  # dn
+        if HAS_NORM:
+            dp = _head_norm_bwd(dp, xhat, rho, norm_w, valid, inv_h)
+        if HAS_POST:
+            dp = _mix(dp, POST_W, stride_post1, stride_post0, hs, H, True)
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)
@@ -667,6 +676,43 @@ def _bwd_dkdv_kernel(
         DV_ + base * DV + offs_dv[None, :, None], dv.to(DV_.dtype.element_ty),
         mask=mask & (offs_dv[None, :, None] < DV),
     )
+
+
+@triton.jit
+def _param_grad_kernel(
+    PART, D_PRE, D_POST, D_POST_B, D_NORM_W, D_NORM_B, NROWS, NPART,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+):  # fmt: skip
+    """One program: the parameters' gradients from the delta launch's partial sums, PART
+    (NROWS, NPART) float32 with columns [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each),
+    dA (HP x HP, [g, h])], added row block by row block in a fixed order (deterministic)
+    and written to the contiguous outputs in their own dtypes."""
+    cols = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for start_r in range(0, NROWS, BLOCK_R):
+        rows = start_r + tl.arange(0, BLOCK_R)
+        mask = (rows < NROWS)[:, None] & (cols < NPART)[None, :]
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * NPART + cols[None, :], mask=mask, other=0.0)
+    tot = tl.sum(acc, 0)  # (BLOCK_C,)
+    hi = cols // HP  # a matrix column's row (out) index, or a vector column's vector
+    lo = cols % HP
+    in_range = (hi < H) & (lo < H)
+    if HAS_POST:
+        tl.store(D_POST + hi * H + lo, tot.to(D_POST.dtype.element_ty), mask=in_range & (cols < HP * HP))
+    vec = (cols - HP * HP) // HP  # 0: dc, 1: dw, 2: dbeta
+    in_vec = (cols >= HP * HP) & (cols < HP * HP + 3 * HP) & (lo < H)
+    if HAS_POST_B:
+        tl.store(D_POST_B + lo, tot.to(D_POST_B.dtype.element_ty), mask=in_vec & (vec == 0))
+    if HAS_NORM_W:
+        tl.store(D_NORM_W + lo, tot.to(D_NORM_W.dtype.element_ty), mask=in_vec & (vec == 1))
+    if HAS_NORM_B:
+        tl.store(D_NORM_B + lo, tot.to(D_NORM_B.dtype.element_ty), mask=in_vec & (vec == 2))
+    if HAS_PRE:
+        pre = cols - (HP * HP + 3 * HP)
+        tl.store(D_PRE + (pre // HP) * H + pre % HP, tot.to(D_PRE.dtype.element_ty),
+                 mask=(pre >= 0) & (pre < HP * HP) & (pre // HP < H) & (pre % HP < H))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -712,10 +758,10 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
     take 64 query rows x 16 keys on 8 warps (two warpgroups); on sm_80 (mma.sync
-    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv hold
-    the gradients of two heads per launch on 16 keys x 16 queries (every launch
-    recomputes the tile chain: the gradients of all of a key block's heads did not fit
-    a thread's registers beside it at 64 keys on 4 or 8 warps; see bench/NOTES.md).
+    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
+    launch for every head's gradients on 16 keys x 32 queries, 16 x 16 where that
+    spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
+    post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     c = _common(heads, dk, dv, flags)
     few = nq <= 16
@@ -726,9 +772,14 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     else:
         delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), 8, 1)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+    # every head's dk, dv in one launch: 16 keys x 32 queries on 8 warps; 16 x 16 with
+    # the head norm (32 queries spilled); with the post-mix bias two heads per launch
+    # (every head at 16 x 16 spilled 4 B); for a few queries 32 keys x 16 on 4 warps
     hp = c["HP"]
-    gp = min(2, hp)
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
+    gp = min(2, hp) if flags["HAS_POST_B"] else hp
+    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 32
+    bn, warps = (32, 4) if few else (16, 8)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
@@ -926,21 +977,25 @@ def head_mixing_attention_bwd(
             loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
         ))  # fmt: skip
 
-    # the parameters' gradients: per-program partial sums, added in a fixed order (a sum
-    # each: the op's outputs must not share storage)
-    post_mat = part[:, : HP * HP].view(-1, HP, HP)
-    vec_parts = part[:, HP * HP : HP * HP + 3 * HP].view(-1, 3, HP)
-    pre_mat = part[:, HP * HP + 3 * HP :].view(-1, HP, HP)
+    # the parameters' gradients: the partial sums added in a fixed order, one launch
+    # (each gradient its own buffer: the op's outputs must not share storage)
+    def out(t):
+        return None if t is None else _alloc(tuple(t.shape), t.dtype, dev)
 
-    def grad(t, g):
-        return None if t is None else g.sum(dim=0).to(t.dtype)
-
-    return (
-        dq, dk, dv,
-        grad(pre_w, pre_mat[:, :H, :H]), grad(post_w, post_mat[:, :H, :H]),
-        grad(post_b, vec_parts[:, 0, :H]), grad(norm_w if has_norm else None, vec_parts[:, 1, :H]),
-        grad(norm_b if has_norm else None, vec_parts[:, 2, :H]),
-    )  # fmt: skip
+    norm_w, norm_b = (norm_w, norm_b) if has_norm else (None, None)
+    grads = [out(t) for t in (pre_w, post_w, post_b, norm_w, norm_b)]
+    if any(g is not None for g in grads):
+        block_r = 64
+        launch(Launch(
+            f"head_mixing_bwd_params[{tag}]", _param_grad_kernel, (1,),
+            [part, *(part if g is None else g for g in grads), part.shape[0], npart],
+            dict(H=H, HP=HP, BLOCK_R=block_r, BLOCK_C=_pow2(npart), HAS_PRE=flags["HAS_PRE"],
+                 HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
+                 HAS_NORM_W=flags["HAS_NORM_W"], HAS_NORM_B=flags["HAS_NORM_B"]),
+            4, 1, reads=(part,), writes=tuple(g for g in grads if g is not None),
+            loops={"start_r": triton.cdiv(part.shape[0], block_r)},
+        ))  # fmt: skip
+    return dq, dk, dv, *grads
 
 
 # ----------------------------------------------------------------------------
