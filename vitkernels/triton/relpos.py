@@ -126,6 +126,19 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 
 
 @triton.jit
+def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
+    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n), log2 units."""
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, BIAS, T, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -133,14 +146,17 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    H, NQ, NK, NQP, NKP, NUM_QB, CQ, C, S,
+    H, NQ, NK, NK_FULL, NQP, NKP, NUM_QB, CQ, C, S,
     qk_scale, bias_scale,  # multiplied by log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """GATHER (one key block, NK <= BLOCK_N): the bias tile is gathered from the table
-    T, and BIAS is not read; else BIAS is the expanded bias (``_bias_kernel``)."""
+    """Keys [0, NK_FULL) (a multiple of BLOCK_N; FULL: NK_FULL > 0) in unmasked blocks of
+    BLOCK_N, then the rest, if any, in one masked block of TAIL_N >= NK - NK_FULL keys.
+    GATHER (NK <= BLOCK_N: no full block, every key in the tail): the bias tile is
+    gathered from the table T, and BIAS is not read; else BIAS is the expanded bias
+    (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     pid_bh = pid // NUM_QB
@@ -156,33 +172,44 @@ def _fwd_kernel(
     dv_ok = offs_dv < DV
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
-
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    b_ptrs = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP + offs_n[None, :]  # padded: no mask
-    if GATHER:
-        bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_n[None, :], NQ, NK, CQ, C, S, bias_scale)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    b_base = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP  # padded: no mask
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
-        # the key mask is on the loads only: a padded key's bias is -inf
-        n_ok = start_n + offs_n < NK
-        kt = tl.load(k_ptrs, mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        if not GATHER:
-            bias = tl.load(b_ptrs)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    b_ptrs = b_base + offs_n[None, :]
+    for _start_n in range(0, NK_FULL if FULL else 0, BLOCK_N):  # every key exists: no key mask
+        kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
+        v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        bias = tl.load(b_ptrs)
+        m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         b_ptrs += BLOCK_N
+    if TAIL_N > 0:
+        # the last keys: masked on the loads only (a missing key's bias is -inf)
+        offs_t = NK_FULL + tl.arange(0, TAIL_N)
+        t_ok = offs_t < NK
+        kt = tl.load(
+            k_base + offs_t[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+            mask=t_ok[None, :] & dk_ok[:, None],
+            other=0.0,
+        )  # (BLOCK_DK, TAIL_N)
+        v = tl.load(
+            v_base + offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=t_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )  # (TAIL_N, BLOCK_DV)
+        if GATHER:
+            bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_t[None, :], NQ, NK, CQ, C, S,
+                               bias_scale)  # fmt: skip
+        else:
+            bias = tl.load(b_base + offs_t[None, :])
+        m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC)
 
     acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
@@ -273,6 +300,21 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_program(H, RQ, CQ, NUM_QB, QR: tl.constexpr, CQP: tl.constexpr):
+    """What a dQ/table program (either kernel) works on: its query block pid_q (query-grid
+    rows [pid_q*QR, pid_q*QR + QR), CQP column slots each), head h, batch group g, and
+    per query slot its grid row and column, whether it exists and its token."""
+    pid = tl.program_id(0)
+    pid_q = pid % NUM_QB
+    rest = pid // NUM_QB
+    offs_m = tl.arange(0, QR * CQP)
+    qg_row = pid_q * QR + offs_m // CQP
+    qg_col = offs_m % CQP
+    m_ok = (qg_row < RQ) & (qg_col < CQ)
+    return pid_q, rest % H, rest // H, qg_row, qg_col, m_ok, qg_row * CQ + qg_col
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, T, DO, O, LSE, DQ_, DT_,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -287,18 +329,7 @@ def _bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_q = pid % NUM_QB
-    rest = pid // NUM_QB
-    h = rest % H
-    g = rest // H
-
-    # query block: query-grid rows [pid_q*QR, pid_q*QR + QR), CQP column slots each
-    offs_m = tl.arange(0, QR * CQP)
-    qg_row = pid_q * QR + offs_m // CQP
-    qg_col = offs_m % CQP
-    m_ok = (qg_row < RQ) & (qg_col < CQ)
-    q_tok = qg_row * CQ + qg_col
+    pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # every key: TRP key-grid rows of CP column slots
     offs_n = tl.arange(0, TRP * CP)
     k_row = offs_n // CP
@@ -410,18 +441,7 @@ def _bwd_dq_blocked_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_q = pid % NUM_QB
-    rest = pid // NUM_QB
-    h = rest % H
-    g = rest // H
-
-    # query block: query-grid rows [pid_q*QR, pid_q*QR + QR), CQP column slots each
-    offs_m = tl.arange(0, QR * CQP)
-    qg_row = pid_q * QR + offs_m // CQP
-    qg_col = offs_m % CQP
-    m_ok = (qg_row < RQ) & (qg_col < CQ)
-    q_tok = qg_row * CQ + qg_col
+    pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # key block kb: key-grid rows [kb*KR, kb*KR + KR), CP column slots each
     offs_n = tl.arange(0, KR * CP)
     k_rl = offs_n // CP
@@ -573,9 +593,14 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     block_m = min(64, max(16, _pow2(nq)))
     block_n = min(64, max(16, _pow2(nk)))
+    # the keys past the last full block: one block of the next power of 2 (>= 16, for
+    # tl.dot), e.g. 196 keys as 3 x 64 + 16 rather than 4 x 64; one block of keys (the
+    # forward that gathers its bias) is all tail: no loop
+    full = nk // block_n * block_n if nk > block_n else 0
+    tail_n = max(16, _pow2(nk - full)) if nk > full else 0
     warps = 8 if block_m * bdv > 64 * 64 else 4
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_N=tail_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
@@ -739,14 +764,15 @@ def relpos_attention_fwd(
     nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     num_qb = triton.cdiv(NQ, block_m)
+    nk_full = NK // block_n * block_n if cfg.constexprs["FULL"] else 0
     launch(Launch(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
         [q, k, v, bias, table, out, lse,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
-         H, NQ, NK, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
+         H, NQ, NK, nk_full, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
         {**cfg.constexprs, "GATHER": gather, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
-        loops={"start_n": triton.cdiv(NK, block_n)},
+        loops={"_start_n": nk_full // block_n},
     ))  # fmt: skip
     return out, lse
 
