@@ -670,7 +670,12 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
         blocks = _dq_blocks(rows, cols, q_stride)
         constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
         tile = blocks["QR"] * blocks["CQP"] * blocks["TRP"] * blocks["CP"]
-        return _Config(constexprs, 8 if tile >= 4096 else 2, 1)
+        # 4096-logit tiles: 8 warps (two warpgroups on the key rows; the 16-query dQ^T dot
+        # then runs on mma.sync, its M = Dk split over warps that repeat each other's
+        # work); small heads (Dk + Dv <= 48, LeViT-128S) fit 4 warps in registers (236 at
+        # A5, 255 with a local-memory spill at Dk 32, Dv 64)
+        warps = 2 if tile < 4096 else 4 if bdk + bdv <= 48 else 8
+        return _Config(constexprs, warps, 1)
     blocks = _dq_key_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
