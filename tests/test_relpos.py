@@ -69,6 +69,7 @@ GRAD_CASES = [
     "Dk20 Dv40",
     "N784 448px",
     "grid 1x1",
+    "keys 8x16",  # dK/dV: 4 full query blocks, no tail
 ]
 
 

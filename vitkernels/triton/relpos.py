@@ -28,14 +28,15 @@ ever in memory):
   head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
   (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)).
   Built from the table on every call, never cached, so never stale; the forward and
-  dK/dV kernels load its tiles instead of gathering from the table.
+  dK/dV kernels load its tiles instead of gathering from the table (except where they
+  have one key block, resp. one query block: there they gather it, and the call has no
+  bias launch).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
-  over key blocks (any Nk; the last block's keys are masked on the loads only),
-  saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
+  over key blocks (any Nk: full blocks unmasked, the keys after them in one masked
+  block of the next power of 2, e.g. 196 = 3 x 64 + 16), saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
   one bias tile from the table itself, and the forward has no bias launch.
-* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks;
-  delta = rowsum(dO * O) is computed per query tile.
-* ``_bwd_dq_kernel``: dQ and the table gradient. A program takes a query block
+* ``_bwd_dq_kernel``: dQ, the table gradient and delta = rowsum(dO * O) per query
+  (for the dK/dV kernel, launched after it). A program takes a query block
   aligned to grid rows (QR query-grid rows of CQP column slots), every key (TRP
   key-grid rows of CP slots) and a group of batch entries, one per iteration; its
   tiles are transposed, keys the rows. The bias tile is gathered from the table
@@ -46,6 +47,8 @@ ever in memory):
   over qc, then the blocks are added into their |dr| rows. Each program writes the
   result, indexed by (|dr|, dc), to its own row of a float32 buffer (programs, H,
   R, offsets).
+* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks
+  (the last, partial one masked), reading delta instead of recomputing it from O.
 * ``_fold_kernel``: sums that buffer over programs and folds dc into |dc|. No
   atomics: the table gradient is deterministic (run to run, for a fixed config).
 
@@ -219,19 +222,65 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_m, offs_dk, offs_dv,
+    stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
+    DK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, DELTA_FROM_O: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of a key block updated with the queries offs_m (all of them below NQ unless
+    MASKED), bias_t their (keys, queries) bias tile in log2 units. A missing key's bias
+    is -inf (p = 0); a missing query has q = dO = 0 and delta = 0, so its p = 1
+    contributes dO = 0 to dv and dS = 0 to dk."""
+    if MASKED:
+        m_ok = offs_m < NQ
+        q_mask = m_ok[None, :] & (offs_dk[:, None] < DK)
+        g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+    else:
+        q_mask = offs_dk[:, None] < DK
+        g_mask = offs_dv[None, :] < DV
+        lse = tl.load(lse_base + offs_m)
+    qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd, mask=q_mask, other=0.0)
+    st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+    pt = tl.exp2(st + bias_t - lse[None, :] * 1.4426950408889634)
+    do = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd, mask=g_mask, other=0.0)
+    if DELTA_FROM_O:
+        o = tl.load(o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od, mask=g_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
+    elif MASKED:
+        delta = tl.load(delta_base + offs_m, mask=offs_m < NQ, other=0.0)
+    else:
+        delta = tl.load(delta_base + offs_m)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)  # do: (BLOCK_M, BLOCK_DV)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, DO, O, LSE, DK_, DV_,
+    Q, K, V, BIAS, T, DO, O, LSE, DELTA, DK_, DV_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, NK, NQP, NKP, NUM_KB,
-    qk_scale, sm_scale,  # qk_scale multiplied by log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+    stride_th, stride_tn,
+    H, NQ, NQ_FULL, NK, NQP, NKP, NUM_KB, CQ, C, S,
+    qk_scale, sm_scale, bias_scale,  # qk_scale, bias_scale multiplied by log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_M: tl.constexpr,
+    LOOP_MASKED: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, DELTA_FROM_O: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
+    """Queries [0, NQ_FULL) (a multiple of BLOCK_M; FULL: NQ_FULL > 0) in unmasked blocks
+    of BLOCK_M, then the rest, if any, in one masked block of TAIL_M >= NQ - NQ_FULL
+    (LOOP_MASKED: NQ_FULL covers every query, the loop's blocks masked, no tail);
+    delta = rowsum(dO * O) as the dQ kernel wrote it (DELTA_FROM_O: computed here from O;
+    the key-blocked dQ kernel writes none). GATHER (NQ <= BLOCK_M: every query
+    in the tail): the bias tile is gathered from the table T and BIAS is not read; else
+    BIAS is the expanded bias (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_n = pid % NUM_KB
     pid_bh = pid // NUM_KB
@@ -259,31 +308,26 @@ def _bwd_dkdv_kernel(
     g_base = DO + b * stride_gb + h * stride_gh
     o_base = O + b * stride_ob + h * stride_oh
     b_base = BIAS + h.to(tl.int64) * NQP * NKP + offs_n[:, None]  # padded: no mask
-    row_base = pid_bh.to(tl.int64) * NQ
+    lse_base = LSE + pid_bh.to(tl.int64) * NQ
+    delta_base = DELTA + pid_bh.to(tl.int64) * NQ
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range(0, NQ, BLOCK_M):
+    for start_m in range(0, NQ_FULL if FULL else 0, BLOCK_M):  # unless LOOP_MASKED: every query exists
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < NQ
-        qt = tl.load(
-            q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
-            mask=m_ok[None, :] & dk_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_DK, BLOCK_M)
-        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        # a missing key's bias is -inf (p = 0); a missing query has q = dO = O = 0,
-        # so its p = 1 contributes dO = 0 to dv and dS = 0 to dk
-        pt = tl.exp2(st + tl.load(b_base + offs_m[None, :] * NKP) - lse[None, :])
-        g_ptrs = g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
-        do = tl.load(g_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
-        o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-        o = tl.load(o_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+        dk, dv = _dkdv_step(k, v, dk, dv, tl.load(b_base + offs_m[None, :] * NKP), q_base, g_base, o_base,
+                            lse_base, delta_base, offs_m, offs_dk, offs_dv, stride_qn, stride_qd, stride_gn,
+                            stride_gd, stride_on, stride_od, NQ, qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O,
+                            PREC)  # fmt: skip
+    if TAIL_M > 0:
+        offs_t = NQ_FULL + tl.arange(0, TAIL_M)
+        if GATHER:
+            bias_t = _table_bias(T, stride_th, stride_tn, h, offs_t[None, :], offs_n[:, None], NQ, NK, CQ, C, S,
+                                 bias_scale)  # fmt: skip
+        else:
+            bias_t = tl.load(b_base + offs_t[None, :] * NKP)
+        dk, dv = _dkdv_step(k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_t, offs_dk,
+                            offs_dv, stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
+                            DK, DV, True, DELTA_FROM_O, PREC)  # fmt: skip
 
     dk = dk * sm_scale
     out_row = pid_bh.to(tl.int64) * NK + offs_n
@@ -316,7 +360,7 @@ def _dq_program(H, RQ, CQ, NUM_QB, QR: tl.constexpr, CQP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, T, DO, O, LSE, DQ_, DT_,
+    Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -327,7 +371,7 @@ def _bwd_dq_kernel(
     qk_scale, sm_scale, bias_scale, table_scale,  # qk_scale, bias_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, STORE_DELTA: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # every key: TRP key-grid rows of CP column slots
@@ -364,6 +408,8 @@ def _bwd_dq_kernel(
         o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
         ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
+        if STORE_DELTA:
+            tl.store(DELTA + bh * NQ + q_tok, delta, mask=m_ok)  # for the dK/dV kernel
         lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
         k_base = K + b64 * stride_kb + h * stride_kh
         k = tl.load(
@@ -616,10 +662,19 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config
     # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
     keys64 = vector_loads or bdk + bdv <= 96
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
-    block_m = min(32, max(16, _pow2(nq)))
+    wide = bdk + bdv > 96
+    block_m = min(16 if wide else 32, max(16, _pow2(nq)))
+    # queries past the last full block: one block of the next power of 2 (>= 16), e.g.
+    # 196 queries as 6 x 32 + 16 rather than 7 x 32 (as the forward's keys); wide heads
+    # (Dk + Dv > 96) take 16 queries and mask every block of the loop instead: 32
+    # queries and a second copy of the block's code spilled 4-44 B at A4 (Dv 128, 64 keys)
+    loop_masked = wide and nq > block_m
+    full = cdiv(nq, block_m) * block_m if loop_masked else nq // block_m * block_m if nq > block_m else 0
+    tail_m = max(16, _pow2(nq - full)) if nq > full else 0
     warps = 4 if keys64 else 8
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_M=tail_m, LOOP_MASKED=loop_masked,
+             BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
@@ -809,21 +864,13 @@ def relpos_attention_bwd(
     qk_scale = scale * _LOG2E
     prec = dot_precision(q.dtype, "tf32x3")
     tag = _tag(q, NK, DV, q_stride)
-    bias = _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
-
     vector_loads = _vector_loads(q, k, v, grad_out, out)
     cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
-    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
-    launch(Launch(
-        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
-        [q, k, v, bias, grad_out, out, lse, dk, dv,
-         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
-         H, NQ, NK, bias.shape[1], bias.shape[2], num_kb, qk_scale, scale],
-        {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, bias, grad_out, out, lse), writes=(dk, dv),
-        loops={"start_m": triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])},
-    ))  # fmt: skip
-
+    # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
+    # kernel always does), and the backward has no bias launch
+    gather = not cfg.constexprs["FULL"]
+    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
     dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys)
@@ -832,17 +879,40 @@ def relpos_attention_bwd(
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
     E = dq_cfg.constexprs["E"]
+    # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers) writes
+    # it and dK/dV reads it; elsewhere dK/dV computes it from O: the 2- and 4-warp dQ
+    # configs and the key-blocked kernel run at 236-255 registers, where the one store
+    # more spilled 8-44 B (triton 3.6 sm_90a; misaligned rows, triton 3.9). lse stands in
+    # for the pointer neither kernel then uses
+    delta_from_o = not (all_keys and dq_cfg.num_warps == 8)
+    delta = lse if delta_from_o else _alloc((B, H, NQ), torch.float32, dev)
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     launch(Launch(
         f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (num_qb * H * num_g,),
-        [q, k, v, table, grad_out, out, lse, dq, partial,
+        [q, k, v, table, grad_out, out, lse, dq, partial, *([delta] if all_keys else []),
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
          qk_scale, scale, bias_scale * _LOG2E, bias_scale],
-        {**dq_cfg.constexprs, "PREC": prec}, dq_cfg.num_warps, dq_cfg.num_stages,
-        reads=(q, k, v, table, grad_out, out, lse), writes=(dq, partial),
+        {**dq_cfg.constexprs, **({"STORE_DELTA": not delta_from_o} if all_keys else {}), "PREC": prec},
+        dq_cfg.num_warps, dq_cfg.num_stages,
+        reads=(q, k, v, table, grad_out, out, lse), writes=(dq, partial) if delta_from_o else (dq, partial, delta),
         loops={"b": B / num_g} if all_keys else {"b": B / num_g, "kb": triton.cdiv(fmap_rows, dq_cfg.constexprs["KR"])},
     ))  # fmt: skip
+    block_m = cfg.constexprs["BLOCK_M"]
+    nq_full = cdiv(NQ, block_m) * block_m if cfg.constexprs["LOOP_MASKED"] else NQ // block_m * block_m
+    nq_full = nq_full if cfg.constexprs["FULL"] else 0
+    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
+    launch(Launch(
+        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
+        [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
+         H, NQ, nq_full, NK, nqp, nkp, num_kb, cq, fmap_cols, q_stride, qk_scale, scale, bias_scale * _LOG2E],
+        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o, "PREC": prec}, cfg.num_warps,
+        cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
+        writes=(dk, dv),
+        loops={"start_m": nq_full // block_m},
+    ))  # fmt: skip
+
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
     dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
     off = (CQP - 1) * q_stride
