@@ -49,6 +49,9 @@ CASES = {
     "Dk64 Dv16": (1, 2, 5, 5, 1, 64, 16),
     "Dk20 Dv40": (1, 2, 4, 5, 1, 20, 40),
     "grid 1x1": (2, 2, 1, 1, 1, 16, 16),
+    # the forward's key blocks: 2 full blocks and no tail; 1 full block and a 64-key tail
+    "keys 8x16": (1, 1, 8, 16, 1, 16, 16),
+    "keys 10x10": (1, 1, 10, 10, 1, 16, 16),
 }
 GRAD_CASES = [
     "A1 N196",
@@ -66,6 +69,7 @@ GRAD_CASES = [
     "Dk20 Dv40",
     "N784 448px",
     "grid 1x1",
+    "keys 8x16",  # dK/dV: 4 full query blocks, no tail
 ]
 
 

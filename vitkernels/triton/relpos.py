@@ -28,14 +28,15 @@ ever in memory):
   head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
   (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)).
   Built from the table on every call, never cached, so never stale; the forward and
-  dK/dV kernels load its tiles instead of gathering from the table.
+  dK/dV kernels load its tiles instead of gathering from the table (except where they
+  have one key block, resp. one query block: there they gather it, and the call has no
+  bias launch).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
-  over key blocks (any Nk; the last block's keys are masked on the loads only),
-  saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
+  over key blocks (any Nk: full blocks unmasked, the keys after them in one masked
+  block of the next power of 2, e.g. 196 = 3 x 64 + 16), saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
   one bias tile from the table itself, and the forward has no bias launch.
-* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks;
-  delta = rowsum(dO * O) is computed per query tile.
-* ``_bwd_dq_kernel``: dQ and the table gradient. A program takes a query block
+* ``_bwd_dq_kernel``: dQ, the table gradient and delta = rowsum(dO * O) per query
+  (for the dK/dV kernel, launched after it). A program takes a query block
   aligned to grid rows (QR query-grid rows of CQP column slots), every key (TRP
   key-grid rows of CP slots) and a group of batch entries, one per iteration; its
   tiles are transposed, keys the rows. The bias tile is gathered from the table
@@ -46,6 +47,8 @@ ever in memory):
   over qc, then the blocks are added into their |dr| rows. Each program writes the
   result, indexed by (|dr|, dc), to its own row of a float32 buffer (programs, H,
   R, offsets).
+* ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks
+  (the last, partial one masked), reading delta instead of recomputing it from O.
 * ``_fold_kernel``: sums that buffer over programs and folds dc into |dc|. No
   atomics: the table gradient is deterministic (run to run, for a fixed config).
 
@@ -126,6 +129,19 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 
 
 @triton.jit
+def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
+    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n), log2 units."""
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, BIAS, T, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -133,14 +149,17 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    H, NQ, NK, NQP, NKP, NUM_QB, CQ, C, S,
+    H, NQ, NK, NK_FULL, NQP, NKP, NUM_QB, CQ, C, S,
     qk_scale, bias_scale,  # multiplied by log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """GATHER (one key block, NK <= BLOCK_N): the bias tile is gathered from the table
-    T, and BIAS is not read; else BIAS is the expanded bias (``_bias_kernel``)."""
+    """Keys [0, NK_FULL) (a multiple of BLOCK_N; FULL: NK_FULL > 0) in unmasked blocks of
+    BLOCK_N, then the rest, if any, in one masked block of TAIL_N >= NK - NK_FULL keys.
+    GATHER (NK <= BLOCK_N: no full block, every key in the tail): the bias tile is
+    gathered from the table T, and BIAS is not read; else BIAS is the expanded bias
+    (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     pid_bh = pid // NUM_QB
@@ -156,33 +175,44 @@ def _fwd_kernel(
     dv_ok = offs_dv < DV
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
-
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    b_ptrs = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP + offs_n[None, :]  # padded: no mask
-    if GATHER:
-        bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_n[None, :], NQ, NK, CQ, C, S, bias_scale)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    b_base = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP  # padded: no mask
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
-        # the key mask is on the loads only: a padded key's bias is -inf
-        n_ok = start_n + offs_n < NK
-        kt = tl.load(k_ptrs, mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        if not GATHER:
-            bias = tl.load(b_ptrs)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    b_ptrs = b_base + offs_n[None, :]
+    for _start_n in range(0, NK_FULL if FULL else 0, BLOCK_N):  # every key exists: no key mask
+        kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
+        v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        bias = tl.load(b_ptrs)
+        m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         b_ptrs += BLOCK_N
+    if TAIL_N > 0:
+        # the last keys: masked on the loads only (a missing key's bias is -inf)
+        offs_t = NK_FULL + tl.arange(0, TAIL_N)
+        t_ok = offs_t < NK
+        kt = tl.load(
+            k_base + offs_t[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+            mask=t_ok[None, :] & dk_ok[:, None],
+            other=0.0,
+        )  # (BLOCK_DK, TAIL_N)
+        v = tl.load(
+            v_base + offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=t_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )  # (TAIL_N, BLOCK_DV)
+        if GATHER:
+            bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_t[None, :], NQ, NK, CQ, C, S,
+                               bias_scale)  # fmt: skip
+        else:
+            bias = tl.load(b_base + offs_t[None, :])
+        m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC)
 
     acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
@@ -192,19 +222,65 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_m, offs_dk, offs_dv,
+    stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
+    DK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, DELTA_FROM_O: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of a key block updated with the queries offs_m (all of them below NQ unless
+    MASKED), bias_t their (keys, queries) bias tile in log2 units. A missing key's bias
+    is -inf (p = 0); a missing query has q = dO = 0 and delta = 0, so its p = 1
+    contributes dO = 0 to dv and dS = 0 to dk."""
+    if MASKED:
+        m_ok = offs_m < NQ
+        q_mask = m_ok[None, :] & (offs_dk[:, None] < DK)
+        g_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+    else:
+        q_mask = offs_dk[:, None] < DK
+        g_mask = offs_dv[None, :] < DV
+        lse = tl.load(lse_base + offs_m)
+    qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd, mask=q_mask, other=0.0)
+    st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+    pt = tl.exp2(st + bias_t - lse[None, :] * 1.4426950408889634)
+    do = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd, mask=g_mask, other=0.0)
+    if DELTA_FROM_O:
+        o = tl.load(o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od, mask=g_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
+    elif MASKED:
+        delta = tl.load(delta_base + offs_m, mask=offs_m < NQ, other=0.0)
+    else:
+        delta = tl.load(delta_base + offs_m)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)  # do: (BLOCK_M, BLOCK_DV)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, DO, O, LSE, DK_, DV_,
+    Q, K, V, BIAS, T, DO, O, LSE, DELTA, DK_, DV_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, NK, NQP, NKP, NUM_KB,
-    qk_scale, sm_scale,  # qk_scale multiplied by log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+    stride_th, stride_tn,
+    H, NQ, NQ_FULL, NK, NQP, NKP, NUM_KB, CQ, C, S,
+    qk_scale, sm_scale, bias_scale,  # qk_scale, bias_scale multiplied by log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_M: tl.constexpr,
+    LOOP_MASKED: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, DELTA_FROM_O: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
+    """Queries [0, NQ_FULL) (a multiple of BLOCK_M; FULL: NQ_FULL > 0) in unmasked blocks
+    of BLOCK_M, then the rest, if any, in one masked block of TAIL_M >= NQ - NQ_FULL
+    (LOOP_MASKED: NQ_FULL covers every query, the loop's blocks masked, no tail);
+    delta = rowsum(dO * O) as the dQ kernel wrote it (DELTA_FROM_O: computed here from O;
+    the key-blocked dQ kernel writes none). GATHER (NQ <= BLOCK_M: every query
+    in the tail): the bias tile is gathered from the table T and BIAS is not read; else
+    BIAS is the expanded bias (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_n = pid % NUM_KB
     pid_bh = pid // NUM_KB
@@ -232,31 +308,26 @@ def _bwd_dkdv_kernel(
     g_base = DO + b * stride_gb + h * stride_gh
     o_base = O + b * stride_ob + h * stride_oh
     b_base = BIAS + h.to(tl.int64) * NQP * NKP + offs_n[:, None]  # padded: no mask
-    row_base = pid_bh.to(tl.int64) * NQ
+    lse_base = LSE + pid_bh.to(tl.int64) * NQ
+    delta_base = DELTA + pid_bh.to(tl.int64) * NQ
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range(0, NQ, BLOCK_M):
+    for start_m in range(0, NQ_FULL if FULL else 0, BLOCK_M):  # unless LOOP_MASKED: every query exists
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < NQ
-        qt = tl.load(
-            q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
-            mask=m_ok[None, :] & dk_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_DK, BLOCK_M)
-        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        # a missing key's bias is -inf (p = 0); a missing query has q = dO = O = 0,
-        # so its p = 1 contributes dO = 0 to dv and dS = 0 to dk
-        pt = tl.exp2(st + tl.load(b_base + offs_m[None, :] * NKP) - lse[None, :])
-        g_ptrs = g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
-        do = tl.load(g_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
-        o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-        o = tl.load(o_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+        dk, dv = _dkdv_step(k, v, dk, dv, tl.load(b_base + offs_m[None, :] * NKP), q_base, g_base, o_base,
+                            lse_base, delta_base, offs_m, offs_dk, offs_dv, stride_qn, stride_qd, stride_gn,
+                            stride_gd, stride_on, stride_od, NQ, qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O,
+                            PREC)  # fmt: skip
+    if TAIL_M > 0:
+        offs_t = NQ_FULL + tl.arange(0, TAIL_M)
+        if GATHER:
+            bias_t = _table_bias(T, stride_th, stride_tn, h, offs_t[None, :], offs_n[:, None], NQ, NK, CQ, C, S,
+                                 bias_scale)  # fmt: skip
+        else:
+            bias_t = tl.load(b_base + offs_t[None, :] * NKP)
+        dk, dv = _dkdv_step(k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_t, offs_dk,
+                            offs_dv, stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
+                            DK, DV, True, DELTA_FROM_O, PREC)  # fmt: skip
 
     dk = dk * sm_scale
     out_row = pid_bh.to(tl.int64) * NK + offs_n
@@ -273,8 +344,23 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_program(H, RQ, CQ, NUM_QB, QR: tl.constexpr, CQP: tl.constexpr):
+    """What a dQ/table program (either kernel) works on: its query block pid_q (query-grid
+    rows [pid_q*QR, pid_q*QR + QR), CQP column slots each), head h, batch group g, and
+    per query slot its grid row and column, whether it exists and its token."""
+    pid = tl.program_id(0)
+    pid_q = pid % NUM_QB
+    rest = pid // NUM_QB
+    offs_m = tl.arange(0, QR * CQP)
+    qg_row = pid_q * QR + offs_m // CQP
+    qg_col = offs_m % CQP
+    m_ok = (qg_row < RQ) & (qg_col < CQ)
+    return pid_q, rest % H, rest // H, qg_row, qg_col, m_ok, qg_row * CQ + qg_col
+
+
+@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, T, DO, O, LSE, DQ_, DT_,
+    Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -285,20 +371,9 @@ def _bwd_dq_kernel(
     qk_scale, sm_scale, bias_scale, table_scale,  # qk_scale, bias_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, STORE_DELTA: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_q = pid % NUM_QB
-    rest = pid // NUM_QB
-    h = rest % H
-    g = rest // H
-
-    # query block: query-grid rows [pid_q*QR, pid_q*QR + QR), CQP column slots each
-    offs_m = tl.arange(0, QR * CQP)
-    qg_row = pid_q * QR + offs_m // CQP
-    qg_col = offs_m % CQP
-    m_ok = (qg_row < RQ) & (qg_col < CQ)
-    q_tok = qg_row * CQ + qg_col
+    pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # every key: TRP key-grid rows of CP column slots
     offs_n = tl.arange(0, TRP * CP)
     k_row = offs_n // CP
@@ -333,6 +408,8 @@ def _bwd_dq_kernel(
         o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
         ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
+        if STORE_DELTA:
+            tl.store(DELTA + bh * NQ + q_tok, delta, mask=m_ok)  # for the dK/dV kernel
         lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
         k_base = K + b64 * stride_kb + h * stride_kh
         k = tl.load(
@@ -410,18 +487,7 @@ def _bwd_dq_blocked_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_q = pid % NUM_QB
-    rest = pid // NUM_QB
-    h = rest % H
-    g = rest // H
-
-    # query block: query-grid rows [pid_q*QR, pid_q*QR + QR), CQP column slots each
-    offs_m = tl.arange(0, QR * CQP)
-    qg_row = pid_q * QR + offs_m // CQP
-    qg_col = offs_m % CQP
-    m_ok = (qg_row < RQ) & (qg_col < CQ)
-    q_tok = qg_row * CQ + qg_col
+    pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # key block kb: key-grid rows [kb*KR, kb*KR + KR), CP column slots each
     offs_n = tl.arange(0, KR * CP)
     k_rl = offs_n // CP
@@ -573,9 +639,14 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     block_m = min(64, max(16, _pow2(nq)))
     block_n = min(64, max(16, _pow2(nk)))
+    # the keys past the last full block: one block of the next power of 2 (>= 16, for
+    # tl.dot), e.g. 196 keys as 3 x 64 + 16 rather than 4 x 64; one block of keys (the
+    # forward that gathers its bias) is all tail: no loop
+    full = nk // block_n * block_n if nk > block_n else 0
+    tail_n = max(16, _pow2(nk - full)) if nk > full else 0
     warps = 8 if block_m * bdv > 64 * 64 else 4
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_N=tail_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
@@ -591,10 +662,19 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config
     # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
     keys64 = vector_loads or bdk + bdv <= 96
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
-    block_m = min(32, max(16, _pow2(nq)))
+    wide = bdk + bdv > 96
+    block_m = min(16 if wide else 32, max(16, _pow2(nq)))
+    # queries past the last full block: one block of the next power of 2 (>= 16), e.g.
+    # 196 queries as 6 x 32 + 16 rather than 7 x 32 (as the forward's keys); wide heads
+    # (Dk + Dv > 96) take 16 queries and mask every block of the loop instead: 32
+    # queries and a second copy of the block's code spilled 4-44 B at A4 (Dv 128, 64 keys)
+    loop_masked = wide and nq > block_m
+    full = cdiv(nq, block_m) * block_m if loop_masked else nq // block_m * block_m if nq > block_m else 0
+    tail_m = max(16, _pow2(nq - full)) if nq > full else 0
     warps = 4 if keys64 else 8
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_M=tail_m, LOOP_MASKED=loop_masked,
+             BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
     )
@@ -645,7 +725,12 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
         blocks = _dq_blocks(rows, cols, q_stride)
         constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
         tile = blocks["QR"] * blocks["CQP"] * blocks["TRP"] * blocks["CP"]
-        return _Config(constexprs, 8 if tile >= 4096 else 2, 1)
+        # 4096-logit tiles: 8 warps (two warpgroups on the key rows; the 16-query dQ^T dot
+        # then runs on mma.sync, its M = Dk split over warps that repeat each other's
+        # work); small heads (Dk + Dv <= 48, LeViT-128S) fit 4 warps in registers (236 at
+        # A5, 255 with a local-memory spill at Dk 32, Dv 64)
+        warps = 2 if tile < 4096 else 4 if bdk + bdv <= 48 else 8
+        return _Config(constexprs, warps, 1)
     blocks = _dq_key_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
@@ -739,14 +824,15 @@ def relpos_attention_fwd(
     nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     num_qb = triton.cdiv(NQ, block_m)
+    nk_full = NK // block_n * block_n if cfg.constexprs["FULL"] else 0
     launch(Launch(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
         [q, k, v, bias, table, out, lse,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
-         H, NQ, NK, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
+         H, NQ, NK, nk_full, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
         {**cfg.constexprs, "GATHER": gather, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
-        loops={"start_n": triton.cdiv(NK, block_n)},
+        loops={"_start_n": nk_full // block_n},
     ))  # fmt: skip
     return out, lse
 
@@ -778,21 +864,13 @@ def relpos_attention_bwd(
     qk_scale = scale * _LOG2E
     prec = dot_precision(q.dtype, "tf32x3")
     tag = _tag(q, NK, DV, q_stride)
-    bias = _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
-
     vector_loads = _vector_loads(q, k, v, grad_out, out)
     cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
-    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
-    launch(Launch(
-        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
-        [q, k, v, bias, grad_out, out, lse, dk, dv,
-         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
-         H, NQ, NK, bias.shape[1], bias.shape[2], num_kb, qk_scale, scale],
-        {**cfg.constexprs, "PREC": prec}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, bias, grad_out, out, lse), writes=(dk, dv),
-        loops={"start_m": triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])},
-    ))  # fmt: skip
-
+    # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
+    # kernel always does), and the backward has no bias launch
+    gather = not cfg.constexprs["FULL"]
+    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
     dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys)
@@ -801,17 +879,40 @@ def relpos_attention_bwd(
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
     E = dq_cfg.constexprs["E"]
+    # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers) writes
+    # it and dK/dV reads it; elsewhere dK/dV computes it from O: the 2- and 4-warp dQ
+    # configs and the key-blocked kernel run at 236-255 registers, where the one store
+    # more spilled 8-44 B (triton 3.6 sm_90a; misaligned rows, triton 3.9). lse stands in
+    # for the pointer neither kernel then uses
+    delta_from_o = not (all_keys and dq_cfg.num_warps == 8)
+    delta = lse if delta_from_o else _alloc((B, H, NQ), torch.float32, dev)
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     launch(Launch(
         f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (num_qb * H * num_g,),
-        [q, k, v, table, grad_out, out, lse, dq, partial,
+        [q, k, v, table, grad_out, out, lse, dq, partial, *([delta] if all_keys else []),
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
          qk_scale, scale, bias_scale * _LOG2E, bias_scale],
-        {**dq_cfg.constexprs, "PREC": prec}, dq_cfg.num_warps, dq_cfg.num_stages,
-        reads=(q, k, v, table, grad_out, out, lse), writes=(dq, partial),
+        {**dq_cfg.constexprs, **({"STORE_DELTA": not delta_from_o} if all_keys else {}), "PREC": prec},
+        dq_cfg.num_warps, dq_cfg.num_stages,
+        reads=(q, k, v, table, grad_out, out, lse), writes=(dq, partial) if delta_from_o else (dq, partial, delta),
         loops={"b": B / num_g} if all_keys else {"b": B / num_g, "kb": triton.cdiv(fmap_rows, dq_cfg.constexprs["KR"])},
     ))  # fmt: skip
+    block_m = cfg.constexprs["BLOCK_M"]
+    nq_full = cdiv(NQ, block_m) * block_m if cfg.constexprs["LOOP_MASKED"] else NQ // block_m * block_m
+    nq_full = nq_full if cfg.constexprs["FULL"] else 0
+    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
+    launch(Launch(
+        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
+        [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
+         H, NQ, nq_full, NK, nqp, nkp, num_kb, cq, fmap_cols, q_stride, qk_scale, scale, bias_scale * _LOG2E],
+        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o, "PREC": prec}, cfg.num_warps,
+        cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
+        writes=(dk, dv),
+        loops={"start_m": nq_full // block_m},
+    ))  # fmt: skip
+
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
     dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
     off = (CQP - 1) * q_stride
