@@ -175,14 +175,18 @@ def _slot(x3, hs, i: tl.constexpr):
 
 
 @triton.jit
-def _mix(x3, W, s_out, s_in, hs, H: tl.constexpr, live, w_scale=1.0):
-    """(R, C, HP): slot o = sum_j w_scale * W[o, j] x3[..., j] for o < H (zeros above);
-    W[o, j] at W + o*s_out + j*s_in, read in float32. An FMA chain per output slot.
-    live: True, or a condition true in the loop that varies with its variable, which
-    keeps the compiler from hoisting the H * H weights into registers for the loop."""
+def _mix(x3, W, s_out, s_in, hs, H: tl.constexpr, live, w_scale=1.0, bias=None):
+    """(R, C, HP): slot o = sum_j w_scale * W[o, j] x3[..., j] (+ bias's slot o, bias
+    broadcastable to (R, C, HP)) for o < H (zeros above); W[o, j] at W + o*s_out +
+    j*s_in, read in float32. An FMA chain per output slot (the bias rides on its first
+    product). live: True, or a condition true in the loop that varies with its
+    variable, which keeps the compiler from hoisting the H * H weights into registers
+    for the loop."""
     out = tl.zeros_like(x3)
     for o in tl.static_range(H):
         acc = _slot(x3, hs, 0) * (tl.load(W + o * s_out, mask=live, other=0.0).to(tl.float32) * w_scale)
+        if bias is not None:
+            acc += _slot(bias, hs, o)
         for j in tl.static_range(1, H):
             w = tl.load(W + o * s_out + j * s_in, mask=live, other=0.0).to(tl.float32) * w_scale
             acc += _slot(x3, hs, j) * w
@@ -210,10 +214,13 @@ def _group(x3, hs, G0: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _logits(s3, PRE_W, s_out, s_in, hs, qk_scale, H: tl.constexpr, HAS_PRE: tl.constexpr, live):
-    """l in log2 units from the products s3 = q.k: pre-mixed with the weights scaled."""
+def _logits(s3, PRE_W, s_out, s_in, hs, qk_scale, H: tl.constexpr, HAS_PRE: tl.constexpr, live, bias=None):
+    """l in log2 units from the products s3 = q.k: pre-mixed with the weights scaled;
+    plus bias (broadcastable to s3's shape) in the first FMA where given."""
     if HAS_PRE:
-        l3 = _mix(s3, PRE_W, s_out, s_in, hs, H, live, qk_scale)
+        l3 = _mix(s3, PRE_W, s_out, s_in, hs, H, live, qk_scale, bias)
+    elif bias is not None:
+        l3 = s3 * qk_scale + bias
     else:
         l3 = s3 * qk_scale
     return l3
@@ -344,13 +351,21 @@ def _fwd_kernel(
         kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
-        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
-        s3 = tl.where(n_ok[None, :, None], s3, float("-inf"))
+        # -inf on the padding keys, added in the pre-mix's first FMA (no select per logit)
+        key_bias = tl.broadcast_to(tl.where(n_ok, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, key_bias)
         m_new = tl.maximum(m_i, tl.max(s3, 1))
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(tl.exp2(s3 - m_new[:, None, :]), 1)
         m_i = m_new
     lse2 = m_i + tl.log2(l_i)  # (BM, HP)
+    # lse (B, H, NQ) contiguous, natural log; stored now, so that only -lse stays live
+    tl.store(
+        LSE + (b * H + hs[None, :]) * NQ + offs_m[:, None],
+        lse2 * 0.6931471805599453,
+        mask=m_ok[:, None] & (hs[None, :] < H),
+    )
+    neg_lse = -lse2[:, None, :]  # (BM, 1, HP)
 
     # pass 2: normalised, mixed (and normed) probabilities times v
     acc = tl.zeros([BLOCK_M, BLOCK_DV, HP], tl.float32)
@@ -360,27 +375,23 @@ def _fwd_kernel(
         kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
-        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
+        # l - lse, the -lse added in the pre-mix's first FMA
+        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, neg_lse)
         ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
-        _, n3 = _probs(s3, lse2[:, None, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs,
+        _, n3 = _probs(s3, 0.0, ok3, POST_W, stride_post0, stride_post1, post_b, hs,
                        H, HAS_POST, HAS_POST_B, True)
         if HAS_NORM:
             n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
         v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
         acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
 
-    # out (B, H, NQ, DV) and lse (B, H, NQ) contiguous
+    # out (B, H, NQ, DV) contiguous
     o_ptrs = (
         O + (b * H + hs[None, None, :]) * NQ * DV
         + offs_m[:, None, None] * DV + offs_dv[None, :, None]
     )  # fmt: skip
     o_mask = m_ok[:, None, None] & (offs_dv[None, :, None] < DV) & (hs[None, None, :] < H)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
-    tl.store(
-        LSE + (b * H + hs[None, :]) * NQ + offs_m[:, None],
-        lse2 * 0.6931471805599453,
-        mask=m_ok[:, None] & (hs[None, :] < H),
-    )
 
 
 # ----------------------------------------------------------------------------
