@@ -320,7 +320,7 @@ def _fwd_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
-    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
@@ -351,21 +351,21 @@ def _fwd_kernel(
         kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
-        # -inf on the padding keys, added in the pre-mix's first FMA (no select per logit)
-        key_bias = tl.broadcast_to(tl.where(n_ok, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
-        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, key_bias)
+        if FOLD:  # -inf on the padding keys, added in the pre-mix's first FMA (no select per logit)
+            key_bias = tl.broadcast_to(tl.where(n_ok, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
+            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, key_bias)
+        else:
+            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
+            s3 = tl.where(n_ok[None, :, None], s3, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s3, 1))
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(tl.exp2(s3 - m_new[:, None, :]), 1)
         m_i = m_new
     lse2 = m_i + tl.log2(l_i)  # (BM, HP)
-    # lse (B, H, NQ) contiguous, natural log; stored now, so that only -lse stays live
-    tl.store(
-        LSE + (b * H + hs[None, :]) * NQ + offs_m[:, None],
-        lse2 * 0.6931471805599453,
-        mask=m_ok[:, None] & (hs[None, :] < H),
-    )
-    neg_lse = -lse2[:, None, :]  # (BM, 1, HP)
+    lse_ptrs = LSE + (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (B, H, NQ) contiguous
+    lse_mask = m_ok[:, None] & (hs[None, :] < H)
+    if FOLD:  # lse (natural log) stored now, so that only -lse stays live (sm_80 spilled)
+        tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=lse_mask)
 
     # pass 2: normalised, mixed (and normed) probabilities times v
     acc = tl.zeros([BLOCK_M, BLOCK_DV, HP], tl.float32)
@@ -375,10 +375,14 @@ def _fwd_kernel(
         kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)
         s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
                    0, 1, HP, H)
-        # l - lse, the -lse added in the pre-mix's first FMA
-        s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, neg_lse)
+        if FOLD:  # l - lse, the -lse added in the pre-mix's first FMA
+            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, -lse2[:, None, :])
+            shift = 0.0
+        else:
+            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
+            shift = lse2[:, None, :]
         ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
-        _, n3 = _probs(s3, 0.0, ok3, POST_W, stride_post0, stride_post1, post_b, hs,
+        _, n3 = _probs(s3, shift, ok3, POST_W, stride_post0, stride_post1, post_b, hs,
                        H, HAS_POST, HAS_POST_B, True)
         if HAS_NORM:
             n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
@@ -392,6 +396,8 @@ def _fwd_kernel(
     )  # fmt: skip
     o_mask = m_ok[:, None, None] & (offs_dv[None, :, None] < DV) & (hs[None, None, :] < H)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+    if not FOLD:  # stored here, the few-rows layout takes fewer registers
+        tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=lse_mask)
 
 
 # ----------------------------------------------------------------------------
@@ -757,13 +763,15 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
 def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Config:
     c = _common(heads, dk, dv, flags)
     if nq > 16:  # 64 query rows on one warpgroup (wgmma on sm_90a)
+        # FOLD: pass 1's key mask and pass 2's -lse ride on the pre-mix's first FMA.
         # every head's tiles take all 255 registers; with the post-mix bias (timm's
         # layout) triton 3.6 spilled 12 B there: 8 warps then (estimate at M1 on 3.9:
         # 118 us on 8 warps against 62 on 4, so only where it spills)
         warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
-        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16), warps, 1)
-    # a few query rows (CaiT's class attention: 1)
-    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32), 8, 1)
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, FOLD=True), warps, 1)
+    # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
+    # (one program per SM, not two) and 8 instructions more per key tile
+    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, FOLD=False), 8, 1)
 
 
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
