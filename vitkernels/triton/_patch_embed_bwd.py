@@ -32,6 +32,7 @@ from vitkernels.triton._patch_embed_fwd import (
     _k_digits,
     _patch_rows,
     _patch_tile,
+    _row_shift,
 )
 
 
@@ -84,23 +85,27 @@ def _patch_stats_kernel(
     offs_m, row_ok, b, l, ih0, iw0, row_base = _grid_tile_rows(
         tl.program_id(0), L, Hout, Wout, tiles_h, tiles_w, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, TW, IDX64
     )
+    shift = _row_shift(x_ptr, row_base, ih0, iw0, row_ok, H, W, MASK_HW)
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # element-wise, reduced after the loop
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC)
     dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
         a = _patch_tile(
-            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, offs_k < K, H, W, sxc, sxh, sxw,
+            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
             MASK_HW, EVEN_M, EVEN_K, VEC,
-        ).to(tl.float32)
+        ).to(tl.float32) - shift[:, None]
+        if not EVEN_K:
+            a = tl.where(k_ok[None, :], a, 0.0)
         s1 += a
         s2 += a * a
         c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
     s1 = tl.sum(s1, axis=1)
     s2 = tl.sum(s2, axis=1)
-    mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
-    tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
+    mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
+    tl.store(stats_ptr + offs_m * 2, shift + mean_d, mask=row_ok)
     tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
 
 

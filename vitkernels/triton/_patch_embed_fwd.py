@@ -115,15 +115,16 @@ def _patch_tile(
 
 @triton.jit
 def _gemm_rows(
-    x_ptr, w_ptr, row_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
+    x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
     sxc, sxh, sxw, swn, swk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM also the
-    rows' sum and sum of squares over K (float32)."""
+    """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
+    (patches - shift) @ W.T and the rows' sum and sum of squares of patches - shift
+    over K (float32), shift a (BLOCK_M,) value per row (``_row_shift``)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the input norm's sums, element-wise per K step and reduced once after the loop
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -145,19 +146,36 @@ def _gemm_rows(
         else:
             b = tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
         if IN_NORM:
-            af = a.to(tl.float32)
+            # around the shift: no cancellation of large means in the sums or the dot
+            af = a.to(tl.float32) - shift[:, None]
+            if not EVEN_K:
+                af = tl.where(k_ok[None, :], af, 0.0)
             s1 += af
             s2 += af * af
+            a = af.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
         c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
     return acc, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
 
 
 @triton.jit
+def _row_shift(x_ptr, row_base, ih0, iw0, row_ok, H, W, MASK_HW: tl.constexpr):
+    """Each patch's first pixel (channel 0 at its top-left corner; 0 in the padding),
+    float32: the input norm's sums and the folded GEMM are taken around it, so a large
+    mean does not cancel (bright, flat patches)."""
+    if MASK_HW:
+        ok = row_ok & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
+    else:
+        ok = row_ok
+    return tl.load(x_ptr + row_base, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _in_norm_stats(s1, s2, K, in_eps):
-    mu = s1 / K
-    var = tl.maximum(s2 / K - mu * mu, 0.0)
-    return mu, 1.0 / tl.sqrt(var + in_eps)
+    """(mean of x - shift, rstd) from the sums of x - shift over K."""
+    mean_d = s1 / K
+    var = tl.maximum(s2 / K - mean_d * mean_d, 0.0)
+    return mean_d, 1.0 / tl.sqrt(var + in_eps)
 
 
 @triton.jit
@@ -212,21 +230,25 @@ def _patch_embed_fwd_kernel(
         pos_rows = pos_ptr + l * spt
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    mu = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mean_d = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if IN_NORM:
+        shift = _row_shift(x_ptr, x_base, ih0, iw0, row_ok, H, W, MASK_HW)
+    else:
+        shift = mean_d
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         acc, s1, s2 = _gemm_rows(
-            x_ptr, w_ptr, x_base, ih0, iw0, row_ok, offs_n, n_ok, K, C, H, W, KW, KHW,
+            x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
             sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
             EVEN_K, VEC, WVEC, IN_NORM, PREC,
         )
         y = acc
         if IN_NORM:
-            mu, rstd = _in_norm_stats(s1, s2, K, in_eps)
+            mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
             colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
-            y = rstd[:, None] * (y - mu[:, None] * colsum[None, :])
+            y = rstd[:, None] * (y - mean_d[:, None] * colsum[None, :])
         if HAS_SHIFT:
             y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         mask = _mask2(row_ok, n_ok, 1, OVEC)
@@ -277,7 +299,7 @@ def _patch_embed_fwd_kernel(
                     mask=mask,
                 )
     if WRITE_STATS:
-        tl.store(stats_ptr + offs_m * 2, mu, mask=row_ok)
+        tl.store(stats_ptr + offs_m * 2, shift + mean_d, mask=row_ok)
         tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
 
 

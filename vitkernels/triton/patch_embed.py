@@ -247,13 +247,17 @@ def _pow2_clamp(x: int, lo: int, hi: int) -> int:
 
 
 def fwd_config(
-    M: int, D: int, K: int, dtype: torch.dtype, in_norm: bool, out_norm: bool, interpret: bool
+    M: int, D: int, K: int, dtype: torch.dtype, in_norm: bool, out_norm: bool, interpret: bool,
+    arch: int = 90,
 ) -> FwdConfig:
-    """Block sizes of the forward kernel (and of the backward's recompute)."""
+    """Block sizes of the forward kernel (and of the backward's recompute) for compute
+    capability ``arch``."""
     if interpret:
         return FwdConfig(32, _pow2_clamp(D, 16, 64), 32, 4, 1)
     wide = dtype == torch.float32
-    block_k = 32 if wide or K < 256 else 64
+    # sm_80 with the input norm: K steps of 32 (64 spilled 16 B at D 192, T2T's second
+    # soft split, once the norm's sums were taken around a shift)
+    block_k = 32 if wide or K < 256 or (in_norm and arch < 90) else 64
     stages = 2 if wide else 3
     # Register budgets were checked ahead of time with triton 3.9 (CI) and 3.6 (the GPU
     # machine): 3.6 spilled 944 B at 128 x 128 x 64 / 8 warps (P1) and 76 B at
@@ -408,7 +412,7 @@ def _fwd_launch(
     g, w = prep.g, prep.w
     D, K, M = w.shape[0], g.K, g.B * g.L
     P = 0 if cls_token is None else cls_token.shape[0]
-    cfg = fwd_config(M, D, K, images.dtype, has_in_norm, has_out_norm, interpret)
+    cfg = fwd_config(M, D, K, images.dtype, has_in_norm, has_out_norm, interpret, target_arch(images.device))
     f32_dummy = stats if stats is not None else prep.colsum if prep.colsum is not None else out
     pos = pos_embed if pos_embed is not None else out
     cls = cls_token if cls_token is not None else out
