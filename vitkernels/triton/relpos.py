@@ -627,11 +627,28 @@ def _head_blocks(dk: int, dv: int) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    """What the heuristics chose for one kernel: constexprs and launch options."""
+    """What the heuristics chose for one kernel: constexprs and launch options, and
+    for the kernels with a tail block the extent their loop covers (``_full_and_tail``)."""
 
     constexprs: dict
     num_warps: int
     num_stages: int
+    full: int = 0
+
+
+def _full_and_tail(n: int, block: int, loop_masked: bool = False) -> tuple[int, int]:
+    """How n keys (or queries) split between a loop over blocks and one tail block:
+    (the extent the loop covers, the tail's size). The tail is the rest padded to the
+    next power of 2 (>= 16, for tl.dot), e.g. 196 = 3 x 64 + 16 rather than 4 x 64;
+    with loop_masked the loop covers every block, each masked, and there is no tail;
+    n within one block is all tail (no loop)."""
+    if n <= block:
+        full = 0
+    elif loop_masked:
+        full = cdiv(n, block) * block
+    else:
+        full = n // block * block
+    return full, (max(16, _pow2(n - full)) if n > full else 0)
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
@@ -639,16 +656,15 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     block_m = min(64, max(16, _pow2(nq)))
     block_n = min(64, max(16, _pow2(nk)))
-    # the keys past the last full block: one block of the next power of 2 (>= 16, for
-    # tl.dot), e.g. 196 keys as 3 x 64 + 16 rather than 4 x 64; one block of keys (the
-    # forward that gathers its bias) is all tail: no loop
-    full = nk // block_n * block_n if nk > block_n else 0
-    tail_n = max(16, _pow2(nk - full)) if nk > full else 0
+    # full key blocks, then the rest as one tail block; one block of keys (the forward
+    # that gathers its bias) is all tail: no loop
+    full, tail_n = _full_and_tail(nk, block_n)
     warps = 8 if block_m * bdv > 64 * 64 else 4
     return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_N=tail_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
+        full,
     )
 
 
@@ -664,19 +680,19 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     wide = bdk + bdv > 96
     block_m = min(16 if wide else 32, max(16, _pow2(nq)))
-    # queries past the last full block: one block of the next power of 2 (>= 16), e.g.
-    # 196 queries as 6 x 32 + 16 rather than 7 x 32 (as the forward's keys); wide heads
-    # (Dk + Dv > 96) take 16 queries and mask every block of the loop instead: 32
-    # queries and a second copy of the block's code spilled 4-44 B at A4 (Dv 128, 64 keys)
+    # full query blocks, then the rest as one tail block (196 queries as 6 x 32 + 16);
+    # wide heads (Dk + Dv > 96) take 16 queries and mask every block of the loop
+    # instead: 32 queries and a second copy of the block's code spilled 4-44 B at A4
+    # (Dv 128, 64 keys)
     loop_masked = wide and nq > block_m
-    full = cdiv(nq, block_m) * block_m if loop_masked else nq // block_m * block_m if nq > block_m else 0
-    tail_m = max(16, _pow2(nq - full)) if nq > full else 0
+    full, tail_m = _full_and_tail(nq, block_m, loop_masked)
     warps = 4 if keys64 else 8
     return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_M=tail_m, LOOP_MASKED=loop_masked,
              BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
+        full,
     )
 
 
@@ -824,7 +840,7 @@ def relpos_attention_fwd(
     nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     num_qb = triton.cdiv(NQ, block_m)
-    nk_full = NK // block_n * block_n if cfg.constexprs["FULL"] else 0
+    nk_full = cfg.full
     launch(Launch(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
         [q, k, v, bias, table, out, lse,
@@ -899,8 +915,7 @@ def relpos_attention_bwd(
         loops={"b": B / num_g} if all_keys else {"b": B / num_g, "kb": triton.cdiv(fmap_rows, dq_cfg.constexprs["KR"])},
     ))  # fmt: skip
     block_m = cfg.constexprs["BLOCK_M"]
-    nq_full = cdiv(NQ, block_m) * block_m if cfg.constexprs["LOOP_MASKED"] else NQ // block_m * block_m
-    nq_full = nq_full if cfg.constexprs["FULL"] else 0
+    nq_full = cfg.full
     num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
