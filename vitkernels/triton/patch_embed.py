@@ -11,10 +11,11 @@ The input layer norm is folded into the GEMM: with g, beta its affine and
 W' = W * g (made per call by one small launch, ``_prep_kernel``, which also
 permutes the columns to the kernel's patch order),
 
-    in_norm(x) @ W.T = rstd * (x @ W'.T - mu * rowsum(W')) + beta @ W.T
+    in_norm(x) @ W.T = rstd * ((x - s) @ W'.T - (mu - s) * rowsum(W')) + beta @ W.T
 
-so the kernel multiplies the raw patch and gathers mu, rstd (sum and sum of
-squares in float32) from the same loaded tiles. The output layer norm, bias,
+so the kernel multiplies the patch less a shift s, its first pixel, and takes mu,
+rstd from the sum and sum of squares of x - s (float32) over the same loaded tiles:
+around the shift a large mean (bright, flat patches) does not cancel. The output layer norm, bias,
 position embedding and class token run in the epilogue; with an output norm one
 program owns BLOCK_M whole rows and makes two passes over D (statistics, then
 normalise what it wrote: the same rounding eager's Linear -> LayerNorm has).
