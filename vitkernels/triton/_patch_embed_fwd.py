@@ -120,11 +120,12 @@ def _gemm_rows(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, W_PAD: tl.constexpr,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
     (patches - shift) @ W.T and the rows' sum and sum of squares of patches - shift
-    over K (float32), shift a (BLOCK_M,) value per row (``_row_shift``)."""
+    over K (float32), shift a (BLOCK_M,) value per row (``_row_shift``). W_PAD: W's
+    rows hold zeros past K up to a multiple of BLOCK_K (no k mask on its tiles)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the input norm's sums, element-wise per K step and reduced once after the loop
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -139,9 +140,9 @@ def _gemm_rows(
             MASK_HW, EVEN_M, EVEN_K, VEC,
         )
         w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
-        if EVEN_K and EVEN_N:
+        if (EVEN_K or W_PAD) and EVEN_N:
             b = tl.load(w_ptrs)
-        elif EVEN_K:
+        elif EVEN_K or W_PAD:
             b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
             b = tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
@@ -200,7 +201,8 @@ def _patch_embed_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
-    OVEC: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, OUT_NORM: tl.constexpr,
+    OVEC: tl.constexpr, W_PAD: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    OUT_NORM: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -242,7 +244,7 @@ def _patch_embed_fwd_kernel(
         acc, s1, s2 = _gemm_rows(
             x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
             sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-            EVEN_K, VEC, WVEC, IN_NORM, PREC,
+            EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD,
         )
         y = acc
         if IN_NORM:
@@ -306,7 +308,7 @@ def _patch_embed_fwd_kernel(
 @triton.jit
 def _prep_kernel(
     w_ptr, g_ptr, b_ptr, bias_ptr, wk_ptr, colsum_ptr, shift_ptr, wplain_ptr,
-    D, K, C, KHW, swn, swk,
+    D, K, KP, C, KHW, swn, swk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SRC_PQC: tl.constexpr, DST_PQC: tl.constexpr,
     HAS_G: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PLAIN: tl.constexpr,
 ):
@@ -314,12 +316,14 @@ def _prep_kernel(
     wk[n, k] = W[n, src(k)] * g[src(k)] (rounded to W's dtype), colsum[n] = sum_k wk[n, k],
     shift[n] = sum_k W[n, k] * in_bias[k] + bias[n] (float32); with WRITE_PLAIN also
     wplain[n, k] = W[n, src(k)] (the backward's dy @ W). src(k): the column of
-    kernel-order k in the caller's order. Grid: (cdiv(D, BLOCK_N),)."""
+    kernel-order k in the caller's order. wk and wplain have rows of KP >= K columns,
+    zero past K (aligned rows: the GEMMs load them without a k mask). Grid:
+    (cdiv(D, BLOCK_N),)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, KP, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         if SRC_PQC == DST_PQC:
@@ -334,9 +338,10 @@ def _prep_kernel(
         if HAS_G:
             gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
             wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
-        tl.store(wk_ptr + offs_n[:, None] * K + offs_k[None, :], wg, mask=mask)
+        row_mask = n_ok[:, None] & (offs_k < KP)[None, :]  # zeros past K
+        tl.store(wk_ptr + offs_n[:, None] * KP + offs_k[None, :], wg, mask=row_mask)
         if WRITE_PLAIN:
-            tl.store(wplain_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
+            tl.store(wplain_ptr + offs_n[:, None] * KP + offs_k[None, :], w, mask=row_mask)
         colsum += tl.sum(wg.to(tl.float32), axis=1)
         if HAS_B:
             bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)

@@ -305,6 +305,7 @@ def bwd_config(
     return BwdConfig(block_m, block_n, block_k, warps, stages, split)
 
 
+_W_PAD = 64  # the folded weight's rows padded to a multiple of this many columns (K steps <= 64)
 _PER_SM = 3  # resident programs per SM of the dW and dxn kernels (sm_90a, as compiled)
 _FUSED_PER_SM = 1  # of the fused dW + dxn kernel
 _FUSED_MAX_N = 256  # widest column tile (D padded to a power of 2) the fused kernel takes
@@ -368,6 +369,7 @@ class _Prepared:
     colsum: torch.Tensor | None  # (D,) float32 rowsum(W') with an input norm
     shift: torch.Tensor | None  # (D,) bias, or float32 in_bias @ W.T + bias
     w_plain: torch.Tensor | None  # (D, K) W in kernel order (None: not asked for)
+    w_pad: bool  # w's rows continue with zeros up to a multiple of _W_PAD columns
 
 
 def _prepare(
@@ -379,12 +381,14 @@ def _prepare(
     order = _kernel_order(images, patch_order)
     if not has_in_norm:
         wk = _reorder(weight, g, patch_order, order)
-        return _Prepared(g, order, wk, None, bias, wk)
+        return _Prepared(g, order, wk, None, bias, wk, False)
     D, K = weight.shape
     dev = weight.device
-    wk = _new((D, K), device=dev, dtype=weight.dtype)
+    # rows padded to _W_PAD columns, zeros past K: aligned rows, no k mask on W's tiles
+    KP = cdiv(K, _W_PAD) * _W_PAD
+    wk = _new((D, KP), device=dev, dtype=weight.dtype)[:, :K]
     write_plain = plain and order != patch_order
-    w_plain = _new((D, K), device=dev, dtype=weight.dtype) if write_plain else weight if plain else None
+    w_plain = _new((D, KP), device=dev, dtype=weight.dtype)[:, :K] if write_plain else weight if plain else None
     colsum, shift = _new((D,), device=dev, dtype=torch.float32), _new((D,), device=dev, dtype=torch.float32)
     # 32 x 64 tiles spilled 24 B for float16 weights with triton 3.6 on sm_90a (as launched)
     block_n, block_k = (16, 32) if interpret else (32, 32)
@@ -394,16 +398,16 @@ def _prepare(
         [weight, in_weight if in_weight is not None else weight,
          in_bias if in_bias is not None else weight, bias if bias is not None else weight,
          wk, colsum, shift, w_plain if write_plain else wk,
-         D, K, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
+         D, K, KP, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
         {"BLOCK_N": block_n, "BLOCK_K": block_k, "SRC_PQC": patch_order == "pqc",
          "DST_PQC": order == "pqc", "HAS_G": in_weight is not None,
          "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None, "WRITE_PLAIN": write_plain},
         4, 1,
         reads=(weight, in_weight, in_bias, bias),
         writes=(wk, colsum, shift, w_plain if write_plain else None),
-        loops={"k0": cdiv(K, block_k)},
+        loops={"k0": cdiv(KP, block_k)},
     ))  # fmt: skip
-    return _Prepared(g, order, wk, colsum, shift, w_plain)
+    return _Prepared(g, order, wk, colsum, shift, w_plain, True)
 
 
 def _fwd_launch(
@@ -435,7 +439,8 @@ def _fwd_launch(
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         **_patch_constexprs(images, g, prep.order, cfg.block_m, cfg.block_k, out),
         "EVEN_N": D % cfg.block_n == 0,
-        "WVEC": _run_vec(w, 1, K),
+        "WVEC": _run_vec(w, 1, cdiv(K, _W_PAD) * _W_PAD if prep.w_pad else K),
+        "W_PAD": prep.w_pad,
         "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D)),
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
         "OUT_NORM": bool(has_out_norm),
