@@ -405,27 +405,38 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _tile_bwd(
-    s3, qk_scale, lse3, ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+def _tile_probs(
+    s3, qk_scale, lse3, ok3, PRE_W, stride_pre0, stride_pre1,
     POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
     H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, live,
 ):  # fmt: skip
-    """From a tile's products s3 = q.k and dn3 = <do, v>: p, n, x^ (n without the head
-    norm), dr and dp (the gradients of r and of p)."""
+    """From a tile's products s3 = q.k: p, n, and the head norm's x^ and rho (r and 1
+    without the head norm) for ``_tile_dp``."""
     l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live)
-    p, r = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
+    p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
                   HAS_POST_B, live)  # fmt: skip
-    n = r
-    xhat = r
+    xhat = n
+    rho = 1.0
+    if HAS_NORM:
+        n, xhat, rho = _head_norm(n, norm_w, norm_b, valid, inv_h, eps)
+    return p, n, xhat, rho
+
+
+@triton.jit
+def _tile_dp(
+    dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+    H: tl.constexpr, HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr, live,
+):  # fmt: skip
+    """From a tile's dn3 = <do, v> (and ``_tile_probs``'s x^, rho): dr and dp, the
+    gradients of r and of p."""
     dr = dn3
     if HAS_NORM:
-        n, xhat, rho = _head_norm(r, norm_w, norm_b, valid, inv_h, eps)
         dr = _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h)
     dp = dr
     if HAS_POST:  # dp_g = sum_f P[f, g] dr_f: the transposed mixing
         dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, H, live)
-    return p, n, xhat, dr, dp
+    return dr, dp
 
 
 @triton.jit
@@ -528,11 +539,13 @@ def _delta_pass(
         dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
                     Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
-        p, _, xhat, dr, dp = _tile_bwd(
-            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+        p, _, xhat, rho = _tile_probs(
+            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
             H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
         )  # fmt: skip
+        dr, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                          H, HAS_POST, HAS_NORM, live)  # fmt: skip
         pdp = p * dp
         delta += tl.sum(pdp, 1)
         if HAS_PRE:
@@ -584,11 +597,13 @@ def _dq_pass(
         dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
                     Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
-        p, _, _, _, dp = _tile_bwd(
-            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+        p, _, xhat, rho = _tile_probs(
+            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
             H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
         )  # fmt: skip
+        _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                         H, HAS_POST, HAS_NORM, live)  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
@@ -653,26 +668,24 @@ def _bwd_dkdv_kernel(
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        # p and n first, dv, then dn: fewer tiles live at once than in ``_tile_bwd``
+        # p and n first, dv, then dn (fewer tiles live at once than with dn first)
         st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
                     Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
         ok3 = col_ok[:, None, :] & row_ok[None, :, :]
-        l3 = _logits(st3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
-        p, n = _probs(l3, lse2[None, :, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs, H,
-                      HAS_POST, HAS_POST_B, True)  # fmt: skip
-        if HAS_NORM:
-            n, xhat, rho = _head_norm(n, norm_w, norm_b, valid, inv_h, eps)
+        p, n, xhat, rho = _tile_probs(
+            st3, qk_scale, lse2[None, :, :], ok3, PRE_W, stride_pre0, stride_pre1,
+            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, True,
+        )  # fmt: skip
         g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
         dv = _dots_acc(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
-        dp = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
-                   Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)  # dn
-        if HAS_NORM:
-            dp = _head_norm_bwd(dp, xhat, rho, norm_w, valid, inv_h)
-        if HAS_POST:
-            dp = _mix(dp, POST_W, stride_post1, stride_post0, hs, H, True)
+        dn3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
+                    Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
+        _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                         H, HAS_POST, HAS_NORM, True)  # fmt: skip
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)
