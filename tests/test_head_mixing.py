@@ -333,6 +333,20 @@ def test_gradients_float32(backend, case, poisoned):
     check_grads(backend, q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind}")
 
 
+@pytest.mark.parametrize("case", ["rect Nq20 Nk49 Dk32 Dv48", "H2 Nq1 Nk197"])
+def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
+    """The launches an sm_80 GPU gets (16-row blocks; the delta launch sums dP and dA
+    over the rows, where sm_90 takes tensor-core products): the interpreter otherwise
+    runs sm_90's."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: 80)
+    kind = "all" if case.startswith("rect") else "vit-pytorch talking heads"
+    flags = tk._flags(*(object(),) * 5, kind == "all")
+    assert not tk._bwd_cfg(*CASES[case][1:], flags, 80)[0][0].constexprs["PAIR_DOT"]
+    q, k, v = make(CASES[case])
+    params = make_params(CASES[case][1], kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind} sm_80")
+
+
 @pytest.mark.parametrize("kind", ["timm talking heads", "re-attention"])
 def test_gradients_float16_triton(kind, poisoned):
     case = (1, 4, 17, 20, 32, 32)

@@ -34,11 +34,12 @@ slots, HP = H rounded up to a power of two, at least 2):
   recomputes the logits, forms p, r and n tile by tile and multiplies by v. Saves
   lse (B, H, Nq) float32.
 * ``_bwd_dq_kernel``, two launches, a program per (b, query block) each: with
-  DELTA_PASS, delta and this program's partial sums of dP, dc, dw, dbeta and dA (dA
-  from two sums over the keys beside delta's: sum_j dl_g s_h = sum_j p_g dp_g s_h -
-  delta_g sum_j p_g s_h); without, dq of every head. The loops of both passes reload
-  q, dO and the mixing weights each iteration (``_live``) instead of holding them in
-  registers.
+  DELTA_PASS, delta and this program's partial sums of dP, dc, dw, dbeta (a first loop
+  over the keys) and of dA (a second loop, once delta is known: dA = sum dl_g s_h);
+  without, dq of every head. On sm_90 the H x H sums (dP, dA) are tensor-core products
+  over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
+  reductions across the rows and warps every key tile. The loops reload q, dO and the
+  mixing weights each iteration (``_live``) instead of holding them in registers.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
   of a group of two heads per launch (each launch recomputes the tile chain of all
@@ -240,6 +241,38 @@ def _outer_rows(a3, b3, n: tl.constexpr):
 
 
 @triton.jit
+def _pair_lhs(x3, J2: tl.constexpr, dt: tl.constexpr):
+    """x3 (R, C, HP) as (HP*J2, R*C/J2) in dt, the columns c = c1*J2 + c2 split so that
+    (row, c1) is a product's K axis: with ``_pair_rhs``'s y3, block (a, b) of the
+    (HP*J2, HP*J2) product has trace sum_rc x3[r, c, a] y3[r, c, b] (``_pair_trace``).
+    One tensor-core product per tile instead of H*H reductions across rows and warps."""
+    R: tl.constexpr = x3.shape[0]
+    C1: tl.constexpr = x3.shape[1] // J2
+    HP: tl.constexpr = x3.shape[2]
+    # (R, C, HP) -> (R, C1, C2, HP) -> (HP, C2, R, C1)
+    return tl.reshape(tl.permute(tl.reshape(x3.to(dt), (R, C1, J2, HP)), (3, 2, 0, 1)), (HP * J2, R * C1))
+
+
+@triton.jit
+def _pair_rhs(y3, J2: tl.constexpr, dt: tl.constexpr):
+    """y3 (R, C, HP) as (R*C/J2, HP*J2) in dt (see ``_pair_lhs``)."""
+    R: tl.constexpr = y3.shape[0]
+    C1: tl.constexpr = y3.shape[1] // J2
+    HP: tl.constexpr = y3.shape[2]
+    # (R, C, HP) -> (R, C1, C2, HP) -> (R, C1, HP, C2)
+    return tl.reshape(tl.permute(tl.reshape(y3.to(dt), (R, C1, J2, HP)), (0, 1, 3, 2)), (R * C1, HP * J2))
+
+
+@triton.jit
+def _pair_trace(acc, HP: tl.constexpr, J2: tl.constexpr):
+    """(HP, HP): [a, b] = the trace of block (a, b) of a ``_pair_lhs`` x ``_pair_rhs`` product."""
+    a4 = tl.reshape(acc, (HP, J2, HP, J2))
+    d = tl.arange(0, J2)
+    diag = (d[:, None] == d[None, :])[None, :, None, :]
+    return tl.sum(tl.sum(tl.where(diag, a4, 0.0), 3), 1)
+
+
+@triton.jit
 def _load_vector(Vp, s0, hs, H: tl.constexpr, PRESENT: tl.constexpr, fill):
     """(1, 1, HP) float32 vector; `fill` where absent, 0 in padding slots."""
     if PRESENT:
@@ -405,27 +438,38 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _tile_bwd(
-    s3, qk_scale, lse3, ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+def _tile_probs(
+    s3, qk_scale, lse3, ok3, PRE_W, stride_pre0, stride_pre1,
     POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
     H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, live,
 ):  # fmt: skip
-    """From a tile's products s3 = q.k and dn3 = <do, v>: p, n, x^ (n without the head
-    norm), dr and dp (the gradients of r and of p)."""
+    """From a tile's products s3 = q.k: p, n, and the head norm's x^ and rho (r and 1
+    without the head norm) for ``_tile_dp``."""
     l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live)
-    p, r = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
+    p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
                   HAS_POST_B, live)  # fmt: skip
-    n = r
-    xhat = r
+    xhat = n
+    rho = 1.0
+    if HAS_NORM:
+        n, xhat, rho = _head_norm(n, norm_w, norm_b, valid, inv_h, eps)
+    return p, n, xhat, rho
+
+
+@triton.jit
+def _tile_dp(
+    dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+    H: tl.constexpr, HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr, live,
+):  # fmt: skip
+    """From a tile's dn3 = <do, v> (and ``_tile_probs``'s x^, rho): dr and dp, the
+    gradients of r and of p."""
     dr = dn3
     if HAS_NORM:
-        n, xhat, rho = _head_norm(r, norm_w, norm_b, valid, inv_h, eps)
         dr = _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h)
     dp = dr
     if HAS_POST:  # dp_g = sum_f P[f, g] dr_f: the transposed mixing
         dp = _mix(dr, POST_W, stride_post1, stride_post0, hs, H, live)
-    return p, n, xhat, dr, dp
+    return dr, dp
 
 
 @triton.jit
@@ -442,7 +486,7 @@ def _bwd_dq_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    DELTA_PASS: tl.constexpr,
+    DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -471,6 +515,8 @@ def _bwd_dq_kernel(
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     part = PART + pid.to(tl.int64) * NPART
+    J2: tl.constexpr = min(BLOCK_N, 64 // HP)  # the H x H sums as products of HP*J2 rows (``_pair_lhs``)
+    DT: tl.constexpr = Q.dtype.element_ty
 
     if DELTA_PASS:
         delta = _delta_pass(
@@ -480,6 +526,7 @@ def _bwd_dq_kernel(
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
             H, HP, BLOCK_M, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VG,
+            J2, DT, PAIR_DOT,
         )  # fmt: skip
     else:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -505,18 +552,23 @@ def _delta_pass(
     DK: tl.constexpr, DV: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
     HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    J2: tl.constexpr, DT: tl.constexpr, PAIR_DOT: tl.constexpr,
 ):  # fmt: skip
     """delta (B, H, NQ) of a query block, and its partial sums of dP (HP x HP, [f, g]),
-    dc, dw, dbeta and dA (HP x HP, [g, h]) at part. dA needs no second pass: with
-    dl_g = p_g (dp_g - delta_g), sum_j dl_g s_h = sum_j p_g dp_g s_h - delta_g sum_j p_g s_h,
-    and both sums over the keys run beside delta's."""
+    dc, dw, dbeta and dA (HP x HP, [g, h]) at part. The first loop over the keys sums
+    delta, dP, dc, dw, dbeta; dA = sum_ij dl_g s_h needs delta (dl_g = p_g (dp_g -
+    delta_g)), so a second loop recomputes the tiles for it (no dq accumulator beside
+    them, unlike the dq pass, where it spilled). The H x H sums are tensor-core products
+    over the flattened tile (``_pair_lhs``), not reductions across the rows each tile
+    (PAIR_DOT; without, on sm_80, where those products spilled: ``_outer_rows`` sums)."""
     delta = tl.zeros([BLOCK_M, HP], tl.float32)
-    acc_dp = tl.zeros([HP, HP], tl.float32)  # [g, f]
+    if PAIR_DOT:
+        acc_dp = tl.zeros([HP * J2, HP * J2], tl.float32)  # ``_pair_lhs`` of dr times ``_pair_rhs`` of p
+    else:
+        acc_dp = tl.zeros([HP, HP], tl.float32)  # [f, g]
     acc_dc = tl.zeros([BLOCK_M, HP], tl.float32)
     acc_dw = tl.zeros([BLOCK_M, HP], tl.float32)
     acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
-    acc_pds = tl.zeros([HP, HP], tl.float32)  # [h, g]: sum_i,j p_g dp_g s_h
-    acc_ps = tl.zeros([BLOCK_M, HP, HP], tl.float32)  # [i, h, g]: sum_j p_g s_h
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
@@ -528,34 +580,62 @@ def _delta_pass(
         dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
                     Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
-        p, _, xhat, dr, dp = _tile_bwd(
-            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+        p, _, xhat, rho = _tile_probs(
+            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
             H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
         )  # fmt: skip
-        pdp = p * dp
-        delta += tl.sum(pdp, 1)
-        if HAS_PRE:
-            acc_pds += tl.sum(_outer_rows(pdp, s3, HP), 0)
-            acc_ps += _outer_rows(p, s3, HP)
+        dr, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                          H, HAS_POST, HAS_NORM, live)  # fmt: skip
+        delta += tl.sum(p * dp, 1)
         if HAS_NORM:
             acc_dw += tl.sum(dn3 * xhat, 1)
             acc_db += tl.sum(dn3, 1)
         if HAS_POST:
-            acc_dp += tl.sum(_outer_rows(dr, p, HP), 0)
+            if PAIR_DOT:
+                acc_dp = tl.dot(_pair_lhs(dr, J2, DT), _pair_rhs(p, J2, DT), acc_dp, input_precision="tf32x3")
+            else:
+                acc_dp += tl.sum(_outer_rows(p, dr, HP), 0)  # [f, g]
             if HAS_POST_B:
                 acc_dc += tl.sum(dr, 1)
     tl.store(DELTA + rows, delta, mask=row_ok)
-    if HAS_POST:
-        tl.store(part + hs[None, :] * HP + hs[:, None], acc_dp)  # dP[f, g]
+    if HAS_POST:  # stored now, so that the second loop holds no accumulator but dA's
+        if PAIR_DOT:
+            acc_dp = _pair_trace(acc_dp, HP, J2)
+        tl.store(part + hs[:, None] * HP + hs[None, :], acc_dp)  # dP[f, g]
         if HAS_POST_B:
             tl.store(part + HP * HP + hs, tl.sum(acc_dc, 0))
     if HAS_NORM:
         tl.store(part + HP * HP + HP + hs, tl.sum(acc_dw, 0))
         tl.store(part + HP * HP + 2 * HP + hs, tl.sum(acc_db, 0))
     if HAS_PRE:  # s = scale * q.k
-        da = (acc_pds - tl.sum(delta[:, None, :] * acc_ps, 0)) * sm_scale  # [h, g]
-        tl.store(part + HP * HP + 3 * HP + hs[None, :] * HP + hs[:, None], da)
+        acc_da = tl.zeros([HP, HP], tl.float32)  # [g, h]
+        for start_n in range(0, NK, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NK
+            live = _live(start_n, NK)
+            kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
+            vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
+            s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
+                       Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
+            dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
+                        Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
+            ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+            if PAIR_DOT:
+                s_rhs = _pair_rhs(s3 * sm_scale, J2, DT)
+            p, _, xhat, rho = _tile_probs(
+                s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
+                POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+                H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
+            )  # fmt: skip
+            _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                             H, HAS_POST, HAS_NORM, live)  # fmt: skip
+            dl = p * (dp - delta[:, None, :])
+            if PAIR_DOT:
+                acc_da += _pair_trace(tl.dot(_pair_lhs(dl, J2, DT), s_rhs, input_precision="tf32x3"), HP, J2)
+            else:
+                acc_da += tl.sum(_outer_rows(s3, dl, HP), 0) * sm_scale  # [g, h]
+        tl.store(part + HP * HP + 3 * HP + hs[:, None] * HP + hs[None, :], acc_da)
     return delta
 
 
@@ -584,11 +664,13 @@ def _dq_pass(
         dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
                     Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
         ok3 = n_ok[None, :, None] & row_ok[:, None, :]
-        p, _, _, _, dp = _tile_bwd(
-            s3, qk_scale, lse2[:, None, :], ok3, dn3, PRE_W, stride_pre0, stride_pre1,
+        p, _, xhat, rho = _tile_probs(
+            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
             H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
         )  # fmt: skip
+        _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                         H, HAS_POST, HAS_NORM, live)  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
@@ -653,26 +735,24 @@ def _bwd_dkdv_kernel(
         rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
         lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        # p and n first, dv, then dn: fewer tiles live at once than in ``_tile_bwd``
+        # p and n first, dv, then dn (fewer tiles live at once than with dn first)
         st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
                     Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
         ok3 = col_ok[:, None, :] & row_ok[None, :, :]
-        l3 = _logits(st3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
-        p, n = _probs(l3, lse2[None, :, :], ok3, POST_W, stride_post0, stride_post1, post_b, hs, H,
-                      HAS_POST, HAS_POST_B, True)  # fmt: skip
-        if HAS_NORM:
-            n, xhat, rho = _head_norm(n, norm_w, norm_b, valid, inv_h, eps)
+        p, n, xhat, rho = _tile_probs(
+            st3, qk_scale, lse2[None, :, :], ok3, PRE_W, stride_pre0, stride_pre1,
+            POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, True,
+        )  # fmt: skip
         g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
         dv = _dots_acc(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
-        dp = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
-                   Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)  # dn
-        if HAS_NORM:
-            dp = _head_norm_bwd(dp, xhat, rho, norm_w, valid, inv_h)
-        if HAS_POST:
-            dp = _mix(dp, POST_W, stride_post1, stride_post0, hs, H, True)
+        dn3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
+                    Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
+        _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
+                         H, HAS_POST, HAS_NORM, True)  # fmt: skip
         ds = p * (dp - delta[None, :, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, True)
@@ -776,29 +856,38 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
 
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
-    take 64 query rows x 16 keys on 8 warps (two warpgroups); on sm_80 (mma.sync
+    take 64 query rows x 16 keys, the delta launch on 4 warps (one warpgroup: the
+    sums over the keys stay in a warp) where that fits, on 8 where it spilled (the
+    post-mix bias, the head norm), the dq launch on 8 (two warpgroups); on sm_80 (mma.sync
     layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 32 queries, 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
     post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
-    c = _common(heads, dk, dv, flags)
+    # the delta launch's H x H sums as tensor-core products (sm_80: they spilled there)
+    base = _common(heads, dk, dv, flags)
+    c = dict(base, PAIR_DOT=arch >= 90)
     few = nq <= 16
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True), 8, 1)
+        # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
+        delta_warps = 4 if few and arch < 90 else 8
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True), delta_warps, 1)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False), 4 if few else 8, 1)
     else:
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), 8, 1)
+        # 4 warps spilled 40 B with the post-mix bias, 144 B with the head norm, 16 B
+        # with triton 3.6
+        delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), delta_warps, 1)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 32 queries on 8 warps; 16 x 16 with
     # the head norm (32 queries spilled); with the post-mix bias two heads per launch
     # (every head at 16 x 16 spilled 4 B); for a few queries 32 keys x 16 on 4 warps
-    hp = c["HP"]
+    hp = base["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 32
     bn, warps = (32, 4) if few else (16, 8)
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**c, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
