@@ -173,6 +173,18 @@ def test_triton_forward(name, dtype):
     assert_close(out, reference64(inputs), what=name, dtype=dtype)
 
 
+def test_output_norm_config_by_target():
+    """The output norm's whole-row programs (P2: dual patch norm, D 768): 64 rows on one
+    warpgroup for sm_90 with aligned 16-bit tensors; 32 for sm_80, float32 and
+    misaligned tensors, where 64 spilled when compiled ahead of time."""
+
+    def rows(dtype=torch.bfloat16, **kw):
+        return tp.fwd_config(256 * 196, 768, 768, dtype, True, True, False, **kw).block_m
+
+    assert rows(arch=90) == rows(torch.float16, arch=90) == 64
+    assert rows(arch=80) == rows(torch.float32, arch=90) == rows(arch=90, aligned=False) == 32
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_output_norm_over_one_feature_is_its_bias(backend):
     """LayerNorm over D = 1 features normalises every token to 0: the output is
