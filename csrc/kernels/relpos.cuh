@@ -244,8 +244,8 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();  // everyone is done with the previous tile
-    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows_unrolled<T, BN, DK, kThreads, true>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows_unrolled<T, BN, DV, kThreads, true>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKc[tid] = key_coord<MIRROR>(imin(k0 + tid, p.Nk - 1), p.C);  // masked below past Nk
     __syncthreads();
 
@@ -436,6 +436,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 
     for (int k0 = 0; k0 < p.Nk; k0 += BN) {
       __syncthreads();
+      // the element-wise fallback inline: as a call it spilled (sm_80 and sm_90a, 12-40 B)
       load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
       load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
       if (tid < BN) {  // keys past Nk: the last key's coordinates, masked below
@@ -632,8 +633,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
   for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
     __syncthreads();
-    load_rows_unrolled<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows_unrolled<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    load_rows_unrolled<T, BQ, DK, kThreads, true>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows_unrolled<T, BQ, DV, kThreads, true>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
     if (tid < BQ) {  // queries past Nq: query 0's coordinate, masked below
       const int i = q0 + tid;
       sQc[tid] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
