@@ -142,7 +142,12 @@ TEMPLATE_KERNELS = (
     "patch_embed_rownorm_kernel",
     "patch_embed_prefix_kernel",
 )
-PLAIN_KERNELS = ("performer_kv_combine_kernel", "performer_sum_kernel", "performer_store_dw_kernel")
+PLAIN_KERNELS = (
+    "relpos_dtable_fold_kernel",
+    "performer_kv_combine_kernel",
+    "performer_sum_kernel",
+    "performer_store_dw_kernel",
+)
 
 
 @needs_nvcc
@@ -212,6 +217,7 @@ def emu(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lib = ctypes.CDLL(str(lib_path))
     lib.vk_emu_performer_workspace.restype = ctypes.c_int64
+    lib.vk_emu_relpos_workspace.restype = ctypes.c_int64
     return lib
 
 
@@ -275,6 +281,24 @@ def _relpos_inputs(B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided):
     return q, k, v, stored, table, (Nq, Nk, Cq)
 
 
+def _relpos_bwd(emu, case, q, k, v, table, out, lse, dout, scale, bias_scale):
+    """The emulated backward: (dq, dk, dv, dtable); outputs and workspaces NaN before."""
+    B, H, R, C, qs, Dk, Dv, dtype = case[:8]
+    Nq, Nk, Cq = q.shape[2], k.shape[2], -(-C // qs)
+    dims = (ctypes.c_int * 10)(B, H, Nq, Nk, Dk, Dv, R, C, Cq, qs)
+    dq, dk, dv = (_nan(*t.shape, dtype=dtype) for t in (q, k, v))
+    delta, dtable = _nan(B, H, Nq), _nan(H, Nk)
+    work = _nan(emu.vk_emu_relpos_workspace(dims))
+    rc = emu.vk_emu_relpos_bwd(
+        KIND[dtype], _p(q), _s(q), _p(k), _s(k), _p(v), _s(v), _p(table),
+        ctypes.c_int64(table.stride(0)), ctypes.c_int64(table.stride(1)), KIND[table.dtype], dims,
+        _f(scale), _f(bias_scale), _p(out), _s(out), _p(lse), _p(dout), _s(dout), _p(delta),
+        _p(dq), _s(dq), _p(dk), _s(dk), _p(dv), _s(dv), _p(dtable), _p(work),
+    )  # fmt: skip
+    assert rc == 0
+    return dq, dk, dv, dtable
+
+
 @pytest.mark.parametrize(
     "case",
     RELPOS_CASES,
@@ -306,21 +330,57 @@ def test_relpos_emulated_matches_reference(emu, case):
 
     dout = torch.randn(B, H, Nq, Dv).to(dtype)
     want.backward(dout.double())
-    dq, dk, dv = (
-        _nan(*q.shape, dtype=dtype),
-        _nan(*k.shape, dtype=dtype),
-        _nan(*v.shape, dtype=dtype),
-    )
-    delta, dtable = _nan(B, H, Nq), torch.zeros(H, Nk)
-    rc = emu.vk_emu_relpos_bwd(
-        KIND[dtype], *common, *tstr, dims, _f(scale), _f(bias_scale), _p(out), _s(out), _p(lse),
-        _p(dout), _s(dout), _p(delta), _p(dq), _s(dq), _p(dk), _s(dk), _p(dv), _s(dv), _p(dtable),
-    )  # fmt: skip
-    assert rc == 0
+    dq, dk, dv, dtable = _relpos_bwd(emu, case, q, k, v, table, out, lse, dout, scale, bias_scale)
     _check("dq", dq, qd.grad, dtype, grad=True)
     _check("dk", dk, kd.grad, dtype, grad=True)
     _check("dv", dv, vd.grad, dtype, grad=True)
     _check("dtable", dtable, sd.grad if layout == "hn" else sd.grad.t(), dtype, grad=True)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (3, 2, 7, 7, 1, 16, 32, torch.float16, "hn", None, False),  # offset grid in shared memory
+        # an offset grid too large for shared memory (3 x 1399 > 2401): the warps' copies
+        # of the table gradient in the workspace
+        (2, 1, 2, 700, 100, 16, 16, torch.bfloat16, "hn", None, False),
+    ],
+    ids=["shared", "workspace"],
+)
+def test_relpos_emulated_backward_is_deterministic(emu, case):
+    """The table gradient is a sum of B*Nq*Nk terms per head; the same inputs give the
+    same bits whatever the order the threads run in (the emulator draws a fresh one
+    each time): no atomics, a fixed order of additions. The kernel source keeps no
+    atomic operation that could bring the order back."""
+    B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided = case
+    q, k, v, stored, table, (Nq, Nk, Cq) = _relpos_inputs(*case)
+    scale, bias_scale = Dk**-0.5, 1.3
+    dims = (ctypes.c_int * 10)(B, H, Nq, Nk, Dk, Dv, R, C, Cq, qs)
+    out, lse = _nan(B, H, Nq, Dv, dtype=dtype), _nan(B, H, Nq)
+    rc = emu.vk_emu_relpos_fwd(
+        KIND[dtype], _p(q), _s(q), _p(k), _s(k), _p(v), _s(v), _p(table),
+        ctypes.c_int64(table.stride(0)), ctypes.c_int64(table.stride(1)), KIND[table.dtype], dims,
+        _f(scale), _f(bias_scale), _p(out), _s(out), _p(lse),
+    )  # fmt: skip
+    assert rc == 0
+    dout = torch.randn(B, H, Nq, Dv).to(dtype)
+    first = _relpos_bwd(emu, case, q, k, v, table, out, lse, dout, scale, bias_scale)
+    second = _relpos_bwd(emu, case, q, k, v, table, out, lse, dout, scale, bias_scale)
+    for name, a, b in zip(("dq", "dk", "dv", "dtable"), first, second, strict=True):
+        assert torch.isfinite(a).all(), f"{name} has non-finite entries"
+        assert torch.equal(a, b), (
+            f"{name} differs between two runs: max |diff| {(a - b).abs().max().item():.3g}"
+        )
+    # and it is the gradient: the float64 reference of the table's
+    sd = stored.detach().double().requires_grad_()
+    want = ref.relpos_attention(
+        q.double(), k.double(), v.double(), sd, fmap_size=(R, C), q_stride=qs, scale=scale,
+        bias_scale=bias_scale, table_layout=layout,
+    )  # fmt: skip
+    want.backward(dout.double())
+    _check("dtable", first[3], sd.grad, dtype, grad=True)
+    source = (KERNELS / "relpos.cuh").read_text()
+    assert not re.findall(r"\batomic\w*\s*\(", source), "relpos.cuh uses atomics again"
 
 
 # performer: (B, T, E, M, dtype, w dtype, eps, x scale, strided views)

@@ -38,6 +38,10 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 typedef void* cudaStream_t;
 typedef int cudaError_t;
 constexpr cudaError_t cudaSuccess = 0;
@@ -385,10 +389,4 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
 inline float __shfl_sync(unsigned, float v, int src) {
   uint32_t in[2] = {::vk_emu::f32_bits(v), uint32_t(src)};
   return ::vk_emu::bits_f32(::vk_emu::collective(::vk_emu::kShflIdx, in, 2)[0]);
-}
-
-inline float atomicAdd(float* p, float v) {  // fibers never interleave inside a statement
-  float old = *p;
-  *p = old + v;
-  return old;
 }

@@ -93,7 +93,7 @@ int vk_emu_relpos_bwd(int dtype, const void* q, const int64_t* q_s, const void* 
                       const int* dims, float scale, float bias_scale, const void* out, const int64_t* o_s,
                       float* lse, const void* dout, const int64_t* do_s, float* delta, void* dq,
                       const int64_t* dq_s, void* dk, const int64_t* dk_s, void* dv, const int64_t* dv_s,
-                      float* dtable) {
+                      float* dtable, float* work) {
   vk::RelposParams p =
       relpos_params(q, q_s, k, k_s, v, v_s, table, t_sh, t_sn, t_kind, dims, scale, bias_scale, out, o_s, lse);
   p.dout = dout;
@@ -106,7 +106,19 @@ int vk_emu_relpos_bwd(int dtype, const void* q, const int64_t* q_s, const void* 
   p.dv = dv;
   copy(p.dv_s, dv_s);
   p.dtable = dtable;
+  p.work = work;
   return dtype == vk::kBFloat16 ? vk::relpos_bwd<vk::bf16_t>(p, nullptr) : vk::relpos_bwd<vk::half_t>(p, nullptr);
+}
+
+// floats of the relpos backward's workspace (work); dims as for vk_emu_relpos_bwd
+int64_t vk_emu_relpos_workspace(const int* dims) {
+  vk::RelposParams p{};
+  p.B = dims[0];
+  p.H = dims[1];
+  p.Nq = dims[2];
+  p.R = dims[6];
+  p.C = dims[7];
+  return static_cast<int64_t>(vk::relpos_bwd_workspace_floats(p));
 }
 
 int64_t vk_emu_performer_workspace(int B, int T, int E, int M, int backward) {

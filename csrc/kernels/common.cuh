@@ -34,10 +34,12 @@
 namespace vk {
 
 #if defined(VK_EMULATE)
+#define VK_NOINLINE
 using half_t = vk_emu::half_t;
 using bf16_t = vk_emu::bf16_t;
 #define VK_DYN_SMEM(name) unsigned char* name = ::vk_emu::dyn_smem()
 #else
+#define VK_NOINLINE __noinline__
 using half_t = __half;
 using bf16_t = __nv_bfloat16;
 #define VK_DYN_SMEM(name)                                    \
@@ -389,15 +391,28 @@ __device__ __forceinline__ void load_rows(T* s, int ld, const T* g, int64_t sn, 
   }
 }
 
+// load_rows out of line (a call, not the copy's code, where it is used)
+template <class T, int ROWS, int D, int NT>
+__device__ VK_NOINLINE void load_rows_outlined(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0, int nrows,
+                                               int ncols, int tid) {
+  load_rows<T, ROWS, D, NT>(s, ld, g, sn, sd, r0, nrows, ncols, tid);
+}
+
 // load_rows for tiles of a few 16-byte pieces per thread (ROWS * D / 8 / NT): the
 // loop fully unrolled, each piece's row and column known up to tid at compile time.
-template <class T, int ROWS, int D, int NT>
+// Rows that do not vectorise go to load_rows, inline or (OUTLINED) as a call: the
+// loop that calls this then carries a branch and a call instead of the element-wise
+// copy (a call can cost registers saved around it: the dq kernel spilled with it).
+template <class T, int ROWS, int D, int NT, bool OUTLINED = false>
 __device__ __forceinline__ void load_rows_unrolled(T* s, int ld, const T* g, int64_t sn, int64_t sd, int r0,
                                                    int nrows, int ncols, int tid) {
   static_assert(NT % (D / 8) == 0, "a thread's pieces must share their column");
   constexpr int N = ROWS * (D / 8);
   if (!rows_vectorizable(g, sn, sd, ncols)) {
-    load_rows<T, ROWS, D, NT>(s, ld, g, sn, sd, r0, nrows, ncols, tid);
+    if constexpr (OUTLINED)
+      load_rows_outlined<T, ROWS, D, NT>(s, ld, g, sn, sd, r0, nrows, ncols, tid);
+    else
+      load_rows<T, ROWS, D, NT>(s, ld, g, sn, sd, r0, nrows, ncols, tid);
     return;
   }
   const int r = tid / (D / 8), d = (tid % (D / 8)) * 8;

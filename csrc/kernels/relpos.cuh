@@ -13,12 +13,14 @@
 // bf16 inputs, fp32 accumulation).
 //
 // Backward (FlashAttention-2 style, two kernels):
-//   dq kernel (per 64 queries, over keys): delta[i] = <dout_i, out_i> (kept for
-//     the dkv kernel), p = exp(logits - lse),
-//     ds = p * (dout v^T - delta), dq = scale * ds k, dtable[h, idx] += bias_scale * ds
+//   dq kernel (per 64 queries and a group of batch entries, over keys):
+//     delta[i] = <dout_i, out_i> (kept for the dkv kernel), p = exp(logits - lse),
+//     ds = p * (dout v^T - delta), dq = scale * ds k, and the block's partial
+//     table gradient, bias_scale * the sum of ds per table entry
 //   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q
-// dtable accumulates in fp32 (shared-memory atomics per block, then one global
-// atomicAdd per table entry and block).
+//   fold kernel: dtable = the sum of the partials
+// dtable accumulates in fp32 without atomics, in a fixed order: bitwise the same
+// run to run (relpos_bwd_dq_kernel says how).
 #pragma once
 
 #include "common.cuh"
@@ -42,8 +44,9 @@ struct RelposParams {
   void* out;
   int64_t o_s[4];
   float* lse;
-  // backward: dout (B, H, Nq, Dv); delta (B, H, Nq) fp32 workspace;
-  // dq, dk, dv like q, k, v; dtable (H, R*C) fp32 contiguous, zeroed by the launcher
+  // backward: dout (B, H, Nq, Dv); delta (B, H, Nq) fp32 workspace; work: fp32
+  // workspace of relpos_bwd_workspace_floats(p) floats; dq, dk, dv like q, k, v;
+  // dtable (H, R*C) fp32 contiguous (every entry written)
   const void* dout;
   int64_t do_s[4];
   float* delta;
@@ -54,9 +57,16 @@ struct RelposParams {
   void* dv;
   int64_t dv_s[4];
   float* dtable;
+  float* work;
+  // set by relpos_bwd from work: batch entries per dq block, its partials
+  // (blocks, H, R*C) and, where the offset grid does not fit in shared memory, the
+  // warps' copies of it (blocks, H, 4, (2R-1) x (2C-1))
+  int bgroup;
+  float* dtable_part;
+  float* dtable_warp;
 };
 
-// The largest R*C whose table (and, backward, its gradient) fits in shared memory.
+// The largest R*C the cuda backend takes (the table, as R*C floats, in shared memory).
 constexpr int kRelposMaxTable = 8192;
 constexpr int kRelposMaxHeadDim = 128;
 
@@ -77,6 +87,20 @@ __host__ __device__ inline bool mirror_fits(int R, int C) { return (2 * R - 1) *
 __host__ __device__ inline int table_floats(int R, int C, bool mirror) {
   return mirror ? (2 * R - 1) * (2 * C - 1) : R * C;
 }
+
+// floats of the grid of signed offsets, (2R-1) x (2C-1)
+__host__ __device__ inline int mirror_floats(int R, int C) { return (2 * R - 1) * (2 * C - 1); }
+
+// The dq kernel keeps the mirrored table and four copies of its gradient (one per
+// warp) in shared memory where the offset grid has at most this many entries
+// (5 x 2401 floats = 48 KB: grids up to 25 x 25).
+constexpr int kDqMirrorMax = 2401;
+
+__host__ __device__ inline bool dq_mirror_fits(int R, int C) { return mirror_floats(R, C) <= kDqMirrorMax; }
+
+// row stride (floats) of a warp's dS tile of 16 x 32 in the dq kernel: rows 8 banks
+// apart, so the float2 stores of a half warp hit distinct banks
+constexpr int kDsLd = 40;
 
 // the head's table row, times mult, as float; MIRROR: as the (2R-1) x (2C-1) grid
 // of signed offsets, entry (dr + R - 1, dc + C - 1) = table[|dr| * C + |dc|]
@@ -146,12 +170,32 @@ __host__ __device__ constexpr int dkv_tile() {
   return DK + DV >= 96 ? 32 : 64;
 }
 
-// shared memory of the dq (dkv = false: table and its gradient, table_n floats
-// each) or dkv kernel (the table as kept, table_n floats)
+// shared memory of the dkv kernel (the table as kept, table_n floats)
 template <int DK, int DV>
-constexpr size_t bwd_smem(int table_n, bool dkv) {
-  const int tile = dkv ? dkv_tile<DK, DV>() : dq_tile<DK, DV>();
-  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * (dkv ? 4 : 8);
+constexpr size_t dkv_smem(int table_n) {
+  constexpr int tile = dkv_tile<DK, DV>();
+  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * 4;
+}
+
+// shared memory of the dq kernel: tiles, coordinates, the warps' dS tiles, the table
+// (mirror: mirrored, and the warps' four copies of its gradient)
+template <int DK, int DV>
+size_t dq_smem(int R, int C, bool mirror) {
+  constexpr int tile = dq_tile<DK, DV>();
+  const size_t tab = mirror ? size_t(5) * mirror_floats(R, C) : size_t(R) * C;
+  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + (2 * tile + kRows) * 4 + 4 * 16 * kDsLd * 4 + tab * 4;
+}
+
+// the dq kernel's grid over batch entries: bgroup entries per block, enough blocks
+// to fill a GPU (at least 1024) and few partials
+struct DqGroups {
+  int bgroup, groups;
+};
+
+inline DqGroups dq_groups(int B, int blocks_per_batch) {
+  int group = 1;
+  while (group < 16 && group * 2 <= B && blocks_per_batch * ceil_div(B, group * 2) >= 1024) group *= 2;
+  return {group, ceil_div(B, group)};
 }
 
 }  // namespace relpos_detail
@@ -200,8 +244,8 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();  // everyone is done with the previous tile
-    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    load_rows_unrolled<T, BN, DK, kThreads, true>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows_unrolled<T, BN, DV, kThreads, true>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
     if (tid < BN) sKc[tid] = key_coord<MIRROR>(imin(k0 + tid, p.Nk - 1), p.C);  // masked below past Nk
     __syncthreads();
 
@@ -300,11 +344,24 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 }
 
 // ----------------------------------------------------------------------------
-// backward 1: delta, dq and dtable; grid (ceil(Nq / 64), H, B), 128 threads.
-// delta = rowsum(dout * out) of the block's queries is written to p.delta for
-// the dk/dv kernel, which runs after this one on the same stream.
+// backward 1: delta, dq and the table gradient; grid (ceil(Nq / 64), H, groups of
+// p.bgroup batch entries), 128 threads. delta = rowsum(dout * out) of the block's
+// queries is written to p.delta for the dk/dv kernel, which runs after this one on
+// the same stream.
+//
+// The table gradient, deterministic (no atomics): each warp writes its dS tile, 16
+// rows x 32 keys at a time, to shared memory and adds it row by row, a lane per
+// key, into its own copy of the gradient over signed offsets (dtable_mirror,
+// (2R-1) x (2C-1) floats); within one query row no two keys share an offset, so
+// the lanes of a step never collide, and __syncwarp orders the steps. After the
+// block's batch entries the four copies are summed and folded over the signs of
+// (dr, dc) in a fixed order into the block's partial (p.dtable_part), which
+// relpos_dtable_fold_kernel sums over blocks in a fixed order. MIRROR: the copies
+// and the table (mirrored too: the bias is one shared load, as in the forward) in
+// shared memory; otherwise the copies live in the workspace (p.dtable_warp) and
+// the table as R*C floats.
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool MIRROR>
 __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BN = dq_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
@@ -313,141 +370,221 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
   T* sDO = sQ + kRows * LDK;
   T* sK = sDO + kRows * LDV;
   T* sV = sK + BN * LDK;
-  int* sKpos = reinterpret_cast<int*>(sV + BN * LDV);
-  float* sTab = reinterpret_cast<float*>(sKpos + 3 * BN);
-  float* sdTab = sTab + p.R * p.C;
+  int* sKc = reinterpret_cast<int*>(sV + BN * LDV);  // bias coordinates of the tile's keys
+  int* sKm = sKc + BN;                                 // their offset-grid coordinates
+  int* sQm = sKm + BN;                                 // offset-grid coordinates of the block's queries
+  float* sDS = reinterpret_cast<float*>(sQm + kRows);  // per warp: dS of 16 rows x 32 keys
+  float* sTab = sDS + 4 * 16 * kDsLd;
+  const int M = mirror_floats(p.R, p.C);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
-  const int64_t bh = (int64_t)b * p.H + h;
-  const T* Q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
-  const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
-  const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-  const int table_n = p.R * p.C;
+  const int h = blockIdx.y, q0 = blockIdx.x * kRows, z = blockIdx.z;
+  const int64_t blk = (int64_t)z * gridDim.x + blockIdx.x;
+  float* grads = MIRROR ? sTab + M : p.dtable_warp + blk * p.H * 4 * M + h * 4 * M;  // 4 copies of M floats
+  float* gw = grads + warp * M;
 
-  load_table(sTab, p, h, p.bias_scale * kLog2e, tid);
-  for (int i = tid; i < table_n; i += kThreads) sdTab[i] = 0.f;
-  load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-  load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+  load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
+  for (int zi = tid; zi < 4 * M; zi += kThreads) grads[zi] = 0.f;
+  if (tid < kRows) {
+    const int i = q0 + tid;
+    sQm[tid] = query_coord<true>(i < p.Nq ? i : 0, p);  // a query past Nq: query 0's (its dS is 0)
+  }
 
-  __syncthreads();  // sDO
-
-  int qpos[2];
-  float lse2[2], delta[2];
-  const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
+  int qc[2];  // bias coordinates of rows g and g + 8 of this warp; a row past Nq takes query 0's
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = q0 + warp * 16 + g + 8 * r;
-    qpos[r] = query_pos(i, p.Nq, p.Cq, p.qs);
-    lse2[r] = qpos[r] >= 0 ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
-    float acc = 0.f;  // this lane's columns t, t + 4, ... of the row
-    if (qpos[r] >= 0) {
-      const T* dOs = sDO + (warp * 16 + g + 8 * r) * LDV;
-#pragma unroll
-      for (int j = 0; j < DV / 4; ++j) {
-        const int d = 4 * j + t;
-        if (d < p.Dv) acc += Num<T>::to_float(dOs[d]) * Num<T>::to_float(O[i * p.o_s[2] + d * p.o_s[3]]);
-      }
-    }
-    delta[r] = quad_sum(acc);
-    if (qpos[r] >= 0 && t == 0) p.delta[bh * p.Nq + i] = delta[r];
+    qc[r] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
   }
-
   const float sl2 = p.scale * kLog2e;
-  float dq[DK / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < DK / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+  const int b1 = imin((z + 1) * p.bgroup, p.B);
 
-  for (int k0 = 0; k0 < p.Nk; k0 += BN) {
-    __syncthreads();
-    load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
-    if (tid < BN) sKpos[tid] = key_pos(k0 + tid, p.Nk, p.C);
-    __syncthreads();
+  for (int b = z * p.bgroup; b < b1; ++b) {
+    const int64_t bh = (int64_t)b * p.H + h;
+    const T* Q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+    const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
+    const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
+    const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+    const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
 
-    float s[BN / 8][4], dp[BN / 8][4];
+    __syncthreads();  // every warp is done with the previous batch entry's tiles
+    load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    __syncthreads();  // sDO
+
+    float lse2[2], delta[2];  // a row past Nq: lse +inf, so that its p and dS are 0
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
+    for (int r = 0; r < 2; ++r) {
+      const int i = q0 + warp * 16 + g + 8 * r;
+      lse2[r] = i < p.Nq ? p.lse[bh * p.Nq + i] * kLog2e : INFINITY;
+      float acc = 0.f;  // this lane's columns t, t + 4, ... of the row
+      if (i < p.Nq) {
+        const T* dOs = sDO + (warp * 16 + g + 8 * r) * LDV;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) s[nt][c] = dp[nt][c] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < DK / 16; ++kk) {
-      uint32_t qa[4];
-      ldsm_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bf[2][2];
-        ldsm_b2_nk<T>(bf, sK, LDK, np * 16, kk * 16, lane);
-        mma_16816<T>(s[2 * np], qa, bf[0]);
-        mma_16816<T>(s[2 * np + 1], qa, bf[1]);
+        for (int j = 0; j < DV / 4; ++j) {
+          const int d = 4 * j + t;
+          if (d < p.Dv) acc += Num<T>::to_float(dOs[d]) * Num<T>::to_float(O[i * p.o_s[2] + d * p.o_s[3]]);
+        }
       }
-    }
-#pragma unroll
-    for (int kk = 0; kk < DV / 16; ++kk) {  // dp = dout v^T
-      uint32_t da[4];
-      ldsm_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bf[2][2];
-        ldsm_b2_nk<T>(bf, sV, LDV, np * 16, kk * 16, lane);
-        mma_16816<T>(dp[2 * np], da, bf[0]);
-        mma_16816<T>(dp[2 * np + 1], da, bf[1]);
-      }
+      delta[r] = quad_sum(acc);
+      if (i < p.Nq && t == 0) p.delta[bh * p.Nq + i] = delta[r];
     }
 
-    // p = exp(logits - lse); ds = p (dp - delta) into s; dtable += bias_scale ds
+    float dq[DK / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
+    for (int dt = 0; dt < DK / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+
+    for (int k0 = 0; k0 < p.Nk; k0 += BN) {
+      __syncthreads();
+      // the element-wise fallback inline: as a call it spilled (sm_80 and sm_90a, 12-40 B)
+      load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+      load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+      if (tid < BN) {  // keys past Nk: the last key's coordinates, masked below
+        const int j = imin(k0 + tid, p.Nk - 1);
+        sKc[tid] = key_coord<MIRROR>(j, p.C);
+        sKm[tid] = key_coord<true>(j, p.C);
+      }
+      __syncthreads();
+
+      float s[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int kp = sKpos[nt * 8 + 2 * t + e];
+      for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float ds = 0.f;
-          if (kp >= 0 && qpos[r] >= 0) {
-            const int idx = bias_index(qpos[r], kp, p.C);
-            const float pr = exp2_ftz(s[nt][2 * r + e] * sl2 + sTab[idx] - lse2[r]);
-            ds = pr * (dp[nt][2 * r + e] - delta[r]);
-            atomicAdd(&sdTab[idx], ds);
-          }
-          s[nt][2 * r + e] = ds;
+        for (int c = 0; c < 4; ++c) s[nt][c] = dp[nt][c] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < DK / 16; ++kk) {
+        uint32_t qa[4];
+        ldsm_a<T>(qa, sQ, LDK, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int np = 0; np < BN / 16; ++np) {
+          uint32_t bf[2][2];
+          ldsm_b2_nk<T>(bf, sK, LDK, np * 16, kk * 16, lane);
+          mma_16816<T>(s[2 * np], qa, bf[0]);
+          mma_16816<T>(s[2 * np + 1], qa, bf[1]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk) {  // dp = dout v^T
+        uint32_t da[4];
+        ldsm_a<T>(da, sDO, LDV, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int np = 0; np < BN / 16; ++np) {
+          uint32_t bf[2][2];
+          ldsm_b2_nk<T>(bf, sV, LDV, np * 16, kk * 16, lane);
+          mma_16816<T>(dp[2 * np], da, bf[0]);
+          mma_16816<T>(dp[2 * np + 1], da, bf[1]);
         }
       }
 
-    // dq += ds k
+      // p = exp(logits - lse); ds = p (dp - delta) into s
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t dsa[4];
-      c_to_a<T>(dsa, s[2 * kk], s[2 * kk + 1]);
+      for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-      for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
-        uint32_t bf[2][2];
-        ldsm_b2_kn<T>(bf, sK, LDK, kk * 16, dp2 * 16, lane);
-        mma_16816<T>(dq[2 * dp2], dsa, bf[0]);
-        mma_16816<T>(dq[2 * dp2 + 1], dsa, bf[1]);
+        for (int e = 0; e < 2; ++e) {
+          const int kc = sKc[nt * 8 + 2 * t + e];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float pr = exp2_ftz(s[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc[r], kc, p.C) - lse2[r]);
+            s[nt][2 * r + e] = pr * (dp[nt][2 * r + e] - delta[r]);
+          }
+        }
+      if (k0 + BN > p.Nk) {  // the last tile: keys past Nk -> 0
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (k0 + nt * 8 + 2 * t + e >= p.Nk) s[nt][e] = s[nt][2 + e] = 0.f;
+      }
+
+      // table gradient: this warp's dS, 32 keys at a time, into its offset-grid copy
+#pragma unroll
+      for (int kh = 0; kh < BN / 32; ++kh) {
+        float* sD = sDS + warp * 16 * kDsLd;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<float2*>(sD + (g + 8 * r) * kDsLd + nt * 8 + 2 * t) =
+                make_float2(s[4 * kh + nt][2 * r], s[4 * kh + nt][2 * r + 1]);
+        __syncwarp();
+        float* gk = gw - sKm[32 * kh + lane];
+#pragma unroll
+        for (int row = 0; row < 16; ++row) {
+          gk[sQm[warp * 16 + row]] += sD[row * kDsLd + lane];
+          __syncwarp();  // the next row's lanes may add to these entries
+        }
+      }
+
+      // dq += ds k
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t dsa[4];
+        c_to_a<T>(dsa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dp2 = 0; dp2 < DK / 16; ++dp2) {
+          uint32_t bf[2][2];
+          ldsm_b2_kn<T>(bf, sK, LDK, kk * 16, dp2 * 16, lane);
+          mma_16816<T>(dq[2 * dp2], dsa, bf[0]);
+          mma_16816<T>(dq[2 * dp2 + 1], dsa, bf[1]);
+        }
+      }
+    }
+
+    T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = q0 + warp * 16 + g + 8 * r;
+      if (i >= p.Nq) continue;
+#pragma unroll
+      for (int dt = 0; dt < DK / 8; ++dt) {
+        const int d = dt * 8 + 2 * t;
+        if (d < p.Dk)
+          store_pair(dQ + i * p.dq_s[2] + d * p.dq_s[3], p.dq_s[3], dq[dt][2 * r] * p.scale,
+                     dq[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
       }
     }
   }
 
-  T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = q0 + warp * 16 + g + 8 * r;
-    if (i >= p.Nq) continue;
-#pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt) {
-      const int d = dt * 8 + 2 * t;
-      if (d < p.Dk)
-        store_pair(dQ + i * p.dq_s[2] + d * p.dq_s[3], p.dq_s[3], dq[dt][2 * r] * p.scale,
-                   dq[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
-    }
-  }
-
+  // the block's partial: entry (|dr|, |dc|) = the four copies' entries at (+-dr, +-dc)
   __syncthreads();
-  for (int i = tid; i < table_n; i += kThreads) {
-    const float v = sdTab[i];
-    if (v != 0.f) atomicAdd(&p.dtable[h * table_n + i], v * p.bias_scale);
+  const int W = 2 * p.C - 1, centre = (p.R - 1) * W + p.C - 1, table_n = p.R * p.C;
+  float* part = p.dtable_part + (blk * p.H + h) * table_n;
+  for (int n = tid; n < table_n; n += kThreads) {
+    const int a = n / p.C, c = n % p.C;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float* gc = grads + w * M + centre;
+      v += gc[a * W + c];
+      if (c > 0) v += gc[a * W - c];
+      if (a > 0) {
+        v += gc[-a * W + c];
+        if (c > 0) v += gc[-a * W - c];
+      }
+    }
+    part[n] = v * p.bias_scale;
+  }
+}
+
+// dtable[h, n] = the sum of the P partials (P, H, R*C) at (h, n), in a fixed order;
+// grid (ceil(R*C / 32), H), 256 threads: warp w sums partials w, w + 8, ..., then
+// warp 0 adds the eight sums in order.
+__global__ void __launch_bounds__(256) relpos_dtable_fold_kernel(const float* part, float* dtable, int P, int H,
+                                                                  int table_n) {
+  VK_DYN_SMEM(smem);
+  float* sums = reinterpret_cast<float*>(smem);  // [8][32]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, h = blockIdx.y;
+  const int n = blockIdx.x * 32 + lane;
+  float acc = 0.f;
+  if (n < table_n)
+    for (int pi = warp; pi < P; pi += 8) acc += part[((int64_t)pi * H + h) * table_n + n];
+  sums[warp * 32 + lane] = acc;
+  __syncthreads();
+  if (warp == 0 && n < table_n) {
+    float v = sums[lane];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) v += sums[w * 32 + lane];
+    dtable[(int64_t)h * table_n + n] = v;
   }
 }
 
@@ -496,8 +633,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
   for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
     __syncthreads();
-    load_rows_unrolled<T, BQ, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows_unrolled<T, BQ, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    load_rows_unrolled<T, BQ, DK, kThreads, true>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+    load_rows_unrolled<T, BQ, DV, kThreads, true>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
     if (tid < BQ) {  // queries past Nq: query 0's coordinate, masked below
       const int i = q0 + tid;
       sQc[tid] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
@@ -636,20 +773,38 @@ cudaError_t relpos_fwd_launch(const RelposParams& p, cudaStream_t stream) {
   return last_error();
 }
 
+// floats of the backward's workspace p.work: the dq blocks' partial table gradients
+// and, where the offset grid does not fit in shared memory, the warps' copies of it
+inline size_t relpos_bwd_workspace_floats(const RelposParams& p) {
+  using namespace relpos_detail;
+  const DqGroups grp = dq_groups(p.B, ceil_div(p.Nq, kRows) * p.H);
+  const size_t blocks = size_t(ceil_div(p.Nq, kRows)) * grp.groups * p.H;
+  return blocks * (size_t(p.R) * p.C + (dq_mirror_fits(p.R, p.C) ? 0 : size_t(4) * mirror_floats(p.R, p.C)));
+}
+
 template <class T, int DK, int DV>
-cudaError_t relpos_bwd_launch(const RelposParams& p, cudaStream_t stream) {
+cudaError_t relpos_bwd_launch(const RelposParams& p0, cudaStream_t stream) {
   using namespace relpos_detail;
   cudaError_t err = cudaSuccess;
-  const bool mirror = mirror_fits(p.R, p.C);
+  RelposParams p = p0;
+  const int qblocks = ceil_div(p.Nq, kRows);
+  const DqGroups grp = dq_groups(p.B, qblocks * p.H);
+  p.bgroup = grp.bgroup;
+  p.dtable_part = p.work;
+  p.dtable_warp = p.work + size_t(qblocks) * grp.groups * p.H * p.R * p.C;
+  const bool dq_mirror = dq_mirror_fits(p.R, p.C), mirror = mirror_fits(p.R, p.C);
+  auto dq = dq_mirror ? relpos_bwd_dq_kernel<T, DK, DV, true> : relpos_bwd_dq_kernel<T, DK, DV, false>;
   auto dkv = mirror ? relpos_bwd_dkv_kernel<T, DK, DV, true> : relpos_bwd_dkv_kernel<T, DK, DV, false>;
-  const size_t smem_dq = bwd_smem<DK, DV>(p.R * p.C, false);
-  const size_t smem_dkv = bwd_smem<DK, DV>(table_floats(p.R, p.C, mirror), true);
-  if ((err = allow_smem(relpos_bwd_dq_kernel<T, DK, DV>, smem_dq)) != cudaSuccess) return err;
+  const size_t smem_dq = dq_smem<DK, DV>(p.R, p.C, dq_mirror);
+  const size_t smem_dkv = dkv_smem<DK, DV>(table_floats(p.R, p.C, mirror));
+  if ((err = allow_smem(dq, smem_dq)) != cudaSuccess) return err;
   if ((err = allow_smem(dkv, smem_dkv)) != cudaSuccess) return err;
-  launch(relpos_bwd_dq_kernel<T, DK, DV>, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem_dq, stream,
-         p);
+  launch(dq, dim3(qblocks, p.H, grp.groups), dim3(kThreads), smem_dq, stream, p);
   if ((err = last_error()) != cudaSuccess) return err;
   launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);
+  if ((err = last_error()) != cudaSuccess) return err;
+  launch(relpos_dtable_fold_kernel, dim3(ceil_div(p.R * p.C, 32), p.H), dim3(256), 8 * 32 * sizeof(float), stream,
+         static_cast<const float*>(p.dtable_part), p.dtable, qblocks * grp.groups, p.H, p.R * p.C);
   return last_error();
 }
 
@@ -665,7 +820,8 @@ cudaError_t relpos_fwd(const RelposParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-// Backward: p.delta (B*H*Nq floats) is a workspace; p.dtable must be zero on entry.
+// Backward: p.delta (B*H*Nq floats) and p.work (relpos_bwd_workspace_floats(p)) are
+// workspaces; writes p.dq, p.dk, p.dv and every entry of p.dtable.
 template <class T>
 cudaError_t relpos_bwd(const RelposParams& p, cudaStream_t stream) {
   int DK = 0, DV = 0;

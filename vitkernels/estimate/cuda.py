@@ -5,7 +5,7 @@ Launches come from the extension's own launch logic. ``csrc/emu/emu_kernels.cpp`
 ``cuda_record.h`` force-included: every launch then records its grid, block
 and dynamic shared memory and the kernel it starts, and no kernel runs. The op
 layer of csrc/ops/*.cu adds a few torch operations around the kernels (relpos's
-backward zeroes its float32 table gradient and casts it; performer's backward
+backward casts its float32 table gradient; performer's backward
 zeroes dw when w takes no gradient): ``_TORCH_OPS`` lists them.
 
 Machine code: ``csrc/kernels/all_kernels.cu`` compiled by nvcc for sm_90a with
@@ -124,6 +124,7 @@ def recorder() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     lib.vk_record_log.restype = ctypes.c_char_p
     lib.vk_emu_performer_workspace.restype = ctypes.c_int64
+    lib.vk_emu_relpos_workspace.restype = ctypes.c_int64
     return lib
 
 
@@ -286,11 +287,11 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
         dout, delta = _empty(B, H, Nq, Dv, dtype=dtype), _empty(B, H, Nq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dtable = _empty(H, Nk)
+        work = _empty(recorder().vk_emu_relpos_workspace(dims))
         launches = _record(lambda lib: lib.vk_emu_relpos_bwd(
             KIND[dtype], *common, _p(dout), _s(dout), _p(delta), _p(dq), _s(dq), _p(dk), _s(dk), _p(dv), _s(dv),
-            _p(dtable)))  # fmt: skip
-        # csrc/ops/relpos.cu: dtable = at::zeros (float32) before, dtable.to(table's dtype) after
-        events = [TorchEvent("zeros", 0, _nbytes(dtable))]
+            _p(dtable), _p(work)))  # fmt: skip
+        events = []
     table_loop = R * R / 128  # for (i = tid; i < R*C; i += kThreads): the mean over threads
     for la in launches:
         DK, DV = (la.template_ints + [Dk, Dv])[:2]
@@ -303,14 +304,24 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "k0": _cdiv(Nk, 64)}
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
         elif la.base == "vk::relpos_bwd_dq_kernel":
-            la.trips = {"i": table_loop, "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64)}
+            # grid (query blocks, H, batch groups): each block walks B / groups entries;
+            # <..., true>: the table and the warps' four copies of its gradient over
+            # signed offsets in shared memory
+            mirrored, offsets = la.kernel.endswith("true>"), (2 * R - 1) ** 2
+            partials = _empty(la.grid[0] * la.grid[2], H, Nk)
+            la.trips = {"i": offsets / 128 if mirrored else table_loop, "zi": 4 * offsets / 128,
+                        "b": B / la.grid[2], "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64), "n": table_loop}  # fmt: skip
             la.bytes_read = _nbytes(q, k, v, table, dout, out, lse)  # delta from out and dout
-            la.bytes_written = _nbytes(dq, dtable, delta)
+            la.bytes_written = _nbytes(dq, delta, partials)
+        elif la.base == "vk::relpos_dtable_fold_kernel":
+            # 8 warps over the partials of 32 table entries
+            la.trips = {"pi": partials.shape[0] / 8}
+            la.bytes_read, la.bytes_written = _nbytes(partials), _nbytes(dtable)
         elif la.base == "vk::relpos_bwd_dkv_kernel":
             mirrored = la.kernel.endswith("true>")
             la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
             la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
-            la.bytes_written = _nbytes(dk, dv, dtable)
+            la.bytes_written = _nbytes(dk, dv)
         la.trips.update(rows)
         events.append(la)
     if direction != "fwd":

@@ -19,10 +19,8 @@ custom ops ``vitkernels::relpos_attention_fwd`` / ``_bwd`` (fake impls and autog
 registered), so they work under ``torch.compile(fullgraph=True)``; plain eager calls
 run the same launchers without torch.library (vitkernels/ops/_fastpath.py); they never build
 an (Nq x Nk) tensor, gradients included (the table's too). The triton backend's
-table gradient is deterministic (per-program partials summed in a fixed order);
-the cuda backend's uses float atomics, so under
-``torch.use_deterministic_algorithms(True)`` dispatch passes it over when the table
-needs a gradient.
+table gradient is deterministic on both (per-program partials summed in a fixed
+order, no atomics): the same inputs give the same bits run to run.
 
 Precision: float16/bfloat16 inputs multiply in their own type on tensor cores; the
 softmax, every accumulation and the table gradient's sums are float32. float32
@@ -225,7 +223,6 @@ class CudaBackend(Backend):
     dtypes = HALF  # q, k, v
     param_dtypes = KERNEL_DTYPES  # bias_table
     min_compute_capability = (8, 0)
-    nondeterministic_grads = frozenset({"bias_table"})  # csrc/kernels/relpos.cuh: atomicAdd
     max_sizes = {"Dk": CUDA_MAX_HEAD_DIM, "Dv": CUDA_MAX_HEAD_DIM, "R*C": CUDA_MAX_TABLE}
     requirements = (_extension_ops,)
 
