@@ -246,21 +246,21 @@ def _pair_lhs(x3, J2: tl.constexpr, dt: tl.constexpr):
     (row, c1) is a product's K axis: with ``_pair_rhs``'s y3, block (a, b) of the
     (HP*J2, HP*J2) product has trace sum_rc x3[r, c, a] y3[r, c, b] (``_pair_trace``).
     One tensor-core product per tile instead of H*H reductions across rows and warps."""
-    R: tl.constexpr = x3.shape[0]
-    C1: tl.constexpr = x3.shape[1] // J2
-    HP: tl.constexpr = x3.shape[2]
-    # (R, C, HP) -> (R, C1, C2, HP) -> (HP, C2, R, C1)
-    return tl.reshape(tl.permute(tl.reshape(x3.to(dt), (R, C1, J2, HP)), (3, 2, 0, 1)), (HP * J2, R * C1))
+    x4 = _pair_split(x3, J2, dt)  # (R, C1, C2, HP) -> (HP, C2, R, C1)
+    return tl.reshape(tl.permute(x4, (3, 2, 0, 1)), (x4.shape[3] * J2, x4.shape[0] * x4.shape[1]))
 
 
 @triton.jit
 def _pair_rhs(y3, J2: tl.constexpr, dt: tl.constexpr):
     """y3 (R, C, HP) as (R*C/J2, HP*J2) in dt (see ``_pair_lhs``)."""
-    R: tl.constexpr = y3.shape[0]
-    C1: tl.constexpr = y3.shape[1] // J2
-    HP: tl.constexpr = y3.shape[2]
-    # (R, C, HP) -> (R, C1, C2, HP) -> (R, C1, HP, C2)
-    return tl.reshape(tl.permute(tl.reshape(y3.to(dt), (R, C1, J2, HP)), (0, 1, 3, 2)), (R * C1, HP * J2))
+    y4 = _pair_split(y3, J2, dt)  # (R, C1, C2, HP) -> (R, C1, HP, C2)
+    return tl.reshape(tl.permute(y4, (0, 1, 3, 2)), (y4.shape[0] * y4.shape[1], y4.shape[3] * J2))
+
+
+@triton.jit
+def _pair_split(x3, J2: tl.constexpr, dt: tl.constexpr):
+    """x3 (R, C, HP) in dt as (R, C / J2, J2, HP)."""
+    return tl.reshape(x3.to(dt), (x3.shape[0], x3.shape[1] // J2, J2, x3.shape[2]))
 
 
 @triton.jit
