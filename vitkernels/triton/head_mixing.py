@@ -542,6 +542,29 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _bwd_key_tile(
+    start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+    BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+):  # fmt: skip
+    """The start of every backward step over a query block's key tile at start_n:
+    (s3 = q_h . k_h, dn3 = dO_h . v_h, both (BM, BN, HP); ok3, the valid (row, key, head)
+    entries; live, ``_live``: q and dO reloaded each tile, not held for the loop; the
+    tile's keys offs_n and n_ok)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NK
+    live = _live(start_n, NK)
+    kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
+    vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
+    s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
+               Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
+    dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
+                Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
+    return s3, dn3, n_ok[None, :, None] & row_ok[:, None, :], live, offs_n, n_ok
+
+
+@triton.jit
 def _delta_pass(
     Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
     DELTA, part, offs_dk, offs_dv,
@@ -570,16 +593,11 @@ def _delta_pass(
     acc_dw = tl.zeros([BLOCK_M, HP], tl.float32)
     acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        live = _live(start_n, NK)  # q and dO reloaded, not held in registers for the loop
-        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
-        vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
-        s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
-                   Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
-        dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
-                    Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
-        ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+        s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
+            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+        )  # fmt: skip
         p, _, xhat, rho = _tile_probs(
             s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
@@ -611,16 +629,11 @@ def _delta_pass(
     if HAS_PRE:  # s = scale * q.k
         acc_da = tl.zeros([HP, HP], tl.float32)  # [g, h]
         for start_n in range(0, NK, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < NK
-            live = _live(start_n, NK)
-            kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
-            vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
-            s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
-                       Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
-            dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
-                        Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
-            ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+            s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
+                start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+                stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+                BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+            )  # fmt: skip
             if PAIR_DOT:
                 s_rhs = _pair_rhs(s3 * sm_scale, J2, DT)
             p, _, xhat, rho = _tile_probs(
@@ -654,16 +667,11 @@ def _dq_pass(
     """dq (B, H, NQ, DK) of every head of a query block."""
     dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        live = _live(start_n, NK)  # q and dO reloaded, not held in registers for the loop
-        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
-        vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
-        s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
-                   Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
-        dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
-                    Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
-        ok3 = n_ok[None, :, None] & row_ok[:, None, :]
+        s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
+            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
+            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+        )  # fmt: skip
         p, _, xhat, rho = _tile_probs(
             s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
