@@ -594,3 +594,20 @@ def test_torch_backend_trains_after_an_inference_mode_call():
     with torch.inference_mode():
         vitkernels.relpos_attention(q, k, v, table, **kw, backend="torch")
     check_grads("torch", q, k, v, table, kw, GRAD_TOL[torch.float32], "after inference_mode")
+
+
+def test_small_grid_backward_takes_dk_dv_in_the_dq_kernel():
+    """Where one dQ program holds every query and every key of a small grid (A3's 4 x 4),
+    it writes dK and dV as well: the backward is that kernel and the table fold. Larger
+    grids (A2's 7 x 7: 64 keys spilled there) keep their dK/dV launch. The gradient tests
+    above check the values of both paths against float64 (A3 N16, A2 N49)."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS
+
+    def names(w):
+        return [la.name.split("[")[0] for la in record_workload(WORKLOADS[w].shape, "bwd").launches]
+
+    assert names("A3") == ["relpos_dq", "relpos_fold"]
+    assert names("A2") == ["relpos_dq", "relpos_bias", "relpos_dkdv", "relpos_fold"]
+    dq = next(la for la in record_workload(WORKLOADS["A3"].shape, "bwd").launches if la.name.startswith("relpos_dq"))
+    assert dq.constexprs["DKDV"] is True

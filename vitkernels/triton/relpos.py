@@ -360,7 +360,7 @@ def _dq_program(H, RQ, CQ, NUM_QB, QR: tl.constexpr, CQP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA,
+    Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA, DK_, DV_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -371,8 +371,12 @@ def _bwd_dq_kernel(
     qk_scale, sm_scale, bias_scale, table_scale,  # qk_scale, bias_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, STORE_DELTA: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, STORE_DELTA: tl.constexpr, DKDV: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
+    """dQ and the table partial of a query block against every key. DKDV (the block
+    holds every query: small grids): dK and dV too, from the same P and dS tiles, so
+    the backward has no dK/dV launch."""
     pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # every key: TRP key-grid rows of CP column slots
     offs_n = tl.arange(0, TRP * CP)
@@ -440,6 +444,21 @@ def _bwd_dq_kernel(
             (dqt * sm_scale).to(DQ_.dtype.element_ty),
             mask=m_ok[None, :] & (offs_dk[:, None] < DK),
         )
+        if DKDV:  # every query is in this block: its sums over queries are whole
+            # a missing query's p = 1 meets dO = 0 (dV) and q = 0 (dK): no term
+            dv = tl.dot(pt.to(do_t.dtype), tl.trans(do_t), input_precision=PREC)  # (BN, BLOCK_DV)
+            out_row = bh * (R * C) + k_tok  # every key of the grid
+            tl.store(
+                DV_ + out_row[:, None] * DV + offs_dv[None, :],
+                dv.to(DV_.dtype.element_ty),
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+            )
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)  # (BN, BLOCK_DK)
+            tl.store(
+                DK_ + out_row[:, None] * DK + offs_dk[None, :],
+                (dk * sm_scale).to(DK_.dtype.element_ty),
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+            )
 
     # table gradient of the group, once: element (qr, kr, qc, e) of the skew gather
     # reads dS at query slot (qr, qc) and key slot (kr, qc*S + e - OFF), i.e. at the
@@ -731,6 +750,7 @@ def _dq_key_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
+_DKDV_IN_DQ_MAX = 16 * 128  # key slots x (Dk + Dv) of the dK and dV tiles the dQ kernel may add
 _DQ_MAX_KEYS = 256  # key slots (rows and columns padded to powers of 2) one dQ program takes at once
 
 
@@ -881,12 +901,6 @@ def relpos_attention_bwd(
     prec = dot_precision(q.dtype, "tf32x3")
     tag = _tag(q, NK, DV, q_stride)
     vector_loads = _vector_loads(q, k, v, grad_out, out)
-    cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
-    # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
-    # kernel always does), and the backward has no bias launch
-    gather = not cfg.constexprs["FULL"]
-    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
-    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
     dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys)
@@ -895,38 +909,39 @@ def relpos_attention_bwd(
     group = _batch_group(B, num_qb * H)
     num_g = triton.cdiv(B, group)
     E = dq_cfg.constexprs["E"]
+    # one query block of every query against every key (small grids): the dQ kernel has
+    # each (b, h)'s whole P and dS and writes dK and dV too, where their tiles are small
+    # (A3's 16 keys x (Dk 32 + Dv 64); 64 keys spilled 52-600 B at A2 and the 7 x 7
+    # shrink layers, sm_90a)
+    dkdv_in_dq = (
+        all_keys and num_qb == 1
+        and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
+    )
     # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers) writes
     # it and dK/dV reads it; elsewhere dK/dV computes it from O: the 2- and 4-warp dQ
     # configs and the key-blocked kernel run at 236-255 registers, where the one store
     # more spilled 8-44 B (triton 3.6 sm_90a; misaligned rows, triton 3.9). lse stands in
     # for the pointer neither kernel then uses
-    delta_from_o = not (all_keys and dq_cfg.num_warps == 8)
+    delta_from_o = not (all_keys and dq_cfg.num_warps == 8) or dkdv_in_dq
     delta = lse if delta_from_o else _alloc((B, H, NQ), torch.float32, dev)
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
+    dkdv_args = [dk, dv] if dkdv_in_dq else [lse, lse]  # lse: a pointer the kernel does not use
     launch(Launch(
         f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (num_qb * H * num_g,),
-        [q, k, v, table, grad_out, out, lse, dq, partial, *([delta] if all_keys else []),
+        [q, k, v, table, grad_out, out, lse, dq, partial, *([delta, *dkdv_args] if all_keys else []),
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
          qk_scale, scale, bias_scale * _LOG2E, bias_scale],
-        {**dq_cfg.constexprs, **({"STORE_DELTA": not delta_from_o} if all_keys else {}), "PREC": prec},
+        {**dq_cfg.constexprs, **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq) if all_keys else {}),
+         "PREC": prec},
         dq_cfg.num_warps, dq_cfg.num_stages,
-        reads=(q, k, v, table, grad_out, out, lse), writes=(dq, partial) if delta_from_o else (dq, partial, delta),
+        reads=(q, k, v, table, grad_out, out, lse),
+        writes=(dq, partial) + ((dk, dv) if dkdv_in_dq else ()) + (() if delta_from_o else (delta,)),
         loops={"b": B / num_g} if all_keys else {"b": B / num_g, "kb": triton.cdiv(fmap_rows, dq_cfg.constexprs["KR"])},
     ))  # fmt: skip
-    block_m = cfg.constexprs["BLOCK_M"]
-    nq_full = cfg.full
-    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
-    launch(Launch(
-        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
-        [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
-         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
-         H, NQ, nq_full, NK, nqp, nkp, num_kb, cq, fmap_cols, q_stride, qk_scale, scale, bias_scale * _LOG2E],
-        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o, "PREC": prec}, cfg.num_warps,
-        cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
-        writes=(dk, dv),
-        loops={"start_m": nq_full // block_m},
-    ))  # fmt: skip
+    if not dkdv_in_dq:
+        _launch_dkdv(q, k, v, table, grad_out, out, lse, delta, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
+                     bias_scale, vector_loads, delta_from_o, tag)  # fmt: skip
 
     # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
     dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
@@ -938,6 +953,38 @@ def relpos_attention_bwd(
         loops={"part": partial.shape[0]},
     ))  # fmt: skip
     return dq, dk, dv, dtable
+
+
+def _launch_dkdv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    fmap_rows: int, fmap_cols: int, q_stride: int, scale: float, bias_scale: float, vector_loads: bool,
+    delta_from_o: bool, tag: str,
+) -> None:  # fmt: skip
+    """The dK/dV launch (and the expanded bias it reads where it loops over query blocks)."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
+    # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
+    # kernel always does), and the backward has no bias launch
+    gather = not cfg.constexprs["FULL"]
+    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    nqp, nkp = (0, 0) if gather else bias.shape[1:]
+    _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    block_m = cfg.constexprs["BLOCK_M"]
+    nq_full = cfg.full
+    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
+    launch(Launch(
+        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
+        [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
+         H, NQ, nq_full, NK, nqp, nkp, num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, bias_scale * _LOG2E],
+        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o,
+         "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
+        cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
+        writes=(dk, dv),
+        loops={"start_m": nq_full // block_m},
+    ))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
