@@ -240,6 +240,8 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "L-shrink14-dv64": RelposShape(8, 14, 2, 32, 64),  # A4 before it took Dv 128
     # LeViT-256 stage 1 at 448 px: a 28 x 28 grid, the key-blocked dQ kernel
     "L256-448px": RelposShape(4, 28, 1, 32, 64),
+    # LeViT-256 stage 3 at 128 px: a 2 x 2 grid, fewer keys than one tl.dot takes
+    "L256-128px": RelposShape(8, 2, 1, 32, 64),
     "T2T-2": PatchEmbedShape(64, 56, 3, 2, 1, 192, "cpq", True, False, 0, 0, "tokens"),
     "T2T-3": PatchEmbedShape(64, 28, 3, 2, 1, 384, "cpq", False, False, 197, 1, "tokens"),
     # timm's CaiT-XXS24 (TalkingHeadAttn: one qkv projection, biased nn.Linear mixing)

@@ -725,7 +725,10 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_tile: int = 4096) -> dic
     table-gradient view.
     """
     rq, cq = -(-rows // q_stride), -(-cols // q_stride)
-    cp, cqp, trp = _pow2(cols), _pow2(cq), _pow2(rows)
+    # at least 16 key slots (tl.dot's K in the dQ dot; a 2 x 2 grid has 4 keys): rows
+    # past the grid are masked like any missing key
+    cp, cqp = _pow2(cols), _pow2(cq)
+    trp = max(_pow2(rows), _pow2(-(-16 // cp)))
     e = _pow2(cp + (cqp - 1) * q_stride)
     qr = max(_pow2(-(-16 // cqp)), min(max(1, max_tile // (cqp * trp * cp)), _pow2(rq)))
     return dict(QR=qr, CQP=cqp, TRP=trp, CP=cp, E=e)
