@@ -21,7 +21,11 @@ their backward kernels give the gradients for weight, bias, both norms, pos_embe
 and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
 that need one) is computed with stock ops in float32 (unfold recomputed, fold).
 The CUDA extension provides the forward only; the cuda backend's backward is the
-Triton one.
+Triton one. When a gradient will follow (grad mode on, an input requiring one) the
+triton forward also writes what its backward reads (the op's extra outputs: the
+pre-output-norm tokens, the norms' row statistics, the weight in the kernel's patch
+order); the inference forward and the cuda backend's write none, and the backward
+recomputes them then.
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ def _save(ctx, inputs, saved) -> None:
     ostats, w_plain; empty where it saved nothing), the geometry and the norms."""
     (images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
      kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
-     _save, backend) = inputs
+     _flag, backend) = inputs
     ctx.save_for_backward(images, weight, bias, in_weight, in_bias, out_weight, out_bias,
                           pos_embed, cls_token, *saved)
     ctx.geometry = (kernel_size, stride, padding, patch_order)
