@@ -549,6 +549,29 @@ def test_backward_without_saved_tensors_recomputes(name, launches):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_cuda_backend_forward_saves_nothing_and_its_backward_recomputes(monkeypatch, launches):
+    """The cuda backend's path through the op (its forward stands in here as the
+    Triton forward launcher, the extension's contract): the forward writes nothing for
+    the backward even when a gradient follows, and the backward (Triton's) recomputes;
+    the gradients match float64."""
+    from vitkernels.ops._dispatch import Inputs
+
+    real = pe_op._launchers
+    monkeypatch.setattr(pe_op, "_launchers", lambda backend: real("triton"))
+    inputs = make_inputs(CASES["vit_pytorch"], torch.float32)
+    params = {id(t) for _, t in _params(inputs)}
+    leaves = _map_tensors(inputs, lambda t: t.clone().requires_grad_() if id(t) in params else t)
+    kw = pe_op._validate(**leaves)
+    out = pe_op._kernel_call("cuda", Inputs("patch_embed", pe_op._tensors(kw), kwargs=kw))
+    assert _kinds(launches) == ["patch_embed_prep", "patch_embed_fwd"]
+    grad = torch.randn_like(reference64(inputs))
+    (out.double() * grad).sum().backward()
+    assert _kinds(launches)[2:4] == ["patch_embed_prep", "patch_embed_fwd,recompute"]
+    want = _grads(inputs, None, torch.float64, grad)
+    for key, t in _params(leaves):
+        assert_close(t.grad, want[key], what=f"d{key}", grad=True, floor=1.0)
+
+
 # ----------------------------------------------------------------------------
 # torch.library registration, compile, dispatch
 
