@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -169,9 +170,11 @@ def test_recording_follows_tritons_specialisation():
 
 def test_recording_counts_torch_operations():
     """The torch operations a launcher runs between kernels are recorded (each is a
-    kernel launch on a GPU): patch_embed's backward on channels-last images copies
-    the weight (D, K) into the kernel's patch order for dxn; with NCHW images (P1) it
-    runs none: its fold kernel sums the partials over the splits and the batch."""
+    kernel launch on a GPU): patch_embed's backward on channels-last images after a
+    forward that saved nothing (the cuda backend's) copies the weight (D, K) into the
+    kernel's patch order for dxn; after a saving forward (whose prep wrote it) and with
+    NCHW images (P1) it runs none: its fold kernel sums the partials over the splits
+    and the batch."""
     import dataclasses
 
     from vitkernels.triton._aot import record_workload
@@ -181,10 +184,53 @@ def test_recording_counts_torch_operations():
     rec = record_workload(WORKLOADS["P1"].shape, "bwd")
     assert [e.name.split("[")[0] for e in rec.events] == ["patch_embed_dw", "patch_embed_fold"]
     shape = dataclasses.replace(WORKLOADS["P3"].shape, layout="channels_last")
-    rec = record_workload(shape, "bwd")
+    rec = record_workload(shape, "bwd_recompute")
     ops = [e for e in rec.events if isinstance(e, TorchOp)]
     weight_bytes = shape.dim * shape.k * 2
     assert [(o.name, o.bytes_read, o.bytes_written) for o in ops] == [("clone", weight_bytes, weight_bytes)]
+    rec = record_workload(shape, "bwd")
+    assert [e.name.split("[")[0] for e in rec.events] == ["patch_embed_dw_dxn", "patch_embed_fold"]
+
+
+def _pe_names(rec) -> list[str]:
+    return [e.name.split("[")[0] + (",save" if e.name.endswith(",save]") else ",recompute"
+            if e.name.endswith(",recompute]") else "") for e in rec.events]  # fmt: skip
+
+
+def test_patch_embed_backward_reads_what_the_forward_saved():
+    """P2 and P3 as the estimate records them: the inference forward writes the tokens
+    only; the forward of a training step writes what the backward reads (P2: the
+    pre-norm tokens in bfloat16 and both norms' statistics, and the plain weight from
+    its prep; P3: the input norm's statistics), so P2's backward is 4 launches (no prep,
+    no recompute of the forward GEMM) and P3's 2 (no statistics launch); after a
+    forward that saved nothing (the cuda backend's) the backward recomputes."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import BATCH, WORKLOADS
+
+    p2, p3 = WORKLOADS["P2"].shape, WORKLOADS["P3"].shape
+    fwd = record_workload(p2, "fwd")
+    assert _pe_names(fwd) == ["patch_embed_prep", "patch_embed_fwd"]
+    assert not fwd.launches[0].constexprs["WRITE_PLAIN"] and not fwd.launches[1].constexprs["SAVE_Y"]
+    assert [t for t in fwd.launches[1].writes if t is not None] == [fwd.launches[1].args[8]]  # out only
+    saving = record_workload(p2, "fwd_saving")
+    assert _pe_names(saving) == ["patch_embed_prep", "patch_embed_fwd,save"]
+    assert saving.launches[0].constexprs["WRITE_PLAIN"]
+    written = [t for t in saving.launches[1].writes if t is not None]
+    M, D = BATCH * p2.tokens, p2.dim
+    assert [(tuple(t.shape), t.dtype) for t in written] == [
+        ((BATCH, 1 + p2.tokens, D), torch.bfloat16), ((M, 2), torch.float32),
+        ((BATCH, p2.tokens, D), torch.bfloat16), ((M, 2), torch.float32),
+    ]  # fmt: skip
+    assert _pe_names(record_workload(p2, "bwd")) == [
+        "patch_embed_out_norm_bwd", "patch_embed_dw", "patch_embed_dxn", "patch_embed_fold"]
+    assert _pe_names(record_workload(p2, "bwd_recompute")) == [
+        "patch_embed_prep", "patch_embed_fwd,recompute", "patch_embed_out_norm_bwd", "patch_embed_dw",
+        "patch_embed_dxn", "patch_embed_fold"]  # fmt: skip
+    assert _pe_names(record_workload(p3, "fwd")) == ["patch_embed_prep", "patch_embed_fwd"]
+    assert _pe_names(record_workload(p3, "fwd_saving")) == ["patch_embed_prep", "patch_embed_fwd,save"]
+    assert _pe_names(record_workload(p3, "bwd")) == ["patch_embed_dw_dxn", "patch_embed_fold"]
+    assert _pe_names(record_workload(p3, "bwd_recompute")) == [
+        "patch_embed_stats", "patch_embed_dw_dxn", "patch_embed_fold"]
 
 
 def test_no_register_spills(reports):

@@ -433,29 +433,177 @@ def test_triton_image_gradient_alone():
     assert_close(images.grad, ref_images.grad, what="d images", grad=True, dtype=torch.float16)
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The Triton launches the patch_embed launchers run, in order (they still run)."""
+    seen = []
+
+    def run(spec):
+        seen.append(spec)
+        spec.run()
+
+    monkeypatch.setattr(tp, "launch", run)
+    return seen
+
+
+def _kinds(seen) -> list[str]:
+    """Launch names without their shape tags, with the forward's ",save" / ",recompute"."""
+    return [la.name.split("[")[0] + ("," + la.name.split(",")[-1][:-1] if la.name.endswith(("save]", "recompute]"))
+            else "") for la in seen]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", ["vit_pytorch", "t2t_7_4_2"])
+def test_backward_reads_what_the_forward_saved(name, dtype, launches):
+    """A forward that needs a gradient writes what the backward reads (P2-like: the
+    pre-norm tokens in the input dtype, both norms' row statistics and the plain weight
+    in kernel order; T2T: the input norm's statistics), so the backward runs neither the
+    prep nor the recompute of the forward GEMM nor the statistics kernel; its gradients
+    match float64."""
+    inputs = make_inputs(CASES[name], dtype)
+    grad = torch.randn_like(reference64(inputs))
+    want = _grads(inputs, None, torch.float64, grad)
+    got = _grads(inputs, "triton", dtype, grad)
+    for key in want:
+        assert_close(got[key], want[key], what=f"{name} d{key}", grad=True, floor=1.0, dtype=dtype)
+    kinds = _kinds(launches)
+    fwd_end = kinds.index("patch_embed_fwd,save") + 1
+    assert kinds[:fwd_end] == ["patch_embed_prep", "patch_embed_fwd,save"]
+    assert launches[0].constexprs["WRITE_PLAIN"] == (name == "vit_pytorch")  # "pqc" of NCHW images
+    fwd = launches[fwd_end - 1].constexprs
+    assert fwd["WRITE_STATS"] and fwd["SAVE_Y"] == (name == "vit_pytorch")
+    bwd = kinds[fwd_end:]
+    assert bwd[-1] == "patch_embed_fold"
+    assert not [k for k in bwd if k.startswith(("patch_embed_prep", "patch_embed_fwd", "patch_embed_stats"))]
+    if name == "vit_pytorch":
+        assert bwd[0] == "patch_embed_out_norm_bwd" and launches[fwd_end].constexprs["HAS_OSTATS"]
+
+
+@pytest.mark.parametrize("name", ["vit_pytorch", "t2t_7_4_2"])
+def test_inference_forward_saves_nothing(name, launches):
+    """Without a gradient to come (no_grad, or no input requiring one) the forward
+    writes the tokens only: no saving specialisation, no plain weight, the same
+    tokens as a saving forward's; a later call that needs a gradient saves and gets
+    float64's gradients (nothing carried over from the inference call)."""
+    inputs = make_inputs(CASES[name], torch.float32)
+    params = {id(t) for _, t in _params(inputs)}
+    with_grad = _map_tensors(inputs, lambda t: t.clone().requires_grad_() if id(t) in params else t)
+    with torch.no_grad():
+        out = vitkernels.patch_embed(**with_grad, backend="triton")
+    plain = vitkernels.patch_embed(**inputs, backend="triton")
+    assert _kinds(launches) == ["patch_embed_prep", "patch_embed_fwd"] * 2
+    for la in launches:
+        assert not la.constexprs.get("WRITE_PLAIN") and not la.constexprs.get("WRITE_STATS")
+        assert not la.constexprs.get("SAVE_Y")
+        assert all(t is None for t in la.writes[1:]) if la.name.startswith("patch_embed_fwd") else True
+    assert_close(out, reference64(inputs))
+    torch.testing.assert_close(plain, out, rtol=0, atol=0)
+    del launches[:]
+    saving = vitkernels.patch_embed(**with_grad, backend="triton")
+    assert _kinds(launches) == ["patch_embed_prep", "patch_embed_fwd,save"]
+    torch.testing.assert_close(saving.detach(), out, rtol=0, atol=0)
+    grad = torch.randn_like(reference64(inputs))
+    want = _grads(inputs, None, torch.float64, grad)
+    (saving.double() * grad).sum().backward()
+    leaves = dict(_params(with_grad))
+    for key in want:
+        assert_close(leaves[key].grad, want[key], what=f"{name} d{key}", grad=True, floor=1.0)
+
+
+@pytest.mark.parametrize("name", ["vit_pytorch", "t2t_7_4_2", "t2t_channels_last"])
+def test_backward_without_saved_tensors_recomputes(name, launches):
+    """The cuda backend's forward (the extension) saves nothing: the backward launcher
+    given empty saved tensors (or none) recomputes them (prep + the forward GEMM with
+    an output norm, the statistics kernel without) and its gradients equal those it
+    gives from a saving forward's tensors, and float64's."""
+    inputs = make_inputs(CASES[name], torch.float32)
+    args = _op_args(inputs)[:-2]
+    grad = torch.randn_like(reference64(inputs)).float()
+    mask = [True] * 8
+    out, *saved = tp.patch_embed_fwd_saving(*args)
+    del launches[:]
+    from_saved = tp.patch_embed_bwd(grad, *args, mask, saved)
+    assert not any(k.startswith(("patch_embed_prep", "patch_embed_stats")) for k in _kinds(launches))
+    del launches[:]
+    empty = [inputs["images"].new_empty((0,)) for _ in range(4)]
+    recomputed = tp.patch_embed_bwd(grad, *args, mask, empty)
+    kinds = _kinds(launches)
+    if CASES[name].out_norm:
+        assert kinds[:2] == ["patch_embed_prep", "patch_embed_fwd,recompute"]
+    else:
+        assert kinds[0] == "patch_embed_stats"
+    want = _grads(inputs, None, torch.float64, grad.double())
+    names = ["weight", "bias", "in_norm[0]", "in_norm[1]", "out_norm[0]", "out_norm[1]", "pos_embed", "cls_token"]
+    checked = 0
+    for key, a, b in zip(names, from_saved, recomputed, strict=True):
+        if key not in want:
+            assert a.numel() == 0 and b.numel() == 0
+            continue
+        ref = want[key].reshape(a.shape)
+        assert_close(a, ref, what=f"{name} d{key} (saved)", grad=True, floor=1.0)
+        assert_close(b, ref, what=f"{name} d{key} (recomputed)", grad=True, floor=1.0)
+        checked += 1
+    assert checked == len(want)
+    none = tp.patch_embed_bwd(grad, *args, mask)  # the launcher contract without saved tensors
+    for a, b in zip(none, recomputed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cuda_backend_forward_saves_nothing_and_its_backward_recomputes(monkeypatch, launches):
+    """The cuda backend's path through the op (its forward stands in here as the
+    Triton forward launcher, the extension's contract): the forward writes nothing for
+    the backward even when a gradient follows, and the backward (Triton's) recomputes;
+    the gradients match float64."""
+    from vitkernels.ops._dispatch import Inputs
+
+    real = pe_op._launchers
+    monkeypatch.setattr(pe_op, "_launchers", lambda backend: real("triton"))
+    inputs = make_inputs(CASES["vit_pytorch"], torch.float32)
+    params = {id(t) for _, t in _params(inputs)}
+    leaves = _map_tensors(inputs, lambda t: t.clone().requires_grad_() if id(t) in params else t)
+    kw = pe_op._validate(**leaves)
+    out = pe_op._kernel_call("cuda", Inputs("patch_embed", pe_op._tensors(kw), kwargs=kw))
+    assert _kinds(launches) == ["patch_embed_prep", "patch_embed_fwd"]
+    grad = torch.randn_like(reference64(inputs))
+    (out.double() * grad).sum().backward()
+    assert _kinds(launches)[2:4] == ["patch_embed_prep", "patch_embed_fwd,recompute"]
+    want = _grads(inputs, None, torch.float64, grad)
+    for key, t in _params(leaves):
+        assert_close(t.grad, want[key], what=f"d{key}", grad=True, floor=1.0)
+
+
 # ----------------------------------------------------------------------------
 # torch.library registration, compile, dispatch
 
 
-def _op_args(inputs: dict, backend: str = "triton") -> tuple:
+def _op_args(inputs: dict, backend: str = "triton", save: bool = False) -> tuple:
     v = pe_op._validate(**{k: inputs[k] for k in inputs})
     iw, ib, ie = v["in_norm"] or (None, None, 0.0)
     ow, ob, oe = v["out_norm"] or (None, None, 0.0)
     return (v["images"], v["weight"], v["bias"], iw, ib, ow, ob, v["pos_embed"], v["cls_token"],
             list(v["kernel_size"]), list(v["stride"]), list(v["padding"]), v["patch_order"],
-            float(ie), float(oe), v["in_norm"] is not None, v["out_norm"] is not None, backend)
+            float(ie), float(oe), v["in_norm"] is not None, v["out_norm"] is not None, save, backend)
 
 
-def test_custom_ops_opcheck():
-    inputs = make_inputs(CASES["distill"], torch.float32)
-    args = list(_op_args(inputs))
+@pytest.mark.parametrize("save", [False, True], ids=["inference", "saving"])
+@pytest.mark.parametrize("name", ["distill", "t2t_7_4_2"])
+def test_custom_ops_opcheck(name, save):
+    """Both ops, with the forward saving what the backward reads (distill: "pqc" patches
+    of NCHW images, so the plain weight in kernel order too; T2T: the input norm's
+    statistics only) or not (the backward gets empty tensors and recomputes)."""
+    inputs = make_inputs(CASES[name], torch.float32)
+    args = list(_op_args(inputs, save=save))
     for i in (1, 2, 3, 4, 5, 6, 7, 8):
-        args[i] = args[i].clone().requires_grad_()
+        if args[i] is not None:
+            args[i] = args[i].clone().requires_grad_()
     torch.library.opcheck(torch.ops.vitkernels.patch_embed_fwd.default, tuple(args))
-    out = torch.ops.vitkernels.patch_embed_fwd(*args)
+    out, *saved = torch.ops.vitkernels.patch_embed_fwd(*args)
+    assert [t.numel() > 0 for t in saved] == (
+        [name == "distill", True, name == "distill", name == "distill"] if save else [False] * 4
+    )
     grad = torch.randn_like(out)
-    bwd_args = (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]],
-                [True, True, True, False, True, True, True, False], "triton")
+    bwd_args = (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-2]],
+                [True, True, True, False, True, True, True, False], *[t.detach() for t in saved], "triton")
     torch.library.opcheck(torch.ops.vitkernels.patch_embed_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -494,9 +642,10 @@ def test_fake_tensor_shapes():
     c = CASES["t2t_7_4_2"]
     with FakeTensorMode():
         inputs = make_inputs(dataclasses.replace(c, cls=2, pos="all"), torch.float16)
-        out = torch.ops.vitkernels.patch_embed_fwd(*_op_args(inputs))
+        out, *saved = torch.ops.vitkernels.patch_embed_fwd(*_op_args(inputs))
     Ho, Wo = _grid(c)
     assert tuple(out.shape) == (c.B, 2 + Ho * Wo, c.D) and out.dtype == torch.float16
+    assert [tuple(t.shape) for t in saved] == [(0,)] * 4
 
 
 def test_automatic_dispatch_on_cpu_is_torch():

@@ -11,6 +11,11 @@ bfloat16), each pass (forward, backward) and each kernel backend:
   backend's backward is Triton's, and is estimated as such);
 
 then disassembles each kernel and applies the model (model.py, analysis.py).
+patch_embed's forward writes more when a gradient will follow (what its backward
+reads): "fwd" is the inference forward, "bwd" the backward after a forward that
+saved, and "fwd+bwd" sums that saving forward (its launches listed under pass
+"fwd+bwd") and the backward; the cuda backend's forward saves nothing, so its
+backward is Triton's that recomputes.
 Writes bench/results/estimate-sm90a-<date>.json (in a source checkout; else the
 current folder) and prints a table. An estimate is not a measurement.
 """
@@ -30,6 +35,11 @@ from typing import Any
 ARCH = 90
 DTYPE_NAME = "bf16"
 PASSES = ("fwd", "bwd")
+# the recording (patch_embed's record_calls direction) of the forward a fwd+bwd call runs
+# where it differs from the inference forward, and of the backward after a forward that
+# saved nothing (the cuda backend's)
+SAVING_FWD = {"patch_embed": "fwd_saving"}
+RECOMPUTE_BWD = {"patch_embed": "bwd_recompute"}
 
 
 def _say(msg: str) -> None:
@@ -196,7 +206,12 @@ def estimate(
                 notes.append(f"{w.id}: no Triton launch ({refused}; the torch backend runs it)")
                 _say(notes[-1])
                 continue
-            for which in passes:
+            extra = []
+            if "fwd" in passes and "bwd" in passes and w.op in SAVING_FWD:
+                extra.append(SAVING_FWD[w.op])
+            if "bwd" in passes and "cuda" in backends and w.op in RECOMPUTE_BWD:
+                extra.append(RECOMPUTE_BWD[w.op])
+            for which in (*passes, *extra):
                 recorded[(w.id, which)] = record_workload(w.shape, which, torch.bfloat16, arch=ARCH)
         _say(f"recorded {sum(len(r.launches) for r in recorded.values())} Triton launches")
         codes = _TritonCodes(jobs or os.cpu_count() or 1)
@@ -236,7 +251,7 @@ def estimate(
                     continue
                 for which in passes:
                     if w.op == "patch_embed" and which == "bwd":  # no CUDA backward: Triton's
-                        per_pass[(w.id, which, "cuda")] = triton_events(w, which)
+                        per_pass[(w.id, which, "cuda")] = triton_events(w, RECOMPUTE_BWD[w.op])
                         continue
                     events = []
                     for ev in cuda.record_calls(w.shape, w.batch, torch.bfloat16, which):
@@ -254,8 +269,13 @@ def estimate(
     for w in chosen:
         for backend in backends:
             if all((w.id, p, backend) in per_pass for p in PASSES):
-                calls.append(_call(w, "fwd+bwd", backend,
-                                   per_pass[(w.id, "fwd", backend)] + per_pass[(w.id, "bwd", backend)]))  # fmt: skip
+                fwd = per_pass[(w.id, "fwd", backend)]
+                if backend == "triton" and (w.id, SAVING_FWD.get(w.op)) in recorded:
+                    fwd = triton_events(w, SAVING_FWD[w.op])
+                    for ev in fwd:
+                        launches_out.append({"workload": w.id, "op": w.op, "pass": "fwd+bwd", "call_backend": backend,
+                                             **ev})  # fmt: skip
+                calls.append(_call(w, "fwd+bwd", backend, fwd + per_pass[(w.id, "bwd", backend)]))
     calls.sort(key=lambda c: (list(WORKLOADS).index(c["workload"]), ("fwd", "bwd", "fwd+bwd").index(c["pass"]),
                               c["backend"]))  # fmt: skip
     from vitkernels.workloads import BANDWIDTH_BYTES_PER_S, MATMUL_FLOPS_PER_S
@@ -300,19 +320,19 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{name:<22}{c['backend']:<8}{c['launches']:>9}{c['estimate_us']:>13.1f}{c['floor_us']:>10.1f}"
                      f"{c['ratio']:>7.2f}  {c['bound']}" + ("  (warnings)" if c["warnings"] else ""))  # fmt: skip
     lines += ["", "per launch (loop: instructions per iteration x executions per program)"]
-    head = (f"{'workload':<9}{'pass':<5}{'kernel':<34}{'progs':>7}{'regs':>5}{'smem KB':>8}{'occ':>5}{'waves':>7}"
+    head = (f"{'workload':<9}{'pass':<8}{'kernel':<34}{'progs':>7}{'regs':>5}{'smem KB':>8}{'occ':>5}{'waves':>7}"
             f"{'tensor core':>22}{'loop':>12}{'t_mem':>7}{'t_mma':>7}{'t_iss':>7}{'est us':>8}")  # fmt: skip
     lines += [head, "-" * len(head)]
     for la in result["launches"]:
         if la["backend"] == "torch":
-            lines.append(f"{la['workload']:<9}{la['pass']:<5}{'torch ' + la['kernel']:<34}{'':>7}{'':>5}{'':>8}"
+            lines.append(f"{la['workload']:<9}{la['pass']:<8}{'torch ' + la['kernel']:<34}{'':>7}{'':>5}{'':>8}"
                          f"{'':>5}{'':>7}{'':>22}{'':>12}{la['t_mem_us']:>7.1f}{'':>7}{'':>7}{la['estimate_us']:>8.1f}")  # fmt: skip
             continue
         tc = la["tensor_core"]
         tcs = f"{tc['kind']} {tc['executed_per_program']:g}" if tc["kind"] != "none" else "none"
         name = la["name"]
         lines.append(
-            f"{la['workload']:<9}{la['pass']:<5}{name[:33]:<34}{la['programs']:>7}{la['registers']:>5}"
+            f"{la['workload']:<9}{la['pass']:<8}{name[:33]:<34}{la['programs']:>7}{la['registers']:>5}"
             f"{la['shared_bytes'] / 1024:>8.1f}{la['occupancy']['programs_per_sm']:>5}{la['waves']:>7.2f}{tcs:>22}"
             f"{_main_loop(la):>12}{la['t_mem_us']:>7.1f}{la['t_mma_us']:>7.1f}{la['t_issue_us']:>7.1f}"
             f"{la['estimate_us']:>8.1f}"

@@ -21,7 +21,11 @@ their backward kernels give the gradients for weight, bias, both norms, pos_embe
 and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
 that need one) is computed with stock ops in float32 (unfold recomputed, fold).
 The CUDA extension provides the forward only; the cuda backend's backward is the
-Triton one.
+Triton one. When a gradient will follow (grad mode on, an input requiring one) the
+triton forward also writes what its backward reads (the op's extra outputs: the
+pre-output-norm tokens, the norms' row statistics, the weight in the kernel's patch
+order); the inference forward and the cuda backend's write none, and the backward
+recomputes them then.
 """
 
 from __future__ import annotations
@@ -70,6 +74,25 @@ def _launchers(backend: str) -> tuple[Any, Any]:
     raise ValueError(f"patch_embed: kernel backend {backend!r}; expected 'triton' or 'cuda'")
 
 
+Saved = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _empty_saved(images: torch.Tensor) -> Saved:
+    return tuple(images.new_empty((0,)) for _ in range(4))  # type: ignore[return-value]
+
+
+def _run_forward(backend: str, args: tuple, save: bool) -> tuple[torch.Tensor, ...]:
+    """(out, y, stats, ostats, w_plain): the tokens and, with save, what the backward
+    reads (vitkernels/triton/patch_embed.py, ``saved_layout``); empty (0,) tensors where
+    the forward saves nothing (no gradient needed; the cuda backend's forward, whose
+    backward then recomputes them)."""
+    if save and backend == "triton":
+        from vitkernels.triton import patch_embed as tk
+
+        return tuple(tk.patch_embed_fwd_saving(*args))
+    return (_launchers(backend)[0](*args), *_empty_saved(args[0]))
+
+
 @torch.library.custom_op("vitkernels::patch_embed_fwd", mutates_args=())
 def patch_embed_fwd(
     images: torch.Tensor,
@@ -89,25 +112,36 @@ def patch_embed_fwd(
     out_eps: float,
     has_in_norm: bool,
     has_out_norm: bool,
+    save: bool,
     backend: str,
-) -> torch.Tensor:
-    """(B, P + L, D) tokens; arguments as the launcher contract in
-    vitkernels/triton/patch_embed.py (weight (D, K), pos (T, D), cls (P, D))."""
-    fwd, _ = _launchers(backend)
-    return fwd(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (B, P + L, D), y, stats, ostats, w_plain); arguments as the launcher
+    contract in vitkernels/triton/patch_embed.py (weight (D, K), pos (T, D), cls (P, D));
+    save: write what the backward reads (``_run_forward``)."""
+    args = (
         images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
         kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
-    )
+    )  # fmt: skip
+    return _run_forward(backend, args, save)  # type: ignore[return-value]
 
 
 @patch_embed_fwd.register_fake
 def _(images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
       kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
-      backend):
+      save, backend):
     B, _, H, W = images.shape
     Ho, Wo = patch_grid((H, W), kernel_size, stride, padding)
     P = 0 if cls_token is None else cls_token.shape[0]
-    return images.new_empty((B, P + Ho * Wo, weight.shape[0]))
+    out = images.new_empty((B, P + Ho * Wo, weight.shape[0]))
+    if not (save and backend == "triton"):
+        return (out, *_empty_saved(images))
+    from vitkernels.triton import patch_embed as tk
+
+    layout = tk.saved_layout(images, weight, kernel_size, stride, padding, patch_order, has_in_norm, has_out_norm)
+    return (out, *(
+        images.new_empty((0,)) if spec is None else images.new_empty_strided(spec[0], spec[1], dtype=spec[2])
+        for spec in layout
+    ))  # fmt: skip
 
 
 @torch.library.custom_op("vitkernels::patch_embed_bwd", mutates_args=())
@@ -131,19 +165,24 @@ def patch_embed_bwd(
     has_in_norm: bool,
     has_out_norm: bool,
     grad_mask: list[bool],
+    y: torch.Tensor,
+    stats: torch.Tensor,
+    ostats: torch.Tensor,
+    w_plain: torch.Tensor,
     backend: str,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 ]:
     """(d_weight, d_bias, d_in_weight, d_in_bias, d_out_weight, d_out_bias, d_pos, d_cls);
-    an empty (0,) tensor for each one not asked for (grad_mask) or absent."""
+    an empty (0,) tensor for each one not asked for (grad_mask) or absent. y, stats,
+    ostats, w_plain: what the forward saved (empty: recomputed)."""
     _, bwd = _launchers(backend)
     return tuple(
         bwd(
             grad_out, images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed,
             cls_token, kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm,
-            has_out_norm, grad_mask,
+            has_out_norm, grad_mask, (y, stats, ostats, w_plain),
         )
     )
 
@@ -161,7 +200,7 @@ def _grad_present(params, has_in_norm: bool, has_out_norm: bool) -> list[bool]:
 @patch_embed_bwd.register_fake
 def _(grad_out, images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed,
       cls_token, kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm,
-      has_out_norm, grad_mask, backend):
+      has_out_norm, grad_mask, y, stats, ostats, w_plain, backend):
     params = (weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token)
     present = _grad_present(params, has_in_norm, has_out_norm)
     return tuple(
@@ -170,20 +209,27 @@ def _(grad_out, images, weight, bias, in_weight, in_bias, out_weight, out_bias, 
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _save(ctx, inputs, saved) -> None:
+    """What the backward reads: the tensor inputs, the forward's saved tensors (y, stats,
+    ostats, w_plain; empty where it saved nothing), the geometry and the norms."""
     (images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
      kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
-     backend) = inputs
+     _flag, backend) = inputs
     ctx.save_for_backward(images, weight, bias, in_weight, in_bias, out_weight, out_bias,
-                          pos_embed, cls_token)
+                          pos_embed, cls_token, *saved)
     ctx.geometry = (kernel_size, stride, padding, patch_order)
     ctx.norms = (in_eps, out_eps, has_in_norm, has_out_norm)
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out):
-    saved = ctx.saved_tensors
-    images, params = saved[0], saved[1:]
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output[1:])  # the backward's own tensors, not results
+    _save(ctx, inputs, output[1:])
+
+
+def _backward(ctx, grad_out, *_saved_grads):
+    tensors = ctx.saved_tensors
+    images, params, saved = tensors[0], tensors[1:9], tensors[9:]
     present = _grad_present(params, ctx.norms[2], ctx.norms[3])
     mask = [bool(ctx.needs_input_grad[1 + i]) and present[i] for i in range(8)]
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
@@ -191,9 +237,9 @@ def _backward(ctx, grad_out):
     if any(mask):
         args = (grad_out, images, *params, *ctx.geometry, *ctx.norms, mask)
         if direct_call_ok((grad_out, images, *params)):  # eager: the launcher (ops/_fastpath.py)
-            grads = _launchers(ctx.backend)[1](*args)
+            grads = _launchers(ctx.backend)[1](*args, saved)
         else:
-            grads = patch_embed_bwd(*args, ctx.backend)
+            grads = patch_embed_bwd(*args, *saved, ctx.backend)
         out = [g if m else None for g, m in zip(grads, mask, strict=True)]
     grad_images = None
     if ctx.needs_input_grad[0]:  # stock ops (T2T's later soft splits take token maps)
@@ -207,7 +253,7 @@ def _backward(ctx, grad_out):
             kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
             patch_order=patch_order, prefix=0 if cls_token is None else cls_token.shape[0],
         )
-    return (grad_images, *out) + (None,) * 9
+    return (grad_images, *out) + (None,) * 10
 
 
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -218,10 +264,10 @@ class _Direct(torch.autograd.Function):
     that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
 
     @staticmethod
-    def forward(ctx, *args):  # the custom op's arguments, backend last
-        out = _launchers(args[-1])[0](*args[:-1])
-        _setup_context(ctx, args, out)
-        return out
+    def forward(ctx, *args):  # the custom op's arguments (save, backend last): the tokens
+        res = _run_forward(args[-1], args[:-2], args[-2])
+        _save(ctx, args, res[1:])
+        return res[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -246,10 +292,11 @@ def _kernel_call(backend: str, inputs: Inputs) -> torch.Tensor:
         *tensors, list(kw["kernel_size"]), list(kw["stride"]), list(kw["padding"]), kw["patch_order"],
         float(ieps), float(oeps), kw["in_norm"] is not None, kw["out_norm"] is not None,
     )  # fmt: skip
+    save = needs_grad(tensors)  # the forward then writes what the backward reads
     if not direct_call_ok(tensors):
-        return patch_embed_fwd(*args, backend)
-    if needs_grad(tensors):
-        return _Direct.apply(*args, backend)
+        return patch_embed_fwd(*args, save, backend)[0]
+    if save:
+        return _Direct.apply(*args, save, backend)
     return _launchers(backend)[0](*args)
 
 

@@ -7,7 +7,8 @@ inside ``_common.recording()``, which records every launch with Triton's own
 specialisation (pointer alignment, integers divisible by 16, integers equal to
 1: see ``_common``). ``recorded_launches()`` does that for every workload of
 ``vitkernels.workloads`` (and the other layer shapes the models launch), both
-directions, the dtypes the kernels serve, and keeps one launch per distinct
+directions (and patch_embed's saving forward and recomputing backward), the
+dtypes the kernels serve, and keeps one launch per distinct
 specialisation; ``compile_launch`` compiles one with ``triton.compile`` for
 ``sm_<arch>`` (sm_90 becomes sm_90a) with the options Triton's JIT would pass,
 and ``resources`` reads what ptxas made of it from the cubin.
@@ -131,7 +132,10 @@ def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[Recorded
     by_key: dict[str, RecordedLaunch] = {}
     names: set[str] = set()
     for case, shape, dtype, options in _configurations(variant):
-        for direction in ("fwd", "bwd"):
+        # patch_embed's forward that saves for the backward, and the backward that
+        # recomputes after a forward that saved nothing (the cuda backend's)
+        extra = ("fwd_saving", "bwd_recompute") if isinstance(shape, PatchEmbedShape) else ()
+        for direction in ("fwd", "bwd", *extra):
             rec = record_workload(shape, direction, dtype, variant=variant, arch=arch, **options)
             for launch in rec.launches:
                 key = launch.specialization.key() + repr(launch.kernel)

@@ -111,14 +111,16 @@ def _patch_stats_kernel(
 
 @triton.jit
 def _out_norm_bwd_kernel(
-    g_ptr, y_ptr, ow_ptr, dy_ptr, dow_part, dob_part, dbias_part,
+    g_ptr, y_ptr, ostats_ptr, ow_ptr, dy_ptr, dow_part, dob_part, dbias_part,
     M, L, D, P, sgb, sgt, sgd, out_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_OW: tl.constexpr, IDX64: tl.constexpr,
-    GVEC: tl.constexpr, YVEC: tl.constexpr,
+    GVEC: tl.constexpr, YVEC: tl.constexpr, HAS_OSTATS: tl.constexpr,
 ):
     """Backward of the output layer norm for BLOCK_M patch rows.
 
-    y (M, D) float32: recomputed pre-norm tokens; g: grad_out's patch rows.
+    y (M, D): the pre-norm tokens, as the forward saved them (its dtype) or recomputed
+    (float32); with HAS_OSTATS the norm's (mean, rstd) per row (float32, (M, 2), saved
+    by the forward), else taken from y here; g: grad_out's patch rows.
     dy (M, D) (MMA dtype) = d loss / d y; per-program column partial sums for
     the norm's weight (g * xhat), its bias (g) and the linear bias (dy).
     """
@@ -129,21 +131,26 @@ def _out_norm_bwd_kernel(
     l = offs_m % L
     g_rows = g_ptr + _idx(b, IDX64) * sgb + (P + l) * sgt
     y_rows = y_ptr + _idx(offs_m, IDX64) * D
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
-        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=_mask2(row_ok, n_ok, 1, YVEC), other=0.0)
-        mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
-    rstd = 1.0 / tl.sqrt(m2 / D + out_eps)
+    if HAS_OSTATS:
+        mean = tl.load(ostats_ptr + offs_m * 2, mask=row_ok, other=0.0)
+        rstd = tl.load(ostats_ptr + offs_m * 2 + 1, mask=row_ok, other=0.0)
+    else:
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            y_mask = _mask2(row_ok, n_ok, 1, YVEC)
+            y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=y_mask, other=0.0).to(tl.float32)
+            mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+        rstd = 1.0 / tl.sqrt(m2 / D + out_eps)
     a1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     a2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         mask = _mask2(row_ok, n_ok, 1, YVEC)
-        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0).to(tl.float32)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         g = tl.load(_hint(g_rows[:, None], offs_n[None, :] * sgd, 1, GVEC), mask=mask, other=0.0).to(tl.float32)
         tl.store(dow_part + pid_m * D + offs_n, tl.sum(g * xhat, axis=0), mask=n_ok)
@@ -158,7 +165,7 @@ def _out_norm_bwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         mask = _mask2(row_ok, n_ok, 1, YVEC)
-        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0)
+        y = tl.load(_hint(y_rows[:, None], offs_n[None, :], 1, YVEC), mask=mask, other=0.0).to(tl.float32)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         g = tl.load(_hint(g_rows[:, None], offs_n[None, :] * sgd, 1, GVEC), mask=mask, other=0.0).to(tl.float32)
         if HAS_OW:

@@ -3,7 +3,8 @@ patch-gathering helpers the backward kernels share.
 
 * ``_patch_embed_fwd_kernel``: tokens = out_norm(in_norm(patches) @ W.T + bias)
   (+ pos, cls) for a tile of rows, the patches gathered from the image inside the
-  loads; also the backward's recompute of the pre-norm tokens.
+  loads; with SAVE_Y also what the backward reads (the pre-norm tokens, both norms'
+  row statistics); also the backward's recompute of the pre-norm tokens.
 * ``_prep_kernel``: the input norm folded into the weight (W * g, its row sums and
   in_bias @ W.T + bias), in the kernel's patch order.
 """
@@ -195,7 +196,7 @@ def _chan_update(mean, m2, y, n_ok, n0):
 @triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, colsum_ptr, shift_ptr, ow_ptr, ob_ptr, pos_ptr, cls_ptr, out_ptr, stats_ptr,
-    M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
+    y_ptr, ostats_ptr, M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
     sxb, sxc, sxh, sxw, swn, swk, spt, spd, scp, scd, sob, sot, sod,
     in_eps, out_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -204,9 +205,14 @@ def _patch_embed_fwd_kernel(
     OVEC: tl.constexpr, W_PAD: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
     OUT_NORM: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
-    HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, PREC: tl.constexpr,
+    HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
+
+    WRITE_STATS: stats[m] = (mu, rstd) of the input norm (float32, (M, 2)). SAVE_Y (with
+    OUT_NORM): the first pass stores the pre-norm tokens in y (M, D) (out's dtype)
+    instead of out, the second reads them there, and ostats[m] = (mean, rstd) of the
+    output norm (float32, (M, 2)): what the backward reads.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(D, BLOCK_N),) with the column tile fastest
     (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM.
@@ -226,6 +232,12 @@ def _patch_embed_fwd_kernel(
     )
     x_base = row_base
     out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
+    if SAVE_Y:  # the first pass's rows: y (M, D), contiguous
+        y_rows = y_ptr + _idx(offs_m, IDX64) * D
+        syd = 1
+    else:
+        y_rows = out_rows
+        syd = sod
     if POS_ALL:
         pos_rows = pos_ptr + (P + l) * spt
     else:
@@ -262,7 +274,10 @@ def _patch_embed_fwd_kernel(
         elif HAS_POS:
             pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
             y += pos.to(tl.float32)
-        out_ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
+        if OUT_NORM:
+            out_ptrs = _hint(y_rows[:, None], offs_n[None, :] * syd, 1, OVEC)
+        else:
+            out_ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     if OUT_NORM:
         # second pass over the row block: normalise what this program wrote
@@ -272,8 +287,8 @@ def _patch_embed_fwd_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < D
             mask = _mask2(row_ok, n_ok, 1, OVEC)
-            ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
-            y = (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd_o[:, None]
+            y_ptrs = _hint(y_rows[:, None], offs_n[None, :] * syd, 1, OVEC)
+            y = (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd_o[:, None]
             if HAS_OW:
                 y *= tl.load(ow_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_OB:
@@ -281,7 +296,11 @@ def _patch_embed_fwd_kernel(
             if HAS_POS:
                 pos_ptrs = _hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC)
                 y += tl.load(pos_ptrs, mask=mask, other=0.0).to(tl.float32)
+            ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
             tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE_Y:
+            tl.store(ostats_ptr + offs_m * 2, mean, mask=row_ok)
+            tl.store(ostats_ptr + offs_m * 2 + 1, rstd_o, mask=row_ok)
     if HAS_CLS:
         # the program holding an image's first patch writes its prefix tokens too
         first = row_ok & (l == 0)
@@ -300,9 +319,12 @@ def _patch_embed_fwd_kernel(
                     val.to(out_ptr.dtype.element_ty),
                     mask=mask,
                 )
-    if WRITE_STATS:
-        tl.store(stats_ptr + offs_m * 2, shift + mean_d, mask=row_ok)
-        tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=row_ok)
+    if WRITE_STATS:  # by the rows' first column tile (the others hold the same values)
+        stats_ok = row_ok
+        if not OUT_NORM:
+            stats_ok = row_ok & (offs_m * 0 + n_start == 0)
+        tl.store(stats_ptr + offs_m * 2, shift + mean_d, mask=stats_ok)
+        tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=stats_ok)
 
 
 @triton.jit

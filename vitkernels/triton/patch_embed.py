@@ -49,18 +49,28 @@ backend's backward is ``patch_embed_bwd`` below):
 
     patch_embed_bwd(grad_out, images, weight, bias, in_weight, in_bias, out_weight,
                     out_bias, pos_embed, cls_token, kernel_size, stride, padding,
-                    patch_order, in_eps, out_eps, has_in_norm, has_out_norm, grad_mask)
+                    patch_order, in_eps, out_eps, has_in_norm, has_out_norm, grad_mask,
+                    saved=())
         -> (d_weight, d_bias, d_in_weight, d_in_bias, d_out_weight, d_out_bias,
             d_pos_embed, d_cls_token)
 
       grad_out    (B, P + L, D), any strides
       grad_mask   list[bool] of 8, the results in that order
+      saved       what ``patch_embed_fwd_saving`` wrote, or empty (0,) tensors / ()
       each result has its input's shape and dtype, or is an empty (0,) tensor where
       the input is None or its grad_mask entry is False. No image gradient.
 
-Backward: the patch rows' pre-norm tokens are recomputed with the forward kernel
-(only with an output norm), the output norm's backward runs row-wise
-(``_out_norm_bwd_kernel``), dW = dy.T @ in_norm(patches) is a split-M GEMM that
+The forward of a training step is ``patch_embed_fwd_saving`` (the same arguments):
+it also writes what the backward reads (``saved_layout``): the pre-output-norm tokens
+in the images' dtype (the statistics pass stores them there instead of in out; eager's
+LayerNorm saves its input so too) with the output norm's (mean, rstd), the input
+norm's (mu, rstd) and the plain W in kernel order from the prep launch. The inference
+forward writes none of them.
+
+Backward: with nothing saved (the cuda backend's forward) the patch rows' pre-norm
+tokens are recomputed in float32 with the forward kernel after a prep launch (with
+an output norm) or the input norm's statistics by ``_patch_stats_kernel`` (without);
+the output norm's backward runs row-wise (``_out_norm_bwd_kernel``), dW = dy.T @ in_norm(patches) is a split-M GEMM that
 gathers the patches again (``_dw_kernel``), and the input norm's affine grads
 come from dxn = dy @ W with the normalised patch in the epilogue
 (``_dxn_kernel``, split along the rows like dW). The bias gradient is the output
@@ -108,7 +118,10 @@ from vitkernels.triton._patch_embed_bwd import (
 from vitkernels.triton._patch_embed_fwd import _patch_embed_fwd_kernel, _prep_kernel
 from vitkernels.workloads import PatchEmbedShape
 
-__all__ = ["bwd_config", "fwd_config", "patch_embed_bwd", "patch_embed_fwd", "record_calls"]
+__all__ = [
+    "bwd_config", "fwd_config", "patch_embed_bwd", "patch_embed_fwd", "patch_embed_fwd_saving", "record_calls",
+    "saved_layout",
+]
 
 # ----------------------------------------------------------------------------
 # geometry, layout and configuration
@@ -416,8 +429,11 @@ def _prepare(
 
 def _fwd_launch(
     images, prep: _Prepared, out_weight, out_bias, pos_embed, cls_token, out, stats,
-    in_eps, out_eps, has_in_norm, has_out_norm, interpret,
+    in_eps, out_eps, has_in_norm, has_out_norm, interpret, y=None, ostats=None, recompute=False,
 ) -> Launch:
+    """stats: the input norm's (M, 2) row statistics to write; y, ostats (with the
+    output norm): the pre-norm tokens (M, D) and the output norm's (M, 2) to write;
+    recompute: the backward's recompute of the pre-norm tokens (into out)."""
     g, w = prep.g, prep.w
     D, K, M = w.shape[0], g.K, g.B * g.L
     P = 0 if cls_token is None else cls_token.shape[0]
@@ -437,6 +453,7 @@ def _fwd_launch(
         out_bias if out_bias is not None else out,
         pos, cls, out,
         stats if stats is not None else f32_dummy,
+        y if y is not None else out, ostats if ostats is not None else f32_dummy,
         M, g.L, g.Wo, D, K, *ints, P,
         *xs, w.stride(0), w.stride(1), pos.stride(0), pos.stride(-1), cls.stride(0), cls.stride(-1),
         out.stride(0), out.stride(1), out.stride(2),
@@ -448,7 +465,7 @@ def _fwd_launch(
         "EVEN_N": D % cfg.block_n == 0,
         "WVEC": _run_vec(w, 1, cdiv(K, _W_PAD) * _W_PAD if prep.w_pad else K),
         "W_PAD": prep.w_pad,
-        "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D)),
+        "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D), _run_vec(y, -1, D)),
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
         "OUT_NORM": bool(has_out_norm),
         "HAS_OW": has_out_norm and out_weight is not None,
@@ -457,19 +474,22 @@ def _fwd_launch(
         "POS_ALL": pos_embed is not None and pos_embed.shape[0] == P + g.L,
         "HAS_CLS": P > 0,
         "WRITE_STATS": stats is not None,
+        "SAVE_Y": y is not None,
         "PREC": dot_precision(images.dtype),
     }
     m_blocks = cdiv(M, cfg.block_m)
     grid = (m_blocks,) if has_out_norm else (m_blocks * cdiv(D, cfg.block_n),)
     parts = (("in", has_in_norm), ("out", has_out_norm), ("pos", pos_embed is not None), ("cls", P > 0))
     tag = "+".join(t for t, on in parts if on) or "plain"
-    if stats is not None:
+    if recompute:
         tag += ",recompute"
+    elif stats is not None or y is not None:
+        tag += ",save"
     name = f"patch_embed_fwd[{_tag(images.dtype, g, prep.order, D)},{tag}]"
     return Launch(
         name, _patch_embed_fwd_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
         reads=(images, w, prep.colsum, prep.shift, out_weight, out_bias, pos_embed, cls_token),
-        writes=(out, stats),
+        writes=(out, stats, y, ostats),
         # the column loops (first pass, normalisation, prefix tokens) run over all of D
         # with an output norm, over one tile without; p over the prefix tokens
         loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 1, "k0": cdiv(K, cfg.block_k),
@@ -512,24 +532,100 @@ def patch_embed_fwd(
     has_out_norm: bool,
 ) -> torch.Tensor:
     """Forward launcher (see the module docstring for the contract)."""
+    return _forward(
+        images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+        kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm, False,
+    )[0]
+
+
+def patch_embed_fwd_saving(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_weight: torch.Tensor | None,
+    in_bias: torch.Tensor | None,
+    out_weight: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    patch_order: str,
+    in_eps: float,
+    out_eps: float,
+    has_in_norm: bool,
+    has_out_norm: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The forward launcher's tokens and what the backward reads: (out, *saved), saved
+    as ``saved_layout`` describes it (the arguments as ``patch_embed_fwd``'s)."""
+    return _forward(
+        images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+        kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm, True,
+    )
+
+
+SavedLayout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype] | None
+
+
+def saved_layout(
+    images: torch.Tensor, weight: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+    padding: Sequence[int], patch_order: str, has_in_norm: bool, has_out_norm: bool,
+) -> tuple[SavedLayout, SavedLayout, SavedLayout, SavedLayout]:
+    """(shape, strides, dtype) of what ``patch_embed_fwd_saving`` writes for the backward,
+    None where it writes nothing (an empty (0,) tensor in the images' dtype stands there):
+
+      y       (B, L, D) images' dtype: the pre-output-norm tokens (output norm)
+      stats   (M, 2) float32: the input norm's (mu, rstd) of each patch (input norm)
+      ostats  (M, 2) float32: the output norm's (mean, rstd) of each token (output norm)
+      w_plain (D, K) images' dtype, rows KP >= K apart: W in the kernel's patch order
+              (input norm, when that order is not patch_order; else W itself serves)
+    """
+    g = _geometry(images, kernel_size, stride, padding)
+    D, K, M = weight.shape[0], g.K, g.B * g.L
+    f32 = torch.float32
+    y = ((g.B, g.L, D), (g.L * D, D, 1), images.dtype) if has_out_norm else None
+    stats = ((M, 2), (2, 1), f32) if has_in_norm else None
+    ostats = ((M, 2), (2, 1), f32) if has_out_norm else None
+    plain = has_in_norm and _kernel_order(images, patch_order) != patch_order
+    w_plain = ((D, K), (cdiv(K, _W_PAD) * _W_PAD, 1), weight.dtype) if plain else None
+    return y, stats, ostats, w_plain
+
+
+def _forward(
+    images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+    kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm, save,
+) -> tuple[torch.Tensor, ...]:
+    """(out,) or, with save, (out, y, stats, ostats, w_plain) (``saved_layout``)."""
     _check_launch(images)
     interpret = triton_interpret() and images.device.type == "cpu"
     prep = _prepare(
         images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
-        has_in_norm, interpret,
+        has_in_norm, interpret, plain=save and has_in_norm,
     )
     g = prep.g
     P = 0 if cls_token is None else cls_token.shape[0]
-    out = _new((g.B, P + g.L, weight.shape[0]), device=images.device, dtype=images.dtype)
-    if g.B == 0:
-        return out
-    launch(
-        _fwd_launch(
-            images, prep, out_weight, out_bias, pos_embed, cls_token, out, None,
-            in_eps, out_eps, has_in_norm, has_out_norm, interpret,
+    dev = images.device
+    out = _new((g.B, P + g.L, weight.shape[0]), device=dev, dtype=images.dtype)
+    y = stats = ostats = None
+    saved: tuple[torch.Tensor, ...] = ()
+    if save:
+        layout = saved_layout(
+            images, weight, kernel_size, stride, padding, patch_order, has_in_norm, has_out_norm
         )
-    )
-    return out
+        y, stats, ostats = (
+            None if spec is None else _new(spec[0], device=dev, dtype=spec[2]) for spec in layout[:3]
+        )
+        w_plain = prep.w_plain if layout[3] is not None else None
+        saved = tuple(images.new_empty((0,)) if t is None else t for t in (y, stats, ostats, w_plain))
+    if g.B > 0:
+        launch(
+            _fwd_launch(
+                images, prep, out_weight, out_bias, pos_embed, cls_token, out, stats,
+                in_eps, out_eps, has_in_norm, has_out_norm, interpret, y, ostats,
+            )
+        )
+    return (out, *saved)
 
 
 def patch_embed_bwd(
@@ -552,9 +648,17 @@ def patch_embed_bwd(
     has_in_norm: bool,
     has_out_norm: bool,
     grad_mask: Sequence[bool],
+    saved: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launcher (see the module docstring for the contract)."""
+    """Backward launcher (see the module docstring for the contract); saved: what
+    ``patch_embed_fwd_saving`` wrote, (y, stats, ostats, w_plain), empty (0,) tensors
+    (or none at all: the forward launcher's contract) where the forward saved nothing:
+    the backward recomputes them then."""
     _check_launch(images)
+    y_s, stats_s, ostats_s, wplain_s = (t if t.numel() > 0 else None for t in saved) if saved else (None,) * 4
+    from_saved = (not has_in_norm or stats_s is not None) and (
+        not has_out_norm or (y_s is not None and ostats_s is not None)
+    )
     want = [bool(v) for v in grad_mask]
     present = [
         True, bias is not None,
@@ -643,37 +747,42 @@ def patch_embed_bwd(
     # the input norm's affine stays in the caller's patch order (dW indexes it so)
     gin = in_weight if has_in_norm else None
     bin_ = in_bias if has_in_norm else None
-    stats = _new((M, 2), device=dev, dtype=torch.float32) if has_in_norm and kernels else None
+    stats = None
+    if has_in_norm and kernels:
+        stats = stats_s if from_saved else _new((M, 2), device=dev, dtype=torch.float32)
 
     # dy = d loss / d(patches @ W.T + bias): rows at b * sdb + (P + l) * sdt
     dy_t, dyP, (sdb, sdt, sdd) = grad_out, P, grad_out.stride()
-    w_k = None  # W in kernel order for dxn: from the recompute's prep launch where it runs
+    # W in kernel order for dxn: the saving forward's, or the recompute's prep launch's
+    w_k = wplain_s if from_saved else None
     if kernels and has_out_norm:
-        prep = _prepare(
-            images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
-            has_in_norm, interpret, plain=dxn_launch,
-        )
-        w_k = prep.w_plain
-        y = _new((g.B, g.L, D), device=dev, dtype=torch.float32)
-        launch(
-            _fwd_launch(
-                images, prep, None, None, None, None, y, stats,
-                in_eps, out_eps, has_in_norm, False, interpret,
+        y, ostats = y_s, ostats_s  # the pre-norm tokens and the norm's (mean, rstd)
+        if not from_saved:  # recomputed in float32 (the statistics then from y)
+            prep = _prepare(
+                images, weight, bias, in_weight, in_bias, kernel_size, stride, padding, patch_order,
+                has_in_norm, interpret, plain=dxn_launch,
             )
-        )
+            w_k = prep.w_plain
+            y, ostats = _new((g.B, g.L, D), device=dev, dtype=torch.float32), None
+            launch(
+                _fwd_launch(
+                    images, prep, None, None, None, None, y, stats,
+                    in_eps, out_eps, has_in_norm, False, interpret, recompute=True,
+                )
+            )
         dy = _new((M, D), device=dev, dtype=dtype)
         parts = region("out", 3, m_blocks, D)
         run(
             "patch_embed_out_norm_bwd", _out_norm_bwd_kernel, (m_blocks,),
-            [grad_out, y, out_weight if out_weight is not None else y, dy, parts[0], parts[1], parts[2],
-             M, g.L, D, P, *grad_out.stride(), float(out_eps)],
-            (grad_out, y, out_weight), (dy, parts), {"n0": cdiv(D, cfg.block_n)},
+            [grad_out, y, ostats if ostats is not None else y, out_weight if out_weight is not None else y, dy,
+             parts[0], parts[1], parts[2], M, g.L, D, P, *grad_out.stride(), float(out_eps)],
+            (grad_out, y, ostats, out_weight), (dy, parts), {"n0": cdiv(D, cfg.block_n)},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_OW=out_weight is not None,
             IDX64=pc["IDX64"], GVEC=_run_vec(grad_out, 2, D),
-            YVEC=min(_run_vec(y, 2, D), _run_vec(dy, 1, D)),
+            YVEC=min(_run_vec(y, 2, D), _run_vec(dy, 1, D)), HAS_OSTATS=ostats is not None,
         )
         dy_t, dyP, (sdb, sdt, sdd) = dy, 0, (g.L * D, D, 1)
-    elif kernels and has_in_norm:
+    elif kernels and has_in_norm and not from_saved:
         run(
             "patch_embed_stats", _patch_stats_kernel, (grid_tiles,),
             [images, stats, g.L, g.Ho, g.Wo, K, *ints, *xs, tiles_h, tiles_w, float(in_eps)],
@@ -796,9 +905,12 @@ def _fold_loops(n: Sequence[int], r: Sequence[int], B: int, block: int) -> dict[
 def record_calls(
     shape: PatchEmbedShape, batch: int, dtype: torch.dtype, direction: str, tensor: TensorFactory
 ) -> None:
-    """Call the launcher of one direction ("fwd" or "bwd") as the op calls it, every
-    gradient wanted in the backward; images contiguous, channels-last or a view of
-    (B, N, C) tokens (``shape.layout``), inputs made by ``tensor``."""
+    """Call the launcher of one direction as the op calls it, every gradient wanted in
+    the backward; images contiguous, channels-last or a view of (B, N, C) tokens
+    (``shape.layout``), inputs made by ``tensor``. Directions: "fwd" (inference: no
+    gradient needed), "fwd_saving" (the forward of a training step, writing what the
+    backward reads), "bwd" (the backward after it), "bwd_recompute" (the backward after
+    a forward that saved nothing: the cuda backend's)."""
     s, B = shape, batch
     C, side, D, K = s.channels, s.image, s.dim, s.k
     if s.layout == "tokens":
@@ -819,5 +931,24 @@ def record_calls(
     )  # fmt: skip
     if direction == "fwd":
         patch_embed_fwd(*args)
+    elif direction == "fwd_saving":
+        patch_embed_fwd_saving(*args)
+    elif direction in ("bwd", "bwd_recompute"):
+
+        def like(spec: SavedLayout) -> torch.Tensor:
+            if spec is None:
+                return images.new_empty((0,))
+            size, strides, dt = spec
+            if len(size) == 2 and strides[0] != size[1]:  # w_plain's rows padded
+                return tensor((size[0], strides[0]), dt)[:, : size[1]]
+            return tensor(size, dt)
+
+        saved = ()
+        if direction == "bwd":
+            saved = tuple(map(like, saved_layout(images, args[1], *args[9:13], s.in_norm, s.out_norm)))
+        patch_embed_bwd(vec(B, s.prefix + s.tokens, D), *args, [True] * 8, saved)
     else:
-        patch_embed_bwd(vec(B, s.prefix + s.tokens, D), *args, [True] * 8)
+        raise ValueError(
+            f"patch_embed record_calls: direction {direction!r}; expected 'fwd', 'fwd_saving', 'bwd' or "
+            "'bwd_recompute'"
+        )
