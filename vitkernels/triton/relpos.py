@@ -25,16 +25,21 @@ Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor 
 ever in memory):
 
 * ``_bias_kernel``: every call first expands the table into a float32 bias per
-  head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
-  (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)).
-  Built from the table on every call, never cached, so never stale; the forward and
-  dK/dV kernels load its tiles instead of gathering from the table (except where they
-  have one key block, resp. one query block: there they gather it, and the call has no
-  bias launch).
+  head, (H, Nq, Nk) padded to multiples of 64, -inf at padded keys (query i at grid
+  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)): for the backward in
+  log2 units (times bias_scale * log2(e)), for the forward divided by the scale (times
+  bias_scale / scale). Built from the table on every call, never cached, so never
+  stale; the forward and dK/dV kernels load its tiles instead of gathering from the
+  table (except where they have one key block, resp. one query block: there they
+  gather it, and the call has no bias launch).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
-  over key blocks (any Nk: full blocks unmasked, the keys after them in one masked
-  block of the next power of 2, e.g. 196 = 3 x 64 + 16), saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
-  one bias tile from the table itself, and the forward has no bias launch.
+  over key blocks (any Nk: full blocks unmasked, the first without a rescale, the
+  keys after them in one masked block of the next power of 2, e.g. 196 = 3 x 64 +
+  16), saves the logsumexp. The bias / scale is the QK^T dot's accumulator, so a
+  score costs a max, one fma (c * s - c * m, c = scale * log2(e) > 0) and an exp2.
+  Where every key fits one key block (Nk <= 64) a program gathers its one bias tile
+  from the table itself, once for a group of batch entries, and the forward has no
+  bias launch.
 * ``_bwd_dq_kernel``: dQ, the table gradient and delta = rowsum(dO * O) per query
   (for the dK/dV kernel, launched after it). A program takes a query block
   aligned to grid rows (QR query-grid rows of CQP column slots), every key (TRP
