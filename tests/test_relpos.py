@@ -247,6 +247,18 @@ def test_negative_scale_gradients_triton(poisoned):
     check_grads("triton", q, k, v, table, {**kwargs_of(case), "scale": -0.4}, GRAD_TOL[torch.float32])
 
 
+def test_forward_without_the_bias_in_the_accumulator(monkeypatch, poisoned):
+    """For sm_80 (mma.sync) the forward adds the bias after the QK^T dot instead of
+    starting the dot's accumulator at it; the interpreter takes the sm_90 path unless
+    told otherwise. A full key block and a tail, and a single gathered block."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: 80)
+    for case in (CASES["keys 10x10"], CASES["A3 N16"]):
+        q, k, v, table = make(case)
+        kw = kwargs_of(case)
+        out = vitkernels.relpos_attention(q, k, v, table, **kw, backend="triton")
+        assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float32], "sm_80")
+
+
 @pytest.mark.parametrize("batch", [4, 6])
 def test_forward_batch_groups(batch, monkeypatch, poisoned):
     """Where every key fits one block, a forward program gathers its bias once and takes

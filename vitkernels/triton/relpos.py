@@ -78,6 +78,7 @@ from vitkernels.triton._common import (
     cdiv,
     dot_precision,
     launch,
+    target_arch,
 )
 from vitkernels.workloads import RelposShape
 
@@ -134,14 +135,21 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 
 
 @triton.jit
-def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, PREC: tl.constexpr):
+def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS_ACC: tl.constexpr,
+              PREC: tl.constexpr):  # fmt: skip
     """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
     (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by qk_scale = c > 0
     (scale * log2(e)), so the dot's accumulator starts at it: s = q.k + bias / c, and a
     probability is 2^(c * s - c * m), one fma and an exp2. m_i is the running max of s
     (c > 0: that of the logits), l_i the sum of probabilities. FIRST: the first block
-    (m_i, l_i, acc are not read: nothing to rescale)."""
-    s = tl.dot(q, kt, bias, input_precision=PREC)
+    (m_i, l_i, acc are not read: nothing to rescale). Without BIAS_ACC (mma.sync,
+    sm_80: the bias in the accumulator's registers took up to 255 registers where 192
+    do without) the bias is added after the dot, an fma by 1 (Triton folds a plain add
+    into the accumulator)."""
+    if BIAS_ACC:
+        s = tl.dot(q, kt, bias, input_precision=PREC)
+    else:
+        s = tl.fma(tl.dot(q, kt, input_precision=PREC), 1.0, bias)
     m_new = tl.max(s, 1) if FIRST else tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(tl.fma(s, qk_scale, -(m_new * qk_scale)[:, None]))
     if FIRST:
@@ -184,7 +192,7 @@ def _fwd_kernel(
     S: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, BIAS_ACC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Keys [0, NK_FULL) (a multiple of BLOCK_N) in unmasked blocks of BLOCK_N, then the
     rest, if any, in one masked block of TAIL_N >= NK - NK_FULL keys. Every bias is
@@ -227,14 +235,14 @@ def _fwd_kernel(
             # the first block: nothing to rescale
             kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-            m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, True, PREC)
+            m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, True, BIAS_ACC, PREC)
             for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
                 b_ptrs += BLOCK_N
                 kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-                m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, False, PREC)
+                m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, False, BIAS_ACC, PREC)
         if TAIL_N > 0:
             # the last keys: masked on the loads only (a missing key's bias is -inf)
             kt = tl.load(
@@ -249,7 +257,8 @@ def _fwd_kernel(
             )  # (TAIL_N, BLOCK_DV)
             if not GATHER:
                 tail_bias = tl.load(b_base + offs_t[None, :])
-            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_scale, NK_FULL == 0, PREC)
+            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_scale, NK_FULL == 0, BIAS_ACC,
+                                     PREC)
 
         acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
@@ -910,7 +919,8 @@ def relpos_attention_fwd(
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
          H, nqp, nkp, num_qb, scale * _LOG2E, mult],
         {**cfg.constexprs, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
-         "GROUP": group, "GATHER": gather, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
+         "GROUP": group, "GATHER": gather, "BIAS_ACC": target_arch(q.device) >= 90,
+         "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
         loops={"_start_n": max(0, nk_full // block_n - 1), "g": group},
     ))  # fmt: skip
