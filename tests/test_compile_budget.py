@@ -161,7 +161,7 @@ def test_recording_follows_tritons_specialisation():
     assert fwd["Q"] == "*bf16 /16" and fwd["LSE"] == "*fp32 /16"
     assert fwd["stride_qb"] == "i32 /16" and fwd["stride_qn"] == "i32 /16"
     assert fwd["stride_qd"] == "=1"
-    assert fwd["NQ"] == "i32"  # 196
+    assert fwd["NQ"] == "=196" and fwd["NK_FULL"] == "=192"  # the key extents are constexprs
     assert fwd["BLOCK_M"] == "=64"
     unaligned = _launch(record_workload(shape, "fwd", variant="unaligned"), "relpos_fwd")
     spec = unaligned.specialization.describe()

@@ -222,6 +222,56 @@ def test_default_scale_and_explicit_scale(backend, poisoned):
     assert_close(out, ref64(q, k, v, table, **kw, scale=0.37)[0], TOL[torch.float32])
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-5, -1e-5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_zero_and_tiny_scales(backend, scale, poisoned):
+    """The triton forward divides the bias by scale * log2(e) and needs it positive: a
+    negative scale negates q, one near 0 is folded into q. Both the expanded-bias
+    kernel (100 keys: a full block and a tail) and the gathering one (16 keys). Logits
+    spread over ~10^2 (q, k of std 6 at scale 0.3): a max taken the wrong way round
+    would overflow exp2."""
+    for case in (CASES["keys 10x10"], CASES["A3 N16"]):
+        q, k, v, table = make(case, qk_scale=6.0)
+        kw = kwargs_of(case)
+        out = vitkernels.relpos_attention(q, k, v, table, **kw, scale=scale, backend=backend)
+        # logits of magnitude ~300 carry float32 rounding of ~300 * 2**-24 into exp()
+        tol = TOL[torch.float32] + 20 * 300 * 2**-24
+        assert_close(out, ref64(q, k, v, table, **kw, scale=scale)[0], tol, f"scale {scale}")
+
+
+def test_negative_scale_gradients_triton(poisoned):
+    """The backward takes the forward's lse: with q negated in the forward it must still
+    be the logsumexp of the logits."""
+    case = CASES["A3 N16"]
+    q, k, v, table = make(case)
+    check_grads("triton", q, k, v, table, {**kwargs_of(case), "scale": -0.4}, GRAD_TOL[torch.float32])
+
+
+def test_forward_without_the_bias_in_the_accumulator(monkeypatch, poisoned):
+    """For sm_80 (mma.sync) the forward adds the bias after the QK^T dot instead of
+    starting the dot's accumulator at it; the interpreter takes the sm_90 path unless
+    told otherwise. A full key block and a tail, and a single gathered block."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: 80)
+    for case in (CASES["keys 10x10"], CASES["A3 N16"]):
+        q, k, v, table = make(case)
+        kw = kwargs_of(case)
+        out = vitkernels.relpos_attention(q, k, v, table, **kw, backend="triton")
+        assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float32], "sm_80")
+
+
+@pytest.mark.parametrize("batch", [4, 6])
+def test_forward_batch_groups(batch, monkeypatch, poisoned):
+    """Where every key fits one block, a forward program gathers its bias once and takes
+    a group of batch entries (4 of 4, 2 of 6 here: a divisor of the batch)."""
+    monkeypatch.setattr(tk, "_FWD_MIN_PROGRAMS", 1)
+    assert tk._fwd_group(batch, 1) == (4 if batch == 4 else 2)
+    for case in (CASES["A3 N16"], CASES["A2 N49"]):
+        q, k, v, table = make((batch, *case[1:]))
+        kw = kwargs_of(case)
+        out = vitkernels.relpos_attention(q, k, v, table, **kw, backend="triton")
+        assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float32], f"batch {batch}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend, poisoned):
     q, k, v, table = make((0, 2, 4, 4, 1, 16, 8))

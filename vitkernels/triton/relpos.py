@@ -25,16 +25,21 @@ Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor 
 ever in memory):
 
 * ``_bias_kernel``: every call first expands the table into a float32 bias per
-  head, (H, Nq, Nk) padded to multiples of 64, in log2 units, -inf at padded keys
-  (query i at grid position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)).
-  Built from the table on every call, never cached, so never stale; the forward and
-  dK/dV kernels load its tiles instead of gathering from the table (except where they
-  have one key block, resp. one query block: there they gather it, and the call has no
-  bias launch).
+  head, (H, Nq, Nk) padded to multiples of 64, -inf at padded keys (query i at grid
+  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)): for the backward in
+  log2 units (times bias_scale * log2(e)), for the forward divided by the scale (times
+  bias_scale / scale). Built from the table on every call, never cached, so never
+  stale; the forward and dK/dV kernels load its tiles instead of gathering from the
+  table (except where they have one key block, resp. one query block: there they
+  gather it, and the call has no bias launch).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
-  over key blocks (any Nk: full blocks unmasked, the keys after them in one masked
-  block of the next power of 2, e.g. 196 = 3 x 64 + 16), saves the logsumexp. Where every key fits one key block (Nk <= 64) it gathers its
-  one bias tile from the table itself, and the forward has no bias launch.
+  over key blocks (any Nk: full blocks unmasked, the first without a rescale, the
+  keys after them in one masked block of the next power of 2, e.g. 196 = 3 x 64 +
+  16), saves the logsumexp. The bias / scale is the QK^T dot's accumulator, so a
+  score costs a max, one fma (c * s - c * m, c = scale * log2(e) > 0) and an exp2.
+  Where every key fits one key block (Nk <= 64) a program gathers its one bias tile
+  from the table itself, once for a group of batch entries, and the forward has no
+  bias launch.
 * ``_bwd_dq_kernel``: dQ, the table gradient and delta = rowsum(dO * O) per query
   (for the dK/dV kernel, launched after it). A program takes a query block
   aligned to grid rows (QR query-grid rows of CQP column slots), every key (TRP
@@ -73,6 +78,7 @@ from vitkernels.triton._common import (
     cdiv,
     dot_precision,
     launch,
+    target_arch,
 )
 from vitkernels.workloads import RelposShape
 
@@ -91,10 +97,10 @@ def _bias_kernel(
     T, BIAS,
     stride_th, stride_tn,
     RQ, CQ, R, C, S, NQP, NKP, NUM_KB,
-    bias_scale,  # multiplied by log2(e)
+    mult,  # the backward's bias_scale * log2(e) (log2 units); the forward's bias_scale / scale
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """bias[h, i, j] = bias_scale * table[h, |dr|*C + |dc|] in log2 units, float32, for
+    """bias[h, i, j] = mult * table[h, |dr|*C + |dc|], float32, for
     query i at query-grid cell (i // CQ, i % CQ) and key j at key-grid cell (j // C,
     j % C), on an (NQP, NKP) padded grid: -inf where no key is, 0 where no query is
     (finite; those outputs are not stored)."""
@@ -112,7 +118,7 @@ def _bias_kernel(
     dr = tl.abs((q_row * S)[:, None] - k_row[None, :])
     dc = tl.abs((q_col * S)[:, None] - k_col[None, :])
     t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=ok, other=0.0)
-    bias = tl.where(n_ok[None, :], t.to(tl.float32) * bias_scale, float("-inf"))
+    bias = tl.where(n_ok[None, :], t.to(tl.float32) * mult, float("-inf"))
     row = (h.to(tl.int64) * NQP + offs_m) * NKP
     tl.store(BIAS + row[:, None] + offs_n[None, :], bias)
 
@@ -129,16 +135,47 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 
 
 @triton.jit
-def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS_ACC: tl.constexpr,
+              PREC: tl.constexpr):  # fmt: skip
     """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
-    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n), log2 units."""
-    s = tl.dot(q, kt, input_precision=PREC) * qk_scale + bias
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by qk_scale = c > 0
+    (scale * log2(e)), so the dot's accumulator starts at it: s = q.k + bias / c, and a
+    probability is 2^(c * s - c * m), one fma and an exp2. m_i is the running max of s
+    (c > 0: that of the logits), l_i the sum of probabilities. FIRST: the first block
+    (m_i, l_i, acc are not read: nothing to rescale). Without BIAS_ACC (mma.sync,
+    sm_80: the bias in the accumulator's registers took up to 255 registers where 192
+    do without) the bias is added after the dot, an fma by 1 (Triton folds a plain add
+    into the accumulator)."""
+    if BIAS_ACC:
+        s = tl.dot(q, kt, bias, input_precision=PREC)
+    else:
+        s = tl.fma(tl.dot(q, kt, input_precision=PREC), 1.0, bias)
+    m_new = tl.max(s, 1) if FIRST else tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(tl.fma(s, qk_scale, -(m_new * qk_scale)[:, None]))
+    if FIRST:
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    else:
+        alpha = tl.exp2((m_i - m_new) * qk_scale)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_gather_bias(T, stride_th, stride_tn, h, offs_m, offs_n, NQ: tl.constexpr, NK: tl.constexpr,
+                     CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr, bias_mult):  # fmt: skip
+    """The bias of queries offs_m and keys offs_n (BLOCK_M,), (n,) gathered from the
+    table times bias_mult, float32 (BLOCK_M, n): -inf at keys >= NK; queries >= NQ take
+    query NQ - 1's (finite; their outputs are not stored). The indices are clamped, not
+    masked, and the grid sizes constexprs (no division by a runtime value)."""
+    qi = tl.minimum(offs_m, NQ - 1)
+    kj = tl.minimum(offs_n, NK - 1)
+    key_inf = tl.where(offs_n < NK, 0.0, float("-inf"))  # (n,)
+    dr = tl.abs((qi // CQ * S)[:, None] - (kj // C)[None, :])
+    dc = tl.abs((qi % CQ * S)[:, None] - (kj % C)[None, :])
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn)
+    return t.to(tl.float32) * bias_mult + key_inf[None, :]
 
 
 @triton.jit
@@ -149,22 +186,25 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    H, NQ, NK, NK_FULL, NQP, NKP, NUM_QB, CQ, C, S,
-    qk_scale, bias_scale,  # multiplied by log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_N: tl.constexpr,
+    H, NQP, NKP, NUM_QB,
+    qk_scale, bias_mult,  # c = scale * log2(e) > 0; the gathered bias's multiplier (bias_scale / scale)
+    NQ: tl.constexpr, NK: tl.constexpr, NK_FULL: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr,
+    S: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, BIAS_ACC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Keys [0, NK_FULL) (a multiple of BLOCK_N; FULL: NK_FULL > 0) in unmasked blocks of
-    BLOCK_N, then the rest, if any, in one masked block of TAIL_N >= NK - NK_FULL keys.
-    GATHER (NK <= BLOCK_N: no full block, every key in the tail): the bias tile is
-    gathered from the table T, and BIAS is not read; else BIAS is the expanded bias
-    (``_bias_kernel``)."""
+    """Keys [0, NK_FULL) (a multiple of BLOCK_N) in unmasked blocks of BLOCK_N, then the
+    rest, if any, in one masked block of TAIL_N >= NK - NK_FULL keys. Every bias is
+    divided by c (``_fwd_step``). GATHER (NK <= BLOCK_N: no full block, every key in
+    the tail): the bias tile is gathered from the table T once per program, for the
+    GROUP batch entries the program takes one after the other, and BIAS is not read;
+    else (GROUP 1) BIAS is the expanded bias (``_bias_kernel``)."""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
-    pid_bh = pid // NUM_QB
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    rest = pid // NUM_QB
+    h = rest % H
+    b0 = rest // H * GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -173,52 +213,58 @@ def _fwd_kernel(
     m_ok = offs_m < NQ
     dk_ok = offs_dk < DK
     dv_ok = offs_dv < DV
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     b_base = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP  # padded: no mask
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    b_ptrs = b_base + offs_n[None, :]
-    for _start_n in range(0, NK_FULL if FULL else 0, BLOCK_N):  # every key exists: no key mask
-        kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
-        v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        bias = tl.load(b_ptrs)
-        m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        b_ptrs += BLOCK_N
     if TAIL_N > 0:
-        # the last keys: masked on the loads only (a missing key's bias is -inf)
         offs_t = NK_FULL + tl.arange(0, TAIL_N)
         t_ok = offs_t < NK
-        kt = tl.load(
-            k_base + offs_t[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
-            mask=t_ok[None, :] & dk_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_DK, TAIL_N)
-        v = tl.load(
-            v_base + offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=t_ok[:, None] & dv_ok[None, :],
-            other=0.0,
-        )  # (TAIL_N, BLOCK_DV)
-        if GATHER:
-            bias = _table_bias(T, stride_th, stride_tn, h, offs_m[:, None], offs_t[None, :], NQ, NK, CQ, C, S,
-                               bias_scale)  # fmt: skip
-        else:
-            bias = tl.load(b_base + offs_t[None, :])
-        m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, PREC)
+    if GATHER:
+        tail_bias = _fwd_gather_bias(T, stride_th, stride_tn, h, offs_m, offs_t, NQ, NK, CQ, C, S, bias_mult)
+    for g in range(GROUP):
+        b = (b0 + g).to(tl.int64)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        b_ptrs = b_base + offs_n[None, :]
+        if NK_FULL > 0:  # every key of the full blocks exists: no key mask
+            # the first block: nothing to rescale
+            kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
+            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+            m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, True, BIAS_ACC, PREC)
+            for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
+                k_ptrs += BLOCK_N * stride_kn
+                v_ptrs += BLOCK_N * stride_vn
+                b_ptrs += BLOCK_N
+                kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+                m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, False, BIAS_ACC, PREC)
+        if TAIL_N > 0:
+            # the last keys: masked on the loads only (a missing key's bias is -inf)
+            kt = tl.load(
+                k_base + offs_t[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+                mask=t_ok[None, :] & dk_ok[:, None],
+                other=0.0,
+            )  # (BLOCK_DK, TAIL_N)
+            v = tl.load(
+                v_base + offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=t_ok[:, None] & dv_ok[None, :],
+                other=0.0,
+            )  # (TAIL_N, BLOCK_DV)
+            if not GATHER:
+                tail_bias = tl.load(b_base + offs_t[None, :])
+            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_scale, NK_FULL == 0, BIAS_ACC,
+                                     PREC)
 
-    acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
-    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_ok)
+        acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+        lse = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453  # natural log
+        tl.store(LSE + (b * H + h) * NQ + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -680,7 +726,7 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     full, tail_n = _full_and_tail(nk, block_n)
     warps = 8 if block_m * bdv > 64 * 64 else 4
     return _Config(
-        dict(BLOCK_M=block_m, BLOCK_N=block_n, FULL=full > 0, TAIL_N=tail_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, TAIL_N=tail_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
         2,
         full,
@@ -818,11 +864,11 @@ _BIAS_PAD = 64  # the expanded bias's rows and columns: multiples of every block
 
 
 def _expand_bias(
-    table: torch.Tensor, rows: int, cols: int, q_stride: int, nq: int, nk: int, bias_scale: float, tag: str
+    table: torch.Tensor, rows: int, cols: int, q_stride: int, nq: int, nk: int, mult: float, tag: str
 ) -> torch.Tensor:
     """The table expanded to every (query, key) pair in token order: (H, nq padded to
-    _BIAS_PAD, nk padded to _BIAS_PAD) float32, times bias_scale in log2 units
-    (``_bias_kernel``). Built from the table on every call, so it is never stale."""
+    _BIAS_PAD, nk padded to _BIAS_PAD) float32, times mult (``_bias_kernel``). Built
+    from the table on every call, so it is never stale."""
     H = table.shape[0]
     rq, cq = _query_grid(rows, cols, q_stride)
     blk = _BIAS_PAD
@@ -830,10 +876,25 @@ def _expand_bias(
     bias = _alloc((H, nqp, nkp), torch.float32, table.device)
     launch(Launch(
         f"relpos_bias[{tag}]", _bias_kernel, (H * (nqp // blk) * (nkp // blk),),
-        [table, bias, *table.stride(), rq, cq, rows, cols, q_stride, nqp, nkp, nkp // blk, bias_scale * _LOG2E],
+        [table, bias, *table.stride(), rq, cq, rows, cols, q_stride, nqp, nkp, nkp // blk, mult],
         dict(BLOCK_M=blk, BLOCK_N=blk), 4, 1, reads=(table,), writes=(bias,),
     ))  # fmt: skip
     return bias
+
+
+_MIN_SCALE = 2.0**-10  # |scale| below this (0 too) is folded into q (see relpos_attention_fwd)
+
+
+_FWD_MIN_PROGRAMS = 512  # programs a forward keeps at least when it groups batch entries
+
+
+def _fwd_group(batch: int, programs_per_batch: int) -> int:
+    """Batch entries per forward program where it gathers its bias (once for all of
+    them): a divisor of the batch, up to 4, with at least _FWD_MIN_PROGRAMS programs left."""
+    group = 1
+    while group < 4 and batch % (group * 2) == 0 and programs_per_batch * batch // (group * 2) >= _FWD_MIN_PROGRAMS:
+        group *= 2
+    return group
 
 
 def relpos_attention_fwd(
@@ -854,24 +915,37 @@ def relpos_attention_fwd(
     lse = _alloc((B, H, NQ), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    # the kernel divides the bias by c = scale * log2(e) and needs c > 0 (its max runs
+    # on q.k + bias / c): a negative scale negates q (exact), and a scale near 0 is
+    # folded into q (q * scale rounded to q's dtype: an error of that rounding times
+    # |scale * q.k|, below 2**-10 * |q.k| ulps), with c = log2(e)
+    if scale <= -_MIN_SCALE:
+        q, scale = -q, -scale
+    elif scale < _MIN_SCALE:
+        q, scale = q * scale, 1.0
     cfg = _fwd_cfg(NQ, NK, DK, DV)
     block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tag = _tag(q, NK, DV, q_stride)
-    # one key block: the forward gathers its bias tile from the table (no bias launch)
+    # one key block: the forward gathers its bias tile from the table (no bias launch),
+    # once for a group of batch entries
     gather = NK <= block_n
-    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    mult = bias_scale / scale
+    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, mult, tag)
     nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     num_qb = triton.cdiv(NQ, block_m)
+    group = _fwd_group(B, num_qb * H) if gather else 1
     nk_full = cfg.full
     launch(Launch(
-        f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * B * H,),
+        f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * H * (B // group),),
         [q, k, v, bias, table, out, lse,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
-         H, NQ, NK, nk_full, nqp, nkp, num_qb, cq, fmap_cols, q_stride, scale * _LOG2E, bias_scale * _LOG2E],
-        {**cfg.constexprs, "GATHER": gather, "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
+         H, nqp, nkp, num_qb, scale * _LOG2E, mult],
+        {**cfg.constexprs, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
+         "GROUP": group, "GATHER": gather, "BIAS_ACC": target_arch(q.device) >= 90,
+         "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
-        loops={"_start_n": nk_full // block_n},
+        loops={"_start_n": max(0, nk_full // block_n - 1), "g": group},
     ))  # fmt: skip
     return out, lse
 
@@ -971,7 +1045,9 @@ def _launch_dkdv(
     # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
     # kernel always does), and the backward has no bias launch
     gather = not cfg.constexprs["FULL"]
-    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale, tag)
+    bias = table if gather else _expand_bias(
+        table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale * _LOG2E, tag
+    )
     nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
     block_m = cfg.constexprs["BLOCK_M"]
