@@ -347,6 +347,20 @@ def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind} sm_80")
 
 
+def test_gradients_with_the_64_query_dkdv_tiles(poisoned):
+    """CaiT's talking heads (M1's launches): dk/dv on 16 keys x 64 queries, q.k and
+    dO.v over K in two chunks (Dk 48 = 32 + 16, Dv 40 = 32 + 16 of which 8 masked), the
+    padded queries (70 = 64 + 6) and keys (21) left out of the tile chain's mask."""
+    case = (1, 4, 70, 21, 48, 40)
+    flags = tk._flags(object(), object(), None, None, None, False)
+    (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)[1]
+    c = dkdv.constexprs
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"]) == (64, 16, 32, 16, 32, 16)
+    q, k, v = make(case)
+    params = make_params(4, "vit-pytorch talking heads")
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
+
+
 @pytest.mark.parametrize("kind", ["timm talking heads", "re-attention"])
 def test_gradients_float16_triton(kind, poisoned):
     case = (1, 4, 17, 20, 32, 32)

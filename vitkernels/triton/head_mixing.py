@@ -44,7 +44,11 @@ slots, HP = H rounded up to a power of two, at least 2):
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
   of a group of two heads per launch (each launch recomputes the tile chain of all
   heads; every head's gradients beside it spilled). The loop forms p and n and adds
-  to dv before it computes dn = <v, dO>, so fewer tiles are live at once.
+  to dv before it computes dn = <v, dO>, so fewer tiles are live at once. q.k and
+  dO.v take K in two chunks where the head dim is not a power of two (48 = 32 + 16:
+  the loop-invariant k and v operands, in registers with mma.sync, are not padded to
+  64), and the tile chain is not masked by key and query: a padded key's gradients
+  are never stored and a padded query has q = dO = 0, so its terms add nothing.
 * ``_param_grad_kernel``: one program adds the delta launch's per-program partial
   sums row block by row block (a fixed order) and writes each parameter's gradient
   in its dtype: no torch launch is left in the backward.
@@ -118,29 +122,46 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot_head(
+    X, x_offs, x_mask, Y, y_offs, y_mask, VX0: tl.constexpr, VX1: tl.constexpr, VY0: tl.constexpr,
+    VY1: tl.constexpr, x_offs2, x_mask2, y_offs2, y_mask2,
+):  # fmt: skip
+    """X's (R, K) tile @ Y's (K, C) tile, plus the product of the second K chunk's
+    tiles where x_offs2 is given (a K of 48 as 32 + 16, not padded to 64)."""
+    x = tl.load(hint(X, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+    y = tl.load(hint(Y, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+    a = tl.dot(x, y, input_precision="tf32x3")
+    if x_offs2 is not None:
+        x = tl.load(hint(X, x_offs2, VX0, VX1), mask=x_mask2, other=0.0)
+        y = tl.load(hint(Y, y_offs2, VY0, VY1), mask=y_mask2, other=0.0)
+        a = tl.dot(x, y, a, input_precision="tf32x3")
+    return a
+
+
+@triton.jit
 def _dots(
     X, x_offs, x_mask, sxh, VX0: tl.constexpr, VX1: tl.constexpr,
     Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr,
     h0: tl.constexpr, step: tl.constexpr, n: tl.constexpr, H: tl.constexpr,
+    x_offs2=None, x_mask2=None, y_offs2=None, y_mask2=None,
 ):  # fmt: skip
     """(R, C, n): slot i = X_h @ Y_h, X_h the (R, K) tile at X + h*sxh + x_offs and
-    Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1)."""
+    Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1); with
+    x_offs2 etc., K in two chunks (``_dot_head``)."""
     if n == 2:
-        x = tl.load(hint(X + h0 * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
-        y = tl.load(hint(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
-        a = tl.dot(x, y, input_precision="tf32x3")
+        a = _dot_head(X + h0 * sxh, x_offs, x_mask, Y + h0 * syh, y_offs, y_mask, VX0, VX1, VY0, VY1,
+                      x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         if h0 + step < H:
-            x = tl.load(hint(X + (h0 + step) * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
-            y = tl.load(hint(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
-            b = tl.dot(x, y, input_precision="tf32x3")
+            b = _dot_head(X + (h0 + step) * sxh, x_offs, x_mask, Y + (h0 + step) * syh, y_offs, y_mask,
+                          VX0, VX1, VY0, VY1, x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         else:
             b = tl.zeros_like(a)
         return tl.join(a, b)
     else:
         a = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
-                  h0, 2 * step, n // 2, H)  # fmt: skip
+                  h0, 2 * step, n // 2, H, x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         b = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
-                  h0 + step, 2 * step, n // 2, H)  # fmt: skip
+                  h0 + step, 2 * step, n // 2, H, x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         return tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], n))
 
 
@@ -707,7 +728,8 @@ def _bwd_dkdv_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    G0: tl.constexpr, GP: tl.constexpr,
+    G0: tl.constexpr, GP: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr,
+    VB: tl.constexpr,
 ):  # fmt: skip
     """dk (B, H, NK, DK) and dv (B, H, NK, DV) of the heads G0 .. G0 + GP - 1: a program
     per key block, transposed tiles (keys x queries) over the query blocks."""
@@ -728,25 +750,39 @@ def _bwd_dkdv_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
-    v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
-    col_ok = n_ok[:, None] & (hs[None, :] < H)
+    # q.k and dO.v with K in two chunks (``_dot_head``): DK = KA + KB columns
+    offs_ka = tl.arange(0, KA)
+    offs_va = tl.arange(0, VA)
+    ka_offs, ka_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (BN, KA)
+    va_offs, va_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (BN, VA)
+    kb_offs, kb_mask, vb_offs, vb_mask = None, None, None, None
+    if KB > 0:
+        offs_kb = KA + tl.arange(0, KB)
+        kb_offs, kb_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (BN, KB)
+    if VB > 0:
+        offs_vb = VA + tl.arange(0, VB)
+        vb_offs, vb_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (BN, VB)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV, GP], tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
-        qt_offs, qt_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BDK, BM)
-        gt_offs, gt_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BDV, BM)
+        qta_offs, qta_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_ka, stride_qd, DK)  # (KA, BM)
+        gta_offs, gta_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_va, stride_gd, DV)  # (VA, BM)
+        qtb_offs, qtb_mask, gtb_offs, gtb_mask = None, None, None, None
+        if KB > 0:
+            qtb_offs, qtb_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_kb, stride_qd, DK)  # (KB, BM)
+        if VB > 0:
+            gtb_offs, gtb_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_vb, stride_gd, DV)  # (VB, BM)
         row_ok = m_ok[:, None] & (hs[None, :] < H)
-        rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
-        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        rows = hs[None, :] * NQ + offs_m[:, None]  # (BM, HP) into (H, NQ) of batch entry b
+        lse2 = tl.load(LSE + b * H * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + b * H * NQ + rows, mask=row_ok, other=0.0)
         # p and n first, dv, then dn (fewer tiles live at once than with dn first)
-        st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
-                    Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
-        ok3 = col_ok[:, None, :] & row_ok[None, :, :]
+        st3 = _dots(Kb, ka_offs, ka_mask, stride_kh, 1, VK, Qb, qta_offs, qta_mask, stride_qh, VQ, 1,
+                    0, 1, HP, H, kb_offs, kb_mask, qtb_offs, qtb_mask)  # K = DK in two chunks
+        ok3 = (hs < H)[None, None, :]  # padded keys and queries add nothing (module docstring)
         p, n, xhat, rho = _tile_probs(
             st3, qk_scale, lse2[None, :, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
@@ -757,8 +793,8 @@ def _bwd_dkdv_kernel(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
-        dn3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
-                    Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
+        dn3 = _dots(Vb, va_offs, va_mask, stride_vh, 1, VV, Gb, gta_offs, gta_mask, stride_gh, VG, 1,
+                    0, 1, HP, H, vb_offs, vb_mask, gtb_offs, gtb_mask)
         _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                          H, HAS_POST, HAS_NORM, True)  # fmt: skip
         ds = p * (dp - delta[None, :, :])  # d l
@@ -862,13 +898,20 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, FOLD=False), 8, 1)
 
 
+def _k_split(d: int) -> tuple[int, int]:
+    """A product's K = d in two chunks: a power of two (at least 16) and 0 or a power
+    of two covering the rest; d = 48 as 32 + 16, not padded to 64."""
+    a = max(16, 1 << (int(d).bit_length() - 1))
+    return a, (max(16, _pow2(d - a)) if d > a else 0)
+
+
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
     take 64 query rows x 16 keys, the delta launch on 4 warps (one warpgroup: the
     sums over the keys stay in a warp) where that fits, on 8 where it spilled (the
     post-mix bias, the head norm), the dq launch on 8 (two warpgroups); on sm_80 (mma.sync
     layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
-    launch for every head's gradients on 16 keys x 32 queries, 16 x 16 where that
+    launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
     post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
@@ -888,14 +931,18 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
         delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), delta_warps, 1)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
-    # every head's dk, dv in one launch: 16 keys x 32 queries on 8 warps; 16 x 16 with
+    # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
+    # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
+    # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
     # the head norm (32 queries spilled); with the post-mix bias two heads per launch
     # (every head at 16 x 16 spilled 4 B); for a few queries 32 keys x 16 on 4 warps
     hp = base["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
-    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 32
+    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
     bn, warps = (32, 4) if few else (16, 8)
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
+    (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
+    split = dict(KA=ka, KB=kb, VA=va, VB=vb)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
