@@ -39,7 +39,10 @@ slots, HP = H rounded up to a power of two, at least 2):
   without, dq of every head. On sm_90 the H x H sums (dP, dA) are tensor-core products
   over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
   reductions across the rows and warps every key tile. The loops reload q, dO and the
-  mixing weights each iteration (``_live``) instead of holding them in registers.
+  mixing weights each iteration (``_live``) instead of holding them in registers. The
+  dq pass leaves the (row, key) mask out of its tile chain: a padded key's logits are
+  -inf (a bias in the pre-mix's first FMA), so p = 0 there, and a padded row's dq is
+  not stored.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
   of a group of two heads per launch (each launch recomputes the tile chain of all
@@ -463,11 +466,12 @@ def _tile_probs(
     s3, qk_scale, lse3, ok3, PRE_W, stride_pre0, stride_pre1,
     POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
     H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr, live,
+    HAS_NORM: tl.constexpr, live, bias=None,
 ):  # fmt: skip
     """From a tile's products s3 = q.k: p, n, and the head norm's x^ and rho (r and 1
-    without the head norm) for ``_tile_dp``."""
-    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live)
+    without the head norm) for ``_tile_dp``; bias (broadcastable to s3) added to the
+    logits in the pre-mix's first FMA."""
+    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live, bias)
     p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
                   HAS_POST_B, live)  # fmt: skip
     xhat = n
@@ -507,7 +511,8 @@ def _bwd_dq_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr,
+    DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    VA: tl.constexpr, VB: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -517,8 +522,6 @@ def _bwd_dq_kernel(
     pid_m = pid % NUM_QB
     b = (pid // NUM_QB).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < NQ
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
@@ -530,8 +533,18 @@ def _bwd_dq_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
-    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
+    # q.k and dO.v over K in two chunks (``_dot_head``): DK = KA + KB, DV = VA + VB columns
+    offs_ka = tl.arange(0, KA)
+    offs_va = tl.arange(0, VA)
+    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_ka, stride_qd, DK)  # (BM, KA)
+    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_va, stride_gd, DV)  # (BM, VA)
+    offs_kb, q_offs2, q_mask2, offs_vb, g_offs2, g_mask2 = None, None, None, None, None, None
+    if KB > 0:
+        offs_kb = KA + tl.arange(0, KB)
+        q_offs2, q_mask2 = _rows_tile(offs_m, m_ok, stride_qn, offs_kb, stride_qd, DK)  # (BM, KB)
+    if VB > 0:
+        offs_vb = VA + tl.arange(0, VB)
+        g_offs2, g_mask2 = _rows_tile(offs_m, m_ok, stride_gn, offs_vb, stride_gd, DV)  # (BM, VB)
     row_ok = m_ok[:, None] & (hs[None, :] < H)
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -541,8 +554,9 @@ def _bwd_dq_kernel(
 
     if DELTA_PASS:
         delta = _delta_pass(
-            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
-            DELTA, part, offs_dk, offs_dv,
+            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, rows, lse2,
+            DELTA, part, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -552,8 +566,9 @@ def _bwd_dq_kernel(
     else:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         _dq_pass(
-            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, lse2, delta,
-            DQ_, offs_m, m_ok, offs_dk, offs_dv, b, NQ,
+            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, lse2, delta,
+            DQ_, offs_m, m_ok, offs_ka, offs_kb, offs_va, offs_vb, b, NQ,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -564,7 +579,8 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_key_tile(
-    start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+    start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+    q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
@@ -576,19 +592,27 @@ def _bwd_key_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     live = _live(start_n, NK)
-    kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
-    vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
+    kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (KA, BN)
+    vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (VA, BN)
+    kt_offs2, kt_mask2, vt_offs2, vt_mask2, q_live2, g_live2 = None, None, None, None, None, None
+    if offs_kb is not None:
+        kt_offs2, kt_mask2 = _cols_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (KB, BN)
+        q_live2 = tl.where(live, q_mask2, False)
+    if offs_vb is not None:
+        vt_offs2, vt_mask2 = _cols_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (VB, BN)
+        g_live2 = tl.where(live, g_mask2, False)
     s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
-               Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
+               Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H, q_offs2, q_live2, kt_offs2, kt_mask2)
     dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
-                Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
+                Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H, g_offs2, g_live2, vt_offs2, vt_mask2)
     return s3, dn3, n_ok[None, :, None] & row_ok[:, None, :], live, offs_n, n_ok
 
 
 @triton.jit
 def _delta_pass(
-    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
-    DELTA, part, offs_dk, offs_dv,
+    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+    q_offs2, q_mask2, g_offs2, g_mask2, row_ok, rows, lse2,
+    DELTA, part, offs_ka, offs_kb, offs_va, offs_vb,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
     valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -615,7 +639,8 @@ def _delta_pass(
     acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
-            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
         )  # fmt: skip
@@ -651,7 +676,8 @@ def _delta_pass(
         acc_da = tl.zeros([HP, HP], tl.float32)  # [g, h]
         for start_n in range(0, NK, BLOCK_N):
             s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
-                start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+                start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+                q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
                 stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
                 BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
             )  # fmt: skip
@@ -675,8 +701,9 @@ def _delta_pass(
 
 @triton.jit
 def _dq_pass(
-    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, lse2, delta,
-    DQ_, offs_m, m_ok, offs_dk, offs_dv, b, NQ,
+    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+    q_offs2, q_mask2, g_offs2, g_mask2, row_ok, lse2, delta,
+    DQ_, offs_m, m_ok, offs_ka, offs_kb, offs_va, offs_vb, b, NQ,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
     valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -689,23 +716,30 @@ def _dq_pass(
     dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
-            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
         )  # fmt: skip
+        # the padded keys' logits -inf in the pre-mix's first FMA (p = 0 there, where a k
+        # of 0 could meet an infinite p), the (row, key) mask left out: a padded row's dq
+        # is not stored
+        key_bias = tl.broadcast_to(tl.where(n_ok, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
         p, _, xhat, rho = _tile_probs(
-            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
+            s3, qk_scale, lse2[:, None, :], (hs < H)[None, None, :], PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live, key_bias,
         )  # fmt: skip
         _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                          H, HAS_POST, HAS_NORM, live)  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
+        offs_dk = tl.arange(0, BLOCK_DK)
         k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
         dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, 1, VK, dq, 0, 1, HP, H)
 
+    offs_dk = tl.arange(0, BLOCK_DK)
     dq_ptrs = (
         DQ_ + (b * H + hs[None, None, :]) * NQ * DK
         + offs_m[:, None, None] * DK + offs_dk[None, :, None]
@@ -906,18 +940,23 @@ def _k_split(d: int) -> tuple[int, int]:
 
 
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
-    """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
-    take 64 query rows x 16 keys, the delta launch on 4 warps (one warpgroup: the
-    sums over the keys stay in a warp) where that fits, on 8 where it spilled (the
-    post-mix bias, the head norm), the dq launch on 8 (two warpgroups); on sm_80 (mma.sync
-    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
+    """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
+    takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
+    stay in a warp) where that fits, on 8 where it spilled (the post-mix bias, the head
+    norm), the dq launch 16 query rows x 64 keys on 8 warps (mma.sync; with the head
+    norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
     post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     # the delta launch's H x H sums as tensor-core products (sm_80: they spilled there)
     base = _common(heads, dk, dv, flags)
-    c = dict(base, PAIR_DOT=arch >= 90)
+    # q.k and dO.v over K in two chunks where the dq or dk/dv launch holds q and dO (k and
+    # v) in registers as mma.sync operands (D = 48 as 32 + 16; ``_dot_head``); elsewhere one
+    (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
+    split = dict(KA=ka, KB=kb, VA=va, VB=vb)
+    c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90)
     few = nq <= 16
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
@@ -930,7 +969,13 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         # with triton 3.6
         delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
         delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), delta_warps, 1)
-        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+        if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
+            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+        else:
+            # 16 query rows x 64 keys on 8 warps, each its own 8 keys (mma.sync); 64 x 16
+            # on 8 warps had both warpgroups compute the same tile (warps [8, 1] over 64
+            # rows), on 4 warps it spilled 184-300 B
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
@@ -940,8 +985,6 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
     bn, warps = (32, 4) if few else (16, 8)
-    (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
-    split = dict(KA=ka, KB=kb, VA=va, VB=vb)
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
