@@ -347,6 +347,37 @@ def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind} sm_80")
 
 
+def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned):
+    """CaiT's talking heads (M1's launches): dk/dv on 16 keys x 64 queries, dq on 16
+    queries x 64 keys, q.k and dO.v over K in two chunks (Dk 48 = 32 + 16, Dv 40 = 32 +
+    16 of which 8 masked); the padded queries (70 = 64 + 6) and keys (21 of 64) left
+    out of the tile chain's mask (dq: the keys' -inf logit bias instead)."""
+    case = (1, 4, 70, 21, 48, 40)
+    flags = tk._flags(object(), object(), None, None, None, False)
+    (_, dq), (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)
+    split = (32, 16, 32, 16)
+    c = dkdv.constexprs
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"]) == (64, 16, *split)
+    c = dq.constexprs
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"]) == (16, 64, *split)
+    q, k, v = make(case)
+    params = make_params(4, "vit-pytorch talking heads")
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
+
+
+def test_very_negative_logits_give_finite_dq_with_padded_keys(poisoned):
+    """Every real logit near -1600 (lse too): a padded key (k = 0, logit 0 unless masked)
+    would get p = exp(1600) = inf, and inf * 0 in dq's product NaN; its -inf logit bias
+    keeps p = 0 there (dq on 16 queries x 64 keys, 21 keys)."""
+    q, k, v = make((1, 4, 20, 21, 16, 16))
+    q, k = q * 0.1 + 20.0, -(k * 0.1 + 20.0)
+    pre, post = (torch.eye(4), None), (torch.randn(4, 4), None)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = vitkernels.head_mixing_attention(q, k, v, pre=pre, post=post, backend="triton")
+    for g in torch.autograd.grad(out, leaves, torch.randn_like(out)):
+        assert torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("kind", ["timm talking heads", "re-attention"])
 def test_gradients_float16_triton(kind, poisoned):
     case = (1, 4, 17, 20, 32, 32)

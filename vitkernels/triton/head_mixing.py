@@ -39,12 +39,19 @@ slots, HP = H rounded up to a power of two, at least 2):
   without, dq of every head. On sm_90 the H x H sums (dP, dA) are tensor-core products
   over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
   reductions across the rows and warps every key tile. The loops reload q, dO and the
-  mixing weights each iteration (``_live``) instead of holding them in registers.
+  mixing weights each iteration (``_live``) instead of holding them in registers. The
+  dq pass leaves the (row, key) mask out of its tile chain: a padded key's logits are
+  -inf (a bias in the pre-mix's first FMA), so p = 0 there, and a padded row's dq is
+  not stored.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
   of a group of two heads per launch (each launch recomputes the tile chain of all
   heads; every head's gradients beside it spilled). The loop forms p and n and adds
-  to dv before it computes dn = <v, dO>, so fewer tiles are live at once.
+  to dv before it computes dn = <v, dO>, so fewer tiles are live at once. q.k and
+  dO.v take K in two chunks where the head dim is not a power of two (48 = 32 + 16:
+  the loop-invariant k and v operands, in registers with mma.sync, are not padded to
+  64), and the tile chain is not masked by key and query: a padded key's gradients
+  are never stored and a padded query has q = dO = 0, so its terms add nothing.
 * ``_param_grad_kernel``: one program adds the delta launch's per-program partial
   sums row block by row block (a fixed order) and writes each parameter's gradient
   in its dtype: no torch launch is left in the backward.
@@ -118,29 +125,46 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot_head(
+    X, x_offs, x_mask, Y, y_offs, y_mask, VX0: tl.constexpr, VX1: tl.constexpr, VY0: tl.constexpr,
+    VY1: tl.constexpr, x_offs2, x_mask2, y_offs2, y_mask2,
+):  # fmt: skip
+    """X's (R, K) tile @ Y's (K, C) tile, plus the product of the second K chunk's
+    tiles where x_offs2 is given (a K of 48 as 32 + 16, not padded to 64)."""
+    x = tl.load(hint(X, x_offs, VX0, VX1), mask=x_mask, other=0.0)
+    y = tl.load(hint(Y, y_offs, VY0, VY1), mask=y_mask, other=0.0)
+    a = tl.dot(x, y, input_precision="tf32x3")
+    if x_offs2 is not None:
+        x = tl.load(hint(X, x_offs2, VX0, VX1), mask=x_mask2, other=0.0)
+        y = tl.load(hint(Y, y_offs2, VY0, VY1), mask=y_mask2, other=0.0)
+        a = tl.dot(x, y, a, input_precision="tf32x3")
+    return a
+
+
+@triton.jit
 def _dots(
     X, x_offs, x_mask, sxh, VX0: tl.constexpr, VX1: tl.constexpr,
     Y, y_offs, y_mask, syh, VY0: tl.constexpr, VY1: tl.constexpr,
     h0: tl.constexpr, step: tl.constexpr, n: tl.constexpr, H: tl.constexpr,
+    x_offs2=None, x_mask2=None, y_offs2=None, y_mask2=None,
 ):  # fmt: skip
     """(R, C, n): slot i = X_h @ Y_h, X_h the (R, K) tile at X + h*sxh + x_offs and
-    Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1)."""
+    Y_h the (K, C) tile at Y + h*syh + y_offs (vector runs VX0/VX1, VY0/VY1); with
+    x_offs2 etc., K in two chunks (``_dot_head``)."""
     if n == 2:
-        x = tl.load(hint(X + h0 * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
-        y = tl.load(hint(Y + h0 * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
-        a = tl.dot(x, y, input_precision="tf32x3")
+        a = _dot_head(X + h0 * sxh, x_offs, x_mask, Y + h0 * syh, y_offs, y_mask, VX0, VX1, VY0, VY1,
+                      x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         if h0 + step < H:
-            x = tl.load(hint(X + (h0 + step) * sxh, x_offs, VX0, VX1), mask=x_mask, other=0.0)
-            y = tl.load(hint(Y + (h0 + step) * syh, y_offs, VY0, VY1), mask=y_mask, other=0.0)
-            b = tl.dot(x, y, input_precision="tf32x3")
+            b = _dot_head(X + (h0 + step) * sxh, x_offs, x_mask, Y + (h0 + step) * syh, y_offs, y_mask,
+                          VX0, VX1, VY0, VY1, x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         else:
             b = tl.zeros_like(a)
         return tl.join(a, b)
     else:
         a = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
-                  h0, 2 * step, n // 2, H)  # fmt: skip
+                  h0, 2 * step, n // 2, H, x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         b = _dots(X, x_offs, x_mask, sxh, VX0, VX1, Y, y_offs, y_mask, syh, VY0, VY1,
-                  h0 + step, 2 * step, n // 2, H)  # fmt: skip
+                  h0 + step, 2 * step, n // 2, H, x_offs2, x_mask2, y_offs2, y_mask2)  # fmt: skip
         return tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], n))
 
 
@@ -442,11 +466,12 @@ def _tile_probs(
     s3, qk_scale, lse3, ok3, PRE_W, stride_pre0, stride_pre1,
     POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
     H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr, live,
+    HAS_NORM: tl.constexpr, live, bias=None,
 ):  # fmt: skip
     """From a tile's products s3 = q.k: p, n, and the head norm's x^ and rho (r and 1
-    without the head norm) for ``_tile_dp``."""
-    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live)
+    without the head norm) for ``_tile_dp``; bias (broadcastable to s3) added to the
+    logits in the pre-mix's first FMA."""
+    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live, bias)
     p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
                   HAS_POST_B, live)  # fmt: skip
     xhat = n
@@ -486,7 +511,8 @@ def _bwd_dq_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr,
+    DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    VA: tl.constexpr, VB: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -496,8 +522,6 @@ def _bwd_dq_kernel(
     pid_m = pid % NUM_QB
     b = (pid // NUM_QB).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < NQ
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
@@ -509,8 +533,18 @@ def _bwd_dq_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
-    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BM, BDV)
+    # q.k and dO.v over K in two chunks (``_dot_head``): DK = KA + KB, DV = VA + VB columns
+    offs_ka = tl.arange(0, KA)
+    offs_va = tl.arange(0, VA)
+    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_ka, stride_qd, DK)  # (BM, KA)
+    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_va, stride_gd, DV)  # (BM, VA)
+    offs_kb, q_offs2, q_mask2, offs_vb, g_offs2, g_mask2 = None, None, None, None, None, None
+    if KB > 0:
+        offs_kb = KA + tl.arange(0, KB)
+        q_offs2, q_mask2 = _rows_tile(offs_m, m_ok, stride_qn, offs_kb, stride_qd, DK)  # (BM, KB)
+    if VB > 0:
+        offs_vb = VA + tl.arange(0, VB)
+        g_offs2, g_mask2 = _rows_tile(offs_m, m_ok, stride_gn, offs_vb, stride_gd, DV)  # (BM, VB)
     row_ok = m_ok[:, None] & (hs[None, :] < H)
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -520,8 +554,9 @@ def _bwd_dq_kernel(
 
     if DELTA_PASS:
         delta = _delta_pass(
-            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
-            DELTA, part, offs_dk, offs_dv,
+            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, rows, lse2,
+            DELTA, part, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -531,8 +566,9 @@ def _bwd_dq_kernel(
     else:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         _dq_pass(
-            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, lse2, delta,
-            DQ_, offs_m, m_ok, offs_dk, offs_dv, b, NQ,
+            Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, lse2, delta,
+            DQ_, offs_m, m_ok, offs_ka, offs_kb, offs_va, offs_vb, b, NQ,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -543,7 +579,8 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_key_tile(
-    start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+    start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+    q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
@@ -555,19 +592,27 @@ def _bwd_key_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     live = _live(start_n, NK)
-    kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
-    vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BDV, BN)
+    kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (KA, BN)
+    vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (VA, BN)
+    kt_offs2, kt_mask2, vt_offs2, vt_mask2, q_live2, g_live2 = None, None, None, None, None, None
+    if offs_kb is not None:
+        kt_offs2, kt_mask2 = _cols_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (KB, BN)
+        q_live2 = tl.where(live, q_mask2, False)
+    if offs_vb is not None:
+        vt_offs2, vt_mask2 = _cols_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (VB, BN)
+        g_live2 = tl.where(live, g_mask2, False)
     s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
-               Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H)
+               Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H, q_offs2, q_live2, kt_offs2, kt_mask2)
     dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
-                Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H)
+                Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H, g_offs2, g_live2, vt_offs2, vt_mask2)
     return s3, dn3, n_ok[None, :, None] & row_ok[:, None, :], live, offs_n, n_ok
 
 
 @triton.jit
 def _delta_pass(
-    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, rows, lse2,
-    DELTA, part, offs_dk, offs_dv,
+    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+    q_offs2, q_mask2, g_offs2, g_mask2, row_ok, rows, lse2,
+    DELTA, part, offs_ka, offs_kb, offs_va, offs_vb,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
     valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -594,7 +639,8 @@ def _delta_pass(
     acc_db = tl.zeros([BLOCK_M, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
-            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
         )  # fmt: skip
@@ -630,7 +676,8 @@ def _delta_pass(
         acc_da = tl.zeros([HP, HP], tl.float32)  # [g, h]
         for start_n in range(0, NK, BLOCK_N):
             s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
-                start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+                start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+                q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
                 stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
                 BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
             )  # fmt: skip
@@ -654,8 +701,9 @@ def _delta_pass(
 
 @triton.jit
 def _dq_pass(
-    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask, row_ok, lse2, delta,
-    DQ_, offs_m, m_ok, offs_dk, offs_dv, b, NQ,
+    Qb, Kb, Vb, Gb, PRE_W, POST_W, q_offs, q_mask, g_offs, g_mask,
+    q_offs2, q_mask2, g_offs2, g_mask2, row_ok, lse2, delta,
+    DQ_, offs_m, m_ok, offs_ka, offs_kb, offs_va, offs_vb, b, NQ,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
     valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
@@ -668,23 +716,30 @@ def _dq_pass(
     dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
-            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask, row_ok, offs_dk, offs_dv,
+            start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
+            q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
             BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
         )  # fmt: skip
+        # the padded keys' logits -inf in the pre-mix's first FMA (p = 0 there, where a k
+        # of 0 could meet an infinite p), the (row, key) mask left out: a padded row's dq
+        # is not stored
+        key_bias = tl.broadcast_to(tl.where(n_ok, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
         p, _, xhat, rho = _tile_probs(
-            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
+            s3, qk_scale, lse2[:, None, :], (hs < H)[None, None, :], PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live, key_bias,
         )  # fmt: skip
         _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                          H, HAS_POST, HAS_NORM, live)  # fmt: skip
         ds = p * (dp - delta[:, None, :])  # d l
         if HAS_PRE:
             ds = _mix(ds, PRE_W, stride_pre1, stride_pre0, hs, H, live)  # sum_g A[g, h] dl_g
+        offs_dk = tl.arange(0, BLOCK_DK)
         k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
         dq = _dots_acc(ds, Kb, k_offs, k_mask, stride_kh, 1, VK, dq, 0, 1, HP, H)
 
+    offs_dk = tl.arange(0, BLOCK_DK)
     dq_ptrs = (
         DQ_ + (b * H + hs[None, None, :]) * NQ * DK
         + offs_m[:, None, None] * DK + offs_dk[None, :, None]
@@ -707,7 +762,8 @@ def _bwd_dkdv_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    G0: tl.constexpr, GP: tl.constexpr,
+    G0: tl.constexpr, GP: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr,
+    VB: tl.constexpr,
 ):  # fmt: skip
     """dk (B, H, NK, DK) and dv (B, H, NK, DV) of the heads G0 .. G0 + GP - 1: a program
     per key block, transposed tiles (keys x queries) over the query blocks."""
@@ -728,25 +784,39 @@ def _bwd_dkdv_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    k_offs, k_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BN, BDK)
-    v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
-    col_ok = n_ok[:, None] & (hs[None, :] < H)
+    # q.k and dO.v with K in two chunks (``_dot_head``): DK = KA + KB columns
+    offs_ka = tl.arange(0, KA)
+    offs_va = tl.arange(0, VA)
+    ka_offs, ka_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (BN, KA)
+    va_offs, va_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (BN, VA)
+    kb_offs, kb_mask, vb_offs, vb_mask = None, None, None, None
+    if KB > 0:
+        offs_kb = KA + tl.arange(0, KB)
+        kb_offs, kb_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (BN, KB)
+    if VB > 0:
+        offs_vb = VA + tl.arange(0, VB)
+        vb_offs, vb_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (BN, VB)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV, GP], tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
-        qt_offs, qt_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BDK, BM)
-        gt_offs, gt_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_dv, stride_gd, DV)  # (BDV, BM)
+        qta_offs, qta_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_ka, stride_qd, DK)  # (KA, BM)
+        gta_offs, gta_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_va, stride_gd, DV)  # (VA, BM)
+        qtb_offs, qtb_mask, gtb_offs, gtb_mask = None, None, None, None
+        if KB > 0:
+            qtb_offs, qtb_mask = _cols_tile(offs_m, m_ok, stride_qn, offs_kb, stride_qd, DK)  # (KB, BM)
+        if VB > 0:
+            gtb_offs, gtb_mask = _cols_tile(offs_m, m_ok, stride_gn, offs_vb, stride_gd, DV)  # (VB, BM)
         row_ok = m_ok[:, None] & (hs[None, :] < H)
-        rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
-        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        rows = hs[None, :] * NQ + offs_m[:, None]  # (BM, HP) into (H, NQ) of batch entry b
+        lse2 = tl.load(LSE + b * H * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + b * H * NQ + rows, mask=row_ok, other=0.0)
         # p and n first, dv, then dn (fewer tiles live at once than with dn first)
-        st3 = _dots(Kb, k_offs, k_mask, stride_kh, 1, VK,
-                    Qb, qt_offs, qt_mask, stride_qh, VQ, 1, 0, 1, HP, H)
-        ok3 = col_ok[:, None, :] & row_ok[None, :, :]
+        st3 = _dots(Kb, ka_offs, ka_mask, stride_kh, 1, VK, Qb, qta_offs, qta_mask, stride_qh, VQ, 1,
+                    0, 1, HP, H, kb_offs, kb_mask, qtb_offs, qtb_mask)  # K = DK in two chunks
+        ok3 = (hs < H)[None, None, :]  # padded keys and queries add nothing (module docstring)
         p, n, xhat, rho = _tile_probs(
             st3, qk_scale, lse2[None, :, :], ok3, PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
@@ -757,8 +827,8 @@ def _bwd_dkdv_kernel(
             _group(n, hs, G0, GP), Gb + G0 * stride_gh, g_offs, g_mask, stride_gh, 1, VG, dv,
             0, 1, GP, H - G0,
         )  # fmt: skip
-        dn3 = _dots(Vb, v_offs, v_mask, stride_vh, 1, VV,
-                    Gb, gt_offs, gt_mask, stride_gh, VG, 1, 0, 1, HP, H)
+        dn3 = _dots(Vb, va_offs, va_mask, stride_vh, 1, VV, Gb, gta_offs, gta_mask, stride_gh, VG, 1,
+                    0, 1, HP, H, vb_offs, vb_mask, gtb_offs, gtb_mask)
         _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                          H, HAS_POST, HAS_NORM, True)  # fmt: skip
         ds = p * (dp - delta[None, :, :])  # d l
@@ -862,19 +932,31 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, FOLD=False), 8, 1)
 
 
+def _k_split(d: int) -> tuple[int, int]:
+    """A product's K = d in two chunks: a power of two (at least 16) and 0 or a power
+    of two covering the rest; d = 48 as 32 + 16, not padded to 64."""
+    a = max(16, 1 << (int(d).bit_length() - 1))
+    return a, (max(16, _pow2(d - a)) if d > a else 0)
+
+
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
-    """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the first two
-    take 64 query rows x 16 keys, the delta launch on 4 warps (one warpgroup: the
-    sums over the keys stay in a warp) where that fits, on 8 where it spilled (the
-    post-mix bias, the head norm), the dq launch on 8 (two warpgroups); on sm_80 (mma.sync
-    layouts), and for a few query rows (CaiT's class attention: 1), 16 rows. dk/dv: one
-    launch for every head's gradients on 16 keys x 32 queries, 16 x 16 where that
+    """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
+    takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
+    stay in a warp) where that fits, on 8 where it spilled (the post-mix bias, the head
+    norm), the dq launch 16 query rows x 64 keys on 8 warps (mma.sync; with the head
+    norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    attention: 1), both take 16 rows. dk/dv: one
+    launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
     post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     # the delta launch's H x H sums as tensor-core products (sm_80: they spilled there)
     base = _common(heads, dk, dv, flags)
-    c = dict(base, PAIR_DOT=arch >= 90)
+    # q.k and dO.v over K in two chunks where the dq or dk/dv launch holds q and dO (k and
+    # v) in registers as mma.sync operands (D = 48 as 32 + 16; ``_dot_head``); elsewhere one
+    (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
+    split = dict(KA=ka, KB=kb, VA=va, VB=vb)
+    c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90)
     few = nq <= 16
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
@@ -887,15 +969,23 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         # with triton 3.6
         delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
         delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), delta_warps, 1)
-        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
-    # every head's dk, dv in one launch: 16 keys x 32 queries on 8 warps; 16 x 16 with
+        if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
+            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+        else:
+            # 16 query rows x 64 keys on 8 warps, each its own 8 keys (mma.sync); 64 x 16
+            # on 8 warps had both warpgroups compute the same tile (warps [8, 1] over 64
+            # rows), on 4 warps it spilled 184-300 B
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False), 8, 1)
+    # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
+    # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
+    # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
     # the head norm (32 queries spilled); with the post-mix bias two heads per launch
     # (every head at 16 x 16 spilled 4 B); for a few queries 32 keys x 16 on 4 warps
     hp = base["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
-    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 32
+    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
     bn, warps = (32, 4) if few else (16, 8)
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
