@@ -800,3 +800,40 @@ def test_vectorisation_hints_where_they_matter():
     assert tp._run_vec(w[:, 1:], 1, 767) == 1  # unaligned start, odd length
     assert tp._run_vec(torch.empty(4, 197, 768, dtype=torch.float32), 2, 768) == 4
 
+
+
+
+def test_reciprocal_row_division_is_exact_below_its_limit():
+    """The dW and dXn loops divide patch rows by L and Wout with a float32 reciprocal
+    (``_patch_rows``, RCP_ROWS): floor((x + 0.5) * r) must equal x // d for every x
+    below the launcher's limit, r the rounded reciprocal and r pushed 2 ulp either way
+    (Triton's float32 division is div.full.f32, within 2 ulp); checked at every quotient
+    boundary (k*d - 1 and k*d) of small and of fresh random divisors."""
+    limit = tp._RCP_ROWS_LIMIT
+    divisors = torch.cat([torch.arange(1, 200), torch.randint(200, limit, (30,))])
+    zero, big = torch.tensor(0.0), torch.tensor(1.0e9)
+    for d in divisors.tolist():
+        k = torch.arange(1, limit // d + 1, dtype=torch.int64)
+        x = torch.cat([k * d - 1, k * d])
+        x = x[x < limit]
+        r = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(d), dtype=torch.float32)
+        lo = torch.nextafter(torch.nextafter(r, zero), zero)
+        hi = torch.nextafter(torch.nextafter(r, big), big)
+        for rr in (lo, r, hi):
+            q = ((x.to(torch.float32) + 0.5) * rr).to(torch.int64)
+            wrong = (q != x // d).nonzero().flatten()
+            assert wrong.numel() == 0, f"d={d}, x={x[wrong[0]].item()}: {q[wrong[0]].item()}"
+
+
+@pytest.mark.parametrize("name", ["vit_pytorch", "t2t_7_4_2"])
+def test_triton_gradients_with_integer_row_division(name, monkeypatch):
+    """Past the reciprocal's limit the dW and dXn loops divide rows as integers: forced
+    here by a limit of 0, the gradients still match float64."""
+    monkeypatch.setattr(tp, "_RCP_ROWS_LIMIT", 0)
+    inputs = make_inputs(CASES[name], torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float32, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close(got[key], want[key], what=f"{name} d{key}", grad=True, floor=1.0, dtype=torch.float32)

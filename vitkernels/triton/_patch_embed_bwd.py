@@ -219,7 +219,7 @@ def _dw_kernel(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr,
     IN_NORM: tl.constexpr, HAS_GIN: tl.constexpr, HAS_BIN: tl.constexpr, PREC: tl.constexpr,
-    REORDER: tl.constexpr, BIAS: tl.constexpr,
+    REORDER: tl.constexpr, BIAS: tl.constexpr, RCP_ROWS: tl.constexpr,
 ):
     """ws[s, n, k] = sum over split s's rows m of dy[m, n] * in_norm(patch m)[k],
     k in the result's patch order; with BIAS, one more k tile per column tile sums
@@ -261,7 +261,7 @@ def _dw_kernel(
         mb_end = tl.where(is_bias, mb0, mb1)
     for mb in range(mb0, mb_end):
         offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64, RCP_ROWS
         )
         dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
         dyt = tl.load(
@@ -291,7 +291,7 @@ def _dxn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, DVEC: tl.constexpr, WVEC: tl.constexpr,
-    PREC: tl.constexpr, REORDER: tl.constexpr,
+    PREC: tl.constexpr, REORDER: tl.constexpr, RCP_ROWS: tl.constexpr,
 ):
     """dxn = dy @ W for BLOCK_K columns (W in the kernel's patch order) over split
     s's row blocks; column partial
@@ -312,7 +312,7 @@ def _dxn_kernel(
     mb1 = tl.minimum(mb0 + blocks_per_split, tl.cdiv(M, BLOCK_M))
     for mb in range(mb0, mb1):
         offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+            mb, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64, RCP_ROWS
         )
         dy_rows = dy_ptr + _idx(b, IDX64) * sdb + (P + l) * sdt
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)

@@ -28,15 +28,35 @@ def _idx(i, IDX64: tl.constexpr):
 
 @triton.jit
 def _patch_rows(
-    pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr
+    pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M: tl.constexpr, IDX64: tl.constexpr,
+    RCP_ROWS: tl.constexpr = False,
 ):
-    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel."""
+    """Row m = b * L + l of the GEMM -> image offset of the patch's top-left pixel.
+
+    RCP_ROWS (the launcher checks L + BLOCK_M < 2^20): the block's first row is divided
+    once (scalars), and each row's quotients by L and Wout, all of integers below 2^20,
+    come from a float reciprocal: floor((x + 0.5) * (1 / d)) is exact there (its rounding
+    error, the reciprocal's 2 ulp included, stays under the 0.5 / d by which (x + 0.5) / d
+    misses an integer), and costs a few
+    instructions per row where an integer division by a runtime divisor costs about ten
+    (a loop that recomputes the rows every block spent a third of its instructions on
+    them)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    b = offs_m // L
-    l = offs_m % L
-    ih0 = (l // Wout) * SH - PH
-    iw0 = (l % Wout) * SW - PW
+    if RCP_ROWS:
+        m0 = pid_m * BLOCK_M
+        l_start = m0 % L + tl.arange(0, BLOCK_M)  # < L + BLOCK_M
+        wraps = ((l_start.to(tl.float32) + 0.5) * (1.0 / L.to(tl.float32))).to(tl.int32)
+        b = m0 // L + wraps
+        l = l_start - wraps * L
+        lr = ((l.to(tl.float32) + 0.5) * (1.0 / Wout.to(tl.float32))).to(tl.int32)
+        ih0 = lr * SH - PH
+        iw0 = (l - lr * Wout) * SW - PW
+    else:
+        b = offs_m // L
+        l = offs_m % L
+        ih0 = (l // Wout) * SH - PH
+        iw0 = (l % Wout) * SW - PW
     row_base = _idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw  # may point into the padding
     return offs_m, row_ok, b, l, ih0, iw0, row_base
 

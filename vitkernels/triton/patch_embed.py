@@ -358,6 +358,11 @@ def _x_args(images: torch.Tensor, g: _Geometry) -> tuple[list, list]:
     return [g.C, g.H, g.W, g.kw, g.kh * g.kw, g.sh, g.sw, g.ph, g.pw], list(images.stride())
 
 
+# integers a float reciprocal divides exactly (``_patch_rows``): Triton's float32 division
+# (div.full.f32) is within 2 ulp, so floor((x + 0.5) * (1 / d)) is x // d below 2^20
+_RCP_ROWS_LIMIT = 1 << 20
+
+
 def _patch_constexprs(
     images: torch.Tensor, g: _Geometry, order: str, block_m: int, block_k: int, *others
 ) -> dict:
@@ -683,6 +688,8 @@ def patch_embed_bwd(
     cfg = bwd_config(max(M, 1), D, K, dtype, interpret, _sms(dev), order == "pqc" and has_in_norm)
     ints, xs = _x_args(images, g)
     pc = _patch_constexprs(images, g, order, cfg.block_m, cfg.block_k, grad_out)
+    # the dW and dXn loops' patch rows from float reciprocals (``_patch_rows``)
+    rcp_rows = g.L + cfg.block_m < _RCP_ROWS_LIMIT
     norms = "+".join(n for n, on in (("in", has_in_norm), ("out", has_out_norm)) if on) or "plain"
     tag = f"{_tag(dtype, g, order, D)},{norms}"
     reorder = order != patch_order
@@ -807,7 +814,7 @@ def patch_embed_bwd(
              "mbb": 4 * m_blocks / dw_split * bias_col / num_k_dw},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
             IN_NORM=bool(has_in_norm), HAS_GIN=gin is not None, HAS_BIN=bin_ is not None,
-            PREC=dot_precision(dtype), REORDER=reorder, BIAS=bias_col,
+            PREC=dot_precision(dtype), REORDER=reorder, BIAS=bias_col, RCP_ROWS=rcp_rows,
         )
     if fused:
         if w_k is None:
@@ -843,7 +850,7 @@ def patch_embed_bwd(
             (images, dy_t, w_k, stats), (dparts,),
             {"mb": m_blocks / dxn_split, "n0": cdiv(D, cfg.block_n)},
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pc, DVEC=dvec,
-            WVEC=_run_vec(w_k, 1, K), PREC=dot_precision(dtype), REORDER=reorder,
+            WVEC=_run_vec(w_k, 1, K), PREC=dot_precision(dtype), REORDER=reorder, RCP_ROWS=rcp_rows,
         )
 
     # the fold: result i from (workspace offset, partials per element) or grad_out
