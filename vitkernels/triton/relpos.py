@@ -186,9 +186,9 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    H, NQP, NKP, NUM_QB,
+    NQP, NKP,
     qk_scale, bias_mult,  # c = scale * log2(e) > 0; the gathered bias's multiplier (bias_scale / scale)
-    NQ: tl.constexpr, NK: tl.constexpr, NK_FULL: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr,
+    H: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NK_FULL: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -200,6 +200,9 @@ def _fwd_kernel(
     the tail): the bias tile is gathered from the table T once per program, for the
     GROUP batch entries the program takes one after the other, and BIAS is not read;
     else (GROUP 1) BIAS is the expanded bias (``_bias_kernel``)."""
+    # the grid's sizes are constexprs: the program id splits by multiplications, not
+    # by integer divisions by runtime values
+    NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     rest = pid // NUM_QB
@@ -943,8 +946,8 @@ def relpos_attention_fwd(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * H * (B // group),),
         [q, k, v, bias, table, out, lse,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
-         H, nqp, nkp, num_qb, scale * _LOG2E, mult],
-        {**cfg.constexprs, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
+         nqp, nkp, scale * _LOG2E, mult],
+        {**cfg.constexprs, "H": H, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
          "GROUP": group, "GATHER": gather, "BIAS_ACC": target_arch(q.device) >= 90,
          "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
