@@ -24,14 +24,16 @@ scale, bias_scale)``
 Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor is
 ever in memory):
 
-* ``_bias_kernel``: every call first expands the table into a float32 bias per
-  head, (H, Nq, Nk) padded to multiples of 64, -inf at padded keys (query i at grid
-  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)): for the backward in
-  log2 units (times bias_scale * log2(e)), for the forward divided by the scale (times
-  bias_scale / scale). Built from the table on every call, never cached, so never
-  stale; the forward and dK/dV kernels load its tiles instead of gathering from the
-  table (except where they have one key block, resp. one query block: there they
-  gather it, and the call has no bias launch).
+* ``_bias_kernel`` (backward) and ``_fwd_bias_kernel`` (forward): every call first
+  expands the table into a float32 bias per head, -inf at padded keys (query i at grid
+  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)): for the backward
+  (H, Nq, Nk) padded to multiples of 64, in log2 units (times bias_scale * log2(e));
+  for the forward divided by the scale (times bias_scale / scale), in the forward's
+  tiles, each stored in the order that a coalesced load, permuted back in registers,
+  puts in the MMA accumulator's layout (``_fwd_bias_tile``). Built from the table on
+  every call, never cached, so never stale; the forward and dK/dV kernels load its
+  tiles instead of gathering from the table (except where they have one key block,
+  resp. one query block: there they gather it, and the call has no bias launch).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
   over key blocks (any Nk: full blocks unmasked, the first without a rescale, the
   keys after them in one masked block of the next power of 2, e.g. 196 = 3 x 64 +
@@ -124,6 +126,63 @@ def _bias_kernel(
 
 
 @triton.jit
+def _fwd_bias_kernel(
+    T, BIAS,
+    stride_th, stride_tn,
+    mult,  # bias_scale / scale
+    NQ: tl.constexpr, NK: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NK_FULL: tl.constexpr, TAIL_N: tl.constexpr,
+):  # fmt: skip
+    """The forward's bias, mult * table[h, |dr|*C + |dc|] in float32, as the forward reads
+    it: per (head, query block of BLOCK_M) its key tiles one after another, BLOCK_N keys
+    each over [0, NK_FULL), then one of TAIL_N keys (if any), each tile BLOCK_M x width
+    floats in the order ``_fwd_bias_tile`` reads back. -inf where no key is, 0 where no
+    query is (finite; those outputs are not stored). A program per tile."""
+    NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
+    NUM_FULL: tl.constexpr = NK_FULL // BLOCK_N
+    NUM_KT: tl.constexpr = NUM_FULL + (1 if TAIL_N > 0 else 0)
+    pid = tl.program_id(0)
+    kt = pid % NUM_KT
+    hq = pid // NUM_KT  # h * NUM_QB + query block
+    q0 = hq % NUM_QB * BLOCK_M
+    h = hq // NUM_QB
+    tile = BIAS + hq.to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N)) + kt * (BLOCK_M * BLOCK_N)
+    if kt < NUM_FULL:
+        _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, kt * BLOCK_N, mult, NQ, NK, CQ, C, S, BLOCK_M, BLOCK_N)
+    else:
+        _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, NK_FULL, mult, NQ, NK, CQ, C, S, BLOCK_M, TAIL_N)
+
+
+@triton.jit
+def _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, k0, mult, NQ: tl.constexpr, NK: tl.constexpr,
+                    CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, W: tl.constexpr):  # fmt: skip
+    """Stores the (BM, W) bias tile of queries q0.. and keys k0.. at tile[0, BM*W) in the
+    order of ``_fwd_bias_tile``: memory index m holds row 16*rA + 8*rB + rC, column
+    8*cA + 2*cB + cC, where m = ((((cA*(BM/16) + rA)*8 + rC)*4 + cB)*2 + rB)*2 + cC."""
+    m = tl.arange(0, BM * W)
+    row = m // 128 % (BM // 16) * 16 + m // 2 % 2 * 8 + m // 16 % 8
+    col = m // (8 * BM) * 8 + m // 4 % 4 * 2 + m % 2
+    qi, kj = q0 + row, k0 + col
+    dr = tl.abs(qi // CQ * S - kj // C)
+    dc = tl.abs(qi % CQ * S - kj % C)
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=(qi < NQ) & (kj < NK), other=0.0)
+    tl.store(tile + m, tl.where(kj < NK, t.to(tl.float32) * mult, float("-inf")))
+
+
+@triton.jit
+def _fwd_bias_tile(tile, BM: tl.constexpr, W: tl.constexpr):
+    """The (BM, W) bias tile ``_fwd_bias_store`` wrote: BM*W floats read in memory order
+    (coalesced, 16-byte vectors), then permuted back in registers. For a 64-row tile on
+    4 warps the coalesced load puts every value in the thread and register where the
+    wgmma / mma.sync accumulator holds it: the layout conversion is free (loaded in row
+    order it went through shared memory, ~80 instructions per tile)."""
+    x = tl.load(tile + tl.arange(0, BM)[:, None] * W + tl.arange(0, W)[None, :])  # (BM, W), memory order
+    x = tl.reshape(x, [W // 8, BM // 16, 8, 4, 2, 2])  # (cA, rA, rC, cB, rB, cC)
+    x = tl.permute(x, [1, 4, 2, 0, 3, 5])  # (rA, rB, rC, cA, cB, cC)
+    return tl.reshape(x, [BM, W])
+
+
+@triton.jit
 def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale):
     """The bias of queries qi and keys kj (index tensors that broadcast to the tile)
     gathered from the table, float32 in log2 units: -inf at keys kj >= NK, 0 at
@@ -186,7 +245,6 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    NQP, NKP,
     qk_scale, bias_mult,  # c = scale * log2(e) > 0; the gathered bias's multiplier (bias_scale / scale)
     H: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NK_FULL: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, GROUP: tl.constexpr,
@@ -199,7 +257,7 @@ def _fwd_kernel(
     divided by c (``_fwd_step``). GATHER (NK <= BLOCK_N: no full block, every key in
     the tail): the bias tile is gathered from the table T once per program, for the
     GROUP batch entries the program takes one after the other, and BIAS is not read;
-    else (GROUP 1) BIAS is the expanded bias (``_bias_kernel``)."""
+    else (GROUP 1) BIAS is the expanded bias in the forward's tiles (``_fwd_bias_kernel``)."""
     # the grid's sizes are constexprs: the program id splits by multiplications, not
     # by integer divisions by runtime values
     NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
@@ -216,7 +274,8 @@ def _fwd_kernel(
     m_ok = offs_m < NQ
     dk_ok = offs_dk < DK
     dv_ok = offs_dv < DV
-    b_base = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP  # padded: no mask
+    # this query block's bias tiles (``_fwd_bias_kernel``): padded, no mask
+    b_base = BIAS + (h * NUM_QB + pid_m).to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N))
     if TAIL_N > 0:
         offs_t = NK_FULL + tl.arange(0, TAIL_N)
         t_ok = offs_t < NK
@@ -233,19 +292,21 @@ def _fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        b_ptrs = b_base + offs_n[None, :]
+        b_ptrs = b_base
         if NK_FULL > 0:  # every key of the full blocks exists: no key mask
             # the first block: nothing to rescale
             kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-            m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, True, BIAS_ACC, PREC)
+            bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, True, BIAS_ACC, PREC)
             for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
-                b_ptrs += BLOCK_N
+                b_ptrs += BLOCK_M * BLOCK_N
                 kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-                m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, False, BIAS_ACC, PREC)
+                bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
+                m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, False, BIAS_ACC, PREC)
         if TAIL_N > 0:
             # the last keys: masked on the loads only (a missing key's bias is -inf)
             kt = tl.load(
@@ -259,7 +320,7 @@ def _fwd_kernel(
                 other=0.0,
             )  # (TAIL_N, BLOCK_DV)
             if not GATHER:
-                tail_bias = tl.load(b_base + offs_t[None, :])
+                tail_bias = _fwd_bias_tile(b_base + NK_FULL * BLOCK_M, BLOCK_M, TAIL_N)
             m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_scale, NK_FULL == 0, BIAS_ACC,
                                      PREC)
 
@@ -888,6 +949,26 @@ def _expand_bias(
     return bias
 
 
+def _expand_fwd_bias(
+    table: torch.Tensor, cols: int, q_stride: int, nq: int, nk: int, cq: int, mult: float, cfg: _Config, tag: str
+) -> torch.Tensor:
+    """The table expanded for the forward, in its tiles (``_fwd_bias_kernel``): (H, query
+    blocks, BLOCK_M * (NK_FULL + TAIL_N)) float32, times mult. Built from the table on
+    every call, so it is never stale."""
+    H = table.shape[0]
+    c = cfg.constexprs
+    block_m, block_n, tail_n = c["BLOCK_M"], c["BLOCK_N"], c["TAIL_N"]
+    num_qb, num_kt = cdiv(nq, block_m), cfg.full // block_n + (tail_n > 0)
+    bias = _alloc((H, num_qb, block_m * (cfg.full + tail_n)), torch.float32, table.device)
+    launch(Launch(
+        f"relpos_fwd_bias[{tag}]", _fwd_bias_kernel, (H * num_qb * num_kt,),
+        [table, bias, *table.stride(), mult],
+        dict(NQ=nq, NK=nk, CQ=cq, C=cols, S=q_stride, BLOCK_M=block_m, BLOCK_N=block_n, NK_FULL=cfg.full,
+             TAIL_N=tail_n), 4, 1, reads=(table,), writes=(bias,),
+    ))  # fmt: skip
+    return bias
+
+
 _MIN_SCALE = 2.0**-10  # |scale| below this (0 too) is folded into q (see relpos_attention_fwd)
 
 
@@ -936,9 +1017,8 @@ def relpos_attention_fwd(
     # once for a group of batch entries
     gather = NK <= block_n
     mult = bias_scale / scale
-    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, mult, tag)
-    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    bias = table if gather else _expand_fwd_bias(table, fmap_cols, q_stride, NQ, NK, cq, mult, cfg, tag)
     num_qb = triton.cdiv(NQ, block_m)
     group = _fwd_group(B, num_qb * H) if gather else 1
     nk_full = cfg.full
@@ -946,7 +1026,7 @@ def relpos_attention_fwd(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * H * (B // group),),
         [q, k, v, bias, table, out, lse,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
-         nqp, nkp, scale * _LOG2E, mult],
+         scale * _LOG2E, mult],
         {**cfg.constexprs, "H": H, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
          "GROUP": group, "GATHER": gather, "BIAS_ACC": target_arch(q.device) >= 90,
          "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
