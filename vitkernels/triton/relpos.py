@@ -175,8 +175,10 @@ def _fwd_bias_tile(tile, BM: tl.constexpr, W: tl.constexpr):
     (coalesced, 16-byte vectors), then permuted back in registers. For a 64-row tile on
     4 warps the coalesced load puts every value in the thread and register where the
     wgmma / mma.sync accumulator holds it: the layout conversion is free (loaded in row
-    order it went through shared memory, ~80 instructions per tile)."""
-    x = tl.load(tile + tl.arange(0, BM)[:, None] * W + tl.arange(0, W)[None, :])  # (BM, W), memory order
+    order it went through shared memory, ~80 instructions per tile). Loaded as one
+    flat range: a 2-d pointer tile shares its offsets with V's loads, and Triton gives
+    them V's layout (8 elements a thread), which the permutation does not match."""
+    x = tl.load(tile + tl.arange(0, BM * W))  # memory order
     x = tl.reshape(x, [W // 8, BM // 16, 8, 4, 2, 2])  # (cA, rA, rC, cB, rB, cC)
     x = tl.permute(x, [1, 4, 2, 0, 3, 5])  # (rA, rB, rC, cA, cB, cC)
     return tl.reshape(x, [BM, W])
@@ -197,8 +199,9 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS_ACC: tl.constexpr,
               PREC: tl.constexpr):  # fmt: skip
     """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
-    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by qk_scale = c > 0
-    (scale * log2(e)), so the dot's accumulator starts at it: s = q.k + bias / c, and a
+    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by c = scale *
+    log2(e) > 0 (qk_scale: c per row, (BLOCK_M,), every element equal), so the dot's
+    accumulator starts at it: s = q.k + bias / c, and a
     probability is 2^(c * s - c * m), one fma and an exp2. m_i is the running max of s
     (c > 0: that of the logits), l_i the sum of probabilities. FIRST: the first block
     (m_i, l_i, acc are not read: nothing to rescale). Without BIAS_ACC (mma.sync,
@@ -210,7 +213,7 @@ def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS
     else:
         s = tl.fma(tl.dot(q, kt, input_precision=PREC), 1.0, bias)
     m_new = tl.max(s, 1) if FIRST else tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(tl.fma(s, qk_scale, -(m_new * qk_scale)[:, None]))
+    p = tl.exp2(tl.fma(s, qk_scale[:, None], -(m_new * qk_scale)[:, None]))
     if FIRST:
         l_i = tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -274,6 +277,10 @@ def _fwd_kernel(
     m_ok = offs_m < NQ
     dk_ok = offs_dk < DK
     dv_ok = offs_dv < DV
+    # c per row, in a vector register: as a scalar ptxas reloads it into a uniform
+    # register before every one of the 32 fmas a thread runs per key block (a ULDC
+    # each); offs * 0.0 is not folded away (IEEE: it could be NaN), the value is c
+    qk_row = qk_scale + offs_m.to(tl.float32) * 0.0
     # this query block's bias tiles (``_fwd_bias_kernel``): padded, no mask
     b_base = BIAS + (h * NUM_QB + pid_m).to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N))
     if TAIL_N > 0:
@@ -298,7 +305,7 @@ def _fwd_kernel(
             kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
             bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
-            m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, True, BIAS_ACC, PREC)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, True, BIAS_ACC, PREC)
             for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
@@ -306,7 +313,7 @@ def _fwd_kernel(
                 kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
                 bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
-                m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, False, BIAS_ACC, PREC)
+                m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, False, BIAS_ACC, PREC)
         if TAIL_N > 0:
             # the last keys: masked on the loads only (a missing key's bias is -inf)
             kt = tl.load(
@@ -321,7 +328,7 @@ def _fwd_kernel(
             )  # (TAIL_N, BLOCK_DV)
             if not GATHER:
                 tail_bias = _fwd_bias_tile(b_base + NK_FULL * BLOCK_M, BLOCK_M, TAIL_N)
-            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_scale, NK_FULL == 0, BIAS_ACC,
+            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_row, NK_FULL == 0, BIAS_ACC,
                                      PREC)
 
         acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
