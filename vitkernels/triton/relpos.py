@@ -196,15 +196,18 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 
 
 @triton.jit
-def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS_ACC: tl.constexpr,
-              PREC: tl.constexpr):  # fmt: skip
+def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, LAST: tl.constexpr,
+              BIAS_ACC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
     (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by c = scale *
     log2(e) > 0 (qk_scale: c per row, (BLOCK_M,), every element equal), so the dot's
     accumulator starts at it: s = q.k + bias / c, and a
     probability is 2^(c * s - c * m), one fma and an exp2. m_i is the running max of s
     (c > 0: that of the logits), l_i the sum of probabilities. FIRST: the first block
-    (m_i, l_i, acc are not read: nothing to rescale). Without BIAS_ACC (mma.sync,
+    (m_i, l_i, acc are not read: nothing to rescale). LAST: the last block, whose
+    probabilities and the rescale of acc take the division by the row's sum (acc comes
+    back normalised: a multiplication per probability of this block, not per element
+    of acc). Without BIAS_ACC (mma.sync,
     sm_80: the bias in the accumulator's registers took up to 255 registers where 192
     do without) the bias is added after the dot, an fma by 1 (Triton folds a plain add
     into the accumulator)."""
@@ -216,10 +219,16 @@ def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS
     p = tl.exp2(tl.fma(s, qk_scale[:, None], -(m_new * qk_scale)[:, None]))
     if FIRST:
         l_i = tl.sum(p, 1)
+        if LAST:
+            p = p * (1.0 / l_i)[:, None]
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     else:
         alpha = tl.exp2((m_i - m_new) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if LAST:
+            inv = 1.0 / l_i
+            p = p * inv[:, None]
+            alpha = alpha * inv
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
 
@@ -305,7 +314,7 @@ def _fwd_kernel(
             kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
             bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
-            m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, True, BIAS_ACC, PREC)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, True, False, BIAS_ACC, PREC)
             for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
@@ -313,7 +322,7 @@ def _fwd_kernel(
                 kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
                 bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
-                m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, False, BIAS_ACC, PREC)
+                m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, False, False, BIAS_ACC, PREC)
         if TAIL_N > 0:
             # the last keys: masked on the loads only (a missing key's bias is -inf)
             kt = tl.load(
@@ -328,10 +337,10 @@ def _fwd_kernel(
             )  # (TAIL_N, BLOCK_DV)
             if not GATHER:
                 tail_bias = _fwd_bias_tile(b_base + NK_FULL * BLOCK_M, BLOCK_M, TAIL_N)
-            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_row, NK_FULL == 0, BIAS_ACC,
-                                     PREC)
-
-        acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
+            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_row, NK_FULL == 0, True,
+                                     BIAS_ACC, PREC)  # fmt: skip
+        else:  # normalised here: a division per row, not per element
+            acc = acc * (1.0 / l_i)[:, None]
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
         lse = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453  # natural log
