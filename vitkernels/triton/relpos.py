@@ -26,9 +26,9 @@ ever in memory):
 
 * ``_bias_kernel`` (backward) and ``_fwd_bias_kernel`` (forward): every call first
   expands the table into a float32 bias per head, -inf at padded keys (query i at grid
-  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)): for the backward
+  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)). The backward's is
   (H, Nq, Nk) padded to multiples of 64, in log2 units (times bias_scale * log2(e));
-  for the forward divided by the scale (times bias_scale / scale), in the forward's
+  the forward's is divided by the scale (times bias_scale / scale), in the forward's
   tiles, each stored in the order that a coalesced load, permuted back in registers,
   puts in the MMA accumulator's layout (``_fwd_bias_tile``). Built from the table on
   every call, never cached, so never stale; the forward and dK/dV kernels load its
