@@ -288,7 +288,8 @@ def _fwd_kernel(
     dv_ok = offs_dv < DV
     # c per row, in a vector register: as a scalar ptxas reloads it into a uniform
     # register before every one of the 32 fmas a thread runs per key block (a ULDC
-    # each); offs * 0.0 is not folded away (IEEE: it could be NaN), the value is c
+    # each); x * 0.0 is not folded away (under IEEE rules it is NaN for x = inf or
+    # NaN), and here it is 0: the value is c
     qk_row = qk_scale + offs_m.to(tl.float32) * 0.0
     # this query block's bias tiles (``_fwd_bias_kernel``): padded, no mask
     b_base = BIAS + (h * NUM_QB + pid_m).to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N))
