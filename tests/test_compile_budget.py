@@ -156,7 +156,7 @@ def test_recording_follows_tritons_specialisation():
 
     shape = WORKLOADS["A1"].shape
     rec = record_workload(shape, "fwd")
-    assert [la.name.split("[")[0] for la in rec.launches] == ["relpos_bias", "relpos_fwd"]
+    assert [la.name.split("[")[0] for la in rec.launches] == ["relpos_fwd_bias", "relpos_fwd"]
     fwd = _launch(rec, "relpos_fwd").specialization.describe()
     assert fwd["Q"] == "*bf16 /16" and fwd["LSE"] == "*fp32 /16"
     assert fwd["stride_qb"] == "i32 /16" and fwd["stride_qn"] == "i32 /16"

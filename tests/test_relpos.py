@@ -259,6 +259,26 @@ def test_forward_without_the_bias_in_the_accumulator(monkeypatch, poisoned):
         assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float32], "sm_80")
 
 
+def test_forward_bias_tiles_of_every_block_size(monkeypatch, poisoned):
+    """The forward's bias is stored tile by tile in a permuted order and permuted back
+    in registers (``_fwd_bias_store`` / ``_fwd_bias_tile``); the row and column bits
+    depend on the tile's size: query blocks of 16, 32 and 64 rows, each with a full key
+    tile of 64 and a tail of 16, 32 or 64 keys, on the sm_90 and the sm_80 path."""
+    # (query block, key tail): case
+    cases = {(16, 16): (1, 2, 9, 8, 3, 16, 16), (32, 32): (1, 2, 9, 9, 2, 16, 16), (64, 64): CASES["keys 10x10"]}
+    for (block_m, tail_n), case in cases.items():
+        B, H, R, C, s, Dk, Dv = case
+        cfg = tk._fwd_cfg((-(-R // s)) * (-(-C // s)), R * C, Dk, Dv)
+        blocks = (cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"], cfg.full, cfg.constexprs["TAIL_N"])
+        assert blocks == (block_m, 64, 64, tail_n)
+        q, k, v, table = make(case)
+        kw = kwargs_of(case)
+        for arch in (90, 80):
+            monkeypatch.setattr(tk, "target_arch", lambda device, arch=arch: arch)
+            out = vitkernels.relpos_attention(q, k, v, table, **kw, backend="triton")
+            assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[torch.float32], f"{block_m} rows, sm_{arch}")
+
+
 @pytest.mark.parametrize("batch", [4, 6])
 def test_forward_batch_groups(batch, monkeypatch, poisoned):
     """Where every key fits one block, a forward program gathers its bias once and takes

@@ -24,14 +24,16 @@ scale, bias_scale)``
 Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor is
 ever in memory):
 
-* ``_bias_kernel``: every call first expands the table into a float32 bias per
-  head, (H, Nq, Nk) padded to multiples of 64, -inf at padded keys (query i at grid
-  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)): for the backward in
-  log2 units (times bias_scale * log2(e)), for the forward divided by the scale (times
-  bias_scale / scale). Built from the table on every call, never cached, so never
-  stale; the forward and dK/dV kernels load its tiles instead of gathering from the
-  table (except where they have one key block, resp. one query block: there they
-  gather it, and the call has no bias launch).
+* ``_bias_kernel`` (backward) and ``_fwd_bias_kernel`` (forward): every call first
+  expands the table into a float32 bias per head, -inf at padded keys (query i at grid
+  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)). The backward's is
+  (H, Nq, Nk) padded to multiples of 64, in log2 units (times bias_scale * log2(e));
+  the forward's is divided by the scale (times bias_scale / scale), in the forward's
+  tiles, each stored in the order that a coalesced load, permuted back in registers,
+  puts in the MMA accumulator's layout (``_fwd_bias_tile``). Built from the table on
+  every call, never cached, so never stale; the forward and dK/dV kernels load its
+  tiles instead of gathering from the table (except where they have one key block,
+  resp. one query block: there they gather it, and the call has no bias launch).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
   over key blocks (any Nk: full blocks unmasked, the first without a rescale, the
   keys after them in one masked block of the next power of 2, e.g. 196 = 3 x 64 +
@@ -124,6 +126,65 @@ def _bias_kernel(
 
 
 @triton.jit
+def _fwd_bias_kernel(
+    T, BIAS,
+    stride_th, stride_tn,
+    mult,  # bias_scale / scale
+    NQ: tl.constexpr, NK: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NK_FULL: tl.constexpr, TAIL_N: tl.constexpr,
+):  # fmt: skip
+    """The forward's bias, mult * table[h, |dr|*C + |dc|] in float32, as the forward reads
+    it: per (head, query block of BLOCK_M) its key tiles one after another, BLOCK_N keys
+    each over [0, NK_FULL), then one of TAIL_N keys (if any), each tile BLOCK_M x width
+    floats in the order ``_fwd_bias_tile`` reads back. -inf where no key is, 0 where no
+    query is (finite; those outputs are not stored). A program per tile."""
+    NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
+    NUM_FULL: tl.constexpr = NK_FULL // BLOCK_N
+    NUM_KT: tl.constexpr = NUM_FULL + (1 if TAIL_N > 0 else 0)
+    pid = tl.program_id(0)
+    kt = pid % NUM_KT
+    hq = pid // NUM_KT  # h * NUM_QB + query block
+    q0 = hq % NUM_QB * BLOCK_M
+    h = hq // NUM_QB
+    tile = BIAS + hq.to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N)) + kt * (BLOCK_M * BLOCK_N)
+    if kt < NUM_FULL:
+        _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, kt * BLOCK_N, mult, NQ, NK, CQ, C, S, BLOCK_M, BLOCK_N)
+    else:
+        _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, NK_FULL, mult, NQ, NK, CQ, C, S, BLOCK_M, TAIL_N)
+
+
+@triton.jit
+def _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, k0, mult, NQ: tl.constexpr, NK: tl.constexpr,
+                    CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, W: tl.constexpr):  # fmt: skip
+    """Stores the (BM, W) bias tile of queries q0.. and keys k0.. at tile[0, BM*W) in the
+    order of ``_fwd_bias_tile``: memory index m holds row 16*rA + 8*rB + rC, column
+    8*cA + 2*cB + cC, where m = ((((cA*(BM/16) + rA)*8 + rC)*4 + cB)*2 + rB)*2 + cC."""
+    m = tl.arange(0, BM * W)
+    row = m // 128 % (BM // 16) * 16 + m // 2 % 2 * 8 + m // 16 % 8
+    col = m // (8 * BM) * 8 + m // 4 % 4 * 2 + m % 2
+    qi, kj = q0 + row, k0 + col
+    dr = tl.abs(qi // CQ * S - kj // C)
+    dc = tl.abs(qi % CQ * S - kj % C)
+    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=(qi < NQ) & (kj < NK), other=0.0)
+    tl.store(tile + m, tl.where(kj < NK, t.to(tl.float32) * mult, float("-inf")))
+
+
+@triton.jit
+def _fwd_bias_tile(tile, BM: tl.constexpr, W: tl.constexpr):
+    """The (BM, W) bias tile ``_fwd_bias_store`` wrote: BM*W floats read in memory order
+    (coalesced, 16-byte vectors), then permuted back in registers. For a 64-row tile on
+    4 warps the coalesced load puts every value in the thread and register where the
+    wgmma / mma.sync accumulator holds it: the layout conversion is free (loaded in row
+    order it went through shared memory, ~80 instructions per tile). Loaded as one
+    flat range: a 2-d pointer tile shares its offsets with V's loads, and Triton gives
+    them V's layout (8 elements a thread), which the permutation does not match."""
+    x = tl.load(tile + tl.arange(0, BM * W))  # memory order
+    x = tl.reshape(x, [W // 8, BM // 16, 8, 4, 2, 2])  # (cA, rA, rC, cB, rB, cC)
+    x = tl.permute(x, [1, 4, 2, 0, 3, 5])  # (rA, rB, rC, cA, cB, cC)
+    return tl.reshape(x, [BM, W])
+
+
+@triton.jit
 def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale):
     """The bias of queries qi and keys kj (index tensors that broadcast to the tile)
     gathered from the table, float32 in log2 units: -inf at keys kj >= NK, 0 at
@@ -135,14 +196,18 @@ def _table_bias(T, stride_th, stride_tn, h, qi, kj, NQ, NK, CQ, C, S, bias_scale
 
 
 @triton.jit
-def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS_ACC: tl.constexpr,
-              PREC: tl.constexpr):  # fmt: skip
+def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, LAST: tl.constexpr,
+              BIAS_ACC: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """One key block of the online softmax: (m_i, l_i, acc) updated with the keys of kt
-    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by qk_scale = c > 0
-    (scale * log2(e)), so the dot's accumulator starts at it: s = q.k + bias / c, and a
+    (BLOCK_DK, n), v (n, BLOCK_DV) and their bias (BLOCK_M, n) divided by c = scale *
+    log2(e) > 0 (qk_scale: c per row, (BLOCK_M,), every element equal), so the dot's
+    accumulator starts at it: s = q.k + bias / c, and a
     probability is 2^(c * s - c * m), one fma and an exp2. m_i is the running max of s
     (c > 0: that of the logits), l_i the sum of probabilities. FIRST: the first block
-    (m_i, l_i, acc are not read: nothing to rescale). Without BIAS_ACC (mma.sync,
+    (m_i, l_i, acc are not read: nothing to rescale). LAST: the last block, whose
+    probabilities and the rescale of acc take the division by the row's sum (acc comes
+    back normalised: a multiplication per probability of this block, not per element
+    of acc). Without BIAS_ACC (mma.sync,
     sm_80: the bias in the accumulator's registers took up to 255 registers where 192
     do without) the bias is added after the dot, an fma by 1 (Triton folds a plain add
     into the accumulator)."""
@@ -151,13 +216,19 @@ def _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_scale, FIRST: tl.constexpr, BIAS
     else:
         s = tl.fma(tl.dot(q, kt, input_precision=PREC), 1.0, bias)
     m_new = tl.max(s, 1) if FIRST else tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(tl.fma(s, qk_scale, -(m_new * qk_scale)[:, None]))
+    p = tl.exp2(tl.fma(s, qk_scale[:, None], -(m_new * qk_scale)[:, None]))
     if FIRST:
         l_i = tl.sum(p, 1)
+        if LAST:
+            p = p * (1.0 / l_i)[:, None]
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     else:
         alpha = tl.exp2((m_i - m_new) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if LAST:
+            inv = 1.0 / l_i
+            p = p * inv[:, None]
+            alpha = alpha * inv
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
 
@@ -186,9 +257,8 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    H, NQP, NKP, NUM_QB,
     qk_scale, bias_mult,  # c = scale * log2(e) > 0; the gathered bias's multiplier (bias_scale / scale)
-    NQ: tl.constexpr, NK: tl.constexpr, NK_FULL: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr,
+    H: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NK_FULL: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -199,7 +269,10 @@ def _fwd_kernel(
     divided by c (``_fwd_step``). GATHER (NK <= BLOCK_N: no full block, every key in
     the tail): the bias tile is gathered from the table T once per program, for the
     GROUP batch entries the program takes one after the other, and BIAS is not read;
-    else (GROUP 1) BIAS is the expanded bias (``_bias_kernel``)."""
+    else (GROUP 1) BIAS is the expanded bias in the forward's tiles (``_fwd_bias_kernel``)."""
+    # the grid's sizes are constexprs: the program id splits by multiplications, not
+    # by integer divisions by runtime values
+    NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     rest = pid // NUM_QB
@@ -213,7 +286,13 @@ def _fwd_kernel(
     m_ok = offs_m < NQ
     dk_ok = offs_dk < DK
     dv_ok = offs_dv < DV
-    b_base = BIAS + (h.to(tl.int64) * NQP + offs_m)[:, None] * NKP  # padded: no mask
+    # c per row, in a vector register: as a scalar ptxas reloads it into a uniform
+    # register before every one of the 32 fmas a thread runs per key block (a ULDC
+    # each); x * 0.0 is not folded away (under IEEE rules it is NaN for x = inf or
+    # NaN), and here it is 0: the value is c
+    qk_row = qk_scale + offs_m.to(tl.float32) * 0.0
+    # this query block's bias tiles (``_fwd_bias_kernel``): padded, no mask
+    b_base = BIAS + (h * NUM_QB + pid_m).to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N))
     if TAIL_N > 0:
         offs_t = NK_FULL + tl.arange(0, TAIL_N)
         t_ok = offs_t < NK
@@ -230,19 +309,21 @@ def _fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        b_ptrs = b_base + offs_n[None, :]
+        b_ptrs = b_base
         if NK_FULL > 0:  # every key of the full blocks exists: no key mask
             # the first block: nothing to rescale
             kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-            m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, True, BIAS_ACC, PREC)
+            bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, True, False, BIAS_ACC, PREC)
             for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
-                b_ptrs += BLOCK_N
+                b_ptrs += BLOCK_M * BLOCK_N
                 kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-                m_i, l_i, acc = _fwd_step(q, kt, v, tl.load(b_ptrs), m_i, l_i, acc, qk_scale, False, BIAS_ACC, PREC)
+                bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
+                m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, False, False, BIAS_ACC, PREC)
         if TAIL_N > 0:
             # the last keys: masked on the loads only (a missing key's bias is -inf)
             kt = tl.load(
@@ -256,11 +337,11 @@ def _fwd_kernel(
                 other=0.0,
             )  # (TAIL_N, BLOCK_DV)
             if not GATHER:
-                tail_bias = tl.load(b_base + offs_t[None, :])
-            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_scale, NK_FULL == 0, BIAS_ACC,
-                                     PREC)
-
-        acc = acc * (1.0 / l_i)[:, None]  # a division per row, not per element
+                tail_bias = _fwd_bias_tile(b_base + NK_FULL * BLOCK_M, BLOCK_M, TAIL_N)
+            m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_row, NK_FULL == 0, True,
+                                     BIAS_ACC, PREC)  # fmt: skip
+        else:  # normalised here: a division per row, not per element
+            acc = acc * (1.0 / l_i)[:, None]
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
         lse = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453  # natural log
@@ -725,10 +806,13 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
     # that gathers its bias) is all tail: no loop
     full, tail_n = _full_and_tail(nk, block_n)
     warps = 8 if block_m * bdv > 64 * 64 else 4
+    # one stage: Triton's software pipeline peels a copy of the first iteration's loads
+    # and their addresses (A1: 1742 -> 1679 warp instructions per program, estimate);
+    # the few key blocks unroll and several programs per SM hide the loads' latency
     return _Config(
         dict(BLOCK_M=block_m, BLOCK_N=block_n, TAIL_N=tail_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv),
         warps,
-        2,
+        1,
         full,
     )
 
@@ -882,6 +966,26 @@ def _expand_bias(
     return bias
 
 
+def _expand_fwd_bias(
+    table: torch.Tensor, cols: int, q_stride: int, nq: int, nk: int, cq: int, mult: float, cfg: _Config, tag: str
+) -> torch.Tensor:
+    """The table expanded for the forward, in its tiles (``_fwd_bias_kernel``): (H, query
+    blocks, BLOCK_M * (NK_FULL + TAIL_N)) float32, times mult. Built from the table on
+    every call, so it is never stale."""
+    H = table.shape[0]
+    c = cfg.constexprs
+    block_m, block_n, tail_n = c["BLOCK_M"], c["BLOCK_N"], c["TAIL_N"]
+    num_qb, num_kt = cdiv(nq, block_m), cfg.full // block_n + (tail_n > 0)
+    bias = _alloc((H, num_qb, block_m * (cfg.full + tail_n)), torch.float32, table.device)
+    launch(Launch(
+        f"relpos_fwd_bias[{tag}]", _fwd_bias_kernel, (H * num_qb * num_kt,),
+        [table, bias, *table.stride(), mult],
+        dict(NQ=nq, NK=nk, CQ=cq, C=cols, S=q_stride, BLOCK_M=block_m, BLOCK_N=block_n, NK_FULL=cfg.full,
+             TAIL_N=tail_n), 4, 1, reads=(table,), writes=(bias,),
+    ))  # fmt: skip
+    return bias
+
+
 _MIN_SCALE = 2.0**-10  # |scale| below this (0 too) is folded into q (see relpos_attention_fwd)
 
 
@@ -930,9 +1034,8 @@ def relpos_attention_fwd(
     # once for a group of batch entries
     gather = NK <= block_n
     mult = bias_scale / scale
-    bias = table if gather else _expand_bias(table, fmap_rows, fmap_cols, q_stride, NQ, NK, mult, tag)
-    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    bias = table if gather else _expand_fwd_bias(table, fmap_cols, q_stride, NQ, NK, cq, mult, cfg, tag)
     num_qb = triton.cdiv(NQ, block_m)
     group = _fwd_group(B, num_qb * H) if gather else 1
     nk_full = cfg.full
@@ -940,8 +1043,8 @@ def relpos_attention_fwd(
         f"relpos_fwd[{tag}]", _fwd_kernel, (num_qb * H * (B // group),),
         [q, k, v, bias, table, out, lse,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table.stride(),
-         H, nqp, nkp, num_qb, scale * _LOG2E, mult],
-        {**cfg.constexprs, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
+         scale * _LOG2E, mult],
+        {**cfg.constexprs, "H": H, "NQ": NQ, "NK": NK, "NK_FULL": nk_full, "CQ": cq, "C": fmap_cols, "S": q_stride,
          "GROUP": group, "GATHER": gather, "BIAS_ACC": target_arch(q.device) >= 90,
          "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table) if gather else (q, k, v, bias), writes=(out, lse),
