@@ -320,6 +320,16 @@ def _cols_tile(offs, ok, s_n, offs_d, s_d, D: tl.constexpr):
 
 
 @triton.jit
+def _chunk_tile(offs, ok, s_n, s_d, D: tl.constexpr, C0: tl.constexpr, C: tl.constexpr):
+    """The columns C0 .. C0 + C - 1 of a (rows, D) operand, one K chunk of a product
+    (``_dot_head``): the columns, the (rows, C) tile's offsets and mask. A chunk at a
+    time: triton 3.6 cannot return None (an absent second chunk) from a function."""
+    cols = C0 + tl.arange(0, C)
+    offs_t, mask_t = _rows_tile(offs, ok, s_n, cols, s_d, D)
+    return cols, offs_t, mask_t
+
+
+@triton.jit
 def _vectors(POST_B, s_pb, NORM_W, s_nw, NORM_B, s_nb, hs, H: tl.constexpr, HAS_POST_B: tl.constexpr,
              HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr):  # fmt: skip
     """The post-mix bias, the head norm's weight and bias: (1, 1, HP) float32 each."""
@@ -534,17 +544,13 @@ def _bwd_dq_kernel(
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
     # q.k and dO.v over K in two chunks (``_dot_head``): DK = KA + KB, DV = VA + VB columns
-    offs_ka = tl.arange(0, KA)
-    offs_va = tl.arange(0, VA)
-    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_ka, stride_qd, DK)  # (BM, KA)
-    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_va, stride_gd, DV)  # (BM, VA)
+    offs_ka, q_offs, q_mask = _chunk_tile(offs_m, m_ok, stride_qn, stride_qd, DK, 0, KA)  # (BM, KA)
+    offs_va, g_offs, g_mask = _chunk_tile(offs_m, m_ok, stride_gn, stride_gd, DV, 0, VA)  # (BM, VA)
     offs_kb, q_offs2, q_mask2, offs_vb, g_offs2, g_mask2 = None, None, None, None, None, None
     if KB > 0:
-        offs_kb = KA + tl.arange(0, KB)
-        q_offs2, q_mask2 = _rows_tile(offs_m, m_ok, stride_qn, offs_kb, stride_qd, DK)  # (BM, KB)
+        offs_kb, q_offs2, q_mask2 = _chunk_tile(offs_m, m_ok, stride_qn, stride_qd, DK, KA, KB)  # (BM, KB)
     if VB > 0:
-        offs_vb = VA + tl.arange(0, VB)
-        g_offs2, g_mask2 = _rows_tile(offs_m, m_ok, stride_gn, offs_vb, stride_gd, DV)  # (BM, VB)
+        offs_vb, g_offs2, g_mask2 = _chunk_tile(offs_m, m_ok, stride_gn, stride_gd, DV, VA, VB)  # (BM, VB)
     row_ok = m_ok[:, None] & (hs[None, :] < H)
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -784,18 +790,14 @@ def _bwd_dkdv_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    # q.k and dO.v with K in two chunks (``_dot_head``): DK = KA + KB columns
-    offs_ka = tl.arange(0, KA)
-    offs_va = tl.arange(0, VA)
-    ka_offs, ka_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (BN, KA)
-    va_offs, va_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (BN, VA)
-    kb_offs, kb_mask, vb_offs, vb_mask = None, None, None, None
+    # q.k and dO.v with K in two chunks (``_dot_head``): DK = KA + KB, DV = VA + VB columns
+    offs_ka, ka_offs, ka_mask = _chunk_tile(offs_n, n_ok, stride_kn, stride_kd, DK, 0, KA)  # (BN, KA)
+    offs_va, va_offs, va_mask = _chunk_tile(offs_n, n_ok, stride_vn, stride_vd, DV, 0, VA)  # (BN, VA)
+    offs_kb, kb_offs, kb_mask, offs_vb, vb_offs, vb_mask = None, None, None, None, None, None
     if KB > 0:
-        offs_kb = KA + tl.arange(0, KB)
-        kb_offs, kb_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (BN, KB)
+        offs_kb, kb_offs, kb_mask = _chunk_tile(offs_n, n_ok, stride_kn, stride_kd, DK, KA, KB)  # (BN, KB)
     if VB > 0:
-        offs_vb = VA + tl.arange(0, VB)
-        vb_offs, vb_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (BN, VB)
+        offs_vb, vb_offs, vb_mask = _chunk_tile(offs_n, n_ok, stride_vn, stride_vd, DV, VA, VB)  # (BN, VB)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV, GP], tl.float32)
