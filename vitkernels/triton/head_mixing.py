@@ -43,7 +43,9 @@ slots, HP = H rounded up to a power of two, at least 2):
   without, dq of every head. On sm_90 the H x H sums (dP, dA) are tensor-core products
   over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
   reductions across the rows and warps every key tile. The loops reload q, dO and the
-  mixing weights each iteration (``_live``) instead of holding them in registers. The
+  mixing weights each iteration (``_live``) instead of holding them in registers,
+  except q and dO in the 16 x 64 dq launch (HOLD: as mma.sync operands they take
+  fewer registers held than reloaded). The
   dq pass leaves the (row, key) mask out of its tile chain: a padded key's logits are
   -inf (a bias in the pre-mix's first FMA), so p = 0 there, and a padded row's dq is
   not stored.
@@ -644,7 +646,7 @@ def _bwd_dq_kernel(
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    VA: tl.constexpr, VB: tl.constexpr,
+    VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -701,7 +703,7 @@ def _bwd_dq_kernel(
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
             H, HP, BLOCK_M, BLOCK_N, BLOCK_DK, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
-            VQ, VK, VV, VG,
+            VQ, VK, VV, VG, HOLD,
         )  # fmt: skip
 
 
@@ -711,27 +713,29 @@ def _bwd_key_tile(
     q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
-    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, HOLD: tl.constexpr = False,
 ):  # fmt: skip
     """The start of every backward step over a query block's key tile at start_n:
     (s3 = q_h . k_h, dn3 = dO_h . v_h, both (BM, BN, HP); ok3, the valid (row, key, head)
-    entries; live, ``_live``: q and dO reloaded each tile, not held for the loop; the
-    tile's keys offs_n and n_ok)."""
+    entries; live, ``_live``: q and dO reloaded each tile, not held for the loop, unless
+    HOLD (the dq launch: held in registers as mma.sync operands, fewer than reloaded);
+    the tile's keys offs_n and n_ok)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     live = _live(start_n, NK)
+    q_live = tl.full([], 1, tl.int1) if HOLD else live  # the q and dO loads' condition
     kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (KA, BN)
     vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (VA, BN)
     kt_offs2, kt_mask2, vt_offs2, vt_mask2, q_live2, g_live2 = None, None, None, None, None, None
     if offs_kb is not None:
         kt_offs2, kt_mask2 = _cols_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (KB, BN)
-        q_live2 = tl.where(live, q_mask2, False)
+        q_live2 = tl.where(q_live, q_mask2, False)
     if offs_vb is not None:
         vt_offs2, vt_mask2 = _cols_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (VB, BN)
-        g_live2 = tl.where(live, g_mask2, False)
-    s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
+        g_live2 = tl.where(q_live, g_mask2, False)
+    s3 = _dots(Qb, q_offs, tl.where(q_live, q_mask, False), stride_qh, 1, VQ,
                Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H, q_offs2, q_live2, kt_offs2, kt_mask2)
-    dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
+    dn3 = _dots(Gb, g_offs, tl.where(q_live, g_mask, False), stride_gh, 1, VG,
                 Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H, g_offs2, g_live2, vt_offs2, vt_mask2)
     return s3, dn3, n_ok[None, :, None] & row_ok[:, None, :], live, offs_n, n_ok
 
@@ -838,16 +842,16 @@ def _dq_pass(
     H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HAS_PRE: tl.constexpr,
     HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
-    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, HOLD: tl.constexpr,
 ):  # fmt: skip
-    """dq (B, H, NQ, DK) of every head of a query block."""
+    """dq (B, H, NQ, DK) of every head of a query block (HOLD: ``_bwd_key_tile``)."""
     dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
             start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
             q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
-            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, HOLD,
         )  # fmt: skip
         # the padded keys' logits -inf in the pre-mix's first FMA (p = 0 there, where a k
         # of 0 could meet an infinite p), the (row, key) mask left out: a padded row's dq
@@ -1094,20 +1098,21 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
         delta_warps = 4 if few and arch < 90 else 8
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True), delta_warps, 1)
-        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False), 4 if few else 8, 1)
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False), delta_warps, 1)
+        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
+                     4 if few else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 40 B with the post-mix bias, 144 B with the head norm, 16 B
         # with triton 3.6
         delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), delta_warps, 1)
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False), delta_warps, 1)
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
-            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
             # 16 query rows x 64 keys on 8 warps, each its own 8 keys (mma.sync); 64 x 16
             # on 8 warps had both warpgroups compute the same tile (warps [8, 1] over 64
             # rows), on 4 warps it spilled 184-300 B
-            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False), 8, 1)
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False, HOLD=True), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
