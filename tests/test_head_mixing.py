@@ -311,6 +311,21 @@ def test_large_logits_stay_finite(backend, kind, dtype, poisoned):
     assert_close(out, expected, TOL[dtype] + 20 * logit, kind)
 
 
+def test_very_negative_logits_give_a_finite_forward_with_padded_keys(poisoned):
+    """Every real logit near -2800: a padded key (k = 0, logit 0 unless masked) would
+    get p = exp(2800) = inf, and inf * 0 in the product with v NaN. 37 keys: the
+    forward's unmasked full blocks (32 keys in pass 1, 16 in pass 2), then its masked
+    rest with 11 padded keys; K = 48 as 32 + 16, Dv = 40 as 32 + 16 (8 padded)."""
+    q, k, v = make((1, 4, 20, 37, 48, 40))
+    q, k = q * 0.1 + 20.0, -(k * 0.1 + 20.0)
+    params = dict(pre=(torch.eye(4), None), post=(torch.randn(4, 4), None))
+    expected, _, _ = ref64(q, k, v, params)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert torch.isfinite(out).all()
+    # logits of ~2800 carry float32 rounding of ~2800 * 2**-24 into exp()
+    assert_close(out, expected, TOL[torch.float32] + 20 * 2800 * 2**-24, "very negative logits")
+
+
 def test_large_logits_gradients_stay_finite(poisoned):
     q, k, v = make((1, 4, 20, 20, 16, 16), qk_scale=10.0)
     params = make_params(4, "all", weight_scale=8.0)

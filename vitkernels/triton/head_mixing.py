@@ -32,14 +32,20 @@ slots, HP = H rounded up to a power of two, at least 2):
 * ``_fwd_kernel``: a program per (b, query block). Pass 1 over the key blocks keeps
   the running max and sum of each mixed head g (online softmax, float32); pass 2
   recomputes the logits, forms p, r and n tile by tile and multiplies by v. Saves
-  lse (B, H, Nq) float32.
+  lse (B, H, Nq) float32. Both passes take the full key blocks without key masks
+  and the rest after them, masked; pass 1's full blocks are twice as wide
+  (``BLOCK_S``: the row max and sum across threads once per 32 keys); q.k takes K =
+  48 as 32 + 16 and the output's 48 columns are two accumulators of 32 and 16 (not
+  padded to 64: fewer tensor-core flops, and registers for the mixing weights).
 * ``_bwd_dq_kernel``, two launches, a program per (b, query block) each: with
   DELTA_PASS, delta and this program's partial sums of dP, dc, dw, dbeta (a first loop
   over the keys) and of dA (a second loop, once delta is known: dA = sum dl_g s_h);
   without, dq of every head. On sm_90 the H x H sums (dP, dA) are tensor-core products
   over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
   reductions across the rows and warps every key tile. The loops reload q, dO and the
-  mixing weights each iteration (``_live``) instead of holding them in registers. The
+  mixing weights each iteration (``_live``) instead of holding them in registers,
+  except q and dO in the 16 x 64 dq launch (HOLD: as mma.sync operands they take
+  fewer registers held than reloaded). The
   dq pass leaves the (row, key) mask out of its tile chain: a padded key's logits are
   -inf (a bias in the pre-mix's first FMA), so p = 0 there, and a padded row's dq is
   not stored.
@@ -320,6 +326,16 @@ def _cols_tile(offs, ok, s_n, offs_d, s_d, D: tl.constexpr):
 
 
 @triton.jit
+def _chunk_tile(offs, ok, s_n, s_d, D: tl.constexpr, C0: tl.constexpr, C: tl.constexpr):
+    """The columns C0 .. C0 + C - 1 of a (rows, D) operand, one K chunk of a product
+    (``_dot_head``): the columns, the (rows, C) tile's offsets and mask. A chunk at a
+    time: triton 3.6 cannot return None (an absent second chunk) from a function."""
+    cols = C0 + tl.arange(0, C)
+    offs_t, mask_t = _rows_tile(offs, ok, s_n, cols, s_d, D)
+    return cols, offs_t, mask_t
+
+
+@triton.jit
 def _vectors(POST_B, s_pb, NORM_W, s_nw, NORM_B, s_nb, hs, H: tl.constexpr, HAS_POST_B: tl.constexpr,
              HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr):  # fmt: skip
     """The post-mix bias, the head norm's weight and bias: (1, 1, HP) float32 each."""
@@ -332,8 +348,11 @@ def _vectors(POST_B, s_pb, NORM_W, s_nw, NORM_B, s_nb, hs, H: tl.constexpr, HAS_
 @triton.jit
 def _probs(l3, lse3, ok3, POST_W, s_out, s_in, post_b, hs, H: tl.constexpr,
            HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, live):  # fmt: skip
-    """p = exp2(l - lse) (log2 units; 0 where ok3 is false) and r, p post-mixed."""
-    p = tl.where(ok3, tl.exp2(l3 - lse3), 0.0)
+    """p = exp2(l - lse) (log2 units; 0 where ok3 is false, unless ok3 is None) and r, p
+    post-mixed."""
+    p = tl.exp2(l3 - lse3)
+    if ok3 is not None:
+        p = tl.where(ok3, p, 0.0)
     r = p
     if HAS_POST:
         r = _mix(p, POST_W, s_out, s_in, hs, H, live)
@@ -366,6 +385,111 @@ def _head_norm(r3, norm_w, norm_b, valid, inv_h, eps):
 
 
 @triton.jit
+def _key_ok(offs_n, NK, MASKED: tl.constexpr):
+    """The keys of a tile that exist: offs_n < NK, or all (a full block, no mask)."""
+    if MASKED:
+        return offs_n < NK
+    else:
+        return tl.full(offs_n.shape, 1, tl.int1)
+
+
+@triton.jit
+def _fwd_logits(
+    start_n, NK, Qb, Kb, PRE_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs, qk_scale, bias,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, HAS_PRE: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The forward's key tile at start_n: (l (BM, BN, HP) in log2 units, bias added in the
+    pre-mix's first FMA; the tile's keys offs_n and n_ok). q.k over K in two chunks
+    where q_offs2 is given (``_dot_head``)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = _key_ok(offs_n, NK, MASKED)
+    kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (KA, BN)
+    kt_offs2, kt_mask2 = None, None
+    if offs_kb is not None:
+        kt_offs2, kt_mask2 = _cols_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (KB, BN)
+    s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H,
+               q_offs2, q_mask2, kt_offs2, kt_mask2)  # fmt: skip
+    return _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, bias), offs_n, n_ok
+
+
+@triton.jit
+def _fwd_stats(
+    start_n, NK, m_i, l_i, Qb, Kb, PRE_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs, qk_scale,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, HAS_PRE: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, FOLD: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Pass 1's step over the key tile at start_n: the running row max m_i and sum l_i
+    (BM, HP) of every mixed head; MASKED: padding keys in the tile (their logits -inf)."""
+    key_bias = None
+    if MASKED and FOLD:  # -inf on the padding keys, added in the pre-mix's first FMA (no select)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_bias = tl.broadcast_to(tl.where(offs_n < NK, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
+    l3, offs_n, n_ok = _fwd_logits(
+        start_n, NK, Qb, Kb, PRE_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs, qk_scale, key_bias,
+        stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, H, HP, BLOCK_N, DK, HAS_PRE,
+        VQ, VK, MASKED,
+    )  # fmt: skip
+    if MASKED and not FOLD:
+        l3 = tl.where(n_ok[None, :, None], l3, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(l3, 1))
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(tl.exp2(l3 - m_new[:, None, :]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _fwd_probs(
+    start_n, NK, lse2, Qb, Kb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
+    post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, stride_post0, stride_post1,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, FOLD: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Pass 2's tile at start_n: (n (BM, BN, HP), the normalised, mixed (and normed)
+    probabilities; offs_n, n_ok). MASKED: padding keys in the tile (p = 0 there: a k of 0
+    gives p = exp2(-lse), which may overflow). With FOLD the -lse rides on the pre-mix's
+    first FMA."""
+    if FOLD:
+        bias = -lse2[:, None, :]
+        shift = 0.0
+    else:
+        bias = None
+        shift = lse2[:, None, :]
+    l3, offs_n, n_ok = _fwd_logits(
+        start_n, NK, Qb, Kb, PRE_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs, qk_scale, bias,
+        stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, H, HP, BLOCK_N, DK, HAS_PRE,
+        VQ, VK, MASKED,
+    )  # fmt: skip
+    ok3 = None
+    if MASKED:
+        ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
+    _, n3 = _probs(l3, shift, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST, HAS_POST_B, True)
+    if HAS_NORM:
+        n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
+    return n3, offs_n, n_ok
+
+
+@triton.jit
+def _fwd_pv(n3, Vb, offs_n, n_ok, cols, acc, stride_vh, stride_vn, stride_vd, H: tl.constexpr,
+            HP: tl.constexpr, DV: tl.constexpr, VV: tl.constexpr):  # fmt: skip
+    """acc (BM, C, HP) += n3 @ the v tile's columns cols (C of them) of every head."""
+    v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, cols, stride_vd, DV)  # (BN, C)
+    return _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
+
+
+@triton.jit
+def _fwd_store(O, acc, b, offs_m, m_ok, cols, hs, NQ, H: tl.constexpr, DV: tl.constexpr):
+    """out's (BM, C, HP) tile at columns cols; out (B, H, NQ, DV) contiguous."""
+    o_ptrs = O + (b * H + hs[None, None, :]) * NQ * DV + offs_m[:, None, None] * DV + cols[None, :, None]
+    o_mask = m_ok[:, None, None] & (cols[None, :, None] < DV) & (hs[None, None, :] < H)
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -378,14 +502,14 @@ def _fwd_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, FOLD: tl.constexpr,
+    BLOCK_S: tl.constexpr, PEEL: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr,
+    VB: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     b = (pid // NUM_QB).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < NQ
     hs = tl.arange(0, HP)  # the head of each slot
     valid = (hs < H).to(tl.float32)[None, None, :]
@@ -394,65 +518,75 @@ def _fwd_kernel(
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
-    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_dk, stride_qd, DK)  # (BM, BDK)
+    # q.k over K = DK in two chunks of KA + KB columns (``_dot_head``), and the output's
+    # DV columns as VA + VB (two accumulators: 48 = 32 + 16, not padded to 64)
+    offs_ka, q_offs, q_mask = _chunk_tile(offs_m, m_ok, stride_qn, stride_qd, DK, 0, KA)  # (BM, KA)
+    offs_kb, q_offs2, q_mask2 = None, None, None
+    if KB > 0:
+        offs_kb, q_offs2, q_mask2 = _chunk_tile(offs_m, m_ok, stride_qn, stride_qd, DK, KA, KB)  # (BM, KB)
+    offs_va = tl.arange(0, VA)
+    offs_vb = None
+    if VB > 0:
+        offs_vb = VA + tl.arange(0, VB)
 
     post_b, norm_w, norm_b = _vectors(POST_B, stride_postb, NORM_W, stride_nw, NORM_B, stride_nb, hs, H,
                                       HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
 
-    # pass 1: row max and sum of every mixed head (log2 units)
+    # pass 1: row max and sum of every mixed head (log2 units), over the full key blocks
+    # of BLOCK_S without key masks, then the rest in blocks of BLOCK_N, masked (without
+    # PEEL every block masked: two copies of the loops spilled there)
     m_i = tl.full([BLOCK_M, HP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M, HP], tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)  # (BDK, BN)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
-                   0, 1, HP, H)
-        if FOLD:  # -inf on the padding keys, added in the pre-mix's first FMA (no select per logit)
-            key_bias = tl.broadcast_to(tl.where(n_ok, 0.0, float("-inf"))[None, :, None], (1, BLOCK_N, HP))
-            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, key_bias)
-        else:
-            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
-            s3 = tl.where(n_ok[None, :, None], s3, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s3, 1))
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(tl.exp2(s3 - m_new[:, None, :]), 1)
-        m_i = m_new
+    nk_s = NK - NK % BLOCK_S if PEEL else 0
+    for start_s in range(0, nk_s, BLOCK_S):
+        m_i, l_i = _fwd_stats(
+            start_s, NK, m_i, l_i, Qb, Kb, PRE_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
+            qk_scale, stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1,
+            H, HP, BLOCK_S, DK, HAS_PRE, VQ, VK, FOLD, False,
+        )  # fmt: skip
+    for start_t in range(nk_s, NK, BLOCK_N):
+        m_i, l_i = _fwd_stats(
+            start_t, NK, m_i, l_i, Qb, Kb, PRE_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
+            qk_scale, stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1,
+            H, HP, BLOCK_N, DK, HAS_PRE, VQ, VK, FOLD, True,
+        )  # fmt: skip
     lse2 = m_i + tl.log2(l_i)  # (BM, HP)
     lse_ptrs = LSE + (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (B, H, NQ) contiguous
     lse_mask = m_ok[:, None] & (hs[None, :] < H)
     if FOLD:  # lse (natural log) stored now, so that only -lse stays live (sm_80 spilled)
         tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=lse_mask)
 
-    # pass 2: normalised, mixed (and normed) probabilities times v
-    acc = tl.zeros([BLOCK_M, BLOCK_DV, HP], tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_dk, stride_kd, DK)
-        s3 = _dots(Qb, q_offs, q_mask, stride_qh, 1, VQ, Kb, kt_offs, kt_mask, stride_kh, VK, 1,
-                   0, 1, HP, H)
-        if FOLD:  # l - lse, the -lse added in the pre-mix's first FMA
-            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True, -lse2[:, None, :])
-            shift = 0.0
-        else:
-            s3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, True)
-            shift = lse2[:, None, :]
-        ok3 = n_ok[None, :, None] & (hs < H)[None, None, :]
-        _, n3 = _probs(s3, shift, ok3, POST_W, stride_post0, stride_post1, post_b, hs,
-                       H, HAS_POST, HAS_POST_B, True)
-        if HAS_NORM:
-            n3, _, _ = _head_norm(n3, norm_w, norm_b, valid, inv_h, eps)
-        v_offs, v_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_dv, stride_vd, DV)  # (BN, BDV)
-        acc = _dots_acc(n3, Vb, v_offs, v_mask, stride_vh, 1, VV, acc, 0, 1, HP, H)
+    # pass 2: normalised, mixed (and normed) probabilities times v; the full key blocks
+    # without key masks, then the last (partial) one masked
+    acc = tl.zeros([BLOCK_M, VA, HP], tl.float32)
+    acc2 = None
+    if VB > 0:
+        acc2 = tl.zeros([BLOCK_M, VB, HP], tl.float32)
+    nk_n = NK - NK % BLOCK_N if PEEL else 0
+    for start_n in range(0, nk_n, BLOCK_N):
+        n3, offs_n, n_ok = _fwd_probs(
+            start_n, NK, lse2, Qb, Kb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
+            post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, stride_post0, stride_post1,
+            H, HP, BLOCK_N, DK, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, FOLD, False,
+        )  # fmt: skip
+        acc = _fwd_pv(n3, Vb, offs_n, n_ok, offs_va, acc, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
+        if VB > 0:
+            acc2 = _fwd_pv(n3, Vb, offs_n, n_ok, offs_vb, acc2, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
+    for start_u in range(nk_n, NK, BLOCK_N):
+        n3, offs_n, n_ok = _fwd_probs(
+            start_u, NK, lse2, Qb, Kb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
+            post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, stride_post0, stride_post1,
+            H, HP, BLOCK_N, DK, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, FOLD, True,
+        )  # fmt: skip
+        acc = _fwd_pv(n3, Vb, offs_n, n_ok, offs_va, acc, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
+        if VB > 0:
+            acc2 = _fwd_pv(n3, Vb, offs_n, n_ok, offs_vb, acc2, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
 
-    # out (B, H, NQ, DV) contiguous
-    o_ptrs = (
-        O + (b * H + hs[None, None, :]) * NQ * DV
-        + offs_m[:, None, None] * DV + offs_dv[None, :, None]
-    )  # fmt: skip
-    o_mask = m_ok[:, None, None] & (offs_dv[None, :, None] < DV) & (hs[None, None, :] < H)
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+    _fwd_store(O, acc, b, offs_m, m_ok, offs_va, hs, NQ, H, DV)
+    if VB > 0:
+        _fwd_store(O, acc2, b, offs_m, m_ok, offs_vb, hs, NQ, H, DV)
     if not FOLD:  # stored here, the few-rows layout takes fewer registers
         tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=lse_mask)
 
@@ -512,7 +646,7 @@ def _bwd_dq_kernel(
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    VA: tl.constexpr, VB: tl.constexpr,
+    VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -534,17 +668,13 @@ def _bwd_dq_kernel(
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
     # q.k and dO.v over K in two chunks (``_dot_head``): DK = KA + KB, DV = VA + VB columns
-    offs_ka = tl.arange(0, KA)
-    offs_va = tl.arange(0, VA)
-    q_offs, q_mask = _rows_tile(offs_m, m_ok, stride_qn, offs_ka, stride_qd, DK)  # (BM, KA)
-    g_offs, g_mask = _rows_tile(offs_m, m_ok, stride_gn, offs_va, stride_gd, DV)  # (BM, VA)
+    offs_ka, q_offs, q_mask = _chunk_tile(offs_m, m_ok, stride_qn, stride_qd, DK, 0, KA)  # (BM, KA)
+    offs_va, g_offs, g_mask = _chunk_tile(offs_m, m_ok, stride_gn, stride_gd, DV, 0, VA)  # (BM, VA)
     offs_kb, q_offs2, q_mask2, offs_vb, g_offs2, g_mask2 = None, None, None, None, None, None
     if KB > 0:
-        offs_kb = KA + tl.arange(0, KB)
-        q_offs2, q_mask2 = _rows_tile(offs_m, m_ok, stride_qn, offs_kb, stride_qd, DK)  # (BM, KB)
+        offs_kb, q_offs2, q_mask2 = _chunk_tile(offs_m, m_ok, stride_qn, stride_qd, DK, KA, KB)  # (BM, KB)
     if VB > 0:
-        offs_vb = VA + tl.arange(0, VB)
-        g_offs2, g_mask2 = _rows_tile(offs_m, m_ok, stride_gn, offs_vb, stride_gd, DV)  # (BM, VB)
+        offs_vb, g_offs2, g_mask2 = _chunk_tile(offs_m, m_ok, stride_gn, stride_gd, DV, VA, VB)  # (BM, VB)
     row_ok = m_ok[:, None] & (hs[None, :] < H)
     rows = (b * H + hs[None, :]) * NQ + offs_m[:, None]  # (BM, HP) into (B, H, NQ)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -573,7 +703,7 @@ def _bwd_dq_kernel(
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
             H, HP, BLOCK_M, BLOCK_N, BLOCK_DK, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM,
-            VQ, VK, VV, VG,
+            VQ, VK, VV, VG, HOLD,
         )  # fmt: skip
 
 
@@ -583,27 +713,29 @@ def _bwd_key_tile(
     q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
-    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, HOLD: tl.constexpr = False,
 ):  # fmt: skip
     """The start of every backward step over a query block's key tile at start_n:
     (s3 = q_h . k_h, dn3 = dO_h . v_h, both (BM, BN, HP); ok3, the valid (row, key, head)
-    entries; live, ``_live``: q and dO reloaded each tile, not held for the loop; the
-    tile's keys offs_n and n_ok)."""
+    entries; live, ``_live``: q and dO reloaded each tile, not held for the loop, unless
+    HOLD (the dq launch: held in registers as mma.sync operands, fewer than reloaded);
+    the tile's keys offs_n and n_ok)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     live = _live(start_n, NK)
+    q_live = tl.full([], 1, tl.int1) if HOLD else live  # the q and dO loads' condition
     kt_offs, kt_mask = _cols_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (KA, BN)
     vt_offs, vt_mask = _cols_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (VA, BN)
     kt_offs2, kt_mask2, vt_offs2, vt_mask2, q_live2, g_live2 = None, None, None, None, None, None
     if offs_kb is not None:
         kt_offs2, kt_mask2 = _cols_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (KB, BN)
-        q_live2 = tl.where(live, q_mask2, False)
+        q_live2 = tl.where(q_live, q_mask2, False)
     if offs_vb is not None:
         vt_offs2, vt_mask2 = _cols_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (VB, BN)
-        g_live2 = tl.where(live, g_mask2, False)
-    s3 = _dots(Qb, q_offs, tl.where(live, q_mask, False), stride_qh, 1, VQ,
+        g_live2 = tl.where(q_live, g_mask2, False)
+    s3 = _dots(Qb, q_offs, tl.where(q_live, q_mask, False), stride_qh, 1, VQ,
                Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H, q_offs2, q_live2, kt_offs2, kt_mask2)
-    dn3 = _dots(Gb, g_offs, tl.where(live, g_mask, False), stride_gh, 1, VG,
+    dn3 = _dots(Gb, g_offs, tl.where(q_live, g_mask, False), stride_gh, 1, VG,
                 Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H, g_offs2, g_live2, vt_offs2, vt_mask2)
     return s3, dn3, n_ok[None, :, None] & row_ok[:, None, :], live, offs_n, n_ok
 
@@ -710,16 +842,16 @@ def _dq_pass(
     H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HAS_PRE: tl.constexpr,
     HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
-    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, HOLD: tl.constexpr,
 ):  # fmt: skip
-    """dq (B, H, NQ, DK) of every head of a query block."""
+    """dq (B, H, NQ, DK) of every head of a query block (HOLD: ``_bwd_key_tile``)."""
     dq = tl.zeros([BLOCK_M, BLOCK_DK, HP], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
             start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
             q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
-            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, HOLD,
         )  # fmt: skip
         # the padded keys' logits -inf in the pre-mix's first FMA (p = 0 there, where a k
         # of 0 could meet an infinite p), the (row, key) mask left out: a padded row's dq
@@ -784,18 +916,14 @@ def _bwd_dkdv_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     Gb = DO + b * stride_gb
-    # q.k and dO.v with K in two chunks (``_dot_head``): DK = KA + KB columns
-    offs_ka = tl.arange(0, KA)
-    offs_va = tl.arange(0, VA)
-    ka_offs, ka_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_ka, stride_kd, DK)  # (BN, KA)
-    va_offs, va_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_va, stride_vd, DV)  # (BN, VA)
-    kb_offs, kb_mask, vb_offs, vb_mask = None, None, None, None
+    # q.k and dO.v with K in two chunks (``_dot_head``): DK = KA + KB, DV = VA + VB columns
+    offs_ka, ka_offs, ka_mask = _chunk_tile(offs_n, n_ok, stride_kn, stride_kd, DK, 0, KA)  # (BN, KA)
+    offs_va, va_offs, va_mask = _chunk_tile(offs_n, n_ok, stride_vn, stride_vd, DV, 0, VA)  # (BN, VA)
+    offs_kb, kb_offs, kb_mask, offs_vb, vb_offs, vb_mask = None, None, None, None, None, None
     if KB > 0:
-        offs_kb = KA + tl.arange(0, KB)
-        kb_offs, kb_mask = _rows_tile(offs_n, n_ok, stride_kn, offs_kb, stride_kd, DK)  # (BN, KB)
+        offs_kb, kb_offs, kb_mask = _chunk_tile(offs_n, n_ok, stride_kn, stride_kd, DK, KA, KB)  # (BN, KB)
     if VB > 0:
-        offs_vb = VA + tl.arange(0, VB)
-        vb_offs, vb_mask = _rows_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (BN, VB)
+        offs_vb, vb_offs, vb_mask = _chunk_tile(offs_n, n_ok, stride_vn, stride_vd, DV, VA, VB)  # (BN, VB)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK, GP], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV, GP], tl.float32)
@@ -924,12 +1052,20 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Co
         # FOLD: pass 1's key mask and pass 2's -lse ride on the pre-mix's first FMA.
         # every head's tiles take all 255 registers; with the post-mix bias (timm's
         # layout) triton 3.6 spilled 12 B there: 8 warps then (estimate at M1 on 3.9:
-        # 118 us on 8 warps against 62 on 4, so only where it spills)
+        # 118 us on 8 warps against 62 on 4, so only where it spills). q.k over K = DK
+        # and the output's DV columns in two chunks each (48 = 32 + 16); pass 1's full
+        # key blocks of 32 (64 took as long at M1, with more padding elsewhere). PEEL
+        # (the full key blocks unmasked) only with the two accumulators: with one of 64
+        # columns (D64, and D48 before the split) the two copies of the loops spilled
         warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
-        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, FOLD=True), warps, 1)
+        (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=vb > 0, FOLD=True,
+                                         KA=ka, KB=kb, VA=va, VB=vb), warps, 1)  # fmt: skip
     # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
     # (one program per SM, not two) and 8 instructions more per key tile
-    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, FOLD=False), 8, 1)
+    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, BLOCK_S=32, PEEL=False, FOLD=False,
+                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), 8, 1)  # fmt: skip
+
 
 
 def _k_split(d: int) -> tuple[int, int]:
@@ -962,20 +1098,21 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
         delta_warps = 4 if few and arch < 90 else 8
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True), delta_warps, 1)
-        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False), 4 if few else 8, 1)
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False), delta_warps, 1)
+        dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
+                     4 if few else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 40 B with the post-mix bias, 144 B with the head norm, 16 B
         # with triton 3.6
         delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True), delta_warps, 1)
+        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False), delta_warps, 1)
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
-            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False), 8, 1)
+            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
             # 16 query rows x 64 keys on 8 warps, each its own 8 keys (mma.sync); 64 x 16
             # on 8 warps had both warpgroups compute the same tile (warps [8, 1] over 64
             # rows), on 4 warps it spilled 184-300 B
-            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False), 8, 1)
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False, HOLD=True), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
@@ -1101,6 +1238,8 @@ def head_mixing_attention_fwd(
     cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags)
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
+    bn = cfg.constexprs["BLOCK_N"]
+    nk_s, nk_n = (NK - NK % cfg.constexprs["BLOCK_S"], NK - NK % bn) if cfg.constexprs["PEEL"] else (0, 0)
     args = [
         q, k, v, *ptrs, out, lse, *q.stride(), *k.stride(), *v.stride(), *strides,
         NQ, NK, num_qb, scale * _LOG2E, eps,
@@ -1109,7 +1248,8 @@ def head_mixing_attention_fwd(
         f"head_mixing_fwd[{_tag(q, k, params, flags)}]", cfg.kernel, (num_qb * B,), args,
         {**cfg.constexprs, **_vecs(q, k, v)}, cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, *params), writes=(out, lse),
-        loops={"start_n": triton.cdiv(NK, cfg.constexprs["BLOCK_N"])},
+        loops={"start_s": nk_s // cfg.constexprs["BLOCK_S"], "start_t": triton.cdiv(NK - nk_s, bn),
+               "start_n": nk_n // bn, "start_u": triton.cdiv(NK - nk_n, bn)},
     ))  # fmt: skip
     return out, lse
 
