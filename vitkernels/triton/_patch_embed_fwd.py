@@ -223,7 +223,7 @@ def _patch_embed_fwd_kernel(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
     OVEC: tl.constexpr, W_PAD: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    OUT_NORM: tl.constexpr,
+    OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -248,7 +248,7 @@ def _patch_embed_fwd_kernel(
         n_start = (pid % num_n) * BLOCK_N
         n_end = n_start + BLOCK_N
     offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64, RCP_ROWS
     )
     x_base = row_base
     out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot  # (BLOCK_M,) pointers

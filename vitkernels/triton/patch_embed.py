@@ -473,6 +473,7 @@ def _fwd_launch(
         "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D), _run_vec(y, -1, D)),
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
         "OUT_NORM": bool(has_out_norm),
+        "RCP_ROWS": g.L + cfg.block_m < _RCP_ROWS_LIMIT,
         "HAS_OW": has_out_norm and out_weight is not None,
         "HAS_OB": has_out_norm and out_bias is not None,
         "HAS_POS": pos_embed is not None,
