@@ -141,12 +141,13 @@ def _gemm_rows(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
-    PREC: tl.constexpr, W_PAD: tl.constexpr,
+    PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr = True,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
-    (patches - shift) @ W.T and the rows' sum and sum of squares of patches - shift
-    over K (float32), shift a (BLOCK_M,) value per row (``_row_shift``). W_PAD: W's
-    rows hold zeros past K up to a multiple of BLOCK_K (no k mask on its tiles)."""
+    (patches - shift) @ W.T, shift a (BLOCK_M,) value per row (``_row_shift``), and with
+    STATS too the rows' sum and sum of squares of patches - shift over K (float32; zeros
+    without). W_PAD: W's rows hold zeros past K up to a multiple of BLOCK_K (no k mask
+    on its tiles)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the input norm's sums, element-wise per K step and reduced once after the loop
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -172,8 +173,9 @@ def _gemm_rows(
             af = a.to(tl.float32) - shift[:, None]
             if not EVEN_K:
                 af = tl.where(k_ok[None, :], af, 0.0)
-            s1 += af
-            s2 += af * af
+            if STATS:
+                s1 += af
+                s2 += af * af
             a = af.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
         c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
@@ -211,6 +213,35 @@ def _chan_update(mean, m2, y, n_ok, n0):
     delta = t_mean - mean
     tot = na + nb
     return mean + delta * (nb / tot), m2 + t_m2 + delta * delta * (na * nb / tot)
+
+
+@triton.jit
+def _tile_out(
+    acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n0, colsum_ptr, shift_ptr, pos_rows, spd,
+    dst_rows, sdd, out_ptr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    OUT_NORM: tl.constexpr, HAS_POS: tl.constexpr, OVEC: tl.constexpr,
+):
+    """One column tile of the first pass: the input norm's correction of the GEMM, the
+    bias (and position embedding without an output norm) applied, the tile stored at
+    dst_rows (BLOCK_M,) pointers, column stride sdd; returns the output norm's running
+    (mean, M2) with the tile merged in (unchanged without an output norm)."""
+    y = acc
+    if IN_NORM:
+        colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
+        y = rstd[:, None] * (y - mean_d[:, None] * colsum[None, :])
+    if HAS_SHIFT:
+        y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = _mask2(row_ok, n_ok, 1, OVEC)
+    if OUT_NORM:
+        # the statistics of the tokens as stored (rounded to the output dtype), which
+        # the second pass normalises: as eager's LayerNorm sees its Linear's output
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+    elif HAS_POS:
+        pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
+        y += pos.to(tl.float32)
+    tl.store(_hint(dst_rows[:, None], offs_n[None, :] * sdd, 1, OVEC), y.to(out_ptr.dtype.element_ty), mask=mask)
+    return mean, m2
 
 
 @triton.jit
@@ -270,35 +301,35 @@ def _patch_embed_fwd_kernel(
         shift = _row_shift(x_ptr, x_base, ih0, iw0, row_ok, H, W, MASK_HW)
     else:
         shift = mean_d
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
-        acc, s1, s2 = _gemm_rows(
-            x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
-            sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-            EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD,
-        )
-        y = acc
-        if IN_NORM:
-            mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
-            colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
-            y = rstd[:, None] * (y - mean_d[:, None] * colsum[None, :])
-        if HAS_SHIFT:
-            y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        mask = _mask2(row_ok, n_ok, 1, OVEC)
-        if OUT_NORM:
-            # the statistics of the tokens as stored (rounded to the output dtype), which
-            # the second pass normalises: as eager's LayerNorm sees its Linear's output
-            y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-            mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
-        elif HAS_POS:
-            pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
-            y += pos.to(tl.float32)
-        if OUT_NORM:
-            out_ptrs = _hint(y_rows[:, None], offs_n[None, :] * syd, 1, OVEC)
-        else:
-            out_ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    # the first column tile (the only one without an output norm) takes the input
+    # norm's statistics of the rows; the others reuse them
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    acc, s1, s2 = _gemm_rows(
+        x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
+        sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
+        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD,
+    )
+    if IN_NORM:
+        mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
+    mean, m2 = _tile_out(
+        acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n_start, colsum_ptr, shift_ptr,
+        pos_rows, spd, y_rows if OUT_NORM else out_rows, syd if OUT_NORM else sod, out_ptr,
+        IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+    )
+    if OUT_NORM:
+        for n1 in range(n_start + BLOCK_N, n_end, BLOCK_N):
+            offs_n = n1 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            acc, s1, s2 = _gemm_rows(
+                x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
+                sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
+                EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False,
+            )
+            mean, m2 = _tile_out(
+                acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n1, colsum_ptr, shift_ptr,
+                pos_rows, spd, y_rows, syd, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+            )
     if OUT_NORM:
         # second pass over the row block: normalise what this program wrote
         tl.debug_barrier()
