@@ -196,10 +196,13 @@ def _row_shift(x_ptr, row_base, ih0, iw0, row_ok, H, W, MASK_HW: tl.constexpr):
 
 @triton.jit
 def _in_norm_stats(s1, s2, K, in_eps):
-    """(mean of x - shift, rstd) from the sums of x - shift over K."""
-    mean_d = s1 / K
-    var = tl.maximum(s2 / K - mean_d * mean_d, 0.0)
-    return mean_d, 1.0 / tl.sqrt(var + in_eps)
+    """(mean of x - shift, rstd) from the sums of x - shift over K (1 / K once: each
+    row's statistics cost a few multiplies and one reciprocal square root, where
+    IEEE divisions cost a dozen instructions per row and layout)."""
+    inv_k = 1.0 / K.to(tl.float32)
+    mean_d = s1 * inv_k
+    var = tl.maximum(s2 * inv_k - mean_d * mean_d, 0.0)
+    return mean_d, tl.math.rsqrt(var + in_eps)
 
 
 @triton.jit
@@ -254,7 +257,7 @@ def _patch_embed_fwd_kernel(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
     OVEC: tl.constexpr, W_PAD: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr,
+    OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr, FLAT_OUT: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -282,7 +285,10 @@ def _patch_embed_fwd_kernel(
         pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64, RCP_ROWS
     )
     x_base = row_base
-    out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
+    if FLAT_OUT:  # no prefix tokens, images' rows back to back: row m at m * sot
+        out_rows = out_ptr + _idx(offs_m, IDX64) * sot  # (BLOCK_M,) pointers
+    else:
+        out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot
     if SAVE_Y:  # the first pass's rows: y (M, D), contiguous
         y_rows = y_ptr + _idx(offs_m, IDX64) * D
         syd = 1

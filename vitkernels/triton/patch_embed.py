@@ -474,6 +474,7 @@ def _fwd_launch(
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
         "OUT_NORM": bool(has_out_norm),
         "RCP_ROWS": g.L + cfg.block_m < _RCP_ROWS_LIMIT,
+        "FLAT_OUT": P == 0 and out.stride(0) == g.L * out.stride(1),
         "HAS_OW": has_out_norm and out_weight is not None,
         "HAS_OB": has_out_norm and out_bias is not None,
         "HAS_POS": pos_embed is not None,
