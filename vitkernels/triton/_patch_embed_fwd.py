@@ -142,13 +142,17 @@ def _gemm_rows(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
     PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr = True,
+    THIRDS: tl.constexpr = False,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
     (patches - shift) @ W.T, shift a (BLOCK_M,) value per row (``_row_shift``), and with
     STATS too the rows' sum and sum of squares of patches - shift over K (float32; zeros
     without). W_PAD: W's rows hold zeros past K up to a multiple of BLOCK_K (no k mask
-    on its tiles)."""
+    on its tiles). THIRDS (D = 3 * BLOCK_N, offs_n the first tile): also the next two
+    column tiles from the same patch tiles, in acc1 and acc2 (zeros without)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the input norm's sums, element-wise per K step and reduced once after the loop
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -162,12 +166,7 @@ def _gemm_rows(
             MASK_HW, EVEN_M, EVEN_K, VEC,
         )
         w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
-        if (EVEN_K or W_PAD) and EVEN_N:
-            b = tl.load(w_ptrs)
-        elif EVEN_K or W_PAD:
-            b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            b = tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
+        b = _w_tile(w_ptrs, k_ok, n_ok, EVEN_K, EVEN_N, W_PAD, WVEC)
         if IN_NORM:
             # around the shift: no cancellation of large means in the sums or the dot
             af = a.to(tl.float32) - shift[:, None]
@@ -178,8 +177,24 @@ def _gemm_rows(
                 s2 += af * af
             a = af.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
+        if THIRDS:  # every column is in range (D = 3 * BLOCK_N)
+            b = _w_tile(w_ptrs + BLOCK_N * swn, k_ok, n_ok, EVEN_K, EVEN_N, W_PAD, WVEC)
+            acc1 = tl.dot(a, b, acc1, input_precision=PREC)
+            b = _w_tile(w_ptrs + 2 * BLOCK_N * swn, k_ok, n_ok, EVEN_K, EVEN_N, W_PAD, WVEC)
+            acc2 = tl.dot(a, b, acc2, input_precision=PREC)
         c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
-    return acc, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+    return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _w_tile(w_ptrs, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_PAD: tl.constexpr, WVEC: tl.constexpr):
+    """A (BLOCK_K, BLOCK_N) tile of W.T, zero past K and D."""
+    if (EVEN_K or W_PAD) and EVEN_N:
+        return tl.load(w_ptrs)
+    elif EVEN_K or W_PAD:
+        return tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+    else:
+        return tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
 
 
 @triton.jit
@@ -260,6 +275,7 @@ def _patch_embed_fwd_kernel(
     OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr, FLAT_OUT: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
+    THIRDS: tl.constexpr,
 ):
     """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
 
@@ -269,10 +285,16 @@ def _patch_embed_fwd_kernel(
     output norm (float32, (M, 2)): what the backward reads.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(D, BLOCK_N),) with the column tile fastest
-    (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM.
+    (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM or
+    THIRDS (D = 3 * BLOCK_N: the three column tiles of a row block share its patch
+    tiles, no power-of-two tile padded past D).
     """
     pid = tl.program_id(0)
     if OUT_NORM:
+        pid_m = pid
+        n_start = 0
+        n_end = D
+    elif THIRDS:  # one program per BLOCK_M rows, D = 3 * BLOCK_N columns
         pid_m = pid
         n_start = 0
         n_end = D
@@ -311,10 +333,10 @@ def _patch_embed_fwd_kernel(
     # norm's statistics of the rows; the others reuse them
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
-    acc, s1, s2 = _gemm_rows(
+    acc, acc1, acc2, s1, s2 = _gemm_rows(
         x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
         sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD,
+        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, True, THIRDS,
     )
     if IN_NORM:
         mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
@@ -323,11 +345,20 @@ def _patch_embed_fwd_kernel(
         pos_rows, spd, y_rows if OUT_NORM else out_rows, syd if OUT_NORM else sod, out_ptr,
         IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
     )
+    if THIRDS:
+        _tile_out(
+            acc1, offs_n + BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, BLOCK_N, colsum_ptr,
+            shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+        )
+        _tile_out(
+            acc2, offs_n + 2 * BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, 2 * BLOCK_N, colsum_ptr,
+            shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+        )
     if OUT_NORM:
         for n1 in range(n_start + BLOCK_N, n_end, BLOCK_N):
             offs_n = n1 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < D
-            acc, s1, s2 = _gemm_rows(
+            acc, acc1, acc2, s1, s2 = _gemm_rows(
                 x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
                 sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
                 EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False,
