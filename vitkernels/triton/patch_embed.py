@@ -283,7 +283,9 @@ def fwd_config(
         # float32 and misaligned tensors keep 32 (64 spilled 32 B on sm_80 with triton 3.6,
         # 12 B on sm_90a with misaligned float16 tensors and triton 3.9)
         rows = 64 if arch >= 90 and aligned and not wide else 32
-        return FwdConfig(rows, _pow2_clamp(D, 32, 128), 32, 4, stages)
+        # sm_80: 2 stages (3 spilled 8-16 B for bfloat16 once the first column tile
+        # was peeled off to take the input norm's sums alone)
+        return FwdConfig(rows, _pow2_clamp(D, 32, 128), 32, 4, stages if arch >= 90 else 2)
     if D == 192 and not wide:
         # T2T's D 192 as three 64-column tiles of one program (each patch gathered once):
         # a 256-column tile spent a quarter of its MMA and epilogue on padding. One warp
