@@ -243,13 +243,14 @@ def test_triton_gradients_after_column_thirds(thirds_tiles):
 
 
 def test_column_thirds_config():
-    """D 192 (T2T) takes three 64-column tiles per program on a GPU (a 256-column tile
-    spent a quarter of its MMA and epilogue past D); other widths and the output norm
-    do not."""
+    """D 192 with a small K (T2T's first soft split) takes three 64-column tiles per
+    program on a GPU (a 256-column tile spent a quarter of its MMA and epilogue past
+    D); other widths, larger K and the output norm do not."""
     cfg = tp.fwd_config(256 * 3136, 192, 147, torch.bfloat16, True, False, False)
     assert cfg.thirds and cfg.block_n == 64
     assert not tp.fwd_config(256 * 3136, 256, 147, torch.bfloat16, True, False, False).thirds
     assert not tp.fwd_config(256 * 196, 192, 768, torch.bfloat16, True, True, False).thirds
+    assert not tp.fwd_config(64 * 784, 192, 576, torch.bfloat16, True, False, False).thirds
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

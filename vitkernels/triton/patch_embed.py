@@ -286,11 +286,13 @@ def fwd_config(
         # sm_80: 2 stages (3 spilled 8-16 B for bfloat16 once the first column tile
         # was peeled off to take the input norm's sums alone)
         return FwdConfig(rows, _pow2_clamp(D, 32, 128), 32, 4, stages if arch >= 90 else 2)
-    if D == 192 and not wide:
-        # T2T's D 192 as three 64-column tiles of one program (each patch gathered once):
-        # a 256-column tile spent a quarter of its MMA and epilogue on padding. One warp
-        # group and K steps of 16: each thread's patch tile holds half as many rows, whose
-        # addresses, bounds and sums are per row and thread (P3 fwd 235 -> 175 us, estimate)
+    if D == 192 and K < 256 and not wide:
+        # T2T's first soft split (K 147, D 192) as three 64-column tiles of one program
+        # (each patch gathered once): a 256-column tile spent a quarter of its MMA and
+        # epilogue on padding. One warp group and K steps of 16: each thread's patch tile
+        # holds half as many rows, whose addresses, bounds and sums are per row and
+        # thread (P3 fwd 235 -> 175 us, estimate). Larger K (T2T's second split, K 576)
+        # keeps the 256-column tile: not estimated.
         return FwdConfig(64, 64, 16, 4, 3, thirds=True)
     if D <= 256 and not wide:  # one column tile: each patch is gathered once
         block_n = _pow2_clamp(D, 32, 256)
