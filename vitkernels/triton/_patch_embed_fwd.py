@@ -62,12 +62,29 @@ def _patch_rows(
 
 
 @triton.jit
-def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr):
-    """k -> its (c, p, q) in the patch (integer divisions: once per program)."""
-    if PQC:  # k = (p * KW + q) * C + c
+def _divmod_small(x, d):
+    """(x // d, x % d) for integers 0 <= x < 2^20 and d >= 1, by a float32 reciprocal
+    (exact there: ``_patch_rows``), a few instructions where a division by a runtime
+    divisor costs a dozen or more."""
+    quo = ((x.to(tl.float32) + 0.5) * (1.0 / d.to(tl.float32))).to(tl.int32)
+    return quo, x - quo * d
+
+
+@triton.jit
+def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr, SMALL: tl.constexpr = False):
+    """k -> its (c, p, q) in the patch (once per program). SMALL: every k < 2^20
+    (float reciprocals; integer divisions without)."""
+    if SMALL:
+        if PQC:  # k = (p * KW + q) * C + c
+            pq, c = _divmod_small(offs_k, C)
+        else:  # k = c * KH * KW + p * KW + q
+            c, pq = _divmod_small(offs_k, KHW)
+        p, q = _divmod_small(pq, KW)
+        return c, p, q
+    if PQC:
         c = offs_k % C
         pq = offs_k // C
-    else:  # k = c * KH * KW + p * KW + q
+    else:
         c = offs_k // KHW
         pq = offs_k % KHW
     return c, pq // KW, pq % KW
@@ -75,10 +92,16 @@ def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr):
 
 @triton.jit
 def _k_deltas(C, KW, KHW, BLOCK_K: tl.constexpr, PQC: tl.constexpr):
-    """The digits of BLOCK_K (scalars), each below its radix but the outermost."""
+    """The digits of BLOCK_K (scalars), each below its radix but the outermost
+    (BLOCK_K < 2^20: float reciprocals)."""
+    bk = C * 0 + BLOCK_K
     if PQC:
-        return BLOCK_K % C, (BLOCK_K // (C * KW)), (BLOCK_K // C) % KW
-    return BLOCK_K // KHW, (BLOCK_K // KW) % (KHW // KW), BLOCK_K % KW
+        bq, dc = _divmod_small(bk, C)
+        dp, dq = _divmod_small(bq, KW)
+        return dc, dp, dq
+    bq, dq = _divmod_small(bk, KW)
+    dc, dp = _divmod_small(bq, KHW // KW)
+    return dc, dp, dq
 
 
 @triton.jit
@@ -156,7 +179,7 @@ def _gemm_rows(
     # the input norm's sums, element-wise per K step and reduced once after the loop
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC)
+    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC, True)
     dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
