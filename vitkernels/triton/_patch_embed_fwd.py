@@ -181,32 +181,58 @@ def _gemm_rows(
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC, True)
     dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = _patch_tile(
-            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
-            MASK_HW, EVEN_M, EVEN_K, VEC,
+    # whole K steps without k masks, then the partial one (K not a multiple of BLOCK_K)
+    for k0 in range(0, K - K % BLOCK_K, BLOCK_K):
+        acc, acc1, acc2, s1, s2 = _k_step(
+            acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok,
+            shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K, MASK_HW,
+            EVEN_M, EVEN_N, True, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS,
         )
-        w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
-        b = _w_tile(w_ptrs, k_ok, n_ok, EVEN_K, EVEN_N, W_PAD, WVEC)
-        if IN_NORM:
-            # around the shift: no cancellation of large means in the sums or the dot
-            af = a.to(tl.float32) - shift[:, None]
-            if not EVEN_K:
-                af = tl.where(k_ok[None, :], af, 0.0)
-            if STATS:
-                s1 += af
-                s2 += af * af
-            a = af.to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        if THIRDS:  # every column is in range (D = 3 * BLOCK_N)
-            b = _w_tile(w_ptrs + BLOCK_N * swn, k_ok, n_ok, EVEN_K, EVEN_N, W_PAD, WVEC)
-            acc1 = tl.dot(a, b, acc1, input_precision=PREC)
-            b = _w_tile(w_ptrs + 2 * BLOCK_N * swn, k_ok, n_ok, EVEN_K, EVEN_N, W_PAD, WVEC)
-            acc2 = tl.dot(a, b, acc2, input_precision=PREC)
         c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
+    if not EVEN_K:
+        acc, acc1, acc2, s1, s2 = _k_step(
+            acc, acc1, acc2, s1, s2, K - K % BLOCK_K, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0,
+            row_ok, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
+            MASK_HW, EVEN_M, EVEN_N, False, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS,
+        )
     return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _k_step(
+    acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift,
+    offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, FULL_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr,
+    IN_NORM: tl.constexpr, PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr,
+    THIRDS: tl.constexpr,
+):
+    """One K step of ``_gemm_rows`` at k0, whose k digits are (c, p, q); FULL_K: every
+    k of the step is below K (no k masks)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    a = _patch_tile(
+        x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
+        MASK_HW, EVEN_M, FULL_K, VEC,
+    )
+    w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
+    b = _w_tile(w_ptrs, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
+    if IN_NORM:
+        # around the shift: no cancellation of large means in the sums or the dot
+        af = a.to(tl.float32) - shift[:, None]
+        if not FULL_K:
+            af = tl.where(k_ok[None, :], af, 0.0)
+        if STATS:
+            s1 += af
+            s2 += af * af
+        a = af.to(a.dtype)
+    acc = tl.dot(a, b, acc, input_precision=PREC)
+    if THIRDS:  # every column is in range (D = 3 * BLOCK_N)
+        b = _w_tile(w_ptrs + BLOCK_N * swn, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
+        acc1 = tl.dot(a, b, acc1, input_precision=PREC)
+        b = _w_tile(w_ptrs + 2 * BLOCK_N * swn, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
+        acc2 = tl.dot(a, b, acc2, input_precision=PREC)
+    return acc, acc1, acc2, s1, s2
 
 
 @triton.jit

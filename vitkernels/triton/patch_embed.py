@@ -514,7 +514,7 @@ def _fwd_launch(
         writes=(out, stats, y, ostats),
         # the column loops (first pass, normalisation, prefix tokens) run over all of D
         # with an output norm, over one tile without; p over the prefix tokens
-        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 3 if thirds else 1, "k0": cdiv(K, cfg.block_k),
+        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 3 if thirds else 1, "k0": K // cfg.block_k,
                "n1": cdiv(D, cfg.block_n) - 1 if has_out_norm else 0, "p": P},
     )  # fmt: skip
 
