@@ -207,6 +207,52 @@ def test_triton_forward_many_tiles(name, small_tiles):
     assert_close(out, reference64(inputs), what=name, dtype=torch.float32)
 
 
+THIRDS_CASES = {  # D = 3 * 16: the three 16-column tiles of one program
+    "t2t_d48": dataclasses.replace(CASES["t2t_7_4_2"], D=48),
+    "vit": CASES["vit"],
+    "pit_plain_in_norm": dataclasses.replace(CASES["pit"], in_norm="plain", order="pqc"),
+}
+
+
+@pytest.fixture
+def thirds_tiles(monkeypatch, launches):
+    """16 x (3 x 16) tiles (the layout T2T's D 192 gets on a GPU: three 64-column tiles
+    of one program); every launch checked to have taken it."""
+    monkeypatch.setattr(tp, "fwd_config", lambda *a, **k: tp.FwdConfig(16, 16, 16, 4, 1, thirds=True))
+    yield
+    fwds = [la for la in launches if la.name.startswith("patch_embed_fwd")]
+    assert fwds and all(la.constexprs["THIRDS"] for la in fwds)
+
+
+@pytest.mark.parametrize("name", list(THIRDS_CASES))
+def test_triton_forward_column_thirds(name, thirds_tiles):
+    inputs = make_inputs(THIRDS_CASES[name], torch.float32)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), what=name, dtype=torch.float32)
+
+
+def test_triton_gradients_after_column_thirds(thirds_tiles):
+    """The saving forward with three column tiles per program writes the input norm's
+    statistics once per row: the backward that reads them matches float64."""
+    inputs = make_inputs(THIRDS_CASES["t2t_d48"], torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float32, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    for key in want:
+        assert_close(got[key], want[key], what=f"t2t_d48 d{key}", grad=True, floor=1.0, dtype=torch.float32)
+
+
+def test_column_thirds_config():
+    """D 192 with a small K (T2T's first soft split) takes three 64-column tiles per
+    program on a GPU (a 256-column tile spent a quarter of its MMA and epilogue past
+    D); other widths, larger K and the output norm do not."""
+    cfg = tp.fwd_config(256 * 3136, 192, 147, torch.bfloat16, True, False, False)
+    assert cfg.thirds and cfg.block_n == 64
+    assert not tp.fwd_config(256 * 3136, 256, 147, torch.bfloat16, True, False, False).thirds
+    assert not tp.fwd_config(256 * 196, 192, 768, torch.bfloat16, True, True, False).thirds
+    assert not tp.fwd_config(64 * 784, 192, 576, torch.bfloat16, True, False, False).thirds
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_torch_forward(name, dtype):

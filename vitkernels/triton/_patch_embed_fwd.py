@@ -62,12 +62,29 @@ def _patch_rows(
 
 
 @triton.jit
-def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr):
-    """k -> its (c, p, q) in the patch (integer divisions: once per program)."""
-    if PQC:  # k = (p * KW + q) * C + c
+def _divmod_small(x, d):
+    """(x // d, x % d) for integers 0 <= x < 2^20 and d >= 1, by a float32 reciprocal
+    (exact there: ``_patch_rows``), a few instructions where a division by a runtime
+    divisor costs a dozen or more."""
+    quo = ((x.to(tl.float32) + 0.5) * (1.0 / d.to(tl.float32))).to(tl.int32)
+    return quo, x - quo * d
+
+
+@triton.jit
+def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr, SMALL: tl.constexpr = False):
+    """k -> its (c, p, q) in the patch (once per program). SMALL: every k < 2^20
+    (float reciprocals; integer divisions without)."""
+    if SMALL:
+        if PQC:  # k = (p * KW + q) * C + c
+            pq, c = _divmod_small(offs_k, C)
+        else:  # k = c * KH * KW + p * KW + q
+            c, pq = _divmod_small(offs_k, KHW)
+        p, q = _divmod_small(pq, KW)
+        return c, p, q
+    if PQC:
         c = offs_k % C
         pq = offs_k // C
-    else:  # k = c * KH * KW + p * KW + q
+    else:
         c = offs_k // KHW
         pq = offs_k % KHW
     return c, pq // KW, pq % KW
@@ -75,10 +92,16 @@ def _k_digits(offs_k, C, KW, KHW, PQC: tl.constexpr):
 
 @triton.jit
 def _k_deltas(C, KW, KHW, BLOCK_K: tl.constexpr, PQC: tl.constexpr):
-    """The digits of BLOCK_K (scalars), each below its radix but the outermost."""
+    """The digits of BLOCK_K (scalars), each below its radix but the outermost
+    (BLOCK_K < 2^20: float reciprocals)."""
+    bk = C * 0 + BLOCK_K
     if PQC:
-        return BLOCK_K % C, (BLOCK_K // (C * KW)), (BLOCK_K // C) % KW
-    return BLOCK_K // KHW, (BLOCK_K // KW) % (KHW // KW), BLOCK_K % KW
+        bq, dc = _divmod_small(bk, C)
+        dp, dq = _divmod_small(bq, KW)
+        return dc, dp, dq
+    bq, dq = _divmod_small(bk, KW)
+    dc, dp = _divmod_small(bq, KHW // KW)
+    return dc, dp, dq
 
 
 @triton.jit
@@ -141,43 +164,86 @@ def _gemm_rows(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
-    PREC: tl.constexpr, W_PAD: tl.constexpr,
+    PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr = True,
+    THIRDS: tl.constexpr = False,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
-    (patches - shift) @ W.T and the rows' sum and sum of squares of patches - shift
-    over K (float32), shift a (BLOCK_M,) value per row (``_row_shift``). W_PAD: W's
-    rows hold zeros past K up to a multiple of BLOCK_K (no k mask on its tiles)."""
+    (patches - shift) @ W.T, shift a (BLOCK_M,) value per row (``_row_shift``), and with
+    STATS too the rows' sum and sum of squares of patches - shift over K (float32; zeros
+    without). W_PAD: W's rows hold zeros past K up to a multiple of BLOCK_K (no k mask
+    on its tiles). THIRDS (D = 3 * BLOCK_N, offs_n the first tile): also the next two
+    column tiles from the same patch tiles, in acc1 and acc2 (zeros without)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the input norm's sums, element-wise per K step and reduced once after the loop
     s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC)
+    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC, True)
     dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = _patch_tile(
-            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
-            MASK_HW, EVEN_M, EVEN_K, VEC,
+    # whole K steps without k masks, then the partial one (K not a multiple of BLOCK_K)
+    for k0 in range(0, K - K % BLOCK_K, BLOCK_K):
+        acc, acc1, acc2, s1, s2 = _k_step(
+            acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok,
+            shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K, MASK_HW,
+            EVEN_M, EVEN_N, True, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS,
         )
-        w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
-        if (EVEN_K or W_PAD) and EVEN_N:
-            b = tl.load(w_ptrs)
-        elif EVEN_K or W_PAD:
-            b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            b = tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
-        if IN_NORM:
-            # around the shift: no cancellation of large means in the sums or the dot
-            af = a.to(tl.float32) - shift[:, None]
-            if not EVEN_K:
-                af = tl.where(k_ok[None, :], af, 0.0)
+        c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
+    if not EVEN_K:
+        acc, acc1, acc2, s1, s2 = _k_step(
+            acc, acc1, acc2, s1, s2, K - K % BLOCK_K, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0,
+            row_ok, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
+            MASK_HW, EVEN_M, EVEN_N, False, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS,
+        )
+    return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _k_step(
+    acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift,
+    offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, FULL_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr,
+    IN_NORM: tl.constexpr, PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr,
+    THIRDS: tl.constexpr,
+):
+    """One K step of ``_gemm_rows`` at k0, whose k digits are (c, p, q); FULL_K: every
+    k of the step is below K (no k masks)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    a = _patch_tile(
+        x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
+        MASK_HW, EVEN_M, FULL_K, VEC,
+    )
+    w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
+    b = _w_tile(w_ptrs, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
+    if IN_NORM:
+        # around the shift: no cancellation of large means in the sums or the dot
+        af = a.to(tl.float32) - shift[:, None]
+        if not FULL_K:
+            af = tl.where(k_ok[None, :], af, 0.0)
+        if STATS:
             s1 += af
             s2 += af * af
-            a = af.to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
-    return acc, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+        a = af.to(a.dtype)
+    acc = tl.dot(a, b, acc, input_precision=PREC)
+    if THIRDS:  # every column is in range (D = 3 * BLOCK_N)
+        b = _w_tile(w_ptrs + BLOCK_N * swn, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
+        acc1 = tl.dot(a, b, acc1, input_precision=PREC)
+        b = _w_tile(w_ptrs + 2 * BLOCK_N * swn, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
+        acc2 = tl.dot(a, b, acc2, input_precision=PREC)
+    return acc, acc1, acc2, s1, s2
+
+
+@triton.jit
+def _w_tile(w_ptrs, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_PAD: tl.constexpr, WVEC: tl.constexpr):
+    """A (BLOCK_K, BLOCK_N) tile of W.T, zero past K and D."""
+    if (EVEN_K or W_PAD) and EVEN_N:
+        return tl.load(w_ptrs)
+    elif EVEN_K or W_PAD:
+        return tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+    else:
+        return tl.load(w_ptrs, mask=_mask2(k_ok, n_ok, WVEC, 1), other=0.0)
 
 
 @triton.jit
@@ -194,10 +260,13 @@ def _row_shift(x_ptr, row_base, ih0, iw0, row_ok, H, W, MASK_HW: tl.constexpr):
 
 @triton.jit
 def _in_norm_stats(s1, s2, K, in_eps):
-    """(mean of x - shift, rstd) from the sums of x - shift over K."""
-    mean_d = s1 / K
-    var = tl.maximum(s2 / K - mean_d * mean_d, 0.0)
-    return mean_d, 1.0 / tl.sqrt(var + in_eps)
+    """(mean of x - shift, rstd) from the sums of x - shift over K (1 / K once: each
+    row's statistics cost a few multiplies and one reciprocal square root, where
+    IEEE divisions cost a dozen instructions per row and layout)."""
+    inv_k = 1.0 / K.to(tl.float32)
+    mean_d = s1 * inv_k
+    var = tl.maximum(s2 * inv_k - mean_d * mean_d, 0.0)
+    return mean_d, tl.math.rsqrt(var + in_eps)
 
 
 @triton.jit
@@ -214,6 +283,35 @@ def _chan_update(mean, m2, y, n_ok, n0):
 
 
 @triton.jit
+def _tile_out(
+    acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n0, colsum_ptr, shift_ptr, pos_rows, spd,
+    dst_rows, sdd, out_ptr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    OUT_NORM: tl.constexpr, HAS_POS: tl.constexpr, OVEC: tl.constexpr,
+):
+    """One column tile of the first pass: the input norm's correction of the GEMM, the
+    bias (and position embedding without an output norm) applied, the tile stored at
+    dst_rows (BLOCK_M,) pointers, column stride sdd; returns the output norm's running
+    (mean, M2) with the tile merged in (unchanged without an output norm)."""
+    y = acc
+    if IN_NORM:
+        colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
+        y = rstd[:, None] * (y - mean_d[:, None] * colsum[None, :])
+    if HAS_SHIFT:
+        y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = _mask2(row_ok, n_ok, 1, OVEC)
+    if OUT_NORM:
+        # the statistics of the tokens as stored (rounded to the output dtype), which
+        # the second pass normalises: as eager's LayerNorm sees its Linear's output
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
+    elif HAS_POS:
+        pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
+        y += pos.to(tl.float32)
+    tl.store(_hint(dst_rows[:, None], offs_n[None, :] * sdd, 1, OVEC), y.to(out_ptr.dtype.element_ty), mask=mask)
+    return mean, m2
+
+
+@triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, colsum_ptr, shift_ptr, ow_ptr, ob_ptr, pos_ptr, cls_ptr, out_ptr, stats_ptr,
     y_ptr, ostats_ptr, M, L, Wout, D, K, C, H, W, KW, KHW, SH, SW, PH, PW, P,
@@ -223,9 +321,10 @@ def _patch_embed_fwd_kernel(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, IDX64: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
     OVEC: tl.constexpr, W_PAD: tl.constexpr, IN_NORM: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    OUT_NORM: tl.constexpr,
+    OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr, FLAT_OUT: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
+    THIRDS: tl.constexpr,
 ):
     """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
 
@@ -235,10 +334,16 @@ def _patch_embed_fwd_kernel(
     output norm (float32, (M, 2)): what the backward reads.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(D, BLOCK_N),) with the column tile fastest
-    (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM.
+    (the A rows stay in L2 across columns); (cdiv(M, BLOCK_M),) with OUT_NORM or
+    THIRDS (D = 3 * BLOCK_N: the three column tiles of a row block share its patch
+    tiles, no power-of-two tile padded past D).
     """
     pid = tl.program_id(0)
     if OUT_NORM:
+        pid_m = pid
+        n_start = 0
+        n_end = D
+    elif THIRDS:  # one program per BLOCK_M rows, D = 3 * BLOCK_N columns
         pid_m = pid
         n_start = 0
         n_end = D
@@ -248,10 +353,13 @@ def _patch_embed_fwd_kernel(
         n_start = (pid % num_n) * BLOCK_N
         n_end = n_start + BLOCK_N
     offs_m, row_ok, b, l, ih0, iw0, row_base = _patch_rows(
-        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64
+        pid_m, M, L, Wout, SH, SW, PH, PW, sxb, sxh, sxw, BLOCK_M, IDX64, RCP_ROWS
     )
     x_base = row_base
-    out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot  # (BLOCK_M,) pointers
+    if FLAT_OUT:  # no prefix tokens, images' rows back to back: row m at m * sot
+        out_rows = out_ptr + _idx(offs_m, IDX64) * sot  # (BLOCK_M,) pointers
+    else:
+        out_rows = out_ptr + _idx(b, IDX64) * sob + (P + l) * sot
     if SAVE_Y:  # the first pass's rows: y (M, D), contiguous
         y_rows = y_ptr + _idx(offs_m, IDX64) * D
         syd = 1
@@ -270,35 +378,44 @@ def _patch_embed_fwd_kernel(
         shift = _row_shift(x_ptr, x_base, ih0, iw0, row_ok, H, W, MASK_HW)
     else:
         shift = mean_d
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
-        acc, s1, s2 = _gemm_rows(
-            x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
-            sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-            EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD,
+    # the first column tile (the only one without an output norm) takes the input
+    # norm's statistics of the rows; the others reuse them
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    acc, acc1, acc2, s1, s2 = _gemm_rows(
+        x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
+        sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
+        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, True, THIRDS,
+    )
+    if IN_NORM:
+        mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
+    mean, m2 = _tile_out(
+        acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n_start, colsum_ptr, shift_ptr,
+        pos_rows, spd, y_rows if OUT_NORM else out_rows, syd if OUT_NORM else sod, out_ptr,
+        IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+    )
+    if THIRDS:
+        _tile_out(
+            acc1, offs_n + BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, BLOCK_N, colsum_ptr,
+            shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
         )
-        y = acc
-        if IN_NORM:
-            mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
-            colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
-            y = rstd[:, None] * (y - mean_d[:, None] * colsum[None, :])
-        if HAS_SHIFT:
-            y += tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        mask = _mask2(row_ok, n_ok, 1, OVEC)
-        if OUT_NORM:
-            # the statistics of the tokens as stored (rounded to the output dtype), which
-            # the second pass normalises: as eager's LayerNorm sees its Linear's output
-            y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-            mean, m2 = _chan_update(mean, m2, y, n_ok, n0)
-        elif HAS_POS:
-            pos = tl.load(_hint(pos_rows[:, None], offs_n[None, :] * spd, 1, OVEC), mask=mask, other=0.0)
-            y += pos.to(tl.float32)
-        if OUT_NORM:
-            out_ptrs = _hint(y_rows[:, None], offs_n[None, :] * syd, 1, OVEC)
-        else:
-            out_ptrs = _hint(out_rows[:, None], offs_n[None, :] * sod, 1, OVEC)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _tile_out(
+            acc2, offs_n + 2 * BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, 2 * BLOCK_N, colsum_ptr,
+            shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+        )
+    if OUT_NORM:
+        for n1 in range(n_start + BLOCK_N, n_end, BLOCK_N):
+            offs_n = n1 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < D
+            acc, acc1, acc2, s1, s2 = _gemm_rows(
+                x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
+                sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
+                EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False,
+            )
+            mean, m2 = _tile_out(
+                acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n1, colsum_ptr, shift_ptr,
+                pos_rows, spd, y_rows, syd, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+            )
     if OUT_NORM:
         # second pass over the row block: normalise what this program wrote
         tl.debug_barrier()

@@ -254,6 +254,7 @@ class FwdConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    thirds: bool = False  # D = 3 * block_n, one program per row block takes all three tiles
 
 
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
@@ -282,8 +283,18 @@ def fwd_config(
         # float32 and misaligned tensors keep 32 (64 spilled 32 B on sm_80 with triton 3.6,
         # 12 B on sm_90a with misaligned float16 tensors and triton 3.9)
         rows = 64 if arch >= 90 and aligned and not wide else 32
-        return FwdConfig(rows, _pow2_clamp(D, 32, 128), 32, 4, stages)
-    if D <= 256 and not wide:  # one column tile: each patch is gathered once (T2T, D 192)
+        # sm_80: 2 stages (3 spilled 8-16 B for bfloat16 once the first column tile
+        # was peeled off to take the input norm's sums alone)
+        return FwdConfig(rows, _pow2_clamp(D, 32, 128), 32, 4, stages if arch >= 90 else 2)
+    if D == 192 and K < 256 and not wide:
+        # T2T's first soft split (K 147, D 192) as three 64-column tiles of one program
+        # (each patch gathered once): a 256-column tile spent a quarter of its MMA and
+        # epilogue on padding. One warp group and K steps of 16: each thread's patch tile
+        # holds half as many rows, whose addresses, bounds and sums are per row and
+        # thread (P3 fwd 235 -> 175 us, estimate). Larger K (T2T's second split, K 576)
+        # keeps the 256-column tile: not estimated.
+        return FwdConfig(64, 64, 16, 4, 3, thirds=True)
+    if D <= 256 and not wide:  # one column tile: each patch is gathered once
         block_n = _pow2_clamp(D, 32, 256)
         return FwdConfig(64 if block_n == 256 else 128, block_n, block_k, 8, stages)
     if not in_norm and not wide:  # P1: 64 x 256 tiles, as many MACs per tile as 128 x 128
@@ -412,8 +423,10 @@ def _prepare(
     write_plain = plain and order != patch_order
     w_plain = _new((D, KP), device=dev, dtype=weight.dtype)[:, :K] if write_plain else weight if plain else None
     colsum, shift = _new((D,), device=dev, dtype=torch.float32), _new((D,), device=dev, dtype=torch.float32)
-    # 32 x 64 tiles spilled 24 B for float16 weights with triton 3.6 on sm_90a (as launched)
-    block_n, block_k = (16, 32) if interpret else (32, 32)
+    # 8 rows of W per program: D / 8 programs (96 for D 768) where 32 rows left most SMs
+    # idle (P2 prep 6.5 -> 4.1 us, estimate); 32 x 64 tiles spilled 24 B for float16
+    # weights with triton 3.6 on sm_90a (as launched)
+    block_n, block_k = (16, 32) if interpret else (8, 64)
     launch(Launch(
         f"patch_embed_prep[{SHORT[weight.dtype]},{patch_order}->{order},K{K}]",
         _prep_kernel, (cdiv(D, block_n),),
@@ -446,6 +459,7 @@ def _fwd_launch(
     cfg = fwd_config(
         M, D, K, images.dtype, has_in_norm, has_out_norm, interpret, target_arch(images.device), aligned
     )
+    thirds = cfg.thirds and not has_out_norm and D == 3 * cfg.block_n
     f32_dummy = stats if stats is not None else prep.colsum if prep.colsum is not None else out
     pos = pos_embed if pos_embed is not None else out
     cls = cls_token if cls_token is not None else out
@@ -473,6 +487,8 @@ def _fwd_launch(
         "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D), _run_vec(y, -1, D)),
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
         "OUT_NORM": bool(has_out_norm),
+        "RCP_ROWS": g.L + cfg.block_m < _RCP_ROWS_LIMIT,
+        "FLAT_OUT": P == 0 and out.stride(0) == g.L * out.stride(1),
         "HAS_OW": has_out_norm and out_weight is not None,
         "HAS_OB": has_out_norm and out_bias is not None,
         "HAS_POS": pos_embed is not None,
@@ -481,9 +497,10 @@ def _fwd_launch(
         "WRITE_STATS": stats is not None,
         "SAVE_Y": y is not None,
         "PREC": dot_precision(images.dtype),
+        "THIRDS": thirds,
     }
     m_blocks = cdiv(M, cfg.block_m)
-    grid = (m_blocks,) if has_out_norm else (m_blocks * cdiv(D, cfg.block_n),)
+    grid = (m_blocks,) if has_out_norm or thirds else (m_blocks * cdiv(D, cfg.block_n),)
     parts = (("in", has_in_norm), ("out", has_out_norm), ("pos", pos_embed is not None), ("cls", P > 0))
     tag = "+".join(t for t, on in parts if on) or "plain"
     if recompute:
@@ -497,8 +514,8 @@ def _fwd_launch(
         writes=(out, stats, y, ostats),
         # the column loops (first pass, normalisation, prefix tokens) run over all of D
         # with an output norm, over one tile without; p over the prefix tokens
-        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 1, "k0": cdiv(K, cfg.block_k),
-               "p": P},
+        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 3 if thirds else 1, "k0": K // cfg.block_k,
+               "n1": cdiv(D, cfg.block_n) - 1 if has_out_norm else 0, "p": P},
     )  # fmt: skip
 
 
