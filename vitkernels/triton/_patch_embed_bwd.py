@@ -392,7 +392,7 @@ def _dw_dxn_kernel(
     ti = tl.arange(0, BLOCK_M) // TW  # the row's place in the tile
     tj = tl.arange(0, BLOCK_M) % TW
     rl = ti * Wout + tj  # l - the tile's first l
-    dy_off = (rl * sdt)[:, None] + (offs_n * sdd)[None, :]  # (BLOCK_M, BLOCK_N)
+    rl_dy = rl * sdt
     # (BLOCK_M, BLOCK_K): the element's image offset and (ih, iw) less the tile's
     x_off = (ti * (SH * sxh) + tj * (SW * sxw))[:, None] + (c * sxc + p * sxh + q * sxw)[None, :]
     ih_off = (ti * SH)[:, None] + tl.where(k_ok, p, 1 << 30)[None, :]  # k >= K: out along h
@@ -415,7 +415,7 @@ def _dw_dxn_kernel(
         if not EVEN_M:
             row_ok = (ti < Hout - oh0) & (tj < Wout - ow0)
         dy = tl.load(
-            _hint(dy_ptr + (_idx(b, IDX64) * sdb + (P + l0) * sdt), dy_off, 1, DVEC),
+            _hint((dy_ptr + (_idx(b, IDX64) * sdb + (P + l0) * sdt) + rl_dy)[:, None], offs_n[None, :] * sdd, 1, DVEC),
             mask=_mask2(row_ok, n_ok, 1, DVEC),
             other=0.0,
         )  # (BLOCK_M, BLOCK_N)
