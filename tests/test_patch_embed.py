@@ -428,6 +428,47 @@ def test_triton_fused_backward_pieces(name):
         assert_close(t.grad, want[key], what=f"{name} d{key}", grad=True, floor=1.0)
 
 
+@pytest.mark.parametrize(
+    "hw", [(11, 67), (15, 63)], ids=["ragged", "even"]
+)  # 3 x 17 and 4 x 16 patches: 2 x 3 and 2 x 2 tiles of 2 x 8 per image
+def test_triton_fused_backward_tile_walk(hw, small_tiles, monkeypatch):
+    """The fused dW + dxn kernel walks its split's tiles of the patch grid by a
+    mixed-radix add (tile column, tile row, image) from a start that is not an image's
+    first tile: with several tiles along both grid axes, ragged (edge tiles masked)
+    or not, splits that start mid-row and walk on into the next image, every gradient
+    matches float64."""
+    names = []
+
+    def spy(spec):
+        names.append(spec.name)
+        return launch(spec)
+
+    launch = tp.launch
+    monkeypatch.setattr(tp, "launch", spy)
+    inputs = make_inputs(Case(H=hw[0], W=hw[1], k=7, s=4, p=2, in_norm="affine", D=24), torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float32, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    assert any(n.startswith("patch_embed_dw_dxn[") for n in names), names
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close(got[key], want[key], what=f"{hw} d{key}", grad=True, floor=1.0, dtype=torch.float32)
+
+
+def test_triton_fused_backward_split_rounded_down(monkeypatch):
+    """The fused kernel's row split is rounded to whole tiles per split (4 asked, 6
+    tiles: 2 per split, 3 splits): the input norm's gradients sum only the 3 splits'
+    partials (they summed a 4th, never written: garbage from the workspace)."""
+    cfg = tp.bwd_config
+    monkeypatch.setattr(tp, "bwd_config", lambda *a, **k: dataclasses.replace(cfg(*a, **k), split=4))
+    inputs = make_inputs(Case(H=11, W=67, k=7, s=4, p=2, in_norm="affine", D=24), torch.float32)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float32, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    for key in want:
+        assert_close(got[key], want[key], what=f"d{key}", grad=True, floor=1.0, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("name", ["vit", "t2t_7_4_2"])
 def test_triton_bias_gradient_with_frozen_weight(name):
     """Without an output norm the bias gradient comes out of the dW kernel (an extra

@@ -743,11 +743,11 @@ def patch_embed_bwd(
     tiles_even = g.Ho % (cfg.block_m // tw) == 0 and g.Wo % tw == 0  # every tile inside the grid
     if fused:
         dw_launch = False
-        dxn_split = dw_split = (
+        dw_split = (
             min(cfg.split, grid_tiles) if interpret else _row_split(num_k_fused, grid_tiles, _sms(dev), _FUSED_PER_SM)
         )
         dw_per = cdiv(grid_tiles, dw_split)
-        dw_split = cdiv(grid_tiles, dw_per)
+        dxn_split = dw_split = cdiv(grid_tiles, dw_per)  # the partials the fold sums
     if not fused:
         dxn_per = cdiv(m_blocks, dxn_split)
         dxn_split = cdiv(m_blocks, dxn_per)
