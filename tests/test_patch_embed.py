@@ -297,6 +297,25 @@ def test_in_norm_counts_padding_zeros():
     assert_close(out[0, 0], want)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # one patch wider than the image, padded on both sides of both axes
+        Case(C=2, H=3, W=5, k=7, s=4, p=2, in_norm="affine", D=24),
+        # a 3 x 15 kernel: the widest the forward's per-row padding bit words take
+        Case(C=2, H=6, W=16, k=(3, 15), s=(1, 2), p=(1, 7), in_norm="affine", D=24),
+        # a 16-wide kernel: past the bit words, the padding from coordinates
+        Case(C=1, H=18, W=18, k=16, s=2, p=1, in_norm="affine", D=24),
+    ],
+    ids=["kernel_past_both_sides", "kernel_3x15", "kernel_16"],
+)
+def test_triton_forward_padding_edges(case):
+    """The padding mask at its edges (float32, interpreter)."""
+    inputs = make_inputs(case, torch.float32)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), what=str(case), dtype=torch.float32)
+
+
 def _bright_images(c: Case, dtype: torch.dtype, kind: str) -> torch.Tensor:
     """Bright patches (mean 200) that are flat ("flat": one value, variance 0, so the
     input norm's rstd is eps**-0.5) or nearly so ("near": steps of 1/8, exact in f16)."""

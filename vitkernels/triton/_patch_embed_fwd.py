@@ -158,6 +158,31 @@ def _patch_tile(
 
 
 @triton.jit
+def _row_bits(ih0, iw0, row_ok, H, W):
+    """Each row's in-image kernel offsets as one int32 word (kernels of at most 15 x 15,
+    the launcher's HW_BITS): bit p for image row ih0 + p inside [0, H), bit 16 + q for
+    column iw0 + q inside [0, W); 0 past M. Bit 15 is never set (``_k_bits``)."""
+    plo = tl.minimum(tl.maximum(-ih0, 0), 15)
+    phi = tl.minimum(tl.maximum(H - ih0, 0), 15)  # >= plo
+    qlo = tl.minimum(tl.maximum(-iw0, 0), 15)
+    qhi = tl.minimum(tl.maximum(W - iw0, 0), 15)
+    bits = ((1 << phi) - (1 << plo)) | (((1 << qhi) - (1 << qlo)) << 16)
+    return tl.where(row_ok, bits, 0)
+
+
+@triton.jit
+def _k_bits(p, q, k_ok, FULL_K: tl.constexpr):
+    """Each k's kernel offsets as the bits ``_row_bits`` tests (bit 15, never set there,
+    where k_ok is false): element (m, k) is inside the image when
+    row_bits[m] & k_bits[k] == k_bits[k], two instructions per element where the
+    coordinates' adds and compares took about five."""
+    bits = (1 << p) | (1 << (q + 16))
+    if not FULL_K:
+        bits = tl.where(k_ok, bits, 1 << 15)
+    return bits
+
+
+@triton.jit
 def _gemm_rows(
     x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
     sxc, sxh, sxw, swn, swk,
@@ -165,14 +190,15 @@ def _gemm_rows(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
     PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr = True,
-    THIRDS: tl.constexpr = False,
+    THIRDS: tl.constexpr = False, HW_BITS: tl.constexpr = False,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
     (patches - shift) @ W.T, shift a (BLOCK_M,) value per row (``_row_shift``), and with
     STATS too the rows' sum and sum of squares of patches - shift over K (float32; zeros
     without). W_PAD: W's rows hold zeros past K up to a multiple of BLOCK_K (no k mask
     on its tiles). THIRDS (D = 3 * BLOCK_N, offs_n the first tile): also the next two
-    column tiles from the same patch tiles, in acc1 and acc2 (zeros without)."""
+    column tiles from the same patch tiles, in acc1 and acc2 (zeros without). HW_BITS
+    (with MASK_HW): the padding mask from ``_row_bits`` / ``_k_bits``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -181,40 +207,48 @@ def _gemm_rows(
     s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC, True)
     dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
+    rbits = _row_bits(ih0, iw0, row_ok, H, W) if HW_BITS else row_ok.to(tl.int32)
     # whole K steps without k masks, then the partial one (K not a multiple of BLOCK_K)
     for k0 in range(0, K - K % BLOCK_K, BLOCK_K):
         acc, acc1, acc2, s1, s2 = _k_step(
             acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok,
-            shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K, MASK_HW,
-            EVEN_M, EVEN_N, True, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS,
+            rbits, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
+            MASK_HW, EVEN_M, EVEN_N, True, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS, HW_BITS,
         )
         c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
     if not EVEN_K:
         acc, acc1, acc2, s1, s2 = _k_step(
             acc, acc1, acc2, s1, s2, K - K % BLOCK_K, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0,
-            row_ok, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
-            MASK_HW, EVEN_M, EVEN_N, False, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS,
+            row_ok, rbits, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
+            MASK_HW, EVEN_M, EVEN_N, False, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS, HW_BITS,
         )
     return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
 
 
 @triton.jit
 def _k_step(
-    acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift,
-    offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk,
+    acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok, rbits,
+    shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, FULL_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr,
     IN_NORM: tl.constexpr, PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr,
-    THIRDS: tl.constexpr,
+    THIRDS: tl.constexpr, HW_BITS: tl.constexpr,
 ):
     """One K step of ``_gemm_rows`` at k0, whose k digits are (c, p, q); FULL_K: every
-    k of the step is below K (no k masks)."""
+    k of the step is below K (no k masks); rbits: ``_row_bits`` with HW_BITS."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    a = _patch_tile(
-        x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
-        MASK_HW, EVEN_M, FULL_K, VEC,
-    )
+    if MASK_HW and HW_BITS:
+        kbits = _k_bits(p, q, k_ok, FULL_K)
+        inside = (rbits[:, None] & kbits[None, :]) == kbits[None, :]
+        col = c * sxc + p * sxh + q * sxw
+        row_ptrs = x_ptr + row_base
+        a = tl.load(_hint(row_ptrs[:, None], col[None, :], 1, VEC), mask=inside, other=0.0)
+    else:
+        a = _patch_tile(
+            x_ptr, row_base, ih0, iw0, row_ok, c, p, q, k_ok, H, W, sxc, sxh, sxw,
+            MASK_HW, EVEN_M, FULL_K, VEC,
+        )
     w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
     b = _w_tile(w_ptrs, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
     if IN_NORM:
@@ -324,7 +358,7 @@ def _patch_embed_fwd_kernel(
     OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr, FLAT_OUT: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
-    THIRDS: tl.constexpr,
+    THIRDS: tl.constexpr, HW_BITS: tl.constexpr,
 ):
     """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
 
@@ -385,7 +419,7 @@ def _patch_embed_fwd_kernel(
     acc, acc1, acc2, s1, s2 = _gemm_rows(
         x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
         sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, True, THIRDS,
+        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, True, THIRDS, HW_BITS,
     )
     if IN_NORM:
         mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
@@ -410,7 +444,7 @@ def _patch_embed_fwd_kernel(
             acc, acc1, acc2, s1, s2 = _gemm_rows(
                 x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
                 sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-                EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False,
+                EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False, False, HW_BITS,
             )
             mean, m2 = _tile_out(
                 acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n1, colsum_ptr, shift_ptr,

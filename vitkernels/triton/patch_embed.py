@@ -498,6 +498,8 @@ def _fwd_launch(
         "SAVE_Y": y is not None,
         "PREC": dot_precision(images.dtype),
         "THIRDS": thirds,
+        # the padding mask from per-row and per-k bit words (kernels of at most 15 x 15)
+        "HW_BITS": g.mask_hw and g.kh <= 15 and g.kw <= 15,
     }
     m_blocks = cdiv(M, cfg.block_m)
     grid = (m_blocks,) if has_out_norm or thirds else (m_blocks * cdiv(D, cfg.block_n),)
