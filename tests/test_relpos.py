@@ -374,6 +374,19 @@ def test_dkdv_bias_tiles_of_every_block_size(poisoned):
         check_grads("triton", q, k, v, table, kwargs_of(case), GRAD_TOL[torch.float32], f"{blocks}")
 
 
+@pytest.mark.parametrize(("arch", "scale"), [(90, -0.4), (90, 0.0), (90, 1e-5), (80, 0.3)])
+def test_dkdv_bias_after_the_dot(arch, scale, monkeypatch, poisoned):
+    """The dK/dV kernel starts its K Q^T dot's accumulator at the bias divided by scale *
+    log2(e) on sm_90a (the path every other gradient test takes); for sm_80, and for a
+    negative scale or one near 0 (no division by it), it adds the bias in log2 units
+    after the dot. 6 x 6 keys: a bias launch, a full query block and a tail."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: arch)
+    case = (1, 2, 6, 6, 1, 16, 16)
+    q, k, v, table = make(case)
+    kw = {**kwargs_of(case), "scale": scale}
+    check_grads("triton", q, k, v, table, kw, GRAD_TOL[torch.float32], f"sm_{arch}, scale {scale}")
+
+
 @pytest.mark.parametrize("view", ["conv", "tokens"])
 def test_gradients_through_strided_views(view, poisoned):
     case = CASES["A4 shrink 14to7"]

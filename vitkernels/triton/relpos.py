@@ -30,7 +30,8 @@ ever in memory):
   kernel reads, each stored in the order that a coalesced load, permuted back in
   registers, puts in the MMA accumulator's layout (``_bias_tile``). The forward's
   tiles are (queries, keys), divided by the scale (times bias_scale / scale); the dK/dV
-  kernel's (keys, queries), in log2 units (times bias_scale * log2(e)). Built from the table on
+  kernel's (keys, queries), the same on sm_90a for a scale not near 0 (else in log2
+  units, times bias_scale * log2(e)). Built from the table on
   every call, never cached, so never stale; the forward and dK/dV kernels load its
   tiles instead of gathering from the table (except where they have one key block,
   resp. one query block: there they gather it, and the call has no bias launch).
@@ -331,11 +332,14 @@ def _fwd_kernel(
 def _dkdv_step(
     k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_m, offs_dk, offs_dv,
     stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
-    DK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, DELTA_FROM_O: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, DELTA_FROM_O: tl.constexpr, BIAS_ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of a key block updated with the queries offs_m (all of them below NQ unless
-    MASKED), bias_t their (keys, queries) bias tile in log2 units. A missing key's bias
-    is -inf (p = 0); a missing query has q = dO = 0 and delta = 0, so its p = 1
+    MASKED), bias_t their (keys, queries) bias tile: with BIAS_ACC divided by c = qk_scale
+    > 0 and the K Q^T dot's accumulator (a logit in log2 units is then one fma, c * s -
+    lse * log2(e), as in the forward), else in log2 units, added after the dot. A missing
+    key's bias is -inf (p = 0); a missing query has q = dO = 0 and delta = 0, so its p = 1
     contributes dO = 0 to dv and dS = 0 to dk."""
     if MASKED:
         m_ok = offs_m < NQ
@@ -347,8 +351,12 @@ def _dkdv_step(
         g_mask = offs_dv[None, :] < DV
         lse = tl.load(lse_base + offs_m)
     qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd, mask=q_mask, other=0.0)
-    st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-    pt = tl.exp2(st + bias_t - lse[None, :] * 1.4426950408889634)
+    if BIAS_ACC:
+        st = tl.dot(k, qt, bias_t, input_precision=PREC)  # (BLOCK_N, BLOCK_M), log2 units / c
+        pt = tl.exp2(tl.fma(st, qk_scale, -(lse * 1.4426950408889634)[None, :]))
+    else:
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        pt = tl.exp2(st + bias_t - lse[None, :] * 1.4426950408889634)
     do = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd, mask=g_mask, other=0.0)
     if DELTA_FROM_O:
         o = tl.load(o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od, mask=g_mask, other=0.0)
@@ -374,11 +382,11 @@ def _bwd_dkdv_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
     H, NQ, NQ_FULL, NK, NUM_KB, CQ, C, S,
-    qk_scale, sm_scale, bias_scale,  # qk_scale, bias_scale multiplied by log2(e)
+    qk_scale, sm_scale, bias_mult,  # scale * log2(e); scale; the bias's multiplier (``_dkdv_step``)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_M: tl.constexpr,
     LOOP_MASKED: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, DELTA_FROM_O: tl.constexpr,
-    PREC: tl.constexpr,
+    BIAS_ACC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Queries [0, NQ_FULL) (a multiple of BLOCK_M; FULL: NQ_FULL > 0) in unmasked blocks
     of BLOCK_M, then the rest, if any, in one masked block of TAIL_M >= NQ - NQ_FULL
@@ -425,17 +433,17 @@ def _bwd_dkdv_kernel(
         dk, dv = _dkdv_step(k, v, dk, dv, _bias_tile(b_base + start_m * BLOCK_N, BLOCK_N, BLOCK_M), q_base, g_base, o_base,
                             lse_base, delta_base, offs_m, offs_dk, offs_dv, stride_qn, stride_qd, stride_gn,
                             stride_gd, stride_on, stride_od, NQ, qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O,
-                            PREC)  # fmt: skip
+                            BIAS_ACC, PREC)  # fmt: skip
     if TAIL_M > 0:
         offs_t = NQ_FULL + tl.arange(0, TAIL_M)
         if GATHER:
             bias_t = _table_bias(T, stride_th, stride_tn, h, offs_t[None, :], offs_n[:, None], NQ, NK, CQ, C, S,
-                                 bias_scale)  # fmt: skip
+                                 bias_mult)  # fmt: skip
         else:
             bias_t = _bias_tile(b_base + NQ_FULL * BLOCK_N, BLOCK_N, TAIL_M)
         dk, dv = _dkdv_step(k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_t, offs_dk,
                             offs_dv, stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
-                            DK, DV, True, DELTA_FROM_O, PREC)  # fmt: skip
+                            DK, DV, True, DELTA_FROM_O, BIAS_ACC, PREC)  # fmt: skip
 
     dk = dk * sm_scale
     out_row = pid_bh.to(tl.int64) * NK + offs_n
@@ -1114,16 +1122,21 @@ def _launch_dkdv(
     block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     nq_full = cfg.full
     num_kb = cdiv(NK, block_n)
+    # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
+    # is positive and not tiny (as in the forward) and the dot is a wgmma (sm_90a); else
+    # it is in log2 units, added after the dot
+    bias_acc = target_arch(q.device) >= 90 and scale >= _MIN_SCALE
+    mult = bias_scale / scale if bias_acc else bias_scale * _LOG2E
     bias = table if gather else _expand_tile_bias(
-        table, NQ, NK, cq, fmap_cols, q_stride, bias_scale * _LOG2E, block_n, block_m, nq_full,
+        table, NQ, NK, cq, fmap_cols, q_stride, mult, block_n, block_m, nq_full,
         cfg.constexprs["TAIL_M"], True, f"relpos_dkdv_bias[{tag}]",
     )
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
         [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
-         H, NQ, nq_full, NK, num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, bias_scale * _LOG2E],
-        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o,
+         H, NQ, nq_full, NK, num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, mult],
+        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o, "BIAS_ACC": bias_acc,
          "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
         writes=(dk, dv),
