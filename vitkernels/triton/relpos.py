@@ -428,12 +428,14 @@ def _bwd_dkdv_kernel(
     delta_base = DELTA + pid_bh.to(tl.int64) * NQ
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range(0, NQ_FULL if FULL else 0, BLOCK_M):  # unless LOOP_MASKED: every query exists
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        dk, dv = _dkdv_step(k, v, dk, dv, _bias_tile(b_base + start_m * BLOCK_N, BLOCK_N, BLOCK_M), q_base, g_base, o_base,
-                            lse_base, delta_base, offs_m, offs_dk, offs_dv, stride_qn, stride_qd, stride_gn,
-                            stride_gd, stride_on, stride_od, NQ, qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O,
-                            BIAS_ACC, PREC)  # fmt: skip
+    # no full block (GATHER): no loop code (BIAS is the table there, not float32 tiles)
+    if FULL:
+        for start_m in range(0, NQ_FULL, BLOCK_M):  # unless LOOP_MASKED: every query exists
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            bias_t = _bias_tile(b_base + start_m * BLOCK_N, BLOCK_N, BLOCK_M)
+            dk, dv = _dkdv_step(k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_m, offs_dk,
+                                offs_dv, stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ,
+                                qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O, BIAS_ACC, PREC)  # fmt: skip
     if TAIL_M > 0:
         offs_t = NQ_FULL + tl.arange(0, TAIL_M)
         if GATHER:
