@@ -1125,9 +1125,10 @@ def _launch_dkdv(
     nq_full = cfg.full
     num_kb = cdiv(NK, block_n)
     # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
-    # is positive and not tiny (as in the forward) and the dot is a wgmma (sm_90a); else
-    # it is in log2 units, added after the dot
-    bias_acc = target_arch(q.device) >= 90 and scale >= _MIN_SCALE
+    # is positive and not tiny (as in the forward) and the dot is a 64-key wgmma on 4 warps
+    # (sm_90a; the tile's load is then in the accumulator's layout: 32 keys at Dv 128
+    # spilled 8 B, 255 registers); else it is in log2 units, added after the dot
+    bias_acc = target_arch(q.device) >= 90 and scale >= _MIN_SCALE and block_n == 64 and cfg.num_warps == 4
     mult = bias_scale / scale if bias_acc else bias_scale * _LOG2E
     bias = table if gather else _expand_tile_bias(
         table, NQ, NK, cq, fmap_cols, q_stride, mult, block_n, block_m, nq_full,
