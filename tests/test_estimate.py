@@ -220,7 +220,7 @@ def test_estimate_command_on_a_small_subset(tmp_path):
         assert c["floor_us"] == pytest.approx(WORKLOADS[wid].floor_s(which) * 1e6)
         assert c["ratio"] == pytest.approx(c["estimate_us"] / c["floor_us"])
         assert c["warnings"] == []
-    assert not [la for la in data["launches"] if la["kernel"] == "_bias_kernel"]
+    assert not [la for la in data["launches"] if la["kernel"] == "_tile_bias_kernel"]
     for la in data["launches"]:
         # 64-row tiles take wgmma on sm_90a; A3's 16-query tiles are too small for it
         assert la["tensor_core"]["kind"] == ("HMMA" if la["workload"] == "A3" else "HGMMA")

@@ -261,7 +261,7 @@ def test_forward_without_the_bias_in_the_accumulator(monkeypatch, poisoned):
 
 def test_forward_bias_tiles_of_every_block_size(monkeypatch, poisoned):
     """The forward's bias is stored tile by tile in a permuted order and permuted back
-    in registers (``_fwd_bias_store`` / ``_fwd_bias_tile``); the row and column bits
+    in registers (``_tile_bias_store`` / ``_bias_tile``); the row and column bits
     depend on the tile's size: query blocks of 16, 32 and 64 rows, each with a full key
     tile of 64 and a tail of 16, 32 or 64 keys, on the sm_90 and the sm_80 path."""
     # (query block, key tail): case
@@ -350,6 +350,41 @@ def test_gradients_float32(backend, case, poisoned):
 def test_gradients_float16_triton(case, poisoned):
     q, k, v, table = make(CASES[case], torch.float16, table_dtype=torch.float32)
     check_grads("triton", q, k, v, table, kwargs_of(CASES[case]), GRAD_TOL[torch.float16], case)
+
+
+def test_dkdv_bias_tiles_of_every_block_size(poisoned):
+    """The dK/dV kernel reads its bias as (keys, queries) tiles stored in a permuted
+    order by its bias launch (``_tile_bias_kernel`` with KEY_ROWS); the row and column
+    bits depend on the tile's size: 64 keys x 32 queries with a tail of 16 or 32 queries,
+    32 x 16 with every query block in the loop (wide heads, no tail; A4's 64 x 16 is a
+    gradient case above), and 16 x 16 (wide heads with misaligned rows), each against
+    float64."""
+    # (keys, queries, loop extent, query tail): (case, view)
+    cases = {
+        (64, 32, 32, 16): ((1, 2, 6, 6, 1, 16, 16), "contiguous"),
+        (64, 32, 32, 32): ((1, 1, 7, 7, 1, 16, 16), "contiguous"),
+        (32, 16, 32, 0): ((1, 1, 5, 5, 1, 32, 128), "contiguous"),
+        (16, 16, 32, 0): ((1, 1, 5, 5, 1, 32, 128), "conv"),
+    }
+    for blocks, (case, view) in cases.items():
+        B, H, R, C, s, Dk, Dv = case
+        q, k, v, table = make(case, view=view)
+        cfg = tk._dkdv_cfg(R * C, R * C, Dk, Dv, tk._vector_loads(q, k, v))
+        assert (cfg.constexprs["BLOCK_N"], cfg.constexprs["BLOCK_M"], cfg.full, cfg.constexprs["TAIL_M"]) == blocks
+        check_grads("triton", q, k, v, table, kwargs_of(case), GRAD_TOL[torch.float32], f"{blocks}")
+
+
+@pytest.mark.parametrize(("arch", "scale"), [(90, -0.4), (90, 0.0), (90, 1e-5), (80, 0.3)])
+def test_dkdv_bias_after_the_dot(arch, scale, monkeypatch, poisoned):
+    """The dK/dV kernel starts its K Q^T dot's accumulator at the bias divided by scale *
+    log2(e) on sm_90a (the path every other gradient test takes); for sm_80, and for a
+    negative scale or one near 0 (no division by it), it adds the bias in log2 units
+    after the dot. 6 x 6 keys: a bias launch, a full query block and a tail."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: arch)
+    case = (1, 2, 6, 6, 1, 16, 16)
+    q, k, v, table = make(case)
+    kw = {**kwargs_of(case), "scale": scale}
+    check_grads("triton", q, k, v, table, kw, GRAD_TOL[torch.float32], f"sm_{arch}, scale {scale}")
 
 
 @pytest.mark.parametrize("view", ["conv", "tokens"])
@@ -678,6 +713,6 @@ def test_small_grid_backward_takes_dk_dv_in_the_dq_kernel():
         return [la.name.split("[")[0] for la in record_workload(WORKLOADS[w].shape, "bwd").launches]
 
     assert names("A3") == ["relpos_dq", "relpos_fold"]
-    assert names("A2") == ["relpos_dq", "relpos_bias", "relpos_dkdv", "relpos_fold"]
+    assert names("A2") == ["relpos_dq", "relpos_dkdv_bias", "relpos_dkdv", "relpos_fold"]
     dq = next(la for la in record_workload(WORKLOADS["A3"].shape, "bwd").launches if la.name.startswith("relpos_dq"))
     assert dq.constexprs["DKDV"] is True

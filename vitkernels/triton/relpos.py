@@ -24,13 +24,14 @@ scale, bias_scale)``
 Kernels (FlashAttention-2 style; no (B, H, Nq, Nk) logits or probability tensor is
 ever in memory):
 
-* ``_bias_kernel`` (backward) and ``_fwd_bias_kernel`` (forward): every call first
-  expands the table into a float32 bias per head, -inf at padded keys (query i at grid
-  position (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)). The backward's is
-  (H, Nq, Nk) padded to multiples of 64, in log2 units (times bias_scale * log2(e));
-  the forward's is divided by the scale (times bias_scale / scale), in the forward's
-  tiles, each stored in the order that a coalesced load, permuted back in registers,
-  puts in the MMA accumulator's layout (``_fwd_bias_tile``). Built from the table on
+* ``_tile_bias_kernel`` (forward and backward): every call first expands the table
+  into a float32 bias per head, -inf at padded keys (query i at grid position
+  (s*(i // Cq), s*(i % Cq)), key j at (j // C, j % C)), in the tiles its attention
+  kernel reads, each stored in the order that a coalesced load, permuted back in
+  registers, puts in the MMA accumulator's layout (``_bias_tile``). The forward's
+  tiles are (queries, keys), divided by the scale (times bias_scale / scale); the dK/dV
+  kernel's (keys, queries), the same on sm_90a for a scale not near 0 (else in log2
+  units, times bias_scale * log2(e)). Built from the table on
   every call, never cached, so never stale; the forward and dK/dV kernels load its
   tiles instead of gathering from the table (except where they have one key block,
   resp. one query block: there they gather it, and the call has no bias launch).
@@ -95,74 +96,53 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _bias_kernel(
+def _tile_bias_kernel(
     T, BIAS,
     stride_th, stride_tn,
-    RQ, CQ, R, C, S, NQP, NKP, NUM_KB,
-    mult,  # the backward's bias_scale * log2(e) (log2 units); the forward's bias_scale / scale
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """bias[h, i, j] = mult * table[h, |dr|*C + |dc|], float32, for
-    query i at query-grid cell (i // CQ, i % CQ) and key j at key-grid cell (j // C,
-    j % C), on an (NQP, NKP) padded grid: -inf where no key is, 0 where no query is
-    (finite; those outputs are not stored)."""
-    pid = tl.program_id(0)
-    pid_n = pid % NUM_KB
-    rest = pid // NUM_KB
-    pid_m = rest % (NQP // BLOCK_M)
-    h = rest // (NQP // BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_row, q_col = offs_m // CQ, offs_m % CQ
-    k_row, k_col = offs_n // C, offs_n % C
-    n_ok = k_row < R
-    ok = (q_row < RQ)[:, None] & n_ok[None, :]
-    dr = tl.abs((q_row * S)[:, None] - k_row[None, :])
-    dc = tl.abs((q_col * S)[:, None] - k_col[None, :])
-    t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=ok, other=0.0)
-    bias = tl.where(n_ok[None, :], t.to(tl.float32) * mult, float("-inf"))
-    row = (h.to(tl.int64) * NQP + offs_m) * NKP
-    tl.store(BIAS + row[:, None] + offs_n[None, :], bias)
-
-
-@triton.jit
-def _fwd_bias_kernel(
-    T, BIAS,
-    stride_th, stride_tn,
-    mult,  # bias_scale / scale
+    mult,  # the forward's bias_scale / scale; the backward's bias_scale * log2(e) (log2 units)
     NQ: tl.constexpr, NK: tl.constexpr, CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NK_FULL: tl.constexpr, TAIL_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NC_FULL: tl.constexpr, TAIL_C: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """The forward's bias, mult * table[h, |dr|*C + |dc|] in float32, as the forward reads
-    it: per (head, query block of BLOCK_M) its key tiles one after another, BLOCK_N keys
-    each over [0, NK_FULL), then one of TAIL_N keys (if any), each tile BLOCK_M x width
-    floats in the order ``_fwd_bias_tile`` reads back. -inf where no key is, 0 where no
-    query is (finite; those outputs are not stored). A program per tile."""
-    NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
-    NUM_FULL: tl.constexpr = NK_FULL // BLOCK_N
-    NUM_KT: tl.constexpr = NUM_FULL + (1 if TAIL_N > 0 else 0)
+    """The bias mult * table[h, |dr|*C + |dc|] in float32, as an attention kernel reads
+    it: per (head, row block of BLOCK_R) its column tiles one after another, BLOCK_C
+    columns each over [0, NC_FULL), then one of TAIL_C columns (if any), each tile
+    BLOCK_R x width floats in the order ``_bias_tile`` reads back. Rows are queries and
+    columns keys (the forward's tiles), or with KEY_ROWS keys and queries (the dK/dV
+    kernel's). -inf where no key is, 0 where no query is (finite; those outputs are not
+    stored). A program per tile."""
+    NUM_RB: tl.constexpr = ((NK if KEY_ROWS else NQ) + BLOCK_R - 1) // BLOCK_R
+    NUM_FULL: tl.constexpr = NC_FULL // BLOCK_C
+    NUM_CT: tl.constexpr = NUM_FULL + (1 if TAIL_C > 0 else 0)
     pid = tl.program_id(0)
-    kt = pid % NUM_KT
-    hq = pid // NUM_KT  # h * NUM_QB + query block
-    q0 = hq % NUM_QB * BLOCK_M
-    h = hq // NUM_QB
-    tile = BIAS + hq.to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N)) + kt * (BLOCK_M * BLOCK_N)
-    if kt < NUM_FULL:
-        _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, kt * BLOCK_N, mult, NQ, NK, CQ, C, S, BLOCK_M, BLOCK_N)
-    else:
-        _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, NK_FULL, mult, NQ, NK, CQ, C, S, BLOCK_M, TAIL_N)
+    ct = pid % NUM_CT
+    hr = pid // NUM_CT  # h * NUM_RB + row block
+    r0 = hr % NUM_RB * BLOCK_R
+    h = hr // NUM_RB
+    tile = BIAS + hr.to(tl.int64) * (BLOCK_R * (NC_FULL + TAIL_C)) + ct * (BLOCK_R * BLOCK_C)
+    if ct < NUM_FULL:
+        _tile_bias_store(T, tile, stride_th, stride_tn, h, r0, ct * BLOCK_C, mult, NQ, NK, CQ, C, S, BLOCK_R, BLOCK_C,
+                         KEY_ROWS)  # fmt: skip
+    elif TAIL_C > 0:  # (no tail: no tail code, W = 0 does not compile)
+        _tile_bias_store(T, tile, stride_th, stride_tn, h, r0, NC_FULL, mult, NQ, NK, CQ, C, S, BLOCK_R, TAIL_C,
+                         KEY_ROWS)  # fmt: skip
 
 
 @triton.jit
-def _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, k0, mult, NQ: tl.constexpr, NK: tl.constexpr,
-                    CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, W: tl.constexpr):  # fmt: skip
-    """Stores the (BM, W) bias tile of queries q0.. and keys k0.. at tile[0, BM*W) in the
-    order of ``_fwd_bias_tile``: memory index m holds row 16*rA + 8*rB + rC, column
-    8*cA + 2*cB + cC, where m = ((((cA*(BM/16) + rA)*8 + rC)*4 + cB)*2 + rB)*2 + cC."""
+def _tile_bias_store(T, tile, stride_th, stride_tn, h, r0, c0, mult, NQ: tl.constexpr, NK: tl.constexpr,
+                     CQ: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, W: tl.constexpr,
+                     KEY_ROWS: tl.constexpr):  # fmt: skip
+    """Stores the (BM, W) bias tile of rows r0.. and columns c0.. (queries and keys, or
+    with KEY_ROWS keys and queries) at tile[0, BM*W) in the order of ``_bias_tile``:
+    memory index m holds row 16*rA + 8*rB + rC, column 8*cA + 2*cB + cC, where
+    m = ((((cA*(BM/16) + rA)*8 + rC)*4 + cB)*2 + rB)*2 + cC."""
     m = tl.arange(0, BM * W)
     row = m // 128 % (BM // 16) * 16 + m // 2 % 2 * 8 + m // 16 % 8
     col = m // (8 * BM) * 8 + m // 4 % 4 * 2 + m % 2
-    qi, kj = q0 + row, k0 + col
+    if KEY_ROWS:
+        qi, kj = c0 + col, r0 + row
+    else:
+        qi, kj = r0 + row, c0 + col
     dr = tl.abs(qi // CQ * S - kj // C)
     dc = tl.abs(qi % CQ * S - kj % C)
     t = tl.load(T + h * stride_th + (dr * C + dc) * stride_tn, mask=(qi < NQ) & (kj < NK), other=0.0)
@@ -170,8 +150,8 @@ def _fwd_bias_store(T, tile, stride_th, stride_tn, h, q0, k0, mult, NQ: tl.const
 
 
 @triton.jit
-def _fwd_bias_tile(tile, BM: tl.constexpr, W: tl.constexpr):
-    """The (BM, W) bias tile ``_fwd_bias_store`` wrote: BM*W floats read in memory order
+def _bias_tile(tile, BM: tl.constexpr, W: tl.constexpr):
+    """The (BM, W) bias tile ``_tile_bias_store`` wrote: BM*W floats read in memory order
     (coalesced, 16-byte vectors), then permuted back in registers. For a 64-row tile on
     4 warps the coalesced load puts every value in the thread and register where the
     wgmma / mma.sync accumulator holds it: the layout conversion is free (loaded in row
@@ -269,7 +249,7 @@ def _fwd_kernel(
     divided by c (``_fwd_step``). GATHER (NK <= BLOCK_N: no full block, every key in
     the tail): the bias tile is gathered from the table T once per program, for the
     GROUP batch entries the program takes one after the other, and BIAS is not read;
-    else (GROUP 1) BIAS is the expanded bias in the forward's tiles (``_fwd_bias_kernel``)."""
+    else (GROUP 1) BIAS is the expanded bias in the forward's tiles (``_tile_bias_kernel``)."""
     # the grid's sizes are constexprs: the program id splits by multiplications, not
     # by integer divisions by runtime values
     NUM_QB: tl.constexpr = (NQ + BLOCK_M - 1) // BLOCK_M
@@ -291,7 +271,7 @@ def _fwd_kernel(
     # each); x * 0.0 is not folded away (under IEEE rules it is NaN for x = inf or
     # NaN), and here it is 0: the value is c
     qk_row = qk_scale + offs_m.to(tl.float32) * 0.0
-    # this query block's bias tiles (``_fwd_bias_kernel``): padded, no mask
+    # this query block's bias tiles (``_tile_bias_kernel``): padded, no mask
     b_base = BIAS + (h * NUM_QB + pid_m).to(tl.int64) * (BLOCK_M * (NK_FULL + TAIL_N))
     if TAIL_N > 0:
         offs_t = NK_FULL + tl.arange(0, TAIL_N)
@@ -314,7 +294,7 @@ def _fwd_kernel(
             # the first block: nothing to rescale
             kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)  # (BLOCK_DK, BLOCK_N)
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-            bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
+            bias = _bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
             m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, True, False, BIAS_ACC, PREC)
             for _start_n in range(BLOCK_N, NK_FULL, BLOCK_N):
                 k_ptrs += BLOCK_N * stride_kn
@@ -322,7 +302,7 @@ def _fwd_kernel(
                 b_ptrs += BLOCK_M * BLOCK_N
                 kt = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-                bias = _fwd_bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
+                bias = _bias_tile(b_ptrs, BLOCK_M, BLOCK_N)
                 m_i, l_i, acc = _fwd_step(q, kt, v, bias, m_i, l_i, acc, qk_row, False, False, BIAS_ACC, PREC)
         if TAIL_N > 0:
             # the last keys: masked on the loads only (a missing key's bias is -inf)
@@ -337,7 +317,7 @@ def _fwd_kernel(
                 other=0.0,
             )  # (TAIL_N, BLOCK_DV)
             if not GATHER:
-                tail_bias = _fwd_bias_tile(b_base + NK_FULL * BLOCK_M, BLOCK_M, TAIL_N)
+                tail_bias = _bias_tile(b_base + NK_FULL * BLOCK_M, BLOCK_M, TAIL_N)
             m_i, l_i, acc = _fwd_step(q, kt, v, tail_bias, m_i, l_i, acc, qk_row, NK_FULL == 0, True,
                                      BIAS_ACC, PREC)  # fmt: skip
         else:  # normalised here: a division per row, not per element
@@ -352,11 +332,14 @@ def _fwd_kernel(
 def _dkdv_step(
     k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_m, offs_dk, offs_dv,
     stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
-    DK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, DELTA_FROM_O: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, DELTA_FROM_O: tl.constexpr, BIAS_ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of a key block updated with the queries offs_m (all of them below NQ unless
-    MASKED), bias_t their (keys, queries) bias tile in log2 units. A missing key's bias
-    is -inf (p = 0); a missing query has q = dO = 0 and delta = 0, so its p = 1
+    MASKED), bias_t their (keys, queries) bias tile: with BIAS_ACC divided by c = qk_scale
+    > 0 and the K Q^T dot's accumulator (a logit in log2 units is then one fma, c * s -
+    lse * log2(e), as in the forward), else in log2 units, added after the dot. A missing
+    key's bias is -inf (p = 0); a missing query has q = dO = 0 and delta = 0, so its p = 1
     contributes dO = 0 to dv and dS = 0 to dk."""
     if MASKED:
         m_ok = offs_m < NQ
@@ -368,8 +351,12 @@ def _dkdv_step(
         g_mask = offs_dv[None, :] < DV
         lse = tl.load(lse_base + offs_m)
     qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_dk[:, None] * stride_qd, mask=q_mask, other=0.0)
-    st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-    pt = tl.exp2(st + bias_t - lse[None, :] * 1.4426950408889634)
+    if BIAS_ACC:
+        st = tl.dot(k, qt, bias_t, input_precision=PREC)  # (BLOCK_N, BLOCK_M), log2 units / c
+        pt = tl.exp2(tl.fma(st, qk_scale, -(lse * 1.4426950408889634)[None, :]))
+    else:
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        pt = tl.exp2(st + bias_t - lse[None, :] * 1.4426950408889634)
     do = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd, mask=g_mask, other=0.0)
     if DELTA_FROM_O:
         o = tl.load(o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od, mask=g_mask, other=0.0)
@@ -394,12 +381,12 @@ def _bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_th, stride_tn,
-    H, NQ, NQ_FULL, NK, NQP, NKP, NUM_KB, CQ, C, S,
-    qk_scale, sm_scale, bias_scale,  # qk_scale, bias_scale multiplied by log2(e)
+    H, NQ, NQ_FULL, NK, NUM_KB, CQ, C, S,
+    qk_scale, sm_scale, bias_mult,  # scale * log2(e); scale; the bias's multiplier (``_dkdv_step``)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_M: tl.constexpr,
     LOOP_MASKED: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, DELTA_FROM_O: tl.constexpr,
-    PREC: tl.constexpr,
+    BIAS_ACC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Queries [0, NQ_FULL) (a multiple of BLOCK_M; FULL: NQ_FULL > 0) in unmasked blocks
     of BLOCK_M, then the rest, if any, in one masked block of TAIL_M >= NQ - NQ_FULL
@@ -407,7 +394,8 @@ def _bwd_dkdv_kernel(
     delta = rowsum(dO * O) as the dQ kernel wrote it (DELTA_FROM_O: computed here from O;
     the key-blocked dQ kernel writes none). GATHER (NQ <= BLOCK_M: every query
     in the tail): the bias tile is gathered from the table T and BIAS is not read; else
-    BIAS is the expanded bias (``_bias_kernel``)."""
+    BIAS is the expanded bias in this kernel's tiles (``_tile_bias_kernel``: per key
+    block its query tiles, [0, NQ_FULL) then the tail)."""
     pid = tl.program_id(0)
     pid_n = pid % NUM_KB
     pid_bh = pid // NUM_KB
@@ -434,27 +422,30 @@ def _bwd_dkdv_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     g_base = DO + b * stride_gb + h * stride_gh
     o_base = O + b * stride_ob + h * stride_oh
-    b_base = BIAS + h.to(tl.int64) * NQP * NKP + offs_n[:, None]  # padded: no mask
+    # this key block's bias tiles (keys x queries): padded, no mask
+    b_base = BIAS + (h * NUM_KB + pid_n).to(tl.int64) * (BLOCK_N * (NQ_FULL + TAIL_M))
     lse_base = LSE + pid_bh.to(tl.int64) * NQ
     delta_base = DELTA + pid_bh.to(tl.int64) * NQ
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range(0, NQ_FULL if FULL else 0, BLOCK_M):  # unless LOOP_MASKED: every query exists
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        dk, dv = _dkdv_step(k, v, dk, dv, tl.load(b_base + offs_m[None, :] * NKP), q_base, g_base, o_base,
-                            lse_base, delta_base, offs_m, offs_dk, offs_dv, stride_qn, stride_qd, stride_gn,
-                            stride_gd, stride_on, stride_od, NQ, qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O,
-                            PREC)  # fmt: skip
+    # no full block (GATHER): no loop code (BIAS is the table there, not float32 tiles)
+    if FULL:
+        for start_m in range(0, NQ_FULL, BLOCK_M):  # unless LOOP_MASKED: every query exists
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            bias_t = _bias_tile(b_base + start_m * BLOCK_N, BLOCK_N, BLOCK_M)
+            dk, dv = _dkdv_step(k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_m, offs_dk,
+                                offs_dv, stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ,
+                                qk_scale, DK, DV, LOOP_MASKED, DELTA_FROM_O, BIAS_ACC, PREC)  # fmt: skip
     if TAIL_M > 0:
         offs_t = NQ_FULL + tl.arange(0, TAIL_M)
         if GATHER:
             bias_t = _table_bias(T, stride_th, stride_tn, h, offs_t[None, :], offs_n[:, None], NQ, NK, CQ, C, S,
-                                 bias_scale)  # fmt: skip
+                                 bias_mult)  # fmt: skip
         else:
-            bias_t = tl.load(b_base + offs_t[None, :] * NKP)
+            bias_t = _bias_tile(b_base + NQ_FULL * BLOCK_N, BLOCK_N, TAIL_M)
         dk, dv = _dkdv_step(k, v, dk, dv, bias_t, q_base, g_base, o_base, lse_base, delta_base, offs_t, offs_dk,
                             offs_dv, stride_qn, stride_qd, stride_gn, stride_gd, stride_on, stride_od, NQ, qk_scale,
-                            DK, DV, True, DELTA_FROM_O, PREC)  # fmt: skip
+                            DK, DV, True, DELTA_FROM_O, BIAS_ACC, PREC)  # fmt: skip
 
     dk = dk * sm_scale
     out_row = pid_bh.to(tl.int64) * NK + offs_n
@@ -944,44 +935,22 @@ def _tag(q: torch.Tensor, nk: int, dv: int, q_stride: int) -> str:
     return f"{SHORT[q.dtype]},Nq{NQ},Nk{nk},Dk{DK},Dv{dv},S{q_stride}"
 
 
-_BIAS_PAD = 64  # the expanded bias's rows and columns: multiples of every block used
-
-
-def _expand_bias(
-    table: torch.Tensor, rows: int, cols: int, q_stride: int, nq: int, nk: int, mult: float, tag: str
-) -> torch.Tensor:
-    """The table expanded to every (query, key) pair in token order: (H, nq padded to
-    _BIAS_PAD, nk padded to _BIAS_PAD) float32, times mult (``_bias_kernel``). Built
-    from the table on every call, so it is never stale."""
+def _expand_tile_bias(
+    table: torch.Tensor, nq: int, nk: int, cq: int, cols: int, q_stride: int, mult: float,
+    block_r: int, block_c: int, c_full: int, tail_c: int, key_rows: bool, name: str,
+) -> torch.Tensor:  # fmt: skip
+    """The table expanded in an attention kernel's tiles (``_tile_bias_kernel``): (H, row
+    blocks, block_r * (c_full + tail_c)) float32, times mult; rows are queries and
+    columns keys, or with key_rows keys and queries. Built from the table on every
+    call, so it is never stale."""
     H = table.shape[0]
-    rq, cq = _query_grid(rows, cols, q_stride)
-    blk = _BIAS_PAD
-    nqp, nkp = triton.cdiv(nq, blk) * blk, triton.cdiv(nk, blk) * blk
-    bias = _alloc((H, nqp, nkp), torch.float32, table.device)
+    num_rb, num_ct = cdiv(nk if key_rows else nq, block_r), c_full // block_c + (tail_c > 0)
+    bias = _alloc((H, num_rb, block_r * (c_full + tail_c)), torch.float32, table.device)
     launch(Launch(
-        f"relpos_bias[{tag}]", _bias_kernel, (H * (nqp // blk) * (nkp // blk),),
-        [table, bias, *table.stride(), rq, cq, rows, cols, q_stride, nqp, nkp, nkp // blk, mult],
-        dict(BLOCK_M=blk, BLOCK_N=blk), 4, 1, reads=(table,), writes=(bias,),
-    ))  # fmt: skip
-    return bias
-
-
-def _expand_fwd_bias(
-    table: torch.Tensor, cols: int, q_stride: int, nq: int, nk: int, cq: int, mult: float, cfg: _Config, tag: str
-) -> torch.Tensor:
-    """The table expanded for the forward, in its tiles (``_fwd_bias_kernel``): (H, query
-    blocks, BLOCK_M * (NK_FULL + TAIL_N)) float32, times mult. Built from the table on
-    every call, so it is never stale."""
-    H = table.shape[0]
-    c = cfg.constexprs
-    block_m, block_n, tail_n = c["BLOCK_M"], c["BLOCK_N"], c["TAIL_N"]
-    num_qb, num_kt = cdiv(nq, block_m), cfg.full // block_n + (tail_n > 0)
-    bias = _alloc((H, num_qb, block_m * (cfg.full + tail_n)), torch.float32, table.device)
-    launch(Launch(
-        f"relpos_fwd_bias[{tag}]", _fwd_bias_kernel, (H * num_qb * num_kt,),
+        name, _tile_bias_kernel, (H * num_rb * num_ct,),
         [table, bias, *table.stride(), mult],
-        dict(NQ=nq, NK=nk, CQ=cq, C=cols, S=q_stride, BLOCK_M=block_m, BLOCK_N=block_n, NK_FULL=cfg.full,
-             TAIL_N=tail_n), 4, 1, reads=(table,), writes=(bias,),
+        dict(NQ=nq, NK=nk, CQ=cq, C=cols, S=q_stride, BLOCK_R=block_r, BLOCK_C=block_c, NC_FULL=c_full,
+             TAIL_C=tail_c, KEY_ROWS=key_rows), 4, 1, reads=(table,), writes=(bias,),
     ))  # fmt: skip
     return bias
 
@@ -1035,7 +1004,10 @@ def relpos_attention_fwd(
     gather = NK <= block_n
     mult = bias_scale / scale
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
-    bias = table if gather else _expand_fwd_bias(table, fmap_cols, q_stride, NQ, NK, cq, mult, cfg, tag)
+    bias = table if gather else _expand_tile_bias(
+        table, NQ, NK, cq, fmap_cols, q_stride, mult, block_m, block_n, cfg.full, cfg.constexprs["TAIL_N"], False,
+        f"relpos_fwd_bias[{tag}]",
+    )
     num_qb = triton.cdiv(NQ, block_m)
     group = _fwd_group(B, num_qb * H) if gather else 1
     nk_full = cfg.full
@@ -1148,20 +1120,26 @@ def _launch_dkdv(
     # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
     # kernel always does), and the backward has no bias launch
     gather = not cfg.constexprs["FULL"]
-    bias = table if gather else _expand_bias(
-        table, fmap_rows, fmap_cols, q_stride, NQ, NK, bias_scale * _LOG2E, tag
-    )
-    nqp, nkp = (0, 0) if gather else bias.shape[1:]
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
-    block_m = cfg.constexprs["BLOCK_M"]
+    block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     nq_full = cfg.full
-    num_kb = cdiv(NK, cfg.constexprs["BLOCK_N"])
+    num_kb = cdiv(NK, block_n)
+    # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
+    # is positive and not tiny (as in the forward) and the dot is a 64-key wgmma on 4 warps
+    # (sm_90a; the tile's load is then in the accumulator's layout: 32 keys at Dv 128
+    # spilled 8 B, 255 registers); else it is in log2 units, added after the dot
+    bias_acc = target_arch(q.device) >= 90 and scale >= _MIN_SCALE and block_n == 64 and cfg.num_warps == 4
+    mult = bias_scale / scale if bias_acc else bias_scale * _LOG2E
+    bias = table if gather else _expand_tile_bias(
+        table, NQ, NK, cq, fmap_cols, q_stride, mult, block_n, block_m, nq_full,
+        cfg.constexprs["TAIL_M"], True, f"relpos_dkdv_bias[{tag}]",
+    )
     launch(Launch(
         f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
         [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
-         H, NQ, nq_full, NK, nqp, nkp, num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, bias_scale * _LOG2E],
-        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o,
+         H, NQ, nq_full, NK, num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, mult],
+        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o, "BIAS_ACC": bias_acc,
          "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
         cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
         writes=(dk, dv),
