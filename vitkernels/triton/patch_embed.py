@@ -267,8 +267,8 @@ def fwd_config(
 ) -> FwdConfig:
     """Block sizes of the forward kernel (and of the backward's recompute) for compute
     capability ``arch``; aligned: every tensor it reads or writes starts 16-byte aligned."""
-    if interpret:
-        return FwdConfig(32, _pow2_clamp(D, 16, 64), 32, 4, 1)
+    if interpret:  # K tiles as in bwd_config
+        return FwdConfig(32, _pow2_clamp(D, 16, 64), 32 if K <= 2048 else 128, 4, 1)
     wide = dtype == torch.float32
     # sm_80 with the input norm: K steps of 32 (64 spilled 16 B at D 192, T2T's second
     # soft split, once the norm's sums were taken around a shift)
@@ -319,7 +319,10 @@ def bwd_config(
     """Block sizes of the backward kernels and the dW split along M (pqc_in_norm: the
     kernels gather "pqc" patches and normalise them)."""
     if interpret:
-        block_m, block_n, block_k, warps, stages = 32, _pow2_clamp(D, 16, 32), 32, 4, 1
+        # wider K tiles only where K is large (T2T's last soft split, K = 11907): the
+        # interpreter's time goes per program, and small shapes keep several K tiles
+        block_k = 32 if K <= 2048 else 128
+        block_m, block_n, warps, stages = 32, _pow2_clamp(D, 16, 32), 4, 1
     else:
         wide = dtype == torch.float32
         # 64-wide K steps spilled 4-12 B in dW with triton 3.6 on sm_80 for "pqc" patches
@@ -899,7 +902,9 @@ def patch_embed_bwd(
     n = [res[i].numel() if i in folded else 0 for i in range(8)]
     o = [src[i][0] if i in src else 0 for i in range(6)]
     r = [src[i][1] if i in src else 0 for i in range(6)]
-    block = 128 if interpret else 1024
+    # the interpreter: 128 (several blocks per result at test shapes), up to 8192 so that
+    # large results (a K = 11907 weight) take tens of programs, not thousands
+    block = min(8192, max(128, triton.next_power_of_2(cdiv(sum(n), 32)))) if interpret else 1024
     dummy = res[folded[0]]
     launch(Launch(
         f"patch_embed_fold[{tag}]", _fold_kernel, (sum(cdiv(v, block) for v in n),),
