@@ -347,6 +347,15 @@ def test_triton_forward_pixel_pairs(name, tiles, launches, monkeypatch):
     assert fwds and all(la.constexprs["PAIR_KW"] == (k if isinstance(k, int) else k[1]) for la in fwds)
 
 
+def test_triton_forward_pixel_pairs_column_thirds(thirds_tiles, launches):
+    """The pair path with three column tiles per program (T2T's D 192 on a GPU): the
+    first two as one double-width tile, split after the loop."""
+    inputs = make_inputs(dataclasses.replace(PAIR_CASES["t2t_7_4_2"], D=48), torch.float16)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), what="t2t_d48 pairs", dtype=torch.float16)
+    assert all(la.constexprs["PAIR_KW"] == 7 for la in launches if la.name.startswith("patch_embed_fwd"))
+
+
 def test_pixel_pairs_only_where_they_hold():
     """The pair path needs 2-byte images, even window starts and an even width; float32,
     an odd width, an odd stride and a misaligned view keep the per-element gather."""
@@ -367,16 +376,17 @@ def test_pixel_pairs_only_where_they_hold():
     assert kw(k=9, p=2, s=2) == 0
 
 
-def test_triton_gradients_after_pixel_pairs():
+@pytest.mark.parametrize("name", ["t2t_7_4_2", "k3x5_out_norm_pqc"])
+def test_triton_gradients_after_pixel_pairs(name):
     """The saving forward in the pair order writes the input norm's statistics and keeps
-    W in the plain kernel order for the backward: its gradients match float64."""
-    c = PAIR_CASES["t2t_7_4_2"]
-    inputs = make_inputs(c, torch.float16)
+    W in the plain kernel order for the backward (permuted from the caller's "pqc" by
+    the prep launch's other loop): its gradients match float64."""
+    inputs = make_inputs(PAIR_CASES[name], torch.float16)
     grad = torch.randn_like(reference64(inputs))
     got = _grads(inputs, "triton", torch.float16, grad)
     want = _grads(inputs, None, torch.float64, grad)
     for key in want:
-        assert_close(got[key], want[key], what=f"pairs d{key}", grad=True, floor=1.0, dtype=torch.float16)
+        assert_close(got[key], want[key], what=f"{name} d{key}", grad=True, floor=1.0, dtype=torch.float16)
 
 
 def _bright_images(c: Case, dtype: torch.dtype, kind: str) -> torch.Tensor:

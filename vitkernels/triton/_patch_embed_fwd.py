@@ -296,8 +296,9 @@ def _gemm_pairs(
     step adds one row bit per window row (``_row_bits``). Padded columns add nothing to
     the sums (their differences are zero) nor to the GEMM (zero weights)."""
     NR: tl.constexpr = BLOCK_K // 8  # window rows per K step
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # with THIRDS the first two column tiles as one 2 * BLOCK_N tile: two wgmma a step,
+    # not three (each copies the A operand's registers and waits on its own)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if THIRDS else BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s1 = tl.zeros((BLOCK_M, NR), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M, NR), dtype=tl.float32)
@@ -319,11 +320,18 @@ def _gemm_pairs(
     dc, dky = _divmod_small(C * 0 + NR, KH)
     doff = dc * sxc2 + dky * sxh2
     wrap = sxc2 - KH * sxh2
+    if THIRDS:  # every column is in range (D = 3 * BLOCK_N)
+        offs_w = tl.arange(0, 2 * BLOCK_N)
+    else:
+        offs_w = offs_n
     NWR = C * KH  # window rows
     for k0 in range(0, NWR // NR * BLOCK_K, BLOCK_K):
-        acc, acc1, acc2, s1, s2 = _pair_step(
-            acc, acc1, acc2, s1, s2, k0, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, w_ptr, offs_n,
-            n_ok, NWR % NR, swn, swk, BLOCK_N, BLOCK_K, EVEN_N, WVEC, PREC, STATS, THIRDS, True, KWIN,
+        a, s1, s2 = _pair_tile(
+            s1, s2, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, NWR % NR, BLOCK_K, STATS, True, KWIN,
+            w_ptr.dtype.element_ty,
+        )
+        acc, acc2 = _pair_dots(
+            acc, acc2, a, k0, w_ptr, offs_w, n_ok, swn, swk, BLOCK_N, BLOCK_K, EVEN_N, WVEC, PREC, THIRDS
         )
         ky += dky
         off += doff
@@ -331,12 +339,37 @@ def _gemm_pairs(
         ky = tl.where(cy, ky - KH, ky)
         off = tl.where(cy, off + wrap, off)
     if NWR % NR != 0:  # the last window rows, r < NWR % NR
-        acc, acc1, acc2, s1, s2 = _pair_step(
-            acc, acc1, acc2, s1, s2, NWR // NR * BLOCK_K, off, ky, r, rows, ok0, ok1, ok2, ok3, shift,
-            w_ptr, offs_n, n_ok, NWR % NR, swn, swk, BLOCK_N, BLOCK_K, EVEN_N, WVEC, PREC, STATS,
-            THIRDS, False, KWIN,
+        a, s1, s2 = _pair_tile(
+            s1, s2, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, NWR % NR, BLOCK_K, STATS, False, KWIN,
+            w_ptr.dtype.element_ty,
         )
+        acc, acc2 = _pair_dots(
+            acc, acc2, a, NWR // NR * BLOCK_K, w_ptr, offs_w, n_ok, swn, swk, BLOCK_N, BLOCK_K, EVEN_N,
+            WVEC, PREC, THIRDS,
+        )
+    if THIRDS:  # (BLOCK_M, 2 * BLOCK_N) -> its two column tiles
+        acc, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        acc1 = acc2
     return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _pair_dots(
+    acc, acc2, a, k0, w_ptr, offs_w, n_ok, swn, swk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr, WVEC: tl.constexpr, PREC: tl.constexpr, THIRDS: tl.constexpr,
+):
+    """acc += a @ W'.T[k0:k0 + BLOCK_K, offs_w] (W' zero past its padded K); with THIRDS
+    also acc2 from the third column tile."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_w[None, :] * swn, WVEC, 1)  # W.T tile
+    if THIRDS:
+        acc = tl.dot(a, tl.load(w_ptrs), acc, input_precision=PREC)
+        w2 = _hint(w_ptr, offs_k[:, None] * swk + (2 * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] * swn, WVEC, 1)
+        acc2 = tl.dot(a, tl.load(w2), acc2, input_precision=PREC)
+    else:
+        acc = tl.dot(a, _w_tile(w_ptrs, offs_k, n_ok, True, EVEN_N, True, WVEC), acc, input_precision=PREC)
+    return acc, acc2
 
 
 @triton.jit
@@ -352,16 +385,13 @@ def _pair_diff(word, shift, DT: tl.constexpr):
 
 
 @triton.jit
-def _pair_step(
-    acc, acc1, acc2, s1, s2, k0, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, w_ptr, offs_n, n_ok,
-    n_live, swn, swk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, WVEC: tl.constexpr,
-    PREC: tl.constexpr, STATS: tl.constexpr, THIRDS: tl.constexpr, FULL: tl.constexpr,
-    KWIN: tl.constexpr,
+def _pair_tile(
+    s1, s2, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, n_live, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr, FULL: tl.constexpr, KWIN: tl.constexpr, DT: tl.constexpr,
 ):
-    """One K step of ``_gemm_pairs`` at k0: window rows at word offsets off (NR,), their
-    kernel rows ky; FULL: all NR are window rows, else the first n_live."""
-    DT: tl.constexpr = w_ptr.dtype.element_ty
+    """The (BLOCK_M, BLOCK_K) A tile of one K step of ``_gemm_pairs`` (patch less shift,
+    in DT) and the sums with it: window rows at word offsets off (NR,), their kernel rows
+    ky; FULL: all NR are window rows, else the first n_live."""
     kbit = 1 << ky
     if not FULL:
         kbit = tl.where(r < n_live, kbit, 0)
@@ -371,14 +401,16 @@ def _pair_step(
     e2, e3 = _pair_diff(tl.load(ptrs + 1, mask=(ok1[:, None] & kb) != 0, other=0), shift, DT)
     e4, e5 = _pair_diff(tl.load(ptrs + 2, mask=(ok2[:, None] & kb) != 0, other=0), shift, DT)
     e6, e7 = _pair_diff(tl.load(ptrs + 3, mask=(ok3[:, None] & kb) != 0, other=0), shift, DT)
-    # the padded columns (kx >= KWIN) hold zeros, not the pixels past the window
-    zero = tl.zeros_like(e0)
-    if KWIN < 8:
-        e7 = zero
-    if KWIN < 7:
-        e6 = zero
+    # the padded columns (kx >= KWIN): not the pixels past the window, which may be in
+    # no window at all (a NaN there would reach the GEMM through its zero weights)
+    # (the A tile repeats the last window column there, whose weights are zero; the
+    # sums skip them)
     if KWIN < 6:
-        e5 = zero
+        e5 = e4
+    if KWIN < 7:
+        e6 = e5
+    if KWIN < 8:
+        e7 = e6
     if not FULL:  # window rows past C * KH
         live = (r < n_live)[None, :]
         e0 = tl.where(live, e0, 0.0)
@@ -415,16 +447,7 @@ def _pair_step(
         tl.join(tl.join(e1.to(DT), e5.to(DT)), tl.join(e3.to(DT), e7.to(DT))),
     )
     a = tl.reshape(a, (a.shape[0], BLOCK_K))
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_n[None, :] * swn, WVEC, 1)  # W.T tile
-    b = _w_tile(w_ptrs, offs_k, n_ok, True, EVEN_N, True, WVEC)
-    acc = tl.dot(a, b, acc, input_precision=PREC)
-    if THIRDS:
-        b = _w_tile(w_ptrs + BLOCK_N * swn, offs_k, n_ok, True, EVEN_N, True, WVEC)
-        acc1 = tl.dot(a, b, acc1, input_precision=PREC)
-        b = _w_tile(w_ptrs + 2 * BLOCK_N * swn, offs_k, n_ok, True, EVEN_N, True, WVEC)
-        acc2 = tl.dot(a, b, acc2, input_precision=PREC)
-    return acc, acc1, acc2, s1, s2
+    return a, s1, s2
 
 
 @triton.jit

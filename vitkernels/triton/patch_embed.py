@@ -22,7 +22,11 @@ normalise what it wrote: the same rounding eager's Linear -> LayerNorm has).
 
 The kernel reads patches in the order that is contiguous in memory ("cpq" for
 NCHW images, "pqc" for channels_last); the weight and the input norm's affine
-(D x K, small) are permuted to it when the caller's patch_order differs.
+(D x K, small) are permuted to it when the caller's patch_order differs. With the
+input norm, 2-byte NCHW images whose windows start at even columns (T2T's 7 / 4 / 2)
+are gathered as 4-byte pixel pairs, each window row padded to 8 columns: the prep
+launch writes W' in that padded order (zero columns) for the forward, the backward
+keeps the plain kernel order (``_pair_kw``, ``_gemm_pairs``).
 
 Launcher contract (positional arguments; the CUDA extension's op
 ``vitkernels_C.patch_embed_fwd`` mirrors it exactly, and so must a
