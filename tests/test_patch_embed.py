@@ -11,6 +11,7 @@ go through the loops.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -314,6 +315,78 @@ def test_triton_forward_padding_edges(case):
     inputs = make_inputs(case, torch.float32)
     out = vitkernels.patch_embed(**inputs, backend="triton")
     assert_close(out, reference64(inputs), what=str(case), dtype=torch.float32)
+
+
+PAIR_CASES = {
+    # T2T's 7 / 4 / 2 on an even width: the last window's third pixel pair past the right
+    # edge, the last windows' rows past the bottom; kx padded 7 -> 8
+    "t2t_7_4_2": Case(H=15, W=12, k=7, s=4, p=2, in_norm="affine", D=24),
+    # 5 columns (two zero columns in the last pair), caller order (p, q, c), output norm
+    # (the column loop's passes without the sums), prefix token and positions
+    "k3x5_out_norm_pqc": Case(C=2, H=7, W=12, k=(3, 5), s=(1, 2), p=(1, 2), order="pqc",
+                              in_norm="affine", out_norm="affine", D=24, cls=1, pos="all"),
+    # 8 columns (no padding column), a norm without affine; 6 columns, one channel
+    "k2x8_plain": Case(C=3, H=9, W=16, k=(2, 8), s=(2, 4), p=(1, 2), in_norm="plain", D=24),
+    "k6_c1": Case(C=1, H=10, W=10, k=6, s=2, p=2, in_norm="weight", D=24),
+}
+
+
+@pytest.mark.parametrize("tiles", ["default", "k16"])
+@pytest.mark.parametrize("name", list(PAIR_CASES))
+def test_triton_forward_pixel_pairs(name, tiles, launches, monkeypatch):
+    """float16 images whose windows start at even columns: the forward gathers them as
+    4-byte pixel pairs in the padded k order (every forward launch checked to take it);
+    K steps of 32 (the interpreter's) and of 16 (two window rows, as on a GPU)."""
+    if tiles == "k16":
+        monkeypatch.setattr(tp, "fwd_config", lambda *a, **k: tp.FwdConfig(16, 16, 16, 4, 1))
+    inputs = make_inputs(PAIR_CASES[name], torch.float16)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), what=name, dtype=torch.float16)
+    fwds = [la for la in launches if la.name.startswith("patch_embed_fwd")]
+    k = PAIR_CASES[name].k
+    assert fwds and all(la.constexprs["PAIR_KW"] == (k if isinstance(k, int) else k[1]) for la in fwds)
+
+
+def test_triton_forward_pixel_pairs_column_thirds(thirds_tiles, launches):
+    """The pair path with three column tiles per program (T2T's D 192 on a GPU): the
+    first two as one double-width tile, split after the loop."""
+    inputs = make_inputs(dataclasses.replace(PAIR_CASES["t2t_7_4_2"], D=48), torch.float16)
+    out = vitkernels.patch_embed(**inputs, backend="triton")
+    assert_close(out, reference64(inputs), what="t2t_d48 pairs", dtype=torch.float16)
+    assert all(la.constexprs["PAIR_KW"] == 7 for la in launches if la.name.startswith("patch_embed_fwd"))
+
+
+def test_pixel_pairs_only_where_they_hold():
+    """The pair path needs 2-byte images, even window starts and an even width; float32,
+    an odd width, an odd stride and a misaligned view keep the per-element gather."""
+    def kw(shape=(2, 3, 16, 16), dtype=torch.float16, k=7, s=4, p=2, offset=0):
+        n = math.prod(shape)
+        images = torch.empty(n + offset, dtype=dtype, device="meta")[offset:].view(shape)
+        g = tp._geometry(images, (k, k), (s, s), (p, p))
+        return tp._pair_kw(images, g, "cpq")
+
+    assert kw() == 7
+    assert kw(dtype=torch.bfloat16) == 7
+    assert kw(dtype=torch.float32) == 0
+    assert kw(shape=(2, 3, 16, 15)) == 0
+    assert kw(s=3) == 0
+    assert kw(p=1) == 0
+    assert kw(offset=1) == 0
+    assert kw(k=4, p=2, s=2) == 0  # 4 columns: half the padded order would be zeros
+    assert kw(k=9, p=2, s=2) == 0
+
+
+@pytest.mark.parametrize("name", ["t2t_7_4_2", "k3x5_out_norm_pqc"])
+def test_triton_gradients_after_pixel_pairs(name):
+    """The saving forward in the pair order writes the input norm's statistics and keeps
+    W in the plain kernel order for the backward (permuted from the caller's "pqc" by
+    the prep launch's other loop): its gradients match float64."""
+    inputs = make_inputs(PAIR_CASES[name], torch.float16)
+    grad = torch.randn_like(reference64(inputs))
+    got = _grads(inputs, "triton", torch.float16, grad)
+    want = _grads(inputs, None, torch.float64, grad)
+    for key in want:
+        assert_close(got[key], want[key], what=f"{name} d{key}", grad=True, floor=1.0, dtype=torch.float16)
 
 
 def _bright_images(c: Case, dtype: torch.dtype, kind: str) -> torch.Tensor:

@@ -190,7 +190,7 @@ def _gemm_rows(
     PQC: tl.constexpr, MASK_HW: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, VEC: tl.constexpr, WVEC: tl.constexpr, IN_NORM: tl.constexpr,
     PREC: tl.constexpr, W_PAD: tl.constexpr, STATS: tl.constexpr = True,
-    THIRDS: tl.constexpr = False, HW_BITS: tl.constexpr = False,
+    THIRDS: tl.constexpr = False, HW_BITS: tl.constexpr = False, PAIR_KW: tl.constexpr = 0,
 ):
     """patches @ W.T for BLOCK_M rows and BLOCK_N columns; with IN_NORM
     (patches - shift) @ W.T, shift a (BLOCK_M,) value per row (``_row_shift``), and with
@@ -198,31 +198,41 @@ def _gemm_rows(
     without). W_PAD: W's rows hold zeros past K up to a multiple of BLOCK_K (no k mask
     on its tiles). THIRDS (D = 3 * BLOCK_N, offs_n the first tile): also the next two
     column tiles from the same patch tiles, in acc1 and acc2 (zeros without). HW_BITS
-    (with MASK_HW): the padding mask from ``_row_bits`` / ``_k_bits``."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the input norm's sums, element-wise per K step and reduced once after the loop
-    s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC, True)
-    dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
-    rbits = _row_bits(ih0, iw0, row_ok, H, W) if HW_BITS else row_ok.to(tl.int32)
-    # whole K steps without k masks, then the partial one (K not a multiple of BLOCK_K)
-    for k0 in range(0, K - K % BLOCK_K, BLOCK_K):
-        acc, acc1, acc2, s1, s2 = _k_step(
-            acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok,
-            rbits, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
-            MASK_HW, EVEN_M, EVEN_N, True, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS, HW_BITS,
+    (with MASK_HW): the padding mask from ``_row_bits`` / ``_k_bits``. PAIR_KW (the
+    kernel's width, 5 to 8; with HW_BITS and IN_NORM): the patches in the padded order
+    of ``_gemm_pairs``."""
+    if PAIR_KW > 0:
+        acc, acc1, acc2, s1, s2 = _gemm_pairs(
+            x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift, offs_n, n_ok, C, H, W, KHW // KW,
+            sxc, sxh, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, WVEC, PREC, STATS, THIRDS, PAIR_KW,
         )
-        c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
-    if not EVEN_K:
-        acc, acc1, acc2, s1, s2 = _k_step(
-            acc, acc1, acc2, s1, s2, K - K % BLOCK_K, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0,
-            row_ok, rbits, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
-            MASK_HW, EVEN_M, EVEN_N, False, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS, HW_BITS,
-        )
-    return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # the input norm's sums, element-wise per K step and reduced once after the loop
+        s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        c, p, q = _k_digits(tl.arange(0, BLOCK_K), C, KW, KHW, PQC, True)
+        dc, dp, dq = _k_deltas(C, KW, KHW, BLOCK_K, PQC)
+        rbits = _row_bits(ih0, iw0, row_ok, H, W) if HW_BITS else row_ok.to(tl.int32)
+        # whole K steps without k masks, then the partial one (K not a multiple of BLOCK_K)
+        for k0 in range(0, K - K % BLOCK_K, BLOCK_K):
+            acc, acc1, acc2, s1, s2 = _k_step(
+                acc, acc1, acc2, s1, s2, k0, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0, row_ok,
+                rbits, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
+                MASK_HW, EVEN_M, EVEN_N, True, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS, HW_BITS,
+            )
+            c, p, q = _k_advance(c, p, q, dc, dp, dq, C, KW, KHW, PQC)
+        if not EVEN_K:
+            acc, acc1, acc2, s1, s2 = _k_step(
+                acc, acc1, acc2, s1, s2, K - K % BLOCK_K, c, p, q, x_ptr, w_ptr, row_base, ih0, iw0,
+                row_ok, rbits, shift, offs_n, n_ok, K, H, W, sxc, sxh, sxw, swn, swk, BLOCK_N, BLOCK_K,
+                MASK_HW, EVEN_M, EVEN_N, False, VEC, WVEC, IN_NORM, PREC, W_PAD, STATS, THIRDS, HW_BITS,
+            )
+        s1 = tl.sum(s1, axis=1)
+        s2 = tl.sum(s2, axis=1)
+    return acc, acc1, acc2, s1, s2
 
 
 @triton.jit
@@ -267,6 +277,177 @@ def _k_step(
         b = _w_tile(w_ptrs + 2 * BLOCK_N * swn, k_ok, n_ok, FULL_K, EVEN_N, W_PAD, WVEC)
         acc2 = tl.dot(a, b, acc2, input_precision=PREC)
     return acc, acc1, acc2, s1, s2
+
+
+@triton.jit
+def _gemm_pairs(
+    x_ptr, w_ptr, row_base, ih0, iw0, row_ok, shift, offs_n, n_ok, C, H, W, KH, sxc, sxh, swn, swk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    WVEC: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr, THIRDS: tl.constexpr,
+    KWIN: tl.constexpr,
+):
+    """``_gemm_rows`` with the input norm and padding for 2-byte images whose window rows
+    start at even offsets (even strides, column stride 1, even horizontal stride and
+    padding, even W: the launcher's PAIR_KW): k = (c * KH + ky) * 8 + kx, each window row
+    padded from KWIN to 8 columns (W' is zero there, ``_prep_kernel``'s PAIRS), a K step
+    is BLOCK_K // 8 window rows. A thread loads one patch row's window row as four 4-byte
+    pixel pairs (a pair is inside or outside the image as a whole: even starts, even W)
+    from one address per step; the pairs' column masks are per row (loop-invariant), a
+    step adds one row bit per window row (``_row_bits``). Padded columns add nothing to
+    the sums (their differences are zero) nor to the GEMM (zero weights)."""
+    NR: tl.constexpr = BLOCK_K // 8  # window rows per K step
+    # with THIRDS the first two column tiles as one 2 * BLOCK_N tile: two wgmma a step,
+    # not three (each copies the A operand's registers and waits on its own)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if THIRDS else BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M, NR), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M, NR), dtype=tl.float32)
+    rbits = _row_bits(ih0, iw0, row_ok, H, W)
+    # each pair's row bits (bits 0-14), zero where the pair (pixels iw0 + 2i, + 2i + 1)
+    # is outside the image (its first pixel is): a step tests one word per pair
+    ok0 = tl.where((rbits & (1 << 16)) != 0, rbits, 0)
+    ok1 = tl.where((rbits & (1 << 18)) != 0, rbits, 0)
+    ok2 = tl.where((rbits & (1 << 20)) != 0, rbits, 0)
+    ok3 = tl.where((rbits & (1 << 22)) != 0, rbits, 0)
+    rows = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (row_base >> 1)  # words
+    sxc2 = sxc >> 1
+    sxh2 = sxh >> 1
+    # the step's window rows (c, ky) as their word offsets and ky (the row bit), advanced
+    # by NR window rows a step: a carry-add (ky wraps at KH into the next channel)
+    r = tl.arange(0, NR)
+    c, ky = _divmod_small(r, KH)
+    off = c * sxc2 + ky * sxh2
+    dc, dky = _divmod_small(C * 0 + NR, KH)
+    doff = dc * sxc2 + dky * sxh2
+    wrap = sxc2 - KH * sxh2
+    if THIRDS:  # every column is in range (D = 3 * BLOCK_N)
+        offs_w = tl.arange(0, 2 * BLOCK_N)
+    else:
+        offs_w = offs_n
+    NWR = C * KH  # window rows
+    for k0 in range(0, NWR // NR * BLOCK_K, BLOCK_K):
+        a, s1, s2 = _pair_tile(
+            s1, s2, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, NWR % NR, BLOCK_K, STATS, True, KWIN,
+            w_ptr.dtype.element_ty,
+        )
+        acc, acc2 = _pair_dots(
+            acc, acc2, a, k0, w_ptr, offs_w, n_ok, swn, swk, BLOCK_N, BLOCK_K, EVEN_N, WVEC, PREC, THIRDS
+        )
+        ky += dky
+        off += doff
+        cy = ky >= KH
+        ky = tl.where(cy, ky - KH, ky)
+        off = tl.where(cy, off + wrap, off)
+    if NWR % NR != 0:  # the last window rows, r < NWR % NR
+        a, s1, s2 = _pair_tile(
+            s1, s2, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, NWR % NR, BLOCK_K, STATS, False, KWIN,
+            w_ptr.dtype.element_ty,
+        )
+        acc, acc2 = _pair_dots(
+            acc, acc2, a, NWR // NR * BLOCK_K, w_ptr, offs_w, n_ok, swn, swk, BLOCK_N, BLOCK_K, EVEN_N,
+            WVEC, PREC, THIRDS,
+        )
+    if THIRDS:  # (BLOCK_M, 2 * BLOCK_N) -> its two column tiles
+        acc, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        acc1 = acc2
+    return acc, acc1, acc2, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _pair_dots(
+    acc, acc2, a, k0, w_ptr, offs_w, n_ok, swn, swk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr, WVEC: tl.constexpr, PREC: tl.constexpr, THIRDS: tl.constexpr,
+):
+    """acc += a @ W'.T[k0:k0 + BLOCK_K, offs_w] (W' zero past its padded K); with THIRDS
+    also acc2 from the third column tile."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w_ptrs = _hint(w_ptr, offs_k[:, None] * swk + offs_w[None, :] * swn, WVEC, 1)  # W.T tile
+    if THIRDS:
+        acc = tl.dot(a, tl.load(w_ptrs), acc, input_precision=PREC)
+        w2 = _hint(w_ptr, offs_k[:, None] * swk + (2 * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] * swn, WVEC, 1)
+        acc2 = tl.dot(a, tl.load(w2), acc2, input_precision=PREC)
+    else:
+        acc = tl.dot(a, _w_tile(w_ptrs, offs_k, n_ok, True, EVEN_N, True, WVEC), acc, input_precision=PREC)
+    return acc, acc2
+
+
+@triton.jit
+def _pair_diff(word, shift, DT: tl.constexpr):
+    """A word's two pixels (low half first) as float32, less the row's shift."""
+    if DT == tl.bfloat16:  # a bfloat16 is the high half of its float32
+        lo = (word << 16).to(tl.float32, bitcast=True)
+        hi = (word & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = word.to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+        hi = (word >> 16).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+    return lo - shift[:, None], hi - shift[:, None]
+
+
+@triton.jit
+def _pair_tile(
+    s1, s2, off, ky, r, rows, ok0, ok1, ok2, ok3, shift, n_live, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr, FULL: tl.constexpr, KWIN: tl.constexpr, DT: tl.constexpr,
+):
+    """The (BLOCK_M, BLOCK_K) A tile of one K step of ``_gemm_pairs`` (patch less shift,
+    in DT) and the sums with it: window rows at word offsets off (NR,), their kernel rows
+    ky; FULL: all NR are window rows, else the first n_live."""
+    kbit = 1 << ky
+    if not FULL:
+        kbit = tl.where(r < n_live, kbit, 0)
+    kb = kbit[None, :]
+    ptrs = rows[:, None] + off[None, :]  # (BLOCK_M, NR) word pointers
+    e0, e1 = _pair_diff(tl.load(ptrs, mask=(ok0[:, None] & kb) != 0, other=0), shift, DT)
+    e2, e3 = _pair_diff(tl.load(ptrs + 1, mask=(ok1[:, None] & kb) != 0, other=0), shift, DT)
+    e4, e5 = _pair_diff(tl.load(ptrs + 2, mask=(ok2[:, None] & kb) != 0, other=0), shift, DT)
+    e6, e7 = _pair_diff(tl.load(ptrs + 3, mask=(ok3[:, None] & kb) != 0, other=0), shift, DT)
+    # the padded columns (kx >= KWIN): not the pixels past the window, which may be in
+    # no window at all (a NaN there would reach the GEMM through its zero weights)
+    # (the A tile repeats the last window column there, whose weights are zero; the
+    # sums skip them)
+    if KWIN < 6:
+        e5 = e4
+    if KWIN < 7:
+        e6 = e5
+    if KWIN < 8:
+        e7 = e6
+    if not FULL:  # window rows past C * KH
+        live = (r < n_live)[None, :]
+        e0 = tl.where(live, e0, 0.0)
+        e1 = tl.where(live, e1, 0.0)
+        e2 = tl.where(live, e2, 0.0)
+        e3 = tl.where(live, e3, 0.0)
+        e4 = tl.where(live, e4, 0.0)
+        e5 = tl.where(live, e5, 0.0)
+        e6 = tl.where(live, e6, 0.0)
+        e7 = tl.where(live, e7, 0.0)
+    if STATS:  # chains of adds and fused multiply-adds, without the zero columns
+        s1 += e0
+        s1 += e1
+        s1 += e2
+        s1 += e3
+        s1 += e4
+        s2 += e0 * e0
+        s2 += e1 * e1
+        s2 += e2 * e2
+        s2 += e3 * e3
+        s2 += e4 * e4
+        if KWIN >= 6:
+            s1 += e5
+            s2 += e5 * e5
+        if KWIN >= 7:
+            s1 += e6
+            s2 += e6 * e6
+        if KWIN >= 8:
+            s1 += e7
+            s2 += e7 * e7
+    # (BLOCK_M, NR, 8) in-thread, kx = 4 * i + 2 * j + t at [.., i, j, t] -> (BLOCK_M, BLOCK_K)
+    a = tl.join(
+        tl.join(tl.join(e0.to(DT), e4.to(DT)), tl.join(e2.to(DT), e6.to(DT))),
+        tl.join(tl.join(e1.to(DT), e5.to(DT)), tl.join(e3.to(DT), e7.to(DT))),
+    )
+    a = tl.reshape(a, (a.shape[0], BLOCK_K))
+    return a, s1, s2
 
 
 @triton.jit
@@ -358,7 +539,7 @@ def _patch_embed_fwd_kernel(
     OUT_NORM: tl.constexpr, RCP_ROWS: tl.constexpr, FLAT_OUT: tl.constexpr,
     HAS_OW: tl.constexpr, HAS_OB: tl.constexpr, HAS_POS: tl.constexpr, POS_ALL: tl.constexpr,
     HAS_CLS: tl.constexpr, WRITE_STATS: tl.constexpr, SAVE_Y: tl.constexpr, PREC: tl.constexpr,
-    THIRDS: tl.constexpr, HW_BITS: tl.constexpr,
+    THIRDS: tl.constexpr, HW_BITS: tl.constexpr, PAIR_KW: tl.constexpr,
 ):
     """out[b, P + l, n] for a (BLOCK_M, BLOCK_N) tile, or BLOCK_M whole rows with OUT_NORM.
 
@@ -419,7 +600,7 @@ def _patch_embed_fwd_kernel(
     acc, acc1, acc2, s1, s2 = _gemm_rows(
         x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
         sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, True, THIRDS, HW_BITS,
+        EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, True, THIRDS, HW_BITS, PAIR_KW,
     )
     if IN_NORM:
         mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
@@ -444,7 +625,7 @@ def _patch_embed_fwd_kernel(
             acc, acc1, acc2, s1, s2 = _gemm_rows(
                 x_ptr, w_ptr, x_base, ih0, iw0, row_ok, shift, offs_n, n_ok, K, C, H, W, KW, KHW,
                 sxc, sxh, sxw, swn, swk, BLOCK_M, BLOCK_N, BLOCK_K, PQC, MASK_HW, EVEN_M, EVEN_N,
-                EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False, False, HW_BITS,
+                EVEN_K, VEC, WVEC, IN_NORM, PREC, W_PAD, False, False, HW_BITS, PAIR_KW,
             )
             mean, m2 = _tile_out(
                 acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n1, colsum_ptr, shift_ptr,
@@ -504,19 +685,45 @@ def _prep_kernel(
     D, K, KP, C, KHW, swn, swk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SRC_PQC: tl.constexpr, DST_PQC: tl.constexpr,
     HAS_G: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PLAIN: tl.constexpr,
+    PAIR_KW: tl.constexpr = 0, PKP: tl.constexpr = 0,
 ):
     """The input norm folded into the weight, in the kernel's patch order (one launch):
     wk[n, k] = W[n, src(k)] * g[src(k)] (rounded to W's dtype), colsum[n] = sum_k wk[n, k],
     shift[n] = sum_k W[n, k] * in_bias[k] + bias[n] (float32); with WRITE_PLAIN also
     wplain[n, k] = W[n, src(k)] (the backward's dy @ W). src(k): the column of
     kernel-order k in the caller's order. wk and wplain have rows of KP >= K columns,
-    zero past K (aligned rows: the GEMMs load them without a k mask). Grid:
-    (cdiv(D, BLOCK_N),)."""
+    zero past K (aligned rows: the GEMMs load them without a k mask). PAIR_KW (the
+    kernel's width; "cpq" kernel order): wk in ``_gemm_pairs``' padded order instead,
+    wk[n, (c * kh + ky) * 8 + kx] for kx < PAIR_KW, zero elsewhere, rows of PKP columns
+    (wplain keeps the plain kernel order). Grid: (cdiv(D, BLOCK_N),)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, KP, BLOCK_K):
+    if PAIR_KW > 0:
+        # the padded order: kx = k % 8, window row k // 8 = c * kh + ky
+        for k0 in range(0, PKP, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kx = offs_k % 8
+            k_ok = (kx < PAIR_KW) & (offs_k < K // PAIR_KW * 8)
+            kcpq = (offs_k // 8) * PAIR_KW + kx  # (c, p, q) order
+            if SRC_PQC:  # caller (p, q, c)
+                src = (kcpq % KHW) * C + kcpq // KHW
+            else:
+                src = kcpq
+            src = tl.where(k_ok, src, 0)
+            mask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + offs_n[:, None] * swn + src[None, :] * swk, mask=mask, other=0.0)
+            wg = w
+            if HAS_G:
+                gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+                wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
+            tl.store(wk_ptr + offs_n[:, None] * PKP + offs_k[None, :], wg, mask=n_ok[:, None])
+            colsum += tl.sum(wg.to(tl.float32), axis=1)
+            if HAS_B:
+                bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+                shift += tl.sum(w.to(tl.float32) * bk[None, :], axis=1)
+    for k0 in range(0, KP if PAIR_KW == 0 or WRITE_PLAIN else 0, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         if SRC_PQC == DST_PQC:
@@ -527,18 +734,19 @@ def _prep_kernel(
             src = (offs_k % KHW) * C + offs_k // KHW
         mask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * swn + src[None, :] * swk, mask=mask, other=0.0)
-        wg = w
-        if HAS_G:
-            gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
-            wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
         row_mask = n_ok[:, None] & (offs_k < KP)[None, :]  # zeros past K
-        tl.store(wk_ptr + offs_n[:, None] * KP + offs_k[None, :], wg, mask=row_mask)
         if WRITE_PLAIN:
             tl.store(wplain_ptr + offs_n[:, None] * KP + offs_k[None, :], w, mask=row_mask)
-        colsum += tl.sum(wg.to(tl.float32), axis=1)
-        if HAS_B:
-            bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
-            shift += tl.sum(w.to(tl.float32) * bk[None, :], axis=1)
+        if PAIR_KW == 0:
+            wg = w
+            if HAS_G:
+                gk = tl.load(g_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+                wg = (w.to(tl.float32) * gk[None, :]).to(w.dtype)
+            tl.store(wk_ptr + offs_n[:, None] * KP + offs_k[None, :], wg, mask=row_mask)
+            colsum += tl.sum(wg.to(tl.float32), axis=1)
+            if HAS_B:
+                bk = tl.load(b_ptr + src, mask=k_ok, other=0.0).to(tl.float32)
+                shift += tl.sum(w.to(tl.float32) * bk[None, :], axis=1)
     if HAS_BIAS:
         shift += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(colsum_ptr + offs_n, colsum, mask=n_ok)

@@ -22,7 +22,11 @@ normalise what it wrote: the same rounding eager's Linear -> LayerNorm has).
 
 The kernel reads patches in the order that is contiguous in memory ("cpq" for
 NCHW images, "pqc" for channels_last); the weight and the input norm's affine
-(D x K, small) are permuted to it when the caller's patch_order differs.
+(D x K, small) are permuted to it when the caller's patch_order differs. With the
+input norm, 2-byte NCHW images whose windows start at even columns (T2T's 7 / 4 / 2)
+are gathered as 4-byte pixel pairs, each window row padded to 8 columns: the prep
+launch writes W' in that padded order (zero columns) for the forward, the backward
+keeps the plain kernel order (``_pair_kw``, ``_gemm_pairs``).
 
 Launcher contract (positional arguments; the CUDA extension's op
 ``vitkernels_C.patch_embed_fwd`` mirrors it exactly, and so must a
@@ -406,6 +410,30 @@ class _Prepared:
     shift: torch.Tensor | None  # (D,) bias, or float32 in_bias @ W.T + bias
     w_plain: torch.Tensor | None  # (D, K) W in kernel order (None: not asked for)
     w_pad: bool  # w's rows continue with zeros up to a multiple of _W_PAD columns
+    pair_kw: int = 0  # w in the forward's padded pair order (``_pair_kw``), else 0
+
+
+def _pair_kw(images: torch.Tensor, g: _Geometry, order: str) -> int:
+    """The kernel width when the forward can gather the patches as 4-byte pixel pairs
+    (``_gemm_pairs``, with the input norm): 2-byte "cpq" images with unit column stride,
+    even strides and base, window rows that start at even columns (even horizontal
+    stride and padding) in an image of even width (a pair is inside or outside it as a
+    whole), padding (the row bits of ``_row_bits``: kernels of at most 15 rows) and
+    5 to 8 kernel columns (padded to 8); else 0."""
+    ok = (
+        images.element_size() == 2
+        and order == "cpq"
+        and g.mask_hw
+        and g.kh <= 15
+        and 5 <= g.kw <= 8
+        and images.stride(3) == 1
+        and all(st % 2 == 0 for st in images.stride()[:3])
+        and _aligned(images, 2)
+        and g.sw % 2 == 0
+        and g.pw % 2 == 0
+        and g.W % 2 == 0
+    )
+    return g.kw if ok else 0
 
 
 def _prepare(
@@ -422,7 +450,11 @@ def _prepare(
     dev = weight.device
     # rows padded to _W_PAD columns, zeros past K: aligned rows, no k mask on W's tiles
     KP = cdiv(K, _W_PAD) * _W_PAD
-    wk = _new((D, KP), device=dev, dtype=weight.dtype)[:, :K]
+    pair_kw = _pair_kw(images, g, order)
+    # the forward's padded order: 8 columns per window row (C * kh of them)
+    KW8 = g.C * g.kh * 8 if pair_kw else K
+    PKP = cdiv(KW8, _W_PAD) * _W_PAD
+    wk = _new((D, PKP), device=dev, dtype=weight.dtype)[:, :KW8]
     write_plain = plain and order != patch_order
     w_plain = _new((D, KP), device=dev, dtype=weight.dtype)[:, :K] if write_plain else weight if plain else None
     colsum, shift = _new((D,), device=dev, dtype=torch.float32), _new((D,), device=dev, dtype=torch.float32)
@@ -439,13 +471,14 @@ def _prepare(
          D, K, KP, g.C, g.kh * g.kw, weight.stride(0), weight.stride(1)],
         {"BLOCK_N": block_n, "BLOCK_K": block_k, "SRC_PQC": patch_order == "pqc",
          "DST_PQC": order == "pqc", "HAS_G": in_weight is not None,
-         "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None, "WRITE_PLAIN": write_plain},
+         "HAS_B": in_bias is not None, "HAS_BIAS": bias is not None, "WRITE_PLAIN": write_plain,
+         "PAIR_KW": pair_kw, "PKP": PKP if pair_kw else 0},
         4, 1,
         reads=(weight, in_weight, in_bias, bias),
         writes=(wk, colsum, shift, w_plain if write_plain else None),
-        loops={"k0": cdiv(KP, block_k)},
+        loops={"k0": cdiv(PKP, block_k)},
     ))  # fmt: skip
-    return _Prepared(g, order, wk, colsum, shift, w_plain, True)
+    return _Prepared(g, order, wk, colsum, shift, w_plain, True, pair_kw)
 
 
 def _fwd_launch(
@@ -485,7 +518,7 @@ def _fwd_launch(
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         **_patch_constexprs(images, g, prep.order, cfg.block_m, cfg.block_k, out),
         "EVEN_N": D % cfg.block_n == 0,
-        "WVEC": _run_vec(w, 1, cdiv(K, _W_PAD) * _W_PAD if prep.w_pad else K),
+        "WVEC": _run_vec(w, 1, cdiv(w.shape[1], _W_PAD) * _W_PAD if prep.w_pad else K),
         "W_PAD": prep.w_pad,
         "OVEC": min(_run_vec(out, 2, D), _run_vec(pos_embed, 1, D), _run_vec(y, -1, D)),
         "IN_NORM": bool(has_in_norm), "HAS_SHIFT": prep.shift is not None,
@@ -503,6 +536,8 @@ def _fwd_launch(
         "THIRDS": thirds,
         # the padding mask from per-row and per-k bit words (kernels of at most 15 x 15)
         "HW_BITS": g.mask_hw and g.kh <= 15 and g.kw <= 15,
+        # the patches as 4-byte pixel pairs, W' in their padded order (``_gemm_pairs``)
+        "PAIR_KW": prep.pair_kw,
     }
     m_blocks = cdiv(M, cfg.block_m)
     grid = (m_blocks,) if has_out_norm or thirds else (m_blocks * cdiv(D, cfg.block_n),)
@@ -519,7 +554,7 @@ def _fwd_launch(
         writes=(out, stats, y, ostats),
         # the column loops (first pass, normalisation, prefix tokens) run over all of D
         # with an output norm, over one tile without; p over the prefix tokens
-        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 3 if thirds else 1, "k0": K // cfg.block_k,
+        loops={"n0": cdiv(D, cfg.block_n) if has_out_norm else 3 if thirds else 1, "k0": w.shape[1] // cfg.block_k,
                "n1": cdiv(D, cfg.block_n) - 1 if has_out_norm else 0, "p": P},
     )  # fmt: skip
 
