@@ -1133,8 +1133,7 @@ def relpos_attention_bwd(
     dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
     off = (CQP - 1) * q_stride
     fold = _Fold(partial, dtable, off, min(off, fmap_cols - 1), E)
-    dkdv = None if dkdv_in_dq else _DkdvPlan.of(q, k, v, fmap_rows, fmap_cols, q_stride, scale, bias_scale,
-                                                 vector_loads)  # fmt: skip
+    dkdv = None if dkdv_in_dq else _DkdvPlan.of(q, k, v, scale, bias_scale, vector_loads)
     # the all-keys dQ kernel writes the dK/dV kernel's bias tiles (from this call's
     # table), a chunk of at most 16 floats a thread per program (1 at A1); else they
     # have a launch
@@ -1142,6 +1141,7 @@ def relpos_attention_bwd(
     tiles = dkdv is not None and dkdv.tiles_shape is not None and all_keys
     chunk = _pow2(cdiv(dkdv.tiles_numel, programs)) if tiles else 1
     tiles = tiles and chunk <= 512 * dq_cfg.num_warps
+    chunk = chunk if tiles else 1
     bias = _alloc(dkdv.tiles_shape, torch.float32, dev) if tiles else lse  # lse: a pointer not used
     tile_cx = dict(TILES=tiles, TILE_BM=dkdv.block_n if tiles else 16, TILE_NCOLS=dkdv.ncols if tiles else 16,
                    TILE_RB=dkdv.num_kb if tiles else 1, TILE_CHUNK=chunk)  # fmt: skip
@@ -1168,7 +1168,8 @@ def relpos_attention_bwd(
         launch(Launch(
             f"relpos_fold[{tag}]", _fold_kernel, (dtable.numel(),),
             [partial, dtable, partial.shape[0], H, fold.off, fold.neg],
-            dict(R=fmap_rows, C=fmap_cols, E=E, PCH=pch, ONE_CHUNK=partial.shape[0] <= pch), 1, 1, reads=(partial,), writes=(dtable,),
+            dict(R=fmap_rows, C=fmap_cols, E=E, PCH=pch, ONE_CHUNK=partial.shape[0] <= pch), 1, 1,
+            reads=(partial,), writes=(dtable,),
             loops={"p0": cdiv(partial.shape[0], pch)},
         ))  # fmt: skip
     return dq, dk, dv, dtable
@@ -1200,8 +1201,9 @@ class _DkdvPlan:
     heads: int
 
     @staticmethod
-    def of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmap_rows: int, fmap_cols: int, q_stride: int,
-           scale: float, bias_scale: float, vector_loads: bool) -> _DkdvPlan:  # fmt: skip
+    def of(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias_scale: float, vector_loads: bool
+    ) -> _DkdvPlan:
         B, H, NQ, DK = q.shape
         NK, DV = k.shape[2], v.shape[3]
         cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
