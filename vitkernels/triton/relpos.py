@@ -176,8 +176,8 @@ def _tile_bias_chunk(T, BIAS, f0, stride_th, stride_tn, mult, H, NQ, NK, CQ, C, 
                      NCOLS: tl.constexpr, NUM_RB: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """Floats f0 .. f0 + CHUNK - 1 of the dK/dV kernel's bias tiles (what
     ``_tile_bias_kernel`` with KEY_ROWS writes: (H, NUM_RB key blocks, BM * NCOLS)),
-    for the dQ kernel to write them in the same backward. A key block's tiles, one
-    after another, are one (BM, NCOLS) tile in ``_bias_tile``'s order (their widths are
+    as the dQ kernel writes them in the same backward. A key block's tiles, one after
+    another, are one (BM, NCOLS) tile in ``_bias_tile``'s order (their widths are
     multiples of 8), so the flat index gives the key and query directly."""
     f = f0 + tl.arange(0, CHUNK)
     f_ok = f < H * (NUM_RB * BM * NCOLS)
