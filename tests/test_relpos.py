@@ -704,7 +704,8 @@ def test_torch_backend_trains_after_an_inference_mode_call():
 def test_small_grid_backward_takes_dk_dv_in_the_dq_kernel():
     """Where one dQ program holds every query and every key of a small grid (A3's 4 x 4),
     it writes dK and dV as well: the backward is that kernel and the table fold. Larger
-    grids (A2's 7 x 7: 64 keys spilled there) keep their dK/dV launch. The gradient tests
+    grids (A2's 7 x 7: 64 keys spilled there) keep their dK/dV launch, which folds the
+    table gradient itself (``test_backward_of_two_launches``). The gradient tests
     above check the values of both paths against float64 (A3 N16, A2 N49)."""
     from vitkernels.triton._aot import record_workload
     from vitkernels.workloads import WORKLOADS
@@ -713,6 +714,68 @@ def test_small_grid_backward_takes_dk_dv_in_the_dq_kernel():
         return [la.name.split("[")[0] for la in record_workload(WORKLOADS[w].shape, "bwd").launches]
 
     assert names("A3") == ["relpos_dq", "relpos_fold"]
-    assert names("A2") == ["relpos_dq", "relpos_dkdv_bias", "relpos_dkdv", "relpos_fold"]
+    assert names("A2") == ["relpos_dq", "relpos_dkdv"]
     dq = next(la for la in record_workload(WORKLOADS["A3"].shape, "bwd").launches if la.name.startswith("relpos_dq"))
     assert dq.constexprs["DKDV"] is True
+
+
+# the backward of two launches: the dQ kernel writes the dK/dV kernel's bias tiles, the
+# dK/dV kernel folds the table gradient; B, H, R, C, s, Dk, Dv (6 x 6: a full query
+# block and a tail in dK/dV; 5 batch entries: 5 table-gradient partials)
+TWO_LAUNCHES = (5, 2, 6, 6, 1, 32, 16)
+
+
+def _backward_launches(case, batch=None):
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import RelposShape
+
+    B, H, R, C, s, Dk, Dv = case
+    assert R == C
+    return record_workload(RelposShape(H, R, s, Dk, Dv), "bwd", torch.float32, batch=batch or B).launches
+
+
+def test_backward_of_two_launches():
+    """Where the dQ kernel takes every key and the dK/dV kernel loops over query blocks
+    (A1, A2, A4, A5 and the case the gradient tests below run), the backward is those
+    two launches: the dQ kernel writes the dK/dV kernel's bias tiles (a chunk a
+    program, from this call's table) and the dK/dV kernel folds the table gradient
+    out of the dQ kernel's partials (an entry per program, the rest round-robin)."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS
+
+    for launches in [record_workload(WORKLOADS["A1"].shape, "bwd").launches, _backward_launches(TWO_LAUNCHES)]:
+        assert [la.name.split("[")[0] for la in launches] == ["relpos_dq", "relpos_dkdv"]
+        assert launches[0].constexprs["TILES"] is True
+    a1 = record_workload(WORKLOADS["A1"].shape, "bwd").launches
+    assert a1[0].constexprs["TILE_CHUNK"] == 256  # one float a thread (8 warps)
+    assert a1[1].constexprs["FOLD_ONE"] is True  # every partial in one tile
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one chunk", "chunk loop"])
+def test_two_launch_backward_after_an_in_place_table_change(chunk, monkeypatch, poisoned):
+    """The dK/dV bias tiles the dQ kernel writes and the folded table gradient come from
+    the table of each call: a second training call after the table changed in place
+    (as an optimizer step does) matches float64 on the new values. "chunk loop": the
+    fold sums the partials a few at a time (what a large batch takes)."""
+    if chunk is not None:
+        monkeypatch.setattr(tk, "_FOLD_CHUNK_PER_WARP", chunk)
+        launches = _backward_launches(TWO_LAUNCHES)
+        assert launches[1].constexprs["FOLD_ONE"] is False
+    q, k, v, table = make(TWO_LAUNCHES)
+    kw = kwargs_of(TWO_LAUNCHES)
+    check_grads("triton", q, k, v, table, kw, GRAD_TOL[torch.float32], "first call")
+    with torch.no_grad():
+        table.mul_(-1.5).add_(0.25)
+    check_grads("triton", q, k, v, table, kw, GRAD_TOL[torch.float32], "after the change")
+
+
+def test_fold_launch_chunk_loop(monkeypatch, poisoned):
+    """Where the dQ kernel writes dK and dV itself (A3's 4 x 4), the fold is its own
+    launch; with few partials a program at a time it loops over them."""
+    monkeypatch.setattr(tk, "_FOLD_CHUNK_PER_WARP", 1)
+    case = CASES["A3 N16"]
+    launches = _backward_launches(case)
+    assert [la.name.split("[")[0] for la in launches] == ["relpos_dq", "relpos_fold"]
+    assert launches[1].constexprs["ONE_CHUNK"] is False
+    q, k, v, table = make(case)
+    check_grads("triton", q, k, v, table, kwargs_of(case), GRAD_TOL[torch.float32], "A3, chunk loop")

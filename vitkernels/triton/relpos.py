@@ -35,6 +35,9 @@ ever in memory):
   every call, never cached, so never stale; the forward and dK/dV kernels load its
   tiles instead of gathering from the table (except where they have one key block,
   resp. one query block: there they gather it, and the call has no bias launch).
+  The backward has no bias launch either where the all-keys dQ kernel runs before
+  dK/dV: each of its programs first writes a chunk of the dK/dV tiles
+  (``_tile_bias_chunk``, from the same call's table).
 * ``_fwd_kernel``: a program per (b, h, query block), online softmax in float32
   over key blocks (any Nk: full blocks unmasked, the first without a rescale, the
   keys after them in one masked block of the next power of 2, e.g. 196 = 3 x 64 +
@@ -57,8 +60,12 @@ ever in memory):
   R, offsets).
 * ``_bwd_dkdv_kernel``: a program per (b, h, key block), loops over query blocks
   (the last, partial one masked), reading delta instead of recomputing it from O.
-* ``_fold_kernel``: sums that buffer over programs and folds dc into |dc|. No
-  atomics: the table gradient is deterministic (run to run, for a fixed config).
+  Then it folds the table gradient (``_fold_entry``): each program takes an entry
+  of dtable (round-robin where they outnumber the programs), sums that buffer over
+  the dQ programs (a fixed-order tree sum) and folds dc into |dc|. No atomics: the
+  table gradient is deterministic (run to run, for a fixed config).
+* ``_fold_kernel``: the same fold as a launch of its own, where the dQ kernel also
+  writes dK and dV (small grids) and no dK/dV kernel runs.
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 ``_dkdv_cfg``, ``_dq_cfg``) for a GPU tuning pass to revise; no autotuning.
@@ -162,6 +169,27 @@ def _bias_tile(tile, BM: tl.constexpr, W: tl.constexpr):
     x = tl.reshape(x, [W // 8, BM // 16, 8, 4, 2, 2])  # (cA, rA, rC, cB, rB, cC)
     x = tl.permute(x, [1, 4, 2, 0, 3, 5])  # (rA, rB, rC, cA, cB, cC)
     return tl.reshape(x, [BM, W])
+
+
+@triton.jit
+def _tile_bias_chunk(T, BIAS, f0, stride_th, stride_tn, mult, H, NQ, NK, CQ, C, S, BM: tl.constexpr,
+                     NCOLS: tl.constexpr, NUM_RB: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Floats f0 .. f0 + CHUNK - 1 of the dK/dV kernel's bias tiles (what
+    ``_tile_bias_kernel`` with KEY_ROWS writes: (H, NUM_RB key blocks, BM * NCOLS)),
+    as the dQ kernel writes them in the same backward. A key block's tiles, one after
+    another, are one (BM, NCOLS) tile in ``_bias_tile``'s order (their widths are
+    multiples of 8), so the flat index gives the key and query directly."""
+    f = f0 + tl.arange(0, CHUNK)
+    f_ok = f < H * (NUM_RB * BM * NCOLS)
+    hr = f // (BM * NCOLS)  # h * NUM_RB + key block
+    m = f % (BM * NCOLS)
+    kj = hr % NUM_RB * BM + m // 128 % (BM // 16) * 16 + m // 2 % 2 * 8 + m // 16 % 8
+    qi = m // (8 * BM) * 8 + m // 4 % 4 * 2 + m % 2
+    dr = tl.abs(qi // CQ * S - kj // C)
+    dc = tl.abs(qi % CQ * S - kj % C)
+    t = tl.load(T + hr // NUM_RB * stride_th + (dr * C + dc) * stride_tn, mask=f_ok & (qi < NQ) & (kj < NK),
+                other=0.0)  # fmt: skip
+    tl.store(BIAS + f, tl.where(kj < NK, t.to(tl.float32) * mult, float("-inf")), mask=f_ok)
 
 
 @triton.jit
@@ -374,7 +402,7 @@ def _dkdv_step(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, T, DO, O, LSE, DELTA, DK_, DV_,
+    Q, K, V, BIAS, T, DO, O, LSE, DELTA, DK_, DV_, PART, DT_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -383,10 +411,12 @@ def _bwd_dkdv_kernel(
     stride_th, stride_tn,
     H, NQ, NQ_FULL, NK, NUM_KB, CQ, C, S,
     qk_scale, sm_scale, bias_mult,  # scale * log2(e); scale; the bias's multiplier (``_dkdv_step``)
+    NUM_PROGRAMS, FOLD_P, FOLD_OFF, FOLD_NEG,  # the table gradient's fold (``_fold_entry``)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, TAIL_M: tl.constexpr,
     LOOP_MASKED: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, GATHER: tl.constexpr, DELTA_FROM_O: tl.constexpr,
-    BIAS_ACC: tl.constexpr, PREC: tl.constexpr,
+    BIAS_ACC: tl.constexpr, FOLD_R: tl.constexpr, FOLD_C: tl.constexpr,
+    FOLD_E: tl.constexpr, FOLD_PCH: tl.constexpr, FOLD_ONE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Queries [0, NQ_FULL) (a multiple of BLOCK_M; FULL: NQ_FULL > 0) in unmasked blocks
     of BLOCK_M, then the rest, if any, in one masked block of TAIL_M >= NQ - NQ_FULL
@@ -395,7 +425,10 @@ def _bwd_dkdv_kernel(
     the key-blocked dQ kernel writes none). GATHER (NQ <= BLOCK_M: every query
     in the tail): the bias tile is gathered from the table T and BIAS is not read; else
     BIAS is the expanded bias in this kernel's tiles (``_tile_bias_kernel``: per key
-    block its query tiles, [0, NQ_FULL) then the tail)."""
+    block its query tiles, [0, NQ_FULL) then the tail). Then each program folds every
+    NUM_PROGRAMS-th entry of the table gradient, from its own on, out of the dQ kernel's
+    partials PART into DT_ (the dQ kernel ran before this launch), so the backward has
+    no fold launch."""
     pid = tl.program_id(0)
     pid_n = pid % NUM_KB
     pid_bh = pid // NUM_KB
@@ -459,6 +492,8 @@ def _bwd_dkdv_kernel(
         dv.to(DV_.dtype.element_ty),
         mask=n_ok[:, None] & dv_ok[None, :],
     )
+    for o in range(pid, H * (FOLD_R * FOLD_C), NUM_PROGRAMS):  # the table gradient's entries
+        _fold_entry(PART, DT_, o, FOLD_P, H, FOLD_OFF, FOLD_NEG, FOLD_R, FOLD_C, FOLD_E, FOLD_PCH, FOLD_ONE)
 
 
 @triton.jit
@@ -478,7 +513,7 @@ def _dq_program(H, RQ, CQ, NUM_QB, QR: tl.constexpr, CQP: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA, DK_, DV_,
+    Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA, DK_, DV_, TILES_,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -487,14 +522,21 @@ def _bwd_dq_kernel(
     stride_th, stride_tn,
     B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
     qk_scale, sm_scale, bias_scale, table_scale,  # qk_scale, bias_scale multiplied by log2(e)
+    tiles_mult,  # the dK/dV kernel's bias multiplier (``_launch_dkdv``)
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, STORE_DELTA: tl.constexpr, DKDV: tl.constexpr,
-    PREC: tl.constexpr,
+    TILES: tl.constexpr, TILE_BM: tl.constexpr, TILE_NCOLS: tl.constexpr, TILE_RB: tl.constexpr,
+    TILE_CHUNK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """dQ and the table partial of a query block against every key. DKDV (the block
     holds every query: small grids): dK and dV too, from the same P and dS tiles, so
-    the backward has no dK/dV launch."""
+    the backward has no dK/dV launch. TILES: each program first writes its chunk of
+    TILE_CHUNK floats of the dK/dV kernel's bias tiles (``_tile_bias_chunk``; from the
+    table of this call), so the backward has no bias launch."""
+    if TILES:  # first: nothing else is live yet
+        _tile_bias_chunk(T, TILES_, tl.program_id(0) * TILE_CHUNK, stride_th, stride_tn, tiles_mult, H, NQ, R * C,
+                         CQ, C, S, TILE_BM, TILE_NCOLS, TILE_RB, TILE_CHUNK)  # fmt: skip
     pid_q, h, g, qg_row, qg_col, m_ok, q_tok = _dq_program(H, RQ, CQ, NUM_QB, QR, CQP)
     # every key: TRP key-grid rows of CP column slots
     offs_n = tl.arange(0, TRP * CP)
@@ -730,24 +772,34 @@ def _bwd_dq_blocked_kernel(
 
 
 @triton.jit
-def _fold_kernel(
-    PART, DT,
-    P, H, R, C, OFF, NEG,
-    E: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """dtable[h, r*C + c] = sum over the P partials of the signed offsets dc = c and
-    dc = -c (0 < c <= NEG) of row r: partial (P, H, R, E) holds dc at column OFF + dc.
-    A fixed order of sums: deterministic."""
-    pid = tl.program_id(0)  # h * R + r
-    cs = tl.arange(0, BLOCK_C)
-    c_ok = cs < C
-    neg_ok = (cs >= 1) & (cs <= NEG)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for part in range(0, P):
-        row = PART + (part * H * R + pid).to(tl.int64) * E
-        acc += tl.load(row + OFF + cs, mask=c_ok, other=0.0)
-        acc += tl.load(row + OFF - cs, mask=neg_ok, other=0.0)
-    tl.store(DT + pid.to(tl.int64) * C + cs, acc.to(DT.dtype.element_ty), mask=c_ok)
+def _fold_entry(PART, DT, o, P, H, OFF, NEG, R: tl.constexpr, C: tl.constexpr, E: tl.constexpr,
+                PCH: tl.constexpr, ONE_CHUNK: tl.constexpr):  # fmt: skip
+    """dtable's flat entry o = h*R*C + r*C + c: the sum over the P partials of the signed
+    offsets dc = c and dc = -c (0 < c <= NEG) of row (h, r); partial (P, H, R, E) holds
+    dc at column OFF + dc. PCH partials at a time (ONE_CHUNK: P <= PCH, no loop), summed
+    over them at the end: a fixed order for a fixed config (deterministic, no atomics)."""
+    c = o % C
+    row = PART + ((o // C) * E + OFF).to(tl.int64)  # partial 0's row (h, r), at dc = 0
+    p_neg = tl.where((c >= 1) & (c <= NEG), P, 0)  # the partials whose dc = -c is read
+    ps = tl.arange(0, PCH)
+    if ONE_CHUNK:
+        rows = row + ps.to(tl.int64) * (H * R * E)
+        acc = tl.load(rows + c, mask=ps < P, other=0.0) + tl.load(rows - c, mask=ps < p_neg, other=0.0)
+    else:
+        acc = tl.zeros([PCH], dtype=tl.float32)
+        for p0 in range(0, P, PCH):
+            rows = row + (p0 + ps).to(tl.int64) * (H * R * E)
+            acc += tl.load(rows + c, mask=(p0 + ps) < P, other=0.0)
+            acc += tl.load(rows - c, mask=(p0 + ps) < p_neg, other=0.0)
+    tl.store(DT + o, tl.sum(acc, 0).to(DT.dtype.element_ty))
+
+
+@triton.jit
+def _fold_kernel(PART, DT, P, H, OFF, NEG, R: tl.constexpr, C: tl.constexpr, E: tl.constexpr, PCH: tl.constexpr,
+                 ONE_CHUNK: tl.constexpr):  # fmt: skip
+    """The table gradient from the dQ kernel's partials, an entry a program
+    (``_fold_entry``): the launch where no dK/dV kernel runs to do it."""
+    _fold_entry(PART, DT, tl.program_id(0), P, H, OFF, NEG, R, C, E, PCH, ONE_CHUNK)
 
 
 # ----------------------------------------------------------------------------
@@ -874,6 +926,7 @@ def _dq_key_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
 
 
+_FOLD_CHUNK_PER_WARP = 128  # table-gradient partials a fold takes at once, per warp (4 a thread)
 _DKDV_IN_DQ_MAX = 16 * 128  # key slots x (Dk + Dv) of the dK and dV tiles the dQ kernel may add
 _DQ_MAX_KEYS = 256  # key slots (rows and columns padded to powers of 2) one dQ program takes at once
 
@@ -1077,73 +1130,144 @@ def relpos_attention_bwd(
     delta_from_o = not (all_keys and dq_cfg.num_warps == 8) or dkdv_in_dq
     delta = lse if delta_from_o else _alloc((B, H, NQ), torch.float32, dev)
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
+    dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
+    off = (CQP - 1) * q_stride
+    fold = _Fold(partial, dtable, off, min(off, fmap_cols - 1), E)
+    dkdv = None if dkdv_in_dq else _DkdvPlan.of(q, k, v, scale, bias_scale, vector_loads)
+    # the all-keys dQ kernel writes the dK/dV kernel's bias tiles (from this call's
+    # table), a chunk of at most 16 floats a thread per program (1 at A1); else they
+    # have a launch
+    programs = num_qb * H * num_g
+    tiles = dkdv is not None and dkdv.tiles_shape is not None and all_keys
+    chunk = _pow2(cdiv(dkdv.tiles_numel, programs)) if tiles else 1
+    tiles = tiles and chunk <= 512 * dq_cfg.num_warps
+    chunk = chunk if tiles else 1
+    bias = _alloc(dkdv.tiles_shape, torch.float32, dev) if tiles else lse  # lse: a pointer not used
+    tile_cx = dict(TILES=tiles, TILE_BM=dkdv.block_n if tiles else 16, TILE_NCOLS=dkdv.ncols if tiles else 16,
+                   TILE_RB=dkdv.num_kb if tiles else 1, TILE_CHUNK=chunk)  # fmt: skip
     dkdv_args = [dk, dv] if dkdv_in_dq else [lse, lse]  # lse: a pointer the kernel does not use
     launch(Launch(
-        f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (num_qb * H * num_g,),
-        [q, k, v, table, grad_out, out, lse, dq, partial, *([delta, *dkdv_args] if all_keys else []),
+        f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (programs,),
+        [q, k, v, table, grad_out, out, lse, dq, partial, *([delta, *dkdv_args, bias] if all_keys else []),
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
-         qk_scale, scale, bias_scale * _LOG2E, bias_scale],
-        {**dq_cfg.constexprs, **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq) if all_keys else {}),
+         qk_scale, scale, bias_scale * _LOG2E, bias_scale, *([dkdv.mult if tiles else 1.0] if all_keys else [])],
+        {**dq_cfg.constexprs, **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq, **tile_cx) if all_keys else {}),
          "PREC": prec},
         dq_cfg.num_warps, dq_cfg.num_stages,
         reads=(q, k, v, table, grad_out, out, lse),
-        writes=(dq, partial) + ((dk, dv) if dkdv_in_dq else ()) + (() if delta_from_o else (delta,)),
+        writes=(dq, partial) + ((dk, dv) if dkdv_in_dq else ()) + (() if delta_from_o else (delta,))
+        + ((bias,) if tiles else ()),
         loops={"b": B / num_g} if all_keys else {"b": B / num_g, "kb": triton.cdiv(fmap_rows, dq_cfg.constexprs["KR"])},
     ))  # fmt: skip
-    if not dkdv_in_dq:
-        _launch_dkdv(q, k, v, table, grad_out, out, lse, delta, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
-                     bias_scale, vector_loads, delta_from_o, tag)  # fmt: skip
-
-    # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
-    dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
-    off = (CQP - 1) * q_stride
-    launch(Launch(
-        f"relpos_fold[{tag}]", _fold_kernel, (H * fmap_rows,),
-        [partial, dtable, partial.shape[0], H, fmap_rows, fmap_cols, off, min(off, fmap_cols - 1)],
-        dict(E=E, BLOCK_C=_pow2(fmap_cols)), 1, 1, reads=(partial,), writes=(dtable,),
-        loops={"part": partial.shape[0]},
-    ))  # fmt: skip
+    if dkdv is not None:
+        _launch_dkdv(dkdv, q, k, v, table, grad_out, out, lse, delta, dk, dv, bias if tiles else None, fold,
+                     fmap_rows, fmap_cols, q_stride, scale, delta_from_o, tag)  # fmt: skip
+    else:  # fixed-order reductions: over programs, then signed column offsets dc -> |dc|
+        pch = min(_pow2(partial.shape[0]), _FOLD_CHUNK_PER_WARP)
+        launch(Launch(
+            f"relpos_fold[{tag}]", _fold_kernel, (dtable.numel(),),
+            [partial, dtable, partial.shape[0], H, fold.off, fold.neg],
+            dict(R=fmap_rows, C=fmap_cols, E=E, PCH=pch, ONE_CHUNK=partial.shape[0] <= pch), 1, 1,
+            reads=(partial,), writes=(dtable,),
+            loops={"p0": cdiv(partial.shape[0], pch)},
+        ))  # fmt: skip
     return dq, dk, dv, dtable
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fold:
+    """The dQ kernel's table-gradient partials (P, H, R, E) and what folds them into
+    dtable (``_fold_entry``): the column of dc = 0, the largest negative offset folded."""
+
+    partial: torch.Tensor
+    dtable: torch.Tensor
+    off: int
+    neg: int
+    e: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _DkdvPlan:
+    """The dK/dV launch's config and the bias it reads (``_launch_dkdv``)."""
+
+    cfg: _Config
+    gather: bool  # one query block: the kernel gathers its bias tile from the table
+    bias_acc: bool
+    mult: float
+    num_kb: int
+    block_n: int
+    ncols: int  # query columns of a key block's tiles (loop extent and tail)
+    heads: int
+
+    @staticmethod
+    def of(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias_scale: float, vector_loads: bool
+    ) -> _DkdvPlan:
+        B, H, NQ, DK = q.shape
+        NK, DV = k.shape[2], v.shape[3]
+        cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
+        block_n = cfg.constexprs["BLOCK_N"]
+        # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
+        # is positive and not tiny (as in the forward) and the dot is a 64-key wgmma on 4
+        # warps (sm_90a; the tile's load is then in the accumulator's layout: 32 keys at Dv
+        # 128 spilled 8 B, 255 registers); else it is in log2 units, added after the dot
+        bias_acc = target_arch(q.device) >= 90 and scale >= _MIN_SCALE and block_n == 64 and cfg.num_warps == 4
+        mult = bias_scale / scale if bias_acc else bias_scale * _LOG2E
+        return _DkdvPlan(cfg, not cfg.constexprs["FULL"], bias_acc, mult, cdiv(NK, block_n), block_n,
+                         cfg.full + cfg.constexprs["TAIL_M"], H)  # fmt: skip
+
+    @property
+    def tiles_shape(self) -> tuple[int, int, int] | None:
+        """The bias tiles' shape (H, key blocks, keys x query columns); None where the
+        kernel gathers its bias instead."""
+        return None if self.gather else (self.heads, self.num_kb, self.block_n * self.ncols)
+
+    @property
+    def tiles_numel(self) -> int:
+        return self.heads * self.num_kb * self.block_n * self.ncols
+
+
 def _launch_dkdv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor,
+    plan: _DkdvPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-    fmap_rows: int, fmap_cols: int, q_stride: int, scale: float, bias_scale: float, vector_loads: bool,
+    bias: torch.Tensor | None, fold: _Fold, fmap_rows: int, fmap_cols: int, q_stride: int, scale: float,
     delta_from_o: bool, tag: str,
 ) -> None:  # fmt: skip
-    """The dK/dV launch (and the expanded bias it reads where it loops over query blocks)."""
+    """The dK/dV launch, which also folds the table gradient (``_fold_entry``), and the
+    expanded bias it reads where it loops over query blocks and the dQ kernel did not
+    write it (bias None)."""
     B, H, NQ, DK = q.shape
-    NK, DV = k.shape[2], v.shape[3]
-    cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
-    # one query block: the dK/dV kernel gathers its bias tile from the table (the dQ
-    # kernel always does), and the backward has no bias launch
-    gather = not cfg.constexprs["FULL"]
+    NK = k.shape[2]
+    cfg = plan.cfg
     _, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
-    block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
+    block_m, block_n = cfg.constexprs["BLOCK_M"], plan.block_n
     nq_full = cfg.full
-    num_kb = cdiv(NK, block_n)
-    # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
-    # is positive and not tiny (as in the forward) and the dot is a 64-key wgmma on 4 warps
-    # (sm_90a; the tile's load is then in the accumulator's layout: 32 keys at Dv 128
-    # spilled 8 B, 255 registers); else it is in log2 units, added after the dot
-    bias_acc = target_arch(q.device) >= 90 and scale >= _MIN_SCALE and block_n == 64 and cfg.num_warps == 4
-    mult = bias_scale / scale if bias_acc else bias_scale * _LOG2E
-    bias = table if gather else _expand_tile_bias(
-        table, NQ, NK, cq, fmap_cols, q_stride, mult, block_n, block_m, nq_full,
-        cfg.constexprs["TAIL_M"], True, f"relpos_dkdv_bias[{tag}]",
-    )
+    programs = plan.num_kb * B * H
+    if plan.gather:
+        bias = table
+    elif bias is None:
+        bias = _expand_tile_bias(
+            table, NQ, NK, cq, fmap_cols, q_stride, plan.mult, block_n, block_m, nq_full,
+            cfg.constexprs["TAIL_M"], True, f"relpos_dkdv_bias[{tag}]",
+        )  # fmt: skip
+    # the fold: an entry of dtable per program (several where the entries outnumber the
+    # programs), every partial in one tile up to 4 a thread (a loop had ptxas unroll it)
+    parts = fold.partial.shape[0]
+    pch = min(_pow2(parts), _FOLD_CHUNK_PER_WARP * cfg.num_warps)
     launch(Launch(
-        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (num_kb * B * H,),
-        [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv,
+        f"relpos_dkdv[{tag}]", _bwd_dkdv_kernel, (programs,),
+        [q, k, v, bias, table, grad_out, out, lse, delta, dk, dv, fold.partial, fold.dtable,
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
-         H, NQ, nq_full, NK, num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, mult],
-        {**cfg.constexprs, "GATHER": gather, "DELTA_FROM_O": delta_from_o, "BIAS_ACC": bias_acc,
-         "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps,
-        cfg.num_stages, reads=(q, k, v, table if gather else bias, grad_out, lse) + ((out,) if delta_from_o else (delta,)),
-        writes=(dk, dv),
-        loops={"start_m": nq_full // block_m},
+         H, NQ, nq_full, NK, plan.num_kb, cq, fmap_cols, q_stride, scale * _LOG2E, scale, plan.mult,
+         programs, parts, fold.off, fold.neg],
+        {**cfg.constexprs, "GATHER": plan.gather, "DELTA_FROM_O": delta_from_o, "BIAS_ACC": plan.bias_acc,
+         "FOLD_R": fmap_rows, "FOLD_C": fmap_cols, "FOLD_E": fold.e, "FOLD_PCH": pch, "FOLD_ONE": parts <= pch,
+         "PREC": dot_precision(q.dtype, "tf32x3")}, cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, table if plan.gather else bias, grad_out, lse, fold.partial)
+        + ((out,) if delta_from_o else (delta,)),
+        writes=(dk, dv, fold.dtable),
+        loops={"start_m": nq_full // block_m, "o": cdiv(fold.dtable.numel(), programs), "p0": cdiv(parts, pch)},
     ))  # fmt: skip
 
 
