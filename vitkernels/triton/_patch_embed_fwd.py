@@ -604,19 +604,18 @@ def _patch_embed_fwd_kernel(
     )
     if IN_NORM:
         mean_d, rstd = _in_norm_stats(s1, s2, K, in_eps)
-    mean, m2 = _tile_out(
-        acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n_start, colsum_ptr, shift_ptr,
-        pos_rows, spd, y_rows if OUT_NORM else out_rows, syd if OUT_NORM else sod, out_ptr,
-        IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
-    )
-    if THIRDS:
-        _tile_out(
-            acc1, offs_n + BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, BLOCK_N, colsum_ptr,
-            shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
-        )
-        _tile_out(
-            acc2, offs_n + 2 * BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, 2 * BLOCK_N, colsum_ptr,
-            shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
+    if THIRDS:  # the row block's three column tiles t (no output norm): acc, acc1, acc2
+        for t in tl.static_range(3):
+            _tile_out(
+                (acc, acc1, acc2)[t], offs_n + t * BLOCK_N, n_ok, row_ok, mean_d, rstd, mean, m2, t * BLOCK_N,
+                colsum_ptr, shift_ptr, pos_rows, spd, out_rows, sod, out_ptr, IN_NORM, HAS_SHIFT, OUT_NORM,
+                HAS_POS, OVEC,
+            )
+    else:
+        mean, m2 = _tile_out(
+            acc, offs_n, n_ok, row_ok, mean_d, rstd, mean, m2, n_start, colsum_ptr, shift_ptr,
+            pos_rows, spd, y_rows if OUT_NORM else out_rows, syd if OUT_NORM else sod, out_ptr,
+            IN_NORM, HAS_SHIFT, OUT_NORM, HAS_POS, OVEC,
         )
     if OUT_NORM:
         for n1 in range(n_start + BLOCK_N, n_end, BLOCK_N):

@@ -482,6 +482,34 @@ def _fwd_pv(n3, Vb, offs_n, n_ok, cols, acc, stride_vh, stride_vn, stride_vd, H:
 
 
 @triton.jit
+def _fwd_step(
+    start_n, NK, lse2, accs, Qb, Kb, Vb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb,
+    offs_va, offs_vb, hs, post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+    stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+    stride_pre0, stride_pre1, stride_post0, stride_post1,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
+    VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VB: tl.constexpr, FOLD: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """Pass 2's step over the key tile at start_n: the accumulators accs (``_fwd_kernel``)
+    plus the tile's probabilities times v. MASKED: padding keys in the tile. (A tuple: a
+    None accumulator for VB = 0 cannot be reassigned in the loops.)"""
+    n3, offs_n, n_ok = _fwd_probs(
+        start_n, NK, lse2, Qb, Kb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
+        post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+        stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, stride_post0, stride_post1,
+        H, HP, BLOCK_N, DK, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, FOLD, MASKED,
+    )  # fmt: skip
+    acc = _fwd_pv(n3, Vb, offs_n, n_ok, offs_va, accs[0], stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
+    if VB > 0:
+        accs = (acc, _fwd_pv(n3, Vb, offs_n, n_ok, offs_vb, accs[1], stride_vh, stride_vn, stride_vd, H, HP, DV, VV))
+    else:
+        accs = (acc,)
+    return accs
+
+
+@triton.jit
 def _fwd_store(O, acc, b, offs_m, m_ok, cols, hs, NQ, H: tl.constexpr, DV: tl.constexpr):
     """out's (BM, C, HP) tile at columns cols; out (B, H, NQ, DV) contiguous."""
     o_ptrs = O + (b * H + hs[None, None, :]) * NQ * DV + offs_m[:, None, None] * DV + cols[None, :, None]
@@ -558,35 +586,31 @@ def _fwd_kernel(
 
     # pass 2: normalised, mixed (and normed) probabilities times v; the full key blocks
     # without key masks, then the last (partial) one masked
-    acc = tl.zeros([BLOCK_M, VA, HP], tl.float32)
-    acc2 = None
+    # the output's columns offs_va (and offs_vb): accs = (acc (BM, VA, HP)[, acc2 (BM, VB, HP)])
+    accs = (tl.zeros([BLOCK_M, VA, HP], tl.float32),)
     if VB > 0:
-        acc2 = tl.zeros([BLOCK_M, VB, HP], tl.float32)
+        accs = (accs[0], tl.zeros([BLOCK_M, VB, HP], tl.float32))
     nk_n = NK - NK % BLOCK_N if PEEL else 0
     for start_n in range(0, nk_n, BLOCK_N):
-        n3, offs_n, n_ok = _fwd_probs(
-            start_n, NK, lse2, Qb, Kb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
-            post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
-            stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, stride_post0, stride_post1,
-            H, HP, BLOCK_N, DK, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, FOLD, False,
+        accs = _fwd_step(
+            start_n, NK, lse2, accs, Qb, Kb, Vb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka,
+            offs_kb, offs_va, offs_vb, hs, post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_pre0, stride_pre1, stride_post0, stride_post1,
+            H, HP, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VB, FOLD, False,
         )  # fmt: skip
-        acc = _fwd_pv(n3, Vb, offs_n, n_ok, offs_va, acc, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
-        if VB > 0:
-            acc2 = _fwd_pv(n3, Vb, offs_n, n_ok, offs_vb, acc2, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
     for start_u in range(nk_n, NK, BLOCK_N):
-        n3, offs_n, n_ok = _fwd_probs(
-            start_u, NK, lse2, Qb, Kb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka, offs_kb, hs,
-            post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
-            stride_qh, stride_kh, stride_kn, stride_kd, stride_pre0, stride_pre1, stride_post0, stride_post1,
-            H, HP, BLOCK_N, DK, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, FOLD, True,
+        accs = _fwd_step(
+            start_u, NK, lse2, accs, Qb, Kb, Vb, PRE_W, POST_W, q_offs, q_mask, q_offs2, q_mask2, offs_ka,
+            offs_kb, offs_va, offs_vb, hs, post_b, norm_w, norm_b, valid, inv_h, eps, qk_scale,
+            stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_pre0, stride_pre1, stride_post0, stride_post1,
+            H, HP, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VB, FOLD, True,
         )  # fmt: skip
-        acc = _fwd_pv(n3, Vb, offs_n, n_ok, offs_va, acc, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
-        if VB > 0:
-            acc2 = _fwd_pv(n3, Vb, offs_n, n_ok, offs_vb, acc2, stride_vh, stride_vn, stride_vd, H, HP, DV, VV)
 
-    _fwd_store(O, acc, b, offs_m, m_ok, offs_va, hs, NQ, H, DV)
+    _fwd_store(O, accs[0], b, offs_m, m_ok, offs_va, hs, NQ, H, DV)
     if VB > 0:
-        _fwd_store(O, acc2, b, offs_m, m_ok, offs_vb, hs, NQ, H, DV)
+        _fwd_store(O, accs[1], b, offs_m, m_ok, offs_vb, hs, NQ, H, DV)
     if not FOLD:  # stored here, the few-rows layout takes fewer registers
         tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=lse_mask)
 
