@@ -39,7 +39,10 @@ CASES = {
     "A4 Dv128": (1, 2, 14, 14, 2, 32, 128),  # the workload: dQ takes 2-row query blocks
     "A5 Dk16 Dv32": (1, 2, 14, 14, 1, 16, 32),
     "shrink 7to4": (2, 2, 7, 7, 2, 16, 32),
-    "N784 448px": (1, 1, 28, 28, 1, 16, 16),
+    # the key-blocked dQ kernel (a grid over 256 key slots): 2-row query blocks and
+    # 1-row key blocks of 32 column slots (22 used), as LeViT's 448px 28 x 28 grid takes;
+    # 198 tokens: 16-row tails in the forward and dK/dV (test_key_blocked_dq_case)
+    "key-blocked 9x22": (1, 1, 9, 22, 1, 16, 16),
     "rect 5x9": (2, 2, 5, 9, 1, 16, 24),
     "rect 6x3 stride2": (1, 2, 6, 3, 2, 32, 16),
     "row 1x7": (2, 1, 1, 7, 1, 16, 16),
@@ -67,7 +70,7 @@ GRAD_CASES = [
     "Dk64 Dv16",
     "Dk64 Dv128",
     "Dk20 Dv40",
-    "N784 448px",
+    "key-blocked 9x22",
     "grid 1x1",
     "keys 8x16",  # dK/dV: 4 full query blocks, no tail
 ]
@@ -421,12 +424,17 @@ def test_only_table_requires_grad(poisoned):
 
 
 def test_table_gradient_is_deterministic(poisoned):
-    case = CASES["A1 N196"]
-    q, k, v, table = make(case)
-    out, lse = tk.relpos_attention_fwd(q, k, v, table, 14, 14, 1, 32**-0.5, 0.7)
+    """Two backward calls give the same bits, and neither leaves a poisoned element.
+    The interpreter runs programs one at a time, so only a GPU can break the order of
+    the reductions (test_relpos_gpu.py); here the small case of the two-launch backward
+    (A1's launches: the dQ kernel's table partials folded by the dK/dV kernel) does."""
+    B, H, R, C, s, Dk, Dv = TWO_LAUNCHES
+    q, k, v, table = make(TWO_LAUNCHES)
+    args = (R, C, s, Dk**-0.5, 0.7)
+    out, lse = tk.relpos_attention_fwd(q, k, v, table, *args)
     g = torch.randn_like(out)
-    first = tk.relpos_attention_bwd(g, q, k, v, table, out, lse, 14, 14, 1, 32**-0.5, 0.7)
-    second = tk.relpos_attention_bwd(g, q, k, v, table, out, lse, 14, 14, 1, 32**-0.5, 0.7)
+    first = tk.relpos_attention_bwd(g, q, k, v, table, out, lse, *args)
+    second = tk.relpos_attention_bwd(g, q, k, v, table, out, lse, *args)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -717,6 +725,31 @@ def test_small_grid_backward_takes_dk_dv_in_the_dq_kernel():
     assert names("A2") == ["relpos_dq", "relpos_dkdv"]
     dq = next(la for la in record_workload(WORKLOADS["A3"].shape, "bwd").launches if la.name.startswith("relpos_dq"))
     assert dq.constexprs["DKDV"] is True
+
+
+def test_key_blocked_dq_case():
+    """The "key-blocked 9x22" gradient case takes the kernels, blocks and tails of
+    LeViT's 28 x 28 grid (448px) at a fraction of its interpreter time: its float64
+    checks above cover that path."""
+    from vitkernels.triton._common import recording
+
+    def launches(rows, cols):
+        H, Dk, Dv, n = 1, 16, 16, rows * cols
+        q, k, v = (torch.empty(1, H, n, d, device="meta") for d in (Dk, Dk, Dv))
+        table, lse = torch.empty(H, n, device="meta"), torch.empty(1, H, n, device="meta")
+        args = (rows, cols, 1, Dk**-0.5, 0.7)
+        with recording() as rec:
+            tk.relpos_attention_fwd(q, k, v, table, *args)
+            tk.relpos_attention_bwd(v, q, k, v, table, v, lse, *args)
+        return [(la.name.split("[")[0], la.kernel, la.num_warps, la.constexprs) for la in rec.launches]
+
+    same = ("KEY_ROWS", "BLOCK_M", "BLOCK_N", "TAIL_N", "TAIL_M", "FULL", "GATHER", "BIAS_ACC", "FOLD_ONE",
+            "QR", "CQP", "KR", "CP", "E", "BLOCK_C", "TAIL_C", "DELTA_FROM_O")  # fmt: skip
+    case, n784 = launches(*CASES["key-blocked 9x22"][2:4]), launches(28, 28)
+    assert [c[:3] for c in case] == [c[:3] for c in n784]
+    assert "relpos_dq" in [c[0] for c in case] and tk._bwd_dq_blocked_kernel in [c[1] for c in case]
+    for (name, _, _, cx), (_, _, _, cx784) in zip(case, n784, strict=True):
+        assert {k: cx[k] for k in same if k in cx} == {k: cx784[k] for k in same if k in cx784}, name
 
 
 # the backward of two launches: the dQ kernel writes the dK/dV kernel's bias tiles, the
