@@ -35,17 +35,56 @@ gpu_run = _load("gpu_run")
 make_results = _load("make_results")
 
 
-def _check(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
     env["PYTHON"] = sys.executable
+    return env
+
+
+def _check(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(out), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(),
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+# the dry-run walks of gpu_check.sh the tests below read, by test: each is a chain of
+# single-threaded processes, so the walks of the selected tests run side by side
+# (the suite's pytest keeps one core busy; CI has two)
+WALKS = {
+    "test_dry_run_walks_the_plan_on_cpu": ("--dry-run",),
+    "test_no_time_left_cuts_every_stage_and_still_reports": ("--dry-run", "--minutes", "0"),
+    "test_quick_runs_env_correctness_the_probe_and_the_five_op_workloads_only": ("--dry-run", "--quick"),
+}
+
+
+@pytest.fixture(scope="module")
+def walks(request, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """(out folder, finished run) of the walk of every selected test in WALKS, started
+    together (a deselected test, e.g. the slow dry run under -m "not slow", starts none)."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    started = {}
+    for name, args in WALKS.items():
+        if name in selected:
+            out = tmp_path_factory.mktemp("gpu-check") / "out"
+            cmd = ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(out), *args]
+            started[name] = (out, cmd, subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT))  # fmt: skip
+    done = {}
+    try:
+        for name, (out, cmd, proc) in started.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            done[name] = (out, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    finally:
+        for _, _, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 def _records(out: Path) -> list[dict]:
@@ -53,9 +92,8 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_dry_run_walks_the_plan_on_cpu(tmp_path):
-    out = tmp_path / "out"
-    run = _check(out, "--dry-run")
+def test_dry_run_walks_the_plan_on_cpu(walks):
+    out, run = walks["test_dry_run_walks_the_plan_on_cpu"]
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert run.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is last
@@ -100,9 +138,8 @@ def test_dry_run_walks_the_plan_on_cpu(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
 
 
-def test_no_time_left_cuts_every_stage_and_still_reports(tmp_path):
-    out = tmp_path / "out"
-    run = _check(out, "--dry-run", "--minutes", "0")
+def test_no_time_left_cuts_every_stage_and_still_reports(walks):
+    out, run = walks["test_no_time_left_cuts_every_stage_and_still_reports"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = {r["name"]: r["status"] for r in _records(out) if r["kind"] == "stage"}
     for name in ("env", "correctness", "probe", "ops", "models", "ops-rest", "models-rest"):
@@ -110,9 +147,8 @@ def test_no_time_left_cuts_every_stage_and_still_reports(tmp_path):
     assert "gpu_check summary" in run.stdout and "env cut" in run.stdout
 
 
-def test_quick_runs_env_correctness_the_probe_and_the_five_op_workloads_only(tmp_path):
-    out = tmp_path / "out"
-    run = _check(out, "--dry-run", "--quick")
+def test_quick_runs_env_correctness_the_probe_and_the_five_op_workloads_only(walks):
+    out, run = walks["test_quick_runs_env_correctness_the_probe_and_the_five_op_workloads_only"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = _records(out)
     stages = {r["name"]: (r["status"], r.get("note", "")) for r in records if r["kind"] == "stage"}
