@@ -56,34 +56,65 @@ def _project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _pytest(project: Path, *args: str, fail_case: int = 0) -> subprocess.CompletedProcess:
+def _start(project: Path, *args: str, fail_case: int = 0) -> subprocess.Popen:
     env = {
         k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
     }
     env.update(PYTHONPATH=str(project), FAIL_CASE=str(fail_case))
     cmd = [sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", *args]
-    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# the simulated runs the tests below read, by test: (pytest arguments, FAIL_CASE). Each
+# is a chain of single-threaded pytest processes; those of the selected tests run side
+# by side (the suite's pytest waits on them with CI's second core idle)
+RUNS = {
+    "test_gpu_host_runs_the_rest_in_a_child_with_cuda_hidden": [(("-q",), 0), (("-q", "-m", "gpu"), 0)],
+    "test_a_failure_in_the_child_fails_the_run_and_is_shown": [(("-q",), 2)],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory) -> dict[str, list[subprocess.CompletedProcess]]:
+    """The simulated runs of every selected test in RUNS, started together, each in a
+    project of its own; a deselected test starts none."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    started = {
+        name: [_start(_project(tmp_path_factory.mktemp("modes")), *args, fail_case=fail) for args, fail in plan]
+        for name, plan in RUNS.items()
+        if name in selected
+    }
+    done = {}
+    try:
+        for name, procs in started.items():
+            done[name] = []
+            for proc in procs:
+                stdout, stderr = proc.communicate(timeout=600)
+                done[name].append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in (p for procs in started.values() for p in procs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 @pytest.mark.slow
-def test_gpu_host_runs_the_rest_in_a_child_with_cuda_hidden(tmp_path):
-    project = _project(tmp_path)
-    run = _pytest(project, "-q")
+def test_gpu_host_runs_the_rest_in_a_child_with_cuda_hidden(runs):
+    run, only_gpu = runs["test_gpu_host_runs_the_rest_in_a_child_with_cuda_hidden"]
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert "2 passed" in out, out  # the gpu test and the child suite
     assert "tests without a GPU (child pytest, CUDA hidden): 2 passed" in out, out
 
-    only_gpu = _pytest(project, "-q", "-m", "gpu")
     out = only_gpu.stdout + only_gpu.stderr
     assert only_gpu.returncode == 0 and "1 passed, 2 deselected" in out, out
     assert "child pytest" not in out
 
 
 @pytest.mark.slow
-def test_a_failure_in_the_child_fails_the_run_and_is_shown(tmp_path):
-    project = _project(tmp_path)
-    run = _pytest(project, "-q", fail_case=2)
+def test_a_failure_in_the_child_fails_the_run_and_is_shown(runs):
+    (run,) = runs["test_a_failure_in_the_child_fails_the_run_and_is_shown"]
     out = run.stdout + run.stderr
     assert run.returncode == 1, out
     assert "test_without_a_gpu[2]" in out and "1 failed, 1 passed" in out, out
