@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -1138,13 +1139,11 @@ def relpos_attention_bwd(
     # table), a chunk of at most 16 floats a thread per program (1 at A1); else they
     # have a launch
     programs = num_qb * H * num_g
-    tiles = dkdv is not None and dkdv.tiles_shape is not None and all_keys
-    chunk = _pow2(cdiv(dkdv.tiles_numel, programs)) if tiles else 1
-    tiles = tiles and chunk <= 512 * dq_cfg.num_warps
-    chunk = chunk if tiles else 1
+    chunk = dkdv.tile_chunk(programs, 512 * dq_cfg.num_warps) if dkdv is not None and all_keys else 0
+    tiles = chunk > 0
     bias = _alloc(dkdv.tiles_shape, torch.float32, dev) if tiles else lse  # lse: a pointer not used
     tile_cx = dict(TILES=tiles, TILE_BM=dkdv.block_n if tiles else 16, TILE_NCOLS=dkdv.ncols if tiles else 16,
-                   TILE_RB=dkdv.num_kb if tiles else 1, TILE_CHUNK=chunk)  # fmt: skip
+                   TILE_RB=dkdv.num_kb if tiles else 1, TILE_CHUNK=max(chunk, 1))  # fmt: skip
     dkdv_args = [dk, dv] if dkdv_in_dq else [lse, lse]  # lse: a pointer the kernel does not use
     launch(Launch(
         f"relpos_dq[{tag}]", _bwd_dq_kernel if all_keys else _bwd_dq_blocked_kernel, (programs,),
@@ -1223,9 +1222,13 @@ class _DkdvPlan:
         kernel gathers its bias instead."""
         return None if self.gather else (self.heads, self.num_kb, self.block_n * self.ncols)
 
-    @property
-    def tiles_numel(self) -> int:
-        return self.heads * self.num_kb * self.block_n * self.ncols
+    def tile_chunk(self, programs: int, max_chunk: int) -> int:
+        """Floats of the bias tiles each of ``programs`` programs writes (a power of two),
+        or 0 where there are no tiles or a chunk would exceed ``max_chunk``."""
+        if self.tiles_shape is None:
+            return 0
+        chunk = _pow2(cdiv(math.prod(self.tiles_shape), programs))
+        return chunk if chunk <= max_chunk else 0
 
 
 def _launch_dkdv(
