@@ -872,8 +872,12 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config
     keys64 = vector_loads or bdk + bdv <= 96
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     wide = bdk + bdv > 96
-    block_m = min(16 if wide else 32, max(16, _pow2(nq)))
-    # full query blocks, then the rest as one tail block (196 queries as 6 x 32 + 16);
+    # 64 queries where there are several blocks of them and the rows vectorize (the
+    # loop's fixed work per block halves per query; A1/A5 dK/dV 238/248 -> 373/418
+    # instructions per block, estimate; misaligned Dk 32 + Dv 64 spilled 4-196 B); 49
+    # queries stay 32 + 32 (one 64-query block issued more: 6.6 -> 9.8 us at A2)
+    block_m = min(16 if wide else (64 if nq > 64 and vector_loads else 32), max(16, _pow2(nq)))
+    # full query blocks, then the rest as one tail block (196 queries as 3 x 64 + 16);
     # wide heads (Dk + Dv > 96) take 16 queries and mask every block of the loop
     # instead: 32 queries and a second copy of the block's code spilled 4-44 B at A4
     # (Dv 128, 64 keys)
