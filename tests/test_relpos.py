@@ -359,13 +359,15 @@ def test_dkdv_bias_tiles_of_every_block_size(poisoned):
     """The dK/dV kernel reads its bias as (keys, queries) tiles stored in a permuted
     order by its bias launch (``_tile_bias_kernel`` with KEY_ROWS); the row and column
     bits depend on the tile's size: 64 keys x 32 queries with a tail of 16 or 32 queries,
-    32 x 16 with every query block in the loop (wide heads, no tail; A4's 64 x 16 is a
-    gradient case above), and 16 x 16 (wide heads with misaligned rows), each against
-    float64."""
+    64 x 64 where there are more than 64 queries (with a 32-query tail; the dQ kernel of
+    this small-head grid writes delta, ``test_which_dq_kernel_writes_delta``), 32 x 16
+    with every query block in the loop (wide heads, no tail; A4's 64 x 16 is a gradient
+    case above), and 16 x 16 (wide heads with misaligned rows), each against float64."""
     # (keys, queries, loop extent, query tail): (case, view)
     cases = {
         (64, 32, 32, 16): ((1, 2, 6, 6, 1, 16, 16), "contiguous"),
         (64, 32, 32, 32): ((1, 1, 7, 7, 1, 16, 16), "contiguous"),
+        (64, 64, 64, 32): ((2, 1, 9, 9, 1, 16, 32), "contiguous"),
         (32, 16, 32, 0): ((1, 1, 5, 5, 1, 32, 128), "contiguous"),
         (16, 16, 32, 0): ((1, 1, 5, 5, 1, 32, 128), "conv"),
     }
@@ -375,6 +377,28 @@ def test_dkdv_bias_tiles_of_every_block_size(poisoned):
         cfg = tk._dkdv_cfg(R * C, R * C, Dk, Dv, tk._vector_loads(q, k, v))
         assert (cfg.constexprs["BLOCK_N"], cfg.constexprs["BLOCK_M"], cfg.full, cfg.constexprs["TAIL_M"]) == blocks
         check_grads("triton", q, k, v, table, kwargs_of(case), GRAD_TOL[torch.float32], f"{blocks}")
+
+
+def test_which_dq_kernel_writes_delta():
+    """rowsum(dO * O) is written by the all-keys dQ kernel on 8 warps and on 4 warps with
+    16-query blocks (small heads on a 256-key-slot grid: A5, the 9 x 9 case above), and
+    the dK/dV kernel then reads it; the 4-warp config with 64-query blocks (LeViT-128S's
+    7 x 7 layers, where the store spilled) and the key-blocked kernel leave it to dK/dV,
+    which computes it from O."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import RelposShape
+
+    def flags(shape, batch):
+        launches = record_workload(shape, "bwd", torch.float32, batch=batch).launches
+        dq = next(la for la in launches if la.name.startswith("relpos_dq["))
+        dkdv = next(la for la in launches if la.name.startswith("relpos_dkdv["))
+        return dq.num_warps, dq.constexprs.get("STORE_DELTA"), dkdv.constexprs["DELTA_FROM_O"]
+
+    assert flags(RelposShape(1, 9, 1, 16, 32), 2) == (4, True, False)
+    assert flags(RelposShape(4, 14, 1, 16, 32), 256) == (4, True, False)  # A5
+    assert flags(RelposShape(4, 14, 1, 32, 64), 256) == (8, True, False)  # A1
+    assert flags(RelposShape(6, 7, 1, 16, 32), 256) == (4, False, True)  # LeViT-128S 7 x 7
+    assert flags(RelposShape(1, 28, 1, 16, 16), 1) == (8, None, True)  # key-blocked
 
 
 @pytest.mark.parametrize(("arch", "scale"), [(90, -0.4), (90, 0.0), (90, 1e-5), (80, 0.3)])

@@ -1127,12 +1127,17 @@ def relpos_attention_bwd(
         all_keys and num_qb == 1
         and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
     )
-    # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers) writes
-    # it and dK/dV reads it; elsewhere dK/dV computes it from O: the 2- and 4-warp dQ
-    # configs and the key-blocked kernel run at 236-255 registers, where the one store
-    # more spilled 8-44 B (triton 3.6 sm_90a; misaligned rows, triton 3.9). lse stands in
-    # for the pointer neither kernel then uses
-    delta_from_o = not (all_keys and dq_cfg.num_warps == 8) or dkdv_in_dq
+    # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers), or on
+    # 4 warps with 16-query blocks (A5: 240-253 registers), writes it and dK/dV reads it
+    # (A5 relpos_dkdv 35.3 -> 29.7 us, estimate); elsewhere dK/dV computes it from O: the
+    # other 2- and 4-warp dQ configs and the key-blocked kernel run at 236-255 registers,
+    # where the one store more spilled 8-44 B (the 7 x 7 layers at 64 queries with triton
+    # 3.6 sm_90a; misaligned rows, triton 3.9). lse stands in for the pointer neither
+    # kernel then uses
+    stores_delta = dq_cfg.num_warps == 8 or (
+        dq_cfg.num_warps == 4 and dq_cfg.constexprs["QR"] * dq_cfg.constexprs["CQP"] == 16
+    )
+    delta_from_o = not (all_keys and stores_delta) or dkdv_in_dq
     delta = lse if delta_from_o else _alloc((B, H, NQ), torch.float32, dev)
     partial = _alloc((num_g * num_qb, H, fmap_rows, E), torch.float32, dev)
     dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
