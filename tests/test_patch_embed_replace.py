@@ -533,3 +533,60 @@ def test_position_table_too_short_raises_what_eager_raises():
             embed_tokens(model.to_patch_embedding, small, model.cls_token, short),
             atol=2e-4, rtol=2e-4,
         )
+
+
+# ----------------------------------------------------------------------------
+# torch.autocast
+
+
+@pytest.mark.parametrize(
+    "source,name",
+    [("zoo", "t2t_vit"), ("zoo", "vit"), ("vit-pytorch", "crossvit"), ("timm", "vit")],
+    ids=["zoo-t2t_vit", "zoo-vit", "vit-pytorch-crossvit", "timm-vit"],
+)
+def test_autocast_runs_like_eager(source, name):
+    """Under torch.autocast a float32 model takes float32 or bfloat16 images, as eager
+    does (its Conv2d/Linear cast their inputs); the fused patch embedding once refused
+    the mixed dtypes (T2T_ViT's later soft splits get autocast's bfloat16 tokens even
+    from float32 images). Outputs and gradients as eager's, to bfloat16's precision."""
+    model = BUILD[source](name).eval()
+    fused = copy.deepcopy(model)
+    optimize(fused, ops=("patch_embed", "performer_attention") if name == "t2t_vit" else ("patch_embed",))
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        exact = model(x)
+    for images in (x, x.bfloat16()):
+        outs = []
+        for m in (model, fused):
+            m.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(images)
+            out.float().square().sum().backward()
+            outs.append(out.float())
+        want, got = outs
+        scale = exact.abs().max()
+        assert (got - exact).abs().max() <= 0.05 * scale, "fused under autocast is off"
+        assert (got - want).abs().max() <= 0.05 * scale, "fused and eager under autocast disagree"
+        for (n, p), q in zip(fused.named_parameters(), model.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert p.grad.dtype == p.dtype, n
+                tol = 0.1 * max(q.grad.abs().max().item(), 1e-6)
+                assert (p.grad - q.grad).abs().max() <= tol, n
+
+
+def test_patch_embed_under_autocast_casts_like_conv2d():
+    """The op itself: under autocast, float32 tensors go to autocast's dtype (as
+    F.conv2d's inputs do); a float32 weight with bfloat16 images is no error there."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    w, b = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.conv2d(x.bfloat16(), w, b, stride=4).flatten(2).transpose(1, 2)
+        for images in (x, x.bfloat16()):
+            for backend in (None, "reference"):
+                got = vitkernels.patch_embed(images, w, b, kernel_size=4, backend=backend)
+                assert got.dtype == torch.bfloat16
+                torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but images have torch.bfloat16"):
+        vitkernels.patch_embed(x.bfloat16(), w, b, kernel_size=4)  # outside autocast: still an error
