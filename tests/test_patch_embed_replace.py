@@ -590,3 +590,19 @@ def test_patch_embed_under_autocast_casts_like_conv2d():
                 torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     with pytest.raises(TypeError, match="weight has dtype torch.float32 but images have torch.bfloat16"):
         vitkernels.patch_embed(x.bfloat16(), w, b, kernel_size=4)  # outside autocast: still an error
+
+
+@pytest.mark.parametrize("source,name", [("zoo", "vit"), ("zoo", "t2t_vit"), ("vit-pytorch", "crossvit")])
+def test_jit_trace_of_models_with_folded_positions(source, name):
+    """torch.jit.trace of an optimized model traces like the eager one: under tracing
+    the sizes patch_embed checks the position table against are tensors (they once
+    failed a set-membership test and raised "pos_embed has shape (tensor(17), ...)")."""
+    model = BUILD[source](name).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        got = traced(x)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)

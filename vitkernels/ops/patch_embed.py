@@ -520,7 +520,7 @@ def _validate(
     if pos_embed is not None:
         _check_tensor("pos_embed", pos_embed)
         shape = tuple(pos_embed.shape)
-        rows = {L, P + L}
+        rows = (L, P + L)  # a tuple: under torch.jit.trace sizes are tensors, which hash by id
         ok = (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)) and shape[-1] == D
         if not ok or shape[-2] not in rows:
             want = f"{L}" if P == 0 else f"{P + L} (every token) or {L} (patch tokens only)"
