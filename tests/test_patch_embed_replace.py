@@ -606,3 +606,27 @@ def test_jit_trace_of_models_with_folded_positions(source, name):
         traced = torch.jit.trace(model, x, check_trace=False)
         got = traced(x)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_t2t_module_honours_global_forward_hooks():
+    """A global forward hook (torch.nn.modules.module.register_module_forward_hook,
+    as profilers and activation loggers use) sees every Token_performer of an
+    optimized T2T_ViT called, as in eager: the fused T2T module must not skip their
+    __call__ then (it once checked only the blocks' own hooks)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = _zoo("t2t_vit").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    seen = []
+    handle = register_module_forward_hook(lambda m, args, out: seen.append(names.get(id(m))))
+    try:
+        with torch.no_grad():
+            got = model(x)
+    finally:
+        handle.remove()
+    assert "tokens_to_token.attention1" in seen and "tokens_to_token.attention2" in seen, seen
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)

@@ -28,7 +28,7 @@ from vitkernels.replace.fused_patch_embed import (
     unfold_geometry,
 )
 from vitkernels.replace.fused_performer import FusedTokenPerformer
-from vitkernels.tokens import add_tokens
+from vitkernels.tokens import _has_hooks, add_tokens
 
 __all__ = ["FusedT2TModule", "soft_split_linear"]
 
@@ -81,11 +81,9 @@ def soft_split_linear(
 
 
 def _called_directly(*modules: nn.Module) -> bool:
-    """Whether skipping these modules' __call__ is invisible: no hooks on them."""
-    return not any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in modules
-    )
+    """Whether skipping these modules' __call__ is invisible: no hooks on them and no
+    global module hooks (``register_module_forward_hook``: profilers, loggers)."""
+    return not any(_has_hooks(m) for m in modules)
 
 
 class FusedT2TModule(FusedModule):
