@@ -23,6 +23,7 @@ from vitkernels.ops.patch_embed import patch_embed, patch_grid
 from vitkernels.replace import FusedModule, is_fused
 from vitkernels.replace.fused_patch_embed import (
     crop_to_grid,
+    folds_as_planned,
     layer_norm_args,
     prefix_and_positions,
     unfold_geometry,
@@ -99,6 +100,7 @@ class FusedT2TModule(FusedModule):
             and is_fused(attention)
             and attention._vk.spec.takes_kqv
             and _called_directly(attention, attention.norm1, attention.kqv)
+            and folds_as_planned(attention.kqv, attention.norm1)
         ):
             kqv = soft_split_linear(x, unfold, attention.kqv, attention.norm1, backend=self._vk.backend)
             return attention._vk_forward_from_kqv(kqv)
@@ -114,8 +116,14 @@ class FusedT2TModule(FusedModule):
         return self._vk_tokens_to_image(self._vk_stage(x, self.soft_split1, self.attention2))
 
     def _vk_applies(self, x: torch.Tensor) -> bool:
-        """A batch of square images (the official forward reshapes to squares)."""
-        return not isinstance(x, torch.fx.Proxy) and x.ndim == 4 and x.shape[-1] == x.shape[-2]
+        """A batch of square images (the official forward reshapes to squares), and
+        ``project`` still the nn.Linear optimize found."""
+        return (
+            not isinstance(x, torch.fx.Proxy)
+            and x.ndim == 4
+            and x.shape[-1] == x.shape[-2]
+            and folds_as_planned(self.project)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
