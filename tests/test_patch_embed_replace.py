@@ -630,3 +630,19 @@ def test_t2t_module_honours_global_forward_hooks():
         handle.remove()
     assert "tokens_to_token.attention1" in seen and "tokens_to_token.attention2" in seen, seen
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["vit", "crossvit"])
+def test_image_the_patch_rearrange_refuses_raises_what_eager_raises(name):
+    """An image whose sides are not multiples of the patch size: vit-pytorch's
+    Rearrange raises einops' error; the optimized model must raise the same (it once
+    raised patch_embed's ValueError about the grid instead)."""
+    einops = pytest.importorskip("einops")
+    model = _vit_pytorch(name).eval()
+    x = torch.randn(2, 3, IMG + 4, IMG + 4)
+    with pytest.raises(einops.EinopsError) as eager:
+        model(x)
+    optimize(model)
+    with pytest.raises(einops.EinopsError) as fused:
+        model(x)
+    assert str(fused.value) == str(eager.value)

@@ -136,6 +136,12 @@ def _traced(x: torch.Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
+def _tiles(x: torch.Tensor, kernel_size: tuple[int, int]) -> bool:
+    """Whether the patches tile the image exactly, as vit-pytorch's patch Rearrange
+    requires (it raises einops' error otherwise, which the original forward gives)."""
+    return x.shape[-2] % kernel_size[0] == 0 and x.shape[-1] % kernel_size[1] == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchSpec:
     """One patch embedding found in a Sequential: geometry and child names."""
@@ -184,7 +190,9 @@ class FusedPatchSequential(FusedModule):
             return x
         if x.ndim != 4:  # unbatched input: the original layers handle (or refuse) it
             return None
-        return crop_to_grid(x, s.kernel_size, s.stride, s.padding) if s.unfold else x
+        if s.unfold:
+            return crop_to_grid(x, s.kernel_size, s.stride, s.padding)
+        return x if _tiles(x, s.kernel_size) else None  # else the Rearrange's own error
 
     def _vk_call(self, x: torch.Tensor, **tokens: torch.Tensor | None) -> torch.Tensor:
         s: PatchSpec = self._vk.spec
@@ -302,8 +310,8 @@ class FusedImageEmbedder(FusedModule):
 
     @torch.jit.unused
     def _vk_forward(self, img: torch.Tensor) -> torch.Tensor:
-        if not _traced(img) and img.ndim != 4:
-            return self._vk_base_forward(img)
+        if not _traced(img) and (img.ndim != 4 or not _tiles(img, self._vk.spec.kernel_size)):
+            return self._vk_base_forward(img)  # unbatched, or the Rearrange's own error
         s: PatchSpec = self._vk.spec
         seq = self.to_patch_embedding
         lin = seq._modules[s.linear]
