@@ -64,6 +64,12 @@ def test_info_names_versions_and_a_backend_per_op():
     text = _info(dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert "none visible to torch" in text
     _check_backend_lines(text, ("torch",))
+    # head_mixing_attention has no cuda backend: its line and triton's refusal below it
+    lines = text.splitlines()
+    i = next((i for i, line in enumerate(lines) if line.startswith("head_mixing_attention")), None)
+    assert i is not None, "info must name a backend for every op, head_mixing_attention too"
+    assert lines[i].rstrip().endswith(": torch"), lines[i]
+    assert lines[i + 1].strip().startswith("triton refuses: "), lines[i : i + 2]
 
 
 @pytest.mark.gpu

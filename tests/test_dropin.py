@@ -380,3 +380,47 @@ def test_optimize_api_on_real_models():
         q = torch.randn(1, 1, 4, 8)
         vitkernels.relpos_attention(q, q, q, torch.zeros(1, 4), fmap_size=2, backend="gpu")
     assert os.environ.get("VITKERNELS_BACKEND") in (None, "", "auto")
+
+
+# ----------------------------------------------------------------------------
+# layers replaced after optimize
+
+
+def _small_model(spec: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    small = dict(num_classes=10, dim=32, depth=1, heads=2, mlp_dim=64, dim_head=16)
+    if spec == "timm:cait":
+        return _timm("cait_xxs24_224")
+    if spec == "vit-pytorch:ViT":
+        from vit_pytorch.vit import ViT
+
+        return ViT(image_size=32, patch_size=8, **small).eval(), torch.randn(2, 3, 32, 32)
+    from vitkernels.models import crossvit, t2t
+
+    if spec == "zoo:CrossViT":
+        model = crossvit.CrossViT(
+            image_size=32, num_classes=10, sm_dim=32, lg_dim=48, sm_patch_size=8, lg_patch_size=16,
+            sm_enc_depth=1, lg_enc_depth=1, cross_attn_depth=1, depth=1,
+        )  # fmt: skip
+    elif spec == "zoo:T2TViT":
+        model = t2t.T2TViT(image_size=32, num_classes=10, dim=32, depth=1, heads=2, mlp_dim=64)
+    else:  # zoo:T2T_ViT, the official layout
+        model = t2t.T2T_ViT(img_size=32, num_classes=10, embed_dim=32, depth=1, num_heads=2, token_dim=16)
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("spec", ["vit-pytorch:ViT", "zoo:CrossViT", "zoo:T2TViT", "zoo:T2T_ViT", "timm:cait"])
+def test_dynamic_quantization_after_optimize_runs_like_eager(spec):
+    """torch.ao.quantization.quantize_dynamic swaps every nn.Linear for a quantized one
+    (whose ``weight`` is a method): after optimize, the fused modules that fold a
+    Linear's weight into their op (patch embeddings, T2T soft splits, timm's talking
+    heads) once raised "weight must be a torch.Tensor, got method"; they must run
+    the layers as they now are, as the quantized eager model does."""
+    eager, x = _small_model(spec)
+    fused = copy.deepcopy(eager)
+    vitkernels.optimize(fused)
+    qe = torch.ao.quantization.quantize_dynamic(eager, {nn.Linear}, dtype=torch.qint8)
+    qf = torch.ao.quantization.quantize_dynamic(fused, {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        want, got = qe(x), qf(x)
+    _close(got, want, 1e-4)

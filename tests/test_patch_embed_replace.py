@@ -533,3 +533,116 @@ def test_position_table_too_short_raises_what_eager_raises():
             embed_tokens(model.to_patch_embedding, small, model.cls_token, short),
             atol=2e-4, rtol=2e-4,
         )
+
+
+# ----------------------------------------------------------------------------
+# torch.autocast
+
+
+@pytest.mark.parametrize(
+    "source,name",
+    [("zoo", "t2t_vit"), ("zoo", "vit"), ("vit-pytorch", "crossvit"), ("timm", "vit")],
+    ids=["zoo-t2t_vit", "zoo-vit", "vit-pytorch-crossvit", "timm-vit"],
+)
+def test_autocast_runs_like_eager(source, name):
+    """Under torch.autocast a float32 model takes float32 or bfloat16 images, as eager
+    does (its Conv2d/Linear cast their inputs); the fused patch embedding once refused
+    the mixed dtypes (T2T_ViT's later soft splits get autocast's bfloat16 tokens even
+    from float32 images). Outputs and gradients as eager's, to bfloat16's precision."""
+    model = BUILD[source](name).eval()
+    fused = copy.deepcopy(model)
+    optimize(fused, ops=("patch_embed", "performer_attention") if name == "t2t_vit" else ("patch_embed",))
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        exact = model(x)
+    for images in (x, x.bfloat16()):
+        outs = []
+        for m in (model, fused):
+            m.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(images)
+            out.float().square().sum().backward()
+            outs.append(out.float())
+        want, got = outs
+        scale = exact.abs().max()
+        assert (got - exact).abs().max() <= 0.05 * scale, "fused under autocast is off"
+        assert (got - want).abs().max() <= 0.05 * scale, "fused and eager under autocast disagree"
+        for (n, p), q in zip(fused.named_parameters(), model.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert p.grad.dtype == p.dtype, n
+                tol = 0.1 * max(q.grad.abs().max().item(), 1e-6)
+                assert (p.grad - q.grad).abs().max() <= tol, n
+
+
+def test_patch_embed_under_autocast_casts_like_conv2d():
+    """The op itself: under autocast, float32 tensors go to autocast's dtype (as
+    F.conv2d's inputs do); a float32 weight with bfloat16 images is no error there."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    w, b = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.conv2d(x.bfloat16(), w, b, stride=4).flatten(2).transpose(1, 2)
+        for images in (x, x.bfloat16()):
+            for backend in (None, "reference"):
+                got = vitkernels.patch_embed(images, w, b, kernel_size=4, backend=backend)
+                assert got.dtype == torch.bfloat16
+                torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but images have torch.bfloat16"):
+        vitkernels.patch_embed(x.bfloat16(), w, b, kernel_size=4)  # outside autocast: still an error
+
+
+@pytest.mark.parametrize("source,name", [("zoo", "vit"), ("zoo", "t2t_vit"), ("vit-pytorch", "crossvit")])
+def test_jit_trace_of_models_with_folded_positions(source, name):
+    """torch.jit.trace of an optimized model traces like the eager one: under tracing
+    the sizes patch_embed checks the position table against are tensors (they once
+    failed a set-membership test and raised "pos_embed has shape (tensor(17), ...)")."""
+    model = BUILD[source](name).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        got = traced(x)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_t2t_module_honours_global_forward_hooks():
+    """A global forward hook (torch.nn.modules.module.register_module_forward_hook,
+    as profilers and activation loggers use) sees every Token_performer of an
+    optimized T2T_ViT called, as in eager: the fused T2T module must not skip their
+    __call__ then (it once checked only the blocks' own hooks)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = _zoo("t2t_vit").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want = model(x)
+    optimize(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    seen = []
+    handle = register_module_forward_hook(lambda m, args, out: seen.append(names.get(id(m))))
+    try:
+        with torch.no_grad():
+            got = model(x)
+    finally:
+        handle.remove()
+    assert "tokens_to_token.attention1" in seen and "tokens_to_token.attention2" in seen, seen
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["vit", "crossvit"])
+def test_image_the_patch_rearrange_refuses_raises_what_eager_raises(name):
+    """An image whose sides are not multiples of the patch size: vit-pytorch's
+    Rearrange raises einops' error; the optimized model must raise the same (it once
+    raised patch_embed's ValueError about the grid instead)."""
+    einops = pytest.importorskip("einops")
+    model = _vit_pytorch(name).eval()
+    x = torch.randn(2, 3, IMG + 4, IMG + 4)
+    with pytest.raises(einops.EinopsError) as eager:
+        model(x)
+    optimize(model)
+    with pytest.raises(einops.EinopsError) as fused:
+        model(x)
+    assert str(fused.value) == str(eager.value)

@@ -45,7 +45,7 @@ def _typical_calls(device: str, dtype):
     """(op, description, which_backend, args, kwargs) for a typical input of each op."""
     import torch
 
-    from vitkernels.ops import patch_embed, performer, relpos
+    from vitkernels.ops import head_mixing, patch_embed, performer, relpos
 
     def t(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
@@ -71,6 +71,13 @@ def _typical_calls(device: str, dtype):
             patch_embed.which_backend,
             (t(2, 3, 224, 224), t(768, 3, 16, 16), t(768)),
             {"kernel_size": 16, "cls_token": t(1, 1, 768), "pos_embed": t(1, 197, 768)},
+        ),
+        (
+            "head_mixing_attention",
+            "CaiT-XXS24 talking heads (B2, H4, N196, D48)",
+            head_mixing.which_backend,
+            (t(2, 4, 196, 48), t(2, 4, 196, 48), t(2, 4, 196, 48)),
+            {"pre": (t(4, 4), t(4)), "post": (t(4, 4), t(4))},
         ),
     ]
 

@@ -32,6 +32,8 @@ def _has_hooks(m: nn.Module) -> bool:
         or m._backward_pre_hooks
         or _module._global_forward_hooks
         or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
     )
 
 

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx
 
 from vitkernels import cuda as _cuda
 from vitkernels.backends import reference as _reference
@@ -519,7 +520,7 @@ def _validate(
     if pos_embed is not None:
         _check_tensor("pos_embed", pos_embed)
         shape = tuple(pos_embed.shape)
-        rows = {L, P + L}
+        rows = (L, P + L)  # a tuple: under torch.jit.trace sizes are tensors, which hash by id
         ok = (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)) and shape[-1] == D
         if not ok or shape[-2] not in rows:
             want = f"{L}" if P == 0 else f"{P + L} (every token) or {L} (patch tokens only)"
@@ -632,7 +633,18 @@ def patch_embed(
 
     Returns:
         (B, P + L, D) in the images' dtype, L = Ho * Wo patches in row-major order.
+
+    Under ``torch.autocast`` for the images' device, every float32 tensor (float16
+    and bfloat16 ones too, float64 ones never) is cast to autocast's dtype first,
+    as autocast casts F.conv2d's and F.linear's inputs: bfloat16 images with float32
+    parameters are no error there, and the result is in autocast's dtype.
     """
+    cast = _autocast_dtype(images)
+    if cast is not None:
+        images, weight, bias, pos_embed, cls_token = (
+            _cast(t, cast) for t in (images, weight, bias, pos_embed, cls_token)
+        )
+        in_norm, out_norm = _cast_norm(in_norm, cast), _cast_norm(out_norm, cast)
     norms = [_norm_key(in_norm), _norm_key(out_norm)]
     key = None
     if None not in norms:
@@ -653,6 +665,33 @@ def patch_embed(
     chosen = select(BACKENDS, inputs, backend)
     _DECISIONS.put(key, chosen, _checked(inputs.kwargs))
     return chosen.run(inputs)
+
+
+def _autocast_dtype(images: Any) -> torch.dtype | None:
+    """autocast's dtype where it is on for the images' device (and not while torch.fx
+    traces), else None."""
+    if not isinstance(images, torch.Tensor) or isinstance(images, torch.fx.Proxy):
+        return None
+    device = images.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _cast(t: Any, dtype: torch.dtype) -> Any:
+    """autocast's cast: floating tensors other than float64 to ``dtype``; others as they are."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype):
+        return t.to(dtype)
+    return t
+
+
+def _cast_norm(norm: Any, dtype: torch.dtype) -> Any:
+    if type(norm) in (tuple, list) and len(norm) == 3:
+        return (_cast(norm[0], dtype), _cast(norm[1], dtype), norm[2])
+    return norm  # malformed: the checked path explains it
 
 
 def _norm_key(norm: Any) -> tuple[tuple[Any, Any], Any] | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch import nn
 
 from vitkernels.ops.head_mixing import head_mixing_attention
 from vitkernels.replace import FusedModule
@@ -135,7 +136,8 @@ class FusedTalkingHeadAttn(FusedHeadMixing):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x):
+        if not _applies(x) or type(self.proj_l) is not nn.Linear or type(self.proj_w) is not nn.Linear:
+            # (the mixings quantized or replaced since optimize: timm's forward runs them)
             return self._vk_base_forward(x)
         B, N, C = x.shape[0], x.shape[1], x.shape[2]
         h = self.num_heads

@@ -32,6 +32,7 @@ from torch import nn
 
 from vitkernels.ops.patch_embed import patch_embed, patch_grid
 from vitkernels.replace import FusedModule
+from vitkernels.replace._match import qualname
 from vitkernels.tokens import add_tokens
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "FusedPatchSequential",
     "PatchSpec",
     "crop_to_grid",
+    "folds_as_planned",
+    "is_layer_norm",
     "layer_norm_args",
     "pair",
     "prefix_and_positions",
@@ -51,6 +54,21 @@ torch.fx.wrap("patch_embed")  # one node under torch.fx.symbolic_trace
 
 def pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def is_layer_norm(m: nn.Module | None) -> bool:
+    """torch's LayerNorm or timm's (same math); not other subclasses with their own forward."""
+    return m is not None and (
+        type(m) is nn.LayerNorm or qualname(type(m)) == "timm.layers.norm.LayerNorm"
+    )
+
+
+def folds_as_planned(linear: nn.Module | None, *norms: nn.Module | None) -> bool:
+    """Whether the layers a fused op reads the tensors of are still the stock ones its
+    rule accepted: ``linear`` an nn.Linear exactly, each norm a LayerNorm. A layer
+    quantized (torch.ao's quantize_dynamic), wrapped or replaced since optimize is
+    run as it is instead, through the original forward."""
+    return type(linear) is nn.Linear and all(is_layer_norm(n) for n in norms)
 
 
 def layer_norm_args(m: nn.Module | None, size: int) -> tuple | str | None:
@@ -118,6 +136,12 @@ def _traced(x: torch.Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
+def _tiles(x: torch.Tensor, kernel_size: tuple[int, int]) -> bool:
+    """Whether the patches tile the image exactly, as vit-pytorch's patch Rearrange
+    requires (it raises einops' error otherwise, which the original forward gives)."""
+    return x.shape[-2] % kernel_size[0] == 0 and x.shape[-1] % kernel_size[1] == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchSpec:
     """One patch embedding found in a Sequential: geometry and child names."""
@@ -159,11 +183,16 @@ class FusedPatchSequential(FusedModule):
     def _vk_fusable(self, x: torch.Tensor) -> torch.Tensor | None:
         """x cropped to the patch grid, or None where the layers must run as they are."""
         s: PatchSpec = self._vk.spec
+        norms = (self._modules.get(n) for n in (s.in_norm, s.out_norm) if n is not None)
+        if not folds_as_planned(self._modules.get(s.linear), *norms):
+            return None  # a layer changed since optimize: run the layers as they are
         if _traced(x):
             return x
         if x.ndim != 4:  # unbatched input: the original layers handle (or refuse) it
             return None
-        return crop_to_grid(x, s.kernel_size, s.stride, s.padding) if s.unfold else x
+        if s.unfold:
+            return crop_to_grid(x, s.kernel_size, s.stride, s.padding)
+        return x if _tiles(x, s.kernel_size) else None  # else the Rearrange's own error
 
     def _vk_call(self, x: torch.Tensor, **tokens: torch.Tensor | None) -> torch.Tensor:
         s: PatchSpec = self._vk.spec
@@ -281,11 +310,14 @@ class FusedImageEmbedder(FusedModule):
 
     @torch.jit.unused
     def _vk_forward(self, img: torch.Tensor) -> torch.Tensor:
-        if not _traced(img) and img.ndim != 4:
-            return self._vk_base_forward(img)
+        if not _traced(img) and (img.ndim != 4 or not _tiles(img, self._vk.spec.kernel_size)):
+            return self._vk_base_forward(img)  # unbatched, or the Rearrange's own error
         s: PatchSpec = self._vk.spec
         seq = self.to_patch_embedding
         lin = seq._modules[s.linear]
+        norms = (seq._modules.get(n) for n in (s.in_norm, s.out_norm) if n is not None)
+        if not folds_as_planned(lin, *norms):
+            return self._vk_base_forward(img)  # a layer changed since optimize
         grid = patch_grid(img.shape[-2:], s.kernel_size, s.stride, s.padding)
         D = self.pos_embedding.shape[-1]
         if self.pos_embedding.numel() // D < grid[0] * grid[1] + 1:

@@ -23,12 +23,13 @@ from vitkernels.ops.patch_embed import patch_embed, patch_grid
 from vitkernels.replace import FusedModule, is_fused
 from vitkernels.replace.fused_patch_embed import (
     crop_to_grid,
+    folds_as_planned,
     layer_norm_args,
     prefix_and_positions,
     unfold_geometry,
 )
 from vitkernels.replace.fused_performer import FusedTokenPerformer
-from vitkernels.tokens import add_tokens
+from vitkernels.tokens import _has_hooks, add_tokens
 
 __all__ = ["FusedT2TModule", "soft_split_linear"]
 
@@ -81,11 +82,9 @@ def soft_split_linear(
 
 
 def _called_directly(*modules: nn.Module) -> bool:
-    """Whether skipping these modules' __call__ is invisible: no hooks on them."""
-    return not any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in modules
-    )
+    """Whether skipping these modules' __call__ is invisible: no hooks on them and no
+    global module hooks (``register_module_forward_hook``: profilers, loggers)."""
+    return not any(_has_hooks(m) for m in modules)
 
 
 class FusedT2TModule(FusedModule):
@@ -101,6 +100,7 @@ class FusedT2TModule(FusedModule):
             and is_fused(attention)
             and attention._vk.spec.takes_kqv
             and _called_directly(attention, attention.norm1, attention.kqv)
+            and folds_as_planned(attention.kqv, attention.norm1)
         ):
             kqv = soft_split_linear(x, unfold, attention.kqv, attention.norm1, backend=self._vk.backend)
             return attention._vk_forward_from_kqv(kqv)
@@ -116,8 +116,14 @@ class FusedT2TModule(FusedModule):
         return self._vk_tokens_to_image(self._vk_stage(x, self.soft_split1, self.attention2))
 
     def _vk_applies(self, x: torch.Tensor) -> bool:
-        """A batch of square images (the official forward reshapes to squares)."""
-        return not isinstance(x, torch.fx.Proxy) and x.ndim == 4 and x.shape[-1] == x.shape[-2]
+        """A batch of square images (the official forward reshapes to squares), and
+        ``project`` still the nn.Linear optimize found."""
+        return (
+            not isinstance(x, torch.fx.Proxy)
+            and x.ndim == 4
+            and x.shape[-1] == x.shape[-2]
+            and folds_as_planned(self.project)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():

@@ -47,6 +47,7 @@ from vitkernels.replace.fused_patch_embed import (
     FusedImageEmbedder,
     FusedPatchSequential,
     PatchSpec,
+    is_layer_norm,
     layer_norm_args,
     unfold_geometry,
 )
@@ -56,13 +57,6 @@ __all__ = ["is_layer_norm", "is_rearrange", "parse_patch_sequential"]
 _OP = "patch_embed"
 PATCHIFY = "b c (h p1) (w p2) -> b (h w) (p1 p2 c)"  # vit-pytorch's patch Rearrange
 TOKENS = "b c n -> b n c"  # after nn.Unfold
-
-
-def is_layer_norm(m: nn.Module | None) -> bool:
-    """torch's LayerNorm or timm's (same math); not other subclasses with their own forward."""
-    return m is not None and (
-        type(m) is nn.LayerNorm or qualname(type(m)) == "timm.layers.norm.LayerNorm"
-    )
 
 
 def is_rearrange(m: nn.Module, pattern: str) -> bool:
