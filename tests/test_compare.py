@@ -140,12 +140,23 @@ def test_bad_arguments_exit_2_and_say_why(argv, message, capsys):
 
 def test_progress_line():
     stream = io.StringIO()
-    bar = compare.Progress("timing x", 4, stream, width=8)
+    bar = compare.Progress("timing x", 4, stream, width=8, tty=True)
     for _ in range(4):
         bar.step()
     text = stream.getvalue()
     assert text.startswith("\rtiming x [........] 0/4")
     assert "\rtiming x [####....] 2/4" in text and text.endswith("\rtiming x [########] 4/4\n")
+
+
+def test_progress_lines_without_a_terminal():
+    """A log (StringIO is no terminal) gets whole lines at each quarter, no carriage returns."""
+    stream = io.StringIO()
+    bar = compare.Progress("timing x", 8, stream, width=8)
+    for _ in range(8):
+        bar.step()
+    assert stream.getvalue().splitlines() == [
+        f"timing x [{'#' * n}{'.' * (8 - n)}] {n}/8" for n in (0, 2, 4, 6, 8)
+    ]
 
 
 def test_output_tensors_flattens_nested_outputs():

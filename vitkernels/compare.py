@@ -300,19 +300,35 @@ def check_agreement(eager: nn.Module, optimized: nn.Module, x: torch.Tensor) -> 
 
 
 class Progress:
-    """One self-overwriting line on a stream: ``label [#####.....] 5/10``."""
+    """One self-overwriting line on a terminal: ``label [#####.....] 5/10``. On a stream
+    that is not a terminal (a log file, CI), whole lines at 0, 25, 50, 75 and 100%
+    instead of carriage returns."""
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, width: int = 30):
+    def __init__(
+        self, label: str, total: int, stream: TextIO | None = None, width: int = 30, tty: bool | None = None
+    ):  # fmt: skip
         self.label, self.total, self.width = label, total, width
         self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty()) if callable(isatty) else False
+        self.tty = tty
         self.done = 0
+        self._quarter = -1  # the last quarter written as a line (not a terminal)
         self._draw()
 
     def _draw(self) -> None:
         filled = self.width * self.done // max(self.total, 1)
         bar = "#" * filled + "." * (self.width - filled)
-        end = "\n" if self.done >= self.total else ""
-        self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}{end}")
+        if self.tty:
+            end = "\n" if self.done >= self.total else ""
+            self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}{end}")
+        else:
+            quarter = 4 * self.done // max(self.total, 1)
+            if quarter == self._quarter:
+                return
+            self._quarter = quarter
+            self.stream.write(f"{self.label} [{bar}] {self.done}/{self.total}\n")
         self.stream.flush()
 
     def step(self) -> None:
