@@ -297,10 +297,13 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
 
 
-def plan(grid: str, ops: tuple[str, ...], archs: list[int], budget: int = 0) -> dict[str, Any]:
+def plan(
+    grid: str, ops: tuple[str, ...], archs: list[int], budget: int = 0, kernels: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Record every configuration for every arch: the distinct launches (arch, config
-    index, direction, launch index, name, cases; at most budget per op and arch, see
-    ``_sample``), the refusals and record errors."""
+    index, direction, launch index, name, cases; only kernels whose name contains one
+    of ``kernels`` if given; at most budget per op and arch, see ``_sample``), the
+    refusals and record errors."""
     cfgs = configurations(grid, ops)
     launches, refused, errors, distinct = [], collections.Counter(), [], {}
     t0 = time.time()
@@ -326,11 +329,12 @@ def plan(grid: str, ops: tuple[str, ...], archs: list[int], budget: int = 0) -> 
             if (i + 1) % 500 == 0:
                 print(f"[sweep record sm_{arch}] {i + 1}/{len(cfgs)} configurations, {len(by_key)} distinct launches, "
                       f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
-        chosen = _sample(list(by_key.values()), cfgs, budget)
+        kept = [la for la in by_key.values() if not kernels or any(k in la["name"].split("[")[0] for k in kernels)]
+        chosen = _sample(kept, cfgs, budget)
         launches += chosen
         print(f"[sweep record sm_{arch}] {len(cfgs)} configurations: {len(by_key)} distinct launches, "
-              f"{len(chosen)} to compile", file=sys.stderr, flush=True)  # fmt: skip
-        distinct[arch] = len(by_key)
+              f"{len(kept)} of the kernels asked for, {len(chosen)} to compile", file=sys.stderr, flush=True)  # fmt: skip
+        distinct[arch] = len(kept)  # of the kernels asked for
     return {"configurations": len(cfgs), "launches": launches, "refused": dict(refused), "record_errors": errors,
             "distinct": distinct}
 
@@ -420,7 +424,7 @@ def worker(task_file: str, shard: int, shards: int, out_file: str, tag: str) -> 
 def sweep(args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """Plan, then compile in args.jobs workers of this interpreter and environment."""
     ops = tuple(args.op or OPS)
-    p = plan(args.grid, ops, args.arch, args.budget)
+    p = plan(args.grid, ops, args.arch, args.budget, tuple(args.kernel or ()))
     p.update(grid=args.grid, ops=list(ops), shards=args.jobs, budget=args.budget)
     with tempfile.TemporaryDirectory(prefix="compile-sweep-") as tmp:
         task = os.path.join(tmp, "task.json")
@@ -501,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op", action="append", choices=OPS, help="only these ops (repeatable)")
     ap.add_argument("--arch", type=int, action="append", choices=(80, 90), help="default: 90 and 80")
     ap.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    ap.add_argument("--kernel", action="append", help="only launches of kernels whose name contains this, e.g. "
+                    "relpos_dq (repeatable; applied before --budget)")
     ap.add_argument("--budget", type=int, help="distinct launches compiled per op and arch, spread over the "
                     "kernels and shape classes (0: all; default: quick 60, full 150)")
     ap.add_argument("--triton36", metavar="DIR", help="also sweep with the triton in DIR (e.g. /tmp/vk-triton36)")
@@ -526,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget is None:
         args.budget = 60 if args.grid == "quick" else 150
     if args.plan_only:
-        p = plan(args.grid, tuple(args.op or OPS), args.arch, args.budget)
+        p = plan(args.grid, tuple(args.op or OPS), args.arch, args.budget, tuple(args.kernel or ()))
         per = collections.Counter(la["arch"] for la in p["launches"])
         print(f"{p['configurations']} configurations; " + ", ".join(f"sm_{a}: {n} of {p['distinct'][a]}" for a, n in sorted(per.items()))
               + f" distinct launches to compile; refused {p['refused']}; {len(p['record_errors'])} record errors")  # fmt: skip
@@ -558,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--arch", str(a)]
             for o in args.op or []:
                 cmd += ["--op", o]
+            for k in args.kernel or []:
+                cmd += ["--kernel", k]
             rc = subprocess.call(cmd, env=env)
             if rc == 0 and os.path.exists(out):
                 with open(out) as f:
