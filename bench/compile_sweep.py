@@ -412,9 +412,13 @@ def worker(task_file: str, shard: int, shards: int, out_file: str, tag: str) -> 
                            stack=c.stack_frame, shared=max(c.shared_bytes, c.static_shared), warps=c.num_warps)  # fmt: skip
                 line = f"{c.registers} regs, {c.spill_stores}/{c.spill_loads} B spilled, {res['shared']} B shared"
             except Exception as exc:
-                msg = f"{type(exc).__name__}: {exc}"
-                res["error"] = msg[-3000:]
-                line = "ERROR " + msg.strip().splitlines()[-1][:200] if msg.strip() else "ERROR"
+                chain, e = [], exc  # Triton's CompilationError names the source; its cause says why
+                while e is not None and len(chain) < 8:
+                    chain.append(f"{type(e).__name__}: {e}")
+                    e = e.__cause__
+                msg = "\n".join(reversed(chain))
+                res["error"] = msg[:3000] + ("\n...\n" + msg[-3000:] if len(msg) > 6000 else msg[3000:6000])
+                line = "ERROR " + _error_line(msg)
             res["seconds"] = round(time.time() - t, 2)
             out.write(json.dumps(res) + "\n")
             out.flush()
@@ -460,6 +464,14 @@ def _cases(cases: list[str], n: int = 3) -> str:
     return "; ".join(cases[:n]) + more
 
 
+def _error_line(error: str) -> str:
+    """The line of a compile error that says what went wrong (Triton's CompilationError
+    ends with a caret under the source; the cause is the line naming an exception)."""
+    lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error" in ln and not ln.startswith("triton.compiler.errors.CompilationError: at")]
+    return (named[0] if named else lines[-1] if lines else "")[:300]
+
+
 def report(sweeps: list[dict[str, Any]]) -> int:
     found = 0
     print("\n== compile sweep ==")
@@ -480,8 +492,7 @@ def report(sweeps: list[dict[str, Any]]) -> int:
         for r in s["results"]:
             arch = f"sm_{r['arch']}{'a' if r['arch'] >= 90 else ''}"
             if "error" in r:
-                last = [ln for ln in r["error"].strip().splitlines() if ln.strip()]
-                rows.append(("FAIL", tri, arch, r["name"], (last[-1] if last else "")[:300], _cases(r["cases"])))
+                rows.append(("FAIL", tri, arch, r["name"], _error_line(r["error"]), _cases(r["cases"])))
                 continue
             if r["spill_stores"] or r["spill_loads"]:
                 rows.append(("SPILL", tri, arch, r["name"],
