@@ -248,4 +248,9 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
     # re-attention within the kernels' envelope (M2's 12 heads of 33 are outside it)
     "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
+    # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
+    # integer argument equal to 1 a constant; a patch as large as the image (one token:
+    # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)
+    "pe-one-token": PatchEmbedShape(3, 8, 8, 8, 0, 48, "cpq", True, True, 2, 1),
+    "pe-1x1": PatchEmbedShape(1, 4, 1, 1, 0, 16, "pqc", True, False, 0, 0),
 }

@@ -422,8 +422,8 @@ def _dw_dxn_kernel(
         x_ptrs = _hint(x_ptr + (_idx(b, IDX64) * sxb + ih0 * sxh + iw0 * sxw), x_off, 1, VEC)
         if MASK_HW:
             # one unsigned compare per bound and element (negative coordinates wrap)
-            mask = ((ih0 + ih_off).to(tl.uint32) < H.to(tl.uint32)) & (
-                (iw0 + iw_off).to(tl.uint32) < W.to(tl.uint32)
+            mask = ((ih0 + ih_off).to(tl.uint32) < tl.cast(H, tl.uint32)) & (
+                (iw0 + iw_off).to(tl.uint32) < tl.cast(W, tl.uint32)
             )
             if not EVEN_M:
                 mask = mask & row_ok[:, None]

@@ -46,10 +46,10 @@ def _patch_rows(
     if RCP_ROWS:
         m0 = pid_m * BLOCK_M
         l_start = m0 % L + tl.arange(0, BLOCK_M)  # < L + BLOCK_M
-        wraps = ((l_start.to(tl.float32) + 0.5) * (1.0 / L.to(tl.float32))).to(tl.int32)
+        wraps = ((l_start.to(tl.float32) + 0.5) * (1.0 / tl.cast(L, tl.float32))).to(tl.int32)
         b = m0 // L + wraps
         l = l_start - wraps * L
-        lr = ((l.to(tl.float32) + 0.5) * (1.0 / Wout.to(tl.float32))).to(tl.int32)
+        lr = ((l.to(tl.float32) + 0.5) * (1.0 / tl.cast(Wout, tl.float32))).to(tl.int32)
         ih0 = lr * SH - PH
         iw0 = (l - lr * Wout) * SW - PW
     else:
@@ -66,7 +66,7 @@ def _divmod_small(x, d):
     """(x // d, x % d) for integers 0 <= x < 2^20 and d >= 1, by a float32 reciprocal
     (exact there: ``_patch_rows``), a few instructions where a division by a runtime
     divisor costs a dozen or more."""
-    quo = ((x.to(tl.float32) + 0.5) * (1.0 / d.to(tl.float32))).to(tl.int32)
+    quo = ((x.to(tl.float32) + 0.5) * (1.0 / tl.cast(d, tl.float32))).to(tl.int32)
     return quo, x - quo * d
 
 
@@ -145,7 +145,7 @@ def _patch_tile(
         pm = tl.where(k_ok, p, far)
         ih = (ih0m[:, None] + pm[None, :]).to(tl.uint32)
         iw = (iw0[:, None] + q[None, :]).to(tl.uint32)
-        mask = (ih < H.to(tl.uint32)) & (iw < W.to(tl.uint32))
+        mask = (ih < tl.cast(H, tl.uint32)) & (iw < tl.cast(W, tl.uint32))
         if VEC > 1:
             mask = tl.max_constancy(mask, [1, VEC])
         return tl.load(ptrs, mask=mask, other=0.0)
@@ -478,7 +478,7 @@ def _in_norm_stats(s1, s2, K, in_eps):
     """(mean of x - shift, rstd) from the sums of x - shift over K (1 / K once: each
     row's statistics cost a few multiplies and one reciprocal square root, where
     IEEE divisions cost a dozen instructions per row and layout)."""
-    inv_k = 1.0 / K.to(tl.float32)
+    inv_k = 1.0 / tl.cast(K, tl.float32)
     mean_d = s1 * inv_k
     var = tl.maximum(s2 * inv_k - mean_d * mean_d, 0.0)
     return mean_d, tl.math.rsqrt(var + in_eps)
