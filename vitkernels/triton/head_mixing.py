@@ -1118,6 +1118,7 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     split = dict(KA=ka, KB=kb, VA=va, VB=vb)
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90)
     few = nq <= 16
+    wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
@@ -1135,10 +1136,14 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         else:
             # 32 query rows x 64 keys on 8 warps (mma.sync), two stages (k and v loaded a
             # tile ahead: 32 x 64 on one stage spilled 108 B, 16 x 64 on one stage did
-            # per query twice the per-tile work; see bench/NOTES.md); 64 x 16 on 8 warps
-            # had both warpgroups compute the same tile (warps [8, 1] over 64 rows), 16 x
-            # 64 on 4 warps spilled 184-300 B, 32 x 64 on 16 warps (128 registers) 1148 B
-            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=32, BLOCK_N=64, DELTA_PASS=False, HOLD=True), 8, 2)
+            # per query twice the per-tile work; see bench/NOTES.md) for heads of 40-64
+            # (D16 and D32 spilled 1.5-23 KB with triton 3.6); otherwise 16 x 64, one
+            # stage. 64 x 16 on 8 warps had both warpgroups compute the same tile (warps
+            # [8, 1] over 64 rows), 16 x 64 on 4 warps spilled 184-300 B, 32 x 64 on 16
+            # warps (128 registers) 1148 B
+            bm_q, st_q = (32, 2) if wide else (16, 1)
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=64, DELTA_PASS=False, HOLD=True),
+                         8, st_q)  # fmt: skip
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
@@ -1148,9 +1153,10 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
     bn, warps = (32, 4) if few else (16, 8)
-    # on sm_90 the 64-query blocks on two stages (q and dO loaded a block ahead: fewer
-    # instructions per block, no spill; see bench/NOTES.md)
-    stages = 2 if bm == 64 and arch >= 90 else 1
+    # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
+    # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
+    # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
+    stages = 2 if bm == 64 and arch >= 90 and dk in (48, 64) and dv in (48, 64) else 1
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, stages)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
