@@ -362,22 +362,37 @@ def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind} sm_80")
 
 
-def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned):
-    """CaiT's talking heads (M1's launches): dk/dv on 16 keys x 64 queries, dq on 16
-    queries x 64 keys, q.k and dO.v over K in two chunks (Dk 48 = 32 + 16, Dv 40 = 32 +
-    16 of which 8 masked); the padded queries (70 = 64 + 6) and keys (21 of 64) left
-    out of the tile chain's mask (dq: the keys' -inf logit bias instead)."""
+def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypatch):
+    """CaiT's talking heads (M1's launches): dk/dv on 16 keys x 64 queries, dq on 32
+    queries x 64 keys on two stages, q.k and dO.v over K in two chunks (Dk 48 =
+    32 + 16, Dv 40 = 32 + 16 of which 8 masked); the padded queries (70 = 64 + 6 for
+    dk/dv, 3 x 32 - 26 for dq) and keys (21 of 64) left out of the tile chain's mask
+    (dq: the keys' -inf logit bias instead). The launches that run are spied on."""
     case = (1, 4, 70, 21, 48, 40)
     flags = tk._flags(object(), object(), None, None, None, False)
     (_, dq), (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)
     split = (32, 16, 32, 16)
     c = dkdv.constexprs
-    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"]) == (64, 16, *split)
+    # one stage at Dv 40 (two spilled), two at M1's D48
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"], dkdv.num_stages) == (64, 16, *split, 1)
+    assert tk._bwd_cfg(4, 196, 196, 48, 48, flags, 90)[1][0].num_stages == 2
     c = dq.constexprs
-    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"]) == (16, 64, *split)
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["KA"], c["KB"], c["VA"], c["VB"], dq.num_stages) == (32, 64, *split, 2)
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        kind = spec.name.split("[")[0]
+        c = spec.constexprs
+        seen[kind] = (c.get("BLOCK_M"), c.get("BLOCK_N"), spec.num_warps, spec.num_stages)
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
     q, k, v = make(case)
     params = make_params(4, "vit-pytorch talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
+    assert seen["head_mixing_bwd_dq"] == (32, 64, 8, 2)
+    assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
 
 
 def test_very_negative_logits_give_finite_dq_with_padded_keys(poisoned):

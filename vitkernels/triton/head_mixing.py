@@ -44,7 +44,7 @@ slots, HP = H rounded up to a power of two, at least 2):
   over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
   reductions across the rows and warps every key tile. The loops reload q, dO and the
   mixing weights each iteration (``_live``) instead of holding them in registers,
-  except q and dO in the 16 x 64 dq launch (HOLD: as mma.sync operands they take
+  except q and dO in the 32 x 64 dq launch (HOLD: as mma.sync operands they take
   fewer registers held than reloaded). The
   dq pass leaves the (row, key) mask out of its tile chain: a padded key's logits are
   -inf (a bias in the pre-mix's first FMA), so p = 0 there, and a padded row's dq is
@@ -1103,7 +1103,7 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the post-mix bias, the head
-    norm), the dq launch 16 query rows x 64 keys on 8 warps (mma.sync; with the head
+    norm), the dq launch 32 query rows x 64 keys on 8 warps (mma.sync, 2 stages; with the head
     norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
@@ -1118,6 +1118,7 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     split = dict(KA=ka, KB=kb, VA=va, VB=vb)
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90)
     few = nq <= 16
+    wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
@@ -1133,10 +1134,16 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
             dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
-            # 16 query rows x 64 keys on 8 warps, each its own 8 keys (mma.sync); 64 x 16
-            # on 8 warps had both warpgroups compute the same tile (warps [8, 1] over 64
-            # rows), on 4 warps it spilled 184-300 B
-            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=16, BLOCK_N=64, DELTA_PASS=False, HOLD=True), 8, 1)
+            # 32 query rows x 64 keys on 8 warps (mma.sync), two stages (k and v loaded a
+            # tile ahead: 32 x 64 on one stage spilled 108 B, 16 x 64 on one stage did
+            # per query twice the per-tile work; see bench/NOTES.md) for heads of 40-64
+            # (D16 and D32 spilled 1.5-23 KB with triton 3.6); otherwise 16 x 64, one
+            # stage. 64 x 16 on 8 warps had both warpgroups compute the same tile (warps
+            # [8, 1] over 64 rows), 16 x 64 on 4 warps spilled 184-300 B, 32 x 64 on 16
+            # warps (128 registers) 1148 B
+            bm_q, st_q = (32, 2) if wide else (16, 1)
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=64, DELTA_PASS=False, HOLD=True),
+                         8, st_q)  # fmt: skip
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
@@ -1146,7 +1153,11 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
     bn, warps = (32, 4) if few else (16, 8)
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, 1)
+    # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
+    # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
+    # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
+    stages = 2 if bm == 64 and arch >= 90 and dk in (48, 64) and dv in (48, 64) else 1
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, stages)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
 
