@@ -1103,8 +1103,8 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the post-mix bias, the head
-    norm), the dq launch 32 query rows x 64 keys on 8 warps (mma.sync, 2 stages; with the head
-    norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    norm), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
+    40-64, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
