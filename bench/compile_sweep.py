@@ -254,20 +254,11 @@ def record(cfg: tuple, direction: str, arch: int):
 
     op, _, p = cfg
     if op == "relpos":
-        from vitkernels.triton.relpos import relpos_attention_bwd, relpos_attention_fwd
+        from vitkernels.triton.relpos import record_grid
 
         R, C, S, H, DK, DV, B, dt, var = p
-        dt, tensor = _dtype(dt), tensor_factory(var)
-        nq, nk = (-(-R // S)) * (-(-C // S)), R * C
         with recording(arch) as rec:
-            q, k = tensor((B, H, nq, DK), dt), tensor((B, H, nk, DK), dt)
-            v, table = tensor((B, H, nk, DV), dt), tensor((H, nk), dt)
-            args = (R, C, S, DK**-0.5, 1.0)
-            if direction == "fwd":
-                relpos_attention_fwd(q, k, v, table, *args)
-            else:
-                out, lse = tensor((B, H, nq, DV), dt), tensor((B, H, nq), _dtype("f32"))
-                relpos_attention_bwd(tensor((B, H, nq, DV), dt), q, k, v, table, out, lse, *args)
+            record_grid(R, C, S, H, DK, DV, B, _dtype(dt), direction, tensor_factory(var))
         return rec
     if op == "patch_embed":
         c, img, k, s, pad, d, order, inn, outn, pos, pre, layout, dt, var = p
@@ -294,7 +285,9 @@ def record(cfg: tuple, direction: str, arch: int):
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    from vitkernels.triton._aot import compile_env
+
+    return compile_env()
 
 
 def plan(

@@ -32,6 +32,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from vitkernels.triton._aot import compile_env  # noqa: E402
+
 TRITONS = ["installed"] + [p for p in os.environ.get("VITKERNELS_AOT_TRITON_PATHS", "").split(":") if p]
 # (triton, arch, variant). The suite compiles the launches for sm_90a with the installed
 # triton (a few minutes on 2 cores); VITKERNELS_AOT_FULL=1 adds sm_80, misaligned
@@ -43,17 +45,6 @@ VARIANTS = [("installed", 90, "aligned")] + (
     if FULL
     else []
 )
-
-
-def _env(tri: str, cache: str | None = None) -> dict[str, str]:
-    # no interpreter; Triton's default floating-point fusion (tests/conftest.py turns it
-    # off for the interpreter's sake; a user's launch has it on)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    if tri != "installed":
-        env["PYTHONPATH"] = os.pathsep.join([tri, env.get("PYTHONPATH", "")])
-    if cache:
-        env["TRITON_CACHE_DIR"] = cache
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def reports(tmp_path_factory):
             out = tmp / f"v{i}-{shard}.json"
             cmd = [sys.executable, "-m", "vitkernels.triton._aot", "--arch", str(arch), "--variant", variant,
                    "--shard", f"{shard}/{shards}", "--json", str(out)]  # fmt: skip
-            env = _env(tri, str(tmp / f"cache{i}") if tri != "installed" else None)
+            env = compile_env() if tri == "installed" else compile_env(tri, str(tmp / f"cache{i}"))
             procs.append((tri, arch, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
     merged = {}
     for tri, arch, proc, out in procs:

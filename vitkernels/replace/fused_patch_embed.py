@@ -156,6 +156,12 @@ class PatchSpec:
     unfold: bool  # the nn.Unfold form (drops uncovered rows) rather than Rearrange
     head: tuple[str, ...] = ()  # children run as they are before the patch embedding (T2T)
 
+    def folds_in(self, seq: nn.Module) -> bool:
+        """Whether ``seq``'s linear and norm children are still the layers this spec's
+        rule accepted (``folds_as_planned``)."""
+        norms = (seq._modules.get(n) for n in (self.in_norm, self.out_norm) if n is not None)
+        return folds_as_planned(seq._modules.get(self.linear), *norms)
+
 
 class FusedPatchSequential(FusedModule):
     """An nn.Sequential patch embedding as one patch_embed call.
@@ -183,8 +189,7 @@ class FusedPatchSequential(FusedModule):
     def _vk_fusable(self, x: torch.Tensor) -> torch.Tensor | None:
         """x cropped to the patch grid, or None where the layers must run as they are."""
         s: PatchSpec = self._vk.spec
-        norms = (self._modules.get(n) for n in (s.in_norm, s.out_norm) if n is not None)
-        if not folds_as_planned(self._modules.get(s.linear), *norms):
+        if not s.folds_in(self):
             return None  # a layer changed since optimize: run the layers as they are
         if _traced(x):
             return x
@@ -315,8 +320,7 @@ class FusedImageEmbedder(FusedModule):
         s: PatchSpec = self._vk.spec
         seq = self.to_patch_embedding
         lin = seq._modules[s.linear]
-        norms = (seq._modules.get(n) for n in (s.in_norm, s.out_norm) if n is not None)
-        if not folds_as_planned(lin, *norms):
+        if not s.folds_in(seq):
             return self._vk_base_forward(img)  # a layer changed since optimize
         grid = patch_grid(img.shape[-2:], s.kernel_size, s.stride, s.padding)
         D = self.pos_embedding.shape[-1]

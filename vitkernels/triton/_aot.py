@@ -66,6 +66,19 @@ def tensor_factory(variant: str) -> TensorFactory:
     return make
 
 
+def compile_env(triton_dir: str | None = None, cache: str | None = None) -> dict[str, str]:
+    """This process's environment for a child that compiles for a GPU: without the
+    interpreter, and with Triton's default floating-point fusion (the tests turn it
+    off for the interpreter's sake; a user's launch has it on); ``triton_dir`` (another
+    Triton, installed with ``pip --target``) first on PYTHONPATH; its own cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    if triton_dir:
+        env["PYTHONPATH"] = os.pathsep.join([triton_dir, env.get("PYTHONPATH", "")])
+    if cache:
+        env["TRITON_CACHE_DIR"] = cache
+    return env
+
+
 def record_workload(
     shape: Shape, direction: str, dtype: torch.dtype = torch.bfloat16, *, batch: int = BATCH,
     variant: str = "aligned", arch: int = 90, **options: Any,

@@ -1293,12 +1293,22 @@ def record_calls(
     """Call the launcher of one direction ("fwd" or "bwd") as the op calls it on
     contiguous (B, H, N, D) inputs and an "hn" table made by ``tensor(shape, dtype)``
     (meta tensors, inside ``recording()``)."""
-    B, H, nq, nk = batch, shape.heads, shape.nq, shape.nk
-    q, k = tensor((B, H, nq, shape.dk), dtype), tensor((B, H, nk, shape.dk), dtype)
-    v, table = tensor((B, H, nk, shape.dv), dtype), tensor((H, nk), dtype)
-    args = (shape.side, shape.side, shape.q_stride, shape.dk**-0.5, 1.0)
+    record_grid(shape.side, shape.side, shape.q_stride, shape.heads, shape.dk, shape.dv, batch, dtype,
+                direction, tensor)  # fmt: skip
+
+
+def record_grid(
+    rows: int, cols: int, q_stride: int, heads: int, dk: int, dv: int, batch: int, dtype: torch.dtype,
+    direction: str, tensor: TensorFactory,
+) -> None:  # fmt: skip
+    """``record_calls`` for a key grid of ``rows`` x ``cols`` (not only square ones)."""
+    B, H = batch, heads
+    nq, nk = cdiv(rows, q_stride) * cdiv(cols, q_stride), rows * cols
+    q, k = tensor((B, H, nq, dk), dtype), tensor((B, H, nk, dk), dtype)
+    v, table = tensor((B, H, nk, dv), dtype), tensor((H, nk), dtype)
+    args = (rows, cols, q_stride, dk**-0.5, 1.0)
     if direction == "fwd":
         relpos_attention_fwd(q, k, v, table, *args)
     else:
-        out, lse = tensor((B, H, nq, shape.dv), dtype), tensor((B, H, nq), torch.float32)
-        relpos_attention_bwd(tensor((B, H, nq, shape.dv), dtype), q, k, v, table, out, lse, *args)
+        out, lse = tensor((B, H, nq, dv), dtype), tensor((B, H, nq), torch.float32)
+        relpos_attention_bwd(tensor((B, H, nq, dv), dtype), q, k, v, table, out, lse, *args)
