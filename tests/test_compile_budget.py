@@ -224,6 +224,20 @@ def test_patch_embed_backward_reads_what_the_forward_saved():
         "patch_embed_stats", "patch_embed_dw_dxn", "patch_embed_fold"]
 
 
+def test_float32_patch_embed_backward_keeps_dw_and_dxn_apart():
+    """float32's dots are FMA loops with register-resident operands: P3's fused dW + dxn
+    kernel spilled 0.7-18 KB on sm_90a with every tile tried, so float32 runs the two
+    kernels (each compiled ahead of time without spills, one pipeline stage)."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS
+
+    p3 = WORKLOADS["P3"].shape
+    rec = record_workload(p3, "bwd", torch.float32)
+    assert _pe_names(rec) == ["patch_embed_dw", "patch_embed_dxn", "patch_embed_fold"]
+    assert [la.num_stages for la in rec.launches[:2]] == [1, 1]
+    assert _pe_names(record_workload(p3, "bwd", torch.bfloat16)) == ["patch_embed_dw_dxn", "patch_embed_fold"]
+
+
 def test_no_register_spills(reports):
     """One check over every compile (the reports name the failures)."""
     assert reports, "no compile reports"

@@ -275,8 +275,10 @@ def fwd_config(
         return FwdConfig(32, _pow2_clamp(D, 16, 64), 32 if K <= 2048 else 128, 4, 1)
     wide = dtype == torch.float32
     # sm_80 with the input norm: K steps of 32 (64 spilled 16 B at D 192, T2T's second
-    # soft split, once the norm's sums were taken around a shift)
-    block_k = 32 if wide or K < 256 or (in_norm and arch < 90) else 64
+    # soft split, once the norm's sums were taken around a shift). float32: K steps of
+    # 16 (its dots are FMA loops whose operands, a K step wide, sit in registers: 32
+    # spilled 12-84 B at T2T-3, P2 and a one-token shape, misaligned or on triton 3.6)
+    block_k = 16 if wide else 32 if K < 256 or (in_norm and arch < 90) else 64
     stages = 2 if wide else 3
     # Register budgets were checked ahead of time with triton 3.9 (CI) and 3.6 (the GPU
     # machine): 3.6 spilled 944 B at 128 x 128 x 64 / 8 warps (P1) and 76 B at
@@ -289,7 +291,7 @@ def fwd_config(
         rows = 64 if arch >= 90 and aligned and not wide else 32
         # sm_80: 2 stages (3 spilled 8-16 B for bfloat16 once the first column tile
         # was peeled off to take the input norm's sums alone)
-        return FwdConfig(rows, _pow2_clamp(D, 32, 128), 32, 4, stages if arch >= 90 else 2)
+        return FwdConfig(rows, _pow2_clamp(D, 32, 128), min(block_k, 32), 4, stages if arch >= 90 else 2)
     if D == 192 and K < 256 and not wide:
         # T2T's first soft split (K 147, D 192) as three 64-column tiles of one program
         # (each patch gathered once): a 256-column tile spent a quarter of its MMA and
@@ -303,8 +305,9 @@ def fwd_config(
         return FwdConfig(64 if block_n == 256 else 128, block_n, block_k, 8, stages)
     if not in_norm and not wide:  # P1: 64 x 256 tiles, as many MACs per tile as 128 x 128
         return FwdConfig(64, _pow2_clamp(D, 32, 256), 32, 8, stages)
-    # the input norm's statistics take registers: 64 rows then (no spills for sm_80 / sm_90a)
-    return FwdConfig(64 if in_norm else 128, _pow2_clamp(D, 32, 128), block_k, 8, stages)
+    # the input norm's statistics take registers: 64 rows then (no spills for sm_80 / sm_90a);
+    # float32's FMA dot too (128 rows spilled 76 B at P1 on sm_90a; 64: 210 registers)
+    return FwdConfig(64 if in_norm or wide else 128, _pow2_clamp(D, 32, 128), block_k, 8, stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +336,9 @@ def bwd_config(
         # with an input norm (channels-last P2, T2T-2): 32 there
         narrow = wide or K < 256 or pqc_in_norm
         block_m, block_n, block_k = 64, _pow2_clamp(D, 32, 128), 32 if narrow else 64
-        warps, stages = 8, 2 if wide else 3
+        # float32: one stage (two spilled 240-470 B in dW with the input norm, whatever
+        # the tile: the FMA dot's operands are register-resident)
+        warps, stages = 8, 1 if wide else 3
     tiles = triton.cdiv(D, block_n) * triton.cdiv(K, block_k)
     m_blocks = triton.cdiv(M, block_m)
     split = max(1, min(m_blocks, triton.cdiv(4 * sms, tiles))) if interpret else _row_split(tiles, m_blocks, sms)
@@ -774,7 +779,8 @@ def patch_embed_bwd(
     # not on sm_80, whose mma.sync keeps both GEMMs' operands in registers (it spilled
     # 24 B with 64 x 256 x 32 tiles)
     fused_n = triton.next_power_of_2(D)
-    fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90
+    # nor for float32, whose FMA dots spilled 0.7-18 KB there at P3 (sm_90a, any tile tried)
+    fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90 and dtype != torch.float32
     num_k_fused = cdiv(K + bias_col, cfg.block_k)
     # its row blocks and the stats kernel's: (block_m // tw) x tw tiles of the patch grid
     tw = min(_TILE_W, triton.next_power_of_2(g.Wo), cfg.block_m)

@@ -842,14 +842,16 @@ def _full_and_tail(n: int, block: int, loop_masked: bool = False) -> tuple[int, 
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
+def _fwd_cfg(nq: int, nk: int, dk: int, dv: int, f32: bool = False) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
-    block_m = min(64, max(16, _pow2(nq)))
-    block_n = min(64, max(16, _pow2(nk)))
+    # float32 (tf32x3 dots: each operand split in two): 32 keys, and 32 queries at Dv 128
+    # (64 x 64 spilled 24 B at A1 and 508 B at A4, sm_90a; these none)
+    block_m = min(32 if f32 and bdv > 64 else 64, max(16, _pow2(nq)))
+    block_n = min(32 if f32 else 64, max(16, _pow2(nk)))
     # full key blocks, then the rest as one tail block; one block of keys (the forward
     # that gathers its bias) is all tail: no loop
     full, tail_n = _full_and_tail(nk, block_n)
-    warps = 8 if block_m * bdv > 64 * 64 else 4
+    warps = 8 if block_m * bdv > 64 * 64 or (f32 and bdv > 64) else 4
     # one stage: Triton's software pipeline peels a copy of the first iteration's loads
     # and their addresses (A1: 1742 -> 1679 warp instructions per program, estimate);
     # the few key blocks unroll and several programs per SM hide the loads' latency
@@ -862,14 +864,16 @@ def _fwd_cfg(nq: int, nk: int, dk: int, dv: int) -> _Config:
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool) -> _Config:
+def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool, f32: bool = False) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     # 64 keys x 32 queries on 4 warps, wide heads too (LeViT-256's shrink layers, Dk 32,
     # Dv 128: 64 x 64 spilled) where the rows vectorize. The dS -> dK dot chain puts
     # every warp on the keys: with 8 warps on 64 keys both warpgroups computed the same
     # tile, and 16 keys on 8 warps computed it 8 times; that config stays for wide heads
     # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
-    keys64 = vector_loads or bdk + bdv <= 96
+    # (float32, never vector_loads, takes 16 keys on 8 warps: 64 keys spilled 764 B at A1
+    # on sm_90a and 32 B at A5 on sm_80)
+    keys64 = vector_loads or (not f32 and bdk + bdv <= 96)
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     wide = bdk + bdv > 96
     # 64 queries where there are several blocks of them and the rows vectorize (the
@@ -912,7 +916,7 @@ def _dq_blocks(rows: int, cols: int, q_stride: int, max_tile: int = 4096) -> dic
     return dict(QR=qr, CQP=cqp, TRP=trp, CP=cp, E=e)
 
 
-def _dq_key_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict[str, int]:
+def _dq_key_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64, max_k: int = 32) -> dict[str, int]:
     """Grid-row-aligned blocks for the key-blocked dQ/table kernel (large grids, misaligned
     inputs).
 
@@ -925,7 +929,7 @@ def _dq_key_blocks(rows: int, cols: int, q_stride: int, max_m: int = 64) -> dict
     cp, cqp = _pow2(cols), _pow2(cq)
     e = _pow2(cp + (cqp - 1) * q_stride)
     qr = max(_pow2(-(-16 // cqp)), min(max(1, max_m // cqp), _pow2(rq)))
-    kr = max(_pow2(-(-16 // cp)), min(max(1, 32 // cp), _pow2(rows)))
+    kr = max(_pow2(-(-16 // cp)), min(max(1, max_k // cp), _pow2(rows)))
     while qr * cqp > 16 and qr * kr * cqp * e > 4096:
         qr //= 2
     return dict(QR=qr, CQP=cqp, KR=kr, CP=cp, TRP=_pow2(rows), E=e)
@@ -937,7 +941,7 @@ _DQ_MAX_KEYS = 256  # key slots (rows and columns padded to powers of 2) one dQ 
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool) -> _Config:
+def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool, f32: bool = False) -> _Config:
     bdk, bdv = _head_blocks(dk, dv)
     if all_keys:
         blocks = _dq_blocks(rows, cols, q_stride)
@@ -949,21 +953,27 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
         # A5, 255 with a local-memory spill at Dk 32, Dv 64)
         warps = 2 if tile < 4096 else 4 if bdk + bdv <= 48 else 8
         return _Config(constexprs, warps, 1)
-    blocks = _dq_key_blocks(rows, cols, q_stride, 64 if bdk + bdv <= 96 else 16)
+    # float32 (key blocks only): 16 queries x 16 key slots (A1's 64 x 32 spilled 120 B,
+    # 64 x 16 44 B on sm_90a; 16 x 16 none)
+    blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or bdk + bdv > 96 else 64, 16 if f32 else 32)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
     # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers, 16 in none;
     # wider heads (Dv 128) spill 24-48 B on 16 warps (128 registers), none on 8
     wide = bdk + bdv > 96
-    num_warps = 8 if tile >= 2048 or wide else 16 if bdk + bdv == 96 else 4
+    num_warps = 8 if tile >= 2048 or wide or f32 else 16 if bdk + bdv == 96 else 4
     return _Config(constexprs, num_warps, 1)
 
 
 def _vector_loads(*tensors: torch.Tensor) -> bool:
     """Whether every row of every tensor starts 16-byte aligned and is contiguous (its
-    loads vectorize; the backward's larger tiles need that to stay in registers)."""
+    loads vectorize; the backward's larger tiles need that to stay in registers), in a
+    16-bit dtype (float32's tf32x3 dots split each operand in two: the larger tiles
+    spilled 0.5-2.4 KB at A1, A4 and A5 on sm_90a)."""
     for t in tensors:
+        if t.element_size() > 2:
+            return False
         step = 16 // t.element_size()
         if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % step for s in t.stride()[:-1]):
             return False
@@ -1054,7 +1064,7 @@ def relpos_attention_fwd(
         q, scale = -q, -scale
     elif scale < _MIN_SCALE:
         q, scale = q * scale, 1.0
-    cfg = _fwd_cfg(NQ, NK, DK, DV)
+    cfg = _fwd_cfg(NQ, NK, DK, DV, q.dtype == torch.float32)
     block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tag = _tag(q, NK, DV, q_stride)
     # one key block: the forward gathers its bias tile from the table (no bias launch),
@@ -1113,7 +1123,7 @@ def relpos_attention_bwd(
     vector_loads = _vector_loads(q, k, v, grad_out, out)
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
-    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys)
+    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, q.dtype == torch.float32)
     QR, CQP = dq_cfg.constexprs["QR"], dq_cfg.constexprs["CQP"]
     num_qb = triton.cdiv(rq, QR)
     group = _batch_group(B, num_qb * H)
@@ -1214,7 +1224,7 @@ class _DkdvPlan:
     ) -> _DkdvPlan:
         B, H, NQ, DK = q.shape
         NK, DV = k.shape[2], v.shape[3]
-        cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads)
+        cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads, q.dtype == torch.float32)
         block_n = cfg.constexprs["BLOCK_N"]
         # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
         # is positive and not tiny (as in the forward) and the dot is a 64-key wgmma on 4
