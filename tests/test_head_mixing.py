@@ -370,7 +370,12 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     (dq: the keys' -inf logit bias instead). The launches that run are spied on."""
     case = (1, 4, 70, 21, 48, 40)
     flags = tk._flags(object(), object(), None, None, None, False)
-    (_, dq), (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)
+    (delta, dq), (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)
+    # the delta launch: 64 rows, q's addresses formed in its loops (LIVE_QH), one
+    # warpgroup on triton 3.9, with timm's post-mix bias too
+    assert delta.constexprs["LIVE_QH"] and delta.num_warps == (8 if tk._TRITON_36 else 4)
+    timm = tk._flags(object(), object(), object(), None, None, False)
+    assert tk._bwd_cfg(4, 196, 196, 48, 48, timm, 90)[0][0].num_warps == (8 if tk._TRITON_36 else 4)
     split = (32, 16, 32, 16)
     c = dkdv.constexprs
     # one stage at Dv 40 (two spilled), two at M1's D48
@@ -392,6 +397,7 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     params = make_params(4, "vit-pytorch talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
     assert seen["head_mixing_bwd_dq"] == (32, 64, 8, 2)
+    assert seen["head_mixing_bwd_delta"] == (64, 16, delta.num_warps, 1)
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
 
 
