@@ -681,7 +681,7 @@ def _bwd_dq_kernel(
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr, LIVE_QH: tl.constexpr,
+    VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr, LIVE_QH: tl.constexpr, LIVE_GH: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -726,7 +726,7 @@ def _bwd_dq_kernel(
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
             H, HP, BLOCK_M, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VG,
-            J2, DT, PAIR_DOT, LIVE_QH,
+            J2, DT, PAIR_DOT, LIVE_QH, LIVE_GH,
         )  # fmt: skip
     else:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -749,15 +749,15 @@ def _bwd_key_tile(
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, HOLD: tl.constexpr = False,
-    LIVE_QH: tl.constexpr = False,
+    LIVE_QH: tl.constexpr = False, LIVE_GH: tl.constexpr = False,
 ):  # fmt: skip
     """The start of every backward step over a query block's key tile at start_n:
     (s3 = q_h . k_h, dn3 = dO_h . v_h, both (BM, BN, HP); ok3, the valid (row, key, head)
     entries; live, ``_live``: q and dO reloaded each tile, not held for the loop, unless
     HOLD (the dq launch: held in registers as mma.sync operands, fewer than reloaded);
-    the tile's keys offs_n and n_ok). LIVE_QH: q's head stride made loop-variant too, so
-    that each head's q addresses are formed in the loop instead of held through it (the
-    delta launch, ``_bwd_cfg``)."""
+    the tile's keys offs_n and n_ok). LIVE_QH, LIVE_GH: q's (dO's) head stride made
+    loop-variant too, so that each head's q (dO) addresses are formed in the loop
+    instead of held through it (the delta launch, ``_bwd_cfg``)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     live = _live(start_n, NK)
@@ -773,6 +773,8 @@ def _bwd_key_tile(
         g_live2 = tl.where(q_live, g_mask2, False)
     if LIVE_QH:
         stride_qh = tl.where(live, stride_qh, 0)
+    if LIVE_GH:
+        stride_gh = tl.where(live, stride_gh, 0)
     s3 = _dots(Qb, q_offs, tl.where(q_live, q_mask, False), stride_qh, 1, VQ,
                Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H, q_offs2, q_live2, kt_offs2, kt_mask2)
     dn3 = _dots(Gb, g_offs, tl.where(q_live, g_mask, False), stride_gh, 1, VG,
@@ -804,6 +806,7 @@ def _delta_pass(
     HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     J2: tl.constexpr, DT: tl.constexpr, PAIR_DOT: tl.constexpr, LIVE_QH: tl.constexpr,
+    LIVE_GH: tl.constexpr,
 ):  # fmt: skip
     """delta (B, H, NQ) of a query block, and its partial sums of dP (HP x HP, [f, g]),
     dc, dw, dbeta and dA (HP x HP, [g, h]) at part. The first loop over the keys sums
@@ -825,7 +828,7 @@ def _delta_pass(
             start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
             q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
-            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, False, LIVE_QH,
+            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, False, LIVE_QH, LIVE_GH,
         )  # fmt: skip
         p, _, xhat, rho = _tile_probs(
             s3, qk_scale, lse2[:, None, :], _key_head_ok(n_ok, hs, H, HP), PRE_W, stride_pre0, stride_pre1,
@@ -864,7 +867,7 @@ def _delta_pass(
                 start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
                 q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
                 stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
-                BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, False, LIVE_QH,
+                BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, False, LIVE_QH, LIVE_GH,
             )  # fmt: skip
             if PAIR_DOT:
                 s_rhs = _pair_rhs(s3, J2, DT)
@@ -1133,8 +1136,8 @@ def _k_split(d: int) -> tuple[int, int]:
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
-    stay in a warp) where that fits, on 8 where it spilled (the head norm; triton 3.6),
-    the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
+    stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
+    bias with triton 3.6), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
     40-64, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
@@ -1147,7 +1150,8 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     # v) in registers as mma.sync operands (D = 48 as 32 + 16; ``_dot_head``); elsewhere one
     (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
     split = dict(KA=ka, KB=kb, VA=va, VB=vb)
-    c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False)
+    c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
+             LIVE_GH=False)
     few = nq <= 16
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
@@ -1161,12 +1165,13 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      4 if few else 8, 1)  # fmt: skip
     else:
-        # 4 warps spilled 148 B with the head norm, 12-16 B with triton 3.6 (and 40 B with
-        # the post-mix bias before LIVE_QH); LIVE_QH: q's addresses formed in the loops,
-        # not held (the registers of the dA product's accumulator)
-        delta_warps = 8 if _TRITON_36 or flags["HAS_NORM"] else 4
-        delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True),
-                        delta_warps, 1)  # fmt: skip
+        # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
+        # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
+        # loops, not held (the registers of the dA product's accumulator), and dO's
+        # too on triton 3.6 (LIVE_GH: 4 warps spilled 12 B without)
+        delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and flags["HAS_POST_B"]) else 4
+        delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
+                                             LIVE_GH=_TRITON_36), delta_warps, 1)  # fmt: skip
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
             dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
