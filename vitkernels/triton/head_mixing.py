@@ -682,6 +682,7 @@ def _bwd_dq_kernel(
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr, LIVE_QH: tl.constexpr, LIVE_GH: tl.constexpr,
+    DEFER_ROWSUM: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -726,7 +727,7 @@ def _bwd_dq_kernel(
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
             H, HP, BLOCK_M, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VG,
-            J2, DT, PAIR_DOT, LIVE_QH, LIVE_GH,
+            J2, DT, PAIR_DOT, LIVE_QH, LIVE_GH, DEFER_ROWSUM,
         )  # fmt: skip
     else:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -806,7 +807,7 @@ def _delta_pass(
     HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     J2: tl.constexpr, DT: tl.constexpr, PAIR_DOT: tl.constexpr, LIVE_QH: tl.constexpr,
-    LIVE_GH: tl.constexpr,
+    LIVE_GH: tl.constexpr, DEFER_ROWSUM: tl.constexpr,
 ):  # fmt: skip
     """delta (B, H, NQ) of a query block, and its partial sums of dP (HP x HP, [f, g]),
     dc, dw, dbeta and dA (HP x HP, [g, h]) at part. The first loop over the keys sums
@@ -816,6 +817,8 @@ def _delta_pass(
     over the flattened tile (``_pair_lhs``), not reductions across the rows each tile
     (PAIR_DOT; without, on sm_80, where those products spilled: ``_outer_rows`` sums)."""
     delta = tl.zeros([BLOCK_M, HP], tl.float32)
+    if DEFER_ROWSUM:  # per-thread partial sums of delta: 4 per row (the lanes of a row's keys)
+        delta4 = tl.zeros([BLOCK_M, 4, HP], tl.float32)
     if PAIR_DOT:
         acc_dp = tl.zeros([HP * J2, HP * J2], tl.float32)  # ``_pair_lhs`` of dr times ``_pair_rhs`` of p
     else:
@@ -837,7 +840,10 @@ def _delta_pass(
         )  # fmt: skip
         dr, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                           H, HAS_POST, HAS_NORM, live)  # fmt: skip
-        delta += tl.sum(p * dp, 1)
+        if DEFER_ROWSUM:  # the keys j = 8 k + 2 t + e: sums over k and e (in a thread's registers)
+            delta4 += tl.sum(tl.sum(tl.reshape(p * dp, (BLOCK_M, BLOCK_N // 8, 4, 2, HP)), 3), 1)
+        else:
+            delta += tl.sum(p * dp, 1)
         if HAS_NORM:
             acc_dw += tl.sum(dn3 * xhat, 1)
             acc_db += tl.sum(dn3, 1)
@@ -848,6 +854,8 @@ def _delta_pass(
                 acc_dp += tl.sum(_outer_rows(p, dr, HP), 0)  # [f, g]
             if HAS_POST_B:
                 acc_dc += tl.sum(dr, 1)
+    if DEFER_ROWSUM:  # across the lanes once
+        delta = tl.sum(delta4, 1)
     tl.store(DELTA + rows, delta, mask=row_ok)
     if HAS_POST:  # stored now, so that the second loop holds no accumulator but dA's
         if PAIR_DOT:
@@ -1151,7 +1159,7 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
     split = dict(KA=ka, KB=kb, VA=va, VB=vb)
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
-             LIVE_GH=False)
+             LIVE_GH=False, DEFER_ROWSUM=False)
     few = nq <= 16
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
@@ -1159,19 +1167,25 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
         # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
         delta_warps = 4 if few and arch < 90 else 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
-        # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with)
+        # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with);
+        # DEFER_ROWSUM (delta's sums across the lanes once, after the loop): sm_90's few rows
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
-                                             LIVE_QH=arch < 90 and _TRITON_36), delta_warps, 1)  # fmt: skip
+                                             LIVE_QH=arch < 90 and _TRITON_36, DEFER_ROWSUM=few and arch >= 90),
+                        delta_warps, 1)  # fmt: skip
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      4 if few else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
         # loops, not held (the registers of the dA product's accumulator), and dO's
-        # too on triton 3.6 (LIVE_GH: 4 warps spilled 12 B without)
+        # too on triton 3.6 (LIVE_GH: 4 warps spilled 12 B without); DEFER_ROWSUM (delta's
+        # sums across the lanes once, after the loop) without the post-mix bias (44 B
+        # spilled with it) and the head norm
         delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and flags["HAS_POST_B"]) else 4
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
-                                             LIVE_GH=_TRITON_36), delta_warps, 1)  # fmt: skip
+                                             LIVE_GH=_TRITON_36,
+                                             DEFER_ROWSUM=not (flags["HAS_POST_B"] or flags["HAS_NORM"])),
+                        delta_warps, 1)  # fmt: skip
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
             dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
