@@ -370,7 +370,12 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     (dq: the keys' -inf logit bias instead). The launches that run are spied on."""
     case = (1, 4, 70, 21, 48, 40)
     flags = tk._flags(object(), object(), None, None, None, False)
-    (_, dq), (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)
+    (delta, dq), (dkdv,) = tk._bwd_cfg(*case[1:], flags, 90)
+    # the delta launch: 64 rows on one warpgroup, q's addresses formed in its loops
+    # (LIVE_QH); with timm's post-mix bias too on triton 3.9 (3.6: 8 warps)
+    assert delta.constexprs["LIVE_QH"] and delta.constexprs["DEFER_ROWSUM"] and delta.num_warps == 4
+    timm = tk._flags(object(), object(), object(), None, None, False)
+    assert tk._bwd_cfg(4, 196, 196, 48, 48, timm, 90)[0][0].num_warps == (8 if tk._TRITON_36 else 4)
     split = (32, 16, 32, 16)
     c = dkdv.constexprs
     # one stage at Dv 40 (two spilled), two at M1's D48
@@ -392,7 +397,21 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     params = make_params(4, "vit-pytorch talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
     assert seen["head_mixing_bwd_dq"] == (32, 64, 8, 2)
+    assert seen["head_mixing_bwd_delta"] == (64, 16, delta.num_warps, 1)
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
+
+
+def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):
+    """The sm_90 delta launch triton 3.6 gets (the GPU machine's version): dO's addresses
+    formed in its loops too (LIVE_GH), which the interpreter otherwise never runs."""
+    monkeypatch.setattr(tk, "_TRITON_36", True)
+    case = (1, 4, 20, 21, 16, 16)
+    flags = tk._flags(object(), object(), None, None, None, False)
+    delta = tk._bwd_cfg(*case[1:], flags, 90)[0][0]
+    assert delta.constexprs["LIVE_GH"] and delta.constexprs["BLOCK_M"] == 64 and delta.num_warps == 4
+    q, k, v = make(case)
+    params = make_params(4, "vit-pytorch talking heads")
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "triton 3.6 delta")
 
 
 def test_very_negative_logits_give_finite_dq_with_padded_keys(poisoned):

@@ -299,7 +299,8 @@ def _pair_trace(acc, HP: tl.constexpr, J2: tl.constexpr):
     a4 = tl.reshape(acc, (HP, J2, HP, J2))
     d = tl.arange(0, J2)
     diag = (d[:, None] == d[None, :])[None, :, None, :]
-    return tl.sum(tl.sum(tl.where(diag, a4, 0.0), 3), 1)
+    t = tl.reshape(tl.permute(tl.where(diag, a4, 0.0), (0, 2, 1, 3)), (HP, HP, J2 * J2))
+    return tl.sum(t, 2)
 
 
 @triton.jit
@@ -347,10 +348,14 @@ def _vectors(POST_B, s_pb, NORM_W, s_nw, NORM_B, s_nb, hs, H: tl.constexpr, HAS_
 
 @triton.jit
 def _probs(l3, lse3, ok3, POST_W, s_out, s_in, post_b, hs, H: tl.constexpr,
-           HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, live):  # fmt: skip
+           HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr, live, l_scale=None):  # fmt: skip
     """p = exp2(l - lse) (log2 units; 0 where ok3 is false, unless ok3 is None) and r, p
-    post-mixed."""
-    p = tl.exp2(l3 - lse3)
+    post-mixed; with l_scale, p = exp2(l * l_scale - lse) (one FMA: the logits' scale
+    there rather than on the pre-mix weights)."""
+    if l_scale is not None:
+        p = tl.exp2(l3 * l_scale - lse3)
+    else:
+        p = tl.exp2(l3 - lse3)
     if ok3 is not None:
         p = tl.where(ok3, p, 0.0)
     r = p
@@ -624,14 +629,20 @@ def _tile_probs(
     s3, qk_scale, lse3, ok3, PRE_W, stride_pre0, stride_pre1,
     POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
     H: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr, live, bias=None,
+    HAS_NORM: tl.constexpr, live, bias=None, SCALE_IN_EXP: tl.constexpr = False,
 ):  # fmt: skip
     """From a tile's products s3 = q.k: p, n, and the head norm's x^ and rho (r and 1
-    without the head norm) for ``_tile_dp``; bias (broadcastable to s3) added to the
-    logits in the pre-mix's first FMA."""
-    l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live, bias)
-    p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
-                  HAS_POST_B, live)  # fmt: skip
+    without the head norm) for ``_tile_dp``; bias (broadcastable to s3, 0 or -inf)
+    added to the logits in the pre-mix's first FMA. SCALE_IN_EXP: qk_scale applied in
+    p's exponent (one FMA with -lse) instead of to the H*H pre-mix weights every tile."""
+    if SCALE_IN_EXP:
+        l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, 1.0, H, HAS_PRE, live, bias)
+        p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
+                      HAS_POST_B, live, qk_scale)  # fmt: skip
+    else:
+        l3 = _logits(s3, PRE_W, stride_pre0, stride_pre1, hs, qk_scale, H, HAS_PRE, live, bias)
+        p, n = _probs(l3, lse3, ok3, POST_W, stride_post0, stride_post1, post_b, hs, H, HAS_POST,
+                      HAS_POST_B, live)  # fmt: skip
     xhat = n
     rho = 1.0
     if HAS_NORM:
@@ -670,7 +681,8 @@ def _bwd_dq_kernel(
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr,
+    VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr, LIVE_QH: tl.constexpr, LIVE_GH: tl.constexpr,
+    DEFER_ROWSUM: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
     (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
@@ -715,7 +727,7 @@ def _bwd_dq_kernel(
             stride_pre0, stride_pre1, stride_post0, stride_post1, post_b, norm_w, norm_b,
             valid, inv_h, eps, hs, NK, qk_scale, sm_scale,
             H, HP, BLOCK_M, BLOCK_N, DK, DV, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, VQ, VK, VV, VG,
-            J2, DT, PAIR_DOT,
+            J2, DT, PAIR_DOT, LIVE_QH, LIVE_GH, DEFER_ROWSUM,
         )  # fmt: skip
     else:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -738,12 +750,15 @@ def _bwd_key_tile(
     stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr, H: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr, HOLD: tl.constexpr = False,
+    LIVE_QH: tl.constexpr = False, LIVE_GH: tl.constexpr = False,
 ):  # fmt: skip
     """The start of every backward step over a query block's key tile at start_n:
     (s3 = q_h . k_h, dn3 = dO_h . v_h, both (BM, BN, HP); ok3, the valid (row, key, head)
     entries; live, ``_live``: q and dO reloaded each tile, not held for the loop, unless
     HOLD (the dq launch: held in registers as mma.sync operands, fewer than reloaded);
-    the tile's keys offs_n and n_ok)."""
+    the tile's keys offs_n and n_ok). LIVE_QH, LIVE_GH: q's (dO's) head stride made
+    loop-variant too, so that each head's q (dO) addresses are formed in the loop
+    instead of held through it (the delta launch, ``_bwd_cfg``)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     live = _live(start_n, NK)
@@ -757,11 +772,26 @@ def _bwd_key_tile(
     if offs_vb is not None:
         vt_offs2, vt_mask2 = _cols_tile(offs_n, n_ok, stride_vn, offs_vb, stride_vd, DV)  # (VB, BN)
         g_live2 = tl.where(q_live, g_mask2, False)
+    if LIVE_QH:
+        stride_qh = tl.where(live, stride_qh, 0)
+    if LIVE_GH:
+        stride_gh = tl.where(live, stride_gh, 0)
     s3 = _dots(Qb, q_offs, tl.where(q_live, q_mask, False), stride_qh, 1, VQ,
                Kb, kt_offs, kt_mask, stride_kh, VK, 1, 0, 1, HP, H, q_offs2, q_live2, kt_offs2, kt_mask2)
     dn3 = _dots(Gb, g_offs, tl.where(q_live, g_mask, False), stride_gh, 1, VG,
                 Vb, vt_offs, vt_mask, stride_vh, VV, 1, 0, 1, HP, H, g_offs2, g_live2, vt_offs2, vt_mask2)
     return s3, dn3, n_ok[None, :, None] & row_ok[:, None, :], live, offs_n, n_ok
+
+
+@triton.jit
+def _key_head_ok(n_ok, hs, H: tl.constexpr, HP: tl.constexpr):
+    """(1, BN, 1 or HP): the tile's real keys (and real head slots where H < HP), the
+    delta launch's mask of p: a padded query row needs none there, its dO is 0, so every
+    sum it reaches (delta, dP, dc, dw, dbeta, dA) gets 0 from it."""
+    if H == HP:
+        return n_ok[None, :, None]
+    else:
+        return n_ok[None, :, None] & (hs < H)[None, None, :]
 
 
 @triton.jit
@@ -776,7 +806,8 @@ def _delta_pass(
     DK: tl.constexpr, DV: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
     HAS_POST_B: tl.constexpr, HAS_NORM: tl.constexpr,
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
-    J2: tl.constexpr, DT: tl.constexpr, PAIR_DOT: tl.constexpr,
+    J2: tl.constexpr, DT: tl.constexpr, PAIR_DOT: tl.constexpr, LIVE_QH: tl.constexpr,
+    LIVE_GH: tl.constexpr, DEFER_ROWSUM: tl.constexpr,
 ):  # fmt: skip
     """delta (B, H, NQ) of a query block, and its partial sums of dP (HP x HP, [f, g]),
     dc, dw, dbeta and dA (HP x HP, [g, h]) at part. The first loop over the keys sums
@@ -786,6 +817,8 @@ def _delta_pass(
     over the flattened tile (``_pair_lhs``), not reductions across the rows each tile
     (PAIR_DOT; without, on sm_80, where those products spilled: ``_outer_rows`` sums)."""
     delta = tl.zeros([BLOCK_M, HP], tl.float32)
+    if DEFER_ROWSUM:  # per-thread partial sums of delta: 4 per row (the lanes of a row's keys)
+        delta4 = tl.zeros([BLOCK_M, 4, HP], tl.float32)
     if PAIR_DOT:
         acc_dp = tl.zeros([HP * J2, HP * J2], tl.float32)  # ``_pair_lhs`` of dr times ``_pair_rhs`` of p
     else:
@@ -798,16 +831,19 @@ def _delta_pass(
             start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
             q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
             stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
-            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+            BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, False, LIVE_QH, LIVE_GH,
         )  # fmt: skip
         p, _, xhat, rho = _tile_probs(
-            s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
+            s3, qk_scale, lse2[:, None, :], _key_head_ok(n_ok, hs, H, HP), PRE_W, stride_pre0, stride_pre1,
             POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
+            H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live, None, True,
         )  # fmt: skip
         dr, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                           H, HAS_POST, HAS_NORM, live)  # fmt: skip
-        delta += tl.sum(p * dp, 1)
+        if DEFER_ROWSUM:  # the keys j = 8 k + 2 t + e: sums over k and e (in a thread's registers)
+            delta4 += tl.sum(tl.sum(tl.reshape(p * dp, (BLOCK_M, BLOCK_N // 8, 4, 2, HP)), 3), 1)
+        else:
+            delta += tl.sum(p * dp, 1)
         if HAS_NORM:
             acc_dw += tl.sum(dn3 * xhat, 1)
             acc_db += tl.sum(dn3, 1)
@@ -818,6 +854,8 @@ def _delta_pass(
                 acc_dp += tl.sum(_outer_rows(p, dr, HP), 0)  # [f, g]
             if HAS_POST_B:
                 acc_dc += tl.sum(dr, 1)
+    if DEFER_ROWSUM:  # across the lanes once
+        delta = tl.sum(delta4, 1)
     tl.store(DELTA + rows, delta, mask=row_ok)
     if HAS_POST:  # stored now, so that the second loop holds no accumulator but dA's
         if PAIR_DOT:
@@ -829,29 +867,33 @@ def _delta_pass(
         tl.store(part + HP * HP + HP + hs, tl.sum(acc_dw, 0))
         tl.store(part + HP * HP + 2 * HP + hs, tl.sum(acc_db, 0))
     if HAS_PRE:  # s = scale * q.k
-        acc_da = tl.zeros([HP, HP], tl.float32)  # [g, h]
+        acc_da = tl.zeros([HP, HP], tl.float32)  # [g, h], s unscaled
+        if PAIR_DOT:
+            acc_ds = tl.zeros([HP * J2, HP * J2], tl.float32)  # ``_pair_lhs`` of dl times ``_pair_rhs`` of s
         for start_n in range(0, NK, BLOCK_N):
             s3, dn3, ok3, live, offs_n, n_ok = _bwd_key_tile(
                 start_n, NK, Qb, Kb, Vb, Gb, q_offs, q_mask, g_offs, g_mask,
                 q_offs2, q_mask2, g_offs2, g_mask2, row_ok, offs_ka, offs_kb, offs_va, offs_vb,
                 stride_qh, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_gh,
-                BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG,
+                BLOCK_N, DK, DV, HP, H, VQ, VK, VV, VG, False, LIVE_QH, LIVE_GH,
             )  # fmt: skip
             if PAIR_DOT:
-                s_rhs = _pair_rhs(s3 * sm_scale, J2, DT)
+                s_rhs = _pair_rhs(s3, J2, DT)
             p, _, xhat, rho = _tile_probs(
-                s3, qk_scale, lse2[:, None, :], ok3, PRE_W, stride_pre0, stride_pre1,
+                s3, qk_scale, lse2[:, None, :], _key_head_ok(n_ok, hs, H, HP), PRE_W, stride_pre0, stride_pre1,
                 POST_W, stride_post0, stride_post1, post_b, norm_w, norm_b, valid, inv_h, eps, hs,
-                H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live,
+                H, HAS_PRE, HAS_POST, HAS_POST_B, HAS_NORM, live, None, True,
             )  # fmt: skip
             _, dp = _tile_dp(dn3, xhat, rho, norm_w, valid, inv_h, POST_W, stride_post0, stride_post1, hs,
                              H, HAS_POST, HAS_NORM, live)  # fmt: skip
             dl = p * (dp - delta[:, None, :])
             if PAIR_DOT:
-                acc_da += _pair_trace(tl.dot(_pair_lhs(dl, J2, DT), s_rhs, input_precision="tf32x3"), HP, J2)
+                acc_ds = tl.dot(_pair_lhs(dl, J2, DT), s_rhs, acc_ds, input_precision="tf32x3")
             else:
-                acc_da += tl.sum(_outer_rows(s3, dl, HP), 0) * sm_scale  # [g, h]
-        tl.store(part + HP * HP + 3 * HP + hs[:, None] * HP + hs[None, :], acc_da)
+                acc_da += tl.sum(_outer_rows(s3, dl, HP), 0)  # [g, h]
+        if PAIR_DOT:
+            acc_da = _pair_trace(acc_ds, HP, J2)
+        tl.store(part + HP * HP + 3 * HP + hs[:, None] * HP + hs[None, :], acc_da * sm_scale)
     return delta
 
 
@@ -1102,8 +1144,8 @@ def _k_split(d: int) -> tuple[int, int]:
 def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
-    stay in a warp) where that fits, on 8 where it spilled (the post-mix bias, the head
-    norm), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
+    stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
+    bias with triton 3.6), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
     40-64, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
@@ -1116,21 +1158,34 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     # v) in registers as mma.sync operands (D = 48 as 32 + 16; ``_dot_head``); elsewhere one
     (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
     split = dict(KA=ka, KB=kb, VA=va, VB=vb)
-    c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90)
+    c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
+             LIVE_GH=False, DEFER_ROWSUM=False)
     few = nq <= 16
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
         delta_warps = 4 if few and arch < 90 else 8
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False), delta_warps, 1)
+        # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
+        # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with);
+        # DEFER_ROWSUM (delta's sums across the lanes once, after the loop): sm_90's few rows
+        delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
+                                             LIVE_QH=arch < 90 and _TRITON_36, DEFER_ROWSUM=few and arch >= 90),
+                        delta_warps, 1)  # fmt: skip
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      4 if few else 8, 1)  # fmt: skip
     else:
-        # 4 warps spilled 40 B with the post-mix bias, 144 B with the head norm, 16 B
-        # with triton 3.6
-        delta_warps = 8 if _TRITON_36 or flags["HAS_POST_B"] or flags["HAS_NORM"] else 4
-        delta = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False), delta_warps, 1)
+        # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
+        # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
+        # loops, not held (the registers of the dA product's accumulator), and dO's
+        # too on triton 3.6 (LIVE_GH: 4 warps spilled 12 B without); DEFER_ROWSUM (delta's
+        # sums across the lanes once, after the loop) without the post-mix bias (44 B
+        # spilled with it) and the head norm
+        delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and flags["HAS_POST_B"]) else 4
+        delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
+                                             LIVE_GH=_TRITON_36,
+                                             DEFER_ROWSUM=not (flags["HAS_POST_B"] or flags["HAS_NORM"])),
+                        delta_warps, 1)  # fmt: skip
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
             dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
