@@ -862,23 +862,27 @@ def test_fused_backward_launches():
     fused = a5[1]
     assert (fused.num_warps, fused.constexprs["QR"], fused.constexprs["CQP"], fused.programs) == (8, 2, 16, 512)
     assert (fused.constexprs["SPLIT"], fused.constexprs["TERM_F16"]) == (2, False)
+    assert fused.constexprs["KT_RELOAD"] is tk._TRITON_36
     for shape in (WORKLOADS["A1"].shape, RelposShape(1, 9, 1, 16, 32)):
         assert [la.name.split("[")[0] for la in launches(shape)] == ["relpos_dq", "relpos_dkdv"]
     assert [la.name.split("[")[0] for la in launches(WORKLOADS["A5"].shape, arch=80)] == ["relpos_dq", "relpos_dkdv"]
 
 
 @pytest.mark.parametrize(
-    ("case", "dtype", "view"),
-    [("6x6", torch.float32, "contiguous"), ("6x6", torch.float16, "heads last"),
-     ("5x5 Dk8 Dv24", torch.float32, "heads last"), ("5x5 Dk8 Dv24", torch.float16, "contiguous")],
-    ids=["6x6-f32", "6x6-f16-strided", "5x5-f32-strided", "5x5-f16"],
+    ("case", "dtype", "view", "reload"),
+    [("6x6", torch.float32, "contiguous", False), ("6x6", torch.float16, "heads last", False),
+     ("5x5 Dk8 Dv24", torch.float32, "heads last", False), ("5x5 Dk8 Dv24", torch.float16, "contiguous", False),
+     ("6x6", torch.float32, "heads last", True)],
+    ids=["6x6-f32", "6x6-f16-strided", "5x5-f32-strided", "5x5-f16", "6x6-f32-strided-kt-reload"],
 )  # fmt: skip
-def test_fused_backward(case, dtype, view, monkeypatch, poisoned):
+def test_fused_backward(case, dtype, view, reload, monkeypatch, poisoned):
     """The fused backward's dq, dk, dv and dtable against float64 (every buffer NaN
     first), float32 (dS in 4 terms for the table's one-hot dot) and float16 (2 terms),
     on contiguous inputs and on (B, N, H, D) buffers viewed as (B, H, N, D) (strided,
-    rows still 16-byte aligned: the all-keys path); a spy checks the path ran."""
+    rows still 16-byte aligned: the all-keys path), K^T kept or (as triton 3.6 runs
+    it) loaded per block; a spy checks the path ran."""
     monkeypatch.setattr(tk, "_FUSED_MIN_KEYS", 16)
+    monkeypatch.setattr(tk, "_TRITON_36", reload)
     B, H, R, C, s, Dk, Dv = FUSED[case]
     if view == "contiguous":
         q, k, v, table = make(FUSED[case], dtype)

@@ -66,6 +66,12 @@ ever in memory):
   table gradient is deterministic (run to run, for a fixed config).
 * ``_fold_kernel``: the same fold as a launch of its own, where the dQ kernel also
   writes dK and dV (small grids) and no dK/dV kernel runs.
+* ``_bwd_fused_kernel`` (small heads on large grids, sm_90: A5): the whole backward in
+  one pass instead of the dQ and dK/dV kernels (each recomputing P). A program per
+  head and group of batch entries walks 32-query-slot blocks against every key: dQ
+  stored per block, dK and dV summed in registers, dS reduced per block into the table
+  partial by a tensor-core dot with a one-hot matrix of column offsets. Its bias tiles
+  come from ``_fused_bias_kernel`` (launched first), its partials go to ``_fold_kernel``.
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 ``_dkdv_cfg``, ``_dq_cfg``) for a GPU tuning pass to revise; no autotuning.
@@ -94,6 +100,10 @@ from vitkernels.triton._common import (
 from vitkernels.workloads import RelposShape
 
 __all__ = ["record_calls", "relpos_attention_bwd", "relpos_attention_fwd"]
+
+# register allocation differs between triton versions (the fused backward's K^T, see
+# _bwd_fused_kernel)
+_TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
 
 _LOG2E = 1.4426950408889634
 
@@ -663,15 +673,18 @@ def _bwd_fused_kernel(
     qk_scale, sm_scale, table_scale,  # qk_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, TERM_F16: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, TERM_F16: tl.constexpr, KT_RELOAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
-    """The whole backward of a head and a group of batch entries but the table
+    """The backward of a head and a group of BATCH_GROUP batch entries but the table
     gradient's fold: per batch entry every query block (QR query-grid rows of CQP
     slots, as in ``_bwd_dq_kernel``) against every key (TRP x CP slots, the tiles'
     rows), P recomputed once per (query, key): dQ of the block stored, dK and dV summed
-    over the blocks in registers and stored after the last, dS reduced per block into
-    the table partial (|dr|, signed dc) of the program (the dQ kernel's layout, one
-    partial per program)."""
+    over the blocks in registers and stored after the last, and dS reduced per block
+    into the program's table partial (|dr|, signed dc + OFF), the dQ kernel's layout
+    (one partial per program) that ``_fold_kernel`` folds. BIAS: the bias tiles of
+    ``_fused_bias_kernel`` divided by c = qk_scale > 0, the K Q^T dot's accumulator
+    (a logit in log2 units is then one fma, as in the forward)."""
     pid = tl.program_id(0)
     h = pid % H
     g = pid // H
@@ -708,11 +721,6 @@ def _bwd_fused_kernel(
             mask=n_ok[:, None] & (offs_dk[None, :] < DK),
             other=0.0,
         )  # (BN, BLOCK_DK)
-        kt = tl.load(  # again, transposed: cheaper in registers than tl.trans(k)
-            k_base + k_tok[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
-            mask=n_ok[None, :] & (offs_dk[:, None] < DK),
-            other=0.0,
-        )  # (BLOCK_DK, BN)
         v = tl.load(
             V + b64 * stride_vb + h * stride_vh + k_tok[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=n_ok[:, None] & (offs_dv[None, :] < DV),
@@ -736,16 +744,27 @@ def _bwd_fused_kernel(
             ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
             delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
             lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
-            # this block's bias tile (``_fused_bias_kernel``), in log2 units: -inf at
+            # this block's bias tile (``_fused_bias_kernel``), divided by c: -inf at
             # missing keys, 0 at missing queries (their q = dO = O = 0: p = 1 meets
             # dO = 0 and q = 0, dS = 0)
             bias_t = _bias_tile(BIAS + (h * NUM_QB + qb).to(tl.int64) * (TRP * CP * QR * CQP), TRP * CP, QR * CQP)
-            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BN, BM)
-            pt = tl.exp2(st + bias_t - lse[None, :])
+            st = tl.dot(k, qt, bias_t, input_precision=PREC)  # (BN, BM), log2 units / c
+            pt = tl.exp2(tl.fma(st, qk_scale, -lse[None, :]))
             dpt = tl.dot(v, do_t, input_precision=PREC)
             dst = pt * (dpt - delta[None, :])  # (BN, BM), natural units
             dv = tl.dot(pt.to(do_t.dtype), tl.trans(do_t), dv, input_precision=PREC)  # (BN, BLOCK_DV)
             dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)  # (BN, BLOCK_DK)
+            # the dQ^T dot runs on mma.sync, every warp holding all of its K^T operand:
+            # with KT_RELOAD K^T is loaded again per block (from L1), not kept (triton
+            # 3.6 spilled 84 B keeping it; triton 3.9 40 B reloading it)
+            if KT_RELOAD:
+                kt = tl.load(
+                    K + b64 * stride_kb + h * stride_kh + k_tok[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+                    mask=n_ok[None, :] & (offs_dk[:, None] < DK),
+                    other=0.0,
+                )  # (BLOCK_DK, BN)
+            else:
+                kt = tl.trans(k)
             dqt = tl.dot(kt, dst.to(kt.dtype), input_precision=PREC)  # (BLOCK_DK, BM)
             tl.store(
                 DQ_ + (bh * NQ + q_tok)[None, :] * DK + offs_dk[:, None],
@@ -753,20 +772,21 @@ def _bwd_fused_kernel(
                 mask=m_ok[None, :] & (offs_dk[:, None] < DK),
             )
             # table space: per (key row, query row) the block's dS summed by signed
-            # column offset, a dot with the one-hot matrix on tensor cores (dS split
-            # into SPLIT bfloat16 terms: near float32, the one-hot exact), then each
-            # row added into its |dr| row of the partial
-            a = tl.reshape(tl.permute(tl.reshape(dst, [TRP, CP, QR, CQP]), [0, 2, 1, 3]), [TRP * QR, CP * CQP])
-            t0 = a.to(TERM)
-            a = a - t0.to(tl.float32)
-            t1 = a.to(TERM)
+            # column offset, one tensor-core dot with the one-hot matrix (dS split into
+            # SPLIT bfloat16 terms stacked as rows: near float32, the one-hot exact; a
+            # skew gather per block cost ~930 instructions a warp, ~4x this), then each
+            # row gathered into its |dr| row of the partial
+            t0 = dst.to(TERM)
+            r = dst - t0.to(tl.float32)
+            t1 = r.to(TERM)
             if SPLIT == 2:  # the terms stacked as rows: one dot of 2*TRP*QR rows
-                a2 = tl.permute(tl.join(t0, t1), [2, 0, 1])
+                a2 = tl.permute(tl.reshape(tl.join(t0, t1), [TRP, CP, QR, CQP, 2]), [4, 0, 2, 1, 3])
             else:  # SPLIT 4 (float32 inputs)
-                a = a - t1.to(tl.float32)
-                t2 = a.to(TERM)
-                t3 = (a - t2.to(tl.float32)).to(TERM)
-                a2 = tl.permute(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [2, 3, 0, 1])
+                r = r - t1.to(tl.float32)
+                t2 = r.to(TERM)
+                t3 = (r - t2.to(tl.float32)).to(TERM)
+                a2 = tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [TRP, CP, QR, CQP, 2, 2])
+                a2 = tl.permute(a2, [4, 5, 0, 2, 1, 3])
             y = tl.dot(tl.reshape(a2, [SPLIT * TRP * QR, CP * CQP]), one_hot)  # rows (term, key row, query row)
             y = tl.reshape(y, [SPLIT * TRP * QR * E])
             for sq in tl.static_range(SPLIT * QR):
@@ -799,8 +819,9 @@ def _fused_bias_kernel(T, BIAS, stride_th, stride_tn, mult, H, NQ, NK, R, C, RQ,
                        CHUNK: tl.constexpr):  # fmt: skip
     """Floats of the fused backward's bias tiles (H, NUM_QB, (TRP*CP) x (QR*CQP)), keys
     (grid slots) the rows and a query block's slots the columns, in ``_bias_tile``'s
-    order, mult * table[h, |dr|*C + |dc|] (log2 units): -inf at missing keys, 0 at
-    missing queries. CHUNK floats a program."""
+    order, mult * table[h, |dr|*C + |dc|] (mult = bias_scale / scale: the bias divided
+    by c = scale * log2(e), ``_bwd_fused_kernel``): -inf at missing keys, 0 at missing
+    queries. CHUNK floats a program."""
     BN: tl.constexpr = TRP * CP
     BM: tl.constexpr = QR * CQP
     f = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
@@ -1295,7 +1316,7 @@ def relpos_attention_bwd(
         all_keys and num_qb == 1
         and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
     )
-    if all_keys and not dkdv_in_dq and _fused(NK, DK, DV, target_arch(dev)):
+    if all_keys and not dkdv_in_dq and _fused(NK, DK, DV, target_arch(dev), scale):
         return _bwd_fused(grad_out, q, k, v, table, out, lse, dq, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
                           bias_scale, tag)  # fmt: skip
     # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers), or on
@@ -1360,12 +1381,13 @@ _FUSED_QUERY_SLOTS = 32  # query slots of its blocks
 _FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
 
 
-def _fused(nk: int, dk: int, dv: int, arch: int) -> bool:
+def _fused(nk: int, dk: int, dv: int, arch: int, scale: float) -> bool:
     """Whether the backward is the fused launch (``_bwd_fused_kernel``) between its bias
     launch and the fold, where the dQ kernel takes every key: small heads on large grids
-    on sm_90 (A5; see bench/NOTES.md, 2026-12-01)."""
+    on sm_90 (A5; bench/NOTES.md, 2026-12-01), a positive scale not near 0 (the bias
+    tiles are divided by it)."""
     bdk, bdv = _head_blocks(dk, dv)
-    return nk >= _FUSED_MIN_KEYS and bdk + bdv <= _FUSED_MAX_HEAD and arch >= 90
+    return nk >= _FUSED_MIN_KEYS and bdk + bdv <= _FUSED_MAX_HEAD and arch >= 90 and scale >= _MIN_SCALE
 
 
 def _bwd_fused(
@@ -1390,7 +1412,7 @@ def _bwd_fused(
     chunk = 1024
     launch(Launch(
         f"relpos_bwd_bias[{tag}]", _fused_bias_kernel, (cdiv(bias.numel(), chunk),),
-        [table, bias, *table.stride(), bias_scale * _LOG2E, H, NQ, NK, fmap_rows, fmap_cols, rq, cq, q_stride,
+        [table, bias, *table.stride(), bias_scale / scale, H, NQ, NK, fmap_rows, fmap_cols, rq, cq, q_stride,
          num_qb],
         dict(QR=cx["QR"], CQP=cx["CQP"], TRP=cx["TRP"], CP=cx["CP"], CHUNK=chunk), 4, 1,
         reads=(table,), writes=(bias,),
@@ -1403,6 +1425,7 @@ def _bwd_fused(
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group, scale * _LOG2E, scale, bias_scale],
         {**cx, "SPLIT": 4 if q.dtype == torch.float32 else 2, "TERM_F16": dev.type == "cpu",
+         "KT_RELOAD": _TRITON_36,
          "PREC": dot_precision(q.dtype, "tf32x3")},
         cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, bias, grad_out, out, lse), writes=(dq, dk, dv, partial),
