@@ -850,7 +850,7 @@ def test_fused_backward_launches():
     """A5 (LeViT-128S stage 1) takes the fused backward: its bias launch, one launch
     recomputing P once for dQ, dK, dV and the table partials, and the fold (8 warps,
     32-query blocks, batch groups of 2); A1 (wider heads) and the 9 x 9 small-head grid
-    (below the key count) keep the dQ and dK/dV launches, and so does sm_80."""
+    (below the key count) keep the dQ and dK/dV launches, and so do sm_80 and float32."""
     from vitkernels.triton._aot import record_workload
     from vitkernels.workloads import WORKLOADS, RelposShape
 
@@ -861,11 +861,13 @@ def test_fused_backward_launches():
     assert [la.name.split("[")[0] for la in a5] == FUSED_NAMES
     fused = a5[1]
     assert (fused.num_warps, fused.constexprs["QR"], fused.constexprs["CQP"], fused.programs) == (8, 2, 16, 512)
-    assert (fused.constexprs["SPLIT"], fused.constexprs["TERM_F16"]) == (2, False)
+    assert fused.constexprs["TERM_F16"] is False
     assert fused.constexprs["KT_RELOAD"] is tk._TRITON_36
     for shape in (WORKLOADS["A1"].shape, RelposShape(1, 9, 1, 16, 32)):
         assert [la.name.split("[")[0] for la in launches(shape)] == ["relpos_dq", "relpos_dkdv"]
     assert [la.name.split("[")[0] for la in launches(WORKLOADS["A5"].shape, arch=80)] == ["relpos_dq", "relpos_dkdv"]
+    f32 = record_workload(WORKLOADS["A5"].shape, "bwd", torch.float32).launches  # spilled: not taken
+    assert [la.name.split("[")[0] for la in f32] == ["relpos_dq", "relpos_dkdv"]
 
 
 @pytest.mark.parametrize(
@@ -877,11 +879,12 @@ def test_fused_backward_launches():
 )  # fmt: skip
 def test_fused_backward(case, dtype, view, reload, monkeypatch, poisoned):
     """The fused backward's dq, dk, dv and dtable against float64 (every buffer NaN
-    first), float32 (dS in 4 terms for the table's one-hot dot) and float16 (2 terms),
-    on contiguous inputs and on (B, N, H, D) buffers viewed as (B, H, N, D) (strided,
+    first), in float16 and (taken only here: on a GPU it spilled) float32, on
+    contiguous inputs and on (B, N, H, D) buffers viewed as (B, H, N, D) (strided,
     rows still 16-byte aligned: the all-keys path), K^T kept or (as triton 3.6 runs
     it) loaded per block; a spy checks the path ran."""
     monkeypatch.setattr(tk, "_FUSED_MIN_KEYS", 16)
+    monkeypatch.setattr(tk, "_FUSED_FLOAT32", True)
     monkeypatch.setattr(tk, "_TRITON_36", reload)
     B, H, R, C, s, Dk, Dv = FUSED[case]
     if view == "contiguous":

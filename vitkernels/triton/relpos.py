@@ -673,7 +673,7 @@ def _bwd_fused_kernel(
     qk_scale, sm_scale, table_scale,  # qk_scale multiplied by log2(e)
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, TERM_F16: tl.constexpr, KT_RELOAD: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, TERM_F16: tl.constexpr, KT_RELOAD: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
     """The backward of a head and a group of BATCH_GROUP batch entries but the table
@@ -702,7 +702,7 @@ def _bwd_fused_kernel(
     oh_r = tl.arange(0, CP * CQP)
     oh_e = tl.arange(0, E)
     one_hot = tl.where(oh_r[:, None] // CQP - oh_r[:, None] % CQP * S + OFF == oh_e[None, :], 1.0, 0.0)
-    # dS enters its dot as SPLIT bfloat16 terms (float16 under the interpreter, TERM_F16:
+    # dS enters its dot as two bfloat16 terms (float16 under the interpreter, TERM_F16:
     # its bfloat16 dot is wrong)
     TERM: tl.constexpr = tl.float16 if TERM_F16 else tl.bfloat16
     one_hot = one_hot.to(TERM)  # (CP*CQP, E), exact
@@ -773,23 +773,15 @@ def _bwd_fused_kernel(
             )
             # table space: per (key row, query row) the block's dS summed by signed
             # column offset, one tensor-core dot with the one-hot matrix (dS split into
-            # SPLIT bfloat16 terms stacked as rows: near float32, the one-hot exact; a
+            # two bfloat16 terms stacked as rows: 16 bits, the one-hot exact; a
             # skew gather per block cost ~930 instructions a warp, ~4x this), then each
             # row gathered into its |dr| row of the partial
             t0 = dst.to(TERM)
-            r = dst - t0.to(tl.float32)
-            t1 = r.to(TERM)
-            if SPLIT == 2:  # the terms stacked as rows: one dot of 2*TRP*QR rows
-                a2 = tl.permute(tl.reshape(tl.join(t0, t1), [TRP, CP, QR, CQP, 2]), [4, 0, 2, 1, 3])
-            else:  # SPLIT 4 (float32 inputs)
-                r = r - t1.to(tl.float32)
-                t2 = r.to(TERM)
-                t3 = (r - t2.to(tl.float32)).to(TERM)
-                a2 = tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [TRP, CP, QR, CQP, 2, 2])
-                a2 = tl.permute(a2, [4, 5, 0, 2, 1, 3])
-            y = tl.dot(tl.reshape(a2, [SPLIT * TRP * QR, CP * CQP]), one_hot)  # rows (term, key row, query row)
-            y = tl.reshape(y, [SPLIT * TRP * QR * E])
-            for sq in tl.static_range(SPLIT * QR):
+            t1 = (dst - t0.to(tl.float32)).to(TERM)
+            a2 = tl.permute(tl.reshape(tl.join(t0, t1), [TRP, CP, QR, CQP, 2]), [4, 0, 2, 1, 3])
+            y = tl.dot(tl.reshape(a2, [2 * TRP * QR, CP * CQP]), one_hot)  # rows (term, key row, query row)
+            y = tl.reshape(y, [2 * TRP * QR * E])
+            for sq in tl.static_range(2 * QR):
                 q_row = (qb * QR + sq % QR) * S
                 base = sq // QR * (TRP * QR * E) + sq % QR * E
                 kr = q_row + u_d  # dr = kr - q_row >= 0
@@ -1316,7 +1308,7 @@ def relpos_attention_bwd(
         all_keys and num_qb == 1
         and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
     )
-    if all_keys and not dkdv_in_dq and _fused(NK, DK, DV, target_arch(dev), scale):
+    if all_keys and not dkdv_in_dq and _fused(NK, DK, DV, target_arch(dev), scale, q.dtype):
         return _bwd_fused(grad_out, q, k, v, table, out, lse, dq, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
                           bias_scale, tag)  # fmt: skip
     # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers), or on
@@ -1379,15 +1371,19 @@ _FUSED_MIN_KEYS = 160  # keys from which the fused backward runs (A5's 196; test
 _FUSED_MAX_HEAD = 48  # Dk + Dv (padded to powers of 2) up to which it runs
 _FUSED_QUERY_SLOTS = 32  # query slots of its blocks
 _FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
+# float32 inputs keep the dQ and dK/dV launches (A5's fused kernel with tf32x3 dots
+# spilled 1356 B, sm_90a); the interpreter tests, without bfloat16, run it in float32
+_FUSED_FLOAT32 = False
 
 
-def _fused(nk: int, dk: int, dv: int, arch: int, scale: float) -> bool:
+def _fused(nk: int, dk: int, dv: int, arch: int, scale: float, dtype: torch.dtype) -> bool:
     """Whether the backward is the fused launch (``_bwd_fused_kernel``) between its bias
     launch and the fold, where the dQ kernel takes every key: small heads on large grids
     on sm_90 (A5; bench/NOTES.md, 2026-12-01), a positive scale not near 0 (the bias
-    tiles are divided by it)."""
+    tiles are divided by it), 16-bit inputs."""
     bdk, bdv = _head_blocks(dk, dv)
-    return nk >= _FUSED_MIN_KEYS and bdk + bdv <= _FUSED_MAX_HEAD and arch >= 90 and scale >= _MIN_SCALE
+    return (nk >= _FUSED_MIN_KEYS and bdk + bdv <= _FUSED_MAX_HEAD and arch >= 90 and scale >= _MIN_SCALE
+            and (dtype != torch.float32 or _FUSED_FLOAT32))
 
 
 def _bwd_fused(
@@ -1424,7 +1420,7 @@ def _bwd_fused(
         [q, k, v, bias, grad_out, out, lse, dq, dk, dv, partial,
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group, scale * _LOG2E, scale, bias_scale],
-        {**cx, "SPLIT": 4 if q.dtype == torch.float32 else 2, "TERM_F16": dev.type == "cpu",
+        {**cx, "TERM_F16": dev.type == "cpu",
          "KT_RELOAD": _TRITON_36,
          "PREC": dot_precision(q.dtype, "tf32x3")},
         cfg.num_warps, cfg.num_stages,
