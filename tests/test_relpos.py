@@ -841,8 +841,9 @@ def test_fold_launch_chunk_loop(monkeypatch, poisoned):
 # the fused backward (``_bwd_fused_kernel``, A5's path) at grids the interpreter takes
 # quickly: the key count it starts from lowered. B, H, R, C, s, Dk, Dv: 6 x 6 in two
 # 4-grid-row query blocks (the second half empty), 3 batch entries (program groups of
-# 2 and 1); 5 x 5 with Dk 8, Dv 24 (padded head dims; a second block of one grid row)
-FUSED = {"6x6": (3, 2, 6, 6, 1, 16, 32), "5x5 Dk8 Dv24": (2, 2, 5, 5, 1, 8, 24)}
+# 2 and 1); 5 x 5 with Dk 8, Dv 24 (padded head dims; a second block of one grid row);
+# 9 x 9 with q_stride 2 (a 5 x 5 query grid in two blocks of 4 x 8 slots)
+FUSED = {"6x6": (3, 2, 6, 6, 1, 16, 32), "5x5 Dk8 Dv24": (2, 2, 5, 5, 1, 8, 24), "9x9 stride2": (2, 2, 9, 9, 2, 16, 32)}
 FUSED_NAMES = ["relpos_bwd_bias", "relpos_bwd_fused", "relpos_fold"]
 
 
@@ -874,8 +875,8 @@ def test_fused_backward_launches():
     ("case", "dtype", "view", "reload"),
     [("6x6", torch.float32, "contiguous", False), ("6x6", torch.float16, "heads last", False),
      ("5x5 Dk8 Dv24", torch.float32, "heads last", False), ("5x5 Dk8 Dv24", torch.float16, "contiguous", False),
-     ("6x6", torch.float32, "heads last", True)],
-    ids=["6x6-f32", "6x6-f16-strided", "5x5-f32-strided", "5x5-f16", "6x6-f32-strided-kt-reload"],
+     ("6x6", torch.float32, "heads last", True), ("9x9 stride2", torch.float32, "contiguous", False)],
+    ids=["6x6-f32", "6x6-f16-strided", "5x5-f32-strided", "5x5-f16", "6x6-f32-strided-kt-reload", "9x9-stride2-f32"],
 )  # fmt: skip
 def test_fused_backward(case, dtype, view, reload, monkeypatch, poisoned):
     """The fused backward's dq, dk, dv and dtable against float64 (every buffer NaN
@@ -891,6 +892,7 @@ def test_fused_backward(case, dtype, view, reload, monkeypatch, poisoned):
         q, k, v, table = make(FUSED[case], dtype)
     else:
         n = R * C
+        assert s == 1
         q, k, v = (torch.randn(B, n, H, d).to(dtype).permute(0, 2, 1, 3) for d in (Dk, Dk, Dv))
         table = torch.randn(H, n).to(dtype)
         assert not q.is_contiguous() and tk._vector_loads(q, k, v)

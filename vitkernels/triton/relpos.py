@@ -1308,7 +1308,7 @@ def relpos_attention_bwd(
         all_keys and num_qb == 1
         and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
     )
-    if all_keys and not dkdv_in_dq and _fused(NK, DK, DV, target_arch(dev), scale, q.dtype):
+    if all_keys and not dkdv_in_dq and _fused(fmap_rows, fmap_cols, q_stride, DK, DV, target_arch(dev), scale, q.dtype):
         return _bwd_fused(grad_out, q, k, v, table, out, lse, dq, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
                           bias_scale, tag)  # fmt: skip
     # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers), or on
@@ -1376,14 +1376,20 @@ _FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
 _FUSED_FLOAT32 = False
 
 
-def _fused(nk: int, dk: int, dv: int, arch: int, scale: float, dtype: torch.dtype) -> bool:
+def _fused(rows: int, cols: int, q_stride: int, dk: int, dv: int, arch: int, scale: float,
+           dtype: torch.dtype) -> bool:  # fmt: skip
     """Whether the backward is the fused launch (``_bwd_fused_kernel``) between its bias
     launch and the fold, where the dQ kernel takes every key: small heads on large grids
     on sm_90 (A5; bench/NOTES.md, 2026-12-01), a positive scale not near 0 (the bias
-    tiles are divided by it), 16-bit inputs."""
+    tiles are divided by it), 16-bit inputs, and blocks of at most 32 query slots, a
+    one-hot matrix of at most 256 x 32 (grids one row wide are left out)."""
     bdk, bdv = _head_blocks(dk, dv)
-    return (nk >= _FUSED_MIN_KEYS and bdk + bdv <= _FUSED_MAX_HEAD and arch >= 90 and scale >= _MIN_SCALE
-            and (dtype != torch.float32 or _FUSED_FLOAT32))
+    if rows * cols < _FUSED_MIN_KEYS or bdk + bdv > _FUSED_MAX_HEAD or arch < 90 or scale < _MIN_SCALE:
+        return False
+    if dtype == torch.float32 and not _FUSED_FLOAT32:
+        return False
+    cx = _fused_cfg(rows, cols, q_stride, dk, dv).constexprs
+    return cx["QR"] * cx["CQP"] <= _FUSED_QUERY_SLOTS and cx["CP"] * cx["CQP"] <= 256 and cx["E"] <= 32
 
 
 def _bwd_fused(
@@ -1444,7 +1450,8 @@ def _fused_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config
     bdk, bdv = _head_blocks(dk, dv)
     blocks = _dq_blocks(rows, cols, q_stride)
     rq = -(-rows // q_stride)
-    blocks["QR"] = max(1, min(_FUSED_QUERY_SLOTS // blocks["CQP"], _pow2(rq)))
+    # at least 16 query slots (tl.dot's K in the dK dot), up to _FUSED_QUERY_SLOTS
+    blocks["QR"] = max(_pow2(-(-16 // blocks["CQP"])), min(_FUSED_QUERY_SLOTS // blocks["CQP"], _pow2(rq)))
     # 8 warps: two warpgroups on the key rows (the dots' M); the dQ^T dot (M = Dk)
     # runs on mma.sync with warps splitting its 32 query columns
     return _Config(dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv), 8, 1)
