@@ -1368,7 +1368,7 @@ def relpos_attention_bwd(
 
 
 _FUSED_MIN_KEYS = 160  # keys from which the fused backward runs (A5's 196; tests lower it)
-_FUSED_MAX_HEAD = 48  # Dk + Dv (padded to powers of 2) up to which it runs
+_FUSED_MAX_DK, _FUSED_MAX_DV = 16, 32  # head sizes (padded) up to which it runs (Dk 32, Dv 16 spilled 60 B)
 _FUSED_QUERY_SLOTS = 32  # query slots of its blocks
 _FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
 # float32 inputs keep the dQ and dK/dV launches (A5's fused kernel with tf32x3 dots
@@ -1384,7 +1384,7 @@ def _fused(rows: int, cols: int, q_stride: int, dk: int, dv: int, arch: int, sca
     tiles are divided by it), 16-bit inputs, and blocks of at most 32 query slots, a
     one-hot matrix of at most 256 x 32 (grids one row wide are left out)."""
     bdk, bdv = _head_blocks(dk, dv)
-    if rows * cols < _FUSED_MIN_KEYS or bdk + bdv > _FUSED_MAX_HEAD or arch < 90 or scale < _MIN_SCALE:
+    if rows * cols < _FUSED_MIN_KEYS or bdk > _FUSED_MAX_DK or bdv > _FUSED_MAX_DV or arch < 90 or scale < _MIN_SCALE:
         return False
     if dtype == torch.float32 and not _FUSED_FLOAT32:
         return False
