@@ -381,7 +381,8 @@ def test_dkdv_bias_tiles_of_every_block_size(poisoned):
 
 def test_which_dq_kernel_writes_delta():
     """rowsum(dO * O) is written by the all-keys dQ kernel on 8 warps and on 4 warps with
-    16-query blocks (small heads on a 256-key-slot grid: A5, the 9 x 9 case above), and
+    16-query blocks (small heads on a 256-key-slot grid: the 9 x 9 case above; A5 now
+    takes the fused backward, ``test_fused_backward_launches``), and
     the dK/dV kernel then reads it; the 4-warp config with 64-query blocks (LeViT-128S's
     7 x 7 layers, where the store spilled) and the key-blocked kernel leave it to dK/dV,
     which computes it from O."""
@@ -395,7 +396,6 @@ def test_which_dq_kernel_writes_delta():
         return dq.num_warps, dq.constexprs.get("STORE_DELTA"), dkdv.constexprs["DELTA_FROM_O"]
 
     assert flags(RelposShape(1, 9, 1, 16, 32), 2) == (4, True, False)
-    assert flags(RelposShape(4, 14, 1, 16, 32), 256) == (4, True, False)  # A5
     assert flags(RelposShape(4, 14, 1, 32, 64), 256) == (8, True, False)  # A1
     assert flags(RelposShape(6, 7, 1, 16, 32), 256) == (4, False, True)  # LeViT-128S 7 x 7
     assert flags(RelposShape(1, 28, 1, 16, 16), 1) == (8, None, True)  # key-blocked
@@ -793,7 +793,7 @@ def _backward_launches(case, batch=None):
 
 def test_backward_of_two_launches():
     """Where the dQ kernel takes every key and the dK/dV kernel loops over query blocks
-    (A1, A2, A4, A5 and the case the gradient tests below run), the backward is those
+    (A1, A2, A4 and the case the gradient tests below run), the backward is those
     two launches: the dQ kernel writes the dK/dV kernel's bias tiles (a chunk a
     program, from this call's table) and the dK/dV kernel folds the table gradient
     out of the dQ kernel's partials (an entry per program, the rest round-robin)."""
@@ -836,3 +836,73 @@ def test_fold_launch_chunk_loop(monkeypatch, poisoned):
     assert launches[1].constexprs["ONE_CHUNK"] is False
     q, k, v, table = make(case)
     check_grads("triton", q, k, v, table, kwargs_of(case), GRAD_TOL[torch.float32], "A3, chunk loop")
+
+
+# the fused backward (``_bwd_fused_kernel``, A5's path) at grids the interpreter takes
+# quickly: the key count it starts from lowered. B, H, R, C, s, Dk, Dv: 6 x 6 in two
+# 4-grid-row query blocks (the second half empty), 3 batch entries (program groups of
+# 2 and 1); 5 x 5 with Dk 8, Dv 24 (padded head dims; a second block of one grid row);
+# 9 x 9 with q_stride 2 (a 5 x 5 query grid in two blocks of 4 x 8 slots)
+FUSED = {"6x6": (3, 2, 6, 6, 1, 16, 32), "5x5 Dk8 Dv24": (2, 2, 5, 5, 1, 8, 24), "9x9 stride2": (2, 2, 9, 9, 2, 16, 32)}
+FUSED_NAMES = ["relpos_bwd_bias", "relpos_bwd_fused", "relpos_fold"]
+
+
+def test_fused_backward_launches():
+    """A5 (LeViT-128S stage 1) takes the fused backward: its bias launch, one launch
+    recomputing P once for dQ, dK, dV and the table partials, and the fold (8 warps,
+    32-query blocks, batch groups of 2); A1 (wider heads) and the 9 x 9 small-head grid
+    (below the key count) keep the dQ and dK/dV launches, and so do sm_80 and float32."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS, RelposShape
+
+    def launches(shape, arch=90, batch=256):
+        return record_workload(shape, "bwd", torch.bfloat16, batch=batch, arch=arch).launches
+
+    a5 = launches(WORKLOADS["A5"].shape)
+    assert [la.name.split("[")[0] for la in a5] == FUSED_NAMES
+    fused = a5[1]
+    assert (fused.num_warps, fused.constexprs["QR"], fused.constexprs["CQP"], fused.programs) == (8, 2, 16, 512)
+    assert fused.constexprs["TERM_F16"] is False
+    assert fused.constexprs["KT_RELOAD"] is tk._TRITON_36
+    for shape in (WORKLOADS["A1"].shape, RelposShape(1, 9, 1, 16, 32)):
+        assert [la.name.split("[")[0] for la in launches(shape)] == ["relpos_dq", "relpos_dkdv"]
+    assert [la.name.split("[")[0] for la in launches(WORKLOADS["A5"].shape, arch=80)] == ["relpos_dq", "relpos_dkdv"]
+    f32 = record_workload(WORKLOADS["A5"].shape, "bwd", torch.float32).launches  # spilled: not taken
+    assert [la.name.split("[")[0] for la in f32] == ["relpos_dq", "relpos_dkdv"]
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype", "view", "reload"),
+    [("6x6", torch.float32, "contiguous", False), ("6x6", torch.float16, "heads last", False),
+     ("5x5 Dk8 Dv24", torch.float32, "heads last", False), ("5x5 Dk8 Dv24", torch.float16, "contiguous", False),
+     ("6x6", torch.float32, "heads last", True), ("9x9 stride2", torch.float32, "contiguous", False)],
+    ids=["6x6-f32", "6x6-f16-strided", "5x5-f32-strided", "5x5-f16", "6x6-f32-strided-kt-reload", "9x9-stride2-f32"],
+)  # fmt: skip
+def test_fused_backward(case, dtype, view, reload, monkeypatch, poisoned):
+    """The fused backward's dq, dk, dv and dtable against float64 (every buffer NaN
+    first), in float16 and (taken only here: on a GPU it spilled) float32, on
+    contiguous inputs and on (B, N, H, D) buffers viewed as (B, H, N, D) (strided,
+    rows still 16-byte aligned: the all-keys path), K^T kept or (as triton 3.6 runs
+    it) loaded per block; a spy checks the path ran."""
+    monkeypatch.setattr(tk, "_FUSED_MIN_KEYS", 16)
+    monkeypatch.setattr(tk, "_FUSED_FLOAT32", True)
+    monkeypatch.setattr(tk, "_TRITON_36", reload)
+    B, H, R, C, s, Dk, Dv = FUSED[case]
+    if view == "contiguous":
+        q, k, v, table = make(FUSED[case], dtype)
+    else:
+        n = R * C
+        assert s == 1
+        q, k, v = (torch.randn(B, n, H, d).to(dtype).permute(0, 2, 1, 3) for d in (Dk, Dk, Dv))
+        table = torch.randn(H, n).to(dtype)
+        assert not q.is_contiguous() and tk._vector_loads(q, k, v)
+    names = []
+    real_launch = tk.launch
+
+    def spy(spec):
+        names.append(spec.name.split("[")[0])
+        real_launch(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    check_grads("triton", q, k, v, table, kwargs_of(FUSED[case]), GRAD_TOL[dtype], f"{case} {view}")
+    assert names[-3:] == FUSED_NAMES

@@ -66,6 +66,12 @@ ever in memory):
   table gradient is deterministic (run to run, for a fixed config).
 * ``_fold_kernel``: the same fold as a launch of its own, where the dQ kernel also
   writes dK and dV (small grids) and no dK/dV kernel runs.
+* ``_bwd_fused_kernel`` (small heads on large grids, sm_90: A5): the whole backward in
+  one pass instead of the dQ and dK/dV kernels (each recomputing P). A program per
+  head and group of batch entries walks 32-query-slot blocks against every key: dQ
+  stored per block, dK and dV summed in registers, dS reduced per block into the table
+  partial by a tensor-core dot with a one-hot matrix of column offsets. Its bias tiles
+  come from ``_fused_bias_kernel`` (launched first), its partials go to ``_fold_kernel``.
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 ``_dkdv_cfg``, ``_dq_cfg``) for a GPU tuning pass to revise; no autotuning.
@@ -94,6 +100,10 @@ from vitkernels.triton._common import (
 from vitkernels.workloads import RelposShape
 
 __all__ = ["record_calls", "relpos_attention_bwd", "relpos_attention_fwd"]
+
+# register allocation differs between triton versions (the fused backward's K^T, see
+# _bwd_fused_kernel)
+_TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
 
 _LOG2E = 1.4426950408889634
 
@@ -652,6 +662,177 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, BIAS, DO, O, LSE, DQ_, DK_, DV_, DT_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    B, H, NQ, R, C, RQ, CQ, S, NUM_QB, BATCH_GROUP,
+    qk_scale, sm_scale, table_scale,  # qk_scale multiplied by log2(e)
+    QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, TERM_F16: tl.constexpr, KT_RELOAD: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """The backward of a head and a group of BATCH_GROUP batch entries but the table
+    gradient's fold: per batch entry every query block (QR query-grid rows of CQP
+    slots, as in ``_bwd_dq_kernel``) against every key (TRP x CP slots, the tiles'
+    rows), P recomputed once per (query, key): dQ of the block stored, dK and dV summed
+    over the blocks in registers and stored after the last, and dS reduced per block
+    into the program's table partial (|dr|, signed dc + OFF), the dQ kernel's layout
+    (one partial per program) that ``_fold_kernel`` folds. BIAS: the bias tiles of
+    ``_fused_bias_kernel`` divided by c = qk_scale > 0, the K Q^T dot's accumulator
+    (a logit in log2 units is then one fma, as in the forward)."""
+    pid = tl.program_id(0)
+    h = pid % H
+    g = pid // H
+    offs_n = tl.arange(0, TRP * CP)
+    k_row = offs_n // CP
+    k_col = offs_n % CP
+    n_ok = (k_row < R) & (k_col < C)
+    k_tok = k_row * C + k_col
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m = tl.arange(0, QR * CQP)
+    # the table gradient: the column offsets' one-hot matrix (key column kc, query column
+    # qc) -> e = kc - qc*S + OFF, the signed offset dc = e - OFF
+    OFF = (CQP - 1) * S
+    oh_r = tl.arange(0, CP * CQP)
+    oh_e = tl.arange(0, E)
+    one_hot = tl.where(oh_r[:, None] // CQP - oh_r[:, None] % CQP * S + OFF == oh_e[None, :], 1.0, 0.0)
+    # dS enters its dot as two bfloat16 terms (float16 under the interpreter, TERM_F16:
+    # its bfloat16 dot is wrong)
+    TERM: tl.constexpr = tl.float16 if TERM_F16 else tl.bfloat16
+    one_hot = one_hot.to(TERM)  # (CP*CQP, E), exact
+    u_d = tl.arange(0, TRP * E) // E  # u's rows |dr| and columns e, flat
+    u_e = tl.arange(0, TRP * E) % E
+    u_acc = tl.zeros([TRP * E], dtype=tl.float32)  # the partial (|dr|, e), flat
+
+    b_start = g * BATCH_GROUP
+    b_end = tl.minimum(b_start + BATCH_GROUP, B)
+    for fb in range(b_start, b_end):
+        b64 = tl.cast(fb, tl.int64)
+        bh = b64 * H + h
+        k_base = K + b64 * stride_kb + h * stride_kh
+        k = tl.load(
+            k_base + k_tok[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+            mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+            other=0.0,
+        )  # (BN, BLOCK_DK)
+        v = tl.load(
+            V + b64 * stride_vb + h * stride_vh + k_tok[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )  # (BN, BLOCK_DV)
+        dk = tl.zeros([TRP * CP, BLOCK_DK], dtype=tl.float32)
+        dv = tl.zeros([TRP * CP, BLOCK_DV], dtype=tl.float32)
+        for qb in range(0, NUM_QB):
+            qg_row = qb * QR + offs_m // CQP
+            qg_col = offs_m % CQP
+            m_ok = (qg_row < RQ) & (qg_col < CQ)
+            q_tok = qg_row * CQ + qg_col
+            qt = tl.load(
+                Q + b64 * stride_qb + h * stride_qh + q_tok[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
+                mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+                other=0.0,
+            )  # (BLOCK_DK, BM)
+            g_ptrs = DO + b64 * stride_gb + h * stride_gh + q_tok[None, :] * stride_gn + offs_dv[:, None] * stride_gd
+            do_t = tl.load(g_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)  # (BLOCK_DV, BM)
+            o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
+            ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+            delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
+            lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
+            # this block's bias tile (``_fused_bias_kernel``), divided by c: -inf at
+            # missing keys, 0 at missing queries (their q = dO = O = 0: p = 1 meets
+            # dO = 0 and q = 0, dS = 0)
+            bias_t = _bias_tile(BIAS + (h * NUM_QB + qb).to(tl.int64) * (TRP * CP * QR * CQP), TRP * CP, QR * CQP)
+            st = tl.dot(k, qt, bias_t, input_precision=PREC)  # (BN, BM), log2 units / c
+            pt = tl.exp2(tl.fma(st, qk_scale, -lse[None, :]))
+            dpt = tl.dot(v, do_t, input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])  # (BN, BM), natural units
+            dv = tl.dot(pt.to(do_t.dtype), tl.trans(do_t), dv, input_precision=PREC)  # (BN, BLOCK_DV)
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)  # (BN, BLOCK_DK)
+            # the dQ^T dot runs on mma.sync, every warp holding all of its K^T operand:
+            # with KT_RELOAD K^T is loaded again per block (from L1), not kept (triton
+            # 3.6 spilled 84 B keeping it; triton 3.9 40 B reloading it)
+            if KT_RELOAD:
+                kt = tl.load(
+                    K + b64 * stride_kb + h * stride_kh + k_tok[None, :] * stride_kn + offs_dk[:, None] * stride_kd,
+                    mask=n_ok[None, :] & (offs_dk[:, None] < DK),
+                    other=0.0,
+                )  # (BLOCK_DK, BN)
+            else:
+                kt = tl.trans(k)
+            dqt = tl.dot(kt, dst.to(kt.dtype), input_precision=PREC)  # (BLOCK_DK, BM)
+            tl.store(
+                DQ_ + (bh * NQ + q_tok)[None, :] * DK + offs_dk[:, None],
+                (dqt * sm_scale).to(DQ_.dtype.element_ty),
+                mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+            )
+            # table space: per (key row, query row) the block's dS summed by signed
+            # column offset, one tensor-core dot with the one-hot matrix (dS split into
+            # two bfloat16 terms stacked as rows: 16 bits, the one-hot exact; a
+            # skew gather per block cost ~930 instructions a warp, ~4x this), then each
+            # row gathered into its |dr| row of the partial
+            t0 = dst.to(TERM)
+            t1 = (dst - t0.to(tl.float32)).to(TERM)
+            a2 = tl.permute(tl.reshape(tl.join(t0, t1), [TRP, CP, QR, CQP, 2]), [4, 0, 2, 1, 3])
+            y = tl.dot(tl.reshape(a2, [2 * TRP * QR, CP * CQP]), one_hot)  # rows (term, key row, query row)
+            y = tl.reshape(y, [2 * TRP * QR * E])
+            for sq in tl.static_range(2 * QR):
+                q_row = (qb * QR + sq % QR) * S
+                base = sq // QR * (TRP * QR * E) + sq % QR * E
+                kr = q_row + u_d  # dr = kr - q_row >= 0
+                ok = kr < TRP
+                u_acc += tl.where(ok, tl.gather(y, tl.where(ok, base + kr * (QR * E) + u_e, 0), 0), 0.0)
+                kr = q_row - u_d  # dr < 0
+                ok = (u_d > 0) & (kr >= 0)
+                u_acc += tl.where(ok, tl.gather(y, tl.where(ok, base + kr * (QR * E) + u_e, 0), 0), 0.0)
+        out_row = bh * (R * C) + k_tok  # every key of the grid
+        tl.store(
+            DV_ + out_row[:, None] * DV + offs_dv[None, :],
+            dv.to(DV_.dtype.element_ty),
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+        )
+        tl.store(
+            DK_ + out_row[:, None] * DK + offs_dk[None, :],
+            (dk * sm_scale).to(DK_.dtype.element_ty),
+            mask=n_ok[:, None] & (offs_dk[None, :] < DK),
+        )
+
+    tl.store(DT_ + (g * H + h).to(tl.int64) * (R * E) + tl.arange(0, TRP * E), u_acc * table_scale, mask=u_d < R)
+
+
+@triton.jit
+def _fused_bias_kernel(T, BIAS, stride_th, stride_tn, mult, H, NQ, NK, R, C, RQ, CQ, S, NUM_QB,
+                       QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr,
+                       CHUNK: tl.constexpr):  # fmt: skip
+    """Floats of the fused backward's bias tiles (H, NUM_QB, (TRP*CP) x (QR*CQP)), keys
+    (grid slots) the rows and a query block's slots the columns, in ``_bias_tile``'s
+    order, mult * table[h, |dr|*C + |dc|] (mult = bias_scale / scale: the bias divided
+    by c = scale * log2(e), ``_bwd_fused_kernel``): -inf at missing keys, 0 at missing
+    queries. CHUNK floats a program."""
+    BN: tl.constexpr = TRP * CP
+    BM: tl.constexpr = QR * CQP
+    f = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    f_ok = f < H * NUM_QB * (BN * BM)
+    hq = (f // (BN * BM)).to(tl.int32)  # h * NUM_QB + query block
+    m = (f % (BN * BM)).to(tl.int32)
+    row = m // 128 % (BN // 16) * 16 + m // 2 % 2 * 8 + m // 16 % 8
+    col = m // (8 * BN) * 8 + m // 4 % 4 * 2 + m % 2
+    kr, kc = row // CP, row % CP
+    qr, qc = hq % NUM_QB * QR + col // CQP, col % CQP
+    k_ok = (kr < R) & (kc < C)
+    dr = tl.abs(kr - qr * S)
+    dc = tl.abs(kc - qc * S)
+    t = tl.load(T + hq // NUM_QB * stride_th + (dr * C + dc) * stride_tn, mask=f_ok & k_ok & (qr < RQ) & (qc < CQ),
+                other=0.0)  # fmt: skip
+    tl.store(BIAS + f, tl.where(k_ok, t.to(tl.float32) * mult, float("-inf")), mask=f_ok)
+
+
+@triton.jit
 def _bwd_dq_blocked_kernel(
     Q, K, V, T, DO, O, LSE, DQ_, DT_,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -1137,6 +1318,9 @@ def relpos_attention_bwd(
         all_keys and num_qb == 1
         and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
     )
+    if all_keys and not dkdv_in_dq and _fused(fmap_rows, fmap_cols, q_stride, DK, DV, target_arch(dev), scale, q.dtype):
+        return _bwd_fused(grad_out, q, k, v, table, out, lse, dq, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
+                          bias_scale, tag)  # fmt: skip
     # rowsum(dO * O): the all-keys dQ kernel on 8 warps (A1, A4: up to 181 registers), or on
     # 4 warps with 16-query blocks (A5: 240-253 registers), writes it and dK/dV reads it
     # (A5 relpos_dkdv 35.3 -> 29.7 us, estimate); elsewhere dK/dV computes it from O: the
@@ -1191,6 +1375,96 @@ def relpos_attention_bwd(
             loops={"p0": cdiv(partial.shape[0], pch)},
         ))  # fmt: skip
     return dq, dk, dv, dtable
+
+
+_FUSED_MIN_KEYS = 160  # keys from which the fused backward runs (A5's 196; tests lower it)
+_FUSED_MAX_DK, _FUSED_MAX_DV = 16, 32  # head sizes (padded) up to which it runs (Dk 32, Dv 16 spilled 60 B)
+_FUSED_QUERY_SLOTS = 32  # query slots of its blocks
+_FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
+# float32 inputs keep the dQ and dK/dV launches (A5's fused kernel with tf32x3 dots
+# spilled 1356 B, sm_90a); the interpreter tests, without bfloat16, run it in float32
+_FUSED_FLOAT32 = False
+
+
+def _fused(rows: int, cols: int, q_stride: int, dk: int, dv: int, arch: int, scale: float,
+           dtype: torch.dtype) -> bool:  # fmt: skip
+    """Whether the backward is the fused launch (``_bwd_fused_kernel``) between its bias
+    launch and the fold, where the dQ kernel takes every key: small heads on large grids
+    on sm_90 (A5; bench/NOTES.md, 2026-12-01), a positive scale not near 0 (the bias
+    tiles are divided by it), 16-bit inputs, and blocks of at most 32 query slots, a
+    one-hot matrix of at most 256 x 32 (grids one row wide are left out)."""
+    bdk, bdv = _head_blocks(dk, dv)
+    if rows * cols < _FUSED_MIN_KEYS or bdk > _FUSED_MAX_DK or bdv > _FUSED_MAX_DV or arch < 90 or scale < _MIN_SCALE:
+        return False
+    if dtype == torch.float32 and not _FUSED_FLOAT32:
+        return False
+    cx = _fused_cfg(rows, cols, q_stride, dk, dv).constexprs
+    return cx["QR"] * cx["CQP"] <= _FUSED_QUERY_SLOTS and cx["CP"] * cx["CQP"] <= 256 and cx["E"] <= 32
+
+
+def _bwd_fused(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    fmap_rows: int, fmap_cols: int, q_stride: int, scale: float, bias_scale: float, tag: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The fused backward (``_bwd_fused_kernel``): its bias tiles' launch, the fused
+    launch (a program per head and batch group), then the fold of the table gradient."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    dev = q.device
+    rq, cq = _query_grid(fmap_rows, fmap_cols, q_stride)
+    cfg = _fused_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
+    cx = cfg.constexprs
+    num_qb = triton.cdiv(rq, cx["QR"])
+    group = min(_FUSED_GROUP, B)
+    num_g = triton.cdiv(B, group)
+    E = cx["E"]
+    tile = cx["TRP"] * cx["CP"] * cx["QR"] * cx["CQP"]
+    bias = _alloc((H, num_qb, tile), torch.float32, dev)
+    chunk = 1024
+    launch(Launch(
+        f"relpos_bwd_bias[{tag}]", _fused_bias_kernel, (cdiv(bias.numel(), chunk),),
+        [table, bias, *table.stride(), bias_scale / scale, H, NQ, NK, fmap_rows, fmap_cols, rq, cq, q_stride,
+         num_qb],
+        dict(QR=cx["QR"], CQP=cx["CQP"], TRP=cx["TRP"], CP=cx["CP"], CHUNK=chunk), 4, 1,
+        reads=(table,), writes=(bias,),
+    ))  # fmt: skip
+    partial = _alloc((num_g, H, fmap_rows, E), torch.float32, dev)
+    dtable = _alloc((H, fmap_rows * fmap_cols), table.dtype, dev)
+    launch(Launch(
+        f"relpos_bwd_fused[{tag}]", _bwd_fused_kernel, (num_g * H,),
+        [q, k, v, bias, grad_out, out, lse, dq, dk, dv, partial,
+         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
+         B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group, scale * _LOG2E, scale, bias_scale],
+        {**cx, "TERM_F16": dev.type == "cpu",
+         "KT_RELOAD": _TRITON_36,
+         "PREC": dot_precision(q.dtype, "tf32x3")},
+        cfg.num_warps, cfg.num_stages,
+        reads=(q, k, v, bias, grad_out, out, lse), writes=(dq, dk, dv, partial),
+        loops={"fb": B / num_g, "qb": num_qb},
+    ))  # fmt: skip
+    off = (cx["CQP"] - 1) * q_stride
+    pch = min(_pow2(num_g), _FOLD_CHUNK_PER_WARP)
+    launch(Launch(
+        f"relpos_fold[{tag}]", _fold_kernel, (dtable.numel(),),
+        [partial, dtable, num_g, H, off, min(off, fmap_cols - 1)],
+        dict(R=fmap_rows, C=fmap_cols, E=E, PCH=pch, ONE_CHUNK=num_g <= pch), 1, 1,
+        reads=(partial,), writes=(dtable,),
+        loops={"p0": cdiv(num_g, pch)},
+    ))  # fmt: skip
+    return dq, dk, dv, dtable
+
+
+@functools.cache  # pure in its ints: computed once per shape, not per launch
+def _fused_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int) -> _Config:
+    bdk, bdv = _head_blocks(dk, dv)
+    blocks = _dq_blocks(rows, cols, q_stride)
+    rq = -(-rows // q_stride)
+    # at least 16 query slots (tl.dot's K in the dK dot), up to _FUSED_QUERY_SLOTS
+    blocks["QR"] = max(_pow2(-(-16 // blocks["CQP"])), min(_FUSED_QUERY_SLOTS // blocks["CQP"], _pow2(rq)))
+    # 8 warps: two warpgroups on the key rows (the dots' M); the dQ^T dot (M = Dk)
+    # runs on mma.sync with warps splitting its 32 query columns
+    return _Config(dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv), 8, 1)
 
 
 @dataclasses.dataclass(frozen=True)
