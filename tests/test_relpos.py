@@ -349,6 +349,23 @@ def test_gradients_float32(backend, case, poisoned):
     check_grads(backend, q, k, v, table, kw, GRAD_TOL[torch.float32], case)
 
 
+@pytest.mark.parametrize("case", ["keys 10x10", "shrink 7to4", "rect 6x3 stride2"])
+def test_float32_tiles(case, poisoned, monkeypatch):
+    """float32 on a GPU takes tiles of its own (``_f32_tiles``: 32-key forward blocks,
+    16 x 16 key-blocked dQ and 16-key dK/dV blocks on 8 warps, no all-keys dQ); the
+    interpreter's float32 tests run the 16-bit tiles instead. These run float32's tiles
+    (forward and gradients) against float64."""
+    monkeypatch.setattr(tk, "_F32_TILES_ON_CPU", True)
+    ran = []
+    monkeypatch.setattr(tk, "launch", lambda la: (ran.append(la), la.run()))
+    q, k, v, table = make(CASES[case])
+    check_grads("triton", q, k, v, table, kwargs_of(CASES[case]), GRAD_TOL[torch.float32], case)
+    by_name = {la.name.split("[")[0]: la for la in ran}
+    assert by_name["relpos_fwd"].constexprs["BLOCK_N"] == 32  # 16-bit inputs: 64 (10 x 10, 7 x 7)
+    assert by_name["relpos_dq"].kernel is tk._bwd_dq_blocked_kernel
+    assert by_name["relpos_dkdv"].constexprs["BLOCK_N"] == 16 and by_name["relpos_dkdv"].num_warps == 8
+
+
 @pytest.mark.parametrize("case", ["A1 N196", "A4 shrink 14to7", "rect 6x3 stride2"])
 def test_gradients_float16_triton(case, poisoned):
     q, k, v, table = make(CASES[case], torch.float16, table_dtype=torch.float32)
@@ -390,7 +407,7 @@ def test_which_dq_kernel_writes_delta():
     from vitkernels.workloads import RelposShape
 
     def flags(shape, batch):
-        launches = record_workload(shape, "bwd", torch.float32, batch=batch).launches
+        launches = record_workload(shape, "bwd", torch.bfloat16, batch=batch).launches
         dq = next(la for la in launches if la.name.startswith("relpos_dq["))
         dkdv = next(la for la in launches if la.name.startswith("relpos_dkdv["))
         return dq.num_warps, dq.constexprs.get("STORE_DELTA"), dkdv.constexprs["DELTA_FROM_O"]
@@ -788,7 +805,7 @@ def _backward_launches(case, batch=None):
 
     B, H, R, C, s, Dk, Dv = case
     assert R == C
-    return record_workload(RelposShape(H, R, s, Dk, Dv), "bwd", torch.float32, batch=batch or B).launches
+    return record_workload(RelposShape(H, R, s, Dk, Dv), "bwd", torch.bfloat16, batch=batch or B).launches
 
 
 def test_backward_of_two_launches():
@@ -867,8 +884,9 @@ def test_fused_backward_launches():
     for shape in (WORKLOADS["A1"].shape, RelposShape(1, 9, 1, 16, 32)):
         assert [la.name.split("[")[0] for la in launches(shape)] == ["relpos_dq", "relpos_dkdv"]
     assert [la.name.split("[")[0] for la in launches(WORKLOADS["A5"].shape, arch=80)] == ["relpos_dq", "relpos_dkdv"]
-    f32 = record_workload(WORKLOADS["A5"].shape, "bwd", torch.float32).launches  # spilled: not taken
-    assert [la.name.split("[")[0] for la in f32] == ["relpos_dq", "relpos_dkdv"]
+    # float32 (spilled: not taken) has tiles of its own: a key-blocked dQ, so dK/dV's bias has a launch
+    f32 = record_workload(WORKLOADS["A5"].shape, "bwd", torch.float32).launches
+    assert [la.name.split("[")[0] for la in f32] == ["relpos_dq", "relpos_dkdv_bias", "relpos_dkdv"]
 
 
 @pytest.mark.parametrize(

@@ -779,8 +779,9 @@ def patch_embed_bwd(
     # not on sm_80, whose mma.sync keeps both GEMMs' operands in registers (it spilled
     # 24 B with 64 x 256 x 32 tiles)
     fused_n = triton.next_power_of_2(D)
-    # nor for float32, whose FMA dots spilled 0.7-18 KB there at P3 (sm_90a, any tile tried)
-    fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90 and dtype != torch.float32
+    # nor for float32 on a GPU, whose FMA dots spilled 0.7-18 KB there at P3 (sm_90a, any
+    # tile tried; the interpreter's float32 tests run it, in the 16-bit inputs' stead)
+    fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90 and (dtype != torch.float32 or interpret)
     num_k_fused = cdiv(K + bias_col, cfg.block_k)
     # its row blocks and the stats kernel's: (block_m // tw) x tw tiles of the patch grid
     tw = min(_TILE_W, triton.next_power_of_2(g.Wo), cfg.block_m)

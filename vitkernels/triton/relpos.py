@@ -1147,13 +1147,24 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
     return _Config(constexprs, num_warps, 1)
 
 
+# float32 takes tiles of its own on a GPU (and when recorded for one): its tf32x3 dots
+# split each operand in two, and the 16-bit tiles spilled 0.5-2.4 KB at A1, A4 and A5
+# (sm_90a). The interpreter (CPU tensors) keeps the 16-bit tiles in float32, the dtype
+# its tests run those in (its bfloat16 arithmetic is wrong); tests set this to run the
+# float32 tiles there
+_F32_TILES_ON_CPU = False
+
+
+def _f32_tiles(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and (t.device.type != "cpu" or _F32_TILES_ON_CPU)
+
+
 def _vector_loads(*tensors: torch.Tensor) -> bool:
     """Whether every row of every tensor starts 16-byte aligned and is contiguous (its
-    loads vectorize; the backward's larger tiles need that to stay in registers), in a
-    16-bit dtype (float32's tf32x3 dots split each operand in two: the larger tiles
-    spilled 0.5-2.4 KB at A1, A4 and A5 on sm_90a)."""
+    loads vectorize; the backward's larger tiles need that to stay in registers), and
+    none takes float32's tiles (``_f32_tiles``)."""
     for t in tensors:
-        if t.element_size() > 2:
+        if _f32_tiles(t):
             return False
         step = 16 // t.element_size()
         if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % step for s in t.stride()[:-1]):
@@ -1245,7 +1256,7 @@ def relpos_attention_fwd(
         q, scale = -q, -scale
     elif scale < _MIN_SCALE:
         q, scale = q * scale, 1.0
-    cfg = _fwd_cfg(NQ, NK, DK, DV, q.dtype == torch.float32)
+    cfg = _fwd_cfg(NQ, NK, DK, DV, _f32_tiles(q))
     block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tag = _tag(q, NK, DV, q_stride)
     # one key block: the forward gathers its bias tile from the table (no bias launch),
@@ -1304,7 +1315,7 @@ def relpos_attention_bwd(
     vector_loads = _vector_loads(q, k, v, grad_out, out)
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
-    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, q.dtype == torch.float32)
+    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, _f32_tiles(q))
     QR, CQP = dq_cfg.constexprs["QR"], dq_cfg.constexprs["CQP"]
     num_qb = triton.cdiv(rq, QR)
     group = _batch_group(B, num_qb * H)
@@ -1498,7 +1509,7 @@ class _DkdvPlan:
     ) -> _DkdvPlan:
         B, H, NQ, DK = q.shape
         NK, DV = k.shape[2], v.shape[3]
-        cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads, q.dtype == torch.float32)
+        cfg = _dkdv_cfg(NQ, NK, DK, DV, vector_loads, _f32_tiles(q))
         block_n = cfg.constexprs["BLOCK_N"]
         # the bias divided by c = scale * log2(e) starts the K Q^T dot's accumulator where c
         # is positive and not tiny (as in the forward) and the dot is a 64-key wgmma on 4
