@@ -37,11 +37,12 @@ from vitkernels.triton._aot import compile_env  # noqa: E402
 TRITONS = ["installed"] + [p for p in os.environ.get("VITKERNELS_AOT_TRITON_PATHS", "").split(":") if p]
 # (triton, arch, variant). The suite compiles the launches for sm_90a with the installed
 # triton (a few minutes on 2 cores); VITKERNELS_AOT_FULL=1 adds sm_80, misaligned
-# inputs and the other tritons (.ci/run runs that matrix as a step of its own, which
+# inputs, float32's own tiles (patch_embed, relpos) and the other tritons (.ci/run runs that matrix as a step of its own, which
 # would take the suite past its time budget).
 FULL = os.environ.get("VITKERNELS_AOT_FULL", "") not in ("", "0")
 VARIANTS = [("installed", 90, "aligned")] + (
-    [("installed", 80, "aligned"), ("installed", 90, "unaligned")] + [(tri, 90, "aligned") for tri in TRITONS[1:]]
+    [("installed", 80, "aligned"), ("installed", 90, "unaligned"), ("installed", 90, "float32"),
+     ("installed", 80, "float32")] + [(tri, 90, v) for tri in TRITONS[1:] for v in ("aligned", "float32")]
     if FULL
     else []
 )
@@ -251,7 +252,7 @@ def test_no_register_spills(reports):
                        f"{rep['spill_loads']} B spill loads (cases: {', '.join(rep['cases'])})")  # fmt: skip
     assert not bad, f"{len(bad)} of {len(reports)} compiles failed or spilled:\n" + "\n".join(bad)
     variants = {(tri, key.split("@")[1]) for tri, key in reports}
-    expected = {(tri, f"sm_{a}" + ("" if v == "aligned" else "/unaligned")) for tri, a, v in VARIANTS}
+    expected = {(tri, f"sm_{a}" + ("" if v == "aligned" else f"/{v}")) for tri, a, v in VARIANTS}
     assert variants == expected
 
 

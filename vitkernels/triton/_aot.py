@@ -15,9 +15,11 @@ and ``resources`` reads what ptxas made of it from the cubin.
 
 Variants: "aligned" records the launches on tensors torch allocated (16-byte
 aligned); "unaligned" makes every input a view one element into its buffer, as a
-caller's slice can be (the launchers' own outputs stay aligned).
+caller's slice can be (the launchers' own outputs stay aligned); "float32" records
+the float32 launches of patch_embed and relpos (tiles of their own; aligned), which
+CI's compile matrix checks beside the suite's "aligned".
 
-    python -m vitkernels.triton._aot --arch 90 [--variant unaligned] [--json FILE]
+    python -m vitkernels.triton._aot --arch 90 [--variant unaligned|float32] [--json FILE]
 
 compiles every launch (run it with TRITON_INTERPRET unset: the interpreter
 replaces @triton.jit functions with Python ones that cannot be compiled).
@@ -47,7 +49,7 @@ from vitkernels.workloads import (
     Shape,
 )
 
-VARIANTS = ("aligned", "unaligned")
+VARIANTS = ("aligned", "unaligned", "float32")
 
 
 def tensor_factory(variant: str) -> TensorFactory:
@@ -56,7 +58,7 @@ def tensor_factory(variant: str) -> TensorFactory:
         raise ValueError(f"variant {variant!r}; expected one of {VARIANTS}")
 
     def make(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if variant == "aligned":
+        if variant != "unaligned":
             return torch.empty(shape, device="meta", dtype=dtype)
         n = 1
         for s in shape:
@@ -109,6 +111,14 @@ def _configurations(variant: str = "aligned") -> list[tuple[str, Shape, torch.dt
     shapes = {**{w.id: w.shape for w in WORKLOADS.values()}, **EXTRA_SHAPES}
     out = []
     for case, shape in shapes.items():
+        if variant == "float32":
+            # float32 models (FMA dots in patch_embed, tf32x3 in relpos: tiles of their
+            # own), as torch allocates their tensors; relpos at the workloads only (LeViT's
+            # other layers and misaligned float32 views still spill: bench/NOTES.md,
+            # 2026-12-01); performer's float32 is in "aligned"
+            if isinstance(shape, PatchEmbedShape) or (isinstance(shape, RelposShape) and case in WORKLOADS):
+                out.append((case, shape, f32, {}))
+            continue
         if isinstance(shape, PerformerShape):
             # 16-bit inputs with the model's float32 w (split into hi + lo) or w cast to
             # the input dtype; float32 throughout; a trainable w
@@ -126,12 +136,6 @@ def _configurations(variant: str = "aligned") -> list[tuple[str, Shape, torch.dt
                 out.append((case, shape, f16, {"param_dtype": f32}))
         else:
             out += [(case, shape, f16, {}), (case, shape, bf16, {})]
-            # float32 models (FMA dots in patch_embed, tf32x3 in relpos: tiles of their
-            # own), as torch allocates their tensors; relpos at the workloads only (LeViT's
-            # other layers and misaligned float32 views still spill: bench/NOTES.md,
-            # 2026-12-01)
-            if variant == "aligned" and (isinstance(shape, PatchEmbedShape) or case in WORKLOADS):
-                out.append((case, shape, f32, {}))
         if isinstance(shape, PatchEmbedShape) and shape.layout == "nchw":  # the kernel then reads "pqc"
             out.append((case + "/channels_last", dataclasses.replace(shape, layout="channels_last"), bf16, {}))
     return out
@@ -313,7 +317,7 @@ def resources(cubin: bytes, function: str | None = None) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Compile every recorded launch for the given architectures; print one line per
-    launch, and with --json write {name@sm_XX[/unaligned]: report}."""
+    launch, and with --json write {name@sm_XX[/variant]: report}."""
     import argparse
     import json
 
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2")
     results: dict[str, dict[str, object]] = {}
-    suffix = "" if args.variant == "aligned" else "/unaligned"
+    suffix = "" if args.variant == "aligned" else f"/{args.variant}"
     for arch in args.arch or [80, 90]:
         launches = [
             rl for rl in recorded_launches(args.variant, arch) if not args.only or any(o in rl.name for o in args.only)
