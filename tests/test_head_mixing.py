@@ -354,6 +354,7 @@ def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     over the rows, where sm_90 takes tensor-core products): the interpreter otherwise
     runs sm_90's."""
     monkeypatch.setattr(tk, "target_arch", lambda device: 80)
+    monkeypatch.setattr(tk, "_float32_tiles", lambda dtype: False)  # the 16-bit configs, run in float32
     kind = "all" if case.startswith("rect") else "vit-pytorch talking heads"
     flags = tk._flags(*(object(),) * 5, kind == "all")
     assert not tk._bwd_cfg(*CASES[case][1:], flags, 80)[0][0].constexprs["PAIR_DOT"]
@@ -393,6 +394,7 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
         real(spec)
 
     monkeypatch.setattr(tk, "launch", spy)
+    monkeypatch.setattr(tk, "_float32_tiles", lambda dtype: False)  # the 16-bit configs, run in float32
     q, k, v = make(case)
     params = make_params(4, "vit-pytorch talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
@@ -405,6 +407,7 @@ def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):
     """The sm_90 delta launch triton 3.6 gets (the GPU machine's version): dO's addresses
     formed in its loops too (LIVE_GH), which the interpreter otherwise never runs."""
     monkeypatch.setattr(tk, "_TRITON_36", True)
+    monkeypatch.setattr(tk, "_float32_tiles", lambda dtype: False)  # the 16-bit configs, run in float32
     case = (1, 4, 20, 21, 16, 16)
     flags = tk._flags(object(), object(), None, None, None, False)
     delta = tk._bwd_cfg(*case[1:], flags, 90)[0][0]

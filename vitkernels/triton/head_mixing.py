@@ -1112,9 +1112,12 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
     )  # fmt: skip
 
 
-def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict) -> _Config:
+def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: bool = False) -> _Config:
     c = _common(heads, dk, dv, flags)
-    if nq > 16:  # 64 query rows on one warpgroup (wgmma on sm_90a)
+    # float32 (tf32x3 dots: each operand split in two) takes the few-row config below at
+    # every Nq: 64 rows spilled 656 B at M1 (sm_90a, triton 3.9), 32 rows 64-140 B, 16 rows
+    # with FOLD or the 32 + 16 split 44-232 B (bench/NOTES.md, 2026-12-01)
+    if nq > 16 and not f32:  # 64 query rows on one warpgroup (wgmma on sm_90a)
         # FOLD: pass 1's key mask and pass 2's -lse ride on the pre-mix's first FMA.
         # every head's tiles take all 255 registers; with the post-mix bias (timm's
         # layout) triton 3.6 spilled 12 B there: 8 warps then (estimate at M1 on 3.9:
@@ -1141,7 +1144,9 @@ def _k_split(d: int) -> tuple[int, int]:
     return a, (max(16, _pow2(d - a)) if d > a else 0)
 
 
-def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int) -> tuple[list, list]:
+def _bwd_cfg(
+    heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int, f32: bool = False
+) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
@@ -1161,6 +1166,8 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
              LIVE_GH=False, DEFER_ROWSUM=False)
     few = nq <= 16
+    if f32:
+        return _bwd_cfg_f32(heads, few, flags, base, c, split)
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
@@ -1217,6 +1224,23 @@ def _bwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: 
     return [delta, dq], dkdv
 
 
+def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split: dict) -> tuple[list, list]:
+    """float32's backward launches (tf32x3 dots: each operand split in two, so the
+    16-bit tiles spilled 48-908 B at M1 on sm_90a, triton 3.9): every launch on 16
+    query rows, one stage. delta: 16 x 32 keys on 8 warps, q's addresses formed in the
+    loops (LIVE_QH) and the H x H sums without tensor-core products (PAIR_DOT off: with
+    them 44-72 B spilled); dq: 16 x 16, q and dO reloaded per tile (HOLD off), K in one
+    chunk; dk/dv: 16 keys x 16 queries on 8 warps, two heads per launch (every head in
+    one launch spilled 24 B). See bench/NOTES.md, 2026-12-01."""
+    delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
+                                         PAIR_DOT=False), 8, 1)  # fmt: skip
+    dq = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
+    gp = min(2, base["HP"])
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
+            for g0 in range(0, heads, gp)]  # fmt: skip
+    return [delta, dq], dkdv
+
+
 def _vector_width(t: torch.Tensor, offset_bytes: int) -> int:
     """Elements per 16-byte vector when every row of t's last dim starts 16-byte aligned
     (offset_bytes: the first element's address modulo 16) and the last dim is
@@ -1261,6 +1285,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
 # launchers
 
 _alloc = alloc  # every buffer the launchers write, outputs and partials (tests poison them)
+
+
+def _float32_tiles(dtype: torch.dtype) -> bool:
+    """Whether the launches take float32's configs (``_bwd_cfg_f32``); the interpreter's
+    tests of the 16-bit configs run them on float32 inputs with this False."""
+    return dtype == torch.float32
 
 
 def _width(t: torch.Tensor | None) -> int:
@@ -1325,7 +1355,7 @@ def head_mixing_attention_fwd(
         return out, lse
     params = (pre_w, post_w, post_b, norm_w, norm_b)
     flags = _flags(*params, has_norm)
-    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags)
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q.dtype))
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
     bn = cfg.constexprs["BLOCK_N"]
@@ -1373,7 +1403,7 @@ def head_mixing_attention_bwd(
     if _width(grad_out) == 1:  # the consumer's strides: read it aligned
         grad_out = grad_out.contiguous()
     flags = _flags(*params, has_norm)
-    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, target_arch(q.device))
+    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, target_arch(q.device), _float32_tiles(q.dtype))
     HP = dq_cfgs[0].constexprs["HP"]
     ptrs, strides = _param_args(q, *params)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
