@@ -348,13 +348,28 @@ def test_gradients_float32(backend, case, poisoned):
     check_grads(backend, q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind}")
 
 
+@pytest.mark.parametrize("case", ["H1 N49 D32", "H2 N17 Dk24 Dv40", "H4 N49 D64"])
+def test_float32_tiles(case, poisoned, monkeypatch):
+    """float32 on a GPU takes configs of its own (``_float32_tiles``, ``_bwd_cfg_f32``);
+    the interpreter's float32 tests run the 16-bit ones instead. These run float32's
+    (forward and gradients) against float64."""
+    monkeypatch.setattr(tk, "_F32_TILES_ON_CPU", True)
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    kind = GRAD_CASES[case]
+    q, k, v = make(CASES[case])
+    check_grads("triton", q, k, v, make_params(CASES[case][1], kind), GRAD_TOL[torch.float32], f"{case} {kind}")
+    fwd = next(la for la in ran if la.name.startswith("head_mixing_fwd["))
+    assert fwd.num_warps == 8 and fwd.constexprs["BLOCK_M"] == 16  # 16-bit inputs: 4 warps, 64 rows
+
+
 @pytest.mark.parametrize("case", ["rect Nq20 Nk49 Dk32 Dv48", "H2 Nq1 Nk197"])
 def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     """The launches an sm_80 GPU gets (16-row blocks; the delta launch sums dP and dA
     over the rows, where sm_90 takes tensor-core products): the interpreter otherwise
     runs sm_90's."""
     monkeypatch.setattr(tk, "target_arch", lambda device: 80)
-    monkeypatch.setattr(tk, "_float32_tiles", lambda dtype: False)  # the 16-bit configs, run in float32
     kind = "all" if case.startswith("rect") else "vit-pytorch talking heads"
     flags = tk._flags(*(object(),) * 5, kind == "all")
     assert not tk._bwd_cfg(*CASES[case][1:], flags, 80)[0][0].constexprs["PAIR_DOT"]
@@ -394,7 +409,6 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
         real(spec)
 
     monkeypatch.setattr(tk, "launch", spy)
-    monkeypatch.setattr(tk, "_float32_tiles", lambda dtype: False)  # the 16-bit configs, run in float32
     q, k, v = make(case)
     params = make_params(4, "vit-pytorch talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "64-query dk/dv")
@@ -407,7 +421,6 @@ def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):
     """The sm_90 delta launch triton 3.6 gets (the GPU machine's version): dO's addresses
     formed in its loops too (LIVE_GH), which the interpreter otherwise never runs."""
     monkeypatch.setattr(tk, "_TRITON_36", True)
-    monkeypatch.setattr(tk, "_float32_tiles", lambda dtype: False)  # the 16-bit configs, run in float32
     case = (1, 4, 20, 21, 16, 16)
     flags = tk._flags(object(), object(), None, None, None, False)
     delta = tk._bwd_cfg(*case[1:], flags, 90)[0][0]

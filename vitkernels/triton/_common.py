@@ -58,6 +58,10 @@ __all__ = [
 TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
+# Triton 3.6 (the GPU machine's) allocates registers differently from later versions:
+# some launch configs depend on it (a config that spills on one and not the other)
+TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
+
 # (shape, dtype) -> tensor: how recorded calls make their inputs (aligned or not)
 TensorFactory = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 

@@ -112,11 +112,19 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, TensorFactory, alloc, hint, launch, target_arch
+from vitkernels.triton._common import (
+    SHORT,
+    TRITON_36,
+    Launch,
+    TensorFactory,
+    alloc,
+    hint,
+    launch,
+    target_arch,
+)
 from vitkernels.workloads import HeadMixingShape
 
-# register allocation differs between triton versions (see _bwd_cfg)
-_TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
+_TRITON_36 = TRITON_36  # register allocation differs (see _bwd_cfg); tests patch it here
 
 __all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "record_calls", "supports"]
 
@@ -1287,10 +1295,15 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
 _alloc = alloc  # every buffer the launchers write, outputs and partials (tests poison them)
 
 
-def _float32_tiles(dtype: torch.dtype) -> bool:
-    """Whether the launches take float32's configs (``_bwd_cfg_f32``); the interpreter's
-    tests of the 16-bit configs run them on float32 inputs with this False."""
-    return dtype == torch.float32
+# float32 takes configs of its own on a GPU (and when recorded for one); the
+# interpreter (CPU tensors) keeps the 16-bit ones in float32, the dtype its tests run
+# those in (its bfloat16 arithmetic is wrong); tests set this to run float32's there
+_F32_TILES_ON_CPU = False
+
+
+def _float32_tiles(t: torch.Tensor) -> bool:
+    """Whether the launches take float32's configs (``_bwd_cfg_f32``)."""
+    return t.dtype == torch.float32 and (t.device.type != "cpu" or _F32_TILES_ON_CPU)
 
 
 def _width(t: torch.Tensor | None) -> int:
@@ -1355,7 +1368,7 @@ def head_mixing_attention_fwd(
         return out, lse
     params = (pre_w, post_w, post_b, norm_w, norm_b)
     flags = _flags(*params, has_norm)
-    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q.dtype))
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q))
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
     bn = cfg.constexprs["BLOCK_N"]
@@ -1403,7 +1416,7 @@ def head_mixing_attention_bwd(
     if _width(grad_out) == 1:  # the consumer's strides: read it aligned
         grad_out = grad_out.contiguous()
     flags = _flags(*params, has_norm)
-    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, target_arch(q.device), _float32_tiles(q.dtype))
+    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, target_arch(q.device), _float32_tiles(q))
     HP = dq_cfgs[0].constexprs["HP"]
     ptrs, strides = _param_args(q, *params)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)

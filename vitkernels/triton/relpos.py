@@ -89,6 +89,7 @@ import triton.language as tl
 
 from vitkernels.triton._common import (
     SHORT,
+    TRITON_36,
     Launch,
     TensorFactory,
     alloc,
@@ -101,9 +102,7 @@ from vitkernels.workloads import RelposShape
 
 __all__ = ["record_calls", "relpos_attention_bwd", "relpos_attention_fwd"]
 
-# register allocation differs between triton versions (the fused backward's K^T, see
-# _bwd_fused_kernel)
-_TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
+_TRITON_36 = TRITON_36  # the fused backward's K^T (_bwd_fused_kernel); tests patch it here
 
 _LOG2E = 1.4426950408889634
 
