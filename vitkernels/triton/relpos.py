@@ -522,6 +522,33 @@ def _dq_program(H, RQ, CQ, NUM_QB, QR: tl.constexpr, CQP: tl.constexpr):
 
 
 @triton.jit
+def _query_block(
+    Q, DO, O, LSE, DELTA, b64, h, bh, q_tok, m_ok, offs_dk, offs_dv,
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_ob, stride_oh, stride_on, stride_od, NQ, DK, DV, STORE_DELTA: tl.constexpr,
+):  # fmt: skip
+    """What the all-keys dQ and the fused backward kernels read of a query block (tokens
+    q_tok, m_ok where present) of batch entry b64 and head h (bh = b64 * H + h): q^T
+    (BLOCK_DK, BM) and dO^T (BLOCK_DV, BM), 0 at missing queries, delta = rowsum(dO * O)
+    and the row logsumexp in log2 units (BM,); STORE_DELTA: delta stored at DELTA too
+    (for the dK/dV kernel)."""
+    qt = tl.load(
+        Q + b64 * stride_qb + h * stride_qh + q_tok[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
+        mask=m_ok[None, :] & (offs_dk[:, None] < DK),
+        other=0.0,
+    )
+    g_ptrs = DO + b64 * stride_gb + h * stride_gh + q_tok[None, :] * stride_gn + offs_dv[:, None] * stride_gd
+    do_t = tl.load(g_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
+    ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)
+    if STORE_DELTA:
+        tl.store(DELTA + bh * NQ + q_tok, delta, mask=m_ok)
+    lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
+    return qt, do_t, delta, lse
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, T, DO, O, LSE, DQ_, DT_, DELTA, DK_, DV_, TILES_,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -572,19 +599,11 @@ def _bwd_dq_kernel(
     for b in range(b_start, b_end):
         b64 = tl.cast(b, tl.int64)
         bh = b64 * H + h
-        qt = tl.load(
-            Q + b64 * stride_qb + h * stride_qh + q_tok[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
-            mask=m_ok[None, :] & (offs_dk[:, None] < DK),
-            other=0.0,
-        )  # (BLOCK_DK, BM)
-        g_ptrs = DO + b64 * stride_gb + h * stride_gh + q_tok[None, :] * stride_gn + offs_dv[:, None] * stride_gd
-        do_t = tl.load(g_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)  # (BLOCK_DV, BM)
-        o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
-        ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
-        if STORE_DELTA:
-            tl.store(DELTA + bh * NQ + q_tok, delta, mask=m_ok)  # for the dK/dV kernel
-        lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
+        qt, do_t, delta, lse = _query_block(
+            Q, DO, O, LSE, DELTA, b64, h, bh, q_tok, m_ok, offs_dk, offs_dv,
+            stride_qb, stride_qh, stride_qn, stride_qd, stride_gb, stride_gh, stride_gn, stride_gd,
+            stride_ob, stride_oh, stride_on, stride_od, NQ, DK, DV, STORE_DELTA,
+        )  # fmt: skip
         k_base = K + b64 * stride_kb + h * stride_kh
         k = tl.load(
             k_base + k_tok[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
@@ -732,17 +751,11 @@ def _bwd_fused_kernel(
             qg_col = offs_m % CQP
             m_ok = (qg_row < RQ) & (qg_col < CQ)
             q_tok = qg_row * CQ + qg_col
-            qt = tl.load(
-                Q + b64 * stride_qb + h * stride_qh + q_tok[None, :] * stride_qn + offs_dk[:, None] * stride_qd,
-                mask=m_ok[None, :] & (offs_dk[:, None] < DK),
-                other=0.0,
-            )  # (BLOCK_DK, BM)
-            g_ptrs = DO + b64 * stride_gb + h * stride_gh + q_tok[None, :] * stride_gn + offs_dv[:, None] * stride_gd
-            do_t = tl.load(g_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)  # (BLOCK_DV, BM)
-            o_ptrs = O + b64 * stride_ob + h * stride_oh + q_tok[None, :] * stride_on + offs_dv[:, None] * stride_od
-            ot = tl.load(o_ptrs, mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-            delta = tl.sum(ot.to(tl.float32) * do_t.to(tl.float32), 0)  # rowsum(dO * O), (BM,)
-            lse = tl.load(LSE + bh * NQ + q_tok, mask=m_ok, other=0.0) * 1.4426950408889634
+            qt, do_t, delta, lse = _query_block(
+                Q, DO, O, LSE, LSE, b64, h, bh, q_tok, m_ok, offs_dk, offs_dv,
+                stride_qb, stride_qh, stride_qn, stride_qd, stride_gb, stride_gh, stride_gn, stride_gd,
+                stride_ob, stride_oh, stride_on, stride_od, NQ, DK, DV, False,
+            )  # fmt: skip
             # this block's bias tile (``_fused_bias_kernel``), divided by c: -inf at
             # missing keys, 0 at missing queries (their q = dO = O = 0: p = 1 meets
             # dO = 0 and q = 0, dS = 0)
