@@ -13,7 +13,8 @@ VITKERNELS_AOT_TRITON_PATHS (colon-separated folders holding another triton, e.g
 `pip install --target DIR triton==3.6.0`) adds those versions for sm_90a: the
 GPU machine runs a different triton than CI, and register allocation differs
 between them. The launches are also compiled with misaligned inputs (views one
-element into a buffer) for sm_90a. Only sm_90a with the installed triton runs in
+element into a buffer) for sm_90a, and float32's own tiles of patch_embed and relpos
+("float32", sm_90a and sm_80). Only sm_90a with the installed triton runs in
 the default suite; VITKERNELS_AOT_FULL=1 runs the whole matrix (CI does, as a step
 of its own). Floating-point fusion is Triton's default (on),
 as a user's launch has it.
