@@ -62,6 +62,14 @@ SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 # some launch configs depend on it (a config that spills on one and not the other)
 TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 6)
 
+
+def float32_tiles(t: torch.Tensor, on_cpu: bool = False) -> bool:
+    """Whether a launch on ``t`` takes float32's own tiles: float32 on a GPU (and when
+    recorded for one), whose dots hold more per operand than 16-bit ones. The
+    interpreter (CPU tensors) keeps the 16-bit tiles in float32, the dtype its tests run
+    those in (its bfloat16 arithmetic is wrong), unless ``on_cpu`` (a test's knob)."""
+    return t.dtype == torch.float32 and (t.device.type != "cpu" or on_cpu)
+
 # (shape, dtype) -> tensor: how recorded calls make their inputs (aligned or not)
 TensorFactory = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 

@@ -118,6 +118,7 @@ from vitkernels.triton._common import (
     Launch,
     TensorFactory,
     alloc,
+    float32_tiles,
     hint,
     launch,
     target_arch,
@@ -1295,15 +1296,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
 _alloc = alloc  # every buffer the launchers write, outputs and partials (tests poison them)
 
 
-# float32 takes configs of its own on a GPU (and when recorded for one); the
-# interpreter (CPU tensors) keeps the 16-bit ones in float32, the dtype its tests run
-# those in (its bfloat16 arithmetic is wrong); tests set this to run float32's there
-_F32_TILES_ON_CPU = False
+_F32_TILES_ON_CPU = False  # tests set this to run float32's configs under the interpreter
 
 
 def _float32_tiles(t: torch.Tensor) -> bool:
-    """Whether the launches take float32's configs (``_bwd_cfg_f32``)."""
-    return t.dtype == torch.float32 and (t.device.type != "cpu" or _F32_TILES_ON_CPU)
+    """Whether the launches take float32's configs (``_bwd_cfg_f32``; ``float32_tiles``)."""
+    return float32_tiles(t, _F32_TILES_ON_CPU)
 
 
 def _width(t: torch.Tensor | None) -> int:

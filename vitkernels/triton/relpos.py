@@ -95,6 +95,7 @@ from vitkernels.triton._common import (
     alloc,
     cdiv,
     dot_precision,
+    float32_tiles,
     launch,
     target_arch,
 )
@@ -1159,16 +1160,14 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
     return _Config(constexprs, num_warps, 1)
 
 
-# float32 takes tiles of its own on a GPU (and when recorded for one): its tf32x3 dots
-# split each operand in two, and the 16-bit tiles spilled 0.5-2.4 KB at A1, A4 and A5
-# (sm_90a). The interpreter (CPU tensors) keeps the 16-bit tiles in float32, the dtype
-# its tests run those in (its bfloat16 arithmetic is wrong); tests set this to run the
-# float32 tiles there
+# float32's own tiles (``float32_tiles``): its tf32x3 dots split each operand in two, and
+# the 16-bit tiles spilled 0.5-2.4 KB at A1, A4 and A5 (sm_90a); tests set this to run
+# them under the interpreter
 _F32_TILES_ON_CPU = False
 
 
 def _f32_tiles(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and (t.device.type != "cpu" or _F32_TILES_ON_CPU)
+    return float32_tiles(t, _F32_TILES_ON_CPU)
 
 
 def _vector_loads(*tensors: torch.Tensor) -> bool:
