@@ -292,6 +292,36 @@ def test_report_groups_reasons_and_lists_unrecognised_attention():
     assert not replace.optimize(model, ops="patch_embed").left
 
 
+class GPSALike(nn.Module):
+    """The layout of ConViT's GPSA (timm): one qk projection beside v and a head
+    count; a class name that says nothing of attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 2
+        self.qk = nn.Linear(4, 8)
+        self.v = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x
+
+
+def test_report_lists_attention_with_a_qk_projection():
+    model = nn.Sequential(GPSALike(), nn.Linear(4, 4))
+    report = replace.optimize(model, ops="attention")
+    assert [(e.path, e.source) for e in report.left] == [("0", "GPSALike")]
+    assert "no rule recognises this attention layout" in str(report)
+
+
+def test_report_lists_timm_convit_attention():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convit_tiny", pretrained=False, img_size=32, patch_size=16, depth=2,
+                              local_up_to_layer=1, num_classes=10)
+    report = replace.optimize(model)
+    assert {e.path: e.source for e in report.left} == {"blocks.0.attn": "GPSA"}
+    assert "blocks.1.attn" in [e.path for e in report.replaced]  # MHSA: plain attention
+
+
 def test_summarise_paths():
     assert summarise_paths([f"blocks.{i}.attn" for i in range(12)]) == "blocks.{0-11}.attn"
     assert summarise_paths(["a.0", "a.1", "a.3"]) == "a.{0-1,3}"

@@ -369,7 +369,7 @@ class OptimizeReport:
 # what an unrecognised module's class or attribute name says it is
 _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 _PATCH_NAME = re.compile(r"patch_?embed|embedder|convembedding|tokens_?to_?token|^stem", re.IGNORECASE)
-_PROJECTIONS = ("qkv", "to_qkv", "to_q", "q", "wq", "kqv", "kv", "to_kv")
+_PROJECTIONS = ("qkv", "to_qkv", "to_q", "q", "wq", "kqv", "kv", "to_kv", "qk")  # qk: ConViT's GPSA
 _PATCH_ATTRS = frozenset(
     {"patch_embed", "to_patch_embedding", "patch_embedding", "conv_embedding", "stem", "tokens_to_token"}
 )
