@@ -575,6 +575,67 @@ def test_autocast_runs_like_eager(source, name):
                 assert (p.grad - q.grad).abs().max() <= tol, n
 
 
+def _embedding(model: nn.Module, name: str, img: torch.Tensor) -> torch.Tensor:
+    """The model's token sequence before its transformer: class token and positions in."""
+    from vitkernels.tokens import embed_tokens
+
+    if name == "crossvit":
+        return model.sm_image_embedder(img)
+    if name == "t2t_vit":
+        return embed_tokens(model.tokens_to_token, img, model.cls_token, model.pos_embed)
+    prefix = None if name == "cait" else model.cls_token  # CaiT's class token joins later
+    return embed_tokens(model.to_patch_embedding, img, prefix, model.pos_embedding)
+
+
+@pytest.mark.parametrize(
+    "source,name",
+    [("zoo", "vit"), ("zoo", "cait"), ("zoo", "pit"), ("zoo", "t2t"), ("zoo", "t2t_vit"), ("zoo", "crossvit"),
+     ("vit-pytorch", "crossvit")],
+)  # fmt: skip
+def test_folded_tokens_under_autocast_keep_eagers_float32(source, name, monkeypatch):
+    """Under autocast, eager's cat and add of a float32 model's class token and
+    positions promote its bfloat16 patch tokens to float32, so its token stream stays
+    float32; the fused embedding once returned them in bfloat16 (the positions folded
+    into the bfloat16 call). Now: eager's dtype and values (to bfloat16's precision of
+    the patch tokens), the projection still one fused call, and the gradients."""
+    import vitkernels.replace.fused_patch_embed as fpe
+    import vitkernels.replace.fused_t2t as ft2t
+
+    model = BUILD[source](name).eval()  # eval: no dropout between the compared tokens
+    fused = copy.deepcopy(model)
+    optimize(fused, ops=("patch_embed",))
+    calls = []
+    for mod in (fpe, ft2t):
+        orig = mod.patch_embed
+        monkeypatch.setattr(mod, "patch_embed", lambda *a, _o=orig, **k: calls.append(k) or _o(*a, **k))
+    img = torch.randn(2, 3, IMG, IMG)
+    exact = _embedding(model, name, img).detach()
+    outs = []
+    for m in (model, fused):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _embedding(m, name, img)
+        out.float().square().sum().backward()
+        outs.append(out)
+    want, got = outs
+    assert calls and all(k.get("pos_embed") is None for k in calls)  # fused, positions added after
+    assert want.dtype == torch.float32 and got.dtype == want.dtype
+    scale = exact.abs().max()
+    assert (got - exact).abs().max() <= 0.03 * scale
+    assert (got - want).abs().max() <= 0.03 * scale
+    for (n, p), q in zip(fused.named_parameters(), model.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        # T2T's Performer blocks between the soft splits: eager bfloat16 in both, their
+        # small gradients rounding-dominated (test_autocast_runs_like_eager covers them)
+        if p.grad is not None and ".attention" not in n:
+            assert p.grad.dtype == p.dtype, n
+            assert (p.grad - q.grad).abs().max() <= 0.1 * max(q.grad.abs().max().item(), 1e-6), n
+    calls.clear()
+    with torch.no_grad():  # outside autocast the positions still fold into the call
+        torch.testing.assert_close(_embedding(fused, name, img), exact, atol=1e-4 * scale, rtol=1e-4)
+    assert calls and any(k.get("pos_embed") is not None for k in calls)
+
+
 def test_patch_embed_under_autocast_casts_like_conv2d():
     """The op itself: under autocast, float32 tensors go to autocast's dtype (as
     F.conv2d's inputs do); a float32 weight with bfloat16 images is no error there."""

@@ -14,7 +14,11 @@
 
 The patch embeddings of this repo's models also fold the model's class token
 and position embedding into their call (``embed_tokens``, the protocol of
-``vitkernels.tokens``). Where an unfold or a Conv2d would silently drop the last
+``vitkernels.tokens``), except under torch.autocast where the model's own cat and
+add would promote autocast's bfloat16 patch tokens to its float32 class token and
+positions: there those two are added as the model adds them, after the fused
+projection, so that the token stream stays float32 as in eager
+(``widens_under_autocast``). Where an unfold or a Conv2d would silently drop the last
 rows or columns of an image (the patch grid does not reach them), the fused
 forward crops the image to the grid first (a view): the same result, where
 ``patch_embed`` itself refuses such an image. Where the fused path does not
@@ -30,7 +34,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from vitkernels.ops.patch_embed import patch_embed, patch_grid
+from vitkernels.ops.patch_embed import _autocast_dtype, patch_embed, patch_grid
 from vitkernels.replace import FusedModule
 from vitkernels.replace._match import qualname
 from vitkernels.tokens import add_tokens
@@ -47,6 +51,7 @@ __all__ = [
     "pair",
     "prefix_and_positions",
     "unfold_geometry",
+    "widens_under_autocast",
 ]
 
 torch.fx.wrap("patch_embed")  # one node under torch.fx.symbolic_trace
@@ -109,15 +114,35 @@ def crop_to_grid(
     return x[..., : sizes[0], : sizes[1]]
 
 
+def widens_under_autocast(images: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether, under torch.autocast, the model's own ``cat`` and ``+`` of these (its
+    class token, its position table) with the patch tokens would give a wider dtype
+    than patch_embed's result: patch_embed returns autocast's dtype (as the Linear or
+    Conv2d it replaces does), while eager's cat and add promote to float32 parameters,
+    so the model's token stream stays float32 there."""
+    cast = _autocast_dtype(images)
+    if cast is None:
+        return False
+    return any(
+        t is not None and t.numel() and t.is_floating_point() and torch.promote_types(cast, t.dtype) != cast
+        for t in tensors
+    )
+
+
 def prefix_and_positions(
-    prefix: torch.Tensor | None, pos_embedding: torch.Tensor, D: int, grid: tuple[int, int]
+    prefix: torch.Tensor | None, pos_embedding: torch.Tensor, D: int, grid: tuple[int, int],
+    images: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """patch_embed's (cls_token, pos_embed) for ``prefix`` tokens and the first P + L
     rows of a ((1,) T, D) position table, L = grid[0] * grid[1]. pos_embed is None
-    where the table does not hold P + L rows of width D: the caller then adds it
-    as the model does (``add_tokens``), which raises the model's own error."""
+    where the table does not hold P + L rows of width D, or where under autocast
+    the model's cat and add would widen the tokens' dtype (``widens_under_autocast``
+    for ``images``): the caller then adds them as the model does (``add_tokens``),
+    with the model's dtype, or its own error."""
     if prefix is not None and prefix.numel() == 0:
         prefix = None  # e.g. ViT with pool="mean": a (0, D) class token
+    if images is not None and widens_under_autocast(images, prefix, pos_embedding):
+        return prefix, None
     P = 0 if prefix is None else prefix.numel() // max(prefix.shape[-1], 1)
     rows = P + grid[0] * grid[1]
     if pos_embedding.shape[-1] != D or pos_embedding.numel() // D < rows:
@@ -236,7 +261,7 @@ class FusedPatchSequential(FusedModule):
             return add_tokens(self._vk_call(x), prefix, pos_embedding)
         cls, pos = prefix_and_positions(
             prefix, pos_embedding, self._modules[s.linear].out_features,
-            patch_grid(fusable.shape[-2:], s.kernel_size, s.stride, s.padding),
+            patch_grid(fusable.shape[-2:], s.kernel_size, s.stride, s.padding), fusable,
         )  # fmt: skip
         if pos is None:
             return add_tokens(self._vk_call(fusable), prefix, pos_embedding)
@@ -327,6 +352,16 @@ class FusedImageEmbedder(FusedModule):
         if self.pos_embedding.numel() // D < grid[0] * grid[1] + 1:
             return self._vk_base_forward(img)  # the table is too short: the original's error
         pos = self.pos_embedding.reshape(-1, D)[: grid[0] * grid[1] + 1]
+        if widens_under_autocast(img, self.cls_token, self.pos_embedding):
+            # float32 tokens in eager (its cat and add promote): those two as it does
+            if self.cls_token.dtype != self.pos_embedding.dtype:
+                return self._vk_base_forward(img)  # in-place or not would differ: the original
+            x = patch_embed(
+                img, lin.weight, lin.bias, kernel_size=s.kernel_size, stride=s.stride,
+                padding=s.padding, patch_order=s.patch_order,
+                in_norm=_norm(seq, s.in_norm), out_norm=_norm(seq, s.out_norm), backend=self._vk.backend,
+            )  # fmt: skip
+            return self.dropout(add_tokens(x, self.cls_token, pos))
         x = patch_embed(
             img, lin.weight, lin.bias, kernel_size=s.kernel_size, stride=s.stride,
             padding=s.padding, patch_order=s.patch_order,

@@ -69,9 +69,9 @@ def soft_split_linear(
     cls = pos = None
     if pos_embedding is not None:
         cls, pos = prefix_and_positions(
-            prefix, pos_embedding, linear.out_features, patch_grid(x.shape[-2:], ks, st, pad)
+            prefix, pos_embedding, linear.out_features, patch_grid(x.shape[-2:], ks, st, pad), x
         )
-        if pos is None:  # the table does not fit: added as the model adds it (its error)
+        if pos is None:  # added as the model adds it: the table does not fit (its error), or autocast
             return add_tokens(soft_split_linear(x, unfold, linear, norm, backend=backend), prefix, pos_embedding)
     elif prefix is not None:
         raise ValueError("soft_split_linear: prefix tokens given without a pos_embedding")
