@@ -636,6 +636,71 @@ def test_folded_tokens_under_autocast_keep_eagers_float32(source, name, monkeypa
     assert calls and any(k.get("pos_embed") is not None for k in calls)
 
 
+class _Float32LayerNorm(nn.LayerNorm):
+    """A LayerNorm as CUDA's autocast runs one (in float32, layer_norm being on its
+    float32 list); CPU's autocast runs it in bfloat16."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _timm_patch_embed_with_norm():
+    timm = pytest.importorskip("timm")
+    return timm.layers.PatchEmbed(img_size=IMG, patch_size=8, in_chans=3, embed_dim=48, norm_layer=nn.LayerNorm)
+
+
+@pytest.mark.parametrize(
+    "source,name,path",
+    [("vit-pytorch", "vit", "to_patch_embedding"), ("vit-pytorch", "simple_vit", "to_patch_embedding"),
+     ("zoo", "vit", None), ("zoo", "crossvit", None), ("vit-pytorch", "crossvit", None), ("timm", "patch_embed", "")],
+)  # fmt: skip
+def test_output_norm_under_a_float32_norm_autocast_gives_eagers_float32(source, name, path, monkeypatch):
+    """Where autocast runs layer_norm in float32 (CUDA's policy; emulated here on CPU:
+    the fused modules' probe of the policy says float32, and the eager copy's output
+    norms compute in float32), eager's patch tokens after an output LayerNorm are
+    float32; the fused call's would be bfloat16. Now the norm runs after the fused
+    projection, as eager runs it: eager's dtype, values and gradients."""
+    import vitkernels.replace.fused_patch_embed as fpe
+
+    model = (_timm_patch_embed_with_norm() if source == "timm" else BUILD[source](name)).eval()
+    fused = copy.deepcopy(model)
+    optimize(fused, ops=("patch_embed",))
+    out_norms = [model.norm] if source == "timm" else [
+        seq[-1] for seq in model.modules() if isinstance(seq, nn.Sequential) and isinstance(seq[-1], nn.LayerNorm)
+    ]  # fmt: skip
+    assert out_norms
+    for m in out_norms:
+        m.__class__ = _Float32LayerNorm
+    monkeypatch.setitem(fpe._NORM_DTYPE, ("cpu", torch.bfloat16), torch.float32)
+    img = torch.randn(2, 3, IMG, IMG)
+
+    def run(m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m.get_submodule(path)(img) if path is not None else _embedding(m, name, img)
+        out.float().square().sum().backward()
+        return out
+
+    want, got = run(model), run(fused)
+    assert want.dtype == torch.float32 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.03 * want.abs().max().item(), rtol=0)
+    for (n, p), q in zip(fused.named_parameters(), model.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= 0.1 * max(q.grad.abs().max().item(), 1e-6), n
+
+
+def test_the_norm_policy_probe_reads_cpus_autocast():
+    """On CPU autocast runs layer_norm in its own dtype: no float32 norm there."""
+    from vitkernels.replace.fused_patch_embed import norm_widens_under_autocast
+
+    x = torch.randn(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        widens = norm_widens_under_autocast(x)
+        assert widens == (torch.nn.functional.layer_norm(x.bfloat16(), (8,)).dtype != torch.bfloat16)
+    assert not norm_widens_under_autocast(x)  # no autocast
+
+
 def test_patch_embed_under_autocast_casts_like_conv2d():
     """The op itself: under autocast, float32 tensors go to autocast's dtype (as
     F.conv2d's inputs do); a float32 weight with bfloat16 images is no error there."""

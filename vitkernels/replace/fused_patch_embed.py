@@ -18,7 +18,9 @@ and position embedding into their call (``embed_tokens``, the protocol of
 add would promote autocast's bfloat16 patch tokens to its float32 class token and
 positions: there those two are added as the model adds them, after the fused
 projection, so that the token stream stays float32 as in eager
-(``widens_under_autocast``). Where an unfold or a Conv2d would silently drop the last
+(``widens_under_autocast``). Likewise where autocast runs LayerNorm in float32 (on
+CUDA; not on CPU): an output norm then runs after the fused projection, as eager
+runs it, so its float32 tokens stay float32. Where an unfold or a Conv2d would silently drop the last
 rows or columns of an image (the patch grid does not reach them), the fused
 forward crops the image to the grid first (a view): the same result, where
 ``patch_embed`` itself refuses such an image. Where the fused path does not
@@ -50,6 +52,8 @@ __all__ = [
     "layer_norm_args",
     "pair",
     "prefix_and_positions",
+    "autocast_norm_dtype",
+    "norm_widens_under_autocast",
     "unfold_geometry",
     "widens_under_autocast",
 ]
@@ -114,34 +118,81 @@ def crop_to_grid(
     return x[..., : sizes[0], : sizes[1]]
 
 
-def widens_under_autocast(images: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether, under torch.autocast, the model's own ``cat`` and ``+`` of these (its
-    class token, its position table) with the patch tokens would give a wider dtype
-    than patch_embed's result: patch_embed returns autocast's dtype (as the Linear or
-    Conv2d it replaces does), while eager's cat and add promote to float32 parameters,
-    so the model's token stream stays float32 there."""
+_NORM_DTYPE: dict[tuple[str, torch.dtype], torch.dtype] = {}
+
+
+def autocast_norm_dtype(images: torch.Tensor) -> torch.dtype | None:
+    """The dtype the autocast now on for the images' device gives a LayerNorm of its own
+    dtype's tokens (float32 on CUDA, where layer_norm is on autocast's float32 list;
+    autocast's dtype on CPU); None without autocast. Found by running one tiny
+    layer_norm, once per device type and dtype."""
+    cast = _autocast_dtype(images)
+    if cast is None:
+        return None
+    key = (images.device.type, cast)
+    if key not in _NORM_DTYPE:
+        probe = torch.ones(1, 2, device=images.device, dtype=cast)
+        _NORM_DTYPE[key] = torch.nn.functional.layer_norm(probe, (2,)).dtype
+    return _NORM_DTYPE[key]
+
+
+def norm_widens_under_autocast(images: torch.Tensor) -> bool:
+    """Whether autocast runs an output LayerNorm wider than its own dtype here
+    (``autocast_norm_dtype``): eager's tokens are then float32 after the norm, where
+    patch_embed gives autocast's dtype."""
+    dt = autocast_norm_dtype(images)
+    return dt is not None and dt != _autocast_dtype(images)
+
+
+def widens_under_autocast(
+    images: torch.Tensor, *tensors: torch.Tensor | None, out_norm: bool = False
+) -> bool:
+    """Whether, under torch.autocast, eager's tokens would be wider than patch_embed's
+    result (autocast's dtype, as the Linear or Conv2d it replaces gives): the model's
+    own ``cat`` and ``+`` of these (its class token, its position table) promote to
+    float32 parameters, and with ``out_norm`` a LayerNorm may run in float32
+    (``norm_widens_under_autocast``). The model's token stream then stays float32."""
     cast = _autocast_dtype(images)
     if cast is None:
         return False
+    if out_norm and norm_widens_under_autocast(images):
+        return True
     return any(
         t is not None and t.numel() and t.is_floating_point() and torch.promote_types(cast, t.dtype) != cast
         for t in tensors
     )
 
 
+def _projection(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_norm: tuple | None,
+    out_norm: tuple | None, backend: str | None, **kw,
+) -> torch.Tensor:
+    """patch_embed(x, ...) with eager's dtype: where autocast runs the output norm in
+    float32 (``norm_widens_under_autocast``), the norm runs after the call as eager
+    runs it (F.layer_norm under the same autocast). No prefix or positions then."""
+    if out_norm is not None and norm_widens_under_autocast(x):
+        if kw.get("pos_embed") is not None or kw.get("cls_token") is not None:
+            raise AssertionError("positions folded into a call whose output norm runs after it")
+        y = patch_embed(x, weight, bias, in_norm=in_norm, backend=backend, **kw)
+        dt = autocast_norm_dtype(x)  # autocast would cast all three to it: done here
+        w, b, eps = (t.to(dt) if isinstance(t, torch.Tensor) else t for t in out_norm)
+        return torch.nn.functional.layer_norm(y.to(dt), (y.shape[-1],), w, b, eps)
+    return patch_embed(x, weight, bias, in_norm=in_norm, out_norm=out_norm, backend=backend, **kw)
+
+
 def prefix_and_positions(
     prefix: torch.Tensor | None, pos_embedding: torch.Tensor, D: int, grid: tuple[int, int],
-    images: torch.Tensor | None = None,
+    images: torch.Tensor | None = None, out_norm: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """patch_embed's (cls_token, pos_embed) for ``prefix`` tokens and the first P + L
     rows of a ((1,) T, D) position table, L = grid[0] * grid[1]. pos_embed is None
     where the table does not hold P + L rows of width D, or where under autocast
-    the model's cat and add would widen the tokens' dtype (``widens_under_autocast``
-    for ``images``): the caller then adds them as the model does (``add_tokens``),
-    with the model's dtype, or its own error."""
+    eager's tokens would be wider than the call's (``widens_under_autocast`` for
+    ``images`` and an ``out_norm``): the caller then adds them as the model does
+    (``add_tokens``), with the model's dtype, or its own error."""
     if prefix is not None and prefix.numel() == 0:
         prefix = None  # e.g. ViT with pool="mean": a (0, D) class token
-    if images is not None and widens_under_autocast(images, prefix, pos_embedding):
+    if images is not None and widens_under_autocast(images, prefix, pos_embedding, out_norm=out_norm):
         return prefix, None
     P = 0 if prefix is None else prefix.numel() // max(prefix.shape[-1], 1)
     rows = P + grid[0] * grid[1]
@@ -227,11 +278,9 @@ class FusedPatchSequential(FusedModule):
     def _vk_call(self, x: torch.Tensor, **tokens: torch.Tensor | None) -> torch.Tensor:
         s: PatchSpec = self._vk.spec
         lin = self._modules[s.linear]
-        return patch_embed(
-            x, lin.weight, lin.bias, kernel_size=s.kernel_size, stride=s.stride,
-            padding=s.padding, patch_order=s.patch_order,
-            in_norm=_norm(self, s.in_norm), out_norm=_norm(self, s.out_norm),
-            backend=self._vk.backend, **tokens,
+        return _projection(
+            x, lin.weight, lin.bias, _norm(self, s.in_norm), _norm(self, s.out_norm), self._vk.backend,
+            kernel_size=s.kernel_size, stride=s.stride, padding=s.padding, patch_order=s.patch_order, **tokens,
         )  # fmt: skip
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Sequential's name)
@@ -261,7 +310,7 @@ class FusedPatchSequential(FusedModule):
             return add_tokens(self._vk_call(x), prefix, pos_embedding)
         cls, pos = prefix_and_positions(
             prefix, pos_embedding, self._modules[s.linear].out_features,
-            patch_grid(fusable.shape[-2:], s.kernel_size, s.stride, s.padding), fusable,
+            patch_grid(fusable.shape[-2:], s.kernel_size, s.stride, s.padding), fusable, s.out_norm is not None,
         )  # fmt: skip
         if pos is None:
             return add_tokens(self._vk_call(fusable), prefix, pos_embedding)
@@ -314,9 +363,9 @@ class FusedConvPatchEmbed(FusedModule):
         if cropped is None:
             return self._vk_base_forward(x)
         norm = _norm(self, "norm") if s.norm and type(self.norm) is not nn.Identity else None
-        tokens = patch_embed(
-            cropped, conv.weight, conv.bias, kernel_size=ks, stride=st, padding=pad,
-            patch_order="cpq", out_norm=norm, backend=self._vk.backend,
+        tokens = _projection(
+            cropped, conv.weight, conv.bias, None, norm, self._vk.backend,
+            kernel_size=ks, stride=st, padding=pad, patch_order="cpq",
         )  # (B, L, D)  # fmt: skip
         if s.tokens:
             return tokens
@@ -352,14 +401,14 @@ class FusedImageEmbedder(FusedModule):
         if self.pos_embedding.numel() // D < grid[0] * grid[1] + 1:
             return self._vk_base_forward(img)  # the table is too short: the original's error
         pos = self.pos_embedding.reshape(-1, D)[: grid[0] * grid[1] + 1]
-        if widens_under_autocast(img, self.cls_token, self.pos_embedding):
-            # float32 tokens in eager (its cat and add promote): those two as it does
+        if widens_under_autocast(img, self.cls_token, self.pos_embedding, out_norm=s.out_norm is not None):
+            # float32 tokens in eager (its cat and add promote, or its norm runs in
+            # float32): the cat and add as it does them
             if self.cls_token.dtype != self.pos_embedding.dtype:
                 return self._vk_base_forward(img)  # in-place or not would differ: the original
-            x = patch_embed(
-                img, lin.weight, lin.bias, kernel_size=s.kernel_size, stride=s.stride,
-                padding=s.padding, patch_order=s.patch_order,
-                in_norm=_norm(seq, s.in_norm), out_norm=_norm(seq, s.out_norm), backend=self._vk.backend,
+            x = _projection(
+                img, lin.weight, lin.bias, _norm(seq, s.in_norm), _norm(seq, s.out_norm), self._vk.backend,
+                kernel_size=s.kernel_size, stride=s.stride, padding=s.padding, patch_order=s.patch_order,
             )  # fmt: skip
             return self.dropout(add_tokens(x, self.cls_token, pos))
         x = patch_embed(
