@@ -1412,7 +1412,9 @@ def relpos_attention_bwd(
 _FUSED_MIN_KEYS = 160  # keys from which the fused backward runs (A5's 196; tests lower it)
 _FUSED_MAX_DK, _FUSED_MAX_DV = 16, 32  # head sizes (padded) up to which it runs (Dk 32, Dv 16 spilled 60 B)
 _FUSED_QUERY_SLOTS = 32  # query slots of its blocks
-_FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
+# batch entries a fused program takes: _FUSED_GROUP where that leaves at least
+# _FUSED_MIN_PROGRAMS programs (one per SM of an H100/H200; A5: 256 programs), else 2
+_FUSED_GROUP, _FUSED_MIN_PROGRAMS = 4, 132
 # float32 inputs keep the dQ and dK/dV launches (A5's fused kernel with tf32x3 dots
 # spilled 1356 B, sm_90a); the interpreter tests, without bfloat16, run it in float32
 _FUSED_FLOAT32 = False
@@ -1448,7 +1450,7 @@ def _bwd_fused(
     cfg = _fused_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
     cx = cfg.constexprs
     num_qb = triton.cdiv(rq, cx["QR"])
-    group = min(_FUSED_GROUP, B)
+    group = _FUSED_GROUP if H * cdiv(B, _FUSED_GROUP) >= _FUSED_MIN_PROGRAMS else min(2, B)
     num_g = triton.cdiv(B, group)
     E = cx["E"]
     tile = cx["TRP"] * cx["CP"] * cx["QR"] * cx["CQP"]
