@@ -693,7 +693,7 @@ def _bwd_fused_kernel(
     QR: tl.constexpr, CQP: tl.constexpr, TRP: tl.constexpr, CP: tl.constexpr, E: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, TERM_F16: tl.constexpr, KT_RELOAD: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, GATHER_ROWS: tl.constexpr,
 ):  # fmt: skip
     """The backward of a head and a group of BATCH_GROUP batch entries but the table
     gradient's fold: per batch entry every query block (QR query-grid rows of CQP
@@ -789,20 +789,30 @@ def _bwd_fused_kernel(
             # two bfloat16 terms stacked as rows: 16 bits, the one-hot exact; a
             # skew gather per block cost ~930 instructions a warp, ~4x this), then each
             # row gathered into its |dr| row of the partial
-            t0 = dst.to(TERM)
-            t1 = (dst - t0.to(tl.float32)).to(TERM)
+            # (the first term is dS with its low 16 bits cleared: exact in bfloat16, dS -
+            # t0 exact in float32, t1 rounded: ~16 bits; kept apart from dS's rounding
+            # for the dK and dQ dots, which then converts two values an instruction:
+            # sharing it cost an F2F and a PRMT a value, 64 instructions a block)
+            t0f = (dst.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            t0 = t0f.to(TERM)
+            t1 = (dst - t0f).to(TERM)
             a2 = tl.permute(tl.reshape(tl.join(t0, t1), [TRP, CP, QR, CQP, 2]), [4, 0, 2, 1, 3])
             y = tl.dot(tl.reshape(a2, [2 * TRP * QR, CP * CQP]), one_hot)  # rows (term, key row, query row)
             y = tl.reshape(y, [2 * TRP * QR * E])
-            for sq in tl.static_range(2 * QR):
-                q_row = (qb * QR + sq % QR) * S
-                base = sq // QR * (TRP * QR * E) + sq % QR * E
-                kr = q_row + u_d  # dr = kr - q_row >= 0
-                ok = kr < TRP
-                u_acc += tl.where(ok, tl.gather(y, tl.where(ok, base + kr * (QR * E) + u_e, 0), 0), 0.0)
-                kr = q_row - u_d  # dr < 0
-                ok = (u_d > 0) & (kr >= 0)
-                u_acc += tl.where(ok, tl.gather(y, tl.where(ok, base + kr * (QR * E) + u_e, 0), 0), 0.0)
+            # the rows j = (sign, term, query row), GATHER_ROWS of them a gather: y goes
+            # through shared memory once a gather (all 4 * QR in one: once a block,
+            # summed in-thread); kr = q_row + sign * |dr|, g_base the offset of (term,
+            # query row) in y (defined here, not before the loops: constants per register)
+            for j0 in tl.static_range(0, 4 * QR, GATHER_ROWS):
+                g_j = j0 + tl.arange(0, GATHER_ROWS)[:, None]
+                g_sign = 1 - g_j // (2 * QR) * 2
+                g_qr = g_j % QR
+                g_base = g_j // QR % 2 * (TRP * QR * E) + g_qr * E
+                g_kr = (qb * QR + g_qr) * S + g_sign * u_d[None, :]  # dr = +-(kr - q_row)
+                g_ok = (g_kr >= 0) & (g_kr < TRP) & ((g_sign > 0) | (u_d[None, :] > 0))
+                g_idx = tl.where(g_ok, g_base + g_kr * (QR * E) + u_e[None, :], 0)
+                yg = tl.reshape(tl.gather(y, tl.reshape(g_idx, [GATHER_ROWS * TRP * E]), 0), [GATHER_ROWS, TRP * E])
+                u_acc += tl.sum(tl.where(g_ok, yg, 0.0), 0)
         out_row = bh * (R * C) + k_tok  # every key of the grid
         tl.store(
             DV_ + out_row[:, None] * DV + offs_dv[None, :],
@@ -1402,7 +1412,9 @@ def relpos_attention_bwd(
 _FUSED_MIN_KEYS = 160  # keys from which the fused backward runs (A5's 196; tests lower it)
 _FUSED_MAX_DK, _FUSED_MAX_DV = 16, 32  # head sizes (padded) up to which it runs (Dk 32, Dv 16 spilled 60 B)
 _FUSED_QUERY_SLOTS = 32  # query slots of its blocks
-_FUSED_GROUP = 2  # batch entries a fused program takes (A5: 512 programs)
+# batch entries a fused program takes: _FUSED_GROUP where that leaves at least
+# _FUSED_MIN_PROGRAMS programs (one per SM of an H100/H200; A5: 256 programs), else 2
+_FUSED_GROUP, _FUSED_MIN_PROGRAMS = 4, 132
 # float32 inputs keep the dQ and dK/dV launches (A5's fused kernel with tf32x3 dots
 # spilled 1356 B, sm_90a); the interpreter tests, without bfloat16, run it in float32
 _FUSED_FLOAT32 = False
@@ -1438,7 +1450,7 @@ def _bwd_fused(
     cfg = _fused_cfg(fmap_rows, fmap_cols, q_stride, DK, DV)
     cx = cfg.constexprs
     num_qb = triton.cdiv(rq, cx["QR"])
-    group = min(_FUSED_GROUP, B)
+    group = _FUSED_GROUP if H * cdiv(B, _FUSED_GROUP) >= _FUSED_MIN_PROGRAMS else min(2, B)
     num_g = triton.cdiv(B, group)
     E = cx["E"]
     tile = cx["TRP"] * cx["CP"] * cx["QR"] * cx["CQP"]
@@ -1460,6 +1472,9 @@ def _bwd_fused(
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group, scale * _LOG2E, scale, bias_scale],
         {**cx, "TERM_F16": dev.type == "cpu",
          "KT_RELOAD": _TRITON_36,
+         # the table gathers' rows at a time: all 4 * QR at once (triton 3.6 spilled
+         # 4-12 B with 2-8; a row at a time it does not)
+         "GATHER_ROWS": 1 if _TRITON_36 else 4 * cx["QR"],
          "PREC": dot_precision(q.dtype, "tf32x3")},
         cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, bias, grad_out, out, lse), writes=(dq, dk, dv, partial),
