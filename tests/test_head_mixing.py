@@ -364,6 +364,29 @@ def test_float32_tiles(case, poisoned, monkeypatch):
     assert fwd.num_warps == 8 and fwd.constexprs["BLOCK_M"] == 16  # 16-bit inputs: 4 warps, 64 rows
 
 
+def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
+    """A few query rows (class attention) on 4 warps with 16-bit inputs (8 issued about
+    as many instructions a warp: bench/NOTES.md); 8 for float32's tiles and, with
+    triton 3.6, with the post-mix bias (4 spilled). The launch that runs is spied on
+    and its output checked against float64."""
+    ca = tk._flags(object(), object(), None, None, None, False)
+    timm = tk._flags(object(), object(), object(), None, None, False)
+    assert tk._fwd_cfg(4, 1, 197, 48, 48, ca).num_warps == 4
+    assert tk._fwd_cfg(4, 1, 197, 48, 48, ca, True).num_warps == 8
+    monkeypatch.setattr(tk, "_TRITON_36", True)
+    assert (tk._fwd_cfg(4, 1, 197, 64, 64, ca).num_warps, tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps) == (4, 8)
+    monkeypatch.setattr(tk, "_TRITON_36", False)
+    assert tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps == 4
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((2, 2, 1, 40, 32, 32), torch.float16)
+    params = make_params(2, "vit-pytorch talking heads", torch.float16)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert [(la.constexprs["BLOCK_M"], la.num_warps) for la in ran] == [(16, 4)]
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "few-row forward")
+
+
 @pytest.mark.parametrize("case", ["rect Nq20 Nk49 Dk32 Dv48", "H2 Nq1 Nk197"])
 def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     """The launches an sm_80 GPU gets (16-row blocks; the delta launch sums dP and dA

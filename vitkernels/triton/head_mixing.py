@@ -1140,9 +1140,14 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
         return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=vb > 0, FOLD=True,
                                          KA=ka, KB=kb, VA=va, VB=vb), warps, 1)  # fmt: skip
     # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
-    # (one program per SM, not two) and 8 instructions more per key tile
+    # (one program per SM, not two) and 8 instructions more per key tile. 16-bit inputs on
+    # 4 warps: on 8 each warp issued about as many instructions a key tile (415 against
+    # 439 on 4), so M3's issue time halved on 4 (estimate 12.2 -> 6.7 us, 104 -> 148
+    # registers; bench/NOTES.md, 2026-12-01); float32 keeps 8 (its 16-row tiles everywhere),
+    # and so does the post-mix bias with triton 3.6 (4 warps spilled 8 B on sm_80 at D64)
+    warps = 8 if f32 or (_TRITON_36 and flags.get("HAS_POST_B")) else 4
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, BLOCK_S=32, PEEL=False, FOLD=False,
-                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), 8, 1)  # fmt: skip
+                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1)  # fmt: skip
 
 
 
