@@ -440,6 +440,31 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
 
 
+@pytest.mark.parametrize("dk, dv, nq, dq_tile, dkdv_m", [(16, 16, 20, (16, 16), 16), (32, 56, 40, (16, 64), 32)],
+                         ids=["D16", "Dk32 Dv56"])
+def test_gradients_with_the_small_head_dim_tiles(dk, dv, nq, dq_tile, dkdv_m, poisoned, monkeypatch):
+    """Talking heads with heads of 16, 32 and 56 (beyond the AOT shapes; the 16-bit M1
+    tiles spilled there): dk/dv on 16 (D16) or 32 (D17-32, and D49-63: K as 32 + 32)
+    query blocks, the D16 dq on 16 x 16 tiles with q and dO reloaded (HOLD off). The
+    launches that run are spied on; the second query block is partly padded."""
+    flags = tk._flags(object(), object(), None, None, None, False)
+    assert [tk._bwd_cfg(4, 197, 197, d, d, flags, 90)[1][0].constexprs["BLOCK_M"] for d in (40, 48, 56, 64)] == [
+        64, 64, 32, 64]
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        c = spec.constexprs
+        seen[spec.name.split("[")[0]] = (c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("HOLD"))
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make((1, 2, nq, 21, dk, dv))
+    check_grads("triton", q, k, v, make_params(2, "vit-pytorch talking heads"), GRAD_TOL[torch.float32], f"D{dk}")
+    assert seen["head_mixing_bwd_dq"] == (*dq_tile, dk > 16)
+    assert seen["head_mixing_bwd_dkdv"] == (dkdv_m, 16, None)
+
+
 def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):
     """The sm_90 delta launch triton 3.6 gets (the GPU machine's version): dO's addresses
     formed in its loops too (LIVE_GH), which the interpreter otherwise never runs."""

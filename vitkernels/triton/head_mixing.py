@@ -1165,9 +1165,10 @@ def _bwd_cfg(
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
     bias with triton 3.6), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
-    40-64, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    40-64, 16 x 16 (q and dO reloaded) for heads of 16 or less, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
-    launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
+    launch for every head's gradients on 16 keys x 64 queries (32 queries for heads of
+    17-32 and 49-63, 16 for 16 or less), 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
     post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
@@ -1220,6 +1221,8 @@ def _bwd_cfg(
             bm_q, st_q = (32, 2) if wide else (16, 1)
             dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=64, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
+            if min(dk, dv) <= 16:  # 16 x 64 spilled 936 B at D16 (H4, triton 3.9), without HOLD 964 B
+                dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
@@ -1228,6 +1231,9 @@ def _bwd_cfg(
     hp = base["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
+    # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9)
+    if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb)):
+        bm = 16 if min(dk, dv) <= 16 else 32
     bn, warps = (32, 4) if few else (16, 8)
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
