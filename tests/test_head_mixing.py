@@ -367,10 +367,12 @@ def test_float32_tiles(case, poisoned, monkeypatch):
 def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
     """A few query rows (class attention) on 4 warps with 16-bit inputs (8 issued about
     as many instructions a warp: bench/NOTES.md); 8 for float32's tiles and, with
-    triton 3.6, with the post-mix bias (4 spilled). The launch that runs is spied on
-    and its output checked against float64."""
+    triton 3.6, with the post-mix bias (4 spilled). So does the backward's delta launch
+    (sm_90 and sm_80). The forward launch that runs is spied on and its output checked
+    against float64 (the few-row gradients: test_gradients_float32's Nq1 case)."""
     ca = tk._flags(object(), object(), None, None, None, False)
     timm = tk._flags(object(), object(), object(), None, None, False)
+    assert [tk._bwd_cfg(4, 1, 197, 48, 48, ca, arch)[0][0].num_warps for arch in (80, 90)] == [4, 4]
     assert tk._fwd_cfg(4, 1, 197, 48, 48, ca).num_warps == 4
     assert tk._fwd_cfg(4, 1, 197, 48, 48, ca, True).num_warps == 8
     monkeypatch.setattr(tk, "_TRITON_36", True)

@@ -1186,8 +1186,9 @@ def _bwd_cfg(
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
-        # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
-        delta_warps = 4 if few and arch < 90 else 8
+        # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
+        # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
+        delta_warps = 4 if few else 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with);
         # DEFER_ROWSUM (delta's sums across the lanes once, after the loop): sm_90's few rows
