@@ -467,6 +467,25 @@ def test_gradients_with_the_small_head_dim_tiles(dk, dv, nq, dq_tile, dkdv_m, po
     assert seen["head_mixing_bwd_dkdv"] == (dkdv_m, 16, None)
 
 
+def test_triton36_talking_heads_d64_tiles(poisoned, monkeypatch):
+    """Triton 3.6's configs for talking heads of 64 (beyond the AOT shapes): the forward
+    takes q.k and the output in two chunks of 32 (one of 64 spilled 4 B), without the
+    peeled key loop; on sm_80 dk/dv take 32-query blocks (64 spilled 52 B). The forward
+    launch that runs is spied on and checked against float64."""
+    monkeypatch.setattr(tk, "_TRITON_36", True)
+    flags = tk._flags(object(), object(), None, None, None, False)
+    assert [tk._bwd_cfg(4, 197, 197, 64, 64, flags, a)[1][0].constexprs["BLOCK_M"] for a in (80, 90)] == [32, 64]
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((1, 2, 20, 21, 64, 64))
+    params = make_params(2, "vit-pytorch talking heads")
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    c = ran[0].constexprs
+    assert (c["BLOCK_M"], c["KA"], c["KB"], c["VA"], c["VB"], c["PEEL"]) == (64, 32, 32, 32, 32, False)
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], "triton 3.6 D64 forward")
+
+
 def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):
     """The sm_90 delta launch triton 3.6 gets (the GPU machine's version): dO's addresses
     formed in its loops too (LIVE_GH), which the interpreter otherwise never runs."""

@@ -1137,7 +1137,10 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
         # columns (D64, and D48 before the split) the two copies of the loops spilled
         warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
         (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
-        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=vb > 0, FOLD=True,
+        peel = vb > 0
+        if _TRITON_36 and flags.get("HAS_PRE"):  # talking heads' D64 spilled 4 B (sm_90a, sm_80 with the bias)
+            (ka, kb), (va, vb) = ((32, 32) if a == 64 else (a, b) for a, b in ((ka, kb), (va, vb)))
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=peel, FOLD=True,
                                          KA=ka, KB=kb, VA=va, VB=vb), warps, 1)  # fmt: skip
     # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
     # (one program per SM, not two) and 8 instructions more per key tile. 16-bit inputs on
@@ -1232,8 +1235,9 @@ def _bwd_cfg(
     hp = base["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
-    # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9)
-    if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb)):
+    # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
+    # 52 B at D64 on sm_80 with triton 3.6
+    if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
         bm = 16 if min(dk, dv) <= 16 else 32
     bn, warps = (32, 4) if few else (16, 8)
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
