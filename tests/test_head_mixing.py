@@ -468,12 +468,16 @@ def test_gradients_with_the_small_head_dim_tiles(dk, dv, nq, dq_tile, dkdv_m, po
 
 
 def test_triton36_talking_heads_d64_tiles(poisoned, monkeypatch):
-    """Triton 3.6's configs for talking heads of 64 (beyond the AOT shapes): the forward
-    takes q.k and the output in two chunks of 32 (one of 64 spilled 4 B), without the
-    peeled key loop; on sm_80 dk/dv take 32-query blocks (64 spilled 52 B). The forward
-    launch that runs is spied on and checked against float64."""
+    """Triton 3.6's configs for heads of 64: the 64-row forward takes q.k and the output
+    in two chunks of 32 (one of 64 spilled 4-8 B; re-attention's M2-H4 too), without the
+    peeled key loop; on sm_80 talking heads' dk/dv take 32-query blocks (64 spilled 52
+    B) and the few-row dq 8 warps (4 spilled 16 B at M3). The forward launch that runs
+    is spied on and checked against float64."""
     monkeypatch.setattr(tk, "_TRITON_36", True)
     flags = tk._flags(object(), object(), None, None, None, False)
+    reattn = tk._flags(None, object(), None, object(), object(), True)
+    assert tk._fwd_cfg(4, 197, 197, 64, 64, reattn).constexprs["KB"] == 32
+    assert [tk._bwd_cfg(4, 1, 197, 48, 48, flags, a)[0][1].num_warps for a in (80, 90)] == [8, 4]
     assert [tk._bwd_cfg(4, 197, 197, 64, 64, flags, a)[1][0].constexprs["BLOCK_M"] for a in (80, 90)] == [32, 64]
     ran = []
     real = tk.launch

@@ -1138,7 +1138,9 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
         warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
         (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
         peel = vb > 0
-        if _TRITON_36 and flags.get("HAS_PRE"):  # talking heads' D64 spilled 4 B (sm_90a, sm_80 with the bias)
+        # a head dim of 64 as 32 + 32 with triton 3.6: one chunk of 64 spilled 4-8 B (talking
+        # heads on sm_90a, with the post-mix bias or the head norm (M2-H4) on sm_80)
+        if _TRITON_36:
             (ka, kb), (va, vb) = ((32, 32) if a == 64 else (a, b) for a, b in ((ka, kb), (va, vb)))
         return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=peel, FOLD=True,
                                          KA=ka, KB=kb, VA=va, VB=vb), warps, 1)  # fmt: skip
@@ -1198,8 +1200,9 @@ def _bwd_cfg(
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and _TRITON_36, DEFER_ROWSUM=few and arch >= 90),
                         delta_warps, 1)  # fmt: skip
+        # a few rows on 4 warps (8 with triton 3.6 on sm_80: 4 spilled 16 B at M3)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
-                     4 if few else 8, 1)  # fmt: skip
+                     4 if few and not (_TRITON_36 and arch < 90) else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
