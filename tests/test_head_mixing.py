@@ -364,6 +364,31 @@ def test_float32_tiles(case, poisoned, monkeypatch):
     assert fwd.num_warps == 8 and fwd.constexprs["BLOCK_M"] == 16  # 16-bit inputs: 4 warps, 64 rows
 
 
+def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
+    """A few query rows (class attention) on 4 warps with 16-bit inputs (8 issued about
+    as many instructions a warp: bench/NOTES.md); 8 for float32's tiles and, with
+    triton 3.6, with the post-mix bias (4 spilled). So does the backward's delta launch
+    (sm_90 and sm_80). The forward launch that runs is spied on and its output checked
+    against float64 (the few-row gradients: test_gradients_float32's Nq1 case)."""
+    ca = tk._flags(object(), object(), None, None, None, False)
+    timm = tk._flags(object(), object(), object(), None, None, False)
+    assert [tk._bwd_cfg(4, 1, 197, 48, 48, ca, arch)[0][0].num_warps for arch in (80, 90)] == [4, 4]
+    assert tk._fwd_cfg(4, 1, 197, 48, 48, ca).num_warps == 4
+    assert tk._fwd_cfg(4, 1, 197, 48, 48, ca, True).num_warps == 8
+    monkeypatch.setattr(tk, "_TRITON_36", True)
+    assert (tk._fwd_cfg(4, 1, 197, 64, 64, ca).num_warps, tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps) == (4, 8)
+    monkeypatch.setattr(tk, "_TRITON_36", False)
+    assert tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps == 4
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((2, 2, 1, 40, 32, 32), torch.float16)
+    params = make_params(2, "vit-pytorch talking heads", torch.float16)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert [(la.constexprs["BLOCK_M"], la.num_warps) for la in ran] == [(16, 4)]
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "few-row forward")
+
+
 @pytest.mark.parametrize("case", ["rect Nq20 Nk49 Dk32 Dv48", "H2 Nq1 Nk197"])
 def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     """The launches an sm_80 GPU gets (16-row blocks; the delta launch sums dP and dA
@@ -415,6 +440,54 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     assert seen["head_mixing_bwd_dq"] == (32, 64, 8, 2)
     assert seen["head_mixing_bwd_delta"] == (64, 16, delta.num_warps, 1)
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
+
+
+@pytest.mark.parametrize("dk, dv, nq, dq_tile, dkdv_m", [(16, 16, 20, (16, 16), 16), (32, 56, 40, (16, 64), 32)],
+                         ids=["D16", "Dk32 Dv56"])
+def test_gradients_with_the_small_head_dim_tiles(dk, dv, nq, dq_tile, dkdv_m, poisoned, monkeypatch):
+    """Talking heads with heads of 16, 32 and 56 (beyond the AOT shapes; the 16-bit M1
+    tiles spilled there): dk/dv on 16 (D16) or 32 (D17-32, and D49-63: K as 32 + 32)
+    query blocks, the D16 dq on 16 x 16 tiles with q and dO reloaded (HOLD off). The
+    launches that run are spied on; the second query block is partly padded."""
+    flags = tk._flags(object(), object(), None, None, None, False)
+    assert [tk._bwd_cfg(4, 197, 197, d, d, flags, 90)[1][0].constexprs["BLOCK_M"] for d in (40, 48, 56, 64)] == [
+        64, 64, 32, 64]
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        c = spec.constexprs
+        seen[spec.name.split("[")[0]] = (c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("HOLD"))
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make((1, 2, nq, 21, dk, dv))
+    check_grads("triton", q, k, v, make_params(2, "vit-pytorch talking heads"), GRAD_TOL[torch.float32], f"D{dk}")
+    assert seen["head_mixing_bwd_dq"] == (*dq_tile, dk > 16)
+    assert seen["head_mixing_bwd_dkdv"] == (dkdv_m, 16, None)
+
+
+def test_triton36_talking_heads_d64_tiles(poisoned, monkeypatch):
+    """Triton 3.6's configs for heads of 64: the 64-row forward takes q.k and the output
+    in two chunks of 32 (one of 64 spilled 4-8 B; re-attention's M2-H4 too), without the
+    peeled key loop; on sm_80 talking heads' dk/dv take 32-query blocks (64 spilled 52
+    B) and the few-row dq 8 warps (4 spilled 16 B at M3). The forward launch that runs
+    is spied on and checked against float64."""
+    monkeypatch.setattr(tk, "_TRITON_36", True)
+    flags = tk._flags(object(), object(), None, None, None, False)
+    reattn = tk._flags(None, object(), None, object(), object(), True)
+    assert tk._fwd_cfg(4, 197, 197, 64, 64, reattn).constexprs["KB"] == 32
+    assert [tk._bwd_cfg(4, 1, 197, 48, 48, flags, a)[0][1].num_warps for a in (80, 90)] == [8, 4]
+    assert [tk._bwd_cfg(4, 197, 197, 64, 64, flags, a)[1][0].constexprs["BLOCK_M"] for a in (80, 90)] == [32, 64]
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((1, 2, 20, 21, 64, 64))
+    params = make_params(2, "vit-pytorch talking heads")
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    c = ran[0].constexprs
+    assert (c["BLOCK_M"], c["KA"], c["KB"], c["VA"], c["VB"], c["PEEL"]) == (64, 32, 32, 32, 32, False)
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], "triton 3.6 D64 forward")
 
 
 def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):

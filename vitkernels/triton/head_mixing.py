@@ -1137,12 +1137,22 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
         # columns (D64, and D48 before the split) the two copies of the loops spilled
         warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
         (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
-        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=vb > 0, FOLD=True,
+        peel = vb > 0
+        # a head dim of 64 as 32 + 32 with triton 3.6: one chunk of 64 spilled 4-8 B (talking
+        # heads on sm_90a, with the post-mix bias or the head norm (M2-H4) on sm_80)
+        if _TRITON_36:
+            (ka, kb), (va, vb) = ((32, 32) if a == 64 else (a, b) for a, b in ((ka, kb), (va, vb)))
+        return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=peel, FOLD=True,
                                          KA=ka, KB=kb, VA=va, VB=vb), warps, 1)  # fmt: skip
     # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
-    # (one program per SM, not two) and 8 instructions more per key tile
+    # (one program per SM, not two) and 8 instructions more per key tile. 16-bit inputs on
+    # 4 warps: on 8 each warp issued about as many instructions a key tile (415 against
+    # 439 on 4), so M3's issue time halved on 4 (estimate 12.2 -> 6.7 us, 104 -> 148
+    # registers; bench/NOTES.md, 2026-12-01); float32 keeps 8 (its 16-row tiles everywhere),
+    # and so does the post-mix bias with triton 3.6 (4 warps spilled 8 B on sm_80 at D64)
+    warps = 8 if f32 or (_TRITON_36 and flags.get("HAS_POST_B")) else 4
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, BLOCK_S=32, PEEL=False, FOLD=False,
-                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), 8, 1)  # fmt: skip
+                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1)  # fmt: skip
 
 
 
@@ -1160,9 +1170,10 @@ def _bwd_cfg(
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
     bias with triton 3.6), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
-    40-64, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    40-64, 16 x 16 (q and dO reloaded) for heads of 16 or less, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
-    launch for every head's gradients on 16 keys x 64 queries, 16 x 16 where that
+    launch for every head's gradients on 16 keys x 64 queries (32 queries for heads of
+    17-32 and 49-63, 16 for 16 or less), 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
     post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
@@ -1180,16 +1191,18 @@ def _bwd_cfg(
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
-        # sm_80, a few rows: 8 warps spilled 16 B with dA's second loop
-        delta_warps = 4 if few and arch < 90 else 8
+        # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
+        # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
+        delta_warps = 4 if few else 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with);
         # DEFER_ROWSUM (delta's sums across the lanes once, after the loop): sm_90's few rows
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and _TRITON_36, DEFER_ROWSUM=few and arch >= 90),
                         delta_warps, 1)  # fmt: skip
+        # a few rows on 4 warps (8 with triton 3.6 on sm_80: 4 spilled 16 B at M3)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
-                     4 if few else 8, 1)  # fmt: skip
+                     4 if few and not (_TRITON_36 and arch < 90) else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
@@ -1215,6 +1228,8 @@ def _bwd_cfg(
             bm_q, st_q = (32, 2) if wide else (16, 1)
             dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=64, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
+            if min(dk, dv) <= 16:  # 16 x 64 spilled 936 B at D16 (H4, triton 3.9), without HOLD 964 B
+                dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
@@ -1223,6 +1238,10 @@ def _bwd_cfg(
     hp = base["HP"]
     gp = min(2, hp) if flags["HAS_POST_B"] else hp
     bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
+    # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
+    # 52 B at D64 on sm_80 with triton 3.6
+    if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
+        bm = 16 if min(dk, dv) <= 16 else 32
     bn, warps = (32, 4) if few else (16, 8)
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
