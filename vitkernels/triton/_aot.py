@@ -116,7 +116,7 @@ def _configurations(variant: str = "aligned") -> list[tuple[str, Shape, torch.dt
             # own), as torch allocates their tensors; relpos at the workloads only (LeViT's
             # other layers and misaligned float32 views still spill: bench/NOTES.md,
             # 2026-12-01); performer's float32 is in "aligned"
-            if isinstance(shape, PatchEmbedShape) or (isinstance(shape, RelposShape) and case in WORKLOADS):
+            if isinstance(shape, (PatchEmbedShape, RelposShape)):
                 out.append((case, shape, f32, {}))
             continue
         if isinstance(shape, PerformerShape):

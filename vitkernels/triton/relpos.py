@@ -1076,7 +1076,9 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool, f32: bool 
     # tile, and 16 keys on 8 warps computed it 8 times; that config stays for wide heads
     # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
     # (float32, never vector_loads, takes 16 keys on 8 warps: 64 keys spilled 764 B at A1
-    # on sm_90a and 32 B at A5 on sm_80)
+    # on sm_90a and 32 B at A5 on sm_80; and 16 queries with every block masked in the
+    # loop, as wide heads: 32 queries spilled 808 B at LeViT-128S's 14 -> 7 shrink layer
+    # (Dk 16, Dv 64; 328 B with the masked loop) and 20 B at misaligned A5, sm_90a)
     keys64 = vector_loads or (not f32 and bdk + bdv <= 96)
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     wide = bdk + bdv > 96
@@ -1084,12 +1086,12 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool, f32: bool 
     # loop's fixed work per block halves per query; A1/A5 dK/dV 238/248 -> 373/418
     # instructions per block, estimate; misaligned Dk 32 + Dv 64 spilled 4-196 B); 49
     # queries stay 32 + 32 (one 64-query block issued more: 6.6 -> 9.8 us at A2)
-    block_m = min(16 if wide else (64 if nq > 64 and vector_loads else 32), max(16, _pow2(nq)))
+    block_m = min(16 if wide or f32 else (64 if nq > 64 and vector_loads else 32), max(16, _pow2(nq)))
     # full query blocks, then the rest as one tail block (196 queries as 3 x 64 + 16);
     # wide heads (Dk + Dv > 96) take 16 queries and mask every block of the loop
     # instead: 32 queries and a second copy of the block's code spilled 4-44 B at A4
     # (Dv 128, 64 keys)
-    loop_masked = wide and nq > block_m
+    loop_masked = (wide or f32) and nq > block_m
     full, tail_m = _full_and_tail(nq, block_m, loop_masked)
     warps = 4 if keys64 else 8
     return _Config(
@@ -1157,15 +1159,24 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
         # A5, 255 with a local-memory spill at Dk 32, Dv 64)
         warps = 2 if tile < 4096 else 4 if bdk + bdv <= 48 else 8
         return _Config(constexprs, warps, 1)
+    wide = bdk + bdv > 96
     # float32 (key blocks only): 16 queries x 16 key slots (A1's 64 x 32 spilled 120 B,
-    # 64 x 16 44 B on sm_90a; 16 x 16 none)
-    blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or bdk + bdv > 96 else 64, 16 if f32 else 32)
+    # 64 x 16 44 B on sm_90a; 16 x 16 none), wide heads on a grid of at most 64 key
+    # slots all of them in one block (LeViT-256's 7 x 7 shrink layer: 16 keys spilled 8 B,
+    # sm_90a; 32 keys 8 B, 64 none)
+    max_k = (64 if wide and _pow2(rows) * _pow2(cols) <= 64 else 16) if f32 else 32
+    blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or wide else 64, max_k)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
+    if f32 and not wide:
+        # float32 dots on CUDA cores (exact products) rather than tf32x3: its split
+        # operands spilled 12-112 B at LeViT-128S's 14 -> 7 shrink layer and the 448-px
+        # layer (a 32-slot grid row: tiles no smaller than 32 x 32), ieee none; wide heads
+        # keep tf32x3 (ieee spilled 52 B at A4)
+        constexprs["PREC"] = "ieee"
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
     # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers, 16 in none;
     # wider heads (Dv 128) spill 24-48 B on 16 warps (128 registers), none on 8
-    wide = bdk + bdv > 96
     num_warps = 8 if tile >= 2048 or wide or f32 else 16 if bdk + bdv == 96 else 4
     return _Config(constexprs, num_warps, 1)
 
@@ -1386,8 +1397,8 @@ def relpos_attention_bwd(
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
          qk_scale, scale, bias_scale * _LOG2E, bias_scale, *([dkdv.mult if tiles else 1.0] if all_keys else [])],
-        {**dq_cfg.constexprs, **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq, **tile_cx) if all_keys else {}),
-         "PREC": prec},
+        {"PREC": prec, **dq_cfg.constexprs,
+         **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq, **tile_cx) if all_keys else {})},
         dq_cfg.num_warps, dq_cfg.num_stages,
         reads=(q, k, v, table, grad_out, out, lse),
         writes=(dq, partial) + ((dk, dv) if dkdv_in_dq else ()) + (() if delta_from_o else (delta,))
