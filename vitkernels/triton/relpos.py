@@ -1167,11 +1167,12 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
     max_k = (64 if wide and _pow2(rows) * _pow2(cols) <= 64 else 16) if f32 else 32
     blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or wide else 64, max_k)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
-    if f32 and not wide:
-        # float32 dots on CUDA cores (exact products) rather than tf32x3: its split
-        # operands spilled 12-112 B at LeViT-128S's 14 -> 7 shrink layer and the 448-px
-        # layer (a 32-slot grid row: tiles no smaller than 32 x 32), ieee none; wide heads
-        # keep tf32x3 (ieee spilled 52 B at A4)
+    if f32 and not wide and _pow2(rows) * _pow2(cols) > 64:
+        # float32 dots on CUDA cores (exact products) rather than tf32x3 on grids of more
+        # than 64 key slots: its split operands spilled 12-112 B at LeViT-128S's 14 -> 7
+        # shrink layer and the 448-px layer (a 32-slot grid row: tiles no smaller than
+        # 32 x 32), ieee none; wide heads keep tf32x3 (ieee spilled 52 B at A4), and so
+        # do small grids (ieee spilled 4 B at 128 registers on a 4 x 4 grid, Dk 16 Dv 32)
         constexprs["PREC"] = "ieee"
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
