@@ -110,7 +110,9 @@ _LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------
 # kernels (every tl.dot takes input_precision=PREC: "tf32x3" for float32 inputs, near-
-# float32 products on tensor cores; float16/bfloat16 inputs ignore it)
+# float32 products on tensor cores, or "ieee" (exact float32 products on CUDA cores) in
+# float32's key-blocked dQ on grids of more than 64 key slots (``_dq_cfg``);
+# float16/bfloat16 inputs ignore it)
 
 
 @triton.jit
