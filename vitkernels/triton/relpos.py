@@ -1164,9 +1164,11 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
     wide = bdk + bdv > 96
     # float32 (key blocks only): 16 queries x 16 key slots (A1's 64 x 32 spilled 120 B,
     # 64 x 16 44 B on sm_90a; 16 x 16 none), wide heads on a grid of at most 64 key
-    # slots all of them in one block (LeViT-256's 7 x 7 shrink layer: 16 keys spilled 8 B,
-    # sm_90a; 32 keys 8 B, 64 none)
-    max_k = (64 if wide and _pow2(rows) * _pow2(cols) <= 64 else 16) if f32 else 32
+    # slots all of them in one block (LeViT-256's 7 x 7 shrink layer, sm_90a: 16 keys
+    # spilled 8 B, 32 keys 8 B, 64 none), but 16 with triton 3.6 (64 keys spilled 8 B
+    # there, 16 none)
+    one_kb = wide and _pow2(rows) * _pow2(cols) <= 64 and not _TRITON_36
+    max_k = (64 if one_kb else 16) if f32 else 32
     blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or wide else 64, max_k)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
     if f32 and not wide and _pow2(rows) * _pow2(cols) > 64:
