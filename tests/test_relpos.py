@@ -356,9 +356,9 @@ _F32_WIDE_SMALL = (1, 1, 5, 5, 1, 16, 96)
 @pytest.mark.parametrize("case", ["keys 10x10", "shrink 7to4", "rect 6x3 stride2", "wide 5x5"])
 def test_float32_tiles(case, poisoned, monkeypatch):
     """float32 on a GPU takes tiles of its own (``_f32_tiles``: 32-key forward blocks,
-    16 x 16 key-blocked dQ on 8 warps, with CUDA-core (ieee) dots on grids of more than 64
-    key slots except for wide heads, which take every key of a grid of <= 64 key slots in
-    one block; 16 x 16 dK/dV blocks
+    16 x 16 key-blocked dQ on 8 warps, on sm_90a (the interpreter's arch) with CUDA-core
+    (ieee) dots on grids of more than 64 key slots except for wide heads, which take every
+    key of a grid of <= 64 key slots in one block; 16 x 16 dK/dV blocks
     on 8 warps, every query block masked in the loop; no all-keys dQ); the interpreter's
     float32 tests run the 16-bit tiles instead. These run float32's tiles (forward and
     gradients) against float64."""

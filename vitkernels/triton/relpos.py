@@ -111,7 +111,7 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------
 # kernels (every tl.dot takes input_precision=PREC: "tf32x3" for float32 inputs, near-
 # float32 products on tensor cores, or "ieee" (exact float32 products on CUDA cores) in
-# float32's key-blocked dQ on grids of more than 64 key slots (``_dq_cfg``);
+# float32's key-blocked dQ on grids of more than 64 key slots, sm_90a (``_dq_cfg``);
 # float16/bfloat16 inputs ignore it)
 
 
@@ -1149,7 +1149,9 @@ _DQ_MAX_KEYS = 256  # key slots (rows and columns padded to powers of 2) one dQ 
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool, f32: bool = False) -> _Config:
+def _dq_cfg(
+    rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool, f32: bool = False, sm90: bool = True
+) -> _Config:  # fmt: skip
     bdk, bdv = _head_blocks(dk, dv)
     if all_keys:
         blocks = _dq_blocks(rows, cols, q_stride)
@@ -1164,19 +1166,20 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
     wide = bdk + bdv > 96
     # float32 (key blocks only): 16 queries x 16 key slots (A1's 64 x 32 spilled 120 B,
     # 64 x 16 44 B on sm_90a; 16 x 16 none), wide heads on a grid of at most 64 key
-    # slots all of them in one block (LeViT-256's 7 x 7 shrink layer, sm_90a: 16 keys
-    # spilled 8 B, 32 keys 8 B, 64 none), but 16 with triton 3.6 (64 keys spilled 8 B
-    # there, 16 none)
-    one_kb = wide and _pow2(rows) * _pow2(cols) <= 64 and not _TRITON_36
+    # slots all of them in one block on sm_90a with triton 3.9 (LeViT-256's 7 x 7 shrink
+    # layer: 16 keys spilled 8 B, 32 keys 8 B, 64 none), 16 elsewhere (64 keys spilled
+    # 8 B with triton 3.6, 4 B on sm_80; 16 none)
+    one_kb = wide and _pow2(rows) * _pow2(cols) <= 64 and sm90 and not _TRITON_36
     max_k = (64 if one_kb else 16) if f32 else 32
     blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or wide else 64, max_k)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
-    if f32 and not wide and _pow2(rows) * _pow2(cols) > 64:
+    if f32 and not wide and _pow2(rows) * _pow2(cols) > 64 and sm90:
         # float32 dots on CUDA cores (exact products) rather than tf32x3 on grids of more
-        # than 64 key slots: its split operands spilled 12-112 B at LeViT-128S's 14 -> 7
-        # shrink layer and the 448-px layer (a 32-slot grid row: tiles no smaller than
-        # 32 x 32), ieee none; wide heads keep tf32x3 (ieee spilled 52 B at A4), and so
-        # do small grids (ieee spilled 4 B at 128 registers on a 4 x 4 grid, Dk 16 Dv 32)
+        # than 64 key slots, sm_90a: its split operands spilled 12-112 B at LeViT-128S's
+        # 14 -> 7 shrink layer and the 448-px layer (a 32-slot grid row: tiles no smaller
+        # than 32 x 32), ieee none; wide heads keep tf32x3 (ieee spilled 52 B at A4), and
+        # so do small grids (ieee spilled 4 B at 128 registers on a 4 x 4 grid, Dk 16 Dv
+        # 32) and sm_80 (ieee spilled 16 B at A5 there, 128 registers; tf32x3 none)
         constexprs["PREC"] = "ieee"
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
@@ -1352,7 +1355,7 @@ def relpos_attention_bwd(
     vector_loads = _vector_loads(q, k, v, grad_out, out)
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
-    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, _f32_tiles(q))
+    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, _f32_tiles(q), target_arch(dev) >= 90)
     QR, CQP = dq_cfg.constexprs["QR"], dq_cfg.constexprs["CQP"]
     num_qb = triton.cdiv(rq, QR)
     group = _batch_group(B, num_qb * H)
