@@ -349,21 +349,37 @@ def test_gradients_float32(backend, case, poisoned):
     check_grads(backend, q, k, v, table, kw, GRAD_TOL[torch.float32], case)
 
 
-@pytest.mark.parametrize("case", ["keys 10x10", "shrink 7to4", "rect 6x3 stride2"])
+# a wide head (Dk + Dv > 96) on a grid of at most 64 key slots (5 x 5: 8 x 8 slots)
+_F32_WIDE_SMALL = (1, 1, 5, 5, 1, 16, 96)
+
+
+@pytest.mark.parametrize("case", ["keys 10x10", "shrink 7to4", "rect 6x3 stride2", "wide 5x5"])
 def test_float32_tiles(case, poisoned, monkeypatch):
     """float32 on a GPU takes tiles of its own (``_f32_tiles``: 32-key forward blocks,
-    16 x 16 key-blocked dQ and 16-key dK/dV blocks on 8 warps, no all-keys dQ); the
-    interpreter's float32 tests run the 16-bit tiles instead. These run float32's tiles
-    (forward and gradients) against float64."""
+    16 x 16 key-blocked dQ on 8 warps, on sm_90a (the interpreter's arch) with CUDA-core
+    (ieee) dots on grids of more than 64 key slots except for wide heads, which take every
+    key of a grid of <= 64 key slots in one block; 16 x 16 dK/dV blocks
+    on 8 warps, every query block masked in the loop; no all-keys dQ); the interpreter's
+    float32 tests run the 16-bit tiles instead. These run float32's tiles (forward and
+    gradients) against float64."""
     monkeypatch.setattr(tk, "_F32_TILES_ON_CPU", True)
     ran = []
     monkeypatch.setattr(tk, "launch", lambda la: (ran.append(la), la.run()))
-    q, k, v, table = make(CASES[case])
-    check_grads("triton", q, k, v, table, kwargs_of(CASES[case]), GRAD_TOL[torch.float32], case)
+    shape = _F32_WIDE_SMALL if case == "wide 5x5" else CASES[case]
+    q, k, v, table = make(shape)
+    check_grads("triton", q, k, v, table, kwargs_of(shape), GRAD_TOL[torch.float32], case)
     by_name = {la.name.split("[")[0]: la for la in ran}
     assert by_name["relpos_fwd"].constexprs["BLOCK_N"] == 32  # 16-bit inputs: 64 (10 x 10, 7 x 7)
-    assert by_name["relpos_dq"].kernel is tk._bwd_dq_blocked_kernel
-    assert by_name["relpos_dkdv"].constexprs["BLOCK_N"] == 16 and by_name["relpos_dkdv"].num_warps == 8
+    dq, dkdv = by_name["relpos_dq"], by_name["relpos_dkdv"]
+    assert dq.kernel is tk._bwd_dq_blocked_kernel
+    wide = case == "wide 5x5"
+    # ieee dots on grids of more than 64 key slots (10 x 10: 16 x 16 slots), else tf32x3
+    assert dq.constexprs["PREC"] == ("ieee" if case == "keys 10x10" else "tf32x3")
+    if wide:  # every key row in one block (16-bit inputs and triton 3.6: 2 rows of 8 slots)
+        assert dq.constexprs["KR"] * dq.constexprs["CP"] == (16 if tk._TRITON_36 else 64)
+    assert dkdv.constexprs["BLOCK_N"] == 16 and dkdv.num_warps == 8
+    nq = q.shape[2]
+    assert dkdv.constexprs["BLOCK_M"] == 16 and dkdv.constexprs["LOOP_MASKED"] == (nq > 16)
 
 
 @pytest.mark.parametrize("case", ["A1 N196", "A4 shrink 14to7", "rect 6x3 stride2"])

@@ -110,7 +110,9 @@ _LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------
 # kernels (every tl.dot takes input_precision=PREC: "tf32x3" for float32 inputs, near-
-# float32 products on tensor cores; float16/bfloat16 inputs ignore it)
+# float32 products on tensor cores, or "ieee" (exact float32 products on CUDA cores) in
+# float32's key-blocked dQ on grids of more than 64 key slots, sm_90a (``_dq_cfg``);
+# float16/bfloat16 inputs ignore it)
 
 
 @triton.jit
@@ -1076,7 +1078,9 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool, f32: bool 
     # tile, and 16 keys on 8 warps computed it 8 times; that config stays for wide heads
     # with misaligned rows only (64 keys on 4 warps spilled 16-24 B there, triton 3.9)
     # (float32, never vector_loads, takes 16 keys on 8 warps: 64 keys spilled 764 B at A1
-    # on sm_90a and 32 B at A5 on sm_80)
+    # on sm_90a and 32 B at A5 on sm_80; and 16 queries with every block masked in the
+    # loop, as wide heads: 32 queries spilled 808 B at LeViT-128S's 14 -> 7 shrink layer
+    # (Dk 16, Dv 64; 328 B with the masked loop) and 20 B at misaligned A5, sm_90a)
     keys64 = vector_loads or (not f32 and bdk + bdv <= 96)
     block_n = min(64 if keys64 else 16, max(16, _pow2(nk)))
     wide = bdk + bdv > 96
@@ -1084,12 +1088,12 @@ def _dkdv_cfg(nq: int, nk: int, dk: int, dv: int, vector_loads: bool, f32: bool 
     # loop's fixed work per block halves per query; A1/A5 dK/dV 238/248 -> 373/418
     # instructions per block, estimate; misaligned Dk 32 + Dv 64 spilled 4-196 B); 49
     # queries stay 32 + 32 (one 64-query block issued more: 6.6 -> 9.8 us at A2)
-    block_m = min(16 if wide else (64 if nq > 64 and vector_loads else 32), max(16, _pow2(nq)))
+    block_m = min(16 if wide or f32 else (64 if nq > 64 and vector_loads else 32), max(16, _pow2(nq)))
     # full query blocks, then the rest as one tail block (196 queries as 3 x 64 + 16);
     # wide heads (Dk + Dv > 96) take 16 queries and mask every block of the loop
     # instead: 32 queries and a second copy of the block's code spilled 4-44 B at A4
     # (Dv 128, 64 keys)
-    loop_masked = wide and nq > block_m
+    loop_masked = (wide or f32) and nq > block_m
     full, tail_m = _full_and_tail(nq, block_m, loop_masked)
     warps = 4 if keys64 else 8
     return _Config(
@@ -1145,7 +1149,9 @@ _DQ_MAX_KEYS = 256  # key slots (rows and columns padded to powers of 2) one dQ 
 
 
 @functools.cache  # pure in its ints: computed once per shape, not per launch
-def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool, f32: bool = False) -> _Config:
+def _dq_cfg(
+    rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: bool, f32: bool = False, sm90: bool = True
+) -> _Config:  # fmt: skip
     bdk, bdv = _head_blocks(dk, dv)
     if all_keys:
         blocks = _dq_blocks(rows, cols, q_stride)
@@ -1157,15 +1163,28 @@ def _dq_cfg(rows: int, cols: int, q_stride: int, dk: int, dv: int, all_keys: boo
         # A5, 255 with a local-memory spill at Dk 32, Dv 64)
         warps = 2 if tile < 4096 else 4 if bdk + bdv <= 48 else 8
         return _Config(constexprs, warps, 1)
+    wide = bdk + bdv > 96
     # float32 (key blocks only): 16 queries x 16 key slots (A1's 64 x 32 spilled 120 B,
-    # 64 x 16 44 B on sm_90a; 16 x 16 none)
-    blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or bdk + bdv > 96 else 64, 16 if f32 else 32)
+    # 64 x 16 44 B on sm_90a; 16 x 16 none), wide heads on a grid of at most 64 key
+    # slots all of them in one block on sm_90a with triton 3.9 (LeViT-256's 7 x 7 shrink
+    # layer: 16 keys spilled 8 B, 32 keys 8 B, 64 none), 16 elsewhere (64 keys spilled
+    # 8 B with triton 3.6, 4 B on sm_80; 16 none)
+    one_kb = wide and _pow2(rows) * _pow2(cols) <= 64 and sm90 and not _TRITON_36
+    max_k = (64 if one_kb else 16) if f32 else 32
+    blocks = _dq_key_blocks(rows, cols, q_stride, 16 if f32 or wide else 64, max_k)
     constexprs = dict(**blocks, BLOCK_DK=bdk, BLOCK_DV=bdv, DK=dk, DV=dv)
+    if f32 and not wide and _pow2(rows) * _pow2(cols) > 64 and sm90:
+        # float32 dots on CUDA cores (exact products) rather than tf32x3 on grids of more
+        # than 64 key slots, sm_90a: its split operands spilled 12-112 B at LeViT-128S's
+        # 14 -> 7 shrink layer and the 448-px layer (a 32-slot grid row: tiles no smaller
+        # than 32 x 32), ieee none; wide heads keep tf32x3 (ieee spilled 52 B at A4), and
+        # so do small grids (ieee spilled 4 B at 128 registers on a 4 x 4 grid, Dk 16 Dv
+        # 32) and sm_80 (ieee spilled 16 B at A5 there, 128 registers; tf32x3 none)
+        constexprs["PREC"] = "ieee"
     tile = blocks["QR"] * blocks["CQP"] * blocks["KR"] * blocks["CP"]
     # small tiles (A3's 4x4 grid) with Dk + Dv = 96: 4 and 8 warps spill 4-20 B in
     # some of triton 3.6/3.9 x sm_80/sm_90a x aligned/misaligned pointers, 16 in none;
     # wider heads (Dv 128) spill 24-48 B on 16 warps (128 registers), none on 8
-    wide = bdk + bdv > 96
     num_warps = 8 if tile >= 2048 or wide or f32 else 16 if bdk + bdv == 96 else 4
     return _Config(constexprs, num_warps, 1)
 
@@ -1336,7 +1355,7 @@ def relpos_attention_bwd(
     vector_loads = _vector_loads(q, k, v, grad_out, out)
     # every key at once where the grid is small and the rows vectorize; else key blocks
     all_keys = _pow2(fmap_rows) * _pow2(fmap_cols) <= _DQ_MAX_KEYS and vector_loads
-    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, _f32_tiles(q))
+    dq_cfg = _dq_cfg(fmap_rows, fmap_cols, q_stride, DK, DV, all_keys, _f32_tiles(q), target_arch(dev) >= 90)
     QR, CQP = dq_cfg.constexprs["QR"], dq_cfg.constexprs["CQP"]
     num_qb = triton.cdiv(rq, QR)
     group = _batch_group(B, num_qb * H)
@@ -1386,8 +1405,8 @@ def relpos_attention_bwd(
          *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *table.stride(),
          B, H, NQ, fmap_rows, fmap_cols, rq, cq, q_stride, num_qb, group,
          qk_scale, scale, bias_scale * _LOG2E, bias_scale, *([dkdv.mult if tiles else 1.0] if all_keys else [])],
-        {**dq_cfg.constexprs, **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq, **tile_cx) if all_keys else {}),
-         "PREC": prec},
+        {"PREC": prec, **dq_cfg.constexprs,
+         **(dict(STORE_DELTA=not delta_from_o, DKDV=dkdv_in_dq, **tile_cx) if all_keys else {})},
         dq_cfg.num_warps, dq_cfg.num_stages,
         reads=(q, k, v, table, grad_out, out, lse),
         writes=(dq, partial) + ((dk, dv) if dkdv_in_dq else ()) + (() if delta_from_o else (delta,))
