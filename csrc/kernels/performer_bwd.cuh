@@ -20,12 +20,11 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   T* sWh = sX + kTok * D::LDX;
   T* sWl = sWh + MP * D::LDX;
   float* sWf = reinterpret_cast<float*>(sWl + MP * D::LDX);
-  float* sVb = sWf + MP * D::LDX;
-  float* sG = sVb + MP * D::EX;  // [dy | 0]
+  float* sVbT = sWf + MP * D::LDX;
+  float* sG = sVbT + D::EX * D::LDV;  // [dy | 0]
   float* sR = sG + kTok * D::EX;  // p, then r = p / Z
   float* sDl = sR + kTok * D::LDP;
   float* sLks = sDl + kTok * D::LDP;
-  float* sNorm = sLks + MP;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int c = blockIdx.x, b = blockIdx.y;
@@ -35,7 +34,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0];
 
   load_w<T, EP, MP>(p, sWh, sWl, sWf, tid);
-  load_stats<EP, MP>(sVb, sLks, p, b, tid);
+  load_stats<EP, MP>(sVbT, sLks, p, b, tid);
   float gacc[D::OWN_U][4], wacc[D::OWN_W][4];
 #pragma unroll
   for (int i = 0; i < D::OWN_U; ++i) gacc[i][0] = gacc[i][1] = gacc[i][2] = gacc[i][3] = 0.f;
@@ -48,10 +47,8 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     load_rows<T, kTok, EP, kThreads>(sX, D::LDX, Q, p.q_s[1], p.q_s[2], t0, t_end, p.E, tid);
     load_rows_ext<T, EP>(sG, dY, p.dy_s[1], p.dy_s[2], t0, t_end, p.E, 0.f, tid);
     __syncthreads();
-    row_norms<T, EP>(sNorm, sX, tid);
-    __syncthreads();
     float acc[MP / 8][4], y[D::NX][4], inv[2];
-    q_side<T, EP, MP>(acc, y, inv, p, sX, sWh, sWl, sVb, sLks, sNorm, sR, t0, t_end, warp, lane);
+    q_side<T, EP, MP, true>(acc, y, inv, p, sX, sWh, sWl, sVbT, sLks, t0, t_end, warp, lane);
 
     // gv = [dy | 0] [vbar | 1]^T = dy . vbar[m]; then c = dy . y = sum_m r gv and
     // dl = r (gv - c), both from these gv: where every vbar[m] is the same vector
@@ -67,7 +64,8 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
       for (int nt = 0; nt < MP / 8; ++nt) {
         uint32_t bb[2];
-        frag_b_tf32_nk(bb, sVb, D::EX, nt * 8, kk * 8, lane);
+        bb[0] = f32_bits(sVbT[vbt_at<MP>(kk * 8 + t, nt * 8 + g)]);  // tf32 already
+        bb[1] = f32_bits(sVbT[vbt_at<MP>(kk * 8 + t + 4, nt * 8 + g)]);
         mma_1688_tf32(gv[nt], a, bb);
       }
     }
@@ -78,7 +76,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
-        acc[nt][cc] = bits_f32(to_tf32(acc[nt][cc])) * inv[cc >> 1];
+        acc[nt][cc] *= inv[cc >> 1];  // p from q_side is tf32 already
         cdot[cc >> 1] += acc[nt][cc] * gv[nt][cc];
       }
 #pragma unroll
@@ -90,7 +88,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, row = warp * 16 + g + 8 * r, m = nt * 8 + 2 * t + (cc & 1);
-        const float rr = acc[nt][cc], dl = rr * (gv[nt][cc] - cdot[r]);  // sR: after the warp's last read of p
+        const float rr = acc[nt][cc], dl = rr * (gv[nt][cc] - cdot[r]);
         sR[row * D::LDP + m] = rr;
         sDl[row * D::LDP + m] = dl;
         dlsum[r] += dl;
@@ -187,7 +185,6 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
   float* sPi = sVe + kTok * D::EX;
   float* sDak = sPi + kTok * D::LDP;
   float* sLks = sDak + kTok * D::LDP;
-  float* sNorm = sLks + MP;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int c = blockIdx.x, b = blockIdx.y;
@@ -220,19 +217,17 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
     load_rows<T, kTok, EP, kThreads>(sX, D::LDX, K, p.k_s[1], p.k_s[2], t0, t_end, p.E, tid);
     load_rows_ext<T, EP>(sVe, V, p.v_s[1], p.v_s[2], t0, t_end, p.E, 0.f, tid);
     __syncthreads();
-    row_norms<T, EP>(sNorm, sX, tid);
-    __syncthreads();
 
     // pi = exp(ak - lks) (0 on rows past the chunk and features past M)
-    float pi[MP / 8][4];
-    x_dot_w<T, EP, MP>(pi, sX, sWh, sWl, p.w_split != 0, warp, lane);
+    float pi[MP / 8][4], nrm[2];
+    x_dot_w<T, EP, MP>(pi, nrm, sX, sWh, sWl, p.w_split != 0, warp, lane);
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * (cc >> 1);
         const bool ok = m < p.M && t0 + row < t_end;
-        pi[nt][cc] = ok ? expf(pi[nt][cc] - 0.5f * sNorm[row] - sLks[m]) : 0.f;
+        pi[nt][cc] = ok ? exp2_ftz((pi[nt][cc] - 0.5f * nrm[cc >> 1] - sLks[m]) * kLog2e) : 0.f;
         sPi[row * D::LDP + m] = pi[nt][cc];
       }
     // dak = pi (v . dvbar + coef)
@@ -344,11 +339,13 @@ template <int EP, int MP>
 constexpr size_t bwd_q_smem() {
   using D = Dims<EP, MP>;
   return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 +
-         (size_t(MP) * D::LDX + MP * D::EX + kTok * D::EX + 2 * kTok * D::LDP + MP + kTok) * 4;
+         (size_t(MP) * D::LDX + D::EX * D::LDV + kTok * D::EX + 2 * kTok * D::LDP + MP) * 4;
 }
 template <int EP, int MP>
 constexpr size_t bwd_k_smem() {
-  return bwd_q_smem<EP, MP>();
+  using D = Dims<EP, MP>;
+  return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 +
+         (size_t(MP) * D::LDX + MP * D::EX + kTok * D::EX + 2 * kTok * D::LDP + MP) * 4;
 }
 
 template <class T, int EP, int MP>

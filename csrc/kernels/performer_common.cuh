@@ -136,11 +136,22 @@ struct Dims {
   static constexpr int NX = EX / 8;          // their n-tiles
   static constexpr int LDP = MP + 4;         // fp32 [token][m] tiles read as A rows
   static constexpr int LDH = MP + 8;         // fp32 [token][m] tile read transposed
+  static constexpr int LDV = MP;             // fp32 [e][m] tile (vbar transposed), swizzled: vbt_at
+  static constexpr int LDK = kTok + 8;       // fp32 [m][token] tile (p^T), 64-bit A loads
   static constexpr int NU = (MP / 16) * NX;  // block-owned (MP x EX) accumulator tiles
   static constexpr int NW = (MP / 16) * (EP / 8);  // block-owned (MP x EP) tiles
   static constexpr int OWN_U = (NU + 3) / 4;       // per warp
   static constexpr int OWN_W = (NW + 3) / 4;
 };
+
+// Where vbar^T[e][m] sits in sVbT (MP floats a row): m XOR 8 (e mod 4), so the eight
+// rows a 64-bit fragment load touches per half warp fall in distinct banks; pairs
+// (m even, m + 1) stay adjacent.
+template <int MP>
+__device__ __forceinline__ int vbt_at(int e, int m) {
+  static_assert(MP % 32 == 0, "the swizzle spans 32 columns");
+  return e * MP + (m ^ ((e & 3) * 8));
+}
 
 // w into shared memory: hi (+ lo) parts in T, optionally fp32; zero outside M x E
 template <class T, int EP, int MP>
@@ -193,82 +204,104 @@ __device__ __forceinline__ void load_rows_ext(float* s, const T* g, int64_t sn, 
   }
 }
 
-// |x_r|^2 of the 64 rows of sX, fp32
-template <class T, int EP>
-__device__ __forceinline__ void row_norms(float* sNorm, const T* sX, int tid) {
-  if (tid < kTok) {
-    float acc = 0.f;
-    for (int e = 0; e < EP; ++e) {
-      const float x = Num<T>::to_float(sX[tid * (EP + 8) + e]);
-      acc += x * x;
-    }
-    sNorm[tid] = acc;
+// Two 16-bit elements of one register as floats (the lower one first).
+template <class T>
+__device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi) {
+  if constexpr (Num<T>::kIsBf16) {
+    lo = bits_f32(u << 16);
+    hi = bits_f32(u & 0xffff0000u);
+  } else {
+#if defined(VK_EMULATE)
+    lo = vk_emu::half_to_float(uint16_t(u & 0xffffu));
+    hi = vk_emu::half_to_float(uint16_t(u >> 16));
+#else
+    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+#endif
   }
 }
 
-// acc = x w^T for this warp's 16 rows of sX (x . w_hi + x . w_lo)
+// acc = x w^T for this warp's 16 rows of sX (x . w_hi + x . w_lo), fragments by
+// ldmatrix; nrm[r] = |x|^2 of rows g + 8 r (fp32, from the same A fragments)
 template <class T, int EP, int MP>
-__device__ __forceinline__ void x_dot_w(float (&acc)[MP / 8][4], const T* sX, const T* sWh, const T* sWl, bool split,
-                                        int warp, int lane) {
+__device__ __forceinline__ void x_dot_w(float (&acc)[MP / 8][4], float (&nrm)[2], const T* sX, const T* sWh,
+                                        const T* sWl, bool split, int warp, int lane) {
   constexpr int LDX = Dims<EP, MP>::LDX;
+  static_assert(MP % 16 == 0, "w is read two n-tiles at a time");
 #pragma unroll
   for (int nt = 0; nt < MP / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  nrm[0] = nrm[1] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < EP / 16; ++kk) {
     uint32_t a[4];
-    frag_a<T>(a, sX, LDX, warp * 16, kk * 16, lane);
+    ldsm_a<T>(a, sX, LDX, warp * 16, kk * 16, lane);
 #pragma unroll
-    for (int nt = 0; nt < MP / 8; ++nt) {
-      uint32_t b[2];
-      frag_b_nk<T>(b, sWh, LDX, nt * 8, kk * 16, lane);
-      mma_16816<T>(acc[nt], a, b);
+    for (int j = 0; j < 4; ++j) {  // a[0], a[2]: row g; a[1], a[3]: row g + 8
+      float lo, hi;
+      unpack2<T>(a[j], lo, hi);
+      nrm[j & 1] = fmaf(lo, lo, fmaf(hi, hi, nrm[j & 1]));
+    }
+#pragma unroll
+    for (int np = 0; np < MP / 16; ++np) {
+      uint32_t b[2][2];
+      ldsm_b2_nk<T>(b, sWh, LDX, np * 16, kk * 16, lane);
+      mma_16816<T>(acc[2 * np], a, b[0]);
+      mma_16816<T>(acc[2 * np + 1], a, b[1]);
       if (split) {
-        frag_b_nk<T>(b, sWl, LDX, nt * 8, kk * 16, lane);
-        mma_16816<T>(acc[nt], a, b);
+        ldsm_b2_nk<T>(b, sWl, LDX, np * 16, kk * 16, lane);
+        mma_16816<T>(acc[2 * np], a, b[0]);
+        mma_16816<T>(acc[2 * np + 1], a, b[1]);
       }
     }
   }
+  nrm[0] = quad_sum(nrm[0]);
+  nrm[1] = quad_sum(nrm[1]);
 }
 
 // y (n-tiles 0..NX-1, the last holding the normaliser in its column 0) = p @ [vbar | 1]
-// for this warp's 16 rows of sP (fp32 [token][LDP])
-template <int EP, int MP>
-__device__ __forceinline__ void p_times_vbar(float (&y)[Dims<EP, MP>::NX][4], const float* sP, const float* sVb,
-                                             int warp, int lane) {
+// for this warp's 16 rows, p held in registers as the C tiles of (rows x m) already
+// rounded to tf32: the A fragment of k-step kk is C tile kk with the k order permuted
+// (fragment column t is m = 2t, column t + 4 is m = 2t + 1), so B takes the same
+// order: b = vbar^T[n][2t], [n][2t + 1], one 64-bit load of sVbT (fp32 [e][m], tf32,
+// vbt_at). ONLY_Z: the last n-tile alone (the normaliser, all the backward needs).
+template <int EP, int MP, bool ONLY_Z = false>
+__device__ __forceinline__ void p_times_vbar(float (&y)[Dims<EP, MP>::NX][4], const float (&pt)[MP / 8][4],
+                                             const float* sVbT, int lane) {
   using D = Dims<EP, MP>;
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < D::NX; ++nt) y[nt][0] = y[nt][1] = y[nt][2] = y[nt][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < MP / 8; ++kk) {
-    uint32_t a[4];
-    frag_a_tf32(a, sP, D::LDP, warp * 16, kk * 8, lane);
+    const uint32_t a[4] = {f32_bits(pt[kk][0]), f32_bits(pt[kk][2]), f32_bits(pt[kk][1]), f32_bits(pt[kk][3])};
 #pragma unroll
-    for (int nt = 0; nt < D::NX; ++nt) {
-      uint32_t b[2];
-      frag_b_tf32_kn(b, sVb, D::LDX, kk * 8, nt * 8, lane);
+    for (int nt = ONLY_Z ? D::NX - 1 : 0; nt < D::NX; ++nt) {
+      const float2 v = *reinterpret_cast<const float2*>(sVbT + vbt_at<MP>(nt * 8 + g, kk * 8 + 2 * t));
+      const uint32_t b[2] = {f32_bits(v.x), f32_bits(v.y)};
       mma_1688_tf32(y[nt], a, b);
     }
   }
 }
 
 // The q side shared by forward and backward: l = x w^T - |x|^2/2 + lks, s = row
-// max, p = exp(l - s) (0 on rows past nrows and columns past M) into acc and
-// sP; y = p [vbar | 1]; returns 1/Z per row (0 on invalid rows) in inv.
-template <class T, int EP, int MP>
+// max, p = exp(l - s) rounded to tf32 (0 on rows past nrows and columns past M) into
+// acc; y = p [vbar | 1] (ONLY_Z: its last n-tile only); returns 1/Z per row (0 on
+// invalid rows) in inv.
+template <class T, int EP, int MP, bool ONLY_Z = false>
 __device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<EP, MP>::NX][4], float (&inv)[2],
                                        const PerformerParams& p, const T* sX, const T* sWh, const T* sWl,
-                                       const float* sVb, const float* sLks, const float* sNorm, float* sP, int t0,
-                                       int nrows, int warp, int lane) {
+                                       const float* sVbT, const float* sLks, int t0, int nrows, int warp, int lane) {
   using D = Dims<EP, MP>;
   const int g = lane >> 2, t = lane & 3;
-  x_dot_w<T, EP, MP>(acc, sX, sWh, sWl, p.w_split != 0, warp, lane);
+  float nrm[2];
+  x_dot_w<T, EP, MP>(acc, nrm, sX, sWh, sWl, p.w_split != 0, warp, lane);
   float s[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int m = nt * 8 + 2 * t + (c & 1), row = warp * 16 + g + 8 * (c >> 1);
-      const float l = m < p.M ? acc[nt][c] - 0.5f * sNorm[row] + sLks[m] : -INFINITY;
+      const int m = nt * 8 + 2 * t + (c & 1);
+      const float l = m < p.M ? acc[nt][c] - 0.5f * nrm[c >> 1] + sLks[m] : -INFINITY;
       acc[nt][c] = l;
       s[c >> 1] = fmaxf(s[c >> 1], l);
     }
@@ -282,32 +315,31 @@ __device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<
   for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int r = c >> 1, m = nt * 8 + 2 * t + (c & 1), row = warp * 16 + g + 8 * r;
-      const float pr = valid[r] ? expf(acc[nt][c] - s[r]) : 0.f;
-      acc[nt][c] = pr;
-      sP[row * D::LDP + m] = pr;
+      const int r = c >> 1;
+      const float pr = valid[r] ? exp2_ftz((acc[nt][c] - s[r]) * kLog2e) : 0.f;
+      acc[nt][c] = bits_f32(to_tf32(pr));
     }
-  __syncwarp();
-  p_times_vbar<EP, MP>(y, sP, sVb, warp, lane);
+  p_times_vbar<EP, MP, ONLY_Z>(y, acc, sVbT, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float den = shfl_idx(y[D::NX - 1][2 * r], lane & ~3);  // column EP, held by t == 0
-    inv[r] = valid[r] ? 1.f / (den + expf(p.log_eps_m - s[r])) : 0.f;
+    inv[r] = valid[r] ? 1.f / (den + exp2_ftz((p.log_eps_m - s[r]) * kLog2e)) : 0.f;
   }
 }
 
-// [vbar | 1] (m < M) and lks of batch b into shared memory
+// [vbar | 1] (m < M) of batch b transposed into sVbT (fp32 [e][m], rounded to tf32:
+// the mma operand) and lks into sLks
 template <int EP, int MP>
-__device__ __forceinline__ void load_stats(float* sVb, float* sLks, const PerformerParams& p, int b, int tid) {
-  constexpr int EX = EP + 8;
-  for (int idx = tid; idx < MP * EX; idx += kThreads) {
-    const int m = idx / EX, e = idx % EX;
+__device__ __forceinline__ void load_stats(float* sVbT, float* sLks, const PerformerParams& p, int b, int tid) {
+  using D = Dims<EP, MP>;
+  for (int idx = tid; idx < MP * D::EX; idx += kThreads) {
+    const int m = idx / D::EX, e = idx % D::EX;
     float val = 0.f;
     if (m < p.M) {
-      if (e < p.E) val = p.vbar[((int64_t)b * p.M + m) * p.E + e];
+      if (e < p.E) val = bits_f32(to_tf32(p.vbar[((int64_t)b * p.M + m) * p.E + e]));
       else if (e == EP) val = 1.f;
     }
-    sVb[idx] = val;
+    sVbT[vbt_at<MP>(e, m)] = val;
   }
   for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
 }
@@ -328,6 +360,40 @@ __device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* 
       frag_a_tf32_t(a, sA, lda, mt * 16, kk * 8, lane);
       frag_b_tf32_kn(b, sB, ldb, kk * 8, nt * 8, lane);
       mma_1688_tf32(acc[i], a, b);
+    }
+  }
+}
+
+// acc[i] += P^T V for the block-owned tiles tt = warp + 4 i of an (MP x NCOL*8)
+// result over 64 tokens: sPT is fp32 [m][token] (values already tf32), sV 16-bit
+// [token][ldv] (exact in tf32). V's fragments by transposing ldmatrix (four k-steps
+// per instruction), which pairs tokens 2t, 2t + 1: the k order is permuted to that
+// (fragment column t is token 2t, t + 4 is 2t + 1), so A is two 64-bit loads.
+template <class T, int OWN, int NTOT, int NCOL>
+__device__ __forceinline__ void accumulate_pv(float (&acc)[OWN][4], const float* sPT, int ldk, const T* sV, int ldv,
+                                              int warp, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < OWN; ++i) {
+    const int tt = warp + 4 * i;
+    if (tt >= NTOT) break;
+    const int mt = tt / NCOL, nt = tt % NCOL;
+    const float* pa = sPT + (mt * 16 + g) * ldk + 2 * t;
+#pragma unroll
+    for (int k4 = 0; k4 < kTok / 32; ++k4) {
+      uint32_t r[4];
+      ldsm_x4<true>(r, sV + (k4 * 32 + lane) * ldv + nt * 8);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k0 = (k4 * 4 + j) * 8;
+        const float2 lo = *reinterpret_cast<const float2*>(pa + k0);
+        const float2 hi = *reinterpret_cast<const float2*>(pa + 8 * ldk + k0);
+        const uint32_t a[4] = {f32_bits(lo.x), f32_bits(hi.x), f32_bits(lo.y), f32_bits(hi.y)};
+        float v0, v1;
+        unpack2<T>(r[j], v0, v1);
+        const uint32_t b[2] = {f32_bits(v0), f32_bits(v1)};
+        mma_1688_tf32(acc[i], a, b);
+      }
     }
   }
 }
