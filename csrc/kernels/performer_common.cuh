@@ -204,6 +204,38 @@ __device__ __forceinline__ void load_rows_ext(float* s, const T* g, int64_t sn, 
   }
 }
 
+// A warp's 16 rows s[r0 + r][0, D) (16-bit, row stride ld) to rows row0 + r of the
+// strided (T, E) matrix g, where row0 + r < nrows and columns below ncols: 16-byte
+// stores when g's rows vectorise, else element by element (out of line, so the loop
+// that stores carries a call instead of the copy).
+template <class T, int D>
+__device__ VK_NOINLINE void store_warp_rows_elementwise(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0,
+                                                        int row0, int nrows, int ncols, int lane) {
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int r = idx / D, d = idx % D;
+    if (row0 + r < nrows && d < ncols) g[(int64_t)(row0 + r) * sn + (int64_t)d * sd] = s[(r0 + r) * ld + d];
+  }
+}
+
+template <class T, int D>
+__device__ __forceinline__ void store_warp_rows(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0, int row0,
+                                                int nrows, int ncols, int lane) {
+  constexpr int PR = D / 8;  // 16-byte pieces a row
+  static_assert(D % 8 == 0 && 32 % PR == 0, "rows of whole pieces, whole rows a pass");
+  if (!rows_vectorizable(g, sn, sd, ncols)) {
+    store_warp_rows_elementwise<T, D>(g, sn, sd, s, ld, r0, row0, nrows, ncols, lane);
+    return;
+  }
+  const int r = lane / PR, d = (lane % PR) * 8;
+#pragma unroll
+  for (int i = 0; i < 16 * PR / 32; ++i) {
+    const int rr = r + i * (32 / PR);
+    if (row0 + rr < nrows && d < ncols)
+      *reinterpret_cast<uint4*>(g + (int64_t)(row0 + rr) * sn + d) =
+          *reinterpret_cast<const uint4*>(s + (r0 + rr) * ld + d);
+  }
+}
+
 // Two 16-bit elements of one register as floats (the lower one first).
 template <class T>
 __device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi) {
@@ -364,37 +396,63 @@ __device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* 
   }
 }
 
-// acc[i] += P^T V for the block-owned tiles tt = warp + 4 i of an (MP x NCOL*8)
-// result over 64 tokens: sPT is fp32 [m][token] (values already tf32), sV 16-bit
-// [token][ldv] (exact in tf32). V's fragments by transposing ldmatrix (four k-steps
-// per instruction), which pairs tokens 2t, 2t + 1: the k order is permuted to that
-// (fragment column t is token 2t, t + 4 is 2t + 1), so A is two 64-bit loads.
-template <class T, int OWN, int NTOT, int NCOL>
-__device__ __forceinline__ void accumulate_pv(float (&acc)[OWN][4], const float* sPT, int ldk, const T* sV, int ldv,
-                                              int warp, int lane) {
+// Ownership of the (32 x NCOL*8) tiles of P^T V, NCOL = EP / 8 (v's columns): a warp
+// takes the n-tiles warp, warp + 4, ... and both m-tiles of each; its tile i is
+// (m-tile i % 2, n-tile warp + 4 (i / 2)), held where that n-tile exists. The column of
+// ones (the normaliser) is not a tile: see accumulate_pv.
+template <int NCOL>
+struct PvTiles {
+  static constexpr int NJ = (NCOL + 3) / 4;  // n-tiles a warp (at most)
+  static constexpr int OWN = 2 * NJ;
+};
+
+// acc += P^T v over 64 tokens for this warp's PvTiles, and ones[mt] += P^T 1 over this
+// warp's share of the tokens (k-steps warp and warp + 4: the four warps' partial sums
+// add up to the tile's), in column 0 (lanes t = 0, c[0] and c[2]) of the 16 x 8 tile.
+// sPT is fp32 [m][token] (32 rows, values already tf32), sV 16-bit [token][ldv] (exact
+// in tf32). V's fragments by transposing ldmatrix (four k-steps an instruction), which
+// pairs tokens 2t, 2t + 1: the k order is permuted to that (fragment column t is token
+// 2t, t + 4 is 2t + 1), so A is two 64-bit loads; each B serves both m-tiles.
+template <class T, int NCOL>
+__device__ __forceinline__ void accumulate_pv(float (&acc)[PvTiles<NCOL>::OWN][4], float (&ones)[2][4],
+                                              const float* sPT, int ldk, const T* sV, int ldv, int warp, int lane) {
+  constexpr int NJ = PvTiles<NCOL>::NJ;
   const int g = lane >> 2, t = lane & 3;
+  const float* pa = sPT + g * ldk + 2 * t;
+  auto load_a = [&](uint32_t(&a)[2][4], int k0) {
 #pragma unroll
-  for (int i = 0; i < OWN; ++i) {
-    const int tt = warp + 4 * i;
-    if (tt >= NTOT) break;
-    const int mt = tt / NCOL, nt = tt % NCOL;
-    const float* pa = sPT + (mt * 16 + g) * ldk + 2 * t;
+    for (int mt = 0; mt < 2; ++mt) {
+      const float2 lo = *reinterpret_cast<const float2*>(pa + mt * 16 * ldk + k0);
+      const float2 hi = *reinterpret_cast<const float2*>(pa + (mt * 16 + 8) * ldk + k0);
+      a[mt][0] = f32_bits(lo.x), a[mt][1] = f32_bits(hi.x), a[mt][2] = f32_bits(lo.y), a[mt][3] = f32_bits(hi.y);
+    }
+  };
+  const uint32_t one = f32_bits(g == 0 ? 1.f : 0.f);
+  const uint32_t b1[2] = {one, one};
 #pragma unroll
-    for (int k4 = 0; k4 < kTok / 32; ++k4) {
-      uint32_t r[4];
-      ldsm_x4<true>(r, sV + (k4 * 32 + lane) * ldv + nt * 8);
+  for (int k4 = 0; k4 < kTok / 32; ++k4) {
+    uint32_t r[NJ][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k0 = (k4 * 4 + j) * 8;
-        const float2 lo = *reinterpret_cast<const float2*>(pa + k0);
-        const float2 hi = *reinterpret_cast<const float2*>(pa + 8 * ldk + k0);
-        const uint32_t a[4] = {f32_bits(lo.x), f32_bits(hi.x), f32_bits(lo.y), f32_bits(hi.y)};
+    for (int j = 0; j < NJ; ++j)
+      if (warp + 4 * j < NCOL) ldsm_x4<true>(r[j], sV + (k4 * 32 + lane) * ldv + (warp + 4 * j) * 8);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t a[2][4];
+      load_a(a, (k4 * 4 + q) * 8);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        if (warp + 4 * j >= NCOL) break;
         float v0, v1;
-        unpack2<T>(r[j], v0, v1);
+        unpack2<T>(r[j][q], v0, v1);
         const uint32_t b[2] = {f32_bits(v0), f32_bits(v1)};
-        mma_1688_tf32(acc[i], a, b);
+        mma_1688_tf32(acc[2 * j], a[0], b);
+        mma_1688_tf32(acc[2 * j + 1], a[1], b);
       }
     }
+    uint32_t a[2][4];
+    load_a(a, (k4 * 4 + warp) * 8);
+    mma_1688_tf32(ones[0], a[0], b1);
+    mma_1688_tf32(ones[1], a[1], b1);
   }
 }
 

@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
   T* sX = reinterpret_cast<T*>(smem);
   T* sWh = sX + kTok * D::LDX;
   T* sWl = sWh + MP * D::LDX;
-  T* sV = sWl + MP * D::LDX;                                // [v | 1 0 ... 0], 16-bit
+  T* sV = sWl + MP * D::LDX;                                // v, 16-bit (columns < EP)
   float* sPT = reinterpret_cast<float*>(sV + kTok * D::EX);  // exp(ak - run)^T, tf32
   float* sCmax = sPT + MP * D::LDK;
   float* sRun = sCmax + 4 * MP;
@@ -32,16 +32,14 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0];
 
   load_w<T, EP, MP>(p, sWh, sWl, nullptr, tid);
-  // the extra columns of [v | 1]: 1 then zeros on every row (p is 0 on rows past the chunk)
-#pragma unroll
-  for (int i = 0; i < kTok * 8 / kThreads; ++i) {
-    const int idx = tid + i * kThreads;
-    sV[(idx / 8) * D::EX + EP + idx % 8] = Num<T>::from_float(idx % 8 == 0 ? 1.f : 0.f);
-  }
   if (tid < MP) sRun[tid] = -INFINITY;
-  float u[D::OWN_U][4];
+  static_assert(MP == 32, "P^T V's tiles: two m-tiles");
+  using PV = PvTiles<EP / 8>;
+  float u[PV::OWN][4], ones[2][4];  // P^T v (this warp's tiles), P^T 1 (its tokens' part)
 #pragma unroll
-  for (int i = 0; i < D::OWN_U; ++i) u[i][0] = u[i][1] = u[i][2] = u[i][3] = 0.f;
+  for (int i = 0; i < PV::OWN; ++i) u[i][0] = u[i][1] = u[i][2] = u[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) ones[i][0] = ones[i][1] = ones[i][2] = ones[i][3] = 0.f;
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
@@ -91,10 +89,14 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
         sPT[m * D::LDK + row] = bits_f32(to_tf32(exp2_ftz((acc[nt][cc] - sRun[m]) * kLog2e)));
       }
 #pragma unroll
-    for (int i = 0; i < D::OWN_U; ++i) {
-      const int tt = warp + 4 * i;
-      if (tt >= D::NU) break;
-      const int m0 = (tt / D::NX) * 16 + g;
+    for (int i = 0; i < 2; ++i) {
+      ones[i][0] *= sAlpha[i * 16 + g];
+      ones[i][2] *= sAlpha[i * 16 + g + 8];
+    }
+#pragma unroll
+    for (int i = 0; i < PV::OWN; ++i) {
+      if (warp + 4 * (i / 2) >= EP / 8) break;
+      const int m0 = (i % 2) * 16 + g;
       u[i][0] *= sAlpha[m0];
       u[i][1] *= sAlpha[m0];
       u[i][2] *= sAlpha[m0 + 8];
@@ -102,12 +104,26 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
     }
     __syncthreads();
     // u += exp(ak - run)^T [v | 1]
-    accumulate_pv<T, D::OWN_U, D::NU, D::NX>(u, sPT, D::LDK, sV, D::EX, warp, lane);
+    accumulate_pv<T, EP / 8>(u, ones, sPT, D::LDK, sV, D::EX, warp, lane);
   }
 
   const size_t part = (size_t)b * L.NC + c;
   if (tid < MP) p.work[L.part_m + part * MP + tid] = sRun[tid];
-  store_owned<D::OWN_U, D::NU, D::NX>(p.work + L.part_u + part * MP * D::EX, u, warp, lane);
+  float* dst = p.work + L.part_u + part * MP * D::EX;
+#pragma unroll
+  for (int i = 0; i < PV::OWN; ++i) {
+    const int nt = warp + 4 * (i / 2);
+    if (nt >= EP / 8) break;
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc)
+      dst[((i % 2) * 16 + g + 8 * (cc >> 1)) * D::EX + nt * 8 + 2 * t + (cc & 1)] = u[i][cc];
+  }
+  // the normaliser (column EP): the four warps' partial sums, in a fixed order
+  if (t == 0)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sCmax[warp * MP + (i / 2) * 16 + g + 8 * (i % 2)] = ones[i / 2][2 * (i % 2)];
+  __syncthreads();
+  if (tid < MP) dst[tid * D::EX + EP] = sCmax[tid] + sCmax[MP + tid] + sCmax[2 * MP + tid] + sCmax[3 * MP + tid];
 }
 
 // ----------------------------------------------------------------------------
@@ -168,18 +184,17 @@ __global__ void __launch_bounds__(128) performer_q_kernel(const PerformerParams 
     __syncthreads();
     float acc[MP / 8][4], y[D::NX][4], inv[2];
     q_side<T, EP, MP>(acc, y, inv, p, sX, sWh, sWl, sVbT, sLks, t0, t_end, warp, lane);
+    // y through the warp's own rows of sX (read only by this warp's x_dot_w), then
+    // to global memory a row piece at a time
+    __syncwarp();
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = t0 + warp * 16 + g + 8 * r;
-      if (row >= t_end) continue;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int nt = 0; nt < EP / 8; ++nt) {
-        const int col = nt * 8 + 2 * t;
-        if (col < p.E)
-          store_pair(Y + row * p.y_s[1] + col * p.y_s[2], p.y_s[2], y[nt][2 * r] * inv[r], y[nt][2 * r + 1] * inv[r],
-                     col + 1 < p.E);
-      }
-    }
+      for (int nt = 0; nt < EP / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(sX + (warp * 16 + g + 8 * r) * D::LDX + nt * 8 + 2 * t) =
+            Num<T>::pack(y[nt][2 * r] * inv[r], y[nt][2 * r + 1] * inv[r]);
+    __syncwarp();
+    store_warp_rows<T, EP>(Y, p.y_s[1], p.y_s[2], sX, D::LDX, warp * 16, t0 + warp * 16, t_end, p.E, lane);
   }
 }
 
