@@ -153,13 +153,50 @@ __device__ __forceinline__ int vbt_at(int e, int m) {
   return e * MP + (m ^ ((e & 3) * 8));
 }
 
-// w into shared memory: hi (+ lo) parts in T, optionally fp32; zero outside M x E
+// Two 16-bit elements of one register as floats (the lower one first).
+template <class T>
+__device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi) {
+  if constexpr (Num<T>::kIsBf16) {
+    lo = bits_f32(u << 16);
+    hi = bits_f32(u & 0xffff0000u);
+  } else {
+#if defined(VK_EMULATE)
+    lo = vk_emu::half_to_float(uint16_t(u & 0xffffu));
+    hi = vk_emu::half_to_float(uint16_t(u >> 16));
+#else
+    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+#endif
+  }
+}
+
+// w into shared memory: hi (+ lo) parts in T, optionally fp32; zero outside M x E.
+// A thread's elements share their column (unrolled); the element kind is read per
+// element as one 32- or 16-bit load and selects, not three loads behind branches.
 template <class T, int EP, int MP>
 __device__ __forceinline__ void load_w(const PerformerParams& p, T* sWh, T* sWl, float* sWf, int tid) {
   constexpr int LDX = Dims<EP, MP>::LDX;
-  for (int idx = tid; idx < MP * EP; idx += kThreads) {
-    const int m = idx / EP, e = idx % EP;
-    const float x = (m < p.M && e < p.E) ? load_as_float(p.w, p.w_kind, m * p.w_s[0] + e * p.w_s[1]) : 0.f;
+  static_assert(kThreads % EP == 0 && (MP * EP) % kThreads == 0, "whole rows a pass");
+  constexpr int kStep = kThreads / EP;  // rows between a thread's elements
+  const int e = tid % EP, m0 = tid / EP;
+  const int kind = p.w_kind;
+  const int64_t es = kind == kFloat32 ? 4 : 2;
+  const unsigned char* col = static_cast<const unsigned char*>(p.w) + e * p.w_s[1] * es;
+#pragma unroll
+  for (int i = 0; i < MP * EP / kThreads; ++i) {
+    const int m = m0 + i * kStep;
+    float x = 0.f;
+    if (m < p.M && e < p.E) {
+      const unsigned char* q = col + m * p.w_s[0] * es;
+      if (kind == kFloat32) {
+        x = *reinterpret_cast<const float*>(q);
+      } else {
+        const uint32_t h = *reinterpret_cast<const uint16_t*>(q);
+        float xh, unused;
+        unpack2<half_t>(h, xh, unused);
+        x = kind == kFloat16 ? xh : bits_f32(h << 16);
+      }
+    }
     const T hi = Num<T>::from_float(x);
     sWh[m * LDX + e] = hi;
     sWl[m * LDX + e] = Num<T>::from_float(x - Num<T>::to_float(hi));
@@ -233,23 +270,6 @@ __device__ __forceinline__ void store_warp_rows(T* g, int64_t sn, int64_t sd, co
     if (row0 + rr < nrows && d < ncols)
       *reinterpret_cast<uint4*>(g + (int64_t)(row0 + rr) * sn + d) =
           *reinterpret_cast<const uint4*>(s + (r0 + rr) * ld + d);
-  }
-}
-
-// Two 16-bit elements of one register as floats (the lower one first).
-template <class T>
-__device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi) {
-  if constexpr (Num<T>::kIsBf16) {
-    lo = bits_f32(u << 16);
-    hi = bits_f32(u & 0xffff0000u);
-  } else {
-#if defined(VK_EMULATE)
-    lo = vk_emu::half_to_float(uint16_t(u & 0xffffu));
-    hi = vk_emu::half_to_float(uint16_t(u >> 16));
-#else
-    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
-    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
-#endif
   }
 }
 
@@ -363,17 +383,24 @@ __device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<
 // the mma operand) and lks into sLks
 template <int EP, int MP>
 __device__ __forceinline__ void load_stats(float* sVbT, float* sLks, const PerformerParams& p, int b, int tid) {
-  using D = Dims<EP, MP>;
-  for (int idx = tid; idx < MP * D::EX; idx += kThreads) {
-    const int m = idx / D::EX, e = idx % D::EX;
-    float val = 0.f;
-    if (m < p.M) {
-      if (e < p.E) val = bits_f32(to_tf32(p.vbar[((int64_t)b * p.M + m) * p.E + e]));
-      else if (e == EP) val = 1.f;
+  static_assert(kThreads % EP == 0 && (MP * EP) % kThreads == 0 && (MP * 8) % kThreads == 0, "whole passes");
+  constexpr int kStep = kThreads / EP;  // rows m between a thread's elements
+  {
+    const int e = tid % EP, m0 = tid / EP;
+    const float* src = p.vbar + (int64_t)b * p.M * p.E + e;
+#pragma unroll
+    for (int i = 0; i < MP * EP / kThreads; ++i) {
+      const int m = m0 + i * kStep;
+      const float val = (m < p.M && e < p.E) ? bits_f32(to_tf32(src[m * p.E])) : 0.f;
+      sVbT[vbt_at<MP>(e, m)] = val;
     }
-    sVbT[vbt_at<MP>(e, m)] = val;
   }
-  for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
+#pragma unroll
+  for (int i = 0; i < MP * 8 / kThreads; ++i) {  // rows EP..EX-1: the ones (m < M), zeros
+    const int idx = tid + i * kThreads, e = EP + idx / MP, m = idx % MP;
+    sVbT[vbt_at<MP>(e, m)] = (e == EP && m < p.M) ? 1.f : 0.f;
+  }
+  if (tid < MP) sLks[tid] = tid < p.M ? p.lks[(int64_t)b * p.M + tid] : 0.f;
 }
 
 // acc[i] += A^T B for the block-owned tiles tt = warp + 4 i of an (MP x NCOL*8)
