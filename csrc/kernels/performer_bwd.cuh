@@ -41,6 +41,9 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
   for (int i = 0; i < D::OWN_W; ++i) wacc[i][0] = wacc[i][1] = wacc[i][2] = wacc[i][3] = 0.f;
   float dlks = 0.f;  // sum_t dl[t, tid] (threads tid < MP)
+  // the tf32 tiles read without conversion (dy exact, r and w stored rounded); not at
+  // EP = 32, where ptxas then spilled 4 B on sm_90a (the conversions give the same bits)
+  constexpr bool kRaw = EP > 32;
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
     for (int kk = 0; kk < D::NX; ++kk) {
       uint32_t a[4];
-      frag_a_tf32(a, sG, D::EX, warp * 16, kk * 8, lane);
+      frag_a_tf32<kRaw>(a, sG, D::EX, warp * 16, kk * 8, lane);  // dy: exact in tf32
 #pragma unroll
       for (int nt = 0; nt < MP / 8; ++nt) {
         uint32_t bb[2];
@@ -89,7 +92,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, row = warp * 16 + g + 8 * r, m = nt * 8 + 2 * t + (cc & 1);
         const float rr = acc[nt][cc], dl = rr * (gv[nt][cc] - cdot[r]);
-        sR[row * D::LDP + m] = rr;
+        sR[row * D::LDP + m] = kRaw ? bits_f32(to_tf32(rr)) : rr;  // an mma operand only
         sDl[row * D::LDP + m] = dl;
         dlsum[r] += dl;
       }
@@ -104,11 +107,11 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
     for (int kk = 0; kk < MP / 8; ++kk) {
       uint32_t a[4];
-      frag_a_tf32(a, sDl, D::LDP, warp * 16, kk * 8, lane);
+      frag_a_tf32(a, sDl, D::LDP, warp * 16, kk * 8, lane);  // dl: fp32 (the dlks sums read it)
 #pragma unroll
       for (int nt = 0; nt < EP / 8; ++nt) {
         uint32_t bb[2];
-        frag_b_tf32_kn(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
+        frag_b_tf32_kn<kRaw>(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
         mma_1688_tf32(dq[nt], a, bb);
       }
     }
@@ -133,8 +136,8 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     // rows past the chunk and features past M);  dw += dl^T q
     if (tid < MP)
       for (int row = 0; row < kTok; ++row) dlks += sDl[row * D::LDP + tid];
-    accumulate_t<D::OWN_U, D::NU, D::NX>(gacc, sR, D::LDP, sG, D::EX, warp, lane);
-    if (p.w_grad) accumulate_t<D::OWN_W, D::NW, EP / 8>(wacc, sDl, D::LDP, sX, D::LDX, warp, lane);
+    accumulate_t<D::OWN_U, D::NU, D::NX, kRaw>(gacc, sR, D::LDP, sG, D::EX, warp, lane);
+    if (p.w_grad) accumulate_t<D::OWN_W, D::NW, EP / 8, false>(wacc, sDl, D::LDP, sX, D::LDX, warp, lane);
   }
 
   const size_t part = (size_t)b * L.NC + c;
@@ -196,7 +199,8 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 
   load_w<T, EP, MP>(p, sWh, sWl, sWf, tid);
   const float* gbar = p.work + L.gbar + (size_t)b * MP * D::EX;
-  for (int idx = tid; idx < MP * D::EX; idx += kThreads) sGb[idx] = gbar[idx];
+  for (int idx = tid; idx < MP * D::EX; idx += kThreads)  // dvbar rounded to tf32 (mma operand), dlks as is
+    sGb[idx] = idx % D::EX == EP ? gbar[idx] : bits_f32(to_tf32(gbar[idx]));
   for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
   __syncthreads();
   // coef = dlks - vbar . dvbar in fp32, with dvbar rounded to tf32 as the mma takes it:
@@ -228,7 +232,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
         const int m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * (cc >> 1);
         const bool ok = m < p.M && t0 + row < t_end;
         pi[nt][cc] = ok ? exp2_ftz((pi[nt][cc] - 0.5f * nrm[cc >> 1] - sLks[m]) * kLog2e) : 0.f;
-        sPi[row * D::LDP + m] = pi[nt][cc];
+        sPi[row * D::LDP + m] = bits_f32(to_tf32(pi[nt][cc]));  // an mma operand only
       }
     // dak = pi (v . dvbar + coef)
     float pv[MP / 8][4];
@@ -237,11 +241,11 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
     for (int kk = 0; kk < D::NX; ++kk) {
       uint32_t a[4];
-      frag_a_tf32(a, sVe, D::EX, warp * 16, kk * 8, lane);
+      frag_a_tf32<true>(a, sVe, D::EX, warp * 16, kk * 8, lane);  // v: exact in tf32
 #pragma unroll
       for (int nt = 0; nt < MP / 8; ++nt) {
         uint32_t bb[2];
-        frag_b_tf32_nk(bb, sGb, D::EX, nt * 8, kk * 8, lane);
+        frag_b_tf32_nk<true>(bb, sGb, D::EX, nt * 8, kk * 8, lane);  // column EP (coef) meets v's zeros
         mma_1688_tf32(pv[nt], a, bb);
       }
     }
@@ -252,7 +256,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * r;
         const float d = pi[nt][cc] * (pv[nt][cc] + sGb[m * D::EX + EP]);
-        sDak[row * D::LDP + m] = d;
+        sDak[row * D::LDP + m] = bits_f32(to_tf32(d));  // an mma operand only
         dsum[r] += d;
       }
 #pragma unroll
@@ -267,11 +271,11 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
       for (int kk = 0; kk < MP / 8; ++kk) {
         uint32_t a[4];
-        frag_a_tf32(a, sDak, D::LDP, warp * 16, kk * 8, lane);
+        frag_a_tf32<true>(a, sDak, D::LDP, warp * 16, kk * 8, lane);
 #pragma unroll
         for (int nt = 0; nt < EP / 8; ++nt) {
           uint32_t bb[2];
-          frag_b_tf32_kn(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
+          frag_b_tf32_kn<true>(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
           mma_1688_tf32(dk[nt], a, bb);
         }
       }
@@ -297,11 +301,11 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
       for (int kk = 0; kk < MP / 8; ++kk) {
         uint32_t a[4];
-        frag_a_tf32(a, sPi, D::LDP, warp * 16, kk * 8, lane);
+        frag_a_tf32<true>(a, sPi, D::LDP, warp * 16, kk * 8, lane);
 #pragma unroll
         for (int nt = 0; nt < EP / 8; ++nt) {
           uint32_t bb[2];
-          frag_b_tf32_kn(bb, sGb, D::EX, kk * 8, nt * 8, lane);
+          frag_b_tf32_kn<true>(bb, sGb, D::EX, kk * 8, nt * 8, lane);
           mma_1688_tf32(dv[nt], a, bb);
         }
       }
@@ -320,7 +324,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
     }
     if (p.w_grad) {
       __syncthreads();
-      accumulate_t<D::OWN_W, D::NW, EP / 8>(wacc, sDak, D::LDP, sX, D::LDX, warp, lane);
+      accumulate_t<D::OWN_W, D::NW, EP / 8, true>(wacc, sDak, D::LDP, sX, D::LDX, warp, lane);
     }
   }
 

@@ -170,7 +170,8 @@ __device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi) {
   }
 }
 
-// w into shared memory: hi (+ lo) parts in T, optionally fp32; zero outside M x E.
+// w into shared memory: hi (+ lo) parts in T, optionally fp32 rounded to tf32; zero
+// outside M x E.
 // A thread's elements share their column (unrolled); the element kind is read per
 // element as one 32- or 16-bit load and selects, not three loads behind branches.
 template <class T, int EP, int MP>
@@ -200,7 +201,7 @@ __device__ __forceinline__ void load_w(const PerformerParams& p, T* sWh, T* sWl,
     const T hi = Num<T>::from_float(x);
     sWh[m * LDX + e] = hi;
     sWl[m * LDX + e] = Num<T>::from_float(x - Num<T>::to_float(hi));
-    if (sWf != nullptr) sWf[m * LDX + e] = x;
+    if (sWf != nullptr) sWf[m * LDX + e] = bits_f32(to_tf32(x));  // an mma operand only
   }
 }
 
@@ -404,8 +405,9 @@ __device__ __forceinline__ void load_stats(float* sVbT, float* sLks, const Perfo
 }
 
 // acc[i] += A^T B for the block-owned tiles tt = warp + 4 i of an (MP x NCOL*8)
-// result: A is fp32 [token][lda] (read transposed), B is [token][ldb] (fp32 or T)
-template <int OWN, int NTOT, int NCOL, class S>
+// result: A is fp32 [token][lda] (read transposed), B is [token][ldb] (fp32 or T);
+// RAW: the fp32 tiles hold tf32 values already
+template <int OWN, int NTOT, int NCOL, bool RAW, class S>
 __device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* sA, int lda, const S* sB, int ldb,
                                              int warp, int lane) {
 #pragma unroll
@@ -416,8 +418,8 @@ __device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* 
 #pragma unroll
     for (int kk = 0; kk < kTok / 8; ++kk) {
       uint32_t a[4], b[2];
-      frag_a_tf32_t(a, sA, lda, mt * 16, kk * 8, lane);
-      frag_b_tf32_kn(b, sB, ldb, kk * 8, nt * 8, lane);
+      frag_a_tf32_t<RAW>(a, sA, lda, mt * 16, kk * 8, lane);
+      frag_b_tf32_kn<RAW>(b, sB, ldb, kk * 8, nt * 8, lane);
       mma_1688_tf32(acc[i], a, b);
     }
   }
