@@ -318,41 +318,52 @@ __device__ __forceinline__ float as_float(T x) {
   return Num<T>::to_float(x);
 }
 
+// tf32 bits of a tile element: 16-bit values are exact in tf32 (no rounding); float
+// values are rounded, unless the tile holds tf32 values already (RAW)
+template <bool RAW>
+__device__ __forceinline__ uint32_t tf32_of(float x) {
+  return RAW ? f32_bits(x) : to_tf32(x);
+}
+template <bool RAW, class T>
+__device__ __forceinline__ uint32_t tf32_of(T x) {
+  return f32_bits(Num<T>::to_float(x));
+}
+
 // tf32 fragments of tiles held as float or as a 16-bit type S (converted).
 // A (rows r0..r0+15, k0..k0+7) of the row-major tile s[r][k].
-template <class S>
+template <bool RAW = false, class S>
 __device__ __forceinline__ void frag_a_tf32(uint32_t (&a)[4], const S* s, int ld, int r0, int k0, int lane) {
   const S* p = s + (r0 + (lane >> 2)) * ld + k0 + (lane & 3);
-  a[0] = to_tf32(as_float(p[0]));
-  a[1] = to_tf32(as_float(p[8 * ld]));
-  a[2] = to_tf32(as_float(p[4]));
-  a[3] = to_tf32(as_float(p[8 * ld + 4]));
+  a[0] = tf32_of<RAW>(p[0]);
+  a[1] = tf32_of<RAW>(p[8 * ld]);
+  a[2] = tf32_of<RAW>(p[4]);
+  a[3] = tf32_of<RAW>(p[8 * ld + 4]);
 }
 
 // A (rows r0..r0+15, k0..k0+7) of the transposed tile s[k][r].
-template <class S>
+template <bool RAW = false, class S>
 __device__ __forceinline__ void frag_a_tf32_t(uint32_t (&a)[4], const S* s, int ld, int r0, int k0, int lane) {
   const S* p = s + (k0 + (lane & 3)) * ld + r0 + (lane >> 2);
-  a[0] = to_tf32(as_float(p[0]));
-  a[1] = to_tf32(as_float(p[8]));
-  a[2] = to_tf32(as_float(p[4 * ld]));
-  a[3] = to_tf32(as_float(p[4 * ld + 8]));
+  a[0] = tf32_of<RAW>(p[0]);
+  a[1] = tf32_of<RAW>(p[8]);
+  a[2] = tf32_of<RAW>(p[4 * ld]);
+  a[3] = tf32_of<RAW>(p[4 * ld + 8]);
 }
 
 // B (k0..k0+7 x n0..n0+7) of the tile s[k][n].
-template <class S>
+template <bool RAW = false, class S>
 __device__ __forceinline__ void frag_b_tf32_kn(uint32_t (&b)[2], const S* s, int ld, int k0, int n0, int lane) {
   const S* p = s + (k0 + (lane & 3)) * ld + n0 + (lane >> 2);
-  b[0] = to_tf32(as_float(p[0]));
-  b[1] = to_tf32(as_float(p[4 * ld]));
+  b[0] = tf32_of<RAW>(p[0]);
+  b[1] = tf32_of<RAW>(p[4 * ld]);
 }
 
 // B (k0..k0+7 x n0..n0+7) of the tile s[n][k] (B transposed).
-template <class S>
+template <bool RAW = false, class S>
 __device__ __forceinline__ void frag_b_tf32_nk(uint32_t (&b)[2], const S* s, int ld, int n0, int k0, int lane) {
   const S* p = s + (n0 + (lane >> 2)) * ld + k0 + (lane & 3);
-  b[0] = to_tf32(as_float(p[0]));
-  b[1] = to_tf32(as_float(p[4]));
+  b[0] = tf32_of<RAW>(p[0]);
+  b[1] = tf32_of<RAW>(p[4]);
 }
 
 // ----------------------------------------------------------------------------

@@ -20,12 +20,11 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   T* sWh = sX + kTok * D::LDX;
   T* sWl = sWh + MP * D::LDX;
   float* sWf = reinterpret_cast<float*>(sWl + MP * D::LDX);
-  float* sVb = sWf + MP * D::LDX;
-  float* sG = sVb + MP * D::EX;  // [dy | 0]
+  float* sVbT = sWf + MP * D::LDX;
+  float* sG = sVbT + D::EX * D::LDV;  // [dy | 0]
   float* sR = sG + kTok * D::EX;  // p, then r = p / Z
   float* sDl = sR + kTok * D::LDP;
   float* sLks = sDl + kTok * D::LDP;
-  float* sNorm = sLks + MP;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int c = blockIdx.x, b = blockIdx.y;
@@ -35,23 +34,24 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0];
 
   load_w<T, EP, MP>(p, sWh, sWl, sWf, tid);
-  load_stats<EP, MP>(sVb, sLks, p, b, tid);
+  load_stats<EP, MP>(sVbT, sLks, p, b, tid);
   float gacc[D::OWN_U][4], wacc[D::OWN_W][4];
 #pragma unroll
   for (int i = 0; i < D::OWN_U; ++i) gacc[i][0] = gacc[i][1] = gacc[i][2] = gacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < D::OWN_W; ++i) wacc[i][0] = wacc[i][1] = wacc[i][2] = wacc[i][3] = 0.f;
   float dlks = 0.f;  // sum_t dl[t, tid] (threads tid < MP)
+  // the tf32 tiles read without conversion (dy exact, r and w stored rounded); not at
+  // EP = 32, where ptxas then spilled 4 B on sm_90a (the conversions give the same bits)
+  constexpr bool kRaw = EP > 32;
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
     load_rows<T, kTok, EP, kThreads>(sX, D::LDX, Q, p.q_s[1], p.q_s[2], t0, t_end, p.E, tid);
     load_rows_ext<T, EP>(sG, dY, p.dy_s[1], p.dy_s[2], t0, t_end, p.E, 0.f, tid);
     __syncthreads();
-    row_norms<T, EP>(sNorm, sX, tid);
-    __syncthreads();
     float acc[MP / 8][4], y[D::NX][4], inv[2];
-    q_side<T, EP, MP>(acc, y, inv, p, sX, sWh, sWl, sVb, sLks, sNorm, sR, t0, t_end, warp, lane);
+    q_side<T, EP, MP, true>(acc, y, inv, p, sX, sWh, sWl, sVbT, sLks, t0, t_end, warp, lane);
 
     // gv = [dy | 0] [vbar | 1]^T = dy . vbar[m]; then c = dy . y = sum_m r gv and
     // dl = r (gv - c), both from these gv: where every vbar[m] is the same vector
@@ -63,11 +63,12 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
     for (int kk = 0; kk < D::NX; ++kk) {
       uint32_t a[4];
-      frag_a_tf32(a, sG, D::EX, warp * 16, kk * 8, lane);
+      frag_a_tf32<kRaw>(a, sG, D::EX, warp * 16, kk * 8, lane);  // dy: exact in tf32
 #pragma unroll
       for (int nt = 0; nt < MP / 8; ++nt) {
         uint32_t bb[2];
-        frag_b_tf32_nk(bb, sVb, D::EX, nt * 8, kk * 8, lane);
+        bb[0] = f32_bits(sVbT[vbt_at<MP>(kk * 8 + t, nt * 8 + g)]);  // tf32 already
+        bb[1] = f32_bits(sVbT[vbt_at<MP>(kk * 8 + t + 4, nt * 8 + g)]);
         mma_1688_tf32(gv[nt], a, bb);
       }
     }
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
-        acc[nt][cc] = bits_f32(to_tf32(acc[nt][cc])) * inv[cc >> 1];
+        acc[nt][cc] *= inv[cc >> 1];  // p from q_side is tf32 already
         cdot[cc >> 1] += acc[nt][cc] * gv[nt][cc];
       }
 #pragma unroll
@@ -90,8 +91,8 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, row = warp * 16 + g + 8 * r, m = nt * 8 + 2 * t + (cc & 1);
-        const float rr = acc[nt][cc], dl = rr * (gv[nt][cc] - cdot[r]);  // sR: after the warp's last read of p
-        sR[row * D::LDP + m] = rr;
+        const float rr = acc[nt][cc], dl = rr * (gv[nt][cc] - cdot[r]);
+        sR[row * D::LDP + m] = kRaw ? bits_f32(to_tf32(rr)) : rr;  // an mma operand only
         sDl[row * D::LDP + m] = dl;
         dlsum[r] += dl;
       }
@@ -106,11 +107,11 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
 #pragma unroll
     for (int kk = 0; kk < MP / 8; ++kk) {
       uint32_t a[4];
-      frag_a_tf32(a, sDl, D::LDP, warp * 16, kk * 8, lane);
+      frag_a_tf32(a, sDl, D::LDP, warp * 16, kk * 8, lane);  // dl: fp32 (the dlks sums read it)
 #pragma unroll
       for (int nt = 0; nt < EP / 8; ++nt) {
         uint32_t bb[2];
-        frag_b_tf32_kn(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
+        frag_b_tf32_kn<kRaw>(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
         mma_1688_tf32(dq[nt], a, bb);
       }
     }
@@ -135,8 +136,8 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     // rows past the chunk and features past M);  dw += dl^T q
     if (tid < MP)
       for (int row = 0; row < kTok; ++row) dlks += sDl[row * D::LDP + tid];
-    accumulate_t<D::OWN_U, D::NU, D::NX>(gacc, sR, D::LDP, sG, D::EX, warp, lane);
-    if (p.w_grad) accumulate_t<D::OWN_W, D::NW, EP / 8>(wacc, sDl, D::LDP, sX, D::LDX, warp, lane);
+    accumulate_t<D::OWN_U, D::NU, D::NX, kRaw>(gacc, sR, D::LDP, sG, D::EX, warp, lane);
+    if (p.w_grad) accumulate_t<D::OWN_W, D::NW, EP / 8, false>(wacc, sDl, D::LDP, sX, D::LDX, warp, lane);
   }
 
   const size_t part = (size_t)b * L.NC + c;
@@ -187,7 +188,6 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
   float* sPi = sVe + kTok * D::EX;
   float* sDak = sPi + kTok * D::LDP;
   float* sLks = sDak + kTok * D::LDP;
-  float* sNorm = sLks + MP;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int c = blockIdx.x, b = blockIdx.y;
@@ -199,7 +199,8 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 
   load_w<T, EP, MP>(p, sWh, sWl, sWf, tid);
   const float* gbar = p.work + L.gbar + (size_t)b * MP * D::EX;
-  for (int idx = tid; idx < MP * D::EX; idx += kThreads) sGb[idx] = gbar[idx];
+  for (int idx = tid; idx < MP * D::EX; idx += kThreads)  // dvbar rounded to tf32 (mma operand), dlks as is
+    sGb[idx] = idx % D::EX == EP ? gbar[idx] : bits_f32(to_tf32(gbar[idx]));
   for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
   __syncthreads();
   // coef = dlks - vbar . dvbar in fp32, with dvbar rounded to tf32 as the mma takes it:
@@ -220,20 +221,18 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
     load_rows<T, kTok, EP, kThreads>(sX, D::LDX, K, p.k_s[1], p.k_s[2], t0, t_end, p.E, tid);
     load_rows_ext<T, EP>(sVe, V, p.v_s[1], p.v_s[2], t0, t_end, p.E, 0.f, tid);
     __syncthreads();
-    row_norms<T, EP>(sNorm, sX, tid);
-    __syncthreads();
 
     // pi = exp(ak - lks) (0 on rows past the chunk and features past M)
-    float pi[MP / 8][4];
-    x_dot_w<T, EP, MP>(pi, sX, sWh, sWl, p.w_split != 0, warp, lane);
+    float pi[MP / 8][4], nrm[2];
+    x_dot_w<T, EP, MP>(pi, nrm, sX, sWh, sWl, p.w_split != 0, warp, lane);
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * (cc >> 1);
         const bool ok = m < p.M && t0 + row < t_end;
-        pi[nt][cc] = ok ? expf(pi[nt][cc] - 0.5f * sNorm[row] - sLks[m]) : 0.f;
-        sPi[row * D::LDP + m] = pi[nt][cc];
+        pi[nt][cc] = ok ? exp2_ftz((pi[nt][cc] - 0.5f * nrm[cc >> 1] - sLks[m]) * kLog2e) : 0.f;
+        sPi[row * D::LDP + m] = bits_f32(to_tf32(pi[nt][cc]));  // an mma operand only
       }
     // dak = pi (v . dvbar + coef)
     float pv[MP / 8][4];
@@ -242,11 +241,11 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
     for (int kk = 0; kk < D::NX; ++kk) {
       uint32_t a[4];
-      frag_a_tf32(a, sVe, D::EX, warp * 16, kk * 8, lane);
+      frag_a_tf32<true>(a, sVe, D::EX, warp * 16, kk * 8, lane);  // v: exact in tf32
 #pragma unroll
       for (int nt = 0; nt < MP / 8; ++nt) {
         uint32_t bb[2];
-        frag_b_tf32_nk(bb, sGb, D::EX, nt * 8, kk * 8, lane);
+        frag_b_tf32_nk<true>(bb, sGb, D::EX, nt * 8, kk * 8, lane);  // column EP (coef) meets v's zeros
         mma_1688_tf32(pv[nt], a, bb);
       }
     }
@@ -257,7 +256,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
       for (int cc = 0; cc < 4; ++cc) {
         const int r = cc >> 1, m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * r;
         const float d = pi[nt][cc] * (pv[nt][cc] + sGb[m * D::EX + EP]);
-        sDak[row * D::LDP + m] = d;
+        sDak[row * D::LDP + m] = bits_f32(to_tf32(d));  // an mma operand only
         dsum[r] += d;
       }
 #pragma unroll
@@ -272,11 +271,11 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
       for (int kk = 0; kk < MP / 8; ++kk) {
         uint32_t a[4];
-        frag_a_tf32(a, sDak, D::LDP, warp * 16, kk * 8, lane);
+        frag_a_tf32<true>(a, sDak, D::LDP, warp * 16, kk * 8, lane);
 #pragma unroll
         for (int nt = 0; nt < EP / 8; ++nt) {
           uint32_t bb[2];
-          frag_b_tf32_kn(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
+          frag_b_tf32_kn<true>(bb, sWf, D::LDX, kk * 8, nt * 8, lane);
           mma_1688_tf32(dk[nt], a, bb);
         }
       }
@@ -302,11 +301,11 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
 #pragma unroll
       for (int kk = 0; kk < MP / 8; ++kk) {
         uint32_t a[4];
-        frag_a_tf32(a, sPi, D::LDP, warp * 16, kk * 8, lane);
+        frag_a_tf32<true>(a, sPi, D::LDP, warp * 16, kk * 8, lane);
 #pragma unroll
         for (int nt = 0; nt < EP / 8; ++nt) {
           uint32_t bb[2];
-          frag_b_tf32_kn(bb, sGb, D::EX, kk * 8, nt * 8, lane);
+          frag_b_tf32_kn<true>(bb, sGb, D::EX, kk * 8, nt * 8, lane);
           mma_1688_tf32(dv[nt], a, bb);
         }
       }
@@ -325,7 +324,7 @@ __global__ void __launch_bounds__(128) performer_bwd_k_kernel(const PerformerPar
     }
     if (p.w_grad) {
       __syncthreads();
-      accumulate_t<D::OWN_W, D::NW, EP / 8>(wacc, sDak, D::LDP, sX, D::LDX, warp, lane);
+      accumulate_t<D::OWN_W, D::NW, EP / 8, true>(wacc, sDak, D::LDP, sX, D::LDX, warp, lane);
     }
   }
 
@@ -344,11 +343,13 @@ template <int EP, int MP>
 constexpr size_t bwd_q_smem() {
   using D = Dims<EP, MP>;
   return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 +
-         (size_t(MP) * D::LDX + MP * D::EX + kTok * D::EX + 2 * kTok * D::LDP + MP + kTok) * 4;
+         (size_t(MP) * D::LDX + D::EX * D::LDV + kTok * D::EX + 2 * kTok * D::LDP + MP) * 4;
 }
 template <int EP, int MP>
 constexpr size_t bwd_k_smem() {
-  return bwd_q_smem<EP, MP>();
+  using D = Dims<EP, MP>;
+  return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 +
+         (size_t(MP) * D::LDX + MP * D::EX + kTok * D::EX + 2 * kTok * D::LDP + MP) * 4;
 }
 
 template <class T, int EP, int MP>

@@ -136,23 +136,72 @@ struct Dims {
   static constexpr int NX = EX / 8;          // their n-tiles
   static constexpr int LDP = MP + 4;         // fp32 [token][m] tiles read as A rows
   static constexpr int LDH = MP + 8;         // fp32 [token][m] tile read transposed
+  static constexpr int LDV = MP;             // fp32 [e][m] tile (vbar transposed), swizzled: vbt_at
+  static constexpr int LDK = kTok + 8;       // fp32 [m][token] tile (p^T), 64-bit A loads
   static constexpr int NU = (MP / 16) * NX;  // block-owned (MP x EX) accumulator tiles
   static constexpr int NW = (MP / 16) * (EP / 8);  // block-owned (MP x EP) tiles
   static constexpr int OWN_U = (NU + 3) / 4;       // per warp
   static constexpr int OWN_W = (NW + 3) / 4;
 };
 
-// w into shared memory: hi (+ lo) parts in T, optionally fp32; zero outside M x E
+// Where vbar^T[e][m] sits in sVbT (MP floats a row): m XOR 8 (e mod 4), so the eight
+// rows a 64-bit fragment load touches per half warp fall in distinct banks; pairs
+// (m even, m + 1) stay adjacent.
+template <int MP>
+__device__ __forceinline__ int vbt_at(int e, int m) {
+  static_assert(MP % 32 == 0, "the swizzle spans 32 columns");
+  return e * MP + (m ^ ((e & 3) * 8));
+}
+
+// Two 16-bit elements of one register as floats (the lower one first).
+template <class T>
+__device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi) {
+  if constexpr (Num<T>::kIsBf16) {
+    lo = bits_f32(u << 16);
+    hi = bits_f32(u & 0xffff0000u);
+  } else {
+#if defined(VK_EMULATE)
+    lo = vk_emu::half_to_float(uint16_t(u & 0xffffu));
+    hi = vk_emu::half_to_float(uint16_t(u >> 16));
+#else
+    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+#endif
+  }
+}
+
+// w into shared memory: hi (+ lo) parts in T, optionally fp32 rounded to tf32; zero
+// outside M x E.
+// A thread's elements share their column (unrolled); the element kind is read per
+// element as one 32- or 16-bit load and selects, not three loads behind branches.
 template <class T, int EP, int MP>
 __device__ __forceinline__ void load_w(const PerformerParams& p, T* sWh, T* sWl, float* sWf, int tid) {
   constexpr int LDX = Dims<EP, MP>::LDX;
-  for (int idx = tid; idx < MP * EP; idx += kThreads) {
-    const int m = idx / EP, e = idx % EP;
-    const float x = (m < p.M && e < p.E) ? load_as_float(p.w, p.w_kind, m * p.w_s[0] + e * p.w_s[1]) : 0.f;
+  static_assert(kThreads % EP == 0 && (MP * EP) % kThreads == 0, "whole rows a pass");
+  constexpr int kStep = kThreads / EP;  // rows between a thread's elements
+  const int e = tid % EP, m0 = tid / EP;
+  const int kind = p.w_kind;
+  const int64_t es = kind == kFloat32 ? 4 : 2;
+  const unsigned char* col = static_cast<const unsigned char*>(p.w) + e * p.w_s[1] * es;
+#pragma unroll
+  for (int i = 0; i < MP * EP / kThreads; ++i) {
+    const int m = m0 + i * kStep;
+    float x = 0.f;
+    if (m < p.M && e < p.E) {
+      const unsigned char* q = col + m * p.w_s[0] * es;
+      if (kind == kFloat32) {
+        x = *reinterpret_cast<const float*>(q);
+      } else {
+        const uint32_t h = *reinterpret_cast<const uint16_t*>(q);
+        float xh, unused;
+        unpack2<half_t>(h, xh, unused);
+        x = kind == kFloat16 ? xh : bits_f32(h << 16);
+      }
+    }
     const T hi = Num<T>::from_float(x);
     sWh[m * LDX + e] = hi;
     sWl[m * LDX + e] = Num<T>::from_float(x - Num<T>::to_float(hi));
-    if (sWf != nullptr) sWf[m * LDX + e] = x;
+    if (sWf != nullptr) sWf[m * LDX + e] = bits_f32(to_tf32(x));  // an mma operand only
   }
 }
 
@@ -193,82 +242,119 @@ __device__ __forceinline__ void load_rows_ext(float* s, const T* g, int64_t sn, 
   }
 }
 
-// |x_r|^2 of the 64 rows of sX, fp32
-template <class T, int EP>
-__device__ __forceinline__ void row_norms(float* sNorm, const T* sX, int tid) {
-  if (tid < kTok) {
-    float acc = 0.f;
-    for (int e = 0; e < EP; ++e) {
-      const float x = Num<T>::to_float(sX[tid * (EP + 8) + e]);
-      acc += x * x;
-    }
-    sNorm[tid] = acc;
+// A warp's 16 rows s[r0 + r][0, D) (16-bit, row stride ld) to rows row0 + r of the
+// strided (T, E) matrix g, where row0 + r < nrows and columns below ncols: 16-byte
+// stores when g's rows vectorise, else element by element (out of line, so the loop
+// that stores carries a call instead of the copy).
+template <class T, int D>
+__device__ VK_NOINLINE void store_warp_rows_elementwise(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0,
+                                                        int row0, int nrows, int ncols, int lane) {
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int r = idx / D, d = idx % D;
+    if (row0 + r < nrows && d < ncols) g[(int64_t)(row0 + r) * sn + (int64_t)d * sd] = s[(r0 + r) * ld + d];
   }
 }
 
-// acc = x w^T for this warp's 16 rows of sX (x . w_hi + x . w_lo)
+template <class T, int D>
+__device__ __forceinline__ void store_warp_rows(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0, int row0,
+                                                int nrows, int ncols, int lane) {
+  constexpr int PR = D / 8;  // 16-byte pieces a row
+  static_assert(D % 8 == 0 && 32 % PR == 0, "rows of whole pieces, whole rows a pass");
+  if (!rows_vectorizable(g, sn, sd, ncols)) {
+    store_warp_rows_elementwise<T, D>(g, sn, sd, s, ld, r0, row0, nrows, ncols, lane);
+    return;
+  }
+  const int r = lane / PR, d = (lane % PR) * 8;
+#pragma unroll
+  for (int i = 0; i < 16 * PR / 32; ++i) {
+    const int rr = r + i * (32 / PR);
+    if (row0 + rr < nrows && d < ncols)
+      *reinterpret_cast<uint4*>(g + (int64_t)(row0 + rr) * sn + d) =
+          *reinterpret_cast<const uint4*>(s + (r0 + rr) * ld + d);
+  }
+}
+
+// acc = x w^T for this warp's 16 rows of sX (x . w_hi + x . w_lo), fragments by
+// ldmatrix; nrm[r] = |x|^2 of rows g + 8 r (fp32, from the same A fragments)
 template <class T, int EP, int MP>
-__device__ __forceinline__ void x_dot_w(float (&acc)[MP / 8][4], const T* sX, const T* sWh, const T* sWl, bool split,
-                                        int warp, int lane) {
+__device__ __forceinline__ void x_dot_w(float (&acc)[MP / 8][4], float (&nrm)[2], const T* sX, const T* sWh,
+                                        const T* sWl, bool split, int warp, int lane) {
   constexpr int LDX = Dims<EP, MP>::LDX;
+  static_assert(MP % 16 == 0, "w is read two n-tiles at a time");
 #pragma unroll
   for (int nt = 0; nt < MP / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  nrm[0] = nrm[1] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < EP / 16; ++kk) {
     uint32_t a[4];
-    frag_a<T>(a, sX, LDX, warp * 16, kk * 16, lane);
+    ldsm_a<T>(a, sX, LDX, warp * 16, kk * 16, lane);
 #pragma unroll
-    for (int nt = 0; nt < MP / 8; ++nt) {
-      uint32_t b[2];
-      frag_b_nk<T>(b, sWh, LDX, nt * 8, kk * 16, lane);
-      mma_16816<T>(acc[nt], a, b);
+    for (int j = 0; j < 4; ++j) {  // a[0], a[2]: row g; a[1], a[3]: row g + 8
+      float lo, hi;
+      unpack2<T>(a[j], lo, hi);
+      nrm[j & 1] = fmaf(lo, lo, fmaf(hi, hi, nrm[j & 1]));
+    }
+#pragma unroll
+    for (int np = 0; np < MP / 16; ++np) {
+      uint32_t b[2][2];
+      ldsm_b2_nk<T>(b, sWh, LDX, np * 16, kk * 16, lane);
+      mma_16816<T>(acc[2 * np], a, b[0]);
+      mma_16816<T>(acc[2 * np + 1], a, b[1]);
       if (split) {
-        frag_b_nk<T>(b, sWl, LDX, nt * 8, kk * 16, lane);
-        mma_16816<T>(acc[nt], a, b);
+        ldsm_b2_nk<T>(b, sWl, LDX, np * 16, kk * 16, lane);
+        mma_16816<T>(acc[2 * np], a, b[0]);
+        mma_16816<T>(acc[2 * np + 1], a, b[1]);
       }
     }
   }
+  nrm[0] = quad_sum(nrm[0]);
+  nrm[1] = quad_sum(nrm[1]);
 }
 
 // y (n-tiles 0..NX-1, the last holding the normaliser in its column 0) = p @ [vbar | 1]
-// for this warp's 16 rows of sP (fp32 [token][LDP])
-template <int EP, int MP>
-__device__ __forceinline__ void p_times_vbar(float (&y)[Dims<EP, MP>::NX][4], const float* sP, const float* sVb,
-                                             int warp, int lane) {
+// for this warp's 16 rows, p held in registers as the C tiles of (rows x m) already
+// rounded to tf32: the A fragment of k-step kk is C tile kk with the k order permuted
+// (fragment column t is m = 2t, column t + 4 is m = 2t + 1), so B takes the same
+// order: b = vbar^T[n][2t], [n][2t + 1], one 64-bit load of sVbT (fp32 [e][m], tf32,
+// vbt_at). ONLY_Z: the last n-tile alone (the normaliser, all the backward needs).
+template <int EP, int MP, bool ONLY_Z = false>
+__device__ __forceinline__ void p_times_vbar(float (&y)[Dims<EP, MP>::NX][4], const float (&pt)[MP / 8][4],
+                                             const float* sVbT, int lane) {
   using D = Dims<EP, MP>;
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < D::NX; ++nt) y[nt][0] = y[nt][1] = y[nt][2] = y[nt][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < MP / 8; ++kk) {
-    uint32_t a[4];
-    frag_a_tf32(a, sP, D::LDP, warp * 16, kk * 8, lane);
+    const uint32_t a[4] = {f32_bits(pt[kk][0]), f32_bits(pt[kk][2]), f32_bits(pt[kk][1]), f32_bits(pt[kk][3])};
 #pragma unroll
-    for (int nt = 0; nt < D::NX; ++nt) {
-      uint32_t b[2];
-      frag_b_tf32_kn(b, sVb, D::LDX, kk * 8, nt * 8, lane);
+    for (int nt = ONLY_Z ? D::NX - 1 : 0; nt < D::NX; ++nt) {
+      const float2 v = *reinterpret_cast<const float2*>(sVbT + vbt_at<MP>(nt * 8 + g, kk * 8 + 2 * t));
+      const uint32_t b[2] = {f32_bits(v.x), f32_bits(v.y)};
       mma_1688_tf32(y[nt], a, b);
     }
   }
 }
 
 // The q side shared by forward and backward: l = x w^T - |x|^2/2 + lks, s = row
-// max, p = exp(l - s) (0 on rows past nrows and columns past M) into acc and
-// sP; y = p [vbar | 1]; returns 1/Z per row (0 on invalid rows) in inv.
-template <class T, int EP, int MP>
+// max, p = exp(l - s) rounded to tf32 (0 on rows past nrows and columns past M) into
+// acc; y = p [vbar | 1] (ONLY_Z: its last n-tile only); returns 1/Z per row (0 on
+// invalid rows) in inv.
+template <class T, int EP, int MP, bool ONLY_Z = false>
 __device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<EP, MP>::NX][4], float (&inv)[2],
                                        const PerformerParams& p, const T* sX, const T* sWh, const T* sWl,
-                                       const float* sVb, const float* sLks, const float* sNorm, float* sP, int t0,
-                                       int nrows, int warp, int lane) {
+                                       const float* sVbT, const float* sLks, int t0, int nrows, int warp, int lane) {
   using D = Dims<EP, MP>;
   const int g = lane >> 2, t = lane & 3;
-  x_dot_w<T, EP, MP>(acc, sX, sWh, sWl, p.w_split != 0, warp, lane);
+  float nrm[2];
+  x_dot_w<T, EP, MP>(acc, nrm, sX, sWh, sWl, p.w_split != 0, warp, lane);
   float s[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int m = nt * 8 + 2 * t + (c & 1), row = warp * 16 + g + 8 * (c >> 1);
-      const float l = m < p.M ? acc[nt][c] - 0.5f * sNorm[row] + sLks[m] : -INFINITY;
+      const int m = nt * 8 + 2 * t + (c & 1);
+      const float l = m < p.M ? acc[nt][c] - 0.5f * nrm[c >> 1] + sLks[m] : -INFINITY;
       acc[nt][c] = l;
       s[c >> 1] = fmaxf(s[c >> 1], l);
     }
@@ -282,39 +368,46 @@ __device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<
   for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int r = c >> 1, m = nt * 8 + 2 * t + (c & 1), row = warp * 16 + g + 8 * r;
-      const float pr = valid[r] ? expf(acc[nt][c] - s[r]) : 0.f;
-      acc[nt][c] = pr;
-      sP[row * D::LDP + m] = pr;
+      const int r = c >> 1;
+      const float pr = valid[r] ? exp2_ftz((acc[nt][c] - s[r]) * kLog2e) : 0.f;
+      acc[nt][c] = bits_f32(to_tf32(pr));
     }
-  __syncwarp();
-  p_times_vbar<EP, MP>(y, sP, sVb, warp, lane);
+  p_times_vbar<EP, MP, ONLY_Z>(y, acc, sVbT, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float den = shfl_idx(y[D::NX - 1][2 * r], lane & ~3);  // column EP, held by t == 0
-    inv[r] = valid[r] ? 1.f / (den + expf(p.log_eps_m - s[r])) : 0.f;
+    inv[r] = valid[r] ? 1.f / (den + exp2_ftz((p.log_eps_m - s[r]) * kLog2e)) : 0.f;
   }
 }
 
-// [vbar | 1] (m < M) and lks of batch b into shared memory
+// [vbar | 1] (m < M) of batch b transposed into sVbT (fp32 [e][m], rounded to tf32:
+// the mma operand) and lks into sLks
 template <int EP, int MP>
-__device__ __forceinline__ void load_stats(float* sVb, float* sLks, const PerformerParams& p, int b, int tid) {
-  constexpr int EX = EP + 8;
-  for (int idx = tid; idx < MP * EX; idx += kThreads) {
-    const int m = idx / EX, e = idx % EX;
-    float val = 0.f;
-    if (m < p.M) {
-      if (e < p.E) val = p.vbar[((int64_t)b * p.M + m) * p.E + e];
-      else if (e == EP) val = 1.f;
+__device__ __forceinline__ void load_stats(float* sVbT, float* sLks, const PerformerParams& p, int b, int tid) {
+  static_assert(kThreads % EP == 0 && (MP * EP) % kThreads == 0 && (MP * 8) % kThreads == 0, "whole passes");
+  constexpr int kStep = kThreads / EP;  // rows m between a thread's elements
+  {
+    const int e = tid % EP, m0 = tid / EP;
+    const float* src = p.vbar + (int64_t)b * p.M * p.E + e;
+#pragma unroll
+    for (int i = 0; i < MP * EP / kThreads; ++i) {
+      const int m = m0 + i * kStep;
+      const float val = (m < p.M && e < p.E) ? bits_f32(to_tf32(src[m * p.E])) : 0.f;
+      sVbT[vbt_at<MP>(e, m)] = val;
     }
-    sVb[idx] = val;
   }
-  for (int m = tid; m < MP; m += kThreads) sLks[m] = m < p.M ? p.lks[(int64_t)b * p.M + m] : 0.f;
+#pragma unroll
+  for (int i = 0; i < MP * 8 / kThreads; ++i) {  // rows EP..EX-1: the ones (m < M), zeros
+    const int idx = tid + i * kThreads, e = EP + idx / MP, m = idx % MP;
+    sVbT[vbt_at<MP>(e, m)] = (e == EP && m < p.M) ? 1.f : 0.f;
+  }
+  if (tid < MP) sLks[tid] = tid < p.M ? p.lks[(int64_t)b * p.M + tid] : 0.f;
 }
 
 // acc[i] += A^T B for the block-owned tiles tt = warp + 4 i of an (MP x NCOL*8)
-// result: A is fp32 [token][lda] (read transposed), B is [token][ldb] (fp32 or T)
-template <int OWN, int NTOT, int NCOL, class S>
+// result: A is fp32 [token][lda] (read transposed), B is [token][ldb] (fp32 or T);
+// RAW: the fp32 tiles hold tf32 values already
+template <int OWN, int NTOT, int NCOL, bool RAW, class S>
 __device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* sA, int lda, const S* sB, int ldb,
                                              int warp, int lane) {
 #pragma unroll
@@ -325,10 +418,70 @@ __device__ __forceinline__ void accumulate_t(float (&acc)[OWN][4], const float* 
 #pragma unroll
     for (int kk = 0; kk < kTok / 8; ++kk) {
       uint32_t a[4], b[2];
-      frag_a_tf32_t(a, sA, lda, mt * 16, kk * 8, lane);
-      frag_b_tf32_kn(b, sB, ldb, kk * 8, nt * 8, lane);
+      frag_a_tf32_t<RAW>(a, sA, lda, mt * 16, kk * 8, lane);
+      frag_b_tf32_kn<RAW>(b, sB, ldb, kk * 8, nt * 8, lane);
       mma_1688_tf32(acc[i], a, b);
     }
+  }
+}
+
+// Ownership of the (32 x NCOL*8) tiles of P^T V, NCOL = EP / 8 (v's columns): a warp
+// takes the n-tiles warp, warp + 4, ... and both m-tiles of each; its tile i is
+// (m-tile i % 2, n-tile warp + 4 (i / 2)), held where that n-tile exists. The column of
+// ones (the normaliser) is not a tile: see accumulate_pv.
+template <int NCOL>
+struct PvTiles {
+  static constexpr int NJ = (NCOL + 3) / 4;  // n-tiles a warp (at most)
+  static constexpr int OWN = 2 * NJ;
+};
+
+// acc += P^T v over 64 tokens for this warp's PvTiles, and ones[mt] += P^T 1 over this
+// warp's share of the tokens (k-steps warp and warp + 4: the four warps' partial sums
+// add up to the tile's), in column 0 (lanes t = 0, c[0] and c[2]) of the 16 x 8 tile.
+// sPT is fp32 [m][token] (32 rows, values already tf32), sV 16-bit [token][ldv] (exact
+// in tf32). V's fragments by transposing ldmatrix (four k-steps an instruction), which
+// pairs tokens 2t, 2t + 1: the k order is permuted to that (fragment column t is token
+// 2t, t + 4 is 2t + 1), so A is two 64-bit loads; each B serves both m-tiles.
+template <class T, int NCOL>
+__device__ __forceinline__ void accumulate_pv(float (&acc)[PvTiles<NCOL>::OWN][4], float (&ones)[2][4],
+                                              const float* sPT, int ldk, const T* sV, int ldv, int warp, int lane) {
+  constexpr int NJ = PvTiles<NCOL>::NJ;
+  const int g = lane >> 2, t = lane & 3;
+  const float* pa = sPT + g * ldk + 2 * t;
+  auto load_a = [&](uint32_t(&a)[2][4], int k0) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const float2 lo = *reinterpret_cast<const float2*>(pa + mt * 16 * ldk + k0);
+      const float2 hi = *reinterpret_cast<const float2*>(pa + (mt * 16 + 8) * ldk + k0);
+      a[mt][0] = f32_bits(lo.x), a[mt][1] = f32_bits(hi.x), a[mt][2] = f32_bits(lo.y), a[mt][3] = f32_bits(hi.y);
+    }
+  };
+  const uint32_t one = f32_bits(g == 0 ? 1.f : 0.f);
+  const uint32_t b1[2] = {one, one};
+#pragma unroll
+  for (int k4 = 0; k4 < kTok / 32; ++k4) {
+    uint32_t r[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+      if (warp + 4 * j < NCOL) ldsm_x4<true>(r[j], sV + (k4 * 32 + lane) * ldv + (warp + 4 * j) * 8);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t a[2][4];
+      load_a(a, (k4 * 4 + q) * 8);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        if (warp + 4 * j >= NCOL) break;
+        float v0, v1;
+        unpack2<T>(r[j][q], v0, v1);
+        const uint32_t b[2] = {f32_bits(v0), f32_bits(v1)};
+        mma_1688_tf32(acc[2 * j], a[0], b);
+        mma_1688_tf32(acc[2 * j + 1], a[1], b);
+      }
+    }
+    uint32_t a[2][4];
+    load_a(a, (k4 * 4 + warp) * 8);
+    mma_1688_tf32(ones[0], a[0], b1);
+    mma_1688_tf32(ones[1], a[1], b1);
   }
 }
 

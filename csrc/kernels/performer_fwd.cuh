@@ -19,10 +19,9 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
   T* sX = reinterpret_cast<T*>(smem);
   T* sWh = sX + kTok * D::LDX;
   T* sWl = sWh + MP * D::LDX;
-  float* sV = reinterpret_cast<float*>(sWl + MP * D::LDX);  // [v | 1]
-  float* sKh = sV + kTok * D::EX;
-  float* sNorm = sKh + kTok * D::LDH;
-  float* sCmax = sNorm + kTok;
+  T* sV = sWl + MP * D::LDX;                                // v, 16-bit (columns < EP)
+  float* sPT = reinterpret_cast<float*>(sV + kTok * D::EX);  // exp(ak - run)^T, tf32
+  float* sCmax = sPT + MP * D::LDK;
   float* sRun = sCmax + 4 * MP;
   float* sAlpha = sRun + MP;
 
@@ -34,29 +33,32 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
 
   load_w<T, EP, MP>(p, sWh, sWl, nullptr, tid);
   if (tid < MP) sRun[tid] = -INFINITY;
-  float u[D::OWN_U][4];
+  static_assert(MP == 32, "P^T V's tiles: two m-tiles");
+  using PV = PvTiles<EP / 8>;
+  float u[PV::OWN][4], ones[2][4];  // P^T v (this warp's tiles), P^T 1 (its tokens' part)
 #pragma unroll
-  for (int i = 0; i < D::OWN_U; ++i) u[i][0] = u[i][1] = u[i][2] = u[i][3] = 0.f;
+  for (int i = 0; i < PV::OWN; ++i) u[i][0] = u[i][1] = u[i][2] = u[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) ones[i][0] = ones[i][1] = ones[i][2] = ones[i][3] = 0.f;
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
-    load_rows<T, kTok, EP, kThreads>(sX, D::LDX, K, p.k_s[1], p.k_s[2], t0, t_end, p.E, tid);
-    load_rows_ext<T, EP>(sV, V, p.v_s[1], p.v_s[2], t0, t_end, p.E, 1.f, tid);
-    __syncthreads();
-    row_norms<T, EP>(sNorm, sX, tid);
+    load_rows_unrolled<T, kTok, EP, kThreads, true>(sX, D::LDX, K, p.k_s[1], p.k_s[2], t0, t_end, p.E, tid);
+    load_rows_unrolled<T, kTok, EP, kThreads, true>(sV, D::EX, V, p.v_s[1], p.v_s[2], t0, t_end, p.E, tid);
     __syncthreads();
 
     // ak = k w^T - |k|^2 / 2 (-inf on rows past the chunk, 0 on padded features)
-    float acc[MP / 8][4];
-    x_dot_w<T, EP, MP>(acc, sX, sWh, sWl, p.w_split != 0, warp, lane);
+    float acc[MP / 8][4], nrm[2];
+    x_dot_w<T, EP, MP>(acc, nrm, sX, sWh, sWl, p.w_split != 0, warp, lane);
+    const bool last = t0 + kTok > t_end;  // rows past the chunk only on the last tile
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt)
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * (cc >> 1);
-        float a = acc[nt][cc] - 0.5f * sNorm[row];
-        if (t0 + row >= t_end) a = -INFINITY;
-        else if (m >= p.M) a = 0.f;
+        float a = acc[nt][cc] - 0.5f * nrm[cc >> 1];
+        if (m >= p.M) a = 0.f;
+        if (last && t0 + row >= t_end) a = -INFINITY;
         acc[nt][cc] = a;
       }
     // column maxima: over the warp's rows (lanes sharing t), then over the warps
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
       float nm = sRun[tid];
 #pragma unroll
       for (int w = 0; w < 4; ++w) nm = fmaxf(nm, sCmax[w * MP + tid]);
-      sAlpha[tid] = expf(sRun[tid] - nm);  // 0 on the first tile
+      sAlpha[tid] = exp2_ftz((sRun[tid] - nm) * kLog2e);  // 0 on the first tile
       sRun[tid] = nm;
     }
     __syncthreads();
@@ -84,13 +86,17 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int m = nt * 8 + 2 * t + (cc & 1), row = warp * 16 + g + 8 * (cc >> 1);
-        sKh[row * D::LDH + m] = expf(acc[nt][cc] - sRun[m]);
+        sPT[m * D::LDK + row] = bits_f32(to_tf32(exp2_ftz((acc[nt][cc] - sRun[m]) * kLog2e)));
       }
 #pragma unroll
-    for (int i = 0; i < D::OWN_U; ++i) {
-      const int tt = warp + 4 * i;
-      if (tt >= D::NU) break;
-      const int m0 = (tt / D::NX) * 16 + g;
+    for (int i = 0; i < 2; ++i) {
+      ones[i][0] *= sAlpha[i * 16 + g];
+      ones[i][2] *= sAlpha[i * 16 + g + 8];
+    }
+#pragma unroll
+    for (int i = 0; i < PV::OWN; ++i) {
+      if (warp + 4 * (i / 2) >= EP / 8) break;
+      const int m0 = (i % 2) * 16 + g;
       u[i][0] *= sAlpha[m0];
       u[i][1] *= sAlpha[m0];
       u[i][2] *= sAlpha[m0 + 8];
@@ -98,12 +104,26 @@ __global__ void __launch_bounds__(128) performer_kv_kernel(const PerformerParams
     }
     __syncthreads();
     // u += exp(ak - run)^T [v | 1]
-    accumulate_t<D::OWN_U, D::NU, D::NX>(u, sKh, D::LDH, sV, D::EX, warp, lane);
+    accumulate_pv<T, EP / 8>(u, ones, sPT, D::LDK, sV, D::EX, warp, lane);
   }
 
   const size_t part = (size_t)b * L.NC + c;
   if (tid < MP) p.work[L.part_m + part * MP + tid] = sRun[tid];
-  store_owned<D::OWN_U, D::NU, D::NX>(p.work + L.part_u + part * MP * D::EX, u, warp, lane);
+  float* dst = p.work + L.part_u + part * MP * D::EX;
+#pragma unroll
+  for (int i = 0; i < PV::OWN; ++i) {
+    const int nt = warp + 4 * (i / 2);
+    if (nt >= EP / 8) break;
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc)
+      dst[((i % 2) * 16 + g + 8 * (cc >> 1)) * D::EX + nt * 8 + 2 * t + (cc & 1)] = u[i][cc];
+  }
+  // the normaliser (column EP): the four warps' partial sums, in a fixed order
+  if (t == 0)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sCmax[warp * MP + (i / 2) * 16 + g + 8 * (i % 2)] = ones[i / 2][2 * (i % 2)];
+  __syncthreads();
+  if (tid < MP) dst[tid * D::EX + EP] = sCmax[tid] + sCmax[MP + tid] + sCmax[2 * MP + tid] + sCmax[3 * MP + tid];
 }
 
 // ----------------------------------------------------------------------------
@@ -146,10 +166,8 @@ __global__ void __launch_bounds__(128) performer_q_kernel(const PerformerParams 
   T* sX = reinterpret_cast<T*>(smem);
   T* sWh = sX + kTok * D::LDX;
   T* sWl = sWh + MP * D::LDX;
-  float* sVb = reinterpret_cast<float*>(sWl + MP * D::LDX);
-  float* sP = sVb + MP * D::EX;
-  float* sLks = sP + kTok * D::LDP;
-  float* sNorm = sLks + MP;
+  float* sVbT = reinterpret_cast<float*>(sWl + MP * D::LDX);
+  float* sLks = sVbT + D::EX * D::LDV;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int c = blockIdx.x, b = blockIdx.y;
@@ -158,28 +176,25 @@ __global__ void __launch_bounds__(128) performer_q_kernel(const PerformerParams 
   T* Y = static_cast<T*>(p.y) + b * p.y_s[0];
 
   load_w<T, EP, MP>(p, sWh, sWl, nullptr, tid);
-  load_stats<EP, MP>(sVb, sLks, p, b, tid);
+  load_stats<EP, MP>(sVbT, sLks, p, b, tid);
 
   for (int t0 = t_begin; t0 < t_end; t0 += kTok) {
     __syncthreads();
-    load_rows<T, kTok, EP, kThreads>(sX, D::LDX, Q, p.q_s[1], p.q_s[2], t0, t_end, p.E, tid);
-    __syncthreads();
-    row_norms<T, EP>(sNorm, sX, tid);
+    load_rows_unrolled<T, kTok, EP, kThreads, true>(sX, D::LDX, Q, p.q_s[1], p.q_s[2], t0, t_end, p.E, tid);
     __syncthreads();
     float acc[MP / 8][4], y[D::NX][4], inv[2];
-    q_side<T, EP, MP>(acc, y, inv, p, sX, sWh, sWl, sVb, sLks, sNorm, sP, t0, t_end, warp, lane);
+    q_side<T, EP, MP>(acc, y, inv, p, sX, sWh, sWl, sVbT, sLks, t0, t_end, warp, lane);
+    // y through the warp's own rows of sX (read only by this warp's x_dot_w), then
+    // to global memory a row piece at a time
+    __syncwarp();
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = t0 + warp * 16 + g + 8 * r;
-      if (row >= t_end) continue;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int nt = 0; nt < EP / 8; ++nt) {
-        const int col = nt * 8 + 2 * t;
-        if (col < p.E)
-          store_pair(Y + row * p.y_s[1] + col * p.y_s[2], p.y_s[2], y[nt][2 * r] * inv[r], y[nt][2 * r + 1] * inv[r],
-                     col + 1 < p.E);
-      }
-    }
+      for (int nt = 0; nt < EP / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(sX + (warp * 16 + g + 8 * r) * D::LDX + nt * 8 + 2 * t) =
+            Num<T>::pack(y[nt][2 * r] * inv[r], y[nt][2 * r + 1] * inv[r]);
+    __syncwarp();
+    store_warp_rows<T, EP>(Y, p.y_s[1], p.y_s[2], sX, D::LDX, warp * 16, t0 + warp * 16, t_end, p.E, lane);
   }
 }
 
@@ -191,13 +206,12 @@ namespace performer_detail {
 template <int EP, int MP>
 constexpr size_t kv_smem() {
   using D = Dims<EP, MP>;
-  return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 +
-         (size_t(kTok) * D::EX + kTok * D::LDH + kTok + 4 * MP + 2 * MP) * 4;
+  return (size_t(kTok) * D::LDX + 2 * MP * D::LDX + kTok * D::EX) * 2 + (size_t(MP) * D::LDK + 4 * MP + 2 * MP) * 4;
 }
 template <int EP, int MP>
 constexpr size_t q_smem() {
   using D = Dims<EP, MP>;
-  return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 + (size_t(MP) * D::EX + kTok * D::LDP + MP + kTok) * 4;
+  return (size_t(kTok) * D::LDX + 2 * MP * D::LDX) * 2 + (size_t(D::EX) * D::LDV + MP) * 4;
 }
 
 template <class T, int EP, int MP>
