@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -122,7 +123,11 @@ def test_a_cached_kernel_names_another_checkout_and_its_loops_are_still_found(tm
     assert {i.file for i in f.insns} == {relpos.__file__}
     code = analysis.Code("triton", f, registers=32, static_shared=0, spill_stores=0, spill_loads=0)
     assert [lp.first for lp in code.source_loops if lp.first == for_line] == [for_line]
-    assert sass.package_file("/x/csrc/kernels/relpos.cuh") == "/x/csrc/kernels/relpos.cuh"
+    # the cubin cache (keyed by the CUDA sources' content) likewise: this checkout's csrc
+    csrc = Path(sass.__file__).resolve().parents[2] / "csrc" / "kernels" / "relpos.cuh"
+    assert sass.package_file(str(tmp_path / "deleted-copy" / "csrc" / "kernels" / "relpos.cuh")) == str(csrc)
+    assert sass.package_file("/x/csrc/kernels/nowhere.cuh") == "/x/csrc/kernels/nowhere.cuh"
+    assert sass.package_file("/usr/local/cuda/include/cuda_bf16.hpp") == "/usr/local/cuda/include/cuda_bf16.hpp"
 
 
 def test_occupancy_limits():

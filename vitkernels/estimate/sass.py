@@ -69,18 +69,27 @@ class Function:
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../vitkernels
 
 
-def package_file(path: str) -> str:
-    """This package's copy of a Python source file that compiled code names.
+_CSRC_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")  # the CUDA sources beside the package
 
-    A kernel served from Triton's on-disk cache keeps the file names of the checkout
-    it was first compiled from (another clone, a deleted copy); the cache key covers
-    the source and starting line of the kernel and of every jit function it calls, so
-    the same lines of this package's file are the ones it was compiled from. Paths of
-    other files (CUDA sources, triton's own) are returned as they are."""
+
+def package_file(path: str) -> str:
+    """This checkout's copy of a source file that compiled code names.
+
+    A kernel served from an on-disk cache keeps the file names of the checkout it
+    was first compiled from (another clone, a deleted copy): Triton's cache key
+    covers the source and starting line of the kernel and of every jit function it
+    calls, and the estimate's cubin cache (``vitkernels.estimate.cuda``) the content
+    of every CUDA source, so the same lines of this checkout's file are the ones it
+    was compiled from. Python files of the package map to the package, files under a
+    ``csrc/`` folder to the ``csrc`` beside it (where this checkout has that file);
+    other paths (triton's own, the CUDA toolkit's headers) are returned as they are."""
     norm = path.replace(os.sep, "/")
-    if not norm.endswith(".py") or "/vitkernels/" not in norm:
+    if norm.endswith(".py") and "/vitkernels/" in norm:
+        here = os.path.join(_PACKAGE_DIR, *norm.rpartition("/vitkernels/")[2].split("/"))
+    elif "/csrc/" in norm and not norm.endswith(".py"):
+        here = os.path.join(_CSRC_DIR, *norm.rpartition("/csrc/")[2].split("/"))
+    else:
         return path
-    here = os.path.join(_PACKAGE_DIR, *norm.rpartition("/vitkernels/")[2].split("/"))
     return here if os.path.exists(here) else path
 
 
