@@ -184,6 +184,44 @@ def test_a_timm_module_used_at_two_places_stays_one_module():
     assert type(shared) is Attention
 
 
+def _zoo_vit() -> tuple[nn.Module, torch.Tensor]:
+    from vitkernels.models import create
+
+    model = create("vit_b16", image_size=32, depth=1, dim=64, heads=2, num_classes=10)
+    return model, torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("source", "reparam"), [("timm", "prune"), ("zoo", "weight_norm")])
+def test_pruning_or_weight_norm_on_a_fused_patch_projection_trains_like_eager(source, reparam):
+    """torch.nn.utils.prune and weight_norm recompute the projection's ``weight`` in a
+    forward pre-hook; the fused patch embedding, which reads the weight itself, runs
+    the original layers while they have hooks: the same losses and updates as eager
+    over two SGD steps (reading the stale weight failed the second backward)."""
+    import torch.nn.utils.prune as prune
+
+    eager, x = _timm("vit_tiny_patch16_224") if source == "timm" else _zoo_vit()
+    fused = copy.deepcopy(eager)
+    assert vitkernels.optimize(fused, ops="patch_embed").count() == 1
+    losses: dict[str, list[float]] = {"eager": [], "fused": []}
+    for tag, model in (("eager", eager), ("fused", fused)):
+        model.train()
+        proj = model.patch_embed.proj if source == "timm" else model.to_patch_embedding[2]
+        if reparam == "prune":
+            prune.l1_unstructured(proj, "weight", amount=0.5)
+        else:
+            torch.nn.utils.weight_norm(proj)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(2):
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[tag].append(loss.item())
+    assert losses["fused"] == pytest.approx(losses["eager"], rel=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), fused.parameters(), strict=True):
+        assert_close(q, p, 1e-5, name, floor=1.0)
+
+
 # ----------------------------------------------------------------------------
 # torch.fx, TorchScript
 

@@ -472,6 +472,44 @@ def test_fused_attention_qualifies_for_sdpas_fused_kernel(kind):
 # state_dict, checkpoints, restore
 
 
+def _skipped_paths(model: nn.Module) -> list[str]:
+    """Paths of the submodules whose __call__ the fused modules of ``model`` skip."""
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return [names[id(s)] for m in model.modules() if isinstance(m, FusedModule) for s in m._vk_skipped()]
+
+
+# timm's LeViT attention calls every submodule it has (its stem is not replaced)
+HOOKED_MODELS = [m for m in MODELS if not m.endswith(":levit_128s")]
+
+
+@pytest.mark.parametrize("spec", HOOKED_MODELS)
+def test_hooks_on_modules_a_fused_op_folds_in_fire_as_in_eager(spec):
+    """A hook on a module that a fused forward folds in (vit-pytorch's ``Recorder``
+    reads attention maps off ``attend``; torch.nn.utils.prune and weight_norm recompute
+    a Linear's weight in a pre-hook) makes the fused module run the original forward:
+    the hooks see what they see in eager, and the outputs match."""
+    b = build(spec)
+    eager = b.model.eval()
+    fused = copy.deepcopy(eager)
+    vitkernels.optimize(fused)
+    paths = _skipped_paths(fused)
+    assert paths, "no fused module of this model skips a submodule"
+    seen: dict[str, dict[str, list[torch.Tensor]]] = {"eager": {}, "fused": {}}
+    for tag, model in (("eager", eager), ("fused", fused)):
+        for path in paths:
+            model.get_submodule(path).register_forward_hook(
+                lambda m, args, out, path=path, tag=tag: seen[tag].setdefault(path, []).append(out.clone())
+            )
+    with torch.no_grad():
+        want = eager(b.x)
+        got = fused(b.x)
+    assert_outputs_close(got, want)
+    assert {k: len(v) for k, v in seen["fused"].items()} == {k: len(v) for k, v in seen["eager"].items()}
+    for path, outs in seen["eager"].items():
+        for g, w in zip(seen["fused"][path], outs, strict=True):
+            assert rel_err(g, w, floor=1.0) < 1e-5, path
+
+
 @pytest.mark.parametrize("spec", MODELS)
 def test_state_dict_checkpoints_and_restore(spec):
     b = build(spec)

@@ -48,6 +48,7 @@ from typing import Any
 from torch import nn
 
 from vitkernels.ops._dispatch import BACKEND_NAMES
+from vitkernels.tokens import _has_hooks
 
 __all__ = [
     "DEFAULT_OPS",
@@ -108,6 +109,13 @@ class FusedModule:
     _vk_visit_children = False
     # properties of the mixin that TorchScript must not compile
     _vk_jit_unused = ()
+    # the submodules (attribute names, dotted when nested) whose __call__ the fused
+    # forward skips, folding their math into the op or reading their tensors: with a
+    # hook on one of them or on a module inside it (vit-pytorch's Recorder on
+    # ``attend``, torch.nn.utils.prune or weight_norm on a patch embedding's Linear,
+    # a user's feature hook) or a global module hook, the original forward runs, so
+    # that the hooks fire and what they compute is used (``_vk_hooked``)
+    _vk_skips = ()
     # instances carry ``_vk``, a FusedState
 
     @classmethod
@@ -117,6 +125,23 @@ class FusedModule:
 
     def _vk_restore(self) -> None:
         """Drop what the original may have cached from tensors the fused module changed."""
+
+    def _vk_skipped(self) -> list[nn.Module]:
+        """The submodules named in ``_vk_skips`` that the module has."""
+        found = []
+        for name in self._vk_skips:
+            m: Any = self
+            for part in name.split("."):
+                m = getattr(m, part, None)
+            if isinstance(m, nn.Module):
+                found.append(m)
+        return found
+
+    def _vk_hooked(self) -> bool:
+        """Whether a skipped submodule (``_vk_skipped``) or a module inside one has hooks,
+        or global module hooks are registered: the fused forward must not skip their
+        calls then, and runs the original instead."""
+        return any(_has_hooks(m) for s in self._vk_skipped() for m in s.modules())
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]

@@ -99,6 +99,8 @@ class VitPytorchAttention(FusedAttention):
     simple_vit.py and this repo's models that keep that layout): norm, to_qkv,
     attend, [dropout], to_out."""
 
+    _vk_skips = ("attend", "dropout")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -106,7 +108,7 @@ class VitPytorchAttention(FusedAttention):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x, 3):
+        if not _applies(x, 3) or self._vk_hooked():
             return self._vk_base_forward(x)
         B, N = x.shape[0], x.shape[1]
         x = self.norm(x)
@@ -121,6 +123,8 @@ class VitPytorchCrossAttention(FusedAttention):
     """vit-pytorch's cross_vit.Attention: queries from x, keys and values from the
     context (x itself by default, with x prepended when kv_include_self)."""
 
+    _vk_skips = ("attend", "dropout")
+
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, kv_include_self: bool = False
     ) -> torch.Tensor:
@@ -132,7 +136,7 @@ class VitPytorchCrossAttention(FusedAttention):
     def _vk_forward(
         self, x: torch.Tensor, context: torch.Tensor | None, kv_include_self: bool
     ) -> torch.Tensor:
-        if not _applies(x, 3):
+        if not _applies(x, 3) or self._vk_hooked():
             return self._vk_base_forward(x, context, kv_include_self)
         B, N = x.shape[0], x.shape[1]
         x = self.norm(x)
@@ -152,6 +156,8 @@ class VitPytorchConvAttention(FusedAttention):
     """vit-pytorch's cvt.Attention on feature maps: depthwise-conv projections,
     keys and values on a subsampled grid, 1x1-conv output projection."""
 
+    _vk_skips = ("attend", "dropout")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -159,7 +165,7 @@ class VitPytorchConvAttention(FusedAttention):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x, 4):
+        if not _applies(x, 4) or self._vk_hooked():
             return self._vk_base_forward(x)
         B, X, Y = x.shape[0], x.shape[2], x.shape[3]
         x = self.norm(x)
@@ -180,6 +186,8 @@ class QkvProjAttention(FusedAttention):
     """The official T2T-ViT backbone Attention (timm's layout before its fused_attn
     switch): qkv, num_heads, scale, attn_drop, proj, proj_drop."""
 
+    _vk_skips = ("attn_drop",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -187,7 +195,7 @@ class QkvProjAttention(FusedAttention):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x, 3):
+        if not _applies(x, 3) or self._vk_hooked():
             return self._vk_base_forward(x)
         B, N = x.shape[0], x.shape[1]
         # 'b n (three h d) -> three b h n d'
@@ -201,6 +209,8 @@ class TokenTransformerAttention(FusedAttention):
     """The official T2T-ViT-t Token_transformer's Attention: qkv to ``in_dim`` per
     head, and v (one head) as the skip connection: ``v + proj_drop(proj(attn))``."""
 
+    _vk_skips = ("attn_drop",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -208,7 +218,7 @@ class TokenTransformerAttention(FusedAttention):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x, 3):
+        if not _applies(x, 3) or self._vk_hooked():
             return self._vk_base_forward(x)
         B, N = x.shape[0], x.shape[1]
         # 'b n (three h d) -> three b h n d', d = in_dim
@@ -222,6 +232,8 @@ class TokenTransformerAttention(FusedAttention):
 class TimmCrossAttention(FusedAttention):
     """timm's crossvit.CrossAttention: the class token of x attends to all of x."""
 
+    _vk_skips = ("attn_drop",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -229,7 +241,7 @@ class TimmCrossAttention(FusedAttention):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x, 3):
+        if not _applies(x, 3) or self._vk_hooked():
             return self._vk_base_forward(x)
         B, N, C = x.shape[0], x.shape[1], x.shape[2]
         h = self.num_heads
@@ -249,10 +261,11 @@ class TimmFusedAttnToggle(FusedAttention):
     TorchScript compiles timm's forward with that value."""
 
     _vk_jit_unused = ("fused_attn",)
+    _vk_skips = ("attn_drop",)  # timm's SDPA branch does not call it: a hook on it reads False
 
     @property
     def fused_attn(self) -> bool:
-        return not _literal(self._vk.backend)
+        return not _literal(self._vk.backend) and not self._vk_hooked()
 
     @fused_attn.setter
     def fused_attn(self, value: bool) -> None:

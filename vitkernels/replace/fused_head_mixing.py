@@ -74,6 +74,8 @@ class FusedCaiTAttention(FusedHeadMixing):
     to_kv, mix_heads_pre_attn / mix_heads_post_attn (used as einsum('b h i j, h g'),
     i.e. weight[in, out]), dropout on the probabilities, to_out."""
 
+    _vk_skips = ("attend", "dropout")
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x, context)
@@ -81,7 +83,7 @@ class FusedCaiTAttention(FusedHeadMixing):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        if not _applies(x):
+        if not _applies(x) or self._vk_hooked():
             return self._vk_base_forward(x, context)
         B, N = x.shape[0], x.shape[1]
         h = self.heads
@@ -103,6 +105,8 @@ class FusedDeepViTAttention(FusedHeadMixing):
     softmax, dropout, reattn_weights (weight[in, out]), reattn_norm (a LayerNorm over
     the heads between two Rearranges), to_out."""
 
+    _vk_skips = ("dropout", "reattn_norm")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -110,7 +114,7 @@ class FusedDeepViTAttention(FusedHeadMixing):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x):
+        if not _applies(x) or self._vk_hooked():
             return self._vk_base_forward(x)
         B, N = x.shape[0], x.shape[1]
         x = self.norm(x)
@@ -129,6 +133,8 @@ class FusedTalkingHeadAttn(FusedHeadMixing):
     (probabilities) nn.Linear(H, H) mixings, attn_drop after proj_w, proj, proj_drop.
     proj_l's bias shifts whole rows of the logits, which the softmax ignores."""
 
+    _vk_skips = ("proj_l", "proj_w", "attn_drop")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._vk_base_forward(x)
@@ -136,7 +142,12 @@ class FusedTalkingHeadAttn(FusedHeadMixing):
 
     @torch.jit.unused
     def _vk_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x) or type(self.proj_l) is not nn.Linear or type(self.proj_w) is not nn.Linear:
+        if (
+            not _applies(x)
+            or type(self.proj_l) is not nn.Linear
+            or type(self.proj_w) is not nn.Linear
+            or self._vk_hooked()
+        ):
             # (the mixings quantized or replaced since optimize: timm's forward runs them)
             return self._vk_base_forward(x)
         B, N, C = x.shape[0], x.shape[1], x.shape[2]

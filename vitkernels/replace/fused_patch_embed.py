@@ -262,11 +262,15 @@ class FusedPatchSequential(FusedModule):
                 x = m(x)
         return x
 
+    def _vk_skipped(self) -> list[nn.Module]:
+        head = set(self._vk.spec.head)  # the head's children are called
+        return [m for name, m in self._modules.items() if m is not None and name not in head]
+
     def _vk_fusable(self, x: torch.Tensor) -> torch.Tensor | None:
         """x cropped to the patch grid, or None where the layers must run as they are."""
         s: PatchSpec = self._vk.spec
-        if not s.folds_in(self):
-            return None  # a layer changed since optimize: run the layers as they are
+        if not s.folds_in(self) or self._vk_hooked():
+            return None  # a layer changed since optimize, or hooks on one: run the layers
         if _traced(x):
             return x
         if x.ndim != 4:  # unbatched input: the original layers handle (or refuse) it
@@ -333,8 +337,15 @@ class FusedConvPatchEmbed(FusedModule):
 
     _vk_op = "patch_embed"
 
+    def _vk_skipped(self) -> list[nn.Module]:
+        s: ConvPatchSpec = self._vk.spec
+        names = (s.conv, "norm") if s.norm else (s.conv,)
+        return [m for m in map(self._modules.get, names) if m is not None]
+
     def _vk_applies(self, x: torch.Tensor) -> bool:
         s: ConvPatchSpec = self._vk.spec
+        if self._vk_hooked():
+            return False  # hooks on the conv or the norm: the original forward calls them
         if _traced(x):
             return True
         if x.ndim != 4 or type(self._modules[s.conv]) is not nn.Conv2d:
@@ -381,6 +392,7 @@ class FusedImageEmbedder(FusedModule):
     one patch_embed call."""
 
     _vk_op = "patch_embed"
+    _vk_skips = ("to_patch_embedding",)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -389,8 +401,10 @@ class FusedImageEmbedder(FusedModule):
 
     @torch.jit.unused
     def _vk_forward(self, img: torch.Tensor) -> torch.Tensor:
-        if not _traced(img) and (img.ndim != 4 or not _tiles(img, self._vk.spec.kernel_size)):
-            return self._vk_base_forward(img)  # unbatched, or the Rearrange's own error
+        if self._vk_hooked() or (
+            not _traced(img) and (img.ndim != 4 or not _tiles(img, self._vk.spec.kernel_size))
+        ):
+            return self._vk_base_forward(img)  # hooks, unbatched, or the Rearrange's own error
         s: PatchSpec = self._vk.spec
         seq = self.to_patch_embedding
         lin = seq._modules[s.linear]

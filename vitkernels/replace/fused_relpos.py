@@ -66,6 +66,7 @@ class FusedLeViTAttention(FusedModule):
     """vit-pytorch / this repo's LeViT ``Attention`` on ``relpos_attention``."""
 
     _vk_op = "relpos_attention"
+    _vk_skips = ("attend", "dropout", "pos_bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -79,6 +80,7 @@ class FusedLeViTAttention(FusedModule):
             x.ndim != 4
             or tuple(x.shape[-2:]) != spec.grid
             or (self.training and self.dropout.p > 0)  # dropout on the probabilities
+            or self._vk_hooked()
         ):
             return self._vk_base_forward(x)
         q = self.to_q(x)  # (B, h*Dk, Rq, Cq)

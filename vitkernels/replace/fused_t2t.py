@@ -92,6 +92,7 @@ class FusedT2TModule(FusedModule):
 
     _vk_op = "patch_embed"
     _vk_visit_children = True
+    _vk_skips = ("soft_split2", "project")  # the stages check theirs (``_called_directly``)
 
     def _vk_stage(self, x: torch.Tensor, unfold: nn.Unfold, attention: nn.Module) -> torch.Tensor:
         """(B, C, H, W) map -> (B, N, token_dim) tokens of the next block."""
@@ -99,7 +100,7 @@ class FusedT2TModule(FusedModule):
             isinstance(attention, FusedTokenPerformer)
             and is_fused(attention)
             and attention._vk.spec.takes_kqv
-            and _called_directly(attention, attention.norm1, attention.kqv)
+            and _called_directly(unfold, attention, attention.norm1, attention.kqv)
             and folds_as_planned(attention.kqv, attention.norm1)
         ):
             kqv = soft_split_linear(x, unfold, attention.kqv, attention.norm1, backend=self._vk.backend)
@@ -123,6 +124,7 @@ class FusedT2TModule(FusedModule):
             and x.ndim == 4
             and x.shape[-1] == x.shape[-2]
             and folds_as_planned(self.project)
+            and not self._vk_hooked()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

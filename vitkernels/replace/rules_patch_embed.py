@@ -90,7 +90,9 @@ def parse_patch_sequential(seq: nn.Module) -> PatchSpec | str | None:
     last = max(j for j, (_, m) in enumerate(items) if _is_patchify(m))
     spec = _parse_patch_tail(seq, items[last:])
     if isinstance(spec, PatchSpec) and last > i:
-        spec = dataclasses.replace(spec, head=tuple(k for k, _ in items[i:last]))
+        # the leading Identities too: the head runs in order before the fused tail, so
+        # that a hook on one sees the image, as in the original
+        spec = dataclasses.replace(spec, head=tuple(k for k, _ in items[:last]))
     return spec
 
 
