@@ -510,6 +510,29 @@ def test_hooks_on_modules_a_fused_op_folds_in_fire_as_in_eager(spec):
             assert rel_err(g, w, floor=1.0) < 1e-5, path
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["zoo:ViT", "vit-pytorch:PiT", "zoo:CrossViT", "zoo:T2T_ViT", "timm:vit_base_patch16_224", "timm:pit_ti_224"],
+)
+def test_images_the_original_refuses_raise_the_originals_error(spec):
+    """uint8 images, float64 or float16 ones into a float32 model, one channel into an
+    RGB one: every fused patch embedding hands them to the original layers, so the
+    caller gets the original's exception (type and message), not patch_embed's."""
+    b = build(spec)
+    eager = b.model.eval()
+    fused = copy.deepcopy(eager)
+    assert vitkernels.optimize(fused).count("patch_embed") > 0
+    x = b.x
+    with torch.no_grad():
+        assert_outputs_close(fused(x), eager(x))
+        for bad in ((x * 50).clamp(0, 255).to(torch.uint8), x.double(), x.half(), x[:, :1]):
+            with pytest.raises(Exception) as want:
+                eager(bad)
+            with pytest.raises(Exception) as got:
+                fused(bad)
+            assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), bad.dtype
+
+
 @pytest.mark.parametrize("spec", MODELS)
 def test_state_dict_checkpoints_and_restore(spec):
     b = build(spec)

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from vitkernels.ops.patch_embed import _autocast_dtype, patch_embed, patch_grid
+from vitkernels.ops.patch_embed import _autocast_dtype, _cast, patch_embed, patch_grid
 from vitkernels.replace import FusedModule
 from vitkernels.replace._match import qualname
 from vitkernels.tokens import add_tokens
@@ -52,6 +52,7 @@ __all__ = [
     "layer_norm_args",
     "pair",
     "prefix_and_positions",
+    "takes_images",
     "autocast_norm_dtype",
     "norm_widens_under_autocast",
     "unfold_geometry",
@@ -212,6 +213,21 @@ def _traced(x: torch.Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
+def takes_images(x: torch.Tensor, weight: torch.Tensor, channels: int) -> bool:
+    """Whether the layers a fused patch embedding replaces take these images: floating
+    point, of the projection weight's dtype (or both cast to autocast's), with
+    ``channels`` channels. Other images (uint8 ones, float64 into a float32 model, one
+    channel into an RGB one) go to the original forward: its error, not patch_embed's."""
+    if _traced(x):
+        return True
+    if not x.is_floating_point() or x.ndim < 3 or x.shape[-3] != channels:
+        return False
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        return _cast(x, cast).dtype == _cast(weight, cast).dtype
+    return x.dtype == weight.dtype
+
+
 def _tiles(x: torch.Tensor, kernel_size: tuple[int, int]) -> bool:
     """Whether the patches tile the image exactly, as vit-pytorch's patch Rearrange
     requires (it raises einops' error otherwise, which the original forward gives)."""
@@ -274,6 +290,9 @@ class FusedPatchSequential(FusedModule):
         if _traced(x):
             return x
         if x.ndim != 4:  # unbatched input: the original layers handle (or refuse) it
+            return None
+        lin = self._modules[s.linear]
+        if not takes_images(x, lin.weight, lin.in_features // (s.kernel_size[0] * s.kernel_size[1])):
             return None
         if s.unfold:
             return crop_to_grid(x, s.kernel_size, s.stride, s.padding)
@@ -348,7 +367,8 @@ class FusedConvPatchEmbed(FusedModule):
             return False  # hooks on the conv or the norm: the original forward calls them
         if _traced(x):
             return True
-        if x.ndim != 4 or type(self._modules[s.conv]) is not nn.Conv2d:
+        conv = self._modules[s.conv]
+        if x.ndim != 4 or type(conv) is not nn.Conv2d or not takes_images(x, conv.weight, conv.in_channels):
             return False
         size = tuple(x.shape[-2:])
         if s.size_check == "strict" and getattr(self, "img_size", None) is not None:
@@ -401,15 +421,20 @@ class FusedImageEmbedder(FusedModule):
 
     @torch.jit.unused
     def _vk_forward(self, img: torch.Tensor) -> torch.Tensor:
-        if self._vk_hooked() or (
-            not _traced(img) and (img.ndim != 4 or not _tiles(img, self._vk.spec.kernel_size))
-        ):
-            return self._vk_base_forward(img)  # hooks, unbatched, or the Rearrange's own error
         s: PatchSpec = self._vk.spec
         seq = self.to_patch_embedding
         lin = seq._modules[s.linear]
         if not s.folds_in(seq):
             return self._vk_base_forward(img)  # a layer changed since optimize
+        if self._vk_hooked() or (
+            not _traced(img)
+            and (
+                img.ndim != 4
+                or not _tiles(img, s.kernel_size)
+                or not takes_images(img, lin.weight, lin.in_features // (s.kernel_size[0] * s.kernel_size[1]))
+            )
+        ):
+            return self._vk_base_forward(img)  # hooks, unbatched, or the layers' own error
         grid = patch_grid(img.shape[-2:], s.kernel_size, s.stride, s.padding)
         D = self.pos_embedding.shape[-1]
         if self.pos_embedding.numel() // D < grid[0] * grid[1] + 1:

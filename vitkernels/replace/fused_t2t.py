@@ -26,6 +26,7 @@ from vitkernels.replace.fused_patch_embed import (
     folds_as_planned,
     layer_norm_args,
     prefix_and_positions,
+    takes_images,
     unfold_geometry,
 )
 from vitkernels.replace.fused_performer import FusedTokenPerformer
@@ -124,6 +125,7 @@ class FusedT2TModule(FusedModule):
             and x.ndim == 4
             and x.shape[-1] == x.shape[-2]
             and folds_as_planned(self.project)
+            and takes_images(x, self.project.weight, x.shape[-3])  # uint8, float64: the original's error
             and not self._vk_hooked()
         )
 
