@@ -222,6 +222,22 @@ def test_pruning_or_weight_norm_on_a_fused_patch_projection_trains_like_eager(so
         assert_close(q, p, 1e-5, name, floor=1.0)
 
 
+def test_a_slice_of_a_fused_sequential_is_an_original_sequential():
+    """vit-pytorch's MAE and SimMIM take ``encoder.to_patch_embedding[1:]``; nn.Sequential
+    builds the slice from ``self.__class__``: it is a plain nn.Sequential (optimize
+    planned nothing for it) that computes what the eager slice computes."""
+    eager, x = _zoo_vit()
+    fused = copy.deepcopy(eager)
+    assert vitkernels.optimize(fused, ops="patch_embed").count() == 1
+    part = fused.to_patch_embedding[1:]
+    assert type(part) is nn.Sequential and not is_fused(part) and is_fused(fused.to_patch_embedding)
+    assert [type(m) for m in part] == [type(m) for m in eager.to_patch_embedding[1:]]
+    patches = eager.to_patch_embedding[0](x)
+    with torch.no_grad():
+        _close(part(patches), eager.to_patch_embedding[1:](patches))
+        _close(fused(x), eager(x))
+
+
 # ----------------------------------------------------------------------------
 # torch.fx, TorchScript
 

@@ -211,12 +211,25 @@ def fused_class(base: type[nn.Module], mixin: type[FusedModule]) -> type[nn.Modu
         ns["__annotations__"] = {
             k: v for klass in reversed(base.__mro__) for k, v in inspect.get_annotations(klass).items()
         }
+        ns["__init__"] = _original_init(base)
         unused = [*getattr(base, "__jit_unused_properties__", ()), *mixin._vk_jit_unused]
         if unused:
             ns["__jit_unused_properties__"] = unused
         cls = type(base.__name__, (mixin, base), ns)
         _FUSED_CLASSES[key] = cls
     return cls
+
+
+def _original_init(base: type[nn.Module]) -> Callable[..., None]:
+    """The fused class's ``__init__``: a module the original's own code builds from
+    ``self.__class__`` (nn.Sequential's slice ``seq[1:]``, vit-pytorch's MAE) is a new
+    module optimize planned nothing for, so it is made of the original class."""
+
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, "__class__", base)
+        base.__init__(self, *args, **kwargs)
+
+    return __init__
 
 
 def _new_fused(base: type[nn.Module], mixin: type[FusedModule]) -> nn.Module:
