@@ -561,6 +561,25 @@ PATCH_CASES = [
         True,
         True,
     ),  # 2 x 2 tiles
+    (
+        2,
+        3,
+        24,
+        32,
+        (3, 8),
+        (3, 8),
+        0,
+        72,
+        "cpq",
+        torch.bfloat16,
+        True,
+        False,
+        "patch",
+        0,
+        True,
+        False,
+        False,
+    ),  # 16-byte gathers and weight loads with an input norm, K = 72 (not a multiple of 32)
 ]
 
 
