@@ -580,6 +580,25 @@ PATCH_CASES = [
         False,
         False,
     ),  # 16-byte gathers and weight loads with an input norm, K = 72 (not a multiple of 32)
+    (
+        1,
+        2,
+        16,
+        24,
+        8,
+        8,
+        0,
+        48,
+        "pqc",
+        torch.float16,
+        False,
+        False,
+        "all",
+        1,
+        True,
+        False,
+        False,
+    ),  # (p, q, c) order read through 16-byte (c, p, q) gathers, no norms, K = 128
 ]
 
 

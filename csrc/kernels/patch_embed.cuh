@@ -65,6 +65,9 @@ enum GatherMode : int {
   kGatherVec = 0,  // (c, p, q) order, 16-byte loads of 8 contiguous aligned pixels
   kGatherCpq = 1,  // (c, p, q) order, element by element (padding, odd widths, strides)
   kGatherPqc = 2,  // (p, q, c) order, element by element
+  // (p, q, c) order: the images gathered as kGatherVec, in (c, p, q) order, and the
+  // weight's columns (and the input norm's parameters) read in that order instead
+  kGatherVecPqc = 3,
 };
 
 // (c, p, q) of patch column k in the patch order, and the step to k + 1
@@ -135,7 +138,7 @@ __device__ __forceinline__ Row<T> patch_row(const PatchParams& a, int64_t m) {
 template <class T, int MODE>
 __device__ __forceinline__ void gather16(float (&v)[16], const PatchParams& a, const Row<T>& r, int k0) {
   const T* base = r.base;
-  if constexpr (MODE == kGatherVec) {
+  if constexpr (MODE == kGatherVec || MODE == kGatherVecPqc) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int k = k0 + 8 * h;
@@ -167,11 +170,28 @@ __device__ __forceinline__ void gather16(float (&v)[16], const PatchParams& a, c
 }
 
 // 16 weight values w[n][k0..k0+15] (0 past D or K), as raw 16-bit elements
-template <class T, bool VEC>
+// (p, q, c) column of the (c, p, q) patch column k
+__device__ __forceinline__ int pqc_col(const PatchParams& a, int k) {
+  const KPos kp = kpos<false>(a, k);
+  return (kp.p * a.kw + kp.q) * a.C + kp.c;
+}
+
+template <class T, bool VEC, int MODE>
 __device__ __forceinline__ void load_w16(T (&v)[16], const PatchParams& a, int n, int k0) {
   const T* w = static_cast<const T*>(a.weight);
   const T zero = Num<T>::from_float(0.f);
-  if constexpr (VEC) {
+  if constexpr (MODE == kGatherVecPqc) {
+    // runs of 8 (c, p, q) columns are one (c, p) and 8 q: (p, q, c) columns C apart
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = k0 + 8 * h;
+      const bool in = n < a.D && k < a.K;
+      const T* src = w + (in ? n * a.w_s[0] + (int64_t)pqc_col(a, k) * a.w_s[1] : 0);
+      const int64_t step = (int64_t)a.C * a.w_s[1];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[8 * h + i] = in ? src[i * step] : zero;
+    }
+  } else if constexpr (VEC) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int k = k0 + 8 * h;
@@ -234,9 +254,11 @@ __global__ void __launch_bounds__(256, 1) patch_embed_gemm_kernel(const PatchPar
   // input norm statistics of this thread's row (the two threads of a row pair up)
   float mu = 0.f, rstd = 1.f;
   if constexpr (IN_NORM) {
-    for (int k = tid; k < KT * BK; k += kThreads)
-      sNorm[k] = k < a.K ? make_float2(param_t<T>(a.in_w, k * a.in_w_s, 1.f), param_t<T>(a.in_b, k * a.in_b_s, 0.f))
+    for (int k = tid; k < KT * BK; k += kThreads) {
+      const int kc = MODE == kGatherVecPqc && k < a.K ? pqc_col(a, k) : k;  // the parameters' column
+      sNorm[k] = k < a.K ? make_float2(param_t<T>(a.in_w, kc * a.in_w_s, 1.f), param_t<T>(a.in_b, kc * a.in_b_s, 0.f))
                          : make_float2(0.f, 0.f);
+    }
     float first[16];
     gather16<T, MODE>(first, a, row, 0);
     const float shift = first[0];
@@ -266,7 +288,7 @@ __global__ void __launch_bounds__(256, 1) patch_embed_gemm_kernel(const PatchPar
   T vb[16];
   auto fetch = [&](int kt) {
     gather16<T, MODE>(va, a, row, kt * BK + lk);
-    load_w16<T, VEC_B>(vb, a, n0 + lr, kt * BK + lk);
+    load_w16<T, VEC_B, MODE>(vb, a, n0 + lr, kt * BK + lk);
   };
   auto stash = [&](int kt, int buf) {
     T ta[16];
@@ -428,8 +450,9 @@ inline int patch_embed_max_norm_k() {
 
 // Whether every run of 8 patch columns is 8 contiguous, 16-byte aligned pixels
 // inside the image (the (c, p, q) order, no padding, rows of 8-aligned pixels).
+// pqc: the (p, q, c) order, its images read in (c, p, q) order as well (kGatherVecPqc).
 inline bool patch_embed_vec_images(const PatchParams& a) {
-  return !a.pqc && a.kw % 8 == 0 && a.ph == 0 && a.pw == 0 && a.img_s[3] == 1 && a.sw % 8 == 0 &&
+  return a.kw % 8 == 0 && a.ph == 0 && a.pw == 0 && a.img_s[3] == 1 && a.sw % 8 == 0 &&
          a.img_s[0] % 8 == 0 && a.img_s[1] % 8 == 0 && a.img_s[2] % 8 == 0 &&
          reinterpret_cast<uintptr_t>(a.img) % 16 == 0;
 }
@@ -475,9 +498,12 @@ cudaError_t patch_embed_fwd(PatchParams a, cudaStream_t stream) {
   const int64_t mtot = (int64_t)a.B * a.L;
   if (mtot == 0) return cudaSuccess;
   const dim3 grid(unsigned((mtot + BM - 1) / BM), ceil_div(a.D, BN));
-  err = patch_embed_vec_images(a) ? patch_embed_gemm<T, kGatherVec>(a, grid, stream)
-        : a.pqc                   ? patch_embed_gemm<T, kGatherPqc>(a, grid, stream)
-                                  : patch_embed_gemm<T, kGatherCpq>(a, grid, stream);
+  if (patch_embed_vec_images(a))  // the weight read column by column in the (c, p, q) order
+    err = a.pqc ? (a.has_in_norm ? patch_embed_gemm<T, kGatherVecPqc, false, true>(a, grid, stream)
+                                 : patch_embed_gemm<T, kGatherVecPqc, false, false>(a, grid, stream))
+                : patch_embed_gemm<T, kGatherVec>(a, grid, stream);
+  else
+    err = a.pqc ? patch_embed_gemm<T, kGatherPqc>(a, grid, stream) : patch_embed_gemm<T, kGatherCpq>(a, grid, stream);
   if (err != cudaSuccess) return err;
   if (a.has_out_norm) {
     launch(patch_embed_rownorm_kernel<T>, dim3(unsigned((mtot + 7) / 8)), dim3(kThreads), 0, stream, a);
