@@ -561,6 +561,44 @@ PATCH_CASES = [
         True,
         True,
     ),  # 2 x 2 tiles
+    (
+        2,
+        3,
+        24,
+        32,
+        (3, 8),
+        (3, 8),
+        0,
+        72,
+        "cpq",
+        torch.bfloat16,
+        True,
+        False,
+        "patch",
+        0,
+        True,
+        False,
+        False,
+    ),  # 16-byte gathers and weight loads with an input norm, K = 72 (not a multiple of 32)
+    (
+        1,
+        2,
+        16,
+        24,
+        8,
+        8,
+        0,
+        48,
+        "pqc",
+        torch.float16,
+        False,
+        False,
+        "all",
+        1,
+        True,
+        False,
+        False,
+    ),  # (p, q, c) order read through 16-byte (c, p, q) gathers, no norms, K = 128
 ]
 
 

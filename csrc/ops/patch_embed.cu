@@ -62,6 +62,9 @@ at::Tensor patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, c
                     pw, ") are smaller than kernel_size (", kh, ", ", kw, ")");
   const int64_t K = C * kh * kw, D = weight.size(0), L = Ho * Wo;
   check_size(weight, 1, K, "weight", "(D, K) with K = C*kh*kw");
+  TORCH_CHECK_VALUE(!has_in_norm || K <= vk::patch_embed_max_norm_k(), "patch_embed_fwd (cuda): an input norm over K = ",
+                    K, " patch values (C*kh*kw) does not fit the kernel's shared memory; expected K <= ",
+                    vk::patch_embed_max_norm_k());
   const int64_t P = cls_token.has_value() ? cls_token->size(0) : 0;
   const at::Tensor* b = check_param(bias, "bias", images, {D}, "(D,)");
   const at::Tensor* inw = has_in_norm ? check_param(in_weight, "in_weight", images, {K}, "(K,)") : nullptr;

@@ -400,6 +400,15 @@ def _performer(s: PerformerShape, B: int, dtype: torch.dtype, direction: str) ->
     return events
 
 
+def _patch_kt_lines() -> tuple[int, int]:
+    """Lines of patch_embed_gemm_kernel's two `for kt` loops (statistics pass, main loop)."""
+    lines = (CSRC / "kernels" / "patch_embed.cuh").read_text().splitlines()
+    found = [i + 1 for i, line in enumerate(lines) if line.strip().startswith("for (int kt = 0; kt < KT; ++kt)")]
+    if len(found) != 2:
+        raise RuntimeError(f"patch_embed.cuh: expected the GEMM's two `for kt` loops, found lines {found}")
+    return found[0], found[1]
+
+
 def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype) -> list[CudaLaunch | TorchEvent]:
     C, side, D, K, L, P = s.channels, s.image, s.dim, s.k, s.tokens, s.prefix
     if s.layout == "channels_last":
@@ -435,9 +444,12 @@ def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype) -> list[CudaLau
             la.trips = {"i": _cdiv(P * D, 256)}
             la.bytes_read, la.bytes_written = _nbytes(cls, pe[:P] if pe is not None else None), B * P * D * 2
         elif la.base == "vk::patch_embed_gemm_kernel":
-            # the input norm's statistics pass (line 222) runs only with an input norm
-            la.trips = {"kt@patch_embed.cuh:222": _cdiv(K, 32) if s.in_norm else 0, "kt@patch_embed.cuh:274": _cdiv(K, 32),
-                        "i<16": 16}  # fmt: skip
+            # the two `for kt` loops: the input norm's statistics pass (only in the
+            # <..., true> instantiations: with an input norm) and the main loop
+            stats, main = _patch_kt_lines()
+            la.trips = {f"kt@patch_embed.cuh:{stats}": _cdiv(K, 32) if s.in_norm else 0,
+                        f"kt@patch_embed.cuh:{main}": _cdiv(K, 32), "i<16": 16,
+                        "k<KT*BK": _cdiv(K, 32) * 32 / 256}  # the input norm's parameters into shared memory
             la.bytes_read = _nbytes(images, weight, b, inw, inb, pe)
             la.bytes_written = B * L * D * out.element_size()
         elif la.base == "vk::patch_embed_rownorm_kernel":
