@@ -73,6 +73,12 @@ import pytest  # noqa: E402
 # Fresh random inputs on every run, reproducible from the seed in the header:
 # VITKERNELS_TEST_SEED=<seed> pytest ... repeats a failing run exactly.
 SEED = int(os.environ.get("VITKERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+# pytest-xdist's workers (-n) import this file again and inherit the environment: one
+# seed for the whole run, the one the header and the failure summary print
+os.environ["VITKERNELS_TEST_SEED"] = str(SEED)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # the workers share the cores: torch's own threads would oversubscribe them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 CPU_SUITE = "tests without a GPU"
 CPU_OUTCOME = pytest.StashKey[str]()
 

@@ -119,3 +119,36 @@ def test_a_failure_in_the_child_fails_the_run_and_is_shown(runs):
     assert run.returncode == 1, out
     assert "test_without_a_gpu[2]" in out and "1 failed, 1 passed" in out, out
     assert "CUDA_VISIBLE_DEVICES= python -m pytest" in out, out
+
+
+SEED_TESTS = """
+import os
+
+import pytest
+
+
+@pytest.mark.parametrize("n", range(6))
+def test_records_its_seed(n):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(f"seed-{n}.txt", "w") as f:
+        f.write(f"{worker} {os.environ['VITKERNELS_TEST_SEED']}")
+"""
+
+
+def test_xdist_workers_share_the_seed_the_header_prints(tmp_path):
+    """Under pytest-xdist (-n 2) every worker imports conftest on its own: each must take
+    the run's one seed, the one the header prints for a rerun, not a fresh random one."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
+    (tmp_path / "test_seed.py").write_text(SEED_TESTS)
+    env = {k: v for k, v in os.environ.items() if k != "VITKERNELS_TEST_SEED"}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist", "load"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "6 passed" in out, out
+    header = [ln for ln in out.splitlines() if "VITKERNELS_TEST_SEED=" in ln]
+    assert header, out
+    printed = header[0].split("VITKERNELS_TEST_SEED=")[1].split(",")[0]
+    records = [(tmp_path / f"seed-{n}.txt").read_text().split() for n in range(6)]
+    assert {w for w, _ in records} == {"gw0", "gw1"}, records  # both workers ran tests
+    assert {s for _, s in records} == {printed}, (printed, records)
