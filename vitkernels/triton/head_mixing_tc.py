@@ -3,12 +3,14 @@
 The kernels of ``head_mixing.py`` keep every head of a 16-row tile in each thread's
 registers: beyond 4 heads they spill. Here the heads are the batch axis of 3-d
 ``tl.dot``s and the mixing is a dot over the head axis (bench/NOTES.md, 2026-12-01,
-helper tcmix): per program (b, BLOCK_M query rows), heads padded to HP = 16, per key
-block of BLOCK_N keys:
+helper tcmix): per program (b, BLOCK_M query rows), heads padded to HP = 8 (5-8 heads)
+or 16, per key block of BLOCK_N keys:
 
     s (HP, BM, BN) = q (HP, BM, Dk) @ k^T (HP, Dk, BN)        3-d dot (mma.sync)
     l^T (BM*BN, HP) = s^T (BM*BN, HP) @ A^T (HP, HP)           the pre-mix: one 2-d dot
-                                                               (K = 16; wgmma on sm_90a)
+                                                               (K = 16; wgmma on sm_90a;
+                                                               HP = 8: two (query, key)
+                                                               pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
             lanes once after the loop: the row statistics of every mixed head
     pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), out (HP, BM, Dv) += r @ v
@@ -21,8 +23,8 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64 with 16-byte aligned rows, no head norm; no backward (the call is
 refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
-the only tile that compiled without spills (4 warps and larger tiles spilled 32 B -
-45 KB; bench/NOTES.md).
+the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
+32 B - 45 KB; bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
 
 MIN_HEADS = 5
 MAX_HEADS = 16
-HP = 16  # heads padded to a tensor-core K
 BLOCK_M = 16
 BLOCK_N = 16
 NUM_WARPS = 8
@@ -48,12 +49,24 @@ _alloc = alloc  # every buffer the launcher writes (tests poison them)
 
 
 @triton.jit
-def _mix_tc(x3, W, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """out[g] = sum_h W[g, h] x3[h] for x3 (HP, BM, BN) float32, W (HP, HP) 16-bit: one
-    (BM*BN, HP) @ (HP, HP) dot over the flattened tile."""
-    xt = tl.reshape(tl.permute(x3.to(W.dtype), (1, 2, 0)), (BM * BN, HP))
-    yt = tl.dot(xt, tl.trans(W))
+def _mix_tc(x3, WT, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """out[g] = sum_h W[g, h] x3[h] for x3 (HP, BM, BN) float32: one (BM*BN*HP/16, 16) @
+    (16, 16) dot over the flattened tile. WT (``_mix_weights``) is W^T, or for HP = 8
+    blockdiag(W^T, W^T): a row of the flattened tile then holds two (query, key) pairs'
+    8 heads (the dot's K stays 16)."""
+    xt = tl.reshape(tl.permute(x3.to(WT.dtype), (1, 2, 0)), (BM * BN * HP // 16, 16))
+    yt = tl.dot(xt, WT)
     return tl.permute(tl.reshape(yt, (BM, BN, HP)), (2, 0, 1))
+
+
+@triton.jit
+def _mix_weights(W, s_w0, s_w1, H: tl.constexpr, HP: tl.constexpr, dt: tl.constexpr):
+    """_mix_tc's (16, 16) right operand: WT[a, b] = W[b % HP, a % HP] on the diagonal
+    blocks of HP x HP (zeros elsewhere and for heads >= H)."""
+    a = tl.arange(0, 16)
+    ra, rb = a[:, None] % HP, a[None, :] % HP
+    ok = (a[:, None] // HP == a[None, :] // HP) & (ra < H) & (rb < H)
+    return tl.load(W + rb * s_w0 + ra * s_w1, mask=ok, other=0.0).to(dt)
 
 
 @triton.jit
@@ -108,15 +121,14 @@ def _fwd_tc_kernel(
     else:
         qb = qa
     dt = Q.dtype.element_ty
-    w_ok = h_ok[:, None] & h_ok[None, :]
     if HAS_PRE:
-        wa = tl.load(PRE_W + hs[:, None] * s_aw0 + hs[None, :] * s_aw1, mask=w_ok, other=0.0).to(dt)
+        wa = _mix_weights(PRE_W, s_aw0, s_aw1, H, HP, dt)
     else:
-        wa = tl.zeros((HP, HP), dt)
+        wa = tl.zeros((16, 16), dt)
     if HAS_POST:
-        wp = tl.load(POST_W + hs[:, None] * s_pw0 + hs[None, :] * s_pw1, mask=w_ok, other=0.0).to(dt)
+        wp = _mix_weights(POST_W, s_pw0, s_pw1, H, HP, dt)
     else:
-        wp = tl.zeros((HP, HP), dt)
+        wp = tl.zeros((16, 16), dt)
     if HAS_POST_B:
         pb = tl.load(POST_B + hs * s_pb, mask=h_ok, other=0.0).to(tl.float32)
     else:
@@ -224,7 +236,7 @@ def head_mixing_attention_fwd_tc(
     tag = f"{SHORT[q.dtype]},p{pdt},H{H},Nq{NQ},Nk{NK},D{DK},{stages or 'plain'}"
     args = [q, k, v, aw, pw, pbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
             NQ, NK, num_qb, scale * _LOG2E]  # fmt: skip
-    constexprs = dict(H=H, HP=HP, DK=DK, DV=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    constexprs = dict(H=H, HP=8 if H <= 8 else 16, DK=DK, DV=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                       HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None)  # fmt: skip
     launch(Launch(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
