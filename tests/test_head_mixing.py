@@ -908,3 +908,30 @@ def test_many_heads_limits_are_reasons():
     with pytest.raises(ValueError, match="no backward kernel for H=6 heads"):
         tk.head_mixing_attention_bwd(q, q, k, v, None, None, None, None, None, q[..., 0].float(), 0.25, 1e-5,
                                      False)
+
+
+def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
+    """The 5-16-head forward through the custom op: opcheck (forward), and
+    torch.compile(fullgraph) / torch.export of a call without gradients."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((1, 6, 5, 9, 16, 16), torch.float16)
+    params = make_params(6, "timm talking heads", torch.float16)
+    pre_w, pre_b, post_w, post_b, *_ = ops._unpack(params["pre"], params["post"], None)
+    args = (q, k, v, pre_w, pre_b, post_w, post_b, None, None, 0.25, 0.0, False, "triton")
+    torch.library.opcheck(ops.head_mixing_attention_fwd, args)
+
+    def f(q, k, v):
+        return vitkernels.head_mixing_attention(q, k, v, scale=0.25, **params, backend="triton")
+
+    expected = ref64(q, k, v, params, scale=0.25)[0]
+    assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), expected, TOL[torch.float16])
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return f(q, k, v)
+
+    ep = torch.export.export(M(), (q, k, v))
+    assert any("head_mixing_attention_fwd" in str(n.target) for n in ep.graph.nodes)
+    assert_close(ep.module()(q, k, v), expected, TOL[torch.float16])
