@@ -102,6 +102,9 @@ def test_recorded_launches_cover_the_workloads():
                 "M1", "M3", "M1-timm", "M2-H4"):
         for direction in ("fwd", "bwd"):
             assert f"{wid} {direction}" in cases, f"{wid} {direction}"
+    # 5-16 heads: the tensor-core forward only
+    for wid in ("CaiT-M", "CaiT-S-timm"):
+        assert f"{wid} fwd" in cases and f"{wid} bwd" not in cases, wid
 
 
 def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
@@ -112,8 +115,12 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
 
     cases = {c.split()[0] for rl in _recorded() for c in rl.cases}
     assert "M2" not in cases
-    with pytest.raises(ValueError, match="H=12 heads is above the kernels' limit of 4"):
+    with pytest.raises(ValueError, match="H=12 heads with the head norm is above the kernels' limit of 4"):
         record_workload(WORKLOADS["M2"].shape, "fwd")
+    from vitkernels.workloads import EXTRA_SHAPES
+
+    with pytest.raises(ValueError, match="no backward kernel for H=16 heads"):
+        record_workload(EXTRA_SHAPES["CaiT-M"], "bwd")
 
 
 def test_head_mixing_launches_are_recorded_with_their_traffic():

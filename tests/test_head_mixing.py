@@ -750,7 +750,8 @@ def test_forced_triton_refuses_float64():
 def test_triton_limits_are_reasons():
     q, k, v = make((1, 12, 2, 2, 33, 33))  # DeepViT-S's heads
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
-    assert any("H=12 is above the kernels' limit of 4" in r for r in reasons), reasons
+    assert any("H=12: with more than 4 heads the kernels have a forward only" in r and "float16 and bfloat16" in r
+               for r in reasons), reasons
     assert any("q (shape (1, 12, 2, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
     q, k, v = make((1, 2, 2, 2, 128, 16))
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
@@ -822,3 +823,115 @@ def test_bad_inputs_say_what_was_given_and_expected(change, exc, match):
     args, kw = _bad(**change)
     with pytest.raises(exc, match=match):
         vitkernels.head_mixing_attention(**args, **kw)
+
+
+# ----------------------------------------------------------------------------
+# 5-16 heads: the tensor-core forward (vitkernels/triton/head_mixing_tc.py), float16 in
+# the interpreter; no head norm, no backward (refused with the reason)
+
+# id: (B, H, Nq, Nk, Dk, Dv), stages, view
+MANY_HEADS = {
+    "H5 N1 D32 pre": ((2, 5, 1, 1, 32, 32), "pre", "contiguous"),
+    "H8 N49 D48 timm": ((1, 8, 49, 49, 48, 48), "timm talking heads", "timm"),
+    "H12 N49 D64 vit-pytorch": ((1, 12, 49, 49, 64, 64), "vit-pytorch talking heads", "vit-pytorch"),
+    # Nk197 with two query blocks (Nq = Nk = 197 takes ~10 s in the interpreter)
+    "H16 Nq17 Nk197 D48 vit-pytorch": ((1, 16, 17, 197, 48, 48), "vit-pytorch talking heads", "vit-pytorch"),
+    "H6 Nq20 Nk49 Dk32 Dv48 post": ((1, 6, 20, 49, 32, 48), "post", "contiguous"),
+    "H16 Nq1 Nk197 D32 timm": ((2, 16, 1, 197, 32, 32), "timm talking heads", "timm"),
+    "H7 N17 D40 plain": ((2, 7, 17, 17, 40, 40), "plain", "contiguous"),
+}
+
+
+def _many_heads_params(H: int, kind: str) -> dict:
+    if kind == "post":  # nn.Linear(H, H) on the probabilities only, bias included
+        bound = H**-0.5
+        w = torch.empty(H, H).uniform_(-bound, bound)
+        return dict(post=(w.half(), torch.empty(H).uniform_(-bound, bound).half()))
+    return make_params(H, kind, torch.float16)
+
+
+@pytest.mark.parametrize("case", list(MANY_HEADS), ids=list(MANY_HEADS))
+def test_many_heads_forward_matches_float64_reference(case, poisoned, monkeypatch):
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)  # poisoned (NaN) buffers
+    shape, kind, view = MANY_HEADS[case]
+    q, k, v = make(shape, torch.float16, view=view)
+    params = _many_heads_params(shape[1], kind)
+    assert ops.which_backend(q, k, v, **params, backend="triton")[0] == "triton"
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert out.dtype == torch.float16 and out.shape == (*q.shape[:3], v.shape[-1])
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"{case} {kind}")
+
+
+def test_many_heads_forward_saves_lse(poisoned, monkeypatch):
+    """The launcher's lse (B, H, Nq): log-sum-exp over the keys of each mixed head's logits."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((2, 9, 21, 40, 48, 48), torch.float16)
+    (pre_w, _), (post_w, post_b) = make_params(9, "timm talking heads", torch.float16).values()
+    out, lse = tk.head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, None, None, 0.3, 1e-5, False)
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * 0.3
+    logits = torch.einsum("gh,bhij->bgij", pre_w.double(), s)
+    assert lse.shape == (2, 9, 21) and lse.dtype == torch.float32
+    assert_close(lse, logits.logsumexp(-1), TOL[torch.float16], "lse")
+
+
+def test_many_heads_limits_are_reasons():
+    """Beyond 4 heads the kernels have a forward only, for 16-bit inputs without the
+    head norm: each refusal names what was given; automatic dispatch then takes torch."""
+    q, k, v = make((1, 8, 17, 17, 32, 32), torch.float16)
+    params = make_params(8, "vit-pytorch talking heads", torch.float16)
+    assert ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, params)) == []
+    qg = q.clone().requires_grad_()
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(qg, k, v, params))
+    assert reasons == ["H=8: with more than 4 heads the kernels have a forward only (the head mixing on tensor "
+                       "cores), no backward; q requires grad"], reasons
+    with pytest.raises(BackendNotSupportedError, match="no backward; q requires grad"):
+        vitkernels.head_mixing_attention(qg, k, v, **params, backend="triton")
+    with torch.no_grad():
+        assert ops.TritonBackend().not_supported_reasons(_inputs(qg, k, v, params)) == []
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q32, k32, v32, {}))
+    assert any("for float16 and bfloat16 inputs; q has dtype float32" in r for r in reasons), reasons
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, make_params(8, "re-attention",
+                                                                                    torch.float16)))
+    assert any("without the head norm; head_norm was given" in r for r in reasons), reasons
+    q, k, v = make((1, 17, 2, 2, 32, 32), torch.float16)
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
+    assert any("H=17 is above the kernels' limit of 16" in r for r in reasons), reasons
+    # the launchers refuse what dispatch refuses
+    q, k, v = make((1, 6, 3, 3, 16, 16), torch.float16)
+    with pytest.raises(ValueError, match="H=6 heads with the head norm"):
+        tk.head_mixing_attention_fwd(q, k, v, None, None, None, None, None, 0.25, 1e-5, True)
+    with pytest.raises(ValueError, match="no backward kernel for H=6 heads"):
+        tk.head_mixing_attention_bwd(q, q, k, v, None, None, None, None, None, q[..., 0].float(), 0.25, 1e-5,
+                                     False)
+
+
+def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
+    """The 5-16-head forward through the custom op: opcheck (forward), and
+    torch.compile(fullgraph) / torch.export of a call without gradients."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((1, 6, 5, 9, 16, 16), torch.float16)
+    params = make_params(6, "timm talking heads", torch.float16)
+    pre_w, pre_b, post_w, post_b, *_ = ops._unpack(params["pre"], params["post"], None)
+    args = (q, k, v, pre_w, pre_b, post_w, post_b, None, None, 0.25, 0.0, False, "triton")
+    torch.library.opcheck(ops.head_mixing_attention_fwd, args)
+
+    def f(q, k, v):
+        return vitkernels.head_mixing_attention(q, k, v, scale=0.25, **params, backend="triton")
+
+    expected = ref64(q, k, v, params, scale=0.25)[0]
+    assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), expected, TOL[torch.float16])
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return f(q, k, v)
+
+    ep = torch.export.export(M(), (q, k, v))
+    assert any("head_mixing_attention_fwd" in str(n.target) for n in ep.graph.nodes)
+    assert_close(ep.module()(q, k, v), expected, TOL[torch.float16])

@@ -105,4 +105,29 @@ def test_deepvit_heads_go_to_torch_with_the_reason():
     inputs = ops._inputs(q, k, v, scale=0.25)
     assert select(ops.BACKENDS, inputs).name == "torch"
     reasons = ops.TritonBackend().not_supported_reasons(inputs)
-    assert any("H=12 is above the kernels' limit of 4" in r for r in reasons), reasons
+    assert any("q (shape (2, 12, 197, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
+
+
+# 5-16 heads: the tensor-core forward (head_mixing_tc.py), no backward
+MANY_HEADS = {
+    "CaiT-M H16 N197 D48": (4, 16, 197, 197, 48, "vit-pytorch"),
+    "CaiT-S timm H8 N197 D48": (4, 8, 197, 197, 48, "timm"),
+    "H12 N50 D64": (4, 12, 50, 50, 64, "vit-pytorch"),
+    "H5 Nq1 Nk197 D32": (8, 5, 1, 197, 32, "timm"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("case", list(MANY_HEADS), ids=list(MANY_HEADS))
+def test_many_heads_forward_matches_float64(case, dtype):
+    dt = DTYPES[dtype]
+    q, k, v, params = make(MANY_HEADS[case], dt)
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **params)).name == "triton"
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    p64 = with_leaves(params, lambda t: t.double())
+    expected = reference.head_mixing_attention(*(t.double() for t in (q, k, v)), scale=q.shape[-1] ** -0.5, **p64)
+    assert out.dtype == dt
+    assert_close(out, expected, TOL[dt], f"{case} {dtype} out")
+    # a call that needs gradients goes to the torch backend
+    q.requires_grad_()
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **params)).name == "torch"

@@ -248,6 +248,10 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
     # re-attention within the kernels' envelope (M2's 12 heads of 33 are outside it)
     "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
+    # 5-16 heads: the tensor-core forward (head_mixing_tc.py; no backward): CaiT-M's
+    # 16 heads (vit-pytorch layout) and CaiT-S's 8 in timm's (the post-mix bias)
+    "CaiT-M": HeadMixingShape(16, 197, 197, 48, "vit-pytorch", True, True, False, False),
+    "CaiT-S-timm": HeadMixingShape(8, 197, 197, 48, "timm", True, True, True, False),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)

@@ -40,8 +40,12 @@ Backends, in automatic priority order: triton (the Triton kernels: every head of
 query block in one program, no (B, H, Nq, Nk) tensor in memory, gradients of q,
 k, v and every mixing and norm parameter, the latter summed deterministically;
 for H <= 4 heads of Dk, Dv <= 64 with 16-byte aligned rows, the shapes whose
-kernels fit a thread's registers: CaiT-XXS's 4 heads of 48, not DeepViT's 12 of
-33 nor CaiT-S's 8, which take the torch backend),
+kernels fit a thread's registers: CaiT-XXS's 4 heads of 48; for 5-16 heads
+(MAX_FWD_HEADS) a forward only, the head mixing on the tensor cores, float16 /
+bfloat16 without the head norm (CaiT-S's 8 heads, CaiT-M's 16: faster than the torch
+backend there by the compiler-based estimate, bench/NOTES.md 2026-12-01 tcmix); a
+call that needs gradients, re-attention's head norm and DeepViT-S's 12 heads of 33
+take the torch backend),
 torch (batched matrix products on materialised attention maps; the automatic
 choice on CPU), reference (the literal einsum math). The triton backend runs
 through the custom ops ``vitkernels::head_mixing_attention_fwd`` / ``_bwd`` (fake
@@ -69,7 +73,7 @@ from vitkernels.ops._dispatch import (
     triton_import_error,
 )
 
-__all__ = ["BACKENDS", "DROPOUT_SITES", "MAX_HEADS", "MAX_HEAD_DIM", "head_mixing_attention", "which_backend"]
+__all__ = ["BACKENDS", "DROPOUT_SITES", "MAX_FWD_HEADS", "MAX_HEADS", "MAX_HEAD_DIM", "head_mixing_attention", "which_backend"]
 
 Mix = tuple[torch.Tensor, torch.Tensor | None]
 Norm = tuple[torch.Tensor | None, torch.Tensor | None, float]
@@ -81,6 +85,9 @@ DROPOUT_SITES = ("probs", "mixed")
 # (tests/test_compile_budget.py checks the launches) and the torch backend runs.
 MAX_HEADS = 4
 MAX_HEAD_DIM = 64
+# 5-16 heads: a forward with the head mixing on the tensor cores
+# (vitkernels/triton/head_mixing_tc.py): float16 / bfloat16, no head norm, no backward
+MAX_FWD_HEADS = 16
 
 
 # ----------------------------------------------------------------------------
@@ -214,6 +221,29 @@ def _params(pre: Mix | None, post: Mix | None, head_norm: Norm | None) -> dict[s
     }  # fmt: skip
 
 
+def _many_heads_reasons(inputs: Inputs) -> list[str]:
+    """Why the 5-16-head forward (head_mixing_tc.py) does not take these inputs."""
+    kw = inputs.kwargs
+    H = kw["q"].shape[1]
+    if not MAX_HEADS < H <= MAX_FWD_HEADS:
+        return []
+    reasons = []
+    what = f"H={H}: with more than {MAX_HEADS} heads the kernels have a forward only (the head mixing on tensor cores)"
+    if kw["q"].dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"{what}, for float16 and bfloat16 inputs; q has dtype {_dtype(kw['q'])}")
+    if kw["head_norm"] is not None:
+        reasons.append(f"{what}, without the head norm; head_norm was given (re-attention)")
+    if torch.is_grad_enabled():
+        needs = [n for n, t in inputs.tensors.items() if t is not None and t.requires_grad]
+        if needs:
+            reasons.append(f"{what}, no backward; {', '.join(needs)} require{'s' if len(needs) == 1 else ''} grad")
+    return reasons
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda",)
@@ -221,7 +251,7 @@ class TritonBackend(Backend):
     auto_on_cpu = False
     dtypes = KERNEL_DTYPES
     min_compute_capability = (8, 0)
-    max_sizes = {"H": MAX_HEADS, "Dk": MAX_HEAD_DIM, "Dv": MAX_HEAD_DIM}
+    max_sizes = {"H": MAX_FWD_HEADS, "Dk": MAX_HEAD_DIM, "Dv": MAX_HEAD_DIM}
     requirements = (triton_import_error,)
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
@@ -232,6 +262,7 @@ class TritonBackend(Backend):
 
         kw = inputs.kwargs
         reasons += tk.supports(kw["q"], kw["k"], kw["v"])
+        reasons += _many_heads_reasons(inputs)
         if kw["dropout_p"] > 0:
             reasons.append(
                 f"dropout_p={kw['dropout_p']}: the kernels have no attention dropout (the torch "

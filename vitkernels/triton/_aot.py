@@ -159,7 +159,12 @@ def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[Recorded
         # patch_embed's forward that saves for the backward, and the backward that
         # recomputes after a forward that saved nothing (the cuda backend's)
         extra = ("fwd_saving", "bwd_recompute") if isinstance(shape, PatchEmbedShape) else ()
-        for direction in ("fwd", "bwd", *extra):
+        both = ("fwd", "bwd")
+        if isinstance(shape, HeadMixingShape):  # 5-16 heads: a forward only
+            from vitkernels.triton.head_mixing import directions
+
+            both = directions(shape)
+        for direction in (*both, *extra):
             rec = record_workload(shape, direction, dtype, variant=variant, arch=arch, **options)
             for launch in rec.launches:
                 key = launch.specialization.key() + repr(launch.kernel)

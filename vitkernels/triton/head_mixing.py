@@ -75,7 +75,9 @@ Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 ``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
 every head, the mixing weights and the gradient accumulators live in registers;
 beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
-torch backend runs those. The loads are vectorised through pointer hints
+torch backend runs those, except that 5-16 heads without the head norm have a
+forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
+which ``head_mixing_attention_fwd`` hands them to. The loads are vectorised through pointer hints
 (``_common.hint``) the launcher justifies (``_vector_width``), not through
 Triton's specialisation of integer arguments. Every launch goes through
 ``_common.launch``, so the ahead-of-time compiles (``record_calls``, ``_aot.py``)
@@ -130,6 +132,7 @@ _TRITON_36 = TRITON_36  # register allocation differs (see _bwd_cfg); tests patc
 __all__ = ["head_mixing_attention_bwd", "head_mixing_attention_fwd", "record_calls", "supports"]
 
 _LOG2E = 1.4426950408889634
+_MAX_REG_HEADS = 4  # these kernels (every head in each thread's registers); 5-16: head_mixing_tc.py
 
 
 # ----------------------------------------------------------------------------
@@ -1376,8 +1379,16 @@ def head_mixing_attention_fwd(
     eps: float,
     has_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring."""
+    """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring.
+    5-16 heads go to the tensor-core forward (``head_mixing_tc``; no head norm there)."""
     B, H, NQ, DK = q.shape
+    if H > _MAX_REG_HEADS:
+        if has_norm:
+            raise ValueError(f"head_mixing: H={H} heads with the head norm; the kernels take it for at most "
+                             f"{_MAX_REG_HEADS} heads")
+        from vitkernels.triton.head_mixing_tc import head_mixing_attention_fwd_tc
+
+        return head_mixing_attention_fwd_tc(q, k, v, pre_w, post_w, post_b, scale)
     NK, DV = k.shape[2], v.shape[3]
     out = _alloc((B, H, NQ, DV), q.dtype, q.device)
     lse = _alloc((B, H, NQ), torch.float32, q.device)
@@ -1422,6 +1433,9 @@ def head_mixing_attention_bwd(
     """Backward: (dq, dk, dv, d_pre_w, d_post_w, d_post_b, d_norm_w, d_norm_b); the
     parameter gradients are None where the parameter is. See the module docstring."""
     B, H, NQ, DK = q.shape
+    if H > _MAX_REG_HEADS:
+        raise ValueError(f"head_mixing: no backward kernel for H={H} heads (at most {_MAX_REG_HEADS}; "
+                         "5-16 heads have a forward only)")
     NK, DV = k.shape[2], v.shape[3]
     dev = q.device
     dq = _alloc((B, H, NQ, DK), q.dtype, dev)
@@ -1501,15 +1515,24 @@ def head_mixing_attention_bwd(
 def refusal(shape: HeadMixingShape) -> str | None:
     """Why the kernels do not take this workload shape (dispatch gives it to the torch
     backend), or None."""
-    from vitkernels.ops.head_mixing import MAX_HEAD_DIM, MAX_HEADS
+    from vitkernels.ops.head_mixing import MAX_FWD_HEADS, MAX_HEAD_DIM, MAX_HEADS
 
-    if shape.heads > MAX_HEADS:
-        return f"H={shape.heads} heads is above the kernels' limit of {MAX_HEADS}"
+    if shape.heads > MAX_FWD_HEADS:
+        return f"H={shape.heads} heads is above the kernels' limit of {MAX_FWD_HEADS}"
+    if shape.heads > MAX_HEADS and shape.norm:
+        return f"H={shape.heads} heads with the head norm is above the kernels' limit of {MAX_HEADS}"
     if shape.head_dim > MAX_HEAD_DIM:
         return f"D={shape.head_dim} is above the kernels' limit of {MAX_HEAD_DIM}"
     if shape.head_dim % 8:
         return f"D={shape.head_dim}: 16-bit rows of {2 * shape.head_dim} bytes are not 16-byte aligned"
     return None
+
+
+def directions(shape: HeadMixingShape) -> tuple[str, ...]:
+    """The directions the kernels run for this shape (5-16 heads: the forward only)."""
+    from vitkernels.ops.head_mixing import MAX_HEADS
+
+    return ("fwd",) if shape.heads > MAX_HEADS else ("fwd", "bwd")
 
 
 def record_calls(
@@ -1524,6 +1547,8 @@ def record_calls(
     the op (``shape.layout``), inputs made by ``tensor``; the mixing and norm
     parameters in ``param_dtype`` (default: dtype; float32 under autocast)."""
     why = refusal(shape)
+    if why is None and direction not in directions(shape):
+        why = f"no backward kernel for H={shape.heads} heads (5-16 heads have a forward only)"
     if why is not None:
         raise ValueError(f"head_mixing: the kernels do not take {shape}: {why}")
     B, H, D, NQ, NK = batch, shape.heads, shape.head_dim, shape.nq, shape.nk

@@ -1,0 +1,250 @@
+"""head_mixing_attention's forward for 5-16 heads, the head mixing on the tensor cores.
+
+The kernels of ``head_mixing.py`` keep every head of a 16-row tile in each thread's
+registers: beyond 4 heads they spill. Here the heads are the batch axis of 3-d
+``tl.dot``s and the mixing is a dot over the head axis (bench/NOTES.md, 2026-12-01,
+helper tcmix): per program (b, BLOCK_M query rows), heads padded to HP = 8 (5-8 heads)
+or 16, per key block of BLOCK_N keys:
+
+    s (HP, BM, BN) = q (HP, BM, Dk) @ k^T (HP, Dk, BN)        3-d dot (mma.sync)
+    l^T (BM*BN, HP) = s^T (BM*BN, HP) @ A^T (HP, HP)           the pre-mix: one 2-d dot
+                                                               (K = 16; wgmma on sm_90a;
+                                                               HP = 8: two (query, key)
+                                                               pairs a row, blockdiag(A^T, A^T))
+    pass 1: running max / sum per element (one exponential), reduced over the key
+            lanes once after the loop: the row statistics of every mixed head
+    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), out (HP, BM, Dv) += r @ v
+
+Math as ``head_mixing.py`` (its module docstring); the pre-mix bias is left out (softmax
+ignores it). The mixing's operands are the inputs' 16-bit type (logits and
+probabilities rounded to it before each mix, as eager's einsums do under autocast),
+accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s forward.
+
+Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
+Dk and Dv <= 64 with 16-byte aligned rows, no head norm; no backward (the call is
+refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
+the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
+32 B - 45 KB; bench/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.triton._common import SHORT, Launch, alloc, launch
+
+__all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
+
+MIN_HEADS = 5
+MAX_HEADS = 16
+BLOCK_M = 16  # query rows (32 at 5-8 heads over more than 16 queries: fewer instructions a row)
+BLOCK_N = 16
+NUM_WARPS = 8
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+_alloc = alloc  # every buffer the launcher writes (tests poison them)
+
+
+@triton.jit
+def _mix_tc(x3, WT, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """out[g] = sum_h W[g, h] x3[h] for x3 (HP, BM, BN) float32: one (BM*BN*HP/16, 16) @
+    (16, 16) dot over the flattened tile. WT (``_mix_weights``) is W^T, or for HP = 8
+    blockdiag(W^T, W^T): a row of the flattened tile then holds two (query, key) pairs'
+    8 heads (the dot's K stays 16)."""
+    xt = tl.reshape(tl.permute(x3.to(WT.dtype), (1, 2, 0)), (BM * BN * HP // 16, 16))
+    yt = tl.dot(xt, WT)
+    return tl.permute(tl.reshape(yt, (BM, BN, HP)), (2, 0, 1))
+
+
+@triton.jit
+def _mix_weights(W, s_w0, s_w1, H: tl.constexpr, HP: tl.constexpr, dt: tl.constexpr):
+    """_mix_tc's (16, 16) right operand: WT[a, b] = W[b % HP, a % HP] on the diagonal
+    blocks of HP x HP (zeros elsewhere and for heads >= H)."""
+    a = tl.arange(0, 16)
+    ra, rb = a[:, None] % HP, a[None, :] % HP
+    ok = (a[:, None] // HP == a[None, :] // HP) & (ra < H) & (rb < H)
+    return tl.load(W + rb * s_w0 + ra * s_w1, mask=ok, other=0.0).to(dt)
+
+
+@triton.jit
+def _tile3(base, hs, offs, s_h, s_n, s_d, C0: tl.constexpr, C: tl.constexpr, D: tl.constexpr, ok):
+    """The (HP, rows, C) tile of columns C0..C0+C of a (H, N, D) operand (zeros outside)."""
+    cols = C0 + tl.arange(0, C)
+    ptrs = base + hs[:, None, None] * s_h + offs[None, :, None] * s_n + cols[None, None, :] * s_d
+    return tl.load(ptrs, mask=ok[:, :, None] & (cols < D)[None, None, :], other=0.0)
+
+
+@triton.jit
+def _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, W, qk_scale, DK: tl.constexpr,
+               KA: tl.constexpr, KB: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               HAS_PRE: tl.constexpr):
+    """Mixed logits (HP, BM, BN) in log2 units of one key block."""
+    ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
+    s = tl.dot(qa, tl.permute(ka, (0, 2, 1)))
+    if KB > 0:
+        kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
+        s = tl.dot(qb, tl.permute(kb, (0, 2, 1)), s)
+    s = s * qk_scale
+    if HAS_PRE:
+        s = _mix_tc(s, W, HP, BM, BN)
+    return s
+
+
+@triton.jit
+def _fwd_tc_kernel(
+    Q, K, V, PRE_W, POST_W, POST_B, O, LSE,
+    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_aw0, s_aw1, s_pw0, s_pw1, s_pb,
+    NQ, NK, num_qb, qk_scale,
+    H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // num_qb
+    qblk = pid % num_qb
+    hs = tl.arange(0, HP)
+    h_ok = hs < H
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < NQ
+    qok = h_ok[:, None] & m_ok[None, :]
+    Qb = Q + b.to(tl.int64) * s_qb
+    Kb = K + b.to(tl.int64) * s_kb
+    Vb = V + b.to(tl.int64) * s_vb
+    qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DK, qok)
+    if KB > 0:
+        qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DK, qok)
+    else:
+        qb = qa
+    dt = Q.dtype.element_ty
+    if HAS_PRE:
+        wa = _mix_weights(PRE_W, s_aw0, s_aw1, H, HP, dt)
+    else:
+        wa = tl.zeros((16, 16), dt)
+    if HAS_POST:
+        wp = _mix_weights(POST_W, s_pw0, s_pw1, H, HP, dt)
+    else:
+        wp = tl.zeros((16, 16), dt)
+    if HAS_POST_B:
+        pb = tl.load(POST_B + hs * s_pb, mask=h_ok, other=0.0).to(tl.float32)
+    else:
+        pb = tl.zeros((HP,), tl.float32)
+
+    num_kb = tl.cdiv(NK, BLOCK_N)
+    # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
+    # reduced over the key lanes after the loop. A padded key's logit is -1e30: its
+    # lane's maximum stays -1e30 unless a real key lands there, and adds nothing below
+    me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
+    se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+    for start_n in range(0, num_kb):
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kok = h_ok[:, None] & n_ok[None, :]
+        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
+                        BLOCK_M, BLOCK_N, HAS_PRE)  # fmt: skip
+        lg = tl.where(n_ok[None, None, :], lg, -1.0e30)
+        d = lg - me
+        e = tl.exp2(-tl.abs(d))
+        se = tl.where(d > 0, se * e + 1.0, se + e)
+        me = tl.maximum(me, lg)
+    m_i = tl.max(me, 2)
+    l_i = tl.sum(se * tl.exp2(me - m_i[:, :, None]), 2)
+    r_i = 1.0 / l_i
+    lse_ptrs = LSE + (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
+    tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=qok)
+
+    # pass 2: p, the post-mix, p.v. A padded key's v rows are zero (masked loads), so r
+    # there needs no mask; its logit is -inf so that p stays finite (0 * inf is NaN)
+    acc_a = tl.zeros((HP, BLOCK_M, VA), tl.float32)
+    acc_b = tl.zeros((HP, BLOCK_M, VB if VB > 0 else 16), tl.float32)
+    for start_t in range(0, num_kb):
+        offs_n = start_t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kok = h_ok[:, None] & n_ok[None, :]
+        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
+                        BLOCK_M, BLOCK_N, HAS_PRE)  # fmt: skip
+        lg = tl.where(n_ok[None, None, :], lg, -float("inf"))
+        p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
+        if HAS_POST:
+            p = _mix_tc(p, wp, HP, BLOCK_M, BLOCK_N) + pb[:, None, None]
+        p = p.to(dt)
+        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+        acc_a = tl.dot(p, va, acc_a)
+        if VB > 0:
+            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+            acc_b = tl.dot(p, vb, acc_b)
+    # out (B, H, NQ, DV) contiguous
+    Ob = O + b.to(tl.int64) * H * NQ * DV
+    cols_a = tl.arange(0, VA)
+    o_ptrs = Ob + hs[:, None, None] * (NQ * DV) + offs_m[None, :, None] * DV
+    tl.store(o_ptrs + cols_a[None, None, :], acc_a.to(dt), mask=qok[:, :, None] & (cols_a < DV)[None, None, :])
+    if VB > 0:
+        cols_b = VA + tl.arange(0, VB)
+        tl.store(o_ptrs + cols_b[None, None, :], acc_b.to(dt), mask=qok[:, :, None] & (cols_b < DV)[None, None, :])
+
+
+def _k_split(d: int) -> tuple[int, int]:
+    """K = d in two chunks: a power of two (at least 16) and 0 or a power of two
+    covering the rest (48 = 32 + 16)."""
+    a = max(16, 1 << (int(d).bit_length() - 1))
+    rest = d - a
+    return a, (0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length()))
+
+
+def head_mixing_attention_fwd_tc(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pre_w: torch.Tensor | None,
+    post_w: torch.Tensor | None,
+    post_b: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward for 5-16 heads: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32).
+    q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) float16 / bfloat16, any
+    strides; pre_w, post_w (H, H) in nn.Linear's (out, in) convention or None; post_b
+    (H,) or None (``head_mixing.py``'s launcher contract, without the head norm)."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    if not MIN_HEADS <= H <= MAX_HEADS:
+        raise ValueError(f"head_mixing (tensor-core forward): H={H} heads; expected {MIN_HEADS} to {MAX_HEADS}")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"head_mixing (tensor-core forward): q.dtype={q.dtype}; expected float16 or bfloat16")
+    if NK == 0:
+        raise ValueError("head_mixing (tensor-core forward): Nk=0 keys; expected at least one")
+    out = _alloc((B, H, NQ, DV), q.dtype, q.device)
+    lse = _alloc((B, H, NQ), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    ka, kb = _k_split(DK)
+    va, vb = _k_split(DV)
+
+    def mat(w):
+        return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
+
+    (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
+    pbp, pbs = (q, 0) if post_b is None else (post_b, post_b.stride(0))
+    hp = 8 if H <= 8 else 16
+    # 5-8 heads: 32 query rows (estimate at CaiT-S-timm 143.5 -> 120.2 us, 128 -> 172
+    # registers, sm_90a; 64 rows took 246 registers for 118.0 us); 9-16 heads: 16 (32
+    # spilled 0.8-3 KB in the prototype)
+    block_m = 32 if hp == 8 and NQ > 16 else BLOCK_M
+    num_qb = triton.cdiv(NQ, block_m)
+    num_kb = triton.cdiv(NK, BLOCK_N)
+    params = (pre_w, post_w, post_b)
+    pdt = next((SHORT[t.dtype] for t in params if t is not None), "-")
+    stages = "".join(c for c, t in (("A", pre_w), ("P", post_w), ("c", post_b)) if t is not None)
+    tag = f"{SHORT[q.dtype]},p{pdt},H{H},Nq{NQ},Nk{NK},D{DK},{stages or 'plain'}"
+    args = [q, k, v, aw, pw, pbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
+            NQ, NK, num_qb, scale * _LOG2E]  # fmt: skip
+    constexprs = dict(H=H, HP=hp, DK=DK, DV=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+                      HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None)  # fmt: skip
+    launch(Launch(
+        f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
+        reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb, "start_t": num_kb},
+    ))  # fmt: skip
+    return out, lse
