@@ -171,6 +171,19 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 #endif
 }
 
+// log2(x) on the special-function unit (lg2.approx.ftz.f32: one MUFU.LG2, max error
+// 2^-22 relative), where log2f adds range reduction and special cases; for x >= 1 (a
+// softmax row sum) nothing is lost.
+__device__ __forceinline__ float log2_approx(float x) {
+#if defined(VK_EMULATE)
+  return log2f(x);
+#else
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
 // ----------------------------------------------------------------------------
 // warp collectives
 

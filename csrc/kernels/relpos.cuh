@@ -287,7 +287,11 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   const char* qb[2] = {reinterpret_cast<const char*>(sTab + qc[0]), reinterpret_cast<const char*>(sTab + qc[1])};
 
   const float sl2 = p.scale * kLog2e;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float m[2] = {-INFINITY, -INFINITY};
+  // the row sums of p as a product with a column of ones: l[0] / l[2] = rows g / g + 8
+  // (whole rows: no quad sum), of p as rounded for p v (the same weights as the output's)
+  float l[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t ones[2] = {Num<T>::pack(1.f, 1.f), Num<T>::pack(1.f, 1.f)};
   float o[DV / 8][4];
 #pragma unroll
   for (int dt = 0; dt < DV / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
@@ -351,7 +355,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
-    float alpha[2], rowsum[2] = {0.f, 0.f};
+    float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
@@ -361,12 +365,9 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[nt][c] = exp2_ftz(s[nt][c] - m[c >> 1]);
-        rowsum[c >> 1] += s[nt][c];
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rowsum[r];
+      for (int c = 0; c < 4; ++c) s[nt][c] = exp2_ftz(s[nt][c] - m[c >> 1]);
+    l[0] *= alpha[0];
+    l[2] *= alpha[1];
 #pragma unroll
     for (int dt = 0; dt < DV / 8; ++dt) {
       o[dt][0] *= alpha[0];
@@ -380,6 +381,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t pa[4];
       c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+      mma_16816<T>(l, pa, ones);
 #pragma unroll
       for (int dp = 0; dp < DV / 16; ++dp) {
         uint32_t bf[2][2];
@@ -399,10 +401,10 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float lsum = quad_sum(l[r]);
+    const float lsum = l[2 * r];  // >= 1: the row max's weight is 1
     inv[r] = 1.f / lsum;
     const int i = q0 + warp * 16 + g + 8 * r;
-    if (t == 0 && i < p.Nq) p.lse[((int64_t)b * p.H + h) * p.Nq + i] = (m[r] + log2f(lsum)) * kLn2;
+    if (t == 0 && i < p.Nq) p.lse[((int64_t)b * p.H + h) * p.Nq + i] = (m[r] + log2_approx(lsum)) * kLn2;
   }
   T* sO = sV + warp * 16 * LDV;
 #pragma unroll
