@@ -265,9 +265,20 @@ RELPOS_CASES = [
     (2, 1, 4, 4, 1, 32, 64, torch.bfloat16, "hn", torch.float32, False),  # A3-like, N 16
     (1, 3, 9, 5, 3, 20, 40, torch.float16, "nh", torch.bfloat16, True),  # odd sizes
     (1, 1, 5, 13, 1, 100, 128, torch.bfloat16, "hn", None, False),  # the (128, 128) path
+    # 16-byte rows narrower than the tile (Dk 24 of 32, Dv 40 of 64: the forward's VEC
+    # copies zero the columns past Dk / Dv), C = 13 keys a row (a 64-key tile wraps the
+    # grid rows unevenly), one full key tile and a partial one
+    (2, 1, 8, 13, 2, 24, 40, torch.float16, "nh", torch.float32, False),
     # a table too large to keep mirrored over signed offsets (3 x 8191 > 16384 floats)
     (1, 1, 2, 4096, 128, 16, 16, torch.float16, "hn", None, False),
 ]
+
+
+def _nan_tail(t: torch.Tensor) -> torch.Tensor:
+    """t, contiguous, in a buffer whose next 64 elements are NaN."""
+    buf = torch.full((t.numel() + 64,), float("nan"), dtype=t.dtype)
+    buf[: t.numel()] = t.reshape(-1)
+    return buf[: t.numel()].view(t.shape)
 
 
 def _relpos_inputs(B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided):
@@ -277,8 +288,8 @@ def _relpos_inputs(B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided):
         q = torch.randn(B, Nq, H, Dk + 3).to(dtype)[..., :Dk].transpose(1, 2)
         kv = torch.randn(B, Nk, 2, H, max(Dk, Dv)).to(dtype)
         k, v = kv[:, :, 0, :, :Dk].transpose(1, 2), kv[:, :, 1, :, :Dv].transpose(1, 2)
-    else:
-        q, k, v = (torch.randn(B, H, n, d).to(dtype) for n, d in ((Nq, Dk), (Nk, Dk), (Nk, Dv)))
+    else:  # contiguous, NaN just past the end: a kernel that reads beyond a row of the last one fails
+        q, k, v = (_nan_tail(torch.randn(B, H, n, d).to(dtype)) for n, d in ((Nq, Dk), (Nk, Dk), (Nk, Dv)))
     tdtype = tdtype or dtype
     stored = torch.randn(H, Nk) if layout == "hn" else torch.randn(Nk, H)
     stored = stored.to(tdtype)

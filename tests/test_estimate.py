@@ -175,8 +175,10 @@ def test_cuda_kernel_names_normalise_alike():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found (builds the CUDA launch recorder)")
 def test_cuda_launches_recorded_from_the_extensions_launchers():
     """The recorder runs csrc's own launch logic: relpos A3 forward is one launch of
-    relpos_fwd_kernel<bf16, 32, 64, true> (the table mirrored over signed offsets in
-    shared memory: (2R-1)^2 floats loaded) on (ceil(Nq / 64), H, B) blocks of 128 threads."""
+    relpos_fwd_kernel<bf16, 32, 64, true, true> (the table mirrored over signed offsets in
+    shared memory: (2R-1)^2 floats loaded; contiguous q, k, v: 16-byte copies only) on
+    (ceil(Nq / 64), H, B) blocks of 128 threads; its 16 keys are no full tile (the loop
+    over full tiles runs 0 times, the partial tile is peeled)."""
     import torch
 
     from vitkernels.estimate import cuda
@@ -186,9 +188,9 @@ def test_cuda_launches_recorded_from_the_extensions_launchers():
         pytest.skip(cuda.unavailable_reason())
     s = WORKLOADS["A3"].shape
     (la,) = cuda.record_calls(s, 3, torch.bfloat16, "fwd")
-    assert la.kernel == "vk::relpos_fwd_kernel<bf16, 32, 64, true>"
+    assert la.kernel == "vk::relpos_fwd_kernel<bf16, 32, 64, true, true>"
     assert la.grid == (1, s.heads, 3) and la.block == (128, 1, 1)
-    assert la.trips["k0"] == 1 and la.trips["i"] == (2 * s.side - 1) ** 2 / 128
+    assert la.trips["k0"] == 0 and la.trips["i"] == (2 * s.side - 1) ** 2 / 128
     bwd = [e.kernel if isinstance(e, cuda.CudaLaunch) else e.name for e in cuda.record_calls(s, 3, torch.bfloat16, "bwd")]
     assert bwd == ["vk::relpos_bwd_dq_kernel<bf16, 32, 64, true>", "vk::relpos_bwd_dkv_kernel<bf16, 32, 64, true>",
                    "vk::relpos_dtable_fold_kernel", "_to_copy"]  # fmt: skip

@@ -42,6 +42,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(8) int2 {
+  int x, y;
+};
 struct alignas(16) float4 {
   float x, y, z, w;
 };

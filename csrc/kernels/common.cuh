@@ -171,6 +171,19 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 #endif
 }
 
+// log2(x) on the special-function unit (lg2.approx.ftz.f32: one MUFU.LG2, max error
+// 2^-22 relative), where log2f adds range reduction and special cases; for x >= 1 (a
+// softmax row sum) nothing is lost.
+__device__ __forceinline__ float log2_approx(float x) {
+#if defined(VK_EMULATE)
+  return log2f(x);
+#else
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
 // ----------------------------------------------------------------------------
 // warp collectives
 
@@ -372,7 +385,7 @@ __device__ __forceinline__ void frag_b_tf32_nk(uint32_t (&b)[2], const S* s, int
 // Whether rows of g can be read 8 elements (16 bytes) at a time: unit column
 // stride, 16-byte aligned rows and a column count that is a multiple of 8.
 template <class T>
-__device__ __forceinline__ bool rows_vectorizable(const T* g, int64_t sn, int64_t sd, int ncols) {
+__host__ __device__ inline bool rows_vectorizable(const T* g, int64_t sn, int64_t sd, int ncols) {
   return sd == 1 && sn % 8 == 0 && ncols % 8 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0;
 }
 
@@ -436,6 +449,65 @@ __device__ __forceinline__ void load_rows_unrolled(T* s, int ld, const T* g, int
     if (r0 + r + i * kStep < nrows && d < ncols) val = *reinterpret_cast<const uint4*>(gr + i * kStep * sn);
     *reinterpret_cast<uint4*>(s + (r + i * kStep) * ld + d) = val;
   }
+}
+
+// This thread's pieces of a ROWS x D tile of a matrix whose rows vectorise (16-byte
+// pieces, rows_vectorizable): g points at the thread's first piece (row tid / (D / 8),
+// column 8 (tid % (D / 8))) of the tile's row 0, s at the same piece of the shared tile;
+// rows from `left` on (counted from the thread's first row) are zero. No fallback: the
+// caller has checked the layout (on the host).
+template <class T, int ROWS, int D, int NT>
+__device__ __forceinline__ void copy_rows_vec(T* s, int ld, const T* g, int64_t sn, int left, int tid) {
+  static_assert(D % 8 == 0 && NT % (D / 8) == 0, "a thread's pieces must share their column");
+  constexpr int N = ROWS * (D / 8), kStep = NT / (D / 8);  // rows between a thread's pieces
+#pragma unroll
+  for (int i = 0; i < (N + NT - 1) / NT; ++i) {
+    if (N % NT != 0 && tid + i * NT >= N) break;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (i * kStep < left) val = *reinterpret_cast<const uint4*>(g + i * kStep * sn);
+    *reinterpret_cast<uint4*>(s + i * kStep * ld) = val;
+  }
+}
+
+// store_warp_rows where g's rows are known to vectorise (16-byte stores only)
+template <class T, int D>
+__device__ __forceinline__ void store_warp_rows_vec(T* g, int64_t sn, const T* s, int ld, int r0, int row0, int nrows,
+                                                    int ncols, int lane) {
+  constexpr int PR = D / 8;  // 16-byte pieces a row
+  static_assert(D % 8 == 0 && 32 % PR == 0, "rows of whole pieces, whole rows a pass");
+  const int r = lane / PR, d = (lane % PR) * 8;
+#pragma unroll
+  for (int i = 0; i < 16 * PR / 32; ++i) {
+    const int rr = r + i * (32 / PR);
+    if (row0 + rr < nrows && d < ncols)
+      *reinterpret_cast<uint4*>(g + (int64_t)(row0 + rr) * sn + d) =
+          *reinterpret_cast<const uint4*>(s + (r0 + rr) * ld + d);
+  }
+}
+
+// A warp's 16 rows s[r0 + r][0, D) (16-bit, row stride ld) to rows row0 + r of the
+// strided (T, E) matrix g, where row0 + r < nrows and columns below ncols: 16-byte
+// stores when g's rows vectorise, else element by element (out of line, so the loop
+// that stores carries a call instead of the copy).
+template <class T, int D>
+__device__ VK_NOINLINE void store_warp_rows_elementwise(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0,
+                                                        int row0, int nrows, int ncols, int lane) {
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int r = idx / D, d = idx % D;
+    if (row0 + r < nrows && d < ncols) g[(int64_t)(row0 + r) * sn + (int64_t)d * sd] = s[(r0 + r) * ld + d];
+  }
+}
+
+template <class T, int D>
+__device__ __forceinline__ void store_warp_rows(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0, int row0,
+                                                int nrows, int ncols, int lane) {
+  constexpr int PR = D / 8;  // 16-byte pieces a row
+  static_assert(D % 8 == 0 && 32 % PR == 0, "rows of whole pieces, whole rows a pass");
+  if (!rows_vectorizable(g, sn, sd, ncols)) {
+    store_warp_rows_elementwise<T, D>(g, sn, sd, s, ld, r0, row0, nrows, ncols, lane);
+    return;
+  }
+  store_warp_rows_vec<T, D>(g, sn, s, ld, r0, row0, nrows, ncols, lane);
 }
 
 // out[c * stride], out[(c + 1) * stride] = lo, hi (the second only when has_hi),

@@ -242,38 +242,6 @@ __device__ __forceinline__ void load_rows_ext(float* s, const T* g, int64_t sn, 
   }
 }
 
-// A warp's 16 rows s[r0 + r][0, D) (16-bit, row stride ld) to rows row0 + r of the
-// strided (T, E) matrix g, where row0 + r < nrows and columns below ncols: 16-byte
-// stores when g's rows vectorise, else element by element (out of line, so the loop
-// that stores carries a call instead of the copy).
-template <class T, int D>
-__device__ VK_NOINLINE void store_warp_rows_elementwise(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0,
-                                                        int row0, int nrows, int ncols, int lane) {
-  for (int idx = lane; idx < 16 * D; idx += 32) {
-    const int r = idx / D, d = idx % D;
-    if (row0 + r < nrows && d < ncols) g[(int64_t)(row0 + r) * sn + (int64_t)d * sd] = s[(r0 + r) * ld + d];
-  }
-}
-
-template <class T, int D>
-__device__ __forceinline__ void store_warp_rows(T* g, int64_t sn, int64_t sd, const T* s, int ld, int r0, int row0,
-                                                int nrows, int ncols, int lane) {
-  constexpr int PR = D / 8;  // 16-byte pieces a row
-  static_assert(D % 8 == 0 && 32 % PR == 0, "rows of whole pieces, whole rows a pass");
-  if (!rows_vectorizable(g, sn, sd, ncols)) {
-    store_warp_rows_elementwise<T, D>(g, sn, sd, s, ld, r0, row0, nrows, ncols, lane);
-    return;
-  }
-  const int r = lane / PR, d = (lane % PR) * 8;
-#pragma unroll
-  for (int i = 0; i < 16 * PR / 32; ++i) {
-    const int rr = r + i * (32 / PR);
-    if (row0 + rr < nrows && d < ncols)
-      *reinterpret_cast<uint4*>(g + (int64_t)(row0 + rr) * sn + d) =
-          *reinterpret_cast<const uint4*>(s + (r0 + rr) * ld + d);
-  }
-}
-
 // acc = x w^T for this warp's 16 rows of sX (x . w_hi + x . w_lo), fragments by
 // ldmatrix; nrm[r] = |x|^2 of rows g + 8 r (fp32, from the same A fragments)
 template <class T, int EP, int MP>

@@ -103,19 +103,29 @@ __host__ __device__ inline bool dq_mirror_fits(int R, int C) { return mirror_flo
 constexpr int kDsLd = 40;
 
 // the head's table row, times mult, as float; MIRROR: as the (2R-1) x (2C-1) grid
-// of signed offsets, entry (dr + R - 1, dc + C - 1) = table[|dr| * C + |dc|]
+// of signed offsets, entry (dr + R - 1, dc + C - 1) = table[|dr| * C + |dc|]. The
+// grid position of a thread's entry steps with i (no division in the loop).
 template <bool MIRROR = false>
 __device__ __forceinline__ void load_table(float* s, const RelposParams& p, int h, float mult, int tid) {
+  const void* tab = static_cast<const char*>(p.table) +
+                    (h * p.t_sh) * (p.t_kind == kFloat32 ? int64_t(4) : int64_t(2));  // the head's row
   if constexpr (MIRROR) {
     const int W = 2 * p.C - 1, n = (2 * p.R - 1) * W;
+    const int sr = kThreads / W, sc = kThreads % W;  // the grid step of i += kThreads
+    int r = tid / W, c = tid % W;
+#pragma unroll 1
     for (int i = tid; i < n; i += kThreads) {
-      const int dr = i / W - (p.R - 1), dc = i % W - (p.C - 1);
+      const int dr = r - (p.R - 1), dc = c - (p.C - 1);
       const int idx = (dr < 0 ? -dr : dr) * p.C + (dc < 0 ? -dc : dc);
-      s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + idx * p.t_sn);
+      s[i] = mult * load_as_float(tab, p.t_kind, idx * p.t_sn);
+      r += sr;
+      c += sc;
+      if (c >= W) c -= W, ++r;
     }
   } else {
     const int n = p.R * p.C;
-    for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(p.table, p.t_kind, h * p.t_sh + i * p.t_sn);
+#pragma unroll 1
+    for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(tab, p.t_kind, i * p.t_sn);
   }
 }
 
@@ -202,9 +212,26 @@ inline DqGroups dq_groups(int B, int blocks_per_batch) {
 
 // ----------------------------------------------------------------------------
 // forward: grid (ceil(Nq / 64), H, B), 128 threads. MIRROR: the bias table in
-// shared memory over signed offsets (relpos_detail::load_table).
+// shared memory over signed offsets (relpos_detail::load_table). VEC: the rows of q,
+// k, v and out vectorise (rows_vectorizable, checked by the launcher): 16-byte copies
+// only, each thread's K/V pointers advanced a tile at a time; otherwise element-wise
+// copies (load_rows) and stores.
+//
+// Full key tiles take no mask; the last, partial one (keys past Nk -> -inf) is the
+// same step with the mask, peeled after the loop.
 
-template <class T, int DK, int DV, bool MIRROR>
+namespace relpos_detail {
+
+struct Masked {
+  static constexpr bool value = true;
+};
+struct Unmasked {
+  static constexpr bool value = false;
+};
+
+}  // namespace relpos_detail
+
+template <class T, int DK, int DV, bool MIRROR, bool VEC>
 __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BN = 64, LDK = DK + 8, LDV = DV + 8;
@@ -221,8 +248,29 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
   const T* K = static_cast<const T*>(p.k) + b * p.k_s[0] + h * p.k_s[1];
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
 
+  // VEC: this thread's first 16-byte piece of a K / V tile (row kr / vr, column kd / vd)
+  const int kr = tid / (DK / 8), kd = (tid % (DK / 8)) * 8, vr = tid / (DV / 8), vd = (tid % (DV / 8)) * 8;
+  const int64_t ks = p.k_s[2], vs = p.v_s[2];
+  const T* Kt = K + kr * ks + kd;
+  const T* Vt = V + vr * vs + vd;
+  // rows of the key tile at k0 this thread copies: those below klim - k0 (none where
+  // its column is past Dk / Dv: zeros there)
+  const int klim = kd < p.Dk ? p.Nk - kr : -(1 << 30), vlim = vd < p.Dv ? p.Nk - vr : -(1 << 30);
+
   load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
-  load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+  if constexpr (VEC) {
+    const int qr = tid / (DK / 8), qd = (tid % (DK / 8)) * 8;
+    copy_rows_vec<T, kRows, DK, kThreads>(sQ + qr * LDK + qd, LDK, Q + (q0 + qr) * p.q_s[2] + qd, p.q_s[2],
+                                          qd < p.Dk ? p.Nq - q0 - qr : 0, tid);
+  } else {
+    load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+  }
+
+  // key j = k0 + tid (tid < BN) on the grid: row kgr, column kgc, stepped a tile at a time
+  const int kstep_r = BN / p.C, kstep_c = BN % p.C;
+  int kgr = tid / p.C, kgc = tid % p.C;
+  // bias coordinate of the last key: that of keys past Nk (masked)
+  const int kc_last = key_coord<MIRROR>(p.Nk - 1, p.C);
   __syncthreads();
 
   uint32_t qa[DK / 16][4];
@@ -235,18 +283,38 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     const int i = q0 + warp * 16 + g + 8 * r;
     qc[r] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
   }
+  // MIRROR: the bias of (row r, key) is at byte qb[r] - 4 kc; sKc holds -4 kc
+  const char* qb[2] = {reinterpret_cast<const char*>(sTab + qc[0]), reinterpret_cast<const char*>(sTab + qc[1])};
 
   const float sl2 = p.scale * kLog2e;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float m[2] = {-INFINITY, -INFINITY};
+  // the row sums of p as a product with a column of ones: l[0] / l[2] = rows g / g + 8
+  // (whole rows: no quad sum), of p as rounded for p v (the same weights as the output's)
+  float l[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t ones[2] = {Num<T>::pack(1.f, 1.f), Num<T>::pack(1.f, 1.f)};
   float o[DV / 8][4];
 #pragma unroll
   for (int dt = 0; dt < DV / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
 
-  for (int k0 = 0; k0 < p.Nk; k0 += BN) {
+  auto step = [&](int k0, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
     __syncthreads();  // everyone is done with the previous tile
-    load_rows_unrolled<T, BN, DK, kThreads, true>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-    load_rows_unrolled<T, BN, DV, kThreads, true>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
-    if (tid < BN) sKc[tid] = key_coord<MIRROR>(imin(k0 + tid, p.Nk - 1), p.C);  // masked below past Nk
+    if constexpr (VEC) {
+      copy_rows_vec<T, BN, DK, kThreads>(sK + kr * LDK + kd, LDK, Kt, ks, klim - k0, tid);
+      copy_rows_vec<T, BN, DV, kThreads>(sV + vr * LDV + vd, LDV, Vt, vs, vlim - k0, tid);
+      Kt += BN * ks;
+      Vt += BN * vs;
+    } else {
+      load_rows<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+      load_rows<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+    }
+    if (tid < BN) {
+      const int kc = (!kMasked || k0 + tid < p.Nk) ? (MIRROR ? kgr * (2 * p.C - 1) + kgc : (kgr << 16) | kgc) : kc_last;
+      sKc[tid] = MIRROR ? -4 * kc : kc;
+      kgr += kstep_r;
+      kgc += kstep_c;
+      if (kgc >= p.C) kgc -= p.C, ++kgr;
+    }
     __syncthreads();
 
     // s = q k^T for this warp's 16 queries x 64 keys
@@ -263,21 +331,22 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
         mma_16816<T>(s[2 * np + 1], qa[kk], bf[1]);
       }
 
-    // logits in log2 units with the bias
+    // logits in log2 units with the bias; the last tile: keys past Nk -> -inf
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      const int2 kc2 = *reinterpret_cast<const int2*>(sKc + nt * 8 + 2 * t);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int kc = sKc[nt * 8 + 2 * t + e];
+        const int kc = e ? kc2.y : kc2.x;
+        const bool dead = kMasked && k0 + nt * 8 + 2 * t + e >= p.Nk;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) s[nt][2 * r + e] = s[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc[r], kc, p.C);
+        for (int r = 0; r < 2; ++r) {
+          const float bias =
+              MIRROR ? *reinterpret_cast<const float*>(qb[r] + kc) : sTab[bias_index(qc[r], kc, p.C)];
+          const float x = s[nt][2 * r + e] * sl2 + bias;
+          s[nt][2 * r + e] = kMasked && dead ? -INFINITY : x;
+        }
       }
-    if (k0 + BN > p.Nk) {  // the last tile: keys past Nk -> -inf
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (k0 + nt * 8 + 2 * t + e >= p.Nk) s[nt][e] = s[nt][2 + e] = -INFINITY;
     }
 
     // online softmax: running row max, rescale of the sums and the output
@@ -286,7 +355,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
-    float alpha[2], rowsum[2] = {0.f, 0.f};
+    float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
@@ -296,12 +365,9 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[nt][c] = exp2_ftz(s[nt][c] - m[c >> 1]);
-        rowsum[c >> 1] += s[nt][c];
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rowsum[r];
+      for (int c = 0; c < 4; ++c) s[nt][c] = exp2_ftz(s[nt][c] - m[c >> 1]);
+    l[0] *= alpha[0];
+    l[2] *= alpha[1];
 #pragma unroll
     for (int dt = 0; dt < DV / 8; ++dt) {
       o[dt][0] *= alpha[0];
@@ -315,6 +381,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t pa[4];
       c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+      mma_16816<T>(l, pa, ones);
 #pragma unroll
       for (int dp = 0; dp < DV / 16; ++dp) {
         uint32_t bf[2][2];
@@ -323,24 +390,35 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
         mma_16816<T>(o[2 * dp + 1], pa, bf[1]);
       }
     }
-  }
+  };
 
-  T* O = static_cast<T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
+  const int kfull = p.Nk - p.Nk % BN;  // keys in full tiles
+  for (int k0 = 0; k0 < kfull; k0 += BN) step(k0, Unmasked{});
+  if (kfull < p.Nk) step(kfull, Masked{});
+
+  // out: this warp's rows, normalised, through its rows of sV (16-bit), then to global
+  __syncthreads();  // every warp is done with sV
+  float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float lsum = quad_sum(l[r]);
+    const float lsum = l[2 * r];  // >= 1: the row max's weight is 1
+    inv[r] = 1.f / lsum;
     const int i = q0 + warp * 16 + g + 8 * r;
-    if (i >= p.Nq) continue;
-    const float inv = 1.f / lsum;
-#pragma unroll
-    for (int dt = 0; dt < DV / 8; ++dt) {
-      const int d = dt * 8 + 2 * t;
-      if (d < p.Dv)
-        store_pair(O + i * p.o_s[2] + d * p.o_s[3], p.o_s[3], o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv,
-                   d + 1 < p.Dv);
-    }
-    if (t == 0) p.lse[((int64_t)b * p.H + h) * p.Nq + i] = (m[r] + log2f(lsum)) * kLn2;
+    if (t == 0 && i < p.Nq) p.lse[((int64_t)b * p.H + h) * p.Nq + i] = (m[r] + log2_approx(lsum)) * kLn2;
   }
+  T* sO = sV + warp * 16 * LDV;
+#pragma unroll
+  for (int dt = 0; dt < DV / 8; ++dt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * LDV + dt * 8 + 2 * t) =
+          Num<T>::pack(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
+  __syncwarp();
+  T* O = static_cast<T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
+  if constexpr (VEC)
+    store_warp_rows_vec<T, DV>(O, p.o_s[2], sV, LDV, warp * 16, q0 + warp * 16, p.Nq, p.Dv, lane);
+  else
+    store_warp_rows_elementwise<T, DV>(O, p.o_s[2], p.o_s[3], sV, LDV, warp * 16, q0 + warp * 16, p.Nq, p.Dv, lane);
 }
 
 // ----------------------------------------------------------------------------
@@ -766,7 +844,14 @@ cudaError_t relpos_fwd_launch(const RelposParams& p, cudaStream_t stream) {
   using namespace relpos_detail;
   const bool mirror = mirror_fits(p.R, p.C);
   const size_t smem = fwd_smem<DK, DV>(table_floats(p.R, p.C, mirror));
-  auto kernel = mirror ? relpos_fwd_kernel<T, DK, DV, true> : relpos_fwd_kernel<T, DK, DV, false>;
+  const bool vec = rows_vectorizable(static_cast<const T*>(p.q), p.q_s[2], p.q_s[3], p.Dk) &&
+                   rows_vectorizable(static_cast<const T*>(p.k), p.k_s[2], p.k_s[3], p.Dk) &&
+                   rows_vectorizable(static_cast<const T*>(p.v), p.v_s[2], p.v_s[3], p.Dv) &&
+                   rows_vectorizable(static_cast<const T*>(p.out), p.o_s[2], p.o_s[3], p.Dv) &&
+                   p.q_s[0] % 8 == 0 && p.q_s[1] % 8 == 0 && p.k_s[0] % 8 == 0 && p.k_s[1] % 8 == 0 &&
+                   p.v_s[0] % 8 == 0 && p.v_s[1] % 8 == 0 && p.o_s[0] % 8 == 0 && p.o_s[1] % 8 == 0;
+  auto kernel = mirror ? (vec ? relpos_fwd_kernel<T, DK, DV, true, true> : relpos_fwd_kernel<T, DK, DV, true, false>)
+                       : (vec ? relpos_fwd_kernel<T, DK, DV, false, true> : relpos_fwd_kernel<T, DK, DV, false, false>);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   launch(kernel, dim3(ceil_div(p.Nq, kRows), p.H, p.B), dim3(kThreads), smem, stream, p);

@@ -299,9 +299,11 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
                                  "BN": 64 if la.base == "vk::relpos_fwd_kernel" else 32 if DK + DV > 160 else 64,
                                  "BQ": 32 if DK + DV >= 96 else 64})  # fmt: skip
         if la.base == "vk::relpos_fwd_kernel":
-            # <..., true>: the table mirrored over signed offsets, (2R-1) x (2C-1) floats
-            mirrored = la.kernel.endswith("true>")
-            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "k0": _cdiv(Nk, 64)}
+            # <T, DK, DV, MIRROR, VEC>: MIRROR, the table mirrored over signed offsets,
+            # (2R-1) x (2C-1) floats; the `for k0` loop walks the full key tiles, the
+            # last partial one (if any) is peeled after it
+            mirrored = la.kernel.removesuffix(">").split(", ")[3] == "true"
+            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "k0": Nk // 64}
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
         elif la.base == "vk::relpos_bwd_dq_kernel":
             # grid (query blocks, H, batch groups): each block walks B / groups entries;
