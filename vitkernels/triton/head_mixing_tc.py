@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, alloc, launch
+from vitkernels.triton._common import Launch, alloc, launch
+from vitkernels.triton.head_mixing import _tag
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
 
@@ -236,13 +237,12 @@ def head_mixing_attention_fwd_tc(
     num_qb = triton.cdiv(NQ, block_m)
     num_kb = triton.cdiv(NK, BLOCK_N)
     params = (pre_w, post_w, post_b)
-    pdt = next((SHORT[t.dtype] for t in params if t is not None), "-")
-    stages = "".join(c for c, t in (("A", pre_w), ("P", post_w), ("c", post_b)) if t is not None)
-    tag = f"{SHORT[q.dtype]},p{pdt},H{H},Nq{NQ},Nk{NK},D{DK},{stages or 'plain'}"
+    flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None)
+    tag = _tag(q, k, params, {**flags, "HAS_NORM": False})
     args = [q, k, v, aw, pw, pbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
             NQ, NK, num_qb, scale * _LOG2E]  # fmt: skip
     constexprs = dict(H=H, HP=hp, DK=DK, DV=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-                      HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None)  # fmt: skip
+                      **flags)  # fmt: skip
     launch(Launch(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
         reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb, "start_t": num_kb},
