@@ -271,6 +271,8 @@ RELPOS_CASES = [
     (2, 1, 8, 13, 2, 24, 40, torch.float16, "nh", torch.float32, False),
     # a table too large to keep mirrored over signed offsets (3 x 8191 > 16384 floats)
     (1, 1, 2, 4096, 128, 16, 16, torch.float16, "hn", None, False),
+    # the same with strided views (rows of 19 elements: no 16-byte copies), float16 -> bf16
+    (1, 1, 2, 4096, 128, 16, 16, torch.bfloat16, "nh", None, True),
 ]
 
 
