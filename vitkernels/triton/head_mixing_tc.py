@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.triton._common import Launch, alloc, launch
-from vitkernels.triton.head_mixing import _tag
+from vitkernels.triton.head_mixing import _k_split, _tag
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
 
@@ -186,14 +186,6 @@ def _fwd_tc_kernel(
     if VB > 0:
         cols_b = VA + tl.arange(0, VB)
         tl.store(o_ptrs + cols_b[None, None, :], acc_b.to(dt), mask=qok[:, :, None] & (cols_b < DV)[None, None, :])
-
-
-def _k_split(d: int) -> tuple[int, int]:
-    """K = d in two chunks: a power of two (at least 16) and 0 or a power of two
-    covering the rest (48 = 32 + 16)."""
-    a = max(16, 1 << (int(d).bit_length() - 1))
-    rest = d - a
-    return a, (0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length()))
 
 
 def head_mixing_attention_fwd_tc(
