@@ -12,8 +12,12 @@
 //   patch_embed_fwd(images, weight, bias, in_weight, in_bias, out_weight, out_bias,
 //                   pos_embed, cls_token, kernel_size, stride, padding, patch_order,
 //                   in_eps, out_eps, has_in_norm, has_out_norm) -> out
+//   patch_embed_fwd_saving(<patch_embed_fwd's arguments>, y, stats, ostats, w_plain) -> out
+//       also writes what the backward reads into those buffers (laid out by
+//       vitkernels.triton.patch_embed.saved_layout; empty (0,) ones are not written)
 //
-// There is no patch_embed_bwd: the backward of patch_embed runs on another backend.
+// There is no patch_embed_bwd: the backward of patch_embed runs on another backend
+// (Triton's, reading what patch_embed_fwd_saving wrote).
 // q, k, v, images, weight: float16 or bfloat16 (float32 runs on the triton backend);
 // the small tensors (relpos table, performer w) may also be float32.
 //
@@ -47,6 +51,15 @@ at::Tensor patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, c
                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                            c10::string_view patch_order, double in_eps, double out_eps, bool has_in_norm,
                            bool has_out_norm);
+at::Tensor patch_embed_fwd_saving(const at::Tensor& images, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_weight,
+                                  const std::optional<at::Tensor>& in_bias, const std::optional<at::Tensor>& out_weight,
+                                  const std::optional<at::Tensor>& out_bias, const std::optional<at::Tensor>& pos_embed,
+                                  const std::optional<at::Tensor>& cls_token, at::IntArrayRef kernel_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view patch_order,
+                                  double in_eps, double out_eps, bool has_in_norm, bool has_out_norm,
+                                  const at::Tensor& y, const at::Tensor& stats, const at::Tensor& ostats,
+                                  const at::Tensor& w_plain);
 }  // namespace vk_ops
 
 TORCH_LIBRARY(vitkernels_C, m) {
@@ -66,6 +79,11 @@ TORCH_LIBRARY(vitkernels_C, m) {
       "Tensor? out_weight, Tensor? out_bias, Tensor? pos_embed, Tensor? cls_token, int[] kernel_size, "
       "int[] stride, int[] padding, str patch_order, float in_eps, float out_eps, bool has_in_norm, "
       "bool has_out_norm) -> Tensor");
+  m.def(
+      "patch_embed_fwd_saving(Tensor images, Tensor weight, Tensor? bias, Tensor? in_weight, Tensor? in_bias, "
+      "Tensor? out_weight, Tensor? out_bias, Tensor? pos_embed, Tensor? cls_token, int[] kernel_size, "
+      "int[] stride, int[] padding, str patch_order, float in_eps, float out_eps, bool has_in_norm, "
+      "bool has_out_norm, Tensor(a!) y, Tensor(b!) stats, Tensor(c!) ostats, Tensor(d!) w_plain) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
@@ -74,4 +92,5 @@ TORCH_LIBRARY_IMPL(vitkernels_C, CUDA, m) {
   m.impl("performer_attention_fwd", &vk_ops::performer_attention_fwd);
   m.impl("performer_attention_bwd", &vk_ops::performer_attention_bwd);
   m.impl("patch_embed_fwd", &vk_ops::patch_embed_fwd);
+  m.impl("patch_embed_fwd_saving", &vk_ops::patch_embed_fwd_saving);
 }

@@ -692,6 +692,199 @@ def test_patch_embed_emulated_matches_reference(emu, case):
     _check("tokens", out, want, dtype)
 
 
+# the CUDA forward that saves what the backward reads, against Triton's saving forward:
+# (B, C, H, W, kernel, stride, padding, D, order, in_norm, out_norm, P, pos rows ("all",
+# "patch", None), channels_last)
+SAVING_CASES = {
+    # P2-like: (p, q, c) of NCHW images through 16-byte (c, p, q) gathers; w_plain in (c, p, q)
+    "p2": (3, 3, 32, 32, 8, 8, 0, 40, "pqc", True, True, 1, "all", False),
+    # P3-like: the input norm's statistics only (W itself is in Triton's kernel order)
+    "p3": (1, 3, 30, 30, 7, 4, 2, 40, "cpq", True, False, 0, None, False),
+    # channels-last (c, p, q): w_plain in (p, q, c); 2 x 2 blocks (the second column
+    # block 8 wide: w_plain's slices, stats from the first column block only)
+    "cl": (2, 4, 36, 36, 4, 4, 0, 136, "cpq", True, True, 2, "patch", True),
+}
+
+
+def _saving_args(case, dtype):
+    """The launcher arguments (vitkernels/triton/patch_embed.py) of a fresh random call."""
+    B, C, H, W, k, s_, pad, D, order, in_norm, out_norm, P, pos, cl = case
+    Ho, Wo = (H + 2 * pad - k) // s_ + 1, (W + 2 * pad - k) // s_ + 1
+    L, K = Ho * Wo, C * k * k
+    images = torch.randn(B, C, H, W)
+    if cl:
+        images = images.contiguous(memory_format=torch.channels_last)
+    t = lambda *shape, scale=1.0: (torch.randn(*shape) * scale).to(dtype)  # noqa: E731
+    aff = lambda n: ((1 + 0.3 * torch.randn(n)).to(dtype), t(n, scale=0.3))  # noqa: E731
+    inw, inb = aff(K) if in_norm else (None, None)
+    ow, ob = aff(D) if out_norm else (None, None)
+    pos_rows = {"all": P + L, "patch": L, None: 0}[pos]
+    return (
+        images.to(dtype), t(D, K, scale=K**-0.5), t(D), inw, inb, ow, ob,
+        t(pos_rows, D) if pos else None, t(P, D) if P else None,
+        [k, k], [s_, s_], [pad, pad], order, 1e-5, 1e-5, in_norm, out_norm,
+    )  # fmt: skip
+
+
+def _emu_patch_embed(emu, args, saved=None) -> torch.Tensor:
+    """The extension's patch_embed_fwd (saved None) or patch_embed_fwd_saving (saved: the
+    y, stats, ostats, w_plain buffers it writes), emulated on CPU tensors."""
+    images, weight, b, inw, inb, ow, ob, pe, cls = args[:9]
+    (kh, kw), (sh, sw), (ph, pw), order, in_eps, out_eps, in_norm, out_norm = args[9:17]
+    B, C, H, W = images.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    D, K, P = weight.shape[0], C * kh * kw, 0 if cls is None else cls.shape[0]
+    out = _nan(B, P + Ho * Wo, D, dtype=images.dtype)
+    geo = (ctypes.c_int * 17)(B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, Ho * Wo, K, D, P, int(order == "pqc"))
+    tensors = (b, inw, inb, ow, ob, pe, cls)
+    params = (ctypes.c_void_p * 7)(*(t.data_ptr() if t is not None else None for t in tensors))
+
+    def st0(t, d=0):
+        return t.stride(d) if t is not None else 0
+
+    pstr = (ctypes.c_int64 * 9)(
+        st0(b), st0(inw), st0(inb), st0(ow), st0(ob), st0(pe), st0(pe, 1), st0(cls), st0(cls, 1)
+    )
+    ptrs, w_plain_s = None, 0
+    if saved is not None:
+        ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() if t.numel() else None for t in saved))
+        w_plain_s = saved[3].stride(0) if saved[3].numel() else 0
+    rc = emu.vk_emu_patch_embed_fwd_saving(
+        KIND[images.dtype], _p(images), _s(images), geo, _p(weight), _s(weight), params, pstr,
+        0 if pe is None else pe.shape[0], int(in_norm), int(out_norm), _f(in_eps), _f(out_eps), _p(out),
+        ptrs, ctypes.c_int64(w_plain_s),
+    )  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def _poisoned_saved(args):
+    """ops/patch_embed.py's buffers for the CUDA saving forward, NaN throughout."""
+    from vitkernels.ops import patch_embed as pe_op
+
+    saved = pe_op._saved_buffers(args)
+    for t in saved:  # the whole storage (w_plain's padded rows too)
+        torch.as_strided(t, (t.untyped_storage().nbytes() // t.element_size(),), (1,)).fill_(float("nan"))
+    return saved
+
+
+def _reference_grads(args, grad):
+    """float64 reference gradients of <out, grad> for the launcher's 8 results (None: absent)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in args[1:9]]
+    w, b, inw, inb, ow, ob, pe, cls = leaves
+    (kh, kw), st, pad, order, in_eps, out_eps, in_norm, out_norm = args[9:17]
+    out = ref.patch_embed(
+        args[0].double(), w, b, kernel_size=(kh, kw), stride=tuple(st), padding=tuple(pad), patch_order=order,
+        in_norm=(inw, inb, in_eps) if in_norm else None, out_norm=(ow, ob, out_eps) if out_norm else None,
+        pos_embed=pe, cls_token=cls,
+    )  # fmt: skip
+    (out * grad.double()).sum().backward()
+    return out, [None if t is None else t.grad for t in leaves]
+
+
+@needs_gxx
+@pytest.mark.parametrize("name", list(SAVING_CASES))
+def test_patch_embed_emulated_saving_forward_feeds_triton_backward(emu, name, monkeypatch):
+    """The CUDA forward with what the backward reads (csrc patch_embed_fwd_saving, emulated,
+    into NaN-filled buffers laid out by Triton's saved_layout) writes what Triton's saving
+    forward writes (y and both statistics to rounding, w_plain exactly), and Triton's
+    backward (interpreted) reading those buffers recomputes nothing and gives float64's
+    gradients. float16 (the interpreter's bfloat16 arithmetic is wrong)."""
+    tp = pytest.importorskip("vitkernels.triton.patch_embed")
+    monkeypatch.setattr(tp, "_new", lambda shape, device, dtype: torch.full(shape, float("nan"), dtype=dtype))
+    seen = []
+    monkeypatch.setattr(tp, "launch", lambda spec: (seen.append(spec.name), spec.run()))
+    dtype = torch.float16
+    args = _saving_args(SAVING_CASES[name], dtype)
+    saved = _poisoned_saved(args)
+    out = _emu_patch_embed(emu, args, saved)
+    grad = torch.randn(out.shape)
+    want_out, want_grads = _reference_grads(args, grad)
+    _check("tokens", out, want_out, dtype)
+
+    tri_out, *tri_saved = tp.patch_embed_fwd_saving(*args)
+    present = [t.numel() > 0 for t in tri_saved]
+    in_norm, out_norm = args[15], args[16]
+    assert present[:3] == [out_norm, in_norm, out_norm]
+    assert present[3] == (name != "p3")  # w_plain where Triton's kernel order is not the patch order
+    for key, got, tri in zip(("y", "stats", "ostats", "w_plain"), saved, tri_saved, strict=True):
+        assert (got.shape, got.stride(), got.dtype) == (tri.shape, tri.stride(), tri.dtype), key
+        if key == "w_plain":
+            torch.testing.assert_close(got, tri, rtol=0, atol=0, msg=lambda m: f"w_plain: {m}")
+        elif key == "y" and got.numel():  # float64's pre-norm tokens; Triton's to their rounding
+            (kh, kw), st, pad, order, in_eps = args[9:14]
+            want_y = ref.patch_embed(
+                args[0].double(), args[1].double(), args[2].double(), kernel_size=(kh, kw), stride=tuple(st),
+                padding=tuple(pad), patch_order=order, in_norm=(args[3].double(), args[4].double(), in_eps),
+            )  # fmt: skip
+            _check("y", got, want_y, dtype)
+            torch.testing.assert_close(got.float(), tri.float(), rtol=1e-2, atol=1e-2, msg=lambda m: f"y: {m}")
+        elif key == "stats":
+            torch.testing.assert_close(got, tri, rtol=1e-4, atol=1e-5, msg=lambda m: f"stats: {m}")
+        elif got.numel():  # ostats: those of the y written beside them; Triton's to y's ulps
+            y64 = saved[0].double().flatten(0, 1)
+            mean, var = y64.mean(1), y64.var(1, unbiased=False)
+            own = torch.stack([mean, (var + args[14]).rsqrt()], 1).float()
+            torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-6, msg=lambda m: f"ostats: {m}")
+            torch.testing.assert_close(got, tri, rtol=1e-2, atol=1e-3, msg=lambda m: f"ostats vs Triton's: {m}")
+
+    del seen[:]
+    grads = tp.patch_embed_bwd(grad.to(dtype), *args, [True] * 8, saved)
+    assert seen and not [n for n in seen if n.startswith(("patch_embed_prep", "patch_embed_fwd", "patch_embed_stats"))]
+    names = ("weight", "bias", "in_weight", "in_bias", "out_weight", "out_bias", "pos_embed", "cls_token")
+    checked = 0
+    for key, got, want in zip(names, grads, want_grads, strict=True):
+        if want is None:
+            assert got.numel() == 0, key
+            continue
+        _check(f"{name} d{key}", got, want, dtype, grad=True)
+        checked += 1
+    assert checked == sum(t is not None for t in args[1:9])
+
+
+@needs_gxx
+def test_patch_embed_cuda_backend_saves_for_the_backward(emu, monkeypatch):
+    """The op layer's cuda backend (its extension ops standing in as the emulated CUDA
+    forward) with a gradient to come: the saving forward runs, the backward (Triton's)
+    reads what it wrote without recomputing anything, and the gradients match float64."""
+    tp = pytest.importorskip("vitkernels.triton.patch_embed")
+    from vitkernels.ops import patch_embed as pe_op
+    from vitkernels.ops._dispatch import Inputs
+
+    calls = []
+
+    def op(name):
+        calls.append(name)
+        if name == "patch_embed_fwd_saving":
+            return lambda *a: _emu_patch_embed(emu, a[:17], a[17:])
+        if name == "patch_embed_fwd":
+            return lambda *a: _emu_patch_embed(emu, a)
+        raise AssertionError(name)
+
+    monkeypatch.setattr(pe_op._cuda, "op", op)
+    seen = []
+    monkeypatch.setattr(tp, "launch", lambda spec: (seen.append(spec.name), spec.run()))
+    args = _saving_args(SAVING_CASES["p2"], torch.float16)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in args[1:9]]
+    w, b, inw, inb, ow, ob, pe, cls = leaves
+    kw = pe_op._validate(
+        args[0], w, b, kernel_size=args[9], stride=args[10], padding=args[11], patch_order=args[12],
+        in_norm=(inw, inb, args[13]), out_norm=(ow, ob, args[14]), pos_embed=pe, cls_token=cls,
+    )  # fmt: skip
+    out = pe_op._kernel_call("cuda", Inputs("patch_embed", pe_op._tensors(kw), kwargs=kw))
+    assert calls == ["patch_embed_fwd_saving"] and not seen
+    grad = torch.randn(out.shape)
+    want_out, want_grads = _reference_grads(args, grad)
+    _check("tokens", out, want_out, torch.float16)
+    (out.double() * grad.double()).sum().backward()
+    assert seen and not [n for n in seen if n.startswith(("patch_embed_prep", "patch_embed_fwd", "patch_embed_stats"))]
+    for i, (leaf, want) in enumerate(zip(leaves, want_grads, strict=True)):
+        _check(f"d{i}", leaf.grad, want, torch.float16, grad=True)
+    with torch.no_grad():  # no gradient to come: the plain forward
+        pe_op._kernel_call("cuda", Inputs("patch_embed", pe_op._tensors(kw), kwargs=kw))
+    assert calls[-1] == "patch_embed_fwd"
+
+
 def test_emulator_catches_a_wrong_fragment_layout(tmp_path):
     """The emulated runs are only evidence if a wrong layout fails them: swap two
     registers of the A fragment (the ldmatrix row addresses of matrices 1 and 2) and

@@ -196,6 +196,39 @@ def test_cuda_launches_recorded_from_the_extensions_launchers():
                    "vk::relpos_dtable_fold_kernel", "_to_copy"]  # fmt: skip
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found (builds the CUDA launch recorder)")
+def test_cuda_patch_embed_saving_forward_recorded():
+    """The cuda backend's forward of a training step (the extension's
+    patch_embed_fwd_saving): the inference forward's launches, with what the backward
+    reads written beside them (P2: the statistics, w_plain copied by the GEMM's blocks,
+    the row norm's ostats; P3: the input norm's statistics only, no w_plain copy);
+    there is no CUDA backward to record."""
+    import torch
+
+    from vitkernels.estimate import cuda
+    from vitkernels.workloads import WORKLOADS
+
+    if cuda.unavailable_reason() and "g++" in cuda.unavailable_reason():
+        pytest.skip(cuda.unavailable_reason())
+    B = 256  # the reference batch: P2's w_plain copy is one element per thread of each block
+    for wid in ("P2", "P3"):
+        s = WORKLOADS[wid].shape
+        plain = cuda.record_calls(s, B, torch.bfloat16, "fwd")
+        saving = cuda.record_calls(s, B, torch.bfloat16, "fwd_saving")
+        assert [la.kernel for la in saving] == [la.kernel for la in plain]
+        M, D, K = B * s.tokens, s.dim, s.k
+        for a, b in zip(plain, saving, strict=True):
+            extra = 0
+            if "gemm" in a.kernel:
+                assert a.trips["e<hi"] == 0 and b.trips["e<hi"] == (1 if wid == "P2" else 0)
+                extra = M * 8 + (D * K * 2 if wid == "P2" else 0)  # stats (+ w_plain)
+            elif "rownorm" in a.kernel:
+                extra = M * 8  # ostats
+            assert (b.bytes_read, b.bytes_written) == (a.bytes_read, a.bytes_written + extra), a.kernel
+        with pytest.raises(ValueError, match="forward only"):
+            cuda.record_calls(s, B, torch.bfloat16, "bwd")
+
+
 def test_estimate_command_on_a_small_subset(tmp_path):
     """`python -m vitkernels estimate` on A3 and P1 forward, Triton only (two
     compiles): the JSON another tool reads, and numbers consistent with the model

@@ -691,7 +691,8 @@ def test_inference_forward_saves_nothing(name, launches):
 
 @pytest.mark.parametrize("name", ["vit_pytorch", "t2t_7_4_2", "t2t_channels_last"])
 def test_backward_without_saved_tensors_recomputes(name, launches):
-    """The cuda backend's forward (the extension) saves nothing: the backward launcher
+    """A forward that saved nothing (the launcher contract allows it; the cuda backend's
+    forward saves as Triton's does: tests/test_cuda_compile.py): the backward launcher
     given empty saved tensors (or none) recomputes them (prep + the forward GEMM with
     an output norm, the statistics kernel without) and its gradients equal those it
     gives from a saving forward's tensors, and float64's."""
@@ -726,29 +727,6 @@ def test_backward_without_saved_tensors_recomputes(name, launches):
     none = tp.patch_embed_bwd(grad, *args, mask)  # the launcher contract without saved tensors
     for a, b in zip(none, recomputed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_cuda_backend_forward_saves_nothing_and_its_backward_recomputes(monkeypatch, launches):
-    """The cuda backend's path through the op (its forward stands in here as the
-    Triton forward launcher, the extension's contract): the forward writes nothing for
-    the backward even when a gradient follows, and the backward (Triton's) recomputes;
-    the gradients match float64."""
-    from vitkernels.ops._dispatch import Inputs
-
-    real = pe_op._launchers
-    monkeypatch.setattr(pe_op, "_launchers", lambda backend: real("triton"))
-    inputs = make_inputs(CASES["vit_pytorch"], torch.float32)
-    params = {id(t) for _, t in _params(inputs)}
-    leaves = _map_tensors(inputs, lambda t: t.clone().requires_grad_() if id(t) in params else t)
-    kw = pe_op._validate(**leaves)
-    out = pe_op._kernel_call("cuda", Inputs("patch_embed", pe_op._tensors(kw), kwargs=kw))
-    assert _kinds(launches) == ["patch_embed_prep", "patch_embed_fwd"]
-    grad = torch.randn_like(reference64(inputs))
-    (out.double() * grad).sum().backward()
-    assert _kinds(launches)[2:4] == ["patch_embed_prep", "patch_embed_fwd,recompute"]
-    want = _grads(inputs, None, torch.float64, grad)
-    for key, t in _params(leaves):
-        assert_close(t.grad, want[key], what=f"d{key}", grad=True, floor=1.0)
 
 
 # ----------------------------------------------------------------------------

@@ -122,6 +122,40 @@ def test_gradients(name, dtype_name, backend):
         assert_close(got[key], want[key], GRAD_TOL[dtype], f"{name} d{key}", floor=1.0, dtype=dtype)
 
 
+@pytest.mark.skipif(not vk_cuda.has_op("patch_embed_fwd_saving"), reason="the CUDA extension is not built")
+@pytest.mark.parametrize("name", ["P2", "P3", "P2_channels_last", "t2t_channels_last"])
+def test_cuda_saving_forward_writes_what_triton_saves(name):
+    """The extension's saving forward writes, into NaN-filled buffers laid out by Triton's
+    saved_layout, what Triton's saving forward writes (the pre-norm tokens and the
+    statistics to rounding, w_plain exactly); a buffer of the wrong layout is refused."""
+    from vitkernels.ops import patch_embed as pe_op
+    from vitkernels.triton import patch_embed as tp
+
+    case = WORKLOADS.get(name) or CASES[name]
+    inputs = _make(case, torch.float16)
+    v = pe_op._validate(**inputs)
+    iw, ib, ie = v["in_norm"] or (None, None, 0.0)
+    ow, ob, oe = v["out_norm"] or (None, None, 0.0)
+    args = (v["images"], v["weight"], v["bias"], iw, ib, ow, ob, v["pos_embed"], v["cls_token"],
+            list(v["kernel_size"]), list(v["stride"]), list(v["padding"]), v["patch_order"],
+            float(ie), float(oe), v["in_norm"] is not None, v["out_norm"] is not None)  # fmt: skip
+    saved = pe_op._saved_buffers(args)
+    for t in saved:
+        torch.as_strided(t, (t.untyped_storage().nbytes() // t.element_size(),), (1,)).fill_(float("nan"))
+    out = vk_cuda.op("patch_embed_fwd_saving")(*args, *saved)
+    tri_out, *tri_saved = tp.patch_embed_fwd_saving(*args)
+    assert_close(out, tri_out.double(), TOL[torch.float16], name, floor=1.0, dtype=torch.float16)
+    for key, got, tri in zip(("y", "stats", "ostats", "w_plain"), saved, tri_saved, strict=True):
+        assert (got.shape, got.stride(), got.dtype) == (tri.shape, tri.stride(), tri.dtype), key
+        if key == "w_plain":
+            torch.testing.assert_close(got, tri, rtol=0, atol=0)
+        elif got.numel():
+            assert_close(got, tri.double(), TOL[torch.float16], f"{name} {key}", floor=1.0, dtype=torch.float16)
+    if saved[1].numel():
+        with pytest.raises(ValueError, match="stats"):
+            vk_cuda.op("patch_embed_fwd_saving")(*args, saved[0], saved[1][:-1], saved[2], saved[3])
+
+
 def _auto_kernel(inputs: dict) -> str:
     """cuda where it is built and the speed evidence (vitkernels/evidence.py) puts it
     at least as fast as triton for this GPU and pass, else triton."""

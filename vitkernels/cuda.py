@@ -66,6 +66,7 @@ OPS = (
     "performer_attention_fwd",
     "performer_attention_bwd",
     "patch_embed_fwd",
+    "patch_embed_fwd_saving",
 )
 DEFAULT_ARCH_LIST = "8.0;9.0"
 JIT_NAME = "vitkernels_C"

@@ -162,9 +162,11 @@ int vk_emu_performer_bwd(int dtype, const void* q, const int64_t* q_s, const voi
 // geo: B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, L, K, D, P, pqc
 // params: bias, in_w, in_b, out_w, out_b, pos, cls (null when absent)
 // pstr: bias_s, in_w_s, in_b_s, out_w_s, out_b_s, pos_s0, pos_s1, cls_s0, cls_s1
-int vk_emu_patch_embed_fwd(int dtype, const void* img, const int64_t* img_s, const int* geo, const void* weight,
-                           const int64_t* w_s, const void* const* params, const int64_t* pstr, int pos_rows,
-                           int has_in_norm, int has_out_norm, float in_eps, float out_eps, void* out) {
+// saved: y, stats, ostats, w_plain (each null: not saved); w_plain_s: w_plain's row stride
+int vk_emu_patch_embed_fwd_saving(int dtype, const void* img, const int64_t* img_s, const int* geo,
+                                  const void* weight, const int64_t* w_s, const void* const* params,
+                                  const int64_t* pstr, int pos_rows, int has_in_norm, int has_out_norm, float in_eps,
+                                  float out_eps, void* out, void* const* saved, int64_t w_plain_s) {
   vk::PatchParams a{};
   a.img = img;
   copy(a.img_s, img_s);
@@ -210,8 +212,22 @@ int vk_emu_patch_embed_fwd(int dtype, const void* img, const int64_t* img_s, con
   a.in_eps = in_eps;
   a.out_eps = out_eps;
   a.out = out;
+  if (saved != nullptr) {
+    a.y = saved[0];
+    a.stats = static_cast<float*>(saved[1]);
+    a.ostats = static_cast<float*>(saved[2]);
+    a.w_plain = saved[3];
+    a.w_plain_s = w_plain_s;
+  }
   return dtype == vk::kBFloat16 ? vk::patch_embed_fwd<vk::bf16_t>(a, nullptr)
                                 : vk::patch_embed_fwd<vk::half_t>(a, nullptr);
+}
+
+int vk_emu_patch_embed_fwd(int dtype, const void* img, const int64_t* img_s, const int* geo, const void* weight,
+                           const int64_t* w_s, const void* const* params, const int64_t* pstr, int pos_rows,
+                           int has_in_norm, int has_out_norm, float in_eps, float out_eps, void* out) {
+  return vk_emu_patch_embed_fwd_saving(dtype, img, img_s, geo, weight, w_s, params, pstr, pos_rows, has_in_norm,
+                                       has_out_norm, in_eps, out_eps, out, nullptr, 0);
 }
 
 }  // extern "C"

@@ -19,6 +19,15 @@
 // output norm the epilogue stores the rounded pre-norm tokens (the rounding
 // eager's Linear -> LayerNorm has) and patch_embed_rownorm_kernel normalises
 // each row in place (+ pos). patch_embed_prefix_kernel writes cls (+ pos[:P]).
+//
+// Saving (a gradient follows; the buffers as saved_layout in
+// vitkernels/triton/patch_embed.py lays them out, so that Triton's backward reads
+// them as its own saving forward's): with an output norm the GEMM stores the rounded
+// pre-norm tokens in y (B * L, D) instead of out, and the row norm reads them there
+// and writes ostats (mean, rstd) per token; with an input norm the GEMM's first
+// column block writes stats (mu, rstd) per patch; w_plain (D, K), when given, gets
+// the weight in the other patch order (Triton's kernel order), copied in slices by
+// every block of the GEMM before its statistics pass. Null pointers: nothing saved.
 #pragma once
 
 #include "common.cuh"
@@ -53,6 +62,12 @@ struct PatchParams {
   int has_in_norm, has_out_norm;
   float in_eps, out_eps;
   void* out;  // (B, P + L, D) contiguous
+  // what a saving forward writes (each null: not written)
+  void* y;         // (B * L, D) contiguous: the rounded pre-output-norm tokens (output norm)
+  float* stats;    // (B * L, 2): the input norm's (mu, rstd) of each patch
+  float* ostats;   // (B * L, 2): the output norm's (mean, rstd) of each token
+  void* w_plain;   // (D, K), rows w_plain_s apart: weight in the other patch order
+  int64_t w_plain_s;
 };
 
 namespace patch_detail {
@@ -218,6 +233,29 @@ __device__ __forceinline__ float param_t(const void* p, int64_t i, float dflt) {
   return p == nullptr ? dflt : Num<T>::to_float(static_cast<const T*>(p)[i]);
 }
 
+// w_plain[n][kd] = weight[n][the patch-order column of kd], kd in the other order,
+// over this block's slice of its column block's BN x K elements (every block of the
+// grid's x takes a slice: about one element per thread at the reference shapes)
+template <class T>
+__device__ __forceinline__ void copy_w_plain(const PatchParams& a, int n0) {
+  const int rows = a.D - n0 < BN ? a.D - n0 : BN;
+  const int64_t total = (int64_t)rows * a.K, per = (total + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = (int64_t)blockIdx.x * per, hi = lo + per < total ? lo + per : total;
+  const T* w = static_cast<const T*>(a.weight);
+  T* dst = static_cast<T*>(a.w_plain);
+  for (int64_t e = lo + threadIdx.x; e < hi; e += kThreads) {
+    const int n = n0 + int(e / a.K), kd = int(e % a.K);
+    int ks;  // the weight's column (patch order) of kd (the other order)
+    if (a.pqc) {
+      ks = pqc_col(a, kd);  // kd in (c, p, q) order
+    } else {
+      const KPos kp = kpos<true>(a, kd);  // kd in (p, q, c) order
+      ks = (kp.c * a.kh + kp.p) * a.kw + kp.q;
+    }
+    dst[n * a.w_plain_s + kd] = w[n * a.w_s[0] + (int64_t)ks * a.w_s[1]];
+  }
+}
+
 template <class T, int N>
 __device__ __forceinline__ void store16(T* dst, const T (&v)[N]) {
   uint4 raw[2];
@@ -250,6 +288,7 @@ __global__ void __launch_bounds__(256, 1) patch_embed_gemm_kernel(const PatchPar
   const int lr = tid >> 1, lk = (tid & 1) * 16;  // this thread's load row and k offset
   const Row<T> row = patch_row<T>(a, m0 + lr);
   const int KT = ceil_div(a.K, BK);
+  if (a.w_plain != nullptr) copy_w_plain<T>(a, n0);
 
   // input norm statistics of this thread's row (the two threads of a row pair up)
   float mu = 0.f, rstd = 1.f;
@@ -281,6 +320,8 @@ __global__ void __launch_bounds__(256, 1) patch_embed_gemm_kernel(const PatchPar
     const float var = fmaxf(s2 / a.K - mean_d * mean_d, 0.f);
     mu = shift + mean_d;
     rstd = 1.f / sqrtf(var + a.in_eps);
+    if (a.stats != nullptr && blockIdx.y == 0 && (tid & 1) == 0 && row.valid)  // by the first column block
+      reinterpret_cast<float2*>(a.stats)[m0 + lr] = make_float2(mu, rstd);
     __syncthreads();  // sNorm
   }
 
@@ -364,7 +405,7 @@ __global__ void __launch_bounds__(256, 1) patch_embed_gemm_kernel(const PatchPar
       const int64_t m = m0 + wm * 64 + mt * 16 + g + 8 * r;
       if (m >= mtot) continue;
       const int b = int(m / a.L), l = int(m % a.L);
-      T* dst = out + ((int64_t)b * (a.P + a.L) + a.P + l) * a.D;
+      T* dst = a.y != nullptr ? static_cast<T*>(a.y) + m * a.D : out + ((int64_t)b * (a.P + a.L) + a.P + l) * a.D;
       const T* prow = pos != nullptr ? pos + (pos_off + l) * a.pos_s[0] : nullptr;
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
@@ -392,23 +433,25 @@ __global__ void __launch_bounds__(256) patch_embed_rownorm_kernel(const PatchPar
   if (m >= (int64_t)a.B * a.L) return;  // whole warps leave together
   const int b = int(m / a.L), l = int(m % a.L);
   T* row = static_cast<T*>(a.out) + ((int64_t)b * (a.P + a.L) + a.P + l) * a.D;
+  const T* src = a.y != nullptr ? static_cast<const T*>(a.y) + m * a.D : row;  // the pre-norm tokens
   float s = 0.f;
-  for (int n = lane; n < a.D; n += 32) s += Num<T>::to_float(row[n]);
+  for (int n = lane; n < a.D; n += 32) s += Num<T>::to_float(src[n]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += shfl_xor(s, off);
   const float mean = s / a.D;
   float ss = 0.f;
   for (int n = lane; n < a.D; n += 32) {
-    const float d = Num<T>::to_float(row[n]) - mean;
+    const float d = Num<T>::to_float(src[n]) - mean;
     ss += d * d;
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) ss += shfl_xor(ss, off);
   const float rstd = 1.f / sqrtf(ss / a.D + a.out_eps);
+  if (a.ostats != nullptr && lane == 0) reinterpret_cast<float2*>(a.ostats)[m] = make_float2(mean, rstd);
   const int pos_off = a.pos_rows == a.L ? 0 : a.P;
 #pragma unroll 1  // one load of each parameter per element; unrolled, it grows a 4-copy body
   for (int n = lane; n < a.D; n += 32) {
-    float x = (Num<T>::to_float(row[n]) - mean) * rstd * patch_detail::param_t<T>(a.out_w, n * a.out_w_s, 1.f) +
+    float x = (Num<T>::to_float(src[n]) - mean) * rstd * patch_detail::param_t<T>(a.out_w, n * a.out_w_s, 1.f) +
               patch_detail::param_t<T>(a.out_b, n * a.out_b_s, 0.f);
     if (a.pos != nullptr) x += patch_detail::param_t<T>(a.pos, (pos_off + l) * a.pos_s[0] + n * a.pos_s[1], 0.f);
     row[n] = Num<T>::from_float(x);

@@ -1,6 +1,9 @@
 // torch launcher of patch_embed's forward: the same positional arguments and result
 // as vitkernels.triton.patch_embed.patch_embed_fwd (see that module's docstring).
-// The extension has no patch_embed_bwd: the backward runs on another backend.
+// patch_embed_fwd_saving also writes what the backward reads into the buffers it is
+// given (y, stats, ostats, w_plain as vitkernels.triton.patch_embed.saved_layout lays
+// them out; empty (0,) ones are not written). The extension has no patch_embed_bwd:
+// the backward runs on another backend (Triton's, reading those buffers).
 #include <optional>
 #include <string>
 
@@ -34,15 +37,45 @@ void pair_arg(at::IntArrayRef v, const char* name, int64_t min, int64_t& a, int6
   b = v[1];
 }
 
-}  // namespace
+// A saved-tensor buffer: empty (0,) where nothing is to be saved, else exactly
+// (rows, cols) of dtype, unit column stride, rows `row` elements apart (-1: any >= cols)
+// and 16-byte aligned; its pointer (null for an empty one).
+void* saved_buffer(const at::Tensor& t, const char* name, bool wanted, const at::Tensor& images, int64_t rows,
+                   int64_t cols, at::ScalarType dtype, int64_t row, const char* expected) {
+  if (t.numel() == 0 && t.dim() == 1) {
+    TORCH_CHECK_VALUE(!wanted || rows * cols == 0, "patch_embed_fwd_saving: ", name, " is empty; expected ",
+                      expected);
+    return nullptr;
+  }
+  TORCH_CHECK_VALUE(wanted, "patch_embed_fwd_saving: ", name, " has shape ", t.sizes(),
+                    "; expected an empty (0,) tensor (the norm it belongs to is off)");
+  check_cuda(t, name, images, "images");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "patch_embed_fwd_saving: ", name, " has dtype ", t.scalar_type(),
+                    "; expected ", dtype, " (", expected, ")");
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.stride(1) == 1 &&
+                        (row < 0 ? t.stride(0) >= cols : t.stride(0) == row) &&
+                        reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                    "patch_embed_fwd_saving: ", name, " has shape ", t.sizes(), " and strides ", t.strides(),
+                    "; expected ", expected, ", 16-byte aligned");
+  return t.data_ptr();
+}
 
-at::Tensor patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias,
-                           const std::optional<at::Tensor>& out_weight, const std::optional<at::Tensor>& out_bias,
-                           const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
-                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                           c10::string_view patch_order, double in_eps, double out_eps, bool has_in_norm,
-                           bool has_out_norm) {
+struct SavedBuffers {
+  void* y = nullptr;
+  void* stats = nullptr;
+  void* ostats = nullptr;
+  void* w_plain = nullptr;
+  int64_t w_plain_s = 0;
+};
+
+at::Tensor patch_embed_fwd_impl(const at::Tensor& images, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_weight,
+                                const std::optional<at::Tensor>& in_bias, const std::optional<at::Tensor>& out_weight,
+                                const std::optional<at::Tensor>& out_bias, const std::optional<at::Tensor>& pos_embed,
+                                const std::optional<at::Tensor>& cls_token, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view patch_order,
+                                double in_eps, double out_eps, bool has_in_norm, bool has_out_norm,
+                                const at::Tensor* saved) {
   check_dim(images, 4, "images", "(B, C, H, W)");
   check_cuda(images, "images", images, "images");
   check_half(images, "images");
@@ -76,6 +109,25 @@ at::Tensor patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, c
   if (pos != nullptr) {
     TORCH_CHECK_VALUE(pos->size(0) == L || pos->size(0) == P + L, "pos_embed has shape ", pos->sizes(),
                       "; expected (L, D) or (P + L, D) with L = ", L, " patch tokens and P = ", P);
+  }
+
+  SavedBuffers sv;
+  if (saved != nullptr) {  // y (B, L, D) as (B * L, D); stats, ostats (B * L, 2) float32; w_plain (D, K)
+    const at::Tensor& y = saved[0];
+    const bool y_empty = y.numel() == 0 && y.dim() == 1;
+    TORCH_CHECK_VALUE(y_empty || (y.dim() == 3 && y.size(0) == B && y.size(1) == L && y.size(2) == D &&
+                                  y.is_contiguous()),
+                      "patch_embed_fwd_saving: y has shape ", y.sizes(), " and strides ", y.strides(), "; expected (",
+                      B, ", ", L, ", ", D, ") contiguous or an empty (0,) tensor");
+    sv.y = saved_buffer(y_empty ? y : y.view({B * L, D}), "y", has_out_norm, images, B * L, D, images.scalar_type(),
+                        D, "(B, L, D) contiguous in the images' dtype (output norm)");
+    sv.stats = saved_buffer(saved[1], "stats", has_in_norm, images, B * L, 2, at::kFloat, 2,
+                            "(B * L, 2) float32 contiguous (input norm)");
+    sv.ostats = saved_buffer(saved[2], "ostats", has_out_norm, images, B * L, 2, at::kFloat, 2,
+                             "(B * L, 2) float32 contiguous (output norm)");
+    sv.w_plain = saved_buffer(saved[3], "w_plain", saved[3].numel() > 0, images, D, K, weight.scalar_type(), -1,
+                              "(D, K) in the weight's dtype, unit column stride");
+    sv.w_plain_s = sv.w_plain != nullptr ? saved[3].stride(0) : 0;
   }
 
   at::Tensor out = at::empty({B, P + L, D}, images.options());
@@ -123,11 +175,45 @@ at::Tensor patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, c
   a.in_eps = float(in_eps);
   a.out_eps = float(out_eps);
   a.out = out.data_ptr();
+  a.y = sv.y;
+  a.stats = static_cast<float*>(sv.stats);
+  a.ostats = static_cast<float*>(sv.ostats);
+  a.w_plain = sv.w_plain;
+  a.w_plain_s = sv.w_plain_s;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = images.scalar_type() == at::kHalf ? vk::patch_embed_fwd<vk::half_t>(a, stream)
                                                              : vk::patch_embed_fwd<vk::bf16_t>(a, stream);
   check_launch(err, "patch_embed_fwd");
   return out;
+}
+
+}  // namespace
+
+at::Tensor patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias,
+                           const std::optional<at::Tensor>& out_weight, const std::optional<at::Tensor>& out_bias,
+                           const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                           c10::string_view patch_order, double in_eps, double out_eps, bool has_in_norm,
+                           bool has_out_norm) {
+  return patch_embed_fwd_impl(images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+                              kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
+                              nullptr);
+}
+
+at::Tensor patch_embed_fwd_saving(const at::Tensor& images, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_weight,
+                                  const std::optional<at::Tensor>& in_bias, const std::optional<at::Tensor>& out_weight,
+                                  const std::optional<at::Tensor>& out_bias, const std::optional<at::Tensor>& pos_embed,
+                                  const std::optional<at::Tensor>& cls_token, at::IntArrayRef kernel_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view patch_order,
+                                  double in_eps, double out_eps, bool has_in_norm, bool has_out_norm,
+                                  const at::Tensor& y, const at::Tensor& stats, const at::Tensor& ostats,
+                                  const at::Tensor& w_plain) {
+  const at::Tensor saved[4] = {y, stats, ostats, w_plain};
+  return patch_embed_fwd_impl(images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+                              kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
+                              saved);
 }
 
 }  // namespace vk_ops

@@ -234,9 +234,12 @@ def record_calls(shape: Shape, batch: int, dtype: torch.dtype, direction: str) -
     if isinstance(shape, PerformerShape):
         return _performer(shape, batch, dtype, direction)
     if isinstance(shape, PatchEmbedShape):
-        if direction != "fwd":
-            raise ValueError("the CUDA extension has no patch_embed backward (the cuda backend runs Triton's)")
-        return _patch_embed(shape, batch, dtype)
+        if direction not in ("fwd", "fwd_saving"):
+            raise ValueError(
+                f"patch_embed direction {direction!r}: the CUDA extension has the forward only ('fwd', "
+                "'fwd_saving'); the cuda backend's backward is Triton's, reading what fwd_saving wrote"
+            )
+        return _patch_embed(shape, batch, dtype, direction == "fwd_saving")
     raise TypeError(f"no CUDA kernels for {type(shape).__name__}")
 
 
@@ -411,7 +414,9 @@ def _patch_kt_lines() -> tuple[int, int]:
     return found[0], found[1]
 
 
-def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype) -> list[CudaLaunch | TorchEvent]:
+def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype, saving: bool = False) -> list[CudaLaunch | TorchEvent]:
+    """The inference forward, or (saving) the forward of a training step that also writes
+    what the backward reads (Triton's ``saved_layout``: the same buffers as its saving forward)."""
     C, side, D, K, L, P = s.channels, s.image, s.dim, s.k, s.tokens, s.prefix
     if s.layout == "channels_last":
         images = _empty(B, side, side, C, dtype=dtype).permute(0, 3, 1, 2)
@@ -431,15 +436,25 @@ def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype) -> list[CudaLau
     geo = (ctypes.c_int * 17)(B, C, side, side, s.kernel, s.kernel, s.stride, s.stride, s.padding, s.padding,
                               s.side_out, s.side_out, L, K, D, P, int(s.patch_order == "pqc"))  # fmt: skip
     params = (ctypes.c_void_p * 7)(*(t.data_ptr() if t is not None else None for t in tensors))
+    saved: list[torch.Tensor | None] = [None] * 4
+    if saving:
+        from vitkernels.triton.patch_embed import saved_layout
+
+        layout = saved_layout(images, weight, [s.kernel] * 2, [s.stride] * 2, [s.padding] * 2, s.patch_order,
+                              s.in_norm, s.out_norm)  # fmt: skip
+        saved = [None if spec is None else torch.empty_strided(spec[0], spec[1], dtype=spec[2]) for spec in layout]
+    _, stats_s, ostats_s, w_plain = saved
+    ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() if t is not None else None for t in saved))
 
     def st(t: torch.Tensor | None, d: int = 0) -> int:
         return t.stride(d) if t is not None else 0
 
     b, inw, inb, ow, ob, pe, cls = tensors
     pstr = (ctypes.c_int64 * 9)(st(b), st(inw), st(inb), st(ow), st(ob), st(pe), st(pe, 1), st(cls), st(cls, 1))
-    launches = _record(lambda lib: lib.vk_emu_patch_embed_fwd(
+    launches = _record(lambda lib: lib.vk_emu_patch_embed_fwd_saving(
         KIND[dtype], _p(images), _s(images), geo, _p(weight), _s(weight), params, pstr, s.pos_rows,
-        int(s.in_norm), int(s.out_norm), _f(1e-5), _f(1e-5), _p(out)))  # fmt: skip
+        int(s.in_norm), int(s.out_norm), _f(1e-5), _f(1e-5), _p(out), ptrs,
+        ctypes.c_int64(w_plain.stride(0) if w_plain is not None else 0)))  # fmt: skip
     events: list[CudaLaunch | TorchEvent] = []
     for la in launches:
         if la.base == "vk::patch_embed_prefix_kernel":
@@ -449,15 +464,21 @@ def _patch_embed(s: PatchEmbedShape, B: int, dtype: torch.dtype) -> list[CudaLau
             # the two `for kt` loops: the input norm's statistics pass (only in the
             # <..., true> instantiations: with an input norm) and the main loop
             stats, main = _patch_kt_lines()
+            # w_plain's copy (saving, where Triton's kernel order is not the patch order):
+            # each block of a column block a slice of its min(128, D) x K elements
+            per = _cdiv(min(128, D) * K, la.grid[0])
             la.trips = {f"kt@patch_embed.cuh:{stats}": _cdiv(K, 32) if s.in_norm else 0,
                         f"kt@patch_embed.cuh:{main}": _cdiv(K, 32), "i<16": 16,
-                        "k<KT*BK": _cdiv(K, 32) * 32 / 256}  # the input norm's parameters into shared memory
+                        "k<KT*BK": _cdiv(K, 32) * 32 / 256,  # the input norm's parameters into shared memory
+                        "e<hi": _cdiv(per, 256) if w_plain is not None else 0}  # fmt: skip
             la.bytes_read = _nbytes(images, weight, b, inw, inb, pe)
-            la.bytes_written = B * L * D * out.element_size()
+            # the pre-norm tokens go to y instead of out when saved (the row norm then writes out)
+            la.bytes_written = B * L * D * out.element_size() + _nbytes(stats_s, w_plain)
         elif la.base == "vk::patch_embed_rownorm_kernel":
             la.trips = {"n": _cdiv(D, 32)}
             la.bytes_read = la.bytes_written = B * L * D * out.element_size()
             la.bytes_read += _nbytes(ow, ob, pe)
+            la.bytes_written += _nbytes(ostats_s)
         events.append(la)
     return events
 

@@ -14,8 +14,9 @@ then disassembles each kernel and applies the model (model.py, analysis.py).
 patch_embed's forward writes more when a gradient will follow (what its backward
 reads): "fwd" is the inference forward, "bwd" the backward after a forward that
 saved, and "fwd+bwd" sums that saving forward (its launches listed under pass
-"fwd+bwd") and the backward; the cuda backend's forward saves nothing, so its
-backward is Triton's that recomputes.
+"fwd+bwd") and the backward; the cuda backend's saving forward (the extension's
+patch_embed_fwd_saving) writes the same tensors as Triton's, so its backward is
+Triton's "bwd" too, and its "fwd+bwd" that saving forward's launches and it.
 Writes bench/results/estimate-sm90a-<date>.json (in a source checkout; else the
 current folder) and prints a table. An estimate is not a measurement.
 """
@@ -35,11 +36,9 @@ from typing import Any
 ARCH = 90
 DTYPE_NAME = "bf16"
 PASSES = ("fwd", "bwd")
-# the recording (patch_embed's record_calls direction) of the forward a fwd+bwd call runs
-# where it differs from the inference forward, and of the backward after a forward that
-# saved nothing (the cuda backend's)
+# the recording (patch_embed's record_calls direction, Triton's and the CUDA extension's)
+# of the forward a fwd+bwd call runs where it differs from the inference forward
 SAVING_FWD = {"patch_embed": "fwd_saving"}
-RECOMPUTE_BWD = {"patch_embed": "bwd_recompute"}
 
 
 def _say(msg: str) -> None:
@@ -209,8 +208,6 @@ def estimate(
             extra = []
             if "fwd" in passes and "bwd" in passes and w.op in SAVING_FWD:
                 extra.append(SAVING_FWD[w.op])
-            if "bwd" in passes and "cuda" in backends and w.op in RECOMPUTE_BWD:
-                extra.append(RECOMPUTE_BWD[w.op])
             for which in (*passes, *extra):
                 recorded[(w.id, which)] = record_workload(w.shape, which, torch.bfloat16, arch=ARCH)
         _say(f"recorded {sum(len(r.launches) for r in recorded.values())} Triton launches")
@@ -246,20 +243,24 @@ def estimate(
             names = list(usage)
             plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
             mangled = {cuda.normalise(p): m for m, p in zip(names, plain.splitlines(), strict=True)}
+
+            def cuda_events(w, which: str) -> list[dict[str, Any]]:
+                events = []
+                for ev in cuda.record_calls(w.shape, w.batch, torch.bfloat16, which):
+                    if isinstance(ev, cuda.TorchEvent):
+                        events.append(analysis.torch_op(ev.name, ev.bytes_read, ev.bytes_written))
+                    else:
+                        events.append(_cuda_launch(ev, functions, usage, mangled))
+                return events
+
             for w in chosen:
                 if w.op == "head_mixing_attention":  # no CUDA kernels
                     continue
                 for which in passes:
                     if w.op == "patch_embed" and which == "bwd":  # no CUDA backward: Triton's
-                        per_pass[(w.id, which, "cuda")] = triton_events(w, RECOMPUTE_BWD[w.op])
+                        per_pass[(w.id, which, "cuda")] = triton_events(w, which)
                         continue
-                    events = []
-                    for ev in cuda.record_calls(w.shape, w.batch, torch.bfloat16, which):
-                        if isinstance(ev, cuda.TorchEvent):
-                            events.append(analysis.torch_op(ev.name, ev.bytes_read, ev.bytes_written))
-                        else:
-                            events.append(_cuda_launch(ev, functions, usage, mangled))
-                    per_pass[(w.id, which, "cuda")] = events
+                    per_pass[(w.id, which, "cuda")] = cuda_events(w, which)
 
     for (wid, which, backend), events in per_pass.items():
         w = WORKLOADS[wid]
@@ -270,8 +271,13 @@ def estimate(
         for backend in backends:
             if all((w.id, p, backend) in per_pass for p in PASSES):
                 fwd = per_pass[(w.id, "fwd", backend)]
+                saving = None
                 if backend == "triton" and (w.id, SAVING_FWD.get(w.op)) in recorded:
-                    fwd = triton_events(w, SAVING_FWD[w.op])
+                    saving = triton_events(w, SAVING_FWD[w.op])
+                elif backend == "cuda" and w.op in SAVING_FWD:  # the extension's saving forward
+                    saving = cuda_events(w, SAVING_FWD[w.op])
+                if saving is not None:
+                    fwd = saving
                     for ev in fwd:
                         launches_out.append({"workload": w.id, "op": w.op, "pass": "fwd+bwd", "call_backend": backend,
                                              **ev})  # fmt: skip

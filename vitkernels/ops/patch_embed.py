@@ -22,10 +22,12 @@ and cls_token; the images' gradient (T2T-ViT's later soft splits take token maps
 that need one) is computed with stock ops in float32 (unfold recomputed, fold).
 The CUDA extension provides the forward only; the cuda backend's backward is the
 Triton one. When a gradient will follow (grad mode on, an input requiring one) the
-triton forward also writes what its backward reads (the op's extra outputs: the
-pre-output-norm tokens, the norms' row statistics, the weight in the kernel's patch
-order); the inference forward and the cuda backend's write none, and the backward
-recomputes them then.
+forward also writes what the backward reads (the op's extra outputs: the
+pre-output-norm tokens, the norms' row statistics, the weight in Triton's kernel patch
+order): the triton forward as ``patch_embed_fwd_saving``, the cuda one
+(``patch_embed_fwd_saving`` of the extension) into buffers laid out by Triton's
+``saved_layout``, so the backward cannot tell which forward saved them; the
+inference forward writes none (the backward launcher recomputes what is missing).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ _ORDERS = ("cpq", "pqc")
 
 def _launchers(backend: str) -> tuple[Any, Any]:
     """(fwd, bwd) launchers. The CUDA extension has the forward only (csrc/bindings.cpp):
-    the cuda backend's backward is the Triton one (the same contract)."""
+    the cuda backend's backward is the Triton one (the same contract). The saving
+    forwards: ``_saving_launcher``."""
     from vitkernels.triton import patch_embed as tk
 
     if backend == "cuda":
@@ -82,15 +85,43 @@ def _empty_saved(images: torch.Tensor) -> Saved:
     return tuple(images.new_empty((0,)) for _ in range(4))  # type: ignore[return-value]
 
 
-def _run_forward(backend: str, args: tuple, save: bool) -> tuple[torch.Tensor, ...]:
-    """(out, y, stats, ostats, w_plain): the tokens and, with save, what the backward
-    reads (vitkernels/triton/patch_embed.py, ``saved_layout``); empty (0,) tensors where
-    the forward saves nothing (no gradient needed; the cuda backend's forward, whose
-    backward then recomputes them)."""
-    if save and backend == "triton":
+def _saved_buffers(args: tuple) -> Saved:
+    """Uninitialised buffers for what the backward reads, laid out as Triton's saving
+    forward lays them out (``saved_layout``); empty (0,) tensors where it saves nothing."""
+    from vitkernels.triton import patch_embed as tk
+
+    images, weight = args[0], args[1]
+    layout = tk.saved_layout(images, weight, *args[9:13], args[15], args[16])
+    return tuple(
+        images.new_empty((0,)) if spec is None else images.new_empty_strided(spec[0], spec[1], dtype=spec[2])
+        for spec in layout
+    )  # type: ignore[return-value]
+
+
+def _cuda_forward_saving(*args) -> tuple[torch.Tensor, ...]:
+    """The extension's forward that also writes what the backward reads, into
+    ``_saved_buffers``: (out, y, stats, ostats, w_plain) as Triton's saving forward."""
+    saved = _saved_buffers(args)
+    return (_cuda.op("patch_embed_fwd_saving")(*args, *saved), *saved)
+
+
+def _saving_launcher(backend: str) -> Any:
+    """The forward that also returns what the backward reads: (out, y, stats, ostats, w_plain)."""
+    if backend == "cuda":
+        return _cuda_forward_saving
+    if backend == "triton":
         from vitkernels.triton import patch_embed as tk
 
-        return tuple(tk.patch_embed_fwd_saving(*args))
+        return tk.patch_embed_fwd_saving
+    raise ValueError(f"patch_embed: kernel backend {backend!r}; expected 'triton' or 'cuda'")
+
+
+def _run_forward(backend: str, args: tuple, save: bool) -> tuple[torch.Tensor, ...]:
+    """(out, y, stats, ostats, w_plain): the tokens and, with save, what the backward
+    reads (vitkernels/triton/patch_embed.py, ``saved_layout``; the same for both
+    backends); empty (0,) tensors where the forward saves nothing (no gradient needed)."""
+    if save:
+        return tuple(_saving_launcher(backend)(*args))
     return (_launchers(backend)[0](*args), *_empty_saved(args[0]))
 
 
@@ -134,7 +165,7 @@ def _(images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed,
     Ho, Wo = patch_grid((H, W), kernel_size, stride, padding)
     P = 0 if cls_token is None else cls_token.shape[0]
     out = images.new_empty((B, P + Ho * Wo, weight.shape[0]))
-    if not (save and backend == "triton"):
+    if not save:
         return (out, *_empty_saved(images))
     from vitkernels.triton import patch_embed as tk
 
@@ -317,8 +348,10 @@ def _tensors(kw: dict) -> dict[str, torch.Tensor | None]:
 
 def _extension_op() -> str | None:
     reason = _cuda.unavailable_reason()
-    if reason is None and not _cuda.has_op("patch_embed_fwd"):
-        reason = "the CUDA extension has no patch_embed_fwd op"
+    if reason is None:
+        missing = [n for n in ("patch_embed_fwd", "patch_embed_fwd_saving") if not _cuda.has_op(n)]
+        if missing:
+            reason = f"the CUDA extension has no {' or '.join(missing)} op (an older build: rebuild it)"
     return reason
 
 

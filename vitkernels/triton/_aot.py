@@ -157,7 +157,7 @@ def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[Recorded
     names: set[str] = set()
     for case, shape, dtype, options in _configurations(variant):
         # patch_embed's forward that saves for the backward, and the backward that
-        # recomputes after a forward that saved nothing (the cuda backend's)
+        # recomputes after a forward that saved nothing (a caller passing none)
         extra = ("fwd_saving", "bwd_recompute") if isinstance(shape, PatchEmbedShape) else ()
         both = ("fwd", "bwd")
         if isinstance(shape, HeadMixingShape):  # 5-16 heads: a forward only

@@ -71,7 +71,7 @@ LayerNorm saves its input so too) with the output norm's (mean, rstd), the input
 norm's (mu, rstd) and the plain W in kernel order from the prep launch. The inference
 forward writes none of them.
 
-Backward: with nothing saved (the cuda backend's forward) the patch rows' pre-norm
+Backward: with nothing saved (a caller that passes none) the patch rows' pre-norm
 tokens are recomputed in float32 with the forward kernel after a prep launch (with
 an output norm) or the input norm's statistics by ``_patch_stats_kernel`` (without);
 the output norm's backward runs row-wise (``_out_norm_bwd_kernel``), dW = dy.T @ in_norm(patches) is a split-M GEMM that
@@ -983,7 +983,7 @@ def record_calls(
     (``shape.layout``), inputs made by ``tensor``. Directions: "fwd" (inference: no
     gradient needed), "fwd_saving" (the forward of a training step, writing what the
     backward reads), "bwd" (the backward after it), "bwd_recompute" (the backward after
-    a forward that saved nothing: the cuda backend's)."""
+    a forward that saved nothing)."""
     s, B = shape, batch
     C, side, D, K = s.channels, s.image, s.dim, s.k
     if s.layout == "tokens":
