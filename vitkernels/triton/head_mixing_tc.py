@@ -95,15 +95,29 @@ def _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, W, qk_scale, DK: t
 
 
 @triton.jit
+def _head_norm_tc(r3, nw, nb, h_ok, eps, H: tl.constexpr):
+    """LayerNorm over the head axis (axis 0) of r3 (HP, BM, BN) float32: mean and
+    variance over the H real heads only (the padded slots masked out of both sums),
+    then nw, nb (HP,) float32 (zero in the padded slots)."""
+    valid = h_ok[:, None, None]
+    x = tl.where(valid, r3, 0.0)
+    mean = tl.sum(x, 0) * (1.0 / H)
+    xc = tl.where(valid, x - mean[None, :, :], 0.0)
+    rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
+    return xc * rho[None, :, :] * nw[:, None, None] + nb[:, None, None]
+
+
+@triton.jit
 def _fwd_tc_kernel(
-    Q, K, V, PRE_W, POST_W, POST_B, O, LSE,
+    Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-    s_aw0, s_aw1, s_pw0, s_pw1, s_pb,
-    NQ, NK, num_qb, qk_scale,
+    s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb,
+    NQ, NK, num_qb, qk_scale, eps,
     H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // num_qb
@@ -134,6 +148,14 @@ def _fwd_tc_kernel(
         pb = tl.load(POST_B + hs * s_pb, mask=h_ok, other=0.0).to(tl.float32)
     else:
         pb = tl.zeros((HP,), tl.float32)
+    if HAS_NORM_W:
+        nw = tl.load(NORM_W + hs * s_nw, mask=h_ok, other=0.0).to(tl.float32)
+    else:
+        nw = tl.where(h_ok, 1.0, 0.0)
+    if HAS_NORM_B:
+        nb = tl.load(NORM_B + hs * s_nb, mask=h_ok, other=0.0).to(tl.float32)
+    else:
+        nb = tl.zeros((HP,), tl.float32)
 
     num_kb = tl.cdiv(NK, BLOCK_N)
     # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
@@ -172,6 +194,9 @@ def _fwd_tc_kernel(
         p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
         if HAS_POST:
             p = _mix_tc(p, wp, HP, BLOCK_M, BLOCK_N) + pb[:, None, None]
+        if HAS_NORM:
+            # a padded key's normed p is not 0 (the bias; 0 * rsqrt(eps = 0) is NaN): zeroed
+            p = tl.where(n_ok[None, None, :], _head_norm_tc(p, nw, nb, h_ok, eps, H), 0.0)
         p = p.to(dt)
         va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
         acc_a = tl.dot(p, va, acc_a)
@@ -195,12 +220,18 @@ def head_mixing_attention_fwd_tc(
     pre_w: torch.Tensor | None,
     post_w: torch.Tensor | None,
     post_b: torch.Tensor | None,
+    norm_w: torch.Tensor | None,
+    norm_b: torch.Tensor | None,
     scale: float,
+    eps: float,
+    has_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for 5-16 heads: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32).
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) float16 / bfloat16, any
-    strides; pre_w, post_w (H, H) in nn.Linear's (out, in) convention or None; post_b
-    (H,) or None (``head_mixing.py``'s launcher contract, without the head norm)."""
+    strides and alignment (masked loads: a head dim of 33 as 32 + 16 columns); pre_w,
+    post_w (H, H) in nn.Linear's (out, in) convention or None; post_b (H,) or None;
+    with has_norm the head norm (norm_w, norm_b (H,) or None, eps) on the post-mixed
+    probabilities (``head_mixing.py``'s launcher contract)."""
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
     if not MIN_HEADS <= H <= MAX_HEADS:
@@ -220,7 +251,11 @@ def head_mixing_attention_fwd_tc(
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
 
     (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
-    pbp, pbs = (q, 0) if post_b is None else (post_b, post_b.stride(0))
+    def vec(x):
+        return (q, 0) if x is None else (x, x.stride(0))
+
+    (pbp, pbs), (nwp, nws), (nbp, nbs) = vec(post_b), vec(norm_w if has_norm else None), vec(
+        norm_b if has_norm else None)
     hp = 8 if H <= 8 else 16
     # 5-8 heads: 32 query rows (estimate at CaiT-S-timm 143.5 -> 120.2 us, 128 -> 172
     # registers, sm_90a; 64 rows took 246 registers for 118.0 us); 9-16 heads: 16 (32
@@ -228,11 +263,13 @@ def head_mixing_attention_fwd_tc(
     block_m = 32 if hp == 8 and NQ > 16 else BLOCK_M
     num_qb = triton.cdiv(NQ, block_m)
     num_kb = triton.cdiv(NK, BLOCK_N)
-    params = (pre_w, post_w, post_b)
-    flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None)
-    tag = _tag(q, k, params, {**flags, "HAS_NORM": False})
-    args = [q, k, v, aw, pw, pbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
-            NQ, NK, num_qb, scale * _LOG2E]  # fmt: skip
+    params = (pre_w, post_w, post_b, *((norm_w, norm_b) if has_norm else ()))
+    flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
+                 HAS_NORM=has_norm, HAS_NORM_W=has_norm and norm_w is not None,
+                 HAS_NORM_B=has_norm and norm_b is not None)  # fmt: skip
+    tag = _tag(q, k, params, flags)
+    args = [q, k, v, aw, pw, pbp, nwp, nbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
+            nws, nbs, NQ, NK, num_qb, scale * _LOG2E, float(eps)]  # fmt: skip
     constexprs = dict(H=H, HP=hp, DK=DK, DV=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
                       **flags)  # fmt: skip
     launch(Launch(
