@@ -888,6 +888,20 @@ def test_many_heads_forward_matches_float64_reference(case, poisoned, monkeypatc
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"{case} {kind}")
 
 
+def test_many_heads_reads_only_the_head_dim_of_unaligned_views(poisoned, monkeypatch):
+    """DeepViT-S's heads of 33 as views of wider rows whose other columns hold inf: the
+    kernel (q read in place, k and v through zero-padded copies) reads none of them."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((1, 12, 20, 37, 33, 33), torch.float16)
+    q, k, v = (torch.cat([t, torch.full((*t.shape[:3], 7), float("inf"), dtype=t.dtype)], -1)[..., :33]
+               for t in (q, k, v))  # fmt: skip
+    params = make_params(12, "re-attention", torch.float16)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "gapped views")
+
+
 @pytest.mark.parametrize("norm", [False, True], ids=["talking heads", "with the head norm"])
 def test_many_heads_forward_saves_lse(norm, poisoned, monkeypatch):
     """The launcher's lse (B, H, Nq): log-sum-exp over the keys of each mixed head's
