@@ -75,8 +75,8 @@ Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 ``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
 every head, the mixing weights and the gradient accumulators live in registers;
 beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
-torch backend runs those, except that 5-16 heads without the head norm have a
-forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
+torch backend runs those, except that 5-16 heads (the head norm included, any row
+alignment) have a forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
 which ``head_mixing_attention_fwd`` hands them to. The loads are vectorised through pointer hints
 (``_common.hint``) the launcher justifies (``_vector_width``), not through
 Triton's specialisation of integer arguments. Every launch goes through

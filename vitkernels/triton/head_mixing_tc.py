@@ -13,7 +13,9 @@ or 16, per key block of BLOCK_N keys:
                                                                pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
             lanes once after the loop: the row statistics of every mixed head
-    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), out (HP, BM, Dv) += r @ v
+    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), n = LayerNorm over the heads
+            of r (re-attention: row sums of r^T, whose rows hold one (query, key)'s
+            heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv) += n @ v
 
 Math as ``head_mixing.py`` (its module docstring); the pre-mix bias is left out (softmax
 ignores it). The mixing's operands are the inputs' 16-bit type (logits and
@@ -21,8 +23,9 @@ probabilities rounded to it before each mix, as eager's einsums do under autocas
 accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s forward.
 
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
-Dk and Dv <= 64 with 16-byte aligned rows, no head norm; no backward (the call is
-refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
+Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
+vectors, DeepViT-S's heads of 33, are read from zero-padded copies), the head norm
+optional; no backward (the call is refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
 the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
 32 B - 45 KB; bench/NOTES.md).
 """
