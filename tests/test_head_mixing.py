@@ -888,6 +888,25 @@ def test_many_heads_forward_matches_float64_reference(case, poisoned, monkeypatc
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"{case} {kind}")
 
 
+@pytest.mark.parametrize("kind", ["post", "re-attention"])
+def test_many_heads_very_negative_logits_give_a_finite_forward_with_padded_keys(kind, poisoned, monkeypatch):
+    """Every real logit near -300 (float16 inputs): a padded key (k = 0, logit 0 unless
+    masked) would get p = 2**430 = inf in pass 2, and inf * 0 in the product with v NaN
+    (with the head norm, NaN through the norm). 37 keys: two full key blocks and 11
+    padded keys in the third."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((1, 6, 20, 37, 32, 32))
+    q, k = (q * 0.1 + 10.0).half(), (-(k * 0.1 + 10.0)).half()
+    v = v.half()
+    params = _many_heads_params(6, kind)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert torch.isfinite(out).all()
+    # logits of ~300 carry float32 rounding of ~300 * 2**-24 into exp()
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"very negative logits {kind}")
+
+
 def test_many_heads_reads_only_the_head_dim_of_unaligned_views(poisoned, monkeypatch):
     """DeepViT-S's heads of 33 as views of wider rows whose other columns hold inf: the
     kernel (q read in place, k and v through zero-padded copies) reads none of them."""

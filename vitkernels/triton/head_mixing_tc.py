@@ -99,6 +99,25 @@ def _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, W, qk_scale, DK: t
 
 
 @triton.jit
+def _key_block(qa, qb, Kb, hs, h_ok, start, NK, s_kh, s_kn, s_kd, W, qk_scale, DK: tl.constexpr,
+               KA: tl.constexpr, KB: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               HAS_PRE: tl.constexpr, NEG_INF: tl.constexpr):  # fmt: skip
+    """Key block ``start`` of either pass: the mixed logits (HP, BM, BN) (log2 units), a
+    padded key's set to -1e30 (pass 1: a running maximum that stays finite) or, with
+    NEG_INF, -inf (pass 2: its p is exactly 0); the keys' offsets, their mask and the
+    (HP, BN) mask of the k / v tiles."""
+    offs_n = start * BN + tl.arange(0, BN)
+    n_ok = offs_n < NK
+    kok = h_ok[:, None] & n_ok[None, :]
+    lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, W, qk_scale, DK, KA, KB, HP, BM, BN, HAS_PRE)
+    if NEG_INF:
+        lg = tl.where(n_ok[None, None, :], lg, -float("inf"))
+    else:
+        lg = tl.where(n_ok[None, None, :], lg, -1.0e30)
+    return lg, offs_n, n_ok, kok
+
+
+@triton.jit
 def _mix_norm_tc(x3, WT, pbc, nwc, nbc, eps, H: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
     """_mix_tc's post-mix plus its bias, and with HAS_NORM the head norm, on the
@@ -214,12 +233,8 @@ def _fwd_tc_kernel(
     me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
     se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
     for start_n in range(0, num_kb):
-        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kok = h_ok[:, None] & n_ok[None, :]
-        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
-                        BLOCK_M, BLOCK_N, HAS_PRE)  # fmt: skip
-        lg = tl.where(n_ok[None, None, :], lg, -1.0e30)
+        lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, start_n, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB,
+                                 HP, BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
         d = lg - me
         e = tl.exp2(-tl.abs(d))
         se = tl.where(d > 0, se * e + 1.0, se + e)
@@ -235,12 +250,8 @@ def _fwd_tc_kernel(
     acc_a = tl.zeros((HP, BLOCK_M, VA), tl.float32)
     acc_b = tl.zeros((HP, BLOCK_M, VB if VB > 0 else 16), tl.float32)
     for start_t in range(0, num_kb):
-        offs_n = start_t * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kok = h_ok[:, None] & n_ok[None, :]
-        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
-                        BLOCK_M, BLOCK_N, HAS_PRE)  # fmt: skip
-        lg = tl.where(n_ok[None, None, :], lg, -float("inf"))
+        lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, start_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
+                                           KA, KB, HP, BLOCK_M, BLOCK_N, HAS_PRE, True)  # fmt: skip
         p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
         if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
             p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BLOCK_M, BLOCK_N, True)
