@@ -315,11 +315,12 @@ def head_mixing_attention_fwd_tc(
     dk, dv, named = DK, DV, (q, k)  # the launch's name: the caller's shapes
     if any(_width(t) == 1 for t in (q, k, v)):
         # rows that are not whole 16-byte vectors (DeepViT-S: 33 16-bit elements, 66
-        # bytes) are read element by element: every key tile's loads, twice per query
-        # block, cost 582 instructions a tile against 505 at D48 with the head norm (M2
-        # estimate 432 -> 280 us, sm_90a; bench/NOTES.md, 2026-12-01, tcnorm). Zero-padded
-        # copies of k and v to the chunks' width (33 -> 32 + 16) cost two memory-bound
-        # torch ops; q, read once per program, is read as it is (its columns < DQ)
+        # bytes) are read element by element: with every key tile's loads, twice per
+        # query block, M2's main loop took 761 instructions a tile, against 505 from
+        # aligned rows of 48 (estimate, sm_90a: kernel 432 us unaligned, 280 padded;
+        # bench/NOTES.md, 2026-12-01, tcnorm). Zero-padded copies of k and v to the
+        # chunks' width (33 -> 32 + 16) cost two memory-bound torch ops (~26 us each at
+        # M2); q, read once per program, is read as it is (its columns < DQ)
         k = F.pad(k, (0, ka + kb - DK))
         v = F.pad(v, (0, va + vb - DV))
         dk, dv = ka + kb, va + vb
