@@ -854,6 +854,9 @@ MANY_HEADS = {
     # 0 * rsqrt(0) = NaN unless zeroed; pre-mix too
     "H16 Nq17 Nk50 D64 pre re-attention eps0": ((1, 16, 17, 50, 64, 64), "pre re-attention eps0", "contiguous"),
     "H6 Nq20 Nk49 D33 norm weight only": ((1, 6, 20, 49, 33, 33), "post, norm weight only", "contiguous"),
+    # LayerNorm(elementwise_affine=False) after the post-mix, float32 parameters (autocast)
+    "H12 N17 D32 post-mix non-affine norm f32 params": ((2, 12, 17, 17, 32, 32), "post, plain norm, f32",
+                                                         "contiguous"),
 }
 
 
@@ -871,6 +874,8 @@ def _many_heads_params(H: int, kind: str) -> dict:
     if kind == "post, norm weight only":  # nn.Linear post-mix with bias, LayerNorm(bias=False)
         p = _many_heads_params(H, "post")
         return dict(p, head_norm=(make_params(H, "re-attention", torch.float16)["head_norm"][0], None, 1e-5))
+    if kind == "post, plain norm, f32":
+        return dict(post=(torch.randn(H, H).t(), None), head_norm=(None, None, 1e-5))
     return make_params(H, kind, torch.float16)
 
 
