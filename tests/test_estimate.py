@@ -297,3 +297,17 @@ def test_render_labels_estimates():
     assert text.startswith("estimate (compiler-based, not measured)")
     assert "A1 relpos fwd" in text and "4.47" in text
     assert textwrap.dedent(text) == text
+
+
+def test_forward_only_workloads_estimate_their_forward():
+    """5-16-head mixing (M2: DeepViT-S's 12 heads) has a Triton forward only: the
+    estimate records its forward and leaves the backward to the torch backend (a
+    note); the other workloads keep both passes."""
+    pytest.importorskip("triton")
+    from vitkernels.estimate.run import PASSES, _triton_passes
+    from vitkernels.workloads import WORKLOADS
+
+    assert _triton_passes(WORKLOADS["M2"], PASSES) == ("fwd",)
+    assert _triton_passes(WORKLOADS["M2"], ("bwd",)) == ()
+    assert _triton_passes(WORKLOADS["M1"], PASSES) == PASSES
+    assert _triton_passes(WORKLOADS["A1"], ("bwd",)) == ("bwd",)

@@ -748,11 +748,14 @@ def test_forced_triton_refuses_float64():
 
 
 def test_triton_limits_are_reasons():
-    q, k, v = make((1, 12, 2, 2, 33, 33))  # DeepViT-S's heads
+    q, k, v = make((1, 12, 2, 2, 33, 33))  # DeepViT-S's heads (float32: refused by dtype only)
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
     assert any("H=12: with more than 4 heads the kernels have a forward only" in r and "float16 and bfloat16" in r
                for r in reasons), reasons
-    assert any("q (shape (1, 12, 2, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
+    assert not any("16-byte aligned" in r for r in reasons), reasons  # 5-16 heads: masked loads
+    q, k, v = make((1, 4, 2, 2, 33, 33))  # 4 heads of 33: the register kernels need aligned rows
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
+    assert any("q (shape (1, 4, 2, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
     q, k, v = make((1, 2, 2, 2, 128, 16))
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
     assert any("Dk=128 is above the kernels' limit of 64" in r for r in reasons), reasons
@@ -827,7 +830,7 @@ def test_bad_inputs_say_what_was_given_and_expected(change, exc, match):
 
 # ----------------------------------------------------------------------------
 # 5-16 heads: the tensor-core forward (vitkernels/triton/head_mixing_tc.py), float16 in
-# the interpreter; no head norm, no backward (refused with the reason)
+# the interpreter; no backward (refused with the reason)
 
 # id: (B, H, Nq, Nk, Dk, Dv), stages, view
 MANY_HEADS = {
@@ -839,6 +842,21 @@ MANY_HEADS = {
     "H6 Nq20 Nk49 Dk32 Dv48 post": ((1, 6, 20, 49, 32, 48), "post", "contiguous"),
     "H16 Nq1 Nk197 D32 timm": ((2, 16, 1, 197, 32, 32), "timm talking heads", "timm"),
     "H7 N17 D40 plain": ((2, 7, 17, 17, 40, 40), "plain", "contiguous"),
+    # the head norm (re-attention: DeepViT-S's 12 heads of 33, rows of 66 bytes; the
+    # layouts of this repo's and vit-pytorch's DeepViT). Nq20 Nk197: M2's keys, two
+    # query blocks (Nq = Nk = 197 takes ~10 s in the interpreter)
+    "H12 Nq20 Nk197 D33 re-attention": ((1, 12, 20, 197, 33, 33), "re-attention", "vit-pytorch"),
+    "H12 N49 D33 re-attention eps1e-3": ((2, 12, 49, 49, 33, 33), "re-attention eps1e-3", "vit-pytorch"),
+    # the norm alone: the padded head slots (HP = 8) hold p = 1/Nk, not 0 (no post-mix)
+    "H5 Nq1 Nk197 D32 norm": ((2, 5, 1, 197, 32, 32), "norm", "contiguous"),
+    "H8 N49 D48 re-attention timm": ((1, 8, 49, 49, 48, 48), "re-attention", "timm"),
+    # eps = 0 and no post-mix bias: a padded key's p is 0 in every head, its normed p
+    # 0 * rsqrt(0) = NaN unless zeroed; pre-mix too
+    "H16 Nq17 Nk50 D64 pre re-attention eps0": ((1, 16, 17, 50, 64, 64), "pre re-attention eps0", "contiguous"),
+    "H6 Nq20 Nk49 D33 norm weight only": ((1, 6, 20, 49, 33, 33), "post, norm weight only", "contiguous"),
+    # LayerNorm(elementwise_affine=False) after the post-mix, float32 parameters (autocast)
+    "H12 N17 D32 post-mix non-affine norm f32 params": ((2, 12, 17, 17, 32, 32), "post, plain norm, f32",
+                                                         "contiguous"),
 }
 
 
@@ -847,6 +865,17 @@ def _many_heads_params(H: int, kind: str) -> dict:
         bound = H**-0.5
         w = torch.empty(H, H).uniform_(-bound, bound)
         return dict(post=(w.half(), torch.empty(H).uniform_(-bound, bound).half()))
+    if kind == "re-attention eps1e-3":  # an eps that moves the output by ~10%
+        p = make_params(H, "re-attention", torch.float16)
+        return dict(p, head_norm=(*p["head_norm"][:2], 1e-3))
+    if kind == "pre re-attention eps0":
+        p = make_params(H, "re-attention", torch.float16)
+        return dict(p, pre=make_params(H, "pre", torch.float16)["pre"], head_norm=(*p["head_norm"][:2], 0.0))
+    if kind == "post, norm weight only":  # nn.Linear post-mix with bias, LayerNorm(bias=False)
+        p = _many_heads_params(H, "post")
+        return dict(p, head_norm=(make_params(H, "re-attention", torch.float16)["head_norm"][0], None, 1e-5))
+    if kind == "post, plain norm, f32":
+        return dict(post=(torch.randn(H, H).t(), None), head_norm=(None, None, 1e-5))
     return make_params(H, kind, torch.float16)
 
 
@@ -864,23 +893,61 @@ def test_many_heads_forward_matches_float64_reference(case, poisoned, monkeypatc
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"{case} {kind}")
 
 
-def test_many_heads_forward_saves_lse(poisoned, monkeypatch):
-    """The launcher's lse (B, H, Nq): log-sum-exp over the keys of each mixed head's logits."""
+@pytest.mark.parametrize("kind", ["post", "re-attention"])
+def test_many_heads_very_negative_logits_give_a_finite_forward_with_padded_keys(kind, poisoned, monkeypatch):
+    """Every real logit near -300 (float16 inputs): a padded key (k = 0, logit 0 unless
+    masked) would get p = 2**430 = inf in pass 2, and inf * 0 in the product with v NaN
+    (with the head norm, NaN through the norm). 37 keys: two full key blocks and 11
+    padded keys in the third."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((1, 6, 20, 37, 32, 32))
+    q, k = (q * 0.1 + 10.0).half(), (-(k * 0.1 + 10.0)).half()
+    v = v.half()
+    params = _many_heads_params(6, kind)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert torch.isfinite(out).all()
+    # logits of ~300 carry float32 rounding of ~300 * 2**-24 into exp()
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"very negative logits {kind}")
+
+
+def test_many_heads_reads_only_the_head_dim_of_unaligned_views(poisoned, monkeypatch):
+    """DeepViT-S's heads of 33 as views of wider rows whose other columns hold inf: the
+    kernel (q read in place, k and v through zero-padded copies) reads none of them."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    q, k, v = make((1, 12, 20, 37, 33, 33), torch.float16)
+    q, k, v = (torch.cat([t, torch.full((*t.shape[:3], 7), float("inf"), dtype=t.dtype)], -1)[..., :33]
+               for t in (q, k, v))  # fmt: skip
+    params = make_params(12, "re-attention", torch.float16)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "gapped views")
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["talking heads", "with the head norm"])
+def test_many_heads_forward_saves_lse(norm, poisoned, monkeypatch):
+    """The launcher's lse (B, H, Nq): log-sum-exp over the keys of each mixed head's
+    logits (the head norm, after the softmax, leaves it alone); out beside it."""
     from vitkernels.triton import head_mixing_tc
 
     monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
     q, k, v = make((2, 9, 21, 40, 48, 48), torch.float16)
-    (pre_w, _), (post_w, post_b) = make_params(9, "timm talking heads", torch.float16).values()
-    out, lse = tk.head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, None, None, 0.3, 1e-5, False)
+    params = make_params(9, "all" if norm else "timm talking heads", torch.float16)
+    (pre_w, _), (post_w, post_b) = params["pre"], params["post"]
+    norm_w, norm_b, eps = params["head_norm"] if norm else (None, None, 1e-5)
+    out, lse = tk.head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, 0.3, eps, norm)
     s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * 0.3
     logits = torch.einsum("gh,bhij->bgij", pre_w.double(), s)
     assert lse.shape == (2, 9, 21) and lse.dtype == torch.float32
     assert_close(lse, logits.logsumexp(-1), TOL[torch.float16], "lse")
+    assert_close(out, ref64(q, k, v, params, scale=0.3)[0], TOL[torch.float16], "out")
 
 
 def test_many_heads_limits_are_reasons():
-    """Beyond 4 heads the kernels have a forward only, for 16-bit inputs without the
-    head norm: each refusal names what was given; automatic dispatch then takes torch."""
+    """Beyond 4 heads the kernels have a forward only, for 16-bit inputs (the head norm
+    included): each refusal names what was given; automatic dispatch then takes torch."""
     q, k, v = make((1, 8, 17, 17, 32, 32), torch.float16)
     params = make_params(8, "vit-pytorch talking heads", torch.float16)
     assert ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, params)) == []
@@ -895,16 +962,23 @@ def test_many_heads_limits_are_reasons():
     q32, k32, v32 = (t.float() for t in (q, k, v))
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q32, k32, v32, {}))
     assert any("for float16 and bfloat16 inputs; q has dtype float32" in r for r in reasons), reasons
-    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, make_params(8, "re-attention",
-                                                                                    torch.float16)))
-    assert any("without the head norm; head_norm was given" in r for r in reasons), reasons
+    # re-attention (the head norm) at DeepViT-S's 12 heads of 33: taken without gradients,
+    # refused with the reason when one is needed (forced triton raises it)
+    q, k, v = make((1, 12, 3, 3, 33, 33), torch.float16, view="vit-pytorch")
+    reattn = make_params(12, "re-attention", torch.float16)
+    assert ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, reattn)) == []
+    w = reattn["post"][0].detach().requires_grad_()
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, dict(reattn, post=(w, None))))
+    assert reasons == ["H=12: with more than 4 heads the kernels have a forward only (the head mixing on tensor "
+                       "cores), no backward; post weight requires grad"], reasons
+    with pytest.raises(BackendNotSupportedError, match="no backward; post weight requires grad"):
+        vitkernels.head_mixing_attention(q, k, v, **dict(reattn, post=(w, None)), backend="triton")
+    q, k, v = make((1, 8, 17, 17, 32, 32), torch.float16)
     q, k, v = make((1, 17, 2, 2, 32, 32), torch.float16)
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
     assert any("H=17 is above the kernels' limit of 16" in r for r in reasons), reasons
     # the launchers refuse what dispatch refuses
     q, k, v = make((1, 6, 3, 3, 16, 16), torch.float16)
-    with pytest.raises(ValueError, match="H=6 heads with the head norm"):
-        tk.head_mixing_attention_fwd(q, k, v, None, None, None, None, None, 0.25, 1e-5, True)
     with pytest.raises(ValueError, match="no backward kernel for H=6 heads"):
         tk.head_mixing_attention_bwd(q, q, k, v, None, None, None, None, None, q[..., 0].float(), 0.25, 1e-5,
                                      False)

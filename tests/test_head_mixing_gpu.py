@@ -100,12 +100,15 @@ def test_cuda_tensors_go_to_triton_automatically():
     assert select(ops.BACKENDS, ops._inputs(q, k, v, **mix, dropout_p=0.1)).name == "torch"
 
 
-def test_deepvit_heads_go_to_torch_with_the_reason():
-    q, k, v = (torch.randn(2, 12, 197, 33, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    inputs = ops._inputs(q, k, v, scale=0.25)
+def test_deepvit_heads_go_to_triton_without_gradients():
+    """DeepViT-S's re-attention (12 heads of 33): the tensor-core forward under no_grad;
+    a call that needs gradients takes the torch backend, with the reason."""
+    q, k, v, params = make((2, 12, 197, 197, 33, "re-attention"), torch.bfloat16)
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **params)).name == "triton"
+    inputs = ops._inputs(q.requires_grad_(), k, v, **params)
     assert select(ops.BACKENDS, inputs).name == "torch"
     reasons = ops.TritonBackend().not_supported_reasons(inputs)
-    assert any("q (shape (2, 12, 197, 33)" in r and "16-byte aligned rows" in r for r in reasons), reasons
+    assert any("no backward; q requires grad" in r for r in reasons), reasons
 
 
 # 5-16 heads: the tensor-core forward (head_mixing_tc.py), no backward
@@ -114,6 +117,9 @@ MANY_HEADS = {
     "CaiT-S timm H8 N197 D48": (4, 8, 197, 197, 48, "timm"),
     "H12 N50 D64": (4, 12, 50, 50, 64, "vit-pytorch"),
     "H5 Nq1 Nk197 D32": (8, 5, 1, 197, 32, "timm"),
+    # re-attention (the head norm): DeepViT-S's 12 heads of 33 (M2), and 6 heads (HP = 8)
+    "DeepViT-S H12 N197 D33": (4, 12, 197, 197, 33, "re-attention"),
+    "H6 Nq20 Nk49 D64 re-attention": (3, 6, 20, 49, 64, "re-attention"),
 }
 
 

@@ -112,6 +112,43 @@ def test_triton_kernels_match_the_original_in_float32(kind):
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("kind", ["zoo:deepvit", "vit-pytorch:deepvit"])
+def test_deepvit_s_heads_take_the_tensor_core_forward_under_no_grad(kind, monkeypatch):
+    """DeepViT-S's re-attention (12 heads of 33: rows of 66 bytes) in float16 on the
+    Triton kernels (the interpreter): under no_grad the fused layer launches the
+    5-16-head forward with the head norm (head_mixing_tc) and matches the eager layer
+    in float64; with gradients a forced triton backend raises the reason."""
+    from vitkernels import BackendNotSupportedError
+    from vitkernels.triton import head_mixing_tc
+
+    source, family = kind.split(":")
+    if source == "vit-pytorch":
+        pytest.importorskip("vit_pytorch")
+    mod = importlib.import_module({"zoo": "vitkernels.models.", "vit-pytorch": "vit_pytorch."}[source] + family)
+    eager = mod.Attention(48, heads=12, dim_head=33).eval()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 19, 48)
+    calls = []
+    launcher = head_mixing_tc.head_mixing_attention_fwd_tc
+
+    def spy(q, k, v, *args):
+        calls.append((tuple(q.shape), args[-1]))  # has_norm last
+        return launcher(q, k, v, *args)
+
+    monkeypatch.setattr(head_mixing_tc, "head_mixing_attention_fwd_tc", spy)
+    fused = _fused(copy.deepcopy(eager).half(), "triton")
+    with torch.no_grad():
+        want = eager.double()(x.double())
+        got = fused(x.half())
+    assert calls == [((2, 12, 19, 33), True)]
+    assert got.dtype == torch.float16
+    assert (got.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+    with pytest.raises(BackendNotSupportedError, match="H=12: with more than 4 heads .* no backward"):
+        fused(x.half())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_fused_module_is_the_original_to_its_users(kind):
     """Same state_dict tensors, hooks still fire, isinstance holds, restore returns

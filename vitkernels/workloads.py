@@ -246,7 +246,7 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "T2T-3": PatchEmbedShape(64, 28, 3, 2, 1, 384, "cpq", False, False, 197, 1, "tokens"),
     # timm's CaiT-XXS24 (TalkingHeadAttn: one qkv projection, biased nn.Linear mixing)
     "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
-    # re-attention within the kernels' envelope (M2's 12 heads of 33 are outside it)
+    # re-attention in the register kernels (at most 4 heads; M2 takes the tensor-core forward)
     "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
     # 5-16 heads: the tensor-core forward (head_mixing_tc.py; no backward): CaiT-M's
     # 16 heads (vit-pytorch layout) and CaiT-S's 8 in timm's (the post-mix bias)

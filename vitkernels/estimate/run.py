@@ -172,6 +172,18 @@ def _triton_refusal(workload: Any) -> str | None:
     return None
 
 
+def _triton_passes(workload: Any, passes: tuple[str, ...]) -> tuple[str, ...]:
+    """The passes of ``passes`` the Triton kernels run for this workload (5-16-head
+    mixing: the forward only; the torch backend runs the backward)."""
+    from vitkernels.workloads import HeadMixingShape
+
+    if isinstance(workload.shape, HeadMixingShape):
+        from vitkernels.triton.head_mixing import directions
+
+        return tuple(p for p in passes if p in directions(workload.shape))
+    return passes
+
+
 def estimate(
     workloads: list[str] | None = None,
     backends: tuple[str, ...] = ("triton", "cuda"),
@@ -205,10 +217,16 @@ def estimate(
                 notes.append(f"{w.id}: no Triton launch ({refused}; the torch backend runs it)")
                 _say(notes[-1])
                 continue
+            own = _triton_passes(w, passes)
+            for which in passes:
+                if which not in own:
+                    notes.append(f"{w.id} {which}: no Triton launch (the kernels have a forward only at "
+                                 f"{w.shape.heads} heads; the torch backend runs it)")
+                    _say(notes[-1])
             extra = []
-            if "fwd" in passes and "bwd" in passes and w.op in SAVING_FWD:
+            if "fwd" in own and "bwd" in own and w.op in SAVING_FWD:
                 extra.append(SAVING_FWD[w.op])
-            for which in (*passes, *extra):
+            for which in (*own, *extra):
                 recorded[(w.id, which)] = record_workload(w.shape, which, torch.bfloat16, arch=ARCH)
         _say(f"recorded {sum(len(r.launches) for r in recorded.values())} Triton launches")
         codes = _TritonCodes(jobs or os.cpu_count() or 1)
@@ -224,10 +242,9 @@ def estimate(
     per_pass: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     if "triton" in backends:
         for w in chosen:
-            if (w.id, passes[0]) not in recorded:
-                continue
             for which in passes:
-                per_pass[(w.id, which, "triton")] = triton_events(w, which)
+                if (w.id, which) in recorded:
+                    per_pass[(w.id, which, "triton")] = triton_events(w, which)
 
     if "cuda" in backends:
         from vitkernels.estimate import cuda

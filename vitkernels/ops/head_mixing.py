@@ -42,10 +42,10 @@ k, v and every mixing and norm parameter, the latter summed deterministically;
 for H <= 4 heads of Dk, Dv <= 64 with 16-byte aligned rows, the shapes whose
 kernels fit a thread's registers: CaiT-XXS's 4 heads of 48; for 5-16 heads
 (MAX_FWD_HEADS) a forward only, the head mixing on the tensor cores, float16 /
-bfloat16 without the head norm (CaiT-S's 8 heads, CaiT-M's 16: faster than the torch
-backend there by the compiler-based estimate, bench/NOTES.md 2026-12-01 tcmix); a
-call that needs gradients, re-attention's head norm and DeepViT-S's 12 heads of 33
-take the torch backend),
+bfloat16, with or without the head norm, rows of any alignment (CaiT-S's 8 heads,
+CaiT-M's 16, DeepViT-S's 12 heads of 33 under no_grad: faster than the torch backend
+there by the compiler-based estimate, bench/NOTES.md 2026-12-01 tcmix, tcnorm); a
+call that needs gradients with more than 4 heads takes the torch backend),
 torch (batched matrix products on materialised attention maps; the automatic
 choice on CPU), reference (the literal einsum math). The triton backend runs
 through the custom ops ``vitkernels::head_mixing_attention_fwd`` / ``_bwd`` (fake
@@ -86,7 +86,8 @@ DROPOUT_SITES = ("probs", "mixed")
 MAX_HEADS = 4
 MAX_HEAD_DIM = 64
 # 5-16 heads: a forward with the head mixing on the tensor cores
-# (vitkernels/triton/head_mixing_tc.py): float16 / bfloat16, no head norm, no backward
+# (vitkernels/triton/head_mixing_tc.py): float16 / bfloat16, the head norm included, any
+# row alignment (DeepViT-S's heads of 33), no backward
 MAX_FWD_HEADS = 16
 
 
@@ -231,8 +232,6 @@ def _many_heads_reasons(inputs: Inputs) -> list[str]:
     what = f"H={H}: with more than {MAX_HEADS} heads the kernels have a forward only (the head mixing on tensor cores)"
     if kw["q"].dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"{what}, for float16 and bfloat16 inputs; q has dtype {_dtype(kw['q'])}")
-    if kw["head_norm"] is not None:
-        reasons.append(f"{what}, without the head norm; head_norm was given (re-attention)")
     if torch.is_grad_enabled():
         needs = [n for n, t in inputs.tensors.items() if t is not None and t.requires_grad]
         if needs:
@@ -261,7 +260,8 @@ class TritonBackend(Backend):
         from vitkernels.triton import head_mixing as tk
 
         kw = inputs.kwargs
-        reasons += tk.supports(kw["q"], kw["k"], kw["v"])
+        if kw["q"].shape[1] <= MAX_HEADS:  # the 5-16-head forward reads any alignment (masked loads)
+            reasons += tk.supports(kw["q"], kw["k"], kw["v"])
         reasons += _many_heads_reasons(inputs)
         if kw["dropout_p"] > 0:
             reasons.append(

@@ -75,8 +75,8 @@ Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 ``MAX_HEAD_DIM``) and 16-byte aligned rows (``supports``). A query block's tiles of
 every head, the mixing weights and the gradient accumulators live in registers;
 beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
-torch backend runs those, except that 5-16 heads without the head norm have a
-forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
+torch backend runs those, except that 5-16 heads (the head norm included, any row
+alignment) have a forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
 which ``head_mixing_attention_fwd`` hands them to. The loads are vectorised through pointer hints
 (``_common.hint``) the launcher justifies (``_vector_width``), not through
 Triton's specialisation of integer arguments. Every launch goes through
@@ -1380,15 +1380,12 @@ def head_mixing_attention_fwd(
     has_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring.
-    5-16 heads go to the tensor-core forward (``head_mixing_tc``; no head norm there)."""
+    5-16 heads go to the tensor-core forward (``head_mixing_tc``)."""
     B, H, NQ, DK = q.shape
     if H > _MAX_REG_HEADS:
-        if has_norm:
-            raise ValueError(f"head_mixing: H={H} heads with the head norm; the kernels take it for at most "
-                             f"{_MAX_REG_HEADS} heads")
         from vitkernels.triton.head_mixing_tc import head_mixing_attention_fwd_tc
 
-        return head_mixing_attention_fwd_tc(q, k, v, pre_w, post_w, post_b, scale)
+        return head_mixing_attention_fwd_tc(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, scale, eps, has_norm)
     NK, DV = k.shape[2], v.shape[3]
     out = _alloc((B, H, NQ, DV), q.dtype, q.device)
     lse = _alloc((B, H, NQ), torch.float32, q.device)
@@ -1519,11 +1516,9 @@ def refusal(shape: HeadMixingShape) -> str | None:
 
     if shape.heads > MAX_FWD_HEADS:
         return f"H={shape.heads} heads is above the kernels' limit of {MAX_FWD_HEADS}"
-    if shape.heads > MAX_HEADS and shape.norm:
-        return f"H={shape.heads} heads with the head norm is above the kernels' limit of {MAX_HEADS}"
     if shape.head_dim > MAX_HEAD_DIM:
         return f"D={shape.head_dim} is above the kernels' limit of {MAX_HEAD_DIM}"
-    if shape.head_dim % 8:
+    if shape.heads <= MAX_HEADS and shape.head_dim % 8:  # 5-16 heads: masked loads, any alignment
         return f"D={shape.head_dim}: 16-bit rows of {2 * shape.head_dim} bytes are not 16-byte aligned"
     return None
 

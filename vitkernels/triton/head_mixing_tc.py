@@ -13,7 +13,9 @@ or 16, per key block of BLOCK_N keys:
                                                                pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
             lanes once after the loop: the row statistics of every mixed head
-    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), out (HP, BM, Dv) += r @ v
+    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), n = LayerNorm over the heads
+            of r (re-attention: row sums of r^T, whose rows hold one (query, key)'s
+            heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv) += n @ v
 
 Math as ``head_mixing.py`` (its module docstring); the pre-mix bias is left out (softmax
 ignores it). The mixing's operands are the inputs' 16-bit type (logits and
@@ -21,8 +23,9 @@ probabilities rounded to it before each mix, as eager's einsums do under autocas
 accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s forward.
 
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
-Dk and Dv <= 64 with 16-byte aligned rows, no head norm; no backward (the call is
-refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
+Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
+vectors, DeepViT-S's heads of 33, are read from zero-padded copies), the head norm
+optional; no backward (the call is refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
 the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
 32 B - 45 KB; bench/NOTES.md).
 """
@@ -30,11 +33,12 @@ the only tile that compiled without spills at HP = 16 (4 warps and larger tiles 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from vitkernels.triton._common import Launch, alloc, launch
-from vitkernels.triton.head_mixing import _k_split, _tag
+from vitkernels.triton.head_mixing import _k_split, _tag, _width
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
 
@@ -95,15 +99,83 @@ def _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, W, qk_scale, DK: t
 
 
 @triton.jit
+def _key_block(qa, qb, Kb, hs, h_ok, start, NK, s_kh, s_kn, s_kd, W, qk_scale, DK: tl.constexpr,
+               KA: tl.constexpr, KB: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               HAS_PRE: tl.constexpr, NEG_INF: tl.constexpr):  # fmt: skip
+    """Key block ``start`` of either pass: the mixed logits (HP, BM, BN) (log2 units), a
+    padded key's set to -1e30 (pass 1: a running maximum that stays finite) or, with
+    NEG_INF, -inf (pass 2: its p is exactly 0); the keys' offsets, their mask and the
+    (HP, BN) mask of the k / v tiles."""
+    offs_n = start * BN + tl.arange(0, BN)
+    n_ok = offs_n < NK
+    kok = h_ok[:, None] & n_ok[None, :]
+    lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, W, qk_scale, DK, KA, KB, HP, BM, BN, HAS_PRE)
+    if NEG_INF:
+        lg = tl.where(n_ok[None, None, :], lg, -float("inf"))
+    else:
+        lg = tl.where(n_ok[None, None, :], lg, -1.0e30)
+    return lg, offs_n, n_ok, kok
+
+
+@triton.jit
+def _mix_norm_tc(x3, WT, pbc, nwc, nbc, eps, H: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
+    """_mix_tc's post-mix plus its bias, and with HAS_NORM the head norm, on the
+    flattened (BM*BN*HP/16, 16) tile before it goes back to (HP, BM, BN): a row holds one
+    (query, key)'s 16 head slots (HP = 16) or two pairs' 8 (HP = 8), so the norm's sums
+    are row sums (over each half of the row at HP = 8). pbc, nwc, nbc (16,) float32: the
+    bias, weight and norm bias of column a's head a % HP (0 for a padded head). A padded
+    head's column is exactly 0 (zero weights and bias), so the sum for the mean needs no
+    mask; its deviation from the mean does (the variance's)."""
+    xt = tl.reshape(tl.permute(x3.to(WT.dtype), (1, 2, 0)), (BM * BN * HP // 16, 16))
+    yt = tl.dot(xt, WT) + pbc[None, :]
+    if HAS_NORM:
+        a = tl.arange(0, 16)
+        valid = ((a % HP) < H)[None, :]
+        x = yt
+        if HP == 16:
+            mean = (tl.sum(x, 1) * (1.0 / H))[:, None]
+        else:  # columns 0-7 and 8-15: two pairs' heads
+            lo = (a < 8)[None, :]
+            s_lo = tl.sum(tl.where(lo, x, 0.0), 1)
+            s_hi = tl.sum(x, 1) - s_lo
+            mean = tl.where(lo, s_lo[:, None], s_hi[:, None]) * (1.0 / H)
+        xc = tl.where(valid, x - mean, 0.0)
+        sq = xc * xc
+        if HP == 16:
+            var = (tl.sum(sq, 1) * (1.0 / H))[:, None]
+        else:
+            q_lo = tl.sum(tl.where(lo, sq, 0.0), 1)
+            q_hi = tl.sum(sq, 1) - q_lo
+            var = tl.where(lo, q_lo[:, None], q_hi[:, None]) * (1.0 / H)
+        yt = xc * tl.rsqrt(var + eps) * nwc[None, :] + nbc[None, :]
+    return tl.permute(tl.reshape(yt, (BM, BN, HP)), (2, 0, 1))
+
+
+@triton.jit
+def _head_norm_tc(r3, nw, nb, h_ok, eps, H: tl.constexpr):
+    """LayerNorm over the head axis (axis 0) of r3 (HP, BM, BN) float32: mean and
+    variance over the H real heads only (the padded slots masked out of both sums),
+    then nw, nb (HP,) float32 (zero in the padded slots)."""
+    valid = h_ok[:, None, None]
+    x = tl.where(valid, r3, 0.0)
+    mean = tl.sum(x, 0) * (1.0 / H)
+    xc = tl.where(valid, x - mean[None, :, :], 0.0)
+    rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
+    return xc * rho[None, :, :] * nw[:, None, None] + nb[:, None, None]
+
+
+@triton.jit
 def _fwd_tc_kernel(
-    Q, K, V, PRE_W, POST_W, POST_B, O, LSE,
+    Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-    s_aw0, s_aw1, s_pw0, s_pw1, s_pb,
-    NQ, NK, num_qb, qk_scale,
-    H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb,
+    NQ, NK, num_qb, qk_scale, eps,
+    H: tl.constexpr, HP: tl.constexpr, DQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DO: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // num_qb
@@ -116,9 +188,9 @@ def _fwd_tc_kernel(
     Qb = Q + b.to(tl.int64) * s_qb
     Kb = K + b.to(tl.int64) * s_kb
     Vb = V + b.to(tl.int64) * s_vb
-    qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DK, qok)
+    qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DQ, qok)
     if KB > 0:
-        qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DK, qok)
+        qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DQ, qok)
     else:
         qb = qa
     dt = Q.dtype.element_ty
@@ -134,6 +206,25 @@ def _fwd_tc_kernel(
         pb = tl.load(POST_B + hs * s_pb, mask=h_ok, other=0.0).to(tl.float32)
     else:
         pb = tl.zeros((HP,), tl.float32)
+    # the head norm's weight and bias, and with the post-mix the post-mix bias, per head
+    # slot (HP,) or, with the post-mix (the norm on its flattened tile), per column of
+    # that tile (16,): head a % HP
+    if HAS_POST:
+        hn = tl.arange(0, 16) % HP
+    else:
+        hn = hs
+    if HAS_NORM_W:
+        nw = tl.load(NORM_W + hn * s_nw, mask=hn < H, other=0.0).to(tl.float32)
+    else:
+        nw = tl.where(hn < H, 1.0, 0.0)
+    if HAS_NORM_B:
+        nb = tl.load(NORM_B + hn * s_nb, mask=hn < H, other=0.0).to(tl.float32)
+    else:
+        nb = tl.zeros(hn.shape, tl.float32)
+    if HAS_POST_B and HAS_POST and HAS_NORM:
+        pbc = tl.load(POST_B + hn * s_pb, mask=hn < H, other=0.0).to(tl.float32)
+    else:
+        pbc = tl.zeros((16,), tl.float32)
 
     num_kb = tl.cdiv(NK, BLOCK_N)
     # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
@@ -142,12 +233,8 @@ def _fwd_tc_kernel(
     me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
     se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
     for start_n in range(0, num_kb):
-        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kok = h_ok[:, None] & n_ok[None, :]
-        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
-                        BLOCK_M, BLOCK_N, HAS_PRE)  # fmt: skip
-        lg = tl.where(n_ok[None, None, :], lg, -1.0e30)
+        lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, start_n, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB,
+                                 HP, BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
         d = lg - me
         e = tl.exp2(-tl.abs(d))
         se = tl.where(d > 0, se * e + 1.0, se + e)
@@ -163,29 +250,32 @@ def _fwd_tc_kernel(
     acc_a = tl.zeros((HP, BLOCK_M, VA), tl.float32)
     acc_b = tl.zeros((HP, BLOCK_M, VB if VB > 0 else 16), tl.float32)
     for start_t in range(0, num_kb):
-        offs_n = start_t * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kok = h_ok[:, None] & n_ok[None, :]
-        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kok, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
-                        BLOCK_M, BLOCK_N, HAS_PRE)  # fmt: skip
-        lg = tl.where(n_ok[None, None, :], lg, -float("inf"))
+        lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, start_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
+                                           KA, KB, HP, BLOCK_M, BLOCK_N, HAS_PRE, True)  # fmt: skip
         p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
-        if HAS_POST:
+        if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
+            p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BLOCK_M, BLOCK_N, True)
+        elif HAS_POST:
             p = _mix_tc(p, wp, HP, BLOCK_M, BLOCK_N) + pb[:, None, None]
+        elif HAS_NORM:
+            p = _head_norm_tc(p, nw, nb, h_ok, eps, H)
+        if HAS_NORM:
+            # a padded key's normed p is not 0 (the bias; 0 * rsqrt(eps = 0) is NaN): zeroed
+            p = tl.where(n_ok[None, None, :], p, 0.0)
         p = p.to(dt)
         va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
         acc_a = tl.dot(p, va, acc_a)
         if VB > 0:
             vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
             acc_b = tl.dot(p, vb, acc_b)
-    # out (B, H, NQ, DV) contiguous
-    Ob = O + b.to(tl.int64) * H * NQ * DV
+    # out (B, H, NQ, DO) contiguous (DO = DV but for v padded by the launcher)
+    Ob = O + b.to(tl.int64) * H * NQ * DO
     cols_a = tl.arange(0, VA)
-    o_ptrs = Ob + hs[:, None, None] * (NQ * DV) + offs_m[None, :, None] * DV
-    tl.store(o_ptrs + cols_a[None, None, :], acc_a.to(dt), mask=qok[:, :, None] & (cols_a < DV)[None, None, :])
+    o_ptrs = Ob + hs[:, None, None] * (NQ * DO) + offs_m[None, :, None] * DO
+    tl.store(o_ptrs + cols_a[None, None, :], acc_a.to(dt), mask=qok[:, :, None] & (cols_a < DO)[None, None, :])
     if VB > 0:
         cols_b = VA + tl.arange(0, VB)
-        tl.store(o_ptrs + cols_b[None, None, :], acc_b.to(dt), mask=qok[:, :, None] & (cols_b < DV)[None, None, :])
+        tl.store(o_ptrs + cols_b[None, None, :], acc_b.to(dt), mask=qok[:, :, None] & (cols_b < DO)[None, None, :])
 
 
 def head_mixing_attention_fwd_tc(
@@ -195,12 +285,19 @@ def head_mixing_attention_fwd_tc(
     pre_w: torch.Tensor | None,
     post_w: torch.Tensor | None,
     post_b: torch.Tensor | None,
+    norm_w: torch.Tensor | None,
+    norm_b: torch.Tensor | None,
     scale: float,
+    eps: float,
+    has_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for 5-16 heads: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32).
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) float16 / bfloat16, any
-    strides; pre_w, post_w (H, H) in nn.Linear's (out, in) convention or None; post_b
-    (H,) or None (``head_mixing.py``'s launcher contract, without the head norm)."""
+    strides and alignment (rows that are not whole 16-byte vectors, e.g. DeepViT-S's
+    heads of 33, are read from zero-padded copies: see below); pre_w,
+    post_w (H, H) in nn.Linear's (out, in) convention or None; post_b (H,) or None;
+    with has_norm the head norm (norm_w, norm_b (H,) or None, eps) on the post-mixed
+    probabilities (``head_mixing.py``'s launcher contract)."""
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
     if not MIN_HEADS <= H <= MAX_HEADS:
@@ -215,12 +312,28 @@ def head_mixing_attention_fwd_tc(
         return out, lse
     ka, kb = _k_split(DK)
     va, vb = _k_split(DV)
+    dk, dv, named = DK, DV, (q, k)  # the launch's name: the caller's shapes
+    if any(_width(t) == 1 for t in (q, k, v)):
+        # rows that are not whole 16-byte vectors (DeepViT-S: 33 16-bit elements, 66
+        # bytes) are read element by element: with every key tile's loads, twice per
+        # query block, M2's main loop took 761 instructions a tile, against 505 from
+        # aligned rows of 48 (estimate, sm_90a: kernel 432 us unaligned, 280 padded;
+        # bench/NOTES.md, 2026-12-01, tcnorm). Zero-padded copies of k and v to the
+        # chunks' width (33 -> 32 + 16) cost two memory-bound torch ops (~26 us each at
+        # M2); q, read once per program, is read as it is (its columns < DQ)
+        k = F.pad(k, (0, ka + kb - DK))
+        v = F.pad(v, (0, va + vb - DV))
+        dk, dv = ka + kb, va + vb
 
     def mat(w):
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
 
     (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
-    pbp, pbs = (q, 0) if post_b is None else (post_b, post_b.stride(0))
+    def vec(x):
+        return (q, 0) if x is None else (x, x.stride(0))
+
+    (pbp, pbs), (nwp, nws), (nbp, nbs) = vec(post_b), vec(norm_w if has_norm else None), vec(
+        norm_b if has_norm else None)
     hp = 8 if H <= 8 else 16
     # 5-8 heads: 32 query rows (estimate at CaiT-S-timm 143.5 -> 120.2 us, 128 -> 172
     # registers, sm_90a; 64 rows took 246 registers for 118.0 us); 9-16 heads: 16 (32
@@ -228,12 +341,14 @@ def head_mixing_attention_fwd_tc(
     block_m = 32 if hp == 8 and NQ > 16 else BLOCK_M
     num_qb = triton.cdiv(NQ, block_m)
     num_kb = triton.cdiv(NK, BLOCK_N)
-    params = (pre_w, post_w, post_b)
-    flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None)
-    tag = _tag(q, k, params, {**flags, "HAS_NORM": False})
-    args = [q, k, v, aw, pw, pbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
-            NQ, NK, num_qb, scale * _LOG2E]  # fmt: skip
-    constexprs = dict(H=H, HP=hp, DK=DK, DV=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+    params = (pre_w, post_w, post_b, *((norm_w, norm_b) if has_norm else ()))
+    flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
+                 HAS_NORM=has_norm, HAS_NORM_W=has_norm and norm_w is not None,
+                 HAS_NORM_B=has_norm and norm_b is not None)  # fmt: skip
+    tag = _tag(*named, params, flags)
+    args = [q, k, v, aw, pw, pbp, nwp, nbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
+            nws, nbs, NQ, NK, num_qb, scale * _LOG2E, float(eps)]  # fmt: skip
+    constexprs = dict(H=H, HP=hp, DQ=DK, DK=dk, DV=dv, DO=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
                       **flags)  # fmt: skip
     launch(Launch(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
