@@ -17,10 +17,11 @@
 //     delta[i] = <dout_i, out_i> (kept for the dkv kernel), p = exp(logits - lse),
 //     ds = p * (dout v^T - delta), dq = scale * ds k, and the block's partial
 //     table gradient, bias_scale * the sum of ds per table entry
-//   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q
-//   fold kernel: dtable = the sum of the partials
+//   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q;
+//     then dtable = the sum of the dq blocks' partials (the dq kernel ran before it),
+//     an entry a warp, stored in the table's element type: the backward is two launches
 // dtable accumulates in fp32 without atomics, in a fixed order: bitwise the same
-// run to run (relpos_bwd_dq_kernel says how).
+// run to run (relpos_bwd_dq_kernel and relpos_bwd_dkv_kernel say how).
 #pragma once
 
 #include "common.cuh"
@@ -46,7 +47,7 @@ struct RelposParams {
   float* lse;
   // backward: dout (B, H, Nq, Dv); delta (B, H, Nq) fp32 workspace; work: fp32
   // workspace of relpos_bwd_workspace_floats(p) floats; dq, dk, dv like q, k, v;
-  // dtable (H, R*C) fp32 contiguous (every entry written)
+  // dtable (H, R*C) contiguous in the table's element kind t_kind (every entry written)
   const void* dout;
   int64_t do_s[4];
   float* delta;
@@ -56,12 +57,12 @@ struct RelposParams {
   int64_t dk_s[4];
   void* dv;
   int64_t dv_s[4];
-  float* dtable;
+  void* dtable;
   float* work;
   // set by relpos_bwd from work: batch entries per dq block, its partials
-  // (blocks, H, R*C) and, where the offset grid does not fit in shared memory, the
-  // warps' copies of it (blocks, H, 4, (2R-1) x (2C-1))
-  int bgroup;
+  // (parts = dq blocks, H, R*C) and, where the offset grid does not fit in shared
+  // memory, the warps' copies of it (blocks, H, 4, (2R-1) x (2C-1))
+  int bgroup, parts;
   float* dtable_part;
   float* dtable_warp;
 };
@@ -127,6 +128,16 @@ __device__ __forceinline__ void load_table(float* s, const RelposParams& p, int 
 #pragma unroll 1
     for (int i = tid; i < n; i += kThreads) s[i] = mult * load_as_float(tab, p.t_kind, i * p.t_sn);
   }
+}
+
+// p[i] = x in the element kind (ElemKind) of p, rounded to nearest
+__device__ __forceinline__ void store_as(void* p, int kind, int64_t i, float x) {
+  if (kind == kFloat32)
+    static_cast<float*>(p)[i] = x;
+  else if (kind == kFloat16)
+    static_cast<half_t*>(p)[i] = Num<half_t>::from_float(x);
+  else
+    static_cast<bf16_t*>(p)[i] = Num<bf16_t>::from_float(x);
 }
 
 // bias coordinate of key j < Nk: row * (2C-1) + col (MIRROR), else row << 16 | col
@@ -434,7 +445,7 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 // the lanes of a step never collide, and __syncwarp orders the steps. After the
 // block's batch entries the four copies are summed and folded over the signs of
 // (dr, dc) in a fixed order into the block's partial (p.dtable_part), which
-// relpos_dtable_fold_kernel sums over blocks in a fixed order. MIRROR: the copies
+// relpos_bwd_dkv_kernel sums over blocks in a fixed order. MIRROR: the copies
 // and the table (mirrored too: the bias is one shared load, as in the forward) in
 // shared memory; otherwise the copies live in the workspace (p.dtable_warp) and
 // the table as R*C floats.
@@ -644,31 +655,14 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
   }
 }
 
-// dtable[h, n] = the sum of the P partials (P, H, R*C) at (h, n), in a fixed order;
-// grid (ceil(R*C / 32), H), 256 threads: warp w sums partials w, w + 8, ..., then
-// warp 0 adds the eight sums in order.
-__global__ void __launch_bounds__(256) relpos_dtable_fold_kernel(const float* part, float* dtable, int P, int H,
-                                                                  int table_n) {
-  VK_DYN_SMEM(smem);
-  float* sums = reinterpret_cast<float*>(smem);  // [8][32]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, h = blockIdx.y;
-  const int n = blockIdx.x * 32 + lane;
-  float acc = 0.f;
-  if (n < table_n)
-    for (int pi = warp; pi < P; pi += 8) acc += part[((int64_t)pi * H + h) * table_n + n];
-  sums[warp * 32 + lane] = acc;
-  __syncthreads();
-  if (warp == 0 && n < table_n) {
-    float v = sums[lane];
-#pragma unroll
-    for (int w = 1; w < 8; ++w) v += sums[w * 32 + lane];
-    dtable[(int64_t)h * table_n + n] = v;
-  }
-}
-
 // ----------------------------------------------------------------------------
 // backward 2: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads. MIRROR as in
 // the forward.
+//
+// Then the table gradient (the dq kernel, launched before on the same stream, has
+// written its partials): warp w of block blk takes the entries o = 4 blk + w,
+// o + 4 x blocks, ... of dtable (H x R*C); lane l sums the partials l, l + 32, ...
+// in order, a butterfly of shuffles sums the lanes, lane 0 stores: a fixed order.
 
 template <class T, int DK, int DV, bool MIRROR>
 __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
@@ -817,6 +811,25 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
         store_pair(dV + j * p.dv_s[2] + d * p.dv_s[3], p.dv_s[3], dv[dt][2 * r], dv[dt][2 * r + 1], d + 1 < p.Dv);
     }
   }
+
+  // the table gradient: the sum of the dq blocks' partials, an entry a warp
+  const int table_n = p.R * p.C, entries = p.H * table_n;
+  const int64_t pstride = int64_t(p.H) * table_n;  // between partials
+  const int64_t warps = int64_t(4) * gridDim.x * gridDim.y * gridDim.z;
+#pragma unroll 1
+  for (int64_t o = 4 * ((int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) + warp; o < entries;
+       o += warps) {
+    const float* src = p.dtable_part + o;  // partial 0's entry (h, n) at h * table_n + n = o
+    float acc = 0.f;
+#pragma unroll 1
+    for (int pi = lane; pi < p.parts; pi += 32) acc += src[pi * pstride];
+    acc += shfl_xor(acc, 16);  // a fixed butterfly: lane 0's sum, the same every run
+    acc += shfl_xor(acc, 8);
+    acc += shfl_xor(acc, 4);
+    acc += shfl_xor(acc, 2);
+    acc += shfl_xor(acc, 1);
+    if (lane == 0) store_as(p.dtable, p.t_kind, o, acc);
+  }
 }
 
 // ----------------------------------------------------------------------------
@@ -875,6 +888,7 @@ cudaError_t relpos_bwd_launch(const RelposParams& p0, cudaStream_t stream) {
   const int qblocks = ceil_div(p.Nq, kRows);
   const DqGroups grp = dq_groups(p.B, qblocks * p.H);
   p.bgroup = grp.bgroup;
+  p.parts = qblocks * grp.groups;
   p.dtable_part = p.work;
   p.dtable_warp = p.work + size_t(qblocks) * grp.groups * p.H * p.R * p.C;
   const bool dq_mirror = dq_mirror_fits(p.R, p.C), mirror = mirror_fits(p.R, p.C);
@@ -886,10 +900,7 @@ cudaError_t relpos_bwd_launch(const RelposParams& p0, cudaStream_t stream) {
   if ((err = allow_smem(dkv, smem_dkv)) != cudaSuccess) return err;
   launch(dq, dim3(qblocks, p.H, grp.groups), dim3(kThreads), smem_dq, stream, p);
   if ((err = last_error()) != cudaSuccess) return err;
-  launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);
-  if ((err = last_error()) != cudaSuccess) return err;
-  launch(relpos_dtable_fold_kernel, dim3(ceil_div(p.R * p.C, 32), p.H), dim3(256), 8 * 32 * sizeof(float), stream,
-         static_cast<const float*>(p.dtable_part), p.dtable, qblocks * grp.groups, p.H, p.R * p.C);
+  launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);  // and dtable
   return last_error();
 }
 
@@ -905,8 +916,9 @@ cudaError_t relpos_fwd(const RelposParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-// Backward: p.delta (B*H*Nq floats) and p.work (relpos_bwd_workspace_floats(p)) are
-// workspaces; writes p.dq, p.dk, p.dv and every entry of p.dtable.
+// Backward, two launches: p.delta (B*H*Nq floats) and p.work
+// (relpos_bwd_workspace_floats(p)) are workspaces; writes p.dq, p.dk, p.dv and every
+// entry of p.dtable (in the table's element kind).
 template <class T>
 cudaError_t relpos_bwd(const RelposParams& p, cudaStream_t stream) {
   int DK = 0, DV = 0;
