@@ -306,9 +306,9 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
         elif la.base == "vk::relpos_bwd_dq_kernel":
             # grid (query blocks, H, batch groups): each block walks B / groups entries;
-            # <..., true>: the table and the warps' four copies of its gradient over
-            # signed offsets in shared memory
-            mirrored, offsets = la.kernel.endswith("true>"), (2 * R - 1) ** 2
+            # <T, DK, DV, MIRROR, VEC>: MIRROR, the table and the warps' four copies of its
+            # gradient over signed offsets in shared memory
+            mirrored, offsets = la.kernel.removesuffix(">").split(", ")[3] == "true", (2 * R - 1) ** 2
             partials = _empty(la.grid[0] * la.grid[2], H, Nk)
             la.trips = {"i": offsets / 128 if mirrored else table_loop, "zi": 4 * offsets / 128,
                         "b": B / la.grid[2], "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64), "n": table_loop}  # fmt: skip
@@ -317,7 +317,7 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
         elif la.base == "vk::relpos_bwd_dkv_kernel":
             # then the table gradient from the dq blocks' partials: an entry a warp
             # (`for o`, round robin over the launch's warps), the partials 32 at a time
-            mirrored = la.kernel.endswith("true>")
+            mirrored = la.kernel.removesuffix(">").split(", ")[3] == "true"  # <T, DK, DV, MIRROR, VEC>
             la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop,
                         "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64),
                         "o": _cdiv(H * Nk, 4 * la.programs), "pi": _cdiv(partials.shape[0], 32)}  # fmt: skip
