@@ -1052,10 +1052,12 @@ cudaError_t relpos_bwd_launch(const RelposParams& p0, cudaStream_t stream) {
   const bool vec = rows16(p.q, p.q_s, p.Dk) && rows16(p.k, p.k_s, p.Dk) && rows16(p.v, p.v_s, p.Dv) &&
                    rows16(p.dout, p.do_s, p.Dv) && rows16(p.out, p.o_s, p.Dv) && rows16(p.dq, p.dq_s, p.Dk) &&
                    rows16(p.dk, p.dk_s, p.Dk) && rows16(p.dv, p.dv_s, p.Dv);
-  auto dq = dq_mirror ? (vec ? relpos_bwd_dq_kernel<T, DK, DV, true, true> : relpos_bwd_dq_kernel<T, DK, DV, true, false>)
+  auto dq = dq_mirror ? (vec ? relpos_bwd_dq_kernel<T, DK, DV, true, true>
+                             : relpos_bwd_dq_kernel<T, DK, DV, true, false>)
                       : (vec ? relpos_bwd_dq_kernel<T, DK, DV, false, true>
                              : relpos_bwd_dq_kernel<T, DK, DV, false, false>);
-  auto dkv = mirror ? (vec ? relpos_bwd_dkv_kernel<T, DK, DV, true, true> : relpos_bwd_dkv_kernel<T, DK, DV, true, false>)
+  auto dkv = mirror ? (vec ? relpos_bwd_dkv_kernel<T, DK, DV, true, true>
+                           : relpos_bwd_dkv_kernel<T, DK, DV, true, false>)
                     : (vec ? relpos_bwd_dkv_kernel<T, DK, DV, false, true>
                            : relpos_bwd_dkv_kernel<T, DK, DV, false, false>);
   const size_t smem_dq = dq_smem<DK, DV>(p.R, p.C, dq_mirror);
