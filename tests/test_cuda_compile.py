@@ -143,7 +143,6 @@ TEMPLATE_KERNELS = (
     "patch_embed_prefix_kernel",
 )
 PLAIN_KERNELS = (
-    "relpos_dtable_fold_kernel",
     "performer_kv_combine_kernel",
     "performer_sum_kernel",
     "performer_store_dw_kernel",
@@ -300,12 +299,13 @@ def _relpos_inputs(B, H, R, C, qs, Dk, Dv, dtype, layout, tdtype, strided):
 
 
 def _relpos_bwd(emu, case, q, k, v, table, out, lse, dout, scale, bias_scale):
-    """The emulated backward: (dq, dk, dv, dtable); outputs and workspaces NaN before."""
+    """The emulated backward: (dq, dk, dv, dtable in the table's dtype); outputs and
+    workspaces NaN before."""
     B, H, R, C, qs, Dk, Dv, dtype = case[:8]
     Nq, Nk, Cq = q.shape[2], k.shape[2], -(-C // qs)
     dims = (ctypes.c_int * 10)(B, H, Nq, Nk, Dk, Dv, R, C, Cq, qs)
     dq, dk, dv = (_nan(*t.shape, dtype=dtype) for t in (q, k, v))
-    delta, dtable = _nan(B, H, Nq), _nan(H, Nk)
+    delta, dtable = _nan(B, H, Nq), _nan(H, Nk, dtype=table.dtype)
     work = _nan(emu.vk_emu_relpos_workspace(dims))
     rc = emu.vk_emu_relpos_bwd(
         KIND[dtype], _p(q), _s(q), _p(k), _s(k), _p(v), _s(v), _p(table),

@@ -93,7 +93,7 @@ int vk_emu_relpos_bwd(int dtype, const void* q, const int64_t* q_s, const void* 
                       const int* dims, float scale, float bias_scale, const void* out, const int64_t* o_s,
                       float* lse, const void* dout, const int64_t* do_s, float* delta, void* dq,
                       const int64_t* dq_s, void* dk, const int64_t* dk_s, void* dv, const int64_t* dv_s,
-                      float* dtable, float* work) {
+                      void* dtable, float* work) {
   vk::RelposParams p =
       relpos_params(q, q_s, k, k_s, v, v_s, table, t_sh, t_sn, t_kind, dims, scale, bias_scale, out, o_s, lse);
   p.dout = dout;

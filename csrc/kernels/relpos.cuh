@@ -17,10 +17,11 @@
 //     delta[i] = <dout_i, out_i> (kept for the dkv kernel), p = exp(logits - lse),
 //     ds = p * (dout v^T - delta), dq = scale * ds k, and the block's partial
 //     table gradient, bias_scale * the sum of ds per table entry
-//   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q
-//   fold kernel: dtable = the sum of the partials
+//   dkv kernel (per 64 keys, over queries): dv = p^T dout, dk = scale * ds^T q;
+//     then dtable = the sum of the dq blocks' partials (the dq kernel ran before it),
+//     an entry a warp, stored in the table's element type: the backward is two launches
 // dtable accumulates in fp32 without atomics, in a fixed order: bitwise the same
-// run to run (relpos_bwd_dq_kernel says how).
+// run to run (relpos_bwd_dq_kernel and relpos_bwd_dkv_kernel say how).
 #pragma once
 
 #include "common.cuh"
@@ -46,7 +47,7 @@ struct RelposParams {
   float* lse;
   // backward: dout (B, H, Nq, Dv); delta (B, H, Nq) fp32 workspace; work: fp32
   // workspace of relpos_bwd_workspace_floats(p) floats; dq, dk, dv like q, k, v;
-  // dtable (H, R*C) fp32 contiguous (every entry written)
+  // dtable (H, R*C) contiguous in the table's element kind t_kind (every entry written)
   const void* dout;
   int64_t do_s[4];
   float* delta;
@@ -56,12 +57,12 @@ struct RelposParams {
   int64_t dk_s[4];
   void* dv;
   int64_t dv_s[4];
-  float* dtable;
+  void* dtable;
   float* work;
   // set by relpos_bwd from work: batch entries per dq block, its partials
-  // (blocks, H, R*C) and, where the offset grid does not fit in shared memory, the
-  // warps' copies of it (blocks, H, 4, (2R-1) x (2C-1))
-  int bgroup;
+  // (parts = dq blocks, H, R*C) and, where the offset grid does not fit in shared
+  // memory, the warps' copies of it (blocks, H, 4, (2R-1) x (2C-1))
+  int bgroup, parts;
   float* dtable_part;
   float* dtable_warp;
 };
@@ -129,6 +130,16 @@ __device__ __forceinline__ void load_table(float* s, const RelposParams& p, int 
   }
 }
 
+// p[i] = x in the element kind (ElemKind) of p, rounded to nearest
+__device__ __forceinline__ void store_as(void* p, int kind, int64_t i, float x) {
+  if (kind == kFloat32)
+    static_cast<float*>(p)[i] = x;
+  else if (kind == kFloat16)
+    static_cast<half_t*>(p)[i] = Num<half_t>::from_float(x);
+  else
+    static_cast<bf16_t*>(p)[i] = Num<bf16_t>::from_float(x);
+}
+
 // bias coordinate of key j < Nk: row * (2C-1) + col (MIRROR), else row << 16 | col
 template <bool MIRROR>
 __device__ __forceinline__ int key_coord(int j, int C) {
@@ -187,13 +198,13 @@ constexpr size_t dkv_smem(int table_n) {
   return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + tile * 12 + size_t(table_n) * 4;
 }
 
-// shared memory of the dq kernel: tiles, coordinates, the warps' dS tiles, the table
+// shared memory of the dq kernel: tiles, coordinates, delta, the warps' dS tiles, the table
 // (mirror: mirrored, and the warps' four copies of its gradient)
 template <int DK, int DV>
 size_t dq_smem(int R, int C, bool mirror) {
   constexpr int tile = dq_tile<DK, DV>();
   const size_t tab = mirror ? size_t(5) * mirror_floats(R, C) : size_t(R) * C;
-  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + (2 * tile + kRows) * 4 + 4 * 16 * kDsLd * 4 + tab * 4;
+  return size_t(kRows + tile) * ((DK + 8) + (DV + 8)) * 2 + (2 * tile + 2 * kRows) * 4 + 4 * 16 * kDsLd * 4 + tab * 4;
 }
 
 // the dq kernel's grid over batch entries: bgroup entries per block, enough blocks
@@ -425,7 +436,13 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 // backward 1: delta, dq and the table gradient; grid (ceil(Nq / 64), H, groups of
 // p.bgroup batch entries), 128 threads. delta = rowsum(dout * out) of the block's
 // queries is written to p.delta for the dk/dv kernel, which runs after this one on
-// the same stream.
+// the same stream. VEC (as in the forward; every row of q, k, v, dout, out, dq, dk, dv
+// 16-byte vectorisable, checked by the launcher, for both backward kernels): 16-byte
+// copies with per-thread K / V pointers advanced a tile at a time, delta from 16-byte
+// pieces of out, dq staged in the warp's rows of sQ and stored 16 bytes at a time;
+// otherwise element-wise copies and stores. The key grid coordinates step a tile at a
+// time (no division); MIRROR: the bias is one add and one shared load (sKc holds the
+// negated byte offset).
 //
 // The table gradient, deterministic (no atomics): each warp writes its dS tile, 16
 // rows x 32 keys at a time, to shared memory and adds it row by row, a lane per
@@ -434,13 +451,16 @@ __global__ void __launch_bounds__(128) relpos_fwd_kernel(const RelposParams p) {
 // the lanes of a step never collide, and __syncwarp orders the steps. After the
 // block's batch entries the four copies are summed and folded over the signs of
 // (dr, dc) in a fixed order into the block's partial (p.dtable_part), which
-// relpos_dtable_fold_kernel sums over blocks in a fixed order. MIRROR: the copies
+// relpos_bwd_dkv_kernel sums over blocks in a fixed order. MIRROR: the copies
 // and the table (mirrored too: the bias is one shared load, as in the forward) in
 // shared memory; otherwise the copies live in the workspace (p.dtable_warp) and
 // the table as R*C floats.
 
-template <class T, int DK, int DV, bool MIRROR>
-__global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p) {
+// (128, 1): with the bound at 128 threads alone ptxas capped some instantiations at 96 /
+// 128 / 168 registers and spilled 4-40 B (sm_80 and sm_90a); with 1 block per SM as
+// the minimum it takes what it needs (A1's <bf16, 32, 64, true, true>: 182 registers).
+template <class T, int DK, int DV, bool MIRROR, bool VEC>
+__global__ void __launch_bounds__(128, 1) relpos_bwd_dq_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BN = dq_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
   VK_DYN_SMEM(smem);
@@ -448,10 +468,11 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
   T* sDO = sQ + kRows * LDK;
   T* sK = sDO + kRows * LDV;
   T* sV = sK + BN * LDK;
-  int* sKc = reinterpret_cast<int*>(sV + BN * LDV);  // bias coordinates of the tile's keys
-  int* sKm = sKc + BN;                                 // their offset-grid coordinates
+  int* sKc = reinterpret_cast<int*>(sV + BN * LDV);  // bias coordinates of the tile's keys (MIRROR: -4x)
+  int* sKm = sKc + BN;                                 // their offset-grid coordinates (not MIRROR)
   int* sQm = sKm + BN;                                 // offset-grid coordinates of the block's queries
-  float* sDS = reinterpret_cast<float*>(sQm + kRows);  // per warp: dS of 16 rows x 32 keys
+  float* sDelta = reinterpret_cast<float*>(sQm + kRows);  // delta of the block's queries
+  float* sDS = sDelta + kRows;                             // per warp: dS of 16 rows x 32 keys
   float* sTab = sDS + 4 * 16 * kDsLd;
   const int M = mirror_floats(p.R, p.C);
 
@@ -474,8 +495,18 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
     const int i = q0 + warp * 16 + g + 8 * r;
     qc[r] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
   }
+  // MIRROR: the bias of (row r, key) is at byte qb[r] + sKc[key] (sKc holds -4 kc)
+  const char* qb[2] = {reinterpret_cast<const char*>(sTab + qc[0]), reinterpret_cast<const char*>(sTab + qc[1])};
   const float sl2 = p.scale * kLog2e;
   const int b1 = imin((z + 1) * p.bgroup, p.B);
+
+  // VEC: this thread's first 16-byte piece of a K / V tile (row kr / vr, column kd / vd),
+  // of the block's Q / dO rows (qr / dr, qd / dd); the rows of a key tile at k0 it copies
+  // are those below klim - k0 / vlim - k0 (none where its column is past Dk / Dv)
+  const int kr = tid / (DK / 8), kd = (tid % (DK / 8)) * 8, vr = tid / (DV / 8), vd = (tid % (DV / 8)) * 8;
+  const int klim = kd < p.Dk ? p.Nk - kr : -(1 << 30), vlim = vd < p.Dv ? p.Nk - vr : -(1 << 30);
+  const int kstep_r = BN / p.C, kstep_c = BN % p.C;  // key grid step of a tile
+  const int kc_last = key_coord<MIRROR>(p.Nk - 1, p.C), km_last = key_coord<true>(p.Nk - 1, p.C);
 
   for (int b = z * p.bgroup; b < b1; ++b) {
     const int64_t bh = (int64_t)b * p.H + h;
@@ -486,41 +517,91 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
     const T* O = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[1];
 
     __syncthreads();  // every warp is done with the previous batch entry's tiles
-    load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
-    __syncthreads();  // sDO
-
-    float lse2[2], delta[2];  // a row past Nq: lse +inf, so that its p and dS are 0
+    float delta[2];   // of rows g, g + 8 of this warp
+    if constexpr (VEC) {
+      copy_rows_vec<T, kRows, DK, kThreads>(sQ + kr * LDK + kd, LDK, Q + (q0 + kr) * p.q_s[2] + kd, p.q_s[2],
+                                            kd < p.Dk ? p.Nq - q0 - kr : 0, tid);
+      // delta = rowsum(dout * out): this thread's 16-byte pieces of dout and out (rows vr,
+      // vr + kStep, ...), summed over the DV / 8 threads of a row (adjacent lanes)
+      constexpr int kStep = kThreads / (DV / 8), kPieces = kRows / kStep;
+      const int vleft = vd < p.Dv ? p.Nq - q0 - vr : 0;
+      const T* dOt = dO + (q0 + vr) * p.do_s[2] + vd;
+      const T* Ot = O + (q0 + vr) * p.o_s[2] + vd;
+#pragma unroll
+      for (int i = 0; i < kPieces; ++i) {
+        uint4 gd = make_uint4(0u, 0u, 0u, 0u), go = gd;
+        if (i * kStep < vleft) {
+          gd = *reinterpret_cast<const uint4*>(dOt + i * kStep * p.do_s[2]);
+          go = *reinterpret_cast<const uint4*>(Ot + i * kStep * p.o_s[2]);
+        }
+        *reinterpret_cast<uint4*>(sDO + (vr + i * kStep) * LDV + vd) = gd;
+        const T* a = reinterpret_cast<const T*>(&gd);
+        const T* c = reinterpret_cast<const T*>(&go);
+        float acc = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += Num<T>::to_float(a[e]) * Num<T>::to_float(c[e]);
+#pragma unroll
+        for (int m = 1; m < DV / 8; m <<= 1) acc += shfl_xor(acc, m);
+        if (vd == 0) sDelta[vr + i * kStep] = acc;
+      }
+      __syncthreads();  // sQ, sDO, sDelta
+#pragma unroll
+      for (int r = 0; r < 2; ++r) delta[r] = sDelta[warp * 16 + g + 8 * r];
+      if (tid < kRows && q0 + tid < p.Nq) p.delta[bh * p.Nq + q0 + tid] = sDelta[tid];
+    } else {
+      load_rows<T, kRows, DK, kThreads>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+      load_rows<T, kRows, DV, kThreads>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+      __syncthreads();  // sDO
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + g + 8 * r;
+        float acc = 0.f;  // this lane's columns t, t + 4, ... of the row
+        if (i < p.Nq) {
+          const T* dOs = sDO + (warp * 16 + g + 8 * r) * LDV;
+#pragma unroll
+          for (int j = 0; j < DV / 4; ++j) {
+            const int d = 4 * j + t;
+            if (d < p.Dv) acc += Num<T>::to_float(dOs[d]) * Num<T>::to_float(O[i * p.o_s[2] + d * p.o_s[3]]);
+          }
+        }
+        delta[r] = quad_sum(acc);
+        if (i < p.Nq && t == 0) p.delta[bh * p.Nq + i] = delta[r];
+      }
+    }
+    float lse2[2];  // a row past Nq: lse +inf, so that its p and dS are 0
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = q0 + warp * 16 + g + 8 * r;
       lse2[r] = i < p.Nq ? p.lse[bh * p.Nq + i] * kLog2e : INFINITY;
-      float acc = 0.f;  // this lane's columns t, t + 4, ... of the row
-      if (i < p.Nq) {
-        const T* dOs = sDO + (warp * 16 + g + 8 * r) * LDV;
-#pragma unroll
-        for (int j = 0; j < DV / 4; ++j) {
-          const int d = 4 * j + t;
-          if (d < p.Dv) acc += Num<T>::to_float(dOs[d]) * Num<T>::to_float(O[i * p.o_s[2] + d * p.o_s[3]]);
-        }
-      }
-      delta[r] = quad_sum(acc);
-      if (i < p.Nq && t == 0) p.delta[bh * p.Nq + i] = delta[r];
     }
 
     float dq[DK / 8][4];
 #pragma unroll
     for (int dt = 0; dt < DK / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
 
+    const T* Kt = K + kr * p.k_s[2] + kd;  // VEC: this thread's pieces of the key tile
+    const T* Vt = V + vr * p.v_s[2] + vd;
+    int kgr = tid / p.C, kgc = tid % p.C;  // key k0 + tid on the grid, stepped a tile at a time
     for (int k0 = 0; k0 < p.Nk; k0 += BN) {
       __syncthreads();
-      // the element-wise fallback inline: as a call it spilled (sm_80 and sm_90a, 12-40 B)
-      load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-      load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+      if constexpr (VEC) {
+        copy_rows_vec<T, BN, DK, kThreads>(sK + kr * LDK + kd, LDK, Kt, p.k_s[2], klim - k0, tid);
+        copy_rows_vec<T, BN, DV, kThreads>(sV + vr * LDV + vd, LDV, Vt, p.v_s[2], vlim - k0, tid);
+        Kt += BN * p.k_s[2];
+        Vt += BN * p.v_s[2];
+      } else {
+        // the element-wise fallback inline: as a call it spilled (sm_80 and sm_90a, 12-40 B)
+        load_rows_unrolled<T, BN, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+        load_rows_unrolled<T, BN, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+      }
       if (tid < BN) {  // keys past Nk: the last key's coordinates, masked below
-        const int j = imin(k0 + tid, p.Nk - 1);
-        sKc[tid] = key_coord<MIRROR>(j, p.C);
-        sKm[tid] = key_coord<true>(j, p.C);
+        const bool live = k0 + tid < p.Nk;
+        const int kc = live ? (MIRROR ? kgr * (2 * p.C - 1) + kgc : (kgr << 16) | kgc) : kc_last;
+        sKc[tid] = MIRROR ? -4 * kc : kc;
+        if constexpr (!MIRROR) sKm[tid] = live ? kgr * (2 * p.C - 1) + kgc : km_last;
+        kgr += kstep_r;
+        kgc += kstep_c;
+        if (kgc >= p.C) kgc -= p.C, ++kgr;
       }
       __syncthreads();
 
@@ -556,16 +637,20 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
 
       // p = exp(logits - lse); ds = p (dp - delta) into s
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt)
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        const int2 kc2 = *reinterpret_cast<const int2*>(sKc + nt * 8 + 2 * t);
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int kc = sKc[nt * 8 + 2 * t + e];
+          const int kc = e ? kc2.y : kc2.x;
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const float pr = exp2_ftz(s[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc[r], kc, p.C) - lse2[r]);
+            const float bias =
+                MIRROR ? *reinterpret_cast<const float*>(qb[r] + kc) : sTab[bias_index(qc[r], kc, p.C)];
+            const float pr = exp2_ftz(s[nt][2 * r + e] * sl2 + bias - lse2[r]);
             s[nt][2 * r + e] = pr * (dp[nt][2 * r + e] - delta[r]);
           }
         }
+      }
       if (k0 + BN > p.Nk) {  // the last tile: keys past Nk -> 0
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt)
@@ -585,7 +670,8 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
             *reinterpret_cast<float2*>(sD + (g + 8 * r) * kDsLd + nt * 8 + 2 * t) =
                 make_float2(s[4 * kh + nt][2 * r], s[4 * kh + nt][2 * r + 1]);
         __syncwarp();
-        float* gk = gw - sKm[32 * kh + lane];
+        float* gk = MIRROR ? reinterpret_cast<float*>(reinterpret_cast<char*>(gw) + sKc[32 * kh + lane])
+                           : gw - sKm[32 * kh + lane];
 #pragma unroll
         for (int row = 0; row < 16; ++row) {
           gk[sQm[warp * 16 + row]] += sD[row * kDsLd + lane];
@@ -609,16 +695,30 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
     }
 
     T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1];
+    if constexpr (VEC) {
+      // through this warp's own rows of sQ (only it reads them), 16 bytes at a time
+      __syncwarp();
+      T* sO = sQ + warp * 16 * LDK;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = q0 + warp * 16 + g + 8 * r;
-      if (i >= p.Nq) continue;
+      for (int dt = 0; dt < DK / 8; ++dt)
 #pragma unroll
-      for (int dt = 0; dt < DK / 8; ++dt) {
-        const int d = dt * 8 + 2 * t;
-        if (d < p.Dk)
-          store_pair(dQ + i * p.dq_s[2] + d * p.dq_s[3], p.dq_s[3], dq[dt][2 * r] * p.scale,
-                     dq[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * LDK + dt * 8 + 2 * t) =
+              Num<T>::pack(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
+      __syncwarp();
+      store_warp_rows_vec<T, DK>(dQ, p.dq_s[2], sQ, LDK, warp * 16, q0 + warp * 16, p.Nq, p.Dk, lane);
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + g + 8 * r;
+        if (i >= p.Nq) continue;
+#pragma unroll
+        for (int dt = 0; dt < DK / 8; ++dt) {
+          const int d = dt * 8 + 2 * t;
+          if (d < p.Dk)
+            store_pair(dQ + i * p.dq_s[2] + d * p.dq_s[3], p.dq_s[3], dq[dt][2 * r] * p.scale,
+                       dq[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
+        }
       }
     }
   }
@@ -644,33 +744,18 @@ __global__ void __launch_bounds__(128) relpos_bwd_dq_kernel(const RelposParams p
   }
 }
 
-// dtable[h, n] = the sum of the P partials (P, H, R*C) at (h, n), in a fixed order;
-// grid (ceil(R*C / 32), H), 256 threads: warp w sums partials w, w + 8, ..., then
-// warp 0 adds the eight sums in order.
-__global__ void __launch_bounds__(256) relpos_dtable_fold_kernel(const float* part, float* dtable, int P, int H,
-                                                                  int table_n) {
-  VK_DYN_SMEM(smem);
-  float* sums = reinterpret_cast<float*>(smem);  // [8][32]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, h = blockIdx.y;
-  const int n = blockIdx.x * 32 + lane;
-  float acc = 0.f;
-  if (n < table_n)
-    for (int pi = warp; pi < P; pi += 8) acc += part[((int64_t)pi * H + h) * table_n + n];
-  sums[warp * 32 + lane] = acc;
-  __syncthreads();
-  if (warp == 0 && n < table_n) {
-    float v = sums[lane];
-#pragma unroll
-    for (int w = 1; w < 8; ++w) v += sums[w * 32 + lane];
-    dtable[(int64_t)h * table_n + n] = v;
-  }
-}
-
 // ----------------------------------------------------------------------------
 // backward 2: dk and dv; grid (ceil(Nk / 64), H, B), 128 threads. MIRROR as in
-// the forward.
+// the forward, VEC as in the dq kernel (Q / dO pointers advanced a tile at a time, dk /
+// dv staged in the warp's rows of sK / sV); the query grid coordinates step a tile at a
+// time.
+//
+// Then the table gradient (the dq kernel, launched before on the same stream, has
+// written its partials): warp w of block blk takes the entries o = 4 blk + w,
+// o + 4 x blocks, ... of dtable (H x R*C); lane l sums the partials l, l + 32, ...
+// in order, a butterfly of shuffles sums the lanes, lane 0 stores: a fixed order.
 
-template <class T, int DK, int DV, bool MIRROR>
+template <class T, int DK, int DV, bool MIRROR, bool VEC>
 __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams p) {
   using namespace relpos_detail;
   constexpr int BQ = dkv_tile<DK, DV>(), LDK = DK + 8, LDV = DV + 8;
@@ -679,7 +764,7 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   T* sV = sK + kRows * LDK;
   T* sQ = sV + kRows * LDV;
   T* sDO = sQ + BQ * LDK;
-  int* sQc = reinterpret_cast<int*>(sDO + BQ * LDV);
+  int* sQc = reinterpret_cast<int*>(sDO + BQ * LDV);  // bias coordinates of the tile's queries (MIRROR: 4x)
   float* sLse = reinterpret_cast<float*>(sQc + BQ);
   float* sDelta = sLse + BQ;
   float* sTab = sDelta + BQ;
@@ -692,15 +777,34 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
   const T* V = static_cast<const T*>(p.v) + b * p.v_s[0] + h * p.v_s[1];
   const T* dO = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
 
+  // VEC: this thread's first 16-byte piece of a Q / dO tile (row qr / orow, column qd /
+  // od); the rows of the query tile at q0 it copies are those below qlim - q0 / olim - q0
+  const int qr = tid / (DK / 8), qd = (tid % (DK / 8)) * 8, orow = tid / (DV / 8), od = (tid % (DV / 8)) * 8;
+  const int qlim = qd < p.Dk ? p.Nq - qr : -(1 << 30), olim = od < p.Dv ? p.Nq - orow : -(1 << 30);
+
   load_table<MIRROR>(sTab, p, h, p.bias_scale * kLog2e, tid);
-  load_rows<T, kRows, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
-  load_rows<T, kRows, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+  if constexpr (VEC) {
+    copy_rows_vec<T, kRows, DK, kThreads>(sK + qr * LDK + qd, LDK, K + (k0 + qr) * p.k_s[2] + qd, p.k_s[2],
+                                          qd < p.Dk ? p.Nk - k0 - qr : 0, tid);
+    copy_rows_vec<T, kRows, DV, kThreads>(sV + orow * LDV + od, LDV, V + (k0 + orow) * p.v_s[2] + od, p.v_s[2],
+                                          od < p.Dv ? p.Nk - k0 - orow : 0, tid);
+  } else {
+    load_rows<T, kRows, DK, kThreads>(sK, LDK, K, p.k_s[2], p.k_s[3], k0, p.Nk, p.Dk, tid);
+    load_rows<T, kRows, DV, kThreads>(sV, LDV, V, p.v_s[2], p.v_s[3], k0, p.Nk, p.Dv, tid);
+  }
 
   // bias coordinates of this thread's key rows g, g + 8; a row past Nk takes the
   // last key's (its results only reach its own rows of dk and dv, never stored)
   int kc[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) kc[r] = key_coord<MIRROR>(imin(k0 + warp * 16 + g + 8 * r, p.Nk - 1), p.C);
+  // MIRROR: the bias of (key row r, query) is at byte kb[r] + sQc[query] (sQc holds 4 qc)
+  const char* kb[2] = {reinterpret_cast<const char*>(sTab - (MIRROR ? kc[0] : 0)),
+                       reinterpret_cast<const char*>(sTab - (MIRROR ? kc[1] : 0))};
+  // query q0 + tid on the query grid (row qgr, column qgc), stepped a tile at a time
+  const int qstep_r = BQ / p.Cq, qstep_c = BQ % p.Cq;
+  int qgr = tid / p.Cq, qgc = tid % p.Cq;
+  const int qc_first = query_coord<MIRROR>(0, p);
 
   const float sl2 = p.scale * kLog2e;
   float dk[DK / 8][4], dv[DV / 8][4];
@@ -709,15 +813,30 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 #pragma unroll
   for (int dt = 0; dt < DV / 8; ++dt) dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
 
+  const T* Qt = Q + qr * p.q_s[2] + qd;  // VEC: this thread's pieces of the query tile
+  const T* DOt = dO + orow * p.do_s[2] + od;
   for (int q0 = 0; q0 < p.Nq; q0 += BQ) {
     __syncthreads();
-    load_rows_unrolled<T, BQ, DK, kThreads, true>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
-    load_rows_unrolled<T, BQ, DV, kThreads, true>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    if constexpr (VEC) {
+      copy_rows_vec<T, BQ, DK, kThreads>(sQ + qr * LDK + qd, LDK, Qt, p.q_s[2], qlim - q0, tid);
+      copy_rows_vec<T, BQ, DV, kThreads>(sDO + orow * LDV + od, LDV, DOt, p.do_s[2], olim - q0, tid);
+      Qt += BQ * p.q_s[2];
+      DOt += BQ * p.do_s[2];
+    } else {
+      load_rows_unrolled<T, BQ, DK, kThreads, true>(sQ, LDK, Q, p.q_s[2], p.q_s[3], q0, p.Nq, p.Dk, tid);
+      load_rows_unrolled<T, BQ, DV, kThreads, true>(sDO, LDV, dO, p.do_s[2], p.do_s[3], q0, p.Nq, p.Dv, tid);
+    }
     if (tid < BQ) {  // queries past Nq: query 0's coordinate, masked below
       const int i = q0 + tid;
-      sQc[tid] = query_coord<MIRROR>(i < p.Nq ? i : 0, p);
+      const int qc = i < p.Nq ? (MIRROR ? (qgr * p.qs + p.R - 1) * (2 * p.C - 1) + qgc * p.qs + p.C - 1
+                                        : ((qgr * p.qs) << 16) | (qgc * p.qs))
+                              : qc_first;
+      sQc[tid] = MIRROR ? 4 * qc : qc;
       sLse[tid] = i < p.Nq ? p.lse[bh * p.Nq + i] * kLog2e : 0.f;
       sDelta[tid] = i < p.Nq ? p.delta[bh * p.Nq + i] : 0.f;
+      qgr += qstep_r;
+      qgc += qstep_c;
+      if (qgc >= p.Cq) qgc -= p.Cq, ++qgr;
     }
     __syncthreads();
 
@@ -754,18 +873,25 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
     // p^T = exp(logits^T - lse)
 #pragma unroll
-    for (int nt = 0; nt < BQ / 8; ++nt)
+    for (int nt = 0; nt < BQ / 8; ++nt) {
+      const int col = nt * 8 + 2 * t;
+      const int2 qc2 = *reinterpret_cast<const int2*>(sQc + col);
+      const float2 lse2 = *reinterpret_cast<const float2*>(sLse + col);
+      const float2 delta2 = *reinterpret_cast<const float2*>(sDelta + col);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = nt * 8 + 2 * t + e, qc = sQc[col];
-        const float lse2 = sLse[col], delta = sDelta[col];
+        const int qc = e ? qc2.y : qc2.x;
+        const float lse = e ? lse2.y : lse2.x, delta = e ? delta2.y : delta2.x;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const float pr = exp2_ftz(st[nt][2 * r + e] * sl2 + bias_at<MIRROR>(sTab, qc, kc[r], p.C) - lse2);
+          const float bias =
+              MIRROR ? *reinterpret_cast<const float*>(kb[r] + qc) : sTab[bias_index(qc, kc[r], p.C)];
+          const float pr = exp2_ftz(st[nt][2 * r + e] * sl2 + bias - lse);
           st[nt][2 * r + e] = pr;
           dpt[nt][2 * r + e] = pr * (dpt[nt][2 * r + e] - delta);  // ds^T
         }
       }
+    }
     if (q0 + BQ > p.Nq) {  // the last tile: queries past Nq -> 0
 #pragma unroll
       for (int nt = 0; nt < BQ / 8; ++nt)
@@ -799,23 +925,63 @@ __global__ void __launch_bounds__(128) relpos_bwd_dkv_kernel(const RelposParams 
 
   T* dK = static_cast<T*>(p.dk) + b * p.dk_s[0] + h * p.dk_s[1];
   T* dV = static_cast<T*>(p.dv) + b * p.dv_s[0] + h * p.dv_s[1];
+  if constexpr (VEC) {
+    // through this warp's own rows of sK and sV (only it reads them), 16 bytes at a time
+    __syncwarp();
+    T* sKw = sK + warp * 16 * LDK;
+    T* sVw = sV + warp * 16 * LDV;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = k0 + warp * 16 + g + 8 * r;
-    if (j >= p.Nk) continue;
+    for (int r = 0; r < 2; ++r) {
 #pragma unroll
-    for (int dt = 0; dt < DK / 8; ++dt) {
-      const int d = dt * 8 + 2 * t;
-      if (d < p.Dk)
-        store_pair(dK + j * p.dk_s[2] + d * p.dk_s[3], p.dk_s[3], dk[dt][2 * r] * p.scale,
-                   dk[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
+      for (int dt = 0; dt < DK / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(sKw + (g + 8 * r) * LDK + dt * 8 + 2 * t) =
+            Num<T>::pack(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
+#pragma unroll
+      for (int dt = 0; dt < DV / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(sVw + (g + 8 * r) * LDV + dt * 8 + 2 * t) =
+            Num<T>::pack(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }
+    __syncwarp();
+    store_warp_rows_vec<T, DK>(dK, p.dk_s[2], sK, LDK, warp * 16, k0 + warp * 16, p.Nk, p.Dk, lane);
+    store_warp_rows_vec<T, DV>(dV, p.dv_s[2], sV, LDV, warp * 16, k0 + warp * 16, p.Nk, p.Dv, lane);
+  } else {
 #pragma unroll
-    for (int dt = 0; dt < DV / 8; ++dt) {
-      const int d = dt * 8 + 2 * t;
-      if (d < p.Dv)
-        store_pair(dV + j * p.dv_s[2] + d * p.dv_s[3], p.dv_s[3], dv[dt][2 * r], dv[dt][2 * r + 1], d + 1 < p.Dv);
+    for (int r = 0; r < 2; ++r) {
+      const int j = k0 + warp * 16 + g + 8 * r;
+      if (j >= p.Nk) continue;
+#pragma unroll
+      for (int dt = 0; dt < DK / 8; ++dt) {
+        const int d = dt * 8 + 2 * t;
+        if (d < p.Dk)
+          store_pair(dK + j * p.dk_s[2] + d * p.dk_s[3], p.dk_s[3], dk[dt][2 * r] * p.scale,
+                     dk[dt][2 * r + 1] * p.scale, d + 1 < p.Dk);
+      }
+#pragma unroll
+      for (int dt = 0; dt < DV / 8; ++dt) {
+        const int d = dt * 8 + 2 * t;
+        if (d < p.Dv)
+          store_pair(dV + j * p.dv_s[2] + d * p.dv_s[3], p.dv_s[3], dv[dt][2 * r], dv[dt][2 * r + 1], d + 1 < p.Dv);
+      }
     }
+  }
+
+  // the table gradient: the sum of the dq blocks' partials, an entry a warp
+  const int table_n = p.R * p.C, entries = p.H * table_n;
+  const int64_t pstride = int64_t(p.H) * table_n;  // between partials
+  const int64_t warps = int64_t(4) * gridDim.x * gridDim.y * gridDim.z;
+#pragma unroll 1
+  for (int64_t o = 4 * ((int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) + warp; o < entries;
+       o += warps) {
+    const float* src = p.dtable_part + o;  // partial 0's entry (h, n) at h * table_n + n = o
+    float acc = 0.f;
+#pragma unroll 1
+    for (int pi = lane; pi < p.parts; pi += 32) acc += src[pi * pstride];
+    acc += shfl_xor(acc, 16);  // a fixed butterfly: lane 0's sum, the same every run
+    acc += shfl_xor(acc, 8);
+    acc += shfl_xor(acc, 4);
+    acc += shfl_xor(acc, 2);
+    acc += shfl_xor(acc, 1);
+    if (lane == 0) store_as(p.dtable, p.t_kind, o, acc);
   }
 }
 
@@ -875,21 +1041,32 @@ cudaError_t relpos_bwd_launch(const RelposParams& p0, cudaStream_t stream) {
   const int qblocks = ceil_div(p.Nq, kRows);
   const DqGroups grp = dq_groups(p.B, qblocks * p.H);
   p.bgroup = grp.bgroup;
+  p.parts = qblocks * grp.groups;
   p.dtable_part = p.work;
   p.dtable_warp = p.work + size_t(qblocks) * grp.groups * p.H * p.R * p.C;
   const bool dq_mirror = dq_mirror_fits(p.R, p.C), mirror = mirror_fits(p.R, p.C);
-  auto dq = dq_mirror ? relpos_bwd_dq_kernel<T, DK, DV, true> : relpos_bwd_dq_kernel<T, DK, DV, false>;
-  auto dkv = mirror ? relpos_bwd_dkv_kernel<T, DK, DV, true> : relpos_bwd_dkv_kernel<T, DK, DV, false>;
+  // VEC: every row of q, k, v, dout, out, dq, dk, dv in 16-byte pieces (16-byte aligned per (b, h))
+  const auto rows16 = [](const void* g, const int64_t* st, int ncols) {
+    return rows_vectorizable(static_cast<const T*>(g), st[2], st[3], ncols) && st[0] % 8 == 0 && st[1] % 8 == 0;
+  };
+  const bool vec = rows16(p.q, p.q_s, p.Dk) && rows16(p.k, p.k_s, p.Dk) && rows16(p.v, p.v_s, p.Dv) &&
+                   rows16(p.dout, p.do_s, p.Dv) && rows16(p.out, p.o_s, p.Dv) && rows16(p.dq, p.dq_s, p.Dk) &&
+                   rows16(p.dk, p.dk_s, p.Dk) && rows16(p.dv, p.dv_s, p.Dv);
+  auto dq = dq_mirror ? (vec ? relpos_bwd_dq_kernel<T, DK, DV, true, true>
+                             : relpos_bwd_dq_kernel<T, DK, DV, true, false>)
+                      : (vec ? relpos_bwd_dq_kernel<T, DK, DV, false, true>
+                             : relpos_bwd_dq_kernel<T, DK, DV, false, false>);
+  auto dkv = mirror ? (vec ? relpos_bwd_dkv_kernel<T, DK, DV, true, true>
+                           : relpos_bwd_dkv_kernel<T, DK, DV, true, false>)
+                    : (vec ? relpos_bwd_dkv_kernel<T, DK, DV, false, true>
+                           : relpos_bwd_dkv_kernel<T, DK, DV, false, false>);
   const size_t smem_dq = dq_smem<DK, DV>(p.R, p.C, dq_mirror);
   const size_t smem_dkv = dkv_smem<DK, DV>(table_floats(p.R, p.C, mirror));
   if ((err = allow_smem(dq, smem_dq)) != cudaSuccess) return err;
   if ((err = allow_smem(dkv, smem_dkv)) != cudaSuccess) return err;
   launch(dq, dim3(qblocks, p.H, grp.groups), dim3(kThreads), smem_dq, stream, p);
   if ((err = last_error()) != cudaSuccess) return err;
-  launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);
-  if ((err = last_error()) != cudaSuccess) return err;
-  launch(relpos_dtable_fold_kernel, dim3(ceil_div(p.R * p.C, 32), p.H), dim3(256), 8 * 32 * sizeof(float), stream,
-         static_cast<const float*>(p.dtable_part), p.dtable, qblocks * grp.groups, p.H, p.R * p.C);
+  launch(dkv, dim3(ceil_div(p.Nk, kRows), p.H, p.B), dim3(kThreads), smem_dkv, stream, p);  // and dtable
   return last_error();
 }
 
@@ -905,8 +1082,9 @@ cudaError_t relpos_fwd(const RelposParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-// Backward: p.delta (B*H*Nq floats) and p.work (relpos_bwd_workspace_floats(p)) are
-// workspaces; writes p.dq, p.dk, p.dv and every entry of p.dtable.
+// Backward, two launches: p.delta (B*H*Nq floats) and p.work
+// (relpos_bwd_workspace_floats(p)) are workspaces; writes p.dq, p.dk, p.dv and every
+// entry of p.dtable (in the table's element kind).
 template <class T>
 cudaError_t relpos_bwd(const RelposParams& p, cudaStream_t stream) {
   int DK = 0, DV = 0;

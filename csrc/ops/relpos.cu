@@ -138,9 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relpos_attention_bwd(
   at::Tensor dq = at::empty({s.B, s.H, s.Nq, s.Dk}, q.options());
   at::Tensor dk = at::empty({s.B, s.H, s.Nk, s.Dk}, q.options());
   at::Tensor dv = at::empty({s.B, s.H, s.Nk, s.Dv}, q.options());
-  at::Tensor dtable = at::empty({s.H, s.R * s.C}, q.options().dtype(at::kFloat));
-  if (s.B * s.H == 0 || s.Nq == 0)
-    return {dq.zero_(), dk.zero_(), dv.zero_(), dtable.zero_().to(table.scalar_type())};
+  at::Tensor dtable = at::empty({s.H, s.R * s.C}, q.options().dtype(table.scalar_type()));  // the kernels cast
+  if (s.B * s.H == 0 || s.Nq == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dtable.zero_()};
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor delta = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
@@ -157,14 +156,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relpos_attention_bwd(
   strides(p.dk_s, dk);
   p.dv = dv.data_ptr();
   strides(p.dv_s, dv);
-  p.dtable = dtable.data_ptr<float>();
-  at::Tensor work = at::empty({static_cast<int64_t>(vk::relpos_bwd_workspace_floats(p))}, dtable.options());
+  p.dtable = dtable.data_ptr();
+  at::Tensor work =
+      at::empty({static_cast<int64_t>(vk::relpos_bwd_workspace_floats(p))}, q.options().dtype(at::kFloat));
   p.work = work.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = q.scalar_type() == at::kHalf ? vk::relpos_bwd<vk::half_t>(p, stream)
                                                         : vk::relpos_bwd<vk::bf16_t>(p, stream);
   check_launch(err, "relpos_attention_bwd");
-  return {dq, dk, dv, dtable.to(table.scalar_type())};
+  return {dq, dk, dv, dtable};
 }
 
 }  // namespace vk_ops

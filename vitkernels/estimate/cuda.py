@@ -4,9 +4,8 @@ Launches come from the extension's own launch logic. ``csrc/emu/emu_kernels.cpp`
 (the host build the emulator tests use) is compiled once more with
 ``cuda_record.h`` force-included: every launch then records its grid, block
 and dynamic shared memory and the kernel it starts, and no kernel runs. The op
-layer of csrc/ops/*.cu adds a few torch operations around the kernels (relpos's
-backward casts its float32 table gradient; performer's backward
-zeroes dw when w takes no gradient): ``_TORCH_OPS`` lists them.
+layer of csrc/ops/*.cu adds a few torch operations around the kernels (performer's
+backward zeroes dw when w takes no gradient): ``_TORCH_OPS`` lists them.
 
 Machine code: ``csrc/kernels/all_kernels.cu`` compiled by nvcc for sm_90a with
 the flags the extension build uses (-O3 -lineinfo, torch's half/bfloat16
@@ -289,7 +288,7 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
     else:
         dout, delta = _empty(B, H, Nq, Dv, dtype=dtype), _empty(B, H, Nq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dtable = _empty(H, Nk)
+        dtable = _empty(H, Nk, dtype=dtype)  # in the table's dtype
         work = _empty(recorder().vk_emu_relpos_workspace(dims))
         launches = _record(lambda lib: lib.vk_emu_relpos_bwd(
             KIND[dtype], *common, _p(dout), _s(dout), _p(delta), _p(dq), _s(dq), _p(dk), _s(dk), _p(dv), _s(dv),
@@ -310,27 +309,25 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             la.bytes_read, la.bytes_written = _nbytes(q, k, v, table), _nbytes(out, lse)
         elif la.base == "vk::relpos_bwd_dq_kernel":
             # grid (query blocks, H, batch groups): each block walks B / groups entries;
-            # <..., true>: the table and the warps' four copies of its gradient over
-            # signed offsets in shared memory
-            mirrored, offsets = la.kernel.endswith("true>"), (2 * R - 1) ** 2
+            # <T, DK, DV, MIRROR, VEC>: MIRROR, the table and the warps' four copies of its
+            # gradient over signed offsets in shared memory
+            mirrored, offsets = la.kernel.removesuffix(">").split(", ")[3] == "true", (2 * R - 1) ** 2
             partials = _empty(la.grid[0] * la.grid[2], H, Nk)
             la.trips = {"i": offsets / 128 if mirrored else table_loop, "zi": 4 * offsets / 128,
                         "b": B / la.grid[2], "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64), "n": table_loop}  # fmt: skip
             la.bytes_read = _nbytes(q, k, v, table, dout, out, lse)  # delta from out and dout
             la.bytes_written = _nbytes(dq, delta, partials)
-        elif la.base == "vk::relpos_dtable_fold_kernel":
-            # 8 warps over the partials of 32 table entries
-            la.trips = {"pi": partials.shape[0] / 8}
-            la.bytes_read, la.bytes_written = _nbytes(partials), _nbytes(dtable)
         elif la.base == "vk::relpos_bwd_dkv_kernel":
-            mirrored = la.kernel.endswith("true>")
-            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop, "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64)}
-            la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta)
-            la.bytes_written = _nbytes(dk, dv)
+            # then the table gradient from the dq blocks' partials: an entry a warp
+            # (`for o`, round robin over the launch's warps), the partials 32 at a time
+            mirrored = la.kernel.removesuffix(">").split(", ")[3] == "true"  # <T, DK, DV, MIRROR, VEC>
+            la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop,
+                        "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64),
+                        "o": _cdiv(H * Nk, 4 * la.programs), "pi": _cdiv(partials.shape[0], 32)}  # fmt: skip
+            la.bytes_read = _nbytes(q, k, v, table, dout, lse, delta, partials)
+            la.bytes_written = _nbytes(dk, dv, dtable)
         la.trips.update(rows)
         events.append(la)
-    if direction != "fwd":
-        events.append(TorchEvent("_to_copy", _nbytes(dtable), _nbytes(table)))
     return events
 
 
