@@ -659,25 +659,9 @@ def test_patch_embed_emulated_matches_reference(emu, case):
     cls = torch.randn(P, D).to(dtype) if P else None
     pos_rows = {"all": P + L, "patch": L, None: 0}[pos]
     pe = torch.randn(pos_rows, D).to(dtype) if pos else None
-    out = _nan(B, P + L, D, dtype=dtype)
-
-    geo = (ctypes.c_int * 17)(
-        B, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, L, K, D, P, int(order == "pqc")
-    )
-    tensors = (b, inw, inb, ow, ob, pe, cls)
-    params = (ctypes.c_void_p * 7)(*(t.data_ptr() if t is not None else None for t in tensors))
-
-    def st0(t, d=0):
-        return t.stride(d) if t is not None else 0
-
-    pstr = (ctypes.c_int64 * 9)(
-        st0(b), st0(inw), st0(inb), st0(ow), st0(ob), st0(pe), st0(pe, 1), st0(cls), st0(cls, 1)
-    )
-    rc = emu.vk_emu_patch_embed_fwd(
-        KIND[dtype], _p(images), _s(images), geo, _p(weight), _s(weight), params, pstr, pos_rows,
-        int(in_norm), int(out_norm), _f(1e-5), _f(1e-6), _p(out),
-    )  # fmt: skip
-    assert rc == 0
+    args = (images, weight, b, inw, inb, ow, ob, pe, cls, (kh, kw), (sh, sw), (ph, pw), order, 1e-5, 1e-6,
+            in_norm, out_norm)  # fmt: skip
+    out = _emu_patch_embed(emu, args)
 
     def dbl(t):
         return t.double() if t is not None else None
@@ -745,15 +729,16 @@ def _emu_patch_embed(emu, args, saved=None) -> torch.Tensor:
     pstr = (ctypes.c_int64 * 9)(
         st0(b), st0(inw), st0(inb), st0(ow), st0(ob), st0(pe), st0(pe, 1), st0(cls), st0(cls, 1)
     )
-    ptrs, w_plain_s = None, 0
-    if saved is not None:
-        ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() if t.numel() else None for t in saved))
-        w_plain_s = saved[3].stride(0) if saved[3].numel() else 0
-    rc = emu.vk_emu_patch_embed_fwd_saving(
+    common = (
         KIND[images.dtype], _p(images), _s(images), geo, _p(weight), _s(weight), params, pstr,
         0 if pe is None else pe.shape[0], int(in_norm), int(out_norm), _f(in_eps), _f(out_eps), _p(out),
-        ptrs, ctypes.c_int64(w_plain_s),
     )  # fmt: skip
+    if saved is None:  # the extension's patch_embed_fwd entry
+        rc = emu.vk_emu_patch_embed_fwd(*common)
+    else:
+        ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() if t.numel() else None for t in saved))
+        w_plain_s = saved[3].stride(0) if saved[3].numel() else 0
+        rc = emu.vk_emu_patch_embed_fwd_saving(*common, ptrs, ctypes.c_int64(w_plain_s))
     assert rc == 0
     return out
 
