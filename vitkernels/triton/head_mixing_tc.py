@@ -328,12 +328,13 @@ def head_mixing_attention_fwd_tc(
     def mat(w):
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
 
-    (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
     def vec(x):
         return (q, 0) if x is None else (x, x.stride(0))
 
-    (pbp, pbs), (nwp, nws), (nbp, nbs) = vec(post_b), vec(norm_w if has_norm else None), vec(
-        norm_b if has_norm else None)
+    (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
+    if not has_norm:
+        norm_w = norm_b = None
+    (pbp, pbs), (nwp, nws), (nbp, nbs) = vec(post_b), vec(norm_w), vec(norm_b)
     hp = 8 if H <= 8 else 16
     # 5-8 heads: 32 query rows (estimate at CaiT-S-timm 143.5 -> 120.2 us, 128 -> 172
     # registers, sm_90a; 64 rows took 246 registers for 118.0 us); 9-16 heads: 16 (32
