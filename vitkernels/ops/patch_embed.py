@@ -167,13 +167,10 @@ def _(images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed,
     out = images.new_empty((B, P + Ho * Wo, weight.shape[0]))
     if not save:
         return (out, *_empty_saved(images))
-    from vitkernels.triton import patch_embed as tk
-
-    layout = tk.saved_layout(images, weight, kernel_size, stride, padding, patch_order, has_in_norm, has_out_norm)
-    return (out, *(
-        images.new_empty((0,)) if spec is None else images.new_empty_strided(spec[0], spec[1], dtype=spec[2])
-        for spec in layout
-    ))  # fmt: skip
+    return (out, *_saved_buffers((
+        images, weight, bias, in_weight, in_bias, out_weight, out_bias, pos_embed, cls_token,
+        kernel_size, stride, padding, patch_order, in_eps, out_eps, has_in_norm, has_out_norm,
+    )))  # fmt: skip
 
 
 @torch.library.custom_op("vitkernels::patch_embed_bwd", mutates_args=())
