@@ -273,6 +273,11 @@ def _load_rows_trips(env: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _mirrored(la: CudaLaunch) -> bool:
+    """A relpos backward kernel's MIRROR template argument (<T, DK, DV, MIRROR, VEC>)."""
+    return la.kernel.removesuffix(">").split(", ")[3] == "true"
+
+
 def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[CudaLaunch | TorchEvent]:
     H, Nq, Nk, Dk, Dv, R = s.heads, s.nq, s.nk, s.dk, s.dv, s.side
     cq = _cdiv(R, s.q_stride)
@@ -311,7 +316,7 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
             # grid (query blocks, H, batch groups): each block walks B / groups entries;
             # <T, DK, DV, MIRROR, VEC>: MIRROR, the table and the warps' four copies of its
             # gradient over signed offsets in shared memory
-            mirrored, offsets = la.kernel.removesuffix(">").split(", ")[3] == "true", (2 * R - 1) ** 2
+            mirrored, offsets = _mirrored(la), (2 * R - 1) ** 2
             partials = _empty(la.grid[0] * la.grid[2], H, Nk)
             la.trips = {"i": offsets / 128 if mirrored else table_loop, "zi": 4 * offsets / 128,
                         "b": B / la.grid[2], "k0": _cdiv(Nk, 32 if DK + DV > 160 else 64), "n": table_loop}  # fmt: skip
@@ -320,7 +325,7 @@ def _relpos(s: RelposShape, B: int, dtype: torch.dtype, direction: str) -> list[
         elif la.base == "vk::relpos_bwd_dkv_kernel":
             # then the table gradient from the dq blocks' partials: an entry a warp
             # (`for o`, round robin over the launch's warps), the partials 32 at a time
-            mirrored = la.kernel.removesuffix(">").split(", ")[3] == "true"  # <T, DK, DV, MIRROR, VEC>
+            mirrored = _mirrored(la)
             la.trips = {"i": (2 * R - 1) ** 2 / 128 if mirrored else table_loop,
                         "q0": _cdiv(Nq, 32 if DK + DV >= 96 else 64),
                         "o": _cdiv(H * Nk, 4 * la.programs), "pi": _cdiv(partials.shape[0], 32)}  # fmt: skip
