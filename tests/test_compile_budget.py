@@ -14,9 +14,10 @@ VITKERNELS_AOT_TRITON_PATHS (colon-separated folders holding another triton, e.g
 GPU machine runs a different triton than CI, and register allocation differs
 between them. The launches are also compiled with misaligned inputs (views one
 element into a buffer) for sm_90a, and float32's own tiles of patch_embed and relpos
-("float32", sm_90a and sm_80). Only sm_90a with the installed triton runs in
-the default suite; VITKERNELS_AOT_FULL=1 runs the whole matrix (CI does, as a step
-of its own). Floating-point fusion is Triton's default (on),
+("float32", sm_90a and sm_80). The default suite compiles only its share of the
+launches (the workloads' launches and one of every other kernel) for sm_90a with the
+installed triton; VITKERNELS_AOT_FULL=1 runs every launch through the whole matrix (CI
+does, as a step of its own). Floating-point fusion is Triton's default (on),
 as a user's launch has it.
 """
 
@@ -36,10 +37,12 @@ pytest.importorskip("triton")
 from vitkernels.triton._aot import compile_env  # noqa: E402
 
 TRITONS = ["installed"] + [p for p in os.environ.get("VITKERNELS_AOT_TRITON_PATHS", "").split(":") if p]
-# (triton, arch, variant). The suite compiles the launches for sm_90a with the installed
-# triton (a few minutes on 2 cores); VITKERNELS_AOT_FULL=1 adds sm_80, misaligned
-# inputs, float32's own tiles (patch_embed, relpos) and the other tritons (.ci/run runs that matrix as a step of its own, which
-# would take the suite past its time budget).
+# (triton, arch, variant). The suite compiles its share of the launches (_aot.suite_launches:
+# the workloads' launches and one of every other kernel, about half) for sm_90a with the
+# installed triton (a few minutes on 2 cores); VITKERNELS_AOT_FULL=1 compiles every launch
+# and adds sm_80, misaligned inputs, float32's own tiles (patch_embed, relpos) and the
+# other tritons (.ci/run runs that matrix as a step of its own, which would take the
+# suite past its time budget).
 FULL = os.environ.get("VITKERNELS_AOT_FULL", "") not in ("", "0")
 VARIANTS = [("installed", 90, "aligned")] + (
     [("installed", 80, "aligned"), ("installed", 90, "unaligned"), ("installed", 90, "float32"),
@@ -60,7 +63,7 @@ def reports(tmp_path_factory):
         for shard in range(shards):
             out = tmp / f"v{i}-{shard}.json"
             cmd = [sys.executable, "-m", "vitkernels.triton._aot", "--arch", str(arch), "--variant", variant,
-                   "--shard", f"{shard}/{shards}", "--json", str(out)]  # fmt: skip
+                   "--shard", f"{shard}/{shards}", "--json", str(out)] + ([] if FULL else ["--suite"])  # fmt: skip
             env = compile_env() if tri == "installed" else compile_env(tri, str(tmp / f"cache{i}"))
             procs.append((tri, arch, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
     merged = {}
@@ -94,6 +97,27 @@ def test_every_kernel_is_recorded():
     launched = {f"{rl.launch.kernel.fn.__module__}.{rl.launch.kernel.fn.__name__}" for rl in _recorded()}
     assert kernels, "found no kernels"
     assert kernels <= launched, f"kernels no recorded launch compiles: {sorted(kernels - launched)}"
+
+
+def test_the_suites_share_compiles_every_kernel_and_every_workload_launch():
+    """The suite compiles (without VITKERNELS_AOT_FULL) the workloads' launches and
+    at least one launch of every kernel; the rest (the other layer shapes) is CI's
+    compile matrix."""
+    from vitkernels.triton._aot import suite_launches
+    from vitkernels.workloads import WORKLOADS
+
+    def kernel(rl):
+        return f"{rl.launch.kernel.fn.__module__}.{rl.launch.kernel.fn.__name__}"
+
+    every = _recorded()
+    share = suite_launches(every)
+    assert {kernel(rl) for rl in share} == {kernel(rl) for rl in every}
+    names = {rl.name for rl in share}
+    for rl in every:
+        if any(c.split()[0] in WORKLOADS for c in rl.cases):
+            assert rl.name in names, rl.name
+    assert len(share) < len(every)  # the other layer shapes are left to the full matrix
+    assert [rl.name for rl in share] == [rl.name for rl in every if rl.name in names]  # recorded order
 
 
 def test_recorded_launches_cover_the_workloads():
@@ -266,6 +290,11 @@ def test_no_register_spills(reports):
     variants = {(tri, key.split("@")[1]) for tri, key in reports}
     expected = {(tri, f"sm_{a}" + ("" if v == "aligned" else f"/{v}")) for tri, a, v in VARIANTS}
     assert variants == expected
+    from vitkernels.triton._aot import suite_launches
+
+    want = _recorded() if FULL else suite_launches(_recorded())
+    assert {key.split("@")[0] for tri, key in reports if key.endswith("@sm_90") and tri == "installed"} == {
+        rl.name for rl in want}  # fmt: skip
 
 
 def test_no_dot_the_compiler_made(reports):

@@ -21,7 +21,7 @@ CI's compile matrix checks beside the suite's "aligned".
 
     python -m vitkernels.triton._aot --arch 90 [--variant unaligned|float32] [--json FILE]
 
-compiles every launch (run it with TRITON_INTERPRET unset: the interpreter
+compiles every launch (``--suite``: the test suite's share, ``suite_launches``; run it with TRITON_INTERPRET unset: the interpreter
 replaces @triton.jit functions with Python ones that cannot be compiled).
 """
 
@@ -177,6 +177,25 @@ def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[Recorded
                 names.add(name)
                 by_key[key] = RecordedLaunch(name, launch, [f"{case} {direction}"])
     return list(by_key.values())
+
+
+def suite_launches(launches: list[RecordedLaunch]) -> list[RecordedLaunch]:
+    """The test suite's share of ``launches``: those a workload of
+    ``vitkernels.workloads.WORKLOADS`` launches, and the first launch of every kernel
+    none of them launches (CI's compile matrix compiles them all)."""
+    from vitkernels.workloads import WORKLOADS
+
+    def kernel(rl: RecordedLaunch) -> str:
+        return f"{rl.launch.kernel.fn.__module__}.{rl.launch.kernel.fn.__name__}"
+
+    picked = [rl for rl in launches if any(c.split()[0] in WORKLOADS for c in rl.cases)]
+    covered = {kernel(rl) for rl in picked}
+    for rl in launches:
+        if kernel(rl) not in covered:
+            covered.add(kernel(rl))
+            picked.append(rl)
+    ids = {id(rl) for rl in picked}
+    return [rl for rl in launches if id(rl) in ids]
 
 
 # ----------------------------------------------------------------------------
@@ -336,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", help="compile only the launches whose name contains this (repeatable)"
     )
     parser.add_argument(
+        "--suite", action="store_true", help="only the test suite's share (suite_launches): the workloads' launches"
+    )
+    parser.add_argument(
         "--shard", default="0/1", help="I/N: compile every N-th launch from the I-th (N processes side by side)"
     )
     args = parser.parse_args(argv)
@@ -348,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, object]] = {}
     suffix = "" if args.variant == "aligned" else f"/{args.variant}"
     for arch in args.arch or [80, 90]:
-        launches = [
-            rl for rl in recorded_launches(args.variant, arch) if not args.only or any(o in rl.name for o in args.only)
-        ][shard::shards]
+        launches = recorded_launches(args.variant, arch)
+        if args.suite:
+            launches = suite_launches(launches)
+        launches = [rl for rl in launches if not args.only or any(o in rl.name for o in args.only)][shard::shards]
         for i, rl in enumerate(launches, 1):
             key = f"{rl.name}@sm_{arch}{suffix}"
             if args.list:
