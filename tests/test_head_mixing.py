@@ -926,6 +926,47 @@ def test_many_heads_reads_only_the_head_dim_of_unaligned_views(poisoned, monkeyp
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "gapped views")
 
 
+def _unaligned_k_v(B: int, H: int, N: int, dk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 k (B, H, N, dk) and v (B, H, N, dv) in two different unaligned layouts: k
+    a view of a (B, N, H, dk + 3) tensor (rows of dk + 3 elements), v a transposed view
+    of (B, H, dv, N) (its head dim strided by N)."""
+    k = torch.randn(B, N, H, dk + 3, dtype=torch.float16).transpose(1, 2)[..., 1 : dk + 1]
+    v = torch.randn(B, H, dv, N, dtype=torch.float16).transpose(2, 3)
+    return k, v
+
+
+def test_many_heads_pad_kv_copies_every_element(poisoned, monkeypatch):
+    """The launcher's one padding launch for k and v (``_pad_kv``): contiguous copies
+    whose columns past Dk / Dv are exactly zero, from k and v of different widths and
+    layouts; 2 x 6 (b, h) and 37 keys (two 32-row blocks, the second partial), into
+    NaN-filled buffers."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    k, v = _unaligned_k_v(2, 6, 37, 33, 20)
+    kp, vp = head_mixing_tc._pad_kv(k, v, 48, 32)
+    assert kp.is_contiguous() and vp.is_contiguous()
+    assert torch.equal(kp, torch.nn.functional.pad(k, (0, 15)))
+    assert torch.equal(vp, torch.nn.functional.pad(v, (0, 12)))
+    with pytest.raises(ValueError, match="padded widths 36, 32 for k and v of 33, 20 columns"):
+        head_mixing_tc._pad_kv(k, v, 36, 32)
+
+
+@pytest.mark.parametrize("kind", ["re-attention", "post"])
+def test_many_heads_forward_with_unaligned_k_and_v_of_different_widths(kind, poisoned, monkeypatch):
+    """k of 33 columns and v of 20, unaligned in different layouts (``_unaligned_k_v``):
+    both through the padded copies, the output at v's 20 columns."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    k, v = _unaligned_k_v(2, 7, 37, 33, 20)
+    q = torch.randn(2, 7, 18, 33, dtype=torch.float16)
+    params = _many_heads_params(7, kind)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert out.shape == (2, 7, 18, 20)
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"unaligned k, v {kind}")
+
+
 @pytest.mark.parametrize("norm", [False, True], ids=["talking heads", "with the head norm"])
 def test_many_heads_forward_saves_lse(norm, poisoned, monkeypatch):
     """The launcher's lse (B, H, Nq): log-sum-exp over the keys of each mixed head's

@@ -33,11 +33,10 @@ the only tile that compiled without spills at HP = 16 (4 warps and larger tiles 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import Launch, alloc, launch
+from vitkernels.triton._common import SHORT, Launch, alloc, launch
 from vitkernels.triton.head_mixing import _k_split, _tag, _width
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
@@ -166,6 +165,30 @@ def _head_norm_tc(r3, nw, nb, h_ok, eps, H: tl.constexpr):
 
 
 @triton.jit
+def _pad_kv_kernel(K, V, KP, VP, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, NK, H,
+                   DK: tl.constexpr, DV: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """k (B, H, NK, DK) and v (B, H, NK, DV), any strides, into contiguous copies KP
+    (B, H, NK, WK) and VP (B, H, NK, WV), columns DK.. / DV.. zero: BLOCK_R rows of one
+    (b, h) a program, read element by element, written as 16-byte vectors (WK, WV
+    multiples of 8)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh - b * H
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    r_ok = (rows < NK)[:, None]
+    dst = (bh.to(tl.int64) * NK + rows[:, None]) * WK + cols[None, :]
+    src = K + b.to(tl.int64) * s_kb + h * s_kh + rows[:, None] * s_kn + cols[None, :] * s_kd
+    x = tl.load(src, mask=r_ok & (cols < DK)[None, :], other=0.0)
+    tl.store(KP + dst, x, mask=r_ok & (cols < WK)[None, :])
+    dst = (bh.to(tl.int64) * NK + rows[:, None]) * WV + cols[None, :]
+    src = V + b.to(tl.int64) * s_vb + h * s_vh + rows[:, None] * s_vn + cols[None, :] * s_vd
+    x = tl.load(src, mask=r_ok & (cols < DV)[None, :], other=0.0)
+    tl.store(VP + dst, x, mask=r_ok & (cols < WV)[None, :])
+
+
+@triton.jit
 def _fwd_tc_kernel(
     Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -278,6 +301,29 @@ def _fwd_tc_kernel(
         tl.store(o_ptrs + cols_b[None, None, :], acc_b.to(dt), mask=qok[:, :, None] & (cols_b < DO)[None, None, :])
 
 
+PAD_ROWS = 32  # _pad_kv_kernel's rows a program
+
+
+def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k (B, H, NK, DK), v (B, H, NK, DV) as contiguous copies (B, H, NK, wk) and
+    (B, H, NK, wv), the columns past DK / DV zero (wk, wv multiples of 8: rows of whole
+    16-byte vectors), made in one launch."""
+    B, H, NK, DK = k.shape
+    DV = v.shape[3]
+    if wk % 8 or wv % 8 or wk < DK or wv < DV:
+        raise ValueError(f"head_mixing (tensor-core forward): padded widths {wk}, {wv} for k and v of {DK}, "
+                         f"{DV} columns; expected multiples of 8 at least as wide")  # fmt: skip
+    kp = _alloc((B, H, NK, wk), k.dtype, k.device)
+    vp = _alloc((B, H, NK, wv), v.dtype, v.device)
+    launch(Launch(
+        f"head_mixing_pad_kv[{SHORT[k.dtype]},H{H},Nk{NK},Dk{DK},Dv{DV}]", _pad_kv_kernel,
+        (B * H, triton.cdiv(NK, PAD_ROWS)), [k, v, kp, vp, *k.stride(), *v.stride(), NK, H],
+        dict(DK=DK, DV=DV, WK=wk, WV=wv, BLOCK_R=PAD_ROWS, BLOCK_C=triton.next_power_of_2(max(wk, wv))), 4, 1,
+        reads=(k, v), writes=(kp, vp),
+    ))  # fmt: skip
+    return kp, vp
+
+
 def head_mixing_attention_fwd_tc(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -318,12 +364,14 @@ def head_mixing_attention_fwd_tc(
         # bytes) are read element by element: with every key tile's loads, twice per
         # query block, M2's main loop took 761 instructions a tile, against 505 from
         # aligned rows of 48 (estimate, sm_90a: kernel 432 us unaligned, 280 padded;
-        # bench/NOTES.md, 2026-12-01, tcnorm). Zero-padded copies of k and v to the
-        # chunks' width (33 -> 32 + 16) cost two memory-bound torch ops (~26 us each at
-        # M2); q, read once per program, is read as it is (its columns < DQ)
-        k = F.pad(k, (0, ka + kb - DK))
-        v = F.pad(v, (0, va + vb - DV))
+        # bench/NOTES.md, 2026-12-01, tcnorm). k and v go through zero-padded contiguous
+        # copies of the chunks' width (33 -> 32 + 16), made by one memory-bound launch
+        # (~49 us at M2, estimate; two torch pads were ~26 us each; copies 40 wide took
+        # ~44 us but made the kernel's loop ~8 instructions a tile longer (the column
+        # mask): bench/NOTES.md, 2026-12-01, m2pad); q, read once per program, is read
+        # as it is (its columns < DQ)
         dk, dv = ka + kb, va + vb
+        k, v = _pad_kv(k, v, dk, dv)
 
     def mat(w):
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
