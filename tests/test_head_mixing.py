@@ -854,6 +854,8 @@ MANY_HEADS = {
     # 0 * rsqrt(0) = NaN unless zeroed; pre-mix too
     "H16 Nq17 Nk50 D64 pre re-attention eps0": ((1, 16, 17, 50, 64, 64), "pre re-attention eps0", "contiguous"),
     "H6 Nq20 Nk49 D33 norm weight only": ((1, 6, 20, 49, 33, 33), "post, norm weight only", "contiguous"),
+    # a whole last key block (Nk a multiple of 16: the peeled last block has no padded key)
+    "H9 Nq17 Nk48 D33 pre re-attention eps0": ((1, 9, 17, 48, 33, 33), "pre re-attention eps0", "vit-pytorch"),
     # LayerNorm(elementwise_affine=False) after the post-mix, float32 parameters (autocast)
     "H12 N17 D32 post-mix non-affine norm f32 params": ((2, 12, 17, 17, 32, 32), "post, plain norm, f32",
                                                          "contiguous"),

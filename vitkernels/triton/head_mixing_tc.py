@@ -165,6 +165,42 @@ def _head_norm_tc(r3, nw, nb, h_ok, eps, H: tl.constexpr):
 
 
 @triton.jit
+def _stats_step(lg, me, se):
+    """Pass 1's running statistics per element with one key block's logits lg."""
+    d = lg - me
+    e = tl.exp2(-tl.abs(d))
+    se = tl.where(d > 0, se * e + 1.0, se + e)
+    return tl.maximum(me, lg), se
+
+
+@triton.jit
+def _pv_step(lg, m_i, r_i, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw, nb, eps, acc_a, acc_b,
+             H: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr,
+             MASK_N: tl.constexpr):  # fmt: skip
+    """Pass 2 on one key block: p, the post-mix and the head norm, acc += p.v. With
+    MASK_N (the last block) a padded key's logit is -inf (so that p stays finite: its v
+    rows are zero, 0 * inf is NaN) and its normed p is zeroed (the norm's bias;
+    0 * rsqrt(eps = 0) is NaN); n_ok its key mask."""
+    p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
+    if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
+        p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BM, BN, True)
+    elif HAS_POST:
+        p = _mix_tc(p, wp, HP, BM, BN) + pb[:, None, None]
+    elif HAS_NORM:
+        p = _head_norm_tc(p, nw, nb, h_ok, eps, H)
+    if HAS_NORM and MASK_N:
+        p = tl.where(n_ok[None, None, :], p, 0.0)
+    va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+    p = p.to(va.dtype)
+    acc_a = tl.dot(p, va, acc_a)
+    if VB > 0:
+        vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+        acc_b = tl.dot(p, vb, acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _pad_kv_kernel(K, V, KP, VP, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, NK, H,
                    DK: tl.constexpr, DV: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
@@ -250,47 +286,49 @@ def _fwd_tc_kernel(
         pbc = tl.zeros((16,), tl.float32)
 
     num_kb = tl.cdiv(NK, BLOCK_N)
+    # the k / v tiles' mask in a whole key block (every key real): the heads only
+    kfull = tl.broadcast_to(h_ok[:, None], (HP, BLOCK_N))
     # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
-    # reduced over the key lanes after the loop. A padded key's logit is -1e30: its
-    # lane's maximum stays -1e30 unless a real key lands there, and adds nothing below
+    # reduced over the key lanes after the loop. The whole key blocks run without the
+    # key mask (the k tile masked by head only); the last block (peeled) sets a padded
+    # key's logit to -1e30: its lane's maximum stays -1e30 unless a real key lands
+    # there, and adds nothing below
     me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
     se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    for start_n in range(0, num_kb):
-        lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, start_n, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB,
-                                 HP, BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
-        d = lg - me
-        e = tl.exp2(-tl.abs(d))
-        se = tl.where(d > 0, se * e + 1.0, se + e)
-        me = tl.maximum(me, lg)
+    for start_n in range(0, num_kb - 1):
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
+                        BLOCK_N, HAS_PRE)  # fmt: skip
+        me, se = _stats_step(lg, me, se)
+    lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, num_kb - 1, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
+                             BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
+    me, se = _stats_step(lg, me, se)
     m_i = tl.max(me, 2)
     l_i = tl.sum(se * tl.exp2(me - m_i[:, :, None]), 2)
     r_i = 1.0 / l_i
     lse_ptrs = LSE + (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
     tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=qok)
 
-    # pass 2: p, the post-mix, p.v. A padded key's v rows are zero (masked loads), so r
-    # there needs no mask; its logit is -inf so that p stays finite (0 * inf is NaN)
+    # pass 2: p, the post-mix, p.v; the whole key blocks without the key mask, then the
+    # last with it, as a loop of one trip (straight-line code there took ~25 registers
+    # more: 247 at M2, and spills at 16 heads of 64, triton 3.9; bench/NOTES.md,
+    # 2026-12-01, m2pad)
     acc_a = tl.zeros((HP, BLOCK_M, VA), tl.float32)
     acc_b = tl.zeros((HP, BLOCK_M, VB if VB > 0 else 16), tl.float32)
-    for start_t in range(0, num_kb):
-        lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, start_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
+    for start_t in range(0, num_kb - 1):
+        offs_n = start_t * BLOCK_N + tl.arange(0, BLOCK_N)
+        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
+                        BLOCK_N, HAS_PRE)  # fmt: skip
+        # (no key mask: _pv_step's n_ok argument unused)
+        acc_a, acc_b = _pv_step(lg, m_i, r_i, offs_n, kfull, kfull, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
+                                nb, eps, acc_a, acc_b, H, HP, DV, VA, VB, BLOCK_M, BLOCK_N, HAS_POST, HAS_NORM,
+                                False)  # fmt: skip
+    for end_t in range(num_kb - 1, num_kb):
+        lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, end_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
                                            KA, KB, HP, BLOCK_M, BLOCK_N, HAS_PRE, True)  # fmt: skip
-        p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
-        if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
-            p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BLOCK_M, BLOCK_N, True)
-        elif HAS_POST:
-            p = _mix_tc(p, wp, HP, BLOCK_M, BLOCK_N) + pb[:, None, None]
-        elif HAS_NORM:
-            p = _head_norm_tc(p, nw, nb, h_ok, eps, H)
-        if HAS_NORM:
-            # a padded key's normed p is not 0 (the bias; 0 * rsqrt(eps = 0) is NaN): zeroed
-            p = tl.where(n_ok[None, None, :], p, 0.0)
-        p = p.to(dt)
-        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
-        acc_a = tl.dot(p, va, acc_a)
-        if VB > 0:
-            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
-            acc_b = tl.dot(p, vb, acc_b)
+        acc_a, acc_b = _pv_step(lg, m_i, r_i, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
+                                nb, eps, acc_a, acc_b, H, HP, DV, VA, VB, BLOCK_M, BLOCK_N, HAS_POST, HAS_NORM,
+                                True)  # fmt: skip
     # out (B, H, NQ, DO) contiguous (DO = DV but for v padded by the launcher)
     Ob = O + b.to(tl.int64) * H * NQ * DO
     cols_a = tl.arange(0, VA)
@@ -401,6 +439,6 @@ def head_mixing_attention_fwd_tc(
                       **flags)  # fmt: skip
     launch(Launch(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
-        reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb, "start_t": num_kb},
+        reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb - 1, "start_t": num_kb - 1, "end_t": 1},
     ))  # fmt: skip
     return out, lse
