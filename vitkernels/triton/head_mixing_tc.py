@@ -174,15 +174,16 @@ def _stats_step(lg, me, se):
 
 
 @triton.jit
-def _pv_step(lg, m_i, r_i, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw, nb, eps, acc_a, acc_b,
+def _pv_step(lg, lse2, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw, nb, eps, acc_a, acc_b,
              H: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr,
              MASK_N: tl.constexpr):  # fmt: skip
     """Pass 2 on one key block: p, the post-mix and the head norm, acc += p.v. With
     MASK_N (the last block) a padded key's logit is -inf (so that p stays finite: its v
     rows are zero, 0 * inf is NaN) and its normed p is zeroed (the norm's bias;
-    0 * rsqrt(eps = 0) is NaN); n_ok its key mask."""
-    p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
+    0 * rsqrt(eps = 0) is NaN); n_ok its key mask. lse2: the rows' log-sum-exp in log2
+    units (p = 2^(l - lse2): one FFMA and an exponential an element)."""
+    p = tl.exp2(lg - lse2[:, :, None])
     if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
         p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BM, BN, True)
     elif HAS_POST:
@@ -305,9 +306,9 @@ def _fwd_tc_kernel(
     me, se = _stats_step(lg, me, se)
     m_i = tl.max(me, 2)
     l_i = tl.sum(se * tl.exp2(me - m_i[:, :, None]), 2)
-    r_i = 1.0 / l_i
+    lse2 = m_i + tl.log2(l_i)
     lse_ptrs = LSE + (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
-    tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=qok)
+    tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=qok)
 
     # pass 2: p, the post-mix, p.v; the whole key blocks without the key mask, then the
     # last with it, as a loop of one trip (straight-line code there took ~25 registers
@@ -320,13 +321,13 @@ def _fwd_tc_kernel(
         lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
                         BLOCK_N, HAS_PRE)  # fmt: skip
         # (no key mask: _pv_step's n_ok argument unused)
-        acc_a, acc_b = _pv_step(lg, m_i, r_i, offs_n, kfull, kfull, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
+        acc_a, acc_b = _pv_step(lg, lse2, offs_n, kfull, kfull, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
                                 nb, eps, acc_a, acc_b, H, HP, DV, VA, VB, BLOCK_M, BLOCK_N, HAS_POST, HAS_NORM,
                                 False)  # fmt: skip
     for end_t in range(num_kb - 1, num_kb):
         lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, end_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
                                            KA, KB, HP, BLOCK_M, BLOCK_N, HAS_PRE, True)  # fmt: skip
-        acc_a, acc_b = _pv_step(lg, m_i, r_i, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
+        acc_a, acc_b = _pv_step(lg, lse2, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
                                 nb, eps, acc_a, acc_b, H, HP, DV, VA, VB, BLOCK_M, BLOCK_N, HAS_POST, HAS_NORM,
                                 True)  # fmt: skip
     # out (B, H, NQ, DO) contiguous (DO = DV but for v padded by the launcher)
