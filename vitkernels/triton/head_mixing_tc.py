@@ -13,9 +13,13 @@ or 16, per key block of BLOCK_N keys:
                                                                pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
             lanes once after the loop: the row statistics of every mixed head
-    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), n = LayerNorm over the heads
-            of r (re-attention: row sums of r^T, whose rows hold one (query, key)'s
-            heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv) += n @ v
+    pass 2: p = 2^(l - lse) (lse = m + log2 sum), r^T = p^T @ P^T (+ c), n = LayerNorm
+            over the heads of r (re-attention: row sums of r^T, whose rows hold one
+            (query, key)'s heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv)
+            += n @ v
+
+Both passes loop over the whole key blocks without the key mask and take the last
+block, with it, after the loop (bench/NOTES.md, 2026-12-01, m2pad).
 
 Math as ``head_mixing.py`` (its module docstring); the pre-mix bias is left out (softmax
 ignores it). The mixing's operands are the inputs' 16-bit type (logits and
@@ -24,7 +28,8 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
-vectors, DeepViT-S's heads of 33, are read from zero-padded copies), the head norm
+vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
+launch, ``_pad_kv``), the head norm
 optional; no backward (the call is refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
 the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
 32 B - 45 KB; bench/NOTES.md).
