@@ -854,6 +854,8 @@ MANY_HEADS = {
     # 0 * rsqrt(0) = NaN unless zeroed; pre-mix too
     "H16 Nq17 Nk50 D64 pre re-attention eps0": ((1, 16, 17, 50, 64, 64), "pre re-attention eps0", "contiguous"),
     "H6 Nq20 Nk49 D33 norm weight only": ((1, 6, 20, 49, 33, 33), "post, norm weight only", "contiguous"),
+    # a whole last key block (Nk a multiple of 16: the peeled last block has no padded key)
+    "H9 Nq17 Nk48 D33 pre re-attention eps0": ((1, 9, 17, 48, 33, 33), "pre re-attention eps0", "vit-pytorch"),
     # LayerNorm(elementwise_affine=False) after the post-mix, float32 parameters (autocast)
     "H12 N17 D32 post-mix non-affine norm f32 params": ((2, 12, 17, 17, 32, 32), "post, plain norm, f32",
                                                          "contiguous"),
@@ -924,6 +926,47 @@ def test_many_heads_reads_only_the_head_dim_of_unaligned_views(poisoned, monkeyp
     params = make_params(12, "re-attention", torch.float16)
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "gapped views")
+
+
+def _unaligned_k_v(B: int, H: int, N: int, dk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 k (B, H, N, dk) and v (B, H, N, dv) in two different unaligned layouts: k
+    a view of a (B, N, H, dk + 3) tensor (rows of dk + 3 elements), v a transposed view
+    of (B, H, dv, N) (its head dim strided by N)."""
+    k = torch.randn(B, N, H, dk + 3, dtype=torch.float16).transpose(1, 2)[..., 1 : dk + 1]
+    v = torch.randn(B, H, dv, N, dtype=torch.float16).transpose(2, 3)
+    return k, v
+
+
+def test_many_heads_pad_kv_copies_every_element(poisoned, monkeypatch):
+    """The launcher's one padding launch for k and v (``_pad_kv``): contiguous copies
+    whose columns past Dk / Dv are exactly zero, from k and v of different widths and
+    layouts; 2 x 6 (b, h) and 37 keys (two 32-row blocks, the second partial), into
+    NaN-filled buffers."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    k, v = _unaligned_k_v(2, 6, 37, 33, 20)
+    kp, vp = head_mixing_tc._pad_kv(k, v, 48, 32)
+    assert kp.is_contiguous() and vp.is_contiguous()
+    assert torch.equal(kp, torch.nn.functional.pad(k, (0, 15)))
+    assert torch.equal(vp, torch.nn.functional.pad(v, (0, 12)))
+    with pytest.raises(ValueError, match="padded widths 36, 32 for k and v of 33, 20 columns"):
+        head_mixing_tc._pad_kv(k, v, 36, 32)
+
+
+@pytest.mark.parametrize("kind", ["re-attention", "post"])
+def test_many_heads_forward_with_unaligned_k_and_v_of_different_widths(kind, poisoned, monkeypatch):
+    """k of 33 columns and v of 20, unaligned in different layouts (``_unaligned_k_v``):
+    both through the padded copies, the output at v's 20 columns."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    k, v = _unaligned_k_v(2, 7, 37, 33, 20)
+    q = torch.randn(2, 7, 18, 33, dtype=torch.float16)
+    params = _many_heads_params(7, kind)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert out.shape == (2, 7, 18, 20)
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"unaligned k, v {kind}")
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["talking heads", "with the head norm"])

@@ -13,9 +13,13 @@ or 16, per key block of BLOCK_N keys:
                                                                pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
             lanes once after the loop: the row statistics of every mixed head
-    pass 2: p = exp(l - m) / sum, r^T = p^T @ P^T (+ c), n = LayerNorm over the heads
-            of r (re-attention: row sums of r^T, whose rows hold one (query, key)'s
-            heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv) += n @ v
+    pass 2: p = 2^(l - lse) (lse = m + log2 sum), r^T = p^T @ P^T (+ c), n = LayerNorm
+            over the heads of r (re-attention: row sums of r^T, whose rows hold one
+            (query, key)'s heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv)
+            += n @ v
+
+Both passes loop over the whole key blocks without the key mask and take the last
+block, with it, after the loop (bench/NOTES.md, 2026-12-01, m2pad).
 
 Math as ``head_mixing.py`` (its module docstring); the pre-mix bias is left out (softmax
 ignores it). The mixing's operands are the inputs' 16-bit type (logits and
@@ -24,7 +28,8 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
-vectors, DeepViT-S's heads of 33, are read from zero-padded copies), the head norm
+vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
+launch, ``_pad_kv``), the head norm
 optional; no backward (the call is refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
 the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
 32 B - 45 KB; bench/NOTES.md).
@@ -33,11 +38,10 @@ the only tile that compiled without spills at HP = 16 (4 warps and larger tiles 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import Launch, alloc, launch
+from vitkernels.triton._common import SHORT, Launch, alloc, launch
 from vitkernels.triton.head_mixing import _k_split, _tag, _width
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
@@ -166,6 +170,67 @@ def _head_norm_tc(r3, nw, nb, h_ok, eps, H: tl.constexpr):
 
 
 @triton.jit
+def _stats_step(lg, me, se):
+    """Pass 1's running statistics per element with one key block's logits lg."""
+    d = lg - me
+    e = tl.exp2(-tl.abs(d))
+    se = tl.where(d > 0, se * e + 1.0, se + e)
+    return tl.maximum(me, lg), se
+
+
+@triton.jit
+def _pv_step(lg, lse2, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw, nb, eps, acc_a, acc_b,
+             H: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr,
+             MASK_N: tl.constexpr):  # fmt: skip
+    """Pass 2 on one key block: p, the post-mix and the head norm, acc += p.v. With
+    MASK_N (the last block) a padded key's logit is -inf (so that p stays finite: its v
+    rows are zero, 0 * inf is NaN) and its normed p is zeroed (the norm's bias;
+    0 * rsqrt(eps = 0) is NaN); n_ok its key mask. lse2: the rows' log-sum-exp in log2
+    units (p = 2^(l - lse2): one FFMA and an exponential an element)."""
+    p = tl.exp2(lg - lse2[:, :, None])
+    if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
+        p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BM, BN, True)
+    elif HAS_POST:
+        p = _mix_tc(p, wp, HP, BM, BN) + pb[:, None, None]
+    elif HAS_NORM:
+        p = _head_norm_tc(p, nw, nb, h_ok, eps, H)
+    if HAS_NORM and MASK_N:
+        p = tl.where(n_ok[None, None, :], p, 0.0)
+    va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+    p = p.to(va.dtype)
+    acc_a = tl.dot(p, va, acc_a)
+    if VB > 0:
+        vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+        acc_b = tl.dot(p, vb, acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _pad_kv_kernel(K, V, KP, VP, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, NK, H,
+                   DK: tl.constexpr, DV: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """k (B, H, NK, DK) and v (B, H, NK, DV), any strides, into contiguous copies KP
+    (B, H, NK, WK) and VP (B, H, NK, WV), columns DK.. / DV.. zero: BLOCK_R rows of one
+    (b, h) a program, read element by element, written as 16-byte vectors (WK, WV
+    multiples of 8)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh - b * H
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    r_ok = (rows < NK)[:, None]
+    dst = (bh.to(tl.int64) * NK + rows[:, None]) * WK + cols[None, :]
+    src = K + b.to(tl.int64) * s_kb + h * s_kh + rows[:, None] * s_kn + cols[None, :] * s_kd
+    x = tl.load(src, mask=r_ok & (cols < DK)[None, :], other=0.0)
+    tl.store(KP + dst, x, mask=r_ok & (cols < WK)[None, :])
+    dst = (bh.to(tl.int64) * NK + rows[:, None]) * WV + cols[None, :]
+    src = V + b.to(tl.int64) * s_vb + h * s_vh + rows[:, None] * s_vn + cols[None, :] * s_vd
+    x = tl.load(src, mask=r_ok & (cols < DV)[None, :], other=0.0)
+    tl.store(VP + dst, x, mask=r_ok & (cols < WV)[None, :])
+
+
+@triton.jit
 def _fwd_tc_kernel(
     Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -227,47 +292,49 @@ def _fwd_tc_kernel(
         pbc = tl.zeros((16,), tl.float32)
 
     num_kb = tl.cdiv(NK, BLOCK_N)
+    # the k / v tiles' mask in a whole key block (every key real): the heads only
+    kfull = tl.broadcast_to(h_ok[:, None], (HP, BLOCK_N))
     # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
-    # reduced over the key lanes after the loop. A padded key's logit is -1e30: its
-    # lane's maximum stays -1e30 unless a real key lands there, and adds nothing below
+    # reduced over the key lanes after the loop. The whole key blocks run without the
+    # key mask (the k tile masked by head only); the last block (peeled) sets a padded
+    # key's logit to -1e30: its lane's maximum stays -1e30 unless a real key lands
+    # there, and adds nothing below
     me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
     se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    for start_n in range(0, num_kb):
-        lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, start_n, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB,
-                                 HP, BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
-        d = lg - me
-        e = tl.exp2(-tl.abs(d))
-        se = tl.where(d > 0, se * e + 1.0, se + e)
-        me = tl.maximum(me, lg)
+    for start_n in range(0, num_kb - 1):
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
+                        BLOCK_N, HAS_PRE)  # fmt: skip
+        me, se = _stats_step(lg, me, se)
+    lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, num_kb - 1, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
+                             BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
+    me, se = _stats_step(lg, me, se)
     m_i = tl.max(me, 2)
     l_i = tl.sum(se * tl.exp2(me - m_i[:, :, None]), 2)
-    r_i = 1.0 / l_i
+    lse2 = m_i + tl.log2(l_i)
     lse_ptrs = LSE + (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
-    tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=qok)
+    tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=qok)
 
-    # pass 2: p, the post-mix, p.v. A padded key's v rows are zero (masked loads), so r
-    # there needs no mask; its logit is -inf so that p stays finite (0 * inf is NaN)
+    # pass 2: p, the post-mix, p.v; the whole key blocks without the key mask, then the
+    # last with it, as a loop of one trip (straight-line code there took ~25 registers
+    # more: 247 at M2, and spills at 16 heads of 64, triton 3.9; bench/NOTES.md,
+    # 2026-12-01, m2pad)
     acc_a = tl.zeros((HP, BLOCK_M, VA), tl.float32)
     acc_b = tl.zeros((HP, BLOCK_M, VB if VB > 0 else 16), tl.float32)
-    for start_t in range(0, num_kb):
-        lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, start_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
+    for start_t in range(0, num_kb - 1):
+        offs_n = start_t * BLOCK_N + tl.arange(0, BLOCK_N)
+        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
+                        BLOCK_N, HAS_PRE)  # fmt: skip
+        # (no key mask: _pv_step's n_ok argument unused)
+        acc_a, acc_b = _pv_step(lg, lse2, offs_n, kfull, kfull, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
+                                nb, eps, acc_a, acc_b, H, HP, DV, VA, VB, BLOCK_M, BLOCK_N, HAS_POST, HAS_NORM,
+                                False)  # fmt: skip
+    for end_t in range(num_kb - 1, num_kb):
+        lg, offs_n, n_ok, kok = _key_block(qa, qb, Kb, hs, h_ok, end_t, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK,
                                            KA, KB, HP, BLOCK_M, BLOCK_N, HAS_PRE, True)  # fmt: skip
-        p = tl.exp2(lg - m_i[:, :, None]) * r_i[:, :, None]
-        if HAS_POST and HAS_NORM:  # the norm on the post-mix's flattened tile
-            p = _mix_norm_tc(p, wp, pbc, nw, nb, eps, H, HP, BLOCK_M, BLOCK_N, True)
-        elif HAS_POST:
-            p = _mix_tc(p, wp, HP, BLOCK_M, BLOCK_N) + pb[:, None, None]
-        elif HAS_NORM:
-            p = _head_norm_tc(p, nw, nb, h_ok, eps, H)
-        if HAS_NORM:
-            # a padded key's normed p is not 0 (the bias; 0 * rsqrt(eps = 0) is NaN): zeroed
-            p = tl.where(n_ok[None, None, :], p, 0.0)
-        p = p.to(dt)
-        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
-        acc_a = tl.dot(p, va, acc_a)
-        if VB > 0:
-            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
-            acc_b = tl.dot(p, vb, acc_b)
+        acc_a, acc_b = _pv_step(lg, lse2, offs_n, n_ok, kok, Vb, hs, h_ok, s_vh, s_vn, s_vd, wp, pb, pbc, nw,
+                                nb, eps, acc_a, acc_b, H, HP, DV, VA, VB, BLOCK_M, BLOCK_N, HAS_POST, HAS_NORM,
+                                True)  # fmt: skip
     # out (B, H, NQ, DO) contiguous (DO = DV but for v padded by the launcher)
     Ob = O + b.to(tl.int64) * H * NQ * DO
     cols_a = tl.arange(0, VA)
@@ -276,6 +343,29 @@ def _fwd_tc_kernel(
     if VB > 0:
         cols_b = VA + tl.arange(0, VB)
         tl.store(o_ptrs + cols_b[None, None, :], acc_b.to(dt), mask=qok[:, :, None] & (cols_b < DO)[None, None, :])
+
+
+PAD_ROWS = 32  # _pad_kv_kernel's rows a program
+
+
+def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k (B, H, NK, DK), v (B, H, NK, DV) as contiguous copies (B, H, NK, wk) and
+    (B, H, NK, wv), the columns past DK / DV zero (wk, wv multiples of 8: rows of whole
+    16-byte vectors), made in one launch."""
+    B, H, NK, DK = k.shape
+    DV = v.shape[3]
+    if wk % 8 or wv % 8 or wk < DK or wv < DV:
+        raise ValueError(f"head_mixing (tensor-core forward): padded widths {wk}, {wv} for k and v of {DK}, "
+                         f"{DV} columns; expected multiples of 8 at least as wide")  # fmt: skip
+    kp = _alloc((B, H, NK, wk), k.dtype, k.device)
+    vp = _alloc((B, H, NK, wv), v.dtype, v.device)
+    launch(Launch(
+        f"head_mixing_pad_kv[{SHORT[k.dtype]},H{H},Nk{NK},Dk{DK},Dv{DV}]", _pad_kv_kernel,
+        (B * H, triton.cdiv(NK, PAD_ROWS)), [k, v, kp, vp, *k.stride(), *v.stride(), NK, H],
+        dict(DK=DK, DV=DV, WK=wk, WV=wv, BLOCK_R=PAD_ROWS, BLOCK_C=triton.next_power_of_2(max(wk, wv))), 4, 1,
+        reads=(k, v), writes=(kp, vp),
+    ))  # fmt: skip
+    return kp, vp
 
 
 def head_mixing_attention_fwd_tc(
@@ -318,12 +408,14 @@ def head_mixing_attention_fwd_tc(
         # bytes) are read element by element: with every key tile's loads, twice per
         # query block, M2's main loop took 761 instructions a tile, against 505 from
         # aligned rows of 48 (estimate, sm_90a: kernel 432 us unaligned, 280 padded;
-        # bench/NOTES.md, 2026-12-01, tcnorm). Zero-padded copies of k and v to the
-        # chunks' width (33 -> 32 + 16) cost two memory-bound torch ops (~26 us each at
-        # M2); q, read once per program, is read as it is (its columns < DQ)
-        k = F.pad(k, (0, ka + kb - DK))
-        v = F.pad(v, (0, va + vb - DV))
+        # bench/NOTES.md, 2026-12-01, tcnorm). k and v go through zero-padded contiguous
+        # copies of the chunks' width (33 -> 32 + 16), made by one memory-bound launch
+        # (~49 us at M2, estimate; two torch pads were ~26 us each; copies 40 wide took
+        # ~44 us but made the kernel's loop ~8 instructions a tile longer (the column
+        # mask): bench/NOTES.md, 2026-12-01, m2pad); q, read once per program, is read
+        # as it is (its columns < DQ)
         dk, dv = ka + kb, va + vb
+        k, v = _pad_kv(k, v, dk, dv)
 
     def mat(w):
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
@@ -353,6 +445,6 @@ def head_mixing_attention_fwd_tc(
                       **flags)  # fmt: skip
     launch(Launch(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
-        reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb, "start_t": num_kb},
+        reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb - 1, "start_t": num_kb - 1, "end_t": 1},
     ))  # fmt: skip
     return out, lse
