@@ -1431,8 +1431,10 @@ def head_mixing_attention_bwd(
     parameter gradients are None where the parameter is. See the module docstring."""
     B, H, NQ, DK = q.shape
     if H > _MAX_REG_HEADS:
-        raise ValueError(f"head_mixing: no backward kernel for H={H} heads (at most {_MAX_REG_HEADS}; "
-                         "5-16 heads have a forward only)")
+        from vitkernels.triton.head_mixing_tc import head_mixing_attention_bwd_tc
+
+        return head_mixing_attention_bwd_tc(grad_out, q, k, v, pre_w, post_w, post_b, norm_w, norm_b, lse, scale,
+                                            eps, has_norm)  # fmt: skip
     NK, DV = k.shape[2], v.shape[3]
     dev = q.device
     dq = _alloc((B, H, NQ, DK), q.dtype, dev)
