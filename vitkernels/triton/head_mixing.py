@@ -76,7 +76,7 @@ Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 every head, the mixing weights and the gradient accumulators live in registers;
 beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
 torch backend runs those, except that 5-16 heads (the head norm included, any row
-alignment) have a forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
+alignment) have a forward and a backward in ``head_mixing_tc.py`` (the head mixing on the tensor cores),
 which ``head_mixing_attention_fwd`` hands them to. The loads are vectorised through pointer hints
 (``_common.hint``) the launcher justifies (``_vector_width``), not through
 Triton's specialisation of integer arguments. Every launch goes through
@@ -1526,10 +1526,8 @@ def refusal(shape: HeadMixingShape) -> str | None:
 
 
 def directions(shape: HeadMixingShape) -> tuple[str, ...]:
-    """The directions the kernels run for this shape (5-16 heads: the forward only)."""
-    from vitkernels.ops.head_mixing import MAX_HEADS
-
-    return ("fwd",) if shape.heads > MAX_HEADS else ("fwd", "bwd")
+    """The directions the kernels run for this shape (both: 5-16 heads in head_mixing_tc.py)."""
+    return ("fwd", "bwd")
 
 
 def record_calls(
@@ -1545,7 +1543,7 @@ def record_calls(
     parameters in ``param_dtype`` (default: dtype; float32 under autocast)."""
     why = refusal(shape)
     if why is None and direction not in directions(shape):
-        why = f"no backward kernel for H={shape.heads} heads (5-16 heads have a forward only)"
+        why = f"no {direction!r} direction"
     if why is not None:
         raise ValueError(f"head_mixing: the kernels do not take {shape}: {why}")
     B, H, D, NQ, NK = batch, shape.heads, shape.head_dim, shape.nq, shape.nk

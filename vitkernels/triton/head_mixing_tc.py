@@ -1,4 +1,4 @@
-"""head_mixing_attention's forward for 5-16 heads, the head mixing on the tensor cores.
+"""head_mixing_attention's forward and backward for 5-16 heads, the head mixing on the tensor cores.
 
 The kernels of ``head_mixing.py`` keep every head of a 16-row tile in each thread's
 registers: beyond 4 heads they spill. Here the heads are the batch axis of 3-d
@@ -25,7 +25,7 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
 vectors, DeepViT-S's heads of 33, are read from zero-padded copies), the head norm
-optional; no backward (the call is refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
+optional; the backward below (``head_mixing_attention_bwd_tc``). One config: 16 query rows x 16 keys on 8 warps,
 the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
 32 B - 45 KB; bench/NOTES.md).
 """
@@ -371,7 +371,8 @@ def head_mixing_attention_fwd_tc(
 #   _bwd_kv_tc_kernel, a program per (b, 16 keys), tiles (HP, keys, queries): loop over
 #     the query blocks (lse and delta from memory): dv += n^T dO and the chain to ds,
 #     dk += ds^T q (DO_DK / DO_DV: both, or one of them per launch)
-#   head_mixing.py's _param_grad_kernel adds the partial sums in a fixed order.
+#   _param_grad_tc_kernel adds the partial sums in a fixed order (a program per block of
+#     64 columns).
 #
 # A padded position (a key >= Nk or a query >= Nq) has its mixed logit set to -inf
 # (p = 0 exactly: inf * 0 must not reach a neighbour pair through the flattened mix
@@ -706,6 +707,44 @@ def _bwd_kv_tc_kernel(
             tl.store(base + cols_b[None, None, :], dvb.to(dt), mask=kok[:, :, None] & (cols_b < DVO)[None, None, :])
 
 
+@triton.jit
+def _param_grad_tc_kernel(
+    PART, D_PRE, D_POST, D_POST_B, D_NORM_W, D_NORM_B, NROWS, NPART,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+):  # fmt: skip
+    """head_mixing.py's _param_grad_kernel over BLOCK_C of the columns a program (a
+    program per column block: at HP = 16 a row has 560 columns, which in one program
+    spilled 5.8 KB on sm_80): the partial sums PART (NROWS, NPART) float32, columns
+    [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each), dA (HP x HP, [g, h])], added row
+    block by row block in a fixed order (deterministic), written in the outputs' dtypes."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for start_r in range(0, NROWS, BLOCK_R):
+        rows = start_r + tl.arange(0, BLOCK_R)
+        mask = (rows < NROWS)[:, None] & (cols < NPART)[None, :]
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * NPART + cols[None, :], mask=mask, other=0.0)
+    tot = tl.sum(acc, 0)
+    hi = cols // HP
+    lo = cols % HP
+    in_range = (hi < H) & (lo < H)
+    if HAS_POST:
+        tl.store(D_POST + hi * H + lo, tot.to(D_POST.dtype.element_ty), mask=in_range & (cols < HP * HP))
+    vec = (cols - HP * HP) // HP  # 0: dc, 1: dw, 2: dbeta
+    in_vec = (cols >= HP * HP) & (cols < HP * HP + 3 * HP) & (lo < H)
+    if HAS_POST_B:
+        tl.store(D_POST_B + lo, tot.to(D_POST_B.dtype.element_ty), mask=in_vec & (vec == 0))
+    if HAS_NORM_W:
+        tl.store(D_NORM_W + lo, tot.to(D_NORM_W.dtype.element_ty), mask=in_vec & (vec == 1))
+    if HAS_NORM_B:
+        tl.store(D_NORM_B + lo, tot.to(D_NORM_B.dtype.element_ty), mask=in_vec & (vec == 2))
+    if HAS_PRE:
+        pre = cols - (HP * HP + 3 * HP)
+        tl.store(D_PRE + (pre // HP) * H + pre % HP, tot.to(D_PRE.dtype.element_ty),
+                 mask=(pre >= 0) & (pre < HP * HP) & (pre // HP < H) & (pre % HP < H))  # fmt: skip
+
+
 def head_mixing_attention_bwd_tc(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -725,8 +764,6 @@ def head_mixing_attention_bwd_tc(
     d_norm_b), ``head_mixing.py``'s launcher contract (dq, dk, dv contiguous in q.dtype;
     the parameter gradients in their dtypes, None where the parameter is). lse: the
     forward's (B, H, Nq) float32. Inputs as the forward's (any strides and alignment)."""
-    from vitkernels.triton.head_mixing import _param_grad_kernel, _pow2
-
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
     if not MIN_HEADS <= H <= MAX_HEADS:
@@ -792,7 +829,7 @@ def head_mixing_attention_bwd_tc(
         dict(consts, DQO=DK), NUM_WARPS, 1, reads=reads, writes=(dq, delta, part),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
-    for do_dk, do_dv in KV_SPLIT:
+    for do_dk, do_dv in _kv_split(hp):
         what = "dkdv" if do_dk and do_dv else "dk" if do_dk else "dv"
         launch(Launch(
             f"head_mixing_bwd_{what}_tc[{tag}]", _bwd_kv_tc_kernel, (num_kb * B,),
@@ -803,11 +840,11 @@ def head_mixing_attention_bwd_tc(
             loops={"start_m": num_qb},
         ))  # fmt: skip
     if any(g is not None for g in grads):
-        block_r = 64
+        block_r, block_c = _PARAM_BLOCK
         launch(Launch(
-            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_kernel, (1,),
+            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_tc_kernel, (triton.cdiv(npart, block_c),),
             [part, *(part if g is None else g for g in grads), part.shape[0], npart],
-            dict(H=H, HP=hp, BLOCK_R=block_r, BLOCK_C=_pow2(npart), HAS_PRE=flags["HAS_PRE"],
+            dict(H=H, HP=hp, BLOCK_R=block_r, BLOCK_C=block_c, HAS_PRE=flags["HAS_PRE"],
                  HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
                  HAS_NORM_W=flags["HAS_NORM_W"], HAS_NORM_B=flags["HAS_NORM_B"]),
             4, 1, reads=(part,), writes=tuple(g for g in grads if g is not None),
@@ -816,6 +853,11 @@ def head_mixing_attention_bwd_tc(
     return dq, dk, dv, *grads
 
 
-# dk and dv: one launch (True, True) or one each ((True, False), (False, True)); chosen
-# by the register budget (tests/test_compile_budget.py)
-KV_SPLIT = ((True, True),)
+_PARAM_BLOCK = (64, 64)  # _param_grad_tc_kernel's rows a step, columns a program (tests shrink it)
+
+
+def _kv_split(hp: int) -> tuple[tuple[bool, bool], ...]:
+    """dk and dv in one launch (True, True), or one each: at HP = 16 the launch of both
+    spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton 3.9: the accumulators of both and the
+    loop-invariant k and v tiles of 16 heads); at HP = 8 one launch fits (164 registers)."""
+    return ((True, True),) if hp == 8 else ((True, False), (False, True))
