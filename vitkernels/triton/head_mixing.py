@@ -76,8 +76,8 @@ Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 every head, the mixing weights and the gradient accumulators live in registers;
 beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
 torch backend runs those, except that 5-16 heads (the head norm included, any row
-alignment) have a forward and a backward in ``head_mixing_tc.py`` (the head mixing on the tensor cores),
-which ``head_mixing_attention_fwd`` hands them to. The loads are vectorised through pointer hints
+alignment) have a forward and a backward in ``head_mixing_tc.py`` (the head mixing on
+the tensor cores), which ``head_mixing_attention_fwd`` and ``_bwd`` hand them to. The loads are vectorised through pointer hints
 (``_common.hint``) the launcher justifies (``_vector_width``), not through
 Triton's specialisation of integer arguments. Every launch goes through
 ``_common.launch``, so the ahead-of-time compiles (``record_calls``, ``_aot.py``)

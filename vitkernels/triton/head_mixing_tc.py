@@ -25,9 +25,11 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
 vectors, DeepViT-S's heads of 33, are read from zero-padded copies), the head norm
-optional; the backward below (``head_mixing_attention_bwd_tc``). One config: 16 query rows x 16 keys on 8 warps,
-the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
-32 B - 45 KB; bench/NOTES.md).
+optional; the same for the backward (``head_mixing_attention_bwd_tc``, below: q, k, v
+and dO of rows that are not whole 16-byte vectors through zero-padded copies). One
+config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without spills
+at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
+backward's dk / dv kernel at HP = 16, dk and dv in two launches (``_kv_split``).
 """
 
 from __future__ import annotations
