@@ -1058,8 +1058,9 @@ def test_many_heads_parameter_gradients_are_deterministic(many_poisoned, monkeyp
 
 
 def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
-    """The 5-16-head forward through the custom op: opcheck (forward), and
-    torch.compile(fullgraph) / torch.export of a call without gradients."""
+    """The 5-16-head kernels through the custom ops: opcheck (forward and backward),
+    torch.compile(fullgraph) of a call with its backward, torch.export of a call
+    without gradients."""
     from vitkernels.triton import head_mixing_tc
 
     monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
@@ -1068,12 +1069,23 @@ def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
     pre_w, pre_b, post_w, post_b, *_ = ops._unpack(params["pre"], params["post"], None)
     args = (q, k, v, pre_w, pre_b, post_w, post_b, None, None, 0.25, 0.0, False, "triton")
     torch.library.opcheck(ops.head_mixing_attention_fwd, args)
+    out, lse = ops.head_mixing_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, pre_w, pre_b, post_w, post_b, None, None, lse, 0.25, 0.0, False,
+                "triton")  # fmt: skip
+    torch.library.opcheck(ops.head_mixing_attention_bwd, bwd_args)
 
     def f(q, k, v):
         return vitkernels.head_mixing_attention(q, k, v, scale=0.25, **params, backend="triton")
 
-    expected = ref64(q, k, v, params, scale=0.25)[0]
-    assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), expected, TOL[torch.float16])
+    expected, ref_qkv, _ = ref64(q, k, v, params, scale=0.25)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(qg, kg, vg)
+    assert_close(got, expected, TOL[torch.float16])
+    g = torch.randn_like(expected)
+    got.backward(g.half())
+    expected.backward(g)
+    for mine, want in zip((qg, kg, vg), ref_qkv, strict=True):
+        assert_close(mine.grad, want.grad, GRAD_TOL[torch.float16], floor=1.0)
 
     class M(torch.nn.Module):
         def forward(self, q, k, v):
