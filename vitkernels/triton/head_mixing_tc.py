@@ -407,46 +407,97 @@ def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.const
                HAS_NORM: tl.constexpr):  # fmt: skip
     """One tile's chain: s2 (HP, R, C) the scaled logits in log2 units (before the
     pre-mix), lse2 broadcastable to it (log2 units), dn = dO.v, ok (R, C) the valid
-    positions. Returns p, n, x^ (0 without the norm), dr, dp."""
+    positions. Returns p, n, x^ (0 without the norm), dr, dp; with the post-mix and the
+    norm (pb, nw, nb then per column of the flattened tile, ``_bwd_params``) the norm and
+    its backward run on the post-mix's flattened tile (rows of one pair's heads, two
+    pairs' at HP = 8: the head sums are row sums, as in ``_mix_norm_tc``), and x^, dr
+    come back flattened (float32) with p's flattened tile and dn's: (p, n, x^f, drf, dp,
+    pf, dnf); otherwise pf and dnf are p and dn."""
     if HAS_PRE:
         lg = _mix_tc(s2, wa, HP, R, C)
     else:
         lg = s2
     lg = tl.where(ok[None, :, :], lg, -float("inf"))
     p = tl.exp2(lg - lse2)
-    if HAS_POST:
-        r = _mix_tc(p, wp, HP, R, C) + pb[:, None, None]
+    if HAS_POST and HAS_NORM:
+        pf = _flat(p, wp.dtype, HP, R, C)
+        x = tl.dot(pf, wp) + pb[None, :]
+        a = tl.arange(0, 16)
+        valid = ((a % HP) < H)[None, :]
+        xc = tl.where(valid, x - _seg_mean(x, H, HP), 0.0)
+        rho = tl.rsqrt(_seg_mean(xc * xc, H, HP) + eps)
+        okf = tl.reshape(tl.permute(tl.broadcast_to(tl.where(ok, 1.0, 0.0)[None, :, :], (HP, R, C)), (1, 2, 0)),
+                         (R * C * HP // 16, 16))  # fmt: skip
+        rho = tl.where(okf > 0.5, rho, 0.0)
+        xhat = xc * rho
+        n = tl.permute(tl.reshape(xhat * nw[None, :] + nb[None, :], (R, C, HP)), (2, 0, 1))
+        dnf = tl.reshape(tl.permute(dn, (1, 2, 0)), (R * C * HP // 16, 16))
+        g = dnf * nw[None, :]
+        dr = tl.where(valid, rho * (g - _seg_mean(g, H, HP) - xhat * _seg_mean(g * xhat, H, HP)), 0.0)
+        dp = tl.permute(tl.reshape(tl.dot(dr.to(wpt.dtype), wpt), (R, C, HP)), (2, 0, 1))
     else:
-        r = p
-    if HAS_NORM:
-        valid = h_ok[:, None, None]
-        x = tl.where(valid, r, 0.0)
-        mean = tl.sum(x, 0) * (1.0 / H)
-        xc = tl.where(valid, x - mean[None, :, :], 0.0)
-        rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
-        rho = tl.where(ok, rho, 0.0)
-        xhat = xc * rho[None, :, :]
-        n = xhat * nw[:, None, None] + nb[:, None, None]
-        g = dn * nw[:, None, None]
-        mg = tl.sum(g, 0) * (1.0 / H)
-        mgx = tl.sum(g * xhat, 0) * (1.0 / H)
-        dr = tl.where(valid, rho[None, :, :] * (g - mg[None, :, :] - xhat * mgx[None, :, :]), 0.0)
+        if HAS_POST:
+            r = _mix_tc(p, wp, HP, R, C) + pb[:, None, None]
+        else:
+            r = p
+        if HAS_NORM:
+            valid = h_ok[:, None, None]
+            x = tl.where(valid, r, 0.0)
+            mean = tl.sum(x, 0) * (1.0 / H)
+            xc = tl.where(valid, x - mean[None, :, :], 0.0)
+            rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
+            rho = tl.where(ok, rho, 0.0)
+            xhat = xc * rho[None, :, :]
+            n = xhat * nw[:, None, None] + nb[:, None, None]
+            g = dn * nw[:, None, None]
+            mg = tl.sum(g, 0) * (1.0 / H)
+            mgx = tl.sum(g * xhat, 0) * (1.0 / H)
+            dr = tl.where(valid, rho[None, :, :] * (g - mg[None, :, :] - xhat * mgx[None, :, :]), 0.0)
+        else:
+            xhat = tl.zeros_like(p)
+            n = r
+            dr = dn
+        if HAS_POST:
+            dp = _mix_tc(dr, wpt, HP, R, C)
+        else:
+            dp = dr
+        pf = p
+        dnf = dn
+    return p, n, xhat, dr, dp, pf, dnf
+
+
+@triton.jit
+def _seg_mean(x, H: tl.constexpr, HP: tl.constexpr):
+    """The mean over each pair's heads of a flattened (rows, 16) tile: row means at
+    HP = 16, (rows, 1); at HP = 8 each half's, (rows, 16)."""
+    if HP == 16:
+        return (tl.sum(x, 1) * (1.0 / H))[:, None]
     else:
-        xhat = tl.zeros_like(p)
-        n = r
-        dr = dn
-    if HAS_POST:
-        dp = _mix_tc(dr, wpt, HP, R, C)
+        a = tl.arange(0, 16)
+        lo = (a < 8)[None, :]
+        s_lo = tl.sum(tl.where(lo, x, 0.0), 1)
+        s_hi = tl.sum(x, 1) - s_lo
+        return tl.where(lo, s_lo[:, None], s_hi[:, None]) * (1.0 / H)
+
+
+@triton.jit
+def _fold16(v, HP: tl.constexpr):
+    """(HP,) per-head sums from (16,) column sums of flattened tiles (HP = 8: columns
+    h and h + 8 hold head h)."""
+    if HP == 16:
+        return v
     else:
-        dp = dr
-    return p, n, xhat, dr, dp
+        return tl.sum(tl.reshape(v, (2, 8)), 0)
 
 
 @triton.jit
 def _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb, hs, h_ok,
                 H: tl.constexpr, HP: tl.constexpr, dt: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-                HAS_POST_B: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr):  # fmt: skip
-    """The mixing weights as _mix_tc operands (A, A^T, P, P^T) and pb, nw, nb (HP,) float32."""
+                HAS_POST_B: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+                FLAT_NORM: tl.constexpr):  # fmt: skip
+    """The mixing weights as _mix_tc operands (A, A^T, P, P^T) and pb, nw, nb float32:
+    (HP,) per head, or with FLAT_NORM (the post-mix and the head norm) (16,) per column
+    of the flattened tile."""
     if HAS_PRE:
         wa = _mix_weights(PRE_W, s_aw0, s_aw1, H, HP, dt)
         wat = _mix_weights(PRE_W, s_aw1, s_aw0, H, HP, dt)
@@ -459,18 +510,24 @@ def _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw
     else:
         wp = tl.zeros((16, 16), dt)
         wpt = wp
+    # with the post-mix and the norm (on the flattened tile): per column, head a % HP
+    if FLAT_NORM:
+        hn = tl.arange(0, 16) % HP
+    else:
+        hn = hs
+    hn_ok = hn < H
     if HAS_POST_B:
-        pb = tl.load(POST_B + hs * s_pb, mask=h_ok, other=0.0).to(tl.float32)
+        pb = tl.load(POST_B + hn * s_pb, mask=hn_ok, other=0.0).to(tl.float32)
     else:
-        pb = tl.zeros((HP,), tl.float32)
+        pb = tl.zeros(hn.shape, tl.float32)
     if HAS_NORM_W:
-        nw = tl.load(NORM_W + hs * s_nw, mask=h_ok, other=0.0).to(tl.float32)
+        nw = tl.load(NORM_W + hn * s_nw, mask=hn_ok, other=0.0).to(tl.float32)
     else:
-        nw = tl.where(h_ok, 1.0, 0.0)
+        nw = tl.where(hn_ok, 1.0, 0.0)
     if HAS_NORM_B:
-        nb = tl.load(NORM_B + hs * s_nb, mask=h_ok, other=0.0).to(tl.float32)
+        nb = tl.load(NORM_B + hn * s_nb, mask=hn_ok, other=0.0).to(tl.float32)
     else:
-        nb = tl.zeros((HP,), tl.float32)
+        nb = tl.zeros(hn.shape, tl.float32)
     return wa, wat, wp, wpt, pb, nw, nb
 
 
@@ -511,7 +568,7 @@ def _bwd_q_tc_kernel(
         db = da
     wa, wat, wp, wpt, pb, nw, nb = _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1,
                                                s_pb, s_nw, s_nb, hs, h_ok, H, HP, dt, HAS_PRE, HAS_POST,
-                                               HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
+                                               HAS_POST_B, HAS_NORM_W, HAS_NORM_B, HAS_POST and HAS_NORM)  # fmt: skip
     row = (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
     lse2 = tl.load(LSE + row, mask=qok, other=0.0) * 1.4426950408889634
     num_kb = tl.cdiv(NK, BLOCK_N)
@@ -522,6 +579,8 @@ def _bwd_q_tc_kernel(
     acc_c = tl.zeros((HP, BLOCK_M), tl.float32)
     acc_w = tl.zeros((HP, BLOCK_M), tl.float32)
     acc_b = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_c16 = tl.zeros((16,), tl.float32)
+    acc_w16 = tl.zeros((16,), tl.float32)
     for start_a in range(0, num_kb):
         offs_n = start_a * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
@@ -538,15 +597,22 @@ def _bwd_q_tc_kernel(
         if VB > 0:
             vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
             dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
-        p, n, xhat, dr, dp = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
                                         BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
         delta += tl.sum(p * dp, 2)
-        if HAS_POST:
-            acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N), acc_p)
-        if HAS_POST_B:
-            acc_c += tl.sum(dr, 2)
-        if HAS_NORM_W:
-            acc_w += tl.sum(dn * xhat, 2)
+        if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
+            acc_p = tl.dot(tl.trans(dr.to(dt)), pf, acc_p)
+            if HAS_POST_B:
+                acc_c16 += tl.sum(dr, 0)
+            if HAS_NORM_W:
+                acc_w16 += tl.sum(dnf * xhat, 0)
+        else:
+            if HAS_POST:
+                acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N), acc_p)
+            if HAS_POST_B:
+                acc_c += tl.sum(dr, 2)
+            if HAS_NORM_W:
+                acc_w += tl.sum(dn * xhat, 2)
         if HAS_NORM_B:
             acc_b += tl.sum(dn, 2)
     tl.store(DELTA + row, delta, mask=qok)
@@ -571,7 +637,7 @@ def _bwd_q_tc_kernel(
         if VB > 0:
             vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
             dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
-        p, n, xhat, dr, dp = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
                                         BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
         dl = p * (dp - delta[:, :, None])
         if HAS_PRE:
@@ -598,10 +664,16 @@ def _bwd_q_tc_kernel(
     mat = hs[:, None] * HP + hs[None, :]
     if HAS_POST:
         tl.store(Pr + mat, _fold(acc_p, HP))
-    if HAS_POST_B:
-        tl.store(Pr + HP * HP + hs, tl.sum(acc_c, 1))
-    if HAS_NORM_W:
-        tl.store(Pr + HP * HP + HP + hs, tl.sum(acc_w, 1))
+    if HAS_POST and HAS_NORM:
+        if HAS_POST_B:
+            tl.store(Pr + HP * HP + hs, _fold16(acc_c16, HP))
+        if HAS_NORM_W:
+            tl.store(Pr + HP * HP + HP + hs, _fold16(acc_w16, HP))
+    else:
+        if HAS_POST_B:
+            tl.store(Pr + HP * HP + hs, tl.sum(acc_c, 1))
+        if HAS_NORM_W:
+            tl.store(Pr + HP * HP + HP + hs, tl.sum(acc_w, 1))
     if HAS_NORM_B:
         tl.store(Pr + HP * HP + 2 * HP + hs, tl.sum(acc_b, 1))
     if HAS_PRE:
@@ -645,7 +717,7 @@ def _bwd_kv_tc_kernel(
         vb = va
     wa, wat, wp, wpt, pb, nw, nb = _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1,
                                                s_pb, s_nw, s_nb, hs, h_ok, H, HP, dt, HAS_PRE, HAS_POST,
-                                               HAS_POST_B, HAS_NORM_W, HAS_NORM_B)  # fmt: skip
+                                               HAS_POST_B, HAS_NORM_W, HAS_NORM_B, HAS_POST and HAS_NORM)  # fmt: skip
     dka = tl.zeros((HP, BLOCK_N, KA), tl.float32)
     dkb = tl.zeros((HP, BLOCK_N, KB if KB > 0 else 16), tl.float32)
     dva = tl.zeros((HP, BLOCK_N, VA), tl.float32)
@@ -673,7 +745,7 @@ def _bwd_kv_tc_kernel(
                 dn = tl.dot(vb, tl.permute(db, (0, 2, 1)), dn)
         if not DO_DK:
             dn = tl.zeros_like(s2)
-        p, n, xhat, dr, dp = _chain_bwd(s2, lse2[:, None, :], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, None, :], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
                                         BLOCK_N, BLOCK_M, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
         if DO_DV:
             n = n.to(dt)
