@@ -256,7 +256,7 @@ class TritonBackend(Backend):
         from vitkernels.triton import head_mixing as tk
 
         kw = inputs.kwargs
-        if kw["q"].shape[1] <= MAX_HEADS:  # the 5-16-head forward reads any alignment (masked loads)
+        if kw["q"].shape[1] <= MAX_HEADS:  # the 5-16-head kernels read any alignment (masked loads, padded copies)
             reasons += tk.supports(kw["q"], kw["k"], kw["v"])
         reasons += _many_heads_reasons(inputs)
         if kw["dropout_p"] > 0:
