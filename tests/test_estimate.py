@@ -299,15 +299,14 @@ def test_render_labels_estimates():
     assert textwrap.dedent(text) == text
 
 
-def test_forward_only_workloads_estimate_their_forward():
-    """5-16-head mixing (M2: DeepViT-S's 12 heads) has a Triton forward only: the
-    estimate records its forward and leaves the backward to the torch backend (a
-    note); the other workloads keep both passes."""
+def test_head_mixing_workloads_estimate_both_passes():
+    """5-16-head mixing (M2: DeepViT-S's 12 heads) has a Triton forward and backward
+    (head_mixing_tc.py): the estimate records both passes, as for the other workloads."""
     pytest.importorskip("triton")
     from vitkernels.estimate.run import PASSES, _triton_passes
     from vitkernels.workloads import WORKLOADS
 
-    assert _triton_passes(WORKLOADS["M2"], PASSES) == ("fwd",)
-    assert _triton_passes(WORKLOADS["M2"], ("bwd",)) == ()
+    assert _triton_passes(WORKLOADS["M2"], PASSES) == PASSES
+    assert _triton_passes(WORKLOADS["M2"], ("bwd",)) == ("bwd",)
     assert _triton_passes(WORKLOADS["M1"], PASSES) == PASSES
     assert _triton_passes(WORKLOADS["A1"], ("bwd",)) == ("bwd",)

@@ -750,8 +750,8 @@ def test_forced_triton_refuses_float64():
 def test_triton_limits_are_reasons():
     q, k, v = make((1, 12, 2, 2, 33, 33))  # DeepViT-S's heads (float32: refused by dtype only)
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
-    assert any("H=12: with more than 4 heads the kernels have a forward only" in r and "float16 and bfloat16" in r
-               for r in reasons), reasons
+    assert any("H=12: with more than 4 heads the kernels (the head mixing on tensor cores) take float16 and "
+               "bfloat16 inputs; q has dtype float32" in r for r in reasons), reasons
     assert not any("16-byte aligned" in r for r in reasons), reasons  # 5-16 heads: masked loads
     q, k, v = make((1, 4, 2, 2, 33, 33))  # 4 heads of 33: the register kernels need aligned rows
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
@@ -829,8 +829,8 @@ def test_bad_inputs_say_what_was_given_and_expected(change, exc, match):
 
 
 # ----------------------------------------------------------------------------
-# 5-16 heads: the tensor-core forward (vitkernels/triton/head_mixing_tc.py), float16 in
-# the interpreter; no backward (refused with the reason)
+# 5-16 heads: the tensor-core forward and backward (vitkernels/triton/head_mixing_tc.py),
+# float16 in the interpreter
 
 # id: (B, H, Nq, Nk, Dk, Dv), stages, view
 MANY_HEADS = {
@@ -952,6 +952,8 @@ def test_many_heads_pad_kv_copies_every_element(poisoned, monkeypatch):
     assert torch.equal(vp, torch.nn.functional.pad(v, (0, 12)))
     with pytest.raises(ValueError, match="padded widths 36, 32 for k and v of 33, 20 columns"):
         head_mixing_tc._pad_kv(k, v, 36, 32)
+    with pytest.raises(ValueError, match=r"shapes \(2, 6, 37, 33\) and \(2, 6, 36, 20\); expected the same"):
+        head_mixing_tc._pad_kv(k, v[:, :, :36], 48, 32)
 
 
 @pytest.mark.parametrize("kind", ["re-attention", "post"])
@@ -989,47 +991,121 @@ def test_many_heads_forward_saves_lse(norm, poisoned, monkeypatch):
 
 
 def test_many_heads_limits_are_reasons():
-    """Beyond 4 heads the kernels have a forward only, for 16-bit inputs (the head norm
-    included): each refusal names what was given; automatic dispatch then takes torch."""
+    """Beyond 4 heads the kernels (forward and backward) take 16-bit inputs only, the
+    head norm included, with or without gradients; each refusal names what was given."""
     q, k, v = make((1, 8, 17, 17, 32, 32), torch.float16)
     params = make_params(8, "vit-pytorch talking heads", torch.float16)
     assert ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, params)) == []
     qg = q.clone().requires_grad_()
-    reasons = ops.TritonBackend().not_supported_reasons(_inputs(qg, k, v, params))
-    assert reasons == ["H=8: with more than 4 heads the kernels have a forward only (the head mixing on tensor "
-                       "cores), no backward; q requires grad"], reasons
-    with pytest.raises(BackendNotSupportedError, match="no backward; q requires grad"):
-        vitkernels.head_mixing_attention(qg, k, v, **params, backend="triton")
-    with torch.no_grad():
-        assert ops.TritonBackend().not_supported_reasons(_inputs(qg, k, v, params)) == []
+    assert ops.TritonBackend().not_supported_reasons(_inputs(qg, k, v, params)) == []
     q32, k32, v32 = (t.float() for t in (q, k, v))
-    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q32, k32, v32, {}))
-    assert any("for float16 and bfloat16 inputs; q has dtype float32" in r for r in reasons), reasons
-    # re-attention (the head norm) at DeepViT-S's 12 heads of 33: taken without gradients,
-    # refused with the reason when one is needed (forced triton raises it)
+    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q32.requires_grad_(), k32, v32, {}))
+    assert reasons == ["H=8: with more than 4 heads the kernels (the head mixing on tensor cores) take float16 "
+                       "and bfloat16 inputs; q has dtype float32"], reasons
+    # re-attention at DeepViT-S's 12 heads of 33, a parameter requiring grad: taken
     q, k, v = make((1, 12, 3, 3, 33, 33), torch.float16, view="vit-pytorch")
     reattn = make_params(12, "re-attention", torch.float16)
-    assert ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, reattn)) == []
     w = reattn["post"][0].detach().requires_grad_()
-    reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, dict(reattn, post=(w, None))))
-    assert reasons == ["H=12: with more than 4 heads the kernels have a forward only (the head mixing on tensor "
-                       "cores), no backward; post weight requires grad"], reasons
-    with pytest.raises(BackendNotSupportedError, match="no backward; post weight requires grad"):
-        vitkernels.head_mixing_attention(q, k, v, **dict(reattn, post=(w, None)), backend="triton")
-    q, k, v = make((1, 8, 17, 17, 32, 32), torch.float16)
+    assert ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, dict(reattn, post=(w, None)))) == []
     q, k, v = make((1, 17, 2, 2, 32, 32), torch.float16)
     reasons = ops.TritonBackend().not_supported_reasons(_inputs(q, k, v, {}))
     assert any("H=17 is above the kernels' limit of 16" in r for r in reasons), reasons
     # the launchers refuse what dispatch refuses
-    q, k, v = make((1, 6, 3, 3, 16, 16), torch.float16)
-    with pytest.raises(ValueError, match="no backward kernel for H=6 heads"):
+    q, k, v = make((1, 6, 3, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"q.dtype=torch.float32; expected float16 or bfloat16"):
+        tk.head_mixing_attention_bwd(q, q, k, v, None, None, None, None, None, q[..., 0], 0.25, 1e-5, False)
+    q, k, v = make((1, 17, 3, 3, 16, 16), torch.float16)
+    with pytest.raises(ValueError, match="H=17 heads; expected 5 to 16"):
         tk.head_mixing_attention_bwd(q, q, k, v, None, None, None, None, None, q[..., 0].float(), 0.25, 1e-5,
                                      False)
 
 
+# id: (B, H, Nq, Nk, Dk, Dv), stages (_many_heads_params), view; small shapes (the
+# interpreter: seconds each), HP = 8 and 16, rectangular, padded keys and queries
+MANY_HEADS_GRADS = {
+    "H5 Nq17 Nk20 D32 timm": ((1, 5, 17, 20, 32, 32), "timm talking heads", "timm"),
+    "H8 Nq1 Nk17 D48 all": ((2, 8, 1, 17, 48, 48), "all", "contiguous"),
+    "H12 Nq20 Nk33 D33 re-attention": ((1, 12, 20, 33, 33, 33), "re-attention", "vit-pytorch"),
+    "H16 Nq17 Nk18 D32 pre re-attention eps0": ((1, 16, 17, 18, 32, 32), "pre re-attention eps0", "contiguous"),
+    "H6 Nq20 Nk17 D33 post, norm weight only": ((1, 6, 20, 17, 33, 33), "post, norm weight only", "contiguous"),
+    "H12 N17 D32 post-mix non-affine norm f32 params": ((1, 12, 17, 17, 32, 32), "post, plain norm, f32",
+                                                         "contiguous"),
+    "H7 Nq33 Nk1 Dk32 Dv48 norm": ((1, 7, 33, 1, 32, 48), "norm", "contiguous"),
+    "H9 N17 D64 plain": ((1, 9, 17, 17, 64, 64), "plain", "contiguous"),
+}
+
+
+@pytest.fixture
+def many_poisoned(poisoned, monkeypatch):
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)  # poisoned (NaN) buffers
+    return head_mixing_tc
+
+
+@pytest.mark.parametrize("case", list(MANY_HEADS_GRADS), ids=list(MANY_HEADS_GRADS))
+def test_many_heads_gradients_match_float64_reference(case, many_poisoned, monkeypatch):
+    """dq, dk, dv and every parameter's gradient of the 5-16-head backward against the
+    float64 reference; the backward launcher must be the one that runs."""
+    shape, kind, view = MANY_HEADS_GRADS[case]
+    q, k, v = make(shape, torch.float16, view=view)
+    params = _many_heads_params(shape[1], kind)
+    calls = []
+    launcher = many_poisoned.head_mixing_attention_bwd_tc
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return launcher(*args)
+
+    monkeypatch.setattr(many_poisoned, "head_mixing_attention_bwd_tc", spy)
+    qg = q.detach().requires_grad_()
+    assert ops.which_backend(qg, k, v, **params, backend="triton")[0] == "triton"
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"{case} {kind}")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["post", "re-attention"])
+def test_many_heads_very_negative_logits_give_finite_gradients_with_padded_keys(kind, many_poisoned):
+    """Every real logit near -300: a padded key (k = 0) would get p = 2**430 = inf
+    without the -inf mask, and inf * 0 NaN in delta, dq and (through the flattened
+    mix dots) the neighbouring real key's dk. 37 keys: 11 padded in the third block."""
+    q, k, v = make((1, 6, 20, 37, 32, 32))
+    q, k = (q * 0.1 + 10.0).half(), (-(k * 0.1 + 10.0)).half()
+    params = _many_heads_params(6, kind)
+    check_grads("triton", q, k, v.half(), params, GRAD_TOL[torch.float16], f"very negative logits {kind}")
+
+
+def test_many_heads_parameter_gradients_are_deterministic(many_poisoned, monkeypatch):
+    """The parameter gradients: per-program partial sums added in a fixed order, so
+    two runs agree bit for bit; with the reduction's blocks shrunk to 1 row x 16
+    columns (every row a loop step, a program per 16 columns) they still match the
+    float64 reference."""
+    monkeypatch.setattr(many_poisoned, "_PARAM_BLOCK", (1, 16))
+    q, k, v = make((1, 8, 33, 17, 32, 32), torch.float16)
+    params = _many_heads_params(8, "all")
+    leaves = _leaves(params)
+
+    def grads():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        ps = _map_params(params, lambda t: t.detach().requires_grad_())
+        out = vitkernels.head_mixing_attention(qq, kk, vv, **ps, backend="triton")
+        return torch.autograd.grad(out, [qq, kk, vv, *_leaves(ps)], gy)
+
+    gy = torch.randn(1, 8, 33, 32).half()
+    first, second = grads(), grads()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    expected, ref_qkv, p64 = ref64(q, k, v, params)
+    expected.backward(gy.double())
+    for a, r in zip(first[3:], _leaves(p64), strict=True):
+        assert_close(a, r.grad, GRAD_TOL[torch.float16], "parameter grads, small reduction blocks", floor=1.0)
+    assert len(first) == 3 + len(leaves) == 9  # pre, post (weights, biases), norm (weight, bias)
+
+
 def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
-    """The 5-16-head forward through the custom op: opcheck (forward), and
-    torch.compile(fullgraph) / torch.export of a call without gradients."""
+    """The 5-16-head kernels through the custom ops: opcheck (forward and backward),
+    torch.compile(fullgraph) of a call with its backward, torch.export of a call
+    without gradients."""
     from vitkernels.triton import head_mixing_tc
 
     monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
@@ -1038,12 +1114,23 @@ def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
     pre_w, pre_b, post_w, post_b, *_ = ops._unpack(params["pre"], params["post"], None)
     args = (q, k, v, pre_w, pre_b, post_w, post_b, None, None, 0.25, 0.0, False, "triton")
     torch.library.opcheck(ops.head_mixing_attention_fwd, args)
+    out, lse = ops.head_mixing_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, pre_w, pre_b, post_w, post_b, None, None, lse, 0.25, 0.0, False,
+                "triton")  # fmt: skip
+    torch.library.opcheck(ops.head_mixing_attention_bwd, bwd_args)
 
     def f(q, k, v):
         return vitkernels.head_mixing_attention(q, k, v, scale=0.25, **params, backend="triton")
 
-    expected = ref64(q, k, v, params, scale=0.25)[0]
-    assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), expected, TOL[torch.float16])
+    expected, ref_qkv, _ = ref64(q, k, v, params, scale=0.25)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(qg, kg, vg)
+    assert_close(got, expected, TOL[torch.float16])
+    g = torch.randn_like(expected)
+    got.backward(g.half())
+    expected.backward(g)
+    for mine, want in zip((qg, kg, vg), ref_qkv, strict=True):
+        assert_close(mine.grad, want.grad, GRAD_TOL[torch.float16], floor=1.0)
 
     class M(torch.nn.Module):
         def forward(self, q, k, v):

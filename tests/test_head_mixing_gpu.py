@@ -100,18 +100,17 @@ def test_cuda_tensors_go_to_triton_automatically():
     assert select(ops.BACKENDS, ops._inputs(q, k, v, **mix, dropout_p=0.1)).name == "torch"
 
 
-def test_deepvit_heads_go_to_triton_without_gradients():
-    """DeepViT-S's re-attention (12 heads of 33): the tensor-core forward under no_grad;
-    a call that needs gradients takes the torch backend, with the reason."""
+def test_deepvit_heads_go_to_triton_with_and_without_gradients():
+    """DeepViT-S's re-attention (12 heads of 33): the tensor-core kernels under no_grad
+    and when gradients are needed (head_mixing_tc.py's backward)."""
     q, k, v, params = make((2, 12, 197, 197, 33, "re-attention"), torch.bfloat16)
     assert select(ops.BACKENDS, ops._inputs(q, k, v, **params)).name == "triton"
     inputs = ops._inputs(q.requires_grad_(), k, v, **params)
-    assert select(ops.BACKENDS, inputs).name == "torch"
-    reasons = ops.TritonBackend().not_supported_reasons(inputs)
-    assert any("no backward; q requires grad" in r for r in reasons), reasons
+    assert select(ops.BACKENDS, inputs).name == "triton"
+    assert ops.TritonBackend().not_supported_reasons(inputs) == []
 
 
-# 5-16 heads: the tensor-core forward (head_mixing_tc.py), no backward
+# 5-16 heads: the tensor-core forward and backward (head_mixing_tc.py)
 MANY_HEADS = {
     "CaiT-M H16 N197 D48": (4, 16, 197, 197, 48, "vit-pytorch"),
     "CaiT-S timm H8 N197 D48": (4, 8, 197, 197, 48, "timm"),
@@ -134,6 +133,16 @@ def test_many_heads_forward_matches_float64(case, dtype):
     expected = reference.head_mixing_attention(*(t.double() for t in (q, k, v)), scale=q.shape[-1] ** -0.5, **p64)
     assert out.dtype == dt
     assert_close(out, expected, TOL[dt], f"{case} {dtype} out")
-    # a call that needs gradients goes to the torch backend
-    q.requires_grad_()
-    assert select(ops.BACKENDS, ops._inputs(q, k, v, **params)).name == "torch"
+    # a call that needs gradients: the tensor-core backward, against float64
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    params = with_leaves(params, lambda t: t.detach().requires_grad_())
+    assert select(ops.BACKENDS, ops._inputs(q, k, v, **params)).name == "triton"
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    p64 = with_leaves(params, lambda t: t.detach().double().requires_grad_())
+    expected = reference.head_mixing_attention(q64, k64, v64, scale=q.shape[-1] ** -0.5, **p64)
+    g = torch.randn_like(expected)
+    expected.backward(g)
+    grads = torch.autograd.grad(out, [q, k, v, *leaves_of(params)], g.to(dt))
+    for name, mine, r in zip(range(99), grads, [q64, k64, v64, *leaves_of(p64)], strict=False):
+        assert_close(mine, r.grad, GRAD_TOL[dt], f"{case} {dtype} grad {name}", floor=1.0)

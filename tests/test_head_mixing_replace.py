@@ -113,12 +113,12 @@ def test_triton_kernels_match_the_original_in_float32(kind):
 
 
 @pytest.mark.parametrize("kind", ["zoo:deepvit", "vit-pytorch:deepvit"])
-def test_deepvit_s_heads_take_the_tensor_core_forward_under_no_grad(kind, monkeypatch):
+def test_deepvit_s_heads_take_the_tensor_core_forward_and_backward(kind, monkeypatch):
     """DeepViT-S's re-attention (12 heads of 33: rows of 66 bytes) in float16 on the
     Triton kernels (the interpreter): under no_grad the fused layer launches the
     5-16-head forward with the head norm (head_mixing_tc) and matches the eager layer
-    in float64; with gradients a forced triton backend raises the reason."""
-    from vitkernels import BackendNotSupportedError
+    in float64; with gradients it runs the 5-16-head backward too, and the gradients
+    of the input and of the re-attention's parameters match eager's in float64."""
     from vitkernels.triton import head_mixing_tc
 
     source, family = kind.split(":")
@@ -145,8 +145,27 @@ def test_deepvit_s_heads_take_the_tensor_core_forward_under_no_grad(kind, monkey
     assert calls == [((2, 12, 19, 33), True)]
     assert got.dtype == torch.float16
     assert (got.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
-    with pytest.raises(BackendNotSupportedError, match="H=12: with more than 4 heads .* no backward"):
-        fused(x.half())
+    bwd_launcher = head_mixing_tc.head_mixing_attention_bwd_tc
+    bwd_calls = []
+
+    def bwd_spy(grad_out, q, *args):
+        bwd_calls.append(tuple(q.shape))
+        return bwd_launcher(grad_out, q, *args)
+
+    monkeypatch.setattr(head_mixing_tc, "head_mixing_attention_bwd_tc", bwd_spy)
+    eager64 = eager.double()
+    xh, x64 = x.half().requires_grad_(), x.double().requires_grad_()
+    gy = torch.randn(2, 19, 48)
+    fused(xh).backward(gy.half())
+    eager64(x64).backward(gy.double())
+    assert bwd_calls == [(2, 12, 19, 33)]
+    pairs = [("x", xh.grad, x64.grad)] + [
+        (n, p.grad, dict(eager64.named_parameters())[n].grad)
+        for n, p in fused.named_parameters() if p.grad is not None and n in dict(eager64.named_parameters())
+    ]  # fmt: skip
+    assert len(pairs) > 1, pairs
+    for name, g, r in pairs:
+        assert (g.double() - r).abs().max().item() <= 2e-2 * r.abs().max().item(), name
 
 
 @pytest.mark.parametrize("kind", KINDS)

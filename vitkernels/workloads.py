@@ -248,7 +248,7 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
     # re-attention in the register kernels (at most 4 heads; M2 takes the tensor-core forward)
     "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
-    # 5-16 heads: the tensor-core forward (head_mixing_tc.py; no backward): CaiT-M's
+    # 5-16 heads: the tensor-core forward and backward (head_mixing_tc.py): CaiT-M's
     # 16 heads (vit-pytorch layout) and CaiT-S's 8 in timm's (the post-mix bias)
     "CaiT-M": HeadMixingShape(16, 197, 197, 48, "vit-pytorch", True, True, False, False),
     "CaiT-S-timm": HeadMixingShape(8, 197, 197, 48, "timm", True, True, True, False),

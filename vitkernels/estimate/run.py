@@ -173,8 +173,8 @@ def _triton_refusal(workload: Any) -> str | None:
 
 
 def _triton_passes(workload: Any, passes: tuple[str, ...]) -> tuple[str, ...]:
-    """The passes of ``passes`` the Triton kernels run for this workload (5-16-head
-    mixing: the forward only; the torch backend runs the backward)."""
+    """The passes of ``passes`` the Triton kernels run for this workload (head mixing:
+    ``directions``, both at every head count the kernels take)."""
     from vitkernels.workloads import HeadMixingShape
 
     if isinstance(workload.shape, HeadMixingShape):
@@ -220,8 +220,8 @@ def estimate(
             own = _triton_passes(w, passes)
             for which in passes:
                 if which not in own:
-                    notes.append(f"{w.id} {which}: no Triton launch (the kernels have a forward only at "
-                                 f"{w.shape.heads} heads; the torch backend runs it)")
+                    notes.append(f"{w.id} {which}: no Triton launch (the kernels do not run this direction "
+                                 f"at {w.shape.heads} heads; the torch backend runs it)")
                     _say(notes[-1])
             extra = []
             if "fwd" in own and "bwd" in own and w.op in SAVING_FWD:

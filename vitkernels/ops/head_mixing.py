@@ -41,11 +41,11 @@ query block in one program, no (B, H, Nq, Nk) tensor in memory, gradients of q,
 k, v and every mixing and norm parameter, the latter summed deterministically;
 for H <= 4 heads of Dk, Dv <= 64 with 16-byte aligned rows, the shapes whose
 kernels fit a thread's registers: CaiT-XXS's 4 heads of 48; for 5-16 heads
-(MAX_FWD_HEADS) a forward only, the head mixing on the tensor cores, float16 /
-bfloat16, with or without the head norm, rows of any alignment (CaiT-S's 8 heads,
-CaiT-M's 16, DeepViT-S's 12 heads of 33 under no_grad: faster than the torch backend
-there by the compiler-based estimate, bench/NOTES.md 2026-12-01 tcmix, tcnorm); a
-call that needs gradients with more than 4 heads takes the torch backend),
+(MAX_FWD_HEADS) a forward and a backward, the head mixing on the tensor cores,
+float16 / bfloat16, with or without the head norm, rows of any alignment (CaiT-S's
+8 heads, CaiT-M's 16, DeepViT-S's 12 heads of 33: the forward faster than the torch
+backend there by the compiler-based estimate, bench/NOTES.md 2026-12-01 tcmix,
+tcnorm; the backward: tcbwd)),
 torch (batched matrix products on materialised attention maps; the automatic
 choice on CPU), reference (the literal einsum math). The triton backend runs
 through the custom ops ``vitkernels::head_mixing_attention_fwd`` / ``_bwd`` (fake
@@ -85,9 +85,9 @@ DROPOUT_SITES = ("probs", "mixed")
 # (tests/test_compile_budget.py checks the launches) and the torch backend runs.
 MAX_HEADS = 4
 MAX_HEAD_DIM = 64
-# 5-16 heads: a forward with the head mixing on the tensor cores
+# 5-16 heads: a forward and a backward with the head mixing on the tensor cores
 # (vitkernels/triton/head_mixing_tc.py): float16 / bfloat16, the head norm included, any
-# row alignment (DeepViT-S's heads of 33), no backward
+# row alignment (DeepViT-S's heads of 33)
 MAX_FWD_HEADS = 16
 
 
@@ -223,20 +223,16 @@ def _params(pre: Mix | None, post: Mix | None, head_norm: Norm | None) -> dict[s
 
 
 def _many_heads_reasons(inputs: Inputs) -> list[str]:
-    """Why the 5-16-head forward (head_mixing_tc.py) does not take these inputs."""
+    """Why the 5-16-head kernels (head_mixing_tc.py: forward and backward) do not take
+    these inputs."""
     kw = inputs.kwargs
     H = kw["q"].shape[1]
     if not MAX_HEADS < H <= MAX_FWD_HEADS:
         return []
-    reasons = []
-    what = f"H={H}: with more than {MAX_HEADS} heads the kernels have a forward only (the head mixing on tensor cores)"
     if kw["q"].dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"{what}, for float16 and bfloat16 inputs; q has dtype {_dtype(kw['q'])}")
-    if torch.is_grad_enabled():
-        needs = [n for n, t in inputs.tensors.items() if t is not None and t.requires_grad]
-        if needs:
-            reasons.append(f"{what}, no backward; {', '.join(needs)} require{'s' if len(needs) == 1 else ''} grad")
-    return reasons
+        return [f"H={H}: with more than {MAX_HEADS} heads the kernels (the head mixing on tensor cores) take "
+                f"float16 and bfloat16 inputs; q has dtype {_dtype(kw['q'])}"]
+    return []
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -260,7 +256,7 @@ class TritonBackend(Backend):
         from vitkernels.triton import head_mixing as tk
 
         kw = inputs.kwargs
-        if kw["q"].shape[1] <= MAX_HEADS:  # the 5-16-head forward reads any alignment (masked loads)
+        if kw["q"].shape[1] <= MAX_HEADS:  # the 5-16-head kernels read any alignment (masked loads, padded copies)
             reasons += tk.supports(kw["q"], kw["k"], kw["v"])
         reasons += _many_heads_reasons(inputs)
         if kw["dropout_p"] > 0:

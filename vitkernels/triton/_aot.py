@@ -160,7 +160,7 @@ def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[Recorded
         # recomputes after a forward that saved nothing (a caller passing none)
         extra = ("fwd_saving", "bwd_recompute") if isinstance(shape, PatchEmbedShape) else ()
         both = ("fwd", "bwd")
-        if isinstance(shape, HeadMixingShape):  # 5-16 heads: a forward only
+        if isinstance(shape, HeadMixingShape):  # the directions the kernels run (both)
             from vitkernels.triton.head_mixing import directions
 
             both = directions(shape)

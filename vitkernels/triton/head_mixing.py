@@ -76,8 +76,8 @@ Envelope: H <= 4, Dk and Dv <= 64 (``vitkernels.ops.head_mixing.MAX_HEADS``,
 every head, the mixing weights and the gradient accumulators live in registers;
 beyond that they spill (DeepViT-S's 12 heads of 33, CaiT-S's 8 heads of 48): the
 torch backend runs those, except that 5-16 heads (the head norm included, any row
-alignment) have a forward in ``head_mixing_tc.py`` (the head mixing on the tensor cores; no backward),
-which ``head_mixing_attention_fwd`` hands them to. The loads are vectorised through pointer hints
+alignment) have a forward and a backward in ``head_mixing_tc.py`` (the head mixing on
+the tensor cores), which ``head_mixing_attention_fwd`` and ``_bwd`` hand them to. The loads are vectorised through pointer hints
 (``_common.hint``) the launcher justifies (``_vector_width``), not through
 Triton's specialisation of integer arguments. Every launch goes through
 ``_common.launch``, so the ahead-of-time compiles (``record_calls``, ``_aot.py``)
@@ -1431,8 +1431,10 @@ def head_mixing_attention_bwd(
     parameter gradients are None where the parameter is. See the module docstring."""
     B, H, NQ, DK = q.shape
     if H > _MAX_REG_HEADS:
-        raise ValueError(f"head_mixing: no backward kernel for H={H} heads (at most {_MAX_REG_HEADS}; "
-                         "5-16 heads have a forward only)")
+        from vitkernels.triton.head_mixing_tc import head_mixing_attention_bwd_tc
+
+        return head_mixing_attention_bwd_tc(grad_out, q, k, v, pre_w, post_w, post_b, norm_w, norm_b, lse, scale,
+                                            eps, has_norm)  # fmt: skip
     NK, DV = k.shape[2], v.shape[3]
     dev = q.device
     dq = _alloc((B, H, NQ, DK), q.dtype, dev)
@@ -1524,10 +1526,8 @@ def refusal(shape: HeadMixingShape) -> str | None:
 
 
 def directions(shape: HeadMixingShape) -> tuple[str, ...]:
-    """The directions the kernels run for this shape (5-16 heads: the forward only)."""
-    from vitkernels.ops.head_mixing import MAX_HEADS
-
-    return ("fwd",) if shape.heads > MAX_HEADS else ("fwd", "bwd")
+    """The directions the kernels run for this shape (both: 5-16 heads in head_mixing_tc.py)."""
+    return ("fwd", "bwd")
 
 
 def record_calls(
@@ -1543,7 +1543,7 @@ def record_calls(
     parameters in ``param_dtype`` (default: dtype; float32 under autocast)."""
     why = refusal(shape)
     if why is None and direction not in directions(shape):
-        why = f"no backward kernel for H={shape.heads} heads (5-16 heads have a forward only)"
+        why = f"no {direction!r} direction"
     if why is not None:
         raise ValueError(f"head_mixing: the kernels do not take {shape}: {why}")
     B, H, D, NQ, NK = batch, shape.heads, shape.head_dim, shape.nq, shape.nk

@@ -1,4 +1,4 @@
-"""head_mixing_attention's forward for 5-16 heads, the head mixing on the tensor cores.
+"""head_mixing_attention's forward and backward for 5-16 heads, the head mixing on the tensor cores.
 
 The kernels of ``head_mixing.py`` keep every head of a 16-row tile in each thread's
 registers: beyond 4 heads they spill. Here the heads are the batch axis of 3-d
@@ -29,10 +29,12 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
 vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
-launch, ``_pad_kv``), the head norm
-optional; no backward (the call is refused when a gradient is needed). One config: 16 query rows x 16 keys on 8 warps,
-the only tile that compiled without spills at HP = 16 (4 warps and larger tiles spilled
-32 B - 45 KB; bench/NOTES.md).
+launch, ``_pad_kv``), the head norm optional; the same for the backward
+(``head_mixing_attention_bwd_tc``, below: q and dO, k and v of rows that are not whole
+16-byte vectors through zero-padded copies, a ``_pad_kv`` launch per pair). One
+config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without spills
+at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
+backward's dk / dv kernel at HP = 16, dk and dv in two launches (``_kv_split``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import triton.language as tl
 from vitkernels.triton._common import SHORT, Launch, alloc, launch
 from vitkernels.triton.head_mixing import _k_split, _tag, _width
 
-__all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_fwd_tc"]
+__all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_bwd_tc", "head_mixing_attention_fwd_tc"]
 
 MIN_HEADS = 5
 MAX_HEADS = 16
@@ -348,14 +350,22 @@ def _fwd_tc_kernel(
 PAD_ROWS = 32  # _pad_kv_kernel's rows a program
 
 
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
 def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k (B, H, NK, DK), v (B, H, NK, DV) as contiguous copies (B, H, NK, wk) and
     (B, H, NK, wv), the columns past DK / DV zero (wk, wv multiples of 8: rows of whole
-    16-byte vectors), made in one launch."""
+    16-byte vectors), made in one launch. The backward pads q and dO through it too
+    (any two tensors of the same (B, H, N))."""
     B, H, NK, DK = k.shape
     DV = v.shape[3]
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"head_mixing (tensor-core kernels): padding tensors of shapes {_shape(k)} and {_shape(v)}; "
+                         "expected the same (B, H, N)")  # fmt: skip
     if wk % 8 or wv % 8 or wk < DK or wv < DV:
-        raise ValueError(f"head_mixing (tensor-core forward): padded widths {wk}, {wv} for k and v of {DK}, "
+        raise ValueError(f"head_mixing (tensor-core kernels): padded widths {wk}, {wv} for k and v of {DK}, "
                          f"{DV} columns; expected multiples of 8 at least as wide")  # fmt: skip
     kp = _alloc((B, H, NK, wk), k.dtype, k.device)
     vp = _alloc((B, H, NK, wv), v.dtype, v.device)
@@ -448,3 +458,580 @@ def head_mixing_attention_fwd_tc(
         reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb - 1, "start_t": num_kb - 1, "end_t": 1},
     ))  # fmt: skip
     return out, lse
+
+
+# ----------------------------------------------------------------------------
+# backward for 5-16 heads (bench/NOTES.md, 2026-12-01, helper tcbwd). Recomputes from
+# the saved lse, in the forward's tile (16 rows x 16 columns, 8 warps, heads padded to
+# HP, the mixing a dot over the flattened tile):
+#
+#   _bwd_q_tc_kernel, a program per (b, 16 query rows), tiles (HP, queries, keys):
+#     loop 1 over the key blocks: p, r, n, dn = dO.v, dr (the norm's backward), dp =
+#       P^T dr; delta = sum_j p dp; the partial sums of dP = dr p^T, dc = dr, dw = dn x^,
+#       dbeta = dn (dP a dot over the flattened tiles: (16, R) @ (R, 16))
+#     loop 2: the same chain, dl = p (dp - delta), ds = A^T dl, dq += ds k, dA += dl s^T
+#   _bwd_kv_tc_kernel, a program per (b, 16 keys), tiles (HP, keys, queries): loop over
+#     the query blocks (lse and delta from memory): dv += n^T dO and the chain to ds,
+#     dk += ds^T q (DO_DK / DO_DV: both, or one of them per launch)
+#   _param_grad_tc_kernel adds the partial sums in a fixed order (a program per block of
+#     64 columns).
+#
+# A padded position (a key >= Nk or a query >= Nq) has its mixed logit set to -inf
+# (p = 0 exactly: inf * 0 must not reach a neighbour pair through the flattened mix
+# dots) and the norm's x^ and rho zeroed (eps = 0 would make them NaN); a padded
+# query's dO and a padded key's v are zero (masked loads), so dn is 0 there.
+
+
+@triton.jit
+def _flat(x3, dt: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """(HP, R, C) -> the flattened (R*C*HP/16, 16) tile of _mix_tc, in dt."""
+    return tl.reshape(tl.permute(x3.to(dt), (1, 2, 0)), (R * C * HP // 16, 16))
+
+
+@triton.jit
+def _fold(acc, HP: tl.constexpr):
+    """(HP, HP) from a (16, 16) sum of flattened-tile outer products: at HP = 8 a
+    flattened row holds two pairs' heads, so the two diagonal 8 x 8 blocks are added."""
+    if HP == 16:
+        return acc
+    else:
+        a = tl.arange(0, 16)
+        keep = (a[:, None] // 8) == (a[None, :] // 8)
+        x = tl.reshape(tl.where(keep, acc, 0.0), (2, 8, 2, 8))
+        return tl.sum(tl.sum(x, 2), 0)
+
+
+@triton.jit
+def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.constexpr, HP: tl.constexpr,
+               R: tl.constexpr, C: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+               HAS_NORM: tl.constexpr):  # fmt: skip
+    """One tile's chain: s2 (HP, R, C) the scaled logits in log2 units (before the
+    pre-mix), lse2 broadcastable to it (log2 units), dn = dO.v, ok (R, C) the valid
+    positions. Returns p, n, x^ (0 without the norm), dr, dp; with the post-mix and the
+    norm (pb, nw, nb then per column of the flattened tile, ``_bwd_params``) the norm and
+    its backward run on the post-mix's flattened tile (rows of one pair's heads, two
+    pairs' at HP = 8: the head sums are row sums, as in ``_mix_norm_tc``), and x^, dr
+    come back flattened (float32) with p's flattened tile and dn's: (p, n, x^f, drf, dp,
+    pf, dnf); otherwise pf and dnf are p and dn."""
+    if HAS_PRE:
+        lg = _mix_tc(s2, wa, HP, R, C)
+    else:
+        lg = s2
+    lg = tl.where(ok[None, :, :], lg, -float("inf"))
+    p = tl.exp2(lg - lse2)
+    if HAS_POST and HAS_NORM:
+        pf = _flat(p, wp.dtype, HP, R, C)
+        x = tl.dot(pf, wp) + pb[None, :]
+        a = tl.arange(0, 16)
+        valid = ((a % HP) < H)[None, :]
+        xc = tl.where(valid, x - _seg_mean(x, H, HP), 0.0)
+        rho = tl.rsqrt(_seg_mean(xc * xc, H, HP) + eps)
+        okf = tl.reshape(tl.permute(tl.broadcast_to(tl.where(ok, 1.0, 0.0)[None, :, :], (HP, R, C)), (1, 2, 0)),
+                         (R * C * HP // 16, 16))  # fmt: skip
+        rho = tl.where(okf > 0.5, rho, 0.0)
+        xhat = xc * rho
+        n = tl.permute(tl.reshape(xhat * nw[None, :] + nb[None, :], (R, C, HP)), (2, 0, 1))
+        dnf = tl.reshape(tl.permute(dn, (1, 2, 0)), (R * C * HP // 16, 16))
+        g = dnf * nw[None, :]
+        dr = tl.where(valid, rho * (g - _seg_mean(g, H, HP) - xhat * _seg_mean(g * xhat, H, HP)), 0.0)
+        dp = tl.permute(tl.reshape(tl.dot(dr.to(wpt.dtype), wpt), (R, C, HP)), (2, 0, 1))
+    else:
+        if HAS_POST:
+            r = _mix_tc(p, wp, HP, R, C) + pb[:, None, None]
+        else:
+            r = p
+        if HAS_NORM:
+            valid = h_ok[:, None, None]
+            x = tl.where(valid, r, 0.0)
+            mean = tl.sum(x, 0) * (1.0 / H)
+            xc = tl.where(valid, x - mean[None, :, :], 0.0)
+            rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
+            rho = tl.where(ok, rho, 0.0)
+            xhat = xc * rho[None, :, :]
+            n = xhat * nw[:, None, None] + nb[:, None, None]
+            g = dn * nw[:, None, None]
+            mg = tl.sum(g, 0) * (1.0 / H)
+            mgx = tl.sum(g * xhat, 0) * (1.0 / H)
+            dr = tl.where(valid, rho[None, :, :] * (g - mg[None, :, :] - xhat * mgx[None, :, :]), 0.0)
+        else:
+            xhat = tl.zeros_like(p)
+            n = r
+            dr = dn
+        if HAS_POST:
+            dp = _mix_tc(dr, wpt, HP, R, C)
+        else:
+            dp = dr
+        pf = p
+        dnf = dn
+    return p, n, xhat, dr, dp, pf, dnf
+
+
+@triton.jit
+def _seg_mean(x, H: tl.constexpr, HP: tl.constexpr):
+    """The mean over each pair's heads of a flattened (rows, 16) tile: row means at
+    HP = 16, (rows, 1); at HP = 8 each half's, (rows, 16)."""
+    if HP == 16:
+        return (tl.sum(x, 1) * (1.0 / H))[:, None]
+    else:
+        a = tl.arange(0, 16)
+        lo = (a < 8)[None, :]
+        s_lo = tl.sum(tl.where(lo, x, 0.0), 1)
+        s_hi = tl.sum(x, 1) - s_lo
+        return tl.where(lo, s_lo[:, None], s_hi[:, None]) * (1.0 / H)
+
+
+@triton.jit
+def _fold16(v, HP: tl.constexpr):
+    """(HP,) per-head sums from (16,) column sums of flattened tiles (HP = 8: columns
+    h and h + 8 hold head h)."""
+    if HP == 16:
+        return v
+    else:
+        return tl.sum(tl.reshape(v, (2, 8)), 0)
+
+
+@triton.jit
+def _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb, hs, h_ok,
+                H: tl.constexpr, HP: tl.constexpr, dt: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+                HAS_POST_B: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+                FLAT_NORM: tl.constexpr):  # fmt: skip
+    """The mixing weights as _mix_tc operands (A, A^T, P, P^T) and pb, nw, nb float32:
+    (HP,) per head, or with FLAT_NORM (the post-mix and the head norm) (16,) per column
+    of the flattened tile."""
+    if HAS_PRE:
+        wa = _mix_weights(PRE_W, s_aw0, s_aw1, H, HP, dt)
+        wat = _mix_weights(PRE_W, s_aw1, s_aw0, H, HP, dt)
+    else:
+        wa = tl.zeros((16, 16), dt)
+        wat = wa
+    if HAS_POST:
+        wp = _mix_weights(POST_W, s_pw0, s_pw1, H, HP, dt)
+        wpt = _mix_weights(POST_W, s_pw1, s_pw0, H, HP, dt)
+    else:
+        wp = tl.zeros((16, 16), dt)
+        wpt = wp
+    # with the post-mix and the norm (on the flattened tile): per column, head a % HP
+    if FLAT_NORM:
+        hn = tl.arange(0, 16) % HP
+    else:
+        hn = hs
+    hn_ok = hn < H
+    if HAS_POST_B:
+        pb = tl.load(POST_B + hn * s_pb, mask=hn_ok, other=0.0).to(tl.float32)
+    else:
+        pb = tl.zeros(hn.shape, tl.float32)
+    if HAS_NORM_W:
+        nw = tl.load(NORM_W + hn * s_nw, mask=hn_ok, other=0.0).to(tl.float32)
+    else:
+        nw = tl.where(hn_ok, 1.0, 0.0)
+    if HAS_NORM_B:
+        nb = tl.load(NORM_B + hn * s_nb, mask=hn_ok, other=0.0).to(tl.float32)
+    else:
+        nb = tl.zeros(hn.shape, tl.float32)
+    return wa, wat, wp, wpt, pb, nw, nb
+
+
+@triton.jit
+def _bwd_q_tc_kernel(
+    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DQ, PART,
+    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
+    s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb,
+    NQ, NK, num_qb, NPART, qk_scale, scale, eps,
+    H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DQO: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // num_qb
+    qblk = pid % num_qb
+    hs = tl.arange(0, HP)
+    h_ok = hs < H
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < NQ
+    qok = h_ok[:, None] & m_ok[None, :]
+    Qb = Q + b.to(tl.int64) * s_qb
+    Kb = K + b.to(tl.int64) * s_kb
+    Vb = V + b.to(tl.int64) * s_vb
+    DOb = DO + b.to(tl.int64) * s_ob
+    dt = Q.dtype.element_ty
+    qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DK, qok)
+    if KB > 0:
+        qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DK, qok)
+    else:
+        qb = qa
+    da = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, 0, VA, DV, qok)
+    if VB > 0:
+        db = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, VA, VB, DV, qok)
+    else:
+        db = da
+    wa, wat, wp, wpt, pb, nw, nb = _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1,
+                                               s_pb, s_nw, s_nb, hs, h_ok, H, HP, dt, HAS_PRE, HAS_POST,
+                                               HAS_POST_B, HAS_NORM_W, HAS_NORM_B, HAS_POST and HAS_NORM)  # fmt: skip
+    row = (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
+    lse2 = tl.load(LSE + row, mask=qok, other=0.0) * 1.4426950408889634
+    num_kb = tl.cdiv(NK, BLOCK_N)
+
+    # loop 1: delta and the partial sums of dP, dc, dw, dbeta
+    delta = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_p = tl.zeros((16, 16), tl.float32)
+    acc_c = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_w = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_b = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_c16 = tl.zeros((16,), tl.float32)
+    acc_w16 = tl.zeros((16,), tl.float32)
+    for start_a in range(0, num_kb):
+        offs_n = start_a * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kok = h_ok[:, None] & n_ok[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
+        s2 = tl.dot(qa, tl.permute(ka, (0, 2, 1)))
+        if KB > 0:
+            kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
+            s2 = tl.dot(qb, tl.permute(kb, (0, 2, 1)), s2)
+        s2 = s2 * qk_scale
+        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+        dn = tl.dot(da, tl.permute(va, (0, 2, 1)))
+        if VB > 0:
+            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+            dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
+        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+                                        BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+        delta += tl.sum(p * dp, 2)
+        if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
+            acc_p = tl.dot(tl.trans(dr.to(dt)), pf, acc_p)
+            if HAS_POST_B:
+                acc_c16 += tl.sum(dr, 0)
+            if HAS_NORM_W:
+                acc_w16 += tl.sum(dnf * xhat, 0)
+        else:
+            if HAS_POST:
+                acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N), acc_p)
+            if HAS_POST_B:
+                acc_c += tl.sum(dr, 2)
+            if HAS_NORM_W:
+                acc_w += tl.sum(dn * xhat, 2)
+        if HAS_NORM_B:
+            acc_b += tl.sum(dn, 2)
+    tl.store(DELTA + row, delta, mask=qok)
+
+    # loop 2: dq and the partial sums of dA
+    acc_a = tl.zeros((16, 16), tl.float32)
+    dqa = tl.zeros((HP, BLOCK_M, KA), tl.float32)
+    dqb = tl.zeros((HP, BLOCK_M, KB if KB > 0 else 16), tl.float32)
+    for start_b in range(0, num_kb):
+        offs_n = start_b * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kok = h_ok[:, None] & n_ok[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
+        s2 = tl.dot(qa, tl.permute(ka, (0, 2, 1)))
+        if KB > 0:
+            kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
+            s2 = tl.dot(qb, tl.permute(kb, (0, 2, 1)), s2)
+        s2 = s2 * qk_scale
+        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+        dn = tl.dot(da, tl.permute(va, (0, 2, 1)))
+        if VB > 0:
+            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+            dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
+        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+                                        BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+        dl = p * (dp - delta[:, :, None])
+        if HAS_PRE:
+            acc_a = tl.dot(tl.trans(_flat(dl, dt, HP, BLOCK_M, BLOCK_N)), _flat(s2, dt, HP, BLOCK_M, BLOCK_N), acc_a)
+            ds = _mix_tc(dl, wat, HP, BLOCK_M, BLOCK_N)
+        else:
+            ds = dl
+        ds = ds.to(dt)
+        dqa = tl.dot(ds, ka, dqa)
+        if KB > 0:
+            dqb = tl.dot(ds, kb, dqb)
+
+    # dq (B, H, NQ, DQO) contiguous
+    DQb = DQ + b.to(tl.int64) * H * NQ * DQO
+    q_ptrs = DQb + hs[:, None, None] * (NQ * DQO) + offs_m[None, :, None] * DQO
+    cols_a = tl.arange(0, KA)
+    tl.store(q_ptrs + cols_a[None, None, :], (dqa * scale).to(dt), mask=qok[:, :, None] & (cols_a < DQO)[None, None, :])
+    if KB > 0:
+        cols_b = KA + tl.arange(0, KB)
+        tl.store(q_ptrs + cols_b[None, None, :], (dqb * scale).to(dt),
+                 mask=qok[:, :, None] & (cols_b < DQO)[None, None, :])  # fmt: skip
+    # this program's row of partial sums: [dP (HP x HP, [f, g]), dc, dw, dbeta, dA ([g, h])]
+    Pr = PART + pid.to(tl.int64) * NPART
+    mat = hs[:, None] * HP + hs[None, :]
+    if HAS_POST:
+        tl.store(Pr + mat, _fold(acc_p, HP))
+    if HAS_POST and HAS_NORM:
+        if HAS_POST_B:
+            tl.store(Pr + HP * HP + hs, _fold16(acc_c16, HP))
+        if HAS_NORM_W:
+            tl.store(Pr + HP * HP + HP + hs, _fold16(acc_w16, HP))
+    else:
+        if HAS_POST_B:
+            tl.store(Pr + HP * HP + hs, tl.sum(acc_c, 1))
+        if HAS_NORM_W:
+            tl.store(Pr + HP * HP + HP + hs, tl.sum(acc_w, 1))
+    if HAS_NORM_B:
+        tl.store(Pr + HP * HP + 2 * HP + hs, tl.sum(acc_b, 1))
+    if HAS_PRE:
+        tl.store(Pr + HP * HP + 3 * HP + mat, _fold(acc_a, HP) * 0.6931471805599453)
+
+
+@triton.jit
+def _bwd_kv_tc_kernel(
+    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DK_, DV_,
+    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
+    s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb,
+    NQ, NK, num_kb, qk_scale, scale, eps,
+    H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKO: tl.constexpr, DVO: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // num_kb
+    kblk = pid % num_kb
+    hs = tl.arange(0, HP)
+    h_ok = hs < H
+    offs_n = kblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NK
+    kok = h_ok[:, None] & n_ok[None, :]
+    Qb = Q + b.to(tl.int64) * s_qb
+    Kb = K + b.to(tl.int64) * s_kb
+    Vb = V + b.to(tl.int64) * s_vb
+    DOb = DO + b.to(tl.int64) * s_ob
+    dt = Q.dtype.element_ty
+    ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
+    if KB > 0:
+        kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
+    else:
+        kb = ka
+    va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+    if VB > 0:
+        vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+    else:
+        vb = va
+    wa, wat, wp, wpt, pb, nw, nb = _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1,
+                                               s_pb, s_nw, s_nb, hs, h_ok, H, HP, dt, HAS_PRE, HAS_POST,
+                                               HAS_POST_B, HAS_NORM_W, HAS_NORM_B, HAS_POST and HAS_NORM)  # fmt: skip
+    dka = tl.zeros((HP, BLOCK_N, KA), tl.float32)
+    dkb = tl.zeros((HP, BLOCK_N, KB if KB > 0 else 16), tl.float32)
+    dva = tl.zeros((HP, BLOCK_N, VA), tl.float32)
+    dvb = tl.zeros((HP, BLOCK_N, VB if VB > 0 else 16), tl.float32)
+    num_qb = tl.cdiv(NQ, BLOCK_M)
+    for start_m in range(0, num_qb):
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < NQ
+        qok = h_ok[:, None] & m_ok[None, :]
+        ok = n_ok[:, None] & m_ok[None, :]
+        qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DK, qok)
+        s2 = tl.dot(ka, tl.permute(qa, (0, 2, 1)))
+        if KB > 0:
+            qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DK, qok)
+            s2 = tl.dot(kb, tl.permute(qb, (0, 2, 1)), s2)
+        s2 = s2 * qk_scale
+        row = (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
+        lse2 = tl.load(LSE + row, mask=qok, other=0.0) * 1.4426950408889634
+        da = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, 0, VA, DV, qok)
+        if DO_DK:
+            dn = tl.dot(va, tl.permute(da, (0, 2, 1)))
+        if VB > 0:
+            db = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, VA, VB, DV, qok)
+            if DO_DK:
+                dn = tl.dot(vb, tl.permute(db, (0, 2, 1)), dn)
+        if not DO_DK:
+            dn = tl.zeros_like(s2)
+        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, None, :], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+                                        BLOCK_N, BLOCK_M, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+        if DO_DV:
+            n = n.to(dt)
+            dva = tl.dot(n, da, dva)
+            if VB > 0:
+                dvb = tl.dot(n, db, dvb)
+        if DO_DK:
+            delta = tl.load(DELTA + row, mask=qok, other=0.0)
+            dl = p * (dp - delta[:, None, :])
+            if HAS_PRE:
+                ds = _mix_tc(dl, wat, HP, BLOCK_N, BLOCK_M)
+            else:
+                ds = dl
+            ds = ds.to(dt)
+            dka = tl.dot(ds, qa, dka)
+            if KB > 0:
+                dkb = tl.dot(ds, qb, dkb)
+    # dk (B, H, NK, DKO), dv (B, H, NK, DVO) contiguous; a padded key's rows not stored
+    if DO_DK:
+        base = DK_ + b.to(tl.int64) * H * NK * DKO + hs[:, None, None] * (NK * DKO) + offs_n[None, :, None] * DKO
+        cols_a = tl.arange(0, KA)
+        tl.store(base + cols_a[None, None, :], (dka * scale).to(dt), mask=kok[:, :, None] & (cols_a < DKO)[None, None, :])
+        if KB > 0:
+            cols_b = KA + tl.arange(0, KB)
+            tl.store(base + cols_b[None, None, :], (dkb * scale).to(dt),
+                     mask=kok[:, :, None] & (cols_b < DKO)[None, None, :])  # fmt: skip
+    if DO_DV:
+        base = DV_ + b.to(tl.int64) * H * NK * DVO + hs[:, None, None] * (NK * DVO) + offs_n[None, :, None] * DVO
+        cols_a = tl.arange(0, VA)
+        tl.store(base + cols_a[None, None, :], dva.to(dt), mask=kok[:, :, None] & (cols_a < DVO)[None, None, :])
+        if VB > 0:
+            cols_b = VA + tl.arange(0, VB)
+            tl.store(base + cols_b[None, None, :], dvb.to(dt), mask=kok[:, :, None] & (cols_b < DVO)[None, None, :])
+
+
+@triton.jit
+def _param_grad_tc_kernel(
+    PART, D_PRE, D_POST, D_POST_B, D_NORM_W, D_NORM_B, NROWS, NPART,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
+    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+):  # fmt: skip
+    """head_mixing.py's _param_grad_kernel over BLOCK_C of the columns a program (a
+    program per column block: at HP = 16 a row has 560 columns, which in one program
+    spilled 5.8 KB on sm_80): the partial sums PART (NROWS, NPART) float32, columns
+    [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each), dA (HP x HP, [g, h])], added row
+    block by row block in a fixed order (deterministic), written in the outputs' dtypes."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for start_r in range(0, NROWS, BLOCK_R):
+        rows = start_r + tl.arange(0, BLOCK_R)
+        mask = (rows < NROWS)[:, None] & (cols < NPART)[None, :]
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * NPART + cols[None, :], mask=mask, other=0.0)
+    tot = tl.sum(acc, 0)
+    hi = cols // HP
+    lo = cols % HP
+    in_range = (hi < H) & (lo < H)
+    if HAS_POST:
+        tl.store(D_POST + hi * H + lo, tot.to(D_POST.dtype.element_ty), mask=in_range & (cols < HP * HP))
+    vec = (cols - HP * HP) // HP  # 0: dc, 1: dw, 2: dbeta
+    in_vec = (cols >= HP * HP) & (cols < HP * HP + 3 * HP) & (lo < H)
+    if HAS_POST_B:
+        tl.store(D_POST_B + lo, tot.to(D_POST_B.dtype.element_ty), mask=in_vec & (vec == 0))
+    if HAS_NORM_W:
+        tl.store(D_NORM_W + lo, tot.to(D_NORM_W.dtype.element_ty), mask=in_vec & (vec == 1))
+    if HAS_NORM_B:
+        tl.store(D_NORM_B + lo, tot.to(D_NORM_B.dtype.element_ty), mask=in_vec & (vec == 2))
+    if HAS_PRE:
+        pre = cols - (HP * HP + 3 * HP)
+        tl.store(D_PRE + (pre // HP) * H + pre % HP, tot.to(D_PRE.dtype.element_ty),
+                 mask=(pre >= 0) & (pre < HP * HP) & (pre // HP < H) & (pre % HP < H))  # fmt: skip
+
+
+def head_mixing_attention_bwd_tc(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pre_w: torch.Tensor | None,
+    post_w: torch.Tensor | None,
+    post_b: torch.Tensor | None,
+    norm_w: torch.Tensor | None,
+    norm_b: torch.Tensor | None,
+    lse: torch.Tensor,
+    scale: float,
+    eps: float,
+    has_norm: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward for 5-16 heads: (dq, dk, dv, d_pre_w, d_post_w, d_post_b, d_norm_w,
+    d_norm_b), ``head_mixing.py``'s launcher contract (dq, dk, dv contiguous in q.dtype;
+    the parameter gradients in their dtypes, None where the parameter is). lse: the
+    forward's (B, H, Nq) float32. Inputs as the forward's (any strides and alignment)."""
+    B, H, NQ, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    if not MIN_HEADS <= H <= MAX_HEADS:
+        raise ValueError(f"head_mixing (tensor-core backward): H={H} heads; expected {MIN_HEADS} to {MAX_HEADS}")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"head_mixing (tensor-core backward): q.dtype={q.dtype}; expected float16 or bfloat16")
+    if NK == 0:
+        raise ValueError("head_mixing (tensor-core backward): Nk=0 keys; expected at least one")
+    dev = q.device
+    dq = _alloc((B, H, NQ, DK), q.dtype, dev)
+    dk = _alloc((B, H, NK, DK), q.dtype, dev)
+    dv = _alloc((B, H, NK, DV), q.dtype, dev)
+    if not has_norm:
+        norm_w = norm_b = None
+    params = (pre_w, post_w, post_b, norm_w, norm_b)
+
+    def out(t):
+        return None if t is None else _alloc(tuple(t.shape), t.dtype, dev)
+
+    grads = [out(t) for t in params]
+    if B == 0 or NQ == 0:
+        for g in (dk, dv, *grads):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, *grads
+    ka, kb = _k_split(DK)
+    va, vb = _k_split(DV)
+    named = (q, k)  # the launch's name: the caller's shapes
+    dkr, dvr = DK, DV
+    if any(_width(t) == 1 for t in (q, k, v, grad_out)):
+        # rows that are not whole 16-byte vectors (DeepViT-S's heads of 33) are read
+        # from zero-padded copies, as in the forward (read many times per program)
+        q, grad_out = _pad_kv(q, grad_out, ka + kb, va + vb)
+        k, v = _pad_kv(k, v, ka + kb, va + vb)
+        dkr, dvr = ka + kb, va + vb
+
+    def mat(w):
+        return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
+
+    def vec(x):
+        return (q, 0) if x is None else (x, x.stride(0))
+
+    (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
+    (pbp, pbs), (nwp, nws), (nbp, nbs) = vec(post_b), vec(norm_w), vec(norm_b)
+    hp = 8 if H <= 8 else 16
+    flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
+                 HAS_NORM=has_norm, HAS_NORM_W=norm_w is not None, HAS_NORM_B=norm_b is not None)  # fmt: skip
+    tag = _tag(*named, tuple(t for t in params), flags)
+    qk_scale = scale * _LOG2E
+    common = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *as_, *ps, pbs, nws, nbs]
+    ptrs = [aw, pw, pbp, nwp, nbp]
+    consts = dict(H=H, HP=hp, DK=dkr, DV=dvr, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **flags)
+    num_qb = triton.cdiv(NQ, BLOCK_M)
+    num_kb = triton.cdiv(NK, BLOCK_N)
+    delta = _alloc((B, H, NQ), torch.float32, dev)
+    npart = 2 * hp * hp + 3 * hp
+    part = _alloc((B * num_qb, npart), torch.float32, dev)
+    reads = (q, k, v, grad_out, *(t for t in params if t is not None), lse)
+    launch(Launch(
+        f"head_mixing_bwd_q_tc[{tag}]", _bwd_q_tc_kernel, (num_qb * B,),
+        [q, k, v, grad_out, *ptrs, lse, delta, dq, part, *common, NQ, NK, num_qb, npart, qk_scale, scale,
+         float(eps)],
+        dict(consts, DQO=DK), NUM_WARPS, 1, reads=reads, writes=(dq, delta, part),
+        loops={"start_a": num_kb, "start_b": num_kb},
+    ))  # fmt: skip
+    for do_dk, do_dv in _kv_split(hp):
+        what = "dkdv" if do_dk and do_dv else "dk" if do_dk else "dv"
+        launch(Launch(
+            f"head_mixing_bwd_{what}_tc[{tag}]", _bwd_kv_tc_kernel, (num_kb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, float(eps)],
+            dict(consts, DKO=DK, DVO=DV, DO_DK=do_dk, DO_DV=do_dv), NUM_WARPS, 1,
+            reads=(*reads, delta) if do_dk else reads,
+            writes=tuple(t for t, on in ((dk, do_dk), (dv, do_dv)) if on),
+            loops={"start_m": num_qb},
+        ))  # fmt: skip
+    if any(g is not None for g in grads):
+        block_r, block_c = _PARAM_BLOCK
+        launch(Launch(
+            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_tc_kernel, (triton.cdiv(npart, block_c),),
+            [part, *(part if g is None else g for g in grads), part.shape[0], npart],
+            dict(H=H, HP=hp, BLOCK_R=block_r, BLOCK_C=block_c, HAS_PRE=flags["HAS_PRE"],
+                 HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
+                 HAS_NORM_W=flags["HAS_NORM_W"], HAS_NORM_B=flags["HAS_NORM_B"]),
+            4, 1, reads=(part,), writes=tuple(g for g in grads if g is not None),
+            loops={"start_r": triton.cdiv(part.shape[0], block_r)},
+        ))  # fmt: skip
+    return dq, dk, dv, *grads
+
+
+_PARAM_BLOCK = (64, 64)  # _param_grad_tc_kernel's rows a step, columns a program (tests shrink it)
+
+
+def _kv_split(hp: int) -> tuple[tuple[bool, bool], ...]:
+    """dk and dv in one launch (True, True), or one each: at HP = 16 the launch of both
+    spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton 3.9: the accumulators of both and the
+    loop-invariant k and v tiles of 16 heads); at HP = 8 one launch fits (164 registers)."""
+    return ((True, True),) if hp == 8 else ((True, False), (False, True))
