@@ -58,7 +58,7 @@ slots, HP = H rounded up to a power of two, at least 2):
   the loop-invariant k and v operands, in registers with mma.sync, are not padded to
   64), and the tile chain is not masked by key and query: a padded key's gradients
   are never stored and a padded query has q = dO = 0, so its terms add nothing.
-* ``_param_grad_kernel``: one program adds the delta launch's per-program partial
+* ``_param_grad_kernel``: one program (here) adds the delta launch's per-program partial
   sums row block by row block (a fixed order) and writes each parameter's gradient
   in its dtype: no torch launch is left in the backward.
 
@@ -1066,11 +1066,13 @@ def _param_grad_kernel(
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
 ):  # fmt: skip
-    """One program: the parameters' gradients from the delta launch's partial sums, PART
-    (NROWS, NPART) float32 with columns [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each),
-    dA (HP x HP, [g, h])], added row block by row block in a fixed order (deterministic)
-    and written to the contiguous outputs in their own dtypes."""
-    cols = tl.arange(0, BLOCK_C)
+    """The parameters' gradients from the delta launch's partial sums, PART (NROWS,
+    NPART) float32 with columns [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each), dA (HP x
+    HP, [g, h])], added row block by row block in a fixed order (deterministic) and
+    written to the contiguous outputs in their own dtypes; BLOCK_C columns a program
+    (here one program takes them all; ``head_mixing_tc.py``'s backward, whose rows have
+    up to 560 columns, launches a program per 64)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for start_r in range(0, NROWS, BLOCK_R):
         rows = start_r + tl.arange(0, BLOCK_R)

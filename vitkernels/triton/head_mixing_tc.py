@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.triton._common import SHORT, Launch, alloc, launch
-from vitkernels.triton.head_mixing import _k_split, _tag, _width
+from vitkernels.triton.head_mixing import _k_split, _param_grad_kernel, _tag, _width
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_bwd_tc", "head_mixing_attention_fwd_tc"]
 
@@ -473,8 +473,8 @@ def head_mixing_attention_fwd_tc(
 #   _bwd_kv_tc_kernel, a program per (b, 16 keys), tiles (HP, keys, queries): loop over
 #     the query blocks (lse and delta from memory): dv += n^T dO and the chain to ds,
 #     dk += ds^T q (DO_DK / DO_DV: both, or one of them per launch)
-#   _param_grad_tc_kernel adds the partial sums in a fixed order (a program per block of
-#     64 columns).
+#   head_mixing.py's _param_grad_kernel adds the partial sums in a fixed order (a
+#     program per block of 64 columns).
 #
 # A padded position (a key >= Nk or a query >= Nq) has its mixed logit set to -inf
 # (p = 0 exactly: inf * 0 must not reach a neighbour pair through the flattened mix
@@ -881,44 +881,6 @@ def _bwd_kv_tc_kernel(
             tl.store(base + cols_b[None, None, :], dvb.to(dt), mask=kok[:, :, None] & (cols_b < DVO)[None, None, :])
 
 
-@triton.jit
-def _param_grad_tc_kernel(
-    PART, D_PRE, D_POST, D_POST_B, D_NORM_W, D_NORM_B, NROWS, NPART,
-    H: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
-):  # fmt: skip
-    """head_mixing.py's _param_grad_kernel over BLOCK_C of the columns a program (a
-    program per column block: at HP = 16 a row has 560 columns, which in one program
-    spilled 5.8 KB on sm_80): the partial sums PART (NROWS, NPART) float32, columns
-    [dP (HP x HP, [f, g]), dc, dw, dbeta (HP each), dA (HP x HP, [g, h])], added row
-    block by row block in a fixed order (deterministic), written in the outputs' dtypes."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for start_r in range(0, NROWS, BLOCK_R):
-        rows = start_r + tl.arange(0, BLOCK_R)
-        mask = (rows < NROWS)[:, None] & (cols < NPART)[None, :]
-        acc += tl.load(PART + rows.to(tl.int64)[:, None] * NPART + cols[None, :], mask=mask, other=0.0)
-    tot = tl.sum(acc, 0)
-    hi = cols // HP
-    lo = cols % HP
-    in_range = (hi < H) & (lo < H)
-    if HAS_POST:
-        tl.store(D_POST + hi * H + lo, tot.to(D_POST.dtype.element_ty), mask=in_range & (cols < HP * HP))
-    vec = (cols - HP * HP) // HP  # 0: dc, 1: dw, 2: dbeta
-    in_vec = (cols >= HP * HP) & (cols < HP * HP + 3 * HP) & (lo < H)
-    if HAS_POST_B:
-        tl.store(D_POST_B + lo, tot.to(D_POST_B.dtype.element_ty), mask=in_vec & (vec == 0))
-    if HAS_NORM_W:
-        tl.store(D_NORM_W + lo, tot.to(D_NORM_W.dtype.element_ty), mask=in_vec & (vec == 1))
-    if HAS_NORM_B:
-        tl.store(D_NORM_B + lo, tot.to(D_NORM_B.dtype.element_ty), mask=in_vec & (vec == 2))
-    if HAS_PRE:
-        pre = cols - (HP * HP + 3 * HP)
-        tl.store(D_PRE + (pre // HP) * H + pre % HP, tot.to(D_PRE.dtype.element_ty),
-                 mask=(pre >= 0) & (pre < HP * HP) & (pre // HP < H) & (pre % HP < H))  # fmt: skip
-
-
 def head_mixing_attention_bwd_tc(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -1016,7 +978,7 @@ def head_mixing_attention_bwd_tc(
     if any(g is not None for g in grads):
         block_r, block_c = _PARAM_BLOCK
         launch(Launch(
-            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_tc_kernel, (triton.cdiv(npart, block_c),),
+            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_kernel, (triton.cdiv(npart, block_c),),
             [part, *(part if g is None else g for g in grads), part.shape[0], npart],
             dict(H=H, HP=hp, BLOCK_R=block_r, BLOCK_C=block_c, HAS_PRE=flags["HAS_PRE"],
                  HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
@@ -1027,7 +989,9 @@ def head_mixing_attention_bwd_tc(
     return dq, dk, dv, *grads
 
 
-_PARAM_BLOCK = (64, 64)  # _param_grad_tc_kernel's rows a step, columns a program (tests shrink it)
+# head_mixing.py's _param_grad_kernel: rows a step, columns a program (at HP = 16 a row
+# has 560 columns, which in one program spilled 5.8 KB on sm_80; tests shrink it)
+_PARAM_BLOCK = (64, 64)
 
 
 def _kv_split(hp: int) -> tuple[tuple[bool, bool], ...]:
