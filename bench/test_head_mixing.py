@@ -20,8 +20,9 @@ Implementations side by side in one process, all computing the same attention:
     compiled     torch.compile(mode=VITKERNELS_BENCH_COMPILE_MODE) of the eager module
     torch        vitkernels' torch backend (bmm mixing on materialised maps)
     triton       this package's Triton kernels (refused, with the reason recorded as
-                 the skip message, where the shape is outside their envelope: M2's
-                 fwd+bwd, since 5-16 heads have a forward only)
+                 the skip message, where the shape is outside their envelope; M1 and
+                 M2 are inside it in both modes: M2's 12 heads take the tensor-core
+                 forward and backward of head_mixing_tc.py)
 
 Each row (benchmark.extra_info, for bench/make_results.py): workload ("M1" forward,
 "M1 fwd+bwd"), impl, dtype, batch, time_us (median of CUDA-event timed runs after
@@ -155,7 +156,7 @@ def implementation_for(impl: str, module: nn.Module, q, k, v, compile_mode: str 
         return torch.compile(module, mode=compile_mode)
     kw = module.kernel_args()
     if impl == "triton":
-        # as the run calls it: the forward under no_grad (5-16 heads have a forward only)
+        # as the run calls it: the forward under no_grad, fwd+bwd with gradients
         with torch.set_grad_enabled(module.training):
             reasons = ops.TritonBackend().not_supported_reasons(ops._inputs(q, k, v, scale=module.scale, **kw))
         if reasons:
