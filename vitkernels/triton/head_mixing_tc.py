@@ -65,8 +65,7 @@ def _mix_tc(x3, WT, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     (16, 16) dot over the flattened tile. WT (``_mix_weights``) is W^T, or for HP = 8
     blockdiag(W^T, W^T): a row of the flattened tile then holds two (query, key) pairs'
     8 heads (the dot's K stays 16)."""
-    xt = tl.reshape(tl.permute(x3.to(WT.dtype), (1, 2, 0)), (BM * BN * HP // 16, 16))
-    yt = tl.dot(xt, WT)
+    yt = tl.dot(_flat(x3, WT.dtype, HP, BM, BN), WT)
     return tl.permute(tl.reshape(yt, (BM, BN, HP)), (2, 0, 1))
 
 
@@ -133,8 +132,7 @@ def _mix_norm_tc(x3, WT, pbc, nwc, nbc, eps, H: tl.constexpr, HP: tl.constexpr, 
     bias, weight and norm bias of column a's head a % HP (0 for a padded head). A padded
     head's column is exactly 0 (zero weights and bias), so the sum for the mean needs no
     mask; its deviation from the mean does (the variance's)."""
-    xt = tl.reshape(tl.permute(x3.to(WT.dtype), (1, 2, 0)), (BM * BN * HP // 16, 16))
-    yt = tl.dot(xt, WT) + pbc[None, :]
+    yt = tl.dot(_flat(x3, WT.dtype, HP, BM, BN), WT) + pbc[None, :]
     if HAS_NORM:
         a = tl.arange(0, 16)
         valid = ((a % HP) < H)[None, :]
@@ -632,6 +630,37 @@ def _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw
 
 
 @triton.jit
+def _q_side_tile(qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_n, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2,
+                 wa, wp, wpt, pb, nw, nb, eps, qk_scale, DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr,
+                 KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+                 HAS_NORM: tl.constexpr):  # fmt: skip
+    """_bwd_q_tc_kernel's key tile start_n, the same in both its loops: the k tiles (ka,
+    kb: kb is ka where KB = 0), the scaled logits s2, dn = dO.v and ``_chain_bwd``'s p,
+    x^, dr, dp, pf, dnf."""
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NK
+    kok = h_ok[:, None] & n_ok[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
+    s2 = tl.dot(qa, tl.permute(ka, (0, 2, 1)))
+    if KB > 0:
+        kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
+        s2 = tl.dot(qb, tl.permute(kb, (0, 2, 1)), s2)
+    else:
+        kb = ka
+    s2 = s2 * qk_scale
+    va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
+    dn = tl.dot(da, tl.permute(va, (0, 2, 1)))
+    if VB > 0:
+        vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
+        dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
+    p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
+                                             BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+    return s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf
+
+
+@triton.jit
 def _bwd_q_tc_kernel(
     Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DQ, PART,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
@@ -682,23 +711,10 @@ def _bwd_q_tc_kernel(
     acc_c16 = tl.zeros((16,), tl.float32)
     acc_w16 = tl.zeros((16,), tl.float32)
     for start_a in range(0, num_kb):
-        offs_n = start_a * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kok = h_ok[:, None] & n_ok[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
-        s2 = tl.dot(qa, tl.permute(ka, (0, 2, 1)))
-        if KB > 0:
-            kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
-            s2 = tl.dot(qb, tl.permute(kb, (0, 2, 1)), s2)
-        s2 = s2 * qk_scale
-        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
-        dn = tl.dot(da, tl.permute(va, (0, 2, 1)))
-        if VB > 0:
-            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
-            dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
-        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
-                                        BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+        s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf = _q_side_tile(
+            qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_a, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2, wa, wp, wpt,
+            pb, nw, nb, eps, qk_scale, DK, DV, KA, KB, VA, VB, H, HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST,
+            HAS_NORM)  # fmt: skip
         delta += tl.sum(p * dp, 2)
         if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
             acc_p = tl.dot(tl.trans(dr.to(dt)), pf, acc_p)
@@ -722,23 +738,10 @@ def _bwd_q_tc_kernel(
     dqa = tl.zeros((HP, BLOCK_M, KA), tl.float32)
     dqb = tl.zeros((HP, BLOCK_M, KB if KB > 0 else 16), tl.float32)
     for start_b in range(0, num_kb):
-        offs_n = start_b * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kok = h_ok[:, None] & n_ok[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        ka = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, 0, KA, DK, kok)
-        s2 = tl.dot(qa, tl.permute(ka, (0, 2, 1)))
-        if KB > 0:
-            kb = _tile3(Kb, hs, offs_n, s_kh, s_kn, s_kd, KA, KB, DK, kok)
-            s2 = tl.dot(qb, tl.permute(kb, (0, 2, 1)), s2)
-        s2 = s2 * qk_scale
-        va = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, 0, VA, DV, kok)
-        dn = tl.dot(da, tl.permute(va, (0, 2, 1)))
-        if VB > 0:
-            vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
-            dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
-        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
-                                        BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+        s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf = _q_side_tile(
+            qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_b, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2, wa, wp, wpt,
+            pb, nw, nb, eps, qk_scale, DK, DV, KA, KB, VA, VB, H, HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST,
+            HAS_NORM)  # fmt: skip
         dl = p * (dp - delta[:, :, None])
         if HAS_PRE:
             acc_a = tl.dot(tl.trans(_flat(dl, dt, HP, BLOCK_M, BLOCK_N)), _flat(s2, dt, HP, BLOCK_M, BLOCK_N), acc_a)
