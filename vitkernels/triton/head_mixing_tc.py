@@ -30,8 +30,9 @@ Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
 vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
 launch, ``_pad_kv``), the head norm optional; the same for the backward
-(``head_mixing_attention_bwd_tc``, below: q and dO, k and v of rows that are not whole
-16-byte vectors through zero-padded copies, a ``_pad_kv`` launch per pair). One
+(``head_mixing_attention_bwd_tc``, below: of rows that are not whole 16-byte vectors,
+k and v through ``_pad_kv``'s copies, q and dO read as they are by the dq launch, which
+writes the zero-padded copies the dk / dv launches read). One
 config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without spills
 at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
 backward's dk / dv kernel at HP = 16, dk and dv in two launches (``_kv_split``).
@@ -355,8 +356,8 @@ def _shape(t: torch.Tensor) -> str:
 def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k (B, H, NK, DK), v (B, H, NK, DV) as contiguous copies (B, H, NK, wk) and
     (B, H, NK, wv), the columns past DK / DV zero (wk, wv multiples of 8: rows of whole
-    16-byte vectors), made in one launch. The backward pads q and dO through it too
-    (any two tensors of the same (B, H, N))."""
+    16-byte vectors), made in one launch (any two tensors of the same (B, H, N); the
+    backward's q and dO copies are written by its dq launch instead)."""
     B, H, NK, DK = k.shape
     DV = v.shape[3]
     if v.shape[:3] != k.shape[:3]:
@@ -463,7 +464,9 @@ def head_mixing_attention_fwd_tc(
 # the saved lse, in the forward's tile (16 rows x 16 columns, 8 warps, heads padded to
 # HP, the mixing a dot over the flattened tile):
 #
-#   _bwd_q_tc_kernel, a program per (b, 16 query rows), tiles (HP, queries, keys):
+#   _bwd_q_tc_kernel, a program per (b, 16 query rows), tiles (HP, queries, keys); q
+#     and dO read once (any strides; with PAD_QO it stores their zero-padded copies,
+#     _pad_kv's layout, for the dk / dv launches):
 #     loop 1 over the key blocks: p, r, n, dn = dO.v, dr (the norm's backward), dp =
 #       P^T dr; delta = sum_j p dp; the partial sums of dP = dr p^T, dc = dr, dw = dn x^,
 #       dbeta = dn (dP a dot over the flattened tiles: (16, R) @ (R, 16))
