@@ -139,9 +139,15 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
     from vitkernels.workloads import EXTRA_SHAPES, WORKLOADS
 
     m2 = WORKLOADS["M2"].shape
-    # DeepViT-S's rows of 33: q and dO, k and v through zero-padded copies, a launch a pair
-    assert [rl.name.split("[")[0] for rl in record_workload(m2, "bwd").launches] == [
-        "head_mixing_pad_kv", "head_mixing_pad_kv", "head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
+    # DeepViT-S's rows of 33 through zero-padded copies: k and v by a launch of their
+    # own; q and dO written by the dq launch (which reads them as they are), then read
+    # by the dk / dv launches
+    bwd = record_workload(m2, "bwd").launches
+    assert [rl.name.split("[")[0] for rl in bwd] == [
+        "head_mixing_pad_kv", "head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
+    dq, copies = bwd[1].writes[0], bwd[1].writes[3:]
+    assert [tuple(t.shape) for t in copies] == [(dq.shape[0], 12, 197, 48)] * 2
+    assert all(any(t is c for t in la.reads) for la in bwd[2:4] for c in copies)
     assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-S-timm"], "bwd").launches] == [
         "head_mixing_bwd_q_tc", "head_mixing_bwd_dkdv_tc", "head_mixing_bwd_params_tc"]
     with pytest.raises(ValueError, match="H=17 heads is above the kernels' limit of 16"):

@@ -1102,6 +1102,50 @@ def test_many_heads_parameter_gradients_are_deterministic(many_poisoned, monkeyp
     assert len(first) == 3 + len(leaves) == 9  # pre, post (weights, biases), norm (weight, bias)
 
 
+@pytest.mark.parametrize("kind", ["re-attention", "timm talking heads"])
+def test_many_heads_backward_dq_launch_writes_the_padded_q_and_do_copies(kind, many_poisoned, monkeypatch):
+    """Rows that are not whole 16-byte vectors: the dq launch reads q (33 columns) and
+    dO (20) as they are (unaligned, non-contiguous views) and writes the zero-padded
+    contiguous copies (B, H, Nq, 48) and (B, H, Nq, 32) the dk / dv launches read, into
+    NaN-filled buffers (every row of every head, columns past 33 / 20 zero); only k and
+    v go through ``_pad_kv``. Nq 18: two query blocks, the second of 2 rows; dq, dk, dv
+    against float64 (DeepViT's re-attention; CaiT's pre- and post-mix)."""
+    made, padded = [], []
+    alloc, pad_kv = many_poisoned._alloc, many_poisoned._pad_kv
+
+    def record(shape, dtype, device):
+        made.append(alloc(shape, dtype, device))
+        return made[-1]
+
+    def spy(a, b, *widths):
+        padded.append(a.shape)
+        return pad_kv(a, b, *widths)
+
+    monkeypatch.setattr(many_poisoned, "_alloc", record)
+    monkeypatch.setattr(many_poisoned, "_pad_kv", spy)
+    B, H, NQ, NK = 2, 7, 18, 37
+    k, v = _unaligned_k_v(B, H, NK, 33, 20)
+    q = torch.randn(B, NQ, H, 36, dtype=torch.float16).transpose(1, 2)[..., 2:35]
+    g = torch.randn(B, H, 20, NQ, dtype=torch.float16).transpose(2, 3)  # head dim strided by Nq
+    p = _many_heads_params(H, kind)
+    (pre_w, _), (post_w, post_b) = p.get("pre", (None, None)), p["post"]
+    norm = "head_norm" in p
+    norm_w, norm_b, eps = p["head_norm"] if norm else (None, None, 1e-5)
+    args = (q, k, v, pre_w, post_w, post_b, norm_w, norm_b)
+    _, lse = many_poisoned.head_mixing_attention_fwd_tc(*args, 0.3, eps, norm)
+    made.clear(), padded.clear()
+    dq, dk, dv, *_ = many_poisoned.head_mixing_attention_bwd_tc(g, *args, lse, 0.3, eps, norm)
+    assert padded == [(B, H, NK, 33)]
+    (qp,) = [t for t in made if t.shape == (B, H, NQ, 48)]
+    (gp,) = [t for t in made if t.shape == (B, H, NQ, 32)]
+    assert torch.equal(qp, torch.nn.functional.pad(q, (0, 15)))
+    assert torch.equal(gp, torch.nn.functional.pad(g, (0, 12)))
+    expected, ref_qkv, _ = ref64(q, k, v, p, scale=0.3)
+    expected.backward(g.double())
+    for name, mine, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_qkv, strict=True):
+        assert_close(mine, r.grad, GRAD_TOL[torch.float16], f"{kind} {name}", floor=1.0)
+
+
 def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
     """The 5-16-head kernels through the custom ops: opcheck (forward and backward),
     torch.compile(fullgraph) of a call with its backward, torch.export of a call

@@ -30,8 +30,9 @@ Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
 vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
 launch, ``_pad_kv``), the head norm optional; the same for the backward
-(``head_mixing_attention_bwd_tc``, below: q and dO, k and v of rows that are not whole
-16-byte vectors through zero-padded copies, a ``_pad_kv`` launch per pair). One
+(``head_mixing_attention_bwd_tc``, below: of rows that are not whole 16-byte vectors,
+k and v through ``_pad_kv``'s copies, q and dO read as they are by the dq launch, which
+writes the zero-padded copies the dk / dv launches read). One
 config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without spills
 at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
 backward's dk / dv kernel at HP = 16, dk and dv in two launches (``_kv_split``).
@@ -355,8 +356,8 @@ def _shape(t: torch.Tensor) -> str:
 def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k (B, H, NK, DK), v (B, H, NK, DV) as contiguous copies (B, H, NK, wk) and
     (B, H, NK, wv), the columns past DK / DV zero (wk, wv multiples of 8: rows of whole
-    16-byte vectors), made in one launch. The backward pads q and dO through it too
-    (any two tensors of the same (B, H, N))."""
+    16-byte vectors), made in one launch (any two tensors of the same (B, H, N); the
+    backward's q and dO copies are written by its dq launch instead)."""
     B, H, NK, DK = k.shape
     DV = v.shape[3]
     if v.shape[:3] != k.shape[:3]:
@@ -463,7 +464,9 @@ def head_mixing_attention_fwd_tc(
 # the saved lse, in the forward's tile (16 rows x 16 columns, 8 warps, heads padded to
 # HP, the mixing a dot over the flattened tile):
 #
-#   _bwd_q_tc_kernel, a program per (b, 16 query rows), tiles (HP, queries, keys):
+#   _bwd_q_tc_kernel, a program per (b, 16 query rows), tiles (HP, queries, keys); q
+#     and dO read once (any strides; with PAD_QO it stores their zero-padded copies,
+#     _pad_kv's layout, for the dk / dv launches):
 #     loop 1 over the key blocks: p, r, n, dn = dO.v, dr (the norm's backward), dp =
 #       P^T dr; delta = sum_j p dp; the partial sums of dP = dr p^T, dc = dr, dw = dn x^,
 #       dbeta = dn (dP a dot over the flattened tiles: (16, R) @ (R, 16))
@@ -661,14 +664,25 @@ def _q_side_tile(qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_n, NK, s_kh, s_kn
 
 
 @triton.jit
+def _store_rows(XP, b, hs, offs_m, qok, xa, xb, H: tl.constexpr, NQ, CA: tl.constexpr, CB: tl.constexpr):
+    """The (HP, rows, CA + CB) tile [xa | xb] into rows offs_m of heads < H of the
+    contiguous (B, H, NQ, CA + CB) XP (``_pad_kv``'s layout; xa / xb already zero past
+    the operand's columns)."""
+    ptrs = XP + ((b.to(tl.int64) * H + hs[:, None, None]) * NQ + offs_m[None, :, None]) * (CA + CB)
+    tl.store(ptrs + tl.arange(0, CA)[None, None, :], xa, mask=qok[:, :, None])
+    if CB > 0:
+        tl.store(ptrs + CA + tl.arange(0, CB)[None, None, :], xb, mask=qok[:, :, None])
+
+
+@triton.jit
 def _bwd_q_tc_kernel(
-    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DQ, PART,
+    Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DQ, PART, QP, DOP,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
     s_aw0, s_aw1, s_pw0, s_pw1, s_pb, s_nw, s_nb,
     NQ, NK, num_qb, NPART, qk_scale, scale, eps,
-    H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DQO: tl.constexpr,
+    H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DQO: tl.constexpr, DVO: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_QO: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
 ):  # fmt: skip
@@ -685,16 +699,20 @@ def _bwd_q_tc_kernel(
     Vb = V + b.to(tl.int64) * s_vb
     DOb = DO + b.to(tl.int64) * s_ob
     dt = Q.dtype.element_ty
-    qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DK, qok)
+    # q and dO as they are (columns < DQO / DVO, any strides: read once per program)
+    qa = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, 0, KA, DQO, qok)
     if KB > 0:
-        qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DK, qok)
+        qb = _tile3(Qb, hs, offs_m, s_qh, s_qn, s_qd, KA, KB, DQO, qok)
     else:
         qb = qa
-    da = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, 0, VA, DV, qok)
+    da = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, 0, VA, DVO, qok)
     if VB > 0:
-        db = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, VA, VB, DV, qok)
+        db = _tile3(DOb, hs, offs_m, s_oh, s_on, s_od, VA, VB, DVO, qok)
     else:
         db = da
+    if PAD_QO:  # the dk / dv launches' zero-padded copies of this program's rows
+        _store_rows(QP, b, hs, offs_m, qok, qa, qb, H, NQ, KA, KB)
+        _store_rows(DOP, b, hs, offs_m, qok, da, db, H, NQ, VA, VB)
     wa, wat, wp, wpt, pb, nw, nb = _bwd_params(PRE_W, POST_W, POST_B, NORM_W, NORM_B, s_aw0, s_aw1, s_pw0, s_pw1,
                                                s_pb, s_nw, s_nb, hs, h_ok, H, HP, dt, HAS_PRE, HAS_POST,
                                                HAS_POST_B, HAS_NORM_W, HAS_NORM_B, HAS_POST and HAS_NORM)  # fmt: skip
@@ -932,11 +950,18 @@ def head_mixing_attention_bwd_tc(
     va, vb = _k_split(DV)
     named = (q, k)  # the launch's name: the caller's shapes
     dkr, dvr = DK, DV
-    if any(_width(t) == 1 for t in (q, k, v, grad_out)):
+    q_in, go_in = q, grad_out  # the dq launch reads q and dO as they are
+    pad = any(_width(t) == 1 for t in (q, k, v, grad_out))
+    if pad:
         # rows that are not whole 16-byte vectors (DeepViT-S's heads of 33) are read
-        # from zero-padded copies, as in the forward (read many times per program)
-        q, grad_out = _pad_kv(q, grad_out, ka + kb, va + vb)
+        # from zero-padded copies of the chunks' width, as in the forward, where a
+        # launch reads them in every loop step: k and v (every launch) through
+        # ``_pad_kv``; q and dO (the dk / dv launches) through copies the dq launch,
+        # which reads them once per program, writes of its rows (no launch of their own:
+        # ~49 us at M2, estimate; bench/NOTES.md, 2026-12-02, padfuse)
         k, v = _pad_kv(k, v, ka + kb, va + vb)
+        q = _alloc((B, H, NQ, ka + kb), q.dtype, dev)
+        grad_out = _alloc((B, H, NQ, va + vb), grad_out.dtype, dev)
         dkr, dvr = ka + kb, va + vb
 
     def mat(w):
@@ -952,7 +977,10 @@ def head_mixing_attention_bwd_tc(
                  HAS_NORM=has_norm, HAS_NORM_W=norm_w is not None, HAS_NORM_B=norm_b is not None)  # fmt: skip
     tag = _tag(*named, tuple(t for t in params), flags)
     qk_scale = scale * _LOG2E
-    common = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *as_, *ps, pbs, nws, nbs]
+    kv_strides = [*k.stride(), *v.stride()]
+    rest = [*as_, *ps, pbs, nws, nbs]
+    common = [*q.stride(), *kv_strides, *grad_out.stride(), *rest]
+    common_q = [*q_in.stride(), *kv_strides, *go_in.stride(), *rest]
     ptrs = [aw, pw, pbp, nwp, nbp]
     consts = dict(H=H, HP=hp, DK=dkr, DV=dvr, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **flags)
     num_qb = triton.cdiv(NQ, BLOCK_M)
@@ -961,11 +989,13 @@ def head_mixing_attention_bwd_tc(
     npart = 2 * hp * hp + 3 * hp
     part = _alloc((B * num_qb, npart), torch.float32, dev)
     reads = (q, k, v, grad_out, *(t for t in params if t is not None), lse)
+    copies = (q, grad_out) if pad else ()
     launch(Launch(
         f"head_mixing_bwd_q_tc[{tag}]", _bwd_q_tc_kernel, (num_qb * B,),
-        [q, k, v, grad_out, *ptrs, lse, delta, dq, part, *common, NQ, NK, num_qb, npart, qk_scale, scale,
-         float(eps)],
-        dict(consts, DQO=DK), NUM_WARPS, 1, reads=reads, writes=(dq, delta, part),
+        [q_in, k, v, go_in, *ptrs, lse, delta, dq, part, *(copies or (q_in, go_in)), *common_q, NQ, NK, num_qb,
+         npart, qk_scale, scale, float(eps)],
+        dict(consts, DQO=DK, DVO=DV, PAD_QO=pad), NUM_WARPS, 1,
+        reads=(q_in, k, v, go_in, *reads[4:]), writes=(dq, delta, part, *copies),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
     for do_dk, do_dv in _kv_split(hp):
