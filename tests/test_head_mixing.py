@@ -1075,6 +1075,68 @@ def test_many_heads_very_negative_logits_give_finite_gradients_with_padded_keys(
     check_grads("triton", q, k, v.half(), params, GRAD_TOL[torch.float16], f"very negative logits {kind}")
 
 
+@pytest.mark.parametrize("kind", ["re-attention", "norm"])
+def test_norm_at_eps_0_with_padding_keys_is_finite(kind, poisoned):
+    """The register kernels (3 and 4 heads) with the head norm at eps = 0 and 20 keys
+    (padding keys in the last tile): there p = 0 in every head, so the variance is 0
+    and 1 / sqrt(0) = inf; x^ = 0 * inf was NaN and, through the padding key's zero v
+    row, every output and gradient of its query rows NaN. Forward and every gradient
+    against float64."""
+    for H in (3, 4):
+        q, k, v = (t.half() for t in make((1, H, 17, 20, 32, 32)))
+        p = make_params(H, kind, torch.float16)
+        params = dict(p, head_norm=(*p["head_norm"][:2], 0.0))
+        assert ops.which_backend(q, k, v, **params, backend="triton")[0] == "triton"
+        out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+        assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"eps 0, {kind}, H{H}")
+        check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"eps 0, {kind}, H{H}")
+
+
+@pytest.mark.parametrize("H", [4, 9])  # the register kernels; the tensor-core kernels
+def test_norm_at_eps_0_where_every_head_of_a_real_key_underflows(H, poisoned, many_poisoned):
+    """eps = 0 and one real key (3) whose logit is ~130 below the others in every head:
+    its p is 0 in float32 (not in float64) in every head, so the head norm's variance
+    there is 0. The kernels take x^ = 0 there (rho = 0, not inf: no 0 * inf = NaN);
+    the float64 reference has a finite x^ no 32-bit arithmetic reproduces, so this
+    key's v row is 0 (its n then moves no output, dq or dk) and its dv is left out."""
+    q, k, v = make((1, H, 17, 20, 32, 32))
+    q[..., 0] = 3.0
+    k[:, :, 3] = 0.0
+    k[:, :, 3, 0] = -250.0
+    v[:, :, 3] = 0.0
+    q, k, v = q.half(), k.half(), v.half()
+    p = make_params(H, "re-attention", torch.float16)
+    params = dict(p, head_norm=(*p["head_norm"][:2], 0.0))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = vitkernels.head_mixing_attention(qg, kg, vg, **params, backend="triton")
+    expected, (q64, k64, v64), _ = ref64(q, k, v, params)
+    assert_close(out, expected, TOL[torch.float16], f"eps 0, H{H} out")
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), grad.half())
+    keep = torch.arange(20) != 3
+    for name, g, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv[:, :, keep], v64.grad[:, :, keep])):
+        assert_close(g, r, GRAD_TOL[torch.float16], f"eps 0, H{H} {name}", floor=1.0)
+    assert torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("H", [7, 9])  # HP = 8 and 16
+def test_many_heads_norm_at_eps_0_gives_finite_gradients_where_one_key_is_nearly_ignored(H, many_poisoned):
+    """Re-attention with the head norm at eps = 0, one key (5) of p ~ 1e-4 in every
+    head and a large v: the norm's rho = 1 / std over the heads is ~1e3 there and its
+    backward's dr ~1e6, past float16's 65504, though every float64 gradient is O(100).
+    dr rounded to 16 bits for the P^T mix (or the dP dot) would be inf and dq, dk NaN;
+    the kernels factor rho out of both."""
+    q, k, v = make((1, H, 17, 20, 32, 32))
+    q[..., 0] = 3.0
+    k[:, :, 5] = 0.0
+    k[:, :, 5, 0] = -8.0  # logit -4.2 against ~N(0, 1) for the other keys
+    v[:, :, 5] *= 30.0
+    p = make_params(H, "re-attention", torch.float16)
+    params = dict(p, head_norm=(*p["head_norm"][:2], 0.0))
+    check_grads("triton", q.half(), k.half(), v.half(), params, GRAD_TOL[torch.float16], f"eps 0, H{H}")
+
+
 def test_many_heads_parameter_gradients_are_deterministic(many_poisoned, monkeypatch):
     """The parameter gradients: per-program partial sums added in a fixed order, so
     two runs agree bit for bit; with the reduction's blocks shrunk to 1 row x 16

@@ -389,10 +389,18 @@ def _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h):
 
 @triton.jit
 def _head_norm(r3, norm_w, norm_b, valid, inv_h, eps):
-    """LayerNorm over the head slots (valid: 1 for real heads): n, x^ and rho (R, C)."""
+    """LayerNorm over the head slots (valid: 1 for real heads): n, x^ and rho (R, C).
+    Where the variance plus eps is 0 (eps = 0 and every head's r equal: at a padding
+    key, whose p is 0 in every head; at a real key only where p underflows in every
+    head), rho is 0, not inf: x^ = 0 (the norm's output its bias) and the backward's
+    dr = 0, where 0 * inf would be NaN (a padding key's zero v row would carry it into
+    every output of its query rows). At such a real key eager LayerNorm gives NaN too;
+    the float64 reference, whose p does not underflow, a value no 16- or 32-bit
+    arithmetic reproduces (at eps = 0 the norm is scale-invariant)."""
     mean = tl.sum(r3 * valid, 2) * inv_h
     xc = (r3 - mean[:, :, None]) * valid
-    rho = tl.rsqrt(tl.sum(xc * xc, 2) * inv_h + eps)
+    var = tl.sum(xc * xc, 2) * inv_h + eps
+    rho = tl.where(var > 0.0, tl.rsqrt(var), 0.0)
     xhat = xc * rho[:, :, None]
     return xhat * norm_w + norm_b, xhat, rho
 

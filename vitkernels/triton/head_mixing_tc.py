@@ -124,6 +124,14 @@ def _key_block(qa, qb, Kb, hs, h_ok, start, NK, s_kh, s_kn, s_kd, W, qk_scale, D
 
 
 @triton.jit
+def _rho(var_eps):
+    """The head norm's 1 / sqrt(variance + eps), 0 where that is 0 (eps = 0 and every
+    head equal; the register kernels' convention, ``head_mixing._head_norm``): x^ = 0
+    there, not 0 * inf = NaN."""
+    return tl.where(var_eps > 0.0, tl.rsqrt(var_eps), 0.0)
+
+
+@triton.jit
 def _mix_norm_tc(x3, WT, pbc, nwc, nbc, eps, H: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
     """_mix_tc's post-mix plus its bias, and with HAS_NORM the head norm, on the
@@ -153,7 +161,7 @@ def _mix_norm_tc(x3, WT, pbc, nwc, nbc, eps, H: tl.constexpr, HP: tl.constexpr, 
             q_lo = tl.sum(tl.where(lo, sq, 0.0), 1)
             q_hi = tl.sum(sq, 1) - q_lo
             var = tl.where(lo, q_lo[:, None], q_hi[:, None]) * (1.0 / H)
-        yt = xc * tl.rsqrt(var + eps) * nwc[None, :] + nbc[None, :]
+        yt = xc * _rho(var + eps) * nwc[None, :] + nbc[None, :]
     return tl.permute(tl.reshape(yt, (BM, BN, HP)), (2, 0, 1))
 
 
@@ -166,7 +174,7 @@ def _head_norm_tc(r3, nw, nb, h_ok, eps, H: tl.constexpr):
     x = tl.where(valid, r3, 0.0)
     mean = tl.sum(x, 0) * (1.0 / H)
     xc = tl.where(valid, x - mean[None, :, :], 0.0)
-    rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
+    rho = _rho(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
     return xc * rho[None, :, :] * nw[:, None, None] + nb[:, None, None]
 
 
@@ -512,8 +520,15 @@ def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.const
     norm (pb, nw, nb then per column of the flattened tile, ``_bwd_params``) the norm and
     its backward run on the post-mix's flattened tile (rows of one pair's heads, two
     pairs' at HP = 8: the head sums are row sums, as in ``_mix_norm_tc``), and x^, dr
-    come back flattened (float32) with p's flattened tile and dn's: (p, n, x^f, drf, dp,
-    pf, dnf); otherwise pf and dnf are p and dn."""
+    come back flattened (float32) with dn's: (p, n, x^f, drf, dp, pf, dnf, uf); otherwise
+    pf and dnf are p and dn, uf is dr.
+
+    The dP partial sums are uf^T @ pf, whatever the branch: with the norm, dr = rho u
+    where rho = 1 / std over the heads can be huge (eps ~ 0 and nearly equal heads:
+    |dr| ~ 7e5 in a float16 case whose float64 gradients are ~100), so dr is never
+    rounded to 16 bits: dp = rho (P^T u) and the dP dot's operands are u and rho p
+    (both bounded: |u| <= ~(H + 2) max |dn w|; rho p ~ 1 / |P| without a post-mix bias,
+    <= rho otherwise), each rounded to the inputs' type."""
     if HAS_PRE:
         lg = _mix_tc(s2, wa, HP, R, C)
     else:
@@ -526,7 +541,7 @@ def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.const
         a = tl.arange(0, 16)
         valid = ((a % HP) < H)[None, :]
         xc = tl.where(valid, x - _seg_mean(x, H, HP), 0.0)
-        rho = tl.rsqrt(_seg_mean(xc * xc, H, HP) + eps)
+        rho = _rho(_seg_mean(xc * xc, H, HP) + eps)
         okf = tl.reshape(tl.permute(tl.broadcast_to(tl.where(ok, 1.0, 0.0)[None, :, :], (HP, R, C)), (1, 2, 0)),
                          (R * C * HP // 16, 16))  # fmt: skip
         rho = tl.where(okf > 0.5, rho, 0.0)
@@ -534,8 +549,12 @@ def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.const
         n = tl.permute(tl.reshape(xhat * nw[None, :] + nb[None, :], (R, C, HP)), (2, 0, 1))
         dnf = tl.reshape(tl.permute(dn, (1, 2, 0)), (R * C * HP // 16, 16))
         g = dnf * nw[None, :]
-        dr = tl.where(valid, rho * (g - _seg_mean(g, H, HP) - xhat * _seg_mean(g * xhat, H, HP)), 0.0)
-        dp = tl.permute(tl.reshape(tl.dot(dr.to(wpt.dtype), wpt), (R, C, HP)), (2, 0, 1))
+        uf = tl.where(valid, g - _seg_mean(g, H, HP) - xhat * _seg_mean(g * xhat, H, HP), 0.0)
+        dr = rho * uf
+        # rho per row (HP = 16) or per half-row (HP = 8, whose P^T is block-diagonal):
+        # it commutes with the mix
+        dp = tl.permute(tl.reshape(tl.dot(uf.to(wpt.dtype), wpt) * rho, (R, C, HP)), (2, 0, 1))
+        pf = (pf.to(tl.float32) * rho).to(wp.dtype)
     else:
         if HAS_POST:
             r = _mix_tc(p, wp, HP, R, C) + pb[:, None, None]
@@ -546,7 +565,7 @@ def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.const
             x = tl.where(valid, r, 0.0)
             mean = tl.sum(x, 0) * (1.0 / H)
             xc = tl.where(valid, x - mean[None, :, :], 0.0)
-            rho = tl.rsqrt(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
+            rho = _rho(tl.sum(xc * xc, 0) * (1.0 / H) + eps)
             rho = tl.where(ok, rho, 0.0)
             xhat = xc * rho[None, :, :]
             n = xhat * nw[:, None, None] + nb[:, None, None]
@@ -564,7 +583,8 @@ def _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H: tl.const
             dp = dr
         pf = p
         dnf = dn
-    return p, n, xhat, dr, dp, pf, dnf
+        uf = dr
+    return p, n, xhat, dr, dp, pf, dnf, uf
 
 
 @triton.jit
@@ -640,7 +660,7 @@ def _q_side_tile(qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_n, NK, s_kh, s_kn
                  HAS_NORM: tl.constexpr):  # fmt: skip
     """_bwd_q_tc_kernel's key tile start_n, the same in both its loops: the k tiles (ka,
     kb: kb is ka where KB = 0), the scaled logits s2, dn = dO.v and ``_chain_bwd``'s p,
-    x^, dr, dp, pf, dnf."""
+    x^, dr, dp, pf, dnf, uf."""
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     kok = h_ok[:, None] & n_ok[None, :]
@@ -658,9 +678,9 @@ def _q_side_tile(qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_n, NK, s_kh, s_kn
     if VB > 0:
         vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
         dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
-    p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
-                                             BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
-    return s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf
+    p, n, xhat, dr, dp, pf, dnf, uf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H,
+                                                 HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+    return s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf, uf
 
 
 @triton.jit
@@ -729,13 +749,13 @@ def _bwd_q_tc_kernel(
     acc_c16 = tl.zeros((16,), tl.float32)
     acc_w16 = tl.zeros((16,), tl.float32)
     for start_a in range(0, num_kb):
-        s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf = _q_side_tile(
+        s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf, uf = _q_side_tile(
             qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_a, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2, wa, wp, wpt,
             pb, nw, nb, eps, qk_scale, DK, DV, KA, KB, VA, VB, H, HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST,
             HAS_NORM)  # fmt: skip
         delta += tl.sum(p * dp, 2)
         if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
-            acc_p = tl.dot(tl.trans(dr.to(dt)), pf, acc_p)
+            acc_p = tl.dot(tl.trans(uf.to(dt)), pf, acc_p)  # dr p^T as u (rho p)^T
             if HAS_POST_B:
                 acc_c16 += tl.sum(dr, 0)
             if HAS_NORM_W:
@@ -756,7 +776,7 @@ def _bwd_q_tc_kernel(
     dqa = tl.zeros((HP, BLOCK_M, KA), tl.float32)
     dqb = tl.zeros((HP, BLOCK_M, KB if KB > 0 else 16), tl.float32)
     for start_b in range(0, num_kb):
-        s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf = _q_side_tile(
+        s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf, uf = _q_side_tile(
             qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_b, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2, wa, wp, wpt,
             pb, nw, nb, eps, qk_scale, DK, DV, KA, KB, VA, VB, H, HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST,
             HAS_NORM)  # fmt: skip
@@ -866,8 +886,8 @@ def _bwd_kv_tc_kernel(
                 dn = tl.dot(vb, tl.permute(db, (0, 2, 1)), dn)
         if not DO_DK:
             dn = tl.zeros_like(s2)
-        p, n, xhat, dr, dp, pf, dnf = _chain_bwd(s2, lse2[:, None, :], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H, HP,
-                                        BLOCK_N, BLOCK_M, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
+        p, n, xhat, dr, dp, pf, dnf, uf = _chain_bwd(s2, lse2[:, None, :], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps,
+                                                     H, HP, BLOCK_N, BLOCK_M, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
         if DO_DV:
             n = n.to(dt)
             dva = tl.dot(n, da, dva)
