@@ -257,7 +257,7 @@ def _lse_step(s, m_i, l_i, c, n_ok, MASK_N: tl.constexpr):
     false) is left out of both (its p exactly 0, also at c = 0)."""
     if MASK_N:
         m_new = tl.maximum(m_i, tl.max(tl.where(n_ok[None, :], s, -float("inf")), 1))
-        p = tl.where(n_ok[None, :], tl.exp2(s * c - (m_new * c)[:, None]), 0.0)
+        p = tl.exp2(tl.where(n_ok[None, :], s * c - (m_new * c)[:, None], -float("inf")))
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s * c - (m_new * c)[:, None])
@@ -460,6 +460,31 @@ def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.T
     return kp, vp
 
 
+def _row_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+    """lse (B, H, Nq) float32 <- log-sum-exp over the keys of scale * q.k^T, each head's
+    own (the forward's row statistics without a pre-mix), one ``_lse_tc_kernel`` launch.
+    q (B, H, Nq, Dq), k (B, H, Nk, Dk) 16-bit, any strides, Dq <= Dk <= 64 (k's columns
+    past Dq, e.g. ``_pad_kv``'s zero padding, are read and meet q's zero columns: they
+    must be finite)."""
+    B, H, NQ, DQ = q.shape
+    NK, DK = k.shape[2], k.shape[3]
+    if k.shape[:2] != q.shape[:2] or not DQ <= DK <= 64 or lse.shape != (B, H, NQ):
+        raise ValueError(f"head_mixing (tensor-core row statistics): q {_shape(q)}, k {_shape(k)}, lse "
+                         f"{_shape(lse)}; expected q (B, H, Nq, Dq), k (B, H, Nk, Dq <= Dk <= 64), lse (B, H, Nq)")  # fmt: skip
+    ka, kb = _k_split(DK)
+    # the kernel's running maximum is of the unscaled logits: a negative scale goes in as
+    # -q and |scale| (exactly the same logits)
+    qs = q if scale >= 0 else -q
+    num_qb = triton.cdiv(NQ, LSE_BLOCK_M)
+    launch(Launch(
+        f"head_mixing_lse_tc[{SHORT[q.dtype]},H{H},Nq{NQ},Nk{NK},D{DQ}]", _lse_tc_kernel, (num_qb * B * H,),
+        [qs, k, lse, *qs.stride(), *k.stride(), NQ, NK, H, num_qb, abs(scale) * _LOG2E],
+        dict(DQ=DQ, DK=DK, KA=ka, KB=kb, BLOCK_M=LSE_BLOCK_M, BLOCK_N=LSE_BLOCK_N, TAIL_N=LSE_TAIL_N),
+        LSE_WARPS, 1, reads=(qs, k), writes=(lse,),
+        loops={"start_n": NK // LSE_BLOCK_N, "tail_n": triton.cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)},
+    ))  # fmt: skip
+
+
 def head_mixing_attention_fwd_tc(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -536,17 +561,7 @@ def head_mixing_attention_fwd_tc(
         # no pre-mix: each head's row statistics are its own (plain attention), computed
         # by _lse_tc_kernel a (b, h, 64 query rows) on the tensor cores; the fused kernel
         # then runs pass 2 only (bench/NOTES.md, 2026-12-02, m2stats)
-        # (the kernel's running maximum is of the unscaled logits: a negative scale goes
-        # in as -q and |scale|, exactly the same logits)
-        qs = q if scale >= 0 else -q
-        lse_qb = triton.cdiv(NQ, LSE_BLOCK_M)
-        launch(Launch(
-            f"head_mixing_lse_tc[{SHORT[q.dtype]},H{H},Nq{NQ},Nk{NK},D{DK}]", _lse_tc_kernel, (lse_qb * B * H,),
-            [qs, k, lse, *qs.stride(), *k.stride(), NQ, NK, H, lse_qb, abs(scale) * _LOG2E],
-            dict(DQ=DK, DK=dk, KA=ka, KB=kb, BLOCK_M=LSE_BLOCK_M, BLOCK_N=LSE_BLOCK_N, TAIL_N=LSE_TAIL_N),
-            LSE_WARPS, 1, reads=(qs, k), writes=(lse,),
-            loops={"start_n": NK // LSE_BLOCK_N, "tail_n": triton.cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)},
-        ))  # fmt: skip
+        _row_lse(q, k, lse, scale)
     args = [q, k, v, aw, pw, pbp, nwp, nbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
             nws, nbs, NQ, NK, num_qb, scale * _LOG2E, float(eps)]  # fmt: skip
     constexprs = dict(H=H, HP=hp, DQ=DK, DK=dk, DV=dv, DO=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
