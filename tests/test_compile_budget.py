@@ -139,6 +139,12 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
     from vitkernels.workloads import EXTRA_SHAPES, WORKLOADS
 
     m2 = WORKLOADS["M2"].shape
+    # the forward: k and v padded in one launch; no pre-mix, so the row statistics in
+    # their own launch (each head's own) before the fused kernel
+    assert [rl.name.split("[")[0] for rl in record_workload(m2, "fwd").launches] == [
+        "head_mixing_pad_kv", "head_mixing_lse_tc", "head_mixing_fwd_tc"]
+    assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-M"], "fwd").launches] == [
+        "head_mixing_fwd_tc"]  # the pre-mix: the statistics stay in the fused kernel
     # DeepViT-S's rows of 33: q and dO, k and v through zero-padded copies, a launch a pair
     assert [rl.name.split("[")[0] for rl in record_workload(m2, "bwd").launches] == [
         "head_mixing_pad_kv", "head_mixing_pad_kv", "head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
