@@ -12,7 +12,11 @@ or 16, per key block of BLOCK_N keys:
                                                                HP = 8: two (query, key)
                                                                pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
-            lanes once after the loop: the row statistics of every mixed head
+            lanes once after the loop: the row statistics of every mixed head. Without
+            a pre-mix (re-attention) they are each head's own: a launch of their own
+            before (``_lse_tc_kernel``, a (b, h, 64 query rows) on 4 warps, wgmma on
+            sm_90a) and the fused kernel reads lse and runs pass 2 only (LSE_IN;
+            bench/NOTES.md, 2026-12-02, m2stats)
     pass 2: p = 2^(l - lse) (lse = m + log2 sum), r^T = p^T @ P^T (+ c), n = LayerNorm
             over the heads of r (re-attention: row sums of r^T, whose rows hold one
             (query, key)'s heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv)
