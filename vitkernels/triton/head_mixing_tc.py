@@ -380,7 +380,8 @@ def _fwd_tc_kernel(
     lse_ptrs = LSE + (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
     if LSE_IN:
         # no pre-mix: the row statistics are each head's own, from _lse_tc_kernel (a
-        # padded head's or row's lse 0: its p finite, and zeroed by the masks below)
+        # padded head's or row's lse 0: its p finite, kept out of the output by the
+        # padded heads' zero mixing weights, the head masks and the masked stores)
         lse2 = tl.load(lse_ptrs, mask=qok, other=0.0) * 1.4426950408889634
     else:
         # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
