@@ -139,6 +139,12 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
     from vitkernels.workloads import EXTRA_SHAPES, WORKLOADS
 
     m2 = WORKLOADS["M2"].shape
+    # the forward: k and v padded in one launch; no pre-mix, so the row statistics in
+    # their own launch (each head's own) before the fused kernel
+    assert [rl.name.split("[")[0] for rl in record_workload(m2, "fwd").launches] == [
+        "head_mixing_pad_kv", "head_mixing_lse_tc", "head_mixing_fwd_tc"]
+    assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-M"], "fwd").launches] == [
+        "head_mixing_fwd_tc"]  # the pre-mix: the statistics stay in the fused kernel
     # DeepViT-S's rows of 33 through zero-padded copies: k and v by a launch of their
     # own; q and dO written by the dq launch (which reads them as they are), then read
     # by the dk / dv launches

@@ -859,6 +859,10 @@ MANY_HEADS = {
     # LayerNorm(elementwise_affine=False) after the post-mix, float32 parameters (autocast)
     "H12 N17 D32 post-mix non-affine norm f32 params": ((2, 12, 17, 17, 32, 32), "post, plain norm, f32",
                                                          "contiguous"),
+    # no pre-mix: the row statistics from their own launch (_lse_tc_kernel: 64-key blocks
+    # and a 16-key tail; Nk65 one key in the tail), D64 and D48 in one chunk and two
+    "H10 Nq17 Nk65 D64 re-attention": ((1, 10, 17, 65, 64, 64), "re-attention", "contiguous"),
+    "H5 Nq1 Nk1 D48 post": ((1, 5, 1, 1, 48, 48), "post", "contiguous"),
 }
 
 
@@ -971,23 +975,66 @@ def test_many_heads_forward_with_unaligned_k_and_v_of_different_widths(kind, poi
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"unaligned k, v {kind}")
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["talking heads", "with the head norm"])
-def test_many_heads_forward_saves_lse(norm, poisoned, monkeypatch):
+@pytest.mark.parametrize("kind", ["timm talking heads", "all", "re-attention"],
+                         ids=["talking heads", "with the head norm", "re-attention (no pre-mix)"])  # fmt: skip
+def test_many_heads_forward_saves_lse(kind, poisoned, monkeypatch):
     """The launcher's lse (B, H, Nq): log-sum-exp over the keys of each mixed head's
-    logits (the head norm, after the softmax, leaves it alone); out beside it."""
+    logits (the head norm, after the softmax, leaves it alone); out beside it. Without
+    a pre-mix the row statistics come from their own launch (``_row_lse``)."""
     from vitkernels.triton import head_mixing_tc
 
     monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
     q, k, v = make((2, 9, 21, 40, 48, 48), torch.float16)
-    params = make_params(9, "all" if norm else "timm talking heads", torch.float16)
-    (pre_w, _), (post_w, post_b) = params["pre"], params["post"]
+    params = make_params(9, kind, torch.float16)
+    norm = "head_norm" in params
+    pre_w = params["pre"][0] if "pre" in params else None
+    post_w, post_b = params["post"]
     norm_w, norm_b, eps = params["head_norm"] if norm else (None, None, 1e-5)
     out, lse = tk.head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, 0.3, eps, norm)
     s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * 0.3
-    logits = torch.einsum("gh,bhij->bgij", pre_w.double(), s)
+    logits = s if pre_w is None else torch.einsum("gh,bhij->bgij", pre_w.double(), s)
     assert lse.shape == (2, 9, 21) and lse.dtype == torch.float32
     assert_close(lse, logits.logsumexp(-1), TOL[torch.float16], "lse")
     assert_close(out, ref64(q, k, v, params, scale=0.3)[0], TOL[torch.float16], "out")
+
+
+@pytest.mark.parametrize(
+    "shape, scale",
+    [((2, 3, 17, 197, 33, 48), 0.2), ((1, 2, 1, 1, 64, 64), 0.125), ((1, 2, 70, 64, 48, 48), 0.3),
+     ((1, 1, 20, 65, 32, 32), -0.2), ((1, 2, 5, 16, 16, 16), 0.0)],
+    ids=["Nq17 Nk197 Dq33 k padded to 48", "Nq1 Nk1 D64", "Nq70 Nk64 (no tail) D48", "Nk65 negative scale",
+         "Nk16 scale 0"],
+)  # fmt: skip
+def test_many_heads_row_lse_kernel(shape, scale, poisoned, monkeypatch):
+    """``_row_lse`` (the forward's statistics without a pre-mix, ``_lse_tc_kernel``):
+    lse (B, H, Nq) against a float64 logsumexp; k as ``_pad_kv`` leaves it (columns past
+    Dq zero) or as wide as q; 64-key blocks and the 16-key tail, query blocks of 64 and
+    a partial one; into a NaN-filled buffer."""
+    from vitkernels.triton import head_mixing_tc
+
+    B, H, NQ, NK, DQ, DK = shape
+    q = torch.randn(B, H, NQ, DQ, dtype=torch.float16)
+    k = torch.nn.functional.pad(torch.randn(B, H, NK, DQ), (0, DK - DQ)).half()
+    lse = tk._alloc((B, H, NQ), torch.float32, q.device)
+    head_mixing_tc._row_lse(q, k, lse, scale)
+    want = (torch.einsum("bhid,bhjd->bhij", q.double(), k[..., :DQ].double()) * scale).logsumexp(-1)
+    assert_close(lse, want, 1e-5, "lse")  # float16 products, float32 sums: near exact
+    with pytest.raises(ValueError, match=r"q \(2, 3, 17, 33\), k \(2, 3, 197, 32\), lse \(2, 3, 17\); expected"):
+        head_mixing_tc._row_lse(torch.zeros(2, 3, 17, 33), torch.zeros(2, 3, 197, 32), torch.zeros(2, 3, 17), 1.0)
+
+
+def test_many_heads_row_lse_of_very_negative_logits():
+    """Logits near -300 (float16 q, k): lse near -300, finite and right (the running
+    maximum starts at -1e30 and is of the unscaled logits); 197 keys, the tail padded."""
+    from vitkernels.triton import head_mixing_tc
+
+    q = (torch.randn(1, 2, 20, 32) * 0.1 + 10.0).half()
+    k = (-(torch.randn(1, 2, 197, 32) * 0.1 + 10.0)).half()
+    lse = torch.full((1, 2, 20), float("nan"))
+    head_mixing_tc._row_lse(q, k, lse, 0.09)
+    want = (torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * 0.09).logsumexp(-1)
+    assert want.max() < -250
+    assert_close(lse, want, 1e-5, "lse near -300")
 
 
 def test_many_heads_limits_are_reasons():

@@ -12,7 +12,11 @@ or 16, per key block of BLOCK_N keys:
                                                                HP = 8: two (query, key)
                                                                pairs a row, blockdiag(A^T, A^T))
     pass 1: running max / sum per element (one exponential), reduced over the key
-            lanes once after the loop: the row statistics of every mixed head
+            lanes once after the loop: the row statistics of every mixed head. Without
+            a pre-mix (re-attention) they are each head's own: a launch of their own
+            before (``_lse_tc_kernel``, a (b, h, 64 query rows) on 4 warps, wgmma on
+            sm_90a) and the fused kernel reads lse and runs pass 2 only (LSE_IN;
+            bench/NOTES.md, 2026-12-02, m2stats)
     pass 2: p = 2^(l - lse) (lse = m + log2 sum), r^T = p^T @ P^T (+ c), n = LayerNorm
             over the heads of r (re-attention: row sums of r^T, whose rows hold one
             (query, key)'s heads, two pairs' at HP = 8; helper tcnorm), out (HP, BM, Dv)
@@ -54,6 +58,10 @@ MAX_HEADS = 16
 BLOCK_M = 16  # query rows (32 at 5-8 heads over more than 16 queries: fewer instructions a row)
 BLOCK_N = 16
 NUM_WARPS = 8
+LSE_BLOCK_M = 64  # _lse_tc_kernel: query rows a program (one warpgroup: wgmma on sm_90a)
+LSE_BLOCK_N = 64
+LSE_WARPS = 4
+LSE_TAIL_N = 16  # its keys past the last whole block, in blocks of this
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -240,6 +248,81 @@ def _pad_kv_kernel(K, V, KP, VP, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
 
 
 @triton.jit
+def _lse_logits(qa, qb, Kb, offs_n, n_ok, s_kn, s_kd, DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """One head's unscaled logits q.k (BM, BN) of the keys offs_n (n_ok their mask; all
+    true in a whole block)."""
+    cols = tl.arange(0, KA)
+    ka = tl.load(Kb + offs_n[:, None] * s_kn + cols[None, :] * s_kd, mask=n_ok[:, None] & (cols < DK)[None, :],
+                 other=0.0)  # fmt: skip
+    s = tl.dot(qa, tl.trans(ka))
+    if KB > 0:
+        cols_b = KA + tl.arange(0, KB)
+        kb = tl.load(Kb + offs_n[:, None] * s_kn + cols_b[None, :] * s_kd,
+                     mask=n_ok[:, None] & (cols_b < DK)[None, :], other=0.0)  # fmt: skip
+        s = tl.dot(qb, tl.trans(kb), s)
+    return s
+
+
+@triton.jit
+def _lse_step(s, m_i, l_i, c, n_ok, MASK_N: tl.constexpr):
+    """Online row maximum (of the unscaled logits s: c >= 0, so the scaled maximum is
+    c m) and sum of 2^(c s - c m) with one key block; with MASK_N a padded key (n_ok
+    false) is left out of both (its p exactly 0, also at c = 0)."""
+    if MASK_N:
+        m_new = tl.maximum(m_i, tl.max(tl.where(n_ok[None, :], s, -float("inf")), 1))
+        p = tl.exp2(tl.where(n_ok[None, :], s * c - (m_new * c)[:, None], -float("inf")))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s * c - (m_new * c)[:, None])
+    l_i = l_i * tl.exp2((m_i - m_new) * c) + tl.sum(p, 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _lse_tc_kernel(Q, K, LSE, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, NQ, NK, H, num_qb, qk_scale,
+                   DQ: tl.constexpr, DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):  # fmt: skip
+    """The forward's row statistics without a pre-mix (each head's softmax its own): lse
+    (B, H, NQ) float32 (natural log) of one head's BLOCK_M query rows a program, q.k on
+    the tensor cores (64 rows on 4 warps: wgmma on sm_90a), online max / sum per row.
+    qk_scale: the softmax scale in log2 units, >= 0."""
+    pid = tl.program_id(0)
+    bh = pid // num_qb
+    qblk = pid - bh * num_qb
+    b = bh // H
+    h = bh - b * H
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < NQ
+    Qb = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qn
+    cols = tl.arange(0, KA)
+    qa = tl.load(Qb + cols[None, :] * s_qd, mask=m_ok[:, None] & (cols < DQ)[None, :], other=0.0)
+    if KB > 0:
+        cols_b = KA + tl.arange(0, KB)
+        qb = tl.load(Qb + cols_b[None, :] * s_qd, mask=m_ok[:, None] & (cols_b < DQ)[None, :], other=0.0)
+    else:
+        qb = qa
+    Kb = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    # the whole BLOCK_N-key blocks without the key mask, then the rest (NK % BLOCK_N keys)
+    # in blocks of TAIL_N with it (a padded key adds exactly 0). The running maximum is
+    # of the unscaled logits (qk_scale >= 0: the launcher negates q for a negative scale),
+    # so p = 2^(qk_scale s - qk_scale m) is one FFMA and one exponential an element
+    n_all = tl.full((BLOCK_N,), 1, tl.int1)
+    for start_n in range(0, NK // BLOCK_N):
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = _lse_logits(qa, qb, Kb, offs_n, n_all, s_kn, s_kd, DK, KA, KB)
+        m_i, l_i = _lse_step(s, m_i, l_i, qk_scale, n_all, False)
+    for tail_n in range((NK // BLOCK_N) * (BLOCK_N // TAIL_N), tl.cdiv(NK, TAIL_N)):
+        offs_n = tail_n * TAIL_N + tl.arange(0, TAIL_N)
+        n_ok = offs_n < NK
+        s = _lse_logits(qa, qb, Kb, offs_n, n_ok, s_kn, s_kd, DK, KA, KB)
+        m_i, l_i = _lse_step(s, m_i, l_i, qk_scale, n_ok, True)
+    lse = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
 def _fwd_tc_kernel(
     Q, K, V, PRE_W, POST_W, POST_B, NORM_W, NORM_B, O, LSE,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -249,7 +332,7 @@ def _fwd_tc_kernel(
     KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, LSE_IN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // num_qb
@@ -303,26 +386,32 @@ def _fwd_tc_kernel(
     num_kb = tl.cdiv(NK, BLOCK_N)
     # the k / v tiles' mask in a whole key block (every key real): the heads only
     kfull = tl.broadcast_to(h_ok[:, None], (HP, BLOCK_N))
-    # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
-    # reduced over the key lanes after the loop. The whole key blocks run without the
-    # key mask (the k tile masked by head only); the last block (peeled) sets a padded
-    # key's logit to -1e30: its lane's maximum stays -1e30 unless a real key lands
-    # there, and adds nothing below
-    me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
-    se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    for start_n in range(0, num_kb - 1):
-        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
-                        BLOCK_N, HAS_PRE)  # fmt: skip
-        me, se = _stats_step(lg, me, se)
-    lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, num_kb - 1, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
-                             BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
-    me, se = _stats_step(lg, me, se)
-    m_i = tl.max(me, 2)
-    l_i = tl.sum(se * tl.exp2(me - m_i[:, :, None]), 2)
-    lse2 = m_i + tl.log2(l_i)
     lse_ptrs = LSE + (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
-    tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=qok)
+    if LSE_IN:
+        # no pre-mix: the row statistics are each head's own, from _lse_tc_kernel (a
+        # padded head's or row's lse 0: its p finite, kept out of the output by the
+        # padded heads' zero mixing weights, the head masks and the masked stores)
+        lse2 = tl.load(lse_ptrs, mask=qok, other=0.0) * 1.4426950408889634
+    else:
+        # pass 1: per-element running max and sum (d = l - m; e = 2^-|d|; one exponential),
+        # reduced over the key lanes after the loop. The whole key blocks run without the
+        # key mask (the k tile masked by head only); the last block (peeled) sets a padded
+        # key's logit to -1e30: its lane's maximum stays -1e30 unless a real key lands
+        # there, and adds nothing below
+        me = tl.full((HP, BLOCK_M, BLOCK_N), -1.0e30, tl.float32)
+        se = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+        for start_n in range(0, num_kb - 1):
+            offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            lg = _logits_tc(qa, qb, Kb, hs, offs_n, kfull, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP, BLOCK_M,
+                            BLOCK_N, HAS_PRE)  # fmt: skip
+            me, se = _stats_step(lg, me, se)
+        lg, _, _, _ = _key_block(qa, qb, Kb, hs, h_ok, num_kb - 1, NK, s_kh, s_kn, s_kd, wa, qk_scale, DK, KA, KB, HP,
+                                 BLOCK_M, BLOCK_N, HAS_PRE, False)  # fmt: skip
+        me, se = _stats_step(lg, me, se)
+        m_i = tl.max(me, 2)
+        l_i = tl.sum(se * tl.exp2(me - m_i[:, :, None]), 2)
+        lse2 = m_i + tl.log2(l_i)
+        tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=qok)
 
     # pass 2: p, the post-mix, p.v; the whole key blocks without the key mask, then the
     # last with it, as a loop of one trip (straight-line code there took ~25 registers
@@ -383,6 +472,31 @@ def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.T
         reads=(k, v), writes=(kp, vp),
     ))  # fmt: skip
     return kp, vp
+
+
+def _row_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+    """lse (B, H, Nq) float32 <- log-sum-exp over the keys of scale * q.k^T, each head's
+    own (the forward's row statistics without a pre-mix), one ``_lse_tc_kernel`` launch.
+    q (B, H, Nq, Dq), k (B, H, Nk, Dk) 16-bit, any strides, Dq <= Dk <= 64 (k's columns
+    past Dq, e.g. ``_pad_kv``'s zero padding, are read and meet q's zero columns: they
+    must be finite)."""
+    B, H, NQ, DQ = q.shape
+    NK, DK = k.shape[2], k.shape[3]
+    if k.shape[:2] != q.shape[:2] or not DQ <= DK <= 64 or lse.shape != (B, H, NQ):
+        raise ValueError(f"head_mixing (tensor-core row statistics): q {_shape(q)}, k {_shape(k)}, lse "
+                         f"{_shape(lse)}; expected q (B, H, Nq, Dq), k (B, H, Nk, Dq <= Dk <= 64), lse (B, H, Nq)")  # fmt: skip
+    ka, kb = _k_split(DK)
+    # the kernel's running maximum is of the unscaled logits: a negative scale goes in as
+    # -q and |scale| (exactly the same logits)
+    qs = q if scale >= 0 else -q
+    num_qb = triton.cdiv(NQ, LSE_BLOCK_M)
+    launch(Launch(
+        f"head_mixing_lse_tc[{SHORT[q.dtype]},H{H},Nq{NQ},Nk{NK},D{DQ}]", _lse_tc_kernel, (num_qb * B * H,),
+        [qs, k, lse, *qs.stride(), *k.stride(), NQ, NK, H, num_qb, abs(scale) * _LOG2E],
+        dict(DQ=DQ, DK=DK, KA=ka, KB=kb, BLOCK_M=LSE_BLOCK_M, BLOCK_N=LSE_BLOCK_N, TAIL_N=LSE_TAIL_N),
+        LSE_WARPS, 1, reads=(qs, k), writes=(lse,),
+        loops={"start_n": NK // LSE_BLOCK_N, "tail_n": triton.cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)},
+    ))  # fmt: skip
 
 
 def head_mixing_attention_fwd_tc(
@@ -456,13 +570,22 @@ def head_mixing_attention_fwd_tc(
                  HAS_NORM=has_norm, HAS_NORM_W=has_norm and norm_w is not None,
                  HAS_NORM_B=has_norm and norm_b is not None)  # fmt: skip
     tag = _tag(*named, params, flags)
+    lse_in = pre_w is None
+    if lse_in:
+        # no pre-mix: each head's row statistics are its own (plain attention), computed
+        # by _lse_tc_kernel a (b, h, 64 query rows) on the tensor cores; the fused kernel
+        # then runs pass 2 only (bench/NOTES.md, 2026-12-02, m2stats)
+        _row_lse(q, k, lse, scale)
     args = [q, k, v, aw, pw, pbp, nwp, nbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
             nws, nbs, NQ, NK, num_qb, scale * _LOG2E, float(eps)]  # fmt: skip
     constexprs = dict(H=H, HP=hp, DQ=DK, DK=dk, DV=dv, DO=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-                      **flags)  # fmt: skip
+                      **flags, LSE_IN=lse_in)  # fmt: skip
+    loops = {"start_t": num_kb - 1, "end_t": 1}
+    if not lse_in:
+        loops["start_n"] = num_kb - 1  # pass 1
     launch(Launch(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
-        reads=(q, k, v, *params), writes=(out, lse), loops={"start_n": num_kb - 1, "start_t": num_kb - 1, "end_t": 1},
+        reads=(q, k, v, *params, *((lse,) if lse_in else ())), writes=(out,) if lse_in else (out, lse), loops=loops,
     ))  # fmt: skip
     return out, lse
 
