@@ -1167,7 +1167,7 @@ def test_norm_at_eps_0_where_every_head_of_a_real_key_underflows(H, poisoned, ma
     assert torch.isfinite(dv).all()
 
 
-@pytest.mark.parametrize("H", [7, 9])  # HP = 8 and 16
+@pytest.mark.parametrize("H", [3, 4, 7, 9])  # the register kernels; HP = 8 and 16
 def test_many_heads_norm_at_eps_0_gives_finite_gradients_where_one_key_is_nearly_ignored(H, many_poisoned):
     """Re-attention with the head norm at eps = 0, one key (5) of p ~ 1e-4 in every
     head and a large v: the norm's rho = 1 / std over the heads is ~1e3 there and its

@@ -868,7 +868,13 @@ def _delta_pass(
             acc_dw += tl.sum(dn3 * xhat, 1)
             acc_db += tl.sum(dn3, 1)
         if HAS_POST:
-            if PAIR_DOT:
+            if PAIR_DOT and HAS_NORM:
+                # dr = rho u may pass float16's range (rho = 1 / std over the heads, large
+                # at eps ~ 0): rho moved to p's side before the 16-bit rounding
+                rinv = tl.where(rho > 0.0, 1.0 / rho, 0.0)[:, :, None]
+                acc_dp = tl.dot(_pair_lhs(dr * rinv, J2, DT), _pair_rhs(p * rho[:, :, None], J2, DT), acc_dp,
+                                input_precision="tf32x3")  # fmt: skip
+            elif PAIR_DOT:
                 acc_dp = tl.dot(_pair_lhs(dr, J2, DT), _pair_rhs(p, J2, DT), acc_dp, input_precision="tf32x3")
             else:
                 acc_dp += tl.sum(_outer_rows(p, dr, HP), 0)  # [f, g]
