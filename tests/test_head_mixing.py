@@ -1168,12 +1168,13 @@ def test_norm_at_eps_0_where_every_head_of_a_real_key_underflows(H, poisoned, ma
 
 
 @pytest.mark.parametrize("H", [3, 4, 7, 9])  # the register kernels; HP = 8 and 16
-def test_many_heads_norm_at_eps_0_gives_finite_gradients_where_one_key_is_nearly_ignored(H, many_poisoned):
+def test_norm_at_eps_0_gives_finite_gradients_where_one_key_is_nearly_ignored(H, many_poisoned):
     """Re-attention with the head norm at eps = 0, one key (5) of p ~ 1e-4 in every
     head and a large v: the norm's rho = 1 / std over the heads is ~1e3 there and its
     backward's dr ~1e6, past float16's 65504, though every float64 gradient is O(100).
-    dr rounded to 16 bits for the P^T mix (or the dP dot) would be inf and dq, dk NaN;
-    the kernels factor rho out of both."""
+    dr rounded to 16 bits would be inf: in the tensor-core kernels for the P^T mix (dq,
+    dk NaN) and the dP dot, in the register kernels for the dP dot (the post-mix
+    weight's gradient NaN); the kernels move rho out of the 16-bit operands."""
     q, k, v = make((1, H, 17, 20, 32, 32))
     q[..., 0] = 3.0
     k[:, :, 5] = 0.0
