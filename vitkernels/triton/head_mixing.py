@@ -388,6 +388,13 @@ def _head_norm_bwd(dn3, xhat, rho, norm_w, valid, inv_h):
 
 
 @triton.jit
+def _rho(var_eps):
+    """The head norm's 1 / sqrt(variance + eps), 0 where that is 0 (see ``_head_norm``;
+    the tensor-core kernels use it too)."""
+    return tl.where(var_eps > 0.0, tl.rsqrt(var_eps), 0.0)
+
+
+@triton.jit
 def _head_norm(r3, norm_w, norm_b, valid, inv_h, eps):
     """LayerNorm over the head slots (valid: 1 for real heads): n, x^ and rho (R, C).
     Where the variance plus eps is 0 (eps = 0 and every head's r equal: at a padding
@@ -399,8 +406,7 @@ def _head_norm(r3, norm_w, norm_b, valid, inv_h, eps):
     arithmetic reproduces (at eps = 0 the norm is scale-invariant)."""
     mean = tl.sum(r3 * valid, 2) * inv_h
     xc = (r3 - mean[:, :, None]) * valid
-    var = tl.sum(xc * xc, 2) * inv_h + eps
-    rho = tl.where(var > 0.0, tl.rsqrt(var), 0.0)
+    rho = _rho(tl.sum(xc * xc, 2) * inv_h + eps)
     xhat = xc * rho[:, :, None]
     return xhat * norm_w + norm_b, xhat, rho
 

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.triton._common import SHORT, Launch, alloc, launch
-from vitkernels.triton.head_mixing import _k_split, _param_grad_kernel, _tag, _width
+from vitkernels.triton.head_mixing import _k_split, _param_grad_kernel, _rho, _tag, _width
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_bwd_tc", "head_mixing_attention_fwd_tc"]
 
@@ -129,14 +129,6 @@ def _key_block(qa, qb, Kb, hs, h_ok, start, NK, s_kh, s_kn, s_kd, W, qk_scale, D
     else:
         lg = tl.where(n_ok[None, None, :], lg, -1.0e30)
     return lg, offs_n, n_ok, kok
-
-
-@triton.jit
-def _rho(var_eps):
-    """The head norm's 1 / sqrt(variance + eps), 0 where that is 0 (eps = 0 and every
-    head equal; the register kernels' convention, ``head_mixing._head_norm``): x^ = 0
-    there, not 0 * inf = NaN."""
-    return tl.where(var_eps > 0.0, tl.rsqrt(var_eps), 0.0)
 
 
 @triton.jit
