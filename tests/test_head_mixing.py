@@ -154,12 +154,17 @@ def ref64(q, k, v, params, scale=None):
 
 
 
-def check_grads(backend, q, k, v, params, tol, what=""):
+def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
+    """rounded_grad: the float64 reference's output gradient is the kernel's, rounded to
+    the inputs' type (a gradient summed over many cancelling terms, the head norm's
+    weight at 3 heads, otherwise carries the rounding of dO past the tolerance)."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     params = _map_params(params, lambda t: t.detach().requires_grad_())
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend=backend)
     expected, ref_qkv, p64 = ref64(q, k, v, params)
     grad = torch.randn_like(expected)
+    if rounded_grad:
+        grad = grad.to(out.dtype).to(expected.dtype)
     expected.backward(grad)
     mine = [q, k, v, *_leaves(params)]
     theirs = [*ref_qkv, *_leaves(p64)]
@@ -1136,7 +1141,7 @@ def test_norm_at_eps_0_with_padding_keys_is_finite(kind, poisoned):
         assert ops.which_backend(q, k, v, **params, backend="triton")[0] == "triton"
         out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
         assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"eps 0, {kind}, H{H}")
-        check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"eps 0, {kind}, H{H}")
+        check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"eps 0, {kind}, H{H}", rounded_grad=True)
 
 
 @pytest.mark.parametrize("H", [4, 9])  # the register kernels; the tensor-core kernels
@@ -1182,7 +1187,8 @@ def test_norm_at_eps_0_gives_finite_gradients_where_one_key_is_nearly_ignored(H,
     v[:, :, 5] *= 30.0
     p = make_params(H, "re-attention", torch.float16)
     params = dict(p, head_norm=(*p["head_norm"][:2], 0.0))
-    check_grads("triton", q.half(), k.half(), v.half(), params, GRAD_TOL[torch.float16], f"eps 0, H{H}")
+    check_grads("triton", q.half(), k.half(), v.half(), params, GRAD_TOL[torch.float16], f"eps 0, H{H}",
+                rounded_grad=True)
 
 
 def test_many_heads_parameter_gradients_are_deterministic(many_poisoned, monkeypatch):
