@@ -1042,6 +1042,60 @@ def test_many_heads_row_lse_of_very_negative_logits():
     assert_close(lse, want, 1e-5, "lse near -300")
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 70, 197, 33, 20), (1, 2, 1, 37, 33, 12), (1, 2, 200, 64, 12, 33), (1, 5, 130, 260, 20, 40)],
+    ids=["Nq70 Nk197 (2 query blocks, 4 key blocks)", "Nq1 Nk37 (the tail only) Dv12",
+         "Nq200 Nk64 (4 query blocks, 1 key block) Dk12", "Nq130 Nk260 Dk20 Dv40 (3 and 5)"],
+)  # fmt: skip
+def test_many_heads_row_lse_kernel_writes_the_padded_k_and_v_copies(shape, poisoned, monkeypatch):
+    """``_row_lse`` with ``widths`` (the forward without a pre-mix, rows that are not
+    whole 16-byte vectors): the statistics launch reads k as it is and writes the
+    zero-padded contiguous copies of k and v (``_pad_kv``'s) into NaN-filled buffers,
+    each key block by exactly one program whatever the number of query blocks (more,
+    fewer or as many as the key blocks); lse against float64 as without copies."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    B, H, NQ, NK, DK, DV = shape
+    k, v = _unaligned_k_v(B, H, NK, DK, DV)
+    q = torch.randn(B, NQ, H, DK, dtype=torch.float16).transpose(1, 2)
+    wk, wv = (sum(tk._k_split(d)) for d in (DK, DV))
+    lse = tk._alloc((B, H, NQ), torch.float32, q.device)
+    kp, vp = head_mixing_tc._row_lse(q, k, lse, -0.2, v, (wk, wv))
+    assert kp.shape == (B, H, NK, wk) and vp.shape == (B, H, NK, wv)
+    assert kp.is_contiguous() and vp.is_contiguous()
+    assert torch.equal(kp, torch.nn.functional.pad(k, (0, wk - DK)))
+    assert torch.equal(vp, torch.nn.functional.pad(v, (0, wv - DV)))
+    want = (torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * -0.2).logsumexp(-1)
+    assert_close(lse, want, 1e-5, "lse")
+    with pytest.raises(ValueError, match=rf"copies of k \({B}, {H}, {NK}, {DK}\) and v .* \({wk}, {wv + 8}\) wide"):
+        head_mixing_tc._row_lse(q, k, lse, 1.0, v, (wk, wv + 8))
+
+
+@pytest.mark.parametrize("kind", ["re-attention", "timm talking heads"])
+def test_many_heads_forward_pads_k_and_v_in_the_stats_launch_without_a_pre_mix(kind, poisoned, monkeypatch):
+    """Unaligned k and v (33 and 20 columns): without a pre-mix the statistics launch
+    makes the padded copies (no ``_pad_kv`` launch); with one (its statistics in the
+    fused kernel) ``_pad_kv`` makes them. The output against float64 either way."""
+    from vitkernels.triton import head_mixing_tc
+
+    monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
+    padded, pad_kv = [], head_mixing_tc._pad_kv
+
+    def spy(a, b, *widths):
+        padded.append(a.shape)
+        return pad_kv(a, b, *widths)
+
+    monkeypatch.setattr(head_mixing_tc, "_pad_kv", spy)
+    k, v = _unaligned_k_v(2, 9, 70, 33, 20)
+    q = torch.randn(2, 9, 20, 33, dtype=torch.float16)
+    params = _many_heads_params(9, kind)
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    assert padded == ([] if "pre" not in params else [(2, 9, 70, 33)])
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], f"unaligned k, v {kind}")
+
+
 def test_many_heads_limits_are_reasons():
     """Beyond 4 heads the kernels (forward and backward) take 16-bit inputs only, the
     head norm included, with or without gradients; each refusal names what was given."""

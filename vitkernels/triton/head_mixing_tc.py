@@ -33,7 +33,8 @@ accumulated in float32. Saves lse (B, H, Nq) float32 as ``head_mixing.py``'s for
 Envelope (``vitkernels.ops.head_mixing``): 5-16 heads, float16 / bfloat16 inputs,
 Dk and Dv <= 64, any strides and alignment (k and v whose rows are not whole 16-byte
 vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
-launch, ``_pad_kv``), the head norm optional; the same for the backward
+launch, ``_pad_kv``, or without a pre-mix by the statistics launch as it reads k),
+the head norm optional; the same for the backward
 (``head_mixing_attention_bwd_tc``, below: of rows that are not whole 16-byte vectors,
 k and v through ``_pad_kv``'s copies, q and dO read as they are by the dq launch, which
 writes the zero-padded copies the dk / dv launches read). One
@@ -240,17 +241,24 @@ def _pad_kv_kernel(K, V, KP, VP, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
 
 
 @triton.jit
-def _lse_logits(qa, qb, Kb, offs_n, n_ok, s_kn, s_kd, DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+def _lse_logits(qa, qb, Kb, KPb, offs_n, n_ok, s_kn, s_kd, copy_lim, DK: tl.constexpr, KA: tl.constexpr,
+                KB: tl.constexpr, PAD_KV: tl.constexpr):  # fmt: skip
     """One head's unscaled logits q.k (BM, BN) of the keys offs_n (n_ok their mask; all
-    true in a whole block)."""
+    true in a whole block). With PAD_KV the k tile as loaded (zero past DK) is also
+    stored into the contiguous copy KPb (rows of KA + KB), its keys below copy_lim (NK
+    or 0)."""
     cols = tl.arange(0, KA)
     ka = tl.load(Kb + offs_n[:, None] * s_kn + cols[None, :] * s_kd, mask=n_ok[:, None] & (cols < DK)[None, :],
                  other=0.0)  # fmt: skip
+    if PAD_KV:
+        tl.store(KPb + offs_n[:, None] * (KA + KB) + cols[None, :], ka, mask=(offs_n < copy_lim)[:, None])
     s = tl.dot(qa, tl.trans(ka))
     if KB > 0:
         cols_b = KA + tl.arange(0, KB)
         kb = tl.load(Kb + offs_n[:, None] * s_kn + cols_b[None, :] * s_kd,
                      mask=n_ok[:, None] & (cols_b < DK)[None, :], other=0.0)  # fmt: skip
+        if PAD_KV:
+            tl.store(KPb + offs_n[:, None] * (KA + KB) + cols_b[None, :], kb, mask=(offs_n < copy_lim)[:, None])
         s = tl.dot(qb, tl.trans(kb), s)
     return s
 
@@ -271,13 +279,20 @@ def _lse_step(s, m_i, l_i, c, n_ok, MASK_N: tl.constexpr):
 
 
 @triton.jit
-def _lse_tc_kernel(Q, K, LSE, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, NQ, NK, H, num_qb, qk_scale,
-                   DQ: tl.constexpr, DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):  # fmt: skip
+def _lse_tc_kernel(Q, K, LSE, V, KP, VP, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                   NQ, NK, H, num_qb, qk_scale, DQ: tl.constexpr, DK: tl.constexpr, KA: tl.constexpr,
+                   KB: tl.constexpr, DV: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, PAD_KV: tl.constexpr):  # fmt: skip
     """The forward's row statistics without a pre-mix (each head's softmax its own): lse
     (B, H, NQ) float32 (natural log) of one head's BLOCK_M query rows a program, q.k on
     the tensor cores (64 rows on 4 warps: wgmma on sm_90a), online max / sum per row.
-    qk_scale: the softmax scale in log2 units, >= 0."""
+    qk_scale: the softmax scale in log2 units, >= 0.
+
+    With PAD_KV it also writes the zero-padded contiguous copies KP (B, H, NK, KA + KB)
+    of k and VP (B, H, NK, VA + VB) of v (the fused kernel's operands, ``_pad_kv``'s
+    layout): the program of query block i those of the BLOCK_N-key blocks j with
+    j % num_qb == i (k's tiles as its loop loads them, v's in a loop of their own), so
+    every key block is copied once whatever the number of query blocks."""
     pid = tl.program_id(0)
     bh = pid // num_qb
     qblk = pid - bh * num_qb
@@ -294,6 +309,7 @@ def _lse_tc_kernel(Q, K, LSE, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, NQ
     else:
         qb = qa
     Kb = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    KPb = KP + bh.to(tl.int64) * NK * (KA + KB)
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     # the whole BLOCK_N-key blocks without the key mask, then the rest (NK % BLOCK_N keys)
@@ -303,15 +319,32 @@ def _lse_tc_kernel(Q, K, LSE, s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, NQ
     n_all = tl.full((BLOCK_N,), 1, tl.int1)
     for start_n in range(0, NK // BLOCK_N):
         offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = _lse_logits(qa, qb, Kb, offs_n, n_all, s_kn, s_kd, DK, KA, KB)
+        copy_lim = tl.where(start_n % num_qb == qblk, NK, 0)
+        s = _lse_logits(qa, qb, Kb, KPb, offs_n, n_all, s_kn, s_kd, copy_lim, DK, KA, KB, PAD_KV)
         m_i, l_i = _lse_step(s, m_i, l_i, qk_scale, n_all, False)
+    copy_lim = tl.where((NK // BLOCK_N) % num_qb == qblk, NK, 0)  # the tail's key block
     for tail_n in range((NK // BLOCK_N) * (BLOCK_N // TAIL_N), tl.cdiv(NK, TAIL_N)):
         offs_n = tail_n * TAIL_N + tl.arange(0, TAIL_N)
         n_ok = offs_n < NK
-        s = _lse_logits(qa, qb, Kb, offs_n, n_ok, s_kn, s_kd, DK, KA, KB)
+        s = _lse_logits(qa, qb, Kb, KPb, offs_n, n_ok, s_kn, s_kd, copy_lim, DK, KA, KB, PAD_KV)
         m_i, l_i = _lse_step(s, m_i, l_i, qk_scale, n_ok, True)
     lse = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_ok)
+    if PAD_KV:
+        Vb = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+        VPb = VP + bh.to(tl.int64) * NK * (VA + VB)
+        for copy_n in range(qblk, tl.cdiv(NK, BLOCK_N), num_qb):
+            offs_n = copy_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = (offs_n < NK)[:, None]
+            cols_v = tl.arange(0, VA)
+            x = tl.load(Vb + offs_n[:, None] * s_vn + cols_v[None, :] * s_vd, mask=n_ok & (cols_v < DV)[None, :],
+                        other=0.0)  # fmt: skip
+            tl.store(VPb + offs_n[:, None] * (VA + VB) + cols_v[None, :], x, mask=n_ok)
+            if VB > 0:
+                cols_v = VA + tl.arange(0, VB)
+                x = tl.load(Vb + offs_n[:, None] * s_vn + cols_v[None, :] * s_vd,
+                            mask=n_ok & (cols_v < DV)[None, :], other=0.0)  # fmt: skip
+                tl.store(VPb + offs_n[:, None] * (VA + VB) + cols_v[None, :], x, mask=n_ok)
 
 
 @triton.jit
@@ -466,29 +499,59 @@ def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.T
     return kp, vp
 
 
-def _row_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+def _row_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    v: torch.Tensor | None = None,
+    widths: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lse (B, H, Nq) float32 <- log-sum-exp over the keys of scale * q.k^T, each head's
     own (the forward's row statistics without a pre-mix), one ``_lse_tc_kernel`` launch.
     q (B, H, Nq, Dq), k (B, H, Nk, Dk) 16-bit, any strides, Dq <= Dk <= 64 (k's columns
     past Dq, e.g. ``_pad_kv``'s zero padding, are read and meet q's zero columns: they
-    must be finite)."""
+    must be finite). Returns (k, v) as given; with ``widths`` = (wk, wv) the same launch
+    also copies k and v (B, H, Nk, Dv) into zero-padded contiguous (B, H, Nk, wk) and
+    (B, H, Nk, wv) (``_pad_kv``'s copies; wk, wv the chunk widths of Dk, Dv) and returns
+    those instead."""
     B, H, NQ, DQ = q.shape
     NK, DK = k.shape[2], k.shape[3]
     if k.shape[:2] != q.shape[:2] or not DQ <= DK <= 64 or lse.shape != (B, H, NQ):
         raise ValueError(f"head_mixing (tensor-core row statistics): q {_shape(q)}, k {_shape(k)}, lse "
                          f"{_shape(lse)}; expected q (B, H, Nq, Dq), k (B, H, Nk, Dq <= Dk <= 64), lse (B, H, Nq)")  # fmt: skip
     ka, kb = _k_split(DK)
+    pad = widths is not None
+    if pad:
+        DV = v.shape[3]
+        va, vb = _k_split(DV)
+        if v.shape[:3] != k.shape[:3] or tuple(widths) != (ka + kb, va + vb):
+            raise ValueError(f"head_mixing (tensor-core row statistics): copies of k {_shape(k)} and v {_shape(v)} "
+                             f"{tuple(widths)} wide; expected the same (B, H, Nk) and widths {(ka + kb, va + vb)}")  # fmt: skip
+        kp = _alloc((B, H, NK, ka + kb), k.dtype, k.device)
+        vp = _alloc((B, H, NK, va + vb), v.dtype, v.device)
+        vargs = [v, kp, vp, *v.stride()]
+    else:
+        DV, va, vb = 0, 16, 0
+        kp, vp = k, v
+        vargs = [k, k, k, 0, 0, 0, 0]  # unused (PAD_KV false)
     # the kernel's running maximum is of the unscaled logits: a negative scale goes in as
     # -q and |scale| (exactly the same logits)
     qs = q if scale >= 0 else -q
     num_qb = triton.cdiv(NQ, LSE_BLOCK_M)
+    num_nb = triton.cdiv(NK, LSE_BLOCK_N)
+    loops = {"start_n": NK // LSE_BLOCK_N, "tail_n": triton.cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)}
+    if pad:
+        loops["copy_n"] = triton.cdiv(num_nb, num_qb)  # the busiest program's v blocks
     launch(Launch(
-        f"head_mixing_lse_tc[{SHORT[q.dtype]},H{H},Nq{NQ},Nk{NK},D{DQ}]", _lse_tc_kernel, (num_qb * B * H,),
-        [qs, k, lse, *qs.stride(), *k.stride(), NQ, NK, H, num_qb, abs(scale) * _LOG2E],
-        dict(DQ=DQ, DK=DK, KA=ka, KB=kb, BLOCK_M=LSE_BLOCK_M, BLOCK_N=LSE_BLOCK_N, TAIL_N=LSE_TAIL_N),
-        LSE_WARPS, 1, reads=(qs, k), writes=(lse,),
-        loops={"start_n": NK // LSE_BLOCK_N, "tail_n": triton.cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)},
+        f"head_mixing_lse_tc[{SHORT[q.dtype]},H{H},Nq{NQ},Nk{NK},D{DQ}{',pad' if pad else ''}]", _lse_tc_kernel,
+        (num_qb * B * H,),
+        [qs, k, lse, *vargs[:3], *qs.stride(), *k.stride(), *vargs[3:], NQ, NK, H, num_qb, abs(scale) * _LOG2E],
+        dict(DQ=DQ, DK=DK, KA=ka, KB=kb, DV=DV, VA=va, VB=vb, BLOCK_M=LSE_BLOCK_M, BLOCK_N=LSE_BLOCK_N,
+             TAIL_N=LSE_TAIL_N, PAD_KV=pad),
+        LSE_WARPS, 1, reads=(qs, k, *((v,) if pad else ())), writes=(lse, *((kp, vp) if pad else ())), loops=loops,
     ))  # fmt: skip
+    return kp, vp
 
 
 def head_mixing_attention_fwd_tc(
@@ -526,7 +589,8 @@ def head_mixing_attention_fwd_tc(
     ka, kb = _k_split(DK)
     va, vb = _k_split(DV)
     dk, dv, named = DK, DV, (q, k)  # the launch's name: the caller's shapes
-    if any(_width(t) == 1 for t in (q, k, v)):
+    pad = any(_width(t) == 1 for t in (q, k, v))
+    if pad:
         # rows that are not whole 16-byte vectors (DeepViT-S: 33 16-bit elements, 66
         # bytes) are read element by element: with every key tile's loads, twice per
         # query block, M2's main loop took 761 instructions a tile, against 505 from
@@ -536,9 +600,12 @@ def head_mixing_attention_fwd_tc(
         # (~49 us at M2, estimate; two torch pads were ~26 us each; copies 40 wide took
         # ~44 us but made the kernel's loop ~8 instructions a tile longer (the column
         # mask): bench/NOTES.md, 2026-12-01, m2pad); q, read once per program, is read
-        # as it is (its columns < DQ)
+        # as it is (its columns < DQ). Without a pre-mix the statistics launch below
+        # makes the copies as it reads k (no launch of their own; bench/NOTES.md,
+        # 2026-12-02, second session)
         dk, dv = ka + kb, va + vb
-        k, v = _pad_kv(k, v, dk, dv)
+        if pre_w is not None:
+            k, v = _pad_kv(k, v, dk, dv)
 
     def mat(w):
         return (q, 0, 0) if w is None else (w, w.stride(0), w.stride(1))
@@ -567,7 +634,7 @@ def head_mixing_attention_fwd_tc(
         # no pre-mix: each head's row statistics are its own (plain attention), computed
         # by _lse_tc_kernel a (b, h, 64 query rows) on the tensor cores; the fused kernel
         # then runs pass 2 only (bench/NOTES.md, 2026-12-02, m2stats)
-        _row_lse(q, k, lse, scale)
+        k, v = _row_lse(q, k, lse, scale, v, (dk, dv) if pad else None)
     args = [q, k, v, aw, pw, pbp, nwp, nbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
             nws, nbs, NQ, NK, num_qb, scale * _LOG2E, float(eps)]  # fmt: skip
     constexprs = dict(H=H, HP=hp, DQ=DK, DK=dk, DV=dv, DO=DV, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
