@@ -252,6 +252,8 @@ EXTRA_SHAPES: dict[str, Shape] = {
     # 16 heads (vit-pytorch layout) and CaiT-S's 8 in timm's (the post-mix bias)
     "CaiT-M": HeadMixingShape(16, 197, 197, 48, "vit-pytorch", True, True, False, False),
     "CaiT-S-timm": HeadMixingShape(8, 197, 197, 48, "timm", True, True, True, False),
+    # re-attention at 5-8 heads: the head norm on rows of two (query, key) pairs (HP = 8)
+    "DeepViT-H8": HeadMixingShape(8, 197, 197, 64, "vit-pytorch", False, True, False, True),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)
