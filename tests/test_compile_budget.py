@@ -123,7 +123,7 @@ def test_the_suites_share_compiles_every_kernel_and_every_workload_launch():
 def test_recorded_launches_cover_the_workloads():
     cases = {c for rl in _recorded() for c in rl.cases}
     for wid in ("A1", "A2", "A3", "A4", "A5", "T1", "T2", "P1", "P2", "P3", "T2T-2", "T2T-3", "L128s-shrink7",
-                "M1", "M3", "M1-timm", "M2-H4", "CaiT-M", "CaiT-S-timm", "M2"):
+                "M1", "M3", "M1-timm", "M2-H4", "CaiT-M", "CaiT-S-timm", "DeepViT-H8", "M2"):
         # 5-16 heads (CaiT-M, CaiT-S-timm, M2: DeepViT-S's re-attention): head_mixing_tc.py
         for direction in ("fwd", "bwd"):
             assert f"{wid} {direction}" in cases, f"{wid} {direction}"
@@ -139,10 +139,14 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
     from vitkernels.workloads import EXTRA_SHAPES, WORKLOADS
 
     m2 = WORKLOADS["M2"].shape
-    # the forward: k and v padded in one launch; no pre-mix, so the row statistics in
-    # their own launch (each head's own) before the fused kernel
-    assert [rl.name.split("[")[0] for rl in record_workload(m2, "fwd").launches] == [
-        "head_mixing_pad_kv", "head_mixing_lse_tc", "head_mixing_fwd_tc"]
+    # the forward: no pre-mix, so the row statistics in their own launch (each head's
+    # own) before the fused kernel; that launch also writes the zero-padded copies of k
+    # and v (rows of 48) the fused kernel reads
+    fwd = record_workload(m2, "fwd").launches
+    assert [rl.name.split("[")[0] for rl in fwd] == ["head_mixing_lse_tc", "head_mixing_fwd_tc"]
+    kv = fwd[0].writes[1:]
+    assert [tuple(t.shape)[1:] for t in kv] == [(12, 197, 48)] * 2
+    assert all(any(t is c for t in fwd[1].reads) for c in kv)
     assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-M"], "fwd").launches] == [
         "head_mixing_fwd_tc"]  # the pre-mix: the statistics stay in the fused kernel
     # DeepViT-S's rows of 33 through zero-padded copies: k and v by a launch of their
