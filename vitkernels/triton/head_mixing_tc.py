@@ -574,6 +574,10 @@ def head_mixing_attention_fwd_tc(
     ka, kb = _k_split(DK)
     va, vb = _k_split(DV)
     dk, dv, named = DK, DV, (q, k)  # the launch's name: the caller's shapes
+    # no pre-mix: each head's row statistics are its own (plain attention), computed by
+    # _lse_tc_kernel a (b, h, 64 query rows) on the tensor cores; the fused kernel then
+    # runs pass 2 only (bench/NOTES.md, 2026-12-02, m2stats)
+    lse_in = pre_w is None
     pad = any(_width(t) == 1 for t in (q, k, v))
     if pad:
         # rows that are not whole 16-byte vectors (DeepViT-S: 33 16-bit elements, 66
@@ -589,7 +593,7 @@ def head_mixing_attention_fwd_tc(
         # makes the copies as it reads k (no launch of their own; bench/NOTES.md,
         # 2026-12-02, second session)
         dk, dv = ka + kb, va + vb
-        if pre_w is not None:
+        if not lse_in:
             k, v = _pad_kv(k, v, dk, dv)
 
     def mat(w):
@@ -614,11 +618,7 @@ def head_mixing_attention_fwd_tc(
                  HAS_NORM=has_norm, HAS_NORM_W=has_norm and norm_w is not None,
                  HAS_NORM_B=has_norm and norm_b is not None)  # fmt: skip
     tag = _tag(*named, params, flags)
-    lse_in = pre_w is None
     if lse_in:
-        # no pre-mix: each head's row statistics are its own (plain attention), computed
-        # by _lse_tc_kernel a (b, h, 64 query rows) on the tensor cores; the fused kernel
-        # then runs pass 2 only (bench/NOTES.md, 2026-12-02, m2stats)
         k, v = _row_lse(q, k, lse, scale, v, (dk, dv) if pad else None)
     args = [q, k, v, aw, pw, pbp, nwp, nbp, out, lse, *q.stride(), *k.stride(), *v.stride(), *as_, *ps, pbs,
             nws, nbs, NQ, NK, num_qb, scale * _LOG2E, float(eps)]  # fmt: skip
