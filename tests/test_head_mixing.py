@@ -154,6 +154,20 @@ def ref64(q, k, v, params, scale=None):
 
 
 
+class _LogitGrads(torch.overrides.TorchFunctionMode):
+    """Records the gradient of every softmax's input (the reference's mixed logits l)
+    computed under it: the terms the pre-mix bias's gradient sums."""
+
+    def __init__(self):
+        super().__init__()
+        self.grads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.softmax, torch.softmax) and args[0].requires_grad:
+            args[0].register_hook(self.grads.append)
+        return func(*args, **(kwargs or {}))
+
+
 def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
     """rounded_grad: the float64 reference's output gradient is the kernel's, rounded to
     the inputs' type (a gradient summed over many cancelling terms, the head norm's
@@ -161,7 +175,8 @@ def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     params = _map_params(params, lambda t: t.detach().requires_grad_())
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend=backend)
-    expected, ref_qkv, p64 = ref64(q, k, v, params)
+    with _LogitGrads() as logit_grads:
+        expected, ref_qkv, p64 = ref64(q, k, v, params)
     grad = torch.randn_like(expected)
     if rounded_grad:
         grad = grad.to(out.dtype).to(expected.dtype)
@@ -170,10 +185,16 @@ def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
     theirs = [*ref_qkv, *_leaves(p64)]
     grads = torch.autograd.grad(out, mine, grad.to(out.dtype))
     names = ["dq", "dk", "dv"] + [f"d{n}" for n in range(len(mine) - 3)]
-    for name, g, r in zip(names, grads, theirs, strict=True):
-        # floor: a gradient that is 0 up to rounding (dq and dk with one key, the
-        # pre-mix bias always) is matched to the rounding of its O(1) terms
-        assert_close(g, r.grad, tol, f"{what} {name}", floor=1.0)
+    # floor: a gradient that is 0 up to rounding (dq and dk with one key) is matched to
+    # the rounding of its O(1) terms. The pre-mix bias's is exactly 0 (softmax does not
+    # see a shift): a backend that sums its B*Nq*Nk terms dl (autograd does) rounds to
+    # ~1e-8 of sum |dl|, which the head norm at 3 heads takes to ~1e4 at some seeds.
+    floors = [1.0] * len(mine)
+    if "pre" in params and params["pre"][1] is not None:
+        (dl,) = logit_grads.grads
+        floors[3 + (params["pre"][0] is not None)] = max(1.0, dl.abs().sum((0, 2, 3)).max().item())
+    for name, g, r, floor in zip(names, grads, theirs, floors, strict=True):
+        assert_close(g, r.grad, tol, f"{what} {name}", floor=floor)
 
 
 # ----------------------------------------------------------------------------
