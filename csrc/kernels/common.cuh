@@ -154,6 +154,13 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
+// x as tf32 hi + lo (x - hi and lo within 2^-21 |x|): hi truncates x's mantissa (one
+// AND; x - hi is then exact in fp32), lo rounds the rest. Finite x.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = f32_bits(x) & 0xffffe000u;
+  lo = to_tf32(x - bits_f32(hi));
+}
+
 // 2^x on the special-function unit, results below 2^-126 flushed to zero: one
 // MUFU.EX2 (ex2.approx.ftz.f32, max error 2 ulp as exp2f's), where exp2f without
 // fast-math adds a range check and two multiplies to keep denormal results. For

@@ -34,7 +34,9 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
   T* dQ = static_cast<T*>(p.dq) + b * p.dq_s[0];
 
   load_w<T, EP, MP>(p, sWh, sWl, sWf, tid);
-  load_stats<EP, MP>(sVbT, sLks, p, b, tid);
+  // vbar unrounded: gv splits it into tf32 hi + lo; q_side reads only the rows of
+  // [vbar | 1] past EP (the normaliser's ones and zeros, exact) as raw tf32
+  load_stats<EP, MP, false>(sVbT, sLks, p, b, tid);
   float gacc[D::OWN_U][4], wacc[D::OWN_W][4];
 #pragma unroll
   for (int i = 0; i < D::OWN_U; ++i) gacc[i][0] = gacc[i][1] = gacc[i][2] = gacc[i][3] = 0.f;
@@ -53,23 +55,28 @@ __global__ void __launch_bounds__(128) performer_bwd_q_kernel(const PerformerPar
     float acc[MP / 8][4], y[D::NX][4], inv[2];
     q_side<T, EP, MP, true>(acc, y, inv, p, sX, sWh, sWl, sVbT, sLks, t0, t_end, warp, lane);
 
-    // gv = [dy | 0] [vbar | 1]^T = dy . vbar[m]; then c = dy . y = sum_m r gv and
-    // dl = r (gv - c), both from these gv: where every vbar[m] is the same vector
-    // (T = 1: vbar[m] = v) the gv are equal and dl cancels to rounding of sum_m r - 1
-    // (c from y, rounded apart from gv by the tf32 operands, left dl ~1e-3 |dy||v|)
+    // gv = dy . vbar[m] (dy exact in tf32, vbar as tf32 hi + lo: ~21 bits); then
+    // c = dy . y = sum_m r gv and dl = r (gv - c), both from these gv. dl cancels to
+    // the spread of the vbar[m] (their weighted mean drops out), which vbar rounded
+    // to tf32 alone swamps (dq off by ~1% of its scale at T 100, E 56, M 20). Where
+    // every vbar[m] is the same vector (T = 1: vbar[m] = v) the gv are equal and dl
+    // cancels to rounding of sum_m r - 1 (c from y, rounded apart from gv by the
+    // tf32 operands, left dl ~1e-3 |dy||v|). vbar's k-steps only: [dy | 0] meets
+    // [vbar | 1]'s ones row past EP with zeros.
     float gv[MP / 8][4];
 #pragma unroll
     for (int nt = 0; nt < MP / 8; ++nt) gv[nt][0] = gv[nt][1] = gv[nt][2] = gv[nt][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D::NX; ++kk) {
+    for (int kk = 0; kk < EP / 8; ++kk) {
       uint32_t a[4];
       frag_a_tf32<kRaw>(a, sG, D::EX, warp * 16, kk * 8, lane);  // dy: exact in tf32
 #pragma unroll
       for (int nt = 0; nt < MP / 8; ++nt) {
-        uint32_t bb[2];
-        bb[0] = f32_bits(sVbT[vbt_at<MP>(kk * 8 + t, nt * 8 + g)]);  // tf32 already
-        bb[1] = f32_bits(sVbT[vbt_at<MP>(kk * 8 + t + 4, nt * 8 + g)]);
-        mma_1688_tf32(gv[nt], a, bb);
+        uint32_t hi[2], lo[2];
+        split_tf32(sVbT[vbt_at<MP>(kk * 8 + t, nt * 8 + g)], hi[0], lo[0]);
+        split_tf32(sVbT[vbt_at<MP>(kk * 8 + t + 4, nt * 8 + g)], hi[1], lo[1]);
+        mma_1688_tf32(gv[nt], a, lo);
+        mma_1688_tf32(gv[nt], a, hi);
       }
     }
     // r = p / Z with p rounded to tf32 as the forward's mma (y and Z) took it: sum_m r

@@ -349,8 +349,9 @@ __device__ __forceinline__ void q_side(float (&acc)[MP / 8][4], float (&y)[Dims<
 }
 
 // [vbar | 1] (m < M) of batch b transposed into sVbT (fp32 [e][m], rounded to tf32:
-// the mma operand) and lks into sLks
-template <int EP, int MP>
+// the mma operand; ROUND = false: vbar as is, for a reader that splits it into
+// tf32 hi + lo itself) and lks into sLks
+template <int EP, int MP, bool ROUND = true>
 __device__ __forceinline__ void load_stats(float* sVbT, float* sLks, const PerformerParams& p, int b, int tid) {
   static_assert(kThreads % EP == 0 && (MP * EP) % kThreads == 0 && (MP * 8) % kThreads == 0, "whole passes");
   constexpr int kStep = kThreads / EP;  // rows m between a thread's elements
@@ -360,7 +361,8 @@ __device__ __forceinline__ void load_stats(float* sVbT, float* sLks, const Perfo
 #pragma unroll
     for (int i = 0; i < MP * EP / kThreads; ++i) {
       const int m = m0 + i * kStep;
-      const float val = (m < p.M && e < p.E) ? bits_f32(to_tf32(src[m * p.E])) : 0.f;
+      const float x = (m < p.M && e < p.E) ? src[m * p.E] : 0.f;
+      const float val = ROUND ? bits_f32(to_tf32(x)) : x;
       sVbT[vbt_at<MP>(e, m)] = val;
     }
   }
