@@ -22,7 +22,9 @@
 // in the input dtype with w split into hi + lo parts of that dtype (when w is
 // not exactly representable in it), so the exponent keeps ~16 more bits than a
 // rounded w would give; every other product is tf32 mma m16n8k8 with fp32
-// accumulation (p, vbar, the gradients' intermediates keep fp32 range).
+// accumulation (p, vbar, the gradients' intermediates keep fp32 range), the
+// backward's dy . vbar[m] with vbar as tf32 hi + lo (dl = r (dy . vbar[m] - dy . y)
+// is the small spread of the vbar[m], which one tf32 rounding of vbar swamps).
 // Each normaliser comes out of the same mma as the sum it divides (a column of
 // ones appended to v and vbar), so the two see the same rounded weights.
 //
