@@ -189,11 +189,12 @@ def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
     # the rounding of its O(1) terms. The pre-mix bias's is exactly 0 (softmax does not
     # see a shift): a backend that sums its B*Nq*Nk terms dl (autograd does) rounds to
     # ~1e-8 of sum |dl|, which the head norm at 3 heads takes to ~1e4 at some seeds.
-    floors = [1.0] * len(mine)
-    if "pre" in params and params["pre"][1] is not None:
-        (dl,) = logit_grads.grads
-        floors[3 + (params["pre"][0] is not None)] = max(1.0, dl.abs().sum((0, 2, 3)).max().item())
-    for name, g, r, floor in zip(names, grads, theirs, floors, strict=True):
+    pre_bias = params["pre"][1] if "pre" in params else None
+    for name, t, g, r in zip(names, mine, grads, theirs, strict=True):
+        floor = 1.0
+        if t is pre_bias:
+            (dl,) = logit_grads.grads
+            floor = max(1.0, dl.abs().sum((0, 2, 3)).max().item())
         assert_close(g, r.grad, tol, f"{what} {name}", floor=floor)
 
 
