@@ -669,22 +669,32 @@ def test_dropout_goes_to_torch_and_forced_triton_says_why():
 # torch.library: custom ops, fake impls, autograd, compile, export
 
 
-def _kernel_args(kind="all", case=(1, 2, 5, 6, 16, 16)):
-    q, k, v = make(case)
-    params = make_params(case[1], kind)
+def _kernel_args(kind="all", case=(1, 2, 5, 6, 16, 16), dtype=torch.float32):
+    q, k, v = make(case, dtype)
+    params = make_params(case[1], kind, dtype)
     pre_w, pre_b, post_w, post_b, norm_w, norm_b, eps = ops._unpack(
         params.get("pre"), params.get("post"), params.get("head_norm")
     )
     return (q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, 0.25, eps, "head_norm" in params)
 
 
-@pytest.mark.parametrize("kind", ["all", "plain"])
-def test_opcheck_custom_ops(kind):
-    args = _kernel_args(kind)
+@pytest.mark.parametrize(
+    "kind, case, dtype",
+    [
+        ("all", (1, 2, 5, 6, 16, 16), torch.float32),
+        ("plain", (1, 2, 5, 6, 16, 16), torch.float32),
+        # 6 heads of 33: the forward returns the padded k / v copies the backward reads
+        ("re-attention", (1, 6, 5, 7, 33, 33), torch.float16),
+        ("all", (2, 6, 4, 5, 33, 16), torch.float16),
+    ],
+    ids=["all", "plain", "re-attention H6 D33 copies", "all H6 Dk33 Dv16 copies"],
+)
+def test_opcheck_custom_ops(kind, case, dtype):
+    args = _kernel_args(kind, case, dtype)
     torch.library.opcheck(ops.head_mixing_attention_fwd, (*args, "triton"))
-    out, lse = ops.head_mixing_attention_fwd(*args, "triton")
+    out, lse, k_copy, v_copy = ops.head_mixing_attention_fwd(*args, "triton")
     q, k, v, *rest = args
-    bwd_args = (torch.randn_like(out), q, k, v, *rest[:6], lse, *rest[6:], "triton")
+    bwd_args = (torch.randn_like(out), q, k, v, *rest[:6], lse, k_copy, v_copy, *rest[6:], "triton")
     torch.library.opcheck(ops.head_mixing_attention_bwd, bwd_args)
 
 
@@ -1192,6 +1202,56 @@ def test_many_heads_gradients_match_float64_reference(case, many_poisoned, monke
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("kind", ["re-attention", "timm talking heads"])
+def test_many_heads_backward_reads_the_forwards_padded_copies(kind, many_poisoned, monkeypatch):
+    """Heads of 33 as DeepViT lays them out (chunks of one qkv projection): the
+    forward's zero-padded copies of k and v are saved, so the backward pads nothing
+    (with a pre-mix the forward's ``_pad_kv`` makes them, without one its statistics
+    launch), and every gradient matches float64."""
+    padded, pad_kv = [], many_poisoned._pad_kv
+
+    def spy(a, b, *widths):
+        padded.append(tuple(a.shape))
+        return pad_kv(a, b, *widths)
+
+    monkeypatch.setattr(many_poisoned, "_pad_kv", spy)
+    q, k, v = make((2, 6, 19, 19, 33, 33), torch.float16, view="vit-pytorch")
+    params = _many_heads_params(6, kind) if kind != "timm talking heads" else make_params(6, kind, torch.float16)
+    assert many_poisoned.saved_copy_shapes(q, k, v) == ((2, 6, 19, 48), (2, 6, 19, 48))
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"saved copies {kind}")
+    assert padded == ([(2, 6, 19, 33)] if "pre" in params else [])
+
+
+def test_many_heads_saved_copies_only_where_the_head_dim_needs_them():
+    """From shapes and dtype alone: 5-16 heads of 16-bit types whose Dk or Dv is not a
+    multiple of 8 (aligned head dims, other head counts, float32: none)."""
+    from vitkernels.triton.head_mixing_tc import saved_copy_shapes
+
+    def shapes(H, dk, dv, dtype=torch.float16):
+        return saved_copy_shapes(torch.empty(2, H, 3, dk, dtype=dtype, device="meta"),
+                                 torch.empty(2, H, 5, dk, dtype=dtype, device="meta"),
+                                 torch.empty(2, H, 5, dv, dtype=dtype, device="meta"))  # fmt: skip
+
+    assert shapes(12, 33, 33) == ((2, 12, 5, 48), (2, 12, 5, 48))
+    assert shapes(5, 48, 20, torch.bfloat16) == ((2, 5, 5, 48), (2, 5, 5, 32))
+    assert shapes(16, 64, 17) == ((2, 16, 5, 64), (2, 16, 5, 32))
+    assert shapes(12, 32, 48) is None
+    assert shapes(4, 33, 33) is None  # the register kernels read unaligned rows themselves
+    assert shapes(17, 33, 33) is None
+    assert shapes(12, 33, 33, torch.float32) is None
+
+
+def test_many_heads_backward_refuses_copies_of_the_wrong_shape(many_poisoned):
+    q, k, v = make((1, 6, 4, 5, 33, 33), torch.float16)
+    lse = torch.zeros(1, 6, 4)
+    args = (q, q, k, v, None, None, None, None, None, lse, 0.25, 1e-5, False)
+    good = torch.zeros(1, 6, 5, 48, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"padded copy of v is \(1, 6, 5, 40\).*expected a contiguous \(1, 6, 5, 48\)"):
+        many_poisoned.head_mixing_attention_bwd_tc(*args, (good, good[..., :40].contiguous()))
+    with pytest.raises(ValueError, match=r"padded copy of k is .*torch.float32.*expected"):
+        many_poisoned.head_mixing_attention_bwd_tc(*args, (good.float(), good))
+
+
 @pytest.mark.parametrize("kind", ["post", "re-attention"])
 def test_many_heads_very_negative_logits_give_finite_gradients_with_padded_keys(kind, many_poisoned):
     """Every real logit near -300: a padded key (k = 0) would get p = 2**430 = inf
@@ -1363,21 +1423,24 @@ def test_many_heads_backward_dq_launch_writes_the_padded_q_and_do_copies(kind, m
         assert_close(mine, r.grad, GRAD_TOL[torch.float16], f"{kind} {name}", floor=1.0)
 
 
-def test_many_heads_custom_op_compile_and_export(poisoned, monkeypatch):
+@pytest.mark.parametrize("d", [16, 33])
+def test_many_heads_custom_op_compile_and_export(d, poisoned, monkeypatch):
     """The 5-16-head kernels through the custom ops: opcheck (forward and backward),
     torch.compile(fullgraph) of a call with its backward, torch.export of a call
-    without gradients."""
+    without gradients. Heads of 33: the forward returns the padded k / v copies (the
+    fake tensors' shapes must agree) and the backward reads them."""
     from vitkernels.triton import head_mixing_tc
 
     monkeypatch.setattr(head_mixing_tc, "_alloc", tk._alloc)
-    q, k, v = make((1, 6, 5, 9, 16, 16), torch.float16)
+    q, k, v = make((1, 6, 5, 9, d, d), torch.float16)
     params = make_params(6, "timm talking heads", torch.float16)
     pre_w, pre_b, post_w, post_b, *_ = ops._unpack(params["pre"], params["post"], None)
     args = (q, k, v, pre_w, pre_b, post_w, post_b, None, None, 0.25, 0.0, False, "triton")
     torch.library.opcheck(ops.head_mixing_attention_fwd, args)
-    out, lse = ops.head_mixing_attention_fwd(*args)
-    bwd_args = (torch.randn_like(out), q, k, v, pre_w, pre_b, post_w, post_b, None, None, lse, 0.25, 0.0, False,
-                "triton")  # fmt: skip
+    out, lse, k_copy, v_copy = ops.head_mixing_attention_fwd(*args)
+    assert k_copy.shape == ((1, 6, 9, 48) if d == 33 else (0,))
+    bwd_args = (torch.randn_like(out), q, k, v, pre_w, pre_b, post_w, post_b, None, None, lse, k_copy, v_copy, 0.25,
+                0.0, False, "triton")  # fmt: skip
     torch.library.opcheck(ops.head_mixing_attention_bwd, bwd_args)
 
     def f(q, k, v):

@@ -86,19 +86,23 @@ and the estimate see the launches that run.
 Launcher contract (``head_mixing_attention_fwd`` / ``_bwd`` below):
 
 ``head_mixing_attention_fwd(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, scale,
-eps, has_norm)``
+eps, has_norm, copies=None)``
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv): one dtype (float16,
     bfloat16 or float32), any strides. pre_w, post_w: (H, H) mixing matrices in
     nn.Linear's convention (out, in), any strides, or None; post_b (H,) or None;
     norm_w, norm_b (H,) or None (with has_norm: the head norm without that affine
     part). Parameters of float16, bfloat16 or float32; the mixing and the norm run
     in float32. Returns out (B, H, Nq, Dv) contiguous in q.dtype and lse (B, H, Nq)
-    contiguous float32 (natural log, per mixed head g).
+    contiguous float32 (natural log, per mixed head g). With ``copies`` a dict, the
+    5-16-head forward puts there the zero-padded copies of k and v ("k", "v") it read
+    k and v through, if it made any (``head_mixing_tc.saved_copy_shapes``).
 
 ``head_mixing_attention_bwd(grad_out, q, k, v, pre_w, post_w, post_b, norm_w, norm_b,
-lse, scale, eps, has_norm)``
+lse, scale, eps, has_norm, copies=None)``
     Returns dq, dk, dv (contiguous, q.dtype) and d_pre_w, d_post_w, d_post_b,
     d_norm_w, d_norm_b in their parameters' dtypes (None where the parameter is).
+    ``copies``: (k, v)'s padded copies from the forward, for 5-16 heads (the backward
+    then pads nothing itself).
 
 Configs come from small deterministic heuristics of the shape (``_fwd_cfg``,
 ``_bwd_cfg``), chosen so the AOT compiles fit the registers (triton 3.6 and 3.9,
@@ -1400,6 +1404,7 @@ def head_mixing_attention_fwd(
     scale: float,
     eps: float,
     has_norm: bool,
+    copies: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32). See the module docstring.
     5-16 heads go to the tensor-core forward (``head_mixing_tc``)."""
@@ -1407,7 +1412,8 @@ def head_mixing_attention_fwd(
     if H > _MAX_REG_HEADS:
         from vitkernels.triton.head_mixing_tc import head_mixing_attention_fwd_tc
 
-        return head_mixing_attention_fwd_tc(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, scale, eps, has_norm)
+        return head_mixing_attention_fwd_tc(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, scale, eps, has_norm,
+                                            copies)  # fmt: skip
     NK, DV = k.shape[2], v.shape[3]
     out = _alloc((B, H, NQ, DV), q.dtype, q.device)
     lse = _alloc((B, H, NQ), torch.float32, q.device)
@@ -1448,6 +1454,7 @@ def head_mixing_attention_bwd(
     scale: float,
     eps: float,
     has_norm: bool,
+    copies: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward: (dq, dk, dv, d_pre_w, d_post_w, d_post_b, d_norm_w, d_norm_b); the
     parameter gradients are None where the parameter is. See the module docstring."""
@@ -1456,7 +1463,7 @@ def head_mixing_attention_bwd(
         from vitkernels.triton.head_mixing_tc import head_mixing_attention_bwd_tc
 
         return head_mixing_attention_bwd_tc(grad_out, q, k, v, pre_w, post_w, post_b, norm_w, norm_b, lse, scale,
-                                            eps, has_norm)  # fmt: skip
+                                            eps, has_norm, copies)  # fmt: skip
     NK, DV = k.shape[2], v.shape[3]
     dev = q.device
     dq = _alloc((B, H, NQ, DK), q.dtype, dev)
@@ -1595,4 +1602,10 @@ def record_calls(
     # the output's gradient as the layer's 'b h n d -> b n (h d)' hands it back
     grad_out = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
     lse = tensor((B, H, NQ), torch.float32)
-    head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, scale, 1e-5, shape.norm)
+    copies = None
+    if H > _MAX_REG_HEADS:  # the forward's padded k / v copies (fresh, aligned), as the custom op saves them
+        from vitkernels.triton.head_mixing_tc import saved_copy_shapes
+
+        shapes = saved_copy_shapes(q, k, v)
+        copies = None if shapes is None else tuple(torch.empty(sh, dtype=dtype, device=q.device) for sh in shapes)
+    head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, scale, 1e-5, shape.norm, copies)

@@ -36,8 +36,10 @@ vectors, DeepViT-S's heads of 33, are read from zero-padded copies made by one
 launch, ``_pad_kv``, or without a pre-mix by the statistics launch as it reads k),
 the head norm optional; the same for the backward
 (``head_mixing_attention_bwd_tc``, below: of rows that are not whole 16-byte vectors,
-k and v through ``_pad_kv``'s copies, q and dO read as they are by the dq launch, which
-writes the zero-padded copies the dk / dv launches read). One
+k and v through the forward's copies, which the custom op saves where the head dim
+alone makes them needed (``saved_copy_shapes``), else through ``_pad_kv``'s; q and dO
+read as they are by the dq launch, which writes the zero-padded copies the dk / dv
+launches read). One
 config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without spills
 at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
 backward's dk / dv kernel at HP = 16, dk and dv in two launches (``_kv_split``).
@@ -52,7 +54,7 @@ import triton.language as tl
 from vitkernels.triton._common import SHORT, Launch, alloc, launch
 from vitkernels.triton.head_mixing import _k_split, _param_grad_kernel, _rho, _tag, _width
 
-__all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_bwd_tc", "head_mixing_attention_fwd_tc"]
+__all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_bwd_tc", "head_mixing_attention_fwd_tc", "saved_copy_shapes"]
 
 MIN_HEADS = 5
 MAX_HEADS = 16
@@ -551,6 +553,7 @@ def head_mixing_attention_fwd_tc(
     scale: float,
     eps: float,
     has_norm: bool,
+    copies: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for 5-16 heads: (out (B, H, Nq, Dv) q.dtype, lse (B, H, Nq) float32).
     q (B, H, Nq, Dk), k (B, H, Nk, Dk), v (B, H, Nk, Dv) float16 / bfloat16, any
@@ -558,7 +561,9 @@ def head_mixing_attention_fwd_tc(
     heads of 33, are read from zero-padded copies: see below); pre_w,
     post_w (H, H) in nn.Linear's (out, in) convention or None; post_b (H,) or None;
     with has_norm the head norm (norm_w, norm_b (H,) or None, eps) on the post-mixed
-    probabilities (``head_mixing.py``'s launcher contract)."""
+    probabilities (``head_mixing.py``'s launcher contract). Where the forward reads k and
+    v through zero-padded copies and ``copies`` is a dict, it puts them there as "k" and
+    "v" (the backward can take them instead of making its own: ``saved_copy_shapes``)."""
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
     if not MIN_HEADS <= H <= MAX_HEADS:
@@ -631,7 +636,27 @@ def head_mixing_attention_fwd_tc(
         f"head_mixing_fwd_tc[{tag}]", _fwd_tc_kernel, (num_qb * B,), args, constexprs, NUM_WARPS, 1,
         reads=(q, k, v, *params, *((lse,) if lse_in else ())), writes=(out,) if lse_in else (out, lse), loops=loops,
     ))  # fmt: skip
+    if pad and copies is not None:
+        copies["k"], copies["v"] = k, v
     return out, lse
+
+
+def saved_copy_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int, ...], ...] | None:
+    """The shapes of the zero-padded copies of k and v ((B, H, Nk, wk), (B, H, Nk, wv))
+    that the triton backend's forward returns for its backward to save, or None where it
+    returns none: for 5-16 heads of float16 / bfloat16 whose Dk or Dv is not a multiple of
+    8 (rows that cannot be whole 16-byte vectors whatever the strides, e.g. DeepViT-S's
+    33), the forward pads k and v anyway and the backward then needs no padding launch of
+    its own (~49 us at M2, estimate; bench/NOTES.md, 2026-12-02, fourth session). From
+    shapes and dtype alone, so that fake tensors (torch.compile, export) agree with the
+    real run; other unaligned inputs (strides, offsets) the backward pads itself."""
+    B, H, _, DK = q.shape
+    NK, DV = k.shape[2], v.shape[3]
+    if not MIN_HEADS <= H <= MAX_HEADS or q.dtype not in (torch.float16, torch.bfloat16) or not (DK % 8 or DV % 8):
+        return None
+    ka, kb = _k_split(DK)
+    va, vb = _k_split(DV)
+    return (B, H, NK, ka + kb), (B, H, NK, va + vb)
 
 
 # ----------------------------------------------------------------------------
@@ -1105,11 +1130,14 @@ def head_mixing_attention_bwd_tc(
     scale: float,
     eps: float,
     has_norm: bool,
+    copies: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward for 5-16 heads: (dq, dk, dv, d_pre_w, d_post_w, d_post_b, d_norm_w,
     d_norm_b), ``head_mixing.py``'s launcher contract (dq, dk, dv contiguous in q.dtype;
     the parameter gradients in their dtypes, None where the parameter is). lse: the
-    forward's (B, H, Nq) float32. Inputs as the forward's (any strides and alignment)."""
+    forward's (B, H, Nq) float32. Inputs as the forward's (any strides and alignment).
+    ``copies``: the forward's zero-padded copies of k and v (``saved_copy_shapes``),
+    read instead of padding k and v again where rows are not whole 16-byte vectors."""
     B, H, NQ, DK = q.shape
     NK, DV = k.shape[2], v.shape[3]
     if not MIN_HEADS <= H <= MAX_HEADS:
@@ -1144,11 +1172,11 @@ def head_mixing_attention_bwd_tc(
     if pad:
         # rows that are not whole 16-byte vectors (DeepViT-S's heads of 33) are read
         # from zero-padded copies of the chunks' width, as in the forward, where a
-        # launch reads them in every loop step: k and v (every launch) through
-        # ``_pad_kv``; q and dO (the dk / dv launches) through copies the dq launch,
+        # launch reads them in every loop step: k and v (every launch) through the
+        # forward's copies where it saved them, else ``_pad_kv``'s; q and dO (the dk / dv launches) through copies the dq launch,
         # which reads them once per program, writes of its rows (no launch of their own:
         # ~49 us at M2, estimate; bench/NOTES.md, 2026-12-02, padfuse)
-        k, v = _pad_kv(k, v, ka + kb, va + vb)
+        k, v = _pad_kv(k, v, ka + kb, va + vb) if copies is None else _check_copies(copies, k, v, ka + kb, va + vb)
         q = _alloc((B, H, NQ, ka + kb), q.dtype, dev)
         grad_out = _alloc((B, H, NQ, va + vb), grad_out.dtype, dev)
         dkr, dvr = ka + kb, va + vb
@@ -1209,6 +1237,18 @@ def head_mixing_attention_bwd_tc(
             loops={"start_r": triton.cdiv(part.shape[0], block_r)},
         ))  # fmt: skip
     return dq, dk, dv, *grads
+
+
+def _check_copies(copies, k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's padded copies of k and v, checked against k and v's shapes."""
+    kp, vp = copies
+    want = ((*k.shape[:3], wk), (*v.shape[:3], wv))
+    for name, t, shape, like in (("k", kp, want[0], k), ("v", vp, want[1], v)):
+        if tuple(t.shape) != shape or t.dtype != like.dtype or not t.is_contiguous() or t.device != like.device:
+            raise ValueError(f"head_mixing (tensor-core backward): the padded copy of {name} is {_shape(t)} "
+                             f"{t.dtype} (contiguous: {t.is_contiguous()}, {t.device}); expected a contiguous "
+                             f"({', '.join(map(str, shape))}) {like.dtype} on {like.device}")  # fmt: skip
+    return kp, vp
 
 
 # head_mixing.py's _param_grad_kernel: rows a step, columns a program (at HP = 16 a row
