@@ -149,15 +149,19 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
     assert all(any(t is c for t in fwd[1].reads) for c in kv)
     assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-M"], "fwd").launches] == [
         "head_mixing_fwd_tc"]  # the pre-mix: the statistics stay in the fused kernel
-    # DeepViT-S's rows of 33 through zero-padded copies: k and v by a launch of their
-    # own; q and dO written by the dq launch (which reads them as they are), then read
-    # by the dk / dv launches
-    bwd = record_workload(m2, "bwd").launches
-    assert [rl.name.split("[")[0] for rl in bwd] == [
-        "head_mixing_pad_kv", "head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
-    dq, copies = bwd[1].writes[0], bwd[1].writes[3:]
-    assert [tuple(t.shape) for t in copies] == [(dq.shape[0], 12, 197, 48)] * 2
-    assert all(any(t is c for t in la.reads) for la in bwd[2:4] for c in copies)
+    # DeepViT-S's rows of 33 through zero-padded copies: k and v the forward's (saved by
+    # the custom op), or without them by a launch of their own; q and dO written by the
+    # dq launch (which reads them as they are), then read by the dk / dv launches
+    names = ["head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
+    for direction, first in (("bwd", []), ("bwd_unsaved", ["head_mixing_pad_kv"])):
+        bwd = record_workload(m2, direction).launches
+        assert [rl.name.split("[")[0] for rl in bwd] == first + names
+        dq, copies = bwd[len(first)].writes[0], bwd[len(first)].writes[3:]
+        assert [tuple(t.shape) for t in copies] == [(dq.shape[0], 12, 197, 48)] * 2
+        assert all(any(t is c for t in la.reads) for la in bwd[len(first) + 1:len(first) + 3] for c in copies)
+        kv = bwd[len(first)].reads[1:3]
+        assert [tuple(t.shape)[1:] for t in kv] == [(12, 197, 48)] * 2
+        assert all(any(t is c for t in la.reads) for la in bwd[len(first) + 1:len(first) + 3] for c in kv)
     assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-S-timm"], "bwd").launches] == [
         "head_mixing_bwd_q_tc", "head_mixing_bwd_dkdv_tc", "head_mixing_bwd_params_tc"]
     with pytest.raises(ValueError, match="H=17 heads is above the kernels' limit of 16"):

@@ -1559,6 +1559,13 @@ def directions(shape: HeadMixingShape) -> tuple[str, ...]:
     return ("fwd", "bwd")
 
 
+def unsaved_backward(shape: HeadMixingShape) -> bool:
+    """Whether the backward of this shape reads padded k / v copies the forward saves
+    (5-16 heads whose head dim is not a multiple of 8: M2), so that the backward
+    without them ("bwd_unsaved": its own ``_pad_kv`` launch) is a different set of launches."""
+    return refusal(shape) is None and _MAX_REG_HEADS < shape.heads and shape.head_dim % 8 != 0
+
+
 def record_calls(
     shape: HeadMixingShape,
     batch: int,
@@ -1569,9 +1576,12 @@ def record_calls(
 ) -> None:
     """Call the launcher of one direction ("fwd" or "bwd") as the models' layers call
     the op (``shape.layout``), inputs made by ``tensor``; the mixing and norm
-    parameters in ``param_dtype`` (default: dtype; float32 under autocast)."""
+    parameters in ``param_dtype`` (default: dtype; float32 under autocast). "bwd" is
+    the backward after the custom op's forward (reading the padded k / v copies it
+    saved, where it saves any); "bwd_unsaved" the backward without them (a launcher
+    caller passing none: it pads k and v itself)."""
     why = refusal(shape)
-    if why is None and direction not in directions(shape):
+    if why is None and direction not in (*directions(shape), "bwd_unsaved"):
         why = f"no {direction!r} direction"
     if why is not None:
         raise ValueError(f"head_mixing: the kernels do not take {shape}: {why}")
@@ -1603,7 +1613,7 @@ def record_calls(
     grad_out = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
     lse = tensor((B, H, NQ), torch.float32)
     copies = None
-    if H > _MAX_REG_HEADS:  # the forward's padded k / v copies (fresh, aligned), as the custom op saves them
+    if H > _MAX_REG_HEADS and direction == "bwd":  # the forward's padded k / v copies (fresh, aligned), as saved
         from vitkernels.triton.head_mixing_tc import saved_copy_shapes
 
         shapes = saved_copy_shapes(q, k, v)
