@@ -1173,9 +1173,10 @@ def head_mixing_attention_bwd_tc(
         # rows that are not whole 16-byte vectors (DeepViT-S's heads of 33) are read
         # from zero-padded copies of the chunks' width, as in the forward, where a
         # launch reads them in every loop step: k and v (every launch) through the
-        # forward's copies where it saved them, else ``_pad_kv``'s; q and dO (the dk / dv launches) through copies the dq launch,
-        # which reads them once per program, writes of its rows (no launch of their own:
-        # ~49 us at M2, estimate; bench/NOTES.md, 2026-12-02, padfuse)
+        # forward's copies where it saved them, else ``_pad_kv``'s; q and dO (the dk /
+        # dv launches) through copies the dq launch, which reads them once per program,
+        # writes of its rows (no launch of their own: ~49 us at M2, estimate;
+        # bench/NOTES.md, 2026-12-02, padfuse)
         k, v = _pad_kv(k, v, ka + kb, va + vb) if copies is None else _check_copies(copies, k, v, ka + kb, va + vb)
         q = _alloc((B, H, NQ, ka + kb), q.dtype, dev)
         grad_out = _alloc((B, H, NQ, va + vb), grad_out.dtype, dev)
