@@ -161,11 +161,12 @@ def recorded_launches(variant: str = "aligned", arch: int = 90) -> list[Recorded
         extra = ("fwd_saving", "bwd_recompute") if isinstance(shape, PatchEmbedShape) else ()
         both = ("fwd", "bwd")
         if isinstance(shape, HeadMixingShape):  # the directions the kernels run (both)
-            from vitkernels.triton.head_mixing import directions, unsaved_backward
+            from vitkernels.triton.head_mixing import directions
 
             both = directions(shape)
-            # the backward without the forward's padded k / v copies (its own padding)
-            extra = ("bwd_unsaved",) if unsaved_backward(shape) else ()
+            # the backward without the forward's padded k / v copies (its own padding;
+            # where the forward keeps none, the same launches as "bwd")
+            extra = ("bwd_unsaved",)
         for direction in (*both, *extra):
             rec = record_workload(shape, direction, dtype, variant=variant, arch=arch, **options)
             for launch in rec.launches:

@@ -1559,13 +1559,6 @@ def directions(shape: HeadMixingShape) -> tuple[str, ...]:
     return ("fwd", "bwd")
 
 
-def unsaved_backward(shape: HeadMixingShape) -> bool:
-    """Whether the backward of this shape reads padded k / v copies the forward saves
-    (5-16 heads whose head dim is not a multiple of 8: M2), so that the backward
-    without them ("bwd_unsaved": its own ``_pad_kv`` launch) is a different set of launches."""
-    return refusal(shape) is None and _MAX_REG_HEADS < shape.heads and shape.head_dim % 8 != 0
-
-
 def record_calls(
     shape: HeadMixingShape,
     batch: int,
