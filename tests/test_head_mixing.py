@@ -469,6 +469,47 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
 
 
+def test_row_runs_split_the_delta_launch_only_where_it_pays():
+    """The backward's delta launch over the query rows (``_row_runs``): M1's 196 queries
+    at batch 256 on 132 SMs as 3 whole 64-row blocks and a launch of 16-row blocks for
+    the last 4; one launch where the rest is not 1-16 rows, the blocks are not 64 rows,
+    or the batch is too small for the whole blocks to save a wave."""
+    assert tk._row_runs(196, 64, 256, 132) == [(0, 192), (192, 4)]
+    assert tk._row_runs(197, 64, 256, 132) == [(0, 192), (192, 5)]
+    assert tk._row_runs(196, 64, 32, 132) == [(0, 196)]  # 1 wave either way
+    assert tk._row_runs(196, 64, 33, 132) == [(0, 196)]  # 132 programs: still one wave
+    assert tk._row_runs(196, 64, 34, 132) == [(0, 192), (192, 4)]  # 136 -> 102 programs: a wave saved
+    assert tk._row_runs(230, 64, 256, 132) == [(0, 230)]  # 38 rows left: a 64-row block
+    assert tk._row_runs(64, 64, 256, 132) == [(0, 64)]
+    assert tk._row_runs(49, 64, 256, 132) == [(0, 49)]
+    assert tk._row_runs(196, 16, 256, 132) == [(0, 196)]  # sm_80's 16-row delta launch
+
+
+@pytest.mark.parametrize("kind", ["vit-pytorch talking heads", "pre", "timm talking heads", "re-attention"])
+def test_gradients_with_the_delta_launch_split_over_the_rows(kind, poisoned, monkeypatch):
+    """The delta launch in two (the whole 64-row blocks, then the 6 rows after them on
+    the few-row configuration), as at M1's batch 256: made to split at batch 2 by
+    reporting one SM. Every row's delta and each launch's rows of partial sums must be
+    written (poisoned buffers) and right (the parameters' gradients sum them all). With
+    the post-mix bias (timm) or the head norm one launch (the few-row one spilled)."""
+    case = (2, 4, 70, 21, 48, 40)
+    monkeypatch.setattr(tk, "sm_count", lambda device: 1)
+    seen = []
+    real = tk.launch
+
+    def spy(spec):
+        if spec.name.startswith("head_mixing_bwd_delta"):
+            seen.append((spec.constexprs["BLOCK_M"], spec.constexprs["ROW0"], spec.grid))
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case)
+    params = make_params(4, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], kind)
+    one = kind in ("timm talking heads", "re-attention")
+    assert seen == ([(64, 0, (4,))] if one else [(64, 0, (2,)), (16, 64, (2,))])
+
+
 @pytest.mark.parametrize("dk, dv, nq, dq_tile, dkdv_m", [(16, 16, 20, (16, 16), 16), (32, 56, 40, (16, 64), 32)],
                          ids=["D16", "Dk32 Dv56"])
 def test_gradients_with_the_small_head_dim_tiles(dk, dv, nq, dq_tile, dkdv_m, poisoned, monkeypatch):

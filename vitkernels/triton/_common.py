@@ -276,6 +276,14 @@ def target_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
+def sm_count(device: torch.device) -> int:
+    """The device's SMs; off CUDA (recordings on meta tensors, the interpreter) 132, the
+    H100's and H200's, which the launchers' wave counts and the estimate assume."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def launch(spec: Launch) -> None:
     """Run the launch, or record it inside ``recording()``."""
     if not _recordings:

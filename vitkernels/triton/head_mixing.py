@@ -42,7 +42,11 @@ slots, HP = H rounded up to a power of two, at least 2):
   over the keys) and of dA (a second loop, once delta is known: dA = sum dl_g s_h);
   without, dq of every head. On sm_90 the H x H sums (dP, dA) are tensor-core products
   over the flattened tile (``_pair_lhs``, ``_pair_rhs``, ``_pair_trace``) instead of
-  reductions across the rows and warps every key tile. The loops reload q, dO and the
+  reductions across the rows and warps every key tile. Where 64-row blocks leave 1-16
+  rows after their whole blocks (196 = 3 x 64 + 4) and a second launch saves a wave at
+  the batch size (``_row_runs``; not with the post-mix bias or the head norm), the
+  delta launch takes the whole blocks and a second one the rest on 16-row blocks (the
+  ``ROW0`` constexpr: the first query). The loops reload q, dO and the
   mixing weights each iteration (``_live``) instead of holding them in registers,
   except q and dO in the 32 x 64 dq launch (HOLD: as mma.sync operands they take
   fewer registers held than reloaded). The
@@ -127,6 +131,7 @@ from vitkernels.triton._common import (
     float32_tiles,
     hint,
     launch,
+    sm_count,
     target_arch,
 )
 from vitkernels.workloads import HeadMixingShape
@@ -712,16 +717,17 @@ def _bwd_dq_kernel(
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr, LIVE_QH: tl.constexpr, LIVE_GH: tl.constexpr,
-    DEFER_ROWSUM: tl.constexpr,
+    DEFER_ROWSUM: tl.constexpr, ROW0: tl.constexpr,
 ):  # fmt: skip
-    """A program per (b, query block), one pass over the key blocks. DELTA_PASS: delta
-    (B, H, NQ) and this program's row of PART, the partial sums of dP (HP x HP,
-    [f, g]), dc, dw, dbeta, dA (HP x HP, [g, h]). Else (delta read back): dq
-    (B, H, NQ, DK) of every head. (One launch doing both passes spilled.)"""
+    """A program per (b, query block), one pass over the key blocks, the blocks from
+    query ROW0 on. DELTA_PASS: delta (B, H, NQ) and this program's row of PART, the
+    partial sums of dP (HP x HP, [f, g]), dc, dw, dbeta, dA (HP x HP, [g, h]). Else
+    (delta read back): dq (B, H, NQ, DK) of every head. (One launch doing both passes
+    spilled.)"""
     pid = tl.program_id(0)
     pid_m = pid % NUM_QB
     b = (pid // NUM_QB).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < NQ
     hs = tl.arange(0, HP)
     valid = (hs < H).to(tl.float32)[None, None, :]
@@ -1475,7 +1481,8 @@ def head_mixing_attention_bwd(
     if _width(grad_out) == 1:  # the consumer's strides: read it aligned
         grad_out = grad_out.contiguous()
     flags = _flags(*params, has_norm)
-    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, target_arch(q.device), _float32_tiles(q))
+    arch, f32 = target_arch(q.device), _float32_tiles(q)
+    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, arch, f32)
     HP = dq_cfgs[0].constexprs["HP"]
     ptrs, strides = _param_args(q, *params)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
@@ -1488,19 +1495,37 @@ def head_mixing_attention_bwd(
     # columns of absent parameters are never written or read)
     delta = _alloc((B, H, NQ), torch.float32, dev)
     npart = 2 * HP * HP + 3 * HP
-    part = None
-    for cfg in dq_cfgs:
+    # the delta launch over the query rows (where it pays, the rows after the whole
+    # 64-row blocks in a second launch of the few-row configuration: ``_row_runs``),
+    # then the dq launch
+    delta_cfg, dq_cfg = dq_cfgs
+    # (not with the post-mix bias or the head norm: there the few-row delta launch
+    # spilled 24-60 B at NQ 196-197, sm_90a, triton 3.9)
+    row_runs = [(0, NQ)] if flags["HAS_POST_B"] or flags["HAS_NORM"] else _row_runs(
+        NQ, delta_cfg.constexprs["BLOCK_M"], B, sm_count(dev))  # fmt: skip
+    runs = [(delta_cfg if row0 == 0 else _bwd_cfg(H, rows, NK, DK, DV, flags, arch, f32)[0][0], row0, rows)
+            for row0, rows in row_runs]  # fmt: skip
+    # a row of partial sums per delta program, each launch's rows after the one before's
+    part = _alloc((sum(B * triton.cdiv(rows, c.constexprs["BLOCK_M"]) for c, _, rows in runs), npart),
+                  torch.float32, dev)  # fmt: skip
+    pid0 = 0
+    for cfg, row0, rows in [*runs, (dq_cfg, 0, NQ)]:
         c = cfg.constexprs
-        num_qb = triton.cdiv(NQ, c["BLOCK_M"])
-        if part is None:  # the delta launch's programs' rows
-            part = _alloc((B * num_qb, npart), torch.float32, dev)
+        num_qb = triton.cdiv(rows, c["BLOCK_M"])
+        if c["DELTA_PASS"]:
+            part_rows = part[pid0 : pid0 + num_qb * B]
+            pid0 += num_qb * B
+            rows_in = (q[:, :, row0 : row0 + rows], grad_out[:, :, row0 : row0 + rows], k, v, *params,
+                       lse[:, :, row0 : row0 + rows])  # fmt: skip
+            rows_out = (delta[:, :, row0 : row0 + rows], part_rows)
+        else:
+            part_rows, rows_in, rows_out = part, (*reads, delta), (dq,)
         launch(Launch(
-            f"head_mixing_bwd_{'delta' if c['DELTA_PASS'] else 'dq'}[{tag}]", cfg.kernel, (num_qb * B,),
-            [q, k, v, grad_out, *ptrs, lse, delta, dq, part, *common, NQ, NK, num_qb, npart, qk_scale,
+            f"head_mixing_bwd_{'delta' if c['DELTA_PASS'] else 'dq'}[{tag}{f',rows{row0}+' if row0 else ''}]",
+            cfg.kernel, (num_qb * B,),
+            [q, k, v, grad_out, *ptrs, lse, delta, dq, part_rows, *common, NQ, NK, num_qb, npart, qk_scale,
              scale, eps],
-            {**c, **vecs}, cfg.num_warps, cfg.num_stages,
-            reads=reads if c["DELTA_PASS"] else (*reads, delta),
-            writes=(delta, part) if c["DELTA_PASS"] else (dq,),
+            {**c, **vecs, "ROW0": row0}, cfg.num_warps, cfg.num_stages, reads=rows_in, writes=rows_out,
             loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
         ))  # fmt: skip
     for cfg in dkdv_cfgs:
@@ -1534,6 +1559,25 @@ def head_mixing_attention_bwd(
             loops={"start_r": triton.cdiv(part.shape[0], block_r)},
         ))  # fmt: skip
     return dq, dk, dv, *grads
+
+
+def _row_runs(nq: int, block_m: int, batch: int, sms: int) -> list[tuple[int, int]]:
+    """(first query, queries) of each delta launch: one over every row, or, where 64-row
+    blocks leave 1-16 rows after their whole blocks (Nq = 196: 3 x 64 + 4) and it pays,
+    the whole blocks and then the rest, which the caller gives the few-row configuration
+    (16-row blocks). A 64-row block of 4 real rows costs a whole program; a 16-row
+    program costs ~0.4 of one, a launch ~0.25 (the estimate's numbers at M1: 12.1 us, 4.6
+    and 3): so the second launch when the whole blocks alone, in waves of `sms` programs,
+    take fewer waves by more than that (at M1's batch 256: 8 -> 6 waves against ~1.05;
+    a batch of up to sms / 4 keeps one launch)."""
+    rest = nq % block_m
+    if block_m != 64 or nq < block_m or not 0 < rest <= 16:
+        return [(0, nq)]
+    blocks = nq // block_m + 1
+    saved = triton.cdiv(blocks * batch, sms) - triton.cdiv((blocks - 1) * batch, sms)
+    if saved <= 0.4 * triton.cdiv(batch, sms) + 0.25:
+        return [(0, nq)]
+    return [(0, nq - rest), (nq - rest, rest)]
 
 
 # ----------------------------------------------------------------------------

@@ -109,6 +109,7 @@ from vitkernels.triton._common import (
     cdiv,
     dot_precision,
     launch,
+    sm_count,
     target_arch,
 )
 from vitkernels.triton._patch_embed_bwd import (
@@ -364,12 +365,6 @@ def _row_split(tiles: int, m_blocks: int, sms: int, per_sm: int = _PER_SM) -> in
     candidates = range(1, min(m_blocks, triton.cdiv(8 * slots, tiles)) + 1)  # up to 8 waves
     best = min(cost(s) for s in candidates)
     return next(s for s in candidates if cost(s) <= best * 1.02)
-
-
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # only sizes the dW split; the interpreter's configs ignore it
 
 
 # ----------------------------------------------------------------------------
@@ -747,7 +742,7 @@ def patch_embed_bwd(
             if want[i]:
                 res[i] = torch.zeros_like(params[i])
     interpret = triton_interpret() and dev.type == "cpu"
-    cfg = bwd_config(max(M, 1), D, K, dtype, interpret, _sms(dev), order == "pqc" and has_in_norm)
+    cfg = bwd_config(max(M, 1), D, K, dtype, interpret, sm_count(dev), order == "pqc" and has_in_norm)
     ints, xs = _x_args(images, g)
     pc = _patch_constexprs(images, g, order, cfg.block_m, cfg.block_k, grad_out)
     # the dW and dXn loops' patch rows from float reciprocals (``_patch_rows``)
@@ -769,12 +764,12 @@ def patch_embed_bwd(
     num_k_dw = cdiv(K, cfg.block_k) + bias_col
     dw_split = cfg.split
     if bias_col and not interpret:  # whole waves counting the bias tiles
-        dw_split = _row_split(cdiv(D, cfg.block_n) * num_k_dw, m_blocks, _sms(dev))
+        dw_split = _row_split(cdiv(D, cfg.block_n) * num_k_dw, m_blocks, sm_count(dev))
     dw_per = cdiv(m_blocks, dw_split)
     dw_split = cdiv(m_blocks, dw_per)
     dxn_launch = kernels and (want[2] or want[3])
     num_k = cdiv(K, cfg.block_k)
-    dxn_split = cfg.split if interpret else _row_split(num_k, m_blocks, _sms(dev))
+    dxn_split = cfg.split if interpret else _row_split(num_k, m_blocks, sm_count(dev))
     # dW, the bias and dxn in one pass when every column fits one tile (T2T's D 192);
     # not on sm_80, whose mma.sync keeps both GEMMs' operands in registers (it spilled
     # 24 B with 64 x 256 x 32 tiles)
@@ -791,7 +786,7 @@ def patch_embed_bwd(
     if fused:
         dw_launch = False
         dw_split = (
-            min(cfg.split, grid_tiles) if interpret else _row_split(num_k_fused, grid_tiles, _sms(dev), _FUSED_PER_SM)
+            min(cfg.split, grid_tiles) if interpret else _row_split(num_k_fused, grid_tiles, sm_count(dev), _FUSED_PER_SM)
         )
         dw_per = cdiv(grid_tiles, dw_split)
         dxn_split = dw_split = cdiv(grid_tiles, dw_per)  # the partials the fold sums
