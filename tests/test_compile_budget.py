@@ -172,9 +172,11 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
 
 def test_head_mixing_launches_are_recorded_with_their_traffic():
     """M1's launches (vit-pytorch CaiT layout): one forward, and the backward's delta
-    (with every parameter's partial sums), dq of every head, dk/dv of every head, the
-    parameters' gradients from the partial sums; the first three read every head's q,
-    k, v. No torch launch is left in the backward."""
+    (with every parameter's partial sums; in two launches at batch 256, the whole
+    64-row blocks and the last 4 of 196 rows on 16-row blocks, each counted with its
+    own rows of q and dO), dq of every head, dk/dv of every head, the parameters'
+    gradients from the partial sums; the first three read every head's q, k, v. No torch
+    launch is left in the backward."""
     from vitkernels.triton._aot import record_workload
     from vitkernels.workloads import WORKLOADS
 
@@ -185,7 +187,13 @@ def test_head_mixing_launches_are_recorded_with_their_traffic():
     assert read + written >= w.bytes("fwd")  # and the row logsumexp it saves
     rec = record_workload(w.shape, "bwd")
     names = [e.name.split("[")[0] for e in rec.events]  # launches and torch operations
-    assert names == ["head_mixing_bwd_delta", "head_mixing_bwd_dq", "head_mixing_bwd_dkdv", "head_mixing_bwd_params"]
+    assert names == ["head_mixing_bwd_delta", "head_mixing_bwd_delta", "head_mixing_bwd_dq", "head_mixing_bwd_dkdv",
+                     "head_mixing_bwd_params"]  # fmt: skip
+    whole, rest = rec.launches[:2]
+    assert (whole.constexprs["ROW0"], whole.constexprs["BLOCK_M"], whole.grid) == (0, 64, (3 * 256,))
+    assert (rest.constexprs["ROW0"], rest.constexprs["BLOCK_M"], rest.grid) == (192, 16, (256,))
+    row_bytes = 256 * 4 * (2 * 48 * 2 + 4)  # a query row of q, dO (16-bit) and lse (float32), every head
+    assert whole.bytes_moved()[0] - rest.bytes_moved()[0] == (192 - 4) * row_bytes  # each launch its own rows
     assert all(la.loops for la in rec.launches)
 
 
