@@ -469,6 +469,30 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
 
 
+@pytest.mark.parametrize("d, tiles", [(48, [(64, 16, 0, 4)]), (40, [(16, 16, 0, 2), (16, 16, 2, 2)])],
+                         ids=["D48 every head", "D40 two heads a launch"])
+def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(d, tiles, poisoned, monkeypatch):
+    """timm's TalkingHeadAttn (post-mix bias): at heads of 48 (CaiT-XXS) dk/dv of every
+    head in one launch on 16 keys x 64 queries, as without the bias; at other head dims
+    two heads a launch on 16 x 16 (every head there spilled). 70 queries: a whole block
+    of 64 and a padded one; 21 keys: a padded key block. The launches are spied on."""
+    case = (1, 4, 70, 21, d, d)
+    seen = []
+    real = tk.launch
+
+    def spy(spec):
+        if spec.name.startswith("head_mixing_bwd_dkdv"):
+            c = spec.constexprs
+            seen.append((c["BLOCK_M"], c["BLOCK_N"], c["G0"], c["GP"]))
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case, view="timm")
+    params = make_params(4, "timm talking heads")
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"timm D{d}")
+    assert seen == tiles
+
+
 def test_row_runs_split_the_delta_launch_only_where_it_pays():
     """The backward's delta launch over the query rows (``_row_runs``): M1's 196 queries
     at batch 256 on 132 SMs as 3 whole 64-row blocks and a launch of 16-row blocks for

@@ -55,8 +55,8 @@ slots, HP = H rounded up to a power of two, at least 2):
   not stored.
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
-  of a group of two heads per launch (each launch recomputes the tile chain of all
-  heads; every head's gradients beside it spilled). The loop forms p and n and adds
+  but at heads of 48, of a group of two heads per launch (each launch recomputes the
+  tile chain of all heads; every head's gradients beside it spilled). The loop forms p and n and adds
   to dv before it computes dn = <v, dO>, so fewer tiles are live at once. q.k and
   dO.v take K in two chunks where the head dim is not a power of two (48 = 32 + 16:
   the loop-invariant k and v operands, in registers with mma.sync, are not padded to
@@ -1268,11 +1268,14 @@ def _bwd_cfg(
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
     # axis, and at 32 queries warp pairs repeated each other's work); 16 x 16 with
-    # the head norm (32 queries spilled); with the post-mix bias two heads per launch
-    # (every head at 16 x 16 spilled 4 B); for a few queries 32 keys x 16 on 4 warps
+    # the head norm (32 queries spilled); with the post-mix bias two heads per launch on
+    # 16 x 16 (every head at 16 x 16 spilled 4 B), but at heads of 48 (timm's CaiT-XXS)
+    # every head on 64 queries as without it (at 40 that spilled 16-24 B on sm_90a, at 64
+    # 12-20 B on sm_80, triton 3.9); for a few queries 32 keys x 16 on 4 warps
     hp = base["HP"]
-    gp = min(2, hp) if flags["HAS_POST_B"] else hp
-    bm = 16 if few or flags["HAS_POST_B"] or flags["HAS_NORM"] else 64
+    pairs = flags["HAS_POST_B"] and not dk == dv == 48
+    gp = min(2, hp) if pairs else hp
+    bm = 16 if few or pairs or flags["HAS_NORM"] else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
