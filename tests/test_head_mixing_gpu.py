@@ -31,6 +31,9 @@ GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 3e-4}
 # "timm" (biased mixing), "re-attention" (post-mix and head norm)
 CASES = {
     "CaiT-XXS patch": (8, 4, 196, 196, 48, "vit-pytorch"),
+    # batch 64: the backward's delta launch in two on 132 SMs (the whole 64-row blocks,
+    # then the last 4 rows on 16-row blocks: ``_row_runs``)
+    "CaiT-XXS patch B64": (64, 4, 196, 196, 48, "vit-pytorch"),
     "CaiT-XXS class": (8, 4, 1, 197, 48, "vit-pytorch"),
     "CaiT-XXS timm": (8, 4, 196, 196, 48, "timm"),
     "re-attention H4 D64": (4, 4, 197, 197, 64, "re-attention"),
