@@ -31,9 +31,6 @@ GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 3e-4}
 # "timm" (biased mixing), "re-attention" (post-mix and head norm)
 CASES = {
     "CaiT-XXS patch": (8, 4, 196, 196, 48, "vit-pytorch"),
-    # batch 64: the backward's delta launch in two on 132 SMs (the whole 64-row blocks,
-    # then the last 4 rows on 16-row blocks: ``_row_runs``)
-    "CaiT-XXS patch B64": (64, 4, 196, 196, 48, "vit-pytorch"),
     "CaiT-XXS class": (8, 4, 1, 197, 48, "vit-pytorch"),
     "CaiT-XXS timm": (8, 4, 196, 196, 48, "timm"),
     "re-attention H4 D64": (4, 4, 197, 197, 64, "re-attention"),
@@ -93,6 +90,43 @@ def test_forward_and_gradients_match_float64(case, dtype):
     grads = torch.autograd.grad(out, [q, k, v, *leaves_of(params)], g.to(dt))
     for name, mine, r in zip(range(99), grads, [q64, k64, v64, *leaves_of(p64)], strict=False):
         assert_close(mine, r.grad, GRAD_TOL[dt], f"{case} {dtype} grad {name}", floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_gradients_through_the_delta_launch_split_over_the_rows(dtype, monkeypatch):
+    """CaiT-XXS's patch attention at the smallest batch whose delta launch splits on this
+    GPU (``_row_runs``: the whole 64-row blocks, then the last 4 of 196 rows on 16-row
+    blocks, which M1's batch 256 runs): gradients against float64, both launches seen."""
+    from vitkernels.triton import head_mixing as tk
+    from vitkernels.triton._common import sm_count
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("before sm_90 the delta launch takes 16-row blocks: nothing to split")
+    batch = sm_count(torch.device("cuda")) // 4 + 1
+    assert tk._row_runs(196, 64, batch, sm_count(torch.device("cuda"))) == [(0, 192), (192, 4)]
+    seen = []
+    real = tk.launch
+
+    def spy(spec):
+        if spec.name.startswith("head_mixing_bwd_delta"):
+            seen.append((spec.constexprs["ROW0"], spec.constexprs["BLOCK_M"]))
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    dt = DTYPES[dtype]
+    q, k, v, params = make((batch, 4, 196, 196, 48, "vit-pytorch"), dt)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    params = with_leaves(params, lambda t: t.detach().requires_grad_())
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    p64 = with_leaves(params, lambda t: t.detach().double().requires_grad_())
+    expected = reference.head_mixing_attention(q64, k64, v64, scale=48**-0.5, **p64)
+    g = torch.randn_like(expected)
+    expected.backward(g)
+    grads = torch.autograd.grad(out, [q, k, v, *leaves_of(params)], g.to(dt))
+    for name, mine, r in zip(range(99), grads, [q64, k64, v64, *leaves_of(p64)], strict=False):
+        assert_close(mine, r.grad, GRAD_TOL[dt], f"split delta {dtype} grad {name}", floor=1.0)
+    assert seen == [(0, 64), (192, 16)]
 
 
 def test_cuda_tensors_go_to_triton_automatically():
