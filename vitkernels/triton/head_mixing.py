@@ -1271,9 +1271,10 @@ def _bwd_cfg(
     # the head norm (32 queries spilled); with the post-mix bias two heads per launch on
     # 16 x 16 (every head at 16 x 16 spilled 4 B), but at heads of 48 (timm's CaiT-XXS)
     # every head on 64 queries as without it (at 40 that spilled 16-24 B on sm_90a, at 64
-    # 12-20 B on sm_80, triton 3.9); for a few queries 32 keys x 16 on 4 warps
+    # 12-20 B on sm_80, triton 3.9; for a few queries, 32 keys x 16, every head spilled
+    # 92-100 B at 7-16 queries); for a few queries 32 keys x 16 on 4 warps
     hp = base["HP"]
-    pairs = flags["HAS_POST_B"] and not dk == dv == 48
+    pairs = flags["HAS_POST_B"] and (few or not dk == dv == 48)
     gp = min(2, hp) if pairs else hp
     bm = 16 if few or pairs or flags["HAS_NORM"] else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
