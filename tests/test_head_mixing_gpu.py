@@ -72,24 +72,35 @@ def with_leaves(params, fn):
 
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_forward_and_gradients_match_float64(case, dtype):
-    dt = DTYPES[dtype]
-    q, k, v, params = make(CASES[case], dt)
+def run_against_float64(case, dt):
+    """(out, expected, inputs, their float64 copies): the triton backend and the float64
+    reference on the same fresh inputs, every leaf requiring grad."""
+    q, k, v, params = make(case, dt)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     params = with_leaves(params, lambda t: t.detach().requires_grad_())
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     p64 = with_leaves(params, lambda t: t.detach().double().requires_grad_())
     expected = reference.head_mixing_attention(q64, k64, v64, scale=q.shape[-1] ** -0.5, **p64)
-    assert out.dtype == dt
-    assert_close(out, expected, TOL[dt], f"{case} {dtype} out")
+    return out, expected, [q, k, v, *leaves_of(params)], [q64, k64, v64, *leaves_of(p64)]
+
+
+def assert_grads_match(out, expected, inputs, inputs64, dt, what):
     g = torch.randn_like(expected)
     expected.backward(g)
-    grads = torch.autograd.grad(out, [q, k, v, *leaves_of(params)], g.to(dt))
-    for name, mine, r in zip(range(99), grads, [q64, k64, v64, *leaves_of(p64)], strict=False):
-        assert_close(mine, r.grad, GRAD_TOL[dt], f"{case} {dtype} grad {name}", floor=1.0)
+    grads = torch.autograd.grad(out, inputs, g.to(dt))
+    for name, mine, r in zip(range(99), grads, inputs64, strict=False):
+        assert_close(mine, r.grad, GRAD_TOL[dt], f"{what} grad {name}", floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients_match_float64(case, dtype):
+    dt = DTYPES[dtype]
+    out, expected, inputs, inputs64 = run_against_float64(CASES[case], dt)
+    assert out.dtype == dt
+    assert_close(out, expected, TOL[dt], f"{case} {dtype} out")
+    assert_grads_match(out, expected, inputs, inputs64, dt, f"{case} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
@@ -114,18 +125,8 @@ def test_gradients_through_the_delta_launch_split_over_the_rows(dtype, monkeypat
 
     monkeypatch.setattr(tk, "launch", spy)
     dt = DTYPES[dtype]
-    q, k, v, params = make((batch, 4, 196, 196, 48, "vit-pytorch"), dt)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    params = with_leaves(params, lambda t: t.detach().requires_grad_())
-    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    p64 = with_leaves(params, lambda t: t.detach().double().requires_grad_())
-    expected = reference.head_mixing_attention(q64, k64, v64, scale=48**-0.5, **p64)
-    g = torch.randn_like(expected)
-    expected.backward(g)
-    grads = torch.autograd.grad(out, [q, k, v, *leaves_of(params)], g.to(dt))
-    for name, mine, r in zip(range(99), grads, [q64, k64, v64, *leaves_of(p64)], strict=False):
-        assert_close(mine, r.grad, GRAD_TOL[dt], f"split delta {dtype} grad {name}", floor=1.0)
+    out, expected, inputs, inputs64 = run_against_float64((batch, 4, 196, 196, 48, "vit-pytorch"), dt)
+    assert_grads_match(out, expected, inputs, inputs64, dt, f"split delta {dtype}")
     assert seen == [(0, 64), (192, 16)]
 
 

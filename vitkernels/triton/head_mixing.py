@@ -56,8 +56,9 @@ slots, HP = H rounded up to a power of two, at least 2):
 * ``_bwd_dkdv_kernel``: a program per (b, key block), looping over query blocks
   (transposed tiles): dk, dv of every head in one launch; with timm's post-mix bias,
   but at heads of 48, of a group of two heads per launch (each launch recomputes the
-  tile chain of all heads; every head's gradients beside it spilled). The loop forms p and n and adds
-  to dv before it computes dn = <v, dO>, so fewer tiles are live at once. q.k and
+  tile chain of all heads; every head's gradients beside it spilled). The loop forms p
+  and n and adds to dv before it computes dn = <v, dO>, so fewer tiles are live at
+  once. q.k and
   dO.v take K in two chunks where the head dim is not a power of two (48 = 32 + 16:
   the loop-invariant k and v operands, in registers with mma.sync, are not padded to
   64), and the tile chain is not masked by key and query: a padded key's gradients
@@ -1509,13 +1510,12 @@ def head_mixing_attention_bwd(
         NQ, delta_cfg.constexprs["BLOCK_M"], B, sm_count(dev))  # fmt: skip
     runs = [(delta_cfg if row0 == 0 else _bwd_cfg(H, rows, NK, DK, DV, flags, arch, f32)[0][0], row0, rows)
             for row0, rows in row_runs]  # fmt: skip
+    runs = [(cfg, row0, rows, triton.cdiv(rows, cfg.constexprs["BLOCK_M"])) for cfg, row0, rows in runs]
     # a row of partial sums per delta program, each launch's rows after the one before's
-    part = _alloc((sum(B * triton.cdiv(rows, c.constexprs["BLOCK_M"]) for c, _, rows in runs), npart),
-                  torch.float32, dev)  # fmt: skip
+    part = _alloc((B * sum(num_qb for *_, num_qb in runs), npart), torch.float32, dev)
     pid0 = 0
-    for cfg, row0, rows in [*runs, (dq_cfg, 0, NQ)]:
+    for cfg, row0, rows, num_qb in [*runs, (dq_cfg, 0, NQ, triton.cdiv(NQ, dq_cfg.constexprs["BLOCK_M"]))]:
         c = cfg.constexprs
-        num_qb = triton.cdiv(rows, c["BLOCK_M"])
         if c["DELTA_PASS"]:
             part_rows = part[pid0 : pid0 + num_qb * B]
             pid0 += num_qb * B
