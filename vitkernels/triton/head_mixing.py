@@ -1211,7 +1211,7 @@ def _bwd_cfg(
     launch for every head's gradients on 16 keys x 64 queries (32 queries for heads of
     17-32 and 49-63, 16 for 16 or less), 16 x 16 where that
     spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
-    post-mix bias (see bench/NOTES.md).
+    post-mix bias, for a few query rows on 16 x 16 (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     # the delta launch's H x H sums as tensor-core products (sm_80: they spilled there)
     base = _common(heads, dk, dv, flags)
@@ -1273,7 +1273,9 @@ def _bwd_cfg(
     # 16 x 16 (every head at 16 x 16 spilled 4 B), but at heads of 48 (timm's CaiT-XXS)
     # every head on 64 queries as without it (at 40 that spilled 16-24 B on sm_90a, at 64
     # 12-20 B on sm_80, triton 3.9; for a few queries, 32 keys x 16, every head spilled
-    # 92-100 B at 7-16 queries); for a few queries 32 keys x 16 on 4 warps
+    # 92-100 B at 7-16 queries); for a few queries 32 keys x 16 on 4 warps, but 16 x 16 on
+    # 8 with the post-mix bias (32 x 16 spilled 12-60 B at heads of 32-64 on sm_90a, triton
+    # 3.9; 16 x 16 on 4 warps 8 B at 32)
     hp = base["HP"]
     pairs = flags["HAS_POST_B"] and (few or not dk == dv == 48)
     gp = min(2, hp) if pairs else hp
@@ -1282,7 +1284,7 @@ def _bwd_cfg(
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
         bm = 16 if min(dk, dv) <= 16 else 32
-    bn, warps = (32, 4) if few else (16, 8)
+    bn, warps = (32, 4) if few and not pairs else (16, 8)
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
     # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
