@@ -470,12 +470,14 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
 
 
 @pytest.mark.parametrize("nq, d, tiles", [(70, 48, [(64, 16, 0, 4)]), (70, 40, [(16, 16, 0, 2), (16, 16, 2, 2)]),
-                                           (7, 48, [(16, 32, 0, 2), (16, 32, 2, 2)])],
-                         ids=["D48 every head", "D40 two heads a launch", "Nq7 D48 two heads a launch"])
+                                           (7, 48, [(16, 16, 0, 2), (16, 16, 2, 2)]),
+                                           (7, 32, [(16, 16, 0, 2), (16, 16, 2, 2)])],
+                         ids=["D48 every head", "D40 two heads a launch", "Nq7 D48 two heads a launch",
+                              "Nq7 D32 two heads a launch"])
 def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(nq, d, tiles, poisoned, monkeypatch):
     """timm's TalkingHeadAttn (post-mix bias): at heads of 48 (CaiT-XXS) dk/dv of every
     head in one launch on 16 keys x 64 queries, as without the bias; at other head dims,
-    and for a few queries (32 keys x 16), two heads a launch (every head there spilled).
+    and for a few queries (16 keys x 16), two heads a launch (every head there spilled).
     70 queries: a whole block of 64 and a padded one; 21 keys: a padded key block. The
     launches are spied on."""
     case = (1, 4, nq, 21, d, d)

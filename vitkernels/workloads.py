@@ -246,6 +246,8 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "T2T-3": PatchEmbedShape(64, 28, 3, 2, 1, 384, "cpq", False, False, 197, 1, "tokens"),
     # timm's CaiT-XXS24 (TalkingHeadAttn: one qkv projection, biased nn.Linear mixing)
     "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
+    # the same on a few queries (its backward's dk/dv on 16 keys x 16 queries: 32 x 16 spilled)
+    "timm-few": HeadMixingShape(4, 7, 197, 32, "timm", True, True, True, False),
     # re-attention in the register kernels (at most 4 heads; M2 takes the tensor-core forward)
     "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
     # 5-16 heads: the tensor-core forward and backward (head_mixing_tc.py): CaiT-M's
