@@ -497,6 +497,44 @@ def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(nq, d, tiles,
     assert seen == tiles
 
 
+@pytest.mark.parametrize("kind, h, nq, d, arch, tiles", [
+    ("vit-pytorch talking heads", 4, 1, 48, 90, [(16, 32, 0, 4, 4)]),
+    ("vit-pytorch talking heads", 4, 7, 48, 90, [(16, 16, 0, 4, 8)]),
+    ("vit-pytorch talking heads", 4, 16, 64, 90, [(16, 16, 0, 2, 8), (16, 16, 2, 2, 8)]),
+    ("vit-pytorch talking heads", 3, 7, 64, 90, [(16, 16, 0, 4, 8)]),
+    ("pre", 4, 7, 64, 90, [(16, 16, 0, 4, 8)]),
+    ("vit-pytorch talking heads", 4, 7, 48, 80, [(16, 16, 0, 4, 8)]),
+], ids=["Nq1 D48", "Nq7 D48", "Nq16 D64 two heads a launch", "H3 Nq7 D64", "Nq7 D64 pre-mix", "Nq7 D48 sm_80"])
+def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, arch, tiles, poisoned, monkeypatch):
+    """2-16 query rows: dk/dv on 16 keys x 16 queries on 8 warps, two heads a launch with
+    both mixings at 4 heads over 48, and on sm_80 the delta and dq launches on 8 warps, the
+    delta launch with q's addresses formed in its loops (LIVE_QH); one query row's
+    configurations (Triton's NQ = 1 constant) spilled there (dk/dv's 32 x 16 on 4 warps
+    12-188 B). One query row keeps 32 x 16 on 4. 21 keys: a padded key block.
+    The launches are spied on; every gradient against float64."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: arch)
+    case = (1, h, nq, 21, d, d)
+    seen, warps = [], {}
+    real = tk.launch
+
+    def spy(spec):
+        c = spec.constexprs
+        if spec.name.startswith("head_mixing_bwd_dkdv"):
+            seen.append((c["BLOCK_M"], c["BLOCK_N"], c["G0"], c["GP"], spec.num_warps))
+        elif spec.name.startswith(("head_mixing_bwd_delta", "head_mixing_bwd_dq")):
+            warps[spec.name.split("[")[0]] = (spec.num_warps, c["LIVE_QH"])
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case)
+    params = make_params(h, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm_{arch}")
+    assert seen == tiles
+    some80 = arch < 90 and nq > 1  # sm_80, 2-16 rows: 8 warps, and the delta launch's q addresses in its loops
+    w = 8 if some80 else 4
+    assert warps == {"head_mixing_bwd_delta": (w, some80), "head_mixing_bwd_dq": (w, False)}
+
+
 def test_row_runs_split_the_delta_launch_only_where_it_pays():
     """The backward's delta launch over the query rows (``_row_runs``): M1's 196 queries
     at batch 256 on 132 SMs as 3 whole 64-row blocks and a launch of 16-row blocks for

@@ -1210,8 +1210,8 @@ def _bwd_cfg(
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries (32 queries for heads of
     17-32 and 49-63, 16 for 16 or less), 16 x 16 where that
-    spilled, 32 keys x 16 queries for a few query rows; two heads per launch with the
-    post-mix bias, for a few query rows on 16 x 16 (see bench/NOTES.md).
+    spilled, 32 keys x 16 queries for one query row and 16 x 16 for 2-16; two heads per
+    launch with the post-mix bias (see bench/NOTES.md).
     Warps: the largest counts the AOT compiles found spill-free (triton 3.6 and 3.9)."""
     # the delta launch's H x H sums as tensor-core products (sm_80: they spilled there)
     base = _common(heads, dk, dv, flags)
@@ -1222,6 +1222,10 @@ def _bwd_cfg(
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
              LIVE_GH=False, DEFER_ROWSUM=False)
     few = nq <= 16
+    # 2-16 query rows: NQ = 1 (CaiT's class attention) is a constant to Triton and compiles
+    # leaner; the configurations below chosen for it spilled at 7 and 16 rows (sm_80's delta
+    # and dq on 4 warps 4-8 B, dk/dv 12-188 B; bench/NOTES.md, 2026-12-02)
+    some = few and nq > 1
     if f32:
         return _bwd_cfg_f32(heads, few, flags, base, c, split)
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
@@ -1229,16 +1233,19 @@ def _bwd_cfg(
     if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
-        delta_warps = 4 if few else 8
+        delta_warps = 4 if few and not (some and arch < 90) else 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
-        # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with);
-        # DEFER_ROWSUM (delta's sums across the lanes once, after the loop): sm_90's few rows
+        # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
+        # sm_80's for 2-16 rows (8 B without on 8 warps, 4 on 4); DEFER_ROWSUM (delta's sums
+        # across the lanes once, after the loop): sm_90's few rows
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
-                                             LIVE_QH=arch < 90 and _TRITON_36, DEFER_ROWSUM=few and arch >= 90),
+                                             LIVE_QH=arch < 90 and (_TRITON_36 or some),
+                                             DEFER_ROWSUM=few and arch >= 90),
                         delta_warps, 1)  # fmt: skip
-        # a few rows on 4 warps (8 with triton 3.6 on sm_80: 4 spilled 16 B at M3)
+        # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
+        # 2-16 rows)
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
-                     4 if few and not (_TRITON_36 and arch < 90) else 8, 1)  # fmt: skip
+                     4 if few and not (arch < 90 and (_TRITON_36 or some)) else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
@@ -1273,18 +1280,21 @@ def _bwd_cfg(
     # 16 x 16 (every head at 16 x 16 spilled 4 B), but at heads of 48 (timm's CaiT-XXS)
     # every head on 64 queries as without it (at 40 that spilled 16-24 B on sm_90a, at 64
     # 12-20 B on sm_80, triton 3.9; for a few queries, 32 keys x 16, every head spilled
-    # 92-100 B at 7-16 queries); for a few queries 32 keys x 16 on 4 warps, but 16 x 16 on
-    # 8 with the post-mix bias (32 x 16 spilled 12-60 B at heads of 32-64 on sm_90a, triton
-    # 3.9; 16 x 16 on 4 warps 8 B at 32)
+    # 92-100 B at 7-16 queries); for one query 32 keys x 16 on 4 warps, for 2-16 and with
+    # the post-mix bias 16 x 16 on 8 (32 x 16 spilled 12-188 B at heads of 32-64, 16 x 16
+    # on 4 8-32 B), two heads a launch for 2-16 with both mixings at 4 heads over 48
+    # (every head spilled 16 B at 64; at 3 heads two a launch spilled 28-36 B, every head
+    # none)
     hp = base["HP"]
     pairs = flags["HAS_POST_B"] and (few or not dk == dv == 48)
+    pairs = pairs or (some and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and max(dk, dv) > 48)
     gp = min(2, hp) if pairs else hp
     bm = 16 if few or pairs or flags["HAS_NORM"] else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
         bm = 16 if min(dk, dv) <= 16 else 32
-    bn, warps = (32, 4) if few and not pairs else (16, 8)
+    bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
     # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
