@@ -248,6 +248,8 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "M1-timm": HeadMixingShape(4, 196, 196, 48, "timm", True, True, True, False),
     # the same on a few queries (its backward's dk/dv on 16 keys x 16 queries: 32 x 16 spilled)
     "timm-few": HeadMixingShape(4, 7, 197, 32, "timm", True, True, True, False),
+    # talking heads on 2-16 queries (this repo's and vit-pytorch's layout): dk/dv on 16 x 16
+    "CaiT-few": HeadMixingShape(4, 7, 197, 48, "vit-pytorch", True, True, False, False),
     # re-attention in the register kernels (at most 4 heads; M2 takes the tensor-core forward)
     "M2-H4": HeadMixingShape(4, 197, 197, 64, "vit-pytorch", False, True, False, True),
     # 5-16 heads: the tensor-core forward and backward (head_mixing_tc.py): CaiT-M's
