@@ -502,12 +502,13 @@ def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(nq, d, tiles,
     ("vit-pytorch talking heads", 4, 7, 48, 90, [(16, 16, 0, 4, 8)]),
     ("vit-pytorch talking heads", 4, 16, 64, 90, [(16, 16, 0, 2, 8), (16, 16, 2, 2, 8)]),
     ("vit-pytorch talking heads", 3, 7, 64, 90, [(16, 16, 0, 4, 8)]),
+    ("timm talking heads", 3, 16, 32, 90, [(16, 16, 0, 4, 8)]),
     ("pre", 4, 7, 64, 90, [(16, 16, 0, 4, 8)]),
     ("vit-pytorch talking heads", 4, 7, 48, 80, [(16, 16, 0, 4, 8)]),
-], ids=["Nq1 D48", "Nq7 D48", "Nq16 D64 two heads a launch", "H3 Nq7 D64", "Nq7 D64 pre-mix", "Nq7 D48 sm_80"])
+], ids=["Nq1 D48", "Nq7 D48", "Nq16 D64 two heads a launch", "H3 Nq7 D64", "timm H3 Nq16 D32", "Nq7 D64 pre-mix", "Nq7 D48 sm_80"])
 def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, arch, tiles, poisoned, monkeypatch):
     """2-16 query rows: dk/dv on 16 keys x 16 queries on 8 warps, two heads a launch with
-    both mixings at 4 heads over 48, and on sm_80 the delta and dq launches on 8 warps, the
+    both mixings at 4 heads over 48 and with timm's post-mix bias, every head at 3, and on sm_80 the delta and dq launches on 8 warps, the
     delta launch with q's addresses formed in its loops (LIVE_QH); one query row's
     configurations (Triton's NQ = 1 constant) spilled there (dk/dv's 32 x 16 on 4 warps
     12-188 B). One query row keeps 32 x 16 on 4. 21 keys: a padded key block.
@@ -622,6 +623,27 @@ def test_triton36_talking_heads_d64_tiles(poisoned, monkeypatch):
     c = ran[0].constexprs
     assert (c["BLOCK_M"], c["KA"], c["KB"], c["VA"], c["VB"], c["PEEL"]) == (64, 32, 32, 32, 32, False)
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], "triton 3.6 D64 forward")
+
+
+@pytest.mark.parametrize("d, arch, warps", [(48, 90, 4), (56, 80, 8), (56, 90, 4)])
+def test_head_norm_forward_without_the_peeled_key_loop(d, arch, warps, poisoned, monkeypatch):
+    """Re-attention's 64-row forward (the head norm) without the peeled key loop at heads
+    of 48-56 (Dv in two chunks; with it 8-16 B spilled on sm_90a), on 8 warps on sm_80
+    at heads of 49-63 (4 spilled 4 B at 56); talking heads keep it. 20 queries, 21 keys:
+    padded rows and a padded key block. The launch that runs is spied on and its output
+    checked against float64."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: arch)
+    talking = tk._flags(object(), object(), None, None, None, False)
+    assert tk._fwd_cfg(4, 197, 197, d, d, talking, arch=arch).constexprs["PEEL"]
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((2, 4, 20, 21, d, d))
+    params = make_params(4, "re-attention")
+    out = vitkernels.head_mixing_attention(q, k, v, **params, backend="triton")
+    c = ran[0].constexprs
+    assert (c["BLOCK_M"], c["PEEL"], c["VB"], ran[0].num_warps) == (64, False, {48: 16, 56: 32}[d], warps)
+    assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], f"re-attention D{d} forward sm_{arch}")
 
 
 def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):

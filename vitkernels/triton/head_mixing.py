@@ -1157,7 +1157,7 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
     )  # fmt: skip
 
 
-def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: bool = False) -> _Config:
+def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: bool = False, arch: int = 90) -> _Config:
     c = _common(heads, dk, dv, flags)
     # float32 (tf32x3 dots: each operand split in two) takes the few-row config below at
     # every Nq: 64 rows spilled 656 B at M1 (sm_90a, triton 3.9), 32 rows 64-140 B, 16 rows
@@ -1170,10 +1170,14 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
         # and the output's DV columns in two chunks each (48 = 32 + 16); pass 1's full
         # key blocks of 32 (64 took as long at M1, with more padding elsewhere). PEEL
         # (the full key blocks unmasked) only with the two accumulators: with one of 64
-        # columns (D64, and D48 before the split) the two copies of the loops spilled
-        warps = 8 if _TRITON_36 and flags.get("HAS_POST_B") else 4
+        # columns (D64, and D48 before the split) the two copies of the loops spilled, and
+        # not with the head norm (8-16 B spilled at heads of 48-56 on sm_90a, of 56 on
+        # sm_80, triton 3.9); the head norm at heads of 49-63 (Dv as 32 + 32, some masked)
+        # on 8 warps on sm_80 (4 spilled 4 B at 56 without PEEL)
         (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
-        peel = vb > 0
+        norm = bool(flags.get("HAS_NORM"))
+        warps = 8 if (_TRITON_36 and flags.get("HAS_POST_B")) or (norm and arch < 90 and vb == 32 < dv < 64) else 4
+        peel = vb > 0 and not norm
         # a head dim of 64 as 32 + 32 with triton 3.6: one chunk of 64 spilled 4-8 B (talking
         # heads on sm_90a, with the post-mix bias or the head norm (M2-H4) on sm_80)
         if _TRITON_36:
@@ -1283,11 +1287,12 @@ def _bwd_cfg(
     # 92-100 B at 7-16 queries); for one query 32 keys x 16 on 4 warps, for 2-16 and with
     # the post-mix bias 16 x 16 on 8 (32 x 16 spilled 12-188 B at heads of 32-64, 16 x 16
     # on 4 8-32 B), two heads a launch for 2-16 with both mixings at 4 heads over 48
-    # (every head spilled 16 B at 64; at 3 heads two a launch spilled 28-36 B, every head
-    # none)
+    # (every head spilled 16 B at 64), but every head at 3 (two a launch spilled 8-36 B:
+    # talking heads at 64, timm's at 32)
     hp = base["HP"]
     pairs = flags["HAS_POST_B"] and (few or not dk == dv == 48)
     pairs = pairs or (some and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and max(dk, dv) > 48)
+    pairs = pairs and not (some and heads == 3)
     gp = min(2, hp) if pairs else hp
     bm = 16 if few or pairs or flags["HAS_NORM"] else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
@@ -1444,7 +1449,7 @@ def head_mixing_attention_fwd(
         return out, lse
     params = (pre_w, post_w, post_b, norm_w, norm_b)
     flags = _flags(*params, has_norm)
-    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q))
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q), target_arch(q.device))
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
     bn = cfg.constexprs["BLOCK_N"]
