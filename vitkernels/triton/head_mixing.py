@@ -1239,13 +1239,14 @@ def _bwd_cfg(
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
         delta_warps = 4 if few and not (some and arch < 90) else 8
         # sm_80, 2-16 rows: 8 warps and LIVE_QH (below), but talking heads without the bias
-        # at 4 heads on 4 (8 spilled 8 B in bf16; at 3 heads 4 spilled 12 B; without LIVE_QH 4-8 B)
+        # at 4 heads on 4 (8 spilled 8 B in bf16; at 3 heads 4 spilled 12 B; without
+        # LIVE_QH 4-8 B)
         if some and arch < 90 and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and not flags["HAS_POST_B"]:
             delta_warps = 4
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
-        # sm_80's for 2-16 rows; DEFER_ROWSUM (delta's sums
-        # across the lanes once, after the loop): sm_90's few rows
+        # sm_80's for 2-16 rows; DEFER_ROWSUM (delta's sums across the lanes once, after
+        # the loop): sm_90's few rows
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and (_TRITON_36 or some),
                                              DEFER_ROWSUM=few and arch >= 90),
