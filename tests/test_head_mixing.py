@@ -506,7 +506,8 @@ def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(nq, d, tiles,
     ("pre", 4, 7, 64, 90, [(16, 16, 0, 4, 8)]),
     ("vit-pytorch talking heads", 4, 7, 48, 80, [(16, 16, 0, 4, 8)]),
     ("vit-pytorch talking heads", 3, 7, 48, 80, [(16, 16, 0, 4, 8)]),
-], ids=["Nq1 D48", "Nq7 D48", "Nq16 D64 two heads a launch", "H3 Nq7 D64", "timm H3 Nq16 D32", "Nq7 D64 pre-mix", "Nq7 D48 sm_80", "H3 Nq7 D48 sm_80"])
+], ids=["Nq1 D48", "Nq7 D48", "Nq16 D64 two heads a launch", "H3 Nq7 D64", "timm H3 Nq16 D32", "Nq7 D64 pre-mix",
+        "Nq7 D48 sm_80", "H3 Nq7 D48 sm_80"])
 def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, arch, tiles, poisoned, monkeypatch):
     """2-16 query rows: dk/dv on 16 keys x 16 queries on 8 warps, two heads a launch with
     both mixings at 4 heads over 48 and with timm's post-mix bias, every head at 3, and
