@@ -243,7 +243,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
     spec = launch.specialization
     if spec is None or spec.arch != arch:
         raise ValueError(f"{launch.name}: record it for sm_{arch} first (inside recording(arch={arch}))")
-    jit = _binder(getattr(launch.kernel, "fn", launch.kernel), arch)[0]
+    jit = _binder(launch.kernel, arch)[0]
     src = ASTSource(jit, spec.signature, spec.constexprs, spec.attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options)
     cubin = compiled.asm["cubin"]

@@ -314,14 +314,30 @@ class _TorchOpRecorder(TorchDispatchMode):
         return out
 
 
+def _unspecialized(kernel: Any) -> tuple[tuple, tuple]:
+    """The kernel's ``do_not_specialize`` and ``do_not_specialize_on_alignment`` (as
+    ``triton.jit`` was given them; a JITFunction keeps them, the interpreter's
+    InterpretedFunction keeps its keyword arguments)."""
+    kw = getattr(kernel, "kwargs", None) or {}
+    dns = getattr(kernel, "do_not_specialize", None) or kw.get("do_not_specialize") or ()
+    dnsoa = getattr(kernel, "do_not_specialize_on_alignment", None) or kw.get("do_not_specialize_on_alignment") or ()
+    return tuple(dns), tuple(dnsoa)
+
+
+def _binder(kernel: Any, arch: int) -> tuple[Any, Any, Any]:
+    """(JITFunction, backend, binder) for a kernel (a JITFunction, or the interpreter's
+    function): its Python function with the kernel's own ``do_not_specialize`` lists,
+    so the recorded specialisation is the one ``JITFunction.run`` compiles."""
+    return _binder_of(getattr(kernel, "fn", kernel), arch, *_unspecialized(kernel))
+
+
 @functools.cache
-def _binder(fn: Any, arch: int) -> tuple[Any, Any, Any]:
-    """(JITFunction, backend, binder) for the Python function of a kernel."""
+def _binder_of(fn: Any, arch: int, dns: tuple = (), dnsoa: tuple = ()) -> tuple[Any, Any, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    jit = JITFunction(fn)
+    jit = JITFunction(fn, do_not_specialize=list(dns), do_not_specialize_on_alignment=list(dnsoa))
     backend = make_backend(GPUTarget("cuda", arch, 32))
     return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
 
@@ -331,7 +347,7 @@ def specialize(spec: Launch, arch: int) -> Specialization:
     ``JITFunction.run`` up to the compile, with the launch's real arguments."""
     from triton import knobs
 
-    jit, backend, binder = _binder(getattr(spec.kernel, "fn", spec.kernel), arch)
+    jit, backend, binder = _binder(spec.kernel, arch)
     kwargs: dict[str, Any] = {**spec.constexprs, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
     kwargs["debug"] = jit.debug or knobs.runtime.debug
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # as run() adds them, where they exist

@@ -702,7 +702,7 @@ def _tile_dp(
     return dr, dp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_QB"])
 def _bwd_dq_kernel(
     Q, K, V, DO, PRE_W, POST_W, POST_B, NORM_W, NORM_B, LSE, DELTA, DQ_, PART,
     stride_qb, stride_qh, stride_qn, stride_qd,
