@@ -223,6 +223,35 @@ def test_recording_follows_tritons_specialisation():
     assert spec["Q"] == "*bf16" and spec["O"] == "*bf16 /16"  # out is the launcher's own
 
 
+def test_recording_keeps_a_kernels_unspecialised_arguments():
+    """A kernel's ``do_not_specialize`` arguments are recorded as Triton's JIT passes
+    them, not specialised: the head-mixing backward's NUM_QB, also where it is 1 (Nq 49
+    on 64-row blocks; Nq 7 and Nq 1 on 16-row blocks, where NQ = 1 is a constant). The
+    launcher says by ONE_QB where the code knows there is one block: not for the delta
+    pass on 64-row blocks (that code spilled), for the rest (the dq pass on 16-row
+    blocks spilled without it)."""
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.workloads import WORKLOADS, HeadMixingShape
+
+    cases = [  # shape, NQ as recorded, [(launch, NUM_QB, ONE_QB)] in launch order
+        (HeadMixingShape(4, 49, 49, 48, "timm", True, True, True, False), "i32",
+         [("delta", 1, False), ("dq", 2, False)]),  # dq on 32-row blocks
+        (HeadMixingShape(4, 7, 197, 64, "vit-pytorch", True, True, False, False), "i32",
+         [("delta", 1, True), ("dq", 1, True)]),
+        (WORKLOADS["M3"].shape, "=1", [("delta", 1, True), ("dq", 1, True)]),
+        (WORKLOADS["M1"].shape, "i32", [("delta", 3, False), ("delta", 1, True), ("dq", 7, False)]),  # 3 x 64 + 4 rows; dq 7 x 32
+    ]  # fmt: skip
+    for shape, nq, want in cases:
+        got = []
+        for launch in record_workload(shape, "bwd").launches:
+            kind = launch.name.split("[")[0].removeprefix("head_mixing_bwd_")
+            if kind in ("delta", "dq"):
+                spec = launch.specialization.describe()
+                assert spec["NUM_QB"] == "i32" and spec["NQ"] == nq, (shape, launch.name, spec["NUM_QB"], spec["NQ"])
+                got.append((kind, launch.args[launch.kernel.arg_names.index("NUM_QB")], launch.constexprs["ONE_QB"]))
+        assert got == want, shape
+
+
 def test_recording_counts_torch_operations():
     """The torch operations a launcher runs between kernels are recorded (each is a
     kernel launch on a GPU): patch_embed's backward on channels-last images after a

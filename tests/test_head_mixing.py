@@ -543,6 +543,45 @@ def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, 
     assert warps == {"head_mixing_bwd_delta": (w_delta, some80, defer), "head_mixing_bwd_dq": (w, False, False)}
 
 
+@pytest.mark.parametrize("kind, d, want", [
+    ("vit-pytorch talking heads", 48, {"delta": (64, 16, 1, False, False, 1), "dq": (32, 64, 2, False, False, 2)}),
+    ("pre", 48, {"delta": (64, 16, 1, True, False, 1), "dq": (16, 64, 1, False, False, 4)}),
+    ("post", 64, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
+    ("timm post", 48, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
+    ("vit-pytorch talking heads", 64, {"delta": (16, 32, 1, False, True, 1), "dq": (16, 16, 1, False, True, 1)}),
+], ids=["talking heads Nq49 D48", "pre-mix Nq49 D48", "post-mix Nq49 D64", "timm post-mix Nq49 D48",
+        "talking heads Nq7 D64"])  # fmt: skip
+def test_gradients_of_one_query_block_and_of_one_mixing(kind, d, want, poisoned, monkeypatch):
+    """Where every query row fits one block (Nq 49 on 64-row blocks, Nq 7 on 16), NUM_QB
+    is 1 but never specialised (Triton's NUM_QB == 1 code spilled in the 64-row delta
+    launch); ONE_QB lets the 16-row launches know it (without, their dq spilled). With
+    one mixing (pre or post alone) at 4 heads of 48-64 the dq launch takes 16 x 64 on
+    one stage (32 x 64 on two spilled) and the pre-mix-only delta launch LIVE_GH. The
+    launches are spied on (BLOCK_M, BLOCK_N, stages, LIVE_GH, ONE_QB, NUM_QB); every
+    gradient against float64, in poisoned buffers; 21 keys: a padded key block."""
+    nq = 7 if want["delta"][0] == 16 else 49
+    case = (1, 4, nq, 21, d, d)
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name in ("delta", "dq"):
+            c = spec.constexprs
+            num_qb = spec.args[spec.kernel.arg_names.index("NUM_QB")]
+            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb)
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case)
+    if kind in ("post", "timm post"):
+        params = {"post": make_params(4, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads")["post"]}
+    else:
+        params = make_params(4, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} Nq{nq} D{d}")
+    assert seen == want
+
+
 def test_row_runs_split_the_delta_launch_only_where_it_pays():
     """The backward's delta launch over the query rows (``_row_runs``): M1's 196 queries
     at batch 256 on 132 SMs as 3 whole 64-row blocks and a launch of 16-row blocks for

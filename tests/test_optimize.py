@@ -338,8 +338,11 @@ def test_train_mode_outputs_and_gradients_match_eager(spec):
     convolutions feed a mean pool: their gradient is rounding noise) is measured
     against a thousandth of the model's largest gradient rather than its own scale;
     one whose gradient is a cancellation of much larger terms (the last norm's bias
-    there) passes when its error is within 1e-5 of the model's largest gradient
-    (about 80 float32 roundings of it).
+    there) passes when its error, measured against the model's largest gradient, is
+    within 1e-5 (about 80 float32 roundings of it) or within 4x the largest such error
+    the original's float32 run makes in any parameter. (The per-parameter rule alone
+    compares with one draw of the original's rounding: CvT's to_kv convolution weights
+    took 1e-6 to 1.4e-4 over seeds, and a lucky draw there failed a correct model.)
     """
     b = build(spec, p=0.0)
     eager = b.model.train()
@@ -357,6 +360,9 @@ def test_train_mode_outputs_and_gradients_match_eager(spec):
         sum((t * w.to(t.dtype)).sum() for t, w in zip(tensors, weights, strict=True)).backward()
     grads, grads64 = dict(fused.named_parameters()), dict(exact.named_parameters())
     top = max((p.grad.abs().max().item() for p in grads64.values() if p.grad is not None), default=0.0)
+    # the original float32 run's largest error in any parameter, against the largest gradient
+    eager_noise = max((rel_err(p.grad, grads64[n].grad, top) for n, p in eager.named_parameters()
+                       if p.grad is not None), default=0.0)  # fmt: skip
     for name, p in eager.named_parameters():
         if p.grad is None:
             assert grads[name].grad is None, name
@@ -366,9 +372,9 @@ def test_train_mode_outputs_and_gradients_match_eager(spec):
         err = rel_err(grads[name].grad, want, 1e-3 * top)
         noise = rel_err(grads[name].grad, want, top)  # error against the largest gradient
         allowed = max(GRAD_TOL[torch.float32], 4 * eager_err)
-        assert err <= allowed or noise <= 1e-5, (
+        assert err <= allowed or noise <= max(1e-5, 4 * eager_noise), (
             f"{name}: error {err:.2e} vs float64 (the original's float32: {eager_err:.2e}); "
-            f"{noise:.2e} of the model's largest gradient"
+            f"{noise:.2e} of the model's largest gradient (the original's largest: {eager_noise:.2e})"
         )
     for (name, buf), (_, want) in zip(fused.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(buf, want, msg=name)  # BatchNorm running stats moved alike

@@ -718,16 +718,21 @@ def _bwd_dq_kernel(
     VQ: tl.constexpr, VK: tl.constexpr, VV: tl.constexpr, VG: tl.constexpr,
     DELTA_PASS: tl.constexpr, PAIR_DOT: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     VA: tl.constexpr, VB: tl.constexpr, HOLD: tl.constexpr, LIVE_QH: tl.constexpr, LIVE_GH: tl.constexpr,
-    DEFER_ROWSUM: tl.constexpr, ROW0: tl.constexpr,
+    DEFER_ROWSUM: tl.constexpr, ROW0: tl.constexpr, ONE_QB: tl.constexpr,
 ):  # fmt: skip
     """A program per (b, query block), one pass over the key blocks, the blocks from
     query ROW0 on. DELTA_PASS: delta (B, H, NQ) and this program's row of PART, the
     partial sums of dP (HP x HP, [f, g]), dc, dw, dbeta, dA (HP x HP, [g, h]). Else
     (delta read back): dq (B, H, NQ, DK) of every head. (One launch doing both passes
-    spilled.)"""
+    spilled.) ONE_QB: NUM_QB is 1 and the code may know it (the launcher's choice:
+    NUM_QB itself is never specialised, see ``_one_block``)."""
     pid = tl.program_id(0)
-    pid_m = pid % NUM_QB
-    b = (pid // NUM_QB).to(tl.int64)
+    if ONE_QB:
+        pid_m = 0
+        b = pid.to(tl.int64)
+    else:
+        pid_m = pid % NUM_QB
+        b = (pid // NUM_QB).to(tl.int64)
     offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < NQ
     hs = tl.arange(0, HP)
@@ -1210,7 +1215,7 @@ def _bwd_cfg(
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
     bias with triton 3.6), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
-    40-64, 16 x 16 (q and dO reloaded) for heads of 16 or less, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    40-64 with both mixings, 16 x 16 (q and dO reloaded) for heads of 16 or less, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries (32 queries for heads of
     17-32 and 49-63, 16 for 16 or less), 16 x 16 where that
@@ -1264,8 +1269,10 @@ def _bwd_cfg(
         # sums across the lanes once, after the loop) without the post-mix bias (44 B
         # spilled with it) and the head norm
         delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and flags["HAS_POST_B"]) else 4
+        # (LIVE_GH also with the pre-mix alone: 4 B spilled at 4 heads of 48-64 without)
+        pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
-                                             LIVE_GH=_TRITON_36,
+                                             LIVE_GH=_TRITON_36 or pre_only,
                                              DEFER_ROWSUM=not (flags["HAS_POST_B"] or flags["HAS_NORM"])),
                         delta_warps, 1)  # fmt: skip
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
@@ -1277,8 +1284,10 @@ def _bwd_cfg(
             # (D16 and D32 spilled 1.5-23 KB with triton 3.6); otherwise 16 x 64, one
             # stage. 64 x 16 on 8 warps had both warpgroups compute the same tile (warps
             # [8, 1] over 64 rows), 16 x 64 on 4 warps spilled 184-300 B, 32 x 64 on 16
-            # warps (128 registers) 1148 B
-            bm_q, st_q = (32, 2) if wide else (16, 1)
+            # warps (128 registers) 1148 B. With one mixing (pre or post alone) 32 x 64
+            # spilled 12-32 B at 4 heads of 48-64 (one stage 16 B, HOLD off 8 B), 16 x 64
+            # did not
+            bm_q, st_q = (32, 2) if wide and flags["HAS_PRE"] and flags["HAS_POST"] else (16, 1)
             dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=64, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
             if min(dk, dv) <= 16:  # 16 x 64 spilled 936 B at D16 (H4, triton 3.9), without HOLD 964 B
@@ -1552,7 +1561,8 @@ def head_mixing_attention_bwd(
             cfg.kernel, (num_qb * B,),
             [q, k, v, grad_out, *ptrs, lse, delta, dq, part_rows, *common, NQ, NK, num_qb, npart, qk_scale,
              scale, eps],
-            {**c, **vecs, "ROW0": row0}, cfg.num_warps, cfg.num_stages, reads=rows_in, writes=rows_out,
+            {**c, **vecs, "ROW0": row0, "ONE_QB": _one_block(num_qb, c)}, cfg.num_warps, cfg.num_stages,
+            reads=rows_in, writes=rows_out,
             loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
         ))  # fmt: skip
     for cfg in dkdv_cfgs:
@@ -1586,6 +1596,16 @@ def head_mixing_attention_bwd(
             loops={"start_r": triton.cdiv(part.shape[0], block_r)},
         ))  # fmt: skip
     return dq, dk, dv, *grads
+
+
+def _one_block(num_qb: int, c: dict) -> bool:
+    """Whether the delta / dq kernel is compiled knowing that there is one query block
+    (``ONE_QB``; NUM_QB is never specialised). Compiles decided it (sm_90a, triton
+    3.9, 2026-12-03): known, the delta pass on 64-row blocks spilled (Nq 49:
+    re-attention 4 heads of 64 in f16 with float32 parameters 12 B, timm's talking
+    heads 4 heads of 48 in bf16 16 B); not known, the dq pass on 16-row blocks spilled
+    (Nq 7, talking heads 4 heads of 32-64: 8-48 B)."""
+    return num_qb == 1 and not (c["DELTA_PASS"] and c["BLOCK_M"] == 64)
 
 
 def _row_runs(nq: int, block_m: int, batch: int, sms: int) -> list[tuple[int, int]]:
