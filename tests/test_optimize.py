@@ -338,13 +338,18 @@ def test_train_mode_outputs_and_gradients_match_eager(spec):
     convolutions feed a mean pool: their gradient is rounding noise) is measured
     against a thousandth of the model's largest gradient rather than its own scale;
     one whose gradient is a cancellation of much larger terms (the last norm's bias
-    there) passes when its error, measured against the model's largest gradient, is
-    within 1e-5 (about 80 float32 roundings of it) or within 4x the largest such error
-    the original's float32 run makes in any parameter. (The per-parameter rule alone
-    compares with one draw of the original's rounding: CvT's to_kv convolution weights
-    took 1e-6 to 1.4e-4 over seeds, and a lucky draw there failed a correct model.)
+    there) passes when its error is within 1e-5 of the model's largest gradient
+    (about 80 float32 roundings of it).
+
+    CvT runs on a batch of 4, not 2: its last stage's keys and values sit on a 1 x 1
+    grid, so the BatchNorm after their depthwise convolution normalises two values a
+    channel, and the gradients behind it are rounding amplified by 1 / |x1 - x2|: over
+    150 seeds a correct model (optimize(backend="torch"), or the reference backend)
+    missed the rule on 3, the original's own float32 error on that weight spanned
+    1e-6 to 1.4e-4, and one CI run failed. With 4 values (120 seeds) the worst came to
+    a fifth of what the rule allows.
     """
-    b = build(spec, p=0.0)
+    b = build(spec, p=0.0, batch=4 if spec.endswith(":CvT") else 2)
     eager = b.model.train()
     for m in eager.modules():  # also the fixed ones (official T2T's Token_performer: 0.1)
         if isinstance(m, nn.Dropout):
@@ -360,9 +365,6 @@ def test_train_mode_outputs_and_gradients_match_eager(spec):
         sum((t * w.to(t.dtype)).sum() for t, w in zip(tensors, weights, strict=True)).backward()
     grads, grads64 = dict(fused.named_parameters()), dict(exact.named_parameters())
     top = max((p.grad.abs().max().item() for p in grads64.values() if p.grad is not None), default=0.0)
-    # the original float32 run's largest error in any parameter, against the largest gradient
-    eager_noise = max((rel_err(p.grad, grads64[n].grad, top) for n, p in eager.named_parameters()
-                       if p.grad is not None), default=0.0)  # fmt: skip
     for name, p in eager.named_parameters():
         if p.grad is None:
             assert grads[name].grad is None, name
@@ -372,9 +374,9 @@ def test_train_mode_outputs_and_gradients_match_eager(spec):
         err = rel_err(grads[name].grad, want, 1e-3 * top)
         noise = rel_err(grads[name].grad, want, top)  # error against the largest gradient
         allowed = max(GRAD_TOL[torch.float32], 4 * eager_err)
-        assert err <= allowed or noise <= max(1e-5, 4 * eager_noise), (
+        assert err <= allowed or noise <= 1e-5, (
             f"{name}: error {err:.2e} vs float64 (the original's float32: {eager_err:.2e}); "
-            f"{noise:.2e} of the model's largest gradient (the original's largest: {eager_noise:.2e})"
+            f"{noise:.2e} of the model's largest gradient"
         )
     for (name, buf), (_, want) in zip(fused.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(buf, want, msg=name)  # BatchNorm running stats moved alike
