@@ -469,18 +469,20 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
     assert seen["head_mixing_bwd_dkdv"] == (64, 16, 8, 1)
 
 
-@pytest.mark.parametrize("nq, d, tiles", [(70, 48, [(64, 16, 0, 4)]), (70, 40, [(16, 16, 0, 2), (16, 16, 2, 2)]),
-                                           (7, 48, [(16, 16, 0, 2), (16, 16, 2, 2)]),
-                                           (7, 32, [(16, 16, 0, 2), (16, 16, 2, 2)])],
+@pytest.mark.parametrize("h, nq, d, tiles", [(4, 70, 48, [(64, 16, 0, 4)]), (4, 70, 40, [(16, 16, 0, 2), (16, 16, 2, 2)]),
+                                              (4, 7, 48, [(16, 16, 0, 2), (16, 16, 2, 2)]),
+                                              (4, 7, 32, [(16, 16, 0, 2), (16, 16, 2, 2)]),
+                                              (3, 70, 32, [(32, 16, 0, 4)]), (3, 49, 64, [(64, 16, 0, 4)])],
                          ids=["D48 every head", "D40 two heads a launch", "Nq7 D48 two heads a launch",
-                              "Nq7 D32 two heads a launch"])
-def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(nq, d, tiles, poisoned, monkeypatch):
+                              "Nq7 D32 two heads a launch", "H3 D32 every head", "H3 Nq49 D64 every head"])  # fmt: skip
+def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(h, nq, d, tiles, poisoned, monkeypatch):
     """timm's TalkingHeadAttn (post-mix bias): at heads of 48 (CaiT-XXS) dk/dv of every
     head in one launch on 16 keys x 64 queries, as without the bias; at other head dims,
-    and for a few queries (16 keys x 16), two heads a launch (every head there spilled).
+    and for a few queries (16 keys x 16), two heads a launch (every head there spilled);
+    at 3 heads every head in one launch (two a launch spilled at heads of 32 and 64).
     70 queries: a whole block of 64 and a padded one; 21 keys: a padded key block. The
     launches are spied on."""
-    case = (1, 4, nq, 21, d, d)
+    case = (1, h, nq, 21, d, d)
     seen = []
     real = tk.launch
 
@@ -492,7 +494,7 @@ def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(nq, d, tiles,
 
     monkeypatch.setattr(tk, "launch", spy)
     q, k, v = make(case, view="timm")
-    params = make_params(4, "timm talking heads")
+    params = make_params(h, "timm talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"timm D{d}")
     assert seen == tiles
 
@@ -543,24 +545,26 @@ def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, 
     assert warps == {"head_mixing_bwd_delta": (w_delta, some80, defer), "head_mixing_bwd_dq": (w, False, False)}
 
 
-@pytest.mark.parametrize("kind, d, want", [
-    ("vit-pytorch talking heads", 48, {"delta": (64, 16, 1, False, False, 1), "dq": (32, 64, 2, False, False, 2)}),
-    ("pre", 48, {"delta": (64, 16, 1, True, False, 1), "dq": (16, 64, 1, False, False, 4)}),
-    ("post", 64, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
-    ("timm post", 48, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
-    ("vit-pytorch talking heads", 64, {"delta": (16, 32, 1, False, True, 1), "dq": (16, 16, 1, False, True, 1)}),
+@pytest.mark.parametrize("kind, h, d, want", [
+    ("vit-pytorch talking heads", 4, 48, {"delta": (64, 16, 1, False, False, 1), "dq": (32, 64, 2, False, False, 2)}),
+    ("pre", 4, 48, {"delta": (64, 16, 1, True, False, 1), "dq": (16, 64, 1, False, False, 4)}),
+    ("post", 4, 64, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
+    ("timm post", 4, 48, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
+    ("vit-pytorch talking heads", 4, 64, {"delta": (16, 32, 1, False, True, 1), "dq": (16, 16, 1, False, True, 1)}),
+    ("pre", 3, 64, {"delta": (64, 16, 1, True, False, 1), "dq": (32, 64, 2, False, False, 2)}),
 ], ids=["talking heads Nq49 D48", "pre-mix Nq49 D48", "post-mix Nq49 D64", "timm post-mix Nq49 D48",
-        "talking heads Nq7 D64"])  # fmt: skip
-def test_gradients_of_one_query_block_and_of_one_mixing(kind, d, want, poisoned, monkeypatch):
+        "talking heads Nq7 D64", "pre-mix H3 Nq49 D64"])  # fmt: skip
+def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poisoned, monkeypatch):
     """Where every query row fits one block (Nq 49 on 64-row blocks, Nq 7 on 16), NUM_QB
     is 1 but never specialised (Triton's NUM_QB == 1 code spilled in the 64-row delta
     launch); ONE_QB lets the 16-row launches know it (without, their dq spilled). With
     one mixing (pre or post alone) at 4 heads of 48-64 the dq launch takes 16 x 64 on
-    one stage (32 x 64 on two spilled) and the pre-mix-only delta launch LIVE_GH. The
+    one stage (32 x 64 on two spilled; at 3 heads 16 x 64 did) and the pre-mix-only
+    delta launch LIVE_GH. The
     launches are spied on (BLOCK_M, BLOCK_N, stages, LIVE_GH, ONE_QB, NUM_QB); every
     gradient against float64, in poisoned buffers; 21 keys: a padded key block."""
     nq = 7 if want["delta"][0] == 16 else 49
-    case = (1, 4, nq, 21, d, d)
+    case = (1, h, nq, 21, d, d)
     seen = {}
     real = tk.launch
 
@@ -575,10 +579,10 @@ def test_gradients_of_one_query_block_and_of_one_mixing(kind, d, want, poisoned,
     monkeypatch.setattr(tk, "launch", spy)
     q, k, v = make(case)
     if kind in ("post", "timm post"):
-        params = {"post": make_params(4, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads")["post"]}
+        params = {"post": make_params(h, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads")["post"]}
     else:
-        params = make_params(4, kind)
-    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} Nq{nq} D{d}")
+        params = make_params(h, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d}")
     assert seen == want
 
 

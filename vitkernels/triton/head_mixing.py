@@ -1304,11 +1304,12 @@ def _bwd_cfg(
     # the post-mix bias 16 x 16 on 8 (32 x 16 spilled 12-188 B at heads of 32-64, 16 x 16
     # on 4 8-32 B), two heads a launch for 2-16 with both mixings at 4 heads over 48
     # (every head spilled 16 B at 64), but every head at 3 (two a launch spilled 8-36 B:
-    # talking heads at 64, timm's at 32)
+    # talking heads at 64, timm's at 32; and at more rows timm's 8-36 B at 32 and 64, on
+    # 16 x 16 capped at 128 registers)
     hp = base["HP"]
     pairs = flags["HAS_POST_B"] and (few or not dk == dv == 48)
     pairs = pairs or (some and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and max(dk, dv) > 48)
-    pairs = pairs and not (some and heads == 3)
+    pairs = pairs and heads != 3
     gp = min(2, hp) if pairs else hp
     bm = 16 if few or pairs or flags["HAS_NORM"] else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
