@@ -472,14 +472,17 @@ def test_gradients_with_the_64_query_dkdv_and_64_key_dq_tiles(poisoned, monkeypa
 @pytest.mark.parametrize("h, nq, d, tiles", [(4, 70, 48, [(64, 16, 0, 4)]), (4, 70, 40, [(16, 16, 0, 2), (16, 16, 2, 2)]),
                                               (4, 7, 48, [(16, 16, 0, 2), (16, 16, 2, 2)]),
                                               (4, 7, 32, [(16, 16, 0, 2), (16, 16, 2, 2)]),
-                                              (3, 70, 32, [(32, 16, 0, 4)]), (3, 49, 64, [(64, 16, 0, 4)])],
+                                              (3, 70, 32, [(16, 16, 0, 4)]), (3, 49, 64, [(16, 16, 0, 4)]),
+                                              (3, 70, 48, [(64, 16, 0, 4)])],
                          ids=["D48 every head", "D40 two heads a launch", "Nq7 D48 two heads a launch",
-                              "Nq7 D32 two heads a launch", "H3 D32 every head", "H3 Nq49 D64 every head"])  # fmt: skip
+                              "Nq7 D32 two heads a launch", "H3 D32 every head", "H3 Nq49 D64 every head",
+                              "H3 D48 every head"])  # fmt: skip
 def test_gradients_of_timm_talking_heads_through_its_dkdv_launches(h, nq, d, tiles, poisoned, monkeypatch):
     """timm's TalkingHeadAttn (post-mix bias): at heads of 48 (CaiT-XXS) dk/dv of every
     head in one launch on 16 keys x 64 queries, as without the bias; at other head dims,
     and for a few queries (16 keys x 16), two heads a launch (every head there spilled);
-    at 3 heads every head in one launch (two a launch spilled at heads of 32 and 64).
+    at 3 heads every head in one launch, on 16 x 16 where two took it (two a launch
+    spilled at heads of 32 and 64, and every head on 32 queries at 32).
     70 queries: a whole block of 64 and a padded one; 21 keys: a padded key block. The
     launches are spied on."""
     case = (1, h, nq, 21, d, d)

@@ -1311,7 +1311,10 @@ def _bwd_cfg(
     pairs = pairs or (some and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and max(dk, dv) > 48)
     pairs = pairs and heads != 3
     gp = min(2, hp) if pairs else hp
-    bm = 16 if few or pairs or flags["HAS_NORM"] else 64
+    # (at 3 heads with the bias, where two a launch took 16 x 16, every head takes it:
+    # on 32 queries the post-mix alone spilled 12-20 B at heads of 32)
+    bias16 = flags["HAS_POST_B"] and heads == 3 and not dk == dv == 48
+    bm = 16 if few or pairs or bias16 or flags["HAS_NORM"] else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
