@@ -1276,7 +1276,10 @@ def _bwd_cfg(
                                              DEFER_ROWSUM=not (flags["HAS_POST_B"] or flags["HAS_NORM"])),
                         delta_warps, 1)  # fmt: skip
         if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
-            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
+            # (the head norm without the post-mix at 4 heads of 48-64: 64 x 16 spilled
+            # 20-24 B, 32 x 16 20 B at 64; 16 x 16 did not)
+            bm_q = 16 if wide and heads == 4 and not flags["HAS_POST"] else 64
+            dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=bm_q, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
             # 32 query rows x 64 keys on 8 warps (mma.sync), two stages (k and v loaded a
             # tile ahead: 32 x 64 on one stage spilled 108 B, 16 x 64 on one stage did
@@ -1289,7 +1292,10 @@ def _bwd_cfg(
             # did not (at 3 heads of 64 16 x 64 spilled 20 B, 32 x 64 did not)
             one_mixing = flags["HAS_PRE"] != flags["HAS_POST"]
             bm_q, st_q = (32, 2) if wide and not (one_mixing and heads == 4) else (16, 1)
-            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=64, DELTA_PASS=False, HOLD=True),
+            # without any mixing (plain attention) 16 x 32 at heads of 32 or less (16 x 64
+            # spilled 8 B at 3 heads of 32)
+            bn_q = 32 if not (wide or flags["HAS_PRE"] or flags["HAS_POST"]) else 64
+            dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=bn_q, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
             if min(dk, dv) <= 16:  # 16 x 64 spilled 936 B at D16 (H4, triton 3.9), without HOLD 964 B
                 dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
@@ -1605,12 +1611,14 @@ def head_mixing_attention_bwd(
 
 def _one_block(num_qb: int, c: dict) -> bool:
     """Whether the delta / dq kernel is compiled knowing that there is one query block
-    (``ONE_QB``; NUM_QB is never specialised). Compiles decided it (sm_90a, triton
-    3.9, 2026-12-03): known, the delta pass on 64-row blocks spilled (Nq 49:
-    re-attention 4 heads of 64 in f16 with float32 parameters 12 B, timm's talking
-    heads 4 heads of 48 in bf16 16 B); not known, the dq pass on 16-row blocks spilled
-    (Nq 7, talking heads 4 heads of 32-64: 8-48 B)."""
-    return num_qb == 1 and not (c["DELTA_PASS"] and c["BLOCK_M"] == 64)
+    (``ONE_QB``; NUM_QB is never specialised): for the 16-row blocks of a few query
+    rows, not for larger blocks, which compile the code of many blocks. Compiles decided
+    it (sm_90a, triton 3.9, 2026-12-03): known, the 64-row launches spilled at Nq 49
+    (the delta pass of re-attention, 4 heads of 64 in f16 with float32 parameters,
+    12 B, and of timm's talking heads, 4 heads of 48 in bf16, 16 B; the dq pass of the
+    head norm alone at 4 heads of 48-64 20-24 B); not known, the dq pass on 16-row
+    blocks spilled (Nq 7, talking heads at 4 heads of 32-64: 8-48 B)."""
+    return num_qb == 1 and c["BLOCK_M"] == 16
 
 
 def _row_runs(nq: int, block_m: int, batch: int, sms: int) -> list[tuple[int, int]]:
