@@ -549,18 +549,19 @@ def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, 
 
 
 @pytest.mark.parametrize("kind, h, d, want", [
-    ("vit-pytorch talking heads", 4, 48, {"delta": (64, 16, 1, False, False, 1), "dq": (32, 64, 2, False, False, 2)}),
-    ("pre", 4, 48, {"delta": (64, 16, 1, True, False, 1), "dq": (16, 64, 1, False, False, 4)}),
-    ("post", 4, 64, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
-    ("timm post", 4, 48, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 64, 1, False, False, 4)}),
-    ("vit-pytorch talking heads", 4, 64, {"delta": (16, 32, 1, False, True, 1), "dq": (16, 16, 1, False, True, 1)}),
-    ("pre", 3, 64, {"delta": (64, 16, 1, True, False, 1), "dq": (32, 64, 2, False, False, 2)}),
-    ("plain", 3, 32, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 32, 1, False, False, 4)}),
-    ("norm", 4, 48, {"delta": (64, 16, 1, False, False, 1), "dq": (16, 16, 1, False, False, 4)}),
-    ("re-attention", 4, 48, {"delta": (64, 16, 1, False, False, 1), "dq": (64, 16, 1, False, False, 1)}),
+    ("vit-pytorch talking heads", 4, 48, {"delta": (64, 16, 1, False, False, 1, 4), "dq": (32, 64, 2, False, False, 2, 8)}),
+    ("pre", 4, 48, {"delta": (64, 16, 1, True, False, 1, 4), "dq": (16, 64, 1, False, False, 4, 8)}),
+    ("post", 4, 64, {"delta": (64, 16, 1, False, False, 1, 4), "dq": (16, 64, 1, False, False, 4, 8)}),
+    ("timm post", 4, 48, {"delta": (64, 16, 1, False, False, 1, 4), "dq": (16, 64, 1, False, False, 4, 8)}),
+    ("vit-pytorch talking heads", 4, 64, {"delta": (16, 32, 1, False, True, 1, 4), "dq": (16, 16, 1, False, True, 1, 4)}),
+    ("pre", 3, 64, {"delta": (64, 16, 1, True, False, 1, 4), "dq": (32, 64, 2, False, False, 2, 8)}),
+    ("plain", 3, 32, {"delta": (64, 16, 1, False, False, 1, 4), "dq": (16, 32, 1, False, False, 4, 8)}),
+    ("norm", 4, 48, {"delta": (64, 16, 1, False, False, 1, 8), "dq": (16, 16, 1, False, False, 4, 8)}),
+    ("re-attention", 4, 48, {"delta": (64, 16, 1, False, False, 1, 8), "dq": (64, 16, 1, False, False, 1, 8)}),
+    ("plain", 4, 48, {"delta": (16, 32, 1, False, True, 1, 4), "dq": (16, 16, 1, False, True, 1, 8)}),
 ], ids=["talking heads Nq49 D48", "pre-mix Nq49 D48", "post-mix Nq49 D64", "timm post-mix Nq49 D48",
         "talking heads Nq7 D64", "pre-mix H3 Nq49 D64", "no mixing H3 Nq49 D32", "head norm alone Nq49 D48",
-        "re-attention Nq49 D48"])  # fmt: skip
+        "re-attention Nq49 D48", "no mixing Nq7 D48"])  # fmt: skip
 def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poisoned, monkeypatch):
     """Where every query row fits one block (Nq 49 on 64-row blocks, Nq 7 on 16), NUM_QB
     is 1 but never specialised (Triton's NUM_QB == 1 code spilled in the 64-row delta
@@ -568,8 +569,9 @@ def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poison
     one mixing (pre or post alone) at 4 heads of 48-64 the dq launch takes 16 x 64 on
     one stage (32 x 64 on two spilled; at 3 heads 16 x 64 did) and the pre-mix-only
     delta launch LIVE_GH; without any mixing at heads of 32 16 x 32; the head norm
-    without the post-mix at 4 heads of 48-64 16 x 16 (re-attention keeps 64 x 16). The
-    launches are spied on (BLOCK_M, BLOCK_N, stages, LIVE_GH, ONE_QB, NUM_QB); every
+    without the post-mix at 4 heads of 48-64 16 x 16 (re-attention keeps 64 x 16); a few
+    rows without any mixing on 8 warps. The
+    launches are spied on (BLOCK_M, BLOCK_N, stages, LIVE_GH, ONE_QB, NUM_QB, warps); every
     gradient against float64, in poisoned buffers; 21 keys: a padded key block."""
     nq = 7 if want["delta"][0] == 16 else 49
     case = (1, h, nq, 21, d, d)
@@ -581,7 +583,8 @@ def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poison
         if name in ("delta", "dq"):
             c = spec.constexprs
             num_qb = spec.args[spec.kernel.arg_names.index("NUM_QB")]
-            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb)
+            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb,
+                          spec.num_warps)
         real(spec)
 
     monkeypatch.setattr(tk, "launch", spy)

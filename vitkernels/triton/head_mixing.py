@@ -1259,8 +1259,11 @@ def _bwd_cfg(
                         delta_warps, 1)  # fmt: skip
         # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
         # 2-16 rows)
+        # (and 8 without any mixing: 4 spilled 16 B at 7 rows, 4 heads of 48-64, capped
+        # at 128 registers)
+        plain = not (flags["HAS_PRE"] or flags["HAS_POST"] or flags["HAS_NORM"])
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
-                     4 if few and not (arch < 90 and (_TRITON_36 or some)) else 8, 1)  # fmt: skip
+                     4 if few and not (arch < 90 and (_TRITON_36 or some)) and not plain else 8, 1)  # fmt: skip
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
