@@ -1615,11 +1615,11 @@ def head_mixing_attention_bwd(
 def _one_block(num_qb: int, c: dict) -> bool:
     """Whether the delta / dq kernel is compiled knowing that there is one query block
     (``ONE_QB``; NUM_QB is never specialised): for the 16-row blocks of a few query
-    rows, not for larger blocks, which compile the code of many blocks. Compiles decided
-    it (sm_90a, triton 3.9, 2026-12-03): known, the 64-row launches spilled at Nq 49
-    (the delta pass of re-attention, 4 heads of 64 in f16 with float32 parameters,
-    12 B, and of timm's talking heads, 4 heads of 48 in bf16, 16 B; the dq pass of the
-    head norm alone at 4 heads of 48-64 20-24 B); not known, the dq pass on 16-row
+    rows, not for larger blocks, which then compile the code of many blocks (the code
+    the sweeps at Nq 196-197 check) rather than a one-block variant of their own.
+    Compiles decided it (sm_90a, triton 3.9, 2026-12-03): known, the 64-row delta pass
+    spilled at Nq 49 (re-attention, 4 heads of 64 in f16 with float32 parameters, 12 B;
+    timm's talking heads, 4 heads of 48 in bf16, 16 B); not known, the dq pass on 16-row
     blocks spilled (Nq 7, talking heads at 4 heads of 32-64: 8-48 B)."""
     return num_qb == 1 and c["BLOCK_M"] == 16
 
