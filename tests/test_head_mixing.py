@@ -424,7 +424,10 @@ def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
     monkeypatch.setattr(tk, "target_arch", lambda device: 80)
     kind = "all" if case.startswith("rect") else "vit-pytorch talking heads"
     flags = tk._flags(*(object(),) * 5, kind == "all")
-    assert not tk._bwd_cfg(*CASES[case][1:], flags, 80)[0][0].constexprs["PAIR_DOT"]
+    delta = tk._bwd_cfg(*CASES[case][1:], flags, 80)[0][0].constexprs
+    assert not delta["PAIR_DOT"]
+    # q's addresses formed in the delta launch's loops at 3 heads (8 B spilled without)
+    assert delta["LIVE_QH"] == (CASES[case][1] == 3) or tk._TRITON_36
     q, k, v = make(CASES[case])
     params = make_params(CASES[case][1], kind)
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind} sm_80")

@@ -1250,11 +1250,11 @@ def _bwd_cfg(
             delta_warps = 4
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
-        # sm_80's for 2-16 rows; DEFER_ROWSUM (delta's sums across the lanes once, after
+        # sm_80's for 2-16 rows and at 3 heads (talking heads at 48-64 spilled 8 B without); DEFER_ROWSUM (delta's sums across the lanes once, after
         # the loop): sm_90's few rows, but not 2-16 with the post-mix bias (36 B spilled,
         # float16 with float32 parameters)
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
-                                             LIVE_QH=arch < 90 and (_TRITON_36 or some),
+                                             LIVE_QH=arch < 90 and (_TRITON_36 or some or heads == 3),
                                              DEFER_ROWSUM=few and arch >= 90 and not (some and flags["HAS_POST_B"])),
                         delta_warps, 1)  # fmt: skip
         # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
