@@ -416,18 +416,20 @@ def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float16], "few-row forward")
 
 
-@pytest.mark.parametrize("case", ["rect Nq20 Nk49 Dk32 Dv48", "H2 Nq1 Nk197"])
-def test_gradients_with_the_sm80_configs(case, monkeypatch, poisoned):
+@pytest.mark.parametrize("case, kind", [("rect Nq20 Nk49 Dk32 Dv48", "all"), ("H2 Nq1 Nk197", "vit-pytorch talking heads"),
+                                        ("H4 N49 D64", "pre")])  # fmt: skip
+def test_gradients_with_the_sm80_configs(case, kind, monkeypatch, poisoned):
     """The launches an sm_80 GPU gets (16-row blocks; the delta launch sums dP and dA
     over the rows, where sm_90 takes tensor-core products): the interpreter otherwise
-    runs sm_90's."""
+    runs sm_90's. Without the post-mix, dk/dv on 16 queries (64 spilled)."""
     monkeypatch.setattr(tk, "target_arch", lambda device: 80)
-    kind = "all" if case.startswith("rect") else "vit-pytorch talking heads"
-    flags = tk._flags(*(object(),) * 5, kind == "all")
-    delta = tk._bwd_cfg(*CASES[case][1:], flags, 80)[0][0].constexprs
-    assert not delta["PAIR_DOT"]
+    pre, post, norm = kind in ("all", "pre", "vit-pytorch talking heads"), kind != "pre", kind == "all"
+    flags = tk._flags(*(object() if pre else None, object() if post else None, None, None, None), norm)
+    (delta, _), dkdv = tk._bwd_cfg(*CASES[case][1:], flags, 80)
+    assert not delta.constexprs["PAIR_DOT"]
     # q's addresses formed in the delta launch's loops at 3 heads (8 B spilled without)
-    assert delta["LIVE_QH"] == (CASES[case][1] == 3) or tk._TRITON_36
+    assert delta.constexprs["LIVE_QH"] == (CASES[case][1] == 3) or tk._TRITON_36
+    assert kind != "pre" or [c.constexprs["BLOCK_M"] for c in dkdv] == [16]
     q, k, v = make(CASES[case])
     params = make_params(CASES[case][1], kind)
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{case} {kind} sm_80")

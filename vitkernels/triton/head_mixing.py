@@ -1328,6 +1328,10 @@ def _bwd_cfg(
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
         bm = 16 if min(dk, dv) <= 16 else 32
+    # sm_80 without the post-mix (no mixing, or the pre-mix alone): 16 queries (64 and
+    # 32 spilled 4-24 B at 3-4 heads of 48-64, capped at 128 registers)
+    if arch < 90 and not flags["HAS_POST"]:
+        bm = 16
     bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
