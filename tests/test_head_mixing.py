@@ -602,6 +602,33 @@ def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poison
     assert seen == want
 
 
+@pytest.mark.parametrize("kind, want", [
+    ("re-attention", {"delta": (64, 16, 8, False), "dq": (64, 16, 8, False)}),
+    ("norm", {"delta": (16, 32, 4, True), "dq": (16, 16, 4, True)}),
+])  # fmt: skip
+def test_gradients_of_a_few_rows_of_re_attention(kind, want, poisoned, monkeypatch):
+    """Re-attention over 2-16 rows (7 tokens) on sm_90 takes the many-row delta and dq
+    launches (64-row blocks, 8 warps): the few-row ones spilled there (delta 8-60 B, dq
+    4 B). The head norm alone keeps the few-row launches (its 16 x 16 dq spilled as a
+    many-row launch). Spied on: (BLOCK_M, BLOCK_N, warps, ONE_QB); every gradient
+    against float64, in poisoned buffers."""
+    case = (1, 4, 7, 7, 64, 64)
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name in ("delta", "dq"):
+            c = spec.constexprs
+            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, c["ONE_QB"])
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case)
+    check_grads("triton", q, k, v, make_params(4, kind), GRAD_TOL[torch.float32], f"{kind} N7 D64")
+    assert seen == want
+
+
 def test_row_runs_split_the_delta_launch_only_where_it_pays():
     """The backward's delta launch over the query rows (``_row_runs``): M1's 196 queries
     at batch 256 on 132 SMs as 3 whole 64-row blocks and a launch of 16-row blocks for

@@ -1239,7 +1239,12 @@ def _bwd_cfg(
         return _bwd_cfg_f32(heads, few, flags, base, c, split)
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
-    if few or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
+    # (on sm_90, re-attention's 2-16 rows take the many-row launches: the few-row delta
+    # on 4 warps spilled 8-60 B at 3-4 heads of 48-64, on 8 warps 12-36 B, and its dq on
+    # 4 warps 4 B; the 64-row delta on 8 warps did not. The head norm alone stays: its
+    # 16 x 16 dq spilled 4 B there)
+    norm_rows = some and flags["HAS_NORM"] and flags["HAS_POST"] and arch >= 90 and not _TRITON_36
+    if (few and not norm_rows) or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
         # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
         delta_warps = 4 if few and not (some and arch < 90) else 8
