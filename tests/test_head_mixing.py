@@ -553,6 +553,25 @@ def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, 
     assert warps == {"head_mixing_bwd_delta": (w_delta, some80, defer), "head_mixing_bwd_dq": (w, False, False)}
 
 
+def _spy_delta_dq(monkeypatch) -> dict:
+    """Spy on the backward's delta and dq launches: {"delta" / "dq": (BLOCK_M, BLOCK_N,
+    stages, LIVE_GH, ONE_QB, NUM_QB, warps)}, filled as they launch."""
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name in ("delta", "dq"):
+            c = spec.constexprs
+            num_qb = spec.args[spec.kernel.arg_names.index("NUM_QB")]
+            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb,
+                          spec.num_warps)  # fmt: skip
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    return seen
+
+
 @pytest.mark.parametrize("kind, h, d, want", [
     ("vit-pytorch talking heads", 4, 48, {"delta": (64, 16, 1, False, False, 1, 4), "dq": (32, 64, 2, False, False, 2, 8)}),
     ("pre", 4, 48, {"delta": (64, 16, 1, True, False, 1, 4), "dq": (16, 64, 1, False, False, 4, 8)}),
@@ -580,19 +599,7 @@ def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poison
     gradient against float64, in poisoned buffers; 21 keys: a padded key block."""
     nq = 7 if want["delta"][0] == 16 else 49
     case = (1, h, nq, 21, d, d)
-    seen = {}
-    real = tk.launch
-
-    def spy(spec):
-        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name in ("delta", "dq"):
-            c = spec.constexprs
-            num_qb = spec.args[spec.kernel.arg_names.index("NUM_QB")]
-            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb,
-                          spec.num_warps)
-        real(spec)
-
-    monkeypatch.setattr(tk, "launch", spy)
+    seen = _spy_delta_dq(monkeypatch)
     q, k, v = make(case)
     if kind in ("post", "timm post"):
         params = {"post": make_params(h, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads")["post"]}
@@ -603,27 +610,17 @@ def test_gradients_of_one_query_block_and_of_one_mixing(kind, h, d, want, poison
 
 
 @pytest.mark.parametrize("kind, want", [
-    ("re-attention", {"delta": (64, 16, 8, False), "dq": (64, 16, 8, False)}),
-    ("norm", {"delta": (16, 32, 4, True), "dq": (16, 16, 4, True)}),
+    ("re-attention", {"delta": (64, 16, 1, False, False, 1, 8), "dq": (64, 16, 1, False, False, 1, 8)}),
+    ("norm", {"delta": (16, 32, 1, False, True, 1, 4), "dq": (16, 16, 1, False, True, 1, 4)}),
 ])  # fmt: skip
 def test_gradients_of_a_few_rows_of_re_attention(kind, want, poisoned, monkeypatch):
     """Re-attention over 2-16 rows (7 tokens) on sm_90 takes the many-row delta and dq
     launches (64-row blocks, 8 warps): the few-row ones spilled there (delta 8-60 B, dq
     4 B). The head norm alone keeps the few-row launches (its 16 x 16 dq spilled as a
-    many-row launch). Spied on: (BLOCK_M, BLOCK_N, warps, ONE_QB); every gradient
-    against float64, in poisoned buffers."""
+    many-row launch). Spied on as below; every gradient against float64, in poisoned
+    buffers."""
     case = (1, 4, 7, 7, 64, 64)
-    seen = {}
-    real = tk.launch
-
-    def spy(spec):
-        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name in ("delta", "dq"):
-            c = spec.constexprs
-            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, c["ONE_QB"])
-        real(spec)
-
-    monkeypatch.setattr(tk, "launch", spy)
+    seen = _spy_delta_dq(monkeypatch)
     q, k, v = make(case)
     check_grads("triton", q, k, v, make_params(4, kind), GRAD_TOL[torch.float32], f"{kind} N7 D64")
     assert seen == want
