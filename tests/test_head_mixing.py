@@ -736,17 +736,19 @@ def test_head_norm_forward_without_the_peeled_key_loop(d, arch, warps, poisoned,
     assert_close(out, ref64(q, k, v, params)[0], TOL[torch.float32], f"re-attention D{d} forward sm_{arch}")
 
 
-def test_gradients_with_triton36_delta_config(poisoned, monkeypatch):
+@pytest.mark.parametrize("kind, warps", [("vit-pytorch talking heads", 4), ("pre", 8)])
+def test_gradients_with_triton36_delta_config(kind, warps, poisoned, monkeypatch):
     """The sm_90 delta launch triton 3.6 gets (the GPU machine's version): dO's addresses
-    formed in its loops too (LIVE_GH), which the interpreter otherwise never runs."""
+    formed in its loops too (LIVE_GH), which the interpreter otherwise never runs; with
+    the pre-mix alone on 8 warps (triton 3.6 failed to compile it on 4)."""
     monkeypatch.setattr(tk, "_TRITON_36", True)
     case = (1, 4, 20, 21, 16, 16)
-    flags = tk._flags(object(), object(), None, None, None, False)
+    flags = tk._flags(object(), object() if kind != "pre" else None, None, None, None, False)
     delta = tk._bwd_cfg(*case[1:], flags, 90)[0][0]
-    assert delta.constexprs["LIVE_GH"] and delta.constexprs["BLOCK_M"] == 64 and delta.num_warps == 4
+    assert delta.constexprs["LIVE_GH"] and delta.constexprs["BLOCK_M"] == 64 and delta.num_warps == warps
     q, k, v = make(case)
-    params = make_params(4, "vit-pytorch talking heads")
-    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], "triton 3.6 delta")
+    params = make_params(4, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"triton 3.6 delta, {kind}")
 
 
 def test_very_negative_logits_give_finite_dq_with_padded_keys(poisoned):

@@ -1276,9 +1276,11 @@ def _bwd_cfg(
         # too on triton 3.6 (LIVE_GH: 4 warps spilled 12 B without); DEFER_ROWSUM (delta's
         # sums across the lanes once, after the loop) without the post-mix bias (44 B
         # spilled with it) and the head norm
-        delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and flags["HAS_POST_B"]) else 4
-        # (LIVE_GH also with the pre-mix alone: 4 B spilled at 4 heads of 48-64 without)
+        # (LIVE_GH also with the pre-mix alone: 4 B spilled at 4 heads of 48-64 without;
+        # and with triton 3.6 the pre-mix alone on 8 warps: on 4 its compile failed,
+        # "operand #0 does not dominate this use" in TritonGPURemoveLayoutConversions)
         pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
+        delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and (flags["HAS_POST_B"] or pre_only)) else 4
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
                                              LIVE_GH=_TRITON_36 or pre_only,
                                              DEFER_ROWSUM=not (flags["HAS_POST_B"] or flags["HAS_NORM"])),
