@@ -394,7 +394,7 @@ def test_float32_tiles(case, poisoned, monkeypatch):
 def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
     """A few query rows (class attention) on 4 warps with 16-bit inputs (8 issued about
     as many instructions a warp: bench/NOTES.md); 8 for float32's tiles and, with
-    triton 3.6, with the post-mix bias (4 spilled). So does the backward's delta launch
+    triton 3.6, with the post-mix bias or the pre-mix alone (4 spilled). So does the backward's delta launch
     (sm_90 and sm_80). The forward launch that runs is spied on and its output checked
     against float64 (the few-row gradients: test_gradients_float32's Nq1 case)."""
     ca = tk._flags(object(), object(), None, None, None, False)
@@ -402,10 +402,12 @@ def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
     assert [tk._bwd_cfg(4, 1, 197, 48, 48, ca, arch)[0][0].num_warps for arch in (80, 90)] == [4, 4]
     assert tk._fwd_cfg(4, 1, 197, 48, 48, ca).num_warps == 4
     assert tk._fwd_cfg(4, 1, 197, 48, 48, ca, True).num_warps == 8
+    pre = tk._flags(object(), None, None, None, None, False)
     monkeypatch.setattr(tk, "_TRITON_36", True)
     assert (tk._fwd_cfg(4, 1, 197, 64, 64, ca).num_warps, tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps) == (4, 8)
+    assert tk._fwd_cfg(4, 7, 197, 64, 64, pre).num_warps == 8  # the pre-mix alone: 4 spilled 24 B
     monkeypatch.setattr(tk, "_TRITON_36", False)
-    assert tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps == 4
+    assert tk._fwd_cfg(4, 1, 197, 64, 64, timm).num_warps == tk._fwd_cfg(4, 7, 197, 64, 64, pre).num_warps == 4
     ran = []
     real = tk.launch
     monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))

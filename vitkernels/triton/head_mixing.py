@@ -1194,8 +1194,10 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
     # 4 warps: on 8 each warp issued about as many instructions a key tile (415 against
     # 439 on 4), so M3's issue time halved on 4 (estimate 12.2 -> 6.7 us, 104 -> 148
     # registers; bench/NOTES.md, 2026-12-01); float32 keeps 8 (its 16-row tiles everywhere),
-    # and so does the post-mix bias with triton 3.6 (4 warps spilled 8 B on sm_80 at D64)
-    warps = 8 if f32 or (_TRITON_36 and flags.get("HAS_POST_B")) else 4
+    # and so does the post-mix bias with triton 3.6 (4 warps spilled 8 B on sm_80 at D64),
+    # and the pre-mix alone with triton 3.6 (24 B at 4 heads of 48-64, sm_90a)
+    pre_only = flags.get("HAS_PRE") and not flags.get("HAS_POST")
+    warps = 8 if f32 or (_TRITON_36 and (flags.get("HAS_POST_B") or pre_only)) else 4
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, BLOCK_S=32, PEEL=False, FOLD=False,
                                      KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1)  # fmt: skip
 
