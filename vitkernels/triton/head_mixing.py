@@ -1217,7 +1217,7 @@ def _bwd_cfg(
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
     stay in a warp) where that fits, on 8 where it spilled (the head norm; the post-mix
     bias with triton 3.6), the dq launch 32 query rows x 64 keys on 8 warps and 2 stages for heads of
-    40-64 (not with one mixing at 4 heads), 16 x 16 (q and dO reloaded) for heads of 16 or less, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
+    40-64 (16 x 16 with one mixing at 4 heads), 16 x 16 (q and dO reloaded) for heads of 16 or less, else 16 x 64 on one stage (mma.sync; with the head norm 64 x 16); on sm_80 (mma.sync layouts), and for a few query rows (CaiT's class
     attention: 1), both take 16 rows. dk/dv: one
     launch for every head's gradients on 16 keys x 64 queries (32 queries for heads of
     17-32 and 49-63, 16 for 16 or less), 16 x 16 where that
@@ -1299,17 +1299,20 @@ def _bwd_cfg(
             # (D16 and D32 spilled 1.5-23 KB with triton 3.6); otherwise 16 x 64, one
             # stage. 64 x 16 on 8 warps had both warpgroups compute the same tile (warps
             # [8, 1] over 64 rows), 16 x 64 on 4 warps spilled 184-300 B, 32 x 64 on 16
-            # warps (128 registers) 1148 B. With one mixing (pre or post alone) 32 x 64
-            # spilled 12-32 B at 4 heads of 48-64 (one stage 16 B, HOLD off 8 B), 16 x 64
-            # did not (at 3 heads of 64 16 x 64 spilled 20 B, 32 x 64 did not)
-            one_mixing = flags["HAS_PRE"] != flags["HAS_POST"]
-            bm_q, st_q = (32, 2) if wide and not (one_mixing and heads == 4) else (16, 1)
+            # warps (128 registers) 1148 B
+            bm_q, st_q = (32, 2) if wide else (16, 1)
             # without any mixing (plain attention) 16 x 32 at heads of 32 or less (16 x 64
             # spilled 8 B at 3 heads of 32)
             bn_q = 32 if not (wide or flags["HAS_PRE"] or flags["HAS_POST"]) else 64
             dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=bn_q, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
-            if min(dk, dv) <= 16:  # 16 x 64 spilled 936 B at D16 (H4, triton 3.9), without HOLD 964 B
+            # 16 x 16, q and dO reloaded: at D16 (16 x 64 spilled 936 B, H4, triton 3.9;
+            # without HOLD 964 B), and with one mixing (pre or post alone) at 4 heads of
+            # 48-64, where 32 x 64 spilled 12-32 B with triton 3.9 (one stage 16 B, HOLD
+            # off 8 B) and 16 x 64 36 B with triton 3.6 (bf16); at 3 heads 32 x 64 stays
+            # (16 x 64 spilled 20 B at 64 there, triton 3.9)
+            one_mixing = flags["HAS_PRE"] != flags["HAS_POST"]
+            if min(dk, dv) <= 16 or (wide and one_mixing and heads == 4):
                 dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
