@@ -754,6 +754,36 @@ def test_gradients_with_triton36_delta_config(kind, warps, poisoned, monkeypatch
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"triton 3.6 delta, {kind}")
 
 
+@pytest.mark.parametrize("kind, nq, d, want", [
+    ("pre", 7, 64, {"dq": (16, 16, 8), "dkdv": [(16, 16, 4)]}),
+    ("plain", 49, 32, {"dq": (16, 16, 8), "dkdv": [(16, 16, 8)]}),
+    ("timm talking heads", 7, 32, {"dq": (16, 16, 8), "dkdv": [(16, 16, 4)]}),
+], ids=["pre-mix Nq7 D64", "no mixing Nq49 D32", "timm Nq7 D32"])  # fmt: skip
+def test_gradients_with_triton36_configs_at_3_heads(kind, nq, d, want, poisoned, monkeypatch):
+    """What triton 3.6 (the GPU machine's) gets at 3 heads where its compiles spilled
+    (sm_90a): a few rows' dq on 8 warps and dk/dv on 4; without the post-mix dk/dv on 16
+    queries; without any mixing at heads of 32 the dq launch on 16 x 16. Spied on
+    (BLOCK_M, BLOCK_N, warps); every gradient against float64, in poisoned buffers."""
+    monkeypatch.setattr(tk, "_TRITON_36", True)
+    seen = {"dkdv": []}
+    real = tk.launch
+
+    def spy(spec):
+        c = spec.constexprs
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name == "dq":
+            seen["dq"] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps)
+        elif name == "dkdv":
+            seen["dkdv"].append((c["BLOCK_M"], c["BLOCK_N"], spec.num_warps))
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    case = (1, 3, nq, 21, d, d)
+    q, k, v = make(case, view="timm" if kind.startswith("timm") else "contiguous")
+    check_grads("triton", q, k, v, make_params(3, kind), GRAD_TOL[torch.float32], f"triton 3.6 {kind} Nq{nq} D{d}")
+    assert seen == want
+
+
 def test_very_negative_logits_give_finite_dq_with_padded_keys(poisoned):
     """Every real logit near -1600 (lse too): a padded key (k = 0, logit 0 unless masked)
     would get p = exp(1600) = inf, and inf * 0 in dq's product NaN; its -inf logit bias

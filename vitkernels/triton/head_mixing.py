@@ -1268,9 +1268,11 @@ def _bwd_cfg(
         # 2-16 rows)
         # (and 8 without any mixing: 4 spilled 16 B at 7 rows, 4 heads of 48-64, capped
         # at 128 registers)
+        # (and with triton 3.6 at 3 heads: 4 spilled 8-24 B at 7 rows, heads of 64)
         plain = not (flags["HAS_PRE"] or flags["HAS_POST"] or flags["HAS_NORM"])
+        dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not plain else 8
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
-                     4 if few and not (arch < 90 and (_TRITON_36 or some)) and not plain else 8, 1)  # fmt: skip
+                     8 if _TRITON_36 and heads == 3 else dq_warps, 1)  # fmt: skip
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
@@ -1311,8 +1313,10 @@ def _bwd_cfg(
             # 48-64, where 32 x 64 spilled 12-32 B with triton 3.9 (one stage 16 B, HOLD
             # off 8 B) and 16 x 64 36 B with triton 3.6 (bf16); at 3 heads 32 x 64 stays
             # (16 x 64 spilled 20 B at 64 there, triton 3.9)
+            # (and with triton 3.6 without any mixing at heads of 32: 16 x 32 spilled 4 B)
             one_mixing = flags["HAS_PRE"] != flags["HAS_POST"]
-            if min(dk, dv) <= 16 or (wide and one_mixing and heads == 4):
+            plain36 = _TRITON_36 and not (wide or flags["HAS_PRE"] or flags["HAS_POST"])
+            if min(dk, dv) <= 16 or (wide and one_mixing and heads == 4) or plain36:
                 dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
@@ -1340,11 +1344,14 @@ def _bwd_cfg(
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
         bm = 16 if min(dk, dv) <= 16 else 32
-    # sm_80 without the post-mix (no mixing, or the pre-mix alone): 16 queries (64 and
-    # 32 spilled 4-24 B at 3-4 heads of 48-64, capped at 128 registers)
-    if arch < 90 and not flags["HAS_POST"]:
+    # sm_80 and triton 3.6 without the post-mix (no mixing, or the pre-mix alone): 16
+    # queries (64 and 32 spilled 4-24 B at 3-4 heads of 48-64, capped at 128 registers);
+    # triton 3.6 at 3 heads of 32 too (32 spilled 4 B)
+    if (arch < 90 or _TRITON_36) and not flags["HAS_POST"] or (_TRITON_36 and heads == 3 and min(dk, dv) <= 32):
         bm = 16
     bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
+    if _TRITON_36 and some and heads == 3:  # 8 warps spilled 8 B (timm's, heads of 32)
+        warps = 4
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
     # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
