@@ -1350,7 +1350,7 @@ def _bwd_cfg(
     if (arch < 90 or _TRITON_36) and not flags["HAS_POST"] or (_TRITON_36 and heads == 3 and min(dk, dv) <= 32):
         bm = 16
     bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
-    if _TRITON_36 and some and heads == 3:  # 8 warps spilled 8 B (timm's, heads of 32)
+    if _TRITON_36 and heads == 3 and bm == bn == 16:  # 8 warps spilled 8 B (timm's, heads of 32)
         warps = 4
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
