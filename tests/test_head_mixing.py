@@ -758,10 +758,12 @@ def test_gradients_with_triton36_delta_config(kind, warps, poisoned, monkeypatch
     ("pre", 7, 64, {"dq": (16, 16, 8), "dkdv": [(16, 16, 4)]}),
     ("plain", 49, 32, {"dq": (16, 16, 8), "dkdv": [(16, 16, 4)]}),
     ("timm talking heads", 7, 32, {"dq": (16, 16, 8), "dkdv": [(16, 16, 4)]}),
-], ids=["pre-mix Nq7 D64", "no mixing Nq49 D32", "timm Nq7 D32"])  # fmt: skip
+    ("norm", 7, 48, {"delta": (16, 32, 8), "dq": (16, 16, 8), "dkdv": [(16, 16, 4)]}),
+], ids=["pre-mix Nq7 D64", "no mixing Nq49 D32", "timm Nq7 D32", "head norm alone Nq7 D48"])  # fmt: skip
 def test_gradients_with_triton36_configs_at_3_heads(kind, nq, d, want, poisoned, monkeypatch):
     """What triton 3.6 (the GPU machine's) gets at 3 heads where its compiles spilled
-    (sm_90a): a few rows' dq on 8 warps; dk/dv on 16 x 16 on 4 warps; without the
+    (sm_90a): a few rows' dq on 8 warps (and the head norm alone's delta); dk/dv on
+    16 x 16 on 4 warps; without the
     post-mix dk/dv on 16 queries; without any mixing at heads of 32 the dq launch on
     16 x 16. Spied on
     (BLOCK_M, BLOCK_N, warps); every gradient against float64, in poisoned buffers."""
@@ -772,8 +774,8 @@ def test_gradients_with_triton36_configs_at_3_heads(kind, nq, d, want, poisoned,
     def spy(spec):
         c = spec.constexprs
         name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name == "dq":
-            seen["dq"] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps)
+        if name == "dq" or (name == "delta" and kind == "norm"):
+            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps)
         elif name == "dkdv":
             seen["dkdv"].append((c["BLOCK_M"], c["BLOCK_N"], spec.num_warps))
         real(spec)

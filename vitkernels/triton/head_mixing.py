@@ -1255,6 +1255,9 @@ def _bwd_cfg(
         # LIVE_QH 4-8 B)
         if some and arch < 90 and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and not flags["HAS_POST_B"]:
             delta_warps = 4
+        # triton 3.6, the head norm alone at 3 heads: 8 (4 spilled 8 B at 7 rows, 48-64)
+        if _TRITON_36 and heads == 3 and flags["HAS_NORM"] and not flags["HAS_POST"]:
+            delta_warps = 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
         # sm_80's for 2-16 rows and at 3 heads (talking heads at 48-64 spilled 8 B without); DEFER_ROWSUM (delta's sums across the lanes once, after
