@@ -227,9 +227,8 @@ def test_recording_keeps_a_kernels_unspecialised_arguments():
     """A kernel's ``do_not_specialize`` arguments are recorded as Triton's JIT passes
     them, not specialised: the head-mixing backward's NUM_QB, also where it is 1 (Nq 49
     on 64-row blocks; Nq 7 and Nq 1 on 16-row blocks, where NQ = 1 is a constant). The
-    launcher says by ONE_QB where the code knows there is one block: not for the delta
-    pass on 64-row blocks (that code spilled), for the rest (the dq pass on 16-row
-    blocks spilled without it)."""
+    launcher says by ONE_QB where the code knows there is one block: on 16-row blocks
+    only (their dq pass spilled without it; the 64-row delta pass spilled with it)."""
     from vitkernels.triton._aot import record_workload
     from vitkernels.workloads import WORKLOADS, HeadMixingShape
 

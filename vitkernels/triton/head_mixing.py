@@ -1233,6 +1233,8 @@ def _bwd_cfg(
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
              LIVE_GH=False, DEFER_ROWSUM=False)
     few = nq <= 16
+    mixes = flags["HAS_PRE"] or flags["HAS_POST"]
+    pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
     # 2-16 query rows: NQ = 1 (CaiT's class attention) is a constant to Triton and compiles
     # leaner; the configurations below chosen for it spilled at 7 and 16 rows (sm_80's delta
     # and dq on 4 warps 4-8 B, dk/dv 12-188 B; bench/NOTES.md, 2026-12-02)
@@ -1272,7 +1274,7 @@ def _bwd_cfg(
         # (and 8 without any mixing: 4 spilled 16 B at 7 rows, 4 heads of 48-64, capped
         # at 128 registers)
         # (and with triton 3.6 at 3 heads: 4 spilled 8-24 B at 7 rows, heads of 64)
-        plain = not (flags["HAS_PRE"] or flags["HAS_POST"] or flags["HAS_NORM"])
+        plain = not (mixes or flags["HAS_NORM"])
         dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not plain else 8
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      8 if _TRITON_36 and heads == 3 else dq_warps, 1)  # fmt: skip
@@ -1286,7 +1288,6 @@ def _bwd_cfg(
         # (LIVE_GH also with the pre-mix alone: 4 B spilled at 4 heads of 48-64 without;
         # and with triton 3.6 the pre-mix alone on 8 warps: on 4 its compile failed,
         # "operand #0 does not dominate this use" in TritonGPURemoveLayoutConversions)
-        pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
         delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and (flags["HAS_POST_B"] or pre_only)) else 4
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
                                              LIVE_GH=_TRITON_36 or pre_only,
@@ -1308,7 +1309,8 @@ def _bwd_cfg(
             bm_q, st_q = (32, 2) if wide else (16, 1)
             # without any mixing (plain attention) 16 x 32 at heads of 32 or less (16 x 64
             # spilled 8 B at 3 heads of 32)
-            bn_q = 32 if not (wide or flags["HAS_PRE"] or flags["HAS_POST"]) else 64
+            plain_narrow = not (wide or mixes)
+            bn_q = 32 if plain_narrow else 64
             dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=bn_q, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
             # 16 x 16, q and dO reloaded: at D16 (16 x 64 spilled 936 B, H4, triton 3.9;
@@ -1318,8 +1320,7 @@ def _bwd_cfg(
             # (16 x 64 spilled 20 B at 64 there, triton 3.9)
             # (and with triton 3.6 without any mixing at heads of 32: 16 x 32 spilled 4 B)
             one_mixing = flags["HAS_PRE"] != flags["HAS_POST"]
-            plain36 = _TRITON_36 and not (wide or flags["HAS_PRE"] or flags["HAS_POST"])
-            if min(dk, dv) <= 16 or (wide and one_mixing and heads == 4) or plain36:
+            if min(dk, dv) <= 16 or (wide and one_mixing and heads == 4) or (_TRITON_36 and plain_narrow):
                 dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
