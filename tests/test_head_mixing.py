@@ -629,6 +629,80 @@ def test_gradients_of_a_few_rows_of_re_attention(kind, want, poisoned, monkeypat
     assert seen == want
 
 
+@pytest.mark.parametrize("kind, arch, h, nq, d, want", [
+    ("pre", 90, 2, 20, 64, {"dq": 255}),
+    ("post", 90, 2, 20, 64, {"dkdv": 255}),
+    ("post", 80, 2, 20, 64, {"dkdv": 255}),
+    ("timm post", 90, 2, 20, 48, {"dq": 255}),
+    ("post", 90, 1, 20, 32, {"dkdv": 128}),
+    ("vit-pytorch talking heads", 90, 2, 1, 32, {"dkdv": 128}),
+    ("plain", 90, 2, 7, 64, {"delta": 128}),
+    ("re-attention", 80, 1, 20, 48, {"dkdv": 128}),
+    ("timm talking heads", 80, 1, 1, 32, {"delta": 128}),
+    ("vit-pytorch talking heads", 90, 2, 20, 48, {}),
+    ("pre", 90, 2, 20, 48, {}),
+    ("vit-pytorch talking heads", 90, 4, 20, 64, {}),
+], ids=["pre-mix H2 D64", "post-mix H2 D64", "post-mix H2 D64 sm80", "timm post-mix H2 D48", "post-mix H1 D32",
+        "talking heads H2 Nq1 D32", "no mixing H2 Nq7 D64", "re-attention H1 D48 sm80", "timm H1 Nq1 sm80",
+        "talking heads H2 D48: none", "pre-mix H2 D48: none", "talking heads H4: none"])  # fmt: skip
+def test_gradients_with_a_register_limit(kind, arch, h, nq, d, want, poisoned, monkeypatch):
+    """At 1-2 heads the backward launches where ptxas's own register choice spilled
+    (``_reg_limits``) take a limit: 255 where it capped 8 warps at 128 registers, 128
+    where it chose 48-96. The launch passes it to Triton as ``maxnreg`` (the interpreter
+    takes the same tiles and ignores it), and only those launches do: not their
+    neighbours that did not spill, nor any launch at 3-4 heads. Spied on; every gradient
+    against float64, in poisoned buffers (21 keys: a padded key block)."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: arch)
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_")
+        opts = spec.options()
+        assert opts.get("maxnreg") == spec.maxnreg  # what the kernel call is given
+        if spec.maxnreg is not None:
+            seen[name.removeprefix("bwd_")] = spec.maxnreg
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    nk = 21 if kind != "re-attention" else nq
+    case = (1, h, nq, nk, d, d)
+    q, k, v = make(case)
+    if kind in ("post", "timm post"):
+        params = {"post": make_params(h, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads")["post"]}
+    else:
+        params = make_params(h, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm{arch}")
+    assert seen == want
+
+
+def test_register_limits_reach_the_recorded_compile():
+    """A launch's register limit is part of what the ahead-of-time compile gets (the
+    recorded specialisation's options, and its key: the same launch without it is
+    another binary); the workloads' launches keep ptxas's own choice."""
+    import dataclasses
+
+    from vitkernels.triton._aot import record_workload
+    from vitkernels.triton._common import specialize
+    from vitkernels.workloads import EXTRA_SHAPES, WORKLOADS
+
+    want = {"H2-pre-D64": {"dq": 255}, "H2-post-D64": {"dkdv": 255}, "H1-post-D32": {"dkdv": 128}}
+    for name, limits in want.items():
+        for arch in (90, 80):
+            got = {}
+            for la in record_workload(EXTRA_SHAPES[name], "bwd", arch=arch).launches:
+                assert la.specialization.options.get("maxnreg") == la.maxnreg, la.name
+                if la.maxnreg is not None:
+                    got[la.name.split("[")[0].removeprefix("head_mixing_bwd_")] = la.maxnreg
+                    other = specialize(dataclasses.replace(la, maxnreg=None, specialization=None), arch)
+                    assert other.key() != la.specialization.key()
+            # the dq rule is sm_90's (its 32 x 64 tiles): sm_80's dq takes 16 x 16
+            assert got == (limits if arch == 90 or "dq" not in limits else {}), (name, arch, got)
+    for wid in ("M1", "M3"):
+        for direction in ("fwd", "bwd"):
+            assert all(la.maxnreg is None for la in record_workload(WORKLOADS[wid].shape, direction).launches)
+
+
 def test_row_runs_split_the_delta_launch_only_where_it_pays():
     """The backward's delta launch over the query rows (``_row_runs``): M1's 196 queries
     at batch 256 on 132 SMs as 3 whole 64-row blocks and a launch of 16-row blocks for

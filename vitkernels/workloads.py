@@ -258,6 +258,12 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "CaiT-S-timm": HeadMixingShape(8, 197, 197, 48, "timm", True, True, True, False),
     # re-attention at 5-8 heads: the head norm on rows of two (query, key) pairs (HP = 8)
     "DeepViT-H8": HeadMixingShape(8, 197, 197, 64, "vit-pytorch", False, True, False, True),
+    # 1-2 heads, where the backward's launches take a register limit (ptxas's own choice
+    # spilled; ``head_mixing._reg_limits``): at 2 heads of 64 the pre-mix alone (dq,
+    # 255) and the post-mix alone (dk/dv, 255); at 1 head of 32 the post-mix alone (dk/dv, 128)
+    "H2-pre-D64": HeadMixingShape(2, 196, 197, 64, "vit-pytorch", True, False, False, False),
+    "H2-post-D64": HeadMixingShape(2, 196, 197, 64, "vit-pytorch", False, True, False, False),
+    "H1-post-D32": HeadMixingShape(1, 49, 197, 32, "vit-pytorch", False, True, False, False),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)

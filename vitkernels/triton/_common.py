@@ -168,7 +168,7 @@ class Specialization:
     def key(self) -> str:
         """Equal for launches that compile to the same binary."""
         consts = {k: (v if isinstance(v, (int, float, bool, str)) else repr(v)) for k, v in self.constexprs.items()}
-        opts = {k: self.options[k] for k in ("num_warps", "num_stages", "num_ctas") if k in self.options}
+        opts = {k: self.options[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in self.options}
         return repr((sorted(self.signature.items()), sorted(consts.items()), sorted(self.attrs.items()),
                      sorted(opts.items()), self.arch))  # fmt: skip
 
@@ -195,6 +195,9 @@ class Launch:
     writes: Sequence[torch.Tensor | None] = ()
     loops: dict[str, float] = dataclasses.field(default_factory=dict)
     specialization: Specialization | None = None  # set when recorded
+    # ptxas's register limit per thread (PTX ``.maxnreg``; None: ptxas chooses). Where
+    # its own choice (e.g. 128 at 8 warps, for two blocks an SM) spilled
+    maxnreg: int | None = None
 
     @property
     def programs(self) -> int:
@@ -205,9 +208,14 @@ class Launch:
 
     def run(self) -> None:
         with device_guard(*self.args):
-            self.kernel[self.grid](
-                *self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages
-            )
+            self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
+
+    def options(self) -> dict[str, int]:
+        """The launch options Triton is given (maxnreg only where set)."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
     def bytes_moved(self) -> tuple[int, int]:
         """(bytes read, bytes written), each tensor counted once."""
@@ -348,7 +356,7 @@ def specialize(spec: Launch, arch: int) -> Specialization:
     from triton import knobs
 
     jit, backend, binder = _binder(spec.kernel, arch)
-    kwargs: dict[str, Any] = {**spec.constexprs, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    kwargs: dict[str, Any] = {**spec.constexprs, **spec.options()}
     kwargs["debug"] = jit.debug or knobs.runtime.debug
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # as run() adds them, where they exist
         if hasattr(knobs.compilation, name):

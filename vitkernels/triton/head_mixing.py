@@ -1153,6 +1153,7 @@ class _Config:
     constexprs: dict
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # ptxas's register limit (None: its own choice)
 
 
 def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
@@ -1360,9 +1361,61 @@ def _bwd_cfg(
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
     # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
     stages = 2 if bm == 64 and arch >= 90 and dk in (48, 64) and dv in (48, 64) else 1
-    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, stages)
+    lim_delta, lim_dq, lim_dkdv = _reg_limits(heads, nq, dk, dv, arch, flags)
+    delta = dataclasses.replace(delta, maxnreg=lim_delta)
+    dq = dataclasses.replace(dq, maxnreg=lim_dq)
+    dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, stages,
+                    lim_dkdv)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
+
+
+def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict) -> tuple:
+    """ptxas's register limit (``.maxnreg``) for the backward's (delta, dq, dk/dv)
+    launches at 1-2 heads, where its own choice spilled (None: its own). A compile sweep
+    of every launch at 1-2 heads (heads of 32 / 48 / 64; 1, 7, 49 and 196 queries;
+    every mixing kind; sm_90a and sm_80, triton 3.9 and 3.6, bfloat16 and float16 with
+    float32 parameters; bench/NOTES.md, 2026-12-03) found two kinds of spill:
+    - at 8 warps ptxas capped the launch at 128 registers (two blocks an SM) and spilled
+      8-28 B; it needs 156-196, so one block an SM: 255;
+    - elsewhere ptxas chose 48-96 registers and spilled 4-8 B (its occupancy
+      heuristics); with a limit of 128 it takes 70-126 and spills nothing."""
+    few, some = nq <= 16, 1 < nq <= 16
+    post_b, norm = flags["HAS_POST_B"], flags["HAS_NORM"]
+    both = flags["HAS_PRE"] and flags["HAS_POST"]
+    mixes = flags["HAS_PRE"] or flags["HAS_POST"]
+    lim_delta = lim_dq = lim_dkdv = None
+    if heads == 2:
+        # the 64-query dk/dv blocks of heads of 64 with the post-mix (talking heads 12 B,
+        # the post-mix alone 28 B; sm_80, talking heads 8 B), capped at 128
+        if not few and flags["HAS_POST"] and not (post_b or norm) and min(dk, dv) > 48:
+            lim_dkdv = 255
+        # the 32 x 64 dq on sm_90 with one mixing: the pre-mix alone at 64 (8 B), the
+        # post-mix alone at 48 (20 B, float16 with float32 parameters), capped at 128
+        # (the pre-mix alone at 48 and the post-mix alone at 64 did not spill: they keep
+        # two blocks an SM)
+        pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
+        post_only = flags["HAS_POST"] and not flags["HAS_PRE"]
+        narrow = min(dk, dv)
+        if not few and arch >= 90 and not norm and (pre_only and narrow > 48 or post_only and 32 < narrow <= 48):
+            lim_dq = 255
+        # triton 3.6: talking heads' dk/dv for one query row at heads of 32 (96
+        # registers, 4 B), and the few-row delta without mixing at 64 (72, 8 B)
+        if nq == 1 and both and not post_b and max(dk, dv) <= 32:
+            lim_dkdv = 128
+        if some and not (mixes or norm) and min(dk, dv) > 48:
+            lim_delta = 128
+    elif heads == 1:
+        # dk/dv on 32 queries at heads of 32 with the pre- or post-mix (48 registers,
+        # 4 B; sm_90a), re-attention's dk/dv on sm_80 at 48 (64, 8 B), and timm's
+        # delta launch for one query row on sm_80 at 32 (56, 8 B)
+        if not few and mixes and not (post_b or norm) and max(dk, dv) <= 32:
+            lim_dkdv = 128
+        if norm and flags["HAS_POST"] and arch < 90:
+            lim_dkdv = 128
+        if nq == 1 and post_b and arch < 90:
+            lim_delta = 128
+    return lim_delta, lim_dq, lim_dkdv
 
 
 def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split: dict) -> tuple[list, list]:
@@ -1517,7 +1570,7 @@ def head_mixing_attention_fwd(
     launch(Launch(
         f"head_mixing_fwd[{_tag(q, k, params, flags)}]", cfg.kernel, (num_qb * B,), args,
         {**cfg.constexprs, **_vecs(q, k, v)}, cfg.num_warps, cfg.num_stages,
-        reads=(q, k, v, *params), writes=(out, lse),
+        reads=(q, k, v, *params), writes=(out, lse), maxnreg=cfg.maxnreg,
         loops={"start_s": nk_s // cfg.constexprs["BLOCK_S"], "start_t": triton.cdiv(NK - nk_s, bn),
                "start_n": nk_n // bn, "start_u": triton.cdiv(NK - nk_n, bn)},
     ))  # fmt: skip
@@ -1603,7 +1656,7 @@ def head_mixing_attention_bwd(
             [q, k, v, grad_out, *ptrs, lse, delta, dq, part_rows, *common, NQ, NK, num_qb, npart, qk_scale,
              scale, eps],
             {**c, **vecs, "ROW0": row0, "ONE_QB": _one_block(num_qb, c)}, cfg.num_warps, cfg.num_stages,
-            reads=rows_in, writes=rows_out,
+            reads=rows_in, writes=rows_out, maxnreg=cfg.maxnreg,
             loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
         ))  # fmt: skip
     for cfg in dkdv_cfgs:
@@ -1614,7 +1667,7 @@ def head_mixing_attention_bwd(
             f"head_mixing_bwd_dkdv[{tag},G{g0}]", cfg.kernel, (num_kb * B,),
             [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, eps],
             {**c, **vecs}, cfg.num_warps, cfg.num_stages,
-            reads=(*reads, delta), writes=(dk[:, g0 : g0 + gp], dv[:, g0 : g0 + gp]),
+            reads=(*reads, delta), writes=(dk[:, g0 : g0 + gp], dv[:, g0 : g0 + gp]), maxnreg=cfg.maxnreg,
             loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
         ))  # fmt: skip
 
