@@ -629,30 +629,49 @@ def test_gradients_of_a_few_rows_of_re_attention(kind, want, poisoned, monkeypat
     assert seen == want
 
 
-@pytest.mark.parametrize("kind, arch, h, nq, d, want", [
-    ("pre", 90, 2, 20, 64, {"dq": 255}),
-    ("post", 90, 2, 20, 64, {"dkdv": 255}),
-    ("post", 80, 2, 20, 64, {"dkdv": 255}),
-    ("timm post", 90, 2, 20, 48, {"dq": 255}),
-    ("post", 90, 1, 20, 32, {"dkdv": 128}),
-    ("vit-pytorch talking heads", 90, 2, 1, 32, {"dkdv": 128}),
-    ("plain", 90, 2, 7, 64, {"delta": 128}),
-    ("re-attention", 80, 1, 20, 48, {"dkdv": 128}),
-    ("timm talking heads", 80, 1, 1, 32, {"delta": 128}),
-    ("vit-pytorch talking heads", 90, 2, 20, 48, {}),
-    ("pre", 90, 2, 20, 48, {}),
-    ("vit-pytorch talking heads", 90, 4, 20, 64, {}),
+# env: "3.9" (float32 inputs, the interpreter's), or triton 3.6's rules ("3.6": _TRITON_36
+# patched) with float16 inputs and float32 ("3.6 f32p") or float16 ("3.6 f16p") parameters
+@pytest.mark.parametrize("kind, arch, h, nq, d, env, want", [
+    ("pre", 90, 2, 20, 64, "3.9", {"dq": 255}),
+    ("post", 90, 2, 20, 64, "3.9", {"dkdv": 255}),
+    ("post", 80, 2, 20, 64, "3.9", {"dkdv": 255}),
+    ("timm post", 90, 2, 20, 48, "3.9", {"dq": 255}),
+    ("post", 90, 1, 20, 32, "3.9", {"dkdv": 128}),
+    ("vit-pytorch talking heads", 90, 2, 1, 32, "3.9", {"dkdv": 128}),
+    ("plain", 90, 2, 7, 64, "3.9", {"delta": 128}),
+    ("re-attention", 80, 1, 20, 48, "3.9", {"dkdv": 128}),
+    ("timm talking heads", 80, 1, 1, 32, "3.9", {"delta": 128}),
+    ("vit-pytorch talking heads", 90, 2, 20, 48, "3.9", {}),
+    ("pre", 90, 2, 20, 48, "3.9", {}),
+    ("vit-pytorch talking heads", 90, 4, 20, 64, "3.9", {}),
+    ("vit-pytorch talking heads", 90, 3, 1, 32, "3.6 f32p", {"dq": 255}),
+    ("post", 90, 3, 20, 64, "3.6 f32p", {"dkdv": 255}),
+    ("post", 90, 4, 1, 48, "3.6 f32p", {"dq": 255}),
+    ("timm talking heads", 90, 4, 7, 48, "3.6 f32p", {"fwd": 255}),
+    ("post", 90, 3, 1, 64, "3.6 f32p", {"fwd": 128}),
+    ("pre", 90, 1, 7, 32, "3.6 f32p", {"dkdv": 128}),
+    ("plain", 90, 3, 1, 48, "3.6 f32p", {"delta": 128}),
+    ("post", 90, 4, 1, 48, "3.6 f16p", {}),
+    ("vit-pytorch talking heads", 90, 3, 1, 32, "3.9 f32p", {}),
 ], ids=["pre-mix H2 D64", "post-mix H2 D64", "post-mix H2 D64 sm80", "timm post-mix H2 D48", "post-mix H1 D32",
         "talking heads H2 Nq1 D32", "no mixing H2 Nq7 D64", "re-attention H1 D48 sm80", "timm H1 Nq1 sm80",
-        "talking heads H2 D48: none", "pre-mix H2 D48: none", "talking heads H4: none"])  # fmt: skip
-def test_gradients_with_a_register_limit(kind, arch, h, nq, d, want, poisoned, monkeypatch):
-    """At 1-2 heads the backward launches where ptxas's own register choice spilled
-    (``_reg_limits``) take a limit: 255 where it capped 8 warps at 128 registers, 128
-    where it chose 48-96. The launch passes it to Triton as ``maxnreg`` (the interpreter
-    takes the same tiles and ignores it), and only those launches do: not their
-    neighbours that did not spill, nor any launch at 3-4 heads. Spied on; every gradient
-    against float64, in poisoned buffers (21 keys: a padded key block)."""
+        "talking heads H2 D48: none", "pre-mix H2 D48: none", "talking heads H4: none",
+        "3.6 talking heads H3 Nq1 D32", "3.6 post-mix H3 D64", "3.6 post-mix H4 Nq1 D48", "3.6 timm H4 Nq7 D48",
+        "3.6 post-mix H3 Nq1 D64", "3.6 pre-mix H1 Nq7 D32", "3.6 no mixing H3 Nq1 D48",
+        "3.6 float16 parameters: none", "3.9 float32 parameters: none"])  # fmt: skip
+def test_gradients_with_a_register_limit(kind, arch, h, nq, d, env, want, poisoned, monkeypatch):
+    """The launches where ptxas's own register choice spilled (``_reg_limits``) take a
+    limit: 255 where it capped 8 warps at 128 registers (or chose 168 on 4), 128 where
+    it chose 48-96: at 1-2 heads, and with triton 3.6 (the GPU machine's) for 16-bit
+    inputs with float32 parameters (autocast) at 1-4 heads. The launch passes it to
+    Triton as ``maxnreg`` (the interpreter takes the same tiles and ignores it), and only
+    those launches do: not their neighbours that did not spill, nor triton 3.9's or
+    float16 parameters' launches where only 3.6 with float32 parameters spilled. Spied
+    on; every gradient against float64, in poisoned buffers (21 keys: a padded key block)."""
     monkeypatch.setattr(tk, "target_arch", lambda device: arch)
+    monkeypatch.setattr(tk, "_TRITON_36", env.startswith("3.6"))
+    dtype = torch.float32 if env == "3.9" else torch.float16
+    pdt = torch.float16 if env.endswith("f16p") else torch.float32
     seen = {}
     real = tk.launch
 
@@ -667,13 +686,27 @@ def test_gradients_with_a_register_limit(kind, arch, h, nq, d, want, poisoned, m
     monkeypatch.setattr(tk, "launch", spy)
     nk = 21 if kind != "re-attention" else nq
     case = (1, h, nq, nk, d, d)
-    q, k, v = make(case)
+    q, k, v = make(case, dtype)
     if kind in ("post", "timm post"):
-        params = {"post": make_params(h, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads")["post"]}
+        params = {"post": make_params(h, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads",
+                                      pdt)["post"]}  # fmt: skip
     else:
-        params = make_params(h, kind)
-    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm{arch}")
+        params = make_params(h, kind, pdt)
+    check_grads("triton", q, k, v, params, GRAD_TOL[dtype], f"{kind} H{h} Nq{nq} D{d} sm{arch} {env}")
     assert seen == want
+
+
+def test_triton36_float32_parameters_at_4_heads_take_8_warps(monkeypatch):
+    """Triton 3.6, 16-bit inputs with float32 parameters, 2-16 rows at 4 heads of 48-64:
+    the dq launch with the post-mix alone and timm's delta launch on 8 warps (4 spilled
+    8-16 B at 254-255 registers, sm_90a); with float16 parameters, or triton 3.9, 4."""
+    post = tk._flags(None, 1, None, None, None, False)
+    timm = tk._flags(1, 1, 1, None, None, False)
+    for t36, f32_params, want in ((True, True, 8), (True, False, 4), (False, True, 4)):
+        monkeypatch.setattr(tk, "_TRITON_36", t36)
+        for d in (48, 64):
+            assert tk._bwd_cfg(4, 7, 197, d, d, post, 90, False, f32_params)[0][1].num_warps == want
+            assert tk._bwd_cfg(4, 7, 197, d, d, timm, 90, False, f32_params)[0][0].num_warps == want
 
 
 def test_register_limits_reach_the_recorded_compile():

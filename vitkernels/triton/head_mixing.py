@@ -1163,7 +1163,12 @@ def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
     )  # fmt: skip
 
 
-def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: bool = False, arch: int = 90) -> _Config:
+def _fwd_cfg(
+    heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: bool = False, arch: int = 90,
+    f32_params: bool = False,
+) -> _Config:
+    """The forward launch. f32_params: 16-bit inputs with float32 mixing / norm
+    parameters (a model under autocast), where triton 3.6 allocated registers differently."""
     c = _common(heads, dk, dv, flags)
     # float32 (tf32x3 dots: each operand split in two) takes the few-row config below at
     # every Nq: 64 rows spilled 656 B at M1 (sm_90a, triton 3.9), 32 rows 64-140 B, 16 rows
@@ -1190,6 +1195,16 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
             (ka, kb), (va, vb) = ((32, 32) if a == 64 else (a, b) for a, b in ((ka, kb), (va, vb)))
         return _Config(_fwd_kernel, dict(**c, BLOCK_M=64, BLOCK_N=16, BLOCK_S=32, PEEL=peel, FOLD=True,
                                          KA=ka, KB=kb, VA=va, VB=vb), warps, 1)  # fmt: skip
+    # triton 3.6, 16-bit inputs with float32 parameters: ptxas's own register choice
+    # spilled (``_reg_limits``): timm's at 4 heads of 48-64 on 8 warps (capped at 128,
+    # 16 B; 212 with the limit), the post-mix alone at 3 heads of 64 on 4 (128, 4 B; 126
+    # with a limit of 128)
+    post_only = flags.get("HAS_POST") and not (flags.get("HAS_PRE") or flags.get("HAS_NORM"))
+    lim, wide36 = None, _TRITON_36 and f32_params and arch >= 90
+    if wide36 and heads == 4 and flags.get("HAS_PRE") and flags.get("HAS_POST_B") and min(dk, dv) > 32:
+        lim = 255
+    if wide36 and heads == 3 and post_only:
+        lim = 128
     # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
     # (one program per SM, not two) and 8 instructions more per key tile. 16-bit inputs on
     # 4 warps: on 8 each warp issued about as many instructions a key tile (415 against
@@ -1200,7 +1215,7 @@ def _fwd_cfg(heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, f32: b
     pre_only = flags.get("HAS_PRE") and not flags.get("HAS_POST")
     warps = 8 if f32 or (_TRITON_36 and (flags.get("HAS_POST_B") or pre_only)) else 4
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, BLOCK_S=32, PEEL=False, FOLD=False,
-                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1)  # fmt: skip
+                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1, lim)  # fmt: skip
 
 
 
@@ -1212,7 +1227,8 @@ def _k_split(d: int) -> tuple[int, int]:
 
 
 def _bwd_cfg(
-    heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int, f32: bool = False
+    heads: int, nq: int, nk: int, dk: int, dv: int, flags: dict, arch: int, f32: bool = False,
+    f32_params: bool = False,
 ) -> tuple[list, list]:
     """(the delta launch and the dq launch, the dk/dv launches). On sm_90 the delta launch
     takes 64 query rows x 16 keys on 4 warps (one warpgroup: the sums over the keys
@@ -1361,7 +1377,15 @@ def _bwd_cfg(
     # a block ahead: fewer instructions per block; D40 and D56 spilled 76 B with
     # triton 3.9, D16 1.4 KB with triton 3.6; see bench/NOTES.md)
     stages = 2 if bm == 64 and arch >= 90 and dk in (48, 64) and dv in (48, 64) else 1
-    lim_delta, lim_dq, lim_dkdv = _reg_limits(heads, nq, dk, dv, arch, flags)
+    # triton 3.6, 16-bit inputs with float32 parameters, 2-16 rows at 4 heads: the dq
+    # launch with the post-mix alone and timm's delta launch on 8 warps (4 spilled 8-16 B
+    # at 254-255 registers, heads of 48-64)
+    if _TRITON_36 and f32_params and heads == 4 and few and arch >= 90:
+        if flags["HAS_POST"] and not flags["HAS_PRE"] and not flags["HAS_NORM"]:
+            dq = dataclasses.replace(dq, num_warps=8)
+        if some and flags["HAS_PRE"] and flags["HAS_POST_B"] and min(dk, dv) > 32:
+            delta = dataclasses.replace(delta, num_warps=8)
+    lim_delta, lim_dq, lim_dkdv = _reg_limits(heads, nq, dk, dv, arch, flags, f32_params)
     delta = dataclasses.replace(delta, maxnreg=lim_delta)
     dq = dataclasses.replace(dq, maxnreg=lim_dq)
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=bm, BLOCK_N=bn, G0=g0, GP=gp), warps, stages,
@@ -1370,7 +1394,7 @@ def _bwd_cfg(
     return [delta, dq], dkdv
 
 
-def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict) -> tuple:
+def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict, f32_params: bool = False) -> tuple:
     """ptxas's register limit (``.maxnreg``) for the backward's (delta, dq, dk/dv)
     launches at 1-2 heads, where its own choice spilled (None: its own). A compile sweep
     of every launch at 1-2 heads (heads of 32 / 48 / 64; 1, 7, 49 and 196 queries;
@@ -1379,7 +1403,10 @@ def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict) -
     - at 8 warps ptxas capped the launch at 128 registers (two blocks an SM) and spilled
       8-28 B; it needs 156-196, so one block an SM: 255;
     - elsewhere ptxas chose 48-96 registers and spilled 4-8 B (its occupancy
-      heuristics); with a limit of 128 it takes 70-126 and spills nothing."""
+      heuristics); with a limit of 128 it takes 70-126 and spills nothing.
+    Triton 3.6 on sm_90a adds its own: without any mixing at 3 heads (below), and for
+    16-bit inputs with float32 parameters (f32_params: a model under autocast) at 1-4
+    heads (``_reg_limits_36_wide``)."""
     few, some = nq <= 16, 1 < nq <= 16
     post_b, norm = flags["HAS_POST_B"], flags["HAS_NORM"]
     both = flags["HAS_PRE"] and flags["HAS_POST"]
@@ -1415,6 +1442,35 @@ def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict) -
             lim_dkdv = 128
         if nq == 1 and post_b and arch < 90:
             lim_delta = 128
+    # triton 3.6 on sm_90a without any mixing or norm (no parameters), one row at 3 heads
+    # of 48-64: the delta launch on 4 warps took 80 registers and spilled 8 B
+    if _TRITON_36 and arch >= 90 and heads == 3 and nq == 1 and not (mixes or norm) and min(dk, dv) > 32:
+        lim_delta = 128
+    if _TRITON_36 and f32_params and arch >= 90:  # 16-bit inputs with float32 parameters on triton 3.6
+        wide_lims = _reg_limits_36_wide(heads, nq, dk, dv, flags)
+        lim_delta, lim_dq, lim_dkdv = (w or g for w, g in zip(wide_lims, (lim_delta, lim_dq, lim_dkdv), strict=True))
+    return lim_delta, lim_dq, lim_dkdv
+
+
+def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> tuple:
+    """``_reg_limits`` for triton 3.6 (the GPU machine's) with 16-bit inputs and float32
+    parameters, on sm_90a (a sweep of 1-4 heads, bench/NOTES.md, 2026-12-03): 255 where
+    ptxas capped 8 warps at 128 (talking heads' and timm's dq for one row at 3 heads of
+    32, 4 B; the post-mix alone's dk/dv at 3 heads of 64, 12 B) or chose 168 on 4 (the
+    post-mix alone's dq for one row at 4 heads of 48, 24 B); 128 where it chose 48-80
+    (the pre-mix alone's dk/dv at 1 head of 32 for 7 rows, 8 B; the post-mix alone's at
+    2 heads of 32, 8 B)."""
+    few, some = nq <= 16, 1 < nq <= 16
+    pre, post, norm = flags["HAS_PRE"], flags["HAS_POST"], flags["HAS_NORM"]
+    lim_delta = lim_dq = lim_dkdv = None
+    if heads == 3 and nq == 1 and pre and post and max(dk, dv) <= 32:
+        lim_dq = 255
+    if heads == 3 and not few and post and not (pre or norm) and min(dk, dv) > 48:
+        lim_dkdv = 255
+    if heads == 4 and nq == 1 and post and not (pre or norm):
+        lim_dq = 255
+    if heads in (1, 2) and some and (pre != post) and not norm and max(dk, dv) <= 32:
+        lim_dkdv = 128
     return lim_delta, lim_dq, lim_dkdv
 
 
@@ -1498,6 +1554,11 @@ def _vecs(q, k, v, grad_out=None) -> dict:
     return dict(VQ=_width(q), VK=_width(k), VV=_width(v), VG=_width(grad_out))
 
 
+def _f32_params(q: torch.Tensor, params: tuple) -> bool:
+    """16-bit inputs with float32 mixing / norm parameters (a model under autocast)."""
+    return q.dtype != torch.float32 and any(t is not None and t.dtype == torch.float32 for t in params)
+
+
 def _flags(pre_w, post_w, post_b, norm_w, norm_b, has_norm: bool) -> dict:
     return dict(
         HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
@@ -1558,7 +1619,7 @@ def head_mixing_attention_fwd(
         return out, lse
     params = (pre_w, post_w, post_b, norm_w, norm_b)
     flags = _flags(*params, has_norm)
-    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q), target_arch(q.device))
+    cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q), target_arch(q.device), _f32_params(q, params))
     num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
     bn = cfg.constexprs["BLOCK_N"]
@@ -1613,7 +1674,8 @@ def head_mixing_attention_bwd(
         grad_out = grad_out.contiguous()
     flags = _flags(*params, has_norm)
     arch, f32 = target_arch(q.device), _float32_tiles(q)
-    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, arch, f32)
+    f32_params = _f32_params(q, params)
+    dq_cfgs, dkdv_cfgs = _bwd_cfg(H, NQ, NK, DK, DV, flags, arch, f32, f32_params)
     HP = dq_cfgs[0].constexprs["HP"]
     ptrs, strides = _param_args(q, *params)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
@@ -1634,7 +1696,7 @@ def head_mixing_attention_bwd(
     # spilled 24-60 B at NQ 196-197, sm_90a, triton 3.9)
     row_runs = [(0, NQ)] if flags["HAS_POST_B"] or flags["HAS_NORM"] else _row_runs(
         NQ, delta_cfg.constexprs["BLOCK_M"], B, sm_count(dev))  # fmt: skip
-    runs = [(delta_cfg if row0 == 0 else _bwd_cfg(H, rows, NK, DK, DV, flags, arch, f32)[0][0], row0, rows)
+    runs = [(delta_cfg if row0 == 0 else _bwd_cfg(H, rows, NK, DK, DV, flags, arch, f32, f32_params)[0][0], row0, rows)
             for row0, rows in row_runs]  # fmt: skip
     runs = [(cfg, row0, rows, triton.cdiv(rows, cfg.constexprs["BLOCK_M"])) for cfg, row0, rows in runs]
     # a row of partial sums per delta program, each launch's rows after the one before's
