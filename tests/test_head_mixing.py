@@ -391,6 +391,28 @@ def test_float32_tiles(case, poisoned, monkeypatch):
     assert fwd.num_warps == 8 and fwd.constexprs["BLOCK_M"] == 16  # 16-bit inputs: 4 warps, 64 rows
 
 
+@pytest.mark.parametrize("triton36", [True, False], ids=["triton 3.6", "triton 3.9"])
+def test_float32_tiles_of_triton36(triton36, poisoned, monkeypatch):
+    """float32's tiles with triton 3.6 (the GPU machine's): the forward's second pass on
+    16-key tiles, the delta launch with K and Dv in two chunks (48 as 32 + 16); triton
+    3.9 keeps 32 keys and one chunk (each spilled on the other). Talking heads at 4
+    heads of 48 on 20 queries and 37 keys (a masked key tile either way); the launches
+    are spied on, forward and gradients against float64."""
+    monkeypatch.setattr(tk, "_F32_TILES_ON_CPU", True)
+    monkeypatch.setattr(tk, "_TRITON_36", triton36)
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((1, 4, 20, 37, 48, 48))
+    params = make_params(4, "vit-pytorch talking heads")
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"float32 tiles, triton 3.6 {triton36}")
+    fwd = next(la.constexprs for la in ran if la.name.startswith("head_mixing_fwd["))
+    delta = next(la.constexprs for la in ran if la.name.startswith("head_mixing_bwd_delta["))
+    assert fwd["BLOCK_N"] == (16 if triton36 else 32)
+    want = (32, 16, 32, 16) if triton36 else (64, 0, 64, 0)
+    assert tuple(delta[n] for n in ("KA", "KB", "VA", "VB")) == want
+
+
 def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
     """A few query rows (class attention) on 4 warps with 16-bit inputs (8 issued about
     as many instructions a warp: bench/NOTES.md); 8 for float32's tiles and, with

@@ -1214,7 +1214,10 @@ def _fwd_cfg(
     # and the pre-mix alone with triton 3.6 (24 B at 4 heads of 48-64, sm_90a)
     pre_only = flags.get("HAS_PRE") and not flags.get("HAS_POST")
     warps = 8 if f32 or (_TRITON_36 and (flags.get("HAS_POST_B") or pre_only)) else 4
-    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=32, BLOCK_S=32, PEEL=False, FOLD=False,
+    # float32 with triton 3.6: pass 2 on 16-key tiles (32 spilled 8-20 B at 4 heads of
+    # 48-64, 255 registers; K as 32 + 16 at 48 1272 B)
+    bn = 16 if f32 and _TRITON_36 else 32
+    return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=bn, BLOCK_S=32, PEEL=False, FOLD=False,
                                      KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1, lim)  # fmt: skip
 
 
@@ -1482,8 +1485,12 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     them 44-72 B spilled); dq: 16 x 16, q and dO reloaded per tile (HOLD off), K in one
     chunk; dk/dv: 16 keys x 16 queries on 8 warps, two heads per launch (every head in
     one launch spilled 24 B). See bench/NOTES.md, 2026-12-01."""
-    delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
-                                         PAIR_DOT=False), 8, 1)  # fmt: skip
+    # triton 3.6: the delta launch's K and Dv in two chunks (48 as 32 + 16: in one of 64
+    # it spilled 16-136 B at 255 registers, 2-4 heads of 48-64; with triton 3.9 the
+    # chunks spilled 32 B, one did not)
+    chunks = split if _TRITON_36 else {}
+    delta = _Config(_bwd_dq_kernel, dict(c, **chunks, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
+                                         LIVE_QH=True, PAIR_DOT=False), 8, 1)  # fmt: skip
     dq = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     gp = min(2, base["HP"])
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1)
