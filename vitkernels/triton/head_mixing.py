@@ -1214,9 +1214,12 @@ def _fwd_cfg(
     # and the pre-mix alone with triton 3.6 (24 B at 4 heads of 48-64, sm_90a)
     pre_only = flags.get("HAS_PRE") and not flags.get("HAS_POST")
     warps = 8 if f32 or (_TRITON_36 and (flags.get("HAS_POST_B") or pre_only)) else 4
-    # float32 with triton 3.6: pass 2 on 16-key tiles (32 spilled 8-20 B at 4 heads of
-    # 48-64, 255 registers; K as 32 + 16 at 48 1272 B)
+    # float32 with triton 3.6: pass 2 on 16-key tiles on 4 warps (32 keys on 8 spilled
+    # 8-20 B at 4 heads of 48-64, 255 registers, 16 keys on 8 4-8 B for 1-7 rows; K as
+    # 32 + 16 at 48 1272 B)
     bn = 16 if f32 and _TRITON_36 else 32
+    if f32 and _TRITON_36:
+        warps = 4
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=bn, BLOCK_S=32, PEEL=False, FOLD=False,
                                      KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1, lim)  # fmt: skip
 
