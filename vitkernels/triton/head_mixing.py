@@ -1216,10 +1216,13 @@ def _fwd_cfg(
     warps = 8 if f32 or (_TRITON_36 and (flags.get("HAS_POST_B") or pre_only)) else 4
     # float32 with triton 3.6: pass 2 on 16-key tiles on 4 warps (32 keys on 8 spilled
     # 8-20 B at 4 heads of 48-64, 255 registers, 16 keys on 8 4-8 B for 1-7 rows; K as
-    # 32 + 16 at 48 1272 B)
+    # 32 + 16 at 48 1272 B), with a limit of 255 (ptxas's own 128-168 spilled 4-28 B
+    # with one mixing and at heads of 32); but 1-16 rows with one mixing on 8 (4 spilled
+    # 4-16 B at 255 registers, 3-4 heads of 48-64)
     bn = 16 if f32 and _TRITON_36 else 32
     if f32 and _TRITON_36:
-        warps = 4
+        one_mixing = bool(flags.get("HAS_PRE")) != bool(flags.get("HAS_POST"))
+        warps, lim = (8 if nq <= 16 and one_mixing else 4), 255
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=bn, BLOCK_S=32, PEEL=False, FOLD=False,
                                      KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1, lim)  # fmt: skip
 
