@@ -387,6 +387,8 @@ def test_float32_tiles(case, poisoned, monkeypatch):
     kind = GRAD_CASES[case]
     q, k, v = make(CASES[case])
     check_grads("triton", q, k, v, make_params(CASES[case][1], kind), GRAD_TOL[torch.float32], f"{case} {kind}")
+    dkdv = [la.maxnreg for la in ran if la.name.startswith("head_mixing_bwd_dkdv[")]
+    assert dkdv == [None, None]  # 20 rows: ptxas's own choice (1-16 rows: 255 with triton 3.6, below)
     fwd = next(la for la in ran if la.name.startswith("head_mixing_fwd["))
     assert fwd.num_warps == 8 and fwd.constexprs["BLOCK_M"] == 16  # 16-bit inputs: 4 warps, 64 rows
 
@@ -407,11 +409,24 @@ def test_float32_tiles_of_triton36(triton36, poisoned, monkeypatch):
     q, k, v = make((1, 4, 20, 37, 48, 48))
     params = make_params(4, "vit-pytorch talking heads")
     check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"float32 tiles, triton 3.6 {triton36}")
+    dkdv = [la.maxnreg for la in ran if la.name.startswith("head_mixing_bwd_dkdv[")]
+    assert dkdv == [None, None]  # 20 rows: ptxas's own choice (1-16 rows: 255 with triton 3.6, below)
     fwd = next(la for la in ran if la.name.startswith("head_mixing_fwd["))
     delta = next(la.constexprs for la in ran if la.name.startswith("head_mixing_bwd_delta["))
     assert (fwd.constexprs["BLOCK_N"], fwd.num_warps, fwd.maxnreg) == ((16, 4, 255) if triton36 else (32, 8, None))
     want = (32, 16, 32, 16) if triton36 else (64, 0, 64, 0)
     assert tuple(delta[n] for n in ("KA", "KB", "VA", "VB")) == want
+
+
+def test_float32_few_row_dkdv_of_triton36_takes_a_register_limit(monkeypatch):
+    """float32's dk/dv launches for 1-16 rows with triton 3.6: a limit of 255 (ptxas
+    capped them at 128 and spilled); many rows, and triton 3.9, keep ptxas's own."""
+    flags = tk._flags(1, 1, None, None, None, False)
+    for t36 in (True, False):
+        monkeypatch.setattr(tk, "_TRITON_36", t36)
+        for nq, want in ((1, 255), (7, 255), (16, 255), (17, None), (196, None)):
+            got = {c.maxnreg for c in tk._bwd_cfg(4, nq, 197, 32, 32, flags, 90, True)[1]}
+            assert got == {want if t36 else None}, (t36, nq, got)
 
 
 def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
