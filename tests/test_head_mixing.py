@@ -419,14 +419,16 @@ def test_float32_tiles_of_triton36(triton36, poisoned, monkeypatch):
 
 
 def test_float32_few_row_dkdv_of_triton36_takes_a_register_limit(monkeypatch):
-    """float32's dk/dv launches for 1-16 rows with triton 3.6: a limit of 255 (ptxas
-    capped them at 128 and spilled); many rows, and triton 3.9, keep ptxas's own."""
+    """float32's dk/dv launches for 1-16 rows at heads of 32-48 with triton 3.6: a limit
+    of 255 (ptxas capped them at 128 and spilled); many rows, heads of 64 (where the
+    limit made them spill), and triton 3.9 keep ptxas's own."""
     flags = tk._flags(1, 1, None, None, None, False)
     for t36 in (True, False):
         monkeypatch.setattr(tk, "_TRITON_36", t36)
-        for nq, want in ((1, 255), (7, 255), (16, 255), (17, None), (196, None)):
-            got = {c.maxnreg for c in tk._bwd_cfg(4, nq, 197, 32, 32, flags, 90, True)[1]}
-            assert got == {want if t36 else None}, (t36, nq, got)
+        for nq, d, want in ((1, 32, 255), (7, 48, 255), (16, 32, 255), (7, 64, None), (17, 32, None),
+                            (196, 48, None)):  # fmt: skip
+            got = {c.maxnreg for c in tk._bwd_cfg(4, nq, 197, d, d, flags, 90, True)[1]}
+            assert got == {want if t36 else None}, (t36, nq, d, got)
 
 
 def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):

@@ -1499,9 +1499,10 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
                                          LIVE_QH=True, PAIR_DOT=False), 8, 1)  # fmt: skip
     dq = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     gp = min(2, base["HP"])
-    # triton 3.6, 1-16 rows: dk/dv with a register limit of 255 (ptxas capped it at 128
-    # and spilled 4-16 B at 3-4 heads of 32-48; 199-255 registers with the limit)
-    lim = 255 if _TRITON_36 and few else None
+    # triton 3.6, 1-16 rows at heads of 32-48: dk/dv with a register limit of 255 (ptxas
+    # capped it at 128 and spilled 4-16 B at 3-4 heads; 199-255 registers with the limit;
+    # at heads of 64 the limit made launches that had not spilled spill 8-24 B)
+    lim = 255 if _TRITON_36 and few and max(base["DK"], base["DV"]) <= 48 else None
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1, lim)
             for g0 in range(0, heads, gp)]  # fmt: skip
     return [delta, dq], dkdv
