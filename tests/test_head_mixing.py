@@ -388,7 +388,7 @@ def test_float32_tiles(case, poisoned, monkeypatch):
     q, k, v = make(CASES[case])
     check_grads("triton", q, k, v, make_params(CASES[case][1], kind), GRAD_TOL[torch.float32], f"{case} {kind}")
     dkdv = [la.maxnreg for la in ran if la.name.startswith("head_mixing_bwd_dkdv[")]
-    assert dkdv == [None, None]  # 20 rows: ptxas's own choice (1-16 rows: 255 with triton 3.6, below)
+    assert dkdv and all(m is None for m in dkdv)  # 17-49 rows: ptxas's own choice
     fwd = next(la for la in ran if la.name.startswith("head_mixing_fwd["))
     assert fwd.num_warps == 8 and fwd.constexprs["BLOCK_M"] == 16  # 16-bit inputs: 4 warps, 64 rows
 
