@@ -1223,8 +1223,13 @@ def _fwd_cfg(
     if f32 and _TRITON_36:
         one_mixing = bool(flags.get("HAS_PRE")) != bool(flags.get("HAS_POST"))
         warps, lim = (8 if nq <= 16 and one_mixing else 4), 255
+    # float32 with triton 3.9: q.k over K in two chunks (48 as 32 + 16; ``_dot_head``):
+    # in one of 64 (the padded head) the forward spilled 20-36 B at 4 heads of 48 (M3,
+    # M1-timm; sm_90a), with the chunks 128-174 registers and none (triton 3.6 spilled
+    # with them: one chunk there)
+    ka, kb = _k_split(dk) if f32 and not _TRITON_36 else (c["BLOCK_DK"], 0)
     return _Config(_fwd_kernel, dict(**c, BLOCK_M=16, BLOCK_N=bn, BLOCK_S=32, PEEL=False, FOLD=False,
-                                     KA=c["BLOCK_DK"], KB=0, VA=c["BLOCK_DV"], VB=0), warps, 1, lim)  # fmt: skip
+                                     KA=ka, KB=kb, VA=c["BLOCK_DV"], VB=0), warps, 1, lim)  # fmt: skip
 
 
 
@@ -1495,8 +1500,14 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     # it spilled 16-136 B at 255 registers, 2-4 heads of 48-64; with triton 3.9 the
     # chunks spilled 32 B, one did not)
     chunks = split if _TRITON_36 else {}
-    delta = _Config(_bwd_dq_kernel, dict(c, **chunks, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
-                                         LIVE_QH=True, PAIR_DOT=False), 8, 1)  # fmt: skip
+    # triton 3.9: two stages (k and v tiles through shared memory) and delta's sums across
+    # the lanes after the loop (DEFER_ROWSUM): on one stage 41 of 72 launches at 4 heads
+    # (eight kinds; 1, 7, 196 rows; heads of 32 / 48 / 64; sm_90a) spilled 4-80 B, the
+    # workloads' among them; with both, 7 (4-8 B, none at heads of 48 but timm's for one
+    # row). Triton 3.6 (its own chunks, one stage) did not spill at the workloads' shapes
+    deferred = {} if _TRITON_36 else dict(DEFER_ROWSUM=True)
+    delta = _Config(_bwd_dq_kernel, dict(c, **chunks, **deferred, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True,
+                                         HOLD=False, LIVE_QH=True, PAIR_DOT=False), 8, 1 if _TRITON_36 else 2)  # fmt: skip
     dq = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     gp = min(2, base["HP"])
     # triton 3.6, 1-16 rows at heads of 32-48: dk/dv with a register limit of 255 (ptxas
