@@ -13,8 +13,8 @@ VITKERNELS_AOT_TRITON_PATHS (colon-separated folders holding another triton, e.g
 `pip install --target DIR triton==3.6.0`) adds those versions for sm_90a: the
 GPU machine runs a different triton than CI, and register allocation differs
 between them. The launches are also compiled with misaligned inputs (views one
-element into a buffer) for sm_90a, and float32's own tiles of patch_embed and relpos
-("float32", sm_90a and sm_80). The default suite compiles only its share of the
+element into a buffer) for sm_90a, and float32's own tiles of patch_embed, relpos and
+head mixing at 1-4 heads ("float32", sm_90a and sm_80). The default suite compiles only its share of the
 launches (the workloads' launches and one of every other kernel) for sm_90a with the
 installed triton; VITKERNELS_AOT_FULL=1 runs every launch through the whole matrix (CI
 does, as a step of its own). Floating-point fusion is Triton's default (on),
@@ -40,7 +40,7 @@ TRITONS = ["installed"] + [p for p in os.environ.get("VITKERNELS_AOT_TRITON_PATH
 # (triton, arch, variant). The suite compiles its share of the launches (_aot.suite_launches:
 # the workloads' launches and one of every other kernel, about half) for sm_90a with the
 # installed triton (a few minutes on 2 cores); VITKERNELS_AOT_FULL=1 compiles every launch
-# and adds sm_80, misaligned inputs, float32's own tiles (patch_embed, relpos) and the
+# and adds sm_80, misaligned inputs, float32's own tiles (patch_embed, relpos, head mixing) and the
 # other tritons (.ci/run runs that matrix as a step of its own, which would take the
 # suite past its time budget).
 FULL = os.environ.get("VITKERNELS_AOT_FULL", "") not in ("", "0")
@@ -128,6 +128,26 @@ def test_recorded_launches_cover_the_workloads():
         # 5-16 heads (CaiT-M, CaiT-S-timm, M2: DeepViT-S's re-attention): head_mixing_tc.py
         for direction in ("fwd", "bwd"):
             assert f"{wid} {direction}" in cases, f"{wid} {direction}"
+
+
+def test_float32_variant_compiles_head_mixing_at_1_to_4_heads():
+    """CI's "float32" variant holds the float32 head-mixing launches of every 1-4-head
+    shape of the catalogue, both directions, but those FLOAT32_HEAD_MIXING_LEFT names
+    (with a reason); 5-16 heads take float16 / bfloat16 only."""
+    from vitkernels.triton._aot import FLOAT32_HEAD_MIXING_LEFT, recorded_launches
+    from vitkernels.workloads import EXTRA_SHAPES, WORKLOADS, HeadMixingShape
+
+    shapes = {**{w.id: w.shape for w in WORKLOADS.values()}, **EXTRA_SHAPES}
+    few = {c for c, s in shapes.items() if isinstance(s, HeadMixingShape) and s.heads <= 4}
+    assert {"M1", "M3", "M1-timm", "CaiT-few"} <= few - set(FLOAT32_HEAD_MIXING_LEFT)
+    assert set(FLOAT32_HEAD_MIXING_LEFT) <= few and all(FLOAT32_HEAD_MIXING_LEFT.values())
+    launches = [rl for rl in recorded_launches("float32", 90) if rl.launch.name.startswith("head_mixing")]
+    cases = {c for rl in launches for c in rl.cases}
+    for case in few:
+        for direction in ("fwd", "bwd"):
+            assert (f"{case} {direction}" in cases) == (case not in FLOAT32_HEAD_MIXING_LEFT), (case, direction)
+    assert all("[f32," in rl.launch.name for rl in launches)
+    assert not any(c.split()[0] in shapes and shapes[c.split()[0]].heads > 4 for c in cases)
 
 
 def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():

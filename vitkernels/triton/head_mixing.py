@@ -1491,24 +1491,28 @@ def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> t
 def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split: dict) -> tuple[list, list]:
     """float32's backward launches (tf32x3 dots: each operand split in two, so the
     16-bit tiles spilled 48-908 B at M1 on sm_90a, triton 3.9): every launch on 16
-    query rows, one stage. delta: 16 x 32 keys on 8 warps, q's addresses formed in the
-    loops (LIVE_QH) and the H x H sums without tensor-core products (PAIR_DOT off: with
-    them 44-72 B spilled); dq: 16 x 16, q and dO reloaded per tile (HOLD off), K in one
-    chunk; dk/dv: 16 keys x 16 queries on 8 warps, two heads per launch (every head in
-    one launch spilled 24 B). See bench/NOTES.md, 2026-12-01."""
+    query rows. delta: 16 x 32 keys on 8 warps and two stages, q's addresses formed in
+    the loops (LIVE_QH), delta's sums across the lanes after the loop (DEFER_ROWSUM) and
+    the H x H sums without tensor-core products (PAIR_DOT off: with them 44-72 B
+    spilled); dq (two stages): 16 x 16, q and dO reloaded per tile (HOLD off), K in one
+    chunk; dk/dv: 16 keys x 16 queries on 8 warps and one stage, two heads per launch
+    (every head in one launch spilled 24 B). See bench/NOTES.md, 2026-12-01 and
+    2026-12-03."""
     # triton 3.6: the delta launch's K and Dv in two chunks (48 as 32 + 16: in one of 64
     # it spilled 16-136 B at 255 registers, 2-4 heads of 48-64; with triton 3.9 the
     # chunks spilled 32 B, one did not)
     chunks = split if _TRITON_36 else {}
-    # triton 3.9: two stages (k and v tiles through shared memory) and delta's sums across
-    # the lanes after the loop (DEFER_ROWSUM): on one stage 41 of 72 launches at 4 heads
-    # (eight kinds; 1, 7, 196 rows; heads of 32 / 48 / 64; sm_90a) spilled 4-80 B, the
-    # workloads' among them; with both, 7 (4-8 B, none at heads of 48 but timm's for one
-    # row). Triton 3.6 (its own chunks, one stage) did not spill at the workloads' shapes
-    deferred = {} if _TRITON_36 else dict(DEFER_ROWSUM=True)
-    delta = _Config(_bwd_dq_kernel, dict(c, **chunks, **deferred, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True,
-                                         HOLD=False, LIVE_QH=True, PAIR_DOT=False), 8, 1 if _TRITON_36 else 2)  # fmt: skip
-    dq = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
+    # two stages (k and v tiles through shared memory) and delta's sums across the lanes
+    # after the loop (DEFER_ROWSUM): on one stage without, 41 of 72 launches at 4 heads
+    # (eight kinds; 1, 7, 196 rows; heads of 32 / 48 / 64; sm_90a, triton 3.9) spilled
+    # 4-80 B, the workloads' among them; with both, 7 (4-8 B, none at heads of 48 but
+    # timm's for one row); with triton 3.6 timm-few's 8 B went too
+    delta = _Config(_bwd_dq_kernel, dict(c, **chunks, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
+                                         LIVE_QH=True, PAIR_DOT=False, DEFER_ROWSUM=True), 8, 2)  # fmt: skip
+    # the dq launch on two stages too: on one, 12 at 4 heads spilled 4-40 B (talking
+    # heads, the pre- or post-mix alone; 1, 7, 196 rows; heads of 32-64; sm_90a, triton
+    # 3.9; CaiT-few's 32 B), on two none of them; with triton 3.6 M2-H4's 16 B went too
+    dq = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 2)
     gp = min(2, base["HP"])
     # triton 3.6, 1-16 rows at heads of 32-48: dk/dv with a register limit of 255 (ptxas
     # capped it at 128 and spilled 4-16 B at 3-4 heads; 199-255 registers with the limit;
