@@ -373,6 +373,25 @@ def test_no_register_spills(reports):
         rl.name for rl in want}  # fmt: skip
 
 
+# the most shared memory a block may take (dynamic, after opting in, plus static):
+# A100 163 KB, H100 / H200 227 KB (CUDA C++ Programming Guide, compute capabilities)
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+
+def test_shared_memory_fits_the_device(reports):
+    """Every compile's shared memory within what its architecture lets a block have:
+    beyond it the launch fails on the GPU (two-stage pipelines hold their tiles there)."""
+    bad = []
+    for (tri, key), rep in sorted(reports.items()):
+        if "error" in rep:
+            continue  # test_no_register_spills names it
+        arch = key.split("@")[1].split("/")[0]
+        used = rep["shared_bytes"] + rep["static_shared"]
+        if used > SHARED_LIMIT[arch]:
+            bad.append(f"{key} ({tri}): {used} B of shared memory, above {arch}'s {SHARED_LIMIT[arch]}")
+    assert not bad, "\n".join(bad)
+
+
 def test_no_dot_the_compiler_made(reports):
     """Every tensor-core dot of every compile is a tl.dot of the source. Triton's
     combine pass turns tl.sum(a[:, :, None] * b[None, :, :], 1) into a dot that runs

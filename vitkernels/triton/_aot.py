@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                 c = compile_launch(rl.launch, arch)
                 results[key] = {
                     "registers": c.registers, "spill_stores": c.spill_stores, "spill_loads": c.spill_loads,
-                    "stack_frame": c.stack_frame, "shared_bytes": c.shared_bytes,
+                    "stack_frame": c.stack_frame, "shared_bytes": c.shared_bytes, "static_shared": c.static_shared,
                     "compiler_dots": c.compiler_dots, "cases": rl.cases,
                 }  # fmt: skip
                 line = f"{c.registers} regs, {c.spill_stores}/{c.spill_loads} B spilled"
