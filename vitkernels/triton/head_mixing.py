@@ -1156,6 +1156,44 @@ class _Config:
     maxnreg: int | None = None  # ptxas's register limit (None: its own choice)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Mixing:
+    """What a call mixes (from ``_flags``), in the terms the launch rules below use."""
+
+    pre: bool
+    post: bool
+    post_b: bool
+    norm: bool
+
+    @classmethod
+    def of(cls, flags: dict) -> _Mixing:
+        return cls(*(bool(flags.get(k)) for k in ("HAS_PRE", "HAS_POST", "HAS_POST_B", "HAS_NORM")))
+
+    @property
+    def mixes(self) -> bool:  # the pre- or post-mix (or both)
+        return self.pre or self.post
+
+    @property
+    def both(self) -> bool:  # talking heads
+        return self.pre and self.post
+
+    @property
+    def one(self) -> bool:  # the pre- or the post-mix alone
+        return self.pre != self.post
+
+    @property
+    def pre_only(self) -> bool:
+        return self.pre and not self.post
+
+    @property
+    def post_only(self) -> bool:  # with or without the head norm
+        return self.post and not self.pre
+
+    @property
+    def plain(self) -> bool:  # no mixing, no head norm
+        return not (self.mixes or self.norm)
+
+
 def _common(heads: int, dk: int, dv: int, flags: dict) -> dict:
     return dict(
         H=heads, HP=max(2, _pow2(heads)), BLOCK_DK=max(16, _pow2(dk)), BLOCK_DV=max(16, _pow2(dv)),
@@ -1170,6 +1208,7 @@ def _fwd_cfg(
     """The forward launch. f32_params: 16-bit inputs with float32 mixing / norm
     parameters (a model under autocast), where triton 3.6 allocated registers differently."""
     c = _common(heads, dk, dv, flags)
+    m = _Mixing.of(flags)
     # float32 (tf32x3 dots: each operand split in two) takes the few-row config below at
     # every Nq: 64 rows spilled 656 B at M1 (sm_90a, triton 3.9), 32 rows 64-140 B, 16 rows
     # with FOLD or the 32 + 16 split 44-232 B (bench/NOTES.md, 2026-12-01)
@@ -1186,8 +1225,8 @@ def _fwd_cfg(
         # sm_80, triton 3.9); the head norm at heads of 49-63 (Dv as 32 + 32, some masked)
         # on 8 warps on sm_80 (4 spilled 4 B at 56 without PEEL)
         (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
-        norm = bool(flags.get("HAS_NORM"))
-        warps = 8 if (_TRITON_36 and flags.get("HAS_POST_B")) or (norm and arch < 90 and vb == 32 < dv < 64) else 4
+        norm = m.norm
+        warps = 8 if (_TRITON_36 and m.post_b) or (norm and arch < 90 and vb == 32 < dv < 64) else 4
         peel = vb > 0 and not norm
         # a head dim of 64 as 32 + 32 with triton 3.6: one chunk of 64 spilled 4-8 B (talking
         # heads on sm_90a, with the post-mix bias or the head norm (M2-H4) on sm_80)
@@ -1199,11 +1238,10 @@ def _fwd_cfg(
     # spilled (``_reg_limits``): timm's at 4 heads of 48-64 on 8 warps (capped at 128,
     # 16 B; 212 with the limit), the post-mix alone at 3 heads of 64 on 4 (128, 4 B; 126
     # with a limit of 128)
-    post_only = flags.get("HAS_POST") and not (flags.get("HAS_PRE") or flags.get("HAS_NORM"))
     lim, wide36 = None, _TRITON_36 and f32_params and arch >= 90
-    if wide36 and heads == 4 and flags.get("HAS_PRE") and flags.get("HAS_POST_B") and min(dk, dv) > 32:
+    if wide36 and heads == 4 and m.pre and m.post_b and min(dk, dv) > 32:
         lim = 255
-    if wide36 and heads == 3 and post_only:
+    if wide36 and heads == 3 and m.post_only and not m.norm:
         lim = 128
     # a few query rows (CaiT's class attention: 1); FOLD took 104 -> 144 registers there
     # (one program per SM, not two) and 8 instructions more per key tile. 16-bit inputs on
@@ -1212,8 +1250,7 @@ def _fwd_cfg(
     # registers; bench/NOTES.md, 2026-12-01); float32 keeps 8 (its 16-row tiles everywhere),
     # and so does the post-mix bias with triton 3.6 (4 warps spilled 8 B on sm_80 at D64),
     # and the pre-mix alone with triton 3.6 (24 B at 4 heads of 48-64, sm_90a)
-    pre_only = flags.get("HAS_PRE") and not flags.get("HAS_POST")
-    warps = 8 if f32 or (_TRITON_36 and (flags.get("HAS_POST_B") or pre_only)) else 4
+    warps = 8 if f32 or (_TRITON_36 and (m.post_b or m.pre_only)) else 4
     # float32 with triton 3.6: pass 2 on 16-key tiles on 4 warps (32 keys on 8 spilled
     # 8-20 B at 4 heads of 48-64, 255 registers, 16 keys on 8 4-8 B for 1-7 rows; K as
     # 32 + 16 at 48 1272 B), with a limit of 255 (ptxas's own 128-168 spilled 4-28 B
@@ -1221,8 +1258,7 @@ def _fwd_cfg(
     # 4-16 B at 255 registers, 3-4 heads of 48-64)
     bn = 16 if f32 and _TRITON_36 else 32
     if f32 and _TRITON_36:
-        one_mixing = bool(flags.get("HAS_PRE")) != bool(flags.get("HAS_POST"))
-        warps, lim = (8 if nq <= 16 and one_mixing else 4), 255
+        warps, lim = (8 if nq <= 16 and m.one else 4), 255
     # float32 with triton 3.9: q.k over K in two chunks (48 as 32 + 16; ``_dot_head``):
     # in one of 64 (the padded head) the forward spilled 20-36 B at 4 heads of 48 (M3,
     # M1-timm; sm_90a), with the chunks 128-174 registers and none (triton 3.6 spilled
@@ -1264,8 +1300,7 @@ def _bwd_cfg(
     c = dict(base, KA=base["BLOCK_DK"], KB=0, VA=base["BLOCK_DV"], VB=0, PAIR_DOT=arch >= 90, LIVE_QH=False,
              LIVE_GH=False, DEFER_ROWSUM=False)
     few = nq <= 16
-    mixes = flags["HAS_PRE"] or flags["HAS_POST"]
-    pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
+    m = _Mixing.of(flags)
     # 2-16 query rows: NQ = 1 (CaiT's class attention) is a constant to Triton and compiles
     # leaner; the configurations below chosen for it spilled at 7 and 16 rows (sm_80's delta
     # and dq on 4 warps 4-8 B, dk/dv 12-188 B; bench/NOTES.md, 2026-12-02)
@@ -1278,18 +1313,18 @@ def _bwd_cfg(
     # on 4 warps spilled 8-60 B at 3-4 heads of 48-64, on 8 warps 12-36 B, and its dq on
     # 4 warps 4 B; the 64-row delta on 8 warps did not. The head norm alone stays: its
     # 16 x 16 dq spilled 4 B there)
-    norm_rows = some and flags["HAS_NORM"] and flags["HAS_POST"] and arch >= 90 and not _TRITON_36
-    if (few and not norm_rows) or arch < 90 or (_TRITON_36 and flags["HAS_NORM"]):
+    norm_rows = some and m.norm and m.post and arch >= 90 and not _TRITON_36
+    if (few and not norm_rows) or arch < 90 or (_TRITON_36 and m.norm):
         # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
         delta_warps = 4 if few and not (some and arch < 90) else 8
         # sm_80, 2-16 rows: 8 warps and LIVE_QH (below), but talking heads without the bias
         # at 4 heads on 4 (8 spilled 8 B in bf16; at 3 heads 4 spilled 12 B; without
         # LIVE_QH 4-8 B)
-        if some and arch < 90 and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and not flags["HAS_POST_B"]:
+        if some and arch < 90 and heads == 4 and m.both and not m.post_b:
             delta_warps = 4
         # triton 3.6, the head norm alone at 3 heads: 8 (4 spilled 8 B at 7 rows, 48-64)
-        if _TRITON_36 and heads == 3 and flags["HAS_NORM"] and not flags["HAS_POST"]:
+        if _TRITON_36 and heads == 3 and m.norm and not m.post:
             delta_warps = 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
@@ -1298,15 +1333,14 @@ def _bwd_cfg(
         # float16 with float32 parameters)
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and (_TRITON_36 or some or heads == 3),
-                                             DEFER_ROWSUM=few and arch >= 90 and not (some and flags["HAS_POST_B"])),
+                                             DEFER_ROWSUM=few and arch >= 90 and not (some and m.post_b)),
                         delta_warps, 1)  # fmt: skip
         # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
         # 2-16 rows)
         # (and 8 without any mixing: 4 spilled 16 B at 7 rows, 4 heads of 48-64, capped
         # at 128 registers)
         # (and with triton 3.6 at 3 heads: 4 spilled 8-24 B at 7 rows, heads of 64)
-        plain = not (mixes or flags["HAS_NORM"])
-        dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not plain else 8
+        dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not m.plain else 8
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      8 if _TRITON_36 and heads == 3 else dq_warps, 1)  # fmt: skip
     else:
@@ -1319,15 +1353,15 @@ def _bwd_cfg(
         # (LIVE_GH also with the pre-mix alone: 4 B spilled at 4 heads of 48-64 without;
         # and with triton 3.6 the pre-mix alone on 8 warps: on 4 its compile failed,
         # "operand #0 does not dominate this use" in TritonGPURemoveLayoutConversions)
-        delta_warps = 8 if flags["HAS_NORM"] or (_TRITON_36 and (flags["HAS_POST_B"] or pre_only)) else 4
+        delta_warps = 8 if m.norm or (_TRITON_36 and (m.post_b or m.pre_only)) else 4
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=64, BLOCK_N=16, DELTA_PASS=True, HOLD=False, LIVE_QH=True,
-                                             LIVE_GH=_TRITON_36 or pre_only,
-                                             DEFER_ROWSUM=not (flags["HAS_POST_B"] or flags["HAS_NORM"])),
+                                             LIVE_GH=_TRITON_36 or m.pre_only,
+                                             DEFER_ROWSUM=not (m.post_b or m.norm)),
                         delta_warps, 1)  # fmt: skip
-        if flags["HAS_NORM"]:  # 16 x 64 spilled 12 B (D64)
+        if m.norm:  # 16 x 64 spilled 12 B (D64)
             # (the head norm without the post-mix at 4 heads of 48-64: 64 x 16 spilled
             # 20-24 B, 32 x 16 20 B at 64; 16 x 16 did not)
-            bm_q = 16 if wide and heads == 4 and not flags["HAS_POST"] else 64
+            bm_q = 16 if wide and heads == 4 and not m.post else 64
             dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=bm_q, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
         else:
             # 32 query rows x 64 keys on 8 warps (mma.sync), two stages (k and v loaded a
@@ -1340,7 +1374,7 @@ def _bwd_cfg(
             bm_q, st_q = (32, 2) if wide else (16, 1)
             # without any mixing (plain attention) 16 x 32 at heads of 32 or less (16 x 64
             # spilled 8 B at 3 heads of 32)
-            plain_narrow = not (wide or mixes)
+            plain_narrow = not (wide or m.mixes)
             bn_q = 32 if plain_narrow else 64
             dq = _Config(_bwd_dq_kernel, dict(c, **split, BLOCK_M=bm_q, BLOCK_N=bn_q, DELTA_PASS=False, HOLD=True),
                          8, st_q)  # fmt: skip
@@ -1350,8 +1384,7 @@ def _bwd_cfg(
             # off 8 B) and 16 x 64 36 B with triton 3.6 (bf16); at 3 heads 32 x 64 stays
             # (16 x 64 spilled 20 B at 64 there, triton 3.9)
             # (and with triton 3.6 without any mixing at heads of 32: 16 x 32 spilled 4 B)
-            one_mixing = flags["HAS_PRE"] != flags["HAS_POST"]
-            if min(dk, dv) <= 16 or (wide and one_mixing and heads == 4) or (_TRITON_36 and plain_narrow):
+            if min(dk, dv) <= 16 or (wide and m.one and heads == 4) or (_TRITON_36 and plain_narrow):
                 dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False), 8, 1)
     # every head's dk, dv in one launch: 16 keys x 64 queries on 8 warps (each warp its
     # own 8 queries: Triton lays the warps of a dot that feeds another dot along one
@@ -1367,14 +1400,14 @@ def _bwd_cfg(
     # talking heads at 64, timm's at 32; and at more rows timm's 8-36 B at 32 and 64, on
     # 16 x 16 capped at 128 registers)
     hp = base["HP"]
-    pairs = flags["HAS_POST_B"] and (few or not dk == dv == 48)
-    pairs = pairs or (some and heads == 4 and flags["HAS_PRE"] and flags["HAS_POST"] and max(dk, dv) > 48)
+    pairs = m.post_b and (few or not dk == dv == 48)
+    pairs = pairs or (some and heads == 4 and m.both and max(dk, dv) > 48)
     pairs = pairs and heads != 3
     gp = min(2, hp) if pairs else hp
     # (at 3 heads with the bias, where two a launch took 16 x 16, every head takes it:
     # on 32 queries the post-mix alone spilled 12-20 B at heads of 32)
-    bias16 = flags["HAS_POST_B"] and heads == 3 and not dk == dv == 48
-    bm = 16 if few or pairs or bias16 or flags["HAS_NORM"] else 64
+    bias16 = m.post_b and heads == 3 and not dk == dv == 48
+    bm = 16 if few or pairs or bias16 or m.norm else 64
     # 64 queries spilled 792 B at D16, 44 B at D32, 16 B at D56 (K as 32 + 32; H4, triton 3.9),
     # 52 B at D64 on sm_80 with triton 3.6
     if bm == 64 and (min(dk, dv) <= 32 or 32 in (kb, vb) or (_TRITON_36 and arch < 90 and min(dk, dv) > 48)):
@@ -1382,7 +1415,7 @@ def _bwd_cfg(
     # sm_80 and triton 3.6 without the post-mix (no mixing, or the pre-mix alone): 16
     # queries (64 and 32 spilled 4-24 B at 3-4 heads of 48-64, capped at 128 registers);
     # triton 3.6 at 3 heads of 32 too (32 spilled 4 B)
-    if (arch < 90 or _TRITON_36) and not flags["HAS_POST"] or (_TRITON_36 and heads == 3 and min(dk, dv) <= 32):
+    if (arch < 90 or _TRITON_36) and not m.post or (_TRITON_36 and heads == 3 and min(dk, dv) <= 32):
         bm = 16
     bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
     if _TRITON_36 and heads == 3 and bm == bn == 16:  # 8 warps spilled 8 B (timm's, heads of 32)
@@ -1395,9 +1428,9 @@ def _bwd_cfg(
     # launch with the post-mix alone and timm's delta launch on 8 warps (4 spilled 8-16 B
     # at 254-255 registers, heads of 48-64)
     if _TRITON_36 and f32_params and heads == 4 and few and arch >= 90:
-        if flags["HAS_POST"] and not flags["HAS_PRE"] and not flags["HAS_NORM"]:
+        if m.post_only and not m.norm:
             dq = dataclasses.replace(dq, num_warps=8)
-        if some and flags["HAS_PRE"] and flags["HAS_POST_B"] and min(dk, dv) > 32:
+        if some and m.pre and m.post_b and min(dk, dv) > 32:
             delta = dataclasses.replace(delta, num_warps=8)
     lim_delta, lim_dq, lim_dkdv = _reg_limits(heads, nq, dk, dv, arch, flags, f32_params)
     delta = dataclasses.replace(delta, maxnreg=lim_delta)
@@ -1422,43 +1455,39 @@ def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict, f
     16-bit inputs with float32 parameters (f32_params: a model under autocast) at 1-4
     heads (``_reg_limits_36_wide``)."""
     few, some = nq <= 16, 1 < nq <= 16
-    post_b, norm = flags["HAS_POST_B"], flags["HAS_NORM"]
-    both = flags["HAS_PRE"] and flags["HAS_POST"]
-    mixes = flags["HAS_PRE"] or flags["HAS_POST"]
+    m = _Mixing.of(flags)
     lim_delta = lim_dq = lim_dkdv = None
     if heads == 2:
         # the 64-query dk/dv blocks of heads of 64 with the post-mix (talking heads 12 B,
         # the post-mix alone 28 B; sm_80, talking heads 8 B), capped at 128
-        if not few and flags["HAS_POST"] and not (post_b or norm) and min(dk, dv) > 48:
+        if not few and m.post and not (m.post_b or m.norm) and min(dk, dv) > 48:
             lim_dkdv = 255
         # the 32 x 64 dq on sm_90 with one mixing: the pre-mix alone at 64 (8 B), the
         # post-mix alone at 48 (20 B, float16 with float32 parameters), capped at 128
         # (the pre-mix alone at 48 and the post-mix alone at 64 did not spill: they keep
         # two blocks an SM)
-        pre_only = flags["HAS_PRE"] and not flags["HAS_POST"]
-        post_only = flags["HAS_POST"] and not flags["HAS_PRE"]
         narrow = min(dk, dv)
-        if not few and arch >= 90 and not norm and (pre_only and narrow > 48 or post_only and 32 < narrow <= 48):
+        if not few and arch >= 90 and not m.norm and (m.pre_only and narrow > 48 or m.post_only and 32 < narrow <= 48):
             lim_dq = 255
         # triton 3.6: talking heads' dk/dv for one query row at heads of 32 (96
         # registers, 4 B), and the few-row delta without mixing at 64 (72, 8 B)
-        if nq == 1 and both and not post_b and max(dk, dv) <= 32:
+        if nq == 1 and m.both and not m.post_b and max(dk, dv) <= 32:
             lim_dkdv = 128
-        if some and not (mixes or norm) and min(dk, dv) > 48:
+        if some and m.plain and min(dk, dv) > 48:
             lim_delta = 128
     elif heads == 1:
         # dk/dv on 32 queries at heads of 32 with the pre- or post-mix (48 registers,
         # 4 B; sm_90a), re-attention's dk/dv on sm_80 at 48 (64, 8 B), and timm's
         # delta launch for one query row on sm_80 at 32 (56, 8 B)
-        if not few and mixes and not (post_b or norm) and max(dk, dv) <= 32:
+        if not few and m.mixes and not (m.post_b or m.norm) and max(dk, dv) <= 32:
             lim_dkdv = 128
-        if norm and flags["HAS_POST"] and arch < 90:
+        if m.norm and m.post and arch < 90:
             lim_dkdv = 128
-        if nq == 1 and post_b and arch < 90:
+        if nq == 1 and m.post_b and arch < 90:
             lim_delta = 128
     # triton 3.6 on sm_90a without any mixing or norm (no parameters), one row at 3 heads
     # of 48-64: the delta launch on 4 warps took 80 registers and spilled 8 B
-    if _TRITON_36 and arch >= 90 and heads == 3 and nq == 1 and not (mixes or norm) and min(dk, dv) > 32:
+    if _TRITON_36 and arch >= 90 and heads == 3 and nq == 1 and m.plain and min(dk, dv) > 32:
         lim_delta = 128
     if _TRITON_36 and f32_params and arch >= 90:  # 16-bit inputs with float32 parameters on triton 3.6
         wide_lims = _reg_limits_36_wide(heads, nq, dk, dv, flags)
@@ -1475,15 +1504,15 @@ def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> t
     (the pre-mix alone's dk/dv at 1 head of 32 for 7 rows, 8 B; the post-mix alone's at
     2 heads of 32, 8 B)."""
     few, some = nq <= 16, 1 < nq <= 16
-    pre, post, norm = flags["HAS_PRE"], flags["HAS_POST"], flags["HAS_NORM"]
+    m = _Mixing.of(flags)
     lim_delta = lim_dq = lim_dkdv = None
-    if heads == 3 and nq == 1 and pre and post and max(dk, dv) <= 32:
+    if heads == 3 and nq == 1 and m.both and max(dk, dv) <= 32:
         lim_dq = 255
-    if heads == 3 and not few and post and not (pre or norm) and min(dk, dv) > 48:
+    if heads == 3 and not few and m.post_only and not m.norm and min(dk, dv) > 48:
         lim_dkdv = 255
-    if heads == 4 and nq == 1 and post and not (pre or norm):
+    if heads == 4 and nq == 1 and m.post_only and not m.norm:
         lim_dq = 255
-    if heads in (1, 2) and some and (pre != post) and not norm and max(dk, dv) <= 32:
+    if heads in (1, 2) and some and m.one and not m.norm and max(dk, dv) <= 32:
         lim_dkdv = 128
     return lim_delta, lim_dq, lim_dkdv
 
