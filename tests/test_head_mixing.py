@@ -425,6 +425,12 @@ def test_float32_tiles_of_triton36(triton36, poisoned, monkeypatch):
     assert (delta_launch.num_stages, delta["DEFER_ROWSUM"]) == (2, True)
     dq = next(la for la in ran if la.name.startswith("head_mixing_bwd_dq["))
     assert dq.num_stages == 2
+    # but triton 3.6's delta launch at 3 heads: one stage, the sums each tile
+    flags = tk._flags(1, 1, None, None, None, False)
+    for heads in (1, 2, 3, 4):
+        (d3, q3), _ = tk._bwd_cfg(heads, 7, 197, 48, 48, flags, 90, True)
+        one = triton36 and heads == 3
+        assert (d3.num_stages, d3.constexprs["DEFER_ROWSUM"], q3.num_stages) == ((1, False, 2) if one else (2, True, 2))
 
 
 def test_float32_few_row_dkdv_of_triton36_takes_a_register_limit(monkeypatch):

@@ -1535,9 +1535,12 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     # after the loop (DEFER_ROWSUM): on one stage without, 41 of 72 launches at 4 heads
     # (eight kinds; 1, 7, 196 rows; heads of 32 / 48 / 64; sm_90a, triton 3.9) spilled
     # 4-80 B, the workloads' among them; with both, 7 (4-8 B, none at heads of 48 but
-    # timm's for one row); with triton 3.6 timm-few's 8 B went too
+    # timm's for one row); with triton 3.6 timm-few's 8 B went too, and at 4 heads 17 of
+    # 60 -> 6. But triton 3.6 at 3 heads keeps one stage without: there the two spilled
+    # in 10 of the first 49 launches (4-124 B, heads of 32-64), one stage in 7 of 60 (D64)
+    two = not (_TRITON_36 and heads == 3)
     delta = _Config(_bwd_dq_kernel, dict(c, **chunks, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
-                                         LIVE_QH=True, PAIR_DOT=False, DEFER_ROWSUM=True), 8, 2)  # fmt: skip
+                                         LIVE_QH=True, PAIR_DOT=False, DEFER_ROWSUM=two), 8, 2 if two else 1)  # fmt: skip
     # the dq launch on two stages too: on one, 12 at 4 heads spilled 4-40 B (talking
     # heads, the pre- or post-mix alone; 1, 7, 196 rows; heads of 32-64; sm_90a, triton
     # 3.9; CaiT-few's 32 B), on two none of them; with triton 3.6 M2-H4's 16 B went too
