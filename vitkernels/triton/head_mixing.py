@@ -1225,9 +1225,8 @@ def _fwd_cfg(
         # sm_80, triton 3.9); the head norm at heads of 49-63 (Dv as 32 + 32, some masked)
         # on 8 warps on sm_80 (4 spilled 4 B at 56 without PEEL)
         (ka, kb), (va, vb) = _k_split(dk), _k_split(dv)
-        norm = m.norm
-        warps = 8 if (_TRITON_36 and m.post_b) or (norm and arch < 90 and vb == 32 < dv < 64) else 4
-        peel = vb > 0 and not norm
+        warps = 8 if (_TRITON_36 and m.post_b) or (m.norm and arch < 90 and vb == 32 < dv < 64) else 4
+        peel = vb > 0 and not m.norm
         # a head dim of 64 as 32 + 32 with triton 3.6: one chunk of 64 spilled 4-8 B (talking
         # heads on sm_90a, with the post-mix bias or the head norm (M2-H4) on sm_80)
         if _TRITON_36:
@@ -1520,7 +1519,8 @@ def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> t
 def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split: dict) -> tuple[list, list]:
     """float32's backward launches (tf32x3 dots: each operand split in two, so the
     16-bit tiles spilled 48-908 B at M1 on sm_90a, triton 3.9): every launch on 16
-    query rows. delta: 16 x 32 keys on 8 warps and two stages, q's addresses formed in
+    query rows. delta: 16 x 32 keys on 8 warps and two stages (one with triton 3.6 at 3
+    heads, and no DEFER_ROWSUM there), q's addresses formed in
     the loops (LIVE_QH), delta's sums across the lanes after the loop (DEFER_ROWSUM) and
     the H x H sums without tensor-core products (PAIR_DOT off: with them 44-72 B
     spilled); dq (two stages): 16 x 16, q and dO reloaded per tile (HOLD off), K in one
