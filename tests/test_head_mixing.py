@@ -446,6 +446,29 @@ def test_float32_few_row_dkdv_of_triton36_takes_a_register_limit(monkeypatch):
             assert got == {want if t36 else None}, (t36, nq, d, got)
 
 
+@pytest.mark.parametrize(("kind", "d", "want"), [
+    ("re-attention", 64, [(4, 1), (8, 2)]), ("norm", 64, [(8, 2), (8, 2)]), ("re-attention", 56, [(8, 1), (8, 2)]),
+    ("re-attention", 48, [(8, 1), (8, 1)]),
+])  # fmt: skip
+def test_float32_head_norm_dkdv_at_4_wide_heads(poisoned, monkeypatch, kind, d, want):
+    """float32's dk/dv launches (two heads each) with the head norm at 4 heads of 49-64:
+    the second on two stages, and at 57-64 the first on 4 warps with the post-mix (two
+    stages with the norm alone); each spilled 8-20 B on 8 warps and one stage (sm_90a,
+    triton 3.9: M2-H4). Heads of 48 keep 8 warps and one stage. The launches are spied
+    on, gradients against float64 (the launch options do not change the interpreter's
+    math: the check is that these launches run and write every gradient)."""
+    monkeypatch.setattr(tk, "_F32_TILES_ON_CPU", True)
+    ran = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda spec: (ran.append(spec), real(spec)))
+    q, k, v = make((1, 4, 20, 21, d, d))
+    params = make_params(4, kind)
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"float32 {kind} D{d}")
+    dkdv = [la for la in ran if la.name.startswith("head_mixing_bwd_dkdv[")]
+    assert [(la.num_warps, la.num_stages) for la in dkdv] == want
+    assert [la.constexprs["G0"] for la in dkdv] == [0, 2]
+
+
 def test_few_row_forward_takes_one_warpgroup(poisoned, monkeypatch):
     """A few query rows (class attention) on 4 warps with 16-bit inputs (8 issued about
     as many instructions a warp: bench/NOTES.md); 8 for float32's tiles and, with

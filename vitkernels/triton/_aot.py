@@ -104,9 +104,7 @@ def head_mixing_refusal(shape: HeadMixingShape) -> str | None:
 
 # float32 head-mixing shapes left out of the "float32" variant, and why (the kernels
 # run them; their launches spill: bench/NOTES.md, 2026-12-03)
-FLOAT32_HEAD_MIXING_LEFT: dict[str, str] = {
-    "M2-H4": "one of its two float32 dk/dv launches spills 12 B on sm_90a with triton 3.9 (every tile tried)",
-}
+FLOAT32_HEAD_MIXING_LEFT: dict[str, str] = {}
 
 
 def _float32_head_mixing(case: str, shape: HeadMixingShape) -> bool:

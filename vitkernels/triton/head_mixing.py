@@ -1525,8 +1525,8 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     the H x H sums without tensor-core products (PAIR_DOT off: with them 44-72 B
     spilled); dq (two stages): 16 x 16, q and dO reloaded per tile (HOLD off), K in one
     chunk; dk/dv: 16 keys x 16 queries on 8 warps and one stage, two heads per launch
-    (every head in one launch spilled 24 B). See bench/NOTES.md, 2026-12-01 and
-    2026-12-03."""
+    (every head in one launch spilled 24 B), but with the head norm at 4 heads of 49-64
+    (below). See bench/NOTES.md, 2026-12-01 and 2026-12-03."""
     # triton 3.6: the delta launch's K and Dv in two chunks (48 as 32 + 16: in one of 64
     # it spilled 16-136 B at 255 registers, 2-4 heads of 48-64; with triton 3.9 the
     # chunks spilled 32 B, one did not)
@@ -1552,6 +1552,19 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     lim = 255 if _TRITON_36 and few and max(base["DK"], base["DV"]) <= 48 else None
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1, lim)
             for g0 in range(0, heads, gp)]  # fmt: skip
+    # the head norm at 4 heads of 49-64: each pair of heads' launch spilled 8-20 B on one
+    # stage and 8 warps (sm_90a, triton 3.9; M2-H4's first 12 B): the second pair's on two
+    # stages (at 56: 8-12 B -> 0), and at 57-64 the first pair's on 4 warps with the
+    # post-mix (12 B -> 0; two stages: 8 B), two stages with the norm alone (20 B -> 0; 4
+    # warps: 28 B). Each combination compiled clean on sm_90a and sm_80 (3.9) and sm_90a
+    # (3.6); 4 warps at heads of 48 spilled 20 B (bench/NOTES.md, 2026-12-03)
+    m = _Mixing.of(flags)
+    wide = max(base["DK"], base["DV"])
+    if heads == 4 and m.norm and wide > 48:
+        first, second = dkdv
+        if wide > 56:
+            first = dataclasses.replace(first, num_warps=4) if m.post else dataclasses.replace(first, num_stages=2)
+        dkdv = [first, dataclasses.replace(second, num_stages=2)]
     return [delta, dq], dkdv
 
 
