@@ -264,6 +264,9 @@ EXTRA_SHAPES: dict[str, Shape] = {
     "H2-pre-D64": HeadMixingShape(2, 196, 197, 64, "vit-pytorch", True, False, False, False),
     "H2-post-D64": HeadMixingShape(2, 196, 197, 64, "vit-pytorch", False, True, False, False),
     "H1-post-D32": HeadMixingShape(1, 49, 197, 32, "vit-pytorch", False, True, False, False),
+    # the head norm without a post-mix at 9-16 heads (HP = 16), heads of 33 (padded
+    # copies): triton 3.6 failed to compile its dq launch ("operand #0 does not dominate")
+    "H12-norm-D33": HeadMixingShape(12, 197, 197, 33, "vit-pytorch", False, False, False, True),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)

@@ -854,7 +854,7 @@ def _q_side_tile(qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_n, NK, s_kh, s_kn
                  HAS_NORM: tl.constexpr):  # fmt: skip
     """_bwd_q_tc_kernel's key tile start_n, the same in both its loops: the k tiles (ka,
     kb: kb is ka where KB = 0), the scaled logits s2, dn = dO.v and ``_chain_bwd``'s p,
-    x^, dr, dp, pf, dnf, uf."""
+    x^, dr, dp, pf, dnf, uf. lse2: the rows' lse in log2 units, (HP, BLOCK_M, 1)."""
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NK
     kok = h_ok[:, None] & n_ok[None, :]
@@ -872,7 +872,7 @@ def _q_side_tile(qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_n, NK, s_kh, s_kn
     if VB > 0:
         vb = _tile3(Vb, hs, offs_n, s_vh, s_vn, s_vd, VA, VB, DV, kok)
         dn = tl.dot(db, tl.permute(vb, (0, 2, 1)), dn)
-    p, n, xhat, dr, dp, pf, dnf, uf = _chain_bwd(s2, lse2[:, :, None], dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H,
+    p, n, xhat, dr, dp, pf, dnf, uf = _chain_bwd(s2, lse2, dn, ok, wa, wp, wpt, pb, nw, nb, h_ok, eps, H,
                                                  HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST, HAS_NORM)  # fmt: skip
     return s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf, uf
 
@@ -931,38 +931,50 @@ def _bwd_q_tc_kernel(
                                                s_pb, s_nw, s_nb, hs, h_ok, H, HP, dt, HAS_PRE, HAS_POST,
                                                HAS_POST_B, HAS_NORM_W, HAS_NORM_B, HAS_POST and HAS_NORM)  # fmt: skip
     row = (b.to(tl.int64) * H + hs[:, None]) * NQ + offs_m[None, :]
-    lse2 = tl.load(LSE + row, mask=qok, other=0.0) * 1.4426950408889634
+    # (HP, BLOCK_M, 1): expanded here, not in the loops' tile (where triton 3.6 failed to
+    # compile the head norm without a post-mix at 9-16 heads: "operand #0 does not
+    # dominate this use")
+    lse2 = (tl.load(LSE + row, mask=qok, other=0.0) * 1.4426950408889634)[:, :, None]
     num_kb = tl.cdiv(NK, BLOCK_N)
 
-    # loop 1: delta and the partial sums of dP, dc, dw, dbeta
-    delta = tl.zeros((HP, BLOCK_M), tl.float32)
+    # loop 1: delta and the partial sums of dP, dc, dw, dbeta. The sums over the keys
+    # are taken elementwise over the tiles and across the lanes once, after the loop
+    # (each tile's across the lanes: 941 instructions a tile at M2, 810 so; estimate,
+    # bench/NOTES.md, 2026-12-03)
     acc_p = tl.zeros((16, 16), tl.float32)
-    acc_c = tl.zeros((HP, BLOCK_M), tl.float32)
-    acc_w = tl.zeros((HP, BLOCK_M), tl.float32)
-    acc_b = tl.zeros((HP, BLOCK_M), tl.float32)
-    acc_c16 = tl.zeros((16,), tl.float32)
-    acc_w16 = tl.zeros((16,), tl.float32)
+    t_delta = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+    t_c = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+    t_w = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+    t_b = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+    t_c16 = tl.zeros((BLOCK_M * BLOCK_N * HP // 16, 16), tl.float32)
+    t_w16 = tl.zeros((BLOCK_M * BLOCK_N * HP // 16, 16), tl.float32)
     for start_a in range(0, num_kb):
         s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf, uf = _q_side_tile(
             qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_a, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2, wa, wp, wpt,
             pb, nw, nb, eps, qk_scale, DK, DV, KA, KB, VA, VB, H, HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST,
             HAS_NORM)  # fmt: skip
-        delta += tl.sum(p * dp, 2)
+        t_delta += p * dp
         if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
             acc_p = tl.dot(tl.trans(uf.to(dt)), pf, acc_p)  # dr p^T as u (rho p)^T
             if HAS_POST_B:
-                acc_c16 += tl.sum(dr, 0)
+                t_c16 += dr
             if HAS_NORM_W:
-                acc_w16 += tl.sum(dnf * xhat, 0)
+                t_w16 += dnf * xhat
         else:
             if HAS_POST:
                 acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N), acc_p)
             if HAS_POST_B:
-                acc_c += tl.sum(dr, 2)
+                t_c += dr
             if HAS_NORM_W:
-                acc_w += tl.sum(dn * xhat, 2)
+                t_w += dn * xhat
         if HAS_NORM_B:
-            acc_b += tl.sum(dn, 2)
+            t_b += dn
+    delta = tl.sum(t_delta, 2)
+    acc_c = tl.sum(t_c, 2)
+    acc_w = tl.sum(t_w, 2)
+    acc_b = tl.sum(t_b, 2)
+    acc_c16 = tl.sum(t_c16, 0)
+    acc_w16 = tl.sum(t_w16, 0)
     tl.store(DELTA + row, delta, mask=qok)
 
     # loop 2: dq and the partial sums of dA
