@@ -898,7 +898,7 @@ def _bwd_q_tc_kernel(
     KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_QO: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
-    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, DEFER_SUMS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // num_qb
@@ -937,44 +937,72 @@ def _bwd_q_tc_kernel(
     lse2 = (tl.load(LSE + row, mask=qok, other=0.0) * 1.4426950408889634)[:, :, None]
     num_kb = tl.cdiv(NK, BLOCK_N)
 
-    # loop 1: delta and the partial sums of dP, dc, dw, dbeta. The sums over the keys
-    # are taken elementwise over the tiles and across the lanes once, after the loop
-    # (each tile's across the lanes: 941 instructions a tile at M2, 810 so; estimate,
-    # bench/NOTES.md, 2026-12-03)
+    # loop 1: delta and the partial sums of dP, dc, dw, dbeta. With DEFER_SUMS the sums
+    # over the keys are taken elementwise over the tiles and across the lanes once,
+    # after the loop (each tile's across the lanes: 941 instructions a tile at M2, 810
+    # so; estimate, bench/NOTES.md, 2026-12-03); else each tile's
+    delta = tl.zeros((HP, BLOCK_M), tl.float32)
     acc_p = tl.zeros((16, 16), tl.float32)
-    t_delta = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    t_c = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    t_w = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    t_b = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
-    t_c16 = tl.zeros((BLOCK_M * BLOCK_N * HP // 16, 16), tl.float32)
-    t_w16 = tl.zeros((BLOCK_M * BLOCK_N * HP // 16, 16), tl.float32)
+    acc_c = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_w = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_b = tl.zeros((HP, BLOCK_M), tl.float32)
+    acc_c16 = tl.zeros((16,), tl.float32)
+    acc_w16 = tl.zeros((16,), tl.float32)
+    if DEFER_SUMS:
+        t_delta = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+        t_c = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+        t_w = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+        t_b = tl.zeros((HP, BLOCK_M, BLOCK_N), tl.float32)
+        t_c16 = tl.zeros((BLOCK_M * BLOCK_N * HP // 16, 16), tl.float32)
+        t_w16 = tl.zeros((BLOCK_M * BLOCK_N * HP // 16, 16), tl.float32)
     for start_a in range(0, num_kb):
         s2, ka, kb, dn, p, xhat, dr, dp, pf, dnf, uf = _q_side_tile(
             qa, qb, da, db, Kb, Vb, hs, h_ok, m_ok, start_a, NK, s_kh, s_kn, s_kd, s_vh, s_vn, s_vd, lse2, wa, wp, wpt,
             pb, nw, nb, eps, qk_scale, DK, DV, KA, KB, VA, VB, H, HP, BLOCK_M, BLOCK_N, HAS_PRE, HAS_POST,
             HAS_NORM)  # fmt: skip
-        t_delta += p * dp
-        if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
-            acc_p = tl.dot(tl.trans(uf.to(dt)), pf, acc_p)  # dr p^T as u (rho p)^T
-            if HAS_POST_B:
-                t_c16 += dr
-            if HAS_NORM_W:
-                t_w16 += dnf * xhat
+        if DEFER_SUMS:
+            t_delta += p * dp
+            if HAS_POST and HAS_NORM:  # dr, x^ (and pf, dnf) flattened: column sums
+                acc_p = tl.dot(tl.trans(uf.to(dt)), pf, acc_p)  # dr p^T as u (rho p)^T
+                if HAS_POST_B:
+                    t_c16 += dr
+                if HAS_NORM_W:
+                    t_w16 += dnf * xhat
+            else:
+                if HAS_POST:
+                    acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N),
+                                   acc_p)  # fmt: skip
+                if HAS_POST_B:
+                    t_c += dr
+                if HAS_NORM_W:
+                    t_w += dn * xhat
+            if HAS_NORM_B:
+                t_b += dn
         else:
-            if HAS_POST:
-                acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N), acc_p)
-            if HAS_POST_B:
-                t_c += dr
-            if HAS_NORM_W:
-                t_w += dn * xhat
-        if HAS_NORM_B:
-            t_b += dn
-    delta = tl.sum(t_delta, 2)
-    acc_c = tl.sum(t_c, 2)
-    acc_w = tl.sum(t_w, 2)
-    acc_b = tl.sum(t_b, 2)
-    acc_c16 = tl.sum(t_c16, 0)
-    acc_w16 = tl.sum(t_w16, 0)
+            delta += tl.sum(p * dp, 2)
+            if HAS_POST and HAS_NORM:
+                acc_p = tl.dot(tl.trans(uf.to(dt)), pf, acc_p)
+                if HAS_POST_B:
+                    acc_c16 += tl.sum(dr, 0)
+                if HAS_NORM_W:
+                    acc_w16 += tl.sum(dnf * xhat, 0)
+            else:
+                if HAS_POST:
+                    acc_p = tl.dot(tl.trans(_flat(dr, dt, HP, BLOCK_M, BLOCK_N)), _flat(p, dt, HP, BLOCK_M, BLOCK_N),
+                                   acc_p)  # fmt: skip
+                if HAS_POST_B:
+                    acc_c += tl.sum(dr, 2)
+                if HAS_NORM_W:
+                    acc_w += tl.sum(dn * xhat, 2)
+            if HAS_NORM_B:
+                acc_b += tl.sum(dn, 2)
+    if DEFER_SUMS:
+        delta = tl.sum(t_delta, 2)
+        acc_c = tl.sum(t_c, 2)
+        acc_w = tl.sum(t_w, 2)
+        acc_b = tl.sum(t_b, 2)
+        acc_c16 = tl.sum(t_c16, 0)
+        acc_w16 = tl.sum(t_w16, 0)
     tl.store(DELTA + row, delta, mask=qok)
 
     # loop 2: dq and the partial sums of dA
@@ -1224,7 +1252,9 @@ def head_mixing_attention_bwd_tc(
         f"head_mixing_bwd_q_tc[{tag}]", _bwd_q_tc_kernel, (num_qb * B,),
         [q_in, k, v, go_in, *ptrs, lse, delta, dq, part, *(copies or (q_in, go_in)), *common_q, NQ, NK, num_qb,
          npart, qk_scale, scale, float(eps)],
-        dict(consts, DQO=DK, DVO=DV, PAD_QO=pad), NUM_WARPS, 1,
+        # the sums after the loop but where the pre-mix meets the head norm (at 12 heads of
+        # 64 its dq launch spilled 40 -> 96 B with them; 8 -> 28 B with triton 3.6)
+        dict(consts, DQO=DK, DVO=DV, PAD_QO=pad, DEFER_SUMS=not (flags["HAS_PRE"] and has_norm)), NUM_WARPS, 1,
         reads=(q_in, k, v, go_in, *reads[4:]), writes=(dq, delta, part, *copies),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
