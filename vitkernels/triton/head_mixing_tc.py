@@ -1252,9 +1252,12 @@ def head_mixing_attention_bwd_tc(
         f"head_mixing_bwd_q_tc[{tag}]", _bwd_q_tc_kernel, (num_qb * B,),
         [q_in, k, v, go_in, *ptrs, lse, delta, dq, part, *(copies or (q_in, go_in)), *common_q, NQ, NK, num_qb,
          npart, qk_scale, scale, float(eps)],
-        # the sums after the loop but where the pre-mix meets the head norm (at 12 heads of
-        # 64 its dq launch spilled 40 -> 96 B with them; 8 -> 28 B with triton 3.6)
-        dict(consts, DQO=DK, DVO=DV, PAD_QO=pad, DEFER_SUMS=not (flags["HAS_PRE"] and has_norm)), NUM_WARPS, 1,
+        # the sums after the loop but with the head norm at 9-16 heads (HP = 16) or after a
+        # pre-mix: there they spilled (triton 3.9: re-attention at 12 / 16 heads of 48
+        # 0 -> 16 / 32 B, of 32-40 4-16 B, M2 itself at 252 registers; at 12 heads of
+        # 64 with the pre-mix 40 -> 96 B; bench/NOTES.md, 2026-12-03)
+        dict(consts, DQO=DK, DVO=DV, PAD_QO=pad, DEFER_SUMS=not (has_norm and (hp == 16 or flags["HAS_PRE"]))),
+        NUM_WARPS, 1,
         reads=(q_in, k, v, go_in, *reads[4:]), writes=(dq, delta, part, *copies),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
