@@ -939,8 +939,9 @@ def _bwd_q_tc_kernel(
 
     # loop 1: delta and the partial sums of dP, dc, dw, dbeta. With DEFER_SUMS the sums
     # over the keys are taken elementwise over the tiles and across the lanes once,
-    # after the loop (each tile's across the lanes: 941 instructions a tile at M2, 810
-    # so; estimate, bench/NOTES.md, 2026-12-03); else each tile's
+    # after the loop (fewer instructions a tile: 941 -> 810 in a probe at M2's shape,
+    # estimate; M2 itself keeps the per-tile sums, which the launcher chooses where the
+    # deferred ones spilled: bench/NOTES.md, 2026-12-03); else each tile's
     delta = tl.zeros((HP, BLOCK_M), tl.float32)
     acc_p = tl.zeros((16, 16), tl.float32)
     acc_c = tl.zeros((HP, BLOCK_M), tl.float32)
