@@ -1305,7 +1305,7 @@ def _bwd_cfg(
     # and dq on 4 warps 4-8 B, dk/dv 12-188 B; bench/NOTES.md, 2026-12-02)
     some = few and nq > 1
     if f32:
-        return _bwd_cfg_f32(heads, few, flags, base, c, split)
+        return _bwd_cfg_f32(heads, few, m, base, c, split)
     wide = min(dk, dv) > 32  # the dq launch's 32 x 64 on two stages: D16 and D32 spilled (triton 3.6)
     # triton 3.6 spilled 4 B in the 64-row head-norm dq (D64, float32 parameters)
     # (on sm_90, re-attention's 2-16 rows take the many-row launches: the few-row delta
@@ -1516,7 +1516,7 @@ def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> t
     return lim_delta, lim_dq, lim_dkdv
 
 
-def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split: dict) -> tuple[list, list]:
+def _bwd_cfg_f32(heads: int, few: bool, m: _Mixing, base: dict, c: dict, split: dict) -> tuple[list, list]:
     """float32's backward launches (tf32x3 dots: each operand split in two, so the
     16-bit tiles spilled 48-908 B at M1 on sm_90a, triton 3.9): every launch on 16
     query rows. delta: 16 x 32 keys on 8 warps and two stages (one with triton 3.6 at 3
@@ -1549,7 +1549,8 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     # triton 3.6, 1-16 rows at heads of 32-48: dk/dv with a register limit of 255 (ptxas
     # capped it at 128 and spilled 4-16 B at 3-4 heads; 199-255 registers with the limit;
     # at heads of 64 the limit made launches that had not spilled spill 8-24 B)
-    lim = 255 if _TRITON_36 and few and max(base["DK"], base["DV"]) <= 48 else None
+    wide = max(base["DK"], base["DV"])
+    lim = 255 if _TRITON_36 and few and wide <= 48 else None
     dkdv = [_Config(_bwd_dkdv_kernel, dict(**base, **split, BLOCK_M=16, BLOCK_N=16, G0=g0, GP=gp), 8, 1, lim)
             for g0 in range(0, heads, gp)]  # fmt: skip
     # the head norm at 4 heads of 49-64: each pair of heads' launch spilled 8-20 B on one
@@ -1558,8 +1559,6 @@ def _bwd_cfg_f32(heads: int, few: bool, flags: dict, base: dict, c: dict, split:
     # post-mix (12 B -> 0; two stages: 8 B), two stages with the norm alone (20 B -> 0; 4
     # warps: 28 B). Each combination compiled clean on sm_90a and sm_80 (3.9) and sm_90a
     # (3.6); 4 warps at heads of 48 spilled 20 B (bench/NOTES.md, 2026-12-03)
-    m = _Mixing.of(flags)
-    wide = max(base["DK"], base["DV"])
     if heads == 4 and m.norm and wide > 48:
         first, second = dkdv
         if wide > 56:
