@@ -1612,6 +1612,10 @@ MANY_HEADS_GRADS = {
                                                          "contiguous"),
     "H7 Nq33 Nk1 Dk32 Dv48 norm": ((1, 7, 33, 1, 32, 48), "norm", "contiguous"),
     "H9 N17 D64 plain": ((1, 9, 17, 17, 64, 64), "plain", "contiguous"),
+    # heads of 49-64 at HP = 16: chunks of 32 and dk's two chunks in a launch each
+    # (``_bwd_chunks``, ``_kv_split``); vit-pytorch's DeepViT size (16 heads of 64)
+    "H16 Nq17 Nk33 D64 re-attention": ((1, 16, 17, 33, 64, 64), "re-attention", "vit-pytorch"),
+    "H10 Nq20 Nk17 Dk56 Dv48 talking heads": ((1, 10, 20, 17, 56, 48), "vit-pytorch talking heads", "contiguous"),
 }
 
 

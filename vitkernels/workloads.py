@@ -267,6 +267,10 @@ EXTRA_SHAPES: dict[str, Shape] = {
     # the head norm without a post-mix at 9-16 heads (HP = 16), heads of 33 (padded
     # copies): triton 3.6 failed to compile its dq launch ("operand #0 does not dominate")
     "H12-norm-D33": HeadMixingShape(12, 197, 197, 33, "vit-pytorch", False, False, False, True),
+    # vit-pytorch's DeepViT as its README configures it (heads=16, dim_head 64, 256-px
+    # images in 32-px patches: 65 tokens): the 5-16-head backward at heads of 49-64,
+    # chunks of 32 and dk's two chunks in a launch each (head_mixing_tc._kv_split)
+    "DeepViT-16x64": HeadMixingShape(16, 65, 65, 64, "vit-pytorch", False, True, False, True),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)

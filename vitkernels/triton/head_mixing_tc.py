@@ -42,7 +42,9 @@ read as they are by the dq launch, which writes the zero-padded copies the dk / 
 launches read). One
 config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without spills
 at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
-backward's dk / dv kernel at HP = 16, dk and dv in two launches (``_kv_split``).
+backward's dk / dv kernel at HP = 16, dk and dv in two launches, and at heads of 49-64
+dk's two column chunks in one each (``_kv_split``), every chunk 32 wide
+(``_bwd_chunks``).
 """
 
 from __future__ import annotations
@@ -1065,9 +1067,11 @@ def _bwd_kv_tc_kernel(
     H: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKO: tl.constexpr, DVO: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    DK_CHUNK: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_POST_B: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
 ):  # fmt: skip
+    # DK_CHUNK (with DO_DK): 0 both of dk's column chunks, 1 the first (KA), 2 the second (KB)
     pid = tl.program_id(0)
     b = pid // num_kb
     kblk = pid % num_kb
@@ -1136,15 +1140,18 @@ def _bwd_kv_tc_kernel(
             else:
                 ds = dl
             ds = ds.to(dt)
-            dka = tl.dot(ds, qa, dka)
-            if KB > 0:
+            if DK_CHUNK != 2:
+                dka = tl.dot(ds, qa, dka)
+            if KB > 0 and DK_CHUNK != 1:
                 dkb = tl.dot(ds, qb, dkb)
     # dk (B, H, NK, DKO), dv (B, H, NK, DVO) contiguous; a padded key's rows not stored
     if DO_DK:
         base = DK_ + b.to(tl.int64) * H * NK * DKO + hs[:, None, None] * (NK * DKO) + offs_n[None, :, None] * DKO
-        cols_a = tl.arange(0, KA)
-        tl.store(base + cols_a[None, None, :], (dka * scale).to(dt), mask=kok[:, :, None] & (cols_a < DKO)[None, None, :])
-        if KB > 0:
+        if DK_CHUNK != 2:
+            cols_a = tl.arange(0, KA)
+            tl.store(base + cols_a[None, None, :], (dka * scale).to(dt),
+                     mask=kok[:, :, None] & (cols_a < DKO)[None, None, :])  # fmt: skip
+        if KB > 0 and DK_CHUNK != 1:
             cols_b = KA + tl.arange(0, KB)
             tl.store(base + cols_b[None, None, :], (dkb * scale).to(dt),
                      mask=kok[:, :, None] & (cols_b < DKO)[None, None, :])  # fmt: skip
@@ -1204,8 +1211,8 @@ def head_mixing_attention_bwd_tc(
             if g is not None:
                 g.zero_()
         return dq, dk, dv, *grads
-    ka, kb = _k_split(DK)
-    va, vb = _k_split(DV)
+    hp = 8 if H <= 8 else 16
+    (ka, kb), (va, vb) = _bwd_chunks(DK, hp), _bwd_chunks(DV, hp)
     named = (q, k)  # the launch's name: the caller's shapes
     dkr, dvr = DK, DV
     q_in, go_in = q, grad_out  # the dq launch reads q and dO as they are
@@ -1231,7 +1238,6 @@ def head_mixing_attention_bwd_tc(
 
     (aw, *as_), (pw, *ps) = mat(pre_w), mat(post_w)
     (pbp, pbs), (nwp, nws), (nbp, nbs) = vec(post_b), vec(norm_w), vec(norm_b)
-    hp = 8 if H <= 8 else 16
     flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
                  HAS_NORM=has_norm, HAS_NORM_W=norm_w is not None, HAS_NORM_B=norm_b is not None)  # fmt: skip
     tag = _tag(*named, tuple(t for t in params), flags)
@@ -1262,12 +1268,12 @@ def head_mixing_attention_bwd_tc(
         reads=(q_in, k, v, go_in, *reads[4:]), writes=(dq, delta, part, *copies),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
-    for do_dk, do_dv in _kv_split(hp):
-        what = "dkdv" if do_dk and do_dv else "dk" if do_dk else "dv"
+    for do_dk, do_dv, chunk in _kv_split(hp, DK):
+        what = "dkdv" if do_dk and do_dv else f"dk{('', 'a', 'b')[chunk]}" if do_dk else "dv"
         launch(Launch(
             f"head_mixing_bwd_{what}_tc[{tag}]", _bwd_kv_tc_kernel, (num_kb * B,),
             [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, float(eps)],
-            dict(consts, DKO=DK, DVO=DV, DO_DK=do_dk, DO_DV=do_dv), NUM_WARPS, 1,
+            dict(consts, DKO=DK, DVO=DV, DO_DK=do_dk, DO_DV=do_dv, DK_CHUNK=chunk), NUM_WARPS, 1,
             reads=(*reads, delta) if do_dk else reads,
             writes=tuple(t for t, on in ((dk, do_dk), (dv, do_dv)) if on),
             loops={"start_m": num_qb},
@@ -1303,8 +1309,23 @@ def _check_copies(copies, k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) ->
 _PARAM_BLOCK = (64, 64)
 
 
-def _kv_split(hp: int) -> tuple[tuple[bool, bool], ...]:
-    """dk and dv in one launch (True, True), or one each: at HP = 16 the launch of both
-    spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton 3.9: the accumulators of both and the
-    loop-invariant k and v tiles of 16 heads); at HP = 8 one launch fits (164 registers)."""
-    return ((True, True),) if hp == 8 else ((True, False), (False, True))
+def _bwd_chunks(d: int, hp: int) -> tuple[int, int]:
+    """The backward's column chunks of a head dim d: ``_k_split``'s, but at HP = 16 none
+    wider than 32 (heads of 64 as 32 + 32, as heads of 49-63 already are): one chunk of 64
+    spilled there (re-attention at 16 heads of 64, vit-pytorch's DeepViT, the dq launch
+    20 B and the dv launch 32 B; sm_90a, triton 3.9; bench/NOTES.md, 2026-12-03)."""
+    a, b = _k_split(d)
+    return (32, 32) if hp == 16 and a == 64 else (a, b)
+
+
+def _kv_split(hp: int, d: int) -> tuple[tuple[bool, bool, int], ...]:
+    """The dk / dv launches as (DO_DK, DO_DV, DK_CHUNK): dk and dv in one launch, or one
+    each: at HP = 16 the launch of both spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton
+    3.9: the accumulators of both and the loop-invariant k and v tiles of 16 heads); at
+    HP = 8 one launch fits (164 registers). At HP = 16 and heads of 49-64 (two chunks
+    of 32) dk's chunks take a launch each, the logits' chain formed in both: with both
+    accumulators the dk launch spilled 8-84 B across the kinds (bench/NOTES.md,
+    2026-12-03)."""
+    if hp == 8:
+        return ((True, True, 0),)
+    return ((True, False, 1), (True, False, 2), (False, True, 0)) if d > 48 else ((True, False, 0), (False, True, 0))
