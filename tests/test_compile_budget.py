@@ -193,6 +193,18 @@ def test_head_mixing_shapes_outside_the_kernels_are_not_compiled():
         "head_mixing_bwd_params_tc"]
     assert [(rl.constexprs["KA"], rl.constexprs["KB"], rl.constexprs.get("DK_CHUNK")) for rl in bwd[:4]] == [
         (32, 32, None), (32, 32, 1), (32, 32, 2), (32, 32, 0)]
+    # ... but at one query with a mixing and no head norm (CaiT's class attention) dk's
+    # chunks share a launch (it compiled clean there; one read of k, v fewer)
+    bwd = record_workload(EXTRA_SHAPES["CaiT-cls-16x64"], "bwd").launches
+    assert [rl.name.split("[")[0] for rl in bwd] == [
+        "head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
+    assert [(rl.constexprs["KA"], rl.constexprs["KB"], rl.constexprs.get("DK_CHUNK")) for rl in bwd[:3]] == [
+        (32, 32, None), (32, 32, 0), (32, 32, 0)]
+    # not with the head norm (re-attention spilled 40 B there) nor on more queries
+    for shape in (dataclasses.replace(EXTRA_SHAPES["DeepViT-16x64"], nq=1),
+                  dataclasses.replace(EXTRA_SHAPES["CaiT-cls-16x64"], nq=2)):
+        bwd = record_workload(shape, "bwd").launches
+        assert [rl.name.split("[")[0] for rl in bwd][1:3] == ["head_mixing_bwd_dka_tc", "head_mixing_bwd_dkb_tc"]
     assert [rl.name.split("[")[0] for rl in record_workload(EXTRA_SHAPES["CaiT-M"], "bwd").launches] == [
         "head_mixing_bwd_q_tc", "head_mixing_bwd_dk_tc", "head_mixing_bwd_dv_tc", "head_mixing_bwd_params_tc"]
     with pytest.raises(ValueError, match="H=17 heads is above the kernels' limit of 16"):

@@ -271,6 +271,9 @@ EXTRA_SHAPES: dict[str, Shape] = {
     # images in 32-px patches: 65 tokens): the 5-16-head backward at heads of 49-64,
     # chunks of 32 and dk's two chunks in a launch each (head_mixing_tc._kv_split)
     "DeepViT-16x64": HeadMixingShape(16, 65, 65, 64, "vit-pytorch", False, True, False, True),
+    # vit-pytorch's CaiT class attention at its README size (heads=16, dim_head 64; the
+    # class token over 65 tokens): at one query without the head norm dk in one launch
+    "CaiT-cls-16x64": HeadMixingShape(16, 1, 65, 64, "vit-pytorch", True, True, False, False),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)

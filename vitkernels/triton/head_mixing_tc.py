@@ -1268,7 +1268,8 @@ def head_mixing_attention_bwd_tc(
         reads=(q_in, k, v, go_in, *reads[4:]), writes=(dq, delta, part, *copies),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
-    for do_dk, do_dv, chunk in _kv_split(hp, DK):
+    whole_dk = NQ == 1 and (flags["HAS_PRE"] or flags["HAS_POST"]) and not has_norm
+    for do_dk, do_dv, chunk in _kv_split(hp, (ka, kb), whole_dk):
         what = "dkdv" if do_dk and do_dv else f"dk{('', 'a', 'b')[chunk]}" if do_dk else "dv"
         launch(Launch(
             f"head_mixing_bwd_{what}_tc[{tag}]", _bwd_kv_tc_kernel, (num_kb * B,),
@@ -1318,14 +1319,18 @@ def _bwd_chunks(d: int, hp: int) -> tuple[int, int]:
     return (32, 32) if hp == 16 and a == 64 else (a, b)
 
 
-def _kv_split(hp: int, d: int) -> tuple[tuple[bool, bool, int], ...]:
+def _kv_split(hp: int, dk_chunks: tuple[int, int], whole_dk: bool = False) -> tuple[tuple[bool, bool, int], ...]:
     """The dk / dv launches as (DO_DK, DO_DV, DK_CHUNK): dk and dv in one launch, or one
     each: at HP = 16 the launch of both spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton
     3.9: the accumulators of both and the loop-invariant k and v tiles of 16 heads); at
-    HP = 8 one launch fits (164 registers). At HP = 16 and heads of 49-64 (two chunks
-    of 32) dk's chunks take a launch each, the logits' chain formed in both: with both
-    accumulators the dk launch spilled 8-84 B across the kinds (bench/NOTES.md,
-    2026-12-03)."""
+    HP = 8 one launch fits (164 registers). At HP = 16 with dk in two chunks of 32
+    (heads of 49-64) dk's chunks take a launch each, the logits' chain formed in both:
+    with both accumulators the dk launch spilled 8-84 B across the kinds (bench/NOTES.md,
+    2026-12-03) -- but not where ``whole_dk`` (one query, a pre- or post-mix, no head
+    norm: CaiT's class attention), whose dk launch of both chunks compiles clean (80-148
+    registers) and saves a read of k, v and the chain (bench/NOTES.md, 2026-12-03)."""
     if hp == 8:
         return ((True, True, 0),)
-    return ((True, False, 1), (True, False, 2), (False, True, 0)) if d > 48 else ((True, False, 0), (False, True, 0))
+    if dk_chunks == (32, 32) and not whole_dk:
+        return ((True, False, 1), (True, False, 2), (False, True, 0))
+    return ((True, False, 0), (False, True, 0))
