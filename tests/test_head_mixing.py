@@ -1637,10 +1637,11 @@ MANY_HEADS_GRADS = {
     # (``_bwd_chunks``, ``_kv_split``); vit-pytorch's DeepViT size (16 heads of 64)
     "H16 Nq17 Nk33 D64 re-attention": ((1, 16, 17, 33, 64, 64), "re-attention", "vit-pytorch"),
     "H10 Nq20 Nk17 Dk56 Dv48 talking heads": ((1, 10, 20, 17, 56, 48), "vit-pytorch talking heads", "contiguous"),
-    # ... at one query with a mixing and no head norm (CaiT's class attention) dk's two
-    # chunks in one launch
+    # ... at one query (CaiT's class attention) dk and dv in one launch (``_kv_split``)
     "H16 Nq1 Nk33 D64 talking heads": ((2, 16, 1, 33, 64, 64), "vit-pytorch talking heads", "contiguous"),
     "H12 Nq1 Nk20 Dk56 Dv64 pre": ((1, 12, 1, 20, 56, 64), "pre", "contiguous"),
+    "H12 Nq1 Nk20 D48 re-attention": ((2, 12, 1, 20, 48, 48), "re-attention", "contiguous"),
+    "H10 Nq1 Nk19 D33 timm talking heads": ((1, 10, 1, 19, 33, 33), "timm talking heads", "contiguous"),
 }
 
 

@@ -272,7 +272,7 @@ EXTRA_SHAPES: dict[str, Shape] = {
     # chunks of 32 and dk's two chunks in a launch each (head_mixing_tc._kv_split)
     "DeepViT-16x64": HeadMixingShape(16, 65, 65, 64, "vit-pytorch", False, True, False, True),
     # vit-pytorch's CaiT class attention at its README size (heads=16, dim_head 64; the
-    # class token over 65 tokens): at one query without the head norm dk in one launch
+    # class token over 65 tokens): at one query dk and dv in one launch
     "CaiT-cls-16x64": HeadMixingShape(16, 1, 65, 64, "vit-pytorch", True, True, False, False),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:

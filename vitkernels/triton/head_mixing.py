@@ -1908,8 +1908,9 @@ def record_calls(
     if shape.layout == "timm":  # qkv (B, N, 3, H, D) -> (3, B, H, N, D)
         qkv = tensor((B, NK, 3, H, D), dtype).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0][:, :, :NQ], qkv[1], qkv[2]
-    elif shape.norm:  # DeepViT: to_qkv(x).chunk(3), 'b n (h d) -> b h n d'
+    elif shape.norm:  # DeepViT: to_qkv(x).chunk(3), 'b n (h d) -> b h n d' (q: the first Nq rows)
         q, k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in tensor((B, NK, 3 * H * D), dtype).chunk(3, -1))
+        q = q[:, :, :NQ]
     else:  # CaiT: to_q(x), to_kv(context).chunk(2), 'b n (h d) -> b h n d'
         q = tensor((B, NQ, H * D), dtype).unflatten(-1, (H, D)).transpose(1, 2)
         k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in tensor((B, NK, 2 * H * D), dtype).chunk(2, -1))

@@ -44,7 +44,7 @@ config: 16 query rows x 16 keys on 8 warps, the only tile that compiled without 
 at HP = 16 (4 warps and larger tiles spilled 32 B - 45 KB; bench/NOTES.md); in the
 backward's dk / dv kernel at HP = 16, dk and dv in two launches, and at heads of 49-64
 dk's two column chunks in one each (``_kv_split``), every chunk 32 wide
-(``_bwd_chunks``).
+(``_bwd_chunks``); at one query all of them in one launch.
 """
 
 from __future__ import annotations
@@ -1268,8 +1268,7 @@ def head_mixing_attention_bwd_tc(
         reads=(q_in, k, v, go_in, *reads[4:]), writes=(dq, delta, part, *copies),
         loops={"start_a": num_kb, "start_b": num_kb},
     ))  # fmt: skip
-    whole_dk = NQ == 1 and (flags["HAS_PRE"] or flags["HAS_POST"]) and not has_norm
-    for do_dk, do_dv, chunk in _kv_split(hp, (ka, kb), whole_dk):
+    for do_dk, do_dv, chunk in _kv_split(hp, (ka, kb), NQ == 1):
         what = "dkdv" if do_dk and do_dv else f"dk{('', 'a', 'b')[chunk]}" if do_dk else "dv"
         launch(Launch(
             f"head_mixing_bwd_{what}_tc[{tag}]", _bwd_kv_tc_kernel, (num_kb * B,),
@@ -1319,18 +1318,20 @@ def _bwd_chunks(d: int, hp: int) -> tuple[int, int]:
     return (32, 32) if hp == 16 and a == 64 else (a, b)
 
 
-def _kv_split(hp: int, dk_chunks: tuple[int, int], whole_dk: bool = False) -> tuple[tuple[bool, bool, int], ...]:
+def _kv_split(hp: int, dk_chunks: tuple[int, int], one_query: bool = False) -> tuple[tuple[bool, bool, int], ...]:
     """The dk / dv launches as (DO_DK, DO_DV, DK_CHUNK): dk and dv in one launch, or one
     each: at HP = 16 the launch of both spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton
     3.9: the accumulators of both and the loop-invariant k and v tiles of 16 heads); at
     HP = 8 one launch fits (164 registers). At HP = 16 with dk in two chunks of 32
     (heads of 49-64) dk's chunks take a launch each, the logits' chain formed in both:
     with both accumulators the dk launch spilled 8-84 B across the kinds (bench/NOTES.md,
-    2026-12-03) -- but not where ``whole_dk`` (one query, a pre- or post-mix, no head
-    norm: CaiT's class attention), whose dk launch of both chunks compiles clean (80-148
-    registers) and saves a read of k, v and the chain (bench/NOTES.md, 2026-12-03)."""
-    if hp == 8:
+    2026-12-03). At one query (CaiT's class attention; Nq = 1 is a constant to Triton,
+    so the query loop runs once and carries nothing) one launch of both compiles clean
+    (75-171 registers) and reads k and v once: these launches are memory-bound there
+    (talking heads at 16 heads of 64, 197 keys: 205.5 -> 154.2 us, estimate;
+    bench/NOTES.md, 2026-12-03, sixth session)."""
+    if hp == 8 or one_query:
         return ((True, True, 0),)
-    if dk_chunks == (32, 32) and not whole_dk:
+    if dk_chunks == (32, 32):
         return ((True, False, 1), (True, False, 2), (False, True, 0))
     return ((True, False, 0), (False, True, 0))
