@@ -1327,7 +1327,7 @@ def _kv_split(hp: int, dk_chunks: tuple[int, int], one_query: bool = False) -> t
     with both accumulators the dk launch spilled 8-84 B across the kinds (bench/NOTES.md,
     2026-12-03). At one query (CaiT's class attention; Nq = 1 is a constant to Triton,
     so the query loop runs once and carries nothing) one launch of both compiles clean
-    (75-171 registers) and reads k and v once: these launches are memory-bound there
+    (75-183 registers) and reads k and v once: these launches are memory-bound there
     (talking heads at 16 heads of 64, 197 keys: 205.5 -> 154.2 us, estimate;
     bench/NOTES.md, 2026-12-03, sixth session)."""
     if hp == 8 or one_query:
