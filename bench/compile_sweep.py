@@ -204,7 +204,7 @@ def _head_mixing_grid(full: bool) -> list[tuple]:
         if not norm:
             pairs += [(nq, nk) for nq, nk in itertools.product(ns, ns) if nq != nk and nq > 1 and (full or nk in (7, 197))]
         if norm or layout == "timm":
-            pairs = [(n, n) for n in ns] if norm else [(nq, nk) for nq, nk in pairs if nq <= nk]
+            pairs = [(nq, nk) for nq, nk in pairs if nq <= nk]
         for (nq, nk), d in itertools.product(pairs, ds):
             add(4, nq, nk, d, mix, 2, "bf16", "bf16")
         for h in heads:
