@@ -1318,7 +1318,7 @@ def _bwd_chunks(d: int, hp: int) -> tuple[int, int]:
     return (32, 32) if hp == 16 and a == 64 else (a, b)
 
 
-def _kv_split(hp: int, dk_chunks: tuple[int, int], one_query: bool = False) -> tuple[tuple[bool, bool, int], ...]:
+def _kv_split(hp: int, dk_chunks: tuple[int, int], one_query: bool) -> tuple[tuple[bool, bool, int], ...]:
     """The dk / dv launches as (DO_DK, DO_DV, DK_CHUNK): dk and dv in one launch, or one
     each: at HP = 16 the launch of both spilled (M2 92 B, CaiT-M 20 B; sm_90a, triton
     3.9: the accumulators of both and the loop-invariant k and v tiles of 16 heads); at
