@@ -124,7 +124,8 @@ def test_recorded_launches_cover_the_workloads():
     cases = {c for rl in _recorded() for c in rl.cases}
     for wid in ("A1", "A2", "A3", "A4", "A5", "T1", "T2", "P1", "P2", "P3", "T2T-2", "T2T-3", "L128s-shrink7",
                 "M1", "M3", "M1-timm", "timm-few", "CaiT-few", "M2-H4", "CaiT-M", "CaiT-S-timm", "DeepViT-H8", "M2",
-                "H2-pre-D64", "H2-post-D64", "H1-post-D32", "H12-norm-D33", "DeepViT-16x64"):
+                "H2-pre-D64", "H2-post-D64", "H1-post-D32", "H12-norm-D33", "DeepViT-16x64",
+                "CaiT-cls-16x64", "reattn-1q-4x64"):
         # 5-16 heads (CaiT-M, CaiT-S-timm, M2: DeepViT-S's re-attention): head_mixing_tc.py
         for direction in ("fwd", "bwd"):
             assert f"{wid} {direction}" in cases, f"{wid} {direction}"

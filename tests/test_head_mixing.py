@@ -728,6 +728,45 @@ def test_gradients_of_a_few_rows_of_re_attention(kind, want, poisoned, monkeypat
     assert seen == want
 
 
+@pytest.mark.parametrize("kind, h, nq, d, want", [
+    ("re-attention", 4, 1, 64, {"delta": (8, 64, 0), "dq": (8, 64, 0), "dkdv": (8, 64, 0)}),
+    ("all three", 4, 1, 64, {"delta": (8, 64, 0), "dq": (4, 32, 32), "dkdv": (8, 64, 0)}),
+    ("all three", 4, 1, 56, {"delta": (8, 64, 0), "dq": (8, 64, 0), "dkdv": (8, 32, 32)}),
+    ("pre and norm", 4, 7, 48, {"delta": (8, 64, 0), "dq": (8, 64, 0), "dkdv": (8, 32, 16)}),
+    ("pre and norm", 3, 1, 64, {"delta": (8, 64, 0), "dq": (4, 64, 0), "dkdv": (4, 64, 0)}),
+    ("norm", 4, 1, 64, {"delta": (4, 64, 0), "dq": (4, 64, 0), "dkdv": (4, 64, 0)}),
+], ids=["re-attention H4 Nq1 D64", "all three H4 Nq1 D64", "all three H4 Nq1 D56", "pre-mix and norm H4 Nq7 D48",
+        "pre-mix and norm H3 Nq1 D64", "norm alone H4 Nq1 D64"])  # fmt: skip
+def test_gradients_of_a_few_rows_with_the_head_norm(kind, h, nq, d, want, poisoned, monkeypatch):
+    """The 1-4-head backward on a few query rows (one: a class token's; 7) with the head
+    norm and a mixing, on sm_90 (bench/NOTES.md, 2026-12-04: a compile sweep found them
+    spilling 8-52 B on 4 warps): the delta and dq launches on 8 warps, but the pre-mix
+    and the norm at 3 heads (8 spilled there); at one query and 4 heads of 64 with all
+    three, the dq launch's q.k and dO.v over K in two chunks of 32 on 4 warps; at one
+    query and 4 heads with the post-mix, dk/dv on 8 warps. The norm alone keeps 4. The
+    launches are spied on ((warps, KA, KB) of each); every gradient against float64, in
+    poisoned buffers; 21 keys: a padded key block."""
+    case = (1, h, nq, 21, d, d)
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name in ("delta", "dq", "dkdv"):
+            seen[name] = (spec.num_warps, spec.constexprs["KA"], spec.constexprs["KB"])
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case)
+    norm = make_params(h, "re-attention")["head_norm"]
+    params = {"re-attention": lambda: make_params(h, kind),
+              "all three": lambda: dict(make_params(h, "vit-pytorch talking heads"), head_norm=norm),
+              "pre and norm": lambda: dict(make_params(h, "pre"), head_norm=norm),
+              "norm": lambda: make_params(h, "norm")}[kind]()
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d}")
+    assert seen == want
+
+
 # env: "3.9" (float32 inputs, the interpreter's), or triton 3.6's rules ("3.6": _TRITON_36
 # patched) with float16 inputs and float32 ("3.6 f32p") or float16 ("3.6 f16p") parameters
 @pytest.mark.parametrize("kind, arch, h, nq, d, env, want", [

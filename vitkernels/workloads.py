@@ -274,6 +274,10 @@ EXTRA_SHAPES: dict[str, Shape] = {
     # vit-pytorch's CaiT class attention at its README size (heads=16, dim_head 64; the
     # class token over 65 tokens): at one query dk and dv in one launch
     "CaiT-cls-16x64": HeadMixingShape(16, 1, 65, 64, "vit-pytorch", True, True, False, False),
+    # re-attention on one query in the 1-4-head register kernels (no family's layer, but
+    # a call the op takes; a sweep found it spilling, bench/NOTES.md 2026-12-04): the
+    # delta, dq and dk/dv launches on 8 warps on sm_90
+    "reattn-1q-4x64": HeadMixingShape(4, 1, 65, 64, "vit-pytorch", False, True, False, True),
     # edge shapes a compile sweep found failing (bench/compile_sweep.py): Triton makes an
     # integer argument equal to 1 a constant; a patch as large as the image (one token:
     # L = Wout = 1) and a pointwise 1 x 1 kernel on one channel (kh * kw = kw = C = K = 1)

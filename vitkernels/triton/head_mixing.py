@@ -1256,8 +1256,10 @@ def _fwd_cfg(
     # with one mixing and at heads of 32); but 1-16 rows with one mixing on 8 (4 spilled
     # 4-16 B at 255 registers, 3-4 heads of 48-64)
     bn = 16 if f32 and _TRITON_36 else 32
+    # (re-attention there on ptxas's own choice: 255 spilled 8 B at one query, 4 heads of
+    # 64; 171 without)
     if f32 and _TRITON_36:
-        warps, lim = (8 if nq <= 16 and m.one else 4), 255
+        warps, lim = (8 if nq <= 16 and m.one else 4), (None if nq <= 16 and m.one and m.norm else 255)
     # float32 with triton 3.9: q.k over K in two chunks (48 as 32 + 16; ``_dot_head``):
     # in one of 64 (the padded head) the forward spilled 20-36 B at 4 heads of 48 (M3,
     # M1-timm; sm_90a), with the chunks 128-174 registers and none (triton 3.6 spilled
@@ -1313,6 +1315,7 @@ def _bwd_cfg(
     # 4 warps 4 B; the 64-row delta on 8 warps did not. The head norm alone stays: its
     # 16 x 16 dq spilled 4 B there)
     norm_rows = some and m.norm and m.post and arch >= 90 and not _TRITON_36
+    head_norm8 = False  # the few-row delta and dq launches with the head norm on sm_90 (below)
     if (few and not norm_rows) or arch < 90 or (_TRITON_36 and m.norm):
         # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
@@ -1325,6 +1328,13 @@ def _bwd_cfg(
         # triton 3.6, the head norm alone at 3 heads: 8 (4 spilled 8 B at 7 rows, 48-64)
         if _TRITON_36 and heads == 3 and m.norm and not m.post:
             delta_warps = 8
+        # sm_90, a few rows with the head norm and a mixing: 8 (on 4 the one-query delta
+        # spilled 16-52 B at 3-4 heads of 48-64, re-attention and all three, bf16; the
+        # norm alone stays on 4: on 8 ptxas capped it at 128 registers and spilled 4-16 B)
+        # (float16 with float32 parameters: its row sums not deferred: 8 B spilled with)
+        head_norm8 = few and m.norm and m.mixes and arch >= 90
+        if head_norm8:
+            delta_warps = 8
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
         # sm_80's for 2-16 rows and at 3 heads (talking heads at 48-64 spilled 8 B without); DEFER_ROWSUM (delta's sums across the lanes once, after
@@ -1332,16 +1342,27 @@ def _bwd_cfg(
         # float16 with float32 parameters)
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and (_TRITON_36 or some or heads == 3),
-                                             DEFER_ROWSUM=few and arch >= 90 and not (some and m.post_b)),
+                                             DEFER_ROWSUM=few and arch >= 90 and not (some and m.post_b)
+                                             and not (head_norm8 and f32_params)),
                         delta_warps, 1)  # fmt: skip
         # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
         # 2-16 rows)
         # (and 8 without any mixing: 4 spilled 16 B at 7 rows, 4 heads of 48-64, capped
         # at 128 registers)
         # (and with triton 3.6 at 3 heads: 4 spilled 8-24 B at 7 rows, heads of 64)
-        dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not m.plain else 8
+        # (and on sm_90 with the head norm and a mixing: 4 spilled 8-44 B at 3-4 heads of
+        # 48-64, one query or 7 rows; but the pre-mix and the norm at 3 heads stay on 4: on
+        # 8 capped at 128 registers they spilled 12 B)
+        norm_dq8 = head_norm8 and not (heads == 3 and not m.post)
+        dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not m.plain and not norm_dq8 else 8
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      8 if _TRITON_36 and heads == 3 else dq_warps, 1)  # fmt: skip
+        # all three at one query, 4 heads of 64: q.k and dO.v over K in two chunks on 4
+        # warps (8 spilled 12 B, 4 without the chunks 20 B; at heads of 56 the chunks
+        # spilled 8-32 B, 8 warps without them none)
+        if head_norm8 and m.both and nq == 1 and heads == 4 and dk == dv == 64:
+            halves = dict(KA=32, KB=_pow2(dk - 32), VA=32, VB=_pow2(dv - 32))
+            dq = _Config(_bwd_dq_kernel, dict(dq.constexprs, **halves), 4, 1)
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
@@ -1417,6 +1438,8 @@ def _bwd_cfg(
     if (arch < 90 or _TRITON_36) and not m.post or (_TRITON_36 and heads == 3 and min(dk, dv) <= 32):
         bm = 16
     bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
+    if nq == 1 and heads == 4 and m.norm and m.post:  # 4 warps spilled 20 B (re-attention, heads of 64)
+        warps = 8
     if _TRITON_36 and heads == 3 and bm == bn == 16:  # 8 warps spilled 8 B (timm's, heads of 32)
         warps = 4
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
@@ -1481,6 +1504,10 @@ def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict, f
         if not few and m.mixes and not (m.post_b or m.norm) and max(dk, dv) <= 32:
             lim_dkdv = 128
         if m.norm and m.post and arch < 90:
+            lim_dkdv = 128
+        # the pre-mix with the head norm on 2-16 rows at heads of 32 (64 registers, 8 B;
+        # sm_90a)
+        if some and m.pre and m.norm and max(dk, dv) <= 32:
             lim_dkdv = 128
         if nq == 1 and m.post_b and arch < 90:
             lim_delta = 128
