@@ -1331,7 +1331,6 @@ def _bwd_cfg(
         # sm_90, a few rows with the head norm and a mixing: 8 (on 4 the one-query delta
         # spilled 16-52 B at 3-4 heads of 48-64, re-attention and all three, bf16; the
         # norm alone stays on 4: on 8 ptxas capped it at 128 registers and spilled 4-16 B)
-        # (float16 with float32 parameters: its row sums not deferred: 8 B spilled with)
         head_norm8 = few and m.norm and m.mixes and arch >= 90
         if head_norm8:
             delta_warps = 8
@@ -1339,7 +1338,8 @@ def _bwd_cfg(
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
         # sm_80's for 2-16 rows and at 3 heads (talking heads at 48-64 spilled 8 B without); DEFER_ROWSUM (delta's sums across the lanes once, after
         # the loop): sm_90's few rows, but not 2-16 with the post-mix bias (36 B spilled,
-        # float16 with float32 parameters)
+        # float16 with float32 parameters), nor with the head norm and a mixing on float32
+        # parameters (8 B spilled: re-attention at 4 heads of 64, one query)
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and (_TRITON_36 or some or heads == 3),
                                              DEFER_ROWSUM=few and arch >= 90 and not (some and m.post_b)
