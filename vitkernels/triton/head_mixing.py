@@ -1315,7 +1315,6 @@ def _bwd_cfg(
     # 4 warps 4 B; the 64-row delta on 8 warps did not. The head norm alone stays: its
     # 16 x 16 dq spilled 4 B there)
     norm_rows = some and m.norm and m.post and arch >= 90 and not _TRITON_36
-    head_norm8 = False  # the few-row delta and dq launches with the head norm on sm_90 (below)
     if (few and not norm_rows) or arch < 90 or (_TRITON_36 and m.norm):
         # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
@@ -1361,8 +1360,7 @@ def _bwd_cfg(
         # warps (8 spilled 12 B, 4 without the chunks 20 B; at heads of 56 the chunks
         # spilled 8-32 B, 8 warps without them none)
         if head_norm8 and m.both and nq == 1 and heads == 4 and dk == dv == 64:
-            halves = dict(KA=32, KB=_pow2(dk - 32), VA=32, VB=_pow2(dv - 32))
-            dq = _Config(_bwd_dq_kernel, dict(dq.constexprs, **halves), 4, 1)
+            dq = _Config(_bwd_dq_kernel, dict(dq.constexprs, KA=32, KB=32, VA=32, VB=32), 4, 1)
     else:
         # 4 warps spilled 148 B with the head norm, 16-80 B with the post-mix bias on
         # triton 3.6 (40 B on 3.9 before LIVE_QH); LIVE_QH: q's addresses formed in the
