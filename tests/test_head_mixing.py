@@ -767,6 +767,59 @@ def test_gradients_of_a_few_rows_with_the_head_norm(kind, h, nq, d, want, poison
     assert seen == want
 
 
+@pytest.mark.parametrize("kind, h, nq, d, want", [
+    ("all three", 4, 1, 64, {"delta": (4, True), "dq": (8, False)}),
+    ("all three", 4, 7, 48, {"delta": (4, True), "dq": (8, False)}),
+    ("all three", 2, 1, 32, {"delta": (4, True), "dq": (4, False)}),
+    ("pre and norm", 4, 1, 64, {"delta": (4, False), "dq": (8, False)}),
+    ("pre and norm", 3, 1, 64, {"delta": (4, False), "dq": (4, False)}),
+    ("re-attention", 4, 1, 64, {"delta": (4, False), "dq": (4, False)}),
+], ids=["all three H4 Nq1 D64", "all three H4 Nq7 D48", "all three H2 Nq1 D32", "pre-mix and norm H4 Nq1 D64",
+        "pre-mix and norm H3 Nq1 D64", "re-attention H4 Nq1 D64"])  # fmt: skip
+def test_gradients_of_a_few_rows_with_the_head_norm_on_sm80(kind, h, nq, d, want, poisoned, monkeypatch):
+    """sm_80, the 1-4-head backward on a few query rows with the head norm (bench/NOTES.md,
+    2026-12-04 second session: 4 warps spilled 8-28 B): with all three (pre-mix, post-mix,
+    norm) the delta launch defers its row sums (DEFER_ROWSUM) on 4 warps; at one query the
+    pre-mix with the norm at 4 heads takes the dq launch on 8 warps (and 2-16 rows take 8
+    there already). Re-attention, and 3 heads, keep 4 and no deferral. The launches are
+    spied on ((warps, DEFER_ROWSUM) of each); every gradient against float64, in poisoned
+    buffers; 21 keys: a padded key block."""
+    monkeypatch.setattr(tk, "target_arch", lambda device: 80)
+    case = (1, h, nq, 21, d, d)
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name in ("delta", "dq"):
+            seen[name] = (spec.num_warps, spec.constexprs["DEFER_ROWSUM"])
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make(case)
+    norm = make_params(h, "re-attention")["head_norm"]
+    params = {"re-attention": lambda: make_params(h, kind),
+              "all three": lambda: dict(make_params(h, "vit-pytorch talking heads"), head_norm=norm),
+              "pre and norm": lambda: dict(make_params(h, "pre"), head_norm=norm)}[kind]()
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm80")
+    assert seen == want
+
+
+def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_parameters():
+    """sm_80, all three on a few rows: the delta launch defers its row sums, but with
+    float32 parameters (16-bit inputs under autocast) not at one query, where deferring
+    spilled 4 B and not deferring none (float16, heads of 48-64); on 7 rows it defers
+    (4 B spilled without, heads of 64). sm_90a's rule is its own (the head norm with a
+    mixing defers nowhere on float32 parameters)."""
+    all3 = tk._flags(1, 1, None, 1, 1, True)
+    reattn = tk._flags(None, 1, None, 1, 1, True)
+    for nq, f32_params, want in ((1, False, True), (1, True, False), (7, True, True), (7, False, True)):
+        for d in (48, 64):
+            delta = tk._bwd_cfg(4, nq, 197, d, d, all3, 80, False, f32_params)[0][0]
+            assert (delta.constexprs["DEFER_ROWSUM"], delta.num_warps) == (want, 4), (nq, f32_params, d)
+            assert not tk._bwd_cfg(4, nq, 197, d, d, reattn, 80, False, f32_params)[0][0].constexprs["DEFER_ROWSUM"]
+
+
 # env: "3.9" (float32 inputs, the interpreter's), or triton 3.6's rules ("3.6": _TRITON_36
 # patched) with float16 inputs and float32 ("3.6 f32p") or float16 ("3.6 f16p") parameters
 @pytest.mark.parametrize("kind, arch, h, nq, d, env, want", [

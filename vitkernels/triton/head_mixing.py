@@ -1333,6 +1333,11 @@ def _bwd_cfg(
         head_norm8 = few and m.norm and m.mixes and arch >= 90
         if head_norm8:
             delta_warps = 8
+        # sm_80, a few rows with all three (pre-mix, post-mix, head norm): the delta's
+        # sums deferred on 4 warps (without, 4 heads of 48-64 spilled 28 B at one query and
+        # 12 B at 7 rows, and on 8 warps 8 B at 7), but not at one query with float32
+        # parameters (4 B spilled with, none without)
+        all3_80 = few and arch < 90 and m.norm and m.both and not (nq == 1 and f32_params)
         # LIVE_QH (q's addresses formed in the loops, not held): triton 3.6's sm_80 16-row
         # launches (the few-row one spilled 24 B without; triton 3.9's 12-16 B with), and
         # sm_80's for 2-16 rows and at 3 heads (talking heads at 48-64 spilled 8 B without); DEFER_ROWSUM (delta's sums across the lanes once, after
@@ -1341,8 +1346,8 @@ def _bwd_cfg(
         # parameters (8 B spilled: re-attention at 4 heads of 64, one query)
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and (_TRITON_36 or some or heads == 3),
-                                             DEFER_ROWSUM=few and arch >= 90 and not (some and m.post_b)
-                                             and not (head_norm8 and f32_params)),
+                                             DEFER_ROWSUM=(few and arch >= 90 and not (some and m.post_b)
+                                                           and not (head_norm8 and f32_params)) or all3_80),
                         delta_warps, 1)  # fmt: skip
         # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
         # 2-16 rows)
@@ -1353,6 +1358,9 @@ def _bwd_cfg(
         # 48-64, one query or 7 rows; but the pre-mix and the norm at 3 heads stay on 4: on
         # 8 capped at 128 registers they spilled 12 B)
         norm_dq8 = head_norm8 and not (heads == 3 and not m.post)
+        # sm_80, one query with the pre-mix and the head norm at 4 heads: 8 (4 spilled
+        # 8-16 B at heads of 64)
+        norm_dq8 = norm_dq8 or (arch < 90 and nq == 1 and heads == 4 and m.norm and m.pre)
         dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not m.plain and not norm_dq8 else 8
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
                      8 if _TRITON_36 and heads == 3 else dq_warps, 1)  # fmt: skip
