@@ -735,15 +735,21 @@ def test_gradients_of_a_few_rows_of_re_attention(kind, want, poisoned, monkeypat
     ("pre and norm", 4, 7, 48, {"delta": (8, 64, 0), "dq": (8, 64, 0), "dkdv": (8, 32, 16)}),
     ("pre and norm", 3, 1, 64, {"delta": (8, 64, 0), "dq": (4, 64, 0), "dkdv": (4, 64, 0)}),
     ("norm", 4, 1, 64, {"delta": (4, 64, 0), "dq": (4, 64, 0), "dkdv": (4, 64, 0)}),
+    ("norm", 4, 1, 56, {"delta": (4, 64, 0), "dq": (4, 64, 0), "dkdv": (8, 32, 32)}),
+    ("all three", 4, 7, 56, {"delta": (8, 64, 0), "dq": (8, 64, 0), "dkdv": (4, 32, 32)}),
+    ("all three", 4, 7, 64, {"delta": (8, 64, 0), "dq": (8, 64, 0), "dkdv": (8, 64, 0)}),
 ], ids=["re-attention H4 Nq1 D64", "all three H4 Nq1 D64", "all three H4 Nq1 D56", "pre-mix and norm H4 Nq7 D48",
-        "pre-mix and norm H3 Nq1 D64", "norm alone H4 Nq1 D64"])  # fmt: skip
+        "pre-mix and norm H3 Nq1 D64", "norm alone H4 Nq1 D64", "norm alone H4 Nq1 D56", "all three H4 Nq7 D56",
+        "all three H4 Nq7 D64"])  # fmt: skip
 def test_gradients_of_a_few_rows_with_the_head_norm(kind, h, nq, d, want, poisoned, monkeypatch):
     """The 1-4-head backward on a few query rows (one: a class token's; 7) with the head
     norm and a mixing, on sm_90 (bench/NOTES.md, 2026-12-04: a compile sweep found them
     spilling 8-52 B on 4 warps): the delta and dq launches on 8 warps, but the pre-mix
     and the norm at 3 heads (8 spilled there); at one query and 4 heads of 64 with all
     three, the dq launch's q.k and dO.v over K in two chunks of 32 on 4 warps; at one
-    query and 4 heads with the post-mix, dk/dv on 8 warps. The norm alone keeps 4. The
+    query and 4 heads with the post-mix, dk/dv on 8 warps. The norm alone keeps 4. At
+    4 heads of 49-63 (K as 32 + 32; 2026-12-04 second session) the norm alone's one-query
+    dk/dv takes 8 warps and all three's on 2-16 rows 4 (heads of 64 keep 8). The
     launches are spied on ((warps, KA, KB) of each); every gradient against float64, in
     poisoned buffers; 21 keys: a padded key block."""
     case = (1, h, nq, 21, d, d)
@@ -831,6 +837,8 @@ def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_para
     ("vit-pytorch talking heads", 90, 2, 1, 32, "3.9", {"dkdv": 128}),
     ("plain", 90, 2, 7, 64, "3.9", {"delta": 128}),
     ("re-attention", 80, 1, 20, 48, "3.9", {"dkdv": 128}),
+    ("norm", 90, 1, 7, 56, "3.9", {"dkdv": 128}),
+    ("norm", 90, 1, 7, 64, "3.9", {}),
     ("timm talking heads", 80, 1, 1, 32, "3.9", {"delta": 128}),
     ("vit-pytorch talking heads", 90, 2, 20, 48, "3.9", {}),
     ("pre", 90, 2, 20, 48, "3.9", {}),
@@ -846,6 +854,7 @@ def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_para
     ("vit-pytorch talking heads", 90, 3, 1, 32, "3.9 f32p", {}),
 ], ids=["pre-mix H2 D64", "post-mix H2 D64", "post-mix H2 D64 sm80", "timm post-mix H2 D48", "post-mix H1 D32",
         "talking heads H2 Nq1 D32", "no mixing H2 Nq7 D64", "re-attention H1 D48 sm80", "timm H1 Nq1 sm80",
+        "norm alone H1 Nq7 D56", "norm alone H1 Nq7 D64: none",
         "talking heads H2 D48: none", "pre-mix H2 D48: none", "talking heads H4: none",
         "3.6 talking heads H3 Nq1 D32", "3.6 post-mix H3 D64", "3.6 post-mix H4 Nq1 D48", "3.6 timm H4 Nq7 D48",
         "3.6 post-mix H3 Nq1 D64", "3.6 pre-mix H1 Nq7 D32", "3.6 no mixing H3 Nq1 D48",

@@ -1446,6 +1446,14 @@ def _bwd_cfg(
     bn, warps = (32, 4) if nq == 1 and not pairs else (16, 8)
     if nq == 1 and heads == 4 and m.norm and m.post:  # 4 warps spilled 20 B (re-attention, heads of 64)
         warps = 8
+    # sm_90 at 4 heads of 49-63 (K as 32 + 32) with the head norm: the norm alone at one
+    # query on 8 warps (4 spilled 4 B at heads of 56), all three on 2-16 rows (two heads
+    # a launch) on 4 (8 spilled 8 B there)
+    if arch >= 90 and heads == 4 and m.norm and 32 in (kb, vb):
+        if nq == 1 and not m.mixes:
+            warps = 8
+        elif some and m.both and pairs:
+            warps = 4
     if _TRITON_36 and heads == 3 and bm == bn == 16:  # 8 warps spilled 8 B (timm's, heads of 32)
         warps = 4
     # on sm_90 the 64-query blocks of heads of 48 and 64 on two stages (q and dO loaded
@@ -1514,6 +1522,10 @@ def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict, f
         # the pre-mix with the head norm on 2-16 rows at heads of 32 (64 registers, 8 B;
         # sm_90a)
         if some and m.pre and m.norm and max(dk, dv) <= 32:
+            lim_dkdv = 128
+        # and the norm alone there at heads of 49-63 (K as 32 + 32; 64 registers on 8
+        # warps, 16 B at heads of 56; sm_90a)
+        if some and m.norm and not m.mixes and arch >= 90 and 32 in (_k_split(dk)[1], _k_split(dv)[1]):
             lim_dkdv = 128
         if nq == 1 and m.post_b and arch < 90:
             lim_delta = 128
