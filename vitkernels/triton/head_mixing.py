@@ -1523,9 +1523,10 @@ def _reg_limits(heads: int, nq: int, dk: int, dv: int, arch: int, flags: dict, f
         # sm_90a)
         if some and m.pre and m.norm and max(dk, dv) <= 32:
             lim_dkdv = 128
-        # and the norm alone there at heads of 49-63 (K as 32 + 32; 64 registers on 8
-        # warps, 16 B at heads of 56; sm_90a)
-        if some and m.norm and not m.mixes and arch >= 90 and 32 in (_k_split(dk)[1], _k_split(dv)[1]):
+        # and with the head norm there at heads of 49-63 (K as 32 + 32; 64 registers on 8
+        # warps, sm_90a: the norm alone 16 B at heads of 56, re-attention and all three
+        # 8 B with triton 3.6)
+        if some and m.norm and arch >= 90 and 32 in (_k_split(dk)[1], _k_split(dv)[1]):
             lim_dkdv = 128
         if nq == 1 and m.post_b and arch < 90:
             lim_delta = 128
