@@ -826,6 +826,54 @@ def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_para
             assert not tk._bwd_cfg(4, nq, 197, d, d, reattn, 80, False, f32_params)[0][0].constexprs["DEFER_ROWSUM"]
 
 
+@pytest.mark.parametrize("kind, h, nq, d, env, want", [
+    ("all three", 4, 7, 48, "3.9 f32p", {"delta": (16, 32, 8, False), "dq": (16, 16, 8, False)}),
+    ("all three", 4, 7, 48, "3.9 f16p", {"delta": (64, 16, 8, False), "dq": (64, 16, 8, False)}),
+    ("all three", 4, 1, 64, "3.9 f32p", {"delta": (16, 32, 4, False), "dq": (16, 16, 4, False)}),
+    ("all three", 4, 1, 64, "3.9 f16p", {"delta": (16, 32, 8, True), "dq": (16, 16, 4, False)}),
+    ("re-attention", 4, 1, 48, "3.9 f32p", {"delta": (16, 32, 8, True), "dq": (16, 16, 8, False)}),
+    ("re-attention", 4, 1, 64, "3.9 f32p", {"delta": (16, 32, 8, False), "dq": (16, 16, 8, False)}),
+    ("all three", 3, 1, 64, "3.9 f32p", {"delta": (16, 32, 8, False), "dq": (16, 16, 8, False)}),
+    ("all three", 3, 7, 32, "3.9 f32p", {"delta": (64, 16, 8, False), "dq": (64, 16, 8, False)}),
+    ("pre and norm", 3, 1, 64, "3.6 f16p", {"delta": (16, 32, 8, True), "dq": (16, 16, 4, False)}),
+    ("pre and norm", 3, 7, 64, "3.6 f16p", {"delta": (16, 32, 8, True), "dq": (16, 16, 8, False)}),
+], ids=["all three H4 Nq7 D48 f32p", "all three H4 Nq7 D48 f16p", "all three H4 Nq1 D64 f32p",
+        "all three H4 Nq1 D64 f16p", "re-attention H4 Nq1 D48 f32p", "re-attention H4 Nq1 D64 f32p",
+        "all three H3 Nq1 D64 f32p", "all three H3 Nq7 D32 f32p",
+        "3.6 pre-mix and norm H3 Nq1 D64", "3.6 pre-mix and norm H3 Nq7 D64"])  # fmt: skip
+def test_gradients_of_a_few_rows_with_the_head_norm_in_float16(kind, h, nq, d, env, want, poisoned, monkeypatch):
+    """sm_90, float16 inputs on a few query rows with the head norm, float32 parameters
+    (f32p: a model under autocast) or float16 (f16p); "3.6": triton 3.6's rules
+    (bench/NOTES.md, 2026-12-04 second session: compile sweeps found 4-56 B spilled).
+    With float32 parameters all three on 2-16 rows keep the few-row delta and dq
+    launches at 4 heads (16 rows; the 64-row ones spilled), at one query the delta
+    launch takes 4 warps without deferred row sums (3 heads keep the others); re-attention's one-query delta defers them at heads
+    of 48, not 64. Triton 3.6's pre-mix with the norm at 3 heads takes the dq launch on 4
+    warps at one query (8 at 7 rows). Spied on ((BLOCK_M, BLOCK_N, warps, DEFER_ROWSUM)
+    of the delta and dq launches); every gradient against float64, in poisoned buffers;
+    21 keys: a padded key block."""
+    monkeypatch.setattr(tk, "_TRITON_36", env.startswith("3.6"))
+    pdt = torch.float32 if env.endswith("f32p") else torch.float16
+    seen = {}
+    real = tk.launch
+
+    def spy(spec):
+        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
+        if name in ("delta", "dq"):
+            c = spec.constexprs
+            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, c["DEFER_ROWSUM"])
+        real(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    q, k, v = make((1, h, nq, 21, d, d), torch.float16)
+    norm = make_params(h, "re-attention", pdt)["head_norm"]
+    params = {"re-attention": lambda: make_params(h, kind, pdt),
+              "all three": lambda: dict(make_params(h, "vit-pytorch talking heads", pdt), head_norm=norm),
+              "pre and norm": lambda: dict(make_params(h, "pre", pdt), head_norm=norm)}[kind]()
+    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"{kind} H{h} Nq{nq} D{d} {env}")
+    assert seen == want
+
+
 # env: "3.9" (float32 inputs, the interpreter's), or triton 3.6's rules ("3.6": _TRITON_36
 # patched) with float16 inputs and float32 ("3.6 f32p") or float16 ("3.6 f16p") parameters
 @pytest.mark.parametrize("kind, arch, h, nq, d, env, want", [
@@ -840,6 +888,8 @@ def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_para
     ("norm", 90, 1, 7, 56, "3.9", {"dkdv": 128}),
     ("norm", 90, 1, 7, 64, "3.9", {}),
     ("re-attention", 90, 1, 7, 56, "3.6 f32p", {"dkdv": 128}),
+    ("re-attention", 90, 3, 7, 64, "3.6 f32p", {"dq": 255}),
+    ("affine norm", 90, 3, 1, 48, "3.6 f32p", {"delta": 255}),
     ("timm talking heads", 80, 1, 1, 32, "3.9", {"delta": 128}),
     ("vit-pytorch talking heads", 90, 2, 20, 48, "3.9", {}),
     ("pre", 90, 2, 20, 48, "3.9", {}),
@@ -856,6 +906,7 @@ def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_para
 ], ids=["pre-mix H2 D64", "post-mix H2 D64", "post-mix H2 D64 sm80", "timm post-mix H2 D48", "post-mix H1 D32",
         "talking heads H2 Nq1 D32", "no mixing H2 Nq7 D64", "re-attention H1 D48 sm80", "timm H1 Nq1 sm80",
         "norm alone H1 Nq7 D56", "norm alone H1 Nq7 D64: none", "3.6 re-attention H1 Nq7 D56",
+        "3.6 re-attention H3 Nq7 D64", "3.6 norm alone H3 Nq1 D48",
         "talking heads H2 D48: none", "pre-mix H2 D48: none", "talking heads H4: none",
         "3.6 talking heads H3 Nq1 D32", "3.6 post-mix H3 D64", "3.6 post-mix H4 Nq1 D48", "3.6 timm H4 Nq7 D48",
         "3.6 post-mix H3 Nq1 D64", "3.6 pre-mix H1 Nq7 D32", "3.6 no mixing H3 Nq1 D48",
@@ -891,6 +942,8 @@ def test_gradients_with_a_register_limit(kind, arch, h, nq, d, env, want, poison
     if kind in ("post", "timm post"):
         params = {"post": make_params(h, "timm talking heads" if kind == "timm post" else "vit-pytorch talking heads",
                                       pdt)["post"]}  # fmt: skip
+    elif kind == "affine norm":  # the head norm alone, with its weight and bias
+        params = {"head_norm": make_params(h, "re-attention", pdt)["head_norm"]}
     else:
         params = make_params(h, kind, pdt)
     check_grads("triton", q, k, v, params, GRAD_TOL[dtype], f"{kind} H{h} Nq{nq} D{d} sm{arch} {env}")

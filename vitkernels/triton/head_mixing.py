@@ -1314,7 +1314,11 @@ def _bwd_cfg(
     # on 4 warps spilled 8-60 B at 3-4 heads of 48-64, on 8 warps 12-36 B, and its dq on
     # 4 warps 4 B; the 64-row delta on 8 warps did not. The head norm alone stays: its
     # 16 x 16 dq spilled 4 B there)
-    norm_rows = some and m.norm and m.post and arch >= 90 and not _TRITON_36
+    # (but all three at 4 heads on float32 parameters keep the few-row ones: the 64-row
+    # delta spilled 56 B there, float16 at heads of 48-64, and the 64-row dq 4 B; at 3
+    # heads the few-row dq spilled 28 B)
+    all3_f32p = m.pre and f32_params and heads == 4
+    norm_rows = some and m.norm and m.post and arch >= 90 and not _TRITON_36 and not all3_f32p
     if (few and not norm_rows) or arch < 90 or (_TRITON_36 and m.norm):
         # a few rows on 4 warps: on sm_80 8 spilled 16 B with dA's second loop; on sm_90 8
         # issued about as many instructions a warp (M3 delta estimate 18.9 -> 12.6 us on 4)
@@ -1333,6 +1337,13 @@ def _bwd_cfg(
         head_norm8 = few and m.norm and m.mixes and arch >= 90
         if head_norm8:
             delta_warps = 8
+            # but all three at one query and 4 heads on float32 parameters on 4 (8 spilled
+            # 4 B, float16 at heads of 48-64; at 3 heads 4 spilled 16-40 B)
+            if nq == 1 and m.both and f32_params and heads == 4:
+                delta_warps = 4
+        # (with float32 parameters re-attention defers at heads of 48 or less: not deferring
+        # spilled 4 B at 4 heads of 48, one query, float16)
+        defer_spills = m.pre or max(dk, dv) > 48
         # sm_80, a few rows with all three (pre-mix, post-mix, head norm): the delta's
         # sums deferred on 4 warps (without, 4 heads of 48-64 spilled 28 B at one query and
         # 12 B at 7 rows, and on 8 warps 8 B at 7), but not at one query with float32
@@ -1347,7 +1358,8 @@ def _bwd_cfg(
         delta = _Config(_bwd_dq_kernel, dict(c, BLOCK_M=16, BLOCK_N=32, DELTA_PASS=True, HOLD=False,
                                              LIVE_QH=arch < 90 and (_TRITON_36 or some or heads == 3),
                                              DEFER_ROWSUM=(few and arch >= 90 and not (some and m.post_b)
-                                                           and not (head_norm8 and f32_params)) or all3_80),
+                                                           and not (head_norm8 and f32_params and defer_spills))
+                                             or all3_80),
                         delta_warps, 1)  # fmt: skip
         # a few rows on 4 warps (8 on sm_80 with triton 3.6, 4 spilled 16 B at M3, and for
         # 2-16 rows)
@@ -1361,9 +1373,12 @@ def _bwd_cfg(
         # sm_80, one query with the pre-mix and the head norm at 4 heads: 8 (4 spilled
         # 8-16 B at heads of 64)
         norm_dq8 = norm_dq8 or (arch < 90 and nq == 1 and heads == 4 and m.norm and m.pre)
+        # (triton 3.6 at 3 heads takes 8, but not the pre-mix with the norm at one query:
+        # 8 capped at 128 registers spilled 16 B at heads of 48-64; on 4, 136)
+        pre_norm_1q = nq == 1 and m.norm and m.pre and not m.post
         dq_warps = 4 if few and not (arch < 90 and (_TRITON_36 or some)) and not m.plain and not norm_dq8 else 8
         dq = _Config(_bwd_dq_kernel, dict(**c, BLOCK_M=16, BLOCK_N=16, DELTA_PASS=False, HOLD=False),
-                     8 if _TRITON_36 and heads == 3 else dq_warps, 1)  # fmt: skip
+                     8 if _TRITON_36 and heads == 3 and not pre_norm_1q else dq_warps, 1)  # fmt: skip
         # all three at one query, 4 heads of 64: q.k and dO.v over K in two chunks on 4
         # warps (8 spilled 12 B, 4 without the chunks 20 B; at heads of 56 the chunks
         # spilled 8-32 B, 8 warps without them none)
@@ -1547,7 +1562,7 @@ def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> t
     32, 4 B; the post-mix alone's dk/dv at 3 heads of 64, 12 B) or chose 168 on 4 (the
     post-mix alone's dq for one row at 4 heads of 48, 24 B); 128 where it chose 48-80
     (the pre-mix alone's dk/dv at 1 head of 32 for 7 rows, 8 B; the post-mix alone's at
-    2 heads of 32, 8 B)."""
+    2 heads of 32, 8 B); with the head norm see below."""
     few, some = nq <= 16, 1 < nq <= 16
     m = _Mixing.of(flags)
     lim_delta = lim_dq = lim_dkdv = None
@@ -1559,6 +1574,13 @@ def _reg_limits_36_wide(heads: int, nq: int, dk: int, dv: int, flags: dict) -> t
         lim_dq = 255
     if heads in (1, 2) and some and m.one and not m.norm and max(dk, dv) <= 32:
         lim_dkdv = 128
+    # the head norm at 3 heads of 48-64 (8 warps capped at 128; 2026-12-04): re-attention's
+    # dq on 2-16 rows (8 B), the norm alone's delta for one row (8 B at 48)
+    if heads == 3 and m.norm and min(dk, dv) > 32:
+        if some and m.post_only:
+            lim_dq = 255
+        if nq == 1 and not m.mixes:
+            lim_delta = 255
     return lim_delta, lim_dq, lim_dkdv
 
 
