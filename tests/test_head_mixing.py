@@ -833,12 +833,14 @@ def test_sm80_all_three_defers_the_row_sums_but_not_at_one_query_on_float32_para
     ("all three", 4, 1, 64, "3.9 f16p", {"delta": (16, 32, 8, True), "dq": (16, 16, 4, False)}),
     ("re-attention", 4, 1, 48, "3.9 f32p", {"delta": (16, 32, 8, True), "dq": (16, 16, 8, False)}),
     ("re-attention", 4, 1, 64, "3.9 f32p", {"delta": (16, 32, 8, False), "dq": (16, 16, 8, False)}),
+    ("re-attention", 4, 1, 56, "3.9 f32p", {"delta": (16, 32, 8, True), "dq": (16, 16, 8, False)}),
     ("all three", 3, 1, 64, "3.9 f32p", {"delta": (16, 32, 8, False), "dq": (16, 16, 8, False)}),
     ("all three", 3, 7, 32, "3.9 f32p", {"delta": (64, 16, 8, False), "dq": (64, 16, 8, False)}),
     ("pre and norm", 3, 1, 64, "3.6 f16p", {"delta": (16, 32, 8, True), "dq": (16, 16, 4, False)}),
     ("pre and norm", 3, 7, 64, "3.6 f16p", {"delta": (16, 32, 8, True), "dq": (16, 16, 8, False)}),
 ], ids=["all three H4 Nq7 D48 f32p", "all three H4 Nq7 D48 f16p", "all three H4 Nq1 D64 f32p",
         "all three H4 Nq1 D64 f16p", "re-attention H4 Nq1 D48 f32p", "re-attention H4 Nq1 D64 f32p",
+        "re-attention H4 Nq1 D56 f32p",
         "all three H3 Nq1 D64 f32p", "all three H3 Nq7 D32 f32p",
         "3.6 pre-mix and norm H3 Nq1 D64", "3.6 pre-mix and norm H3 Nq7 D64"])  # fmt: skip
 def test_gradients_of_a_few_rows_with_the_head_norm_in_float16(kind, h, nq, d, env, want, poisoned, monkeypatch):
@@ -847,8 +849,8 @@ def test_gradients_of_a_few_rows_with_the_head_norm_in_float16(kind, h, nq, d, e
     (bench/NOTES.md, 2026-12-04 second session: compile sweeps found 4-56 B spilled).
     With float32 parameters all three on 2-16 rows keep the few-row delta and dq
     launches at 4 heads (16 rows; the 64-row ones spilled), at one query the delta
-    launch takes 4 warps without deferred row sums (3 heads keep the others); re-attention's one-query delta defers them at heads
-    of 48, not 64. Triton 3.6's pre-mix with the norm at 3 heads takes the dq launch on 4
+    launch takes 4 warps without deferred row sums (3 heads keep the others);
+    re-attention's one-query delta defers them at heads of 48 and 56, not 64. Triton 3.6's pre-mix with the norm at 3 heads takes the dq launch on 4
     warps at one query (8 at 7 rows). Spied on ((BLOCK_M, BLOCK_N, warps, DEFER_ROWSUM)
     of the delta and dq launches); every gradient against float64, in poisoned buffers;
     21 keys: a padded key block."""

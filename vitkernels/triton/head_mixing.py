@@ -1341,9 +1341,9 @@ def _bwd_cfg(
             # 4 B, float16 at heads of 48-64; at 3 heads 4 spilled 16-40 B)
             if nq == 1 and m.both and f32_params and heads == 4:
                 delta_warps = 4
-        # (with float32 parameters re-attention defers at heads of 48 or less: not deferring
-        # spilled 4 B at 4 heads of 48, one query, float16)
-        defer_spills = m.pre or max(dk, dv) > 48
+        # (with float32 parameters re-attention defers but at heads of 64: not deferring
+        # spilled 4 B at 4 heads of 48 and 56, one query, float16)
+        defer_spills = m.pre or max(dk, dv) > 56
         # sm_80, a few rows with all three (pre-mix, post-mix, head norm): the delta's
         # sums deferred on 4 warps (without, 4 heads of 48-64 spilled 28 B at one query and
         # 12 B at 7 rows, and on 8 warps 8 B at 7), but not at one query with float32
