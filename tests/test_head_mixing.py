@@ -773,6 +773,14 @@ def test_gradients_of_a_few_rows_with_the_head_norm(kind, h, nq, d, want, poison
     assert seen == want
 
 
+def _norm_kind_params(h: int, kind: str, dtype: torch.dtype = torch.float32) -> dict:
+    """The parameters of the head-norm kinds the few-row tests name."""
+    norm = make_params(h, "re-attention", dtype)["head_norm"]
+    return {"re-attention": lambda: make_params(h, kind, dtype),
+            "all three": lambda: dict(make_params(h, "vit-pytorch talking heads", dtype), head_norm=norm),
+            "pre and norm": lambda: dict(make_params(h, "pre", dtype), head_norm=norm)}[kind]()
+
+
 @pytest.mark.parametrize("kind, h, nq, d, want", [
     ("all three", 4, 1, 64, {"delta": (4, True), "dq": (8, False)}),
     ("all three", 4, 7, 48, {"delta": (4, True), "dq": (8, False)}),
@@ -803,11 +811,7 @@ def test_gradients_of_a_few_rows_with_the_head_norm_on_sm80(kind, h, nq, d, want
 
     monkeypatch.setattr(tk, "launch", spy)
     q, k, v = make(case)
-    norm = make_params(h, "re-attention")["head_norm"]
-    params = {"re-attention": lambda: make_params(h, kind),
-              "all three": lambda: dict(make_params(h, "vit-pytorch talking heads"), head_norm=norm),
-              "pre and norm": lambda: dict(make_params(h, "pre"), head_norm=norm)}[kind]()
-    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm80")
+    check_grads("triton", q, k, v, _norm_kind_params(h, kind), GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm80")
     assert seen == want
 
 
@@ -868,11 +872,7 @@ def test_gradients_of_a_few_rows_with_the_head_norm_in_float16(kind, h, nq, d, e
 
     monkeypatch.setattr(tk, "launch", spy)
     q, k, v = make((1, h, nq, 21, d, d), torch.float16)
-    norm = make_params(h, "re-attention", pdt)["head_norm"]
-    params = {"re-attention": lambda: make_params(h, kind, pdt),
-              "all three": lambda: dict(make_params(h, "vit-pytorch talking heads", pdt), head_norm=norm),
-              "pre and norm": lambda: dict(make_params(h, "pre", pdt), head_norm=norm)}[kind]()
-    check_grads("triton", q, k, v, params, GRAD_TOL[torch.float16], f"{kind} H{h} Nq{nq} D{d} {env}")
+    check_grads("triton", q, k, v, _norm_kind_params(h, kind, pdt), GRAD_TOL[torch.float16], f"{kind} H{h} Nq{nq} D{d} {env}")
     assert seen == want
 
 
