@@ -654,23 +654,32 @@ def test_gradients_of_a_few_queries_through_their_dkdv_launches(kind, h, nq, d, 
     assert warps == {"head_mixing_bwd_delta": (w_delta, some80, defer), "head_mixing_bwd_dq": (w, False, False)}
 
 
-def _spy_delta_dq(monkeypatch) -> dict:
-    """Spy on the backward's delta and dq launches: {"delta" / "dq": (BLOCK_M, BLOCK_N,
-    stages, LIVE_GH, ONE_QB, NUM_QB, warps)}, filled as they launch."""
+def _spy_bwd(monkeypatch, names: tuple[str, ...], what) -> dict:
+    """Spy on the backward's launches named (delta, dq, dkdv, ...): {name: what(spec)},
+    filled as they launch (a name launched twice keeps its last)."""
     seen = {}
     real = tk.launch
 
     def spy(spec):
         name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name in ("delta", "dq"):
-            c = spec.constexprs
-            num_qb = spec.args[spec.kernel.arg_names.index("NUM_QB")]
-            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb,
-                          spec.num_warps)  # fmt: skip
+        if name in names:
+            seen[name] = what(spec)
         real(spec)
 
     monkeypatch.setattr(tk, "launch", spy)
     return seen
+
+
+def _spy_delta_dq(monkeypatch) -> dict:
+    """Spy on the backward's delta and dq launches: {"delta" / "dq": (BLOCK_M, BLOCK_N,
+    stages, LIVE_GH, ONE_QB, NUM_QB, warps)}, filled as they launch."""
+
+    def what(spec):
+        c = spec.constexprs
+        num_qb = spec.args[spec.kernel.arg_names.index("NUM_QB")]
+        return c["BLOCK_M"], c["BLOCK_N"], spec.num_stages, c["LIVE_GH"], c["ONE_QB"], num_qb, spec.num_warps
+
+    return _spy_bwd(monkeypatch, ("delta", "dq"), what)
 
 
 @pytest.mark.parametrize("kind, h, d, want", [
@@ -753,16 +762,8 @@ def test_gradients_of_a_few_rows_with_the_head_norm(kind, h, nq, d, want, poison
     launches are spied on ((warps, KA, KB) of each); every gradient against float64, in
     poisoned buffers; 21 keys: a padded key block."""
     case = (1, h, nq, 21, d, d)
-    seen = {}
-    real = tk.launch
-
-    def spy(spec):
-        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name in ("delta", "dq", "dkdv"):
-            seen[name] = (spec.num_warps, spec.constexprs["KA"], spec.constexprs["KB"])
-        real(spec)
-
-    monkeypatch.setattr(tk, "launch", spy)
+    seen = _spy_bwd(monkeypatch, ("delta", "dq", "dkdv"),
+                    lambda spec: (spec.num_warps, spec.constexprs["KA"], spec.constexprs["KB"]))
     q, k, v = make(case)
     norm = make_params(h, "re-attention")["head_norm"]
     params = {"re-attention": lambda: make_params(h, kind),
@@ -800,16 +801,7 @@ def test_gradients_of_a_few_rows_with_the_head_norm_on_sm80(kind, h, nq, d, want
     buffers; 21 keys: a padded key block."""
     monkeypatch.setattr(tk, "target_arch", lambda device: 80)
     case = (1, h, nq, 21, d, d)
-    seen = {}
-    real = tk.launch
-
-    def spy(spec):
-        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name in ("delta", "dq"):
-            seen[name] = (spec.num_warps, spec.constexprs["DEFER_ROWSUM"])
-        real(spec)
-
-    monkeypatch.setattr(tk, "launch", spy)
+    seen = _spy_bwd(monkeypatch, ("delta", "dq"), lambda spec: (spec.num_warps, spec.constexprs["DEFER_ROWSUM"]))
     q, k, v = make(case)
     check_grads("triton", q, k, v, _norm_kind_params(h, kind), GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm80")
     assert seen == want
@@ -854,23 +846,19 @@ def test_gradients_of_a_few_rows_with_the_head_norm_in_float16(kind, h, nq, d, e
     With float32 parameters all three on 2-16 rows keep the few-row delta and dq
     launches at 4 heads (16 rows; the 64-row ones spilled), at one query the delta
     launch takes 4 warps without deferred row sums (3 heads keep the others);
-    re-attention's one-query delta defers them at heads of 48 and 56, not 64. Triton 3.6's pre-mix with the norm at 3 heads takes the dq launch on 4
-    warps at one query (8 at 7 rows). Spied on ((BLOCK_M, BLOCK_N, warps, DEFER_ROWSUM)
+    re-attention's one-query delta defers them at heads of 48 and 56, not 64. Triton
+    3.6's pre-mix with the norm at 3 heads takes the dq launch on 4 warps at one query
+    (8 at 7 rows). Spied on ((BLOCK_M, BLOCK_N, warps, DEFER_ROWSUM)
     of the delta and dq launches); every gradient against float64, in poisoned buffers;
     21 keys: a padded key block."""
     monkeypatch.setattr(tk, "_TRITON_36", env.startswith("3.6"))
     pdt = torch.float32 if env.endswith("f32p") else torch.float16
-    seen = {}
-    real = tk.launch
 
-    def spy(spec):
-        name = spec.name.split("[")[0].removeprefix("head_mixing_bwd_")
-        if name in ("delta", "dq"):
-            c = spec.constexprs
-            seen[name] = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, c["DEFER_ROWSUM"])
-        real(spec)
+    def what(spec):
+        c = spec.constexprs
+        return c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, c["DEFER_ROWSUM"]
 
-    monkeypatch.setattr(tk, "launch", spy)
+    seen = _spy_bwd(monkeypatch, ("delta", "dq"), what)
     q, k, v = make((1, h, nq, 21, d, d), torch.float16)
     check_grads("triton", q, k, v, _norm_kind_params(h, kind, pdt), GRAD_TOL[torch.float16], f"{kind} H{h} Nq{nq} D{d} {env}")
     assert seen == want
