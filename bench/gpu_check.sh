@@ -242,19 +242,14 @@ if [ "$DRY" = 0 ] && [ "$(cuda_status)" != ok ]; then
   say "tests/test_cuda_gpu.py left out: the CUDA extension is not loaded"
   TESTS=("${TESTS[@]/tests\/test_cuda_gpu.py}")
 fi
+# (bench/gpu_tests.sh; a dry run collects the first file, to walk the same plumbing)
 if [ "$DRY" = 1 ]; then
-  note tests skipped 0 "needs a GPU (dry run)"
+  run_stage tests 30 0 env VK_GPU_TESTS_COLLECT_ONLY=1 \
+    bash bench/gpu_tests.sh "$PY" "$OUTDIR/pytest-gpu.log" "${TESTS[0]}"
 else
   # SIGINT at the deadline stops the running file's pytest (it still writes its summary
-  # line) and then the loop; pytest exit 5 is a file with no gpu test here
-  run_stage tests 30 0 bash -c 'trap "exit 130" INT; py=$1 log=$2 rc=0; shift 2; : >"$log"
-    for f in "$@"; do
-      [ -n "$f" ] || continue
-      echo "##### $f" >>"$log"
-      "$py" -m pytest -m gpu -v -rfE --no-header -p no:cacheprovider "$f" >>"$log" 2>&1
-      r=$?; [ $r -ne 0 ] && [ $r -ne 5 ] && rc=1
-      echo "$f: $(tail -1 "$log")"
-    done; exit $rc' "$PY" "$OUTDIR/pytest-gpu.log" "${TESTS[@]}"
+  # line) and then the loop
+  run_stage tests 30 0 bash bench/gpu_tests.sh "$PY" "$OUTDIR/pytest-gpu.log" "${TESTS[@]}"
 fi
 
 stage ops-rest 40 100 ops --workloads A2,A3,A5,T2,P2,P3,M2,M3 --tag rest

@@ -118,8 +118,20 @@ def test_dry_run_walks_the_plan_on_cpu(walks):
     assert all(0 <= r["rel_err"] <= min(r["tol"], gpu_run.TOL["float32"]) for r in ran), [
         (r["case"], r["pass"], r["rel_err"], r["tol"]) for r in ran
     ]
+    # the timm talking heads' pre-mix bias: its exact gradient is 0, measured against the
+    # terms it sums (not the float64 reference's 1e-17 rounding: every backend failed so)
+    assert {r["case"] for r in ran} >= {"M1-timm biases"}
     # the kernels and the half dtypes are on the plan, reported as needing a GPU
     checks = [r for r in records if r["kind"] == "check"]
+    # an op without a cuda backend is n/a there, not a failed refusal (the GPU run of
+    # 2026-12-04 counted head_mixing_attention's "cuda" as 8 failures)
+    no_cuda = [r for r in checks if r["op"] == "head_mixing_attention" and r["backend"] == "cuda"]
+    assert no_cuda and all(r["status"] == "n/a" and "has no cuda backend" in r["reason"] for r in no_cuda)
+    assert all(r["backend"] != "cuda" or r["status"] == "skipped" for r in checks if r not in no_cuda)
+    # the gpu tests' stage walks its plumbing (bench/gpu_tests.sh): the first file collected
+    log = (out / "pytest-gpu.log").read_text()
+    assert log.startswith("##### tests/test_relpos_gpu.py\n") and " collected in " in log, log[-2000:]
+    assert re.search(r"gpu tests: \d+ collected in 1 file\(s\)", summary), summary
     skipped = {(r["backend"], r["dtype"]) for r in checks if r["status"] == "skipped"}
     assert {("triton", "bfloat16"), ("cuda", "float16"), ("torch", "bfloat16")} <= skipped
     bench = [r for r in records if r["kind"] == "bench"]
@@ -142,7 +154,7 @@ def test_no_time_left_cuts_every_stage_and_still_reports(walks):
     out, run = walks["test_no_time_left_cuts_every_stage_and_still_reports"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = {r["name"]: r["status"] for r in _records(out) if r["kind"] == "stage"}
-    for name in ("env", "correctness", "probe", "ops", "models", "ops-rest", "models-rest"):
+    for name in ("env", "correctness", "probe", "ops", "models", "tests", "ops-rest", "models-rest"):
         assert stages[name] == "cut", stages
     assert "gpu_check summary" in run.stdout and "env cut" in run.stdout
 
@@ -279,6 +291,79 @@ def test_pytest_outcome_sums_the_per_file_runs(tmp_path):
     assert "1 file(s) without a summary line (crashed or stopped): tests/test_performer_gpu.py" in text
     log.write_text("##### tests/test_cli.py\n===== 3 passed in 2.0s =====\n")
     assert gpu_run.pytest_outcome(log) == "3 passed in 1 file(s)"
+
+
+def _fake_python(tmp_path: Path) -> Path:
+    """A stand-in for python -m pytest: passes a file named *pass*, fails *fail*, finds no
+    gpu test in *none* (pytest's exit 5), and records its arguments."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "args: $*" >>"$(dirname "$0")/calls"\n'
+        'f=${!#}\n'
+        'case $f in *fail*) echo "= 1 failed, 2 passed in 0.1s ="; exit 1 ;;\n'
+        '  *none*) echo "= 3 deselected in 0.1s ="; exit 5 ;;\n'
+        '  *) echo "= 4 passed in 0.1s ="; exit 0 ;; esac\n'
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+def test_gpu_tests_runs_one_pytest_per_file_and_leaves_the_files_alone(tmp_path):
+    """bench/gpu_tests.sh, gpu_check.sh's tests stage. Its inline predecessor took the
+    python as bash -c's $0, so on the GPU (2026-12-04) it emptied the first test file,
+    ran the log as a program, and reported 'tests failed 0s'."""
+    fake = _fake_python(tmp_path)
+    files = []
+    for name in ("test_a_pass.py", "test_b_none.py", "test_c_fail.py"):
+        f = tmp_path / name
+        f.write_text("# a test file\n")
+        files.append(str(f))
+    log = tmp_path / "pytest-gpu.log"
+    script = str(ROOT / "bench" / "gpu_tests.sh")
+    run = subprocess.run(["bash", script, str(fake), str(log), *files], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stdout + run.stderr  # one file failed
+    assert all(Path(f).read_text() == "# a test file\n" for f in files)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 3 and all(c.startswith("args: -m pytest -m gpu ") for c in calls), calls
+    assert [c.split()[-1] for c in calls] == files
+    assert run.stdout.splitlines() == [f"{files[0]}: = 4 passed in 0.1s =", f"{files[1]}: = 3 deselected in 0.1s =",
+                                       f"{files[2]}: = 1 failed, 2 passed in 0.1s ="]  # fmt: skip
+    text = gpu_run.pytest_outcome(log)
+    assert text.startswith("1 failed, 6 passed, 3 deselected in 3 file(s)"), text
+    # passing and empty files only: exit 0
+    run = subprocess.run(["bash", script, str(fake), str(log), *files[:2]], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # arguments in the wrong order are refused before anything is written
+    for args in ([str(log), str(fake), *files], [str(fake), files[0], files[1]], [str(fake)]):
+        run = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "gpu_tests.sh:" in run.stderr, (args, run.stderr)
+    assert all(Path(f).read_text() == "# a test file\n" for f in files)
+
+
+def test_a_zero_gradient_is_measured_against_the_terms_it_sums():
+    """The pre-mix bias's exact gradient is 0: the float64 reference gives ~1e-17, the
+    torch backend the rounding of its sum, the triton kernels exact zeros. On the GPU
+    (2026-12-04) both backends failed against the reference's own norm (6e12 and 1.0).
+    Against the norm of sum |dl| both pass, and a gradient of that size still fails."""
+    torch = pytest.importorskip("torch")
+    (case,) = [c for c in gpu_run.correctness_cases(True) if c.name == "M1-timm biases"]
+    leaves, _ = case.make(torch.float64, "cpu")
+    leaves = {k: v.requires_grad_() for k, v in leaves.items()}
+    with gpu_run.softmax_input_grads() as logit_grads:
+        want = case.call(leaves, "reference")
+    grads = dict(zip(leaves, torch.autograd.grad(want, list(leaves.values()), torch.randn_like(want)), strict=True))
+    floors = gpu_run.zero_gradient_floors(case, logit_grads.grads)
+    assert set(floors) == {"pre_b"} and floors["pre_b"] > 1.0
+    ref = grads["pre_b"]
+    assert ref.norm().item() < 1e-12 * floors["pre_b"]  # 0 up to float64 rounding
+    for got in (torch.zeros_like(ref), ref + 1e-7 * floors["pre_b"] * torch.randn_like(ref)):
+        assert gpu_run.rel_error(got, ref)[0] >= 0.99  # without the floor: "wrong"
+        assert gpu_run.rel_error(got, ref, floors["pre_b"])[0] < 1e-6
+    wrong = ref + floors["pre_b"] * torch.randn_like(ref) / 2
+    assert gpu_run.rel_error(wrong, ref, floors["pre_b"])[0] > gpu_run.GRAD_TOL["bfloat16"]
+    # the other ops' cases and leaves have no floor
+    assert all(not gpu_run.zero_gradient_floors(c, []) for c in gpu_run.correctness_cases(True))
 
 
 def test_float32_tolerance_follows_the_tf32_switches_in_force(monkeypatch):
