@@ -5,15 +5,15 @@
 #                           [--compile-mode MODE] [--quick] [--dry-run]
 #
 # In priority order, each stage given what is left of the deadline, and the first four
-# at most a share of it (env 10%, correctness 25%, ops 35%, models 20%), so that a slow
+# at most a share of it (env 10%, correctness 25%, ops 30%, models 20%), so that a slow
 # stage leaves time to the next (a stage that runs over is stopped with SIGINT; what it
 # measured stays, what it cut is recorded):
 #   1. versions, clocks, the two ceilings (a 2 GiB device-to-device copy, an 8192^3
 #      bf16 matrix product)                                         bench/gpu_run.py env
 #   2. correctness: every op x backend x dtype, forward and backward, against float64
 #      (fresh random inputs, outputs poisoned with NaN)      bench/gpu_run.py correctness
-#   2b. the performer illegal-access probe: the first run's unexplained fault, one
-#      process per variant under CUDA_LAUNCH_BLOCKING=1 (10%)      bench/ima_probe.py
+#   2b. the performer probe: the first run's fault, the second's wrong forward at E33, one
+#      process per variant under CUDA_LAUNCH_BLOCKING=1 (15%)      bench/ima_probe.py
 #   3. op benchmarks A1 A4 T1 P1 M1, forward and forward+backward, against their peers
 #                                                                bench/gpu_run.py ops
 #   4. whole models LeViT-256, T2T-ViT-14, ViT-B/16 at batch 256  bench/gpu_run.py models
@@ -220,9 +220,9 @@ if [ "$QUICK" = 1 ]; then
 fi
 stage env 20 10 env
 stage correctness 30 25 correctness
-probe 10
+probe 15
 after_build
-stage ops 40 35 ops --workloads A1,A4,T1,P1,M1
+stage ops 40 30 ops --workloads A1,A4,T1,P1,M1
 after_build
 stage models 40 20 models
 after_build

@@ -1462,6 +1462,8 @@ def summary_lines(
                 where = f" after step '{r.get('after_step')}', last launch {r.get('last_launch')}: {r.get('error')}"
             elif r.get("reason"):
                 where = f" ({r['reason']})"
+            elif r.get("info"):  # the forward's error against float64
+                where = f" ({'; '.join(r['info'])})"
             L.append(f"  {r.get('status', '?'):<5} {r['variant']}{where}"[:260])
     failures = [f for f in failures if f["kind"] != "probe"]
     for f in failures[:12]:

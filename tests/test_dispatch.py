@@ -213,6 +213,42 @@ def test_sm80_and_newer_take_the_triton_kernels(capability):
             assert dict(verdicts)["triton"] == []
 
 
+def test_performer_triton_refuses_an_odd_e_on_a_gpu_only(capability, monkeypatch):
+    """The compiled performer kernels gave a wrong result at E=33 on an H200 (relative
+    error 0.905; the interpreter is right): on CUDA tensors the triton backend refuses
+    an odd E, naming it, and dispatch takes another backend; even E and the interpreter
+    (CPU tensors) are unaffected."""
+    from vitkernels import cuda
+
+    capability((9, 0))
+    with FakeTensorMode():
+        def call(E, M=17):
+            t = lambda *shape: torch.empty(*shape, device="cuda", dtype=torch.float16)  # noqa: E731
+            return t(1, 64, E), t(1, 64, E), t(1, 64, E), t(M, E)
+
+        for E in (33, 21, 1):
+            chosen, verdicts = performer.which_backend(*call(E))
+            reasons = dict(verdicts)["triton"]
+            assert len(reasons) == 1 and f"E={E} is odd" in reasons[0] and "wrong result" in reasons[0]
+            assert chosen != "triton" and chosen in ("cuda", "torch"), verdicts
+            if cuda.unavailable_reason() is not None:
+                assert chosen == "torch", verdicts
+            with pytest.raises(BackendNotSupportedError, match=f"backend 'triton'.*E={E} is odd"):
+                vitkernels.performer_attention(*call(E), backend="triton")
+        for E in (34, 32, 20, 64):
+            chosen, verdicts = performer.which_backend(*call(E))
+            assert dict(verdicts)["triton"] == [], verdicts
+        # the switch the GPU probe turns off
+        monkeypatch.setattr(performer, "REFUSE_ODD_E_ON_GPU", False)
+        assert dict(performer.which_backend(*call(33))[1])["triton"] == []
+    # the interpreter runs an odd E (CPU tensors; its result is checked in test_performer.py)
+    monkeypatch.setattr(performer, "REFUSE_ODD_E_ON_GPU", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 8, 33)
+    w = torch.randn(17, 33)
+    assert dict(performer.which_backend(q, q, q, w, backend="triton")[1])["triton"] == []
+
+
 def test_forced_cuda_names_the_extension_on_every_op(capability):
     from vitkernels import cuda
 

@@ -15,6 +15,7 @@ from _numerics import GRAD_TOL, TOL, assert_close
 import vitkernels
 from vitkernels import cuda as vk_cuda
 from vitkernels.backends import reference
+from vitkernels.ops import performer as performer_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -58,18 +59,32 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(tk, "_alloc", alloc)
 
 
+# the triton float16 forward at B1 T4096 E33 M17 came out wrong on an H200 (relative
+# error 0.905, 2026-12-04, bench/NOTES.md), so the backend refuses an odd E on a GPU;
+# the test still runs the kernels there (the refusal lifted) to say when it is fixed
+WRONG_ON_GPU = {("triton", "f16", (1, 4096, 33, 17))}
+
+
 def cases():
     for backend in KERNELS:
         for dt in kernel_dtypes(backend):
             for shape in SHAPES:
+                marks = ([pytest.mark.xfail(strict=True, reason="wrong on an H200, 2026-12-04")]
+                         if (backend, dt, shape) in WRONG_ON_GPU else [])  # fmt: skip
                 yield pytest.param(backend, dt, shape, id=f"{backend}-{dt}-B{shape[0]}T{shape[1]}"
-                                   f"E{shape[2]}M{shape[3]}")
+                                   f"E{shape[2]}M{shape[3]}", marks=marks)
 
 
 @pytest.mark.parametrize("backend,dt,shape", list(cases()))
-def test_forward_and_gradients(backend, dt, shape, poisoned):
+def test_forward_and_gradients(backend, dt, shape, poisoned, monkeypatch):
     dtype = DTYPES[dt]
     B, T, E, M = shape
+    if backend == "triton" and E % 2:
+        q, k, v = kqv_views(1, 4, E, dtype)
+        with pytest.raises(vitkernels.BackendNotSupportedError, match=f"E={E} is odd"):
+            vitkernels.performer_attention(q, k, v, features(M, E), backend="triton")
+        monkeypatch.setattr(performer_ops, "REFUSE_ODD_E_ON_GPU", False)
+        performer_ops._DECISIONS.clear()
     q, k, v = kqv_views(B, T, E, dtype)
     w = features(M, E).requires_grad_()
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
