@@ -153,9 +153,6 @@ def _run_performer(v: Variant, device: str, step) -> None:
 
     import vitkernels
     from vitkernels.backends import reference
-    from vitkernels.ops import performer as performer_ops
-
-    performer_ops.REFUSE_ODD_E_ON_GPU = False  # run the kernels where they were wrong
     B, T, E, M = v.shape
     dtype = getattr(torch, DTYPES[v.dtype])
     gen = torch.Generator().manual_seed(0)
@@ -189,6 +186,9 @@ def child(name: str) -> int:
     if v is None:
         print(f"no variant named {name!r}", file=sys.stderr)
         return 2
+    from vitkernels.ops import performer as performer_ops
+
+    performer_ops.REFUSE_ODD_E_ON_GPU = False  # this process runs the kernels where they were wrong
     run_variant(v, "cuda")
     print("DONE", flush=True)
     return 0

@@ -24,18 +24,32 @@ probe = _load("ima_probe")
 gpu_run = _load("gpu_run")
 
 
-def test_variant_names_are_unique_and_the_failing_case_is_first_after_torch():
+def test_variant_names_are_unique_and_the_failing_case_is_first():
+    """The failing case first (with its backward), then the variants that tell the
+    second run's wrong forward apart (E even / odd, M, dtype, one tile, cuda); torch's
+    orthogonal_, cleared by the second run, last."""
     names = [v.name for v in probe.VARIANTS]
     assert len(names) == len(set(names))
-    assert probe.VARIANTS[0].kind == "orthogonal"
-    first = probe.VARIANTS[1]
-    assert (first.backend, first.dtype, first.w_dtype, first.layout, first.shape) == (
+    first = probe.VARIANTS[0]
+    assert (first.backend, first.dtype, first.w_dtype, first.layout, first.shape, first.backward) == (
         "triton",
         "f16",
         "f32",
         "test",
         (1, 4096, 33, 17),
+        True,
     )
+    assert [v.shape for v in probe.VARIANTS[1:4]] == [(1, 4096, 34, 17), (1, 4096, 32, 17), (1, 4096, 33, 16)]
+    assert probe.VARIANTS[-1].kind == "orthogonal"
+    assert set(probe.WRONG_ABOVE) == set(probe.DTYPES)
+
+
+def test_a_wrong_forward_is_its_own_status():
+    text = "STEP forward ok\nINFO forward rel err 9.05e-01, finite True\nWRONG forward rel err 9.05e-01 > 1e-02\nDONE\n"
+    rec = probe.outcome(text, 0)
+    assert rec["status"] == "wrong" and rec["info"] == ["forward rel err 9.05e-01, finite True"]
+    assert "error" not in rec
+    assert probe.outcome(text.replace("WRONG", "INFO"), 0)["status"] == "ok"
 
 
 @pytest.mark.parametrize("layout", ["test", "views"])
@@ -85,13 +99,13 @@ def test_report_lists_probe_faults_and_fails_on_ours_only(tmp_path, capsys):
     ours = {
         "kind": "probe",
         "stage": "probe",
-        "variant": probe.VARIANTS[1].name,
+        "variant": probe.VARIANTS[0].name,
         "status": "FAIL",
         "after_step": "inputs",
         "last_launch": "performer_fwd_kv[x]",
         "error": "illegal memory access",
     }
-    torchs = dict(ours, variant=probe.VARIANTS[0].name, last_launch=None)
+    torchs = dict(ours, variant=probe.VARIANTS[-1].name, last_launch=None)
     import json
 
     (work / "probe.jsonl").write_text(json.dumps(torchs) + "\n")
@@ -101,3 +115,10 @@ def test_report_lists_probe_faults_and_fails_on_ours_only(tmp_path, capsys):
     assert gpu_run.report(work, tmp_path / "out", tmp_path) == 1
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "last launch performer_fwd_kv[x]" in summary and "RESULT: FAILED" in summary
+    # a wrong forward is listed with its error (the refusal guards users; not a failure here)
+    wrong = dict(variant=probe.VARIANTS[1].name, kind="probe", stage="probe", status="wrong",
+                 info=["forward rel err 9.05e-01, finite True"])  # fmt: skip
+    (work / "probe.jsonl").write_text(json.dumps(torchs) + "\n" + json.dumps(wrong) + "\n")
+    assert gpu_run.report(work, tmp_path / "out", tmp_path) == 0
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert f"wrong {probe.VARIANTS[1].name} (forward rel err 9.05e-01, finite True)" in summary
