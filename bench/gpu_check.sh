@@ -17,6 +17,7 @@
 #   3. op benchmarks A1 A4 T1 P1 M1, forward and forward+backward, against their peers
 #                                                                bench/gpu_run.py ops
 #   4. whole models LeViT-256, T2T-ViT-14, ViT-B/16 at batch 256  bench/gpu_run.py models
+#   4b. the host's time per op call, layer by layer (8%)        bench/host_overhead.py
 #   5. while time remains: the gpu tests (pytest -m gpu, one process per test file, all
 #      in pytest-gpu.log), then the other workloads and models
 # then prints a short summary (the device tool returns the last 12,000 characters).
@@ -226,6 +227,13 @@ stage ops 40 30 ops --workloads A1,A4,T1,P1,M1
 after_build
 stage models 40 20 models
 after_build
+# the host's time per op call, layer by layer, with real launches (the first two runs'
+# triton calls were host-bound: 355 us a call around 59 us of kernels at A1)
+if [ "$DRY" = 1 ]; then
+  note host skipped 0 "needs a GPU (dry run; tests/test_host_overhead.py runs it on CPU)"
+else
+  run_stage host 30 $(( TOTAL * 8 / 100 )) "$PY" bench/host_overhead.py --calls 300
+fi
 
 # the gpu tests, one pytest process per file (an illegal memory access poisons the CUDA
 # context of its process: it fails that file, not every test after it), the kernels'

@@ -8,6 +8,8 @@ calls after warm-up (the fastest of 5 rounds):
     validate   the op's argument checks (``_inputs``)
     select     backend selection on those checked inputs (``select``)
     launcher   the Triton (or CUDA extension) launcher called directly
+    launches   the Triton launches alone, as that launcher made them (``Launch.run``:
+               Triton's own ``JITFunction.run`` and the device guard), triton only
     custom_op  the ``vitkernels::*_fwd`` custom op (launcher plus torch.library)
     op         the public op (validation, dispatch, custom op, launcher), no grad
     op_grad    the public op on inputs that require grad (builds the autograd graph)
@@ -150,6 +152,23 @@ def _launcher_args(module: Any, backend: str, args: tuple, kwargs: dict) -> tupl
     return seen[0]
 
 
+def _launches_of(call: Callable[[], Any]) -> list[_common.Launch]:
+    """The Triton launches one call makes (each also run once, as the call would)."""
+    specs: list[_common.Launch] = []
+    run = _common.Launch.run
+
+    def spying(self: _common.Launch) -> None:
+        specs.append(self)
+        run(self)
+
+    _common.Launch.run = spying  # type: ignore[method-assign]
+    try:
+        call()
+    finally:
+        _common.Launch.run = run  # type: ignore[method-assign]
+    return specs
+
+
 def rows_for(op: str, backend: str, dtype: torch.dtype, calls: int) -> dict[str, float]:
     module, fn, custom, make = OPS[op]
     args, kwargs = make(dtype, False)
@@ -163,6 +182,9 @@ def rows_for(op: str, backend: str, dtype: torch.dtype, calls: int) -> dict[str,
             launcher, _ = module._launchers(backend)
             op_fn = getattr(module, custom)
             out["launcher"] = per_call_us(lambda: launcher(*launcher_args), calls)
+            if backend == "triton":
+                specs = _launches_of(lambda: launcher(*launcher_args))
+                out["launches"] = per_call_us(lambda: [s.run() for s in specs], calls)
             extra = CUSTOM_EXTRA.get(op, ())
             out["custom_op"] = per_call_us(lambda: op_fn(*launcher_args, *extra, backend), calls)
         out["op"] = per_call_us(lambda: fn(*args, **kwargs, backend=backend), calls)
@@ -194,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"host_overhead: {where}; torch {torch.__version__}, Python {sys.version.split()[0]}, "
           f"{dtype_name(dtype)}, us per call")  # fmt: skip
-    layers = ("validate", "select", "launcher", "custom_op", "op", "op_grad", "fwd_bwd")
+    layers = ("validate", "select", "launcher", "launches", "custom_op", "op", "op_grad", "fwd_bwd")
     print(f"{'op':<20} {'backend':<7} " + " ".join(f"{x:>9}" for x in layers))
     results = []
     for op in args.ops:
         for backend in backends:
             row = rows_for(op, backend, dtype, args.calls)
-            results.append({"op": op, "backend": backend, **row})
+            results.append({"op": op, "backend": backend, "us": row})  # row's "op" is a layer
             cells = " ".join(f"{row[x]:9.1f}" if x in row else f"{'-':>9}" for x in layers)
             print(f"{op:<20} {backend:<7} {cells}", flush=True)
     if args.json:
