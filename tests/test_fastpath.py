@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 import vitkernels
 from vitkernels.ops import _dispatch
+from vitkernels.ops import head_mixing as hm_op
 from vitkernels.ops import patch_embed as pe_op
 from vitkernels.ops import performer as perf_op
 from vitkernels.ops import relpos as relpos_op
@@ -18,7 +19,8 @@ from vitkernels.ops._dispatch import BackendNotSupportedError, use_backend
 
 pytest.importorskip("triton")
 
-MODULES = {"relpos_attention": relpos_op, "performer_attention": perf_op, "patch_embed": pe_op}
+MODULES = {"relpos_attention": relpos_op, "performer_attention": perf_op, "patch_embed": pe_op,
+           "head_mixing_attention": hm_op}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +43,10 @@ def _call(op: str, dtype=torch.float32, grad: bool = False, seed: int = 0):
         return (t(2, 2, 4, 16), t(2, 2, 16, 16), t(2, 2, 16, 16), t(2, 16)), {"fmap_size": 4, "q_stride": 2}
     if op == "performer_attention":
         return (t(2, 8, 16), t(2, 8, 16), t(2, 8, 16), t(4, 16)), {}
+    if op == "head_mixing_attention":  # timm's talking heads with biases, and a head norm
+        return (t(2, 3, 5, 16), t(2, 3, 7, 16), t(2, 3, 7, 16)), {
+            "pre": (t(3, 3), t(3)), "post": (t(3, 3), t(3)), "head_norm": (t(3), t(3), 1e-5),
+        }  # fmt: skip
     return (t(2, 3, 8, 8), t(16, 12), t(16)), {
         "kernel_size": 2, "pos_embed": t(1, 17, 16), "cls_token": t(1, 1, 16),
         "in_norm": (t(12), t(12), 1e-5),
@@ -69,7 +75,7 @@ class _Spy:
 
 
 _CUSTOM = {"relpos_attention": "relpos_attention_fwd", "performer_attention": "performer_attention_fwd",
-           "patch_embed": "patch_embed_fwd"}  # fmt: skip
+           "patch_embed": "patch_embed_fwd", "head_mixing_attention": "head_mixing_attention_fwd"}  # fmt: skip
 
 
 def _leaves(args, kwargs):
@@ -127,8 +133,9 @@ def test_a_changed_input_gets_its_own_decision(op):
     # device: meta tensors are not CUDA tensors (nor CPU tensors for the interpreter)
     meta = tuple(a.to("meta") for a in args)
     kmeta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    if "in_norm" in kmeta:
-        kmeta["in_norm"] = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in kwargs["in_norm"])
+    for key, value in kwargs.items():  # in_norm, pre, post, head_norm
+        if isinstance(value, tuple):
+            kmeta[key] = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in value)
     with pytest.raises(BackendNotSupportedError, match="device meta"):
         fn(*meta, **kmeta, backend="triton")
     # the environment: without the interpreter the triton backend needs CUDA tensors
@@ -142,6 +149,49 @@ def test_a_changed_input_gets_its_own_decision(op):
         with pytest.raises(BackendNotSupportedError, match=r"triton is not importable \(test\)"):
             fn(*args, **kwargs, backend="triton")
     fn(*args, **kwargs, backend="triton")  # and the cached decision still serves the first call
+
+
+def test_head_mixing_cached_decision_takes_each_call_s_parameters():
+    """The decision cache keeps only the checked scale / eps / dropout: a second call with
+    other mixing and norm tensors of the same properties computes with those (as a
+    fresh checked call does), and another eps, scale or a stage left out is decided
+    again. The stale-parameter case a cached tensor would make."""
+    fn = vitkernels.head_mixing_attention
+    (q, k, v), kw = _call("head_mixing_attention")
+    first = fn(q, k, v, **kw, backend="triton")
+    (_, _, _), kw2 = _call("head_mixing_attention", seed=1)
+    second = fn(q, k, v, **kw2, backend="triton")
+    assert len(hm_op._DECISIONS.entries) == 1  # the same signature: served from the cache
+    hm_op._DECISIONS.clear()
+    fresh = fn(q, k, v, **kw2, backend="triton")  # the checked path
+    assert torch.equal(second, fresh) and not torch.allclose(first, second)
+    ref = fn(*(x.double() for x in (q, k, v)), backend="reference", **{
+        n: tuple(x.double() if isinstance(x, torch.Tensor) else x for x in val) for n, val in kw2.items()})
+    assert torch.allclose(second.double(), ref, atol=1e-5, rtol=1e-4)
+    # in-place updates of the same parameter tensors (an optimizer step) are seen too
+    with torch.no_grad():
+        kw2["post"][0].mul_(-1.5)
+    assert not torch.equal(fn(q, k, v, **kw2, backend="triton"), second)
+    # eps, scale and the stages present are part of the decision
+    w, b, _ = kw2["head_norm"]
+    for other in ({**kw2, "head_norm": (w, b, 1e-3)}, {**kw2, "pre": None}, {**kw2, "head_norm": (w, None, 1e-5)}):
+        n = len(hm_op._DECISIONS.entries)
+        out = fn(q, k, v, **other, backend="triton")
+        assert len(hm_op._DECISIONS.entries) == n + 1
+        hm_op._DECISIONS.clear()
+        assert torch.equal(out, fn(q, k, v, **other, backend="triton"))
+    n = len(hm_op._DECISIONS.entries)
+    fn(q, k, v, **kw2, scale=0.3, backend="triton")
+    assert len(hm_op._DECISIONS.entries) == n + 1
+    # a malformed pair after a cached call still gets the checked path's error
+    with pytest.raises(TypeError, match="expected a \\(weight, bias\\) pair"):
+        fn(q, k, v, pre=(kw2["pre"][0],), backend="triton")
+    # a misaligned start (a view one element in: same shape, strides and dtype) is not
+    # served the aligned call's decision: the kernels refuse it, as the checked path says
+    qo = torch.randn(q.numel() + 1)[1:].view_as(q)
+    fn(q, k, v, **kw2, backend="triton")  # the aligned signature cached
+    with pytest.raises(BackendNotSupportedError, match="16-byte aligned rows"):
+        fn(qo, k, v, **kw2, backend="triton")
 
 
 def test_a_changed_shape_or_argument_is_checked_again():

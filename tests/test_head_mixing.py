@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _numerics import assert_close
+from _numerics import assert_close, rel_err
 
 import vitkernels
 from vitkernels import BackendNotSupportedError
@@ -183,10 +183,14 @@ class _LogitGrads(torch.overrides.TorchFunctionMode):
 SUM_ROUNDING = 64 * 2.0**-24
 
 
-def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
+def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False, peer=None):
     """rounded_grad: the float64 reference's output gradient is the kernel's, rounded to
     the inputs' type (a gradient summed over many cancelling terms, the head norm's
-    weight at 3 heads, otherwise carries the rounding of dO past the tolerance)."""
+    weight at 3 heads, otherwise carries the rounding of dO past the tolerance).
+    peer: a factor c; each gradient may then err up to c times what the torch backend
+    (stock PyTorch in the inputs' dtype) errs on the same inputs, where that is more
+    than tol: the inputs' own conditioning (the head norm over 2 heads at a near tie
+    puts float32 autograd itself at 3e-5 of a 5e-5 tolerance; CI seed 2434397377)."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     params = _map_params(params, lambda t: t.detach().requires_grad_())
     out = vitkernels.head_mixing_attention(q, k, v, **params, backend=backend)
@@ -200,6 +204,12 @@ def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
     theirs = [*ref_qkv, *_leaves(p64)]
     grads = torch.autograd.grad(out, mine, grad.to(out.dtype))
     names = ["dq", "dk", "dv"] + [f"d{n}" for n in range(len(mine) - 3)]
+    peers = [None] * len(mine)
+    if peer is not None:
+        pq, pk, pv = (t.detach().requires_grad_() for t in (q, k, v))
+        pp = _map_params(params, lambda t: t.detach().requires_grad_())
+        pout = vitkernels.head_mixing_attention(pq, pk, pv, **pp, backend="torch")
+        peers = torch.autograd.grad(pout, [pq, pk, pv, *_leaves(pp)], grad.to(pout.dtype))
     # floor: a gradient that is 0 up to rounding (dq and dk with one key) is matched to
     # the rounding of its O(1) terms. The pre-mix bias's is exactly 0 (softmax does not
     # see a shift): a backend that sums its B*Nq*Nk terms dl (autograd does) rounds to
@@ -208,7 +218,7 @@ def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
     # (b, i, j) (p <= 1): measured also against SUM_ROUNDING of those terms' magnitudes.
     pre_bias = params["pre"][1] if "pre" in params else None
     post = [x for x in params.get("post", ()) if x is not None] if "head_norm" in params else []
-    for name, t, g, r in zip(names, mine, grads, theirs, strict=True):
+    for name, t, g, r, pg in zip(names, mine, grads, theirs, peers, strict=True):
         floor = 1.0
         if t is pre_bias:
             (dl,) = logit_grads.grads
@@ -216,7 +226,8 @@ def check_grads(backend, q, k, v, params, tol, what="", *, rounded_grad=False):
         elif any(t is x for x in post):
             (dr,) = logit_grads.norm_grads  # (B, Nq, Nk, H)
             floor = max(1.0, SUM_ROUNDING * dr.abs().sum((0, 1, 2)).max().item() / tol)
-        assert_close(g, r.grad, tol, f"{what} {name}", floor=floor)
+        allowed = tol if pg is None else max(tol, peer * rel_err(pg, r.grad, floor))
+        assert_close(g, r.grad, allowed, f"{what} {name}", floor=floor)
 
 
 # ----------------------------------------------------------------------------
@@ -803,7 +814,8 @@ def test_gradients_of_a_few_rows_with_the_head_norm_on_sm80(kind, h, nq, d, want
     case = (1, h, nq, 21, d, d)
     seen = _spy_bwd(monkeypatch, ("delta", "dq"), lambda spec: (spec.num_warps, spec.constexprs["DEFER_ROWSUM"]))
     q, k, v = make(case)
-    check_grads("triton", q, k, v, _norm_kind_params(h, kind), GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm80")
+    check_grads("triton", q, k, v, _norm_kind_params(h, kind), GRAD_TOL[torch.float32], f"{kind} H{h} Nq{nq} D{d} sm80",
+                peer=4)  # fmt: skip
     assert seen == want
 
 

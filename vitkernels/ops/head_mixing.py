@@ -50,7 +50,9 @@ torch (batched matrix products on materialised attention maps; the automatic
 choice on CPU), reference (the literal einsum math). The triton backend runs
 through the custom ops ``vitkernels::head_mixing_attention_fwd`` / ``_bwd`` (fake
 impls and autograd registered), so it works under ``torch.compile(fullgraph=True)``
-and ``torch.export``. For the backward it saves q, k, v, the parameters and the
+and ``torch.export``; plain eager calls run the same launchers without torch.library,
+and a call signature seen before skips validation and backend selection (its
+parameters are still this call's: vitkernels/ops/_fastpath.py). For the backward it saves q, k, v, the parameters and the
 row logsumexp (B, H, Nq) float32; with 5-16 heads whose Dk or Dv is not a multiple
 of 8 (DeepViT-S's 33) also the zero-padded copies of k and v the forward read them
 through (B, H, Nk, 48 for 33), so that the backward need not pad them again (~49 us
@@ -77,6 +79,7 @@ from vitkernels.ops._dispatch import (
     select,
     triton_import_error,
 )
+from vitkernels.ops._fastpath import DecisionCache, direct_call_ok, needs_grad
 
 __all__ = ["BACKENDS", "DROPOUT_SITES", "MAX_FWD_HEADS", "MAX_HEADS", "MAX_HEAD_DIM", "head_mixing_attention", "which_backend"]
 
@@ -126,6 +129,11 @@ def head_mixing_attention_fwd(
     receives its (zero) gradient: the output does not depend on it. k_copy, v_copy:
     the zero-padded copies of k and v the forward read them through, saved for the
     backward, where ``_copy_shapes`` says there are (else empty (0,) tensors)."""
+    return _forward(q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, scale, eps, has_norm, backend)
+
+
+def _forward(q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, scale, eps, has_norm, backend):
+    """The custom op's forward (also run directly by eager calls: ``_Direct``)."""
     if backend != "triton":
         raise ValueError(f"head_mixing_attention: kernel backend {backend!r}; expected 'triton'")
     fwd, _ = _launchers()
@@ -186,6 +194,13 @@ def head_mixing_attention_bwd(
     """(dq, dk, dv, d_pre_w, d_pre_b, d_post_w, d_post_b, d_norm_w, d_norm_b); an
     empty (0,) tensor for each absent parameter. k_copy, v_copy: the forward's (empty
     (0,) tensors where it kept none)."""
+    return _backward_impl(grad_out, q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, lse, k_copy,
+                          v_copy, scale, eps, has_norm, backend)  # fmt: skip
+
+
+def _backward_impl(grad_out, q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, lse, k_copy, v_copy,
+                   scale, eps, has_norm, backend):  # fmt: skip
+    """The custom op's backward (also run directly by eager calls)."""
     _, bwd = _launchers()
     copies = (k_copy, v_copy) if k_copy.dim() == 4 else None
     dq, dk, dv, dpw, dpow, dpob, dnw, dnb = bwd(
@@ -224,7 +239,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, _grad_lse, _grad_k_copy, _grad_v_copy):
     q, k, v, pre_w, pre_b, post_w, post_b, norm_w, norm_b, lse, k_copy, v_copy = ctx.saved_tensors
     params = (pre_w, pre_b, post_w, post_b, norm_w, norm_b)
-    grads = head_mixing_attention_bwd(grad_out, q, k, v, *params, lse, k_copy, v_copy, *ctx.args)
+    saved = (grad_out, q, k, v, *params, lse, k_copy, v_copy)
+    if direct_call_ok(saved):  # eager: the launcher itself (vitkernels/ops/_fastpath.py)
+        grads = _backward_impl(*saved, *ctx.args)
+    else:
+        grads = head_mixing_attention_bwd(*saved, *ctx.args)
     present = [True, True, True, *_param_grads_like(params, ctx.args[2])]
     need = ctx.needs_input_grad
     out = [g if ok and need[i] else None for i, (g, ok) in enumerate(zip(grads, present, strict=True))]
@@ -232,6 +251,22 @@ def _backward(ctx, grad_out, _grad_lse, _grad_k_copy, _grad_v_copy):
 
 
 head_mixing_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Direct(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library, for eager calls
+    that ``direct_call_ok`` admits: the same launchers, saved tensors and gradients."""
+
+    @staticmethod
+    def forward(ctx, *args):  # the custom op's arguments, backend last
+        outs = _forward(*args)
+        _setup_context(ctx, args, outs)
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def _unpack(pre: Mix | None, post: Mix | None, head_norm: Norm | None) -> tuple:
@@ -301,10 +336,16 @@ class TritonBackend(Backend):
     def run(self, inputs: Inputs) -> torch.Tensor:
         kw = inputs.kwargs
         pre_w, pre_b, post_w, post_b, norm_w, norm_b, eps = _unpack(kw["pre"], kw["post"], kw["head_norm"])
-        return head_mixing_attention_fwd(
-            kw["q"], kw["k"], kw["v"], pre_w, pre_b, post_w, post_b, norm_w, norm_b, kw["scale"], eps,
-            kw["head_norm"] is not None, "triton",
-        )[0]  # fmt: skip
+        has_norm = kw["head_norm"] is not None
+        tensors = (kw["q"], kw["k"], kw["v"], pre_w, pre_b, post_w, post_b, norm_w, norm_b)
+        args = (*tensors, kw["scale"], eps, has_norm, "triton")
+        if not direct_call_ok(tensors):  # compiling, tracing, a mode or a subclass
+            return head_mixing_attention_fwd(*args)[0]
+        if needs_grad(tensors):
+            return _Direct.apply(*args)[0]
+        q, k, v = tensors[:3]
+        fwd, _ = _launchers()
+        return fwd(q, k, v, pre_w, post_w, post_b, norm_w, norm_b, kw["scale"], eps, has_norm, {})[0]
 
 
 class TorchBackend(Backend):
@@ -323,6 +364,8 @@ class ReferenceBackend(Backend):
 
 
 BACKENDS: list[Backend] = [TritonBackend(), TorchBackend(), ReferenceBackend()]
+_DECISIONS = DecisionCache("head_mixing_attention", BACKENDS)
+_PARAM_NAMES = ("pre weight", "pre bias", "post weight", "post bias", "head_norm weight", "head_norm bias")
 
 
 # ----------------------------------------------------------------------------
@@ -505,11 +548,51 @@ def head_mixing_attention(
     Returns:
         (B, H, Nq, Dv) in q's dtype.
     """
+    key = _decision_key(backend, q, k, v, scale, pre, post, head_norm, dropout_p, dropout_site)
+    hit = _DECISIONS.get(key)
+    if hit is not None:  # this signature validated and chose hit[0] before
+        chosen, (scale, eps, dropout_p) = hit
+        # the parameters are this call's (only their checked properties were kept)
+        pre = None if pre is None else (pre[0], pre[1])
+        post = None if post is None else (post[0], post[1])
+        head_norm = None if head_norm is None else (head_norm[0], head_norm[1], eps)
+        params = dict(zip(_PARAM_NAMES, _unpack(pre, post, head_norm)[:6], strict=True))
+        inputs = Inputs("head_mixing_attention", {"q": q, "k": k, "v": v, **params}, params=_PARAM_NAMES,
+                        kwargs=dict(q=q, k=k, v=v, scale=scale, pre=pre, post=post, head_norm=head_norm,
+                                    dropout_p=dropout_p, dropout_site=dropout_site))  # fmt: skip
+        return chosen.run(inputs)
     inputs = _inputs(
         q, k, v, scale=scale, pre=pre, post=post, head_norm=head_norm, dropout_p=dropout_p,
         dropout_site=dropout_site,
     )  # fmt: skip
-    return select(BACKENDS, inputs, backend).run(inputs)
+    chosen = select(BACKENDS, inputs, backend)
+    kw = inputs.kwargs
+    eps = kw["head_norm"][2] if kw["head_norm"] is not None else 0.0
+    _DECISIONS.put(key, chosen, (kw["scale"], eps, kw["dropout_p"]))
+    return chosen.run(inputs)
+
+
+def _decision_key(backend, q, k, v, scale, pre, post, head_norm, dropout_p, dropout_site):
+    """The decision cache's key of a call (None: take the checked path): every tensor's
+    properties (parameters included), each input's start alignment (the kernels' refusal
+    of unaligned rows reads it), and the other arguments as given."""
+    if torch.compiler.is_compiling():  # dispatch is traced as plain Python (and offsets are not)
+        return None
+    tensors: list[Any] = [q, k, v]
+    layout: list[Any] = []
+    for part, n in ((pre, 2), (post, 2), (head_norm, 3)):
+        if part is None:
+            layout.append(None)
+            continue
+        if type(part) not in (tuple, list) or len(part) != n:
+            return None  # the checked path says what is wrong with it
+        tensors += part[:2]
+        layout.append((type(part).__name__, part[2] if n == 3 else None))
+    try:
+        offsets = tuple(t.storage_offset() * t.element_size() % 16 for t in (q, k, v))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return _DECISIONS.key(backend, tensors, (scale, dropout_p, dropout_site, offsets, *layout))
 
 
 def which_backend(

@@ -129,6 +129,7 @@ from vitkernels.triton._common import (
     Launch,
     TensorFactory,
     alloc,
+    cdiv,
     float32_tiles,
     hint,
     launch,
@@ -1764,7 +1765,7 @@ def head_mixing_attention_fwd(
     params = (pre_w, post_w, post_b, norm_w, norm_b)
     flags = _flags(*params, has_norm)
     cfg = _fwd_cfg(H, NQ, NK, DK, DV, flags, _float32_tiles(q), target_arch(q.device), _f32_params(q, params))
-    num_qb = triton.cdiv(NQ, cfg.constexprs["BLOCK_M"])
+    num_qb = cdiv(NQ, cfg.constexprs["BLOCK_M"])
     ptrs, strides = _param_args(q, *params)
     bn = cfg.constexprs["BLOCK_N"]
     nk_s, nk_n = (NK - NK % cfg.constexprs["BLOCK_S"], NK - NK % bn) if cfg.constexprs["PEEL"] else (0, 0)
@@ -1776,8 +1777,8 @@ def head_mixing_attention_fwd(
         f"head_mixing_fwd[{_tag(q, k, params, flags)}]", cfg.kernel, (num_qb * B,), args,
         {**cfg.constexprs, **_vecs(q, k, v)}, cfg.num_warps, cfg.num_stages,
         reads=(q, k, v, *params), writes=(out, lse), maxnreg=cfg.maxnreg,
-        loops={"start_s": nk_s // cfg.constexprs["BLOCK_S"], "start_t": triton.cdiv(NK - nk_s, bn),
-               "start_n": nk_n // bn, "start_u": triton.cdiv(NK - nk_n, bn)},
+        loops={"start_s": nk_s // cfg.constexprs["BLOCK_S"], "start_t": cdiv(NK - nk_s, bn),
+               "start_n": nk_n // bn, "start_u": cdiv(NK - nk_n, bn)},
     ))  # fmt: skip
     return out, lse
 
@@ -1842,11 +1843,11 @@ def head_mixing_attention_bwd(
         NQ, delta_cfg.constexprs["BLOCK_M"], B, sm_count(dev))  # fmt: skip
     runs = [(delta_cfg if row0 == 0 else _bwd_cfg(H, rows, NK, DK, DV, flags, arch, f32, f32_params)[0][0], row0, rows)
             for row0, rows in row_runs]  # fmt: skip
-    runs = [(cfg, row0, rows, triton.cdiv(rows, cfg.constexprs["BLOCK_M"])) for cfg, row0, rows in runs]
+    runs = [(cfg, row0, rows, cdiv(rows, cfg.constexprs["BLOCK_M"])) for cfg, row0, rows in runs]
     # a row of partial sums per delta program, each launch's rows after the one before's
     part = _alloc((B * sum(num_qb for *_, num_qb in runs), npart), torch.float32, dev)
     pid0 = 0
-    for cfg, row0, rows, num_qb in [*runs, (dq_cfg, 0, NQ, triton.cdiv(NQ, dq_cfg.constexprs["BLOCK_M"]))]:
+    for cfg, row0, rows, num_qb in [*runs, (dq_cfg, 0, NQ, cdiv(NQ, dq_cfg.constexprs["BLOCK_M"]))]:
         c = cfg.constexprs
         if c["DELTA_PASS"]:
             part_rows = part[pid0 : pid0 + num_qb * B]
@@ -1863,18 +1864,18 @@ def head_mixing_attention_bwd(
              scale, eps],
             {**c, **vecs, "ROW0": row0, "ONE_QB": _one_block(num_qb, c)}, cfg.num_warps, cfg.num_stages,
             reads=rows_in, writes=rows_out, maxnreg=cfg.maxnreg,
-            loops={"start_n": triton.cdiv(NK, c["BLOCK_N"])},
+            loops={"start_n": cdiv(NK, c["BLOCK_N"])},
         ))  # fmt: skip
     for cfg in dkdv_cfgs:
         c = cfg.constexprs
         g0, gp = c["G0"], c["GP"]
-        num_kb = triton.cdiv(NK, c["BLOCK_N"])
+        num_kb = cdiv(NK, c["BLOCK_N"])
         launch(Launch(
             f"head_mixing_bwd_dkdv[{tag},G{g0}]", cfg.kernel, (num_kb * B,),
             [q, k, v, grad_out, *ptrs, lse, delta, dk, dv, *common, NQ, NK, num_kb, qk_scale, scale, eps],
             {**c, **vecs}, cfg.num_warps, cfg.num_stages,
             reads=(*reads, delta), writes=(dk[:, g0 : g0 + gp], dv[:, g0 : g0 + gp]), maxnreg=cfg.maxnreg,
-            loops={"start_m": triton.cdiv(NQ, c["BLOCK_M"])},
+            loops={"start_m": cdiv(NQ, c["BLOCK_M"])},
         ))  # fmt: skip
 
     # the parameters' gradients: the partial sums added in a fixed order, one launch
@@ -1893,7 +1894,7 @@ def head_mixing_attention_bwd(
                  HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
                  HAS_NORM_W=flags["HAS_NORM_W"], HAS_NORM_B=flags["HAS_NORM_B"]),
             4, 1, reads=(part,), writes=tuple(g for g in grads if g is not None),
-            loops={"start_r": triton.cdiv(part.shape[0], block_r)},
+            loops={"start_r": cdiv(part.shape[0], block_r)},
         ))  # fmt: skip
     return dq, dk, dv, *grads
 
@@ -1923,8 +1924,8 @@ def _row_runs(nq: int, block_m: int, batch: int, sms: int) -> list[tuple[int, in
     if block_m != 64 or nq < block_m or not 0 < rest <= 16:
         return [(0, nq)]
     blocks = nq // block_m + 1
-    saved = triton.cdiv(blocks * batch, sms) - triton.cdiv((blocks - 1) * batch, sms)
-    if saved <= 0.4 * triton.cdiv(batch, sms) + 0.25:
+    saved = cdiv(blocks * batch, sms) - cdiv((blocks - 1) * batch, sms)
+    if saved <= 0.4 * cdiv(batch, sms) + 0.25:
         return [(0, nq)]
     return [(0, nq - rest), (nq - rest, rest)]
 

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._common import SHORT, Launch, alloc, launch
+from vitkernels.triton._common import SHORT, Launch, alloc, cdiv, launch
 from vitkernels.triton.head_mixing import _k_split, _param_grad_kernel, _rho, _tag, _width
 
 __all__ = ["MIN_HEADS", "MAX_HEADS", "head_mixing_attention_bwd_tc", "head_mixing_attention_fwd_tc", "saved_copy_shapes"]
@@ -481,7 +481,7 @@ def _pad_kv(k: torch.Tensor, v: torch.Tensor, wk: int, wv: int) -> tuple[torch.T
     vp = _alloc((B, H, NK, wv), v.dtype, v.device)
     launch(Launch(
         f"head_mixing_pad_kv[{SHORT[k.dtype]},H{H},Nk{NK},Dk{DK},Dv{DV}]", _pad_kv_kernel,
-        (B * H, triton.cdiv(NK, PAD_ROWS)), [k, v, kp, vp, *k.stride(), *v.stride(), NK, H],
+        (B * H, cdiv(NK, PAD_ROWS)), [k, v, kp, vp, *k.stride(), *v.stride(), NK, H],
         dict(DK=DK, DV=DV, WK=wk, WV=wv, BLOCK_R=PAD_ROWS, BLOCK_C=triton.next_power_of_2(max(wk, wv))), 4, 1,
         reads=(k, v), writes=(kp, vp),
     ))  # fmt: skip
@@ -527,11 +527,11 @@ def _row_lse(
     # the kernel's running maximum is of the unscaled logits: a negative scale goes in as
     # -q and |scale| (exactly the same logits)
     qs = q if scale >= 0 else -q
-    num_qb = triton.cdiv(NQ, LSE_BLOCK_M)
-    num_nb = triton.cdiv(NK, LSE_BLOCK_N)
-    loops = {"start_n": NK // LSE_BLOCK_N, "tail_n": triton.cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)}
+    num_qb = cdiv(NQ, LSE_BLOCK_M)
+    num_nb = cdiv(NK, LSE_BLOCK_N)
+    loops = {"start_n": NK // LSE_BLOCK_N, "tail_n": cdiv(NK % LSE_BLOCK_N, LSE_TAIL_N)}
     if pad:
-        loops["copy_n"] = triton.cdiv(num_nb, num_qb)  # the busiest program's v blocks
+        loops["copy_n"] = cdiv(num_nb, num_qb)  # the busiest program's v blocks
     launch(Launch(
         f"head_mixing_lse_tc[{SHORT[q.dtype]},H{H},Nq{NQ},Nk{NK},D{DQ}{',pad' if pad else ''}]", _lse_tc_kernel,
         (num_qb * B * H,),
@@ -618,8 +618,8 @@ def head_mixing_attention_fwd_tc(
     # registers, sm_90a; 64 rows took 246 registers for 118.0 us); 9-16 heads: 16 (32
     # spilled 0.8-3 KB in the prototype)
     block_m = 32 if hp == 8 and NQ > 16 else BLOCK_M
-    num_qb = triton.cdiv(NQ, block_m)
-    num_kb = triton.cdiv(NK, BLOCK_N)
+    num_qb = cdiv(NQ, block_m)
+    num_kb = cdiv(NK, BLOCK_N)
     params = (pre_w, post_w, post_b, *((norm_w, norm_b) if has_norm else ()))
     flags = dict(HAS_PRE=pre_w is not None, HAS_POST=post_w is not None, HAS_POST_B=post_b is not None,
                  HAS_NORM=has_norm, HAS_NORM_W=has_norm and norm_w is not None,
@@ -1248,8 +1248,8 @@ def head_mixing_attention_bwd_tc(
     common_q = [*q_in.stride(), *kv_strides, *go_in.stride(), *rest]
     ptrs = [aw, pw, pbp, nwp, nbp]
     consts = dict(H=H, HP=hp, DK=dkr, DV=dvr, KA=ka, KB=kb, VA=va, VB=vb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **flags)
-    num_qb = triton.cdiv(NQ, BLOCK_M)
-    num_kb = triton.cdiv(NK, BLOCK_N)
+    num_qb = cdiv(NQ, BLOCK_M)
+    num_kb = cdiv(NK, BLOCK_N)
     delta = _alloc((B, H, NQ), torch.float32, dev)
     npart = 2 * hp * hp + 3 * hp
     part = _alloc((B * num_qb, npart), torch.float32, dev)
@@ -1281,13 +1281,13 @@ def head_mixing_attention_bwd_tc(
     if any(g is not None for g in grads):
         block_r, block_c = _PARAM_BLOCK
         launch(Launch(
-            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_kernel, (triton.cdiv(npart, block_c),),
+            f"head_mixing_bwd_params_tc[{tag}]", _param_grad_kernel, (cdiv(npart, block_c),),
             [part, *(part if g is None else g for g in grads), part.shape[0], npart],
             dict(H=H, HP=hp, BLOCK_R=block_r, BLOCK_C=block_c, HAS_PRE=flags["HAS_PRE"],
                  HAS_POST=flags["HAS_POST"], HAS_POST_B=flags["HAS_POST_B"],
                  HAS_NORM_W=flags["HAS_NORM_W"], HAS_NORM_B=flags["HAS_NORM_B"]),
             4, 1, reads=(part,), writes=tuple(g for g in grads if g is not None),
-            loops={"start_r": triton.cdiv(part.shape[0], block_r)},
+            loops={"start_r": cdiv(part.shape[0], block_r)},
         ))  # fmt: skip
     return dq, dk, dv, *grads
 
