@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 # stock implementations the package competes with; every "eager*" row (vit-pytorch's
 # and timm's code) is an eager baseline, and speed-ups are over the fastest of them
 PEERS = ("eager", "eager_timm", "torch", "compiled", "flex")
-NUMERIC = ("time_us", "tflops", "gbps", "fraction_of_floor", "images_per_s")
+NUMERIC = ("time_us", "tflops", "gbps", "fraction_of_floor", "images_per_s", "kernel_us", "graph_us", "host_us")
 
 
 @dataclasses.dataclass
@@ -211,7 +211,15 @@ COLUMNS = (
     ("of floor", lambda r: _fmt(r["fraction_of_floor"], ".0%")),
     ("vs eager", lambda r: _fmt(r["vs_eager"], ".2f", "x")),
     ("vs best peer", lambda r: _fmt(r["vs_best_peer"], ".2f", "x")),
+    ("kernel (us)", lambda r: _fmt(r["kernel_us"], ",.1f")),
+    ("graph (us)", lambda r: _fmt(r["graph_us"], ",.1f")),
+    ("host (us)", lambda r: _fmt(r["host_us"], ",.1f")),
 )
+# what the last three columns are, under a run that has them (bench/gpu_run.py)
+TIMES_NOTE = ("time: the median call timed by a CUDA event pair (the host's time where it is slower; "
+              "ratios and the floor use it); kernel: the device time of the call's kernels "
+              "(torch.profiler, summed); graph: the call replayed from a CUDA graph (no host cost); "
+              "host: the host's time to issue one call. All measured.")
 
 
 def render(
@@ -252,6 +260,8 @@ def render(
         if not run.rows:
             lines += ["(no benchmark rows in this file)", ""]
             continue
+        if any(r["kernel_us"] is not None or r["host_us"] is not None for r in run.rows):
+            lines += [TIMES_NOTE, ""]
         lines.append("| " + " | ".join(name for name, _ in COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
         for row in sorted(run.rows, key=lambda r: (str(r["workload"]), str(r["dtype"]))):

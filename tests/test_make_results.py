@@ -87,6 +87,31 @@ def test_rows_speedups_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_kernel_graph_and_host_times_get_their_columns(tmp_path):
+    """gpu_run's rows carry the kernels' device time, a graph replay and the host's time
+    beside the event time: each in its own column, blank where a row has none, and the
+    note that says what they are only under a run that has them."""
+    results, out, png = _paths(tmp_path)
+    k, g, h = (random.uniform(10, 900) for _ in range(3))
+    rows = [
+        _bench("m1[triton]", workload="M1", impl="triton", dtype="bfloat16", time_us=h + 1.0,
+               kernel_us=k, graph_us=g, host_us=h),
+        _bench("m1[eager]", workload="M1", impl="eager", dtype="bfloat16", time_us=2 * h),
+    ]  # fmt: skip
+    _write(results / "h200-2026-12-04.json", rows)
+    _write(results / "h200-2026-11-29.json", [_bench("a1", workload="A1", impl="eager", time_us=5.0)])
+    assert make_results.main(["--results", str(results), "--out", str(out), "--plot", str(png)]) == 0
+    text = out.read_text()
+    lines = [tuple(c.strip() for c in ln.strip("|").split("|")) for ln in text.splitlines() if ln.startswith("|")]
+    header = lines[0]
+    assert header[-3:] == ("kernel (us)", "graph (us)", "host (us)")
+    triton = [r for r in lines if r[:2] == ("M1", "triton")][0]
+    assert triton[-3:] == (f"{k:,.1f}", f"{g:,.1f}", f"{h:,.1f}")
+    assert [r for r in lines if r[:2] == ("M1", "eager")][0][-3:] == ("", "", "")
+    assert text.count(make_results.TIMES_NOTE) == 1  # under 2026-12-04 only
+    assert text.index(make_results.TIMES_NOTE) > text.index("## h200-2026-12-04")
+
+
 def test_fastest_eager_row_is_the_baseline(tmp_path):
     """vit-pytorch's and timm's eager code both count as eager (and as peers)."""
     results, out, png = _paths(tmp_path)
