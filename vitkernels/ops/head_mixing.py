@@ -365,7 +365,6 @@ class ReferenceBackend(Backend):
 
 BACKENDS: list[Backend] = [TritonBackend(), TorchBackend(), ReferenceBackend()]
 _DECISIONS = DecisionCache("head_mixing_attention", BACKENDS)
-_PARAM_NAMES = ("pre weight", "pre bias", "post weight", "post bias", "head_norm weight", "head_norm bias")
 
 
 # ----------------------------------------------------------------------------
@@ -556,8 +555,8 @@ def head_mixing_attention(
         pre = None if pre is None else (pre[0], pre[1])
         post = None if post is None else (post[0], post[1])
         head_norm = None if head_norm is None else (head_norm[0], head_norm[1], eps)
-        params = dict(zip(_PARAM_NAMES, _unpack(pre, post, head_norm)[:6], strict=True))
-        inputs = Inputs("head_mixing_attention", {"q": q, "k": k, "v": v, **params}, params=_PARAM_NAMES,
+        params = _params(pre, post, head_norm)
+        inputs = Inputs("head_mixing_attention", {"q": q, "k": k, "v": v, **params}, params=tuple(params),
                         kwargs=dict(q=q, k=k, v=v, scale=scale, pre=pre, post=post, head_norm=head_norm,
                                     dropout_p=dropout_p, dropout_site=dropout_site))  # fmt: skip
         return chosen.run(inputs)
