@@ -52,13 +52,14 @@ HERE = Path(__file__).resolve().parent
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str = "performer"  # "performer" or "orthogonal"
+    kind: str = "performer"  # "performer", "relpos" or "orthogonal"
     backend: str = "triton"
     dtype: str = "f16"
     w_dtype: str = "f32"
     layout: str = "test"  # "test": contiguous copies, as the test's clone() makes; "views":
-    # the strided views of one (B, T, 3E) projection
-    shape: tuple[int, int, int, int] = (1, 4096, 33, 17)  # B, T, E, M
+    # the strided views of one (B, T, 3E) projection; "pad16": rows of a buffer whose
+    # row stride is E rounded up to 16 elements
+    shape: tuple[int, ...] = (1, 4096, 33, 17)  # B, T, E, M (relpos: B, H, R, C, S, Dk, Dv)
     stages: int | None = None  # override the launch config's num_stages
     target_programs: int | None = None  # override the chunking heuristic
     backward: bool = True
@@ -66,8 +67,34 @@ class Variant:
 
 FAILING = (1, 4096, 33, 17)
 F = False  # forward only
+RELPOS_A2 = (8, 6, 7, 7, 1, 32, 64)  # tests/test_relpos_gpu.py's "A2"
 VARIANTS = [
+    # the third run (2026-12-04, second call): test_gradients[triton-A2-f16] of
+    # tests/test_relpos_gpu.py raised an illegal memory access where Triton loaded the
+    # dK/dV kernel, so in a launch before it (the forward or the dQ kernel); A1 before
+    # it passed
+    Variant(
+        "relpos triton f16 A2 B8H6 7x7 (the failing test case)", kind="relpos", shape=RELPOS_A2
+    ),
     Variant("triton f16 w f32 B1T4096E33M17 (the failing test case)"),
+    Variant(
+        "triton f16 w f32 B1T4096E48M17 (E 48: 64-wide tiles, rows 16-aligned)",
+        shape=(1, 4096, 48, 17),
+        backward=F,
+    ),
+    Variant("triton f16 w f32 B1T4096E40M17 (E 40)", shape=(1, 4096, 40, 17), backward=F),
+    Variant("triton f16 w f32 B1T4096E33M17, rows padded to 48", layout="pad16", backward=F),
+    Variant(
+        "triton f16 w f32 B1T4096E20M17 (E 20: 32-wide tiles)", shape=(1, 4096, 20, 17), backward=F
+    ),
+    Variant("relpos triton bf16 A2", kind="relpos", dtype="bf16", shape=RELPOS_A2),
+    Variant("relpos triton f32 A2", kind="relpos", dtype="f32", shape=RELPOS_A2),
+    Variant("relpos triton f16 A2 B1", kind="relpos", shape=(1, 6, 7, 7, 1, 32, 64)),
+    Variant(
+        "relpos triton f16 7x7 Dk16 (shrink 7to4 unstrided)",
+        kind="relpos",
+        shape=(4, 12, 7, 7, 1, 16, 64),
+    ),
     Variant("triton f16 w f32 B1T4096E34M17 (E even)", shape=(1, 4096, 34, 17), backward=F),
     Variant("triton f16 w f32 B1T4096E32M17 (E 32)", shape=(1, 4096, 32, 17), backward=F),
     Variant("triton f16 w f32 B1T4096E33M16 (M even)", shape=(1, 4096, 33, 16), backward=F),
@@ -77,8 +104,12 @@ VARIANTS = [
     Variant("cuda f16 w f32 B1T4096E33M17", backend="cuda"),
     Variant("triton f16 w f32 B1T4096E33M17, 1 stage", stages=1, backward=F),
     Variant("triton f16 w f32 B1T4096E33M17, 4 tiles per chunk", target_programs=16, backward=F),
-    Variant("triton f16 w f32 B2T1000E20M5 (passed on the GPU)", shape=(2, 1000, 20, 5), backward=F),
-    Variant("triton f16 w f32 B1T4096E32M16 (aligned control)", shape=(1, 4096, 32, 16), backward=F),
+    Variant(
+        "triton f16 w f32 B2T1000E20M5 (passed on the GPU)", shape=(2, 1000, 20, 5), backward=F
+    ),
+    Variant(
+        "triton f16 w f32 B1T4096E32M16 (aligned control)", shape=(1, 4096, 32, 16), backward=F
+    ),
     Variant("triton f16 w f16 B1T4096E33M17", w_dtype="f16", backward=F),
     Variant("triton f16 w f32 strided B1T4096E33M17", layout="views", backward=F),
     Variant("orthogonal_ on cuda, 17x33 (the test's feature matrix)", kind="orthogonal"),
@@ -106,6 +137,10 @@ def run_variant(v: Variant, device: str) -> None:
             torch.cuda.synchronize()
         print(f"STEP {name} ok", flush=True)
 
+    if v.kind == "relpos":
+        with _traced_launches(v, step):
+            _run_relpos(v, device, step)
+        return
     B, T, E, M = v.shape
     if v.kind == "orthogonal":
         for _ in range(3):
@@ -124,6 +159,25 @@ def _traced_launches(v: Variant, step):
     launch-config overrides; restored on exit."""
     if v.backend != "triton":
         yield
+        return
+    if v.kind == "relpos":
+        import vitkernels.triton.relpos as tr
+
+        inner_r = tr.launch
+
+        def traced_r(spec):
+            print(
+                f"LAUNCH {spec.name} grid={spec.grid} warps={spec.num_warps} {spec.constexprs}",
+                flush=True,
+            )
+            inner_r(spec)
+            step(f"launch {spec.name}")
+
+        tr.launch = traced_r
+        try:
+            yield
+        finally:
+            tr.launch = inner_r
         return
     import vitkernels.triton.performer as tp
 
@@ -153,6 +207,7 @@ def _run_performer(v: Variant, device: str, step) -> None:
 
     import vitkernels
     from vitkernels.backends import reference
+
     B, T, E, M = v.shape
     dtype = getattr(torch, DTYPES[v.dtype])
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +217,14 @@ def _run_performer(v: Variant, device: str, step) -> None:
     kqv = kqv.to(device=device, dtype=dtype)
     w = w.to(device=device, dtype=getattr(torch, DTYPES[v.w_dtype]))
     k, q, v_ = kqv.split(E, dim=-1)
-    if v.layout == "views":  # strided views of the projection (row stride 3E)
+    if v.layout == "pad16":  # each a (B, T, E) view of a buffer with 16-aligned rows
+        width = -(-E // 16) * 16
+        leaves = []
+        for t in (q, k, v_):
+            buf = torch.zeros(B, T, width, device=device, dtype=dtype)
+            buf[..., :E] = t
+            leaves.append(buf[..., :E].detach().requires_grad_())
+    elif v.layout == "views":  # strided views of the projection (row stride 3E)
         leaves = [t.detach().requires_grad_() for t in (q, k, v_)]
     else:  # as the test: clone() of a split view is a contiguous copy (row stride E)
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v_)]
@@ -176,9 +238,79 @@ def _run_performer(v: Variant, device: str, step) -> None:
     print(f"INFO forward rel err {err:.2e}, finite {finite}", flush=True)
     if not finite or not err <= WRONG_ABOVE[v.dtype]:
         print(f"WRONG forward rel err {err:.2e} > {WRONG_ABOVE[v.dtype]:.0e}", flush=True)
+    if (
+        v.backend == "triton"
+    ):  # which kernel: the key statistics (fwd_kv, merged) or y from them (fwd_q)
+        _performer_stats(leaves, w, step)
     if v.backward:
         y.float().square().sum().backward()
         step("backward")
+
+
+def _performer_stats(leaves, w, step) -> None:
+    """The triton forward's saved statistics (lks = logsumexp_t a(k), vbar = the
+    softmax-over-tokens average of v) against float64, and y recomputed in float64
+    from the kernel's own statistics: separates performer_fwd_kv from performer_fwd_q."""
+    import torch
+
+    from vitkernels.triton import performer as tp
+
+    q, k, v = (t.detach() for t in leaves)
+    y, lks, vbar = tp.performer_attention_fwd(q, k, v, w.detach(), 1e-8)
+    step("triton forward, statistics")
+    wd = w.detach().double()
+
+    def logits(x):
+        x = x.double()
+        return torch.einsum("bte,me->btm", x, wd) - (x * x).sum(-1, keepdim=True) / 2
+
+    ak = logits(k)
+    lks_ref = torch.logsumexp(ak, dim=1)  # (B, M)
+    vbar_ref = torch.einsum("btm,bte->bme", torch.exp(ak - lks_ref[:, None, :]), v.double())
+    aq = logits(q) + lks.double()[:, None, :]  # y from the kernel's statistics
+    pq = torch.softmax(aq, dim=-1)
+    y_from = torch.einsum("btm,bme->bte", pq, vbar.double())
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    print(f"INFO lks rel err {rel(lks, lks_ref):.2e}; vbar rel err {rel(vbar, vbar_ref):.2e}; "
+          f"y vs float64 from the kernel's own lks/vbar {rel(y, y_from):.2e}", flush=True)  # fmt: skip
+
+
+def _run_relpos(v: Variant, device: str, step) -> None:
+    import torch
+
+    import vitkernels
+    from vitkernels.backends import reference
+
+    B, H, R, C, S, Dk, Dv = v.shape
+    dtype = getattr(torch, DTYPES[v.dtype])
+    Nq, Nk = -(-R // S) * -(-C // S), R * C
+    gen = torch.Generator().manual_seed(0)
+    q, k, vv = (torch.randn(B, H, n, d, generator=gen) for n, d in ((Nq, Dk), (Nk, Dk), (Nk, Dv)))
+    table = torch.randn(H, Nk, generator=gen)
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, vv)]
+    leaves.append(table.to(device).requires_grad_())  # float32, as the test
+    kw = dict(fmap_size=(R, C), q_stride=S, bias_scale=0.8)
+    step("inputs")
+    out = vitkernels.relpos_attention(*leaves, **kw, backend=v.backend)
+    step("forward")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.relpos_attention(*ref_leaves, scale=Dk**-0.5, **kw)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"INFO forward rel err {err:.2e}", flush=True)
+    bad = not err <= WRONG_ABOVE[v.dtype]
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, g.to(device=device, dtype=dtype))
+    step("backward")
+    ref.backward(g.to(device))
+    for name, a, b in zip(("dq", "dk", "dv", "dtable"), grads, ref_leaves, strict=True):
+        e = ((a.double() - b.grad).norm() / b.grad.norm()).item()
+        print(f"INFO {name} rel err {e:.2e}", flush=True)
+        bad = bad or not e <= 3 * WRONG_ABOVE[v.dtype]
+    if bad:
+        print("WRONG a result past the tolerance (INFO lines)", flush=True)
 
 
 def child(name: str) -> int:
@@ -261,7 +393,7 @@ def parent(work: Path, deadline: float, dry_run: bool) -> int:
         record(variant=v.name, seconds=round(time.time() - t0, 1), **rec)
         log(f"{v.name}: {rec['status']}" + (f" after {rec.get('after_step')}, last launch "
             f"{rec.get('last_launch')}: {rec.get('error')}" if rec["status"] != "ok" else ""))  # fmt: skip
-        if rec["status"] == "FAIL" and first_fault is None and v.kind == "performer":
+        if rec["status"] == "FAIL" and first_fault is None and v.kind != "orthogonal":
             first_fault = v
     tool = sanitizer()
     if first_fault is None:
