@@ -18,12 +18,18 @@ pipelining, chunking, the shape) so that the record says what the fault depends 
 The first variant that faults is then run once more under compute-sanitizer (memcheck,
 PyTorch's caching allocator off) where the toolkit has it, for the faulting address.
 
+The third run (bench/results/gpu-check-2026-12-04-run2/) added relpos variants (kind
+"relpos": the gradient test that faulted in tests/test_relpos_gpu.py, A2 in 16-bit) and
+each performer variant's statistics against float64 (which of the two forward kernels
+is wrong); the triton backend's refusal of the relpos backward there is lifted in the
+child too (vitkernels.ops.relpos.REFUSE_FAULTING_BACKWARD_ON_GPU).
+
 The second run (bench/results/gpu-check-2026-12-04/) saw no fault, but a WRONG forward
 at that case (relative error 0.905 against float64, w float32 or float16, views or
 copies alike; the interpreter gives 2.4e-4 on the same inputs), and the deadline cut
 every other variant. So each performer variant now also checks its forward against
 float64 (status "wrong" past the dtype's tolerance), the triton backend's refusal of
-an odd E on a GPU is lifted in the child (vitkernels.ops.performer.REFUSE_ODD_E_ON_GPU),
+an odd E on a GPU is lifted in the child (vitkernels.ops.performer.REFUSE_WRONG_E_ON_GPU),
 and the variants that tell the cause apart come first: E even / odd, M, dtype, one
 tile, the cuda backend; most run the forward only, to fit more in the stage.
 
@@ -319,8 +325,11 @@ def child(name: str) -> int:
         print(f"no variant named {name!r}", file=sys.stderr)
         return 2
     from vitkernels.ops import performer as performer_ops
+    from vitkernels.ops import relpos as relpos_ops
 
-    performer_ops.REFUSE_ODD_E_ON_GPU = False  # this process runs the kernels where they were wrong
+    # this process runs the kernels where they were wrong or faulted
+    performer_ops.REFUSE_WRONG_E_ON_GPU = False
+    relpos_ops.REFUSE_FAULTING_BACKWARD_ON_GPU = False
     run_variant(v, "cuda")
     print("DONE", flush=True)
     return 0

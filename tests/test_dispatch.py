@@ -213,40 +213,84 @@ def test_sm80_and_newer_take_the_triton_kernels(capability):
             assert dict(verdicts)["triton"] == []
 
 
-def test_performer_triton_refuses_an_odd_e_on_a_gpu_only(capability, monkeypatch):
-    """The compiled performer kernels gave a wrong result at E=33 on an H200 (relative
-    error 0.905; the interpreter is right): on CUDA tensors the triton backend refuses
-    an odd E, naming it, and dispatch takes another backend; even E and the interpreter
-    (CPU tensors) are unaffected."""
+def test_performer_triton_refuses_the_e_a_gpu_got_wrong(capability, monkeypatch):
+    """The compiled performer kernels gave wrong results at E 33, 34 and 40 on an H200
+    (relative error 0.7-0.9; the interpreter is right; E 20, 32, 48, 64 right): on CUDA
+    tensors the triton backend refuses an odd E and an E between 32 and 64 that is not a
+    multiple of 16, naming it, and dispatch takes another backend; other E and the
+    interpreter (CPU tensors) are unaffected."""
     from vitkernels import cuda
 
     capability((9, 0))
     with FakeTensorMode():
-        def call(E, M=17):
-            t = lambda *shape: torch.empty(*shape, device="cuda", dtype=torch.float16)  # noqa: E731
+        def call(E, M=17, dtype=torch.float16):
+            t = lambda *shape: torch.empty(*shape, device="cuda", dtype=dtype)  # noqa: E731
             return t(1, 64, E), t(1, 64, E), t(1, 64, E), t(M, E)
 
-        for E in (33, 21, 1):
-            chosen, verdicts = performer.which_backend(*call(E))
+        for E, dtype in ((33, torch.float16), (21, torch.float16), (1, torch.float16), (34, torch.bfloat16),
+                         (40, torch.float16), (63, torch.float32), (50, torch.float16)):  # fmt: skip
+            chosen, verdicts = performer.which_backend(*call(E, dtype=dtype))
             reasons = dict(verdicts)["triton"]
-            assert len(reasons) == 1 and f"E={E} is odd" in reasons[0] and "wrong result" in reasons[0]
+            assert len(reasons) == 1 and reasons[0].startswith(f"E={E}:") and "wrong results" in reasons[0]
             assert chosen != "triton" and chosen in ("cuda", "torch"), verdicts
             if cuda.unavailable_reason() is not None:
                 assert chosen == "torch", verdicts
-            with pytest.raises(BackendNotSupportedError, match=f"backend 'triton'.*E={E} is odd"):
-                vitkernels.performer_attention(*call(E), backend="triton")
-        for E in (34, 32, 20, 64):
+            with pytest.raises(BackendNotSupportedError, match=f"backend 'triton'.*E={E}: on a GPU"):
+                vitkernels.performer_attention(*call(E, dtype=dtype), backend="triton")
+        for E in (2, 16, 20, 24, 30, 32, 48, 64):
             chosen, verdicts = performer.which_backend(*call(E))
-            assert dict(verdicts)["triton"] == [], verdicts
+            assert dict(verdicts)["triton"] == [], (E, verdicts)
         # the switch the GPU probe turns off
-        monkeypatch.setattr(performer, "REFUSE_ODD_E_ON_GPU", False)
+        monkeypatch.setattr(performer, "REFUSE_WRONG_E_ON_GPU", False)
         assert dict(performer.which_backend(*call(33))[1])["triton"] == []
     # the interpreter runs an odd E (CPU tensors; its result is checked in test_performer.py)
-    monkeypatch.setattr(performer, "REFUSE_ODD_E_ON_GPU", True)
+    monkeypatch.setattr(performer, "REFUSE_WRONG_E_ON_GPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.randn(1, 8, 33)
     w = torch.randn(17, 33)
     assert dict(performer.which_backend(q, q, q, w, backend="triton")[1])["triton"] == []
+
+
+def test_relpos_triton_refuses_training_where_its_backward_faulted(capability, monkeypatch):
+    """The triton dQ kernel raised an illegal memory access on an H200 at LeViT-256's
+    7 x 7 stage (Dk 32, float16/bfloat16): on CUDA tensors the triton backend refuses
+    such calls when they will need the backward (an input requires grad, grad mode on),
+    naming the cause, and dispatch takes another backend; inference, Dk 16, float32 and
+    the other grids are unaffected."""
+    from vitkernels import cuda
+
+    capability((9, 0))
+    with FakeTensorMode():
+        def call(R, C, dk, dv, dtype=torch.float16, grad=True, s=1):
+            nq = -(-R // s) * -(-C // s)
+            t = lambda *shape: torch.empty(*shape, device="cuda", dtype=dtype).requires_grad_(grad)  # noqa: E731
+            table = torch.empty(6, R * C, device="cuda").requires_grad_(grad)
+            return (t(2, 6, nq, dk), t(2, 6, R * C, dk), t(2, 6, R * C, dv), table), dict(fmap_size=(R, C),
+                                                                                           q_stride=s)  # fmt: skip
+
+        for R, C, dk, dv, dtype in ((7, 7, 32, 64, torch.float16), (7, 7, 32, 64, torch.bfloat16),
+                                    (8, 8, 32, 128, torch.float16), (7, 7, 64, 64, torch.float16)):  # fmt: skip
+            args, kw = call(R, C, dk, dv, dtype)
+            chosen, verdicts = relpos.which_backend(*args, **kw)
+            reasons = dict(verdicts)["triton"]
+            assert len(reasons) == 1 and f"{R} x {C} grid with Dk={dk}" in reasons[0], verdicts
+            assert "illegal memory access" in reasons[0] and chosen in ("cuda", "torch"), verdicts
+            if cuda.unavailable_reason() is not None:
+                assert chosen == "torch", verdicts
+            with pytest.raises(BackendNotSupportedError, match=f"backend 'triton'.*{R} x {C} grid"):
+                vitkernels.relpos_attention(*args, **kw, backend="triton")
+            # inference takes the triton forward (right on the GPU)
+            assert relpos.which_backend(*call(R, C, dk, dv, dtype, grad=False)[0], **kw)[0] == "triton"
+            with torch.no_grad():
+                assert relpos.which_backend(*args, **kw)[0] == "triton"
+        for R, C, dk, dv, dtype, s in ((7, 7, 16, 64, torch.float16, 1), (7, 7, 32, 64, torch.float32, 1),
+                                       (14, 14, 32, 64, torch.float16, 1), (4, 4, 32, 64, torch.float16, 1),
+                                       (14, 14, 32, 128, torch.bfloat16, 2), (7, 7, 16, 64, torch.float16, 2)):  # fmt: skip
+            args, kw = call(R, C, dk, dv, dtype, s=s)
+            assert dict(relpos.which_backend(*args, **kw)[1])["triton"] == [], (R, C, dk, dtype)
+        monkeypatch.setattr(relpos, "REFUSE_FAULTING_BACKWARD_ON_GPU", False)
+        args, kw = call(7, 7, 32, 64)
+        assert dict(relpos.which_backend(*args, **kw)[1])["triton"] == []
 
 
 def test_forced_cuda_names_the_extension_on_every_op(capability):

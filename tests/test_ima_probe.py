@@ -24,13 +24,15 @@ probe = _load("ima_probe")
 gpu_run = _load("gpu_run")
 
 
-def test_variant_names_are_unique_and_the_failing_case_is_first():
-    """The failing case first (with its backward), then the variants that tell the
-    second run's wrong forward apart (E even / odd, M, dtype, one tile, cuda); torch's
-    orthogonal_, cleared by the second run, last."""
+def test_variant_names_are_unique_and_the_failing_cases_come_first():
+    """The relpos gradient case that faulted first, then the performer's failing case
+    (with its backward) and the variants that tell its wrong forward apart (E, M,
+    dtype, one tile, cuda); torch's orthogonal_, cleared by the second run, last."""
     names = [v.name for v in probe.VARIANTS]
     assert len(names) == len(set(names))
-    first = probe.VARIANTS[0]
+    relpos = probe.VARIANTS[0]
+    assert (relpos.kind, relpos.dtype, relpos.shape) == ("relpos", "f16", (8, 6, 7, 7, 1, 32, 64))
+    first = probe.VARIANTS[1]
     assert (first.backend, first.dtype, first.w_dtype, first.layout, first.shape, first.backward) == (
         "triton",
         "f16",
@@ -39,7 +41,8 @@ def test_variant_names_are_unique_and_the_failing_case_is_first():
         (1, 4096, 33, 17),
         True,
     )
-    assert [v.shape for v in probe.VARIANTS[1:4]] == [(1, 4096, 34, 17), (1, 4096, 32, 17), (1, 4096, 33, 16)]
+    shapes = {v.shape for v in probe.VARIANTS if v.kind == "performer"}
+    assert {(1, 4096, 34, 17), (1, 4096, 32, 17), (1, 4096, 33, 16), (1, 4096, 40, 17), (1, 4096, 48, 17)} <= shapes
     assert probe.VARIANTS[-1].kind == "orthogonal"
     assert set(probe.WRONG_ABOVE) == set(probe.DTYPES)
 
@@ -122,3 +125,34 @@ def test_report_lists_probe_faults_and_fails_on_ours_only(tmp_path, capsys):
     assert gpu_run.report(work, tmp_path / "out", tmp_path) == 0
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert f"wrong {probe.VARIANTS[1].name} (forward rel err 9.05e-01, finite True)" in summary
+
+
+def test_a_relpos_variant_runs_its_steps_on_cpu(capsys):
+    """The relpos kind (the gradient test that faulted on the GPU) on CPU tensors in the
+    interpreter: each launch named and synchronised, forward and gradients against
+    float64, the launcher restored."""
+    pytest.importorskip("vitkernels.triton.relpos")
+    import vitkernels.triton.relpos as tr
+
+    before = tr.launch
+    probe.run_variant(probe.Variant("cpu", kind="relpos", shape=(2, 3, 7, 7, 1, 32, 64)), "cpu")
+    assert tr.launch is before
+    rec = probe.outcome(capsys.readouterr().out + "DONE\n", 0)
+    assert rec["status"] == "ok", rec
+    steps = [s.split("[")[0] for s in rec["steps_ok"]]
+    assert steps == ["inputs", "launch relpos_fwd", "forward", "launch relpos_dq", "launch relpos_dkdv", "backward"]
+    errs = {i.split()[0]: float(i.split()[-1]) for i in rec["info"]}
+    assert set(errs) == {"forward", "dq", "dk", "dv", "dtable"} and max(errs.values()) < 2e-3, errs
+
+
+def test_a_performer_variant_reports_which_kernel_is_wrong(capsys):
+    """Each triton performer variant compares the forward's saved statistics (lks,
+    vbar: performer_fwd_kv) with float64 and y with float64 from those statistics
+    (performer_fwd_q); right in the interpreter, rows padded to 16 included."""
+    pytest.importorskip("vitkernels.triton.performer")
+    probe.run_variant(probe.Variant("cpu", dtype="f16", layout="pad16", shape=(1, 70, 33, 17), backward=False), "cpu")
+    rec = probe.outcome(capsys.readouterr().out + "DONE\n", 0)
+    assert rec["status"] == "ok", rec
+    stats = next(i for i in rec["info"] if i.startswith("lks rel err"))
+    errs = [float(x.split()[-1]) for x in stats.split(";")]
+    assert len(errs) == 3 and max(errs) < 2e-3, stats

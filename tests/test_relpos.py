@@ -942,3 +942,38 @@ def test_fused_backward(case, dtype, view, reload, monkeypatch, poisoned):
     monkeypatch.setattr(tk, "launch", spy)
     check_grads("triton", q, k, v, table, kwargs_of(FUSED[case]), GRAD_TOL[dtype], f"{case} {view}")
     assert names[-3:] == FUSED_NAMES
+
+
+def test_faulting_dq_names_exactly_the_launches_of_that_configuration():
+    """``faulting_dq`` (what dispatch refuses for training on a GPU) says yes exactly
+    where the recorded backward launches ``_bwd_dq_kernel`` at one block of 64 query
+    slots against 64 key slots with Dk blocks of 32 or more in 16-bit (the
+    configuration that faulted on an H200): over grids, strides, head sizes and both
+    architectures, the helper and the launchers agree."""
+    from vitkernels.triton._common import recording
+
+    def recorded(R, C, s, dk, dv, dtype, arch):
+        nq, nk = -(-R // s) * -(-C // s), R * C
+        q, k = torch.empty(2, 2, nq, dk, device="meta", dtype=dtype), torch.empty(2, 2, nk, dk, device="meta", dtype=dtype)
+        v, table = torch.empty(2, 2, nk, dv, device="meta", dtype=dtype), torch.empty(2, nk, device="meta")
+        with recording(arch) as rec:
+            out, lse = tk.relpos_attention_fwd(q, k, v, table, R, C, s, dk**-0.5, 0.8)
+            tk.relpos_attention_bwd(out, q, k, v, table, out, lse, R, C, s, dk**-0.5, 0.8)
+        for la in rec.launches:
+            if la.kernel is tk._bwd_dq_kernel:
+                cx = la.constexprs
+                return cx["QR"] * cx["CQP"] == 64 and cx["TRP"] * cx["CP"] == 64 and cx["BLOCK_DK"] >= 32
+        return False
+
+    seen = set()
+    for R, C, s in ((7, 7, 1), (8, 8, 1), (5, 8, 1), (7, 7, 2), (14, 14, 1), (14, 14, 2), (4, 4, 1), (6, 5, 1),
+                    (8, 7, 1), (1, 1, 1), (7, 8, 3), (16, 16, 2)):  # fmt: skip
+        for dk, dv in ((16, 32), (16, 64), (32, 64), (32, 128), (64, 64), (20, 40)):
+            for dtype in (torch.float16, torch.bfloat16):
+                for arch in (80, 90):
+                    got = tk.faulting_dq(R, C, s, dk, dv, dtype, arch, dk**-0.5, dk % 8 == 0 and dv % 8 == 0)
+                    assert got == recorded(R, C, s, dk, dv, dtype, arch), (R, C, s, dk, dv, dtype, arch)
+                    seen.add(got)
+    assert seen == {True, False}
+    assert not tk.faulting_dq(7, 7, 1, 32, 64, torch.float32, 90, 32**-0.5)
+    assert tk.faulting_dq(7, 7, 1, 32, 64, torch.float16, 90, 32**-0.5)  # LeViT-256's 7 x 7 stage (A2)

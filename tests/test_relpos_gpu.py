@@ -109,6 +109,26 @@ def test_forward(backend, case, dtype):
     assert_close(out, ref64(q, k, v, table, **kw)[0], TOL[dtype], f"{backend} {case}")
 
 
+def _training_refused(backend, leaves, kw) -> bool:
+    """Where the triton backward raised an illegal memory access on an H200 (LeViT's
+    7 x 7 stage at Dk 32, 16-bit: vitkernels.triton.relpos.faulting_dq), the triton
+    backend refuses training calls, naming the fault: checked here, True. The kernel
+    itself runs in bench/ima_probe.py, one process per variant (a fault poisons this
+    process's CUDA context, and every later test with it)."""
+    from vitkernels.triton import relpos as tk
+    from vitkernels.triton._common import target_arch
+
+    q, k, v, _ = leaves
+    R, C = kw["fmap_size"]
+    faulting = tk.faulting_dq(R, C, kw["q_stride"], q.shape[-1], v.shape[-1], q.dtype, target_arch(q.device),
+                              q.shape[-1] ** -0.5, tk.aligned_strides(q, k, v))  # fmt: skip
+    if backend != "triton" or not faulting:
+        return False
+    with pytest.raises(vitkernels.BackendNotSupportedError, match="illegal memory access in the triton dQ"):
+        vitkernels.relpos_attention(*leaves, **kw, backend="triton")
+    return True
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 @pytest.mark.parametrize("backend", _backends())
@@ -118,6 +138,8 @@ def test_gradients(backend, case, dtype):
     q, k, v, table = make(CASES[case], dtype, layout=layout, table_dtype=torch.float32)
     kw = kw_of(CASES[case], layout)
     leaves = [t.requires_grad_() for t in (q, k, v, table)]
+    if _training_refused(backend, leaves, kw):
+        return
     out = vitkernels.relpos_attention(*leaves, **kw, backend=backend)
     expected, ref_leaves = ref64(q, k, v, table, **kw)
     g = torch.randn_like(expected)
@@ -152,6 +174,8 @@ def test_table_gradient_at_every_layer_shape(backend, layer, dtype):
     q, k, v, table = make(case, dtype, table_dtype=torch.float32)
     table.requires_grad_()
     kw = kw_of(case)
+    if _training_refused(backend, (q, k, v, table), kw):
+        return
     out = vitkernels.relpos_attention(q, k, v, table, **kw, backend=backend)
     expected, ref_leaves = ref64(q, k, v, table, **kw)
     g = torch.randn_like(expected)

@@ -9,7 +9,7 @@ float64 on the reference and torch backends); the result has q's dtype.
 
 Backends, in automatic priority order: cuda (the compiled extension, where the speed
 evidence says it is at least as fast as triton: vitkernels/evidence.py), triton
-(not for an odd E on a GPU: see REFUSE_ODD_E_ON_GPU), torch (a stable stock-PyTorch composite, the automatic choice on CPU), reference
+(not for the E a GPU computed wrongly: see REFUSE_WRONG_E_ON_GPU), torch (a stable stock-PyTorch composite, the automatic choice on CPU), reference
 (the literal formula). The triton and cuda backends run through the custom ops
 ``vitkernels::performer_attention_fwd`` / ``_bwd`` (fake impls and autograd
 registered), so they work under ``torch.compile(fullgraph=True)``; plain eager calls
@@ -47,13 +47,22 @@ MAX_E = 64
 MAX_M = 32
 
 # The compiled Triton kernels gave a WRONG result on a GPU where the Triton interpreter
-# (the CPU tests) gives the right one: H200, triton 3.6, 2026-12-04 (bench/NOTES.md),
-# B1 T4096 E33 M17 float16 forward, relative error 0.905 against float64. E 64, 48 and
-# 20 were right there (M 32, 24, 5); an odd E is what the failing shape alone has. Until
-# a GPU run finds the cause, the triton backend refuses odd E on CUDA tensors (no model
-# uses one: T2T-ViT's is 64) and dispatch runs them elsewhere. bench/ima_probe.py sets
-# this False to run the kernels there on purpose.
-REFUSE_ODD_E_ON_GPU = True
+# (the CPU tests) gives the right one (H200, triton 3.6, 2026-12-04, bench/NOTES.md):
+# the forward at B1 T4096 M17, float16 and bfloat16, relative error 0.7-0.9 against
+# float64 at E 33, 34 and 40 (and an illegal address at E 33 M 16); right at E 20, 32,
+# 48 and 64, and in float32 at E 33. The key statistics' kernel (performer_fwd_kv) is
+# the wrong one, where E is not a multiple of 16 and its tiles are 64 wide (32 < E <
+# 64). Until a GPU run shows a fix, the triton backend refuses those E, and odd E (the
+# first failing case; odd E <= 32 never ran on a GPU), on CUDA tensors; dispatch runs
+# them elsewhere (no model uses one: T2T-ViT's E is 64). bench/ima_probe.py sets this
+# False to run the kernels there on purpose.
+REFUSE_WRONG_E_ON_GPU = True
+
+
+def gpu_wrong_e(E: int) -> bool:
+    """Whether the triton backend's compiled kernels are refused at this E on a GPU
+    (REFUSE_WRONG_E_ON_GPU)."""
+    return E % 2 == 1 or (32 < E < 64 and E % 16 != 0)
 
 # ----------------------------------------------------------------------------
 # custom ops (the triton and cuda backends)
@@ -205,11 +214,12 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
         reasons = super().not_supported_reasons(inputs)
         E = inputs.sizes.get("E")
-        if REFUSE_ODD_E_ON_GPU and inputs.device.type == "cuda" and E is not None and E % 2:
+        if REFUSE_WRONG_E_ON_GPU and inputs.device.type == "cuda" and E is not None and gpu_wrong_e(E):
             reasons.append(
-                f"E={E} is odd: on a GPU the compiled kernels gave a wrong result at E=33 "
-                "(H200, 2026-12-04; right in the Triton interpreter), so odd E runs on "
-                "another backend until that is found"
+                f"E={E}: on a GPU the compiled kernels gave wrong results at E 33, 34 and 40 "
+                "(H200, 2026-12-04; right in the Triton interpreter and at E 20, 32, 48, 64), "
+                "so an odd E, or one between 32 and 64 that is not a multiple of 16, runs on "
+                "another backend until a fix is shown on a GPU"
             )
         return reasons
 

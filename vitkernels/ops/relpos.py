@@ -47,6 +47,7 @@ from vitkernels.ops._dispatch import (
     KERNEL_DTYPES,
     Backend,
     Inputs,
+    _dtype_name,
     explain,
     select,
     triton_import_error,
@@ -65,6 +66,15 @@ TRITON_MAX_SIDE = 64
 CUDA_MAX_HEAD_DIM = 128
 CUDA_MAX_TABLE = 8192
 
+
+# The triton backward raised an illegal memory access on a GPU at LeViT-256's 7 x 7
+# stage in float16/bfloat16 (H200, triton 3.6, 2026-12-04, bench/NOTES.md), in one
+# configuration of its dQ kernel (vitkernels.triton.relpos.faulting_dq; the Triton
+# interpreter finds no out-of-bounds access). Until a GPU run shows a fix, the triton
+# backend refuses calls that would take that backward (inputs that require grad, grad
+# mode on) on CUDA tensors, and dispatch takes another backend for them;
+# bench/ima_probe.py sets this False to run the kernel there on purpose.
+REFUSE_FAULTING_BACKWARD_ON_GPU = True
 
 # ----------------------------------------------------------------------------
 # custom ops (the triton and cuda backends)
@@ -239,6 +249,29 @@ class TritonBackend(Backend):
     min_compute_capability = (8, 0)
     max_sizes = {"Dk": TRITON_MAX_HEAD_DIM, "Dv": TRITON_MAX_HEAD_DIM, "max(R, C)": TRITON_MAX_SIDE}
     requirements = (triton_import_error,)
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        if reasons or not REFUSE_FAULTING_BACKWARD_ON_GPU or inputs.device.type != "cuda":
+            return reasons
+        kw = inputs.kwargs
+        if not (torch.is_grad_enabled() and any(kw[n].requires_grad for n in _TENSORS)):
+            return reasons  # no backward: the forward kernels were right on the GPU
+        from vitkernels.triton import relpos as tk
+        from vitkernels.triton._common import target_arch
+
+        q, v = kw["q"], kw["v"]
+        R, C = kw["fmap_size"]
+        dk, dv = q.shape[-1], v.shape[-1]
+        aligned = tk.aligned_strides(q, kw["k"], v)
+        if tk.faulting_dq(R, C, kw["q_stride"], dk, dv, q.dtype, target_arch(q.device), kw["scale"], aligned):
+            reasons.append(
+                f"the backward at a {R} x {C} grid with Dk={dk} in {_dtype_name(q.dtype)} raised an "
+                "illegal memory access in the triton dQ kernel on a GPU (H200, 2026-12-04; "
+                "LeViT's 7 x 7 stage at Dk 32), so its training calls run on another backend "
+                "until a fix is shown on a GPU (inference is unaffected)"
+            )
+        return reasons
 
     def run(self, inputs: Inputs) -> torch.Tensor:
         return _run_kernel("triton", inputs)

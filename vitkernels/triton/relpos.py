@@ -1199,6 +1199,16 @@ def _f32_tiles(t: torch.Tensor) -> bool:
     return float32_tiles(t, _F32_TILES_ON_CPU)
 
 
+def aligned_strides(*tensors: torch.Tensor) -> bool:
+    """``_vector_loads`` without the data pointers (which fake tensors lack): whether
+    every row of every tensor is contiguous and a multiple of 16 bytes from the next."""
+    for t in tensors:
+        step = 16 // t.element_size()
+        if t.stride(-1) != 1 or any(s % step for s in t.stride()[:-1]):
+            return False
+    return True
+
+
 def _vector_loads(*tensors: torch.Tensor) -> bool:
     """Whether every row of every tensor starts 16-byte aligned and is contiguous (its
     loads vectorize; the backward's larger tiles need that to stay in registers), and
@@ -1323,6 +1333,31 @@ def relpos_attention_fwd(
         loops={"_start_n": max(0, nk_full // block_n - 1), "g": group},
     ))  # fmt: skip
     return out, lse
+
+
+def faulting_dq(
+    fmap_rows: int, fmap_cols: int, q_stride: int, dk: int, dv: int, dtype: torch.dtype, arch: int, scale: float,
+    aligned_rows: bool = True,
+) -> bool:  # fmt: skip
+    """Whether the backward of these inputs would launch the dQ kernel in the
+    configuration that raised an illegal memory access on a GPU: ``_bwd_dq_kernel``
+    taking every key in one block of 64 query slots against 64 key slots, with Dk
+    blocks of 32 or more, in float16 or bfloat16 (H200, triton 3.6, 2026-12-04,
+    bench/NOTES.md: LeViT-256's 7 x 7 stage, B 8 and B 1; the same kernel at Dk 16, and
+    float32 with its own tiles, were right; the Triton interpreter finds no
+    out-of-bounds access). Mirrors ``relpos_attention_bwd``'s choices; aligned_rows:
+    whether q, k, v's rows may start 16-byte aligned (``_vector_loads``; where they
+    cannot, the key-blocked dQ kernel runs instead)."""
+    if dtype not in (torch.float16, torch.bfloat16) or not aligned_rows:
+        return False
+    if _pow2(fmap_rows) * _pow2(fmap_cols) > _DQ_MAX_KEYS:
+        return False
+    cx = _dq_cfg(fmap_rows, fmap_cols, q_stride, dk, dv, True, False, arch >= 90).constexprs
+    rq, _ = _query_grid(fmap_rows, fmap_cols, q_stride)
+    dkdv_in_dq = cdiv(rq, cx["QR"]) == 1 and cx["TRP"] * cx["CP"] * (_pow2(dk) + _pow2(dv)) <= _DKDV_IN_DQ_MAX
+    if dkdv_in_dq or _fused(fmap_rows, fmap_cols, q_stride, dk, dv, arch, scale, dtype):
+        return False
+    return cx["QR"] * cx["CQP"] == 64 and cx["TRP"] * cx["CP"] == 64 and cx["BLOCK_DK"] >= 32
 
 
 def relpos_attention_bwd(
