@@ -447,6 +447,38 @@ def test_no_dot_the_compiler_made(reports):
     assert not bad, f"{len(bad)} dots no tl.dot wrote:\n" + "\n".join(bad)
 
 
+def test_no_wgmma_on_a_transposed_register_tile(reports):
+    """No compile has a wgmma whose A operand is a transposed view of a shared buffer
+    stored from registers (``_aot.transposed_register_a``): the performer's forward
+    built so was wrong on an H200 at E 33/34/40 (triton 3.6; right in the interpreter),
+    and its kernels now load such operands transposed from memory instead."""
+    bad = [f"{key} ({tri}): {a}" for (tri, key), rep in sorted(reports.items())
+           for a in rep.get("transposed_a", [])]  # fmt: skip
+    assert not bad, f"{len(bad)} wgmma(s) on a transposed register tile:\n" + "\n".join(bad)
+
+
+def test_the_transposed_register_tile_check_reads_ttgir():
+    """What ``transposed_register_a`` finds: a memdesc_trans of a local_alloc made from a
+    value, as a wgmma's first operand; not one of a cp.async buffer, nor a B operand."""
+    from vitkernels.triton import _aot
+
+    ttgir = "\n".join([
+        "    %vx_1 = ttg.local_alloc %vx : (tensor<64x64xf16, #blocked>) -> !ttg.memdesc<64x64xf16, #s1, #smem>",
+        "    %buf = ttg.local_alloc : () -> !ttg.memdesc<2x64x64xf16, #s1, #smem, mutable>",
+        "    %t1 = ttg.memdesc_trans %vx_1 {order = array<i32: 1, 0>} : !ttg.memdesc<64x64xf16, #s1, #smem> -> "
+        "!ttg.memdesc<64x64xf16, #s0, #smem>",
+        "    %t2 = ttg.memdesc_trans %buf_3 {order = array<i32: 1, 0>} : !ttg.memdesc<64x64xf16, #s1, #smem> -> "
+        "!ttg.memdesc<64x64xf16, #s0, #smem>",
+        "    %d1 = ttng.warp_group_dot %t1, %p, %acc {isAsync = true} : !ttg.memdesc<64x64xf16, #s0, #smem> * "
+        "!ttg.memdesc<64x32xf16, #s2, #smem> -> tensor<64x32xf32, #mma>",
+        "    %d2 = ttng.warp_group_dot %t2, %p, %acc {isAsync = true} : !ttg.memdesc<64x64xf16, #s0, #smem> * "
+        "!ttg.memdesc<64x32xf16, #s2, #smem> -> tensor<64x32xf32, #mma>",
+        "    %d3 = ttng.warp_group_dot %k, %t1, %acc {isAsync = true} : !ttg.memdesc<64x64xf16, #s3, #smem> * "
+        "!ttg.memdesc<64x64xf16, #s0, #smem> -> tensor<64x64xf32, #mma>",
+    ])  # fmt: skip
+    assert _aot.transposed_register_a(ttgir) == ["A !ttg.memdesc<64x64xf16, #s0, #smem>"]
+
+
 def test_a_cached_kernel_from_another_checkout_is_read_from_this_one(tmp_path):
     """Triton's on-disk cache serves a kernel compiled from another path (a second
     checkout, a deleted copy) when its source and starting lines match; its TTIR still

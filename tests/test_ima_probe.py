@@ -25,24 +25,21 @@ gpu_run = _load("gpu_run")
 
 
 def test_variant_names_are_unique_and_the_failing_cases_come_first():
-    """The relpos gradient case that faulted first, then the performer's failing case
-    (with its backward) and the variants that tell its wrong forward apart (E, M,
-    dtype, one tile, cuda); torch's orthogonal_, cleared by the second run, last."""
+    """The performer's failing case first (with its backward), each changed case beside
+    its old tl.trans form (TRANS_LOAD off), the relpos gradient case that faulted and
+    its candidate dQ warps; torch's orthogonal_, cleared by the second run, last."""
     names = [v.name for v in probe.VARIANTS]
     assert len(names) == len(set(names))
-    relpos = probe.VARIANTS[0]
-    assert (relpos.kind, relpos.dtype, relpos.shape) == ("relpos", "f16", (8, 6, 7, 7, 1, 32, 64))
-    first = probe.VARIANTS[1]
-    assert (first.backend, first.dtype, first.w_dtype, first.layout, first.shape, first.backward) == (
-        "triton",
-        "f16",
-        "f32",
-        "test",
-        (1, 4096, 33, 17),
-        True,
-    )
-    shapes = {v.shape for v in probe.VARIANTS if v.kind == "performer"}
-    assert {(1, 4096, 34, 17), (1, 4096, 32, 17), (1, 4096, 33, 16), (1, 4096, 40, 17), (1, 4096, 48, 17)} <= shapes
+    first = probe.VARIANTS[0]
+    assert (first.backend, first.dtype, first.w_dtype, first.layout, first.shape, first.backward,
+            first.trans_loads) == ("triton", "f16", "f32", "test", (1, 4096, 33, 17), True, True)  # fmt: skip
+    old = [v for v in probe.VARIANTS if not v.trans_loads]
+    assert {v.shape for v in old} == {(1, 4096, 33, 17), (2, 1000, 40, 17), (2, 3136, 64, 32)}
+    for v in old:  # each beside the same case with TRANS_LOAD
+        assert any(w.trans_loads and w.shape == v.shape and w.layout == v.layout for w in probe.VARIANTS), v.name
+    relpos = [v for v in probe.VARIANTS if v.kind == "relpos"]
+    assert (relpos[0].dtype, relpos[0].shape, relpos[0].dq_warps) == ("f16", (8, 6, 7, 7, 1, 32, 64), None)
+    assert {v.dq_warps for v in relpos if v.shape == (8, 6, 7, 7, 1, 32, 64)} == {None, 4, 16}
     assert probe.VARIANTS[-1].kind == "orthogonal"
     assert set(probe.WRONG_ABOVE) == set(probe.DTYPES)
 
@@ -156,3 +153,26 @@ def test_a_performer_variant_reports_which_kernel_is_wrong(capsys):
     stats = next(i for i in rec["info"] if i.startswith("lks rel err"))
     errs = [float(x.split()[-1]) for x in stats.split(";")]
     assert len(errs) == 3 and max(errs) < 2e-3, stats
+
+
+def test_the_old_form_and_the_dq_warps_are_what_the_child_runs(capsys):
+    """trans_loads=False runs the performer's tl.trans form (TRANS_LOAD off even where
+    rows are off 16 bytes), dq_warps sets the relpos dQ launch's warps; both restored."""
+    pytest.importorskip("vitkernels.triton.performer")
+    import vitkernels.triton.performer as tp
+    import vitkernels.triton.relpos as tr
+
+    before = tp._TRANS_LOADS, tr._dq_cfg
+    probe.run_variant(probe.Variant("cpu", dtype="f16", layout="offset1", shape=(1, 40, 64, 16), backward=False,
+                                    trans_loads=False), "cpu")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "trans_load=False" in out and "trans_load=True" not in out
+    assert probe.outcome(out + "DONE\n", 0)["status"] == "ok"
+    probe.run_variant(probe.Variant("cpu", dtype="f16", layout="offset1", shape=(1, 40, 64, 16), backward=False), "cpu")
+    assert "LAUNCH performer_fwd_kv[f16,wf32,T40,E64,M16] grid=(1,) trans_load=True" in capsys.readouterr().out
+    probe.run_variant(probe.Variant("cpu", kind="relpos", shape=(2, 3, 7, 7, 1, 32, 64), dq_warps=4), "cpu")
+    out = capsys.readouterr().out
+    dq = next(ln for ln in out.splitlines() if ln.startswith("LAUNCH relpos_dq"))
+    assert " warps=4 " in dq, dq
+    assert probe.outcome(out + "DONE\n", 0)["status"] == "ok"
+    assert (tp._TRANS_LOADS, tr._dq_cfg) == before

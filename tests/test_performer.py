@@ -165,8 +165,8 @@ def test_empty_batch():
 # gradients
 
 
-def check_gradients(backend, q, k, v, w, dtype, *, w_grad=True, eps=1e-8, g=None):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+def check_gradients(backend, q, k, v, w, dtype, *, w_grad=True, eps=1e-8, g=None, clone=True):
+    leaves = [(t.detach().clone() if clone else t.detach()).requires_grad_() for t in (q, k, v)]
     wl = w.detach().clone().requires_grad_(w_grad)
     y = vitkernels.performer_attention(*leaves, wl, eps=eps, backend=backend)
     if g is None:
@@ -453,3 +453,48 @@ def test_large_row_norms_with_eps_zero_stay_finite(backend, dtype, norm, poisone
     y = vitkernels.performer_attention(q, k, v, w, eps=0.0, backend=backend)
     # float32 logits of size |x|^2/2 ~ 112 carry absolute rounding ~1e-5
     assert_close(y, expected, 1e-3 if dtype == torch.float32 else 1e-8, f"{backend} y")
+
+
+@pytest.mark.parametrize("case", ["E40", "E33", "E64 unaligned"])
+def test_transposed_loads_of_unaligned_rows(case, poisoned, monkeypatch):
+    """Where 16-bit rows cannot be copied to shared memory asynchronously (E not a
+    multiple of 16, or a data pointer off 16 bytes), the kernels load the dots' first
+    operands transposed from memory (TRANS_LOAD; on an H200 the ``tl.trans`` form was
+    wrong there: bench/NOTES.md, 2026-12-04). Every launch of the forward and the
+    backward (with dw) takes that path here, and its results match float64."""
+    B, T, E, M = {"E40": (2, 70, 40, 17), "E33": (1, 65, 33, 17), "E64 unaligned": (2, 70, 64, 32)}[case]
+    dtype = torch.float16
+    if case.endswith("unaligned"):  # each tensor one element into its buffer
+        def off(t):
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+            view = buf[1:].view(t.shape)
+            view.copy_(t)
+            return view
+        q, k, v = (off(t.contiguous()) for t in kqv_views(B, T, E, dtype, scale=2.0))
+        assert q.data_ptr() % 16
+    else:
+        q, k, v = kqv_views(B, T, E, dtype, scale=2.0)
+    taken = {}
+    inner = tk.launch
+
+    def spy(spec):
+        taken[spec.name.split("[")[0]] = spec.constexprs.get("TRANS_LOAD")
+        inner(spec)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    check_gradients("triton", q, k, v, features(M, E), dtype, clone=False)
+    assert taken == {"performer_fwd_kv": True, "performer_fwd_q": None, "performer_bwd_q": True,
+                     "performer_bwd_kv": True}, taken  # fmt: skip
+
+
+def test_transposed_loads_only_where_rows_are_unaligned():
+    """16-bit, 64-wide tiles: TRANS_LOAD exactly where E % 16 or a pointer or row
+    stride is off; never for float32 nor for tiles of E <= 32 (mma.sync)."""
+    cfg = tk.launch_config(2, 64, 64, 32, torch.float16)
+    t = torch.empty(2, 64, 64, dtype=torch.float16)
+    assert not tk._trans_loads(cfg, torch.float16, 64, t, t)
+    assert tk._trans_loads(cfg, torch.float16, 64, t, torch.empty(2 * 64 * 64 + 1, dtype=torch.float16)[1:].view(2, 64, 64))
+    assert tk._trans_loads(cfg, torch.float16, 64, t, torch.empty(2, 64, 72, dtype=torch.float16)[..., :64])
+    assert tk._trans_loads(tk.launch_config(2, 64, 40, 32, torch.float16), torch.bfloat16, 40, t, t)
+    assert not tk._trans_loads(tk.launch_config(2, 64, 64, 32, torch.float32), torch.float32, 64, t.float(), t.float())
+    assert not tk._trans_loads(tk.launch_config(2, 64, 20, 5, torch.float16), torch.float16, 20, t, t)

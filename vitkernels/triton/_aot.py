@@ -235,6 +235,7 @@ class Compiled:
     stack_frame: int
     static_shared: int
     compiler_dots: list[str] = dataclasses.field(default_factory=list)  # see compiler_made_dots
+    transposed_a: list[str] = dataclasses.field(default_factory=list)  # see transposed_register_a
 
 
 def bin_dir() -> str:
@@ -270,6 +271,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
         num_warps=int(compiled.metadata.num_warps),
         compiler_dots=compiler_made_dots(compiled.asm["ttir"]),
+        transposed_a=transposed_register_a(compiled.asm.get("ttgir", "")),
         **res,
     )
 
@@ -317,6 +319,25 @@ def compiler_made_dots(ttir: str) -> list[str]:
         where = "; ".join(f"{os.path.basename(f)}:{n}: {linecache.getline(f, n).strip()}" for f, n in lines)
         found.append(f"{lhs} * {rhs} from {where or 'no source line'}")
     return found
+
+
+_RE_LOCAL_ALLOC = re.compile(r"^\s*(%[\w.#]+) = ttg\.local_alloc %", re.M)  # from a register value
+_RE_TRANS = re.compile(r"^\s*(%[\w.#]+) = ttg\.memdesc_trans (%[\w.#]+)", re.M)
+_RE_WGMMA = re.compile(r"^\s*%[\w.#]+ = ttng\.warp_group_dot (%[\w.#]+), .*?: (!ttg\.memdesc<[^>]*>)", re.M)
+
+
+def transposed_register_a(ttgir: str) -> list[str]:
+    """The wgmma ops (``ttng.warp_group_dot``) of a kernel's TTGIR whose A operand is a
+    transposed view (``ttg.memdesc_trans``) of a shared buffer stored from registers
+    (``ttg.local_alloc`` of a value). Triton makes that of ``tl.dot(tl.trans(x), y)``
+    where the 16-bit tile x cannot be copied to shared memory asynchronously (rows not
+    provably 16-byte aligned); on an H200 with triton 3.6 the performer's forward
+    built so was wrong (bench/NOTES.md, 2026-12-04), where the same view of a cp.async
+    buffer, and the transposed B operand, were right. The interpreter cannot show it.
+    Returns one line per such wgmma: its A operand's type."""
+    allocs = set(_RE_LOCAL_ALLOC.findall(ttgir))
+    trans = dict(_RE_TRANS.findall(ttgir))
+    return [f"A {ty}" for a, ty in _RE_WGMMA.findall(ttgir) if trans.get(a) in allocs]
 
 
 _RE_RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -403,11 +424,13 @@ def main(argv: list[str] | None = None) -> int:
                 results[key] = {
                     "registers": c.registers, "spill_stores": c.spill_stores, "spill_loads": c.spill_loads,
                     "stack_frame": c.stack_frame, "shared_bytes": c.shared_bytes, "static_shared": c.static_shared,
-                    "compiler_dots": c.compiler_dots, "cases": rl.cases,
+                    "compiler_dots": c.compiler_dots, "transposed_a": c.transposed_a, "cases": rl.cases,
                 }  # fmt: skip
                 line = f"{c.registers} regs, {c.spill_stores}/{c.spill_loads} B spilled"
                 if c.compiler_dots:
                     line += f", {len(c.compiler_dots)} dot(s) the compiler made"
+                if c.transposed_a:
+                    line += f", {len(c.transposed_a)} wgmma(s) on a transposed register tile"
             except Exception as exc:  # reported per launch; the test fails on it
                 results[key] = {"error": f"{type(exc).__name__}: {exc}", "cases": rl.cases}
                 line = "ERROR"

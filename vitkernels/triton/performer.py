@@ -294,9 +294,11 @@ def _fwd_kv_kernel(
     stride_vb, stride_vt, stride_ve,
     stride_wm, stride_we,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-    W_SPLIT: tl.constexpr, PREC: tl.constexpr,
+    W_SPLIT: tl.constexpr, PREC: tl.constexpr, TRANS_LOAD: tl.constexpr,
 ):
-    """Per (batch, chunk): column max cm, sum_t exp(ak - cm), sum_t exp(ak - cm) v_t."""
+    """Per (batch, chunk): column max cm, sum_t exp(ak - cm), sum_t exp(ak - cm) v_t.
+    TRANS_LOAD (``_trans_loads``): v^T, the dot's first operand, is loaded transposed
+    from memory rather than made by ``tl.trans`` of the row tile."""
     pid = tl.program_id(0)
     b = pid // n_chunks
     c = pid % n_chunks
@@ -309,6 +311,7 @@ def _fwd_kv_kernel(
     wt_hi, wt_lo = _load_wt(w_ptr, stride_wm, stride_we, offs_m, offs_e, mmask, emask, DT, W_SPLIT)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[None, :] * stride_ke
     v_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[None, :] * stride_ve
+    vt_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[:, None] * stride_ve
     t_start = c * chunk_len
     t_end = tl.minimum(t_start + chunk_len, T)
 
@@ -320,14 +323,17 @@ def _fwd_kv_kernel(
         tmask = rows < t_end
         lmask = tmask[:, None] & emask[None, :]
         kx = tl.load(k_base + rows[:, None] * stride_kt, mask=lmask, other=0.0)
-        vx = tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0)
+        if TRANS_LOAD:
+            vt = tl.load(vt_base + rows[None, :] * stride_vt, mask=emask[:, None] & tmask[None, :], other=0.0)
+        else:
+            vt = tl.trans(tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0))
         a = _logits(kx, wt_hi, wt_lo, W_SPLIT, PREC)  # (t, m)
         a = tl.where(tmask[:, None], a, float("-inf"))
         cnew = tl.maximum(cm, tl.max(a, axis=0))  # finite: row 0 of a tile is a token
         keep = tl.exp(cm - cnew)
         p = tl.exp(a - cnew[None, :]).to(DT)  # (t, m) in [0, 1]
         s = s * keep + tl.sum(p.to(tl.float32), axis=0)
-        ut = tl.dot(tl.trans(vx), p, ut * keep[None, :], input_precision=PREC)
+        ut = tl.dot(vt, p, ut * keep[None, :], input_precision=PREC)
         cm = cnew
 
     row = b * n_chunks + c
@@ -396,9 +402,10 @@ def _bwd_q_kernel(
     stride_wm, stride_we,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, F16: tl.constexpr, W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TRANS_LOAD: tl.constexpr,
 ):
-    """dq for the chunk's tokens; partial sums of dvbar, dlks (and dw) for the chunk."""
+    """dq for the chunk's tokens; partial sums of dvbar, dlks (and dw) for the chunk.
+    TRANS_LOAD: dy^T and q^T, first operands of dots, loaded transposed from memory."""
     pid = tl.program_id(0)
     b = pid // n_chunks
     c = pid % n_chunks
@@ -418,6 +425,8 @@ def _bwd_q_kernel(
 
     q_base = q_ptr + b.to(tl.int64) * stride_qb + offs_e[None, :] * stride_qe
     g_base = dy_ptr + b.to(tl.int64) * stride_gb + offs_e[None, :] * stride_ge
+    qt_base = q_ptr + b.to(tl.int64) * stride_qb + offs_e[:, None] * stride_qe
+    gt_base = dy_ptr + b.to(tl.int64) * stride_gb + offs_e[:, None] * stride_ge
     dq_base = dq_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
     # (e, m) accumulators: e rows fill a wgmma tile where m (often 32) would not
     acc_dv = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)
@@ -444,10 +453,19 @@ def _bwd_q_kernel(
         dq = tl.dot(dl16, w_mat, input_precision=PREC) * sc
         dq = dq - tl.sum(dl, axis=1)[:, None] * qx.to(tl.float32)
         tl.store(dq_base + rows[:, None] * E, dq.to(DT), mask=lmask)
-        acc_dv = tl.dot(tl.trans(g), r.to(DT), acc_dv, input_precision=PREC)
+        tmask_t = emask[:, None] & tmask[None, :]
+        if TRANS_LOAD:
+            gt = tl.load(gt_base + rows[None, :] * stride_gt, mask=tmask_t, other=0.0)
+        else:
+            gt = tl.trans(g)
+        acc_dv = tl.dot(gt, r.to(DT), acc_dv, input_precision=PREC)
         acc_dl += tl.sum(dl, axis=0)
         if W_GRAD:
-            acc_dw += tl.dot(tl.trans(qx), dl16, input_precision=PREC) * sc
+            if TRANS_LOAD:
+                qt = tl.load(qt_base + rows[None, :] * stride_qt, mask=tmask_t, other=0.0)
+            else:
+                qt = tl.trans(qx)
+            acc_dw += tl.dot(qt, dl16, input_precision=PREC) * sc
 
     row = b * n_chunks + c
     tmask_em = emask[:, None] & mmask[None, :]
@@ -467,8 +485,10 @@ def _bwd_kv_kernel(
     stride_wm, stride_we,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
     F16: tl.constexpr, W_SPLIT: tl.constexpr, W_GRAD: tl.constexpr, PREC: tl.constexpr,
+    TRANS_LOAD: tl.constexpr,
 ):
-    """Merge dvbar, dlks of batch b in chunk order; dk, dv and the key side's dw partial."""
+    """Merge dvbar, dlks of batch b in chunk order; dk, dv and the key side's dw partial.
+    TRANS_LOAD: k^T, the dw dot's first operand, loaded transposed from memory."""
     pid = tl.program_id(0)
     b = pid // n_chunks
     c = pid % n_chunks
@@ -500,6 +520,7 @@ def _bwd_kv_kernel(
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[None, :] * stride_ke
     v_base = v_ptr + b.to(tl.int64) * stride_vb + offs_e[None, :] * stride_ve
+    kt_base = k_ptr + b.to(tl.int64) * stride_kb + offs_e[:, None] * stride_ke
     dk_base = dk_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
     dv_base = dv_ptr + b.to(tl.int64) * T * E + offs_e[None, :]
     acc_dw = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)  # (e, m), as in _bwd_q_kernel
@@ -523,7 +544,11 @@ def _bwd_kv_kernel(
         tl.store(dk_base + rows[:, None] * E, dk.to(DT), mask=lmask)
         tl.store(dv_base + rows[:, None] * E, dv.to(DT), mask=lmask)
         if W_GRAD:
-            acc_dw += tl.dot(tl.trans(kx), da16, input_precision=PREC) * sc
+            if TRANS_LOAD:
+                kt = tl.load(kt_base + rows[None, :] * stride_kt, mask=emask[:, None] & tmask[None, :], other=0.0)
+            else:
+                kt = tl.trans(kx)
+            acc_dw += tl.dot(kt, da16, input_precision=PREC) * sc
     if W_GRAD:
         row = b * n_chunks + c
         tl.store(pdw_ptr + (row * M + offs_m[None, :]) * E + offs_e[:, None], acc_dw,
@@ -548,6 +573,30 @@ def _flags(x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict[str, object]:
 
 def _log_eps_m(eps: float, M: int) -> float:
     return math.log(eps) + math.log(M) if eps > 0 else float("-inf")
+
+
+_TRANS_LOADS = True  # bench/ima_probe.py turns it off to run the tl.trans form the GPU got wrong
+
+
+def _trans_loads(cfg: LaunchConfig, dtype: torch.dtype, E: int, *tensors: torch.Tensor) -> bool:
+    """Whether the kernels load the tiles their dots take transposed (first operands:
+    v^T, dy^T, q^T, k^T) straight from memory (TRANS_LOAD) rather than as ``tl.trans``
+    of the row tile. Where 16-bit row tiles cannot be copied to shared memory
+    asynchronously (E not a multiple of 16, or rows Triton cannot prove 16-byte
+    aligned: a data pointer not 16-byte aligned, a row stride not a multiple of 16
+    elements) and the dot is 64 rows of E wide (a wgmma), Triton stores the loaded
+    tile to shared memory and takes its transposed view as wgmma's A operand, and on
+    an H200 (triton 3.6) that forward was wrong (bench/NOTES.md, 2026-12-04; the
+    compile budget's `transposed_register_a` check finds the pattern). Elsewhere the
+    kernels compile exactly as they did when the GPU found them right."""
+    if not _TRANS_LOADS or dtype not in (torch.float16, torch.bfloat16) or cfg.block_e < 64:
+        return False
+    if E % 16:
+        return True
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % 16 for s in t.stride()[:-1]):
+            return True
+    return False
 
 
 def _tiles_per_chunk(T: int, cfg: LaunchConfig, block_t: int) -> float:
@@ -585,7 +634,8 @@ def performer_attention_fwd(
     launch(Launch(
         f"performer_fwd_kv[{tag}]", _fwd_kv_kernel, grid,
         [k, v, w, pm, ps, pu, T, E, M, cfg.chunk_len, nc, *k.stride(), *v.stride(), *w.stride()],
-        dict(BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"], **blocks),
+        dict(BLOCK_T=cfg.block_t_kv, W_SPLIT=fl["W_SPLIT"], PREC=fl["PREC"],
+             TRANS_LOAD=_trans_loads(cfg, q.dtype, E, k, v), **blocks),
         cfg.num_warps_kv, cfg.num_stages,
         reads=(k, v, w), writes=(pm, ps, pu),
         loops={"t0": _tiles_per_chunk(T, cfg, cfg.block_t_kv)},
@@ -636,20 +686,25 @@ def performer_attention_bwd(
     blocks = dict(BLOCK_E=cfg.block_e, BLOCK_M=cfg.block_m)
     grid = (B * nc,)
     tag = _tag(q, w) + (",dw" if w_grad else "")
+    trans_q = _trans_loads(cfg, q.dtype, E, dy, q)
+    # the transposed loads with 64-token tiles spilled 8-20 B (unaligned T1 rows,
+    # sm_90a, triton 3.6 and 3.9; 8 warps too): 32-token tiles there
+    bt_q = min(cfg.block_t_q, 32) if trans_q else cfg.block_t_q
     launch(Launch(
         f"performer_bwd_q[{tag}]", _bwd_q_kernel, grid,
         [dy, q, w, lks, vbar, dq, pdv, pdl, pdwq, T, E, M, cfg.chunk_len, nc, _log_eps_m(eps, M),
          *dy.stride(), *q.stride(), *w.stride()],
-        dict(BLOCK_T=cfg.block_t_q, W_GRAD=bool(w_grad), **fl, **blocks), cfg.num_warps_q, cfg.num_stages,
+        dict(BLOCK_T=bt_q, W_GRAD=bool(w_grad), TRANS_LOAD=trans_q, **fl, **blocks),
+        cfg.num_warps_q, cfg.num_stages,
         reads=(dy, q, w, lks, vbar), writes=(dq, pdv, pdl) + ((pdwq,) if w_grad else ()),
-        loops={"t0": _tiles_per_chunk(T, cfg, cfg.block_t_q)},
+        loops={"t0": _tiles_per_chunk(T, cfg, bt_q)},
     ))  # fmt: skip
     launch(Launch(
         f"performer_bwd_kv[{tag}]", _bwd_kv_kernel, grid,
         [k, v, w, lks, vbar, pdv, pdl, dk, dv, pdwk, T, E, M, cfg.chunk_len, nc,
          *k.stride(), *v.stride(), *w.stride()],
         dict(BLOCK_T=cfg.block_t_kv, F16=fl["F16"], W_SPLIT=fl["W_SPLIT"], W_GRAD=bool(w_grad),
-             PREC=fl["PREC"], **blocks),
+             PREC=fl["PREC"], TRANS_LOAD=_trans_loads(cfg, q.dtype, E, k, v), **blocks),
         cfg.num_warps_kv, cfg.num_stages,
         reads=(k, v, w, lks, vbar, pdv, pdl), writes=(dk, dv) + ((pdwk,) if w_grad else ()),
         loops={"j": nc, "t0": _tiles_per_chunk(T, cfg, cfg.block_t_kv)},
