@@ -1294,7 +1294,7 @@ def pytest_outcome(log_path: Path) -> str | None:
         else:
             blocks[-1][1].append(line)
     totals: dict[str, int] = {}
-    bad, unfinished, cut, seen = [], [], False, 0
+    bad, unfinished, cut, seen = [], [], False, set()
     for name, block in blocks:
         summary = next((ln for ln in reversed(block) if _COUNT.search(ln) and " in " in ln), None)
         cut |= any("KeyboardInterrupt" in ln for ln in block[-60:])
@@ -1302,9 +1302,12 @@ def pytest_outcome(log_path: Path) -> str | None:
             if name:  # crashed (a segfault) or killed
                 unfinished.append(name)
             continue
-        seen += 1
         counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
                   for n, kind in _COUNT.findall(summary)}  # fmt: skip
+        if " (rerun after a CUDA fault" in name:  # its deselected tests ran in the blocks before
+            counts.pop("deselected", None)
+            name = name.split(" (rerun")[0]
+        seen.add(name)
         for kind, n in counts.items():
             totals[kind] = totals.get(kind, 0) + n
         failing = [f"{counts[k]} {k}" for k in ("failed", "error") if counts.get(k)]
@@ -1316,7 +1319,7 @@ def pytest_outcome(log_path: Path) -> str | None:
     text = ", ".join(f"{totals[k]} {'errors' if k == 'error' and totals[k] != 1 else k}"
                      for k in order if totals.get(k))  # fmt: skip
     if len(blocks) > 1:
-        text += f" in {seen} file(s)"
+        text += f" in {len(seen)} file(s)"
     if bad:
         text += "; failing: " + ", ".join(bad)
     if unfinished:

@@ -170,3 +170,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _seed(request):
     torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+# A CUDA fault (an illegal memory access) poisons this process's CUDA context: every
+# later test would error on it. The session stops after the faulting test instead,
+# naming it, and bench/gpu_tests.sh reruns the file without the tests that ran.
+CUDA_FAULT = "CUDA fault in "
+_FAULT_TEXT = ("illegal memory access", "unspecified launch failure", "misaligned address",
+               "illegal instruction")  # fmt: skip
+
+
+def cuda_fault(text: str) -> bool:
+    """Whether an exception's text is a CUDA fault that poisons the context."""
+    return any(t in text for t in _FAULT_TEXT)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if GPU and call.excinfo is not None and cuda_fault(str(call.excinfo.value)):
+        item.session.shouldfail = f"{CUDA_FAULT}{item.nodeid} ({report.when}): the process's CUDA context is lost"
