@@ -127,6 +127,26 @@ OPS: dict[str, tuple[Any, Callable[..., Any], str, Callable[[torch.dtype, bool],
     "performer_attention": (perf_op, perf_op.performer_attention, "performer_attention_fwd", performer_args),
     "patch_embed": (pe_op, pe_op.patch_embed, "patch_embed_fwd", patch_args),
 }
+
+
+def relpos_a1_args(dtype: torch.dtype, grad: bool) -> tuple[tuple, dict]:
+    """The benchmark's A1 call (batch 256, 14 x 14, 4 heads, Dk 32, Dv 64): on the H200
+    its triton forward took 295 us of host time a call in the ops stage against 71 us for
+    the tiny call above (2026-12-04); this row says whether the host cost grows with the
+    shape (GPU only: the kernels run, 200 calls a round so the launch queue never fills)."""
+    B, H, R, Dk, Dv = 256, 4, 14, 32, 64
+    N = R * R
+    args = (_rand(B, H, N, Dk, dtype=dtype, grad=grad), _rand(B, H, N, Dk, dtype=dtype, grad=grad),
+            _rand(B, H, N, Dv, dtype=dtype, grad=grad), _rand(H, N, dtype=dtype, grad=grad))  # fmt: skip
+    return args, {"fmap_size": R}
+
+
+# workload-sized rows (GPU only, no-grad layers only): name -> (op, its arguments)
+WORKLOAD_ROWS: dict[str, tuple[str, Callable[[torch.dtype, bool], tuple[tuple, dict]]]] = {
+    "relpos_attention A1": ("relpos_attention", relpos_a1_args),
+}
+WORKLOAD_CALLS = 200
+
 # the custom op's arguments between the launcher's and the backend (patch_embed: save,
 # False for the inference forward measured here)
 CUSTOM_EXTRA: dict[str, tuple] = {"patch_embed": (False,)}
@@ -170,7 +190,13 @@ def _launches_of(call: Callable[[], Any]) -> list[_common.Launch]:
 
 
 def rows_for(op: str, backend: str, dtype: torch.dtype, calls: int) -> dict[str, float]:
+    workload = op in WORKLOAD_ROWS
+    if workload:
+        op, make_workload = WORKLOAD_ROWS[op]
+        calls = min(calls, WORKLOAD_CALLS)
     module, fn, custom, make = OPS[op]
+    if workload:
+        make = make_workload
     args, kwargs = make(dtype, False)
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -188,6 +214,8 @@ def rows_for(op: str, backend: str, dtype: torch.dtype, calls: int) -> dict[str,
             extra = CUSTOM_EXTRA.get(op, ())
             out["custom_op"] = per_call_us(lambda: op_fn(*launcher_args, *extra, backend), calls)
         out["op"] = per_call_us(lambda: fn(*args, **kwargs, backend=backend), calls)
+    if workload:
+        return out
     gargs, gkwargs = make(dtype, True)
     out["op_grad"] = per_call_us(lambda: fn(*gargs, **gkwargs, backend=backend), calls)
 
@@ -202,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="timed calls per round (default 1000)")
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--ops", nargs="*", default=list(OPS), help="ops to measure")
+    parser.add_argument("--ops", nargs="*", default=None,
+                        help=f"ops to measure (default: all; on a GPU also {', '.join(WORKLOAD_ROWS)})")
     args = parser.parse_args(argv)
     if not GPU:
         _stub_launches()
@@ -219,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = ("validate", "select", "launcher", "launches", "custom_op", "op", "op_grad", "fwd_bwd")
     print(f"{'op':<20} {'backend':<7} " + " ".join(f"{x:>9}" for x in layers))
     results = []
-    for op in args.ops:
+    ops = args.ops if args.ops is not None else list(OPS) + (list(WORKLOAD_ROWS) if GPU else [])
+    for op in ops:
         for backend in backends:
             row = rows_for(op, backend, dtype, args.calls)
             results.append({"op": op, "backend": backend, "us": row})  # row's "op" is a layer
