@@ -323,17 +323,20 @@ def _fwd_kv_kernel(
         tmask = rows < t_end
         lmask = tmask[:, None] & emask[None, :]
         kx = tl.load(k_base + rows[:, None] * stride_kt, mask=lmask, other=0.0)
-        if TRANS_LOAD:
-            vt = tl.load(vt_base + rows[None, :] * stride_vt, mask=emask[:, None] & tmask[None, :], other=0.0)
-        else:
-            vt = tl.trans(tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0))
+        if TRANS_LOAD:  # (e, t)
+            vx = tl.load(vt_base + rows[None, :] * stride_vt, mask=emask[:, None] & tmask[None, :], other=0.0)
+        else:  # (t, e), transposed at the dot (as before TRANS_LOAD: the same machine code)
+            vx = tl.load(v_base + rows[:, None] * stride_vt, mask=lmask, other=0.0)
         a = _logits(kx, wt_hi, wt_lo, W_SPLIT, PREC)  # (t, m)
         a = tl.where(tmask[:, None], a, float("-inf"))
         cnew = tl.maximum(cm, tl.max(a, axis=0))  # finite: row 0 of a tile is a token
         keep = tl.exp(cm - cnew)
         p = tl.exp(a - cnew[None, :]).to(DT)  # (t, m) in [0, 1]
         s = s * keep + tl.sum(p.to(tl.float32), axis=0)
-        ut = tl.dot(vt, p, ut * keep[None, :], input_precision=PREC)
+        if TRANS_LOAD:
+            ut = tl.dot(vx, p, ut * keep[None, :], input_precision=PREC)
+        else:
+            ut = tl.dot(tl.trans(vx), p, ut * keep[None, :], input_precision=PREC)
         cm = cnew
 
     row = b * n_chunks + c
