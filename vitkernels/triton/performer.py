@@ -92,6 +92,14 @@ backward: ``_bwd_q_kernel``: dq, and per-chunk partials of d vbar, d lks and
 chunk order, computes dk, dv and the key side's d w partials. dw is the sum of
 all partials, reduced in a fixed order by torch.sum.
 
+Operands transposed for a dot (v^T in the forward's key pass, dy^T and q^T, k^T in the
+backward's sums over tokens) come from ``tl.trans`` of the row tiles where those rows
+can be copied to shared memory asynchronously (16-bit, E a multiple of 16, aligned
+rows: every model), else they are loaded transposed from memory (TRANS_LOAD,
+``_trans_loads``): the ``tl.trans`` form there made a wgmma read a transposed view of a
+register-stored tile, and an H200 gave wrong results for it (bench/NOTES.md,
+2026-12-04).
+
 With l and s_t as above, r = p / Z (Z the denominator) and g = dy:
     dl[t, m] = r[t, m] (g_t . vbar[m] - g_t . y_t)       (d loss / d aq = d / d l)
     dq_t = sum_m dl[t, m] (w_m - q_t);  dvbar[m] = sum_t r[t, m] g_t;  dlks[m] = sum_t dl
