@@ -191,12 +191,10 @@ def _launches_of(call: Callable[[], Any]) -> list[_common.Launch]:
 
 def rows_for(op: str, backend: str, dtype: torch.dtype, calls: int) -> dict[str, float]:
     workload = op in WORKLOAD_ROWS
+    op, make = WORKLOAD_ROWS[op] if workload else (op, OPS[op][3])
+    module, fn, custom, _ = OPS[op]
     if workload:
-        op, make_workload = WORKLOAD_ROWS[op]
         calls = min(calls, WORKLOAD_CALLS)
-    module, fn, custom, make = OPS[op]
-    if workload:
-        make = make_workload
     args, kwargs = make(dtype, False)
     out: dict[str, float] = {}
     with torch.no_grad():

@@ -1214,12 +1214,9 @@ def _vector_loads(*tensors: torch.Tensor) -> bool:
     loads vectorize; the backward's larger tiles need that to stay in registers), and
     none takes float32's tiles (``_f32_tiles``)."""
     for t in tensors:
-        if _f32_tiles(t):
+        if _f32_tiles(t) or t.data_ptr() % 16:
             return False
-        step = 16 // t.element_size()
-        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % step for s in t.stride()[:-1]):
-            return False
-    return True
+    return aligned_strides(*tensors)
 
 
 def _batch_group(batch: int, programs_per_batch: int) -> int:
@@ -1335,6 +1332,12 @@ def relpos_attention_fwd(
     return out, lse
 
 
+def _dkdv_in_dq(cx: dict, num_qb: int, dk: int, dv: int) -> bool:
+    """Whether the all-keys dQ kernel (constexprs cx) also writes dK and dV: one query
+    block, and dK/dV tiles small enough (``_DKDV_IN_DQ_MAX``)."""
+    return num_qb == 1 and cx["TRP"] * cx["CP"] * (_pow2(dk) + _pow2(dv)) <= _DKDV_IN_DQ_MAX
+
+
 def faulting_dq(
     fmap_rows: int, fmap_cols: int, q_stride: int, dk: int, dv: int, dtype: torch.dtype, arch: int, scale: float,
     aligned_rows: bool = True,
@@ -1354,8 +1357,7 @@ def faulting_dq(
         return False
     cx = _dq_cfg(fmap_rows, fmap_cols, q_stride, dk, dv, True, False, arch >= 90).constexprs
     rq, _ = _query_grid(fmap_rows, fmap_cols, q_stride)
-    dkdv_in_dq = cdiv(rq, cx["QR"]) == 1 and cx["TRP"] * cx["CP"] * (_pow2(dk) + _pow2(dv)) <= _DKDV_IN_DQ_MAX
-    if dkdv_in_dq or _fused(fmap_rows, fmap_cols, q_stride, dk, dv, arch, scale, dtype):
+    if _dkdv_in_dq(cx, cdiv(rq, cx["QR"]), dk, dv) or _fused(fmap_rows, fmap_cols, q_stride, dk, dv, arch, scale, dtype):
         return False
     return cx["QR"] * cx["CQP"] == 64 and cx["TRP"] * cx["CP"] == 64 and cx["BLOCK_DK"] >= 32
 
@@ -1400,10 +1402,7 @@ def relpos_attention_bwd(
     # each (b, h)'s whole P and dS and writes dK and dV too, where their tiles are small
     # (A3's 16 keys x (Dk 32 + Dv 64); 64 keys spilled 52-600 B at A2 and the 7 x 7
     # shrink layers, sm_90a)
-    dkdv_in_dq = (
-        all_keys and num_qb == 1
-        and dq_cfg.constexprs["TRP"] * dq_cfg.constexprs["CP"] * (_pow2(DK) + _pow2(DV)) <= _DKDV_IN_DQ_MAX
-    )
+    dkdv_in_dq = all_keys and _dkdv_in_dq(dq_cfg.constexprs, num_qb, DK, DV)
     if all_keys and not dkdv_in_dq and _fused(fmap_rows, fmap_cols, q_stride, DK, DV, target_arch(dev), scale, q.dtype):
         return _bwd_fused(grad_out, q, k, v, table, out, lse, dq, dk, dv, fmap_rows, fmap_cols, q_stride, scale,
                           bias_scale, tag)  # fmt: skip
