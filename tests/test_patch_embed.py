@@ -433,8 +433,11 @@ def _params(inputs: dict) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _grads(inputs: dict, backend: str | None, dtype: torch.dtype, grad: torch.Tensor, images_grad=False):
-    """Gradients of <out, grad> w.r.t. every parameter (and the images), in float64."""
+def _grads(inputs: dict, backend: str | None, dtype: torch.dtype, grad: torch.Tensor, images_grad=False,
+           unaligned_grad=False):
+    """Gradients of <out, grad> w.r.t. every parameter (and the images), in float64.
+    unaligned_grad: the op's backward gets grad in out's dtype as a view one element
+    into its buffer (no 16-byte aligned rows)."""
     leaves = {}
 
     def leaf(t):
@@ -450,7 +453,12 @@ def _grads(inputs: dict, backend: str | None, dtype: torch.dtype, grad: torch.Te
     fn = reference.patch_embed if backend is None else vitkernels.patch_embed
     kw = {} if backend is None else {"backend": backend}
     out = fn(**ins, **kw)
-    (out.double() * grad).sum().backward()
+    if unaligned_grad:
+        g = torch.empty(grad.numel() + 1, dtype=out.dtype)[1:].view(grad.shape)
+        g.copy_(grad)
+        out.backward(g)
+    else:
+        (out.double() * grad).sum().backward()
     res = {names[i]: x.grad for i, x in leaves.items()}
     if images_grad:
         res["images"] = ins["images"].grad
@@ -545,6 +553,46 @@ def test_triton_fused_backward_tile_walk(hw, small_tiles, monkeypatch):
     assert got.keys() == want.keys()
     for key in want:
         assert_close(got[key], want[key], what=f"{hw} d{key}", grad=True, floor=1.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["aligned", "unaligned"])
+def test_fused_backward_only_on_aligned_16bit_rows(layout, monkeypatch):
+    """float16 gradients (the interpreter runs sm_90a's launches): the fused dW + dxn
+    kernel where dy's rows are 16-byte aligned; where they are not, dW and dxn run as
+    their own kernels (``_dy_rows_async``: triton 3.9 built the fused kernel's dW dot
+    there on a transposed register tile, the pattern the H200 got wrong in the
+    performer), and every gradient matches float64 either way."""
+    names = []
+    launch = tp.launch
+
+    def spy(spec):
+        names.append(spec.name.split("[")[0])
+        return launch(spec)
+
+    monkeypatch.setattr(tp, "launch", spy)
+    dtype = torch.float16
+    inputs = make_inputs(Case(H=11, W=67, k=7, s=4, p=2, in_norm="affine", D=24), dtype)
+    grad = torch.randn_like(reference64(inputs)).to(dtype).double()
+    got = _grads(inputs, "triton", dtype, grad, unaligned_grad=layout == "unaligned")
+    want = _grads(inputs, None, torch.float64, grad)
+    fused = ["patch_embed_dw_dxn", "patch_embed_fold"]
+    assert names[-2:] == fused if layout == "aligned" else names[-3:] == ["patch_embed_dw", "patch_embed_dxn",
+                                                                          "patch_embed_fold"], names  # fmt: skip
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close(got[key], want[key], what=f"{layout} d{key}", grad=True, floor=1.0, dtype=dtype)
+
+
+def test_dy_rows_async():
+    """The rule itself: 16-bit rows of 8-element aligned runs (grad_out's, or the
+    output norm's own contiguous buffer's, D % 8 == 0); float32 always."""
+    g = torch.empty(2, 5, 24, dtype=torch.bfloat16)
+    assert tp._dy_rows_async(g, False, 24)
+    assert not tp._dy_rows_async(torch.empty(g.numel() + 1, dtype=g.dtype)[1:].view(g.shape), False, 24)
+    assert not tp._dy_rows_async(torch.empty(2, 5, 28, dtype=torch.float16)[..., :24], False, 24)
+    assert tp._dy_rows_async(torch.empty(g.numel() + 1, dtype=g.dtype)[1:].view(g.shape), True, 24)
+    assert not tp._dy_rows_async(torch.empty(2, 5, 20, dtype=torch.float16), True, 20)
+    assert tp._dy_rows_async(torch.empty(g.numel() + 1)[1:].view(g.shape), False, 24)
 
 
 def test_triton_fused_backward_split_rounded_down(monkeypatch):

@@ -243,6 +243,24 @@ def _run_vec(t: torch.Tensor | None, dim: int, length: int) -> int:
     return 1
 
 
+def _dy_rows_async(grad_out: torch.Tensor, has_out_norm: bool, D: int) -> bool:
+    """Whether the rows of the dy the dW/dxn kernels read (grad_out, or the output
+    norm's backward's own contiguous buffer) are 16-byte aligned runs that Triton can
+    copy to shared memory asynchronously. Where 16-bit rows are not, triton 3.9 builds
+    the fused kernel's dW dot (``tl.trans(dy)``) from the loaded tile stored to shared
+    memory, and gives sm_90a's wgmma its transposed view as the A operand: the pattern
+    that made the performer's forward wrong on an H200 (bench/NOTES.md, 2026-12-04;
+    ``_aot.transposed_register_a`` finds it). Loading dy^T from memory for that dot
+    instead spilled 32-144 B (D 192, 255 registers) and taking dxn's operand from it
+    moved the pattern to dxn's dot; ``_dw_kernel``, which loads dy^T itself, and
+    ``_dxn_kernel`` have neither, so such launches take those two."""
+    if grad_out.element_size() != 2:
+        return True
+    if has_out_norm:
+        return D % 8 == 0
+    return _run_vec(grad_out, -1, D) == 8
+
+
 def _needs_idx64(*tensors: torch.Tensor | None) -> bool:
     """Whether some element offset of these tensors does not fit in int32."""
     span = 0
@@ -777,6 +795,8 @@ def patch_embed_bwd(
     # nor for float32 on a GPU, whose FMA dots spilled 0.7-18 KB there at P3 (sm_90a, any
     # tile tried; the interpreter's float32 tests run it, in the 16-bit inputs' stead)
     fused = dxn_launch and fused_n <= _FUSED_MAX_N and target_arch(dev) >= 90 and (dtype != torch.float32 or interpret)
+    # nor where dy's 16-bit rows cannot be copied asynchronously (``_dy_rows_async``)
+    fused = fused and _dy_rows_async(grad_out, bool(kernels and has_out_norm), D)
     num_k_fused = cdiv(K + bias_col, cfg.block_k)
     # its row blocks and the stats kernel's: (block_m // tw) x tw tiles of the patch grid
     tw = min(_TILE_W, triton.next_power_of_2(g.Wo), cfg.block_m)
