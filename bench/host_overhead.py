@@ -129,12 +129,15 @@ OPS: dict[str, tuple[Any, Callable[..., Any], str, Callable[[torch.dtype, bool],
 }
 
 
+A1_BATCH = 256  # the benchmark's (tests/test_host_overhead.py walks the row at a small one)
+
+
 def relpos_a1_args(dtype: torch.dtype, grad: bool) -> tuple[tuple, dict]:
     """The benchmark's A1 call (batch 256, 14 x 14, 4 heads, Dk 32, Dv 64): on the H200
     its triton forward took 295 us of host time a call in the ops stage against 71 us for
     the tiny call above (2026-12-04); this row says whether the host cost grows with the
     shape (GPU only: the kernels run, 200 calls a round so the launch queue never fills)."""
-    B, H, R, Dk, Dv = 256, 4, 14, 32, 64
+    B, H, R, Dk, Dv = A1_BATCH, 4, 14, 32, 64
     N = R * R
     args = (_rand(B, H, N, Dk, dtype=dtype, grad=grad), _rand(B, H, N, Dk, dtype=dtype, grad=grad),
             _rand(B, H, N, Dv, dtype=dtype, grad=grad), _rand(H, N, dtype=dtype, grad=grad))  # fmt: skip

@@ -44,8 +44,9 @@ def test_layers_of_every_op_on_cpu(tmp_path, monkeypatch, capsys):
 
 
 def test_the_workload_sized_row_times_the_no_grad_layers(tmp_path, monkeypatch, capsys):
-    """The A1-sized relpos row (on a GPU by default; asked for by name here): the
-    no-grad layers only, as many as the small rows have without the gradients."""
+    """The A1-sized relpos row (on a GPU by default; asked for by name here, at batch 4
+    rather than A1's 256: its torch rows compute on this CPU): the no-grad layers only,
+    as many as the small rows have without the gradients."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spec = importlib.util.spec_from_file_location("host_overhead_a1", ROOT / "bench" / "host_overhead.py")
@@ -56,6 +57,8 @@ def test_the_workload_sized_row_times_the_no_grad_layers(tmp_path, monkeypatch, 
     from vitkernels.triton import _common
 
     assert "relpos_attention A1" in module.WORKLOAD_ROWS
+    assert module.A1_BATCH == 256
+    monkeypatch.setattr(module, "A1_BATCH", 4)
     run, threads = _common.Launch.run, torch.get_num_threads()
     out = tmp_path / "host.json"
     try:
