@@ -75,6 +75,8 @@ def test_compare_dtype_and_backend_options(dtype, backend, model, capsys):
         # one block, narrow (the interpreter runs every kernel program in Python)
         argv[-len(FAST) - 1] = json.dumps(
             {"num_classes": 10, "depth": 1, "img_size": 32, "embed_dim": 64, "num_heads": 2, "token_dim": 32})
+    else:  # one block a stage (each stage's attention and its shrink attention still run)
+        argv[-len(FAST) - 1] = json.dumps({"num_classes": 10, "depth": [1, 1, 1]})
     assert compare.compare_main(argv) == 0
     out = capsys.readouterr().out
     rows = _table(out)
