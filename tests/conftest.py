@@ -126,9 +126,43 @@ class CpuSuite(pytest.Item):
         return self.path, None, f"{CPU_SUITE} ({len(self.nodeids)} tests in a child pytest)"
 
 
+# Files whose time is mostly a fixed cost in few tests (ahead-of-time compiles, a g++
+# build, child processes) or that are simply the longest, measured on 2 cores
+# (bench/NOTES.md, 2026-12-04): --dist loadfile hands them out first. xdist's own order
+# (most tests first) started the compile-budget and gpu_check files last, and the
+# suite's last minutes ran one worker alone.
+FIRST = (
+    "test_head_mixing_grad.py", "test_compile_budget.py", "test_gpu_check.py", "test_cuda_compile.py",
+    "test_head_mixing.py", "test_optimize.py", "test_head_mixing_many.py", "test_conftest_modes.py",
+    "test_relpos.py", "test_patch_embed.py", "test_compare.py",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order made below
+        config.option.loadscopereorder = False
+
+
+def _file_order(items: list) -> None:
+    """Files in FIRST's order, then by test count (xdist's rule); each file's tests
+    stay together and in their order."""
+    counts: dict[str, int] = {}
+    for item in items:
+        f = item.nodeid.split("::")[0]
+        counts[f] = counts.get(f, 0) + 1
+
+    def key(item) -> tuple:
+        f = item.nodeid.split("::")[0]
+        name = f.rsplit("/", 1)[-1]
+        return (FIRST.index(name) if name in FIRST else len(FIRST), -counts[f], f)
+
+    items.sort(key=key)
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected what they deselect
 def pytest_collection_modifyitems(session, config, items):
     if not GPU or INTERPRET:
+        _file_order(items)
         reason = (
             "needs a CUDA GPU (marker gpu)"
             if not GPU

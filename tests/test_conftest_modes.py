@@ -152,3 +152,28 @@ def test_xdist_workers_share_the_seed_the_header_prints(tmp_path):
     records = [(tmp_path / f"seed-{n}.txt").read_text().split() for n in range(6)]
     assert {w for w, _ in records} == {"gw0", "gw1"}, records  # both workers ran tests
     assert {s for _, s in records} == {printed}, (printed, records)
+
+
+def test_loadfile_order_puts_the_long_files_first():
+    """conftest orders the files for --dist loadfile: FIRST's in its order, then by test
+    count; a file's tests stay together and in order; xdist's own reordering is off."""
+    import types
+
+    import conftest
+
+    def items(*nodeids):
+        return [types.SimpleNamespace(nodeid=n) for n in nodeids]
+
+    got = items("tests/test_a.py::t1", "tests/test_b.py::t1", "tests/test_b.py::t2",
+                "tests/test_compile_budget.py::t1", "tests/test_a.py::t2", "tests/test_b.py::t3",
+                "tests/test_head_mixing_grad.py::t1")  # fmt: skip
+    conftest._file_order(got)
+    assert [i.nodeid for i in got] == [
+        "tests/test_head_mixing_grad.py::t1", "tests/test_compile_budget.py::t1",
+        "tests/test_b.py::t1", "tests/test_b.py::t2", "tests/test_b.py::t3",
+        "tests/test_a.py::t1", "tests/test_a.py::t2",
+    ]  # fmt: skip
+    config = types.SimpleNamespace(option=types.SimpleNamespace(loadscopereorder=True))
+    conftest.pytest_configure(config)
+    assert config.option.loadscopereorder is False
+    assert all(name.startswith("test_") and (ROOT / "tests" / name).is_file() for name in conftest.FIRST)
