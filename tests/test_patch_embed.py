@@ -454,7 +454,7 @@ def _grads(inputs: dict, backend: str | None, dtype: torch.dtype, grad: torch.Te
     kw = {} if backend is None else {"backend": backend}
     out = fn(**ins, **kw)
     if unaligned_grad:
-        g = torch.empty(grad.numel() + 1, dtype=out.dtype)[1:].view(grad.shape)
+        g = torch.empty(grad.numel() + 1, dtype=out.dtype, device=out.device)[1:].view(grad.shape)
         g.copy_(grad)
         out.backward(g)
     else:

@@ -122,6 +122,32 @@ def test_gradients(name, dtype_name, backend):
         assert_close(got[key], want[key], GRAD_TOL[dtype], f"{name} d{key}", floor=1.0, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype_name", ["f16", "bf16"])
+def test_gradients_of_an_unaligned_output_grad(dtype_name, monkeypatch):
+    """P3 with grad_out one element into its buffer (rows not 16-byte aligned): the
+    triton backward runs dW and dxn as their own kernels there, not the fused one
+    (test_patch_embed.py's test_fused_backward_only_on_aligned_16bit_rows), and every
+    gradient matches float64."""
+    tp = pytest.importorskip("vitkernels.triton.patch_embed")
+    names = []
+    launch = tp.launch
+
+    def spy(spec):
+        names.append(spec.name.split("[")[0])
+        return launch(spec)
+
+    monkeypatch.setattr(tp, "launch", spy)
+    dtype = DTYPES[dtype_name]
+    inputs = _make(WORKLOADS["P3"], dtype)
+    grad = torch.randn_like(reference64(inputs)).to(dtype).double()
+    got = _grads(inputs, "triton", dtype, grad, unaligned_grad=True)
+    assert names[-3:] == ["patch_embed_dw", "patch_embed_dxn", "patch_embed_fold"], names
+    want = _grads(inputs, None, torch.float64, grad)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close(got[key], want[key], GRAD_TOL[dtype], f"P3 unaligned d{key}", floor=1.0, dtype=dtype)
+
+
 @pytest.mark.skipif(not vk_cuda.has_op("patch_embed_fwd_saving"), reason="the CUDA extension is not built")
 @pytest.mark.parametrize("name", ["P2", "P3", "P2_channels_last", "t2t_channels_last"])
 def test_cuda_saving_forward_writes_what_triton_saves(name):
