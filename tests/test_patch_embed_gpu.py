@@ -24,6 +24,7 @@ from test_patch_embed import (  # noqa: E402  (same directory; the CPU test's ca
     _grads,
     make_inputs,
     reference64,
+    spy_launches,
 )
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
@@ -128,15 +129,7 @@ def test_gradients_of_an_unaligned_output_grad(dtype_name, monkeypatch):
     triton backward runs dW and dxn as their own kernels there, not the fused one
     (test_patch_embed.py's test_fused_backward_only_on_aligned_16bit_rows), and every
     gradient matches float64."""
-    tp = pytest.importorskip("vitkernels.triton.patch_embed")
-    names = []
-    launch = tp.launch
-
-    def spy(spec):
-        names.append(spec.name.split("[")[0])
-        return launch(spec)
-
-    monkeypatch.setattr(tp, "launch", spy)
+    names = spy_launches(monkeypatch)
     dtype = DTYPES[dtype_name]
     inputs = _make(WORKLOADS["P3"], dtype)
     grad = torch.randn_like(reference64(inputs)).to(dtype).double()
