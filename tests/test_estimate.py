@@ -87,6 +87,11 @@ def test_counts_and_times_by_hand(tiny):
     # 3 before the loop + 10 x 4 in it + the branch + the longer side (3) + STG + EXIT
     per_warp = 3 + trips * 4 + 1 + 3 + 2
     assert out["sass"]["executed_per_program_per_warp"] == per_warp
+    # by class, with the same weights: FFMA x 10 and the longer side's 3 FMUL (the shorter
+    # side's FADD not), HGMMA x 10; every executed instruction in one class
+    by_class = out["sass"]["executed_by_class"]
+    assert by_class["float"] == trips + 3 and by_class["tensor core"] == trips
+    assert sum(by_class.values()) == per_warp
     assert out["warnings"] == []
     per_sm = math.ceil(programs / 132)  # the busiest SM's programs
     assert out["t_issue_us"] == pytest.approx(per_sm * per_warp * warps / (4 * 1.98e9) * 1e6)

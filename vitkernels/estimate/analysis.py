@@ -99,9 +99,11 @@ def analyse(
     flops: dict[tuple[str, str], float] = collections.defaultdict(float)
     mma_static: collections.Counter[str] = collections.Counter()
     mma_executed = 0.0
+    by_class: collections.Counter[str] = collections.Counter()  # executed, per instruction class
     for insn in insns:
         m = mult(owner[insn.addr]) * weight[insn.addr]
         executed += m
+        by_class[sass.category(insn)] += m
         mf = sass.mma_flops(insn, warps)
         if mf is not None:
             kind, ty, fl = mf
@@ -157,6 +159,7 @@ def analyse(
         "sass": {
             "reachable_instructions": len(insns),
             "executed_per_program_per_warp": executed,
+            "executed_by_class": {k: v for k, v in by_class.most_common() if v},
             "warp_instructions": warp_insns * programs,
             "outside_loops": len(outside),
             "outside_loops_breakdown": dict(collections.Counter(sass.category(i) for i in outside).most_common()),
