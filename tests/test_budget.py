@@ -1,9 +1,8 @@
-"""bench/budget.py (the arithmetic-only estimate) on synthetic estimate files, and the
-committed estimate files' loop counts that it relies on."""
+"""bench/budget.py (the arithmetic-only estimate) on synthetic estimate files (the
+estimate's executed counts by class are checked by hand in test_estimate.py)."""
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import math
@@ -119,24 +118,3 @@ def test_main_prints_the_table_and_names_bad_workloads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         budget.main(["--estimate", str(path), "--workloads", "M9"])
     assert "unknown workload" in capsys.readouterr().err
-
-
-def _exact_files():
-    files = sorted(glob.glob(str(ROOT / "bench" / "results" / "estimate-sm90a-*.json")))
-    return [f for f in files if '"executed_by_class"' in Path(f).read_text()][-1:]
-
-
-@pytest.mark.parametrize("path", _exact_files())
-def test_committed_estimates_count_every_instruction_in_one_class(path):
-    """The executed counts by class that budget.py weighs add up to each launch's
-    executed count."""
-    est = json.loads(Path(path).read_text())
-    checked = 0
-    for la in est["launches"]:
-        sass = la.get("sass")
-        if not sass:
-            continue
-        total = sum(sass["executed_by_class"].values())
-        assert total == pytest.approx(sass["executed_per_program_per_warp"]), la["name"]
-        checked += 1
-    assert checked
