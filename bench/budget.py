@@ -41,10 +41,10 @@ ARITHMETIC = ("float", "special function", "conversion")
 
 def arithmetic_per_warp(sass: dict) -> tuple[float, bool]:
     """(arithmetic warp instructions a program's warp executes, exact). Exact from the
-    estimate's executed counts by class (files from 2026-12-05 on); from older files,
-    approximate: each loop's instructions times its executions, without the estimate's
-    weights (the shorter side of a branch, unrolled copies) and outer loops counting
-    their inner loops' instructions again."""
+    estimate's executed counts by class (estimate files made after 2026-12-05); from
+    older files, approximate: each loop's instructions (its innermost ones) times its
+    executions, without the estimate's weights (a branch's shorter side counted, an
+    unrolled loop's copies not split)."""
     if "executed_by_class" in sass:
         return sum(sass["executed_by_class"].get(c, 0) for c in ARITHMETIC), True
     n = sum(sass.get("outside_loops_breakdown", {}).get(c, 0) for c in ARITHMETIC)
