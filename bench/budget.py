@@ -24,14 +24,17 @@ overhead. Usage:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from make_results import load_estimate  # noqa: E402
 
 from vitkernels.estimate import model  # noqa: E402
 from vitkernels.workloads import WORKLOADS  # noqa: E402
@@ -92,10 +95,11 @@ def rows(estimate: dict, workloads: Sequence[str], targets: dict[str, float], ba
 
 
 def latest_estimate() -> str:
-    files = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "estimate-sm90a-*.json")))
-    if not files:
+    """The newest estimate file of bench/results (make_results' choice, checked there)."""
+    found = load_estimate(Path(ROOT) / "bench" / "results")
+    if found is None:
         raise SystemExit("no bench/results/estimate-sm90a-*.json: run `python -m vitkernels estimate` first")
-    return files[-1]
+    return str(found[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
